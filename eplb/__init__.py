@@ -1,0 +1,12 @@
+"""eplb: expert-parallel load balancing for Mixture-of-Experts models.
+
+``rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)``
+decides how many replicas each expert gets and which GPU slot each replica
+occupies, on numpy, torch (CPU/CUDA) or JAX inputs, with identical placements
+on every backend.
+"""
+
+from eplb._api import Placement, rebalance_experts
+
+__all__ = ["Placement", "rebalance_experts"]
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""Input checks for the public API: each error names the argument and the rule."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+__all__ = ["check_config", "check_count", "check_weight_dtype", "check_weight_shape", "check_weight_values"]
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_count(name: str, value: Any) -> int:
+    """A positive Python/numpy integer (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value <= 0:
+        raise ValueError(f"{name}={value} must be positive")
+    return value
+
+
+def check_weight_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise ValueError(f"weight must be 2-D [layers, experts], got shape {tuple(shape)}")
+    num_layers, num_experts = shape
+    if num_layers == 0 or num_experts == 0:
+        raise ValueError(f"weight must not be empty, got shape {tuple(shape)}")
+    return int(num_layers), int(num_experts)
+
+
+def check_weight_dtype(kind: str, dtype: Any) -> None:
+    """``kind`` is numpy's dtype kind letter ('i', 'u', 'f', 'b', 'c', ...)."""
+    if kind == "b":
+        raise TypeError(f"weight must hold numbers (token counts or loads), got boolean dtype {dtype}")
+    if kind == "c":
+        raise TypeError(f"weight must be real, got complex dtype {dtype}")
+    if kind not in "iuf":
+        raise TypeError(f"weight must have an integer or floating dtype, got {dtype}")
+
+
+def check_weight_values(weight: np.ndarray) -> None:
+    """No NaN, inf or negative loads, and per-layer totals that fit float32."""
+    if weight.dtype.kind == "f":
+        if np.isnan(weight).any():
+            raise ValueError("weight must not contain NaN")
+        if np.isinf(weight).any():
+            raise ValueError("weight must be finite, got inf")
+    if (weight < 0).any():
+        raise ValueError("weight must be non-negative (token counts or loads)")
+    if weight.size and float(weight.astype(np.float64).sum(axis=-1).max()) > _FLOAT32_MAX:
+        raise ValueError("weight per layer must sum to at most float32 max (~3.4e38); rescale the loads")
+
+
+def check_config(
+    num_experts: int,
+    num_replicas: Any,
+    num_groups: Any,
+    num_nodes: Any,
+    num_gpus: Any,
+    hierarchical: bool | None,
+) -> tuple[int, int, int, int, bool]:
+    """Validate the sizes; returns them as ints plus whether the hierarchical policy runs.
+
+    The hierarchical policy runs iff ``num_groups % num_nodes == 0`` (the
+    published rule) unless ``hierarchical`` forces it on or off. Group rules
+    are checked only when it runs.
+    """
+    num_replicas = check_count("num_replicas", num_replicas)
+    num_groups = check_count("num_groups", num_groups)
+    num_nodes = check_count("num_nodes", num_nodes)
+    num_gpus = check_count("num_gpus", num_gpus)
+    if num_replicas < num_experts:
+        raise ValueError(
+            f"num_replicas={num_replicas} must be >= the number of experts {num_experts} "
+            "(every expert needs at least one replica)"
+        )
+    if num_replicas % num_gpus:
+        raise ValueError(f"num_replicas={num_replicas} must be a multiple of num_gpus={num_gpus}")
+    if num_gpus % num_nodes:
+        raise ValueError(f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes}")
+    if hierarchical is None:
+        hierarchical = num_groups % num_nodes == 0
+    elif not isinstance(hierarchical, bool):
+        raise TypeError(f"hierarchical must be True, False or None, got {hierarchical!r}")
+    if hierarchical:
+        if num_groups % num_nodes:
+            raise ValueError(
+                f"num_groups={num_groups} must be a multiple of num_nodes={num_nodes} "
+                "for the hierarchical policy (each node holds whole groups)"
+            )
+        if num_experts % num_groups:
+            raise ValueError(
+                f"the number of experts {num_experts} must be a multiple of num_groups={num_groups} "
+                "for the hierarchical policy"
+            )
+    return num_replicas, num_groups, num_nodes, num_gpus, hierarchical

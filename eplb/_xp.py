@@ -1,0 +1,154 @@
+"""The one place that knows array backends.
+
+The algorithm layer (:mod:`eplb.algorithms`) is written against an array-API
+namespace ``xp`` plus the few primitives below, which the standard lacks or
+which backends implement with different semantics:
+
+- :func:`at_set`: index update (in place on numpy/torch, functional on JAX);
+- :func:`argsort_desc`: *stable* descending argsort (ties keep index order);
+- :func:`take_along`: gather along the last axis (native ``torch.gather``);
+- :func:`scan`: a loop with a carry and stacked per-step outputs
+  (``lax.scan`` on JAX, a Python loop elsewhere);
+- :func:`reciprocal_table`: correctly rounded float32 ``1/k``, made where the
+  division is exact (XLA on GPU does not round float32 division correctly).
+
+Frameworks are never imported here: a namespace is only ever obtained from an
+array that already exists, so ``import eplb`` needs numpy alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "argsort_desc",
+    "array_namespace",
+    "at_set",
+    "backend_name",
+    "device",
+    "is_jax",
+    "is_numpy",
+    "is_torch",
+    "reciprocal_table",
+    "scan",
+    "take_along",
+]
+
+
+def array_namespace(*arrays: Any) -> Any:
+    """Array-API namespace of ``arrays`` (numpy, torch or jax.numpy)."""
+    return array_api_compat.array_namespace(*arrays)
+
+
+def device(x: Any) -> Any:
+    """Device of an array (``"cpu"`` for numpy)."""
+    return array_api_compat.device(x)
+
+
+def is_numpy(xp: Any) -> bool:
+    return array_api_compat.is_numpy_namespace(xp)
+
+
+def is_torch(xp: Any) -> bool:
+    return array_api_compat.is_torch_namespace(xp)
+
+
+def is_jax(xp: Any) -> bool:
+    return array_api_compat.is_jax_namespace(xp)
+
+
+def backend_name(x: Any) -> str:
+    """``"numpy"``, ``"torch"`` or ``"jax"`` for an array; lists count as numpy.
+
+    Detection looks at ``sys.modules`` only, so it never imports a framework.
+    """
+    if isinstance(x, np.ndarray | list | tuple) or np.isscalar(x):
+        return "numpy"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return "torch"
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.Array):
+        return "jax"
+    raise TypeError(
+        f"weight must be a numpy array, a list, a torch.Tensor or a jax.Array; "
+        f"got {type(x).__module__}.{type(x).__qualname__}"
+    )
+
+
+def at_set(x: Any, idx: Any, values: Any, *, xp: Any) -> Any:
+    """``x[idx] = values``; always use the return value.
+
+    ``idx`` must not repeat an index (JAX applies duplicate updates in an
+    unspecified order). numpy and torch update ``x`` in place: call it only on
+    buffers the algorithm created itself.
+    """
+    if is_jax(xp):
+        return x.at[idx].set(values, unique_indices=True)
+    x[idx] = values
+    return x
+
+
+def argsort_desc(x: Any, *, xp: Any) -> Any:
+    """Indices that sort ``x`` descending along the last axis, ties by index.
+
+    Stable: equal keys keep ascending index order on every backend. Keys must
+    be floating point and free of NaN.
+    """
+    if is_torch(xp):
+        torch = sys.modules["torch"]
+        return torch.sort(x, dim=-1, descending=True, stable=True).indices
+    if is_jax(xp):
+        return xp.argsort(x, axis=-1, descending=True, stable=True)
+    # Negating a float is exact, and a stable ascending sort of -x puts equal
+    # keys in index order, which reversing an ascending sort would not.
+    return np.argsort(-x, axis=-1, kind="stable")
+
+
+def take_along(x: Any, idx: Any, *, xp: Any) -> Any:
+    """``x[..., idx]`` row by row: ``out[b, j] = x[b, idx[b, j]]``."""
+    if is_torch(xp):
+        return sys.modules["torch"].gather(x, -1, idx)
+    return xp.take_along_axis(x, idx, axis=-1)
+
+
+def scan(
+    body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, *, xp: Any
+) -> tuple[Any, Any]:
+    """Run ``carry, y = body(carry, x)`` for each ``x`` in ``xs`` (leading axis).
+
+    Returns the final carry and the ``y`` stacked along a new leading axis
+    (``y`` may be a tuple of arrays). On JAX this is ``lax.scan``, so the loop
+    is traced once and stays inside ``jit``.
+    """
+    if is_jax(xp):
+        from jax import lax
+
+        return lax.scan(body, carry, xs)
+    ys = []
+    for i in range(xs.shape[0]):
+        carry, y = body(carry, xs[i, ...])
+        ys.append(y)
+    if isinstance(ys[0], tuple):
+        return carry, tuple(xp.stack(parts) for parts in zip(*ys, strict=True))
+    return carry, xp.stack(ys)
+
+
+def reciprocal_table(n: int, *, xp: Any, device: Any = None) -> Any:
+    """float32 ``[n + 1]`` with entry ``k`` = ``1/k`` correctly rounded; entry 0 is 0.
+
+    Replica loads are ``weight * table[count]``: a multiplication is
+    correctly rounded on every backend, a float32 division is not on XLA GPU.
+    numpy and torch (CPU and CUDA) divide exactly, so they build the table
+    in place; JAX gets it from numpy on the host, as a constant.
+    """
+    if is_numpy(xp) or is_jax(xp):
+        table = np.zeros(n + 1, dtype=np.float32)
+        table[1:] = np.float32(1.0) / np.arange(1, n + 1, dtype=np.float32)
+        return xp.asarray(table)
+    counts = xp.arange(n + 1, dtype=xp.float32, device=device)
+    return xp.where(counts > 0, 1.0 / counts, 0.0)

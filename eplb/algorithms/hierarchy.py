@@ -1,0 +1,116 @@
+"""The greedy EPLB policies: hierarchical (groups stay on one node) and global."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eplb import _xp
+from eplb.algorithms.packing import balanced_packing, inverse_permutation
+from eplb.algorithms.replication import replica_load, replicate_experts
+
+__all__ = ["build_log2phy", "group_loads", "rebalance_greedy", "rebalance_hierarchical"]
+
+
+def group_loads(weight: Any, num_groups: int, *, xp: Any) -> Any:
+    """Load of each expert group, ``[L, num_groups]`` float32.
+
+    Summed left to right inside each group (a fixed order, so every backend
+    rounds alike; library reductions pick their own order).
+    """
+    num_layers, num_experts = weight.shape
+    grouped = xp.reshape(weight, (num_layers, num_groups, num_experts // num_groups))
+    total = grouped[:, :, 0]
+    for k in range(1, num_experts // num_groups):
+        total = total + grouped[:, :, k]
+    return total
+
+
+def rebalance_hierarchical(
+    weight: Any, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any
+) -> tuple[Any, Any, Any]:
+    """Hierarchical greedy placement: groups to nodes, replicas within nodes, replicas to GPUs.
+
+    Parameters
+    ----------
+    weight : array [L, E], float32
+        Expert loads; ``E % num_groups == 0``, ``num_groups % num_nodes == 0``,
+        ``num_gpus % num_nodes == 0``, ``num_phy % num_gpus == 0``.
+
+    Returns
+    -------
+    phy2log : array [L, num_phy], integer
+        Expert held by each slot; slot ``j`` is on GPU ``j // (num_phy // num_gpus)``.
+    phyrank : array [L, num_phy], integer
+        Replica number of each slot within its expert.
+    logcnt : array [L, E], integer
+        Replicas per expert.
+    """
+    num_layers, num_log = weight.shape
+    device = _xp.device(weight)
+    group_size = num_log // num_groups
+    groups_per_node = num_groups // num_nodes
+    log_per_node = num_log // num_nodes
+    phy_per_node = num_phy // num_nodes
+    phy_per_gpu = num_phy // num_gpus
+
+    # Step 1: groups to nodes. log2mlog [L, E]: node-major position of each expert.
+    if groups_per_node == 1:
+        # One group per node: packing places group g on node g whatever the loads.
+        tokens_per_group = xp.zeros((num_layers, num_groups), dtype=weight.dtype, device=device)
+    else:
+        tokens_per_group = group_loads(weight, num_groups, xp=xp)
+    group_pack, group_rank = balanced_packing(tokens_per_group, num_nodes, xp=xp)
+    index_dtype = group_pack.dtype
+    in_group = xp.arange(group_size, dtype=index_dtype, device=device)
+    group_start = (group_pack * groups_per_node + group_rank) * group_size  # [L, groups]
+    log2mlog = xp.reshape(group_start[:, :, None] + in_group, (num_layers, num_log))
+    mlog2log = inverse_permutation(log2mlog, xp=xp)
+
+    # Step 2: replicate within each node; one row per (layer, node).
+    mlog_load = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), (num_layers * num_nodes, log_per_node))
+    phy2mlog, phyrank, mlogcnt = replicate_experts(mlog_load, phy_per_node, xp=xp)
+
+    # Step 3: pack each node's replicas onto its GPUs.
+    reciprocal = _xp.reciprocal_table(phy_per_node - log_per_node + 1, xp=xp, device=device)
+    phy_load = replica_load(
+        _xp.take_along(mlog_load, phy2mlog, xp=xp), _xp.take_along(mlogcnt, phy2mlog, xp=xp), reciprocal, xp=xp
+    )
+    gpu_index, rank_in_gpu = balanced_packing(phy_load, num_gpus // num_nodes, xp=xp)
+    phy2pphy = gpu_index * phy_per_gpu + rank_in_gpu
+    pphy2phy = inverse_permutation(phy2pphy, xp=xp)
+
+    # Back to global ids: node-local expert -> node-major expert -> logical expert.
+    pphy2mlog = xp.reshape(_xp.take_along(phy2mlog, pphy2phy, xp=xp), (num_layers, num_nodes, phy_per_node))
+    node_offset = xp.reshape(xp.arange(num_nodes, dtype=index_dtype, device=device) * log_per_node, (1, num_nodes, 1))
+    pphy2mlog = xp.reshape(pphy2mlog + node_offset, (num_layers, num_phy))
+    phy2log = _xp.take_along(mlog2log, pphy2mlog, xp=xp)
+    pphyrank = xp.reshape(_xp.take_along(phyrank, pphy2phy, xp=xp), (num_layers, num_phy))
+    logcnt = _xp.take_along(xp.reshape(mlogcnt, (num_layers, num_log)), log2mlog, xp=xp)
+    return phy2log, pphyrank, logcnt
+
+
+def build_log2phy(phy2log: Any, phyrank: Any, num_log: int, *, xp: Any) -> Any:
+    """``log2phy [L, E, R - E + 1]``: slots of each expert by replica number, ``-1`` padded."""
+    num_layers, num_phy = phy2log.shape
+    device = _xp.device(phy2log)
+    max_count = num_phy - num_log + 1
+    log2phy = xp.full((num_layers, num_log * max_count), -1, dtype=phy2log.dtype, device=device)
+    rows = xp.reshape(xp.arange(num_layers, dtype=phy2log.dtype, device=device), (num_layers, 1))
+    slots = xp.broadcast_to(xp.arange(num_phy, dtype=phy2log.dtype, device=device), (num_layers, num_phy))
+    # (expert, replica number) pairs are unique, so the scatter has no duplicates.
+    log2phy = _xp.at_set(log2phy, (rows, phy2log * max_count + phyrank), slots, xp=xp)
+    return xp.reshape(log2phy, (num_layers, num_log, max_count))
+
+
+def rebalance_greedy(
+    weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *, hierarchical: bool, xp: Any
+) -> tuple[Any, Any, Any]:
+    """The published greedy policy on float32 ``weight [L, E]``: ``phy2log, log2phy, logcnt``.
+
+    ``hierarchical=False`` is the global policy: one group, one node.
+    """
+    if not hierarchical:
+        num_groups, num_nodes = 1, 1
+    phy2log, phyrank, logcnt = rebalance_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
+    log2phy = build_log2phy(phy2log, phyrank, weight.shape[1], xp=xp)
+    return phy2log, log2phy, logcnt

@@ -1,0 +1,84 @@
+"""Replication: hand out redundant slots, one at a time, to the most loaded expert."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eplb import _xp
+
+__all__ = ["replica_load", "replicate_experts"]
+
+
+def replica_load(weight: Any, count: Any, reciprocal: Any, *, xp: Any) -> Any:
+    """Load of one replica, ``weight * fl(1/count)``, float32, same shape as ``weight``.
+
+    ``reciprocal`` is :func:`eplb._xp.reciprocal_table`. A product of two
+    float32 values is correctly rounded on every backend, so every backend
+    computes the same bits; ``weight / count`` would not be (XLA on GPU).
+    """
+    flat = xp.take(reciprocal, xp.reshape(count, (-1,)), axis=0)
+    return weight * xp.reshape(flat, count.shape)
+
+
+def replicate_experts(weight: Any, num_phy: int, *, xp: Any) -> tuple[Any, Any, Any]:
+    """Replicate each row's experts into ``num_phy`` slots, greedily by replica load.
+
+    Parameters
+    ----------
+    weight : array [B, E], float32
+        Expert loads, one independent problem per row.
+    num_phy : int
+        Physical slots per row, ``>= E``.
+
+    Returns
+    -------
+    phy2log : array [B, num_phy], integer
+        Expert held by each slot; slots ``0..E-1`` hold experts ``0..E-1``,
+        slot ``E + s`` holds the expert chosen at step ``s``.
+    phyrank : array [B, num_phy], integer
+        Replica number of each slot within its expert (0 for the original).
+    logcnt : array [B, E], integer
+        Replicas per expert (>= 1, summing to ``num_phy``).
+
+    Tie rules
+    ---------
+    Each of the ``num_phy - E`` steps gives a replica to the expert with the
+    largest score ``weight * fl(1/logcnt)`` (float32, see :func:`replica_load`),
+    equal scores to the lowest expert index. Only the chosen expert's score
+    changes per step.
+    """
+    batch, num_log = weight.shape
+    device = _xp.device(weight)
+    num_redundant = num_phy - num_log
+    if num_redundant < 0:
+        raise ValueError(f"num_phy={num_phy} must be >= the number of experts {num_log}")
+    index_dtype = xp.arange(1, device=device).dtype
+    base_phy2log = xp.broadcast_to(xp.arange(num_log, dtype=index_dtype, device=device), (batch, num_log))
+    base_rank = xp.zeros((batch, num_log), dtype=index_dtype, device=device)
+    if num_redundant == 0:
+        return (
+            xp.asarray(base_phy2log, copy=True),
+            base_rank,
+            xp.ones((batch, num_log), dtype=index_dtype, device=device),
+        )
+    reciprocal = _xp.reciprocal_table(num_redundant + 1, xp=xp, device=device)
+    expert_ids = xp.arange(num_log, dtype=index_dtype, device=device)
+
+    def add_replica(carry: Any, _: Any) -> tuple[Any, Any]:
+        # carry: score [B, E] float32, logcnt [B, E] int
+        score, logcnt = carry
+        expert = xp.astype(xp.argmax(score, axis=-1), index_dtype)  # first maximum wins
+        expert_col = xp.reshape(expert, (batch, 1))
+        chosen = expert_ids == expert_col  # [B, E] one-hot
+        rank = _xp.take_along(logcnt, expert_col, xp=xp)  # [B, 1] replicas so far
+        new_score = replica_load(_xp.take_along(weight, expert_col, xp=xp), rank + 1, reciprocal, xp=xp)
+        score = xp.where(chosen, new_score, score)
+        logcnt = logcnt + xp.astype(chosen, index_dtype)
+        return (score, logcnt), (expert, xp.reshape(rank, (batch,)))
+
+    steps = xp.zeros((num_redundant, 1), dtype=index_dtype, device=device)
+    init = (weight, xp.ones((batch, num_log), dtype=index_dtype, device=device))
+    (_, logcnt), (expert_by_step, rank_by_step) = _xp.scan(add_replica, init, steps, xp=xp)
+    phy2log = xp.concat([base_phy2log, xp.permute_dims(expert_by_step, (1, 0))], axis=-1)
+    phyrank = xp.concat([base_rank, xp.permute_dims(rank_by_step, (1, 0))], axis=-1)
+    return phy2log, phyrank, logcnt

@@ -1,0 +1,51 @@
+"""JAX backend: ``jax.jit`` with the sizes static, ``jax.vmap`` over layers.
+
+Works on concrete arrays and on tracers (inside a user's ``jit``/``vmap``).
+Never touches global flags: without ``jax_enable_x64`` indices are int32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eplb.algorithms.hierarchy import rebalance_greedy
+
+__all__ = ["dtype_kind", "host_values", "rebalance"]
+
+
+def dtype_kind(weight: jax.Array) -> str:
+    return np.dtype(weight.dtype).kind if weight.dtype != jnp.bfloat16 else "f"
+
+
+def host_values(weight: jax.Array, force: bool) -> np.ndarray | None:
+    if isinstance(weight, jax.core.Tracer):
+        return None  # values unknown while tracing
+    if not force and any(d.platform != "cpu" for d in weight.devices()):
+        return None  # reading device values would stall the host
+    values = np.asarray(weight)
+    # bfloat16 arrives as an ml_dtypes type numpy does not classify as float.
+    return values if values.dtype.kind in "iuf" else values.astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _rebalance(
+    weight: jax.Array, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, hierarchical: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def one_layer(row: jax.Array) -> tuple[jax.Array, ...]:
+        placement = rebalance_greedy(
+            row[None, :], num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=jnp
+        )
+        return tuple(a[0] for a in placement)
+
+    return jax.vmap(one_layer)(weight.astype(jnp.float32))
+
+
+def rebalance(
+    weight: jax.Array, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, hierarchical: bool
+) -> tuple[Any, Any, Any]:
+    return _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical)

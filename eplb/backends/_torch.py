@@ -1,0 +1,43 @@
+"""torch backend: batched eager ops on the input's device, no host sync on CUDA.
+
+Nothing here reads a tensor's values on the host (no ``.item()``, ``.cpu()``,
+``nonzero`` or boolean-mask indexing), so a CUDA call only queues kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat.torch as xp
+import numpy as np
+import torch
+
+from eplb.algorithms.hierarchy import rebalance_greedy
+
+__all__ = ["dtype_kind", "host_values", "rebalance"]
+
+
+def dtype_kind(weight: torch.Tensor) -> str:
+    if weight.dtype == torch.bool:
+        return "b"
+    if weight.dtype.is_complex:
+        return "c"
+    if weight.dtype.is_floating_point:
+        return "f"
+    return "u" if weight.dtype == torch.uint8 else "i"
+
+
+def host_values(weight: torch.Tensor, force: bool) -> np.ndarray | None:
+    if weight.device.type != "cpu" and not force:
+        return None  # reading CUDA values would stall the host
+    weight = weight.detach().cpu()
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        weight = weight.float()
+    return weight.numpy()
+
+
+def rebalance(
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, hierarchical: bool
+) -> tuple[Any, Any, Any]:
+    weight32 = weight.detach().to(torch.float32).contiguous()
+    return rebalance_greedy(weight32, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp)
