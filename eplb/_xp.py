@@ -40,8 +40,11 @@ __all__ = [
 
 
 def array_namespace(*arrays: Any) -> Any:
-    """Array-API namespace of ``arrays`` (numpy, torch or jax.numpy)."""
-    return array_api_compat.array_namespace(*arrays)
+    """Array-API namespace of ``arrays``: numpy itself (numpy >= 2 follows the
+    standard, and its compat wrappers cost a microsecond a call), the
+    array-api-compat torch namespace, or jax.numpy."""
+    xp = array_api_compat.array_namespace(*arrays)
+    return np if is_numpy(xp) else xp
 
 
 def device(x: Any) -> Any:
@@ -103,16 +106,43 @@ def argsort_desc(x: Any, *, xp: Any) -> Any:
         torch = sys.modules["torch"]
         return torch.sort(x, dim=-1, descending=True, stable=True).indices
     if is_jax(xp):
+        if x.shape[-1] <= _RANK_SORT_MAX:
+            return _argsort_desc_by_counting(x, xp=xp)
         return xp.argsort(x, axis=-1, descending=True, stable=True)
     # Negating a float is exact, and a stable ascending sort of -x puts equal
     # keys in index order, which reversing an ascending sort would not.
     return np.argsort(-x, axis=-1, kind="stable")
 
 
+# Up to this many keys per row, JAX ranks by counting (one fused O(n^2)
+# comparison) instead of sorting: XLA's CPU sort of [232, 72] takes ~2 ms,
+# the count ~0.3 ms, with the same result.
+_RANK_SORT_MAX = 256
+
+
+def _argsort_desc_by_counting(x: Any, *, xp: Any) -> Any:
+    """Stable descending argsort of ``x [B, n]`` by counting, for small ``n``.
+
+    Item ``i`` lands at position ``#{j: x_j > x_i} + #{j < i: x_j == x_i}``,
+    which is exactly its place in a stable descending sort.
+    """
+    batch, n = x.shape
+    ids = xp.arange(n, dtype=xp.int32)
+    xi, xj = x[:, :, None], x[:, None, :]
+    ahead = (xj > xi) | ((xj == xi) & (ids[None, None, :] < ids[None, :, None]))
+    position = xp.sum(ahead, axis=-1, dtype=xp.int32)  # [B, n], a permutation
+    rows = xp.reshape(xp.arange(batch, dtype=xp.int32), (batch, 1))
+    order = xp.zeros((batch, n), dtype=xp.int32)
+    return at_set(order, (rows, position), xp.broadcast_to(ids, (batch, n)), xp=xp)
+
+
 def take_along(x: Any, idx: Any, *, xp: Any) -> Any:
-    """``x[..., idx]`` row by row: ``out[b, j] = x[b, idx[b, j]]``."""
+    """Row-wise gather on ``[B, n]`` arrays: ``out[b, j] = x[b, idx[b, j]]``."""
     if is_torch(xp):
         return sys.modules["torch"].gather(x, -1, idx)
+    if is_numpy(xp):
+        # Plain fancy indexing: np.take_along_axis costs 3x more per call.
+        return x[np.arange(x.shape[0])[:, None], idx]
     return xp.take_along_axis(x, idx, axis=-1)
 
 

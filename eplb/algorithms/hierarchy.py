@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from eplb import _xp
-from eplb.algorithms.packing import balanced_packing, inverse_permutation
+from eplb.algorithms.packing import lpt_pack, slots_by_pack
 from eplb.algorithms.replication import replica_load, replicate_experts
 
 __all__ = ["build_log2phy", "group_loads", "rebalance_greedy", "rebalance_hierarchical"]
@@ -51,33 +51,31 @@ def rebalance_hierarchical(
     groups_per_node = num_groups // num_nodes
     log_per_node = num_log // num_nodes
     phy_per_node = num_phy // num_nodes
-    phy_per_gpu = num_phy // num_gpus
 
-    # Step 1: groups to nodes. log2mlog [L, E]: node-major position of each expert.
+    # Step 1: groups to nodes. mlog2log [L, E]: logical expert at each
+    # node-major position (node 0's experts first, groups in arrival order).
     if groups_per_node == 1:
         # One group per node: packing places group g on node g whatever the loads.
         tokens_per_group = xp.zeros((num_layers, num_groups), dtype=weight.dtype, device=device)
     else:
         tokens_per_group = group_loads(weight, num_groups, xp=xp)
-    group_pack, group_rank = balanced_packing(tokens_per_group, num_nodes, xp=xp)
-    index_dtype = group_pack.dtype
+    group_order, node_by_step, rank_by_step = lpt_pack(tokens_per_group, num_nodes, xp=xp)
+    mgroup2group = slots_by_pack(group_order, node_by_step, rank_by_step, groups_per_node, xp=xp)  # [L, groups]
+    index_dtype = mgroup2group.dtype
     in_group = xp.arange(group_size, dtype=index_dtype, device=device)
-    group_start = (group_pack * groups_per_node + group_rank) * group_size  # [L, groups]
-    log2mlog = xp.reshape(group_start[:, :, None] + in_group, (num_layers, num_log))
-    mlog2log = inverse_permutation(log2mlog, xp=xp)
+    mlog2log = xp.reshape(mgroup2group[:, :, None] * group_size + in_group, (num_layers, num_log))
 
     # Step 2: replicate within each node; one row per (layer, node).
     mlog_load = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), (num_layers * num_nodes, log_per_node))
     phy2mlog, phyrank, mlogcnt = replicate_experts(mlog_load, phy_per_node, xp=xp)
 
-    # Step 3: pack each node's replicas onto its GPUs.
+    # Step 3: pack each node's replicas onto its GPUs; pphy = slot order on the node.
     reciprocal = _xp.reciprocal_table(phy_per_node - log_per_node + 1, xp=xp, device=device)
     phy_load = replica_load(
         _xp.take_along(mlog_load, phy2mlog, xp=xp), _xp.take_along(mlogcnt, phy2mlog, xp=xp), reciprocal, xp=xp
     )
-    gpu_index, rank_in_gpu = balanced_packing(phy_load, num_gpus // num_nodes, xp=xp)
-    phy2pphy = gpu_index * phy_per_gpu + rank_in_gpu
-    pphy2phy = inverse_permutation(phy2pphy, xp=xp)
+    phy_order, gpu_by_step, rank_by_step = lpt_pack(phy_load, num_gpus // num_nodes, xp=xp)
+    pphy2phy = slots_by_pack(phy_order, gpu_by_step, rank_by_step, num_phy // num_gpus, xp=xp)  # [L*N, R/N]
 
     # Back to global ids: node-local expert -> node-major expert -> logical expert.
     pphy2mlog = xp.reshape(_xp.take_along(phy2mlog, pphy2phy, xp=xp), (num_layers, num_nodes, phy_per_node))
@@ -85,7 +83,9 @@ def rebalance_hierarchical(
     pphy2mlog = xp.reshape(pphy2mlog + node_offset, (num_layers, num_phy))
     phy2log = _xp.take_along(mlog2log, pphy2mlog, xp=xp)
     pphyrank = xp.reshape(_xp.take_along(phyrank, pphy2phy, xp=xp), (num_layers, num_phy))
-    logcnt = _xp.take_along(xp.reshape(mlogcnt, (num_layers, num_log)), log2mlog, xp=xp)
+    rows = xp.reshape(xp.arange(num_layers, dtype=index_dtype, device=device), (num_layers, 1))
+    logcnt = xp.empty((num_layers, num_log), dtype=mlogcnt.dtype, device=device)
+    logcnt = _xp.at_set(logcnt, (rows, mlog2log), xp.reshape(mlogcnt, (num_layers, num_log)), xp=xp)
     return phy2log, pphyrank, logcnt
 
 

@@ -6,16 +6,76 @@ from typing import Any
 
 from eplb import _xp
 
-__all__ = ["balanced_packing", "inverse_permutation"]
+__all__ = ["balanced_packing", "inverse_permutation", "lpt_pack", "slots_by_pack"]
 
 
 def inverse_permutation(perm: Any, *, xp: Any) -> Any:
     """``inv[b, perm[b, j]] = j`` for a batch of permutations ``perm [B, n]``."""
     batch, n = perm.shape
-    rows = xp.reshape(xp.arange(batch, dtype=perm.dtype, device=_xp.device(perm)), (batch, 1))
-    positions = xp.broadcast_to(xp.arange(n, dtype=perm.dtype, device=_xp.device(perm)), (batch, n))
-    inv = xp.empty((batch, n), dtype=perm.dtype, device=_xp.device(perm))
+    device = _xp.device(perm)
+    rows = xp.reshape(xp.arange(batch, dtype=perm.dtype, device=device), (batch, 1))
+    positions = xp.broadcast_to(xp.arange(n, dtype=perm.dtype, device=device), (batch, n))
+    inv = xp.empty((batch, n), dtype=perm.dtype, device=device)
     return _xp.at_set(inv, (rows, perm), positions, xp=xp)
+
+
+def lpt_pack(weight: Any, num_packs: int, *, xp: Any) -> tuple[Any, Any]:
+    """The LPT loop: ``order``, ``pack_by_step``, ``rank_by_step``, each ``[B, n]``.
+
+    Step ``t`` visits item ``order[:, t]`` and puts it in pack
+    ``pack_by_step[:, t]`` at position ``rank_by_step[:, t]`` (items already
+    there).
+
+    Tie rules: items are visited in decreasing weight, equal weights in
+    increasing item index (stable sort); each goes to the open pack (fewer
+    than ``n/m`` items) with the smallest running load, equal loads to the
+    lowest pack index. Running loads are float32 sums in visiting order, so
+    every backend computes the same bits. With one item per pack, item ``i``
+    goes to pack ``i`` (the published shortcut).
+    """
+    batch, n = weight.shape
+    device = _xp.device(weight)
+    capacity = n // num_packs
+    if capacity == 1:
+        order = xp.broadcast_to(xp.arange(n, device=device), (batch, n))
+        return order, order, xp.zeros((batch, n), dtype=order.dtype, device=device)
+    order = _xp.argsort_desc(weight, xp=xp)
+    weight_by_step = xp.permute_dims(_xp.take_along(weight, order, xp=xp), (1, 0))  # [n, B]
+    pack_ids = xp.arange(num_packs, dtype=order.dtype, device=device)
+
+    def visit(carry: Any, item_weight: Any) -> tuple[Any, Any]:
+        # open_load [B, m] float32: running load, +inf once a pack is full.
+        # pack_count [B, m] float32: items per pack (small integers, exact).
+        open_load, pack_count = carry
+        pack = xp.reshape(xp.argmin(open_load, axis=-1), (batch, 1))  # first minimum wins
+        rank = _xp.take_along(pack_count, pack, xp=xp)  # items already in the pack
+        chosen = pack_ids == pack
+        pack_count = pack_count + chosen
+        open_load = open_load + chosen * xp.reshape(item_weight, (batch, 1))
+        open_load = xp.where(pack_count == capacity, xp.inf, open_load)
+        return (open_load, pack_count), (pack[:, 0], rank[:, 0])
+
+    init = (
+        xp.zeros((batch, num_packs), dtype=weight.dtype, device=device),
+        xp.zeros((batch, num_packs), dtype=weight.dtype, device=device),
+    )
+    _, (pack_by_step, rank_by_step) = _xp.scan(visit, init, weight_by_step, xp=xp)
+    pack_by_step = xp.astype(xp.permute_dims(pack_by_step, (1, 0)), order.dtype)
+    return order, pack_by_step, xp.astype(xp.permute_dims(rank_by_step, (1, 0)), order.dtype)
+
+
+def slots_by_pack(order: Any, pack_by_step: Any, rank_by_step: Any, capacity: int, *, xp: Any) -> Any:
+    """Items listed pack by pack, in arrival order inside a pack: ``[B, n]``.
+
+    Entry ``j`` is the item in slot ``j`` when pack ``p`` owns slots
+    ``p*capacity .. (p+1)*capacity - 1`` (the outputs of :func:`lpt_pack`).
+    """
+    batch, n = order.shape
+    device = _xp.device(order)
+    rows = xp.reshape(xp.arange(batch, dtype=order.dtype, device=device), (batch, 1))
+    slot_by_step = pack_by_step * capacity + rank_by_step  # a permutation of 0..n-1
+    slot2item = xp.empty((batch, n), dtype=order.dtype, device=device)
+    return _xp.at_set(slot2item, (rows, slot_by_step), order, xp=xp)
 
 
 def balanced_packing(weight: Any, num_packs: int, *, xp: Any) -> tuple[Any, Any]:
@@ -35,46 +95,10 @@ def balanced_packing(weight: Any, num_packs: int, *, xp: Any) -> tuple[Any, Any]
     rank_in_pack : array [B, n], integer
         Position of each item inside its pack (0 .. n/m - 1), in arrival order.
 
-    Tie rules
-    ---------
-    Items are visited in decreasing weight, equal weights in increasing item
-    index (stable sort). Each goes to the pack with the smallest running load
-    among those not yet full, equal loads to the lowest pack index. Running
-    loads are float32 sums accumulated in visiting order, so every backend
-    computes the same values. With one item per pack, item ``i`` goes to pack
-    ``i`` (the published shortcut).
+    Tie rules are those of :func:`lpt_pack`.
     """
     batch, n = weight.shape
-    device = _xp.device(weight)
-    if n % num_packs:
-        raise ValueError(f"{n} items cannot fill num_packs={num_packs} packs equally")
     capacity = n // num_packs
-    if capacity == 1:
-        pack_index = xp.broadcast_to(xp.arange(n, device=device), (batch, n))
-        return xp.asarray(pack_index, copy=True), xp.zeros((batch, n), dtype=pack_index.dtype, device=device)
-
-    order = _xp.argsort_desc(weight, xp=xp)  # [B, n] item visited at step t
-    weight_in_order = _xp.take_along(weight, order, xp=xp)  # [B, n]
-    pack_ids = xp.arange(num_packs, dtype=order.dtype, device=device)  # [m]
-
-    def visit(carry: Any, item_weight: Any) -> tuple[Any, Any]:
-        # carry: pack_load [B, m] float32, pack_count [B, m] int; item_weight [B]
-        pack_load, pack_count = carry
-        open_load = xp.where(pack_count < capacity, pack_load, xp.inf)
-        pack = xp.argmin(open_load, axis=-1)  # first minimum: lowest index wins
-        chosen = pack_ids == xp.reshape(pack, (batch, 1))  # [B, m] one-hot
-        rank = xp.sum(xp.where(chosen, pack_count, 0), axis=-1)
-        pack_load = xp.where(chosen, pack_load + xp.reshape(item_weight, (batch, 1)), pack_load)
-        pack_count = pack_count + xp.astype(chosen, pack_count.dtype)
-        return (pack_load, pack_count), (xp.astype(pack, order.dtype), xp.astype(rank, order.dtype))
-
-    init = (
-        xp.zeros((batch, num_packs), dtype=weight.dtype, device=device),
-        xp.zeros((batch, num_packs), dtype=order.dtype, device=device),
-    )
-    _, (pack_by_step, rank_by_step) = _xp.scan(visit, init, xp.permute_dims(weight_in_order, (1, 0)), xp=xp)
-    # Step t placed item order[b, t]; undo the sort to index by item.
-    step_of_item = inverse_permutation(order, xp=xp)
-    pack_index = _xp.take_along(xp.permute_dims(pack_by_step, (1, 0)), step_of_item, xp=xp)
-    rank_in_pack = _xp.take_along(xp.permute_dims(rank_by_step, (1, 0)), step_of_item, xp=xp)
-    return pack_index, rank_in_pack
+    order, pack_by_step, rank_by_step = lpt_pack(weight, num_packs, xp=xp)
+    slot_of_item = inverse_permutation(slots_by_pack(order, pack_by_step, rank_by_step, capacity, xp=xp), xp=xp)
+    return slot_of_item // capacity, slot_of_item % capacity

@@ -62,22 +62,21 @@ def replicate_experts(weight: Any, num_phy: int, *, xp: Any) -> tuple[Any, Any, 
             xp.ones((batch, num_log), dtype=index_dtype, device=device),
         )
     reciprocal = _xp.reciprocal_table(num_redundant + 1, xp=xp, device=device)
-    expert_ids = xp.arange(num_log, dtype=index_dtype, device=device)
+    rows = xp.reshape(xp.arange(batch, dtype=index_dtype, device=device), (batch, 1))
 
     def add_replica(carry: Any, _: Any) -> tuple[Any, Any]:
-        # carry: score [B, E] float32, logcnt [B, E] int
+        # score [B, E] float32: load of one replica if the expert got another;
+        # logcnt [B, E]: replicas so far. Both are buffers owned by the loop.
         score, logcnt = carry
-        expert = xp.astype(xp.argmax(score, axis=-1), index_dtype)  # first maximum wins
-        expert_col = xp.reshape(expert, (batch, 1))
-        chosen = expert_ids == expert_col  # [B, E] one-hot
-        rank = _xp.take_along(logcnt, expert_col, xp=xp)  # [B, 1] replicas so far
-        new_score = replica_load(_xp.take_along(weight, expert_col, xp=xp), rank + 1, reciprocal, xp=xp)
-        score = xp.where(chosen, new_score, score)
-        logcnt = logcnt + xp.astype(chosen, index_dtype)
-        return (score, logcnt), (expert, xp.reshape(rank, (batch,)))
+        expert = xp.reshape(xp.astype(xp.argmax(score, axis=-1), index_dtype), (batch, 1))  # first max wins
+        rank = _xp.take_along(logcnt, expert, xp=xp)  # [B, 1] replicas before this one
+        new_score = replica_load(_xp.take_along(weight, expert, xp=xp), rank + 1, reciprocal, xp=xp)
+        score = _xp.at_set(score, (rows, expert), new_score, xp=xp)
+        logcnt = _xp.at_set(logcnt, (rows, expert), rank + 1, xp=xp)
+        return (score, logcnt), (expert[:, 0], rank[:, 0])
 
     steps = xp.zeros((num_redundant, 1), dtype=index_dtype, device=device)
-    init = (weight, xp.ones((batch, num_log), dtype=index_dtype, device=device))
+    init = (xp.asarray(weight, copy=True), xp.ones((batch, num_log), dtype=index_dtype, device=device))
     (_, logcnt), (expert_by_step, rank_by_step) = _xp.scan(add_replica, init, steps, xp=xp)
     phy2log = xp.concat([base_phy2log, xp.permute_dims(expert_by_step, (1, 0))], axis=-1)
     phyrank = xp.concat([base_rank, xp.permute_dims(rank_by_step, (1, 0))], axis=-1)

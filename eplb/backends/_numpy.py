@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import array_api_compat.numpy as xp
 import numpy as np
 
 from eplb.algorithms.hierarchy import rebalance_greedy
@@ -25,6 +24,6 @@ def rebalance(
 ) -> tuple[Any, Any, Any]:
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
     phy2log, log2phy, logcnt = rebalance_greedy(
-        weight32, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp
+        weight32, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=np
     )
     return tuple(np.asarray(a, dtype=np.int64) for a in (phy2log, log2phy, logcnt))
