@@ -6,7 +6,7 @@ occupies, on numpy, torch (CPU/CUDA) or JAX inputs, with identical placements
 on every backend.
 """
 
-from eplb._api import Placement, rebalance_experts
+from eplb._api import Placement, balanced_packing, rebalance_experts, replicate_experts
 
-__all__ = ["Placement", "rebalance_experts"]
+__all__ = ["Placement", "balanced_packing", "rebalance_experts", "replicate_experts"]
 __version__ = "0.1.0"

@@ -7,9 +7,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from eplb import _validate, _xp
+from eplb.algorithms import packing as _packing
+from eplb.algorithms import replication as _replication
 from eplb.backends import get_backend
 
-__all__ = ["Placement", "rebalance_experts"]
+__all__ = ["Placement", "balanced_packing", "rebalance_experts", "replicate_experts"]
 
 
 class Placement(NamedTuple):
@@ -29,6 +31,24 @@ class Placement(NamedTuple):
     phy2log: Any
     log2phy: Any
     logcnt: Any
+
+
+def _checked_weight(weight: Any, check_values: bool | None) -> tuple[Any, Any]:
+    """Validate ``weight`` [L, E]; returns (backend module, weight)."""
+    name, weight = _as_weight(weight)
+    backend = get_backend(name)
+    _validate.check_weight_shape(tuple(weight.shape))
+    _validate.check_weight_dtype(backend.dtype_kind(weight), weight.dtype)
+    if check_values is not False:
+        values = backend.host_values(weight, force=bool(check_values))
+        if values is not None:
+            _validate.check_weight_values(values)
+    return backend, weight
+
+
+def _as_float32(weight: Any) -> tuple[Any, Any]:
+    xp = _xp.array_namespace(weight)
+    return xp, xp.astype(weight, xp.float32)
 
 
 def _as_weight(weight: Any) -> tuple[str, Any]:
@@ -100,15 +120,80 @@ def rebalance_experts(
     >>> phy2log.tolist()
     [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]]
     """
-    name, weight = _as_weight(weight)
-    backend = get_backend(name)
-    _, num_experts = _validate.check_weight_shape(tuple(weight.shape))
-    _validate.check_weight_dtype(backend.dtype_kind(weight), weight.dtype)
+    backend, weight = _checked_weight(weight, check_values)
     num_replicas, num_groups, num_nodes, num_gpus, hierarchical = _validate.check_config(
-        num_experts, num_replicas, num_groups, num_nodes, num_gpus, hierarchical
+        weight.shape[1], num_replicas, num_groups, num_nodes, num_gpus, hierarchical
     )
-    if check_values is not False:
-        values = backend.host_values(weight, force=bool(check_values))
-        if values is not None:
-            _validate.check_weight_values(values)
     return Placement(*backend.rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical))
+
+
+def balanced_packing(weight: Any, num_packs: int, *, check_values: bool | None = None) -> tuple[Any, Any]:
+    """Pack each row's items into ``num_packs`` packs of equal item count (LPT).
+
+    Parameters
+    ----------
+    weight : array [B, n], integer or floating
+        Item weights (compared as float32), one independent problem per row;
+        ``n % num_packs == 0``.
+    num_packs : int
+        Packs per row; each receives exactly ``n // num_packs`` items.
+
+    Returns
+    -------
+    pack_index : array [B, n], integer
+        Pack of each item.
+    rank_in_pack : array [B, n], integer
+        Position of each item inside its pack, in arrival order.
+
+    Items are visited heaviest first (equal weights by lower index), each to
+    the lightest pack that still has room (equal loads: lower pack index);
+    see ``docs/algorithm.md``.
+
+    Examples
+    --------
+    >>> import numpy as np, eplb
+    >>> pack_index, rank_in_pack = eplb.balanced_packing(np.array([[4, 3, 2, 1]]), 2)
+    >>> pack_index.tolist(), rank_in_pack.tolist()
+    ([[0, 1, 1, 0]], [[0, 0, 1, 1]])
+    """
+    _, weight = _checked_weight(weight, check_values)
+    num_packs = _validate.check_count("num_packs", num_packs)
+    if weight.shape[1] % num_packs:
+        raise ValueError(f"the number of items {weight.shape[1]} must be a multiple of num_packs={num_packs}")
+    xp, weight32 = _as_float32(weight)
+    return _packing.balanced_packing(weight32, num_packs, xp=xp)
+
+
+def replicate_experts(weight: Any, num_phy: int, *, check_values: bool | None = None) -> tuple[Any, Any, Any]:
+    """Give ``num_phy - E`` extra replicas, one at a time, to the expert with the largest load per replica.
+
+    Parameters
+    ----------
+    weight : array [B, E], integer or floating
+        Expert loads (compared as float32), one independent problem per row.
+    num_phy : int
+        Physical slots per row, ``>= E``.
+
+    Returns
+    -------
+    phy2log : array [B, num_phy], integer
+        Expert of each slot: slots ``0..E-1`` hold experts ``0..E-1``, then
+        the replicas in the order they were handed out.
+    phyrank : array [B, num_phy], integer
+        Replica number of each slot within its expert.
+    logcnt : array [B, E], integer
+        Replicas per expert.
+
+    Examples
+    --------
+    >>> import numpy as np, eplb
+    >>> phy2log, phyrank, logcnt = eplb.replicate_experts(np.array([[6, 2, 3]]), 5)
+    >>> phy2log.tolist(), logcnt.tolist()
+    ([[0, 1, 2, 0, 0]], [[3, 1, 1]])
+    """
+    _, weight = _checked_weight(weight, check_values)
+    num_phy = _validate.check_count("num_phy", num_phy)
+    if num_phy < weight.shape[1]:
+        raise ValueError(f"num_phy={num_phy} must be >= the number of experts {weight.shape[1]}")
+    xp, weight32 = _as_float32(weight)
+    return _replication.replicate_experts(weight32, num_phy, xp=xp)
