@@ -1,0 +1,49 @@
+"""Load matrices for cross-backend checks: random, float32, adversarial ties, zeros.
+
+Each builder returns a ``[L, E]`` array whose rows are independent layers,
+so one call (one JAX compile) covers many cases.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def random_int(rng: np.random.Generator, layers: int, experts: int, total: int = 2**31 - 1) -> np.ndarray:
+    """Integer loads whose per-layer total stays just below ``total``."""
+    raw = rng.random((layers, experts)) ** 3
+    return np.floor(raw / raw.sum(axis=1, keepdims=True) * (total - experts)).astype(np.int64)
+
+
+def lognormal_f32(rng: np.random.Generator, layers: int, experts: int, sigma: float = 1.5) -> np.ndarray:
+    return (rng.lognormal(0.0, sigma, (layers, experts)) * 1000).astype(np.float32)
+
+
+def ties(rng: np.random.Generator, experts: int) -> np.ndarray:
+    """Adversarial rows: every ordering decision hinges on a tie."""
+    rows = [
+        np.full(experts, 7),  # all equal
+        np.zeros(experts),  # all-zero layer
+        rng.integers(0, 3, experts),  # few distinct values
+        np.where(rng.random(experts) < 0.3, 0, rng.integers(1, 5, experts)),  # 30% zeros
+        np.tile([3 * 5, 5], experts // 2),  # 3k vs k: 3k/3 and k/1 replica scores tie
+        np.tile([3 * 11, 11, 2 * 11, 0], experts // 4),  # 3k/3 = 2k/2 = k/1
+        np.arange(experts) % 4 * 6,  # 6, 12, 18: ties after 2 and 3 replicas
+        np.full(experts, 2**25 + 1),  # rounds to 2**25 in float32
+        2**25 + np.arange(experts) % 3,  # distinct ints, equal float32
+    ]
+    return np.stack([np.asarray(r, dtype=np.int64) for r in rows])
+
+
+def deepseek_v3(name: str = "prefill_in4096.json") -> np.ndarray | None:
+    """Real DeepSeek-V3 loads [58, 256] (MoE layers only), or None without ../shared."""
+    path = DATA / "deepseek-v3-sglang" / name
+    if not path.exists():
+        return None
+    counts = np.asarray(json.loads(path.read_text())["logical_count"], dtype=np.int64)
+    return counts[counts.sum(axis=1) > 0]

@@ -1,0 +1,103 @@
+"""GPU-only checks: no host sync on torch CUDA, and the float facts the design relies on.
+
+Placement identity on GPUs is covered by the cross-backend suite (its
+``torch:cuda`` and ``jax:gpu`` params); these tests skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import eplb
+
+from . import cases
+from .conftest import Backend
+
+needs_torch_cuda = pytest.mark.skipif(not Backend.TORCH_CUDA.available(), reason="no CUDA device for torch")
+needs_jax_gpu = pytest.mark.skipif(not Backend.JAX_GPU.available(), reason="no GPU for JAX")
+
+CONFIGS = [(288, 8, 4, 32), (288, 8, 3, 144), (16, 4, 2, 16)]
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("dtype", ["int64", "float32", "bfloat16"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_torch_cuda_never_syncs(config, dtype):
+    import torch
+
+    rng = np.random.default_rng(0)
+    experts = 16 if config[0] == 16 else 256
+    weight = torch.as_tensor(cases.random_int(rng, 12, experts, total=2**20), device="cuda").to(getattr(torch, dtype))
+    expected = eplb.rebalance_experts(weight.cpu(), *config)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        placement = eplb.rebalance_experts(weight, *config)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, want in zip(placement, expected, strict=True):
+        assert got.device.type == "cuda"
+        assert torch.equal(got.cpu(), want)
+
+
+@needs_torch_cuda
+def test_torch_cuda_graph_capture_and_replay():
+    """No sync and no host-dependent shapes: the whole call captures as one CUDA graph."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    static_weight = torch.as_tensor(cases.lognormal_f32(rng, 58, 256), device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eplb.rebalance_experts(static_weight, 288, 8, 4, 32)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = eplb.rebalance_experts(static_weight, 288, 8, 4, 32)
+    for seed in (2, 3):
+        new = cases.lognormal_f32(np.random.default_rng(seed), 58, 256)
+        static_weight.copy_(torch.as_tensor(new))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = eplb.rebalance_experts(new, 288, 8, 4, 32)
+        for got, want in zip(static_out, expected, strict=True):
+            np.testing.assert_array_equal(got.cpu().numpy(), want)
+
+
+@needs_jax_gpu
+def test_jax_gpu_float_facts():
+    """What the identical-placement rules rely on, re-checked on this GPU.
+
+    Products, comparisons of products and stable descending argsort match
+    numpy exactly; float32 division need not (we never compare quotients).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    gpu = jax.devices("gpu")[0]
+    rng = np.random.default_rng(5)
+    a = rng.lognormal(0, 3, 1_000_000).astype(np.float32)
+    b = rng.lognormal(0, 3, 1_000_000).astype(np.float32)
+    ga, gb = jax.device_put(a, gpu), jax.device_put(b, gpu)
+    np.testing.assert_array_equal(np.asarray(jax.jit(jnp.multiply)(ga, gb)), a * b)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x, y: x + y)(ga, gb)), a + b)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x, y: x * y > y * x * 1.0)(ga, gb)), a * b > b * a)
+    keys = rng.integers(0, 50, (64, 300)).astype(np.float32)
+    got = jax.jit(lambda k: jnp.argsort(k, axis=-1, descending=True, stable=True))(jax.device_put(keys, gpu))
+    np.testing.assert_array_equal(np.asarray(got), np.argsort(-keys, axis=-1, kind="stable"))
+    recip = np.float32(1) / np.arange(1, 300, dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(jnp.multiply)(ga[:299], jax.device_put(recip, gpu))), a[:299] * recip)
+    quotient_mismatch = np.mean(np.asarray(jax.jit(jnp.divide)(ga, gb)) != a / b)
+    print(f"JAX GPU float32 a/b differs from numpy in {quotient_mismatch:.1%} of cases")
+
+
+@needs_jax_gpu
+def test_jax_gpu_result_stays_on_gpu():
+    import jax
+
+    weight = jax.device_put(cases.lognormal_f32(np.random.default_rng(6), 4, 16), jax.devices("gpu")[0])
+    placement = eplb.rebalance_experts(weight, 24, 4, 2, 4)
+    for arr in placement:
+        assert {d.platform for d in arr.devices()} == {"gpu"}
