@@ -7,11 +7,13 @@ so one call (one JAX compile) covers many cases.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the repository; EPLB_DATA_DIR overrides (GPU machine).
+DATA = Path(os.environ.get("EPLB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def random_int(rng: np.random.Generator, layers: int, experts: int, total: int = 2**31 - 1) -> np.ndarray:
