@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import eplb  # noqa: E402
-from tests import oracle  # noqa: E402
+import eplb
+from tests import oracle
 
 SHAPES = {
     # name: (layers, experts, replicas, groups, nodes, gpus)
@@ -82,7 +82,10 @@ def main() -> None:
             rows.append(("torch cpu", _median_ms(lambda w=wt, c=config: eplb.rebalance_experts(w, *c), runs)))
             hier = config[1] % config[2] == 0
             rows.append(
-                ("torch cpu (torch ops)", _median_ms(lambda w=wt, c=config: _torch.rebalance(w, *c, hier, impl="torch"), runs))
+                (
+                    "torch cpu (torch ops)",
+                    _median_ms(lambda w=wt, c=config, h=hier: _torch.rebalance(w, *c, h, impl="torch"), runs),
+                )
             )
             if torch.cuda.is_available():
                 wc = wt.cuda()

@@ -54,7 +54,10 @@ def _as_float32(weight: Any) -> tuple[Any, Any]:
 def _as_weight(weight: Any) -> tuple[str, Any]:
     name = _xp.backend_name(weight)
     if name == "numpy":
-        weight = np.asarray(weight)
+        try:
+            weight = np.asarray(weight)
+        except ValueError as err:  # ragged nested lists
+            raise ValueError(f"weight must be a rectangular [layers, experts] array: {err}") from None
         if weight.dtype == object or weight.dtype.kind in "OSUV":
             raise TypeError(f"weight must hold numbers, got dtype {weight.dtype}")
     return name, weight

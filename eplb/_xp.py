@@ -19,7 +19,8 @@ array that already exists, so ``import eplb`` needs numpy alone.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import array_api_compat
 import numpy as np
@@ -127,12 +128,12 @@ def _argsort_desc_by_counting(x: Any, *, xp: Any) -> Any:
     which is exactly its place in a stable descending sort.
     """
     batch, n = x.shape
-    ids = xp.arange(n, dtype=xp.int32)
+    ids = xp.arange(n)  # the default integer, as a sort's indices would be
     xi, xj = x[:, :, None], x[:, None, :]
     ahead = (xj > xi) | ((xj == xi) & (ids[None, None, :] < ids[None, :, None]))
-    position = xp.sum(ahead, axis=-1, dtype=xp.int32)  # [B, n], a permutation
-    rows = xp.reshape(xp.arange(batch, dtype=xp.int32), (batch, 1))
-    order = xp.zeros((batch, n), dtype=xp.int32)
+    position = xp.sum(ahead, axis=-1, dtype=ids.dtype)  # [B, n], a permutation
+    rows = xp.reshape(xp.arange(batch, dtype=ids.dtype), (batch, 1))
+    order = xp.zeros((batch, n), dtype=ids.dtype)
     return at_set(order, (rows, position), xp.broadcast_to(ids, (batch, n)), xp=xp)
 
 
@@ -146,9 +147,7 @@ def take_along(x: Any, idx: Any, *, xp: Any) -> Any:
     return xp.take_along_axis(x, idx, axis=-1)
 
 
-def scan(
-    body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, *, xp: Any
-) -> tuple[Any, Any]:
+def scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, *, xp: Any) -> tuple[Any, Any]:
     """Run ``carry, y = body(carry, x)`` for each ``x`` in ``xs`` (leading axis).
 
     Returns the final carry and the ``y`` stacked along a new leading axis

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest

@@ -88,7 +88,9 @@ def test_jax_gpu_float_facts():
     got = jax.jit(lambda k: jnp.argsort(k, axis=-1, descending=True, stable=True))(jax.device_put(keys, gpu))
     np.testing.assert_array_equal(np.asarray(got), np.argsort(-keys, axis=-1, kind="stable"))
     recip = np.float32(1) / np.arange(1, 300, dtype=np.float32)
-    np.testing.assert_array_equal(np.asarray(jax.jit(jnp.multiply)(ga[:299], jax.device_put(recip, gpu))), a[:299] * recip)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(jnp.multiply)(ga[:299], jax.device_put(recip, gpu))), a[:299] * recip
+    )
     quotient_mismatch = np.mean(np.asarray(jax.jit(jnp.divide)(ga, gb)) != a / b)
     print(f"JAX GPU float32 a/b differs from numpy in {quotient_mismatch:.1%} of cases")
 

@@ -97,8 +97,7 @@ def balanced_packing(weight: Any, num_packs: int, *, xp: Any) -> tuple[Any, Any]
 
     Tie rules are those of :func:`lpt_pack`.
     """
-    batch, n = weight.shape
-    capacity = n // num_packs
+    capacity = weight.shape[1] // num_packs
     order, pack_by_step, rank_by_step = lpt_pack(weight, num_packs, xp=xp)
     slot_of_item = inverse_permutation(slots_by_pack(order, pack_by_step, rank_by_step, capacity, xp=xp), xp=xp)
     return slot_of_item // capacity, slot_of_item % capacity

@@ -19,7 +19,12 @@ __all__ = ["dtype_kind", "host_values", "rebalance"]
 
 
 def dtype_kind(weight: jax.Array) -> str:
-    return np.dtype(weight.dtype).kind if weight.dtype != jnp.bfloat16 else "f"
+    # bfloat16, float8 and int4 are ml_dtypes types that numpy files under 'V'.
+    if jnp.issubdtype(weight.dtype, jnp.floating):
+        return "f"
+    if jnp.issubdtype(weight.dtype, jnp.integer):
+        return "u" if jnp.issubdtype(weight.dtype, jnp.unsignedinteger) else "i"
+    return np.dtype(weight.dtype).kind
 
 
 def host_values(weight: jax.Array, force: bool) -> np.ndarray | None:
@@ -28,8 +33,10 @@ def host_values(weight: jax.Array, force: bool) -> np.ndarray | None:
     if not force and any(d.platform != "cpu" for d in weight.devices()):
         return None  # reading device values would stall the host
     values = np.asarray(weight)
-    # bfloat16 arrives as an ml_dtypes type numpy does not classify as float.
-    return values if values.dtype.kind in "iuf" else values.astype(np.float32)
+    # ml_dtypes types (bfloat16, float8, int4) arrive with numpy kind 'V'.
+    if values.dtype.kind in "iuf":
+        return values
+    return values.astype(np.float32 if jnp.issubdtype(weight.dtype, jnp.floating) else np.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))

@@ -32,8 +32,8 @@ def host_values(weight: torch.Tensor, force: bool) -> np.ndarray | None:
     if weight.device.type != "cpu" and not force:
         return None  # reading CUDA values would stall the host
     weight = weight.detach().cpu()
-    if weight.dtype in (torch.bfloat16, torch.float16):
-        weight = weight.float()
+    if weight.dtype.is_floating_point and weight.dtype != torch.float64:
+        weight = weight.float()  # numpy has no bfloat16/float8; float32 holds them exactly
     return weight.numpy()
 
 
