@@ -162,6 +162,8 @@ def scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, *, xp
     for i in range(xs.shape[0]):
         carry, y = body(carry, xs[i, ...])
         ys.append(y)
+    if not ys or ys[0] is None:
+        return carry, None
     if isinstance(ys[0], tuple):
         return carry, tuple(xp.stack(parts) for parts in zip(*ys, strict=True))
     return carry, xp.stack(ys)

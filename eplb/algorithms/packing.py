@@ -6,7 +6,20 @@ from typing import Any
 
 from eplb import _xp
 
-__all__ = ["balanced_packing", "inverse_permutation", "lpt_pack", "slots_by_pack"]
+__all__ = ["balanced_packing", "inverse_permutation", "lpt_pack", "slots_by_pack", "sum_left_to_right"]
+
+
+def sum_left_to_right(x: Any, *, xp: Any) -> Any:
+    """Sum over the last axis in index order: ``((x0 + x1) + x2) + ...``.
+
+    Library reductions choose their own order (pairwise, trees, per-backend),
+    which changes float rounding; a fixed order gives every backend the same
+    bits. The last axis is short here (slots per GPU, experts per group).
+    """
+    total = x[..., 0]
+    for k in range(1, x.shape[-1]):
+        total = total + x[..., k]
+    return total
 
 
 def inverse_permutation(perm: Any, *, xp: Any) -> Any:

@@ -1,0 +1,120 @@
+"""Lower bounds on the best achievable max GPU load, and group-to-node assignments.
+
+Used by :mod:`eplb.metrics` (how far from ideal a placement is) and by the
+refined policy (which group-to-node assignment gives each node's replication
+the most room).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Any
+
+from eplb import _xp
+from eplb.algorithms.replication import replica_load, replicate_experts
+
+__all__ = ["group_assignments", "node_bounds", "node_lower_bound", "replication_bound"]
+
+# Enumerate every group-to-node assignment up to this many (8 groups on 4
+# nodes: 105; on 2 nodes: 35); beyond, use a relaxation.
+MAX_ASSIGNMENTS = 1024
+
+
+def replication_bound(weight: Any, num_slots: int, *, xp: Any) -> Any:
+    """``[B]``: smallest achievable max per-replica load of ``weight [B, E]`` with ``num_slots`` slots.
+
+    Greedy replication (always split the expert with the largest load per
+    replica) minimises the max per-replica load, so its result is the bound.
+    """
+    _, logcnt = replicate_experts(weight, num_slots, xp=xp)[1:]
+    reciprocal = _xp.reciprocal_table(num_slots, xp=xp, device=_xp.device(weight))
+    return xp.max(replica_load(weight, logcnt, reciprocal, xp=xp), axis=-1)
+
+
+def count_assignments(num_groups: int, num_nodes: int) -> int:
+    """Ways to split ``num_groups`` groups into ``num_nodes`` unlabelled nodes of equal size."""
+    per_node = num_groups // num_nodes
+    return math.factorial(num_groups) // (math.factorial(per_node) ** num_nodes * math.factorial(num_nodes))
+
+
+@functools.lru_cache(maxsize=32)
+def group_assignments(num_groups: int, num_nodes: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """``[A][num_nodes][num_groups // num_nodes]``: every split of groups into nodes.
+
+    Nodes are unlabelled (node sets in increasing order of their first group,
+    groups increasing inside a node), so each split appears once; the first
+    is ``[[0, 1, ..], [gpn, ..], ..]``.
+    """
+    per_node = num_groups // num_nodes
+
+    def splits(remaining: tuple[int, ...]) -> list[list[tuple[int, ...]]]:
+        if not remaining:
+            return [[]]
+        first, rest = remaining[0], remaining[1:]
+        out = []
+        for partners in itertools.combinations(rest, per_node - 1):
+            node = (first, *partners)
+            left = tuple(g for g in rest if g not in partners)
+            out.extend([node, *tail] for tail in splits(left))
+        return out
+
+    return tuple(tuple(split) for split in splits(tuple(range(num_groups))))
+
+
+def _gather_sets(weight: Any, expert_sets: list[list[int]], *, xp: Any) -> Any:
+    """``[L * K, n]``: loads of the experts of each of ``K`` equal-size sets, per layer."""
+    num_layers = weight.shape[0]
+    flat = [e for experts in expert_sets for e in experts]
+    index = xp.asarray(flat, device=_xp.device(weight))
+    loads = xp.take(weight, index, axis=1)  # [L, K * n]
+    return xp.reshape(loads, (num_layers * len(expert_sets), len(expert_sets[0])))
+
+
+def node_bounds(weight: Any, expert_sets: list[list[int]], slots_per_node: int, gpus_per_node: int, *, xp: Any) -> Any:
+    """``[L, K]``: lower bound on the max GPU load of a node holding each of ``K`` expert sets.
+
+    ``max(node total / gpus_per_node, best max per-replica load with slots_per_node slots)``.
+    """
+    loads = _gather_sets(weight, expert_sets, xp=xp)
+    spread = xp.sum(loads, axis=-1) / gpus_per_node
+    split = replication_bound(loads, slots_per_node, xp=xp)
+    return xp.reshape(xp.maximum(spread, split), (weight.shape[0], len(expert_sets)))
+
+
+def node_lower_bound(weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any) -> Any:
+    """``[L]``: lower bound on the max GPU load of any hierarchical placement.
+
+    With at most :data:`MAX_ASSIGNMENTS` ways to split groups into nodes, the
+    exact minimum over splits of the worst node's :func:`node_bounds`.
+    Otherwise a relaxation valid for every split: the node holding group
+    ``g`` also holds ``gpn - 1`` other groups, at least the lightest ones,
+    and leaves its own experts at most ``R/N - (gpn - 1) * group_size`` slots.
+    """
+    num_layers, num_experts = weight.shape
+    group_size = num_experts // num_groups
+    per_node = num_groups // num_nodes
+    slots = num_replicas // num_nodes
+    gpus = num_gpus // num_nodes
+    if count_assignments(num_groups, num_nodes) <= MAX_ASSIGNMENTS:
+        # Bound each distinct node set once (many splits share a node), then
+        # take the best split's worst node.
+        set_index: dict[tuple[int, ...], int] = {}
+        which = [
+            set_index.setdefault(node, len(set_index))
+            for split in group_assignments(num_groups, num_nodes)
+            for node in split
+        ]
+        sets = [[g * group_size + k for g in node for k in range(group_size)] for node in set_index]
+        per_set = node_bounds(weight, sets, slots, gpus, xp=xp)  # [L, K]
+        index = xp.asarray(which, device=_xp.device(weight))
+        per_node_bound = xp.reshape(xp.take(per_set, index, axis=1), (num_layers, -1, num_nodes))
+        return xp.min(xp.max(per_node_bound, axis=-1), axis=-1)
+    group_total = xp.sum(xp.reshape(weight, (num_layers, num_groups, group_size)), axis=-1)
+    lightest = xp.sum(xp.sort(group_total, axis=-1)[:, : per_node - 1], axis=-1)  # may include g: still a bound
+    spread = xp.max(group_total + lightest[:, None], axis=-1) / gpus
+    groups = [[g * group_size + k for k in range(group_size)] for g in range(num_groups)]
+    own_slots = slots - (per_node - 1) * group_size
+    split = xp.reshape(replication_bound(_gather_sets(weight, groups, xp=xp), own_slots, xp=xp), (num_layers, -1))
+    return xp.maximum(spread, xp.max(split, axis=-1))

@@ -1,0 +1,132 @@
+"""Placement quality: GPU loads, balancedness, and lower bounds on the best max GPU load.
+
+Pure functions of ``(weight, phy2log)`` and the config, written once against
+the array API: they accept and return numpy, torch or JAX arrays. Loads are
+float32 (as the placement itself sees them): a replica of expert ``e`` carries
+``weight[e] * fl(1/logcnt[e])`` and a GPU's load is the left-to-right float32
+sum over its slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from eplb import _xp
+from eplb.algorithms.bounds import node_lower_bound, replication_bound
+from eplb.algorithms.packing import sum_left_to_right
+from eplb.algorithms.replication import replica_load
+
+__all__ = [
+    "Summary",
+    "balancedness",
+    "gpu_loads",
+    "lower_bound",
+    "replica_counts",
+    "slot_loads",
+    "summarize",
+]
+
+
+def _float32(weight: Any) -> tuple[Any, Any]:
+    xp = _xp.array_namespace(weight)
+    return xp, xp.astype(xp.asarray(weight), xp.float32)
+
+
+def replica_counts(phy2log: Any, num_experts: int) -> Any:
+    """``logcnt [L, E]``: how many slots of ``phy2log [L, R]`` hold each expert."""
+    xp = _xp.array_namespace(phy2log)
+    experts = xp.arange(num_experts, dtype=phy2log.dtype, device=_xp.device(phy2log))
+    return xp.sum(xp.astype(phy2log[:, :, None] == experts, phy2log.dtype), axis=1)
+
+
+def slot_loads(weight: Any, phy2log: Any) -> Any:
+    """``[L, R]`` float32: the load each slot serves, ``w[e] * fl(1/logcnt[e])``."""
+    xp, weight32 = _float32(weight)
+    logcnt = replica_counts(phy2log, weight32.shape[1])
+    reciprocal = _xp.reciprocal_table(phy2log.shape[1], xp=xp, device=_xp.device(phy2log))
+    per_replica = replica_load(weight32, logcnt, reciprocal, xp=xp)
+    return _xp.take_along(per_replica, phy2log, xp=xp)
+
+
+def gpu_loads(weight: Any, phy2log: Any, num_gpus: int) -> Any:
+    """``[L, num_gpus]`` float32: load of each GPU (slot ``j`` is on GPU ``j // (R // num_gpus)``)."""
+    xp = _xp.array_namespace(phy2log)
+    loads = slot_loads(weight, phy2log)
+    num_layers, num_slots = loads.shape
+    return sum_left_to_right(xp.reshape(loads, (num_layers, num_gpus, num_slots // num_gpus)), xp=xp)
+
+
+def balancedness(weight: Any, phy2log: Any, num_gpus: int) -> Any:
+    """``[L]`` float32: mean GPU load / max GPU load per layer (1.0 = perfect; 1.0 for an all-zero layer)."""
+    xp = _xp.array_namespace(phy2log)
+    loads = gpu_loads(weight, phy2log, num_gpus)
+    peak = xp.max(loads, axis=-1)
+    mean = xp.mean(loads, axis=-1)
+    return xp.where(peak > 0, mean / xp.where(peak > 0, peak, 1.0), 1.0)
+
+
+def lower_bound(
+    weight: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    hierarchical: bool | None = None,
+) -> Any:
+    """``[L]`` float32: no placement of this policy can get the max GPU load below this.
+
+    Global policy: ``max(total / G, m*)`` where ``m*`` is the smallest
+    achievable max per-replica load with ``R`` slots (greedy replication is
+    optimal for it). Hierarchical policy (groups stay on one node): the same
+    per node, minimised over every assignment of groups to nodes when there
+    are at most a few thousand, otherwise a relaxation that holds for any
+    assignment (see :func:`eplb.algorithms.bounds.node_lower_bound`).
+    """
+    xp, weight32 = _float32(weight)
+    if hierarchical is None:
+        hierarchical = num_groups % num_nodes == 0
+    if not hierarchical or num_nodes == 1:
+        total = xp.sum(weight32, axis=-1) / num_gpus
+        return xp.maximum(total, replication_bound(weight32, num_replicas, xp=xp))
+    return node_lower_bound(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
+
+
+class Summary(NamedTuple):
+    """Scalar quality figures of a placement (Python floats)."""
+
+    balancedness: float  # mean over layers of mean/max GPU load
+    balancedness_sum: float  # sum over layers of mean GPU load / sum of max GPU load
+    imbalance: float  # mean over layers of max/mean GPU load
+    bound_ratio: float | None  # mean over layers of lower bound / max GPU load (1.0 = provably optimal)
+
+
+def summarize(
+    weight: Any,
+    phy2log: Any,
+    num_gpus: int,
+    bound: Any = None,
+) -> Summary:
+    """Summary figures of ``phy2log [L, R]`` against ``weight [L, E]``; ``bound [L]`` from :func:`lower_bound`.
+
+    Layers with no load count as perfectly balanced. Reads the values to the
+    host (it returns Python floats): use it for reports, not on a hot path.
+    """
+    xp = _xp.array_namespace(phy2log)
+    loads = gpu_loads(weight, phy2log, num_gpus)
+    peak = xp.max(loads, axis=-1)
+    mean = xp.mean(loads, axis=-1)
+    busy = peak > 0
+    safe_peak = xp.where(busy, peak, 1.0)
+    per_layer = xp.where(busy, mean / safe_peak, 1.0)
+    imbalance = xp.where(busy, peak / xp.where(busy, mean, 1.0), 1.0)
+    ratio = None
+    if bound is not None:
+        ratio = float(xp.mean(xp.where(busy, xp.astype(bound, xp.float32) / safe_peak, 1.0)))
+    peak_sum = float(xp.sum(peak))
+    return Summary(
+        balancedness=float(xp.mean(per_layer)),
+        balancedness_sum=float(xp.sum(mean)) / peak_sum if peak_sum > 0 else 1.0,
+        imbalance=float(xp.mean(imbalance)),
+        bound_ratio=ratio,
+    )
