@@ -33,7 +33,7 @@ GOLDEN_CONFIG = (16, 4, 2, 8)  # replicas, groups, nodes, GPUs
 LAYERS, EXPERTS = 58, 256
 DEEPSEEK_CONFIG = (288, 8, 4, 32)
 SEED = 0
-TIMED_CALLS = 5
+WARM_CALLS, TIMED_CALLS = 2, 7
 
 
 def gpu_loads(weight: np.ndarray, phy2log: np.ndarray, logcnt: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -88,8 +88,9 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _time_ms(call: Callable[[], tuple[Any, ...]]) -> tuple[float, tuple[Any, ...]]:
-    """Median wall time of warm calls (the first call, which may compile, is not timed)."""
-    out = call()
+    """Median wall time of warm calls (the first calls, which may compile, are not timed)."""
+    for _ in range(WARM_CALLS):
+        out = call()
     times = []
     for _ in range(TIMED_CALLS):
         start = time.perf_counter()
