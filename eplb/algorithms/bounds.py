@@ -13,9 +13,18 @@ import math
 from typing import Any
 
 from eplb import _xp
+from eplb.algorithms.packing import sum_left_to_right
 from eplb.algorithms.replication import replica_load, replicate_experts
 
-__all__ = ["group_assignments", "node_bounds", "node_lower_bound", "replication_bound"]
+__all__ = [
+    "best_split",
+    "count_assignments",
+    "group_assignments",
+    "node_bounds",
+    "node_lower_bound",
+    "replication_bound",
+    "split_bounds",
+]
 
 # Enumerate every group-to-node assignment up to this many (8 groups on 4
 # nodes: 105; on 2 nodes: 35); beyond, use a relaxation.
@@ -78,9 +87,42 @@ def node_bounds(weight: Any, expert_sets: list[list[int]], slots_per_node: int, 
     ``max(node total / gpus_per_node, best max per-replica load with slots_per_node slots)``.
     """
     loads = _gather_sets(weight, expert_sets, xp=xp)
-    spread = xp.sum(loads, axis=-1) / gpus_per_node
+    # Fixed-order sum and a product (no library reduction, no division), so
+    # every backend ranks splits alike: the refined policy decides with it.
+    share = xp.asarray(1.0 / gpus_per_node, dtype=xp.float32, device=_xp.device(weight))
+    spread = sum_left_to_right(loads, xp=xp) * share
     split = replication_bound(loads, slots_per_node, xp=xp)
     return xp.reshape(xp.maximum(spread, split), (weight.shape[0], len(expert_sets)))
+
+
+def split_bounds(weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any) -> Any:
+    """``[L, A]``: for each split of :func:`group_assignments`, the worst node's :func:`node_bounds`."""
+    num_layers, num_experts = weight.shape
+    group_size = num_experts // num_groups
+    # Bound each distinct node set once (many splits share a node).
+    set_index: dict[tuple[int, ...], int] = {}
+    which = [
+        set_index.setdefault(node, len(set_index))
+        for split in group_assignments(num_groups, num_nodes)
+        for node in split
+    ]
+    sets = [[g * group_size + k for g in node for k in range(group_size)] for node in set_index]
+    per_set = node_bounds(weight, sets, num_replicas // num_nodes, num_gpus // num_nodes, xp=xp)  # [L, K]
+    index = xp.asarray(which, device=_xp.device(weight))
+    return xp.max(xp.reshape(xp.take(per_set, index, axis=1), (num_layers, -1, num_nodes)), axis=-1)
+
+
+def best_split(weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any) -> Any:
+    """``mgroup2group [L, groups]``: per layer, the split whose worst node bound is lowest (first on ties).
+
+    Groups listed node by node, as :func:`eplb.algorithms.hierarchy.greedy_group_split`
+    does. Needs ``count_assignments(num_groups, num_nodes) <= MAX_ASSIGNMENTS``.
+    """
+    bounds = split_bounds(weight, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
+    table = [[g for node in split for g in node] for split in group_assignments(num_groups, num_nodes)]
+    table = xp.asarray(table, device=_xp.device(weight))
+    choice = xp.argmin(bounds, axis=-1)
+    return xp.take(table, choice, axis=0)
 
 
 def node_lower_bound(weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any) -> Any:
@@ -98,19 +140,7 @@ def node_lower_bound(weight: Any, num_replicas: int, num_groups: int, num_nodes:
     slots = num_replicas // num_nodes
     gpus = num_gpus // num_nodes
     if count_assignments(num_groups, num_nodes) <= MAX_ASSIGNMENTS:
-        # Bound each distinct node set once (many splits share a node), then
-        # take the best split's worst node.
-        set_index: dict[tuple[int, ...], int] = {}
-        which = [
-            set_index.setdefault(node, len(set_index))
-            for split in group_assignments(num_groups, num_nodes)
-            for node in split
-        ]
-        sets = [[g * group_size + k for g in node for k in range(group_size)] for node in set_index]
-        per_set = node_bounds(weight, sets, slots, gpus, xp=xp)  # [L, K]
-        index = xp.asarray(which, device=_xp.device(weight))
-        per_node_bound = xp.reshape(xp.take(per_set, index, axis=1), (num_layers, -1, num_nodes))
-        return xp.min(xp.max(per_node_bound, axis=-1), axis=-1)
+        return xp.min(split_bounds(weight, num_replicas, num_groups, num_nodes, num_gpus, xp=xp), axis=-1)
     group_total = xp.sum(xp.reshape(weight, (num_layers, num_groups, group_size)), axis=-1)
     lightest = xp.sum(xp.sort(group_total, axis=-1)[:, : per_node - 1], axis=-1)  # may include g: still a bound
     spread = xp.max(group_total + lightest[:, None], axis=-1) / gpus

@@ -49,17 +49,19 @@ def expert_order(mgroup2group: Any, group_size: int, *, xp: Any) -> Any:
     return xp.reshape(mgroup2group[:, :, None] * group_size + in_group, (num_layers, num_groups * group_size))
 
 
-def replicate_on_nodes(weight: Any, mlog2log: Any, num_nodes: int, num_phy: int, *, xp: Any) -> tuple[Any, ...]:
+def replicate_on_nodes(
+    weight: Any, mlog2log: Any, num_nodes: int, num_phy: int, *, xp: Any, max_count: int | None = None
+) -> tuple[Any, ...]:
     """Greedy replication inside each node; rows are (layer, node) pairs.
 
     Returns ``phy_load [L*N, R/N]`` (float32 load of each replica) and
     ``phy2mlog``, ``phyrank`` ``[L*N, R/N]``, ``mlogcnt [L*N, E/N]`` with
-    node-local expert ids.
+    node-local expert ids. ``max_count``: see :func:`replicate_experts`.
     """
     num_layers, num_log = weight.shape
     log_per_node, phy_per_node = num_log // num_nodes, num_phy // num_nodes
     mlog_load = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), (num_layers * num_nodes, log_per_node))
-    phy2mlog, phyrank, mlogcnt = replicate_experts(mlog_load, phy_per_node, xp=xp)
+    phy2mlog, phyrank, mlogcnt = replicate_experts(mlog_load, phy_per_node, xp=xp, max_count=max_count)
     reciprocal = _xp.reciprocal_table(phy_per_node - log_per_node + 1, xp=xp, device=_xp.device(weight))
     phy_load = replica_load(
         _xp.take_along(mlog_load, phy2mlog, xp=xp), _xp.take_along(mlogcnt, phy2mlog, xp=xp), reciprocal, xp=xp

@@ -20,7 +20,7 @@ def replica_load(weight: Any, count: Any, reciprocal: Any, *, xp: Any) -> Any:
     return weight * xp.reshape(flat, count.shape)
 
 
-def replicate_experts(weight: Any, num_phy: int, *, xp: Any) -> tuple[Any, Any, Any]:
+def replicate_experts(weight: Any, num_phy: int, *, xp: Any, max_count: int | None = None) -> tuple[Any, Any, Any]:
     """Replicate each row's experts into ``num_phy`` slots, greedily by replica load.
 
     Parameters
@@ -29,6 +29,12 @@ def replicate_experts(weight: Any, num_phy: int, *, xp: Any) -> tuple[Any, Any, 
         Expert loads, one independent problem per row.
     num_phy : int
         Physical slots per row, ``>= E``.
+    max_count : int, optional
+        Stop giving replicas to an expert once it has this many (>= 2), while
+        any other expert can still take one. With ``m`` GPUs, counts between
+        ``m`` and ``2m`` put two replicas on some GPU, which carries more of
+        that expert than ``m`` replicas would: ``max_count=m`` frees those
+        slots for other experts.
 
     Returns
     -------
@@ -71,6 +77,9 @@ def replicate_experts(weight: Any, num_phy: int, *, xp: Any) -> tuple[Any, Any, 
         expert = xp.reshape(xp.astype(xp.argmax(score, axis=-1), index_dtype), (batch, 1))  # first max wins
         rank = _xp.take_along(logcnt, expert, xp=xp)  # [B, 1] replicas before this one
         new_score = replica_load(_xp.take_along(weight, expert, xp=xp), rank + 1, reciprocal, xp=xp)
+        if max_count is not None:
+            # Scores are >= 0, so -1 ranks a full expert last (first index if all are full).
+            new_score = xp.where(rank + 1 >= max_count, -1.0, new_score)
         score = _xp.at_set(score, (rows, expert), new_score, xp=xp)
         logcnt = _xp.at_set(logcnt, (rows, expert), rank + 1, xp=xp)
         return (score, logcnt), (expert[:, 0], rank[:, 0])
