@@ -9,6 +9,7 @@ import numpy as np
 from eplb import _validate, _xp
 from eplb.algorithms import packing as _packing
 from eplb.algorithms import replication as _replication
+from eplb.algorithms.policies import POLICIES
 from eplb.backends import get_backend
 
 __all__ = ["Placement", "balanced_packing", "rebalance_experts", "replicate_experts"]
@@ -71,6 +72,7 @@ def rebalance_experts(
     num_gpus: int,
     *,
     hierarchical: bool | None = None,
+    policy: str = "greedy",
     check_values: bool | None = None,
 ) -> Placement:
     """Place ``num_replicas`` expert replicas on ``num_gpus`` GPUs, per layer.
@@ -96,6 +98,12 @@ def rebalance_experts(
     hierarchical : bool or None, keyword-only
         ``None`` (default) runs the hierarchical policy iff
         ``num_groups % num_nodes == 0``, as published; ``True``/``False`` force it.
+    policy : {"greedy", "refined"}, keyword-only
+        ``"greedy"`` (default): the published algorithm, placement for
+        placement. ``"refined"``: better balance from the same constraints
+        (alternative group splits, capped replication, several packings
+        refined by swaps); per layer its heaviest GPU is never heavier than
+        greedy's. See ``docs/algorithm.md``.
     check_values : bool or None, keyword-only
         Check the loads for NaN, inf and negatives. ``None`` (default) checks
         wherever it is free: numpy, torch CPU, concrete JAX arrays on the CPU.
@@ -127,7 +135,9 @@ def rebalance_experts(
     num_replicas, num_groups, num_nodes, num_gpus, hierarchical = _validate.check_config(
         weight.shape[1], num_replicas, num_groups, num_nodes, num_gpus, hierarchical
     )
-    return Placement(*backend.rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical))
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} must be one of {', '.join(map(repr, POLICIES))}")
+    return Placement(*backend.rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy))
 
 
 def balanced_packing(weight: Any, num_packs: int, *, check_values: bool | None = None) -> tuple[Any, Any]:

@@ -35,6 +35,7 @@ __all__ = [
     "is_numpy",
     "is_torch",
     "reciprocal_table",
+    "refine_rows",
     "scan",
     "take_along",
 ]
@@ -167,6 +168,46 @@ def scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, *, xp
     if isinstance(ys[0], tuple):
         return carry, tuple(xp.stack(parts) for parts in zip(*ys, strict=True))
     return carry, xp.stack(ys)
+
+
+def refine_rows(body: Callable[[tuple], tuple], rows: tuple, max_iters: int, *, xp: Any) -> tuple:
+    """Run a per-row local search: ``rows, changed = body(rows)`` until no row changes.
+
+    ``rows`` is a tuple of arrays with a leading batch axis; rows never
+    interact, and ``body`` must leave a row as it is once ``changed`` is
+    false for it (a converged row stays converged). Host arrays (numpy,
+    torch CPU) then only iterate on the rows still changing; JAX loops on the
+    device (``lax.while_loop``) until no row changes; CUDA tensors run all
+    ``max_iters`` rounds (checking would stall the host). All give the same
+    result.
+    """
+    if is_jax(xp):
+        from jax import lax
+
+        def cond(state: Any) -> Any:
+            step, changed, _ = state
+            return (step < max_iters) & changed
+
+        def step(state: Any) -> Any:
+            count, _, inner = state
+            inner, changed = body(inner)
+            return count + 1, xp.any(changed), inner
+
+        return lax.while_loop(cond, step, (0, xp.asarray(True), rows))[2]
+    if not (is_numpy(xp) or device(rows[0]).type == "cpu"):
+        for _ in range(max_iters):
+            rows, _ = body(rows)
+        return rows
+    rows = tuple(xp.asarray(a, copy=True) for a in rows)
+    active = xp.arange(rows[0].shape[0], device=device(rows[0]))
+    for _ in range(max_iters):
+        if active.shape[0] == 0:
+            break
+        updated, changed = body(tuple(a[active, ...] for a in rows))
+        for full, part in zip(rows, updated, strict=True):
+            full[active, ...] = part
+        active = active[changed]
+    return rows
 
 
 def reciprocal_table(n: int, *, xp: Any, device: Any = None) -> Any:

@@ -22,6 +22,7 @@ __all__ = [
     "group_assignments",
     "node_bounds",
     "node_lower_bound",
+    "node_set_bound",
     "replication_bound",
     "split_bounds",
 ]
@@ -87,12 +88,19 @@ def node_bounds(weight: Any, expert_sets: list[list[int]], slots_per_node: int, 
     ``max(node total / gpus_per_node, best max per-replica load with slots_per_node slots)``.
     """
     loads = _gather_sets(weight, expert_sets, xp=xp)
-    # Fixed-order sum and a product (no library reduction, no division), so
-    # every backend ranks splits alike: the refined policy decides with it.
-    share = xp.asarray(1.0 / gpus_per_node, dtype=xp.float32, device=_xp.device(weight))
+    bound = node_set_bound(loads, slots_per_node, gpus_per_node, xp=xp)
+    return xp.reshape(bound, (weight.shape[0], len(expert_sets)))
+
+
+def node_set_bound(loads: Any, slots_per_node: int, gpus_per_node: int, *, xp: Any) -> Any:
+    """``[B]``: lower bound on the max GPU load of a node holding experts with ``loads [B, n]``.
+
+    Fixed-order sum and a product (no library reduction, no division), so
+    every backend ranks splits alike: the refined policy decides with it.
+    """
+    share = xp.asarray(1.0 / gpus_per_node, dtype=xp.float32, device=_xp.device(loads))
     spread = sum_left_to_right(loads, xp=xp) * share
-    split = replication_bound(loads, slots_per_node, xp=xp)
-    return xp.reshape(xp.maximum(spread, split), (weight.shape[0], len(expert_sets)))
+    return xp.maximum(spread, replication_bound(loads, slots_per_node, xp=xp))
 
 
 def split_bounds(weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any) -> Any:

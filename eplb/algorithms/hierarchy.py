@@ -14,7 +14,6 @@ __all__ = [
     "expert_order",
     "greedy_group_split",
     "group_loads",
-    "rebalance_greedy",
     "rebalance_hierarchical",
     "replicate_on_nodes",
 ]
@@ -135,17 +134,3 @@ def build_log2phy(phy2log: Any, phyrank: Any, num_log: int, *, xp: Any) -> Any:
     # (expert, replica number) pairs are unique, so the scatter has no duplicates.
     log2phy = _xp.at_set(log2phy, (rows, phy2log * max_count + phyrank), slots, xp=xp)
     return xp.reshape(log2phy, (num_layers, num_log, max_count))
-
-
-def rebalance_greedy(
-    weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *, hierarchical: bool, xp: Any
-) -> tuple[Any, Any, Any]:
-    """The published greedy policy on float32 ``weight [L, E]``: ``phy2log, log2phy, logcnt``.
-
-    ``hierarchical=False`` is the global policy: one group, one node.
-    """
-    if not hierarchical:
-        num_groups, num_nodes = 1, 1
-    phy2log, phyrank, logcnt = rebalance_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
-    log2phy = build_log2phy(phy2log, phyrank, weight.shape[1], xp=xp)
-    return phy2log, log2phy, logcnt

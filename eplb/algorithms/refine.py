@@ -13,8 +13,9 @@ from typing import Any
 
 from eplb import _xp
 from eplb.algorithms.packing import slots_by_pack, sum_left_to_right
+from eplb.algorithms.replication import replica_load
 
-__all__ = ["IMPROVEMENT", "pack_loads", "refine_by_swaps", "snake_pack"]
+__all__ = ["IMPROVEMENT", "max_gpu_load", "pack_loads", "refine_by_swaps", "snake_pack"]
 
 # A change must lower the max load by this relative margin to count: float32
 # sums carry ~1e-7 relative error, so smaller "gains" are noise, and an
@@ -26,6 +27,17 @@ def pack_loads(slot_load: Any, num_packs: int, *, xp: Any) -> Any:
     """``[B, m]`` float32: load of each pack from the load in each slot ``[B, n]``."""
     batch, n = slot_load.shape
     return sum_left_to_right(xp.reshape(slot_load, (batch, num_packs, n // num_packs)), xp=xp)
+
+
+def max_gpu_load(weight: Any, phy2log: Any, logcnt: Any, num_gpus: int, *, xp: Any) -> Any:
+    """``[L]`` float32: the heaviest GPU's load under ``phy2log [L, R]`` / ``logcnt [L, E]``.
+
+    Same arithmetic as the packing steps (replica load ``w * fl(1/c)``,
+    left-to-right sums), so placements compare alike on every backend.
+    """
+    reciprocal = _xp.reciprocal_table(phy2log.shape[1], xp=xp, device=_xp.device(weight))
+    per_replica = replica_load(weight, logcnt, reciprocal, xp=xp)
+    return xp.max(pack_loads(_xp.take_along(per_replica, phy2log, xp=xp), num_gpus, xp=xp), axis=-1)
 
 
 def snake_pack(weight: Any, num_packs: int, *, xp: Any) -> Any:
@@ -57,7 +69,7 @@ def refine_by_swaps(item_load: Any, slot2item: Any, num_packs: int, num_iters: i
     ``(i, b, j)`` in row-major order (first minimum). Rows that cannot improve
     stay as they are.
     """
-    batch, n = slot2item.shape
+    n = slot2item.shape[1]
     capacity = n // num_packs
     device = _xp.device(slot2item)
     index_dtype = slot2item.dtype
@@ -66,8 +78,9 @@ def refine_by_swaps(item_load: Any, slot2item: Any, num_packs: int, num_iters: i
     pack_ids = xp.arange(num_packs, dtype=index_dtype, device=device)
     width = capacity * num_packs * capacity
 
-    def swap_once(carry: Any, _: Any) -> tuple[Any, Any]:
-        slot2item, slot_load = carry
+    def swap_once(rows: tuple[Any, Any]) -> tuple[tuple[Any, Any], Any]:
+        slot2item, slot_load = rows
+        batch = slot2item.shape[0]  # the rows still changing, on host backends
         by_pack = xp.reshape(slot_load, (batch, num_packs, capacity))
         loads = sum_left_to_right(by_pack, xp=xp)  # [B, m]
         heavy = xp.reshape(xp.astype(xp.argmax(loads, axis=-1), index_dtype), (batch, 1))
@@ -76,10 +89,10 @@ def refine_by_swaps(item_load: Any, slot2item: Any, num_packs: int, num_iters: i
         out_i = heavy_items[:, :, None, None]  # leaves the heavy pack
         in_j = by_pack[:, None, :, :]  # enters it, [B, 1, m, k]
         new_heavy = (heavy_load[:, :, None, None] - out_i) + in_j
-        new_other = (loads[:, None, :, None] - in_j) + out_i
-        worst = xp.maximum(new_heavy, new_other)  # [B, k, m, k]
-        same_pack = (pack_ids == heavy)[:, None, :, None]
-        worst = xp.reshape(xp.where(same_pack, xp.inf, worst), (batch, width))
+        # The heavy pack as partner gets load +inf, so swaps within it never win.
+        partner_load = xp.where(pack_ids == heavy, xp.inf, loads)
+        new_other = (partner_load[:, None, :, None] - in_j) + out_i
+        worst = xp.reshape(xp.maximum(new_heavy, new_other), (batch, width))  # [B, k*m*k]
         best = xp.reshape(xp.astype(xp.argmin(worst, axis=-1), index_dtype), (batch, 1))
         accept = _xp.take_along(worst, best, xp=xp) < heavy_load * IMPROVEMENT
         give = heavy * capacity + best // (num_packs * capacity)
@@ -88,11 +101,10 @@ def refine_by_swaps(item_load: Any, slot2item: Any, num_packs: int, num_iters: i
         take = xp.where(accept, take, 0)
         slot2item = _swap(slot2item, give, take, position, xp=xp)
         slot_load = _swap(slot_load, give, take, position, xp=xp)
-        return (slot2item, slot_load), None
+        return (slot2item, slot_load), accept[:, 0]
 
     slot_load = _xp.take_along(item_load, slot2item, xp=xp)
-    steps = xp.zeros((num_iters, 1), dtype=index_dtype, device=device)
-    (slot2item, _), _ = _xp.scan(swap_once, (slot2item, slot_load), steps, xp=xp)
+    slot2item, _ = _xp.refine_rows(swap_once, (slot2item, slot_load), num_iters, xp=xp)
     return slot2item
 
 

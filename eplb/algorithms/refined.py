@@ -1,16 +1,20 @@
-"""The refined policy: greedy, then better starts, swaps and group splits, best kept per layer.
+"""The refined policy: greedy, then better splits, replications, starts and swaps.
 
-For every layer it builds several candidate placements, all batched:
+Per layer it builds candidate placements, all batched over layers and nodes:
 
-- group splits (hierarchical policy): the greedy LPT split, plus the split
-  whose worst node has the lowest lower bound (every split is enumerated when
-  there are at most a thousand or so);
-- packings of each node's replicas onto its GPUs: LPT (the greedy's) and a
-  snake deal, each refined by swaps out of the heaviest GPU.
+- group split (hierarchical policy): the greedy LPT split, replaced by the
+  split whose worst node has the lowest lower bound when that bound is
+  lower than the greedy split's by the ``IMPROVEMENT`` margin (every split is
+  enumerated when there are at most ``MAX_ASSIGNMENTS``);
+- per node: greedy replication, or replication capped at one replica per
+  GPU (a count between ``m`` and ``2m`` doubles an expert up on some GPU);
+  each packed by LPT and by a snake deal, then refined by swaps out of the
+  heaviest GPU; the lightest heaviest-GPU wins, the greedy-derived candidate
+  unless another beats it by the margin;
+- per layer, that result or the plain greedy placement, whichever has the
+  lighter heaviest GPU (greedy unless beaten by the margin).
 
-It keeps the candidate with the lowest max GPU load; an alternative replaces
-the greedy-derived one only if it is lower by the ``IMPROVEMENT`` margin.
-Refining never raises a node's max load, so no layer ends worse than greedy.
+So no layer ends with a heavier GPU than greedy gives, on any backend.
 """
 
 from __future__ import annotations
@@ -18,10 +22,22 @@ from __future__ import annotations
 from typing import Any
 
 from eplb import _xp
-from eplb.algorithms.bounds import MAX_ASSIGNMENTS, best_split, count_assignments
-from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split, replicate_on_nodes
+from eplb.algorithms.bounds import (
+    MAX_ASSIGNMENTS,
+    count_assignments,
+    group_assignments,
+    node_set_bound,
+    split_bounds,
+)
+from eplb.algorithms.hierarchy import (
+    assemble,
+    expert_order,
+    greedy_group_split,
+    rebalance_hierarchical,
+    replicate_on_nodes,
+)
 from eplb.algorithms.packing import lpt_pack, slots_by_pack
-from eplb.algorithms.refine import IMPROVEMENT, pack_loads, refine_by_swaps, snake_pack
+from eplb.algorithms.refine import IMPROVEMENT, max_gpu_load, pack_loads, refine_by_swaps, snake_pack
 
 __all__ = ["default_iterations", "rebalance_refined"]
 
@@ -51,6 +67,26 @@ def _pick(candidates: list[Any], best: Any, *, xp: Any) -> Any:
     return xp.take_along_axis(stacked, index, axis=1)[:, 0, ...]
 
 
+def group_split(
+    weight: Any, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any
+) -> tuple[Any, bool]:
+    """``mgroup2group [L, groups]`` and whether any layer may differ from the greedy split."""
+    greedy = greedy_group_split(weight, num_groups, num_nodes, xp=xp)
+    if num_groups == num_nodes or count_assignments(num_groups, num_nodes) > MAX_ASSIGNMENTS:
+        return greedy, False
+    num_layers = weight.shape[0]
+    mlog2log = expert_order(greedy, weight.shape[1] // num_groups, xp=xp)
+    node_loads = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), (num_layers * num_nodes, -1))
+    greedy_bound = node_set_bound(node_loads, num_phy // num_nodes, num_gpus // num_nodes, xp=xp)
+    greedy_bound = xp.max(xp.reshape(greedy_bound, (num_layers, num_nodes)), axis=-1, keepdims=True)
+    bounds = split_bounds(weight, num_phy, num_groups, num_nodes, num_gpus, xp=xp)  # [L, A]
+    best = _best(xp.concat([greedy_bound, bounds], axis=-1), xp=xp)  # 0 = keep greedy
+    table = [[g for node in split for g in node] for split in group_assignments(num_groups, num_nodes)]
+    candidates = xp.asarray(table, dtype=greedy.dtype, device=_xp.device(weight))
+    chosen = xp.take(candidates, xp.reshape(xp.maximum(best - 1, 0), (-1,)), axis=0)
+    return xp.where(best > 0, chosen, greedy), True
+
+
 def rebalance_refined(
     weight: Any,
     num_phy: int,
@@ -66,36 +102,25 @@ def rebalance_refined(
 
     Same constraints and outputs as
     :func:`eplb.algorithms.hierarchy.rebalance_hierarchical`; per layer the
-    max GPU load is never above the greedy one.
+    heaviest GPU is never heavier than with the greedy placement.
     """
     if not hierarchical:
         num_groups, num_nodes = 1, 1
-    num_layers, num_log = weight.shape
-    group_size = num_log // num_groups
+    num_log = weight.shape[1]
     phy_per_node, gpus_per_node = num_phy // num_nodes, num_gpus // num_nodes
     phy_per_gpu = num_phy // num_gpus
     if num_iters is None:
         num_iters = default_iterations(phy_per_node, gpus_per_node)
 
-    # Candidate group splits, stacked as [L, A, groups] then flattened to rows.
-    splits = [greedy_group_split(weight, num_groups, num_nodes, xp=xp)]
-    if num_groups // num_nodes > 1 and count_assignments(num_groups, num_nodes) <= MAX_ASSIGNMENTS:
-        splits.append(best_split(weight, num_phy, num_groups, num_nodes, num_gpus, xp=xp))
-    num_splits = len(splits)
-    mgroup2group = xp.reshape(xp.stack(splits, axis=1), (num_layers * num_splits, num_groups))
-    mlog2log = expert_order(mgroup2group, group_size, xp=xp)
-    weight_by_split = xp.reshape(xp.stack([weight] * num_splits, axis=1), (num_layers * num_splits, num_log))
+    mgroup2group, split_may_differ = group_split(weight, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
+    mlog2log = expert_order(mgroup2group, num_log // num_groups, xp=xp)
 
-    # Candidate placements of each (layer, split, node) row: greedy
-    # replication or one capped at one replica per GPU, each packed by LPT
-    # (the greedy's, candidate 0) or a snake deal, then refined by swaps.
-    replications = [replicate_on_nodes(weight_by_split, mlog2log, num_nodes, num_phy, xp=xp)]
+    # Candidates per (layer, node) row; candidate 0 is the greedy's own.
+    replications = [replicate_on_nodes(weight, mlog2log, num_nodes, num_phy, xp=xp)]
     if gpus_per_node > 1 and phy_per_node > num_log // num_nodes:
-        replications.append(
-            replicate_on_nodes(weight_by_split, mlog2log, num_nodes, num_phy, xp=xp, max_count=gpus_per_node)
-        )
+        replications.append(replicate_on_nodes(weight, mlog2log, num_nodes, num_phy, xp=xp, max_count=gpus_per_node))
     loads, starts, per_node = [], [], []
-    for phy_load, phy2mlog, phyrank, mlogcnt in replications:
+    for phy_load, *node_arrays in replications:
         order, gpu_by_step, rank_by_step = lpt_pack(phy_load, gpus_per_node, xp=xp)
         for start in (
             slots_by_pack(order, gpu_by_step, rank_by_step, phy_per_gpu, xp=xp),
@@ -103,27 +128,20 @@ def rebalance_refined(
         ):
             loads.append(phy_load)
             starts.append(start)
-            per_node.append((phy2mlog, phyrank, mlogcnt))
+            per_node.append(node_arrays)
     num_cands, rows = len(starts), loads[0].shape[0]
     item_load = xp.concat(loads)
     refined = refine_by_swaps(item_load, xp.concat(starts), gpus_per_node, num_iters, xp=xp)
     node_max = xp.max(pack_loads(_xp.take_along(item_load, refined, xp=xp), gpus_per_node, xp=xp), axis=-1)
-    node_max = xp.permute_dims(xp.reshape(node_max, (num_cands, rows)), (1, 0))  # [rows, C]
-    best = _best(node_max, xp=xp)
-    node_max = _xp.take_along(node_max, best, xp=xp)[:, 0]
+    best = _best(xp.permute_dims(xp.reshape(node_max, (num_cands, rows)), (1, 0)), xp=xp)
     pphy2phy = _pick([refined[c * rows : (c + 1) * rows] for c in range(num_cands)], best, xp=xp)
     phy2mlog, phyrank, mlogcnt = (_pick([cand[k] for cand in per_node], best, xp=xp) for k in range(3))
+    placement = assemble(mlog2log, phy2mlog, phyrank, mlogcnt, pphy2phy, num_nodes, xp=xp)
+    if not split_may_differ:
+        return placement
 
-    # Per layer, the split whose worst node is lightest.
-    layer_max = xp.max(xp.reshape(node_max, (num_layers, num_splits, num_nodes)), axis=-1)  # [L, A]
-    best = _best(layer_max, xp=xp)
-
-    def per_layer(a: Any) -> Any:
-        by_split = xp.reshape(a, (num_layers, num_splits, -1))
-        return _pick([by_split[:, c, :] for c in range(num_splits)], best, xp=xp)
-
-    mlog2log = per_layer(mlog2log)
-    phy2mlog, phyrank, mlogcnt, pphy2phy = (
-        xp.reshape(per_layer(a), (num_layers * num_nodes, -1)) for a in (phy2mlog, phyrank, mlogcnt, pphy2phy)
-    )
-    return assemble(mlog2log, phy2mlog, phyrank, mlogcnt, pphy2phy, num_nodes, xp=xp)
+    # A non-greedy split carries no guarantee by itself: keep greedy unless beaten.
+    greedy = rebalance_hierarchical(weight, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
+    peaks = [max_gpu_load(weight, p[0], p[2], num_gpus, xp=xp) for p in (greedy, placement)]
+    best = _best(xp.stack(peaks, axis=-1), xp=xp)
+    return tuple(_pick([g, r], best, xp=xp) for g, r in zip(greedy, placement, strict=True))

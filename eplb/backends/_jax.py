@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eplb.algorithms.hierarchy import rebalance_greedy
+from eplb.algorithms.policies import place
 
 __all__ = ["dtype_kind", "host_values", "rebalance"]
 
@@ -39,13 +39,26 @@ def host_values(weight: jax.Array, force: bool) -> np.ndarray | None:
     return values.astype(np.float32 if jnp.issubdtype(weight.dtype, jnp.floating) else np.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
 def _rebalance(
-    weight: jax.Array, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, hierarchical: bool
+    weight: jax.Array,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    hierarchical: bool,
+    policy: str = "greedy",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     def one_layer(row: jax.Array) -> tuple[jax.Array, ...]:
-        placement = rebalance_greedy(
-            row[None, :], num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=jnp
+        placement = place(
+            row[None, :],
+            num_replicas,
+            num_groups,
+            num_nodes,
+            num_gpus,
+            hierarchical=hierarchical,
+            policy=policy,
+            xp=jnp,
         )
         return tuple(a[0] for a in placement)
 
@@ -53,6 +66,12 @@ def _rebalance(
 
 
 def rebalance(
-    weight: jax.Array, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, hierarchical: bool
+    weight: jax.Array,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    hierarchical: bool,
+    policy: str = "greedy",
 ) -> tuple[Any, Any, Any]:
-    return _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical)
+    return _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy)

@@ -12,7 +12,7 @@ import array_api_compat.torch as xp
 import numpy as np
 import torch
 
-from eplb.algorithms.hierarchy import rebalance_greedy
+from eplb.algorithms.policies import place
 from eplb.backends import _numpy
 
 __all__ = ["dtype_kind", "host_values", "rebalance"]
@@ -44,6 +44,7 @@ def rebalance(
     num_nodes: int,
     num_gpus: int,
     hierarchical: bool,
+    policy: str = "greedy",
     *,
     impl: str | None = None,
 ) -> tuple[Any, Any, Any]:
@@ -61,8 +62,12 @@ def rebalance(
     if impl == "numpy":
         if weight.device.type != "cpu":
             raise ValueError(f"impl='numpy' needs a CPU tensor, got device {weight.device}")
-        placement = _numpy.rebalance(weight32.numpy(), num_replicas, num_groups, num_nodes, num_gpus, hierarchical)
+        placement = _numpy.rebalance(
+            weight32.numpy(), num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy
+        )
         return tuple(torch.from_numpy(a) for a in placement)
     if impl != "torch":
         raise ValueError(f"impl must be 'torch', 'numpy' or None, got {impl!r}")
-    return rebalance_greedy(weight32, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp)
+    return place(
+        weight32, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, policy=policy, xp=xp
+    )

@@ -1,0 +1,39 @@
+"""Policy dispatch: which algorithm places the replicas, and the ``log2phy`` map."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eplb.algorithms.hierarchy import build_log2phy, rebalance_hierarchical
+from eplb.algorithms.refined import rebalance_refined
+
+__all__ = ["POLICIES", "place"]
+
+POLICIES = ("greedy", "refined")
+
+
+def place(
+    weight: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    hierarchical: bool,
+    policy: str,
+    xp: Any,
+) -> tuple[Any, Any, Any]:
+    """``phy2log [L, R]``, ``log2phy [L, E, R - E + 1]``, ``logcnt [L, E]`` for float32 ``weight [L, E]``.
+
+    ``policy``: ``"greedy"`` (the published algorithm) or ``"refined"``.
+    ``hierarchical=False`` is the global policy: one group, one node.
+    """
+    if policy == "refined":
+        phy2log, phyrank, logcnt = rebalance_refined(
+            weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp
+        )
+    else:
+        if not hierarchical:
+            num_groups, num_nodes = 1, 1
+        phy2log, phyrank, logcnt = rebalance_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
+    return phy2log, build_log2phy(phy2log, phyrank, weight.shape[1], xp=xp), logcnt
