@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from eplb import _xp
-from eplb.algorithms.bounds import node_lower_bound, replication_bound
+from eplb.algorithms.bounds import node_lower_bound, node_set_bound
 from eplb.algorithms.packing import sum_left_to_right
 from eplb.algorithms.replication import replica_load
 
@@ -76,19 +76,20 @@ def lower_bound(
 ) -> Any:
     """``[L]`` float32: no placement of this policy can get the max GPU load below this.
 
-    Global policy: ``max(total / G, m*)`` where ``m*`` is the smallest
+    Global policy: the largest of ``total / G``; ``m*``, the smallest
     achievable max per-replica load with ``R`` slots (greedy replication is
-    optimal for it). Hierarchical policy (groups stay on one node): the same
-    per node, minimised over every assignment of groups to nodes when there
-    are at most a few thousand, otherwise a relaxation that holds for any
+    optimal for it); and a pigeonhole bound on experts that must keep a
+    single replica (:func:`eplb.algorithms.bounds.pigeonhole_bound`).
+    Hierarchical policy (groups stay on one node): the same per node,
+    minimised over every assignment of groups to nodes when there are at
+    most a thousand or so, otherwise a relaxation that holds for any
     assignment (see :func:`eplb.algorithms.bounds.node_lower_bound`).
     """
     xp, weight32 = _float32(weight)
     if hierarchical is None:
         hierarchical = num_groups % num_nodes == 0
     if not hierarchical or num_nodes == 1:
-        total = xp.sum(weight32, axis=-1) / num_gpus
-        return xp.maximum(total, replication_bound(weight32, num_replicas, xp=xp))
+        return node_set_bound(weight32, num_replicas, num_gpus, xp=xp)
     return node_lower_bound(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
 
 

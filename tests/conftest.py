@@ -117,10 +117,19 @@ def make_runner(backend: Backend) -> Runner:
         if backend is Backend.TORCH_OPS:
             from eplb.backends import _torch
 
-            def forced(weight: Any, r: int, g: int, n: int, gpus: int, *, hierarchical: bool | None = None) -> Any:
-                eplb.rebalance_experts(weight, r, g, n, gpus, hierarchical=hierarchical)  # validation
+            def forced(
+                weight: Any,
+                r: int,
+                g: int,
+                n: int,
+                gpus: int,
+                *,
+                hierarchical: bool | None = None,
+                policy: str = "greedy",
+            ) -> Any:
+                eplb.rebalance_experts(weight, r, g, n, gpus, hierarchical=hierarchical, policy=policy)  # validation
                 hier = (g % n == 0) if hierarchical is None else hierarchical
-                return _torch.rebalance(weight, r, g, n, gpus, hier, impl="torch")
+                return _torch.rebalance(weight, r, g, n, gpus, hier, policy, impl="torch")
 
             return Runner(backend, as_torch, forced)
         return Runner(backend, as_torch, eplb.rebalance_experts)

@@ -25,10 +25,13 @@ def _available() -> list[Backend]:
     return [b for b in ALL_BACKENDS if b.available()]
 
 
-def _all_agree(weight: np.ndarray, config: tuple[int, ...]) -> None:
+POLICIES = pytest.mark.parametrize("policy", ["greedy", "refined"])
+
+
+def _all_agree(weight: np.ndarray, config: tuple[int, ...], policy: str) -> None:
     backends = _available()
     assert Backend.NUMPY in backends
-    results = {b: make_runner(b).rebalance_np(weight, *config) for b in backends}
+    results = {b: make_runner(b).rebalance_np(weight, *config, policy=policy) for b in backends}
     for a, b in itertools.combinations(backends, 2):
         for name, x, y in zip(("phy2log", "log2phy", "logcnt"), results[a], results[b], strict=True):
             if not np.array_equal(x, y):
@@ -36,23 +39,27 @@ def _all_agree(weight: np.ndarray, config: tuple[int, ...]) -> None:
                 pytest.fail(f"{name} differs between {a.value} and {b.value} in layers {rows.tolist()}")
 
 
+@POLICIES
 @pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
-def test_ties_and_zeros(config):
-    _all_agree(cases.ties(np.random.default_rng(1), 16), config)
+def test_ties_and_zeros(config, policy):
+    _all_agree(cases.ties(np.random.default_rng(1), 16), config, policy)
 
 
+@POLICIES
 @pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
-def test_random_integers_near_2_31(config):
-    _all_agree(cases.random_int(np.random.default_rng(2), 24, 16), config)
+def test_random_integers_near_2_31(config, policy):
+    _all_agree(cases.random_int(np.random.default_rng(2), 24, 16), config, policy)
 
 
+@POLICIES
 @pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
-def test_float32(config):
-    _all_agree(cases.lognormal_f32(np.random.default_rng(3), 24, 16), config)
+def test_float32(config, policy):
+    _all_agree(cases.lognormal_f32(np.random.default_rng(3), 24, 16), config, policy)
 
 
+@POLICIES
 @pytest.mark.parametrize("config", [DEEPSEEK, DEEPSEEK_GLOBAL], ids=["hierarchical", "global"])
-def test_deepseek_shape_mixed(config):
+def test_deepseek_shape_mixed(config, policy):
     rng = np.random.default_rng(4)
     weight = np.concatenate(
         [
@@ -61,13 +68,14 @@ def test_deepseek_shape_mixed(config):
             cases.ties(rng, 256).astype(np.float32),
         ]
     )
-    _all_agree(weight, config)
+    _all_agree(weight, config, policy)
 
 
+@POLICIES
 @pytest.mark.parametrize("config", [DEEPSEEK, DEEPSEEK_GLOBAL], ids=["hierarchical", "global"])
-def test_real_deepseek_loads(config):
+def test_real_deepseek_loads(config, policy):
     weight = cases.deepseek_v3()
     if weight is None:
         pytest.skip("../shared/data not present")
     assert weight.max() < 2**31
-    _all_agree(weight, config)
+    _all_agree(weight, config, policy)

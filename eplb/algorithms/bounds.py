@@ -23,6 +23,7 @@ __all__ = [
     "node_bounds",
     "node_lower_bound",
     "node_set_bound",
+    "pigeonhole_bound",
     "replication_bound",
     "split_bounds",
 ]
@@ -100,7 +101,30 @@ def node_set_bound(loads: Any, slots_per_node: int, gpus_per_node: int, *, xp: A
     """
     share = xp.asarray(1.0 / gpus_per_node, dtype=xp.float32, device=_xp.device(loads))
     spread = sum_left_to_right(loads, xp=xp) * share
-    return xp.maximum(spread, replication_bound(loads, slots_per_node, xp=xp))
+    bound = xp.maximum(spread, replication_bound(loads, slots_per_node, xp=xp))
+    return xp.maximum(bound, pigeonhole_bound(loads, slots_per_node, gpus_per_node, xp=xp))
+
+
+def pigeonhole_bound(loads: Any, num_slots: int, num_gpus: int, *, xp: Any) -> Any:
+    """``[B]``: bound from experts that cannot all get a second replica.
+
+    With ``n`` experts and ``S`` slots at most ``S - n`` experts are
+    replicated, so at least ``u = 2n - S`` keep a single replica, each
+    carrying its whole load. Among any ``j*G + 1`` of them, some GPU holds
+    ``j + 1``. The unreplicated set's order statistics are at least those of
+    the ``u`` lightest experts ``y_1 <= .. <= y_u``, so the max GPU load is
+    at least ``y_(u-jG) + .. + y_(u-jG+j)`` for every ``j`` with ``jG < u``.
+    """
+    num_experts = loads.shape[1]
+    unreplicated = 2 * num_experts - num_slots
+    best = xp.zeros(loads.shape[:1], dtype=loads.dtype, device=_xp.device(loads))
+    if unreplicated <= num_gpus:
+        return best
+    lightest = xp.sort(loads, axis=-1)[:, :unreplicated]
+    for j in range(1, (unreplicated - 1) // num_gpus + 1):
+        start = unreplicated - j * num_gpus - 1  # 0-based y_(u - jG)
+        best = xp.maximum(best, sum_left_to_right(lightest[:, start : start + j + 1], xp=xp))
+    return best
 
 
 def split_bounds(weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any) -> Any:
