@@ -84,7 +84,9 @@ def main() -> None:
             rows.append(
                 (
                     "torch cpu (torch ops)",
-                    _median_ms(lambda w=wt, c=config, h=hier: _torch.rebalance(w, *c, h, impl="torch"), runs),
+                    _median_ms(
+                        lambda w=wt, c=config, h=hier: _torch.rebalance(w, *c, hierarchical=h, impl="torch"), runs
+                    ),
                 )
             )
             if torch.cuda.is_available():

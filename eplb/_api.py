@@ -73,6 +73,7 @@ def rebalance_experts(
     *,
     hierarchical: bool | None = None,
     policy: str = "greedy",
+    spill: int = 0,
     check_values: bool | None = None,
 ) -> Placement:
     """Place ``num_replicas`` expert replicas on ``num_gpus`` GPUs, per layer.
@@ -104,6 +105,11 @@ def rebalance_experts(
         (alternative group splits, capped replication, several packings
         refined by swaps); per layer its heaviest GPU is never heavier than
         greedy's. See ``docs/algorithm.md``.
+    spill : int, keyword-only
+        Hierarchical policy only: up to this many replicas per node may hold
+        experts whose group lives on another node (0, the default, keeps
+        every group on its node). Trades locality for balance, up to
+        ``(num_replicas - E) // num_nodes``; see ``docs/benchmarks.md``.
     check_values : bool or None, keyword-only
         Check the loads for NaN, inf and negatives. ``None`` (default) checks
         wherever it is free: numpy, torch CPU, concrete JAX arrays on the CPU.
@@ -137,7 +143,11 @@ def rebalance_experts(
     )
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} must be one of {', '.join(map(repr, POLICIES))}")
-    return Placement(*backend.rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy))
+    spill = _validate.check_spill(spill, weight.shape[1], num_replicas, num_nodes, hierarchical)
+    placement = backend.rebalance(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, policy=policy, spill=spill
+    )
+    return Placement(*placement)
 
 
 def balanced_packing(weight: Any, num_packs: int, *, check_values: bool | None = None) -> tuple[Any, Any]:

@@ -7,7 +7,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_config", "check_count", "check_weight_dtype", "check_weight_shape", "check_weight_values"]
+__all__ = [
+    "check_config",
+    "check_count",
+    "check_spill",
+    "check_weight_dtype",
+    "check_weight_shape",
+    "check_weight_values",
+]
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -97,3 +104,23 @@ def check_config(
                 "for the hierarchical policy"
             )
     return num_replicas, num_groups, num_nodes, num_gpus, hierarchical
+
+
+def check_spill(spill: Any, num_experts: int, num_replicas: int, num_nodes: int, hierarchical: bool) -> int:
+    """``spill`` replicas per node away from home: an int in ``[0, (R - E) // N]``, hierarchical only."""
+    if isinstance(spill, bool) or not isinstance(spill, numbers.Integral):
+        raise TypeError(f"spill must be an int, got {type(spill).__name__} {spill!r}")
+    spill = int(spill)
+    if spill < 0:
+        raise ValueError(f"spill={spill} must be >= 0")
+    if spill and not hierarchical:
+        raise ValueError(
+            f"spill={spill} needs the hierarchical policy (groups on nodes); the global policy has no home nodes"
+        )
+    most = (num_replicas - num_experts) // num_nodes
+    if spill > most:
+        raise ValueError(
+            f"spill={spill} must be <= (num_replicas - experts) // num_nodes = {most}: "
+            "each node needs a slot for every expert of its own groups"
+        )
+    return spill

@@ -117,19 +117,12 @@ def make_runner(backend: Backend) -> Runner:
         if backend is Backend.TORCH_OPS:
             from eplb.backends import _torch
 
-            def forced(
-                weight: Any,
-                r: int,
-                g: int,
-                n: int,
-                gpus: int,
-                *,
-                hierarchical: bool | None = None,
-                policy: str = "greedy",
-            ) -> Any:
-                eplb.rebalance_experts(weight, r, g, n, gpus, hierarchical=hierarchical, policy=policy)  # validation
-                hier = (g % n == 0) if hierarchical is None else hierarchical
-                return _torch.rebalance(weight, r, g, n, gpus, hier, policy, impl="torch")
+            def forced(weight: Any, r: int, g: int, n: int, gpus: int, **kw: Any) -> Any:
+                """Validate via the public API, then run the torch-ops path with the options it chose."""
+                eplb.rebalance_experts(weight, r, g, n, gpus, **kw)
+                hierarchical = kw.pop("hierarchical", None)
+                hierarchical = (g % n == 0) if hierarchical is None else hierarchical
+                return _torch.rebalance(weight, r, g, n, gpus, hierarchical=hierarchical, impl="torch", **kw)
 
             return Runner(backend, as_torch, forced)
         return Runner(backend, as_torch, eplb.rebalance_experts)

@@ -222,7 +222,7 @@ def test_torch_cpu_gives_int64_torch_cpu():
 
     weight = torch.tensor(GOLDEN)
     default = eplb.rebalance_experts(weight, *CONFIG)
-    forced = _torch.rebalance(weight, *CONFIG, True, impl="torch")
+    forced = _torch.rebalance(weight, *CONFIG, hierarchical=True, impl="torch")
     for out in (*default, *forced):
         assert isinstance(out, torch.Tensor)
         assert out.device.type == "cpu"

@@ -32,7 +32,7 @@ def inverse_permutation(perm: Any, *, xp: Any) -> Any:
     return _xp.at_set(inv, (rows, perm), positions, xp=xp)
 
 
-def lpt_pack(weight: Any, num_packs: int, *, xp: Any) -> tuple[Any, Any]:
+def lpt_pack(weight: Any, num_packs: int, *, xp: Any, initial_load: Any = None) -> tuple[Any, Any, Any]:
     """The LPT loop: ``order``, ``pack_by_step``, ``rank_by_step``, each ``[B, n]``.
 
     Step ``t`` visits item ``order[:, t]`` and puts it in pack
@@ -44,7 +44,8 @@ def lpt_pack(weight: Any, num_packs: int, *, xp: Any) -> tuple[Any, Any]:
     than ``n/m`` items) with the smallest running load, equal loads to the
     lowest pack index. Running loads are float32 sums in visiting order, so
     every backend computes the same bits. With one item per pack, item ``i``
-    goes to pack ``i`` (the published shortcut).
+    goes to pack ``i`` (the published shortcut). ``initial_load [B, m]``:
+    loads the packs start with (default zero).
     """
     batch, n = weight.shape
     device = _xp.device(weight)
@@ -68,10 +69,9 @@ def lpt_pack(weight: Any, num_packs: int, *, xp: Any) -> tuple[Any, Any]:
         open_load = xp.where(pack_count == capacity, xp.inf, open_load)
         return (open_load, pack_count), (pack[:, 0], rank[:, 0])
 
-    init = (
-        xp.zeros((batch, num_packs), dtype=weight.dtype, device=device),
-        xp.zeros((batch, num_packs), dtype=weight.dtype, device=device),
-    )
+    if initial_load is None:
+        initial_load = xp.zeros((batch, num_packs), dtype=weight.dtype, device=device)
+    init = (initial_load, xp.zeros((batch, num_packs), dtype=weight.dtype, device=device))
     _, (pack_by_step, rank_by_step) = _xp.scan(visit, init, weight_by_step, xp=xp)
     pack_by_step = xp.astype(xp.permute_dims(pack_by_step, (1, 0)), order.dtype)
     return order, pack_by_step, xp.astype(xp.permute_dims(rank_by_step, (1, 0)), order.dtype)

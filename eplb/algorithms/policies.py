@@ -6,6 +6,7 @@ from typing import Any
 
 from eplb.algorithms.hierarchy import build_log2phy, rebalance_hierarchical
 from eplb.algorithms.refined import rebalance_refined
+from eplb.algorithms.spill import rebalance_spill
 
 __all__ = ["POLICIES", "place"]
 
@@ -20,15 +21,22 @@ def place(
     num_gpus: int,
     *,
     hierarchical: bool,
-    policy: str,
+    policy: str = "greedy",
+    spill: int = 0,
     xp: Any,
 ) -> tuple[Any, Any, Any]:
     """``phy2log [L, R]``, ``log2phy [L, E, R - E + 1]``, ``logcnt [L, E]`` for float32 ``weight [L, E]``.
 
     ``policy``: ``"greedy"`` (the published algorithm) or ``"refined"``.
     ``hierarchical=False`` is the global policy: one group, one node.
+    ``spill > 0`` (hierarchical only): that many replicas per node may serve
+    other nodes' groups (:func:`eplb.algorithms.spill.rebalance_spill`).
     """
-    if policy == "refined":
+    if spill > 0:
+        phy2log, phyrank, logcnt = rebalance_spill(
+            weight, num_replicas, num_groups, num_nodes, num_gpus, spill=spill, refine=policy == "refined", xp=xp
+        )
+    elif policy == "refined":
         phy2log, phyrank, logcnt = rebalance_refined(
             weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp
         )

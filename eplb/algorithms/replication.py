@@ -6,7 +6,7 @@ from typing import Any
 
 from eplb import _xp
 
-__all__ = ["replica_load", "replicate_experts"]
+__all__ = ["add_replicas", "replica_load", "replicate_experts"]
 
 
 def replica_load(weight: Any, count: Any, reciprocal: Any, *, xp: Any) -> Any:
@@ -67,7 +67,31 @@ def replicate_experts(weight: Any, num_phy: int, *, xp: Any, max_count: int | No
             base_rank,
             xp.ones((batch, num_log), dtype=index_dtype, device=device),
         )
-    reciprocal = _xp.reciprocal_table(num_redundant + 1, xp=xp, device=device)
+    logcnt = xp.ones((batch, num_log), dtype=index_dtype, device=device)
+    expert_by_step, rank_by_step, logcnt = add_replicas(
+        weight, logcnt, num_redundant, num_phy, xp=xp, max_count=max_count
+    )
+    phy2log = xp.concat([base_phy2log, expert_by_step], axis=-1)
+    phyrank = xp.concat([base_rank, rank_by_step], axis=-1)
+    return phy2log, phyrank, logcnt
+
+
+def add_replicas(
+    weight: Any, logcnt: Any, num_steps: int, total: int, *, xp: Any, max_count: int | None = None
+) -> tuple[Any, Any, Any]:
+    """Hand out ``num_steps`` more replicas to rows already holding ``logcnt [B, E]`` replicas.
+
+    ``total`` is the replicas per row afterwards (``sum(logcnt) + num_steps``),
+    which bounds every count by ``total - E + 1``.
+
+    Returns ``expert_by_step [B, num_steps]`` (who got each new replica),
+    ``rank_by_step [B, num_steps]`` (its replica number) and the new
+    ``logcnt``. Tie rules and ``max_count`` as in :func:`replicate_experts`.
+    """
+    batch, num_log = weight.shape
+    device = _xp.device(weight)
+    index_dtype = logcnt.dtype
+    reciprocal = _xp.reciprocal_table(total - num_log + 1, xp=xp, device=device)
     rows = xp.reshape(xp.arange(batch, dtype=index_dtype, device=device), (batch, 1))
 
     def add_replica(carry: Any, _: Any) -> tuple[Any, Any]:
@@ -84,9 +108,13 @@ def replicate_experts(weight: Any, num_phy: int, *, xp: Any, max_count: int | No
         logcnt = _xp.at_set(logcnt, (rows, expert), rank + 1, xp=xp)
         return (score, logcnt), (expert[:, 0], rank[:, 0])
 
-    steps = xp.zeros((num_redundant, 1), dtype=index_dtype, device=device)
-    init = (xp.asarray(weight, copy=True), xp.ones((batch, num_log), dtype=index_dtype, device=device))
+    if num_steps == 0:
+        none = xp.zeros((batch, 0), dtype=index_dtype, device=device)
+        return none, none, logcnt
+    score = replica_load(weight, logcnt, reciprocal, xp=xp)
+    if max_count is not None:
+        score = xp.where(logcnt >= max_count, -1.0, score)
+    steps = xp.zeros((num_steps, 1), dtype=index_dtype, device=device)
+    init = (score, xp.asarray(logcnt, copy=True))
     (_, logcnt), (expert_by_step, rank_by_step) = _xp.scan(add_replica, init, steps, xp=xp)
-    phy2log = xp.concat([base_phy2log, xp.permute_dims(expert_by_step, (1, 0))], axis=-1)
-    phyrank = xp.concat([base_rank, xp.permute_dims(rank_by_step, (1, 0))], axis=-1)
-    return phy2log, phyrank, logcnt
+    return xp.permute_dims(expert_by_step, (1, 0)), xp.permute_dims(rank_by_step, (1, 0)), logcnt

@@ -39,39 +39,20 @@ def host_values(weight: jax.Array, force: bool) -> np.ndarray | None:
     return values.astype(np.float32 if jnp.issubdtype(weight.dtype, jnp.floating) else np.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _rebalance(
-    weight: jax.Array,
-    num_replicas: int,
-    num_groups: int,
-    num_nodes: int,
-    num_gpus: int,
-    hierarchical: bool,
-    policy: str = "greedy",
+    weight: jax.Array, config: tuple[int, int, int, int], options: tuple[tuple[str, Any], ...]
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     def one_layer(row: jax.Array) -> tuple[jax.Array, ...]:
-        placement = place(
-            row[None, :],
-            num_replicas,
-            num_groups,
-            num_nodes,
-            num_gpus,
-            hierarchical=hierarchical,
-            policy=policy,
-            xp=jnp,
-        )
+        placement = place(row[None, :], *config, xp=jnp, **dict(options))
         return tuple(a[0] for a in placement)
 
     return jax.vmap(one_layer)(weight.astype(jnp.float32))
 
 
 def rebalance(
-    weight: jax.Array,
-    num_replicas: int,
-    num_groups: int,
-    num_nodes: int,
-    num_gpus: int,
-    hierarchical: bool,
-    policy: str = "greedy",
+    weight: jax.Array, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, **options: Any
 ) -> tuple[Any, Any, Any]:
-    return _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy)
+    """Placement of a JAX array; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords (static)."""
+    config = (num_replicas, num_groups, num_nodes, num_gpus)
+    return _rebalance(weight, config, tuple(sorted(options.items())))

@@ -20,16 +20,9 @@ def host_values(weight: np.ndarray, force: bool) -> np.ndarray:
 
 
 def rebalance(
-    weight: np.ndarray,
-    num_replicas: int,
-    num_groups: int,
-    num_nodes: int,
-    num_gpus: int,
-    hierarchical: bool,
-    policy: str = "greedy",
+    weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, **options: Any
 ) -> tuple[Any, Any, Any]:
+    """Placement of a numpy array; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords."""
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
-    phy2log, log2phy, logcnt = place(
-        weight32, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, policy=policy, xp=np
-    )
-    return tuple(np.asarray(a, dtype=np.int64) for a in (phy2log, log2phy, logcnt))
+    placement = place(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
+    return tuple(np.asarray(a, dtype=np.int64) for a in placement)

@@ -43,12 +43,11 @@ def rebalance(
     num_groups: int,
     num_nodes: int,
     num_gpus: int,
-    hierarchical: bool,
-    policy: str = "greedy",
     *,
     impl: str | None = None,
+    **options: Any,
 ) -> tuple[Any, Any, Any]:
-    """Greedy placement of a tensor, on its device.
+    """Placement of a tensor, on its device; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords.
 
     ``impl``: ``"torch"`` runs torch ops; ``"numpy"`` (CPU tensors only) runs
     the numpy backend on a zero-copy view, since a torch CPU op costs about
@@ -62,12 +61,8 @@ def rebalance(
     if impl == "numpy":
         if weight.device.type != "cpu":
             raise ValueError(f"impl='numpy' needs a CPU tensor, got device {weight.device}")
-        placement = _numpy.rebalance(
-            weight32.numpy(), num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy
-        )
+        placement = _numpy.rebalance(weight32.numpy(), num_replicas, num_groups, num_nodes, num_gpus, **options)
         return tuple(torch.from_numpy(a) for a in placement)
     if impl != "torch":
         raise ValueError(f"impl must be 'torch', 'numpy' or None, got {impl!r}")
-    return place(
-        weight32, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, policy=policy, xp=xp
-    )
+    return place(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
