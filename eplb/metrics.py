@@ -17,9 +17,11 @@ from eplb.algorithms.packing import sum_left_to_right
 from eplb.algorithms.replication import replica_load
 
 __all__ = [
+    "Locality",
     "Summary",
     "balancedness",
     "gpu_loads",
+    "locality",
     "lower_bound",
     "replica_counts",
     "slot_loads",
@@ -91,6 +93,37 @@ def lower_bound(
     if not hierarchical or num_nodes == 1:
         return node_set_bound(weight32, num_replicas, num_gpus, xp=xp)
     return node_lower_bound(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
+
+
+class Locality(NamedTuple):
+    """How much of each group's traffic stays on one node, per layer (``[L]`` arrays)."""
+
+    home_share: Any  # share of the layer's load served on its group's home node (1.0 = all)
+    nodes_per_group: Any  # mean number of nodes holding a replica of a group (1.0 = hierarchical)
+
+
+def locality(weight: Any, phy2log: Any, num_groups: int, num_nodes: int) -> Locality:
+    """Locality of ``phy2log [L, R]`` for group-limited routing.
+
+    A group's home node is the node serving the largest share of its load;
+    a token routed to that group stays on the home node with probability
+    ``home_share`` (replicas of an expert share its load equally). Slot ``j``
+    is on node ``j // (R // num_nodes)``; group of expert ``e`` is
+    ``e // (E // num_groups)``.
+    """
+    xp = _xp.array_namespace(phy2log)
+    loads = slot_loads(weight, phy2log)  # [L, R]
+    num_layers, num_slots = loads.shape
+    group_size = weight.shape[1] // num_groups
+    groups = xp.arange(num_groups, dtype=phy2log.dtype, device=_xp.device(phy2log))
+    in_group = (phy2log // group_size)[:, :, None] == groups  # [L, R, groups]
+    shape = (num_layers, num_nodes, num_slots // num_nodes, num_groups)
+    served = xp.sum(xp.reshape(xp.where(in_group, loads[:, :, None], 0.0), shape), axis=2)  # [L, N, groups]
+    present = xp.sum(xp.astype(xp.any(xp.reshape(in_group, shape), axis=2), xp.float32), axis=1)  # [L, groups]
+    total = xp.sum(served, axis=(1, 2))
+    home = xp.sum(xp.max(served, axis=1), axis=-1)
+    share = xp.where(total > 0, home / xp.where(total > 0, total, 1.0), 1.0)
+    return Locality(home_share=share, nodes_per_group=xp.mean(present, axis=-1))
 
 
 class Summary(NamedTuple):
