@@ -58,54 +58,65 @@ def _cuda_ms(fn, runs: int) -> float:
     return statistics.median(times)
 
 
+def implementations(weight: np.ndarray, config: list[int], policy: str) -> list[tuple[str, object, str]]:
+    """(name, zero-argument call, timer) for every installed backend; timer is "host" or "cuda"."""
+    hier = config[1] % config[2] == 0
+    out = [("numpy", lambda: eplb.rebalance_experts(weight, *config, policy=policy), "host")]
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        from eplb.backends import _torch
+
+        wt = torch.as_tensor(weight)
+        out.append(("torch cpu", lambda: eplb.rebalance_experts(wt, *config, policy=policy), "host"))
+        out.append(
+            (
+                "torch cpu (torch ops)",
+                lambda: _torch.rebalance(wt, *config, hierarchical=hier, policy=policy, impl="torch"),
+                "host",
+            )
+        )
+        if torch.cuda.is_available():
+            wc = wt.cuda()
+            out.append(("torch cuda eager", lambda: eplb.rebalance_experts(wc, *config, policy=policy), "cuda"))
+    if importlib.util.find_spec("jax"):
+        import jax
+
+        for platform in ("cpu", "gpu"):
+            try:
+                device = jax.devices(platform)[0]
+            except RuntimeError:
+                continue
+            wj = jax.device_put(weight, device)
+            out.append(
+                (
+                    f"jax {platform}",
+                    lambda w=wj: jax.block_until_ready(eplb.rebalance_experts(w, *config, policy=policy)),
+                    "host",
+                )
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="only the DeepSeek-V3 shapes, 20 runs")
+    parser.add_argument("--policy", choices=["greedy", "refined", "both"], default="both")
     args = parser.parse_args()
     runs = 20 if args.quick else args.runs
+    policies = ["greedy", "refined"] if args.policy == "both" else [args.policy]
     rng = np.random.default_rng(0)
     shapes = dict(list(SHAPES.items())[:2]) if args.quick else SHAPES
-    print(f"{'shape':32} {'implementation':26} {'ms/call':>9} {'vs oracle':>10}")
+    print(f"{'shape':30} {'policy':8} {'implementation':24} {'ms/call':>9} {'vs oracle':>10}")
     for name, (layers, experts, *config) in shapes.items():
         weight = (rng.lognormal(0, 1.5, (layers, experts)) * 1000).astype(np.float32)
-        rows = []
         oracle_ms = _median_ms(lambda w=weight, c=config: oracle.rebalance(w, *c), 1 if layers > 60 else 3)
-        rows.append(("plain-Python oracle", oracle_ms))
-        rows.append(("numpy", _median_ms(lambda w=weight, c=config: eplb.rebalance_experts(w, *c), runs)))
-        if importlib.util.find_spec("torch"):
-            import torch
-
-            from eplb.backends import _torch
-
-            wt = torch.as_tensor(weight)
-            rows.append(("torch cpu", _median_ms(lambda w=wt, c=config: eplb.rebalance_experts(w, *c), runs)))
-            hier = config[1] % config[2] == 0
-            rows.append(
-                (
-                    "torch cpu (torch ops)",
-                    _median_ms(
-                        lambda w=wt, c=config, h=hier: _torch.rebalance(w, *c, hierarchical=h, impl="torch"), runs
-                    ),
-                )
-            )
-            if torch.cuda.is_available():
-                wc = wt.cuda()
-                rows.append(("torch cuda eager", _cuda_ms(lambda w=wc, c=config: eplb.rebalance_experts(w, *c), runs)))
-        if importlib.util.find_spec("jax"):
-            import jax
-
-            for platform in ("cpu", "gpu"):
-                try:
-                    device = jax.devices(platform)[0]
-                except RuntimeError:
-                    continue
-                wj = jax.device_put(weight, device)
-                ms = _median_ms(lambda w=wj, c=config: jax.block_until_ready(eplb.rebalance_experts(w, *c)), runs)
-                rows.append((f"jax {platform}", ms))
-        for impl, ms in rows:
-            print(f"{name:32} {impl:26} {ms:9.3f} {oracle_ms / ms:9.1f}x")
-        sys.stdout.flush()
+        print(f"{name:30} {'greedy':8} {'plain-Python oracle':24} {oracle_ms:9.3f} {1.0:9.1f}x")
+        for policy in policies:
+            for impl, call, timer in implementations(weight, config, policy):
+                ms = _cuda_ms(call, runs) if timer == "cuda" else _median_ms(call, runs)
+                print(f"{name:30} {policy:8} {impl:24} {ms:9.3f} {oracle_ms / ms:9.1f}x", flush=True)
 
 
 if __name__ == "__main__":
