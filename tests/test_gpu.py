@@ -20,20 +20,27 @@ needs_jax_gpu = pytest.mark.skipif(not Backend.JAX_GPU.available(), reason="no G
 CONFIGS = [(288, 8, 4, 32), (288, 8, 3, 144), (16, 4, 2, 16)]
 
 
+OPTIONS = [{"policy": "greedy"}, {"policy": "refined"}, {"policy": "refined", "spill": 2}]
+
+
 @needs_torch_cuda
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
 @pytest.mark.parametrize("dtype", ["int64", "float32", "bfloat16"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
-def test_torch_cuda_never_syncs(config, dtype):
+def test_torch_cuda_never_syncs(config, dtype, options):
     import torch
 
+    if options.get("spill") and config[1] % config[2]:
+        pytest.skip("spill needs the hierarchical policy")
     rng = np.random.default_rng(0)
     experts = 16 if config[0] == 16 else 256
     weight = torch.as_tensor(cases.random_int(rng, 12, experts, total=2**20), device="cuda").to(getattr(torch, dtype))
-    expected = eplb.rebalance_experts(weight.cpu(), *config)
+    expected = eplb.rebalance_experts(weight.cpu(), *config, **options)
+    eplb.rebalance_experts(weight, *config, **options)  # first call on a device may build constant tables
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        placement = eplb.rebalance_experts(weight, *config)
+        placement = eplb.rebalance_experts(weight, *config, **options)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for got, want in zip(placement, expected, strict=True):
