@@ -7,6 +7,7 @@ on every backend.
 """
 
 from eplb._api import Placement, balanced_packing, rebalance_experts, replicate_experts
+from eplb.tracker import LoadTracker
 
-__all__ = ["Placement", "balanced_packing", "rebalance_experts", "replicate_experts"]
+__all__ = ["LoadTracker", "Placement", "balanced_packing", "rebalance_experts", "replicate_experts"]
 __version__ = "0.1.0"
