@@ -30,6 +30,7 @@ __all__ = [
     "array_namespace",
     "at_set",
     "backend_name",
+    "constant",
     "device",
     "is_jax",
     "is_numpy",
@@ -208,6 +209,29 @@ def refine_rows(body: Callable[[tuple], tuple], rows: tuple, max_iters: int, *, 
             full[active, ...] = part
         active = active[changed]
     return rows
+
+
+_CONSTANTS: dict[tuple, Any] = {}
+
+
+def constant(values: Any, *, xp: Any, device: Any = None) -> Any:
+    """An integer array of nested Python ``values`` (a table known from the config), on ``device``.
+
+    Copying host data to a CUDA device synchronises, so torch keeps one copy
+    per (values, device), made on the first call; later calls (and CUDA
+    graph captures after a warm-up call) reuse it. Other backends build it
+    directly (a constant under ``jax.jit``).
+    """
+    if not is_torch(xp) or device is None or device.type == "cpu":
+        return xp.asarray(values, device=device) if not is_numpy(xp) else np.asarray(values)
+    key = (_frozen(values), str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = xp.asarray(values, device=device)
+    return _CONSTANTS[key]
+
+
+def _frozen(values: Any) -> Any:
+    return tuple(_frozen(v) for v in values) if isinstance(values, list | tuple) else values
 
 
 def reciprocal_table(n: int, *, xp: Any, device: Any = None) -> Any:

@@ -78,7 +78,7 @@ def _gather_sets(weight: Any, expert_sets: list[list[int]], *, xp: Any) -> Any:
     """``[L * K, n]``: loads of the experts of each of ``K`` equal-size sets, per layer."""
     num_layers = weight.shape[0]
     flat = [e for experts in expert_sets for e in experts]
-    index = xp.asarray(flat, device=_xp.device(weight))
+    index = _xp.constant(flat, xp=xp, device=_xp.device(weight))
     loads = xp.take(weight, index, axis=1)  # [L, K * n]
     return xp.reshape(loads, (num_layers * len(expert_sets), len(expert_sets[0])))
 
@@ -99,7 +99,7 @@ def node_set_bound(loads: Any, slots_per_node: int, gpus_per_node: int, *, xp: A
     Fixed-order sum and a product (no library reduction, no division), so
     every backend ranks splits alike: the refined policy decides with it.
     """
-    share = xp.asarray(1.0 / gpus_per_node, dtype=xp.float32, device=_xp.device(loads))
+    share = xp.full((), 1.0 / gpus_per_node, dtype=xp.float32, device=_xp.device(loads))  # no host copy
     spread = sum_left_to_right(loads, xp=xp) * share
     bound = xp.maximum(spread, replication_bound(loads, slots_per_node, xp=xp))
     return xp.maximum(bound, pigeonhole_bound(loads, slots_per_node, gpus_per_node, xp=xp))
@@ -140,7 +140,7 @@ def split_bounds(weight: Any, num_replicas: int, num_groups: int, num_nodes: int
     ]
     sets = [[g * group_size + k for g in node for k in range(group_size)] for node in set_index]
     per_set = node_bounds(weight, sets, num_replicas // num_nodes, num_gpus // num_nodes, xp=xp)  # [L, K]
-    index = xp.asarray(which, device=_xp.device(weight))
+    index = _xp.constant(which, xp=xp, device=_xp.device(weight))
     return xp.max(xp.reshape(xp.take(per_set, index, axis=1), (num_layers, -1, num_nodes)), axis=-1)
 
 
@@ -152,7 +152,7 @@ def best_split(weight: Any, num_replicas: int, num_groups: int, num_nodes: int, 
     """
     bounds = split_bounds(weight, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
     table = [[g for node in split for g in node] for split in group_assignments(num_groups, num_nodes)]
-    table = xp.asarray(table, device=_xp.device(weight))
+    table = _xp.constant(table, xp=xp, device=_xp.device(weight))
     choice = xp.argmin(bounds, axis=-1)
     return xp.take(table, choice, axis=0)
 

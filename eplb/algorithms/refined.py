@@ -82,7 +82,7 @@ def group_split(
     bounds = split_bounds(weight, num_phy, num_groups, num_nodes, num_gpus, xp=xp)  # [L, A]
     best = _best(xp.concat([greedy_bound, bounds], axis=-1), xp=xp)  # 0 = keep greedy
     table = [[g for node in split for g in node] for split in group_assignments(num_groups, num_nodes)]
-    candidates = xp.asarray(table, dtype=greedy.dtype, device=_xp.device(weight))
+    candidates = xp.astype(_xp.constant(table, xp=xp, device=_xp.device(weight)), greedy.dtype)
     chosen = xp.take(candidates, xp.reshape(xp.maximum(best - 1, 0), (-1,)), axis=0)
     return xp.where(best > 0, chosen, greedy), True
 
