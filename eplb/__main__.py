@@ -1,22 +1,10 @@
-"""``python -m eplb demo``: run the demo (see :mod:`eplb.demo`)."""
+"""``python -m eplb ...``: the ``eplb`` command (see :mod:`eplb.cli`), e.g. ``python -m eplb demo``."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = "usage: python -m eplb demo"
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args == ["demo"]:
-        from eplb import demo
-
-        demo.main()
-        return 0
-    print(USAGE, file=sys.stderr)
-    return 0 if args in (["-h"], ["--help"]) else 2
-
+from eplb.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
