@@ -83,7 +83,8 @@ def group_split(
     best = _best(xp.concat([greedy_bound, bounds], axis=-1), xp=xp)  # 0 = keep greedy
     table = [[g for node in split for g in node] for split in group_assignments(num_groups, num_nodes)]
     candidates = xp.astype(_xp.constant(table, xp=xp, device=_xp.device(weight)), greedy.dtype)
-    chosen = xp.take(candidates, xp.reshape(xp.maximum(best - 1, 0), (-1,)), axis=0)
+    # where(), not maximum(best - 1, 0): compat's torch maximum copies the 0 to the device (a sync).
+    chosen = xp.take(candidates, xp.reshape(xp.where(best > 0, best - 1, 0), (-1,)), axis=0)
     return xp.where(best > 0, chosen, greedy), True
 
 
