@@ -1,0 +1,185 @@
+"""Migration-aware placement: keep experts on the GPUs that already hold them.
+
+A fresh placement (any policy) says which experts share a GPU; which GPU of a
+node, which node, and which slot of a GPU carries each group of experts is a
+free choice that does not change the balance. Given the previous placement
+``old [B, R]``, :func:`stabilize`
+
+- **relabels** the fresh placement (:func:`eplb.algorithms.relabel.relabel`):
+  nodes as a whole and GPUs within a node (hierarchical policy) or all GPUs
+  (global policy) are permuted to keep the most ``(expert, GPU)`` pairs where
+  they are, an assignment problem solved exactly
+  (:mod:`eplb.algorithms.assignment`), then each GPU's slots are ordered so
+  that an expert staying on its GPU keeps its old slot. The multiset of GPU
+  loads is unchanged;
+- optionally **trades balance for fewer moves** (a load ``limit``): local
+  search from the old placement, and from a "sticky" repacking of the fresh
+  replicas that prefers each replica's old GPU
+  (:mod:`eplb.algorithms.repair`); per layer the candidate with the fewest
+  moves whose heaviest GPU is within the limit wins, else the relabelled
+  fresh placement.
+
+"Moves" are ``(expert, GPU)`` pairs of the new placement absent from the old
+one, counted as multisets: the expert copies a migration must make.
+
+Everything is batched over a leading axis, integer where it decides (counts
+of kept experts, first index on ties), and float32 loads are compared only
+after left-to-right sums and products (no division), as in the rest of the
+algorithm layer, so every backend returns the same placement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eplb import _xp
+from eplb.algorithms.assignment import BIG
+from eplb.algorithms.hierarchy import build_log2phy
+from eplb.algorithms.policies import place
+from eplb.algorithms.relabel import align_slots, count_moves, occurrence, relabel, replica_counts
+from eplb.algorithms.repair import gpu_loads, repair, sticky_pack
+from eplb.algorithms.replication import replica_load
+
+__all__ = ["place_stable", "stabilize"]
+
+
+def _covers(phy2log: Any, num_log: int, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
+    """``[B, 1]``: every expert has a slot, and (``num_nodes > 1``) each group's slots lie on one node."""
+    num_phy = phy2log.shape[1]
+    ok = xp.all(replica_counts(phy2log, num_log, xp=xp) > 0, axis=-1, keepdims=True)
+    if num_nodes == 1:
+        return ok
+    group_of_slot = phy2log // (num_log // num_groups)  # [B, R]
+    node_of_slot = xp.arange(num_phy, dtype=phy2log.dtype, device=_xp.device(phy2log)) // (num_phy // num_nodes)
+    in_group = group_of_slot[:, :, None] == xp.arange(
+        num_groups, dtype=phy2log.dtype, device=_xp.device(phy2log)
+    )  # [B, R, groups]
+    low = xp.min(xp.where(in_group, node_of_slot[:, None], num_nodes), axis=1)
+    high = xp.max(xp.where(in_group, node_of_slot[:, None], -1), axis=1)
+    return ok & xp.all((low == high) | (high < 0), axis=-1, keepdims=True)
+
+
+def stabilize(
+    weight: Any,
+    fresh: Any,
+    old: Any,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    tolerance: float | None,
+    max_moves: int | None,
+    xp: Any,
+) -> Any:
+    """``phy2log [B, R]``: the fresh placement, or a migration-aware variant of it, given ``old [B, R]``.
+
+    ``num_nodes`` is the number of nodes that must keep whole groups (1 for
+    the global policy). With ``tolerance`` and ``max_moves`` both ``None``:
+    :func:`relabel` (same GPU loads as ``fresh``). Otherwise, per layer, the
+    candidate with the fewest moves whose heaviest GPU (left-to-right float32
+    sums) is at most ``fresh``'s times ``fl(1 + tolerance)`` (0 if ``None``)
+    and whose moves are at most ``max_moves``: the relabelled fresh placement
+    (always within the limit), :func:`repair` of ``old``, or :func:`repair`
+    of a :func:`sticky_pack` of the fresh replicas; ties in that order. If
+    none meets both (only with ``max_moves``), the lightest heaviest GPU
+    among those within ``max_moves``.
+    """
+    batch, num_phy = fresh.shape
+    num_log = weight.shape[1]
+    dtype = fresh.dtype
+    old = xp.astype(old, dtype)
+    base = relabel(fresh, old, num_gpus, num_nodes, xp=xp)
+    if tolerance is None and max_moves is None:
+        return base
+    factor = 1.0 if tolerance is None else float(tolerance) + 1.0
+    cap = num_phy if max_moves is None else min(int(max_moves), num_phy)
+    logcnt = replica_counts(fresh, num_log, xp=xp)
+    peak = xp.max(gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+    # fl(1 + tolerance) times the peak: one rounding, the same on every backend (full(): no host copy).
+    limit = peak * xp.full((1, 1), factor, dtype=peak.dtype, device=_xp.device(peak))
+    base_moves = xp.reshape(count_moves(base, old, num_gpus, xp=xp), (batch, 1))
+    budget = xp.where(base_moves - 1 < cap, base_moves - 1, cap)  # a repair must beat the relabelled placement
+
+    # Sticky start: the fresh replicas repacked per node, each preferring its old GPU.
+    per_node, gpus_per_node = num_phy // num_nodes, num_gpus // num_nodes
+    reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
+    item_load = _xp.take_along(replica_load(weight, logcnt, reciprocal, xp=xp), base, xp=xp)
+    node_shape = (batch * num_nodes, per_node)
+    node_limit = xp.reshape(xp.broadcast_to(limit, (batch, num_nodes)), (batch * num_nodes, 1))
+    sticky = sticky_pack(
+        xp.reshape(base, node_shape),
+        xp.reshape(old, node_shape),
+        xp.reshape(item_load, node_shape),
+        node_limit,
+        gpus_per_node,
+        xp=xp,
+    )
+    sticky = align_slots(xp.reshape(sticky, (batch, num_phy)), old, num_gpus, xp=xp)
+
+    valid = _covers(old, num_log, num_groups, num_nodes, xp=xp)
+    starts = xp.concat([old, sticky], axis=0)
+    repaired, moves = repair(
+        starts,
+        xp.concat([old, old], axis=0),
+        xp.concat([weight, weight], axis=0),
+        xp.concat([limit, limit], axis=0),
+        xp.concat([budget, budget], axis=0),
+        xp.concat([valid, xp.ones_like(valid)], axis=0),
+        num_gpus,
+        num_nodes,
+        num_log // num_groups,
+        max_iters=num_phy,
+        xp=xp,
+    )
+    candidates = [base, repaired[:batch], repaired[batch:]]
+    moves = xp.concat([base_moves, moves[:batch], moves[batch:]], axis=-1)  # [B, 3]
+    peaks = xp.stack(
+        [xp.max(gpu_loads(weight, c, replica_counts(c, num_log, xp=xp), num_gpus, xp=xp), axis=-1) for c in candidates],
+        axis=-1,
+    )
+    usable = xp.concat([xp.ones_like(valid), valid, xp.ones_like(valid)], axis=-1) & (moves <= cap)
+    # The relabelled fresh placement is within the limit by construction (its GPU loads are
+    # fresh's, up to the order of summation).
+    balanced = usable & xp.concat([xp.ones_like(valid), peaks[:, 1:] <= limit], axis=-1)
+    fewest = xp.argmin(xp.where(balanced, moves, BIG), axis=-1)
+    lightest = xp.argmin(xp.where(usable, peaks, xp.inf), axis=-1)
+    choice = xp.where(xp.any(balanced, axis=-1), fewest, xp.where(xp.any(usable, axis=-1), lightest, 0))
+    stacked = xp.stack(candidates, axis=1)  # [B, 3, R]
+    index = xp.reshape(xp.astype(choice, dtype), (batch, 1)) * num_phy + xp.arange(
+        num_phy, dtype=dtype, device=_xp.device(fresh)
+    )
+    return _xp.take_along(xp.reshape(stacked, (batch, 3 * num_phy)), index, xp=xp)
+
+
+def place_stable(
+    weight: Any,
+    previous: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    hierarchical: bool,
+    tolerance: float | None = None,
+    max_moves: int | None = None,
+    xp: Any,
+    **options: Any,
+) -> tuple[Any, Any, Any]:
+    """Like :func:`eplb.algorithms.policies.place`, keeping the experts of ``previous [L, R]`` in place.
+
+    ``options`` go to :func:`~eplb.algorithms.policies.place` (``policy``,
+    ``spill``); ``tolerance`` and ``max_moves`` to :func:`stabilize`.
+    Replica numbers in ``log2phy`` follow slot order (replica ``k`` of an
+    expert is its ``k``-th slot).
+    """
+    fresh, _, _ = place(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp, **options
+    )
+    if not hierarchical:
+        num_groups, num_nodes = 1, 1
+    phy2log = stabilize(
+        weight, fresh, previous, num_groups, num_nodes, num_gpus, tolerance=tolerance, max_moves=max_moves, xp=xp
+    )
+    num_log = weight.shape[1]
+    log2phy = build_log2phy(phy2log, occurrence(phy2log, xp=xp), num_log, xp=xp)
+    return phy2log, log2phy, replica_counts(phy2log, num_log, xp=xp)
