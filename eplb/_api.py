@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -47,6 +50,67 @@ def _checked_weight(weight: Any, check_values: bool | None) -> tuple[Any, Any]:
     return backend, weight
 
 
+def _checked_previous(previous: Any, weight: Any, backend: Any, num_replicas: int, check_values: bool | None) -> Any:
+    """Validate ``previous`` [L, R] (integer expert ids) and convert it to ``weight``'s kind and device."""
+    name = _xp.backend_name(weight)
+    try:
+        same_kind = _xp.backend_name(previous) == name
+    except TypeError:
+        same_kind = False
+    if name == "numpy" or not same_kind:
+        try:
+            previous = np.asarray(previous)
+        except ValueError as err:  # ragged nested lists
+            raise ValueError(f"previous must be a rectangular [layers, num_replicas] array: {err}") from None
+        except (TypeError, RuntimeError) as err:  # e.g. a CUDA tensor for a numpy weight
+            raise TypeError(f"previous must be an integer array [layers, num_replicas]: {err}") from None
+        if previous.dtype.kind not in "iu":
+            raise TypeError(f"previous must hold integer expert ids, got dtype {previous.dtype}")
+        if name == "torch":
+            previous = sys.modules["torch"].as_tensor(previous, device=weight.device)
+        elif name == "jax":
+            previous = sys.modules["jax"].numpy.asarray(previous)
+    elif name == "torch":
+        previous = previous.to(weight.device)
+    if backend.dtype_kind(previous) not in "iu":
+        raise TypeError(f"previous must hold integer expert ids, got dtype {previous.dtype}")
+    expected = (weight.shape[0], num_replicas)
+    if tuple(previous.shape) != expected:
+        raise ValueError(
+            f"previous must have shape [layers, num_replicas] = {list(expected)}, got {list(previous.shape)}"
+        )
+    if check_values is not False:
+        values = backend.host_values(previous, force=bool(check_values))
+        if values is not None and values.size and (values.min() < 0 or values.max() >= weight.shape[1]):
+            raise ValueError(
+                f"previous must hold expert ids in [0, {weight.shape[1]}), "
+                f"got values from {values.min()} to {values.max()}"
+            )
+    return previous
+
+
+def _checked_knobs(balance_tolerance: Any, max_moves: Any, previous: Any, spill: int) -> tuple[Any, Any]:
+    """``balance_tolerance`` (float >= 0) and ``max_moves`` (int >= 0), both only with ``previous``."""
+    if balance_tolerance is not None:
+        if isinstance(balance_tolerance, bool) or not isinstance(balance_tolerance, numbers.Real):
+            raise TypeError(f"balance_tolerance must be a float, got {type(balance_tolerance).__name__}")
+        balance_tolerance = float(balance_tolerance)
+        if not (math.isfinite(balance_tolerance) and balance_tolerance >= 0):
+            raise ValueError(f"balance_tolerance={balance_tolerance} must be a finite number >= 0")
+    if max_moves is not None:
+        if isinstance(max_moves, bool) or not isinstance(max_moves, numbers.Integral):
+            raise TypeError(f"max_moves must be an int, got {type(max_moves).__name__} {max_moves!r}")
+        max_moves = int(max_moves)
+        if max_moves < 0:
+            raise ValueError(f"max_moves={max_moves} must be >= 0")
+    knobs = [k for k, v in (("balance_tolerance", balance_tolerance), ("max_moves", max_moves)) if v is not None]
+    if knobs and previous is None:
+        raise ValueError(f"{' and '.join(knobs)} only apply with previous= (the placement in use)")
+    if knobs and spill:
+        raise ValueError(f"{' and '.join(knobs)} cannot be combined with spill={spill}; previous= alone can")
+    return balance_tolerance, max_moves
+
+
 def _as_float32(weight: Any) -> tuple[Any, Any]:
     xp = _xp.array_namespace(weight)
     return xp, xp.astype(weight, xp.float32)
@@ -75,6 +139,9 @@ def rebalance_experts(
     policy: str = "greedy",
     spill: int = 0,
     check_values: bool | None = None,
+    previous: Any = None,
+    balance_tolerance: float | None = None,
+    max_moves: int | None = None,
 ) -> Placement:
     """Place ``num_replicas`` expert replicas on ``num_gpus`` GPUs, per layer.
 
@@ -115,6 +182,28 @@ def rebalance_experts(
         wherever it is free: numpy, torch CPU, concrete JAX arrays on the CPU.
         CUDA tensors and JAX device arrays are checked only with ``True``
         (it copies the loads to the host); JAX tracers cannot be checked.
+        The same rule applies to the ids in ``previous``.
+    previous : array [L, R], integer, keyword-only
+        The placement in use (its ``phy2log``). The result then has the same
+        balance (the same multiset of GPU loads per layer) with nodes, GPUs
+        within a node and slots within a GPU relabelled so that the most
+        ``(expert, GPU)`` pairs stay where they are (an exact assignment per
+        layer; an expert staying on its GPU keeps its slot). An unchanged
+        load moves nothing. Replica numbers in ``log2phy`` then follow slot
+        order. See ``docs/migration.md``.
+    balance_tolerance : float, keyword-only
+        With ``previous``: keep more experts in place at a bounded loss of
+        balance. Per layer, the result with the fewest moved experts found
+        whose heaviest GPU is at most ``(1 + balance_tolerance)`` times the
+        heaviest GPU of the placement without ``previous`` (so balancedness
+        drops by at most a factor ``1 / (1 + balance_tolerance)``; ``0.0``:
+        never less balanced). Found by local search from the previous
+        placement (swaps and replica changes out of the heaviest GPU).
+    max_moves : int, keyword-only
+        With ``previous``: move at most this many experts per layer. Alone,
+        the result is the lightest heaviest GPU found within the budget
+        (balance as without ``previous`` whenever the budget allows); with
+        ``balance_tolerance``, both bounds hold where possible.
 
     Returns
     -------
@@ -144,6 +233,23 @@ def rebalance_experts(
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} must be one of {', '.join(map(repr, POLICIES))}")
     spill = _validate.check_spill(spill, weight.shape[1], num_replicas, num_nodes, hierarchical)
+    balance_tolerance, max_moves = _checked_knobs(balance_tolerance, max_moves, previous, spill)
+    if previous is not None:
+        previous = _checked_previous(previous, weight, backend, num_replicas, check_values)
+        placement = backend.rebalance_stable(
+            weight,
+            previous,
+            num_replicas,
+            num_groups,
+            num_nodes,
+            num_gpus,
+            hierarchical=hierarchical,
+            policy=policy,
+            spill=spill,
+            tolerance=balance_tolerance,
+            max_moves=max_moves,
+        )
+        return Placement(*placement)
     placement = backend.rebalance(
         weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, policy=policy, spill=spill
     )

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from eplb.algorithms.policies import place
+from eplb.algorithms.stability import place_stable
 
-__all__ = ["dtype_kind", "host_values", "rebalance"]
+__all__ = ["dtype_kind", "host_values", "rebalance", "rebalance_stable"]
 
 
 def dtype_kind(weight: jax.Array) -> str:
@@ -56,3 +57,30 @@ def rebalance(
     """Placement of a JAX array; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords (static)."""
     config = (num_replicas, num_groups, num_nodes, num_gpus)
     return _rebalance(weight, config, tuple(sorted(options.items())))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _rebalance_stable(
+    weight: jax.Array, previous: jax.Array, config: tuple[int, int, int, int], options: tuple[tuple[str, Any], ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    index = jnp.arange(1).dtype  # JAX's default integer
+
+    def one_layer(row: jax.Array, old: jax.Array) -> tuple[jax.Array, ...]:
+        placement = place_stable(row[None, :], old[None, :], *config, xp=jnp, **dict(options))
+        return tuple(a[0] for a in placement)
+
+    return jax.vmap(one_layer)(weight.astype(jnp.float32), previous.astype(index))
+
+
+def rebalance_stable(
+    weight: jax.Array,
+    previous: jax.Array,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    **options: Any,
+) -> tuple[Any, Any, Any]:
+    """:func:`rebalance` keeping ``previous [L, R]``'s experts in place; ``options`` static."""
+    config = (num_replicas, num_groups, num_nodes, num_gpus)
+    return _rebalance_stable(weight, previous, config, tuple(sorted(options.items())))

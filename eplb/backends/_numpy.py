@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from eplb.algorithms.policies import place
+from eplb.algorithms.stability import place_stable
 
-__all__ = ["dtype_kind", "host_values", "rebalance"]
+__all__ = ["dtype_kind", "host_values", "rebalance", "rebalance_stable"]
 
 
 def dtype_kind(weight: np.ndarray) -> str:
@@ -25,4 +26,20 @@ def rebalance(
     """Placement of a numpy array; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords."""
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
     placement = place(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
+    return tuple(np.asarray(a, dtype=np.int64) for a in placement)
+
+
+def rebalance_stable(
+    weight: np.ndarray,
+    previous: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    **options: Any,
+) -> tuple[Any, Any, Any]:
+    """Placement keeping ``previous [L, R]``'s experts in place (:func:`eplb.algorithms.stability.place_stable`)."""
+    weight32 = np.ascontiguousarray(weight, dtype=np.float32)
+    previous = np.ascontiguousarray(previous, dtype=np.int64)
+    placement = place_stable(weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)

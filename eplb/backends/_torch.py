@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from eplb.algorithms.policies import place
+from eplb.algorithms.stability import place_stable
 from eplb.backends import _numpy
 
-__all__ = ["dtype_kind", "host_values", "rebalance"]
+__all__ = ["dtype_kind", "host_values", "rebalance", "rebalance_stable"]
 
 
 def dtype_kind(weight: torch.Tensor) -> str:
@@ -66,3 +67,31 @@ def rebalance(
     if impl != "torch":
         raise ValueError(f"impl must be 'torch', 'numpy' or None, got {impl!r}")
     return place(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
+
+
+def rebalance_stable(
+    weight: torch.Tensor,
+    previous: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    impl: str | None = None,
+    **options: Any,
+) -> tuple[Any, Any, Any]:
+    """:func:`rebalance` keeping ``previous [L, R]``'s experts in place (same ``impl`` rule)."""
+    if impl is None:
+        impl = "numpy" if weight.device.type == "cpu" else "torch"
+    weight32 = weight.detach().to(torch.float32).contiguous()
+    previous = previous.detach().to(device=weight.device, dtype=torch.int64).contiguous()
+    if impl == "numpy":
+        if weight.device.type != "cpu":
+            raise ValueError(f"impl='numpy' needs a CPU tensor, got device {weight.device}")
+        placement = _numpy.rebalance_stable(
+            weight32.numpy(), previous.numpy(), num_replicas, num_groups, num_nodes, num_gpus, **options
+        )
+        return tuple(torch.from_numpy(a) for a in placement)
+    if impl != "torch":
+        raise ValueError(f"impl must be 'torch', 'numpy' or None, got {impl!r}")
+    return place_stable(weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)

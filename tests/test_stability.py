@@ -1,0 +1,320 @@
+"""Migration-aware rebalancing: ``rebalance_experts(..., previous=...)`` and its knobs.
+
+- the assignment solver is exact (against brute force), ties included;
+- relabelling keeps the balance (same multiset of GPU loads), keeps the most
+  experts in place (brute force on small configs), and moves nothing on an
+  unchanged load, on every backend;
+- ``balance_tolerance`` bounds the heaviest GPU per layer and cuts moves on a
+  drifting load; ``max_moves`` bounds the moves per layer;
+- every backend returns the same placement with ``previous=``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import eplb
+from eplb import metrics
+from eplb.algorithms.assignment import max_assignment
+from eplb.algorithms.relabel import count_moves, relabel
+
+from . import cases
+from .conftest import Backend, backend_params, make_runner
+
+# (replicas, groups, nodes, gpus) for E = 16 experts; the first is the cross-backend config.
+CONFIG = (24, 4, 2, 4)
+SMALL = [CONFIG, (32, 3, 2, 8), (16, 4, 2, 16), (16, 2, 1, 1), (20, 4, 4, 4)]
+EXPERTS = 16
+LAYERS = 12
+
+
+def drifting(rng: np.random.Generator, layers: int, experts: int, windows: int, drift: float = 0.03) -> list:
+    """Integer loads per window: each expert's load drifts by ``drift`` (lognormal) per window,
+    and every fourth window a few experts shift by up to ~3x."""
+    base = rng.lognormal(0.0, 1.0, (layers, experts))
+    out = []
+    for t in range(windows):
+        base = base * np.exp(rng.normal(0.0, drift, base.shape))
+        if t % 4 == 3:
+            rows = np.arange(layers)[:, None]
+            base[rows, rng.integers(0, experts, (layers, 2))] *= rng.lognormal(0.0, 0.7, (layers, 2))
+        out.append(np.round(base * 1000).astype(np.int64))
+    return out
+
+
+def gpu_multisets(phy2log: np.ndarray, num_gpus: int) -> list:
+    """Per layer: the sorted list of each GPU's sorted experts (GPU and slot labels forgotten)."""
+    per_gpu = np.sort(phy2log.reshape(len(phy2log), num_gpus, -1), axis=-1)
+    return [sorted(map(tuple, layer.tolist())) for layer in per_gpu]
+
+
+def peak_load(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    return np.asarray(metrics.gpu_loads(weight, phy2log, num_gpus)).max(axis=-1)
+
+
+def check_valid(placement: eplb.Placement, num_experts: int) -> None:
+    """Every expert has a replica; logcnt and log2phy agree with phy2log."""
+    phy2log, log2phy, logcnt = (np.asarray(a) for a in placement)
+    for layer in range(len(phy2log)):
+        counts = np.bincount(phy2log[layer], minlength=num_experts)
+        np.testing.assert_array_equal(counts, logcnt[layer])
+        assert counts.min() >= 1
+        for e in range(num_experts):
+            slots = log2phy[layer, e]
+            assert (slots[counts[e] :] == -1).all()
+            assert sorted(slots[: counts[e]].tolist()) == np.flatnonzero(phy2log[layer] == e).tolist()
+
+
+def brute_force_kept(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: int) -> int:
+    """Most (expert, GPU) pairs kept over every node and within-node GPU relabelling (one layer)."""
+    g = num_gpus // num_nodes
+    hist_new = np.stack([np.bincount(gpu, minlength=64) for gpu in new.reshape(num_gpus, -1)])
+    hist_old = np.stack([np.bincount(gpu, minlength=64) for gpu in old.reshape(num_gpus, -1)])
+    kept = np.minimum(hist_new[:, None, :], hist_old[None, :, :]).sum(axis=-1)  # [G new, G old]
+    perms = np.array(list(itertools.permutations(range(g))))
+    rows = np.arange(g)
+    # best[a, b]: new node a on old node b, its GPUs matched as well as possible.
+    best = np.array(
+        [
+            [kept[a * g : (a + 1) * g, b * g : (b + 1) * g][rows, perms].sum(axis=1).max() for b in range(num_nodes)]
+            for a in range(num_nodes)
+        ]
+    )
+    return max(best[np.arange(num_nodes), list(p)].sum() for p in itertools.permutations(range(num_nodes)))
+
+
+# ---------------------------------------------------------------- the assignment solver
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_max_assignment_is_optimal(n):
+    """The Hungarian solver returns a permutation of maximum total profit, ties and zeros included."""
+    rng = np.random.default_rng(n)
+    profit = rng.integers(0, 4, (60, n, n))
+    profit[:10] = 0  # all tied
+    profit[10:20] = rng.integers(0, 2, (10, n, n))  # mostly tied
+    col = max_assignment(profit, xp=np)
+    assert (np.sort(col, axis=-1) == np.arange(n)).all()
+    got = np.take_along_axis(profit, col[:, :, None], axis=2).sum(axis=(1, 2))
+    best = [max(sum(p[i, c] for i, c in enumerate(perm)) for perm in itertools.permutations(range(n))) for p in profit]
+    np.testing.assert_array_equal(got, best)
+
+
+def test_max_assignment_same_on_torch_ops():
+    """torch ops (the CUDA code path) solve to the same permutation as numpy, ties included."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as txp
+
+    profit = np.random.default_rng(7).integers(0, 3, (40, 7, 7))
+    np.testing.assert_array_equal(
+        max_assignment(torch.as_tensor(profit), xp=txp).numpy(), max_assignment(profit, xp=np)
+    )
+
+
+# ---------------------------------------------------------------- relabelling
+
+
+@pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
+def test_relabel_keeps_balance_and_most_experts(config):
+    """Same GPU contents up to labels (so the same GPU loads), and as many kept pairs as brute force finds."""
+    replicas, groups, nodes, gpus = config
+    hierarchical = groups % nodes == 0
+    old_w, new_w = drifting(np.random.default_rng(1), 8, EXPERTS, 2, drift=0.3)
+    old = eplb.rebalance_experts(old_w, *config).phy2log
+    fresh = eplb.rebalance_experts(new_w, *config)
+    stable = eplb.rebalance_experts(new_w, *config, previous=old)
+    check_valid(stable, EXPERTS)
+    assert gpu_multisets(stable.phy2log, gpus) == gpu_multisets(fresh.phy2log, gpus)
+    np.testing.assert_array_equal(np.sort(stable.logcnt), np.sort(fresh.logcnt))
+    assert sorted(np.asarray(metrics.gpu_loads(new_w, stable.phy2log, gpus)).ravel().tolist()) == pytest.approx(
+        sorted(np.asarray(metrics.gpu_loads(new_w, fresh.phy2log, gpus)).ravel().tolist()), rel=1e-6
+    )
+    moved = count_moves(stable.phy2log, old, gpus, xp=np)
+    for layer in range(len(old)):
+        best = brute_force_kept(fresh.phy2log[layer], old[layer], gpus, nodes if hierarchical else 1)
+        assert replicas - moved[layer] == best
+    assert (moved <= count_moves(fresh.phy2log, old, gpus, xp=np)).all()
+
+
+def test_relabel_undoes_a_permutation():
+    """A placement whose nodes, GPUs and slots were shuffled comes back exactly."""
+    rng = np.random.default_rng(2)
+    weight = cases.lognormal_f32(rng, 6, 256)
+    fresh = eplb.rebalance_experts(weight, 288, 8, 4, 32).phy2log
+    nodes, gpus_per_node, per_gpu = 4, 8, 9
+    for layer in range(len(fresh)):
+        shuffled = fresh[layer].reshape(nodes, gpus_per_node, per_gpu)[rng.permutation(nodes)]
+        shuffled = np.stack([node[rng.permutation(gpus_per_node)] for node in shuffled])
+        shuffled = np.stack([[gpu[rng.permutation(per_gpu)] for gpu in node] for node in shuffled])
+        old = shuffled.reshape(1, -1)
+        np.testing.assert_array_equal(relabel(fresh[layer : layer + 1], old, 32, 4, xp=np), old)
+
+
+def test_unchanged_load_moves_nothing_in_a_chain():
+    """A stable chain on the same load stays put, with and without the knobs."""
+    weight = cases.lognormal_f32(np.random.default_rng(3), 8, 256)
+    for options in ({}, {"balance_tolerance": 0.0}, {"balance_tolerance": 0.02}, {"max_moves": 4}):
+        first = eplb.rebalance_experts(weight, 288, 8, 4, 32).phy2log
+        again = eplb.rebalance_experts(weight, 288, 8, 4, 32, previous=first, **options).phy2log
+        np.testing.assert_array_equal(again, first)
+
+
+# JAX compiles once per option set: the eager JAX backend is checked with the knobs in
+# test_cross_backend_previous, the user's-jit path here.
+@pytest.mark.parametrize("runner", backend_params([b for b in Backend if b is not Backend.JAX]), indirect=True)
+def test_unchanged_load_moves_nothing(runner):
+    """Every backend: previous = the placement of the same load gives it back exactly (relabelling only)."""
+    weight = np.concatenate(
+        [cases.ties(np.random.default_rng(4), EXPERTS), cases.lognormal_f32(np.random.default_rng(5), 3, EXPERTS)]
+    )[:LAYERS]
+    expected = eplb.rebalance_experts(weight, *CONFIG)
+    if runner.backend is Backend.TORCH_OPS:
+        pytest.skip("covered by test_cross_backend_previous")
+    got = runner.rebalance_np(weight, *CONFIG, previous=runner.asarray(expected.phy2log))
+    np.testing.assert_array_equal(got[0], expected.phy2log)
+    np.testing.assert_array_equal(got[2], expected.logcnt)
+
+
+# ---------------------------------------------------------------- the knobs
+
+
+def chain(windows: list, config: tuple, *, oblivious: bool = False, **options) -> tuple[int, list]:
+    """Moves summed over a chain of rebalances (each given the previous result), and the results."""
+    placement = eplb.rebalance_experts(windows[0], *config).phy2log
+    total, results = 0, []
+    for weight in windows[1:]:
+        stable = {} if oblivious else {"previous": placement, **options}
+        result = eplb.rebalance_experts(weight, *config, **stable)
+        total += int(count_moves(result.phy2log, placement, config[3], xp=np).sum())
+        placement = result.phy2log
+        results.append(result)
+    return total, results
+
+
+@pytest.mark.parametrize("config", [(40, 4, 2, 8), (40, 1, 1, 8)], ids=["hierarchical", "global"])
+def test_tolerance_trades_balance_for_moves(config):
+    """On a drifting load: the heaviest GPU stays within (1 + tolerance) of fresh's per layer, and
+    the moves fall far below an oblivious rebalance's (the design target is 10%)."""
+    windows = drifting(np.random.default_rng(6), 8, 32, 9, drift=0.02)
+    oblivious, _ = chain(windows, config, oblivious=True)
+    moves = {}
+    for tolerance in (0.0, 0.005, 0.05):
+        moves[tolerance], results = chain(windows, config, balance_tolerance=tolerance)
+        for weight, result in zip(windows[1:], results, strict=True):
+            check_valid(result, 32)
+            fresh_peak = peak_load(weight, eplb.rebalance_experts(weight, *config).phy2log, config[3])
+            limit = fresh_peak.astype(np.float32) * np.float32(1 + tolerance)
+            assert (peak_load(weight, result.phy2log, config[3]) <= limit).all()
+    assert moves[0.005] <= 0.2 * oblivious
+    assert moves[0.05] <= moves[0.005] <= moves[0.0]
+
+
+def test_max_moves_caps_moves():
+    """max_moves bounds the moves of every layer; max_moves=0 keeps the previous placement."""
+    old_w, new_w = drifting(np.random.default_rng(8), 8, EXPERTS, 2, drift=0.4)
+    old = eplb.rebalance_experts(old_w, *CONFIG).phy2log
+    for cap in (0, 1, 3, 6):
+        result = eplb.rebalance_experts(new_w, *CONFIG, previous=old, max_moves=cap)
+        check_valid(result, EXPERTS)
+        assert (count_moves(result.phy2log, old, CONFIG[3], xp=np) <= cap).all()
+    np.testing.assert_array_equal(eplb.rebalance_experts(new_w, *CONFIG, previous=old, max_moves=0).phy2log, old)
+
+
+def test_hierarchical_results_keep_groups_on_nodes():
+    """With the hierarchical policy every group's replicas stay on one node, knobs included."""
+    windows = drifting(np.random.default_rng(9), 8, 32, 4, drift=0.2)
+    replicas, groups, nodes, _ = config = (48, 8, 4, 8)
+    for options in ({}, {"balance_tolerance": 0.01}, {"max_moves": 5}):
+        _, results = chain(windows, config, **options)
+        for result in results:
+            node_of_slot = np.arange(replicas) // (replicas // nodes)
+            group = result.phy2log // (32 // groups)
+            for layer in range(len(group)):
+                for g in range(groups):
+                    assert len(set(node_of_slot[group[layer] == g].tolist())) == 1
+
+
+def test_invalid_previous_falls_back_to_relabelling():
+    """A previous placement missing an expert is not repaired: the knobs give the relabelled placement."""
+    old_w, new_w = drifting(np.random.default_rng(10), 4, EXPERTS, 2)
+    old = eplb.rebalance_experts(old_w, *CONFIG).phy2log.copy()
+    old[:, old[0] == 3] = 4  # expert 3 gone
+    plain = eplb.rebalance_experts(new_w, *CONFIG, previous=old)
+    tolerant = eplb.rebalance_experts(new_w, *CONFIG, previous=old, balance_tolerance=0.5)
+    check_valid(tolerant, EXPERTS)
+    assert (count_moves(tolerant.phy2log, old, 4, xp=np) <= count_moves(plain.phy2log, old, 4, xp=np)).all()
+
+
+# ---------------------------------------------------------------- every backend agrees
+
+
+def test_cross_backend_previous():
+    """numpy, torch (default and forced torch ops) and JAX agree with previous= and a tolerance."""
+    rng = np.random.default_rng(11)
+    windows = drifting(rng, LAYERS - 4, EXPERTS, 2, drift=0.3)
+    weight = np.concatenate([windows[1], cases.ties(rng, EXPERTS)[[0, 1, 5, 6]]])
+    previous = eplb.rebalance_experts(np.concatenate([windows[0], windows[0][:4]]), *CONFIG).phy2log
+    options = {"previous": previous, "balance_tolerance": 0.01}
+    expected = eplb.rebalance_experts(weight, *CONFIG, **options)
+    check_valid(expected, EXPERTS)
+    for backend in (Backend.TORCH, Backend.JAX):
+        if not backend.available():
+            continue
+        runner = make_runner(backend)
+        got = runner.rebalance_np(weight, *CONFIG, **{**options, "previous": runner.asarray(previous)})
+        for name, x, y in zip(eplb.Placement._fields, got, expected, strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=f"{name} differs on {backend.value}")
+    if Backend.TORCH_OPS.available():
+        import torch
+
+        from eplb.backends import _torch
+
+        got = _torch.rebalance_stable(
+            torch.as_tensor(weight),
+            torch.as_tensor(previous),
+            *CONFIG,
+            impl="torch",
+            hierarchical=True,
+            tolerance=0.01,
+        )
+        for name, x, y in zip(eplb.Placement._fields, got, expected, strict=True):
+            np.testing.assert_array_equal(x.numpy(), y, err_msg=f"{name} differs on torch ops")
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"previous": np.zeros((1, 24), dtype=np.int64)}, ValueError, r"previous must have shape .*\[2, 24\]"),
+        ({"previous": np.zeros((2, 24))}, TypeError, "previous must hold integer expert ids"),
+        ({"previous": np.full((2, 24), 16)}, ValueError, r"previous must hold expert ids in \[0, 16\)"),
+        ({"previous": np.full((2, 24), -1)}, ValueError, "previous must hold expert ids"),
+        ({"previous": [[0] * 24, [0] * 23]}, ValueError, "previous must be a rectangular"),
+        ({"balance_tolerance": 0.1}, ValueError, "only apply with previous="),
+        ({"max_moves": 3}, ValueError, "only apply with previous="),
+        ({"previous": np.zeros((2, 24), dtype=int), "balance_tolerance": -0.1}, ValueError, "balance_tolerance"),
+        ({"previous": np.zeros((2, 24), dtype=int), "balance_tolerance": True}, TypeError, "balance_tolerance"),
+        ({"previous": np.zeros((2, 24), dtype=int), "max_moves": 1.5}, TypeError, "max_moves"),
+        ({"previous": np.zeros((2, 24), dtype=int), "max_moves": -1}, ValueError, "max_moves=-1"),
+    ],
+)
+def test_validation(options, error, match):
+    weight = np.arange(32).reshape(2, 16)
+    with pytest.raises(error, match=match):
+        eplb.rebalance_experts(weight, *CONFIG, **options)
+
+
+def test_previous_from_another_framework():
+    """A numpy previous works with torch and JAX loads (converted to the load's kind)."""
+    weight = cases.lognormal_f32(np.random.default_rng(12), 2, EXPERTS)
+    previous = eplb.rebalance_experts(weight[::-1].copy(), *CONFIG).phy2log
+    expected = eplb.rebalance_experts(weight, *CONFIG, previous=previous).phy2log
+    for backend in (Backend.TORCH,):
+        if backend.available():
+            runner = make_runner(backend)
+            np.testing.assert_array_equal(runner.rebalance_np(weight, *CONFIG, previous=previous)[0], expected)
