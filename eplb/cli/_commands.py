@@ -37,11 +37,8 @@ def demo(args: argparse.Namespace, console: Console) -> int:
     ).phy2log.tolist() == [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]]
     console.print(f"[bold]eplb {eplb.__version__} demo[/]")
     console.print(f"published golden example reproduced: {'[green]yes[/]' if golden else '[red]NO[/]'}")
-    console.print(
-        f"embedded load: DeepSeek-V3 shape, {weight.shape[0]} layers x {weight.shape[1]} experts "
-        f"({data.num_groups} groups), synthetic token counts -> {data.num_replicas} slots on "
-        f"{data.num_nodes} nodes x {data.num_gpus // data.num_nodes} GPUs"
-    )
+    console.print("embedded load: synthetic DeepSeek-V3-shaped token counts")
+    console.print(f"  {common.describe(weight, config)}")
     rows, reference, best = [], {}, None
     runs = [(p, b) for p in POLICIES for b in common.BACKENDS]
     with console.progress(len(runs)) as step:
@@ -74,9 +71,10 @@ def demo(args: argparse.Namespace, console: Console) -> int:
         rows,
     )
     console.print(
-        "[dim]balancedness: mean over layers of mean/max GPU load (1 = perfect); lower bound: the best\n"
-        "balancedness any placement could reach (mean GPU load / a lower bound on the max GPU load);\n"
-        f"ms/call: median of {common.TIMED_CALLS} warm calls after a first (compiling) one.[/]"
+        "[dim]balancedness: mean over layers of mean/max GPU load (1 = perfect).\n"
+        "lower bound: the best balancedness any placement could reach\n"
+        "  (mean GPU load / a lower bound on the max GPU load).\n"
+        f"ms/call: median of {common.TIMED_CALLS} calls after a first one (which compiles on JAX).[/]"
     )
     policy, backend, placement, quality = best
     extra = {"load": "embedded DeepSeek-V3-shaped demo load", "policy": policy, "backend": backend}
@@ -143,8 +141,10 @@ def plan(args: argparse.Namespace, console: Console) -> int:
         before_phy2log = previous if previous is not None else _naive(weight, config)
         before = common.quality(weight, before_phy2log, config)
         step("writing")
-        console.print(f"load {console.escape(args.load)}: {common.describe(weight, config)}")
-        console.print(f"planned with the {args.policy} policy on {args.backend} in {1e3 * seconds:.1f} ms")
+        console.print(f"load: {console.escape(args.load)}")
+        console.print(f"  {common.describe(weight, config)}")
+        compiled = " (with compiling)" if args.backend == "jax" else ""
+        console.print(f"planned with the {args.policy} policy on {args.backend} in {1e3 * seconds:.1f} ms{compiled}")
         before_name = "before: previous" if previous is not None else "before: naive"
         rows = [
             [name, common.fmt(q["balancedness"]), common.fmt(q["imbalance"], 3), common.fmt(q["of_bound"])]
@@ -153,8 +153,8 @@ def plan(args: argparse.Namespace, console: Console) -> int:
         console.table("Placement quality", ["placement", "balancedness", "max/mean", "of bound"], rows, left=1)
         naive = "" if previous is not None else "naive: slot j holds expert j mod E (no balancing).\n"
         console.print(
-            f"[dim]{naive}best balancedness possible: {after['ceiling']:.4f} "
-            "(from a lower bound on the max GPU load);\n"
+            f"[dim]{naive}best balancedness possible: {after['ceiling']:.4f}\n"
+            "  (mean GPU load / a lower bound on the max GPU load).\n"
             "of bound: that lower bound / max GPU load, mean over layers (1 = optimal).[/]"
         )
         if previous is not None:
@@ -221,7 +221,9 @@ def inspect_placement(args: argparse.Namespace, console: Console) -> int:
             ["lower bound (best balancedness possible)", common.fmt(quality["ceiling"])],
             ["of bound (lower bound / max GPU load)", common.fmt(quality["of_bound"])],
         ]
-        console.table(f"{console.escape(args.placement)} against {console.escape(args.load)}", ["", "value"], rows)
+        console.print(f"placement: {console.escape(args.placement)}")
+        console.print(f"load: {console.escape(args.load)}")
+        console.table("Placement quality", ["", "value"], rows)
         if args.plot:
             step("plotting")
             bound = quality["bound"]

@@ -159,13 +159,12 @@ def plot(path: str, weight: np.ndarray, phy2log: np.ndarray, config: dict[str, A
 
 
 def describe(weight: np.ndarray, config: dict[str, Any]) -> str:
-    """``58 layers x 256 experts; 288 slots on 32 GPUs (4 nodes), 8 groups: hierarchical policy``."""
+    """``58 layers x 256 experts -> 288 slots, 32 GPUs, 4 nodes, 8 groups: hierarchical``."""
     nodes, groups = config["num_nodes"], config["num_groups"]
-    policy = "hierarchical" if config["hierarchical"] and nodes > 1 else "global"
-    where = f"{config['num_gpus']} GPUs" + (f" ({nodes} nodes)" if nodes > 1 else "")
-    grouping = f", {groups} groups" if policy == "hierarchical" else ""
-    sizes = f"{weight.shape[0]} layers x {weight.shape[1]} experts; {config['num_replicas']} slots on {where}"
-    return f"{sizes}{grouping}: {policy} policy"
+    hierarchical = config["hierarchical"] and nodes > 1
+    where = f"{config['num_gpus']} GPUs" + (f", {nodes} nodes, {groups} groups" if hierarchical else "")
+    sizes = f"{weight.shape[0]} layers x {weight.shape[1]} experts -> {config['num_replicas']} slots, {where}"
+    return f"{sizes}: {'hierarchical' if hierarchical else 'global'}"
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
