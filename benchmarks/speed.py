@@ -78,7 +78,14 @@ def implementations(weight: np.ndarray, config: list[int], policy: str) -> list[
         )
         if torch.cuda.is_available():
             wc = wt.cuda()
-            out.append(("torch cuda eager", lambda: eplb.rebalance_experts(wc, *config, policy=policy), "cuda"))
+            out.append(("torch cuda (default)", lambda: eplb.rebalance_experts(wc, *config, policy=policy), "cuda"))
+            out.append(
+                (
+                    "torch cuda (torch ops)",
+                    lambda: _torch.rebalance(wc, *config, hierarchical=hier, policy=policy, impl="torch"),
+                    "cuda",
+                )
+            )
     if importlib.util.find_spec("jax"):
         import jax
 

@@ -6,6 +6,7 @@ Nothing here reads a tensor's values on the host (no ``.item()``, ``.cpu()``,
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import array_api_compat.torch as xp
@@ -38,6 +39,11 @@ def host_values(weight: torch.Tensor, force: bool) -> np.ndarray | None:
     return weight.numpy()
 
 
+def _kernel_applies(options: dict[str, Any]) -> bool:
+    """The fused kernel covers the greedy policy without extra options."""
+    return options.get("policy", "greedy") == "greedy" and not options.get("spill", 0)
+
+
 def rebalance(
     weight: torch.Tensor,
     num_replicas: int,
@@ -53,11 +59,23 @@ def rebalance(
     ``impl``: ``"torch"`` runs torch ops; ``"numpy"`` (CPU tensors only) runs
     the numpy backend on a zero-copy view, since a torch CPU op costs about
     7 us against numpy's 1-3 us and the loop is made of many tiny ops;
-    ``None`` picks numpy on the CPU and torch elsewhere. Both give the same
-    placement: the algorithm layer is the same code.
+    ``"triton"`` (CUDA, greedy policy) runs the fused kernel of
+    :mod:`eplb.backends._triton`; ``None`` picks numpy on the CPU, the kernel
+    on CUDA where it applies and Triton is installed, torch ops otherwise.
+    All give the same placement.
     """
     if impl is None:
-        impl = "numpy" if weight.device.type == "cpu" else "torch"
+        if weight.device.type == "cpu":
+            impl = "numpy"
+        else:
+            impl = "triton" if _kernel_applies(options) and importlib.util.find_spec("triton") else "torch"
+    if impl == "triton":
+        if not _kernel_applies(options) or weight.device.type != "cuda":
+            raise ValueError(f"impl='triton' needs a CUDA tensor and the plain greedy policy, got {options}")
+        from eplb.backends import _triton
+
+        hierarchical = options["hierarchical"]
+        return _triton.rebalance_greedy_cuda(weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical)
     weight32 = weight.detach().to(torch.float32).contiguous()
     if impl == "numpy":
         if weight.device.type != "cpu":

@@ -1,0 +1,76 @@
+"""The fused Triton kernel of the greedy policy: same placement as the array-API path.
+
+On a GPU the kernel is what torch CUDA inputs use by default, so the
+cross-backend suite covers it; here it is also compared with torch ops on
+the same device, and run under Triton's CPU interpreter where Triton is
+installed (a subprocess, since the interpreter is chosen at import).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from . import cases
+from .conftest import Backend
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [(288, 8, 4, 32), (288, 8, 3, 144), (768, 32, 32, 256), (24, 4, 2, 4), (16, 4, 2, 16), (20, 4, 4, 4)]
+
+
+def _experts(config: tuple[int, ...]) -> int:
+    return {288: 256, 768: 512}.get(config[0], 16)
+
+
+@pytest.mark.skipif(not Backend.TORCH_CUDA.available(), reason="no CUDA device for torch")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_kernel_equals_torch_ops_on_cuda(config):
+    import torch
+
+    from eplb.backends import _torch
+
+    rng = np.random.default_rng(sum(config))
+    experts = _experts(config)
+    weight = np.concatenate(
+        [cases.ties(rng, experts), cases.random_int(rng, 6, experts), cases.lognormal_f32(rng, 6, experts)]
+    ).astype(np.float32)
+    hier = config[1] % config[2] == 0
+    w = torch.as_tensor(weight, device="cuda")
+    kernel = _torch.rebalance(w, *config, hierarchical=hier, impl="triton")
+    ops = _torch.rebalance(w, *config, hierarchical=hier, impl="torch")
+    for a, b in zip(kernel, ops, strict=True):
+        assert a.device.type == "cuda" and a.dtype == torch.int64
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_kernel_under_triton_interpreter():
+    """Small configs through Triton's CPU interpreter, compared with the numpy path."""
+    script = textwrap.dedent(
+        """
+        import numpy as np, torch, eplb
+        from eplb.backends._triton import rebalance_greedy_cuda
+        from tests import cases
+        rng = np.random.default_rng(0)
+        for config in [(24, 4, 2, 4), (20, 4, 4, 4), (32, 3, 2, 8), (16, 4, 2, 16)]:
+            for weight in (cases.ties(rng, 16), cases.random_int(rng, 4, 16), cases.lognormal_f32(rng, 4, 16)):
+                weight = weight.astype(np.float32)
+                want = eplb.rebalance_experts(weight, *config)
+                got = rebalance_greedy_cuda(torch.tensor(weight), *config, config[1] % config[2] == 0)
+                for a, b in zip(want, got):
+                    assert np.array_equal(a, b.numpy()), config
+        print("interpreter ok")
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "interpreter ok" in out.stdout
