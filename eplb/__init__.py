@@ -7,7 +7,18 @@ on every backend.
 """
 
 from eplb._api import Placement, balanced_packing, rebalance_experts, replicate_experts
+from eplb.migration import TransferError, TransferPlan, moved_experts, plan_transfers
 from eplb.tracker import LoadTracker
 
-__all__ = ["LoadTracker", "Placement", "balanced_packing", "rebalance_experts", "replicate_experts"]
+__all__ = [
+    "LoadTracker",
+    "Placement",
+    "TransferError",
+    "TransferPlan",
+    "balanced_packing",
+    "moved_experts",
+    "plan_transfers",
+    "rebalance_experts",
+    "replicate_experts",
+]
 __version__ = "0.1.0"
