@@ -1,20 +1,10 @@
-"""Expert load statistics over a sliding window of steps, on the device.
+"""Expert load statistics over a sliding window of steps, on the device (:class:`LoadTracker`).
 
-:class:`LoadTracker` counts, per layer, how many routed tokens each logical
-expert received, step by step, and keeps the last ``window`` steps in a ring
-buffer. Its :meth:`~LoadTracker.load` is the ``weight [L, E]`` that
-:func:`eplb.rebalance_experts` takes.
-
-- **torch**: buffers live on the tracker's device and are updated in place
-  with fixed addresses and no host sync (``index_add_``, ``index_copy_``; the
-  ring position is a device counter), so recording and stepping can sit inside
-  a CUDA graph.
-- **JAX**: the tracker is a pytree and every method is a pure function that
-  returns a new tracker, so it can be carried through ``jax.jit``,
-  ``lax.scan`` and ``lax.cond``.
-- **numpy**: in place, for offline use and tests.
-
-Portable code always uses the returned tracker: ``tracker = tracker.record(ids, layer=3)``.
+torch: buffers updated in place, fixed addresses, no host sync (the ring
+position is a device counter), so recording and stepping fit in a CUDA graph.
+JAX: a pytree whose methods are pure functions (``jit``, ``lax.scan``,
+``lax.cond``). numpy: in place. Portable code always uses the returned
+tracker: ``tracker = tracker.record(ids, layer=3)``.
 """
 
 from __future__ import annotations
@@ -112,24 +102,14 @@ class LoadTracker:
         tracker.counts, tracker.pending, tracker.steps = counts, pending, steps
         return tracker
 
-    @property
-    def window(self) -> int:
-        return self.counts.shape[0]
-
-    @property
-    def num_layers(self) -> int:
-        return self.counts.shape[1]
-
-    @property
-    def num_experts(self) -> int:
-        return self.counts.shape[2]
+    window = property(lambda self: self.counts.shape[0], doc="Steps kept.")
+    num_layers = property(lambda self: self.counts.shape[1], doc="Layers ``L``.")
+    num_experts = property(lambda self: self.counts.shape[2], doc="Logical experts ``E``.")
 
     def __repr__(self) -> str:
         kind = _xp.backend_name(self.counts)
         sizes = f"num_layers={self.num_layers}, num_experts={self.num_experts}, window={self.window}"
         return f"LoadTracker({sizes}, backend={kind!r})"
-
-    # ------------------------------------------------------------ recording
 
     def record(self, topk_ids: Any, layer: Any = None, *, mask: Any = None) -> LoadTracker:
         """Count one batch of routing decisions into the pending step.
@@ -251,8 +231,6 @@ class LoadTracker:
         if _xp.is_jax(xp):
             return xp.sum(self.counts, axis=0, dtype=self.counts.dtype)
         return xp.sum(self.counts, axis=0, dtype=xp.int64)
-
-    # ------------------------------------------------------------ helpers
 
     def _like(self, x: Any, xp: Any) -> Any:
         """``x`` as an array of the tracker's framework (lists and numpy arrays are converted)."""
