@@ -1,0 +1,198 @@
+"""The torch.distributed executor, with gloo across 4 CPU processes.
+
+One group of 4 processes runs every scenario in turn: a migration (every
+rank then holds exactly the new placement's weights, in three tensors of
+different dtypes), ``in_place=False``, a failure injected on one rank while
+copies arrive, a rank failing its preparation, and last a peer that dies in
+the middle of its sends. After each failure every surviving rank must raise
+``TransferError`` naming the failed copy (or rank) and still hold its old
+weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import multiprocessing
+import os
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+WORLD, LAYERS, EXPERTS, SLOTS = 4, 3, 10, 16
+PER_GPU = SLOTS // WORLD
+
+
+def placements() -> tuple[np.ndarray, np.ndarray]:
+    """Old and new placements, the same on every rank: random, every expert present, with replicas."""
+    rng = np.random.default_rng(0)
+
+    def one() -> np.ndarray:
+        rows = [
+            rng.permutation(np.r_[np.arange(EXPERTS), rng.integers(0, EXPERTS, SLOTS - EXPERTS)]) for _ in range(LAYERS)
+        ]
+        return np.stack(rows)
+
+    old, new = one(), one()
+    new[1, 4:8] = [3, 3, 3, old[1, 7]]  # GPU 1 of layer 1: several copies of one expert (local stage-1 copies)
+    return old, new
+
+
+def weights_for(phy2log: np.ndarray, rank: int) -> dict[str, torch.Tensor]:
+    """Expert ``e`` of layer ``l`` carries values derived from ``(l, e)`` in three dtypes."""
+    mine = torch.as_tensor(phy2log.reshape(LAYERS, WORLD, PER_GPU)[:, rank])  # [L, s]
+    layer = torch.arange(LAYERS)[:, None]
+    base = (layer * 100 + mine).to(torch.float32)
+    return {
+        "w13": base[:, :, None, None] + torch.arange(6, dtype=torch.float32).reshape(1, 1, 2, 3) / 8,
+        "w2": (base[:, :, None] * 7).to(torch.int64) + torch.arange(5),
+        "scale": ((layer + mine) % 64).to(torch.bfloat16)[:, :, None].expand(LAYERS, PER_GPU, 4).contiguous(),
+    }
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def worker(rank: int, init_file: str, out_dir: str) -> None:
+    from eplb import TransferError, plan_transfers
+    from eplb.executors import torch as executor
+
+    results: dict[str, object] = {}
+
+    def record(name: str, fn) -> None:
+        try:
+            results[name] = fn()
+        except Exception:
+            results[name] = {"crash": traceback.format_exc()}
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(results))
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=20)
+    )
+    old, new = placements()
+    plan = plan_transfers(old, new, WORLD, 2)
+
+    def migrate() -> dict:
+        weights = weights_for(old, rank)
+        returned = executor.apply_plan(plan, weights)
+        return {"ok": returned is weights and same(weights, weights_for(new, rank)), "moved": int(plan.moved.sum())}
+
+    def functional() -> dict:
+        weights = weights_for(old, rank)
+        out = executor.apply_plan(plan, weights, in_place=False)
+        return {"ok": same(out, weights_for(new, rank)) and same(weights, weights_for(old, rank))}
+
+    def expect_failure(weights: dict, **options) -> dict:
+        before = {k: v.clone() for k, v in weights.items()}
+        try:
+            executor.apply_plan(plan, weights, **options)
+        except TransferError as err:
+            return {
+                "raised": True,
+                "intact": same(weights, before),
+                "transfer": err.transfer,
+                "rank": err.rank,
+                "msg": str(err),
+            }
+        return {"raised": False, "intact": same(weights, before)}
+
+    def hook_fails() -> dict:
+        # Rank 2 rejects the second copy it receives (as a checksum would).
+        victim = [int(r) for r in np.flatnonzero(plan.remote & (plan.dst_gpu == 2))][1]
+
+        def check(row: int) -> None:
+            if rank == 2 and row == victim:
+                raise RuntimeError("checksum mismatch")
+
+        return {**expect_failure(weights_for(old, rank), on_transfer=check), "victim": victim}
+
+    def prepare_fails() -> dict:
+        weights = weights_for(old, rank)
+        if rank == 1:
+            weights["w2"] = weights["w2"][:, :2]  # wrong shape on one rank
+        return expect_failure(weights)
+
+    def peer_dies() -> dict:
+        if rank == 3:
+            real = executor.dist.batch_isend_irecv
+
+            def half_then_die(ops):
+                for work in real(ops[: len(ops) // 2]):
+                    work.wait()
+                os._exit(0)
+
+            executor.dist.batch_isend_irecv = half_then_die
+        return expect_failure(weights_for(old, rank))
+
+    record("migrate", migrate)
+    record("functional", functional)
+    record("hook_fails", hook_fails)
+    record("prepare_fails", prepare_fails)
+    record("peer_dies", peer_dies)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[int, dict]:
+    tmp = tmp_path_factory.mktemp("gloo")
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=worker, args=(r, str(tmp / "init"), str(tmp))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return {
+        r: json.loads((tmp / f"{r}.json").read_text()) if (tmp / f"{r}.json").exists() else {} for r in range(WORLD)
+    }
+
+
+def _get(outcomes: dict, rank: int, name: str) -> dict:
+    result = outcomes[rank].get(name)
+    assert result is not None, f"rank {rank} did not reach {name}: {outcomes[rank]}"
+    assert "crash" not in result, result.get("crash")
+    return result
+
+
+def test_every_rank_holds_the_new_weights(outcomes):
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, "migrate")
+        assert result["ok"] and result["moved"] > 0
+
+
+def test_not_in_place_leaves_inputs(outcomes):
+    for rank in range(WORLD):
+        assert _get(outcomes, rank, "functional")["ok"]
+
+
+def test_failed_copy_keeps_old_weights_and_is_named(outcomes):
+    victim = _get(outcomes, 2, "hook_fails")["victim"]
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, "hook_fails")
+        assert result["raised"] and result["intact"], result
+        assert (result["transfer"], result["rank"]) == (victim, 2), result
+        assert f"transfer {victim} (layer" in result["msg"] and "old weights kept" in result["msg"]
+
+
+def test_failed_preparation_moves_nothing(outcomes):
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, "prepare_fails")
+        assert result["raised"] and result["intact"], result
+        assert result["transfer"] is None and result["rank"] == 1, result
+
+
+def test_dead_peer_keeps_old_weights(outcomes):
+    """Rank 3 exits after half its sends: ranks 0-2 raise and keep their weights."""
+    for rank in range(WORLD - 1):
+        result = _get(outcomes, rank, "peer_dies")
+        assert result["raised"] and result["intact"], result
+        assert "old weights kept" in result["msg"]
