@@ -12,8 +12,9 @@ Flax ``TrainState``). Each MoE layer keeps its experts in ``R`` physical slots
    (what the all-reduce among replicas does in expert parallelism), and SGD
    updates the slots;
 3. every ``--every`` steps, under ``lax.cond``, ``eplb.rebalance_experts``
-   plans from the tracker's window and the slots' weights move to the new
-   placement (a gather: the MIGRATION SPOT below).
+   plans from the tracker's window (``previous=`` the current placement, so
+   that few experts move) and the slots' weights move to the new placement
+   (a gather: the MIGRATION SPOT below).
 
 ``main`` prints the loss and, at each rebalance, the token imbalance (max/mean
 tokens per GPU) on a fixed batch before and after, and the largest change of
@@ -124,14 +125,16 @@ def token_imbalance(slot: jax.Array, cfg: Config) -> jax.Array:
 def rebalance(state: State, cfg: Config, probe: jax.Array) -> tuple[State, jax.Array]:
     """Plan from the tracker's window and move the slots' weights to the new placement.
 
-    Also returns ``[imbalance before, imbalance after, max output change]`` on ``probe``.
+    Also returns ``[imbalance before, imbalance after, max output change, experts moved]`` on ``probe``.
     """
-    new = eplb.rebalance_experts(state.tracker.load(), cfg.replicas, cfg.groups, cfg.nodes, cfg.gpus)
+    sizes = (cfg.replicas, cfg.groups, cfg.nodes, cfg.gpus)
+    new = eplb.rebalance_experts(state.tracker.load(), *sizes, previous=state.placement.phy2log)
     # ------------------------------------------------------------------
-    # MIGRATION SPOT. eplb's migration executor (eplb.migration, in the works)
-    # will move only the slots that change between devices. Until then: a
-    # gather; each new slot takes the weights of a slot holding its expert now
-    # (replica 0 of the old placement). Optimizer state would move the same way.
+    # MIGRATION SPOT. On a mesh of expert-parallel devices, eplb's JAX executor
+    # (eplb.executors.jax, in the works) carries out eplb.plan_transfers(old,
+    # new, G) with all_to_all, copying only the experts a device lacks. On one
+    # device it comes down to this gather: each new slot takes the weights of a
+    # slot that holds its expert now. Optimizer state would move the same way.
     # ------------------------------------------------------------------
     source = jax.vmap(lambda log2phy, phy2log: log2phy[phy2log, 0])(state.placement.log2phy, new.phy2log)
     params = dict(state.params)
@@ -140,14 +143,16 @@ def rebalance(state: State, cfg: Config, probe: jax.Array) -> tuple[State, jax.A
     moved = state._replace(params=params, placement=eplb.Placement(*new))
     y_old, _, slot_old = forward(state.params, state.placement, state.tracker, probe)
     y_new, _, slot_new = forward(moved.params, moved.placement, state.tracker, probe)
-    stats = jnp.stack([token_imbalance(slot_old, cfg), token_imbalance(slot_new, cfg), jnp.abs(y_new - y_old).max()])
+    moved_experts = eplb.moved_experts(state.placement.phy2log, new.phy2log, cfg.gpus).sum()
+    imbalance = [token_imbalance(slot_old, cfg), token_imbalance(slot_new, cfg)]
+    stats = jnp.stack([*imbalance, jnp.abs(y_new - y_old).max(), moved_experts.astype(jnp.float32)])
     return moved, stats
 
 
 def make_train_step(cfg: Config) -> Any:
     @jax.jit
     def train_step(state: State, batch: tuple, probe: jax.Array) -> tuple[State, jax.Array, jax.Array]:
-        """One SGD step; every ``cfg.every`` steps also a rebalance. Returns ``(state, loss, stats [3])``."""
+        """One SGD step; every ``cfg.every`` steps also a rebalance. Returns ``(state, loss, stats [4])``."""
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, tracker), grads = grad_fn(state.params, state.placement, state.tracker, batch)
         for name in ("w_in", "w_out"):
@@ -157,7 +162,7 @@ def make_train_step(cfg: Config) -> Any:
         state = State(params, state.placement, tracker.step(), state.step + 1)
         due = state.step % cfg.every == 0
         state, stats = jax.lax.cond(
-            due, lambda s: rebalance(s, cfg, probe), lambda s: (s, jnp.zeros(3, jnp.float32)), state
+            due, lambda s: rebalance(s, cfg, probe), lambda s: (s, jnp.zeros(4, jnp.float32)), state
         )
         return state, loss, stats
 
@@ -177,18 +182,17 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     teacher = jax.random.normal(jax.random.PRNGKey(1), (D_MODEL, D_MODEL)) / D_MODEL**0.5
     probe = jax.random.normal(jax.random.PRNGKey(2), (cfg.tokens, D_MODEL))  # fixed batch for the checks
     train_step = make_train_step(cfg)
-    report: dict[str, list[float]] = {"loss": [], "before": [], "after": [], "max_output_change": []}
+    report: dict[str, list[float]] = {"loss": [], "before": [], "after": [], "max_output_change": [], "moved": []}
     for step in range(1, args.steps + 1):
         x = jax.random.normal(jax.random.fold_in(key, step), (cfg.tokens, D_MODEL))
         state, loss, stats = train_step(state, (x, jnp.tanh(x @ teacher)), probe)
         report["loss"].append(float(loss))
         if step % cfg.every == 0:
-            before, after, change = (float(v) for v in stats)
-            report["before"].append(before)
-            report["after"].append(after)
-            report["max_output_change"].append(change)
+            before, after, change, moved = (float(v) for v in stats)
+            for name, value in (("before", before), ("after", after), ("max_output_change", change), ("moved", moved)):
+                report[name].append(value)
             print(
-                f"step {step:4d}: loss {float(loss):.4f}; rebalanced inside jit; "
+                f"step {step:4d}: loss {float(loss):.4f}; rebalanced inside jit, {moved:.0f} experts moved; "
                 f"tokens per GPU max/mean {before:.2f} -> {after:.2f}; output change {change:.1e}"
             )
     return report

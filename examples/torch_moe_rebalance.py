@@ -7,9 +7,10 @@ What a serving stack does, in one process: each MoE layer keeps its experts in
 of GPU ``g`` are ``g * R/G .. (g+1) * R/G - 1``). The router picks logical
 experts; an ``eplb.LoadTracker`` counts them on the device, with no host sync;
 every ``--every`` steps ``eplb.rebalance_experts`` plans a new placement from
-the window's load and the slots' weights move to match it. Moving weights
-leaves the model's function unchanged (replicas are copies), which
-``main`` checks on a fixed batch.
+the window's load (``previous=`` the current one, so that few experts move),
+``eplb.plan_transfers`` lists the copies between GPUs, and the slots' weights
+move accordingly. Moving weights leaves the model's function unchanged
+(replicas are copies), which ``main`` checks on a fixed batch.
 
 ``main`` prints the token imbalance (max/mean tokens per GPU) that the routed
 tokens would cause under the old and the new placement.
@@ -73,24 +74,29 @@ class MoELayer(nn.Module):
         return x + (gates[..., None] * out).sum(dim=1)
 
     @torch.no_grad()
-    def move_weights(self, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> int:
-        """Adopt a new placement of this layer; returns how many slots changed expert.
+    def migrate(self, plan: eplb.TransferPlan, index: int, placement: eplb.Placement) -> None:
+        """Carry out this layer's copies of ``plan`` and adopt row ``index`` of ``placement``.
 
         ------------------------------------------------------------------
-        MIGRATION SPOT. eplb's migration executor (``eplb.migration``, in the
-        works) will move only the slots that change, GPU to GPU. Until it is
-        there, this is a local gather: each new slot copies the weights from
-        a slot that holds its expert now (replica 0 of the old placement).
+        MIGRATION SPOT. With one process per GPU, eplb's torch executor
+        (``eplb.executors.torch.apply_plan(plan, weights)``, in the works)
+        carries out the same plan with ``torch.distributed``, double-buffered.
+        Here every "GPU" is in this process, so the copies are local gathers.
         ------------------------------------------------------------------
         """
-        source = self.log2phy[phy2log, 0]  # [R]: an old slot holding each new slot's expert
-        changed = int((phy2log != self.phy2log).sum())
+        rows = plan.layer == index
+        per_gpu = plan.slots_per_gpu
+        source = torch.as_tensor(plan.src_gpu[rows] * per_gpu + plan.src_slot[rows], device=self.w_in.device)
+        target = torch.as_tensor(plan.dst_gpu[rows] * per_gpu + plan.dst_slot[rows], device=self.w_in.device)
+        first = torch.as_tensor(plan.stage[rows] == 0, device=self.w_in.device)  # stage 0 reads old weights
         for weight in (self.w_in, self.w_out):
-            weight.copy_(weight[source])  # in place: addresses stay (CUDA graphs, optimizers)
-        self.phy2log.copy_(phy2log)
-        self.log2phy.copy_(log2phy)
-        self.logcnt.copy_(logcnt)
-        return changed
+            new = weight.clone()
+            new[target[first]] = weight[source[first]]
+            new[target[~first]] = new[source[~first]]  # stage 1: a second copy on the same GPU
+            weight.copy_(new)  # in place: addresses stay (CUDA graphs, optimizers)
+        self.phy2log.copy_(placement.phy2log[index])
+        self.log2phy.copy_(placement.log2phy[index])
+        self.logcnt.copy_(placement.logcnt[index])
 
 
 class MoEModel(nn.Module):
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     )
     tracker = eplb.LoadTracker(args.layers, args.experts, args.window, backend="torch", device=device)
     probe = torch.randn(args.tokens, 32, device=device)  # a fixed batch to check that moving weights changes nothing
-    report: dict[str, list[float]] = {"before": [], "after": [], "max_output_change": []}
+    report: dict[str, list[float]] = {"before": [], "after": [], "max_output_change": [], "moved": []}
 
     with torch.no_grad():
         for step in range(1, args.steps + 1):
@@ -152,18 +158,21 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             before = token_imbalance(model, probe, args.gpus)
             scratch = eplb.LoadTracker(args.layers, args.experts, 1, backend="torch", device=device)
             reference = model(probe, scratch)
-            placement = eplb.rebalance_experts(tracker.load(), args.replicas, args.groups, args.nodes, args.gpus)
-            changed = sum(
-                layer.move_weights(placement.phy2log[i], placement.log2phy[i], placement.logcnt[i])
-                for i, layer in enumerate(model.layers)
-            )
+            current = torch.stack([layer.phy2log for layer in model.layers])  # [L, R]
+            sizes = (args.replicas, args.groups, args.nodes, args.gpus)
+            placement = eplb.rebalance_experts(tracker.load(), *sizes, previous=current)
+            plan = eplb.plan_transfers(current, placement.phy2log, args.gpus, args.nodes)  # host data
+            for index, layer in enumerate(model.layers):
+                layer.migrate(plan, index, placement)
+            moved = int(plan.moved.sum())
             after = token_imbalance(model, probe, args.gpus)
             output = model(probe, scratch)
             report["before"].append(before)
             report["after"].append(after)
             report["max_output_change"].append(float((output - reference).abs().max()))
+            report["moved"].append(moved)
             print(
-                f"step {step:4d}: rebalanced, {changed} slots changed expert; "
+                f"step {step:4d}: rebalanced, {moved} experts copied between GPUs; "
                 f"tokens per GPU max/mean {before:.2f} -> {after:.2f}; "
                 f"output change {report['max_output_change'][-1]:.1e}"
             )

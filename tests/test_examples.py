@@ -24,6 +24,7 @@ def _check(report: dict[str, list[float]]) -> None:
     assert len(report["before"]) == len(report["after"]) == 2  # rebalanced at steps 3 and 6
     assert report["after"][0] < report["before"][0]  # the first rebalance spreads the popular experts
     assert report["max_output_change"] == [0.0, 0.0]  # replicas are copies: moving them changes nothing
+    assert report["moved"][0] > 0  # the first rebalance moves experts away from the start-up layout
 
 
 def test_torch_example():
