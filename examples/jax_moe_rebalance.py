@@ -130,11 +130,13 @@ def rebalance(state: State, cfg: Config, probe: jax.Array) -> tuple[State, jax.A
     sizes = (cfg.replicas, cfg.groups, cfg.nodes, cfg.gpus)
     new = eplb.rebalance_experts(state.tracker.load(), *sizes, previous=state.placement.phy2log)
     # ------------------------------------------------------------------
-    # MIGRATION SPOT. On a mesh of expert-parallel devices, eplb's JAX executor
-    # (eplb.executors.jax, in the works) carries out eplb.plan_transfers(old,
-    # new, G) with all_to_all, copying only the experts a device lacks. On one
-    # device it comes down to this gather: each new slot takes the weights of a
-    # slot that holds its expert now. Optimizer state would move the same way.
+    # MIGRATION SPOT. Inside jit on one device, moving the weights is this
+    # gather: each new slot takes the weights of a slot that holds its expert
+    # now (on a sharded mesh XLA turns it into collectives). To move only the
+    # experts a device lacks, with checksums, rebalance outside the step and
+    # call eplb.executors.jax.apply_plan(eplb.plan_transfers(old, new, G), w)
+    # on weights sharded over the expert-parallel mesh axis. Optimizer state
+    # would move the same way.
     # ------------------------------------------------------------------
     source = jax.vmap(lambda log2phy, phy2log: log2phy[phy2log, 0])(state.placement.log2phy, new.phy2log)
     params = dict(state.params)

@@ -78,9 +78,10 @@ class MoELayer(nn.Module):
         """Carry out this layer's copies of ``plan`` and adopt row ``index`` of ``placement``.
 
         ------------------------------------------------------------------
-        MIGRATION SPOT. With one process per GPU, eplb's torch executor
-        (``eplb.executors.torch.apply_plan(plan, weights)``, in the works)
-        carries out the same plan with ``torch.distributed``, double-buffered.
+        MIGRATION SPOT. With one process per GPU (rank g = GPU g, each holding
+        its slots ``[L, R/G, ...]``), eplb's torch executor carries out the
+        same plan with ``torch.distributed``, double-buffered, on every rank:
+        ``eplb.executors.torch.apply_plan(plan, {"w_in": w_in, "w_out": w_out})``.
         Here every "GPU" is in this process, so the copies are local gathers.
         ------------------------------------------------------------------
         """
