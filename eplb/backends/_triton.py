@@ -3,8 +3,8 @@
 One program places one (layer, node): it recomputes the layer's group split
 (a handful of groups), replicates the node's experts and packs the node's
 replicas onto its GPUs, all in registers, then writes its slots of
-``phy2log``, ``log2phy`` and ``logcnt``. A call is two launches (a ``-1``
-fill of ``log2phy`` and this kernel) instead of hundreds of small ones.
+``phy2log``, ``log2phy`` (its rows padded with ``-1`` first) and ``logcnt``.
+A call is one launch instead of hundreds of small ones.
 
 It follows ``docs/algorithm.md`` step for step, with the same float32
 arithmetic as the array-API path, so placements are bit-identical:
@@ -72,6 +72,7 @@ def _greedy_kernel(
     P_EN: tl.constexpr,
     P_S: tl.constexpr,
     P_M: tl.constexpr,
+    P_C: tl.constexpr,
 ):
     layer = tl.program_id(0)
     node = tl.program_id(1)
@@ -116,6 +117,13 @@ def _greedy_kernel(
         group_of_q = tl.sum(tl.where(mine, g[None, :], 0), axis=1)
         expert = group_of_q * GS + q % GS
     w = tl.load(row + expert, mask=q_valid, other=0.0)
+
+    # Pad this node's rows of log2phy with -1 here (saves a fill launch); the
+    # barrier orders these stores before the real entries written at the end.
+    j = tl.arange(0, P_C)
+    pad = log2phy_ptr + (layer * E + expert)[:, None] * MAXCNT + j[None, :]
+    tl.store(pad, tl.full([P_EN, P_C], -1, tl.int64), mask=q_valid[:, None] & (j < MAXCNT)[None, :])
+    tl.debug_barrier()
 
     # ---- Step 2: replicate within the node (argmax of w * 1/c, first index).
     s = tl.arange(0, P_S)  # node-local slot
@@ -187,7 +195,7 @@ def rebalance_greedy_cuda(
     weight32 = weight.detach().to(torch.float32).contiguous()
     device = weight.device
     phy2log = torch.empty((num_layers, num_replicas), dtype=torch.int64, device=device)
-    log2phy = torch.full((num_layers, num_experts, max_count), -1, dtype=torch.int64, device=device)
+    log2phy = torch.empty((num_layers, num_experts, max_count), dtype=torch.int64, device=device)
     logcnt = torch.empty((num_layers, num_experts), dtype=torch.int64, device=device)
     slots_per_node = num_replicas // num_nodes
     _greedy_kernel[(num_layers, num_nodes)](
@@ -207,6 +215,7 @@ def rebalance_greedy_cuda(
         P_EN=_pow2(num_experts // num_nodes),
         P_S=_pow2(slots_per_node),
         P_M=_pow2(num_gpus // num_nodes),
+        P_C=_pow2(max_count),
         num_warps=1 if slots_per_node <= 128 else 4,
         enable_fp_fusion=False,
     )
