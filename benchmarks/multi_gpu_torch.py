@@ -29,15 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eplb
 from eplb.executors.torch import apply_plan
 
-HIDDEN, INTER = 7168, 2048
+SIZE = {"hidden": 7168, "inter": 2048}
 
 
 def expert_weights(expert: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Deterministic weights of an expert, the same on every rank."""
     gen = torch.Generator(device=device).manual_seed(1000 + expert)
+    hidden, inter = SIZE["hidden"], SIZE["inter"]
     return {
-        "w13": torch.randn(2 * INTER, HIDDEN, generator=gen, device=device, dtype=torch.bfloat16),
-        "w2": torch.randn(HIDDEN, INTER, generator=gen, device=device, dtype=torch.bfloat16),
+        "w13": torch.randn(2 * inter, hidden, generator=gen, device=device, dtype=torch.bfloat16),
+        "w2": torch.randn(hidden, inter, generator=gen, device=device, dtype=torch.bfloat16),
     }
 
 
@@ -50,14 +51,19 @@ def slots_of(phy2log: np.ndarray, rank: int, per_gpu: int, device: torch.device)
     return {k: torch.stack([layer[k] for layer in layers]).contiguous() for k in layers[0]}
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         dist.barrier()
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         dist.barrier()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -68,11 +74,16 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--slots-per-gpu", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpu", action="store_true", help="dry run with gloo and small experts")
     args = parser.parse_args()
-    dist.init_process_group("nccl")
+    dist.init_process_group("gloo" if args.cpu else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    torch.cuda.set_device(device)
+    if args.cpu:
+        device = torch.device("cpu")
+        SIZE.update(hidden=64, inter=32)
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
     replicas = args.slots_per_gpu * world
     rng = np.random.default_rng(0)
     load_a = rng.lognormal(0, 1.0, (1, args.experts))
@@ -85,7 +96,7 @@ def main() -> None:
     want = slots_of(new, rank, args.slots_per_gpu, device)
 
     moved = apply_plan(plan, weights, in_place=False)
-    torch.cuda.synchronize()
+    _sync()
     exact = all(torch.equal(moved[k], want[k]) for k in want)
     flags = torch.tensor([int(exact)], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
@@ -100,7 +111,8 @@ def main() -> None:
     recv = torch.empty_like(send)
     a2a_s = timed(lambda: dist.all_to_all_single(recv, send), args.repeats)
     if rank == 0:
-        print(f"GPUs: {world} x {torch.cuda.get_device_name(device)}; expert {expert_bytes / 1e6:.1f} MB")
+        name = "CPU (gloo dry run)" if args.cpu else torch.cuda.get_device_name(device)
+        print(f"ranks: {world} x {name}; expert {expert_bytes / 1e6:.1f} MB")
         print(
             f"placement: {args.experts} experts, {replicas} slots; plan rows {len(plan.layer)}, remote copies {remote}"
         )
