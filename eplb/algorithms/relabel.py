@@ -26,7 +26,8 @@ def _ids(n: int, like: Any, *, xp: Any) -> Any:
 
 
 def _count(mask: Any, dtype: Any, axis: int, *, xp: Any) -> Any:
-    return xp.sum(xp.astype(mask, dtype), axis=axis)
+    """True entries of ``mask`` along ``axis``, as ``dtype``."""
+    return xp.sum(mask, axis=axis, dtype=dtype)
 
 
 def _first(mask: Any, dtype: Any, *, xp: Any) -> Any:

@@ -15,7 +15,7 @@ from eplb import _xp
 from eplb.algorithms.assignment import BIG
 from eplb.algorithms.packing import slots_by_pack, sum_left_to_right
 from eplb.algorithms.refine import IMPROVEMENT
-from eplb.algorithms.relabel import _count, _first, _ids, count_moves, occurrence, replica_counts
+from eplb.algorithms.relabel import _count, _first, _ids, count_moves, occurrence
 from eplb.algorithms.replication import replica_load
 
 __all__ = ["gpu_loads", "repair", "sticky_pack"]
@@ -122,6 +122,7 @@ def _rewrite(cur: Any, cnt: Any, old: Any, weight: Any, slot: Any, expert: Any, 
 
 def repair(
     start: Any,
+    start_cnt: Any,
     old: Any,
     weight: Any,
     limit: Any,
@@ -156,7 +157,8 @@ def repair(
     lowest load of the changed GPUs, then the first candidate. Rows with
     ``valid`` false, within the limit, or with no such step stay as they are.
 
-    Returns ``phy2log [B, R]`` and its moves ``[B, 1]``.
+    ``start_cnt [B, E]`` is the replica count of ``start``. Returns
+    ``phy2log [B, R]``, its replica counts ``[B, E]`` and its moves ``[B, 1]``.
     """
     batch, num_phy = start.shape
     num_log = weight.shape[1]
@@ -263,6 +265,6 @@ def repair(
         return (cur, cnt, moved, old, weight, limit, budget, valid), accept[:, 0]
 
     moved = xp.reshape(count_moves(start, old, num_gpus, xp=xp), (batch, 1))
-    rows = (start, replica_counts(start, num_log, xp=xp), moved, old, weight, limit, budget, valid)
-    cur, _, moved, *_ = _xp.refine_rows(step, rows, max_iters, xp=xp)
-    return cur, moved
+    rows = (start, start_cnt, moved, old, weight, limit, budget, valid)
+    cur, cnt, moved, *_ = _xp.refine_rows(step, rows, max_iters, xp=xp)
+    return cur, cnt, moved

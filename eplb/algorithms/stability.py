@@ -43,10 +43,10 @@ from eplb.algorithms.replication import replica_load
 __all__ = ["place_stable", "stabilize"]
 
 
-def _covers(phy2log: Any, num_log: int, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
+def _covers(phy2log: Any, logcnt: Any, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
     """``[B, 1]``: every expert has a slot, and (``num_nodes > 1``) each group's slots lie on one node."""
-    num_phy = phy2log.shape[1]
-    ok = xp.all(replica_counts(phy2log, num_log, xp=xp) > 0, axis=-1, keepdims=True)
+    num_phy, num_log = phy2log.shape[1], logcnt.shape[1]
+    ok = xp.all(logcnt > 0, axis=-1, keepdims=True)
     if num_nodes == 1:
         return ok
     group_of_slot = phy2log // (num_log // num_groups)  # [B, R]
@@ -62,6 +62,7 @@ def _covers(phy2log: Any, num_log: int, num_groups: int, num_nodes: int, *, xp: 
 def stabilize(
     weight: Any,
     fresh: Any,
+    logcnt: Any,
     old: Any,
     num_groups: int,
     num_nodes: int,
@@ -70,8 +71,9 @@ def stabilize(
     tolerance: float | None,
     max_moves: int | None,
     xp: Any,
-) -> Any:
-    """``phy2log [B, R]``: the fresh placement, or a migration-aware variant of it, given ``old [B, R]``.
+) -> tuple[Any, Any]:
+    """``phy2log [B, R]`` and ``logcnt [B, E]``: ``fresh`` (with ``logcnt``), or a migration-aware
+    variant of it, given ``old [B, R]``.
 
     ``num_nodes`` is the number of nodes that must keep whole groups (1 for
     the global policy). With ``tolerance`` and ``max_moves`` both ``None``:
@@ -90,10 +92,9 @@ def stabilize(
     old = xp.astype(old, dtype)
     base = relabel(fresh, old, num_gpus, num_nodes, xp=xp)
     if tolerance is None and max_moves is None:
-        return base
+        return base, logcnt
     factor = 1.0 if tolerance is None else float(tolerance) + 1.0
     cap = num_phy if max_moves is None else min(int(max_moves), num_phy)
-    logcnt = replica_counts(fresh, num_log, xp=xp)
     peak = xp.max(gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
     # fl(1 + tolerance) times the peak: one rounding, the same on every backend (full(): no host copy).
     limit = peak * xp.full((1, 1), factor, dtype=peak.dtype, device=_xp.device(peak))
@@ -116,10 +117,11 @@ def stabilize(
     )
     sticky = align_slots(xp.reshape(sticky, (batch, num_phy)), old, num_gpus, xp=xp)
 
-    valid = _covers(old, num_log, num_groups, num_nodes, xp=xp)
-    starts = xp.concat([old, sticky], axis=0)
-    repaired, moves = repair(
-        starts,
+    old_cnt = xp.astype(replica_counts(old, num_log, xp=xp), logcnt.dtype)
+    valid = _covers(old, old_cnt, num_groups, num_nodes, xp=xp)
+    repaired, counts, moves = repair(
+        xp.concat([old, sticky], axis=0),
+        xp.concat([old_cnt, logcnt], axis=0),
         xp.concat([old, old], axis=0),
         xp.concat([weight, weight], axis=0),
         xp.concat([limit, limit], axis=0),
@@ -132,9 +134,10 @@ def stabilize(
         xp=xp,
     )
     candidates = [base, repaired[:batch], repaired[batch:]]
+    counts = [logcnt, counts[:batch], counts[batch:]]
     moves = xp.concat([base_moves, moves[:batch], moves[batch:]], axis=-1)  # [B, 3]
     peaks = xp.stack(
-        [xp.max(gpu_loads(weight, c, replica_counts(c, num_log, xp=xp), num_gpus, xp=xp), axis=-1) for c in candidates],
+        [xp.max(gpu_loads(weight, p, c, num_gpus, xp=xp), axis=-1) for p, c in zip(candidates, counts, strict=True)],
         axis=-1,
     )
     usable = xp.concat([xp.ones_like(valid), valid, xp.ones_like(valid)], axis=-1) & (moves <= cap)
@@ -144,11 +147,16 @@ def stabilize(
     fewest = xp.argmin(xp.where(balanced, moves, BIG), axis=-1)
     lightest = xp.argmin(xp.where(usable, peaks, xp.inf), axis=-1)
     choice = xp.where(xp.any(balanced, axis=-1), fewest, xp.where(xp.any(usable, axis=-1), lightest, 0))
-    stacked = xp.stack(candidates, axis=1)  # [B, 3, R]
-    index = xp.reshape(xp.astype(choice, dtype), (batch, 1)) * num_phy + xp.arange(
-        num_phy, dtype=dtype, device=_xp.device(fresh)
-    )
-    return _xp.take_along(xp.reshape(stacked, (batch, 3 * num_phy)), index, xp=xp)
+    return _pick(candidates, choice, xp=xp), _pick(counts, choice, xp=xp)
+
+
+def _pick(candidates: list[Any], choice: Any, *, xp: Any) -> Any:
+    """Row ``b`` of ``candidates[choice[b]]``; each candidate is ``[B, n]``."""
+    batch, n = candidates[0].shape
+    stacked = xp.reshape(xp.stack(candidates, axis=1), (batch, len(candidates) * n))
+    dtype = candidates[0].dtype
+    index = xp.reshape(xp.astype(choice, dtype), (batch, 1)) * n + xp.arange(n, dtype=dtype, device=_xp.device(stacked))
+    return _xp.take_along(stacked, index, xp=xp)
 
 
 def place_stable(
@@ -172,14 +180,22 @@ def place_stable(
     Replica numbers in ``log2phy`` follow slot order (replica ``k`` of an
     expert is its ``k``-th slot).
     """
-    fresh, _, _ = place(
+    fresh, _, logcnt = place(
         weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp, **options
     )
     if not hierarchical:
         num_groups, num_nodes = 1, 1
-    phy2log = stabilize(
-        weight, fresh, previous, num_groups, num_nodes, num_gpus, tolerance=tolerance, max_moves=max_moves, xp=xp
+    phy2log, logcnt = stabilize(
+        weight,
+        fresh,
+        logcnt,
+        previous,
+        num_groups,
+        num_nodes,
+        num_gpus,
+        tolerance=tolerance,
+        max_moves=max_moves,
+        xp=xp,
     )
-    num_log = weight.shape[1]
-    log2phy = build_log2phy(phy2log, occurrence(phy2log, xp=xp), num_log, xp=xp)
-    return phy2log, log2phy, replica_counts(phy2log, num_log, xp=xp)
+    log2phy = build_log2phy(phy2log, occurrence(phy2log, xp=xp), weight.shape[1], xp=xp)
+    return phy2log, log2phy, logcnt
