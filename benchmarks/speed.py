@@ -102,6 +102,18 @@ def implementations(weight: np.ndarray, config: list[int], policy: str) -> list[
                     "host",
                 )
             )
+            if platform == "gpu" and policy == "greedy":
+                from eplb.backends import _jax
+
+                out.append(
+                    (
+                        "jax gpu (xla)",
+                        lambda w=wj: jax.block_until_ready(
+                            _jax.rebalance(w, *config, hierarchical=hier, policy=policy, impl="xla")
+                        ),
+                        "host",
+                    )
+                )
     return out
 
 

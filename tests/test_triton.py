@@ -74,3 +74,33 @@ def test_kernel_under_triton_interpreter():
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "interpreter ok" in out.stdout
+
+
+def _jax_kernel_ready() -> bool:
+    if not Backend.JAX_GPU.available():
+        return False
+    from eplb.backends import _jax
+
+    return _jax.kernel_available()
+
+
+@pytest.mark.skipif(not _jax_kernel_ready(), reason="needs a GPU for JAX, triton and jax-triton")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_jax_kernel_equals_xla_on_gpu(config):
+    import jax
+
+    from eplb.backends import _jax
+
+    rng = np.random.default_rng(sum(config))
+    experts = _experts(config)
+    weight = np.concatenate(
+        [cases.ties(rng, experts), cases.random_int(rng, 6, experts), cases.lognormal_f32(rng, 6, experts)]
+    ).astype(np.float32)
+    hier = config[1] % config[2] == 0
+    w = jax.device_put(weight, jax.devices("gpu")[0])
+    kernel = _jax.rebalance(w, *config, hierarchical=hier, impl="triton")
+    inside_jit = jax.jit(lambda x: _jax.rebalance(x, *config, hierarchical=hier, impl="triton"))(w)
+    xla = _jax.rebalance(w, *config, hierarchical=hier, impl="xla")
+    for a, b, c in zip(kernel, inside_jit, xla, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(c))

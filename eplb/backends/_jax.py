@@ -7,6 +7,7 @@ Never touches global flags: without ``jax_enable_x64`` indices are int32.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Any
 
 import jax
@@ -51,12 +52,77 @@ def _rebalance(
     return jax.vmap(one_layer)(weight.astype(jnp.float32))
 
 
+def _kernel_placement(weight: jax.Array, config: tuple[int, int, int, int], hierarchical: bool) -> tuple[Any, ...]:
+    """The fused Triton kernel through ``jax_triton.triton_call`` (lowered on CUDA only)."""
+    import jax_triton
+
+    from eplb.backends._triton_kernel import greedy_kernel, launch_config
+
+    num_replicas, num_groups, num_nodes, num_gpus = config
+    if not hierarchical:
+        num_groups, num_nodes = 1, 1
+    num_layers, num_experts = weight.shape
+    grid, meta = launch_config(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
+    num_warps = meta.pop("num_warps")
+    index = jnp.arange(1).dtype  # JAX's default integer
+    table = np.zeros(meta["MAXCNT"] + 2, dtype=np.float32)
+    table[1:] = np.float32(1) / np.arange(1, meta["MAXCNT"] + 2, dtype=np.float32)  # exact on the host
+    out_shape = [
+        jax.ShapeDtypeStruct((num_layers, num_replicas), index),
+        jax.ShapeDtypeStruct((num_layers, num_experts, meta["MAXCNT"]), index),
+        jax.ShapeDtypeStruct((num_layers, num_experts), index),
+    ]
+    return tuple(
+        jax_triton.triton_call(
+            weight.astype(jnp.float32),
+            jnp.asarray(table),
+            kernel=greedy_kernel,
+            out_shape=out_shape,
+            grid=grid,
+            num_warps=num_warps,
+            enable_fp_fusion=False,
+            **meta,
+        )
+    )
+
+
+def kernel_available() -> bool:
+    """Whether the fused kernel can be used on GPUs (``triton`` and ``jax-triton`` installed)."""
+    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec("jax_triton") is not None
+
+
 def rebalance(
-    weight: jax.Array, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, **options: Any
+    weight: jax.Array,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    impl: str | None = None,
+    **options: Any,
 ) -> tuple[Any, Any, Any]:
-    """Placement of a JAX array; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords (static)."""
+    """Placement of a JAX array; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords (static).
+
+    ``impl``: ``"xla"`` (the array-API algorithm under ``jit`` + ``vmap``),
+    ``"triton"`` (the greedy policy as one fused kernel on CUDA, through
+    ``jax-triton``; XLA elsewhere, chosen at lowering by
+    ``lax.platform_dependent``, so it works on tracers too), or ``None``:
+    the kernel where it applies and ``jax-triton`` is installed.
+    """
     config = (num_replicas, num_groups, num_nodes, num_gpus)
-    return _rebalance(weight, config, tuple(sorted(options.items())))
+    frozen = tuple(sorted(options.items()))
+    applies = options.get("policy", "greedy") == "greedy" and not options.get("spill", 0)
+    if impl is None:
+        impl = "triton" if applies and kernel_available() else "xla"
+    if impl == "xla":
+        return _rebalance(weight, config, frozen)
+    if impl != "triton" or not applies:
+        raise ValueError(f"impl must be 'xla', 'triton' (greedy policy only) or None, got {impl!r} with {options}")
+    return jax.lax.platform_dependent(
+        weight,
+        cuda=lambda w: _kernel_placement(w, config, options["hierarchical"]),
+        default=lambda w: _rebalance(w, config, frozen),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
