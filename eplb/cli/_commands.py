@@ -15,6 +15,7 @@ from eplb.algorithms.policies import POLICIES
 from eplb.cli import _common as common
 from eplb.cli import _files
 from eplb.cli._console import Console
+from eplb.demo import GOLDEN_CONFIG, GOLDEN_PHY2LOG, GOLDEN_WEIGHT
 
 __all__ = ["demo", "inspect_placement", "plan"]
 
@@ -32,9 +33,7 @@ def demo(args: argparse.Namespace, console: Console) -> int:
         "num_gpus": data.num_gpus,
         "hierarchical": data.num_groups % data.num_nodes == 0,
     }
-    golden = eplb.rebalance_experts(
-        [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]], 16, 4, 2, 8
-    ).phy2log.tolist() == [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]]
+    golden = eplb.rebalance_experts(GOLDEN_WEIGHT, *GOLDEN_CONFIG).phy2log.tolist() == GOLDEN_PHY2LOG
     console.print(f"[bold]eplb {eplb.__version__} demo[/]")
     console.print(f"published golden example reproduced: {'[green]yes[/]' if golden else '[red]NO[/]'}")
     console.print("embedded load: synthetic DeepSeek-V3-shaped token counts")

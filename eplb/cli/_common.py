@@ -14,6 +14,7 @@ import numpy as np
 
 import eplb
 from eplb import metrics
+from eplb.cli._files import host
 
 __all__ = [
     "BACKENDS",
@@ -59,12 +60,6 @@ def as_backend(weight: np.ndarray, backend: str) -> Any:
     else:  # eplb compares loads as float32 anyway
         weight = weight.astype(np.float32)
     return jax.device_put(weight, jax.devices("cpu")[0])
-
-
-def host(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-    return np.asarray(x).astype(np.int64)
 
 
 def rebalance(weight: Any, config: dict[str, Any], policy: str, **extra: Any) -> eplb.Placement:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LOAD_SUFFIXES", "FileError", "read_load", "read_placement", "write_placement"]
+__all__ = ["LOAD_SUFFIXES", "FileError", "host", "read_load", "read_placement", "write_placement"]
 
 LOAD_SUFFIXES = (".npy", ".npz", ".json", ".csv", ".pt", ".pth")
 # Keys tried, in order, when a file holds several arrays (SGLang's dumps use "logical_count").
@@ -174,7 +174,7 @@ def write_placement(path: str | Path, placement: Any, config: dict[str, Any], ex
         The file written.
     """
     path = Path(path)
-    arrays = {name: _host(getattr(placement, name)) for name in ("phy2log", "log2phy", "logcnt")}
+    arrays = {name: host(getattr(placement, name)) for name in ("phy2log", "log2phy", "logcnt")}
     suffix = path.suffix.lower()
     if suffix not in (".json", ".npz"):
         raise FileError(f"{path}: placements are written as .json or .npz, not {suffix or '(none)'!r}")
@@ -193,7 +193,8 @@ def write_placement(path: str | Path, placement: Any, config: dict[str, Any], ex
     return path
 
 
-def _host(x: Any) -> np.ndarray:
+def host(x: Any) -> np.ndarray:
+    """An integer array of any backend as an int64 numpy array."""
     if hasattr(x, "detach"):  # torch
         x = x.detach().cpu()
     return np.asarray(x).astype(np.int64)
