@@ -19,9 +19,11 @@ def max_assignment(profit: Any, *, xp: Any) -> Any:
     ``profit [B, n, n]`` holds integers. The Hungarian algorithm with
     shortest augmenting paths (rows added one by one, Dijkstra on reduced
     costs with potentials; O(n^3)), in integer arithmetic with first-index
-    ties, so every backend returns the same optimum. The row loop is a scan;
-    each search and augmentation runs until it ends (at most ``n + 1``
-    steps), through :func:`eplb._xp.refine_rows`.
+    ties, so every backend returns the same optimum. Rows are added one by
+    one (a scan on JAX); the search and augmenting path of row ``i`` end
+    within ``i`` steps each, run through :func:`eplb._xp.refine_rows`, so
+    they stop early on the host and in JAX, and take ``n (n + 1)`` steps in
+    all on CUDA (which cannot stop early without a host sync).
     """
     batch, n, _ = profit.shape
     dtype, device = profit.dtype, _xp.device(profit)
@@ -71,7 +73,9 @@ def max_assignment(profit: Any, *, xp: Any) -> Any:
         p = xp.where(active & (col == j0), _xp.take_along(p, j1, xp=xp), p)
         return (p, way, xp.where(active, j1, j0)), active[:, 0]
 
-    def add_row(carry: tuple, row: Any) -> tuple[tuple, None]:
+    def add_row(carry: tuple, row: Any, steps: int = m) -> tuple[tuple, None]:
+        # Row ``row`` (1-based) meets at most ``row - 1`` matched columns: its search and its
+        # augmenting path take at most ``row`` steps each.
         u, v, p, way = carry
         p = xp.where(col == 0, row, p)
         start = (
@@ -85,12 +89,17 @@ def max_assignment(profit: Any, *, xp: Any) -> Any:
             xp.zeros((batch, 1), dtype=dtype, device=device),
             row_ids,
         )
-        u, v, p, way, _, _, _, j0, _ = _xp.refine_rows(search, start, m, xp=xp)
-        p, way, _ = _xp.refine_rows(augment, (p, way, j0), m, xp=xp)
+        u, v, p, way, _, _, _, j0, _ = _xp.refine_rows(search, start, steps, xp=xp)
+        p, way, _ = _xp.refine_rows(augment, (p, way, j0), steps, xp=xp)
         return (u, v, p, way), None
 
-    zeros = xp.zeros((batch, m), dtype=dtype, device=device)
-    (_, _, p, _), _ = _xp.scan(add_row, (zeros, zeros, zeros, zeros), col[1:], xp=xp)
+    carry = (xp.zeros((batch, m), dtype=dtype, device=device),) * 4
+    if _xp.is_jax(xp):  # one traced row step, looped on the device
+        (_, _, p, _), _ = _xp.scan(add_row, carry, col[1:], xp=xp)
+    else:  # host loop: each row gets its own step bound (CUDA runs every bounded step)
+        for row in range(1, m):
+            carry, _ = add_row(carry, row, row)
+        p = carry[2]
     return inverse_permutation(p[:, 1:] - 1, xp=xp)  # p[j] = row (1-based) matched to column j
 
 

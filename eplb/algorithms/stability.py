@@ -130,7 +130,8 @@ def stabilize(
         num_gpus,
         num_nodes,
         num_log // num_groups,
-        max_iters=num_phy,
+        # Rows stop once within the limit or stuck (host, JAX); CUDA runs every step.
+        max_iters=min(num_phy, max(64, 4 * num_gpus)),
         xp=xp,
     )
     candidates = [base, repaired[:batch], repaired[batch:]]
