@@ -52,6 +52,8 @@ def _checked_weight(weight: Any, check_values: bool | None) -> tuple[Any, Any]:
 
 def _checked_previous(previous: Any, weight: Any, backend: Any, num_replicas: int, check_values: bool | None) -> Any:
     """Validate ``previous`` [L, R] (integer expert ids) and convert it to ``weight``'s kind and device."""
+    if isinstance(previous, Placement):
+        previous = previous.phy2log
     name = _xp.backend_name(weight)
     try:
         same_kind = _xp.backend_name(previous) == name
@@ -184,13 +186,14 @@ def rebalance_experts(
         (it copies the loads to the host); JAX tracers cannot be checked.
         The same rule applies to the ids in ``previous``.
     previous : array [L, R], integer, keyword-only
-        The placement in use (its ``phy2log``). The result then has the same
-        balance (the same multiset of GPU loads per layer) with nodes, GPUs
-        within a node and slots within a GPU relabelled so that the most
-        ``(expert, GPU)`` pairs stay where they are (an exact assignment per
-        layer; an expert staying on its GPU keeps its slot). An unchanged
-        load moves nothing. Replica numbers in ``log2phy`` then follow slot
-        order. See ``docs/migration.md``.
+        The placement in use (its ``phy2log``, or the :class:`Placement`).
+        The result then has the same balance (the same multiset of GPU loads
+        per layer) as without it, relabelled to keep the most ``(expert,
+        GPU)`` pairs where they are: nodes as a whole and GPUs within a node
+        (hierarchical policy) or all GPUs (global policy) are permuted, an
+        assignment solved exactly per layer, and an expert that stays on its
+        GPU keeps its slot. An unchanged load moves nothing. Replica numbers
+        in ``log2phy`` then follow slot order. See ``docs/migration.md``.
     balance_tolerance : float, keyword-only
         With ``previous``: keep more experts in place at a bounded loss of
         balance. Per layer, the result with the fewest moved experts found

@@ -153,13 +153,41 @@ def test_relabel_undoes_a_permutation():
         np.testing.assert_array_equal(relabel(fresh[layer : layer + 1], old, 32, 4, xp=np), old)
 
 
-def test_unchanged_load_moves_nothing_in_a_chain():
-    """A stable chain on the same load stays put, with and without the knobs."""
+@pytest.mark.parametrize("policy", ["greedy", "refined"])
+def test_unchanged_load_moves_nothing_in_a_chain(policy):
+    """Same load again: nothing moves, with and without the knobs, then again from a stable result."""
     weight = cases.lognormal_f32(np.random.default_rng(3), 8, 256)
+    first = eplb.rebalance_experts(weight, 288, 8, 4, 32, policy=policy)
     for options in ({}, {"balance_tolerance": 0.0}, {"balance_tolerance": 0.02}, {"max_moves": 4}):
-        first = eplb.rebalance_experts(weight, 288, 8, 4, 32).phy2log
-        again = eplb.rebalance_experts(weight, 288, 8, 4, 32, previous=first, **options).phy2log
-        np.testing.assert_array_equal(again, first)
+        again = eplb.rebalance_experts(weight, 288, 8, 4, 32, policy=policy, previous=first, **options)
+        np.testing.assert_array_equal(again.phy2log, first.phy2log)
+    # A stable chain after a drift: the next call on the same load keeps the stable result.
+    drifted = weight * np.random.default_rng(4).lognormal(0.0, 0.05, weight.shape).astype(np.float32)
+    for options in ({}, {"balance_tolerance": 0.0}, {"balance_tolerance": 0.01}):
+        stable = eplb.rebalance_experts(drifted, 288, 8, 4, 32, policy=policy, previous=first, **options).phy2log
+        again = eplb.rebalance_experts(drifted, 288, 8, 4, 32, policy=policy, previous=stable, **options).phy2log
+        np.testing.assert_array_equal(again, stable)
+
+
+def test_spill_placements_relabel():
+    """With spill (groups may spill to other nodes), previous= relabels nodes and GPUs and keeps the balance."""
+    old_w, new_w = drifting(np.random.default_rng(13), 6, 32, 2, drift=0.3)
+    config = (48, 8, 4, 8)
+    old = eplb.rebalance_experts(old_w, *config, spill=2).phy2log
+    fresh = eplb.rebalance_experts(new_w, *config, spill=2).phy2log
+    stable = eplb.rebalance_experts(new_w, *config, spill=2, previous=old).phy2log
+    assert gpu_multisets(stable, 8) == gpu_multisets(fresh, 8)
+    node_sets = lambda p: [sorted(sorted(n) for n in layer.reshape(4, -1).tolist()) for layer in p]  # noqa: E731
+    assert node_sets(stable) == node_sets(fresh)  # nodes move whole
+    assert (count_moves(stable, old, 8, xp=np) <= count_moves(fresh, old, 8, xp=np)).all()
+    with pytest.raises(ValueError, match="cannot be combined with spill=2"):
+        eplb.rebalance_experts(new_w, *config, spill=2, previous=old, balance_tolerance=0.01)
+
+
+def test_placement_accepted_as_previous():
+    weight = cases.lognormal_f32(np.random.default_rng(14), 3, EXPERTS)
+    first = eplb.rebalance_experts(weight, *CONFIG)
+    np.testing.assert_array_equal(eplb.rebalance_experts(weight, *CONFIG, previous=first).phy2log, first.phy2log)
 
 
 # JAX compiles once per option set: the eager JAX backend is checked with the knobs in
