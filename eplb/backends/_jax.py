@@ -52,6 +52,7 @@ def _rebalance(
     return jax.vmap(one_layer)(weight.astype(jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _kernel_placement(weight: jax.Array, config: tuple[int, int, int, int], hierarchical: bool) -> tuple[Any, ...]:
     """The fused Triton kernel through ``jax_triton.triton_call`` (lowered on CUDA only)."""
     import jax_triton
@@ -106,14 +107,15 @@ def rebalance(
     ``impl``: ``"xla"`` (the array-API algorithm under ``jit`` + ``vmap``),
     ``"triton"`` (the greedy policy as one fused kernel on CUDA, through
     ``jax-triton``; XLA elsewhere, chosen at lowering by
-    ``lax.platform_dependent``, so it works on tracers too), or ``None``:
-    the kernel where it applies and ``jax-triton`` is installed.
+    ``lax.platform_dependent``, so it works on tracers too), or ``None``
+    (XLA). The kernel stays opt-in: ``jax-triton`` reaches into JAX's private
+    modules, so a JAX upgrade can break it.
     """
     config = (num_replicas, num_groups, num_nodes, num_gpus)
     frozen = tuple(sorted(options.items()))
     applies = options.get("policy", "greedy") == "greedy" and not options.get("spill", 0)
     if impl is None:
-        impl = "triton" if applies and kernel_available() else "xla"
+        impl = "xla"
     if impl == "xla":
         return _rebalance(weight, config, frozen)
     if impl != "triton" or not applies:

@@ -141,14 +141,15 @@ def greedy_kernel(
         position = s  # one slot per GPU: item i on GPU i
     else:
         keys = tl.sort(_desc_order_keys(item_load, s, s_valid), descending=True)
-        item_by_step = (4294967295 - (keys & 4294967295)).to(tl.int32)
         m = tl.arange(0, P_M)
         gpu_load = tl.zeros([P_M], tl.float32)
         gpu_count = tl.zeros([P_M], tl.int32)
         position = tl.zeros([P_S], tl.int32)
         for t in range(S):
-            item = _pick(item_by_step, s, t)
-            load = _pick(item_load, s, item)
+            # One reduction fetches both: the key holds the load's bits and the item.
+            key = _pick(keys, s, t)
+            item = (4294967295 - (key & 4294967295)).to(tl.int32)
+            load = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
             open_load = tl.where((gpu_count < K) & (m < M), gpu_load, float("inf"))
             chosen = tl.argmin(open_load, axis=0, tie_break_left=True)
             rank = _pick(gpu_count, m, chosen)
