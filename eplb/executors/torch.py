@@ -7,8 +7,10 @@ tensor. The migration runs in three steps:
 1. *prepare*: check shapes, allocate a staging buffer for every destination
    slot of this rank and make its local copies; all ranks agree (one
    ``all_reduce``) before any data moves;
-2. *transfer*: every remote copy as one point-to-point pair, posted together
-   with ``batch_isend_irecv``; then second copies within a GPU (stage 1);
+2. *transfer*: per pair of ranks and weight tensor, one message holding
+   every copy between them (packed in plan order when preparing), all posted
+   together with ``batch_isend_irecv``; then second copies within a GPU
+   (stage 1);
 3. *commit*: all ranks agree that every copy arrived (one ``all_reduce``);
    only then are the staged slots written into the weights.
 
@@ -140,7 +142,10 @@ def apply_plan(
     device = tensors[0].device
     failure: tuple[int, BaseException] | None = None
 
-    # 1. Prepare: staging buffers for every slot this rank writes, local copies from old weights.
+    # 1. Prepare: staging buffers for every slot this rank writes, local copies from old weights,
+    # and per peer one message per tensor with every copy between the two ranks, in plan order.
+    messages: list[tuple[Any, torch.Tensor, int, int]] = []  # (op, buffer, peer, first plan row)
+    unpack: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (staged, positions, received)
     try:
         _check(plan, tensors, world)
         if any(not t.is_contiguous() for t in tensors):
@@ -149,39 +154,47 @@ def apply_plan(
         position = {int(row): k for k, row in enumerate(rows)}
         by_slot = {(int(plan.layer[row]), int(plan.dst_slot[row])): k for k, row in enumerate(rows)}
         staged = [t.new_empty((len(rows), *t.shape[2:])) for t in tensors]
+        flat_slots = plan.num_layers * plan.slots_per_gpu
         with torch.no_grad():
             for row in rows[(plan.src_gpu[rows] == rank) & (plan.stage[rows] == 0)]:
                 layer, slot = int(plan.layer[row]), int(plan.src_slot[row])
                 for tensor, buffer in zip(tensors, staged, strict=True):
                     buffer[position[int(row)]].copy_(tensor[layer, slot])
+            for peer in range(world):
+                out = np.flatnonzero(plan.remote & (plan.src_gpu == rank) & (plan.dst_gpu == peer))
+                if len(out):
+                    index = torch.as_tensor(plan.layer[out] * plan.slots_per_gpu + plan.src_slot[out], device=device)
+                    for tensor in tensors:
+                        packed = tensor.reshape(flat_slots, *tensor.shape[2:]).index_select(0, index)
+                        messages.append((dist.isend, packed, peer, int(out[0])))
+                into = np.flatnonzero(plan.remote & (plan.dst_gpu == rank) & (plan.src_gpu == peer))
+                if len(into):
+                    index = torch.as_tensor([position[int(r)] for r in into], device=device)
+                    for buffer in staged:
+                        received = buffer.new_empty((len(into), *buffer.shape[1:]))
+                        messages.append((dist.irecv, received, peer, int(into[0])))
+                        unpack.append((buffer, index, received))
     except Exception as err:
         failure = (-1, err)
     _vote(failure, plan, rank, world, group, device, "preparation")
 
-    # 2. Transfer: one isend/irecv pair per remote copy, in plan order on both sides.
-    ops, op_rows = [], []
-    for row in np.flatnonzero(plan.remote & ((plan.src_gpu == rank) | (plan.dst_gpu == rank))):
-        layer, row = int(plan.layer[row]), int(row)
-        if plan.src_gpu[row] == rank:
-            pairs = [(dist.isend, t[layer, int(plan.src_slot[row])], int(plan.dst_gpu[row])) for t in tensors]
-        else:
-            pairs = [(dist.irecv, b[position[row]], int(plan.src_gpu[row])) for b in staged]
-        for op, tensor, peer in pairs:
-            ops.append(dist.P2POp(op, tensor, group=group, tag=row, group_peer=peer))
-            op_rows.append(row)
+    # 2. Transfer: all messages posted together; a failed message names its first copy.
     try:
+        ops = [dist.P2POp(op, buffer, group=group, group_peer=peer) for op, buffer, peer, _ in messages]
         works = dist.batch_isend_irecv(ops) if ops else []
         # gloo returns one work per op; NCCL may coalesce a batch into one.
         for i, work in enumerate(works):
             try:
                 work.wait()
             except Exception as err:
-                failure = failure or (op_rows[i] if len(works) == len(ops) else -1, err)
+                failure = failure or (messages[i][3] if len(works) == len(ops) else -1, err)
     except Exception as err:
         failure = failure or (-1, err)
     if failure is None:
         try:
             with torch.no_grad():
+                for buffer, index, received in unpack:
+                    buffer.index_copy_(0, index, received)
                 for row in rows[plan.stage[rows] == 1]:  # second copies of an expert this rank received
                     source = by_slot[int(plan.layer[row]), int(plan.src_slot[row])]
                     for buffer in staged:
@@ -189,7 +202,7 @@ def apply_plan(
         except Exception as err:
             failure = (-1, err)
     if failure is None and on_transfer is not None:
-        for row in dict.fromkeys(r for r in op_rows if plan.dst_gpu[r] == rank):
+        for row in np.flatnonzero(plan.remote & (plan.dst_gpu == rank)).tolist():
             try:
                 on_transfer(row)
             except Exception as err:
