@@ -2,8 +2,8 @@
 
 One group of 4 processes runs every scenario in turn: a migration (every
 rank then holds exactly the new placement's weights, in three tensors of
-different dtypes), ``in_place=False``, a failure injected on one rank while
-copies arrive, a rank failing its preparation, and last a peer that dies in
+different dtypes), ``in_place=False``, the ``all_to_all`` transport, a
+failure injected on one rank while copies arrive, a rank failing its preparation, and last a peer that dies in
 the middle of its sends. After each failure every surviving rank must raise
 ``TransferError`` naming the failed copy (or rank) and still hold its old
 weights bit for bit.
@@ -85,6 +85,12 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         returned = executor.apply_plan(plan, weights)
         return {"ok": returned is weights and same(weights, weights_for(new, rank)), "moved": int(plan.moved.sum())}
 
+    def collective() -> dict:
+        weights = weights_for(old, rank)
+        executor.apply_plan(plan, weights, transport="all_to_all")
+        failed = expect_failure(weights_for(old, rank), transport="all_to_all", on_transfer=lambda row: 1 / 0)
+        return {"ok": same(weights, weights_for(new, rank)), "failed": failed}
+
     def functional() -> dict:
         weights = weights_for(old, rank)
         out = executor.apply_plan(plan, weights, in_place=False)
@@ -134,6 +140,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
 
     record("migrate", migrate)
     record("functional", functional)
+    record("collective", collective)
     record("hook_fails", hook_fails)
     record("prepare_fails", prepare_fails)
     record("peer_dies", peer_dies)
@@ -167,6 +174,18 @@ def test_every_rank_holds_the_new_weights(outcomes):
     for rank in range(WORLD):
         result = _get(outcomes, rank, "migrate")
         assert result["ok"] and result["moved"] > 0
+
+
+def test_all_to_all_transport(outcomes):
+    """transport="all_to_all": the same weights; a failing check keeps every rank's old weights, and all
+    ranks name the same failed copy."""
+    named = set()
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, "collective")
+        assert result["ok"]
+        assert result["failed"]["raised"] and result["failed"]["intact"], result
+        named.add((result["failed"]["transfer"], result["failed"]["rank"]))
+    assert len(named) == 1 and None not in next(iter(named))
 
 
 def test_not_in_place_leaves_inputs(outcomes):

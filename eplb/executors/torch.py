@@ -97,6 +97,31 @@ def _vote(
     raise error from (failure[1] if failure is not None else None)
 
 
+def _prepare_exchange(
+    plan: TransferPlan,
+    tensors: list[torch.Tensor],
+    staged: list[torch.Tensor],
+    position: dict[int, int],
+    rank: int,
+    world: int,
+    exchanges: list,
+    unpack: list,
+) -> None:
+    """Send and receive buffers of one ``all_to_all_single`` per tensor: copies grouped by peer, plan order."""
+    device = tensors[0].device
+    out = [np.flatnonzero(plan.remote & (plan.src_gpu == rank) & (plan.dst_gpu == peer)) for peer in range(world)]
+    into = [np.flatnonzero(plan.remote & (plan.dst_gpu == rank) & (plan.src_gpu == peer)) for peer in range(world)]
+    sent = np.concatenate(out)
+    index = torch.as_tensor(plan.layer[sent] * plan.slots_per_gpu + plan.src_slot[sent], device=device)
+    positions = torch.as_tensor([position[int(r)] for r in np.concatenate(into)], dtype=torch.int64, device=device)
+    flat_slots = plan.num_layers * plan.slots_per_gpu
+    for tensor, buffer in zip(tensors, staged, strict=True):
+        packed = tensor.reshape(flat_slots, *tensor.shape[2:]).index_select(0, index)
+        received = buffer.new_empty((len(positions), *buffer.shape[1:]))
+        exchanges.append((received, packed, [len(r) for r in into], [len(r) for r in out]))
+        unpack.append((buffer, positions, received))
+
+
 def apply_plan(
     plan: TransferPlan,
     weights: Any,
@@ -104,6 +129,7 @@ def apply_plan(
     group: Any = None,
     in_place: bool = True,
     on_transfer: Callable[[int], None] | None = None,
+    transport: str = "p2p",
 ) -> Any:
     """Move expert weights as ``plan`` says, on every rank of ``group`` (call it on all of them).
 
@@ -126,6 +152,12 @@ def apply_plan(
         Called with the plan row of each copy this rank received, after it
         arrived (for checks or progress); an exception marks that copy as
         failed.
+    transport : {"p2p", "all_to_all"}
+        ``"p2p"`` (default): point-to-point messages between the ranks that
+        exchange copies (``batch_isend_irecv``). ``"all_to_all"``: one
+        ``all_to_all_single`` per weight tensor over the whole group (every
+        rank takes part; NCCL runs collectives faster than point-to-point
+        pairs over NVLink). Same result and failure handling.
 
     Returns
     -------
@@ -146,7 +178,10 @@ def apply_plan(
     # and per peer one message per tensor with every copy between the two ranks, in plan order.
     messages: list[tuple[Any, torch.Tensor, int, int]] = []  # (op, buffer, peer, first plan row)
     unpack: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (staged, positions, received)
+    exchanges: list[tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = []  # all_to_all: out, in, splits
     try:
+        if transport not in ("p2p", "all_to_all"):
+            raise ValueError(f"transport={transport!r} must be 'p2p' or 'all_to_all'")
         _check(plan, tensors, world)
         if any(not t.is_contiguous() for t in tensors):
             raise ValueError("weights tensors must be contiguous")
@@ -160,7 +195,9 @@ def apply_plan(
                 layer, slot = int(plan.layer[row]), int(plan.src_slot[row])
                 for tensor, buffer in zip(tensors, staged, strict=True):
                     buffer[position[int(row)]].copy_(tensor[layer, slot])
-            for peer in range(world):
+            if transport == "all_to_all":
+                _prepare_exchange(plan, tensors, staged, position, rank, world, exchanges, unpack)
+            for peer in range(world if transport == "p2p" else 0):
                 out = np.flatnonzero(plan.remote & (plan.src_gpu == rank) & (plan.dst_gpu == peer))
                 if len(out):
                     index = torch.as_tensor(plan.layer[out] * plan.slots_per_gpu + plan.src_slot[out], device=device)
@@ -179,6 +216,12 @@ def apply_plan(
     _vote(failure, plan, rank, world, group, device, "preparation")
 
     # 2. Transfer: all messages posted together; a failed message names its first copy.
+    incoming = np.flatnonzero(plan.remote & (plan.dst_gpu == rank))
+    for received, sent, received_splits, sent_splits in exchanges:
+        try:
+            dist.all_to_all_single(received, sent, received_splits, sent_splits, group=group)
+        except Exception as err:
+            failure = failure or (int(incoming[0]) if len(incoming) else -1, err)
     try:
         ops = [dist.P2POp(op, buffer, group=group, group_peer=peer) for op, buffer, peer, _ in messages]
         works = dist.batch_isend_irecv(ops) if ops else []
@@ -202,7 +245,7 @@ def apply_plan(
         except Exception as err:
             failure = (-1, err)
     if failure is None and on_transfer is not None:
-        for row in np.flatnonzero(plan.remote & (plan.dst_gpu == rank)).tolist():
+        for row in incoming.tolist():
             try:
                 on_transfer(row)
             except Exception as err:
