@@ -8,6 +8,7 @@ import numpy as np
 
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
+from eplb.backends import _numba
 
 __all__ = ["dtype_kind", "host_values", "rebalance", "rebalance_stable"]
 
@@ -21,10 +22,31 @@ def host_values(weight: np.ndarray, force: bool) -> np.ndarray:
 
 
 def rebalance(
-    weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, **options: Any
+    weight: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    impl: str | None = None,
+    **options: Any,
 ) -> tuple[Any, Any, Any]:
-    """Placement of a numpy array; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords."""
+    """Placement of a numpy array; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords.
+
+    ``impl``: ``"numba"`` runs the compiled greedy kernel
+    (:mod:`eplb.backends._numba`; plain greedy options only); ``"xp"`` the
+    array-API algorithm layer; ``None`` picks ``"numba"`` when numba is
+    installed and the options are plain greedy, else ``"xp"``. Both give the
+    same placement. The kernel compiles on its first call in a process (a
+    few seconds).
+    """
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
+    if impl is None:
+        impl = "numba" if _numba.supports(options) and _numba.available() else "xp"
+    if impl == "numba":
+        return _numba.rebalance(weight32, num_replicas, num_groups, num_nodes, num_gpus, **options)
+    if impl != "xp":
+        raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     placement = place(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)
 

@@ -1,0 +1,539 @@
+"""Compiled CPU fast path of the greedy policy (numba), for numpy and torch CPU inputs.
+
+The batched array-API code (:mod:`eplb.algorithms`) issues thousands of tiny
+array operations per call; here the same policy runs as plain loops compiled
+by numba, one ``(layer, node)`` at a time, following ``docs/algorithm.md``
+step for step with the same float32 arithmetic, so the placement is the
+numpy reference's, bit for bit:
+
+- loads are float32 (the caller converts them, as the reference does);
+- group loads are summed left to right in float32;
+- visit order is a stable descending sort, computed by counting: item ``i``
+  goes to position ``#{j: x_j > x_i} + #{j < i: x_j == x_i}`` (the JAX
+  backend's rule; branch-free, so it vectorises);
+- LPT sends each item to the open pack with the smallest float32 running
+  load, ties to the lowest pack index; replication hands each replica to the
+  largest score ``w * fl(1/c)`` (reciprocal table), ties to the lowest index.
+  Both "first extreme" choices come from a tournament tree whose internal
+  nodes keep the left child on ties, which is exactly the first minimum;
+- one item per pack is the identity (the published shortcut); slots inside
+  a GPU are in arrival order; ``log2phy`` is built from (expert, replica).
+
+Every float operation is a float32 ``+``, ``*`` or negation of float32
+operands (no Python float constant enters the arithmetic, which numba would
+promote to float64), and numba compiles without fast-math, so LLVM neither
+reassociates nor contracts ``a * b + c`` into an FMA.
+
+Layers whose loads are not all finite and non-negative, or whose float32
+sums overflow, are reported back and recomputed by the reference path (the
+public API rejects such loads anyway unless ``check_values=False``).
+
+numba is optional and imported on first use only: :func:`available` says
+whether it can be imported; the kernels are compiled on the first call in a
+process (a few seconds), then cached in memory for the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+import numpy as np
+
+from eplb import _xp
+
+__all__ = ["available", "greedy", "rebalance", "supports"]
+
+# numba's default "workqueue" threading layer aborts the process if two
+# threads launch parallel kernels at once; a thread that finds the parallel
+# kernel busy runs the serial one instead (same placement).
+_PARALLEL_LOCK = threading.Lock()
+
+# Rows up to this long are ranked by counting (O(n^2) but vectorised), longer
+# ones by a merge sort.
+_COUNT_SORT_MAX = 256
+
+# About this many (layer, node) packings run in lockstep.
+_LOCKSTEP_ROWS = 8
+
+
+def supports(options: dict[str, Any]) -> bool:
+    """Whether the kernel computes :func:`eplb.algorithms.policies.place` with these keywords (plain greedy)."""
+    return (
+        "hierarchical" in options
+        and set(options) <= {"hierarchical", "policy", "spill"}
+        and options.get("policy", "greedy") == "greedy"
+        and not options.get("spill", 0)
+    )
+
+
+@functools.cache
+def available() -> bool:
+    """Whether numba imports (tried once, on the first call): without it the reference path runs."""
+    try:
+        import numba  # noqa: F401
+    except Exception:  # missing, or an install that fails to import (say, against a newer numpy)
+        return False
+    return True
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    """(serial, parallel) kernels; imports numba and defines them on the first call (compiled on their first)."""
+    import numba
+
+    jit = functools.partial(numba.njit, cache=False, nogil=True)
+    # The per-item helpers are inlined at numba IR level: a call costs argument
+    # marshalling and array reference counting in the hottest loops.
+    inline = functools.partial(numba.njit, cache=False, nogil=True, inline="always")
+    zero32 = np.float32(0)
+    inf32 = np.float32(np.inf)
+    no_key = np.int64(np.iinfo(np.int64).max)  # a full pack, or padding
+    low32 = np.int64(0xFFFFFFFF)
+    top31 = np.int64(0x7FFFFFFF)
+
+    @jit
+    def rank_desc(x: Any, n: int, order: Any, keys: Any, src: Any, dst: Any, count_sort_max: int) -> None:
+        """``order[:n]``: indices of ``x[:n]`` by decreasing value, ties by index (a stable sort).
+
+        ``x`` holds float32 >= +0 (never -0), whose int32 bit patterns order
+        like the values. Short rows: item ``i`` lands at ``#{j < i: x_j >=
+        x_i} + #{j > i: x_j > x_i}``, its place in the stable sort (the
+        counts vectorise). Longer rows: a merge sort of the unique int64 keys
+        ``(~bits << 32) | i``, whose ascending order is the stable descending one.
+        """
+        bits = x.view(np.int32)
+        if n <= count_sort_max:
+            for i in range(n):
+                keys[i] = bits[i]
+            end = np.uint64(n)
+            for i in range(n):
+                key = keys[i]
+                position = np.int32(0)
+                # Unsigned bounds spare numba's negative-index wraparound, so LLVM vectorises.
+                for j in range(np.uint64(i)):
+                    position += np.int32(1) if keys[j] >= key else np.int32(0)
+                for j in range(np.uint64(i + 1), end):
+                    position += np.int32(1) if keys[j] > key else np.int32(0)
+                order[position] = i
+            return
+        for i in range(n):
+            src[i] = ((top31 - np.int64(bits[i])) << 32) | i
+        width = 1
+        while width < n:
+            for lo in range(0, n, 2 * width):
+                mid = min(lo + width, n)
+                hi = min(lo + 2 * width, n)
+                i, j, k = lo, mid, lo
+                while i < mid and j < hi:
+                    a = src[i]
+                    b = src[j]
+                    take_b = b < a
+                    dst[k] = b if take_b else a
+                    j += take_b
+                    i += 1 - take_b
+                    k += 1
+                while i < mid:
+                    dst[k] = src[i]
+                    i += 1
+                    k += 1
+                while j < hi:
+                    dst[k] = src[j]
+                    j += 1
+                    k += 1
+            src, dst = dst, src
+            width *= 2
+        for i in range(n):
+            order[i] = src[i] & low32
+
+    # Tournament tree of int64 keys, 8 children a node; the smallest key wins.
+    # Level 0 holds the m leaves padded to a multiple of 8 with no_key; level
+    # l + 1 holds the minimum of each block of 8 of level l, padded likewise;
+    # the last level has 8 entries and the root is their minimum. Keys are
+    # (value bits << 32) | index, unique, so the minimum is the smallest
+    # value, first index on ties: exactly argmin's (or, on ~bits, argmax's) choice.
+
+    @inline
+    def min8(tree: Any, base: int) -> Any:
+        a = min(tree[base], tree[base + 1])
+        b = min(tree[base + 2], tree[base + 3])
+        c = min(tree[base + 4], tree[base + 5])
+        d = min(tree[base + 6], tree[base + 7])
+        return min(min(a, b), min(c, d))
+
+    @jit
+    def tree_levels(m: int, offsets: Any) -> int:
+        """Levels of a tree over ``m`` leaves; ``offsets[l]``: start of level l, ``offsets[levels]``: its size."""
+        size = (m + 7) // 8 * 8
+        offsets[0] = 0
+        levels = 1
+        while size > 8:
+            offsets[levels] = offsets[levels - 1] + size
+            size = (size // 8 + 7) // 8 * 8
+            levels += 1
+        offsets[levels] = offsets[levels - 1] + size
+        return levels
+
+    @jit
+    def tree_build(tree: Any, base: int, m: int, levels: int, offsets: Any) -> None:
+        """Pad leaves ``tree[base : base + m]`` and fill the levels above."""
+        for k in range(m, offsets[1]):
+            tree[base + k] = no_key
+        for level in range(1, levels):
+            blocks = (offsets[level] - offsets[level - 1]) // 8
+            for b in range(offsets[level + 1] - offsets[level]):
+                at = base + offsets[level] + b
+                tree[at] = min8(tree, base + offsets[level - 1] + 8 * b) if b < blocks else no_key
+
+    @inline
+    def tree_set(tree: Any, base: int, levels: int, offsets: Any, leaf: int, key: Any) -> None:
+        tree[base + leaf] = key
+        pos = leaf
+        for level in range(1, levels):
+            pos >>= 3
+            tree[base + offsets[level] + pos] = min8(tree, base + offsets[level - 1] + 8 * pos)
+
+    @jit
+    def lpt(
+        x: Any,
+        problems: int,
+        n: int,
+        m: int,
+        slot2item: Any,
+        good: Any,
+        order: Any,
+        load: Any,
+        count: Any,
+        tree: Any,
+        offsets: Any,
+        keys: Any,
+        src: Any,
+        dst: Any,
+        count_sort_max: int,
+    ) -> None:
+        """LPT of ``problems`` rows ``x [problems * n]`` (float32 >= +0) into ``m`` packs of ``n // m`` each.
+
+        ``slot2item[b * n + p * cap + r]``: the r-th arrival in pack p of row
+        b. ``good[b]`` False where a running load overflowed to inf (the
+        reference path defines that case). The rows are independent chains
+        of dependent steps; running them in lockstep lets the processor
+        overlap them.
+        """
+        cap = n // m
+        if cap == 1:
+            for k in range(problems * n):
+                slot2item[k] = k % n
+                good[k // n] = True
+            return
+        levels = tree_levels(m, offsets)
+        size = offsets[levels]
+        root = offsets[levels - 1]
+        for b in range(problems):
+            rank_desc(x[b * n : (b + 1) * n], n, order[b * n : (b + 1) * n], keys, src, dst, count_sort_max)
+            for p in range(m):
+                load[b * m + p] = zero32
+                count[b * m + p] = 0
+                tree[b * size + p] = p  # load +0: bits 0
+            tree_build(tree, b * size, m, levels, offsets)
+        load_bits = load.view(np.int32)
+        for t in range(n):
+            for b in range(problems):
+                key = min8(tree, b * size + root)  # open pack with the smallest load, first on ties
+                p = key & low32
+                at = b * m + p
+                c = count[at]
+                item = order[b * n + t]
+                slot2item[b * n + p * cap + c] = item
+                count[at] = c + 1
+                load[at] = load[at] + x[b * n + item]
+                tree_set(
+                    tree, b * size, levels, offsets, p, (np.int64(load_bits[at]) << 32) | p if c + 1 < cap else no_key
+                )
+        for b in range(problems):
+            fine = True
+            for p in range(m):
+                fine &= load[b * m + p] < inf32
+            good[b] = fine
+
+    @jit
+    def replicate(
+        mload: Any,
+        num_log: int,
+        num_phy: int,
+        recip: Any,
+        cnt: Any,
+        phy2mlog: Any,
+        phyrank: Any,
+        phy_load: Any,
+        score: Any,
+        tree: Any,
+        offsets: Any,
+    ) -> None:
+        """Greedy replication of ``mload [num_log]`` into ``num_phy`` slots, and each slot's replica load.
+
+        Tree keys ``(~score bits << 32) | e``: the smallest is the largest
+        score ``w * fl(1/c)``, lowest expert index on ties.
+        """
+        score_bits = score.view(np.int32)
+        for j in range(num_log):
+            cnt[j] = 1
+            phy2mlog[j] = j
+            phyrank[j] = 0
+            score[j] = mload[j] * recip[1]
+            tree[j] = ((top31 - np.int64(score_bits[j])) << 32) | j
+        levels = tree_levels(num_log, offsets)
+        tree_build(tree, 0, num_log, levels, offsets)
+        root = offsets[levels - 1]
+        for s in range(num_log, num_phy):
+            e = min8(tree, root) & low32
+            phy2mlog[s] = e
+            phyrank[s] = cnt[e]
+            cnt[e] += 1
+            score[e] = mload[e] * recip[cnt[e]]
+            tree_set(tree, 0, levels, offsets, e, ((top31 - np.int64(score_bits[e])) << 32) | e)
+        for j in range(num_phy):
+            e = phy2mlog[j]
+            phy_load[j] = mload[e] * recip[cnt[e]]
+
+    def layers(
+        weight: Any,
+        recip: Any,
+        num_groups: int,
+        num_nodes: int,
+        num_gpus: int,
+        phy2log: Any,
+        log2phy: Any,
+        logcnt: Any,
+        ok: Any,
+        batch: int,
+        count_sort_max: int,
+        num_chunks: int,
+    ) -> None:
+        """The greedy placement of every layer; ``ok[l]`` False where layer ``l`` needs the reference path.
+
+        Layers go ``batch`` at a time, so that their ``batch * num_nodes``
+        replica packings run in lockstep.
+        """
+        num_layers, num_log = weight.shape
+        num_phy = phy2log.shape[1]
+        width = log2phy.shape[2]
+        group_size = num_log // num_groups
+        log_per_node = num_log // num_nodes
+        phy_per_node = num_phy // num_nodes
+        gpus_per_node = num_gpus // num_nodes
+        rows = batch * num_nodes  # (layer, node) problems per batch
+        longest = max(num_groups, phy_per_node)
+        widest = max(num_nodes, gpus_per_node, log_per_node)
+        for chunk in numba.prange(num_chunks):
+            # Scratch, once per chunk of layers.
+            offsets = np.empty(32, np.int64)
+            tree_size = tree_levels(widest, offsets)
+            tree_size = offsets[tree_size] + 8
+            w = np.empty(batch * num_log, np.float32)
+            gload = np.empty(batch * num_groups, np.float32)
+            mgroup2group = np.empty(batch * num_groups, np.int64)
+            mlog2log = np.empty(batch * num_log, np.int64)
+            mload = np.empty(log_per_node, np.float32)
+            score = np.empty(log_per_node, np.float32)
+            cnt = np.empty(rows * log_per_node, np.int64)
+            phy2mlog = np.empty(rows * phy_per_node, np.int64)
+            phyrank = np.empty(rows * phy_per_node, np.int64)
+            phy_load = np.empty(rows * phy_per_node, np.float32)
+            pphy2phy = np.empty(rows * phy_per_node, np.int64)
+            order = np.empty(rows * longest, np.int64)
+            load = np.empty(rows * widest, np.float32)
+            count = np.empty(rows * widest, np.int64)
+            tree = np.empty(rows * tree_size, np.int64)
+            keys = np.empty(longest, np.int32)
+            src = np.empty(longest, np.int64)
+            dst = np.empty(longest, np.int64)
+            good = np.empty(rows, np.bool_)
+            first = chunk * num_layers // num_chunks
+            last = (chunk + 1) * num_layers // num_chunks
+            for start in range(first, last, batch):
+                size = min(batch, last - start)
+                # Loads (-0 made +0, so that bit patterns order like the values) and group sums.
+                for lb in range(size):
+                    fine = True
+                    for e in range(num_log):
+                        v = weight[start + lb, e]
+                        fine &= (v >= zero32) & (v < inf32)
+                        w[lb * num_log + e] = v + zero32
+                    for g in range(num_groups):
+                        at = lb * num_log + g * group_size
+                        total = w[at]
+                        for k in range(1, group_size):
+                            total = total + w[at + k]
+                        gload[lb * num_groups + g] = total
+                        fine &= total < inf32
+                    ok[start + lb] = fine
+                    if not fine:  # the reference path redoes this layer; run on zeros meanwhile
+                        for e in range(num_log):
+                            w[lb * num_log + e] = zero32
+                        for g in range(num_groups):
+                            gload[lb * num_groups + g] = zero32
+                # Step 1: groups to nodes.
+                lpt(
+                    gload,
+                    size,
+                    num_groups,
+                    num_nodes,
+                    mgroup2group,
+                    good,
+                    order,
+                    load,
+                    count,
+                    tree,
+                    offsets,
+                    keys,
+                    src,
+                    dst,
+                    count_sort_max,
+                )
+                for lb in range(size):
+                    ok[start + lb] &= good[lb]
+                    for k in range(num_groups):
+                        for i in range(group_size):
+                            at = lb * num_log + k * group_size + i
+                            mlog2log[at] = mgroup2group[lb * num_groups + k] * group_size + i
+                # Step 2: replicate within each node.
+                for r in range(size * num_nodes):
+                    lb, node = r // num_nodes, r % num_nodes
+                    for j in range(log_per_node):
+                        mload[j] = w[lb * num_log + mlog2log[lb * num_log + node * log_per_node + j]]
+                    at, atp = r * log_per_node, r * phy_per_node
+                    replicate(
+                        mload,
+                        log_per_node,
+                        phy_per_node,
+                        recip,
+                        cnt[at : at + log_per_node],
+                        phy2mlog[atp : atp + phy_per_node],
+                        phyrank[atp : atp + phy_per_node],
+                        phy_load[atp : atp + phy_per_node],
+                        score,
+                        tree,
+                        offsets,
+                    )
+                # Step 3: each node's replicas onto its GPUs, all (layer, node) rows in lockstep.
+                lpt(
+                    phy_load,
+                    size * num_nodes,
+                    phy_per_node,
+                    gpus_per_node,
+                    pphy2phy,
+                    good,
+                    order,
+                    load,
+                    count,
+                    tree,
+                    offsets,
+                    keys,
+                    src,
+                    dst,
+                    count_sort_max,
+                )
+                for lb in range(size):
+                    layer = start + lb
+                    unused = log2phy[layer].reshape(num_log * width)
+                    for k in range(num_log * width):
+                        unused[k] = -1
+                    for node in range(num_nodes):
+                        r = lb * num_nodes + node
+                        ok[layer] &= good[r]
+                        for q in range(phy_per_node):
+                            j = r * phy_per_node + pphy2phy[r * phy_per_node + q]
+                            expert = mlog2log[lb * num_log + node * log_per_node + phy2mlog[j]]
+                            slot = node * phy_per_node + q
+                            phy2log[layer, slot] = expert
+                            log2phy[layer, expert, phyrank[j]] = slot
+                        for j in range(log_per_node):
+                            logcnt[layer, mlog2log[lb * num_log + node * log_per_node + j]] = cnt[r * log_per_node + j]
+
+    return jit(layers), jit(parallel=True)(layers)
+
+
+def rebalance(
+    weight: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The numpy backend's ``rebalance`` for plain greedy options, compiled; same placement, bit for bit.
+
+    ``weight [L, E]`` float32, C-contiguous. Layers the kernel declines
+    (see :func:`greedy`) are computed by the reference path.
+    """
+    if not supports(options):
+        raise ValueError(f"the compiled kernel runs the plain greedy policy only, got options {options}")
+    phy2log, log2phy, logcnt, ok = greedy(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=options["hierarchical"]
+    )
+    if not ok.all():
+        from eplb.algorithms.policies import place
+
+        rows = np.flatnonzero(~ok)
+        redo = place(weight[rows], num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
+        for out, part in zip((phy2log, log2phy, logcnt), redo, strict=True):
+            out[rows] = part
+    return phy2log, log2phy, logcnt
+
+
+def greedy(
+    weight: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    hierarchical: bool,
+    parallel: bool = False,
+    batch: int | None = None,
+    count_sort_max: int = _COUNT_SORT_MAX,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The greedy placement of float32 ``weight [L, E]`` (C-contiguous), compiled.
+
+    Returns ``phy2log [L, R]``, ``log2phy [L, E, R - E + 1]``, ``logcnt [L, E]``
+    (int64) and ``ok [L]`` (bool): layers where ``ok`` is False hold garbage
+    and must be recomputed by the reference path (loads not finite and
+    non-negative, or float32 sums that overflow).
+
+    ``parallel``: split the layers over numba's threads (unless another
+    thread is running the parallel kernel already). Layers are independent,
+    so the result is the same either way; it is off by default: on a busy
+    machine a call then waits for the slowest thread to get a core.
+    ``batch``: layers whose replica packings run in lockstep (default: about
+    8 packings at a time). ``count_sort_max``: rows up to this long are
+    ranked by counting, longer ones merge sorted (tests force either).
+    The first call in a process compiles the kernels (a few seconds).
+    """
+    if not hierarchical:
+        num_groups, num_nodes = 1, 1
+    serial, parallel_kernel = _kernels()
+    num_layers, num_log = weight.shape
+    phy2log = np.empty((num_layers, num_replicas), dtype=np.int64)
+    log2phy = np.empty((num_layers, num_log, num_replicas - num_log + 1), dtype=np.int64)
+    logcnt = np.empty((num_layers, num_log), dtype=np.int64)
+    ok = np.empty(num_layers, dtype=np.bool_)
+    recip = _xp.reciprocal_table(num_replicas // num_nodes - num_log // num_nodes + 1, xp=np)
+    if batch is None:
+        batch = max(1, _LOCKSTEP_ROWS // num_nodes)
+    batch = max(1, min(batch, num_layers))
+    args = (weight, recip, num_groups, num_nodes, num_gpus, phy2log, log2phy, logcnt, ok, batch, count_sort_max)
+    if parallel and _PARALLEL_LOCK.acquire(blocking=False):
+        try:
+            parallel_kernel(*args, min(_num_threads(), num_layers))
+        finally:
+            _PARALLEL_LOCK.release()
+    else:
+        serial(*args, 1)
+    return phy2log, log2phy, logcnt, ok
+
+
+def _num_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()

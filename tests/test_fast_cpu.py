@@ -1,0 +1,346 @@
+"""The compiled greedy kernel (numba) against the numpy reference path, bit for bit.
+
+``eplb.backends._numpy.rebalance`` runs the kernel by default when numba is
+installed (``impl=None``); ``impl="xp"`` runs the array-API algorithm layer,
+the reference. Every test compares the two on the same float32 loads: the
+golden example, the cross-backend cases (ties, zeros, integers near 2**31,
+float32, the real DeepSeek-V3 loads), drawn configs and loads, and the
+kernel's own switches (merge sort vs counting, lockstep batches, threads).
+Skips without numba.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import eplb
+from eplb.backends import _numba, _numpy
+
+from . import cases
+from .test_oracle import GOLDEN_PHY2LOG, GOLDEN_WEIGHT
+from .test_properties import Config, configs, loads
+
+pytest.importorskip("numba")
+
+DEEPSEEK = Config(256, 288, 8, 4, 32)
+DEEPSEEK_GLOBAL = Config(256, 288, 8, 3, 144)
+SMALL = [Config(16, *args) for args in [(24, 4, 2, 4), (20, 4, 4, 4), (32, 3, 2, 8), (16, 4, 2, 16)]]
+
+
+def _hierarchical(config: Config, hierarchical: bool | None = None) -> bool:
+    return config.hierarchical if hierarchical is None else hierarchical
+
+
+def reference(weight: np.ndarray, config: Config, hierarchical: bool | None = None) -> tuple[np.ndarray, ...]:
+    """The numpy array-API path (the reference)."""
+    h = _hierarchical(config, hierarchical)
+    return _numpy.rebalance(weight, *config.args, hierarchical=h, policy="greedy", spill=0, impl="xp")
+
+
+def assert_identical(weight: np.ndarray, config: Config, hierarchical: bool | None = None, **kernel) -> None:
+    """The kernel (with ``kernel`` switches) returns the reference's arrays exactly, as int64."""
+    h = _hierarchical(config, hierarchical)
+    weight32 = np.ascontiguousarray(weight, dtype=np.float32)
+    expected = reference(weight, config, h)
+    if kernel:
+        *got, ok = _numba.greedy(weight32, *config.args, hierarchical=h, **kernel)
+        assert ok.all()
+    else:
+        got = _numpy.rebalance(weight, *config.args, hierarchical=h, policy="greedy", spill=0, impl="numba")
+    for name, g, e in zip(("phy2log", "log2phy", "logcnt"), got, expected, strict=True):
+        assert isinstance(g, np.ndarray) and g.dtype == np.int64, (name, type(g), g.dtype)
+        if not np.array_equal(g, e):
+            rows = np.flatnonzero((g != e).reshape(len(g), -1).any(axis=1))
+            pytest.fail(f"{name} differs from the reference in layers {rows.tolist()} ({config}, {kernel})")
+
+
+# ---------------------------------------------------------------- fixed cases
+
+
+def test_golden_example():
+    phy2log, _, logcnt = _numpy.rebalance(np.array(GOLDEN_WEIGHT), 16, 4, 2, 8, hierarchical=True, impl="numba")
+    np.testing.assert_array_equal(phy2log, GOLDEN_PHY2LOG)
+    np.testing.assert_array_equal(logcnt, [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]])
+    assert_identical(np.array(GOLDEN_WEIGHT), Config(12, 16, 4, 2, 8))
+
+
+@pytest.mark.parametrize("config", SMALL, ids=str)
+def test_ties_and_zeros(config):
+    assert_identical(cases.ties(np.random.default_rng(1), 16), config)
+
+
+@pytest.mark.parametrize("config", SMALL, ids=str)
+def test_random_integers_near_2_31(config):
+    weight = cases.random_int(np.random.default_rng(2), 24, 16)
+    assert weight.sum(axis=1).max() < 2**31
+    assert_identical(weight, config)
+
+
+@pytest.mark.parametrize("config", SMALL, ids=str)
+def test_float32(config):
+    assert_identical(cases.lognormal_f32(np.random.default_rng(3), 24, 16), config)
+
+
+@pytest.mark.parametrize("config", [DEEPSEEK, DEEPSEEK_GLOBAL], ids=["hierarchical", "global"])
+def test_deepseek_shape_mixed(config):
+    rng = np.random.default_rng(4)
+    weight = np.concatenate(
+        [
+            cases.random_int(rng, 8, 256).astype(np.float32),
+            cases.lognormal_f32(rng, 8, 256),
+            cases.ties(rng, 256).astype(np.float32),
+            cases.lognormal_f32(rng, 8, 256, sigma=3.0),
+        ]
+    )
+    assert_identical(weight, config)
+    # Every switch of the kernel gives the same placement.
+    assert_identical(weight, config, count_sort_max=0)  # merge sort everywhere
+    assert_identical(weight, config, count_sort_max=10**6)  # counting everywhere
+    assert_identical(weight, config, batch=1)
+    assert_identical(weight, config, batch=len(weight))
+    assert_identical(weight, config, parallel=True)
+
+
+@pytest.mark.parametrize("config", [DEEPSEEK, DEEPSEEK_GLOBAL], ids=["hierarchical", "global"])
+def test_real_deepseek_loads(config):
+    weight = cases.deepseek_v3()
+    if weight is None:
+        pytest.skip("../shared/data not present")
+    assert_identical(weight, config)
+
+
+def test_hierarchical_forced_off_and_on():
+    """``hierarchical=False`` on a hierarchical config, and True on one that would run it anyway."""
+    weight = cases.lognormal_f32(np.random.default_rng(5), 6, 32)
+    config = Config(32, 48, 8, 4, 8)
+    assert_identical(weight, config, hierarchical=False)
+    assert_identical(weight, config, hierarchical=True)
+
+
+def test_input_dtypes():
+    """int64, int32, float64 and float16 loads are rounded to float32 first, as the reference does."""
+    rng = np.random.default_rng(6)
+    base = cases.random_int(rng, 6, 16)
+    config = SMALL[0]
+    for weight in (base, base.astype(np.int32), base.astype(np.float64) + 0.25, (base % 60000).astype(np.float16)):
+        assert_identical(weight, config)
+    # Distinct integers that round to the same float32 are equal loads.
+    assert_identical(2**25 + np.arange(32).reshape(2, 16) % 3, config)
+
+
+# ---------------------------------------------------------------- drawn configs and loads
+
+
+@st.composite
+def wide_configs(draw) -> Config:
+    """Edge shapes: one group per node, one slot per GPU, R == E, and many GPUs or experts (deep trees)."""
+    kind = draw(st.sampled_from(["one_group_per_node", "one_slot_per_gpu", "no_redundancy", "many_gpus", "many"]))
+    num_nodes = draw(st.integers(1, 4))
+    if kind == "one_group_per_node":
+        group_size = draw(st.integers(1, 8))
+        num_gpus = num_nodes * draw(st.integers(1, 4))
+        num_experts = num_nodes * group_size
+        slots = -(-num_experts // num_gpus) + draw(st.integers(0, 2))
+        return Config(num_experts, num_gpus * slots, num_nodes, num_nodes, num_gpus)
+    num_groups = num_nodes * draw(st.integers(1, 3))
+    num_experts = num_groups * draw(st.integers(1, 6))
+    if kind == "one_slot_per_gpu":  # R == G: every GPU holds a single slot
+        num_replicas = num_experts + num_nodes * draw(st.integers(0, 3))
+        return Config(num_experts, num_replicas, num_groups, num_nodes, num_replicas)
+    if kind == "no_redundancy":  # R == E
+        num_gpus = num_nodes * draw(st.sampled_from([d for d in range(1, 9) if (num_experts // num_nodes) % d == 0]))
+        return Config(num_experts, num_experts, num_groups, num_nodes, num_gpus)
+    if kind == "many_gpus":  # a global policy over up to 160 GPUs: LPT trees of 3 levels
+        num_gpus = 2 * draw(st.integers(5, 80))
+        num_experts = draw(st.integers(1, 2 * num_gpus))
+        slots = -(-num_experts // num_gpus) + draw(st.integers(0, 1))
+        return Config(num_experts, num_gpus * slots, 1, 2, num_gpus)
+    # many experts per node: replication trees of 2-3 levels
+    num_experts = num_groups * draw(st.integers(8, 40))
+    num_gpus = num_nodes * draw(st.integers(1, 12))
+    slots = -(-num_experts // num_gpus) + draw(st.integers(0, 3))
+    return Config(num_experts, num_gpus * slots, num_groups, num_nodes, num_gpus)
+
+
+@st.composite
+def tie_loads(draw, num_layers: int, num_experts: int) -> np.ndarray:
+    """Few distinct values (0, k, 2k, 3k, 6k), so sorts, argmins and argmaxes keep hitting ties."""
+    unit = draw(st.sampled_from([1, 5, 7, 2**20 + 1, 2**24 - 1]))
+    return draw(hnp.arrays(np.int64, (num_layers, num_experts), elements=st.sampled_from([0, 1, 2, 3, 6]))) * unit
+
+
+@st.composite
+def float32_loads(draw, num_layers: int, num_experts: int) -> np.ndarray:
+    """Any non-negative float32, subnormals and -0.0 included, with per-layer sums below float32 max."""
+    top = float(np.float32(np.finfo(np.float32).max / max(num_experts, 1) / 2))
+    elements = st.floats(0, top, width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)
+    weight = draw(hnp.arrays(np.float32, (num_layers, num_experts), elements=elements))
+    if draw(st.booleans()):
+        weight[:, ::3] = -0.0
+    return weight
+
+
+def _any_loads(draw, config: Config) -> np.ndarray:
+    num_layers = draw(st.integers(1, 5))
+    strategy = draw(st.sampled_from([loads, tie_loads, float32_loads]))
+    return draw(strategy(num_layers, config.num_experts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(config=configs, data=st.data())
+def test_drawn_configs_match_reference(config, data):
+    """The property tests' configs (hierarchical and global) with integer, tie-heavy and float32 loads."""
+    assert_identical(_any_loads(data.draw, config), config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(config=wide_configs(), hierarchical=st.booleans(), data=st.data())
+def test_edge_configs_match_reference(config, hierarchical, data):
+    """One group per node, one slot per GPU, R == E, many GPUs or experts; both policies."""
+    weight = _any_loads(data.draw, config)
+    assert_identical(weight, config, hierarchical=hierarchical and config.hierarchical)
+
+
+@settings(max_examples=60, deadline=None)
+@given(config=configs, data=st.data())
+def test_drawn_merge_sort_and_batches(config, data):
+    """The merge sort (forced for every row) and lockstep batches give the counting sort's placement."""
+    weight = _any_loads(data.draw, config)
+    batch = data.draw(st.integers(1, 4))
+    assert_identical(weight, config, count_sort_max=0, batch=batch)
+
+
+# ---------------------------------------------------------------- declined layers
+
+
+def test_declined_layers_use_the_reference_path():
+    """NaN, inf, negative loads, overflowing float32 sums: the kernel declines those layers, the reference redoes them.
+
+    (The public API rejects such loads unless ``check_values=False``; the
+    reference's placement of them is not meaningful, so only the clean
+    layers are compared.)
+    """
+    rng = np.random.default_rng(7)
+    config = Config(16, 24, 4, 2, 4)
+    weight = cases.lognormal_f32(rng, 8, 16)
+    weight[1, 3] = np.nan
+    weight[3, 0] = -1.0
+    weight[5, 7] = np.inf
+    weight[6] = np.float32(3e38)  # group sums overflow float32
+    *_, ok = _numba.greedy(weight, *config.args, hierarchical=True)
+    assert ok.tolist() == [True, False, True, False, True, False, False, True]
+    clean = [0, 2, 4, 7]
+    with np.errstate(invalid="ignore", over="ignore"):
+        got = eplb.rebalance_experts(weight, *config.args, check_values=False)
+    for g, e in zip(got, reference(weight[clean], config), strict=True):
+        assert g.shape[0] == len(weight)
+        np.testing.assert_array_equal(g[clean], e)
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Records the weight shape of every call into the compiled kernel."""
+    calls: list[tuple[int, ...]] = []
+    original = _numba.rebalance
+
+    def recording(weight, *args, **kwargs):
+        calls.append(weight.shape)
+        return original(weight, *args, **kwargs)
+
+    monkeypatch.setattr(_numba, "rebalance", recording)
+    return calls
+
+
+def test_numpy_and_torch_cpu_dispatch_to_the_kernel(kernel_calls):
+    weight = cases.lognormal_f32(np.random.default_rng(8), 3, 16)
+    expected = reference(weight, SMALL[0])
+    for name, got in [
+        ("numpy", eplb.rebalance_experts(weight, *SMALL[0].args)),
+        ("list", eplb.rebalance_experts(weight.tolist(), *SMALL[0].args)),
+    ]:
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(g, e, err_msg=name)
+    assert kernel_calls == [(3, 16), (3, 16)]
+    torch = pytest.importorskip("torch")
+    got = eplb.rebalance_experts(torch.as_tensor(weight), *SMALL[0].args)
+    assert kernel_calls == [(3, 16)] * 3
+    for g, e in zip(got, expected, strict=True):
+        assert isinstance(g, torch.Tensor) and g.dtype == torch.int64
+        np.testing.assert_array_equal(g.numpy(), e)
+
+
+@pytest.mark.parametrize("options", [{"policy": "refined"}, {"spill": 1}], ids=["refined", "spill"])
+def test_other_options_use_the_reference_path(kernel_calls, options):
+    weight = cases.lognormal_f32(np.random.default_rng(9), 3, 16)
+    eplb.rebalance_experts(weight, *SMALL[0].args, **options)
+    assert kernel_calls == []
+    with pytest.raises(ValueError, match="plain greedy"):
+        _numpy.rebalance(weight, *SMALL[0].args, hierarchical=True, impl="numba", **options)
+
+
+def test_without_numba_the_reference_path_runs(kernel_calls, monkeypatch):
+    monkeypatch.setattr(_numba, "available", lambda: False)
+    weight = cases.lognormal_f32(np.random.default_rng(10), 3, 16)
+    got = eplb.rebalance_experts(weight, *SMALL[0].args)
+    assert kernel_calls == []
+    for g, e in zip(got, reference(weight, SMALL[0]), strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_bad_impl():
+    with pytest.raises(ValueError, match="impl"):
+        _numpy.rebalance(np.ones((1, 4)), 4, 1, 1, 1, hierarchical=False, impl="fast")
+
+
+def _run_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def test_numba_imported_lazily_and_optional():
+    """``import eplb`` leaves numba unimported; with numba blocked, numpy calls still work."""
+    out = _run_python(
+        """
+        import sys
+        import eplb
+        print("numba" in sys.modules)
+        """
+    )
+    assert out.strip() == "False"
+    out = _run_python(
+        """
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("numba", "llvmlite"):
+                    raise ImportError(f"blocked {name}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import eplb
+        w = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]]
+        print(eplb.rebalance_experts(w, 16, 4, 2, 8).phy2log.tolist())
+        """
+    )
+    assert out.strip() == str(GOLDEN_PHY2LOG[:1])
+
+
+def test_no_fused_multiply_add():
+    """The compiled kernel has no FMA: float32 products and sums are rounded one at a time, as numpy does."""
+    _numba.greedy(np.ones((1, 4), np.float32), 4, 1, 1, 1, hierarchical=False)
+    serial, _ = _numba._kernels()
+    for signature in serial.signatures:
+        asm = serial.inspect_asm(signature).lower()
+        assert "vfmadd" not in asm and "vfmsub" not in asm and "vfnmadd" not in asm
