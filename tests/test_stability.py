@@ -280,7 +280,7 @@ def test_invalid_previous_falls_back_to_relabelling():
 
 
 def test_cross_backend_previous():
-    """numpy, torch (default and forced torch ops) and JAX agree with previous= and a tolerance."""
+    """numpy, torch (default, forced torch ops, CUDA) and JAX (CPU, GPU) agree with previous= and a tolerance."""
     rng = np.random.default_rng(11)
     windows = drifting(rng, LAYERS - 4, EXPERTS, 2, drift=0.3)
     weight = np.concatenate([windows[1], cases.ties(rng, EXPERTS)[[0, 1, 5, 6]]])
@@ -288,7 +288,7 @@ def test_cross_backend_previous():
     options = {"previous": previous, "balance_tolerance": 0.01}
     expected = eplb.rebalance_experts(weight, *CONFIG, **options)
     check_valid(expected, EXPERTS)
-    for backend in (Backend.TORCH, Backend.JAX):
+    for backend in (Backend.TORCH, Backend.JAX, Backend.TORCH_CUDA, Backend.JAX_GPU):
         if not backend.available():
             continue
         runner = make_runner(backend)
@@ -346,3 +346,27 @@ def test_previous_from_another_framework():
         if backend.available():
             runner = make_runner(backend)
             np.testing.assert_array_equal(runner.rebalance_np(weight, *CONFIG, previous=previous)[0], expected)
+
+
+@pytest.mark.skipif(not Backend.TORCH_CUDA.available(), reason="no CUDA device for torch")
+@pytest.mark.parametrize("options", [{}, {"balance_tolerance": 0.005}, {"max_moves": 4}], ids=["relabel", "tol", "cap"])
+def test_torch_cuda_previous_never_syncs(options):
+    """previous= and the knobs on CUDA tensors queue work without a host sync, and match numpy."""
+    import torch
+
+    old_w, new_w = drifting(np.random.default_rng(15), 12, 256, 2)
+    config = (288, 8, 4, 32)
+    previous = eplb.rebalance_experts(old_w, *config).phy2log
+    expected = eplb.rebalance_experts(new_w, *config, previous=previous, **options)
+    weight = torch.as_tensor(new_w, device="cuda")
+    on_device = torch.as_tensor(previous, device="cuda")
+    eplb.rebalance_experts(weight, *config, previous=on_device, **options)  # first call may build constant tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        placement = eplb.rebalance_experts(weight, *config, previous=on_device, **options)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, want in zip(placement, expected, strict=True):
+        assert got.device.type == "cuda"
+        np.testing.assert_array_equal(got.cpu().numpy(), want)
