@@ -1,14 +1,28 @@
 """Repository-level pytest setup for the doctests of ``eplb`` (``--doctest-modules``).
 
-Backend modules import their framework at the top, so their doctests are
-collected only where that framework is installed (the ``numpy`` tox env has
-neither torch nor JAX).
+Some modules import an optional framework at the top (torch, JAX, Triton,
+matplotlib, ...); their doctests are collected only where that framework is
+installed, so each tox env (``numpy`` has neither torch nor JAX) collects
+what it can import.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+from pathlib import Path
 
-collect_ignore_glob = [
-    f"eplb/backends/_{name}*.py" for name in ("torch", "jax") if importlib.util.find_spec(name) is None
-]
+ROOT = Path(__file__).resolve().parent
+
+
+def pytest_ignore_collect(collection_path: Path, config: object) -> bool | None:
+    path = Path(collection_path)
+    if path.suffix != ".py" or ROOT / "eplb" not in path.parents:
+        return None
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    if module.endswith("__main__"):
+        return True  # running it would start the command line
+    try:
+        importlib.import_module(module.removesuffix(".__init__"))
+    except ImportError:
+        return True  # an optional dependency is missing here
+    return None

@@ -49,9 +49,11 @@ def test_spill_is_valid_and_bounded(spill, policy):
 
 
 def test_spill_trades_locality_for_balance():
+    """On the real DeepSeek-V3 loads, more spill: less locality, more balance (a property of those
+    loads, not of every load, so it needs ../shared/data)."""
     weight = cases.deepseek_v3()
     if weight is None:
-        weight = _loads()
+        pytest.skip("../shared/data not present")
     rows = []
     for spill in (0, 2, 8):
         phy2log = eplb.rebalance_experts(weight, *CONFIG, spill=spill).phy2log
