@@ -103,7 +103,10 @@ def main() -> None:
 
     remote = int(np.sum(plan.src_gpu != plan.dst_gpu))
     remote_bytes = remote * expert_bytes
-    move_s = timed(lambda: apply_plan(plan, weights, in_place=False), args.repeats)
+    move_s = {
+        transport: timed(lambda t=transport: apply_plan(plan, weights, in_place=False, transport=t), args.repeats)
+        for transport in ("p2p", "all_to_all")
+    }
     # Baseline: all_to_all_single moving the same bytes between GPUs: each rank
     # sends S/world to every rank (itself included), so S*(world-1) cross in all.
     per_rank = max(world, remote_bytes // (world - 1)) // world * world
@@ -118,7 +121,9 @@ def main() -> None:
         )
         print(f"exact weights after move on every rank: {bool(flags.item())}")
         gb = remote_bytes / 1e9
-        print(f"apply_plan: {move_s * 1e3:.1f} ms for {gb:.2f} GB between GPUs -> {gb / move_s:.1f} GB/s")
+        for transport, seconds in move_s.items():
+            rate = gb / seconds
+            print(f"apply_plan ({transport}): {seconds * 1e3:.1f} ms for {gb:.2f} GB between GPUs -> {rate:.1f} GB/s")
         cross = per_rank * (world - 1) / 1e9
         print(f"all_to_all_single: {a2a_s * 1e3:.1f} ms for {cross:.2f} GB between GPUs -> {cross / a2a_s:.1f} GB/s")
     dist.destroy_process_group()
