@@ -5,7 +5,7 @@ installed (``impl=None``); ``impl="xp"`` runs the array-API algorithm layer,
 the reference. Every test compares the two on the same float32 loads: the
 golden example, the cross-backend cases (ties, zeros, integers near 2**31,
 float32, the real DeepSeek-V3 loads), drawn configs and loads, and the
-kernel's own switches (merge sort vs counting, lockstep batches, threads).
+kernel's own switches (bucket or merge sort, lockstep batches, threads).
 Skips without numba.
 """
 
@@ -98,12 +98,14 @@ def test_deepseek_shape_mixed(config):
             cases.lognormal_f32(rng, 8, 256),
             cases.ties(rng, 256).astype(np.float32),
             cases.lognormal_f32(rng, 8, 256, sigma=3.0),
+            # Almost all loads in one bucket of the sort, in reverse order: the merge sort takes over.
+            np.append(1000 + np.arange(255), 1e30)[None, :].astype(np.float32),
+            np.append(1e6, 1000 + np.arange(255) / 64)[None, :].astype(np.float32),
         ]
     )
     assert_identical(weight, config)
     # Every switch of the kernel gives the same placement.
-    assert_identical(weight, config, count_sort_max=0)  # merge sort everywhere
-    assert_identical(weight, config, count_sort_max=10**6)  # counting everywhere
+    assert_identical(weight, config, merge_only=True)
     assert_identical(weight, config, batch=1)
     assert_identical(weight, config, batch=len(weight))
     assert_identical(weight, config, parallel=True)
@@ -212,10 +214,42 @@ def test_edge_configs_match_reference(config, hierarchical, data):
 @settings(max_examples=60, deadline=None)
 @given(config=configs, data=st.data())
 def test_drawn_merge_sort_and_batches(config, data):
-    """The merge sort (forced for every row) and lockstep batches give the counting sort's placement."""
+    """The merge sort (forced for every row) and lockstep batches give the default's placement."""
     weight = _any_loads(data.draw, config)
     batch = data.draw(st.integers(1, 4))
-    assert_identical(weight, config, count_sort_max=0, batch=batch)
+    assert_identical(weight, config, merge_only=True, batch=batch)
+
+
+# ---------------------------------------------------------------- the sort
+
+
+def _sort_rows(rng: np.random.Generator) -> list[np.ndarray]:
+    """Rows for the stable descending sort, -0 made +0 as the kernel does: easy, tied, and adversarial ones."""
+    ascending = 1000 + np.arange(287, dtype=np.float32)
+    rows = [
+        np.zeros(5, np.float32),
+        np.array([3.0], np.float32),
+        rng.lognormal(0, 1.5, 72).astype(np.float32),
+        rng.integers(0, 4, 72).astype(np.float32),  # ties and zeros
+        np.append(ascending, np.float32(1e30)),  # one bucket holds almost all, in reverse: merge sort takes over
+        np.append(ascending, np.float32(0)),
+        np.concatenate([ascending, ascending[::-1], [0, 1e-45, 3e-45, 3.4e38]]).astype(np.float32),  # subnormals
+        np.repeat(rng.lognormal(0, 1, 30), 7).astype(np.float32),
+        rng.permutation(np.arange(300, dtype=np.float32) * 1e-3 + 7),
+    ]
+    return rows + [np.abs(rng.standard_cauchy(n)).astype(np.float32) for n in (2, 9, 64, 288, 600)]
+
+
+def test_rank_desc_is_the_stable_descending_sort():
+    rank_desc = _numba._kernels().rank_desc
+    for x in _sort_rows(np.random.default_rng(11)):
+        n = len(x)
+        expected = np.argsort(-x, kind="stable")
+        for merge_only in (False, True):
+            order = np.full(n, -1, np.int64)
+            head, src, dst = np.empty(4 * n + 8, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+            rank_desc(x, n, order, head, src, dst, merge_only)
+            np.testing.assert_array_equal(order, expected, err_msg=f"n={n} merge_only={merge_only}")
 
 
 # ---------------------------------------------------------------- declined layers
@@ -340,7 +374,7 @@ def test_numba_imported_lazily_and_optional():
 def test_no_fused_multiply_add():
     """The compiled kernel has no FMA: float32 products and sums are rounded one at a time, as numpy does."""
     _numba.greedy(np.ones((1, 4), np.float32), 4, 1, 1, 1, hierarchical=False)
-    serial, _ = _numba._kernels()
+    serial = _numba._kernels().serial
     for signature in serial.signatures:
         asm = serial.inspect_asm(signature).lower()
         assert "vfmadd" not in asm and "vfmsub" not in asm and "vfnmadd" not in asm

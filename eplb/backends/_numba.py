@@ -8,9 +8,8 @@ numpy reference's, bit for bit:
 
 - loads are float32 (the caller converts them, as the reference does);
 - group loads are summed left to right in float32;
-- visit order is a stable descending sort, computed by counting: item ``i``
-  goes to position ``#{j: x_j > x_i} + #{j < i: x_j == x_i}`` (the JAX
-  backend's rule; branch-free, so it vectorises);
+- visit order is a stable descending sort (buckets of the float32 bit
+  patterns, then insertion; a merge sort where that would be slow);
 - LPT sends each item to the open pack with the smallest float32 running
   load, ties to the lowest pack index; replication hands each replica to the
   largest score ``w * fl(1/c)`` (reciprocal table), ties to the lowest index.
@@ -37,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -49,10 +49,6 @@ __all__ = ["available", "greedy", "rebalance", "supports"]
 # threads launch parallel kernels at once; a thread that finds the parallel
 # kernel busy runs the serial one instead (same placement).
 _PARALLEL_LOCK = threading.Lock()
-
-# Rows up to this long are ranked by counting (O(n^2) but vectorised), longer
-# ones by a merge sort.
-_COUNT_SORT_MAX = 256
 
 # About this many (layer, node) packings run in lockstep.
 _LOCKSTEP_ROWS = 8
@@ -79,8 +75,11 @@ def available() -> bool:
 
 
 @functools.cache
-def _kernels() -> tuple[Any, Any]:
-    """(serial, parallel) kernels; imports numba and defines them on the first call (compiled on their first)."""
+def _kernels() -> SimpleNamespace:
+    """The kernels (``serial``, ``parallel``) and ``rank_desc`` (for tests).
+
+    Imports numba and defines them on the first call; each compiles on its first call.
+    """
     import numba
 
     jit = functools.partial(numba.njit, cache=False, nogil=True)
@@ -94,30 +93,67 @@ def _kernels() -> tuple[Any, Any]:
     top31 = np.int64(0x7FFFFFFF)
 
     @jit
-    def rank_desc(x: Any, n: int, order: Any, keys: Any, src: Any, dst: Any, count_sort_max: int) -> None:
+    def rank_desc(x: Any, n: int, order: Any, head: Any, src: Any, dst: Any, merge_only: bool) -> None:
         """``order[:n]``: indices of ``x[:n]`` by decreasing value, ties by index (a stable sort).
 
         ``x`` holds float32 >= +0 (never -0), whose int32 bit patterns order
-        like the values. Short rows: item ``i`` lands at ``#{j < i: x_j >=
-        x_i} + #{j > i: x_j > x_i}``, its place in the stable sort (the
-        counts vectorise). Longer rows: a merge sort of the unique int64 keys
-        ``(~bits << 32) | i``, whose ascending order is the stable descending one.
+        like the values. First a bucket pass: the span of the positive
+        patterns is cut into about ``2n`` equal buckets (the largest values
+        first, zeros last), filled in index order, then one insertion pass
+        sorts within buckets (an item never passes a bucket of larger keys,
+        nor an equal key, so ties keep index order). Floats' patterns grow
+        with the logarithm of the value, so buckets hold few items on real
+        loads; if the insertion pass moves more than ``8n`` items, a merge
+        sort of the unique int64 keys ``(~bits << 32) | i`` (ascending order
+        = the stable descending one) does the job instead. Same result.
         """
         bits = x.view(np.int32)
-        if n <= count_sort_max:
+        if not merge_only:
+            hi = np.int32(0)
+            lo = np.int32(0x7FFFFFFF)
             for i in range(n):
-                keys[i] = bits[i]
-            end = np.uint64(n)
+                b = bits[i]
+                hi = max(hi, b)
+                lo = min(lo, b if b > 0 else np.int32(0x7FFFFFFF))
+            if hi == 0:  # all zero
+                for i in range(n):
+                    order[i] = i
+                return
+            buckets = 2
+            while buckets < 2 * n:
+                buckets *= 2
+            shift = 0
+            while (hi - lo) >> shift >= buckets - 1:
+                shift += 1
+            for k in range(buckets):
+                head[k] = 0
             for i in range(n):
-                key = keys[i]
-                position = np.int32(0)
-                # Unsigned bounds spare numba's negative-index wraparound, so LLVM vectorises.
-                for j in range(np.uint64(i)):
-                    position += np.int32(1) if keys[j] >= key else np.int32(0)
-                for j in range(np.uint64(i + 1), end):
-                    position += np.int32(1) if keys[j] > key else np.int32(0)
-                order[position] = i
-            return
+                b = bits[i]
+                head[(hi - b) >> shift if b > 0 else buckets - 1] += 1
+            start = 0
+            for k in range(buckets):
+                size = head[k]
+                head[k] = start
+                start += size
+            for i in range(n):
+                b = bits[i]
+                k = (hi - b) >> shift if b > 0 else buckets - 1
+                order[head[k]] = i
+                head[k] += 1
+            budget = 8 * n
+            for k in range(1, n):
+                item = order[k]
+                key = bits[item]
+                j = k
+                while j > 0 and bits[order[j - 1]] < key:
+                    order[j] = order[j - 1]
+                    j -= 1
+                order[j] = item
+                budget -= k - j
+                if budget < 0:
+                    break
+            if budget >= 0:
+                return
         for i in range(n):
             src[i] = ((top31 - np.int64(bits[i])) << 32) | i
         width = 1
@@ -207,10 +243,10 @@ def _kernels() -> tuple[Any, Any]:
         count: Any,
         tree: Any,
         offsets: Any,
-        keys: Any,
+        head: Any,
         src: Any,
         dst: Any,
-        count_sort_max: int,
+        merge_only: bool,
     ) -> None:
         """LPT of ``problems`` rows ``x [problems * n]`` (float32 >= +0) into ``m`` packs of ``n // m`` each.
 
@@ -230,7 +266,7 @@ def _kernels() -> tuple[Any, Any]:
         size = offsets[levels]
         root = offsets[levels - 1]
         for b in range(problems):
-            rank_desc(x[b * n : (b + 1) * n], n, order[b * n : (b + 1) * n], keys, src, dst, count_sort_max)
+            rank_desc(x[b * n : (b + 1) * n], n, order[b * n : (b + 1) * n], head, src, dst, merge_only)
             for p in range(m):
                 load[b * m + p] = zero32
                 count[b * m + p] = 0
@@ -307,7 +343,7 @@ def _kernels() -> tuple[Any, Any]:
         logcnt: Any,
         ok: Any,
         batch: int,
-        count_sort_max: int,
+        merge_only: bool,
         num_chunks: int,
     ) -> None:
         """The greedy placement of every layer; ``ok[l]`` False where layer ``l`` needs the reference path.
@@ -345,7 +381,7 @@ def _kernels() -> tuple[Any, Any]:
             load = np.empty(rows * widest, np.float32)
             count = np.empty(rows * widest, np.int64)
             tree = np.empty(rows * tree_size, np.int64)
-            keys = np.empty(longest, np.int32)
+            head = np.empty(4 * longest + 8, np.int64)
             src = np.empty(longest, np.int64)
             dst = np.empty(longest, np.int64)
             good = np.empty(rows, np.bool_)
@@ -386,10 +422,10 @@ def _kernels() -> tuple[Any, Any]:
                     count,
                     tree,
                     offsets,
-                    keys,
+                    head,
                     src,
                     dst,
-                    count_sort_max,
+                    merge_only,
                 )
                 for lb in range(size):
                     ok[start + lb] &= good[lb]
@@ -429,10 +465,10 @@ def _kernels() -> tuple[Any, Any]:
                     count,
                     tree,
                     offsets,
-                    keys,
+                    head,
                     src,
                     dst,
-                    count_sort_max,
+                    merge_only,
                 )
                 for lb in range(size):
                     layer = start + lb
@@ -451,7 +487,7 @@ def _kernels() -> tuple[Any, Any]:
                         for j in range(log_per_node):
                             logcnt[layer, mlog2log[lb * num_log + node * log_per_node + j]] = cnt[r * log_per_node + j]
 
-    return jit(layers), jit(parallel=True)(layers)
+    return SimpleNamespace(serial=jit(layers), parallel=jit(parallel=True)(layers), rank_desc=rank_desc)
 
 
 def rebalance(
@@ -492,7 +528,7 @@ def greedy(
     hierarchical: bool,
     parallel: bool = False,
     batch: int | None = None,
-    count_sort_max: int = _COUNT_SORT_MAX,
+    merge_only: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The greedy placement of float32 ``weight [L, E]`` (C-contiguous), compiled.
 
@@ -506,13 +542,13 @@ def greedy(
     so the result is the same either way; it is off by default: on a busy
     machine a call then waits for the slowest thread to get a core.
     ``batch``: layers whose replica packings run in lockstep (default: about
-    8 packings at a time). ``count_sort_max``: rows up to this long are
-    ranked by counting, longer ones merge sorted (tests force either).
+    8 packings at a time). ``merge_only``: sort every row with the merge
+    sort, not the bucket pass first (tests check both).
     The first call in a process compiles the kernels (a few seconds).
     """
     if not hierarchical:
         num_groups, num_nodes = 1, 1
-    serial, parallel_kernel = _kernels()
+    kernels = _kernels()
     num_layers, num_log = weight.shape
     phy2log = np.empty((num_layers, num_replicas), dtype=np.int64)
     log2phy = np.empty((num_layers, num_log, num_replicas - num_log + 1), dtype=np.int64)
@@ -522,14 +558,14 @@ def greedy(
     if batch is None:
         batch = max(1, _LOCKSTEP_ROWS // num_nodes)
     batch = max(1, min(batch, num_layers))
-    args = (weight, recip, num_groups, num_nodes, num_gpus, phy2log, log2phy, logcnt, ok, batch, count_sort_max)
+    args = (weight, recip, num_groups, num_nodes, num_gpus, phy2log, log2phy, logcnt, ok, batch, merge_only)
     if parallel and _PARALLEL_LOCK.acquire(blocking=False):
         try:
-            parallel_kernel(*args, min(_num_threads(), num_layers))
+            kernels.parallel(*args, min(_num_threads(), num_layers))
         finally:
             _PARALLEL_LOCK.release()
     else:
-        serial(*args, 1)
+        kernels.serial(*args, 1)
     return phy2log, log2phy, logcnt, ok
 
 
