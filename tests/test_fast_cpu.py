@@ -279,6 +279,16 @@ def test_declined_layers_use_the_reference_path():
         np.testing.assert_array_equal(g[clean], e)
 
 
+def test_no_sums_no_overflow():
+    """Loads whose total overflows float32 where the policy adds nothing up (one group per node, one slot per GPU)."""
+    weight = np.full((2, 16), np.float32(3e38))
+    weight[1, ::2] = np.float32(1e38)
+    for config, hierarchical in [(Config(16, 16, 1, 2, 16), False), (Config(16, 16, 4, 4, 16), True)]:
+        *_, ok = _numba.greedy(weight, *config.args, hierarchical=hierarchical)
+        assert ok.all()
+        assert_identical(weight, config, hierarchical=hierarchical)
+
+
 # ---------------------------------------------------------------- dispatch
 
 
@@ -335,6 +345,32 @@ def test_without_numba_the_reference_path_runs(kernel_calls, monkeypatch):
 def test_bad_impl():
     with pytest.raises(ValueError, match="impl"):
         _numpy.rebalance(np.ones((1, 4)), 4, 1, 1, 1, hierarchical=False, impl="fast")
+
+
+def test_concurrent_calls():
+    """The kernel releases the GIL and allocates its scratch per call: threads may call it at once.
+
+    Half the calls ask for the parallel kernel; one thread at a time gets it
+    (numba's default threading layer aborts on concurrent parallel launches),
+    the others run the serial one.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(12)
+    weights = [cases.lognormal_f32(rng, 16, 256) for _ in range(8)]
+    config = DEEPSEEK
+    expected = [reference(w, config) for w in weights]
+
+    def run(i: int) -> tuple[np.ndarray, ...]:
+        *placement, ok = _numba.greedy(weights[i % 8], *config.args, hierarchical=True, parallel=i % 2 == 0)
+        assert ok.all()
+        return placement
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(32)))
+    for i, got in enumerate(results):
+        for g, e in zip(got, expected[i % 8], strict=True):
+            np.testing.assert_array_equal(g, e)
 
 
 def _run_python(code: str) -> str:

@@ -397,10 +397,13 @@ def _kernels() -> SimpleNamespace:
                         fine &= (v >= zero32) & (v < inf32)
                         w[lb * num_log + e] = v + zero32
                     for g in range(num_groups):
+                        # One group per node needs no loads: group g goes to node g.
                         at = lb * num_log + g * group_size
-                        total = w[at]
-                        for k in range(1, group_size):
-                            total = total + w[at + k]
+                        total = zero32
+                        if num_groups > num_nodes:
+                            total = w[at]
+                            for k in range(1, group_size):
+                                total = total + w[at + k]
                         gload[lb * num_groups + g] = total
                         fine &= total < inf32
                     ok[start + lb] = fine
