@@ -57,8 +57,10 @@ def rebalance(
     """Placement of a tensor, on its device; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords.
 
     ``impl``: ``"torch"`` runs torch ops; ``"numpy"`` (CPU tensors only) runs
-    the numpy backend on a zero-copy view, since a torch CPU op costs about
-    7 us against numpy's 1-3 us and the loop is made of many tiny ops;
+    the numpy backend on a zero-copy view (the compiled greedy kernel of
+    :mod:`eplb.backends._numba` when numba is installed), since a torch CPU
+    op costs about 7 us against numpy's 1-3 us and the loop is made of many
+    tiny ops;
     ``"triton"`` (CUDA, greedy policy) runs the fused kernel of
     :mod:`eplb.backends._triton`; ``None`` picks numpy on the CPU, the kernel
     on CUDA where it applies and Triton is installed, torch ops otherwise.
