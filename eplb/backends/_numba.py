@@ -2,34 +2,43 @@
 
 The batched array-API code (:mod:`eplb.algorithms`) issues thousands of tiny
 array operations per call; here the same policy runs as plain loops compiled
-by numba, one ``(layer, node)`` at a time, following ``docs/algorithm.md``
+by numba, layer by layer and node by node, following ``docs/algorithm.md``
 step for step with the same float32 arithmetic, so the placement is the
 numpy reference's, bit for bit:
 
-- loads are float32 (the caller converts them, as the reference does);
-- group loads are summed left to right in float32;
+- loads are float32 (the caller converts them, as the reference does; -0
+  becomes +0, equal in every comparison);
+- group loads are summed left to right in float32 (not at all with one
+  group per node, where they play no part);
 - visit order is a stable descending sort (buckets of the float32 bit
   patterns, then insertion; a merge sort where that would be slow);
 - LPT sends each item to the open pack with the smallest float32 running
   load, ties to the lowest pack index; replication hands each replica to the
   largest score ``w * fl(1/c)`` (reciprocal table), ties to the lowest index.
-  Both "first extreme" choices come from a tournament tree whose internal
-  nodes keep the left child on ties, which is exactly the first minimum;
+  Both choices are the minimum of unique int64 keys ``(bits << 32) | index``
+  (``~bits`` for the largest score): non-negative float32 bit patterns order
+  like the values, so the smallest key is the first extreme, as argmin and
+  argmax choose. An 8-ary tournament tree keeps the minimum;
 - one item per pack is the identity (the published shortcut); slots inside
   a GPU are in arrival order; ``log2phy`` is built from (expert, replica).
 
-Every float operation is a float32 ``+``, ``*`` or negation of float32
-operands (no Python float constant enters the arithmetic, which numba would
-promote to float64), and numba compiles without fast-math, so LLVM neither
-reassociates nor contracts ``a * b + c`` into an FMA.
+Every float operation is a float32 ``+`` or ``*`` of float32 operands (no
+Python float constant enters the arithmetic, which numba would promote to
+float64), and numba compiles without fast-math, so LLVM neither reassociates
+nor contracts ``a * b + c`` into an FMA (a test checks the machine code).
+
+The LPT steps of one packing form a chain of dependent loads and compares;
+the packings of several (layer, node) rows run in lockstep so that the
+processor overlaps their chains. Layers are independent, so splitting them
+over threads (``parallel=True``) gives the same placement.
 
 Layers whose loads are not all finite and non-negative, or whose float32
 sums overflow, are reported back and recomputed by the reference path (the
 public API rejects such loads anyway unless ``check_values=False``).
 
-numba is optional and imported on first use only: :func:`available` says
-whether it can be imported; the kernels are compiled on the first call in a
-process (a few seconds), then cached in memory for the process.
+numba is optional and imported on first use only (:func:`available`); the
+kernel compiles on its first call in a process (about 5 s), then stays in
+memory for the process (no on-disk cache).
 """
 
 from __future__ import annotations
@@ -552,6 +561,7 @@ def greedy(
     if not hierarchical:
         num_groups, num_nodes = 1, 1
     kernels = _kernels()
+    weight = np.ascontiguousarray(weight, dtype=np.float32)  # float32 arithmetic: no other specialisation
     num_layers, num_log = weight.shape
     phy2log = np.empty((num_layers, num_replicas), dtype=np.int64)
     log2phy = np.empty((num_layers, num_log, num_replicas - num_log + 1), dtype=np.int64)
