@@ -43,7 +43,8 @@ def _jax_gpu() -> bool:
 
 
 class Backend(enum.Enum):
-    NUMPY = "numpy"
+    NUMPY = "numpy"  # default dispatch (the numba kernel where installed, for the greedy policy)
+    NUMPY_XP = "numpy:xp"  # the array-API reference path, forced
     TORCH = "torch"  # CPU tensor, default dispatch (numpy kernel on a view)
     TORCH_OPS = "torch:ops"  # CPU tensor, torch ops forced (the CUDA code path)
     TORCH_CUDA = "torch:cuda"
@@ -84,7 +85,7 @@ class Runner:
 
 
 def to_numpy(x: Any, backend: Backend) -> np.ndarray:
-    if backend is Backend.NUMPY:
+    if backend.module == "numpy":
         assert isinstance(x, np.ndarray)
     elif backend.module == "torch":
         import torch
@@ -106,6 +107,17 @@ def to_numpy(x: Any, backend: Backend) -> np.ndarray:
 def make_runner(backend: Backend) -> Runner:
     if backend is Backend.NUMPY:
         return Runner(backend, np.asarray, eplb.rebalance_experts)
+    if backend is Backend.NUMPY_XP:
+        from eplb.backends import _numpy
+
+        def reference(weight: Any, r: int, g: int, n: int, gpus: int, **kw: Any) -> Any:
+            """Validate via the public API, then run the array-API path with the options it chose."""
+            eplb.rebalance_experts(weight, r, g, n, gpus, **kw)
+            hierarchical = kw.pop("hierarchical", None)
+            hierarchical = (g % n == 0) if hierarchical is None else hierarchical
+            return _numpy.rebalance(weight, r, g, n, gpus, hierarchical=hierarchical, impl="xp", **kw)
+
+        return Runner(backend, np.asarray, reference)
     if backend.module == "torch":
         import torch
 
