@@ -120,11 +120,15 @@ def rebalance(
         return _rebalance(weight, config, frozen)
     if impl != "triton" or not applies:
         raise ValueError(f"impl must be 'xla', 'triton' (greedy policy only) or None, got {impl!r} with {options}")
-    return jax.lax.platform_dependent(
+    from eplb.backends._triton_kernel import ensure_cache_dir
+
+    placement = jax.lax.platform_dependent(
         weight,
         cuda=lambda w: _kernel_placement(w, config, options["hierarchical"]),
         default=lambda w: _rebalance(w, config, frozen),
     )
+    ensure_cache_dir()  # jax-triton empties Triton's cache setting when it compiles
+    return placement
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

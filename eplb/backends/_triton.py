@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from eplb.backends._triton_kernel import greedy_kernel, launch_config
+from eplb.backends._triton_kernel import ensure_cache_dir, greedy_kernel, launch_config
 
 __all__ = ["rebalance_greedy_cuda"]
 
@@ -35,6 +35,7 @@ def rebalance_greedy_cuda(
     phy2log = torch.empty((num_layers, num_replicas), dtype=torch.int64, device=device)
     log2phy = torch.empty((num_layers, num_experts, meta["MAXCNT"]), dtype=torch.int64, device=device)
     logcnt = torch.empty((num_layers, num_experts), dtype=torch.int64, device=device)
+    ensure_cache_dir()
     greedy_kernel[grid](
         weight.detach().to(torch.float32).contiguous(),
         _reciprocal(meta["MAXCNT"] + 1, device),

@@ -25,10 +25,26 @@ Loads must be finite and non-negative, as validated by the public API.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
-__all__ = ["greedy_kernel", "launch_config"]
+__all__ = ["ensure_cache_dir", "greedy_kernel", "launch_config"]
+
+
+def ensure_cache_dir() -> None:
+    """Put back Triton's kernel cache folder if something emptied it.
+
+    jax-triton 0.3.1 with Triton 3.6 leaves ``triton.knobs.cache.dir`` empty
+    after compiling, and every later Triton compile in the process (ours from
+    torch included) then fails with "Could not create or locate cache dir".
+    """
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and not knobs.cache.dir:
+        knobs.cache.dir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(
+            os.path.expanduser("~"), ".triton", "cache"
+        )
 
 
 @triton.jit
