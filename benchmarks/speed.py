@@ -130,12 +130,37 @@ def implementations(weight: np.ndarray, config: list[int], policy: str) -> list[
     return out
 
 
+def scaling(runs: int) -> None:
+    """How the greedy call time grows with layers (E = 256) and with experts (L = 58).
+
+    Config scaled with the experts: R = 9E/8 slots, 8 groups, 4 nodes, E/8 GPUs.
+    """
+    rng = np.random.default_rng(1)
+    cases = [(layers, 256) for layers in (1, 4, 16, 64, 256)] + [(58, e) for e in (64, 128, 256, 512, 1024)]
+    names = None
+    for layers, experts in cases:
+        config = [experts * 9 // 8, 8, 4, experts // 8]
+        weight = (rng.lognormal(0, 1.5, (layers, experts)) * 1000).astype(np.float32)
+        rows = [(impl, call, timer) for impl, call, timer in implementations(weight, config, "greedy")]
+        rows = [r for r in rows if "torch ops" not in r[0]]
+        if names is None:
+            names = [r[0] for r in rows]
+            print(f"{'L x E -> R / G':24}" + "".join(f"{n:>22}" for n in names))
+        times = [_cuda_ms(call, runs) if timer == "cuda" else _median_ms(call, runs) for _, call, timer in rows]
+        label = f"{layers} x {experts} -> {config[0]} / {config[3]}"
+        print(f"{label:24}" + "".join(f"{t:20.3f}ms" for t in times), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="only the DeepSeek-V3 shapes, 20 runs")
     parser.add_argument("--policy", choices=["greedy", "refined", "both"], default="both")
+    parser.add_argument("--scaling", action="store_true", help="greedy time vs layers and experts, then stop")
     args = parser.parse_args()
+    if args.scaling:
+        scaling(20 if args.quick else args.runs)
+        return
     runs = 20 if args.quick else args.runs
     policies = ["greedy", "refined"] if args.policy == "both" else [args.policy]
     rng = np.random.default_rng(0)
