@@ -162,6 +162,24 @@ def test_plan_previous_flag(capsys, tmp_path):
         assert err.strip().startswith("eplb: error: --previous needs rebalance_experts(previous=...)")
 
 
+def test_plan_spill_and_migration_knobs(capsys, tmp_path):
+    """--spill, --balance-tolerance and --max-moves reach rebalance_experts; the knobs need --previous."""
+    np.save(tmp_path / "load.npy", LOAD)
+    np.save(tmp_path / "old.npy", _expected())
+    load = tmp_path / "load.npy"
+    out = tmp_path / "spill.npz"
+    status, _, err = _run(capsys, "plan", "--load", load, *FLAGS, "--spill", "2", "--out", out)
+    assert status == 0, err
+    np.testing.assert_array_equal(np.load(out)["phy2log"], eplb.rebalance_experts(LOAD, 24, 4, 2, 4, spill=2).phy2log)
+    for knob in (["--balance-tolerance", "0.01"], ["--max-moves", "2"]):
+        status, _, err = _run(capsys, "plan", "--load", load, *FLAGS, "--previous", tmp_path / "old.npy", *knob)
+        assert status == 0, err
+        status, _, err = _run(capsys, "plan", "--load", load, *FLAGS, *knob)
+        assert status == 2 and "needs --previous" in err
+    status, _, err = _run(capsys, "plan", "--load", load, *FLAGS, "--spill", "9")
+    assert status == 2 and err.strip().startswith("eplb: error: spill=9")
+
+
 # ---------------------------------------------------------------- inspect
 
 

@@ -94,6 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--policy", choices=POLICIES, default="greedy", help="default: %(default)s")
     plan.add_argument("--backend", choices=BACKENDS, default="numpy", help="default: %(default)s")
     plan.add_argument("--previous", metavar="FILE", help="the current placement (.json/.npz/.npy), to move few experts")
+    plan.add_argument(
+        "--spill", type=int, default=0, metavar="S", help="replicas per node that may serve other nodes' groups"
+    )
+    plan.add_argument(
+        "--balance-tolerance",
+        type=float,
+        metavar="T",
+        help="with --previous: move fewer experts, heaviest GPU within (1 + T) of a fresh plan",
+    )
+    plan.add_argument("--max-moves", type=int, metavar="K", help="with --previous: at most K moved experts per layer")
     plan.add_argument("--out", metavar="FILE", help="write the placement: .json or .npz")
     plan.add_argument("--plot", metavar="FILE.png", help="draw per-GPU loads before/after and layer x GPU heat maps")
     plan.add_argument("--layer", type=int, help="layer of the bar chart (default: the worst-balanced one)")

@@ -130,7 +130,14 @@ def plan(args: argparse.Namespace, console: Console) -> int:
         previous = _read_previous(args.previous, weight, config) if args.previous else None
         step(f"planning ({args.policy} on {args.backend})")
         x = common.as_backend(weight, args.backend)
-        extra = {} if previous is None else {"previous": common.as_backend(previous, args.backend)}
+        extra: dict[str, Any] = {} if previous is None else {"previous": common.as_backend(previous, args.backend)}
+        if args.spill:
+            extra["spill"] = args.spill
+        for flag, key in (("balance_tolerance", "balance_tolerance"), ("max_moves", "max_moves")):
+            if getattr(args, flag) is not None:
+                if previous is None:
+                    raise common.UsageError(f"--{flag.replace('_', '-')} needs --previous (the current placement)")
+                extra[key] = getattr(args, flag)
         start = time.perf_counter()
         placement = common.rebalance(x, config, args.policy, **extra)
         seconds = time.perf_counter() - start
