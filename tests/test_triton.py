@@ -29,6 +29,14 @@ def _experts(config: tuple[int, ...]) -> int:
     return {288: 256, 768: 512}.get(config[0], 16)
 
 
+def _workload(config: tuple[int, ...]) -> np.ndarray:
+    """Ties, integers near 2**31 per layer and float32 loads, as float32 rows."""
+    rng = np.random.default_rng(sum(config))
+    experts = _experts(config)
+    rows = [cases.ties(rng, experts), cases.random_int(rng, 6, experts), cases.lognormal_f32(rng, 6, experts)]
+    return np.concatenate(rows).astype(np.float32)
+
+
 @pytest.mark.skipif(not Backend.TORCH_CUDA.available(), reason="no CUDA device for torch")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
@@ -37,11 +45,7 @@ def test_kernel_equals_torch_ops_on_cuda(config):
 
     from eplb.backends import _torch
 
-    rng = np.random.default_rng(sum(config))
-    experts = _experts(config)
-    weight = np.concatenate(
-        [cases.ties(rng, experts), cases.random_int(rng, 6, experts), cases.lognormal_f32(rng, 6, experts)]
-    ).astype(np.float32)
+    weight = _workload(config)
     hier = config[1] % config[2] == 0
     w = torch.as_tensor(weight, device="cuda")
     kernel = _torch.rebalance(w, *config, hierarchical=hier, impl="triton")
@@ -91,11 +95,7 @@ def test_jax_kernel_equals_xla_on_gpu(config):
 
     from eplb.backends import _jax
 
-    rng = np.random.default_rng(sum(config))
-    experts = _experts(config)
-    weight = np.concatenate(
-        [cases.ties(rng, experts), cases.random_int(rng, 6, experts), cases.lognormal_f32(rng, 6, experts)]
-    ).astype(np.float32)
+    weight = _workload(config)
     hier = config[1] % config[2] == 0
     w = jax.device_put(weight, jax.devices("gpu")[0])
     kernel = _jax.rebalance(w, *config, hierarchical=hier, impl="triton")
