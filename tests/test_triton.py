@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import eplb
+
 from . import cases
 from .conftest import Backend
 
@@ -27,6 +29,14 @@ CONFIGS = [(288, 8, 4, 32), (288, 8, 3, 144), (768, 32, 32, 256), (24, 4, 2, 4),
 
 def _experts(config: tuple[int, ...]) -> int:
     return {288: 256, 768: 512}.get(config[0], 16)
+
+
+def _two_cuda_devices() -> bool:
+    if not Backend.TORCH_CUDA.available():
+        return False
+    import torch
+
+    return torch.cuda.device_count() >= 2
 
 
 def _workload(config: tuple[int, ...]) -> np.ndarray:
@@ -53,6 +63,44 @@ def test_kernel_equals_torch_ops_on_cuda(config):
     for a, b in zip(kernel, ops, strict=True):
         assert a.device.type == "cuda" and a.dtype == torch.int64
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not Backend.TORCH_CUDA.available(), reason="no CUDA device for torch")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_direct_launch_matches_first_launch_on_any_stream():
+    """Calls after the first skip Triton's generic launch path; same results, on the caller's stream."""
+    import torch
+
+    from eplb.backends import _triton
+
+    config = (288, 8, 4, 32)
+    weight = torch.as_tensor(_workload(config), device="cuda")
+    first = _triton.rebalance_greedy_cuda(weight, *config, True)
+    key = (weight.device, *weight.shape, *config)
+    assert _triton._LAUNCHES[key].kernel is not None or not _triton._DIRECT_LAUNCH
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        later = [_triton.rebalance_greedy_cuda(weight * 1, *config, True) for _ in range(3)]
+    side.synchronize()
+    for again in later:
+        for a, b in zip(first, again, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not _two_cuda_devices(), reason="needs two CUDA devices")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_kernel_on_a_gpu_that_is_not_current():
+    import torch
+
+    config = (288, 8, 4, 32)
+    weight = _workload(config)
+    want = [torch.as_tensor(a) for a in eplb.rebalance_experts(weight, *config)]
+    for index in (1, 0, 1):
+        got = eplb.rebalance_experts(torch.as_tensor(weight, device=f"cuda:{index}"), *config)
+        for a, b in zip(want, got, strict=True):
+            assert b.device == torch.device("cuda", index)
+            assert torch.equal(a, b.cpu())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
