@@ -26,6 +26,13 @@ def lognormal_f32(rng: np.random.Generator, layers: int, experts: int, sigma: fl
     return (rng.lognormal(0.0, sigma, (layers, experts)) * 1000).astype(np.float32)
 
 
+def signed_zeros(rng: np.random.Generator, experts: int) -> np.ndarray:
+    """float32 rows mixing ``-0.0`` and ``+0.0`` (equal loads: ties, whatever their sign bit)."""
+    signs = np.where(rng.random((3, experts)) < 0.5, -0.0, 0.0)
+    signs[2, ::4] = 5.0  # a few non-zero loads among the zeros
+    return signs.astype(np.float32)
+
+
 def ties(rng: np.random.Generator, experts: int) -> np.ndarray:
     """Adversarial rows: every ordering decision hinges on a tie."""
     rows = [

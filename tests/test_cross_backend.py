@@ -47,6 +47,12 @@ def test_ties_and_zeros(config, policy):
 
 @POLICIES
 @pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
+def test_signed_zeros_tie(config, policy):
+    _all_agree(cases.signed_zeros(np.random.default_rng(4), 16), config, policy)
+
+
+@POLICIES
+@pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
 def test_random_integers_near_2_31(config, policy):
     _all_agree(cases.random_int(np.random.default_rng(2), 24, 16), config, policy)
 

@@ -112,13 +112,17 @@ def test_kernel_under_triton_interpreter():
         from eplb.backends._triton import rebalance_greedy_cuda
         from tests import cases
         rng = np.random.default_rng(0)
-        for config in [(24, 4, 2, 4), (20, 4, 4, 4), (32, 3, 2, 8), (16, 4, 2, 16)]:
-            for weight in (cases.ties(rng, 16), cases.random_int(rng, 4, 16), cases.lognormal_f32(rng, 4, 16)):
+        signed_zeros = np.array([[-0.0, 0.0] * 8, [0.0, -0.0, 3.0, -0.0] * 4])  # -0.0 must tie with +0.0
+        configs = [(24, 4, 2, 4), (20, 4, 4, 4), (32, 3, 2, 8), (16, 4, 2, 16), (40, 4, 2, 8), (48, 4, 4, 8)]
+        for config in configs:
+            loads = (cases.ties(rng, 16), cases.random_int(rng, 4, 16), cases.lognormal_f32(rng, 4, 16), signed_zeros)
+            for weight in loads:
                 weight = weight.astype(np.float32)
-                want = eplb.rebalance_experts(weight, *config)
-                got = rebalance_greedy_cuda(torch.tensor(weight), *config, config[1] % config[2] == 0)
-                for a, b in zip(want, got):
-                    assert np.array_equal(a, b.numpy()), config
+                for hier in {config[1] % config[2] == 0, False}:
+                    want = eplb.rebalance_experts(weight, *config, hierarchical=hier)
+                    got = rebalance_greedy_cuda(torch.tensor(weight), *config, hier)
+                    for a, b in zip(want, got):
+                        assert np.array_equal(a, b.numpy()), (config, hier)
         print("interpreter ok")
         """
     )

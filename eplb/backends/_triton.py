@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import triton
 
-from eplb.backends._triton_kernel import ensure_cache_dir, greedy_kernel, launch_config
+from eplb.backends._triton_kernel import ensure_cache_dir, greedy_kernel, launch_config, scratch_size
 
 __all__ = ["rebalance_greedy_cuda"]
 
@@ -47,6 +47,7 @@ class _Launch:
         self.constexprs = tuple(meta.values())  # in the kernel's signature order after the five pointers
         self.meta = meta
         self.max_count = meta["MAXCNT"]
+        self.scratch = scratch_size(num_layers, num_nodes, meta)
         self.table = _reciprocal(self.max_count + 1, device)
         self.kernel: Any = None
 
@@ -62,8 +63,10 @@ class _Launch:
             return
         args = (*args, *self.constexprs)
         # The current stream, as Triton takes it (the capture stream under CUDA graph capture).
-        stream = torch.cuda.current_stream(weight32.device).cuda_stream
+        stream = _current_stream(weight32.device.index)
         hooks = triton.knobs.runtime
+        enter = hooks.launch_enter_hook
+        metadata = None if enter is None else kernel.launch_metadata(self.grid, stream, *args)
         kernel.run(
             self.grid[0],
             self.grid[1],
@@ -71,11 +74,17 @@ class _Launch:
             stream,
             kernel.function,
             kernel.packed_metadata,
-            kernel.launch_metadata(self.grid, stream, *args),
-            hooks.launch_enter_hook,
+            metadata,
+            enter,
             hooks.launch_exit_hook,
             *args,
         )
+
+
+def _current_stream(index: int) -> int:
+    """Raw handle of the current CUDA stream of device ``index``."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton itself calls, without a Stream object
+    return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
 
 
 _LAUNCHES: dict[tuple[Any, ...], _Launch] = {}
@@ -96,11 +105,12 @@ def rebalance_greedy_cuda(
     phy2log = torch.empty((num_layers, num_replicas), dtype=torch.int64, device=device)
     log2phy = torch.empty((num_layers, num_experts, launch.max_count), dtype=torch.int64, device=device)
     logcnt = torch.empty((num_layers, num_experts), dtype=torch.int64, device=device)
-    weight32 = weight.detach().to(torch.float32).contiguous()
-    if device.index is None or device.index == torch.cuda.current_device():
-        launch(weight32, phy2log, log2phy, logcnt)
+    scratch = torch.empty(launch.scratch, dtype=torch.int32, device=device)
+    weight32 = weight if weight.dtype == torch.float32 and weight.is_contiguous() else weight.float().contiguous()
+    if device.type != "cuda" or device.index == torch.cuda.current_device():  # (CPU: Triton's interpreter)
+        launch(weight32, phy2log, log2phy, logcnt, scratch)
     else:
         # Triton launches on the current device; a tensor on another GPU needs that GPU made current.
         with torch.cuda.device(device):
-            launch(weight32, phy2log, log2phy, logcnt)
+            launch(weight32, phy2log, log2phy, logcnt, scratch)
     return phy2log, log2phy, logcnt

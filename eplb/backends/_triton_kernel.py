@@ -2,9 +2,17 @@
 
 One program places one (layer, node): it recomputes the layer's group split
 (a handful of groups), replicates the node's experts and packs the node's
-replicas onto its GPUs, all in registers, then writes its slots of
-``phy2log``, ``log2phy`` (its rows padded with ``-1`` first) and ``logcnt``
-(integer outputs of any width: stores cast to the buffer's type).
+replicas onto its GPUs, then writes its slots of ``phy2log``, ``log2phy``
+(its rows padded with ``-1`` first) and ``logcnt`` (integer outputs of any
+width: stores cast to the buffer's type; loads read them back as int32).
+
+The work is a few hundred dependent steps per program, so a step's latency
+is what counts: each replication step is one max over packed int64 keys
+(score bits, expert, count) plus one gather, each packing step two scalar
+loads of its item from a per-program ``scratch`` buffer (int32, ``2 * P_S``
+per program, filled after the sort) and one min over packed GPU keys (load
+bits, GPU, items so far). Per-slot data comes back by gathers from memory
+rather than [slots, experts] masks, so registers stay flat as sizes grow.
 
 It follows ``docs/algorithm.md`` step for step, with the same float32
 arithmetic as the array-API path, so placements are bit-identical:
@@ -16,7 +24,9 @@ arithmetic as the array-API path, so placements are bit-identical:
   ``(float bits << 32) | (2**32 - 1 - index)``: for non-negative floats the
   bit pattern orders like the value, and the index part puts equal values in
   increasing index order;
-- ``argmin``/``argmax`` take the first index on ties;
+- ``argmin``/``argmax`` take the first index on ties (packed keys put the
+  index in the bits below the value so that a plain max/min does the same);
+- ``-0.0`` is read as ``+0.0`` (its bit pattern would sort below ``+0.0``);
 - launchers compile it with ``enable_fp_fusion=False`` so that no
   multiply-add is contracted into an FMA (which rounds once, not twice).
 
@@ -30,7 +40,11 @@ import os
 import triton
 import triton.language as tl
 
-__all__ = ["ensure_cache_dir", "greedy_kernel", "launch_config"]
+__all__ = ["MAX_SLOTS_PER_NODE", "ensure_cache_dir", "greedy_kernel", "kernel_fits", "launch_config", "scratch_size"]
+
+# Packed keys hold an expert, a GPU or a count in 16 bits; register tensors of
+# a node's slots stay reasonable up to this size (the torch ops path runs beyond).
+MAX_SLOTS_PER_NODE = 8192
 
 
 def ensure_cache_dir() -> None:
@@ -62,12 +76,40 @@ def _desc_order_keys(values, index, valid):
 
 
 @triton.jit
+def _load_load(pointer, mask):
+    """A float32 load with ``-0.0`` read as ``+0.0`` (its bits would order below every other zero)."""
+    value = tl.load(pointer, mask=mask, other=0.0)
+    return tl.where(value == 0.0, 0.0, value)
+
+
+@triton.jit
+def _expert_of(local, group_at_rank, g, GS: tl.constexpr):
+    """Global expert of node-local experts ``local``: member ``local % GS`` of the group at rank ``local // GS``."""
+    at_rank = (g[None, :] == (local // GS)[:, None]).to(tl.int32)
+    return tl.sum(at_rank * group_at_rank[None, :], axis=1) * GS + local % GS
+
+
+@triton.jit
+def _rep_key(score, expert, count):
+    """``score bits << 32 | (65535 - expert) << 16 | count``: a max takes the highest score, then the lowest expert."""
+    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+    return (bits << 32) | ((65535 - expert).to(tl.int64) << 16) | count.to(tl.int64)
+
+
+@triton.jit
+def _gpu_key(load, gpu, count):
+    """``load bits << 32 | gpu << 16 | count``: a min takes the lightest GPU, then the lowest index."""
+    return (load.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (gpu.to(tl.int64) << 16) | count.to(tl.int64)
+
+
+@triton.jit
 def greedy_kernel(
     weight_ptr,
     recip_ptr,
     phy2log_ptr,
     log2phy_ptr,
     logcnt_ptr,
+    scratch_ptr,
     E: tl.constexpr,
     R: tl.constexpr,
     GROUPS: tl.constexpr,
@@ -79,7 +121,6 @@ def greedy_kernel(
     P_EN: tl.constexpr,
     P_S: tl.constexpr,
     P_M: tl.constexpr,
-    P_C: tl.constexpr,
 ):
     layer = tl.program_id(0)
     node = tl.program_id(1)
@@ -94,14 +135,14 @@ def greedy_kernel(
     # ---- Step 1: which groups this node holds, in arrival order.
     q = tl.arange(0, P_EN)  # node-local expert index
     q_valid = q < EN
+    g = tl.arange(0, P_G)
     if GPN == 1:
-        expert = node * EN + q  # one group per node: group g on node g
+        group_at_rank = tl.where(g == 0, node, 0)  # one group per node: group g on node g
     else:
-        g = tl.arange(0, P_G)
         g_valid = g < GROUPS
         group_load = tl.zeros([P_G], tl.float32)
         for k in tl.static_range(GS):  # left to right inside each group
-            group_load = group_load + tl.load(row + g * GS + k, mask=g_valid, other=0.0)
+            group_load = group_load + _load_load(row + g * GS + k, g_valid)
         keys = tl.sort(_desc_order_keys(group_load, g, g_valid), descending=True)
         group_by_step = (4294967295 - (keys & 4294967295)).to(tl.int32)
         n_id = tl.arange(0, P_N)
@@ -119,76 +160,113 @@ def greedy_kernel(
             rank_of_group = tl.where(g == grp, rank, rank_of_group)
             node_load = tl.where(n_id == chosen, node_load + load, node_load)
             node_count = tl.where(n_id == chosen, node_count + 1, node_count)
-        # expert at local position q: group of rank q // GS on this node, member q % GS
-        mine = (node_of_group[None, :] == node) & (rank_of_group[None, :] == (q // GS)[:, None]) & g_valid[None, :]
-        group_of_q = tl.sum(tl.where(mine, g[None, :], 0), axis=1)
-        expert = group_of_q * GS + q % GS
-    w = tl.load(row + expert, mask=q_valid, other=0.0)
+        # group_at_rank[r]: the group that arrived r-th on this node
+        mine = (node_of_group[None, :] == node) & (rank_of_group[None, :] == g[:, None]) & g_valid[None, :]
+        group_at_rank = tl.sum(tl.where(mine, g[None, :], 0), axis=1)
+    expert = _expert_of(q, group_at_rank, g, GS)
+    w = _load_load(row + expert, q_valid)
 
-    # Pad this node's rows of log2phy with -1 here (saves a fill launch); the
-    # barrier orders these stores before the real entries written at the end.
-    j = tl.arange(0, P_C)
-    pad = log2phy_ptr + (layer * E + expert)[:, None] * MAXCNT + j[None, :]
-    tl.store(pad, tl.full([P_EN, P_C], -1, tl.int64), mask=q_valid[:, None] & (j < MAXCNT)[None, :])
+    # Pad this node's rows of log2phy with -1 here (saves a fill launch), one
+    # column at a time to keep register use flat; the barrier orders these
+    # stores before the real entries written at the end.
+    for j in range(MAXCNT):
+        tl.store(log2phy_ptr + (layer * E + expert) * MAXCNT + j, tl.full([P_EN], -1, tl.int64), mask=q_valid)
     tl.debug_barrier()
 
     # ---- Step 2: replicate within the node (argmax of w * 1/c, first index).
+    # One max over packed keys (score bits | 65535 - expert | count) gives the
+    # expert and its count at once: higher score first, then lower index.
     s = tl.arange(0, P_S)  # node-local slot
-    count = tl.where(q_valid, 1, 0)
-    score = tl.where(q_valid, w, -1.0)
+    score_key = tl.where(q_valid, _rep_key(w, q, tl.full([P_EN], 1, tl.int32)), -1)
     slot_expert = tl.where(s < EN, s, 0)
     slot_rank = tl.zeros([P_S], tl.int32)
     for t in range(S - EN):
-        e = tl.argmax(score, axis=0, tie_break_left=True)
-        c = _pick(count, q, e)
+        best = tl.max(score_key, axis=0)
+        e = (65535 - ((best >> 16) & 65535)).to(tl.int32)
+        c = (best & 65535).to(tl.int32)
         new_score = _pick(w, q, e) * tl.load(recip_ptr + c + 1)
-        score = tl.where(q == e, new_score, score)
-        count = tl.where(q == e, c + 1, count)
+        score_key = tl.where(q == e, _rep_key(new_score, e, c + 1), score_key)
         slot_expert = tl.where(s == EN + t, e, slot_expert)
         slot_rank = tl.where(s == EN + t, c, slot_rank)
+    count = tl.where(q_valid, (score_key & 65535).to(tl.int32), 0)
 
     # ---- Step 3: pack the node's replicas onto its GPUs (LPT, arrival order in a GPU).
+    # Each slot's expert, load and count come back by gathers from memory
+    # (logcnt is final here), not by [slots, experts] masks in registers.
     s_valid = s < S
-    same = (slot_expert[:, None] == q[None, :]) & q_valid[None, :]
-    slot_w = tl.sum(tl.where(same, w[None, :], 0.0), axis=1)
-    slot_c = tl.sum(tl.where(same, count[None, :], 0), axis=1)
-    item_load = slot_w * tl.load(recip_ptr + slot_c, mask=s_valid, other=0.0)
+    logical = _expert_of(slot_expert, group_at_rank, g, GS)
+    tl.store(logcnt_ptr + layer * E + expert, count, mask=q_valid)
+    tl.debug_barrier()
+    slot_c = tl.load(logcnt_ptr + layer * E + logical, mask=s_valid, other=0).to(tl.int32)
+    item_load = _load_load(row + logical, s_valid) * tl.load(recip_ptr + slot_c, mask=s_valid, other=0.0)
     if K == 1:
         position = s  # one slot per GPU: item i on GPU i
     else:
+        # Items in stable descending order, parked in this program's scratch
+        # rows (load bits, item) so each step reads its item with two scalar
+        # loads instead of a reduction over all slots.
         keys = tl.sort(_desc_order_keys(item_load, s, s_valid), descending=True)
+        scratch = scratch_ptr + ((layer * NODES + node) * P_S + s) * 2
+        tl.store(scratch, (keys >> 32).to(tl.int32), mask=s_valid)
+        tl.store(scratch + 1, (4294967295 - (keys & 4294967295)).to(tl.int32), mask=s_valid)
+        tl.debug_barrier()
+        # One min over packed GPU keys (load bits | GPU | items so far) gives the
+        # lightest open GPU (lower index on ties) and the item's rank in it.
         m = tl.arange(0, P_M)
-        gpu_load = tl.zeros([P_M], tl.float32)
-        gpu_count = tl.zeros([P_M], tl.int32)
+        closed = tl.full([P_M], 9223372036854775807, tl.int64)
+        gpu_key = tl.where(m < M, m.to(tl.int64) << 16, closed)
         position = tl.zeros([P_S], tl.int32)
+        first = scratch_ptr + (layer * NODES + node) * P_S * 2
         for t in range(S):
-            # One reduction fetches both: the key holds the load's bits and the item.
-            key = _pick(keys, s, t)
-            item = (4294967295 - (key & 4294967295)).to(tl.int32)
-            load = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            open_load = tl.where((gpu_count < K) & (m < M), gpu_load, float("inf"))
-            chosen = tl.argmin(open_load, axis=0, tie_break_left=True)
-            rank = _pick(gpu_count, m, chosen)
+            load = tl.load(first + 2 * t).to(tl.float32, bitcast=True)
+            item = tl.load(first + 2 * t + 1)
+            best = tl.min(gpu_key, axis=0)
+            chosen = ((best >> 16) & 65535).to(tl.int32)
+            rank = (best & 65535).to(tl.int32)
             position = tl.where(s == item, chosen * K + rank, position)
-            gpu_load = tl.where(m == chosen, gpu_load + load, gpu_load)
-            gpu_count = tl.where(m == chosen, gpu_count + 1, gpu_count)
+            gpu_load = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True) + load
+            new_key = _gpu_key(gpu_load, chosen, rank + 1)
+            new_key = tl.where(rank + 1 < K, new_key, 9223372036854775807)
+            gpu_key = tl.where(m == chosen, new_key, gpu_key)
 
     # ---- Outputs: this node's slots and experts.
     slot = node * S + position
-    logical = tl.sum(tl.where(same, expert[None, :], 0), axis=1)
     tl.store(phy2log_ptr + layer * R + slot, logical, mask=s_valid)
     tl.store(log2phy_ptr + (layer * E + logical) * MAXCNT + slot_rank, slot, mask=s_valid)
-    tl.store(logcnt_ptr + layer * E + expert, count, mask=q_valid)
 
 
 def _pow2(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
+def kernel_fits(num_experts: int, num_replicas: int, num_nodes: int) -> bool:
+    """Whether :func:`greedy_kernel` takes these sizes (global policy: ``num_nodes = 1``)."""
+    return num_replicas // num_nodes <= MAX_SLOTS_PER_NODE and num_replicas - num_experts + 1 < 65536
+
+
+def scratch_size(num_layers: int, num_nodes: int, meta: dict[str, int]) -> int:
+    """int32 elements of the kernel's ``scratch`` buffer (two per padded slot per program)."""
+    return num_layers * num_nodes * meta["P_S"] * 2
+
+
 def launch_config(
-    num_layers: int, num_experts: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+    num_layers: int,
+    num_experts: int,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    num_warps: int = 1,
 ) -> tuple[tuple[int, int], dict[str, int]]:
-    """``(grid, constexprs and launch options)`` for :func:`greedy_kernel` (global policy: groups = nodes = 1)."""
+    """``(grid, constexprs and launch options)`` for :func:`greedy_kernel` (global policy: groups = nodes = 1).
+
+    One warp by default: the steps are latency-bound, and a one-warp
+    reduction needs no shared memory or barrier.
+    """
+    if not kernel_fits(num_experts, num_replicas, num_nodes):
+        raise ValueError(
+            f"the fused kernel takes at most {MAX_SLOTS_PER_NODE} slots per node and 65535 replicas per expert"
+        )
     max_count = num_replicas - num_experts + 1
     slots_per_node = num_replicas // num_nodes
     meta = {
@@ -203,7 +281,6 @@ def launch_config(
         "P_EN": _pow2(num_experts // num_nodes),
         "P_S": _pow2(slots_per_node),
         "P_M": _pow2(num_gpus // num_nodes),
-        "P_C": _pow2(max_count),
-        "num_warps": 1 if slots_per_node <= 128 else 4,
+        "num_warps": num_warps,
     }
     return (num_layers, num_nodes), meta
