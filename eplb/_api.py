@@ -50,6 +50,45 @@ def _checked_weight(weight: Any, check_values: bool | None) -> tuple[Any, Any]:
     return backend, weight
 
 
+def _validated_settings(
+    num_experts: int,
+    num_replicas: Any,
+    num_groups: Any,
+    num_nodes: Any,
+    num_gpus: Any,
+    hierarchical: Any,
+    policy: Any,
+    spill: Any,
+) -> tuple[int, int, int, int, bool, int]:
+    """Sizes, policy and spill checked: ``(num_replicas, num_groups, num_nodes, num_gpus, hierarchical, spill)``."""
+    num_replicas, num_groups, num_nodes, num_gpus, hierarchical = _validate.check_config(
+        num_experts, num_replicas, num_groups, num_nodes, num_gpus, hierarchical
+    )
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} must be one of {', '.join(map(repr, POLICIES))}")
+    spill = _validate.check_spill(spill, num_experts, num_replicas, num_nodes, hierarchical)
+    return num_replicas, num_groups, num_nodes, num_gpus, hierarchical, spill
+
+
+# A live job calls with the same settings every time; checking them costs more
+# than a GPU call's kernel, so results for plain Python values are remembered.
+_SETTINGS: dict[tuple[Any, ...], tuple[int, int, int, int, bool, int]] = {}
+_PLAIN = (int, bool, str, type(None))
+
+
+def _checked_settings(*settings: Any) -> tuple[int, int, int, int, bool, int]:
+    """:func:`_validated_settings`, remembered when every setting is a plain int, bool, str or None."""
+    if not all(type(v) in _PLAIN for v in settings):
+        return _validated_settings(*settings)
+    key = (settings, tuple(type(v) for v in settings))  # 1 and True are different settings
+    checked = _SETTINGS.get(key)
+    if checked is None:
+        checked = _validated_settings(*settings)  # raises for bad settings: nothing remembered
+        if len(_SETTINGS) < 1024:
+            _SETTINGS[key] = checked
+    return checked
+
+
 def _checked_previous(previous: Any, weight: Any, backend: Any, num_replicas: int, check_values: bool | None) -> Any:
     """Validate ``previous`` [L, R] (integer expert ids) and convert it to ``weight``'s kind and device."""
     if isinstance(previous, Placement):
@@ -230,12 +269,8 @@ def rebalance_experts(
     [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]]
     """
     backend, weight = _checked_weight(weight, check_values)
-    num_replicas, num_groups, num_nodes, num_gpus, hierarchical = _validate.check_config(
-        weight.shape[1], num_replicas, num_groups, num_nodes, num_gpus, hierarchical
-    )
-    if policy not in POLICIES:
-        raise ValueError(f"policy={policy!r} must be one of {', '.join(map(repr, POLICIES))}")
-    spill = _validate.check_spill(spill, weight.shape[1], num_replicas, num_nodes, hierarchical)
+    settings = (weight.shape[1], num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy, spill)
+    num_replicas, num_groups, num_nodes, num_gpus, hierarchical, spill = _checked_settings(*settings)
     balance_tolerance, max_moves = _checked_knobs(balance_tolerance, max_moves, previous, spill)
     if previous is not None:
         previous = _checked_previous(previous, weight, backend, num_replicas, check_values)

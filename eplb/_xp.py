@@ -67,12 +67,15 @@ def is_jax(xp: Any) -> bool:
     return array_api_compat.is_jax_namespace(xp)
 
 
+_HOST_TYPES = (np.ndarray, list, tuple)
+
+
 def backend_name(x: Any) -> str:
     """``"numpy"``, ``"torch"`` or ``"jax"`` for an array; lists count as numpy.
 
     Detection looks at ``sys.modules`` only, so it never imports a framework.
     """
-    if isinstance(x, np.ndarray | list | tuple) or np.isscalar(x):
+    if isinstance(x, _HOST_TYPES):
         return "numpy"
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
@@ -80,6 +83,8 @@ def backend_name(x: Any) -> str:
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(x, jax.Array):
         return "jax"
+    if np.isscalar(x):
+        return "numpy"
     raise TypeError(
         f"weight must be a numpy array, a list, a torch.Tensor or a jax.Array; "
         f"got {type(x).__module__}.{type(x).__qualname__}"

@@ -387,3 +387,14 @@ def test_layer_sum_at_float32_max(backend):
     placement = make_runner(backend).rebalance_np(weight, *CONFIG)
     _assert_valid(placement, 2, 12, 16)
     assert placement[2][0, 7] == 3  # both spare slots of its node go to the one loaded expert
+
+
+def test_remembered_settings_still_reject_a_bool_count():
+    """Valid settings are remembered per type: True is not taken for a remembered 1."""
+    weight = np.ones((1, 4))
+    eplb.rebalance_experts(weight, 4, 1, 1, 1)
+    eplb.rebalance_experts(weight, 4, 1, 1, 1)  # the remembered path
+    with pytest.raises(TypeError, match="num_groups"):
+        eplb.rebalance_experts(weight, 4, True, 1, 1)
+    with pytest.raises(ValueError, match="num_replicas"):
+        eplb.rebalance_experts(np.ones((1, 8)), 4, 1, 1, 1)  # same sizes, more experts than slots

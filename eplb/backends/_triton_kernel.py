@@ -121,6 +121,8 @@ def greedy_kernel(
     P_EN: tl.constexpr,
     P_S: tl.constexpr,
     P_M: tl.constexpr,
+    P_C: tl.constexpr,
+    P_PAD_ROWS: tl.constexpr,
 ):
     layer = tl.program_id(0)
     node = tl.program_id(1)
@@ -166,11 +168,19 @@ def greedy_kernel(
     expert = _expert_of(q, group_at_rank, g, GS)
     w = _load_load(row + expert, q_valid)
 
-    # Pad this node's rows of log2phy with -1 here (saves a fill launch), one
-    # column at a time to keep register use flat; the barrier orders these
-    # stores before the real entries written at the end.
-    for j in range(MAXCNT):
-        tl.store(log2phy_ptr + (layer * E + expert) * MAXCNT + j, tl.full([P_EN], -1, tl.int64), mask=q_valid)
+    # Pad this node's rows of log2phy with -1 here (saves a fill launch), in
+    # tiles of P_PAD_ROWS rows x P_C columns: along a row for coalesced stores,
+    # at most 1024 entries a tile to keep registers flat. The barrier orders
+    # these stores before the real entries written at the end.
+    pad_row = tl.arange(0, P_PAD_ROWS)
+    pad_col = tl.arange(0, P_C)
+    for first_row in range(0, EN, P_PAD_ROWS):
+        local = first_row + pad_row
+        pad = log2phy_ptr + (layer * E + _expert_of(local, group_at_rank, g, GS))[:, None] * MAXCNT
+        for first_col in range(0, MAXCNT, P_C):
+            col = first_col + pad_col
+            mask = (local < EN)[:, None] & (col < MAXCNT)[None, :]
+            tl.store(pad + col[None, :], tl.full([P_PAD_ROWS, P_C], -1, tl.int64), mask=mask)
     tl.debug_barrier()
 
     # ---- Step 2: replicate within the node (argmax of w * 1/c, first index).
@@ -281,6 +291,8 @@ def launch_config(
         "P_EN": _pow2(num_experts // num_nodes),
         "P_S": _pow2(slots_per_node),
         "P_M": _pow2(num_gpus // num_nodes),
+        "P_C": min(_pow2(max_count), 1024),  # log2phy padding tile: columns ...
+        "P_PAD_ROWS": max(1, 1024 // _pow2(max_count)),  # ... and rows
         "num_warps": num_warps,
     }
     return (num_layers, num_nodes), meta
