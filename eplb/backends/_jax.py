@@ -1,6 +1,7 @@
 """JAX backend: ``jax.jit`` with the sizes static, ``jax.vmap`` over layers.
 
 Works on concrete arrays and on tracers (inside a user's ``jit``/``vmap``).
+On CUDA the greedy policy runs as one Pallas kernel (:mod:`eplb.backends._pallas`).
 Never touches global flags: without ``jax_enable_x64`` indices are int32.
 """
 
@@ -92,6 +93,43 @@ def kernel_available() -> bool:
     return importlib.util.find_spec("triton") is not None and importlib.util.find_spec("jax_triton") is not None
 
 
+IMPLS = ("pallas", "triton", "xla")
+
+
+@functools.cache
+def _has_cuda() -> bool:
+    """Whether this process has a CUDA backend (cached; JAX is already initialised by the caller's array)."""
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:
+        return False
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _placement(
+    weight: jax.Array, config: tuple[int, int, int, int], options: tuple[tuple[str, Any], ...], impl: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One jitted call: the XLA algorithm, or a kernel on CUDA with XLA elsewhere (chosen at lowering)."""
+    if impl == "xla":
+        return _rebalance(weight, config, options)
+    hierarchical = dict(options)["hierarchical"]
+    if impl == "pallas":
+        from eplb.backends import _pallas
+
+        if not _pallas.fits(weight.shape[0], weight.shape[1], config[0]):
+            return _rebalance(weight, config, options)  # int32 flat indices would overflow
+
+        def kernel(w: jax.Array) -> tuple[jax.Array, ...]:
+            return _pallas.placement(w, config, hierarchical)
+
+    else:
+
+        def kernel(w: jax.Array) -> tuple[jax.Array, ...]:
+            return _kernel_placement(w, config, hierarchical)
+
+    return tuple(jax.lax.platform_dependent(weight, cuda=kernel, default=lambda w: _rebalance(w, config, options)))
+
+
 def rebalance(
     weight: jax.Array,
     num_replicas: int,
@@ -104,30 +142,38 @@ def rebalance(
 ) -> tuple[Any, Any, Any]:
     """Placement of a JAX array; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords (static).
 
-    ``impl``: ``"xla"`` (the array-API algorithm under ``jit`` + ``vmap``),
-    ``"triton"`` (the greedy policy as one fused kernel on CUDA, through
-    ``jax-triton``; XLA elsewhere, chosen at lowering by
-    ``lax.platform_dependent``, so it works on tracers too), or ``None``
-    (XLA). The kernel stays opt-in: ``jax-triton`` reaches into JAX's private
-    modules, so a JAX upgrade can break it.
+    One ``jax.jit`` call. ``impl``:
+
+    - ``None`` (default): ``"pallas"`` for the greedy policy (no ``spill``)
+      where this process has a CUDA backend, else ``"xla"``;
+    - ``"pallas"``: the greedy policy as one fused Pallas (Triton) kernel,
+      one program per (layer, node) (:mod:`eplb.backends._pallas`), on CUDA;
+      the XLA path elsewhere. The choice is made at lowering by
+      ``lax.platform_dependent``, so it works on tracers, inside a user's
+      ``jit``/``vmap`` (a batch is folded into the layers: still one launch)
+      and for computations placed on the CPU;
+    - ``"triton"``: the same greedy kernel written in Triton, through
+      ``jax-triton`` (opt-in: it reaches into JAX's private modules), chosen
+      at lowering in the same way;
+    - ``"xla"``: the array-API algorithm under ``jit`` + ``vmap`` over layers,
+      every policy.
+
+    All give bit-identical placements. ``"pallas"`` and ``"triton"`` apply to
+    the greedy policy only.
     """
     config = (num_replicas, num_groups, num_nodes, num_gpus)
-    frozen = tuple(sorted(options.items()))
-    applies = options.get("policy", "greedy") == "greedy" and not options.get("spill", 0)
+    greedy = options.get("policy", "greedy") == "greedy" and not options.get("spill", 0)
     if impl is None:
-        impl = "xla"
-    if impl == "xla":
-        return _rebalance(weight, config, frozen)
-    if impl != "triton" or not applies:
-        raise ValueError(f"impl must be 'xla', 'triton' (greedy policy only) or None, got {impl!r} with {options}")
-    from eplb.backends._triton_kernel import ensure_cache_dir
+        impl = "pallas" if greedy and _has_cuda() else "xla"
+    if impl not in IMPLS or (impl != "xla" and not greedy):
+        raise ValueError(
+            f"impl must be 'pallas', 'triton' (greedy policy only), 'xla' or None, got {impl!r} with {options}"
+        )
+    placement = _placement(weight, config, tuple(sorted(options.items())), impl)
+    if impl == "triton":
+        from eplb.backends._triton_kernel import ensure_cache_dir
 
-    placement = jax.lax.platform_dependent(
-        weight,
-        cuda=lambda w: _kernel_placement(w, config, options["hierarchical"]),
-        default=lambda w: _rebalance(w, config, frozen),
-    )
-    ensure_cache_dir()  # jax-triton empties Triton's cache setting when it compiles
+        ensure_cache_dir()  # jax-triton empties Triton's cache setting when it compiles
     return placement
 
 
