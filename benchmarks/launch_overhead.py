@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,18 @@ def generic(weight, config, hier, num_warps: int = 1):
     return out
 
 
+def host_us(fn, calls: int = 2000) -> float:
+    """Host time per call when calls are queued back to back (no sync inside), microseconds."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def kernel_only_ms(weight, config, hier, launches: int = 100, call=None) -> float:
     call = call or (lambda: _triton.rebalance_greedy_cuda(weight, *config, hier))
     call()
@@ -87,6 +100,13 @@ def main() -> None:
         kernel = kernel_only_ms(weight, config, hier)
         pairs = zip(eplb.rebalance_experts(weight, *config), generic(weight, config, hier), strict=True)
         same = all(torch.equal(a, b) for a, b in pairs)
+        hosts = {
+            "api": host_us(lambda w=weight, c=config: eplb.rebalance_experts(w, *c)),
+            "launcher": host_us(lambda w=weight, c=config, h=hier: _triton.rebalance_greedy_cuda(w, *c, h)),
+            "3 x torch.empty": host_us(lambda: [torch.empty(8, device="cuda") for _ in range(3)]),
+            "python loop of 1000": host_us(lambda: sum(range(1000)), 200),
+        }
+        print(f"{name:30} host us per call: " + ", ".join(f"{k} {v:.1f}" for k, v in hosts.items()))
         warps = {
             n: kernel_only_ms(weight, config, hier, call=lambda w=weight, c=config, h=hier, n=n: generic(w, c, h, n))
             for n in (1, 2, 4, 8)

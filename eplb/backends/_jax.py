@@ -58,7 +58,7 @@ def _kernel_placement(weight: jax.Array, config: tuple[int, int, int, int], hier
     """The fused Triton kernel through ``jax_triton.triton_call`` (lowered on CUDA only)."""
     import jax_triton
 
-    from eplb.backends._triton_kernel import greedy_kernel, launch_config
+    from eplb.backends._triton_kernel import greedy_kernel, launch_config, scratch_size
 
     num_replicas, num_groups, num_nodes, num_gpus = config
     if not hierarchical:
@@ -73,6 +73,7 @@ def _kernel_placement(weight: jax.Array, config: tuple[int, int, int, int], hier
         jax.ShapeDtypeStruct((num_layers, num_replicas), index),
         jax.ShapeDtypeStruct((num_layers, num_experts, meta["MAXCNT"]), index),
         jax.ShapeDtypeStruct((num_layers, num_experts), index),
+        jax.ShapeDtypeStruct((scratch_size(num_layers, num_nodes, meta),), jnp.int32),  # the kernel's scratch
     ]
     return tuple(
         jax_triton.triton_call(
@@ -84,7 +85,7 @@ def _kernel_placement(weight: jax.Array, config: tuple[int, int, int, int], hier
             num_warps=num_warps,
             enable_fp_fusion=False,
             **meta,
-        )
+        )[:3]
     )
 
 
