@@ -48,8 +48,9 @@ class Backend(enum.Enum):
     TORCH = "torch"  # CPU tensor, default dispatch (numpy kernel on a view)
     TORCH_OPS = "torch:ops"  # CPU tensor, torch ops forced (the CUDA code path)
     TORCH_CUDA = "torch:cuda"
-    JAX = "jax"  # CPU, eager call (jit inside)
+    JAX = "jax"  # CPU, eager call (jit inside; the numba kernel through a host callback where installed)
     JAX_JIT = "jax:jit"  # CPU, called inside the user's own jax.jit
+    JAX_XLA = "jax:xla"  # CPU, the array-API path under jit forced (what JAX runs without numba)
     JAX_GPU = "jax:gpu"
 
     @property
@@ -155,6 +156,19 @@ def make_runner(backend: Backend) -> Runner:
             a = a.astype(np.float32)
         return jax.device_put(jnp.asarray(a), device)
 
+    if backend is Backend.JAX_XLA:
+        from eplb.backends import _jax
+
+        def xla(weight: Any, r: int, g: int, n: int, gpus: int, **kw: Any) -> Any:
+            """Validate via the public API, then run the XLA path with the options it chose."""
+            placement = eplb.rebalance_experts(weight, r, g, n, gpus, **kw)
+            if kw.get("previous") is not None:
+                return placement  # placement-stable calls always run the XLA path
+            hierarchical = kw.pop("hierarchical", None)
+            hierarchical = (g % n == 0) if hierarchical is None else hierarchical
+            return _jax.rebalance(weight, r, g, n, gpus, hierarchical=hierarchical, impl="xla", **kw)
+
+        return Runner(backend, as_jax, xla)
     if backend is Backend.JAX_JIT:
 
         def jitted(weight: Any, r: int, g: int, n: int, gpus: int, **kwargs: Any) -> Any:

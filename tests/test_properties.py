@@ -215,8 +215,9 @@ JAX_LAYERS = 4
 @settings(max_examples=24, deadline=None)
 @given(config=st.sampled_from(JAX_CONFIGS), kind=st.sampled_from(["int", "float"]), data=st.data())
 def test_jax_matches_numpy(config, kind, data):
-    """JAX on the CPU returns numpy's arrays exactly, for int32 and float32 loads."""
+    """JAX on the CPU (the XLA path, and the default) returns numpy's arrays exactly, for int32 and float32 loads."""
     pytest.importorskip("jax")
     weight = data.draw(loads(JAX_LAYERS, config.num_experts, kind))
     expected = as_numpy(eplb.rebalance_experts(weight, *config.args))
+    assert_same(make_runner(Backend.JAX_XLA).rebalance_np(weight, *config.args), expected)
     assert_same(make_runner(Backend.JAX).rebalance_np(weight, *config.args), expected)

@@ -17,6 +17,7 @@ import numpy as np
 
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
+from eplb.backends import _jax_host
 
 __all__ = ["dtype_kind", "host_values", "rebalance", "rebalance_stable"]
 
@@ -94,7 +95,7 @@ def kernel_available() -> bool:
     return importlib.util.find_spec("triton") is not None and importlib.util.find_spec("jax_triton") is not None
 
 
-IMPLS = ("pallas", "triton", "xla")
+IMPLS = ("pallas", "triton", "host", "xla")
 
 
 @functools.cache
@@ -114,6 +115,17 @@ def _placement(
     if impl == "xla":
         return _rebalance(weight, config, options)
     hierarchical = dict(options)["hierarchical"]
+
+    def xla(w: jax.Array) -> tuple[jax.Array, ...]:
+        return _rebalance(w, config, options)
+
+    def host(w: jax.Array) -> tuple[jax.Array, ...]:
+        return _jax_host.placement(w, config, hierarchical)
+
+    # Off CUDA: the numba kernel through a host callback on the CPU (where it applies), XLA elsewhere.
+    branches = {"cpu": host} if _jax_host.applies(dict(options)) else {}
+    if impl == "host":
+        return tuple(jax.lax.platform_dependent(weight, **branches, default=xla))
     if impl == "pallas":
         from eplb.backends import _pallas
 
@@ -128,7 +140,7 @@ def _placement(
         def kernel(w: jax.Array) -> tuple[jax.Array, ...]:
             return _kernel_placement(w, config, hierarchical)
 
-    return tuple(jax.lax.platform_dependent(weight, cuda=kernel, default=lambda w: _rebalance(w, config, options)))
+    return tuple(jax.lax.platform_dependent(weight, cuda=kernel, **branches, default=xla))
 
 
 def rebalance(
@@ -145,8 +157,9 @@ def rebalance(
 
     One ``jax.jit`` call. ``impl``:
 
-    - ``None`` (default): ``"pallas"`` for the greedy policy (no ``spill``)
-      where this process has a CUDA backend, else ``"xla"``;
+    - ``None`` (default): for the greedy policy (no ``spill``) ``"pallas"``
+      where this process has a CUDA backend, else ``"host"`` where numba is
+      installed; ``"xla"`` otherwise;
     - ``"pallas"``: the greedy policy as one fused Pallas (Triton) kernel,
       one program per (layer, node) (:mod:`eplb.backends._pallas`), on CUDA;
       the XLA path elsewhere. The choice is made at lowering by
@@ -156,6 +169,11 @@ def rebalance(
     - ``"triton"``: the same greedy kernel written in Triton, through
       ``jax-triton`` (opt-in: it reaches into JAX's private modules), chosen
       at lowering in the same way;
+    - ``"host"``: on the CPU, the compiled numba kernel through a
+      ``jax.pure_callback`` (:mod:`eplb.backends._jax_host`; needs numba, the
+      ``fast`` extra), XLA elsewhere; ``"pallas"`` and ``"triton"`` take the
+      same CPU branch, and ``None`` picks it where this process has no CUDA
+      backend;
     - ``"xla"``: the array-API algorithm under ``jit`` + ``vmap`` over layers,
       every policy.
 
@@ -165,10 +183,10 @@ def rebalance(
     config = (num_replicas, num_groups, num_nodes, num_gpus)
     greedy = options.get("policy", "greedy") == "greedy" and not options.get("spill", 0)
     if impl is None:
-        impl = "pallas" if greedy and _has_cuda() else "xla"
+        impl = "xla" if not greedy else "pallas" if _has_cuda() else "host" if _jax_host.applies(options) else "xla"
     if impl not in IMPLS or (impl != "xla" and not greedy):
         raise ValueError(
-            f"impl must be 'pallas', 'triton' (greedy policy only), 'xla' or None, got {impl!r} with {options}"
+            f"impl must be 'pallas', 'triton', 'host' (greedy policy only), 'xla' or None, got {impl!r} with {options}"
         )
     placement = _placement(weight, config, tuple(sorted(options.items())), impl)
     if impl == "triton":
