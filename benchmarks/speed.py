@@ -15,7 +15,8 @@ one layer at a time) is listed too. "numpy (numba)" is the compiled greedy
 kernel, the default for numpy and torch CPU inputs when numba is installed;
 "numpy (xp)" the array-API algorithm layer it replaces there; "(torch ops)"
 and "jax ... (xla)" are the straightforward vectorised eager/jit versions of
-the same algorithm that the fused kernels replace on GPUs.
+the same algorithm that the fused kernels replace ("jax cpu" runs numba's
+kernel through a host callback where numba is installed).
 """
 
 from __future__ import annotations
@@ -161,18 +162,20 @@ def _jax_implementations(weight: np.ndarray, config: list[int], policy: str, hie
         except RuntimeError:
             continue
         wj = jax.device_put(weight, device)
-        paths = [(f"jax {platform}", lambda w: eplb.rebalance_experts(w, *config, policy=policy))]
-        if platform == "gpu":
+        paths = [
+            (f"jax {platform}", lambda w: eplb.rebalance_experts(w, *config, policy=policy)),
+            (
+                f"jax {platform} (xla)",
+                lambda w: _jax.rebalance(w, *config, hierarchical=hier, policy=policy, impl="xla"),
+            ),
+        ]
+        if platform == "gpu" and policy == "greedy" and _jax.kernel_available():
             paths.append(
-                ("jax gpu (xla)", lambda w: _jax.rebalance(w, *config, hierarchical=hier, policy=policy, impl="xla"))
-            )
-            if policy == "greedy" and _jax.kernel_available():
-                paths.append(
-                    (
-                        "jax gpu (jax-triton)",
-                        lambda w: _jax.rebalance(w, *config, hierarchical=hier, policy=policy, impl="triton"),
-                    )
+                (
+                    "jax gpu (jax-triton)",
+                    lambda w: _jax.rebalance(w, *config, hierarchical=hier, policy=policy, impl="triton"),
                 )
+            )
         for name, fn in paths:
             memory = (lambda f=fn, w=wj: _jax_peak_mib(f, w)) if platform == "gpu" else None
             out.append((name, lambda f=fn, w=wj: jax.block_until_ready(f(w)), "host", memory))
