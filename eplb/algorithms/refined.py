@@ -19,6 +19,7 @@ So no layer ends with a heavier GPU than greedy gives, on any backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from eplb import _xp
@@ -39,7 +40,7 @@ from eplb.algorithms.hierarchy import (
 from eplb.algorithms.packing import lpt_pack, slots_by_pack
 from eplb.algorithms.refine import IMPROVEMENT, max_gpu_load, pack_loads, refine_by_swaps, snake_pack
 
-__all__ = ["default_iterations", "rebalance_refined"]
+__all__ = ["default_iterations", "group_split", "keep_greedy_unless_beaten", "node_candidates", "rebalance_refined"]
 
 
 def default_iterations(slots_per_node: int, gpus_per_node: int) -> int:
@@ -88,35 +89,25 @@ def group_split(
     return xp.where(best > 0, chosen, greedy), True
 
 
-def rebalance_refined(
-    weight: Any,
-    num_phy: int,
-    num_groups: int,
-    num_nodes: int,
-    num_gpus: int,
-    *,
-    hierarchical: bool,
-    xp: Any,
-    num_iters: int | None = None,
-) -> tuple[Any, Any, Any]:
-    """Refined placement of float32 ``weight [L, E]``: ``phy2log [L, R]``, ``phyrank [L, R]``, ``logcnt [L, E]``.
+def node_candidates(
+    weight: Any, mlog2log: Any, num_phy: int, num_nodes: int, num_gpus: int, num_iters: int, *, xp: Any
+) -> tuple[Any, Any, Any, Any]:
+    """The per-(layer, node) candidate stage: each row's best replication and packing.
 
-    Same constraints and outputs as
-    :func:`eplb.algorithms.hierarchy.rebalance_hierarchical`; per layer the
-    heaviest GPU is never heavier than with the greedy placement.
+    Rows are (layer, node) pairs of the node-major order ``mlog2log [L, E]``.
+    Candidates: greedy replication, and (with several GPUs per node and
+    spare slots) replication capped at one replica per GPU; each packed by
+    LPT and by a snake deal, then refined by swaps (``num_iters`` rounds at
+    most). Candidate 0 (greedy replication, LPT) stays unless another's
+    heaviest GPU is lighter by the ``IMPROVEMENT`` margin.
+
+    Returns the chosen ``phy2mlog``, ``phyrank``, ``pphy2phy`` ``[L*N, R/N]``
+    and ``mlogcnt [L*N, E/N]`` in the order :func:`assemble` takes them:
+    ``(phy2mlog, phyrank, mlogcnt, pphy2phy)``.
     """
-    if not hierarchical:
-        num_groups, num_nodes = 1, 1
     num_log = weight.shape[1]
     phy_per_node, gpus_per_node = num_phy // num_nodes, num_gpus // num_nodes
     phy_per_gpu = num_phy // num_gpus
-    if num_iters is None:
-        num_iters = default_iterations(phy_per_node, gpus_per_node)
-
-    mgroup2group, split_may_differ = group_split(weight, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
-    mlog2log = expert_order(mgroup2group, num_log // num_groups, xp=xp)
-
-    # Candidates per (layer, node) row; candidate 0 is the greedy's own.
     replications = [replicate_on_nodes(weight, mlog2log, num_nodes, num_phy, xp=xp)]
     if gpus_per_node > 1 and phy_per_node > num_log // num_nodes:
         replications.append(replicate_on_nodes(weight, mlog2log, num_nodes, num_phy, xp=xp, max_count=gpus_per_node))
@@ -137,12 +128,75 @@ def rebalance_refined(
     best = _best(xp.permute_dims(xp.reshape(node_max, (num_cands, rows)), (1, 0)), xp=xp)
     pphy2phy = _pick([refined[c * rows : (c + 1) * rows] for c in range(num_cands)], best, xp=xp)
     phy2mlog, phyrank, mlogcnt = (_pick([cand[k] for cand in per_node], best, xp=xp) for k in range(3))
-    placement = assemble(mlog2log, phy2mlog, phyrank, mlogcnt, pphy2phy, num_nodes, xp=xp)
+    return phy2mlog, phyrank, mlogcnt, pphy2phy
+
+
+def keep_greedy_unless_beaten(
+    weight: Any,
+    mlog2log: Any,
+    node_arrays: tuple[Any, ...],
+    num_phy: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    split_may_differ: bool,
+    *,
+    xp: Any,
+) -> tuple[Any, Any, Any]:
+    """The final stage: ``phy2log, phyrank, logcnt`` from the chosen node candidates.
+
+    ``node_arrays`` is what :func:`node_candidates` returned for ``mlog2log``.
+    Where the split stage may have left the greedy split, a layer keeps the
+    plain greedy placement unless the refined one's heaviest GPU beats it by
+    the ``IMPROVEMENT`` margin.
+    """
+    placement = assemble(mlog2log, *node_arrays, num_nodes, xp=xp)
     if not split_may_differ:
         return placement
-
     # A non-greedy split carries no guarantee by itself: keep greedy unless beaten.
     greedy = rebalance_hierarchical(weight, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
     peaks = [max_gpu_load(weight, p[0], p[2], num_gpus, xp=xp) for p in (greedy, placement)]
     best = _best(xp.stack(peaks, axis=-1), xp=xp)
     return tuple(_pick([g, r], best, xp=xp) for g, r in zip(greedy, placement, strict=True))
+
+
+def rebalance_refined(
+    weight: Any,
+    num_phy: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    hierarchical: bool,
+    xp: Any,
+    num_iters: int | None = None,
+    split_stage: Callable[..., tuple[Any, bool]] = group_split,
+    candidate_stage: Callable[..., tuple[Any, ...]] = node_candidates,
+    final_stage: Callable[..., tuple[Any, Any, Any]] = keep_greedy_unless_beaten,
+) -> tuple[Any, Any, Any]:
+    """Refined placement of float32 ``weight [L, E]``: ``phy2log [L, R]``, ``phyrank [L, R]``, ``logcnt [L, E]``.
+
+    Same constraints and outputs as
+    :func:`eplb.algorithms.hierarchy.rebalance_hierarchical`; per layer the
+    heaviest GPU is never heavier than with the greedy placement.
+
+    Three stages, each replaceable by an implementation with the same
+    signature and results (the fused Triton kernels of
+    :mod:`eplb.backends._triton_refined` on CUDA): ``split_stage`` as
+    :func:`group_split`, ``candidate_stage`` as :func:`node_candidates` and
+    ``final_stage`` as :func:`keep_greedy_unless_beaten`, which receives what
+    ``candidate_stage`` returned (the two come as a pair). With the global
+    policy they see ``num_groups = num_nodes = 1``.
+    """
+    if not hierarchical:
+        num_groups, num_nodes = 1, 1
+    num_log = weight.shape[1]
+    phy_per_node, gpus_per_node = num_phy // num_nodes, num_gpus // num_nodes
+    if num_iters is None:
+        num_iters = default_iterations(phy_per_node, gpus_per_node)
+
+    mgroup2group, split_may_differ = split_stage(weight, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
+    mlog2log = expert_order(mgroup2group, num_log // num_groups, xp=xp)
+    # Candidates per (layer, node) row; candidate 0 is the greedy's own.
+    node_arrays = candidate_stage(weight, mlog2log, num_phy, num_nodes, num_gpus, num_iters, xp=xp)
+    return final_stage(weight, mlog2log, node_arrays, num_phy, num_groups, num_nodes, num_gpus, split_may_differ, xp=xp)

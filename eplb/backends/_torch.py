@@ -40,8 +40,13 @@ def host_values(weight: torch.Tensor, force: bool) -> np.ndarray | None:
 
 
 def _kernel_applies(options: dict[str, Any]) -> bool:
-    """The fused kernel covers the greedy policy without extra options."""
+    """The fused greedy kernel covers the greedy policy without extra options."""
     return options.get("policy", "greedy") == "greedy" and not options.get("spill", 0)
+
+
+def _refined_kernel_applies(options: dict[str, Any]) -> bool:
+    """The fused kernels of the refined policy cover it without ``spill``."""
+    return options.get("policy", "greedy") == "refined" and not options.get("spill", 0)
 
 
 def rebalance(
@@ -61,22 +66,42 @@ def rebalance(
     :mod:`eplb.backends._numba` when numba is installed), since a torch CPU
     op costs about 7 us against numpy's 1-3 us and the loop is made of many
     tiny ops;
-    ``"triton"`` (CUDA, greedy policy) runs the fused kernel of
-    :mod:`eplb.backends._triton`; ``None`` picks numpy on the CPU, the kernel
-    on CUDA where it applies and Triton is installed, torch ops otherwise.
-    All give the same placement.
+    ``"triton"`` (CUDA; greedy policy, or refined policy without ``spill``)
+    runs the fused kernel of :mod:`eplb.backends._triton`, or for the refined
+    policy the kernels of :mod:`eplb.backends._triton_refined`; ``None``
+    picks numpy on the CPU, the kernels on CUDA where they apply and Triton
+    is installed, torch ops otherwise. All give the same placement.
     """
     if impl is None:
         if weight.device.type == "cpu":
             impl = "numpy"
+        elif not importlib.util.find_spec("triton"):
+            impl = "torch"
+        elif _kernel_applies(options):
+            impl = "triton"
+        elif _refined_kernel_applies(options):
+            from eplb.backends import _triton_refined
+
+            sizes = (num_groups, num_nodes) if options["hierarchical"] else (1, 1)
+            fits = _triton_refined.kernel_fits(weight.shape[1], num_replicas, *sizes, num_gpus)
+            impl = "triton" if fits else "torch"
         else:
-            impl = "triton" if _kernel_applies(options) and importlib.util.find_spec("triton") else "torch"
+            impl = "torch"
     if impl == "triton":
-        if not _kernel_applies(options) or weight.device.type != "cuda":
-            raise ValueError(f"impl='triton' needs a CUDA tensor and the plain greedy policy, got {options}")
+        if weight.device.type != "cuda" or not (_kernel_applies(options) or _refined_kernel_applies(options)):
+            raise ValueError(
+                f"impl='triton' needs a CUDA tensor and the greedy policy or the refined policy without spill, "
+                f"got a tensor on {weight.device} and {options}"
+            )
+        hierarchical = options["hierarchical"]
+        if _refined_kernel_applies(options):
+            from eplb.backends import _triton_refined
+
+            return _triton_refined.rebalance_refined_cuda(
+                weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical
+            )
         from eplb.backends import _triton
 
-        hierarchical = options["hierarchical"]
         return _triton.rebalance_greedy_cuda(weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical)
     weight32 = weight.detach().to(torch.float32).contiguous()
     if impl == "numpy":
