@@ -6,6 +6,7 @@ Nothing here reads a tensor's values on the host (no ``.item()``, ``.cpu()``,
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -37,6 +38,11 @@ def host_values(weight: torch.Tensor, force: bool) -> np.ndarray | None:
     if weight.dtype.is_floating_point and weight.dtype != torch.float64:
         weight = weight.float()  # numpy has no bfloat16/float8; float32 holds them exactly
     return weight.numpy()
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _kernel_applies(options: dict[str, Any]) -> bool:
@@ -75,10 +81,13 @@ def rebalance(
     if impl is None:
         if weight.device.type == "cpu":
             impl = "numpy"
-        elif not importlib.util.find_spec("triton"):
+        elif not _has_triton():
             impl = "torch"
         elif _kernel_applies(options):
-            impl = "triton"
+            from eplb.backends import _triton_kernel
+
+            nodes = num_nodes if options["hierarchical"] else 1
+            impl = "triton" if _triton_kernel.kernel_fits(weight.shape[1], num_replicas, nodes) else "torch"
         elif _refined_kernel_applies(options):
             from eplb.backends import _triton_refined
 
