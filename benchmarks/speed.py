@@ -99,11 +99,19 @@ def _jax_peak_mib(fn, weight) -> float | None:
     return (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20
 
 
+# Substrings of implementation names to keep (--only); empty keeps all.
+ONLY: list[str] = []
+
+
 def implementations(weight: np.ndarray, config: list[int], policy: str) -> list[tuple[str, object, str, object]]:
     """(name, zero-argument call, timer, peak MiB callable or None) per installed backend and fast path.
 
-    timer is "host" or "cuda".
+    timer is "host" or "cuda". ``ONLY`` filters them by name.
     """
+    return [row for row in _implementations(weight, config, policy) if not ONLY or any(k in row[0] for k in ONLY)]
+
+
+def _implementations(weight: np.ndarray, config: list[int], policy: str) -> list[tuple[str, object, str, object]]:
     from eplb.backends import _numba, _numpy
 
     hier = config[1] % config[2] == 0
@@ -284,7 +292,9 @@ def main() -> None:
     parser.add_argument("--policy", choices=["greedy", "refined", "both"], default="both")
     parser.add_argument("--real", action="store_true", help="the real DeepSeek-V3 loads instead of synthetic ones")
     parser.add_argument("--scaling", action="store_true", help="greedy time vs layers and experts, then stop")
+    parser.add_argument("--only", nargs="+", default=[], help="implementations whose name contains one of these")
     args = parser.parse_args()
+    ONLY[:] = args.only
     runs = 20 if args.quick else args.runs
     policies = ["greedy", "refined"] if args.policy == "both" else [args.policy]
     if args.scaling:
