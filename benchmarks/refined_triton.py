@@ -1,12 +1,13 @@
 """The refined policy on torch CUDA: fused Triton kernels vs torch ops.
 
 Run on a GPU machine from the repository root: ``python benchmarks/refined_triton.py``.
-At the DeepSeek-V3 shape (58 x 256 -> 288 slots / 8 groups / 4 nodes / 32 GPUs)
-and on the real DeepSeek-V3 loads where ``../shared/data`` has them, it checks
-that the kernel path equals numpy, then prints the median CUDA-event time of
-100+ warm calls: the kernel path with 1, 2 and 4 warps per candidate program,
-the default dispatch, ``impl="torch"``, the host time of one call (no sync)
-and each stage alone.
+At the DeepSeek-V3 shape (58 x 256 -> 288 slots / 8 groups / 4 nodes / 32 GPUs),
+on lognormal loads and on the real DeepSeek-V3 loads where ``../shared/data``
+has them, it checks that the kernel path equals numpy, then prints the median
+CUDA-event time of 100+ warm calls: the kernel path (one program per (layer,
+node, candidate), the default, or one per (layer, node)) with 1, 2 and 4
+warps per program, the default dispatch, ``impl="torch"``, the host time of
+one call (no sync) and each stage alone.
 """
 
 from __future__ import annotations
@@ -64,9 +65,15 @@ def report(name: str, weight: np.ndarray) -> None:
     got = _torch.rebalance(w, *CONFIG, hierarchical=True, policy="refined", impl="triton")
     same = all(np.array_equal(a.cpu().numpy(), b) for a, b in zip(got, want, strict=True))
     print(f"{name} {list(weight.shape)} -> {CONFIG}: kernel path == numpy: {same}")
-    for warps in (1, 2, 4):
-        ms = median_ms(lambda warps=warps: kernels.rebalance_refined_cuda(w, *CONFIG, True, num_warps=warps))
-        print(f"  kernel path, {warps} warp(s) per candidate program: {ms:.3f} ms")
+    for parallel in (True, False):
+        for warps in (1, 2, 4):
+            ms = median_ms(
+                lambda parallel=parallel, warps=warps: kernels.rebalance_refined_cuda(
+                    w, *CONFIG, True, num_warps=warps, parallel=parallel
+                )
+            )
+            layout = "program per (row, candidate)" if parallel else "program per row"
+            print(f"  kernel path, {layout}, {warps} warp(s): {ms:.3f} ms")
     default = median_ms(lambda: eplb.rebalance_experts(w, *CONFIG, policy="refined"))
     print(f"  eplb.rebalance_experts (default: kernel path): {default:.3f} ms")
     host = host_ms(lambda: kernels.rebalance_refined_cuda(w, *CONFIG, True))
@@ -81,6 +88,9 @@ def report(name: str, weight: np.ndarray) -> None:
     stages = {
         "split": lambda: kernels.split_stage(w32, replicas, groups, nodes, gpus),
         "candidates": lambda: kernels.candidate_stage(w32, mlog2log, replicas, nodes, gpus, iters),
+        "candidates (program per row)": lambda: kernels.candidate_stage(
+            w32, mlog2log, replicas, nodes, gpus, iters, parallel=False
+        ),
         "final (with the greedy kernel)": lambda: kernels.final_stage(
             w32, mlog2log, arrays, replicas, groups, nodes, gpus, True
         ),

@@ -14,18 +14,18 @@ bit-identical:
   pigeonhole bound)``; then :func:`split_choice_kernel`, one program per
   layer: the split whose worst node bound is lowest, where it beats the
   greedy split's by the ``IMPROVEMENT`` margin.
-- **candidate stage** (:func:`candidate_stage`, as ``node_candidates``):
-  :func:`candidates_kernel`, one program per (layer, node): greedy and
-  capped replication, each packed by LPT and by a snake deal, each start
-  refined by swaps out of the heaviest GPU. The swap loop stops at the first
-  rejected swap: a rejected round changes nothing, so every later round
-  would be rejected too, and the result is that of all ``num_iters``
-  rounds. The lightest heaviest GPU wins (candidate 0 unless beaten by the
-  margin).
+- **candidate stage** (:func:`candidate_stage`, as ``node_candidates`` up to
+  its choice): :func:`candidates_kernel`, one program per (layer, node,
+  candidate) (or per (layer, node), taking its candidates in turn): greedy
+  or capped replication, packed by LPT or by a snake deal, refined by swaps
+  out of the heaviest GPU. The swap loop stops at the first rejected swap: a
+  rejected round changes nothing, so every later round would be rejected
+  too, and the result is that of all ``num_iters`` rounds.
 - **final stage** (:func:`final_stage`, as ``keep_greedy_unless_beaten``):
-  :func:`final_kernel`, one program per layer: assembles the chosen node
-  candidates and, where the split may differ from greedy, compares with the
-  fused greedy kernel's placement (:mod:`eplb.backends._triton`).
+  :func:`final_kernel`, one program per layer: per node the candidate with
+  the lightest heaviest GPU (candidate 0 unless beaten by the margin), then
+  ``assemble`` and, where the split may differ from greedy, the comparison
+  with the fused greedy kernel's placement (:mod:`eplb.backends._triton`).
 
 Between them a few torch ops remain (``expert_order``, ``build_log2phy``);
 no host sync. The first call on a device copies the split tables there
@@ -263,9 +263,9 @@ def _replica_key(score, expert, count):
 
 
 @triton.jit
-def _replicate(w, q, q_valid, s, recip_ptr, EN: tl.constexpr, S: tl.constexpr, MAXC: tl.constexpr):
-    """Greedy replication of the node's ``w [P_EN]`` into ``S`` slots (``MAXC > 0``: capped at
-    that many replicas while another expert can take one), as ``replicate_experts``.
+def _replicate(w, q, q_valid, s, recip_ptr, max_count, EN: tl.constexpr, S: tl.constexpr):
+    """Greedy replication of the node's ``w [P_EN]`` into ``S`` slots, capped at ``max_count``
+    replicas while another expert can take one (no cap: ``max_count > S``), as ``replicate_experts``.
 
     Returns ``count [P_EN]``, ``slot_expert [P_S]``, ``slot_rank [P_S]``.
     """
@@ -277,8 +277,7 @@ def _replicate(w, q, q_valid, s, recip_ptr, EN: tl.constexpr, S: tl.constexpr, M
         e = (65535 - ((best >> 16) & 65535)).to(tl.int32)
         c = (best & 65535).to(tl.int32)
         score = _pick(w, q, e) * tl.load(recip_ptr + c + 1)
-        if MAXC > 0:
-            score = tl.where(c + 1 >= MAXC, -1.0, score)
+        score = tl.where(c + 1 >= max_count, -1.0, score)
         key = tl.where(q == e, _replica_key(score, e, c + 1), key)
         slot_expert = tl.where(s == EN + t, e, slot_expert)
         slot_rank = tl.where(s == EN + t, c, slot_rank)
@@ -294,13 +293,14 @@ def _item_loads(w, count, slot_expert, q_valid, s_valid, recip_ptr):
 
 
 @triton.jit
-def _starts(
+def _start(
     item_load,
     s,
     s_valid,
     mm,
     kk,
     scratch,
+    snake,
     S: tl.constexpr,
     M: tl.constexpr,
     K: tl.constexpr,
@@ -308,48 +308,47 @@ def _starts(
     P_M: tl.constexpr,
     P_K: tl.constexpr,
 ):
-    """The LPT and snake packings of ``item_load [P_S]``: items and loads by slot, ``[P_M, P_K]`` each.
+    """The LPT packing (``lpt_pack`` + ``slots_by_pack``) or, with ``snake``, the snake deal
+    (``snake_pack``) of ``item_load [P_S]``: items and loads by slot, ``[P_M, P_K]`` each.
 
-    Both visit the items heaviest first (stable order, parked in this program's
-    ``scratch`` so each step reads its item with two scalar loads). LPT puts
-    each on the open GPU with the lowest running load, first on ties (one min
-    over packed keys: load bits, GPU, items so far), or item ``i`` on GPU
-    ``i`` when ``K == 1``; the snake deals GPUs ``0..M-1``, then ``M-1..0``, ...
+    Both visit the items heaviest first (stable order), parked in this program's ``scratch``
+    (load bits, then items). LPT puts each on the open GPU with the lowest running load, first
+    on ties (one min over packed keys: load bits, GPU, items so far; each step reads its item
+    with two scalar loads), or item ``i`` on GPU ``i`` when ``K == 1``. The snake deals GPUs
+    ``0..M-1``, then ``M-1..0``, ...: slot ``(m, k)`` takes visit ``k * M + m`` (``k`` even) or
+    ``k * M + M - 1 - m`` (``k`` odd), two gathers.
     """
     keys = tl.sort(_desc_order_keys(item_load, s, s_valid), descending=True)
     tl.debug_barrier()  # earlier readers of the scratch are done
     tl.store(scratch + s, (keys >> 32).to(tl.int32), mask=s_valid)
     tl.store(scratch + P_S + s, (4294967295 - (keys & 4294967295)).to(tl.int32), mask=s_valid)
     tl.debug_barrier()
-    m = tl.arange(0, P_M)
-    snake_item = tl.zeros([P_M, P_K], tl.int32)
-    snake_load = tl.zeros([P_M, P_K], tl.float32)
-    if K == 1:
-        lpt_item = tl.where(kk == 0, mm + tl.zeros([P_M, P_K], tl.int32), 0)
-        lpt_load = tl.where(kk == 0, item_load[:, None] + tl.zeros([P_M, P_K], tl.float32), 0.0)
+    valid = (mm < M) & (kk < K)
+    if snake:
+        visit = kk * M + tl.where(kk % 2 == 0, mm, M - 1 - mm)
+        slot_load = tl.load(scratch + visit, mask=valid, other=0).to(tl.float32, bitcast=True)
+        slot_item = tl.load(scratch + P_S + visit, mask=valid, other=0)
+    elif K == 1:
+        slot_item = tl.where(valid, mm + tl.zeros([P_M, P_K], tl.int32), 0)
+        slot_load = tl.where(valid, item_load[:, None] + tl.zeros([P_M, P_K], tl.float32), 0.0)
     else:
-        lpt_item = tl.zeros([P_M, P_K], tl.int32)
-        lpt_load = tl.zeros([P_M, P_K], tl.float32)
+        m = tl.arange(0, P_M)
+        slot_item = tl.zeros([P_M, P_K], tl.int32)
+        slot_load = tl.zeros([P_M, P_K], tl.float32)
         gpu_key = tl.where(m < M, m.to(tl.int64) << 16, _INT64_MAX)
-    for t in range(S):
-        load = tl.load(scratch + t).to(tl.float32, bitcast=True)
-        item = tl.load(scratch + P_S + t)
-        rnd = t // M
-        place = t % M
-        hit = (mm == tl.where(rnd % 2 == 0, place, M - 1 - place)) & (kk == rnd)
-        snake_item = tl.where(hit, item, snake_item)
-        snake_load = tl.where(hit, load, snake_load)
-        if K > 1:
+        for t in range(S):
+            load = tl.load(scratch + t).to(tl.float32, bitcast=True)
+            item = tl.load(scratch + P_S + t)
             best = tl.min(gpu_key, axis=0)  # the lightest open GPU, the lowest index on ties
             chosen = ((best >> 16) & 65535).to(tl.int32)
             rank = (best & 65535).to(tl.int32)
             hit = (mm == chosen) & (kk == rank)
-            lpt_item = tl.where(hit, item, lpt_item)
-            lpt_load = tl.where(hit, load, lpt_load)
+            slot_item = tl.where(hit, item, slot_item)
+            slot_load = tl.where(hit, load, slot_load)
             gpu_load = _float(best >> 32) + load
             new_key = (_bits(gpu_load) << 32) | (chosen.to(tl.int64) << 16) | (rank + 1).to(tl.int64)
             gpu_key = tl.where(m == chosen, tl.where(rank + 1 < K, new_key, _INT64_MAX), gpu_key)
-    return lpt_item, lpt_load, snake_item, snake_load
+    return slot_item, slot_load
 
 
 @triton.jit
@@ -438,22 +437,27 @@ def candidates_kernel(
     NODES: tl.constexpr,
     S: tl.constexpr,
     M: tl.constexpr,
-    CAPPED: tl.constexpr,
     ITERS: tl.constexpr,
+    PER_PROGRAM: tl.constexpr,
     P_EN: tl.constexpr,
     P_S: tl.constexpr,
     P_M: tl.constexpr,
     P_K: tl.constexpr,
 ):
-    """Program ``row = layer * NODES + node``: ``node_candidates`` for that row.
+    """Program ``(row, p)``, ``row = layer * NODES + node``: candidates ``p * PER_PROGRAM`` to
+    ``(p + 1) * PER_PROGRAM - 1`` of ``node_candidates`` for that row, refined by swaps.
 
-    Writes the chosen ``phy2mlog``, ``phyrank``, ``pphy2phy`` ``[L*N, S]``,
-    ``mlogcnt [L*N, E/N]`` and the chosen heaviest GPU's load ``node_max [L*N]``;
-    ``scratch`` holds ``2 * P_S`` int32 per program.
+    Candidate ``c``: replication ``c // 2`` (0 greedy, 1 capped at ``M`` replicas), start
+    ``c % 2`` (0 LPT, 1 snake). Writes ``pphy2phy [C, L*N, S]`` (slot order) and ``node_max
+    [C, L*N]`` (heaviest GPU) of each candidate, and replication ``r``'s ``phy2mlog``,
+    ``phyrank`` ``[2, L*N, S]`` and ``mlogcnt [2, L*N, E/N]`` (from its LPT candidate);
+    :func:`final_kernel` picks among them. ``scratch``: ``2 * P_S`` int32 per program.
     """
-    row_id = tl.program_id(0)
-    layer = row_id // NODES
-    node = row_id % NODES
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    ROWS = tl.num_programs(0)
+    layer = row // NODES
+    node = row % NODES
     EN: tl.constexpr = E // NODES
     K: tl.constexpr = S // M
     q = tl.arange(0, P_EN)
@@ -464,50 +468,35 @@ def candidates_kernel(
     s_valid = s < S
     mm = tl.arange(0, P_M)[:, None]
     kk = tl.arange(0, P_K)[None, :]
-    scratch = scratch_ptr + row_id * 2 * P_S
+    scratch = scratch_ptr + (row * tl.num_programs(1) + part) * 2 * P_S
+    for cand in range(part * PER_PROGRAM, (part + 1) * PER_PROGRAM):
+        rep = cand // 2
+        count, slot_expert, slot_rank = _replicate(w, q, q_valid, s, recip_ptr, tl.where(rep == 1, M, S + 1), EN, S)
+        if cand % 2 == 0:
+            out = (rep * ROWS + row) * S
+            tl.store(phy2mlog_ptr + out + s, slot_expert, mask=s_valid)
+            tl.store(phyrank_ptr + out + s, slot_rank, mask=s_valid)
+            tl.store(mlogcnt_ptr + (rep * ROWS + row) * EN + q, count, mask=q_valid)
+        item_load = _item_loads(w, count, slot_expert, q_valid, s_valid, recip_ptr)
+        start_item, start_load = _start(item_load, s, s_valid, mm, kk, scratch, cand % 2 == 1, S, M, K, P_S, P_M, P_K)
+        slot_item, node_max = _refine(start_item, start_load, mm, kk, M, K, ITERS, P_M, P_K)
+        tl.store(pphy2phy_ptr + (cand * ROWS + row) * S + mm * K + kk, slot_item, mask=(mm < M) & (kk < K))
+        tl.store(node_max_ptr + cand * ROWS + row, node_max)
 
-    # Candidates 0 and 1: greedy replication, LPT and snake starts.
-    count, slot_expert, slot_rank = _replicate(w, q, q_valid, s, recip_ptr, EN, S, 0)
-    item_load = _item_loads(w, count, slot_expert, q_valid, s_valid, recip_ptr)
-    lpt_item, lpt_load, snake_item, snake_load = _starts(item_load, s, s_valid, mm, kk, scratch, S, M, K, P_S, P_M, P_K)
-    first_item, first_max = _refine(lpt_item, lpt_load, mm, kk, M, K, ITERS, P_M, P_K)
-    cand_item, cand_max = _refine(snake_item, snake_load, mm, kk, M, K, ITERS, P_M, P_K)
-    # _best: the lowest heaviest GPU, first on ties; candidate 0 unless beaten by the margin.
-    better = cand_max < first_max
-    best_item = tl.where(better, cand_item, first_item)
-    best_max = tl.where(better, cand_max, first_max)
-    best_capped = first_max != first_max  # false: no capped candidate yet
-    if CAPPED:
-        # Candidates 2 and 3: replication capped at one replica per GPU.
-        count2, slot_expert2, slot_rank2 = _replicate(w, q, q_valid, s, recip_ptr, EN, S, M)
-        item_load = _item_loads(w, count2, slot_expert2, q_valid, s_valid, recip_ptr)
-        lpt_item, lpt_load, snake_item, snake_load = _starts(
-            item_load, s, s_valid, mm, kk, scratch, S, M, K, P_S, P_M, P_K
-        )
-        cand_item, cand_max = _refine(lpt_item, lpt_load, mm, kk, M, K, ITERS, P_M, P_K)
-        better = cand_max < best_max
-        best_item = tl.where(better, cand_item, best_item)
-        best_max = tl.where(better, cand_max, best_max)
-        best_capped = best_capped | better
-        cand_item, cand_max = _refine(snake_item, snake_load, mm, kk, M, K, ITERS, P_M, P_K)
-        better = cand_max < best_max
-        best_item = tl.where(better, cand_item, best_item)
-        best_max = tl.where(better, cand_max, best_max)
-        best_capped = best_capped | better
-    beaten = best_max < first_max * _IMPROVEMENT
-    best_item = tl.where(beaten, best_item, first_item)
-    best_max = tl.where(beaten, best_max, first_max)
-    if CAPPED:
-        capped = beaten & best_capped
-        count = tl.where(capped, count2, count)
-        slot_expert = tl.where(capped, slot_expert2, slot_expert)
-        slot_rank = tl.where(capped, slot_rank2, slot_rank)
-    out = row_id * S
-    tl.store(phy2mlog_ptr + out + s, slot_expert, mask=s_valid)
-    tl.store(phyrank_ptr + out + s, slot_rank, mask=s_valid)
-    tl.store(mlogcnt_ptr + row_id * EN + q, count, mask=q_valid)
-    tl.store(pphy2phy_ptr + out + mm * K + kk, best_item, mask=(mm < M) & (kk < K))
-    tl.store(node_max_ptr + row_id, best_max)
+
+@triton.jit
+def _chosen(node_max_ptr, row, valid, ROWS, C: tl.constexpr):
+    """``_best`` over the ``C`` candidates of each row in ``row``: the lowest heaviest GPU (first
+    on ties) if below candidate 0's by the margin, else candidate 0. Returns (candidate, its load)."""
+    first = tl.load(node_max_ptr + row, mask=valid, other=0.0)
+    best = first
+    chosen = tl.zeros_like(row)
+    for c in tl.static_range(1, C):
+        value = tl.load(node_max_ptr + c * ROWS + row, mask=valid, other=0.0)
+        chosen = tl.where(value < best, c, chosen)
+        best = tl.where(value < best, value, best)
+    beaten = best < first * _IMPROVEMENT
+    return tl.where(beaten, chosen, 0), tl.where(beaten, best, first)
 
 
 @triton.jit
@@ -530,6 +519,7 @@ def final_kernel(
     R: tl.constexpr,
     NODES: tl.constexpr,
     GPUS: tl.constexpr,
+    C: tl.constexpr,
     GREEDY: tl.constexpr,
     MAXCNT: tl.constexpr,
     P_R: tl.constexpr,
@@ -537,11 +527,13 @@ def final_kernel(
     P_N: tl.constexpr,
     P_G: tl.constexpr,
 ):
-    """Program ``layer``: ``keep_greedy_unless_beaten``, i.e. ``assemble`` of the chosen node
-    candidates into ``phy2log [L, R]``, ``phyrank [L, R]``, ``logcnt [L, E]``; with ``GREEDY``,
-    the greedy placement (``phy2log``, ``log2phy``, ``logcnt`` of the greedy kernel) instead
-    unless the candidates' heaviest GPU is lighter by the margin."""
+    """Program ``layer``: the end of ``node_candidates`` (each row's candidate by ``_best`` among
+    the ``C`` of :func:`candidates_kernel`) and ``keep_greedy_unless_beaten``: ``assemble`` of the
+    chosen candidates into ``phy2log [L, R]``, ``phyrank [L, R]``, ``logcnt [L, E]``; with
+    ``GREEDY``, the greedy placement (``phy2log``, ``log2phy``, ``logcnt`` of the greedy kernel)
+    instead unless the candidates' heaviest GPU is lighter by the margin."""
     layer = tl.program_id(0)
+    ROWS = tl.num_programs(0) * NODES
     S: tl.constexpr = R // NODES
     EN: tl.constexpr = E // NODES
     K: tl.constexpr = R // GPUS
@@ -552,7 +544,8 @@ def final_kernel(
     refined = True
     if GREEDY:
         n = tl.arange(0, P_N)
-        refined_peak = tl.max(tl.load(node_max_ptr + layer * NODES + n, mask=n < NODES, other=0.0), axis=0)
+        _node_cand, node_peak = _chosen(node_max_ptr, layer * NODES + n, n < NODES, ROWS, C)
+        refined_peak = tl.max(tl.where(n < NODES, node_peak, 0.0), axis=0)
         # max_gpu_load of the greedy placement: each GPU's slots summed left to right.
         g = tl.arange(0, P_G)
         g_valid = g < GPUS
@@ -569,14 +562,19 @@ def final_kernel(
     if refined:
         # assemble: slot j of node j // S holds the node's candidate slot order pphy2phy.
         row = layer * NODES + j // S
-        phy = tl.load(pphy2phy_ptr + row * S + j % S, mask=j_valid, other=0)
-        local = tl.load(phy2mlog_ptr + row * S + phy, mask=j_valid, other=0)
+        cand, _slot_peak = _chosen(node_max_ptr, row, j_valid, ROWS, C)
+        phy = tl.load(pphy2phy_ptr + (cand * ROWS + row) * S + j % S, mask=j_valid, other=0)
+        replication = (cand // 2 * ROWS + row) * S  # candidates 2c and 2c + 1 share replication c
+        local = tl.load(phy2mlog_ptr + replication + phy, mask=j_valid, other=0)
         logical = tl.load(mlog2log_ptr + layer * E + (j // S) * EN + local, mask=j_valid, other=0)
         tl.store(phy2log_out + layer * R + j, logical, mask=j_valid)
-        tl.store(phyrank_out + layer * R + j, tl.load(phyrank_ptr + row * S + phy, mask=j_valid, other=0), mask=j_valid)
-        # node rows of mlogcnt follow mlog2log's order: entry layer * E + q
+        rank = tl.load(phyrank_ptr + replication + phy, mask=j_valid, other=0)
+        tl.store(phyrank_out + layer * R + j, rank, mask=j_valid)
+        # the rows of mlogcnt follow mlog2log's order
+        expert_row = layer * NODES + q // EN
+        expert_cand, _expert_peak = _chosen(node_max_ptr, expert_row, q_valid, ROWS, C)
         expert = tl.load(mlog2log_ptr + layer * E + q, mask=q_valid, other=0)
-        count = tl.load(mlogcnt_ptr + layer * E + q, mask=q_valid, other=0)
+        count = tl.load(mlogcnt_ptr + (expert_cand // 2 * ROWS + expert_row) * EN + q % EN, mask=q_valid, other=0)
         tl.store(logcnt_out + layer * E + expert, count, mask=q_valid)
     else:
         logical = tl.load(greedy_phy2log_ptr + layer * R + j, mask=j_valid, other=0)
@@ -720,25 +718,33 @@ def candidate_stage(
     *,
     xp: Any = xp,
     num_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``node_candidates`` by :func:`candidates_kernel`: ``phy2mlog, phyrank, mlogcnt, pphy2phy`` and
-    ``node_max [L*N]`` (the chosen candidate's heaviest GPU), for :func:`final_stage`."""
+    parallel: bool = True,
+) -> tuple[torch.Tensor, ...]:
+    """``node_candidates`` by :func:`candidates_kernel`, up to the choice (made by :func:`final_stage`).
+
+    Returns ``phy2mlog``, ``phyrank`` ``[2, L*N, R/N]`` and ``mlogcnt [2, L*N, E/N]`` of
+    each replication, ``pphy2phy [C, L*N, R/N]`` and ``node_max [C, L*N]`` of each of the
+    ``C`` candidates (4, or 2 without the capped replication). ``parallel``: one program per
+    (row, candidate); else one program per row, taking its candidates in turn.
+    """
     num_layers, num_experts = weight.shape
     device = weight.device
     rows = num_layers * num_nodes
     slots, gpus, log_per_node = num_phy // num_nodes, num_gpus // num_nodes, num_experts // num_nodes
-    per_gpu = slots // gpus
-    phy2mlog = torch.empty((rows, slots), dtype=torch.int64, device=device)
-    phyrank = torch.empty((rows, slots), dtype=torch.int64, device=device)
-    mlogcnt = torch.empty((rows, log_per_node), dtype=torch.int64, device=device)
-    pphy2phy = torch.empty((rows, slots), dtype=torch.int64, device=device)
-    node_max = torch.empty((rows,), dtype=torch.float32, device=device)
-    scratch = torch.empty((rows * 2 * _pow2(slots),), dtype=torch.int32, device=device)
+    num_cands = 4 if gpus > 1 and slots > log_per_node else 2
+    per_program = 1 if parallel else num_cands
+    programs = num_cands // per_program
+    phy2mlog = torch.empty((2, rows, slots), dtype=torch.int64, device=device)
+    phyrank = torch.empty((2, rows, slots), dtype=torch.int64, device=device)
+    mlogcnt = torch.empty((2, rows, log_per_node), dtype=torch.int64, device=device)
+    pphy2phy = torch.empty((num_cands, rows, slots), dtype=torch.int64, device=device)
+    node_max = torch.empty((num_cands, rows), dtype=torch.float32, device=device)
+    scratch = torch.empty((rows * programs * 2 * _pow2(slots),), dtype=torch.int32, device=device)
     if num_warps is None:
         num_warps = default_num_warps(num_phy, num_nodes, num_gpus)
     _launch(
         candidates_kernel,
-        (rows,),
+        (rows, programs),
         weight,
         mlog2log.contiguous(),
         _reciprocal(slots + 1, device),
@@ -753,12 +759,12 @@ def candidate_stage(
         NODES=num_nodes,
         S=slots,
         M=gpus,
-        CAPPED=gpus > 1 and slots > log_per_node,
         ITERS=num_iters if gpus > 1 else 0,  # one GPU: every swap is rejected
+        PER_PROGRAM=per_program,
         P_EN=_pow2(log_per_node),
         P_S=_pow2(slots),
         P_M=_pow2(gpus),
-        P_K=_pow2(per_gpu),
+        P_K=_pow2(slots // gpus),
     )
     return phy2mlog, phyrank, mlogcnt, pphy2phy, node_max
 
@@ -809,6 +815,7 @@ def final_stage(
         R=num_phy,
         NODES=num_nodes,
         GPUS=num_gpus,
+        C=pphy2phy.shape[0],
         GREEDY=split_may_differ,
         MAXCNT=num_phy - num_experts + 1,
         P_R=_pow2(num_phy),
@@ -829,6 +836,7 @@ def rebalance_refined_cuda(
     *,
     num_iters: int | None = None,
     num_warps: int | None = None,
+    parallel: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Refined placement of ``weight [L, E]`` (any real dtype) on its device: int64 ``phy2log, log2phy, logcnt``.
 
@@ -847,6 +855,7 @@ def rebalance_refined_cuda(
                 hierarchical,
                 num_iters=num_iters,
                 num_warps=num_warps,
+                parallel=parallel,
             )
     sizes = (num_groups, num_nodes) if hierarchical else (1, 1)
     if not kernel_fits(weight.shape[1], num_replicas, *sizes, num_gpus):
@@ -855,7 +864,7 @@ def rebalance_refined_cuda(
             f"{MAX_SWAP_CANDIDATES} swap candidates per round; use impl='torch'"
         )
     weight32 = weight.detach().to(torch.float32).contiguous()
-    candidates = functools.partial(candidate_stage, num_warps=num_warps)
+    candidates = functools.partial(candidate_stage, num_warps=num_warps, parallel=parallel)
     phy2log, phyrank, logcnt = rebalance_refined(
         weight32,
         num_replicas,
