@@ -108,7 +108,19 @@ def test_interpreter_cases_exercise_the_policy():
     )
 
 
+def _interpreter_too_old() -> bool:
+    """Seen on the GPU machine: Triton 3.6's interpreter (numpy 2.5) raises "only 0-dimensional arrays can be
+    converted to Python scalars" in the candidates kernel, which compiles and passes on CUDA there."""
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
+
+
 @needs_triton
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is not None and _interpreter_too_old(),
+    reason="Triton < 3.7's CPU interpreter cannot run these kernels; the CUDA tests here compile them instead",
+)
 def test_kernels_under_triton_interpreter():
     """Every interpreter case through Triton's CPU interpreter equals the numpy reference bit for bit."""
     script = textwrap.dedent(
