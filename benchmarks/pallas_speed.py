@@ -4,22 +4,33 @@ For each shape, every path is first checked against numpy (bit for bit),
 then timed: median (and 10th percentile) of ``--runs`` warm calls, each
 followed by ``jax.block_until_ready`` ("latency": host dispatch + kernel),
 and the mean of ``--runs`` calls issued back to back before one block
-("pipelined": about the device time once dispatch overlaps it).
-``--sweep`` also times the kernel at other launch settings (warps, pairwise
-tile budget) to choose the defaults of :func:`eplb.backends._pallas.kernel_meta`.
+("pipelined": the device time once dispatch overlaps it, or the host time
+per call when that is longer). "GPU" is the kernel's own time: the median
+duration of its launches in a ``jax.profiler`` trace of 10 calls. "trivial
+jitted function" is the latency floor of a jitted call on the GPU (one
+tiny op). ``--sweep`` also times the kernel at other settings (packing
+step, item reads, unroll, tile lanes) to choose the defaults of
+:func:`eplb.backends._pallas.kernel_meta`; ``--old PATH`` adds the kernel of
+another ``_pallas.py`` (``placement(weight, config, hierarchical)``) for a
+before/after comparison; ``--trace`` lists where the host time of a public
+call goes.
 ``--overhead`` times, on the CPU, what ``eplb.rebalance_experts`` adds in
 Python (validation, value checks) over the jitted function it calls.
 
-Run: ``python benchmarks/pallas_speed.py [--runs N] [--sweep] [--overhead]``
+Run: ``python benchmarks/pallas_speed.py [--runs N] [--sweep] [--overhead] [--old PATH] [--trace] [--impls ...]``
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import importlib.util
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,16 +72,107 @@ def _same(got, want) -> bool:
     return all(np.array_equal(np.asarray(g), w) for g, w in zip(got, want, strict=True))
 
 
-def _row(label: str, fn, want, runs: int) -> None:
-    same = _same(fn(), want)
+HEADER = f"  {'path':40s} {'median':>8s} {'p10':>8s} {'pipelined':>9s} {'GPU':>8s}   same as numpy"
+
+
+def _row(label: str, fn, want, runs: int, device: bool = False) -> None:
+    """One line: latency (median, p10), pipelined, the kernel's profiled GPU time (``device``), same as numpy."""
+    same = "-" if want is None else "yes" if _same(fn(), want) else "NO"
     median, p10, pipelined = _times_us(fn, runs)
-    print(f"  {label:34s} {median / 1e3:8.3f} {p10 / 1e3:8.3f} {pipelined / 1e3:10.3f}   {'yes' if same else 'NO'}")
+    gpu = f"{_device_us(fn) / 1e3:8.4f}" if device else f"{'':8s}"
+    print(f"  {label:40s} {median / 1e3:8.4f} {p10 / 1e3:8.4f} {pipelined / 1e3:9.4f} {gpu}   {same}", flush=True)
 
 
-def gpu_table(runs: int, sweep: bool) -> None:
+def _load_old(path: str):
+    spec = importlib.util.spec_from_file_location("_pallas_old", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _public(w, config):
+    return eplb.rebalance_experts(w, *config)
+
+
+def _rebalance(w, *, config, hierarchical, impl):
+    return _jax.rebalance(w, *config, hierarchical=hierarchical, impl=impl)
+
+
+def _old_placement(old, w, *, config, hierarchical):
+    return old.placement(w, config, hierarchical)
+
+
+def _new_placement(w, *, config, hierarchical, options):
+    return _pallas.placement(w, config, hierarchical, options=options)
+
+
+SWEEP = [  # kernel settings other than the defaults (kernel_meta keywords)
+    (("scratch", False),),
+    (("fill_first", False),),
+    (("unroll", 2),),
+    (("unroll", 8),),
+    (("lanes", 2),),
+    (("select", "arg"),),
+]
+
+
+def _trace_events(fn, calls: int) -> dict[tuple[str, str], list[float]]:
+    """``{(plane, event name): durations in ns}`` of ``calls`` calls of ``fn`` under ``jax.profiler``."""
+    jax.block_until_ready(fn())
+    folder = tempfile.mkdtemp()
+    with jax.profiler.trace(folder):
+        for _ in range(calls):
+            jax.block_until_ready(fn())
+    [path] = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+    events: dict[tuple[str, str], list[float]] = {}
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            for event in line.events:
+                events.setdefault((plane.name, event.name), []).append(event.duration_ns)
+    shutil.rmtree(folder, ignore_errors=True)
+    return events
+
+
+_SHOWN = set()
+
+
+def _device_us(fn, calls: int = 10) -> float:
+    """Median GPU time of the kernel that ``fn`` launches, from a ``jax.profiler`` trace (us)."""
+    events = {k: v for k, v in _trace_events(fn, calls).items() if "GPU" in k[0]}
+    if not events:
+        return float("nan")
+    key = max(events, key=lambda k: sum(events[k]))
+    if key[1] not in _SHOWN:
+        _SHOWN.add(key[1])
+        print(f"  (GPU column: kernel {key[1][:60]!r} on {key[0]!r})")
+    return statistics.median(events[key]) / 1e3
+
+
+def host_events(fn, calls: int = 20, top: int = 12) -> None:
+    """The host-side events of a call, by median duration (where a call's host time goes)."""
+    events = _trace_events(fn, calls)
+    rows = [(statistics.median(v), len(v), k) for k, v in events.items() if "GPU" not in k[0] and len(v) >= calls]
+    rows.sort(reverse=True)
+    print(f"  host events per call (median us, count over {calls} calls):")
+    for median, count, (_, name) in rows[:top]:
+        print(f"    {median / 1e3:8.1f} {count:4d}  {name[:90]}")
+
+
+def gpu_table(
+    runs: int,
+    sweep: bool,
+    old_path: str | None,
+    impls: tuple[str, ...] = ("pallas", "xla", "triton"),
+    trace: bool = False,
+) -> None:
     device = jax.devices("gpu")[0]
     print(f"device: {device.device_kind}, jax {jax.__version__}; ms per call")
+    old = _load_old(old_path) if old_path else None
     rng = np.random.default_rng(1)
+    w0 = jax.device_put(jnp.zeros((58, 256), jnp.float32), device)
+    floor = jax.jit(lambda x: x + 1)
+    print(HEADER)
+    _row("trivial jitted function (x + 1)", lambda: floor(w0), None, runs)
     for name, (layers, experts, *config) in SHAPES.items():
         config = tuple(config)
         hier = config[1] % config[2] == 0
@@ -78,31 +180,34 @@ def gpu_table(runs: int, sweep: bool) -> None:
         want = eplb.rebalance_experts(weight, *config)
         w = jax.device_put(jnp.asarray(weight), device)
         print(f"\n{name} [{layers}, {experts}] -> {config}")
-        print(f"  {'path':34s} {'median':>8s} {'p10':>8s} {'pipelined':>10s}   same as numpy")
-        _row("eplb.rebalance_experts (default)", lambda w=w, c=config: eplb.rebalance_experts(w, *c), want, runs)
-        for impl in ("pallas", "xla", "triton"):
+        print(HEADER)
+        public = functools.partial(_public, w, config)
+        _row("eplb.rebalance_experts (default)", public, want, runs, device=True)
+        if trace:
+            host_events(public)
+        for impl in impls:
             if impl == "triton" and not _jax.kernel_available():
                 print("  impl='triton': jax-triton not installed")
                 continue
-            _row(
-                f"_jax.rebalance(impl={impl!r})",
-                lambda w=w, c=config, i=impl, h=hier: _jax.rebalance(w, *c, hierarchical=h, impl=i),
-                want,
-                runs,
-            )
+            one = functools.partial(_rebalance, config=config, hierarchical=hier, impl=impl)
+            _row(f"_jax.rebalance(impl={impl!r})", lambda one=one, w=w: one(w), want, runs, impl != "xla")
+        if old is not None:
+            one = functools.partial(_old_placement, old, config=config, hierarchical=hier)
+            _row("old kernel (--old)", lambda one=one, w=w: one(w), want, runs, True)
         if sweep:
-            default = _pallas.kernel_meta(experts, *(config if hier else (config[0], 1, 1, config[3])))
-            print(f"  defaults: num_warps={default.num_warps} budget={default.budget}")
-            for num_warps in (1, 2, 4, 8):
-                for budget in sorted({default.budget, 1024 * num_warps, 4096 * num_warps}):
-                    _row(
-                        f"kernel num_warps={num_warps} budget={budget}",
-                        lambda w=w, c=config, h=hier, n=num_warps, b=budget: _pallas.placement(
-                            w, c, h, num_warps=n, budget=b
-                        ),
-                        want,
-                        runs,
-                    )
+            meta = _pallas.kernel_meta(experts, *(config if hier else (config[0], 1, 1, config[3])))
+            print(
+                f"  defaults: {', '.join(f'{k}={getattr(meta, k)}' for k in ('select', 'scratch', 'unroll', 'lanes'))}"
+            )
+            for options in SWEEP:
+                one = functools.partial(_new_placement, config=config, hierarchical=hier, options=options)
+                _row(
+                    "kernel " + " ".join(f"{k}={v}" for k, v in options),
+                    lambda one=one, w=w: one(w),
+                    want,
+                    runs,
+                    True,
+                )
 
 
 def cpu_overhead(runs: int) -> None:
@@ -154,13 +259,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--sweep", action="store_true", help="also time the kernel at other launch settings")
     parser.add_argument("--overhead", action="store_true", help="time the Python overhead of the public call on CPU")
+    parser.add_argument("--old", metavar="PATH", help="also time the kernel of another _pallas.py (before/after)")
+    parser.add_argument("--impls", default="pallas,xla,triton", help="_jax.rebalance paths to time (comma-separated)")
+    parser.add_argument("--trace", action="store_true", help="also list where the host time of a public call goes")
     args = parser.parse_args()
     try:
         has_gpu = bool(jax.devices("gpu"))
     except RuntimeError:
         has_gpu = False
     if has_gpu:
-        gpu_table(args.runs, args.sweep)
+        gpu_table(args.runs, args.sweep, args.old, tuple(filter(None, args.impls.split(","))), args.trace)
     else:
         print("no JAX GPU: skipping the GPU table")
     if args.overhead or not has_gpu:

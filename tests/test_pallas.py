@@ -81,13 +81,37 @@ def test_interpreter_equals_numpy(config):
         _assert_same(_interpreted(weight, config, hierarchical), want)
 
 
-def test_interpreter_small_budget_chunks_the_ranking():
-    """Column chunks of the pairwise tiles (big nodes) give the same ranks as whole tiles."""
+@pytest.mark.parametrize("scratch", [False, True], ids=["registers", "memory"])
+def test_interpreter_small_budget_chunks_the_ranking(scratch):
+    """Row chunks of the pairwise tiles (big nodes), split from registers or read from memory, rank alike."""
     config = (24, 4, 2, 4)
     weight = _workload(config)
     want = eplb.rebalance_experts(weight, *config)
-    got = _pallas.placement(jnp.asarray(weight), config, True, interpret=True, budget=8)
-    _assert_same(got, want)
+    options = (("budget", 8), ("scratch", scratch))
+    _assert_same(_pallas.placement(jnp.asarray(weight), config, True, interpret=True, options=options), want)
+
+
+SETTINGS = [
+    (("select", "arg"),),
+    (("scratch", False),),
+    (("scratch", False), ("select", "arg"), ("unroll", 3)),
+    (("fill_first", False), ("unroll", 3)),
+    (("lanes", 2), ("unroll", 1)),
+    (("unroll", 5),),
+]
+
+
+@pytest.mark.parametrize(
+    "config", [(24, 4, 2, 4), (32, 3, 2, 8), (16, 4, 2, 16)], ids=["24-4-2-4", "32-3-2-8", "16-4-2-16"]
+)
+@pytest.mark.parametrize("options", SETTINGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o))
+def test_interpreter_other_settings(config, options):
+    """Every packing step (two reductions or one argmin), item read (registers or memory) and unroll agrees."""
+    weight = _workload(config)
+    for hierarchical in _policies(config):
+        want = eplb.rebalance_experts(weight, *config, hierarchical=hierarchical)
+        got = _pallas.placement(jnp.asarray(weight), config, hierarchical, interpret=True, options=options)
+        _assert_same(got, want)
 
 
 def test_interpreter_real_deepseek_loads():
@@ -189,6 +213,28 @@ def test_gpu_kernel_equals_xla_and_numpy(config):
         for got in (default, pallas, inside_jit, xla):
             assert {d.platform for d in got[0].devices()} == {"gpu"}
             _assert_same(got, want)
+
+
+GPU_SETTINGS = [
+    (),
+    (("scratch", False),),
+    (("select", "arg"),),
+    (("fill_first", False),),
+    (("lanes", 2),),
+    (("unroll", 1),),
+]
+
+
+@GPU
+@pytest.mark.parametrize("config", CONFIGS[:3], ids=IDS[:3])
+@pytest.mark.parametrize("options", GPU_SETTINGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o) or "defaults")
+def test_gpu_kernel_settings(config, options):
+    """Every kernel setting compiles and places as numpy on the GPU (the defaults may change with the hardware)."""
+    weight = _workload(config, layers=8)
+    w = jax.device_put(jnp.asarray(weight), jax.devices("gpu")[0])
+    for hierarchical in _policies(config):
+        got = _pallas.placement(w, config, hierarchical, options=options)
+        _assert_same(got, eplb.rebalance_experts(weight, *config, hierarchical=hierarchical))
 
 
 @GPU
