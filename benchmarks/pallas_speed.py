@@ -164,6 +164,7 @@ def gpu_table(
     old_path: str | None,
     impls: tuple[str, ...] = ("pallas", "xla", "triton"),
     trace: bool = False,
+    shapes: tuple[str, ...] = (),
 ) -> None:
     device = jax.devices("gpu")[0]
     print(f"device: {device.device_kind}, jax {jax.__version__}; ms per call")
@@ -174,6 +175,8 @@ def gpu_table(
     print(HEADER)
     _row("trivial jitted function (x + 1)", lambda: floor(w0), None, runs)
     for name, (layers, experts, *config) in SHAPES.items():
+        if shapes and not any(part in name for part in shapes):
+            continue
         config = tuple(config)
         hier = config[1] % config[2] == 0
         weight = (rng.lognormal(0, 1.5, (layers, experts)) * 1000).astype(np.float32)
@@ -262,13 +265,21 @@ def main() -> None:
     parser.add_argument("--old", metavar="PATH", help="also time the kernel of another _pallas.py (before/after)")
     parser.add_argument("--impls", default="pallas,xla,triton", help="_jax.rebalance paths to time (comma-separated)")
     parser.add_argument("--trace", action="store_true", help="also list where the host time of a public call goes")
+    parser.add_argument("--shapes", default="", help="only the shapes whose name holds one of these (comma-separated)")
     args = parser.parse_args()
     try:
         has_gpu = bool(jax.devices("gpu"))
     except RuntimeError:
         has_gpu = False
     if has_gpu:
-        gpu_table(args.runs, args.sweep, args.old, tuple(filter(None, args.impls.split(","))), args.trace)
+        gpu_table(
+            args.runs,
+            args.sweep,
+            args.old,
+            tuple(filter(None, args.impls.split(","))),
+            args.trace,
+            tuple(filter(None, args.shapes.split(","))),
+        )
     else:
         print("no JAX GPU: skipping the GPU table")
     if args.overhead or not has_gpu:
