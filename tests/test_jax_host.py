@@ -65,3 +65,13 @@ def test_xla_path_is_still_forced_by_impl():
     if _jax_host.applies({"hierarchical": True}):
         default = jax.make_jaxpr(lambda w: eplb.rebalance_experts(w, 24, 4, 2, 4))
         assert "pure_callback" in str(default(weight))
+
+
+@needs_numba
+def test_large_outputs_stay_on_xla(monkeypatch):
+    """Past MAX_LOG2PHY entries the callback's output copies cost more than XLA's loop: XLA runs."""
+    monkeypatch.setattr(_jax_host, "MAX_LOG2PHY", 2 * 16 * 5 - 1)  # just below [2, 16] -> 20 slots
+    weight = jnp.asarray(_loads((20, 4, 4, 4))[:2])
+    jaxpr = jax.make_jaxpr(lambda w: eplb.rebalance_experts(w, 20, 4, 4, 4))(weight)
+    assert "pure_callback" not in str(jaxpr)
+    _same(eplb.rebalance_experts(np.asarray(weight), 20, 4, 4, 4), eplb.rebalance_experts(weight, 20, 4, 4, 4))

@@ -123,7 +123,7 @@ def _placement(
         return _jax_host.placement(w, config, hierarchical)
 
     # Off CUDA: the numba kernel through a host callback on the CPU (where it applies), XLA elsewhere.
-    branches = {"cpu": host} if _jax_host.applies(dict(options)) else {}
+    branches = {"cpu": host} if _jax_host.applies(dict(options), *weight.shape, config[0]) else {}
     if impl == "host":
         return tuple(jax.lax.platform_dependent(weight, **branches, default=xla))
     if impl == "pallas":

@@ -23,12 +23,19 @@ import numpy as np
 
 from eplb.backends import _numba, _numpy
 
-__all__ = ["applies", "placement"]
+__all__ = ["MAX_LOG2PHY", "applies", "placement"]
+
+# The callback's outputs are copied twice (to JAX's integer type, then into
+# XLA's buffer); past this many log2phy entries the copies cost more than
+# XLA's loop saves (94 x 512 -> 768: 12M entries, 51 ms against XLA's 19 ms
+# on a 2-core CPU; the DeepSeek-V3 shape has 0.5M).
+MAX_LOG2PHY = 4 * 2**20
 
 
-def applies(options: dict[str, Any]) -> bool:
-    """Whether the host kernel covers these options and numba imports."""
-    return _numba.supports(options) and _numba.available()
+def applies(options: dict[str, Any], num_layers: int = 1, num_experts: int = 1, num_replicas: int = 1) -> bool:
+    """Whether the host kernel covers these options and sizes, and numba imports."""
+    small = num_layers * num_experts * (num_replicas - num_experts + 1) <= MAX_LOG2PHY
+    return small and _numba.supports(options) and _numba.available()
 
 
 def placement(weight: jax.Array, config: tuple[int, int, int, int], hierarchical: bool) -> tuple[jax.Array, ...]:
