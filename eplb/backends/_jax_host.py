@@ -26,10 +26,11 @@ from eplb.backends import _numba, _numpy
 __all__ = ["MAX_LOG2PHY", "applies", "placement"]
 
 # The callback's outputs are copied twice (to JAX's integer type, then into
-# XLA's buffer); past this many log2phy entries the copies cost more than
-# XLA's loop saves (94 x 512 -> 768: 12M entries, 51 ms against XLA's 19 ms
-# on a 2-core CPU; the DeepSeek-V3 shape has 0.5M).
-MAX_LOG2PHY = 4 * 2**20
+# XLA's buffer), about 2 ns per log2phy entry on a 2-core CPU; from about 2M
+# entries the copies cost what XLA's loop saves (256 x 256 -> 288: 2.2M
+# entries, 7.1 ms either way; 94 x 512 -> 768: 12M, 51 ms against XLA's 19 ms).
+# The DeepSeek-V3 shape has 0.5M (0.9 ms against 1.5 ms).
+MAX_LOG2PHY = 2**21
 
 
 def applies(options: dict[str, Any], num_layers: int = 1, num_experts: int = 1, num_replicas: int = 1) -> bool:
