@@ -156,3 +156,29 @@ def test_jax_kernel_equals_xla_on_gpu(config):
     for a, b, c in zip(kernel, inside_jit, xla, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
         np.testing.assert_array_equal(np.asarray(b), np.asarray(c))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("config", [(256, 288, 8, 4, 32), (256, 288, 1, 1, 144), (512, 768, 32, 32, 256)])
+def test_greedy_kernel_compiles_for_sm90(config):
+    """The kernel compiles to a cubin for H100/H200 without a GPU (the interpreter accepts more than the compiler)."""
+    import triton
+
+    from eplb.backends._triton_kernel import greedy_kernel, launch_config
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    experts, replicas, groups, nodes, gpus = config
+    _, meta = launch_config(58, experts, replicas, groups, nodes, gpus)
+    num_warps = meta.pop("num_warps")
+    pointers = {"weight_ptr": "*fp32", "recip_ptr": "*fp32", "phy2log_ptr": "*i64", "log2phy_ptr": "*i64"}
+    pointers |= {"logcnt_ptr": "*i64", "scratch_ptr": "*i32"}
+    try:
+        source = ASTSource(greedy_kernel, {**pointers, **dict.fromkeys(meta, "constexpr")}, constexprs=meta)
+    except TypeError:
+        pytest.skip("this Triton's ahead-of-time compile API differs")
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]

@@ -76,8 +76,9 @@ def _desc_order_keys(values, index, valid):
 
 
 @triton.jit
-def _load_load(pointer, mask):
-    """A float32 load with ``-0.0`` read as ``+0.0`` (its bits would order below every other zero)."""
+def _load_nonneg(pointer, mask):
+    """A float32 load with ``-0.0`` read as ``+0.0``: equal to it in every comparison of the
+    reference, but its bit pattern would order below ``+0.0`` in a sort key."""
     value = tl.load(pointer, mask=mask, other=0.0)
     return tl.where(value == 0.0, 0.0, value)
 
@@ -100,6 +101,55 @@ def _rep_key(score, expert, count):
 def _gpu_key(load, gpu, count):
     """``load bits << 32 | gpu << 16 | count``: a min takes the lightest GPU, then the lowest index."""
     return (load.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (gpu.to(tl.int64) << 16) | count.to(tl.int64)
+
+
+@triton.jit
+def _greedy_groups(
+    row,
+    node,
+    E: tl.constexpr,
+    GROUPS: tl.constexpr,
+    NODES: tl.constexpr,
+    P_G: tl.constexpr,
+    P_N: tl.constexpr,
+    P_GPN: tl.constexpr,
+):
+    """``[P_GPN]`` int32: the groups of ``node`` under the greedy split, in arrival order.
+
+    LPT of the group loads (left-to-right sums) onto the nodes, as
+    ``greedy_group_split``; with one group per node, group ``g`` on node ``g``.
+    """
+    GS: tl.constexpr = E // GROUPS
+    GPN: tl.constexpr = GROUPS // NODES
+    r = tl.arange(0, P_GPN)
+    if GPN == 1:
+        groups = tl.where(r == 0, node, 0)
+    else:
+        g = tl.arange(0, P_G)
+        g_valid = g < GROUPS
+        group_load = _load_nonneg(row + g * GS, g_valid)
+        for k in tl.static_range(1, GS):  # left to right inside each group
+            group_load = group_load + _load_nonneg(row + g * GS + k, g_valid)
+        keys = tl.sort(_desc_order_keys(group_load, g, g_valid), descending=True)
+        group_by_step = (4294967295 - (keys & 4294967295)).to(tl.int32)
+        n_id = tl.arange(0, P_N)
+        node_load = tl.zeros([P_N], tl.float32)
+        node_count = tl.zeros([P_N], tl.int32)
+        node_of_group = tl.zeros([P_G], tl.int32)
+        rank_of_group = tl.zeros([P_G], tl.int32)
+        for t in range(GROUPS):
+            grp = _pick(group_by_step, g, t)
+            load = _pick(group_load, g, grp)
+            open_load = tl.where((node_count < GPN) & (n_id < NODES), node_load, float("inf"))
+            chosen = tl.argmin(open_load, axis=0, tie_break_left=True)
+            rank = _pick(node_count, n_id, chosen)
+            node_of_group = tl.where(g == grp, chosen, node_of_group)
+            rank_of_group = tl.where(g == grp, rank, rank_of_group)
+            node_load = tl.where(n_id == chosen, node_load + load, node_load)
+            node_count = tl.where(n_id == chosen, node_count + 1, node_count)
+        mine = (node_of_group[None, :] == node) & (rank_of_group[None, :] == r[:, None]) & g_valid[None, :]
+        groups = tl.sum(tl.where(mine, g[None, :], 0), axis=1)
+    return groups
 
 
 @triton.jit
@@ -127,7 +177,6 @@ def greedy_kernel(
     layer = tl.program_id(0)
     node = tl.program_id(1)
     GS: tl.constexpr = E // GROUPS  # experts per group
-    GPN: tl.constexpr = GROUPS // NODES  # groups per node
     EN: tl.constexpr = E // NODES  # experts per node
     S: tl.constexpr = R // NODES  # slots per node
     M: tl.constexpr = GPUS // NODES  # GPUs per node
@@ -137,36 +186,10 @@ def greedy_kernel(
     # ---- Step 1: which groups this node holds, in arrival order.
     q = tl.arange(0, P_EN)  # node-local expert index
     q_valid = q < EN
-    g = tl.arange(0, P_G)
-    if GPN == 1:
-        group_at_rank = tl.where(g == 0, node, 0)  # one group per node: group g on node g
-    else:
-        g_valid = g < GROUPS
-        group_load = tl.zeros([P_G], tl.float32)
-        for k in tl.static_range(GS):  # left to right inside each group
-            group_load = group_load + _load_load(row + g * GS + k, g_valid)
-        keys = tl.sort(_desc_order_keys(group_load, g, g_valid), descending=True)
-        group_by_step = (4294967295 - (keys & 4294967295)).to(tl.int32)
-        n_id = tl.arange(0, P_N)
-        node_load = tl.zeros([P_N], tl.float32)
-        node_count = tl.zeros([P_N], tl.int32)
-        node_of_group = tl.zeros([P_G], tl.int32)
-        rank_of_group = tl.zeros([P_G], tl.int32)
-        for t in range(GROUPS):
-            grp = _pick(group_by_step, g, t)
-            load = _pick(group_load, g, grp)
-            open_load = tl.where((node_count < GPN) & (n_id < NODES), node_load, float("inf"))
-            chosen = tl.argmin(open_load, axis=0, tie_break_left=True)
-            rank = _pick(node_count, n_id, chosen)
-            node_of_group = tl.where(g == grp, chosen, node_of_group)
-            rank_of_group = tl.where(g == grp, rank, rank_of_group)
-            node_load = tl.where(n_id == chosen, node_load + load, node_load)
-            node_count = tl.where(n_id == chosen, node_count + 1, node_count)
-        # group_at_rank[r]: the group that arrived r-th on this node
-        mine = (node_of_group[None, :] == node) & (rank_of_group[None, :] == g[:, None]) & g_valid[None, :]
-        group_at_rank = tl.sum(tl.where(mine, g[None, :], 0), axis=1)
+    g = tl.arange(0, P_G)  # group, and rank of a group on this node
+    group_at_rank = _greedy_groups(row, node, E, GROUPS, NODES, P_G, P_N, P_G)
     expert = _expert_of(q, group_at_rank, g, GS)
-    w = _load_load(row + expert, q_valid)
+    w = _load_nonneg(row + expert, q_valid)
 
     # Pad this node's rows of log2phy with -1 here (saves a fill launch), in
     # tiles of P_PAD_ROWS rows x P_C columns: along a row for coalesced stores,
@@ -208,7 +231,7 @@ def greedy_kernel(
     tl.store(logcnt_ptr + layer * E + expert, count, mask=q_valid)
     tl.debug_barrier()
     slot_c = tl.load(logcnt_ptr + layer * E + logical, mask=s_valid, other=0).to(tl.int32)
-    item_load = _load_load(row + logical, s_valid) * tl.load(recip_ptr + slot_c, mask=s_valid, other=0.0)
+    item_load = _load_nonneg(row + logical, s_valid) * tl.load(recip_ptr + slot_c, mask=s_valid, other=0.0)
     if K == 1:
         position = s  # one slot per GPU: item i on GPU i
     else:

@@ -49,7 +49,7 @@ from eplb.algorithms.hierarchy import build_log2phy
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.algorithms.refined import rebalance_refined
 from eplb.backends import _triton_kernel
-from eplb.backends._triton_kernel import _desc_order_keys, _pick, ensure_cache_dir
+from eplb.backends._triton_kernel import _desc_order_keys, _greedy_groups, _load_nonneg, _pick, ensure_cache_dir
 
 __all__ = [
     "candidate_stage",
@@ -70,14 +70,6 @@ _INT64_MIN: tl.constexpr = tl.constexpr(-9223372036854775808)
 
 
 @triton.jit
-def _load_nonneg(pointer, mask):
-    """A float32 load with ``-0.0`` read as ``+0.0``: equal to it in every comparison of the
-    reference, but its bit pattern would order below ``+0.0`` in a sort key."""
-    value = tl.load(pointer, mask=mask, other=0.0)
-    return tl.where(value == 0.0, 0.0, value)
-
-
-@triton.jit
 def _bits(value):
     """int64 bit pattern of float32 ``value``: orders like the value when ``value >= +0.0``."""
     return value.to(tl.int32, bitcast=True).to(tl.int64)
@@ -87,55 +79,6 @@ def _bits(value):
 def _float(bits):
     """float32 from the low 32 bits of an int64 bit pattern."""
     return bits.to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _greedy_groups(
-    row,
-    node,
-    E: tl.constexpr,
-    GROUPS: tl.constexpr,
-    NODES: tl.constexpr,
-    P_G: tl.constexpr,
-    P_N: tl.constexpr,
-    P_GPN: tl.constexpr,
-):
-    """``[P_GPN]`` int32: the groups of ``node`` under the greedy split, in arrival order.
-
-    LPT of the group loads (left-to-right sums) onto the nodes, as
-    ``greedy_group_split``; with one group per node, group ``g`` on node ``g``.
-    """
-    GS: tl.constexpr = E // GROUPS
-    GPN: tl.constexpr = GROUPS // NODES
-    r = tl.arange(0, P_GPN)
-    if GPN == 1:
-        groups = tl.where(r == 0, node, 0)
-    else:
-        g = tl.arange(0, P_G)
-        g_valid = g < GROUPS
-        group_load = _load_nonneg(row + g * GS, g_valid)
-        for k in tl.static_range(1, GS):  # left to right inside each group
-            group_load = group_load + _load_nonneg(row + g * GS + k, g_valid)
-        keys = tl.sort(_desc_order_keys(group_load, g, g_valid), descending=True)
-        group_by_step = (4294967295 - (keys & 4294967295)).to(tl.int32)
-        n_id = tl.arange(0, P_N)
-        node_load = tl.zeros([P_N], tl.float32)
-        node_count = tl.zeros([P_N], tl.int32)
-        node_of_group = tl.zeros([P_G], tl.int32)
-        rank_of_group = tl.zeros([P_G], tl.int32)
-        for t in range(GROUPS):
-            grp = _pick(group_by_step, g, t)
-            load = _pick(group_load, g, grp)
-            open_load = tl.where((node_count < GPN) & (n_id < NODES), node_load, float("inf"))
-            chosen = tl.argmin(open_load, axis=0, tie_break_left=True)
-            rank = _pick(node_count, n_id, chosen)
-            node_of_group = tl.where(g == grp, chosen, node_of_group)
-            rank_of_group = tl.where(g == grp, rank, rank_of_group)
-            node_load = tl.where(n_id == chosen, node_load + load, node_load)
-            node_count = tl.where(n_id == chosen, node_count + 1, node_count)
-        mine = (node_of_group[None, :] == node) & (rank_of_group[None, :] == r[:, None]) & g_valid[None, :]
-        groups = tl.sum(tl.where(mine, g[None, :], 0), axis=1)
-    return groups
 
 
 @triton.jit
