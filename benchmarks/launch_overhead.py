@@ -10,7 +10,6 @@ kernel alone (100 launches captured in one CUDA graph, per launch), and
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eplb
+from benchmarks.timing import cuda_median_ms
 from eplb.backends import _triton
 from eplb.backends._triton_kernel import greedy_kernel, scratch_size
 
@@ -32,18 +32,7 @@ SHAPES = {
 
 
 def cuda_ms(fn, runs: int = 200) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(fn, runs, warmup=5)
 
 
 def generic(weight, config, hier, num_warps: int = 1):

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eplb
+from benchmarks.timing import cuda_median_ms
 from eplb.algorithms.hierarchy import expert_order
 from eplb.algorithms.refined import default_iterations
 from eplb.backends import _torch
@@ -33,18 +34,7 @@ CONFIG = (288, 8, 4, 32)
 
 def median_ms(fn, runs: int = 200) -> float:
     """Median CUDA-event time of ``fn()`` over ``runs`` warm calls."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
+    return cuda_median_ms(fn, runs, warmup=20)
 
 
 def host_ms(fn, runs: int = 200) -> float:

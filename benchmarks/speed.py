@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eplb
+from benchmarks.timing import cuda_median_ms
 from tests import oracle
 
 DATA = Path(os.environ.get("EPLB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -60,19 +61,7 @@ def _median_ms(fn, runs: int, sync=lambda: None) -> float:
 
 
 def _cuda_ms(fn, runs: int) -> float:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(fn, runs)
 
 
 def _torch_peak_mib(fn) -> float:
