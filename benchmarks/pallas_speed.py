@@ -107,7 +107,6 @@ def _new_placement(w, *, config, hierarchical, options):
 
 
 SWEEP = [  # kernel settings other than the defaults (kernel_meta keywords)
-    (("scratch", False),),
     (("fill_first", False),),
     (("unroll", 2),),
     (("unroll", 8),),
@@ -199,9 +198,8 @@ def gpu_table(
             _row("old kernel (--old)", lambda one=one, w=w: one(w), want, runs, True)
         if sweep:
             meta = _pallas.kernel_meta(experts, *(config if hier else (config[0], 1, 1, config[3])))
-            print(
-                f"  defaults: {', '.join(f'{k}={getattr(meta, k)}' for k in ('select', 'scratch', 'unroll', 'lanes'))}"
-            )
+            defaults = ", ".join(f"{k}={getattr(meta, k)}" for k in ("select", "fill_first", "unroll", "lanes"))
+            print(f"  defaults: {defaults}")
             for options in SWEEP:
                 one = functools.partial(_new_placement, config=config, hierarchical=hier, options=options)
                 _row(

@@ -80,10 +80,8 @@ class Meta(NamedTuple):
     summed over row chunks). ``unroll`` is how many sequential steps one
     loop iteration holds. ``select``: how a packing step finds the lightest
     open GPU (``"redux"``: two int32 min reductions, ``"arg"``: one argmin).
-    ``scratch``: packing steps read their item from memory (written once in
-    visiting order) instead of picking it from registers; ``fill_first``:
-    there, the first steps that need no search (item ``t`` to empty GPU
-    ``t``) are done at once. ``lanes``: the
+    ``fill_first``: the first packing steps, which need no search (item
+    ``t`` to empty GPU ``t``), are done at once. ``lanes``: the
     least length of the 1-D tiles that the sequential steps reduce (a tile
     shorter than a warp is replicated across its lanes). ``interpret``:
     Pallas' interpreter (no barrier; masked-off stores sent out of bounds).
@@ -108,7 +106,6 @@ class Meta(NamedTuple):
     budget: int
     unroll: int
     select: str
-    scratch: bool
     fill_first: bool
     lanes: int
     num_warps: int
@@ -131,7 +128,6 @@ def kernel_meta(
     budget: int | None = None,
     unroll: int | None = None,
     select: str | None = None,
-    scratch: bool | None = None,
     fill_first: bool | None = None,
     lanes: int | None = None,
     interpret: bool = False,
@@ -174,7 +170,6 @@ def kernel_meta(
         budget=budget,
         unroll=4 if unroll is None else unroll,
         select="redux" if select is None else select,
-        scratch=True if scratch is None else scratch,
         fill_first=True if fill_first is None else fill_first,
         lanes=lanes,
         num_warps=num_warps,
@@ -480,23 +475,21 @@ def _pack(bits_o: jax.Array, bits_x: jax.Array, scratch_ref: Any, barrier: Any, 
     q, x, m = _iota(meta.P_EN), _iota(meta.P_X), _iota(meta.P_M)
     q_valid, x_valid = q < EN, x < X
     base = (pl.program_id(0) * NODES + pl.program_id(1)) * 3 * S  # this program's scratch
-    load = None
-    if meta.scratch:
-        # items in item order (for chunked ranking tiles)
-        _store(scratch_ref, base + 2 * S + q, bits_o, q_valid, interpret)
-        _store(scratch_ref, base + 2 * S + EN + x, bits_x, x_valid, interpret)
-        barrier()
+    # Items in item order, for the ranking tiles read in row chunks.
+    _store(scratch_ref, base + 2 * S + q, bits_o, q_valid, interpret)
+    _store(scratch_ref, base + 2 * S + EN + x, bits_x, x_valid, interpret)
+    barrier()
 
-        def load(first: jax.Array, size: int, offset: int = 0, length: int = EN) -> jax.Array:
-            k = first + _iota(size)
-            return plgpu.load(scratch_ref.at[base + 2 * S + offset + k], mask=k < length, other=-1)
+    def load(first: jax.Array, size: int, offset: int = 0, length: int = EN) -> jax.Array:
+        k = first + _iota(size)
+        return plgpu.load(scratch_ref.at[base + 2 * S + offset + k], mask=k < length, other=-1)
 
     # Visit step of every item: stable descending order (extras after
     # originals on ties: higher item index).
     step_o = _ranks(bits_o, bits_o, "index", budget, load)
     step_x = jnp.zeros((meta.P_X,), I32)
     if X > 0:
-        load_x = None if load is None else functools.partial(load, offset=EN, length=X)
+        load_x = functools.partial(load, offset=EN, length=X)
         step_o = step_o + _ranks(bits_o, bits_x, "none", budget, load_x)
         step_x = _ranks(bits_x, bits_o, "all", budget, load) + _ranks(bits_x, bits_x, "index", budget, load_x)
     step_o = jnp.where(q_valid, step_o, S)  # padding lanes: no step
@@ -527,65 +520,51 @@ def _pack(bits_o: jax.Array, bits_x: jax.Array, scratch_ref: Any, barrier: Any, 
 
     open_key = jnp.where(m < M, 0, _INT_MAX)  # bits of 0.0; full and padding GPUs: INT_MAX
     state = (open_key, jnp.zeros((meta.P_M,), I32)) if arg else (open_key, m << meta.K_BITS)
-    if meta.scratch:
-        # Items in visiting order, so that a step reads its item with one scalar
-        # load (a block ahead) and writes its record with one scalar store.
-        _store(scratch_ref, base + step_o, bits_o, q_valid, interpret)
-        _store(scratch_ref, base + step_x, bits_x, x_valid, interpret)
-        barrier()
-        first = np.int32(0)
-        if meta.fill_first:
-            # While the items so far all weigh more than zero, item t goes to
-            # the lowest empty GPU, t: the first min(M, #positive) steps are known.
-            positive = jnp.sum((bits_o > 0).astype(I32)) + jnp.sum((bits_x > 0).astype(I32))
-            first = jnp.minimum(positive, M)
-            filled = m < first
-            item_bits = plgpu.load(scratch_ref.at[base + m], mask=filled, other=0)
-            state = (jnp.where(filled, item_bits, state[0]), state[1] + filled.astype(I32))
-            _store(scratch_ref, base + S + m, m if arg else m * K, filled, interpret)
-        unroll = max(1, min(meta.unroll, S))
+    # Items in visiting order, so that a step reads its item with one scalar
+    # load (a block ahead) and writes its record with one scalar store.
+    _store(scratch_ref, base + step_o, bits_o, q_valid, interpret)
+    _store(scratch_ref, base + step_x, bits_x, x_valid, interpret)
+    barrier()
+    first = np.int32(0)
+    if meta.fill_first:
+        # While the items so far all weigh more than zero, item t goes to
+        # the lowest empty GPU, t: the first min(M, #positive) steps are known.
+        positive = jnp.sum((bits_o > 0).astype(I32)) + jnp.sum((bits_x > 0).astype(I32))
+        first = jnp.minimum(positive, M)
+        filled = m < first
+        item_bits = plgpu.load(scratch_ref.at[base + m], mask=filled, other=0)
+        state = (jnp.where(filled, item_bits, state[0]), state[1] + filled.astype(I32))
+        _store(scratch_ref, base + S + m, m if arg else m * K, filled, interpret)
+    unroll = max(1, min(meta.unroll, S))
 
-        def items(at: jax.Array) -> tuple[jax.Array, ...]:
-            return tuple(plgpu.load(scratch_ref.at[base + jnp.minimum(at + u, S - 1)]) for u in range(unroll))
+    def items(at: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(plgpu.load(scratch_ref.at[base + jnp.minimum(at + u, S - 1)]) for u in range(unroll))
 
-        def block(i: jax.Array, carry: Any) -> Any:
-            state, now = carry
-            t0 = start + i * unroll
-            ahead = items(t0 + unroll)
-            for u in range(unroll):
-                state, record = visit(t0 + u, now[u], state)
-                _store(scratch_ref, base + S + t0 + u, record, None, interpret)
-            return state, ahead
+    def block(i: jax.Array, carry: Any) -> Any:
+        state, now = carry
+        t0 = start + i * unroll
+        ahead = items(t0 + unroll)
+        for u in range(unroll):
+            state, record = visit(t0 + u, now[u], state)
+            _store(scratch_ref, base + S + t0 + u, record, None, interpret)
+        return state, ahead
 
-        # The steps that do not fill a block go first (their items and the
-        # first block's are read together), guarded when their number is dynamic.
-        rest = (S - first) % unroll
-        start = first + rest
-        head, ahead = items(first), items(start)
-        for u in range(unroll - 1 if meta.fill_first else rest):
-            new, record = visit(first + u, head[u], state)
-            if meta.fill_first:  # a dynamic number of steps: keep the new state where the step is one of them
-                done = u < rest
-                new = jax.tree.map(lambda a, b, done=done: jnp.where(done, a, b), new, state)
-            state = new
-            _store(scratch_ref, base + S + first + u, record, done if meta.fill_first else None, interpret)
-        state, _ = lax.fori_loop(np.int32(0), (S - start) // unroll, block, (state, ahead))
-        barrier()
-        rec_o = plgpu.load(scratch_ref.at[base + S + step_o], mask=q_valid, other=0)
-        rec_x = plgpu.load(scratch_ref.at[base + S + step_x], mask=x_valid, other=0)
-    else:
-
-        def step(t: jax.Array, carry: Any) -> Any:
-            state, rec_o, rec_x = carry
-            now_o, now_x = step_o == t, step_x == t  # the item visited at step t
-            item = _pick(bits_o, now_o)
-            if X > 0:
-                item = item + _pick(bits_x, now_x)  # one of the two is 0: exact
-            state, record = visit(t, item, state)
-            return state, jnp.where(now_o, record, rec_o), jnp.where(now_x, record, rec_x)
-
-        init = (state, jnp.zeros((meta.P_EN,), I32), jnp.zeros((meta.P_X,), I32))
-        _, rec_o, rec_x = _steps(S, step, init, meta.unroll)
+    # The steps that do not fill a block go first (their items and the
+    # first block's are read together), guarded when their number is dynamic.
+    rest = (S - first) % unroll
+    start = first + rest
+    head, ahead = items(first), items(start)
+    for u in range(unroll - 1 if meta.fill_first else rest):
+        new, record = visit(first + u, head[u], state)
+        if meta.fill_first:  # a dynamic number of steps: keep the new state where the step is one of them
+            done = u < rest
+            new = jax.tree.map(lambda a, b, done=done: jnp.where(done, a, b), new, state)
+        state = new
+        _store(scratch_ref, base + S + first + u, record, done if meta.fill_first else None, interpret)
+    state, _ = lax.fori_loop(np.int32(0), (S - start) // unroll, block, (state, ahead))
+    barrier()
+    rec_o = plgpu.load(scratch_ref.at[base + S + step_o], mask=q_valid, other=0)
+    rec_x = plgpu.load(scratch_ref.at[base + S + step_x], mask=x_valid, other=0)
     if not arg:
         return rec_o, rec_x
     # Records are GPUs: an item's rank in its GPU is how many items went there before it.
