@@ -193,8 +193,12 @@ def test_impl_choices():
     want = eplb.rebalance_experts(np.asarray(weight), 24, 4, 2, 4)
     for impl in (None, "pallas"):  # on the CPU both run the XLA path (None: "xla" without CUDA)
         _assert_same(_jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl=impl), want)
+    refined = eplb.rebalance_experts(np.asarray(weight), 24, 4, 2, 4, policy="refined")
+    _assert_same(_jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="pallas", policy="refined"), refined)
     with pytest.raises(ValueError, match="impl"):
-        _jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="pallas", policy="refined")
+        _jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="host", policy="refined")
+    with pytest.raises(ValueError, match="impl"):
+        _jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="pallas", spill=1)
     with pytest.raises(ValueError, match="impl"):
         _jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="cuda")
 

@@ -40,7 +40,14 @@ from eplb.algorithms.hierarchy import (
 from eplb.algorithms.packing import lpt_pack, slots_by_pack
 from eplb.algorithms.refine import IMPROVEMENT, max_gpu_load, pack_loads, refine_by_swaps, snake_pack
 
-__all__ = ["default_iterations", "group_split", "keep_greedy_unless_beaten", "node_candidates", "rebalance_refined"]
+__all__ = [
+    "default_iterations",
+    "group_split",
+    "keep_greedy_unless_beaten",
+    "node_candidates",
+    "pick_candidates",
+    "rebalance_refined",
+]
 
 
 def default_iterations(slots_per_node: int, gpus_per_node: int) -> int:
@@ -125,9 +132,24 @@ def node_candidates(
     item_load = xp.concat(loads)
     refined = refine_by_swaps(item_load, xp.concat(starts), gpus_per_node, num_iters, xp=xp)
     node_max = xp.max(pack_loads(_xp.take_along(item_load, refined, xp=xp), gpus_per_node, xp=xp), axis=-1)
-    best = _best(xp.permute_dims(xp.reshape(node_max, (num_cands, rows)), (1, 0)), xp=xp)
-    pphy2phy = _pick([refined[c * rows : (c + 1) * rows] for c in range(num_cands)], best, xp=xp)
-    phy2mlog, phyrank, mlogcnt = (_pick([cand[k] for cand in per_node], best, xp=xp) for k in range(3))
+    slot_orders = [refined[c * rows : (c + 1) * rows] for c in range(num_cands)]
+    return pick_candidates(xp.reshape(node_max, (num_cands, rows)), slot_orders, per_node, xp=xp)
+
+
+def pick_candidates(
+    node_max: Any, slot_orders: list[Any], node_arrays: list[tuple[Any, Any, Any]], *, xp: Any
+) -> tuple[Any, Any, Any, Any]:
+    """The choice of :func:`node_candidates` among its ``C`` refined candidates.
+
+    ``node_max [C, rows]``: each candidate's heaviest GPU; ``slot_orders``:
+    each candidate's ``pphy2phy [rows, R/N]``; ``node_arrays``: each
+    candidate's ``(phy2mlog, phyrank, mlogcnt)``. Per row, candidate 0 unless
+    another's heaviest GPU is lighter by the ``IMPROVEMENT`` margin (then the
+    lightest, first on ties). Returns ``(phy2mlog, phyrank, mlogcnt, pphy2phy)``.
+    """
+    best = _best(xp.permute_dims(node_max, (1, 0)), xp=xp)
+    pphy2phy = _pick(slot_orders, best, xp=xp)
+    phy2mlog, phyrank, mlogcnt = (_pick([cand[k] for cand in node_arrays], best, xp=xp) for k in range(3))
     return phy2mlog, phyrank, mlogcnt, pphy2phy
 
 
@@ -142,19 +164,22 @@ def keep_greedy_unless_beaten(
     split_may_differ: bool,
     *,
     xp: Any,
+    greedy_stage: Callable[..., tuple[Any, Any, Any]] = rebalance_hierarchical,
 ) -> tuple[Any, Any, Any]:
     """The final stage: ``phy2log, phyrank, logcnt`` from the chosen node candidates.
 
     ``node_arrays`` is what :func:`node_candidates` returned for ``mlog2log``.
     Where the split stage may have left the greedy split, a layer keeps the
     plain greedy placement unless the refined one's heaviest GPU beats it by
-    the ``IMPROVEMENT`` margin.
+    the ``IMPROVEMENT`` margin. ``greedy_stage``: the greedy placement, as
+    :func:`eplb.algorithms.hierarchy.rebalance_hierarchical` (a fused kernel
+    may stand in).
     """
     placement = assemble(mlog2log, *node_arrays, num_nodes, xp=xp)
     if not split_may_differ:
         return placement
     # A non-greedy split carries no guarantee by itself: keep greedy unless beaten.
-    greedy = rebalance_hierarchical(weight, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
+    greedy = greedy_stage(weight, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
     peaks = [max_gpu_load(weight, p[0], p[2], num_gpus, xp=xp) for p in (greedy, placement)]
     best = _best(xp.stack(peaks, axis=-1), xp=xp)
     return tuple(_pick([g, r], best, xp=xp) for g, r in zip(greedy, placement, strict=True))

@@ -119,6 +119,18 @@ def _placement(
     def xla(w: jax.Array) -> tuple[jax.Array, ...]:
         return _rebalance(w, config, options)
 
+    if dict(options).get("policy") == "refined":  # impl "pallas": its candidate stage as one kernel on CUDA
+        from eplb.backends import _pallas_refined
+
+        sizes = (config[2], config[3]) if hierarchical else (1, config[3])
+        if not _pallas_refined.fits(*weight.shape, config[0], *sizes):
+            return _rebalance(weight, config, options)
+
+        def refined(w: jax.Array) -> tuple[jax.Array, ...]:
+            return _pallas_refined.placement(w, config, hierarchical)
+
+        return tuple(jax.lax.platform_dependent(weight, cuda=refined, default=xla))
+
     def host(w: jax.Array) -> tuple[jax.Array, ...]:
         return _jax_host.placement(w, config, hierarchical)
 
@@ -157,15 +169,17 @@ def rebalance(
 
     One ``jax.jit`` call. ``impl``:
 
-    - ``None`` (default): for the greedy policy (no ``spill``) ``"pallas"``
-      where this process has a CUDA backend, else ``"host"`` where numba is
-      installed; ``"xla"`` otherwise;
+    - ``None`` (default): ``"pallas"`` where this process has a CUDA backend
+      (greedy and refined policies, no ``spill``); else for the greedy policy
+      ``"host"`` where numba is installed; ``"xla"`` otherwise;
     - ``"pallas"``: the greedy policy as one fused Pallas (Triton) kernel,
       one program per (layer, node) (:mod:`eplb.backends._pallas`), on CUDA;
       the XLA path elsewhere. The choice is made at lowering by
       ``lax.platform_dependent``, so it works on tracers, inside a user's
       ``jit``/``vmap`` (a batch is folded into the layers: still one launch)
-      and for computations placed on the CPU;
+      and for computations placed on the CPU. For the refined policy, its
+      candidate stage (replication, starts, swap rounds) is one Pallas
+      kernel and the rest XLA ops (:mod:`eplb.backends._pallas_refined`);
     - ``"triton"``: the same greedy kernel written in Triton, through
       ``jax-triton`` (opt-in: it reaches into JAX's private modules), chosen
       at lowering in the same way;
@@ -177,16 +191,20 @@ def rebalance(
     - ``"xla"``: the array-API algorithm under ``jit`` + ``vmap`` over layers,
       every policy.
 
-    All give bit-identical placements. ``"pallas"`` and ``"triton"`` apply to
-    the greedy policy only.
+    All give bit-identical placements. ``"triton"`` and ``"host"`` apply to
+    the greedy policy only, ``"pallas"`` to the greedy and refined policies
+    (no ``spill``).
     """
     config = (num_replicas, num_groups, num_nodes, num_gpus)
-    greedy = options.get("policy", "greedy") == "greedy" and not options.get("spill", 0)
+    spill = bool(options.get("spill", 0))
+    greedy = options.get("policy", "greedy") == "greedy" and not spill
+    kernel = not spill  # a policy with a Pallas kernel
     if impl is None:
-        impl = "xla" if not greedy else "pallas" if _has_cuda() else "host" if _jax_host.applies(options) else "xla"
-    if impl not in IMPLS or (impl != "xla" and not greedy):
+        impl = "pallas" if kernel and _has_cuda() else "host" if greedy and _jax_host.applies(options) else "xla"
+    if impl not in IMPLS or (impl in ("triton", "host") and not greedy) or (impl == "pallas" and not kernel):
         raise ValueError(
-            f"impl must be 'pallas', 'triton', 'host' (greedy policy only), 'xla' or None, got {impl!r} with {options}"
+            "impl must be 'pallas' (greedy or refined policy, no spill), 'triton' or 'host' (greedy policy only), "
+            f"'xla' or None, got {impl!r} with {options}"
         )
     placement = _placement(weight, config, tuple(sorted(options.items())), impl)
     if impl == "triton":

@@ -319,6 +319,53 @@ def _store(ref: Any, index: jax.Array, values: Any, mask: Any, interpret: bool) 
     plgpu.store(ref.at[index], values, mask=mask)
 
 
+def _replicate(w: jax.Array, recip_ref: Any, *, meta: Meta, cap: Any = None) -> tuple[jax.Array, ...]:
+    """Greedy replication of a node's experts ``w [P_EN]`` into its ``R / N`` slots.
+
+    Each step gives a replica to the expert with the largest score
+    ``w * fl(1/count)``, the lowest expert on ties: a max over the scores'
+    int32 bits, then a min over packed keys ``expert << C_BITS | count`` among
+    the lanes holding it (that expert and its count at once). Each lane keeps
+    its next score ready. ``cap`` (traced, ``>= 2``): an expert's score drops
+    to ``-1.0`` once it has that many replicas (``replicate_experts``'
+    ``max_count``). Returns ``count [P_EN]`` and, per extra replica ``x``
+    (made at step ``x``), its node-local expert and replica number ``[P_X]``.
+    """
+    EN, X = meta.E // meta.NODES, (meta.R - meta.E) // meta.NODES
+    q, x = _iota(meta.P_EN), _iota(meta.P_X)
+    q_valid = q < EN
+    count_mask = (1 << meta.C_BITS) - 1
+    key = jnp.where(q_valid, (q << meta.C_BITS) | 1, _INT_MAX)
+    x_pick = jnp.zeros((meta.P_X,), I32)  # node-local expert of each extra replica
+    x_rank = jnp.zeros((meta.P_X,), I32)  # its replica number
+
+    def score_bits(count: jax.Array) -> jax.Array:
+        """Bits of ``w * fl(1/count)`` (compared, never added), ``-1.0``'s at the cap."""
+        bits = _bits(w * plgpu.load(recip_ref.at[count]))
+        return bits if cap is None else jnp.where(count >= cap, _bits(np.float32(-1.0)), bits)
+
+    if X > 0:
+
+        def add_replica(t: jax.Array, carry: Any) -> Any:
+            score, next_score, key, x_pick, x_rank = carry
+            best = jnp.max(score)
+            best_key = jnp.min(jnp.where(score == best, key, _INT_MAX))
+            chosen = key == best_key
+            c = best_key & count_mask  # replicas so far
+            score = jnp.where(chosen, next_score, score)
+            key = jnp.where(chosen, key + 1, key)
+            next_score = jnp.where(chosen, score_bits(c + 2), next_score)
+            x_pick = jnp.where(x == t, best_key >> meta.C_BITS, x_pick)
+            x_rank = jnp.where(x == t, c, x_rank)
+            return score, next_score, key, x_pick, x_rank
+
+        # w * fl(1/1) = w; padding lanes never win (-1.0's bits, a capped score, are above INT_MIN).
+        score = jnp.where(q_valid, _bits(w), np.int32(-(2**31)))
+        next_score = score_bits(jnp.full((meta.P_EN,), 2, I32))
+        _, _, key, x_pick, x_rank = _steps(X, add_replica, (score, next_score, key, x_pick, x_rank), meta.unroll)
+    return jnp.where(q_valid, key & count_mask, 0), x_pick, x_rank
+
+
 # ---- The kernel: one program per (layer, node).
 
 
@@ -409,33 +456,7 @@ def _greedy_kernel(weight_ref, recip_ref, phy2log_ref, log2phy_ref, logcnt_ref, 
     w = _weights(weight_ref, row + expert, q_valid)
 
     # ---- Step 2: replicate within the node (argmax of w * 1/c, first index).
-    # Scores as int32 bits (one max), then one min over packed keys
-    # (expert << C_BITS | count) among the lanes holding it: the lowest such
-    # expert and its count. Each lane keeps its next score ready.
-    count_mask = (1 << meta.C_BITS) - 1
-    key = jnp.where(q_valid, (q << meta.C_BITS) | 1, _INT_MAX)
-    x_pick = jnp.zeros((meta.P_X,), I32)  # node-local expert of each extra replica
-    x_rank = jnp.zeros((meta.P_X,), I32)  # its replica number
-    if X > 0:
-
-        def add_replica(t: jax.Array, carry: Any) -> Any:
-            score, next_score, key, x_pick, x_rank = carry
-            best = jnp.max(score)
-            best_key = jnp.min(jnp.where(score == best, key, _INT_MAX))
-            chosen = key == best_key
-            c = best_key & count_mask  # replicas so far
-            score = jnp.where(chosen, next_score, score)
-            key = jnp.where(chosen, key + 1, key)
-            # the product is compared (as bits), never added
-            next_score = jnp.where(chosen, _bits(w * plgpu.load(recip_ref.at[c + 2])), next_score)
-            x_pick = jnp.where(x == t, best_key >> meta.C_BITS, x_pick)
-            x_rank = jnp.where(x == t, c, x_rank)
-            return score, next_score, key, x_pick, x_rank
-
-        score = jnp.where(q_valid, _bits(w), -1)  # w * fl(1/1); padding never wins
-        next_score = _bits(w * recip_ref[2])
-        _, _, key, x_pick, x_rank = _steps(X, add_replica, (score, next_score, key, x_pick, x_rank), meta.unroll)
-    count = jnp.where(q_valid, key & count_mask, 0)
+    count, x_pick, x_rank = _replicate(w, recip_ref, meta=meta)
 
     # ---- Step 3: pack the node's replicas onto its GPUs (LPT, arrival order in a GPU).
     # Replica loads w * fl(1/final count), as int32 bits: originals (items q),
@@ -461,12 +482,13 @@ def _greedy_kernel(weight_ref, recip_ref, phy2log_ref, log2phy_ref, logcnt_ref, 
     _store(log2phy_ref, (row + x_logical) * MAXCNT + x_rank, slot_x, x_valid, interpret)
 
 
-def _pack(bits_o: jax.Array, bits_x: jax.Array, scratch_ref: Any, barrier: Any, *, meta: Meta) -> Any:
+def _pack(bits_o: jax.Array, bits_x: jax.Array, scratch_ref: Any, barrier: Any, *, meta: Meta, base: Any = None) -> Any:
     """LPT packing of one node's items onto its GPUs: node-local slots ``(pos_o, pos_x)``.
 
     Items are the originals (bits ``bits_o``, item ``q``) and the extras
     (``bits_x``, item ``EN + x``), as int32 bits of their loads (``-1`` on
-    padding lanes).
+    padding lanes). ``base``: where this program's ``3 * R / N`` entries of
+    ``scratch_ref`` start (default: program ``(layer, node)``'s).
     """
     E, R, NODES, GPUS = meta.E, meta.R, meta.NODES, meta.GPUS
     interpret, budget = meta.interpret, meta.budget
@@ -474,7 +496,8 @@ def _pack(bits_o: jax.Array, bits_x: jax.Array, scratch_ref: Any, barrier: Any, 
     X = S - EN
     q, x, m = _iota(meta.P_EN), _iota(meta.P_X), _iota(meta.P_M)
     q_valid, x_valid = q < EN, x < X
-    base = (pl.program_id(0) * NODES + pl.program_id(1)) * 3 * S  # this program's scratch
+    if base is None:
+        base = (pl.program_id(0) * NODES + pl.program_id(1)) * 3 * S  # this program's scratch
     # Items in item order, for the ranking tiles read in row chunks.
     _store(scratch_ref, base + 2 * S + q, bits_o, q_valid, interpret)
     _store(scratch_ref, base + 2 * S + EN + x, bits_x, x_valid, interpret)
