@@ -53,6 +53,26 @@ def test_interpreter_global_policy_and_vmap():
         _assert_same(tuple(a[b] for a in got), want)
 
 
+@pytest.mark.parametrize(
+    ("config", "hierarchical", "kernels"),
+    [((288, 8, 4, 32), True, 2), ((288, 8, 3, 144), False, 1), ((768, 32, 32, 256), True, 1)],
+    ids=["deepseek", "global", "94x512"],
+)
+def test_lowers_for_cuda(config, hierarchical, kernels):
+    """Every primitive has a Pallas Triton lowering (checked without a GPU): the candidate kernel, plus the
+    greedy kernel where the split may differ from greedy's; the CPU lowering of the default holds none."""
+    from .test_pallas import _kernel_calls, _lower
+
+    options = (("hierarchical", hierarchical), ("policy", "refined"), ("spill", 0))
+
+    def default(w):
+        return _jax._placement(w, config, options, "pallas")
+
+    shape = (58, _experts(config))
+    assert _kernel_calls(_lower(default, shape, platform="cuda")) == kernels
+    assert _kernel_calls(_lower(default, shape, platform="cpu")) == 0
+
+
 def test_fits_bounds_the_kernel():
     assert _pallas_refined.fits(58, 256, 288, 4, 32)
     assert _pallas_refined.fits(94, 512, 768, 32, 256)

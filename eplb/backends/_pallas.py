@@ -190,6 +190,7 @@ def fits(num_layers: int, num_experts: int, num_replicas: int) -> bool:
 # ---- Helpers on register tensors.
 
 _INT_MAX = np.int32(2**31 - 1)
+_MINUS_ONE_BITS = np.float32(-1.0).view(np.int32)  # a capped expert's score (bitcast on the host)
 
 
 def _iota(n: int) -> jax.Array:
@@ -342,7 +343,7 @@ def _replicate(w: jax.Array, recip_ref: Any, *, meta: Meta, cap: Any = None) -> 
     def score_bits(count: jax.Array) -> jax.Array:
         """Bits of ``w * fl(1/count)`` (compared, never added), ``-1.0``'s at the cap."""
         bits = _bits(w * plgpu.load(recip_ref.at[count]))
-        return bits if cap is None else jnp.where(count >= cap, _bits(np.float32(-1.0)), bits)
+        return bits if cap is None else jnp.where(count >= cap, _MINUS_ONE_BITS, bits)
 
     if X > 0:
 

@@ -120,7 +120,7 @@ def _candidates_kernel(
     w = _weights(weight_ref, layer * E + expert, q_valid)
 
     # Replication (the node's experts in node-major order; greedy, or capped at M).
-    count, x_pick, x_rank = _replicate(w, recip_ref, meta=meta, cap=jnp.where(rep == 1, M, S + 1))
+    count, x_pick, x_rank = _replicate(w, recip_ref, meta=meta, cap=M + (1 - rep) * (S + 1 - M))  # rep 1: M
     lpt = jnp.logical_not(snake)
     out = (rep * rows + row) * S
     _store(phy2mlog_ref, out + q, q, q_valid & lpt, interpret)
