@@ -79,7 +79,8 @@ class Meta(NamedTuple):
     keys. ``budget`` bounds a pairwise tile (in elements; bigger ones are
     summed over row chunks). ``unroll`` is how many sequential steps one
     loop iteration holds. ``select``: how a packing step finds the lightest
-    open GPU (``"redux"``: two int32 min reductions, ``"arg"``: one argmin).
+    open GPU (``"redux"``: two int32 min reductions, ``"arg"``: one argmin;
+    a tuning aid only: at 768 slots / 32 nodes it did not finish on an H200).
     ``fill_first``: the first packing steps, which need no search (item
     ``t`` to empty GPU ``t``), are done at once. ``lanes``: the
     least length of the 1-D tiles that the sequential steps reduce (a tile
