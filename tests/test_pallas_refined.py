@@ -132,3 +132,18 @@ def test_gpu_real_deepseek_loads():
     for config in [(288, 8, 4, 32), (288, 8, 3, 144)]:
         want = eplb.rebalance_experts(weight, *config, policy="refined")
         _assert_same(eplb.rebalance_experts(w, *config, policy="refined"), want)
+
+
+@pytest.mark.skipif(not Backend.JAX_GPU.available(), reason="needs a GPU for JAX")
+def test_gpu_kernels_on_the_second_device():
+    """Both Pallas kernels run where the array lives, not on the default device."""
+    gpus = jax.devices("gpu")
+    if len(gpus) < 2:
+        pytest.skip("needs two GPUs")
+    config = (288, 8, 4, 32)
+    weight = hot(np.random.default_rng(9), 4, 256)
+    w = jax.device_put(jnp.asarray(weight), gpus[1])
+    for policy in ("greedy", "refined"):
+        got = eplb.rebalance_experts(w, *config, policy=policy)
+        assert all(a.devices() == {gpus[1]} for a in got)
+        _assert_same(got, eplb.rebalance_experts(weight, *config, policy=policy))
