@@ -484,22 +484,20 @@ def _greedy_kernel(weight_ref, recip_ref, phy2log_ref, log2phy_ref, logcnt_ref, 
     _store(log2phy_ref, (row + x_logical) * MAXCNT + x_rank, slot_x, x_valid, interpret)
 
 
-def _pack(bits_o: jax.Array, bits_x: jax.Array, scratch_ref: Any, barrier: Any, *, meta: Meta, base: Any = None) -> Any:
-    """LPT packing of one node's items onto its GPUs: node-local slots ``(pos_o, pos_x)``.
+def _visit_steps(bits_o: jax.Array, bits_x: jax.Array, scratch_ref: Any, barrier: Any, *, meta: Meta, base: Any):
+    """Visit step of every item: stable descending order of the loads, ``(step_o, step_x)`` (``R / N`` on padding).
 
-    Items are the originals (bits ``bits_o``, item ``q``) and the extras
-    (``bits_x``, item ``EN + x``), as int32 bits of their loads (``-1`` on
-    padding lanes). ``base``: where this program's ``3 * R / N`` entries of
-    ``scratch_ref`` start (default: program ``(layer, node)``'s).
+    Items as in :func:`_pack`; equal loads in item order (extras after the
+    originals). Ranking tiles too big for the registers are read in row
+    chunks from ``scratch_ref[base + 2 * R / N ...]``, where the items are
+    stored in item order first.
     """
-    E, R, NODES, GPUS = meta.E, meta.R, meta.NODES, meta.GPUS
+    E, R, NODES = meta.E, meta.R, meta.NODES
     interpret, budget = meta.interpret, meta.budget
-    EN, S, M, K = E // NODES, R // NODES, GPUS // NODES, R // GPUS
+    EN, S = E // NODES, R // NODES
     X = S - EN
-    q, x, m = _iota(meta.P_EN), _iota(meta.P_X), _iota(meta.P_M)
+    q, x = _iota(meta.P_EN), _iota(meta.P_X)
     q_valid, x_valid = q < EN, x < X
-    if base is None:
-        base = (pl.program_id(0) * NODES + pl.program_id(1)) * 3 * S  # this program's scratch
     # Items in item order, for the ranking tiles read in row chunks.
     _store(scratch_ref, base + 2 * S + q, bits_o, q_valid, interpret)
     _store(scratch_ref, base + 2 * S + EN + x, bits_x, x_valid, interpret)
@@ -517,8 +515,38 @@ def _pack(bits_o: jax.Array, bits_x: jax.Array, scratch_ref: Any, barrier: Any, 
         load_x = functools.partial(load, offset=EN, length=X)
         step_o = step_o + _ranks(bits_o, bits_x, "none", budget, load_x)
         step_x = _ranks(bits_x, bits_o, "all", budget, load) + _ranks(bits_x, bits_x, "index", budget, load_x)
-    step_o = jnp.where(q_valid, step_o, S)  # padding lanes: no step
-    step_x = jnp.where(x_valid, step_x, S)
+    return jnp.where(q_valid, step_o, S), jnp.where(x_valid, step_x, S)  # padding lanes: no step
+
+
+def _pack(
+    bits_o: jax.Array,
+    bits_x: jax.Array,
+    scratch_ref: Any,
+    barrier: Any,
+    *,
+    meta: Meta,
+    base: Any = None,
+    steps: tuple[jax.Array, jax.Array] | None = None,
+) -> Any:
+    """LPT packing of one node's items onto its GPUs: node-local slots ``(pos_o, pos_x)``.
+
+    Items are the originals (bits ``bits_o``, item ``q``) and the extras
+    (``bits_x``, item ``EN + x``), as int32 bits of their loads (``-1`` on
+    padding lanes). ``base``: where this program's ``3 * R / N`` entries of
+    ``scratch_ref`` start (default: program ``(layer, node)``'s). ``steps``:
+    :func:`_visit_steps`' result where the caller has it already.
+    """
+    E, R, NODES, GPUS = meta.E, meta.R, meta.NODES, meta.GPUS
+    interpret, budget = meta.interpret, meta.budget
+    EN, S, M, K = E // NODES, R // NODES, GPUS // NODES, R // GPUS
+    X = S - EN
+    q, x, m = _iota(meta.P_EN), _iota(meta.P_X), _iota(meta.P_M)
+    q_valid, x_valid = q < EN, x < X
+    if base is None:
+        base = (pl.program_id(0) * NODES + pl.program_id(1)) * 3 * S  # this program's scratch
+    if steps is None:
+        steps = _visit_steps(bits_o, bits_x, scratch_ref, barrier, meta=meta, base=base)
+    step_o, step_x = steps
 
     arg = meta.select == "arg"
     slot_mask = (1 << meta.K_BITS) - 1

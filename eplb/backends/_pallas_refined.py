@@ -39,21 +39,29 @@ from eplb.algorithms.hierarchy import build_log2phy
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.algorithms.refined import keep_greedy_unless_beaten, pick_candidates, rebalance_refined
 from eplb.backends import _pallas
-from eplb.backends._pallas import I32, _bits, _float, _iota, _pack, _ranks, _replicate, _steps, _store, _weights
+from eplb.backends._pallas import (
+    _INT_MAX,
+    I32,
+    _bits,
+    _float,
+    _iota,
+    _pack,
+    _pow2,
+    _replicate,
+    _steps,
+    _store,
+    _visit_steps,
+    _weights,
+)
 
 __all__ = ["candidate_stage", "fits", "placement"]
 
-_INT_MAX = np.int32(2**31 - 1)
 _IMPROVEMENT = np.float32(IMPROVEMENT)  # 1 - 2**-16, exact in float32
 
 # Register tiles of a node's slots, and the [slots per GPU, GPUs, slots per GPU]
 # swap candidates, stay reasonable up to these sizes (XLA runs beyond).
 MAX_SLOTS_PER_NODE = 4096
 MAX_SWAP_CANDIDATES = 16384
-
-
-def _pow2(n: int) -> int:
-    return max(2, 1 << (n - 1).bit_length())
 
 
 def fits(num_layers: int, num_experts: int, num_replicas: int, num_nodes: int, num_gpus: int) -> bool:
@@ -135,23 +143,19 @@ def _candidates_kernel(
     x_w = jnp.sum(jnp.where(x_pick[:, None] == q[None, :], w[None, :], 0.0), axis=1)  # one non-zero term: exact
     bits_x = jnp.where(x_valid, _bits(x_w * plgpu.load(recip_ref.at[x_count], mask=x_valid, other=0.0)), -1)
 
-    # The start: the slot of every item.
+    # The start: the slot of every item, from its visit step (LPT: the greedy kernel's packing).
+    steps = _visit_steps(bits_o, bits_x, scratch_ref, barrier, meta=meta, base=base)
     if K == 1:
         lpt_o, lpt_x = q, EN + x  # one slot per GPU: item i on GPU i
     else:
-        lpt_o, lpt_x = _pack(bits_o, bits_x, scratch_ref, barrier, meta=meta, base=base)
+        lpt_o, lpt_x = _pack(bits_o, bits_x, scratch_ref, barrier, meta=meta, base=base, steps=steps)
 
     def snake_slot(step: jax.Array) -> jax.Array:
         turn, place = lax.div(step, np.int32(M)), lax.rem(step, np.int32(M))
         return jnp.where(lax.rem(turn, np.int32(2)) == 0, place, M - 1 - place) * K + turn
 
-    step_o = _ranks(bits_o, bits_o, "index", meta.budget)
-    step_x = jnp.zeros((meta.P_X,), I32)
-    if X > 0:
-        step_o = step_o + _ranks(bits_o, bits_x, "none", meta.budget)
-        step_x = _ranks(bits_x, bits_o, "all", meta.budget) + _ranks(bits_x, bits_x, "index", meta.budget)
-    pos_o = jnp.where(snake, snake_slot(step_o), lpt_o)
-    pos_x = jnp.where(snake, snake_slot(step_x), lpt_x)
+    pos_o = jnp.where(snake, snake_slot(steps[0]), lpt_o)
+    pos_x = jnp.where(snake, snake_slot(steps[1]), lpt_x)
 
     # Items and load bits by slot, as [P_M, P_K] tiles (GPU m holds slots m*K .. m*K + K - 1).
     items, loads = base + 3 * S, base + 4 * S
