@@ -203,6 +203,18 @@ def test_impl_choices():
         _jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="cuda")
 
 
+def test_without_pallas_triton(monkeypatch):
+    """A JAX without Pallas' Triton lowering (deprecated in 0.11): the default falls back, "pallas" says why."""
+    weight = jnp.asarray(_workload((24, 4, 2, 4)))
+    want = eplb.rebalance_experts(np.asarray(weight), 24, 4, 2, 4)
+    assert _jax.pallas_available()  # this JAX still ships it
+    monkeypatch.setattr(_jax, "pallas_available", lambda: False)
+    monkeypatch.setattr(_jax, "_has_cuda", lambda: True)  # the default would pick "pallas" here
+    _assert_same(_jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True), want)
+    with pytest.raises(ValueError, match=r"impl='pallas' needs Pallas' Triton lowering"):
+        _jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="pallas")
+
+
 # ---- On a JAX GPU: the kernel itself.
 
 GPU = pytest.mark.skipif(not Backend.JAX_GPU.available(), reason="needs a GPU for JAX")

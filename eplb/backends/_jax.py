@@ -99,6 +99,17 @@ IMPLS = ("pallas", "triton", "host", "xla")
 
 
 @functools.cache
+def pallas_available() -> bool:
+    """Whether this JAX ships Pallas' Triton lowering, which both Pallas kernels are written for.
+
+    JAX 0.11 deprecates that backend (a ``DeprecationWarning`` at lowering);
+    once a release drops it, ``impl=None`` falls back to XLA on CUDA instead
+    of failing inside ``jit``.
+    """
+    return importlib.util.find_spec("jax.experimental.pallas.triton") is not None
+
+
+@functools.cache
 def _has_cuda() -> bool:
     """Whether this process has a CUDA backend (cached; JAX is already initialised by the caller's array)."""
     try:
@@ -170,7 +181,8 @@ def rebalance(
     One ``jax.jit`` call. ``impl``:
 
     - ``None`` (default): ``"pallas"`` where this process has a CUDA backend
-      (greedy and refined policies, no ``spill``); else for the greedy policy
+      and JAX ships Pallas' Triton lowering (:func:`pallas_available`;
+      greedy and refined policies, no ``spill``); else for the greedy policy
       ``"host"`` where numba is installed; ``"xla"`` otherwise;
     - ``"pallas"``: the greedy policy as one fused Pallas (Triton) kernel,
       one program per (layer, node) (:mod:`eplb.backends._pallas`), on CUDA;
@@ -200,11 +212,17 @@ def rebalance(
     greedy = options.get("policy", "greedy") == "greedy" and not spill
     kernel = not spill  # a policy with a Pallas kernel
     if impl is None:
-        impl = "pallas" if kernel and _has_cuda() else "host" if greedy and _jax_host.applies(options) else "xla"
+        pallas = kernel and _has_cuda() and pallas_available()
+        impl = "pallas" if pallas else "host" if greedy and _jax_host.applies(options) else "xla"
     if impl not in IMPLS or (impl in ("triton", "host") and not greedy) or (impl == "pallas" and not kernel):
         raise ValueError(
             "impl must be 'pallas' (greedy or refined policy, no spill), 'triton' or 'host' (greedy policy only), "
             f"'xla' or None, got {impl!r} with {options}"
+        )
+    if impl == "pallas" and not pallas_available():
+        raise ValueError(
+            f"impl='pallas' needs Pallas' Triton lowering (jax.experimental.pallas.triton), which JAX "
+            f"{jax.__version__} does not ship; use impl='xla' or None"
         )
     placement = _placement(weight, config, tuple(sorted(options.items())), impl)
     if impl == "triton":
