@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eplb
-from benchmarks.timing import cuda_median_ms
+from benchmarks.timing import cuda_median_ms, host_median_ms
 from tests import oracle
 
 DATA = Path(os.environ.get("EPLB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -46,22 +45,6 @@ SHAPES = {
     "deepseek-v3 global 144 GPUs": (58, 256, 288, 8, 3, 144),
     "94x512 -> 768 / 256 GPUs": (94, 512, 768, 32, 32, 256),
 }
-
-
-def _median_ms(fn, runs: int, sync=lambda: None) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def _cuda_ms(fn, runs: int) -> float:
-    return cuda_median_ms(fn, runs)
 
 
 def _torch_peak_mib(fn) -> float:
@@ -180,7 +163,7 @@ def _jax_implementations(weight: np.ndarray, config: list[int], policy: str, hie
 
 
 def _time_ms(call, timer: str, runs: int) -> float:
-    return _cuda_ms(call, runs) if timer == "cuda" else _median_ms(call, runs)
+    return cuda_median_ms(call, runs) if timer == "cuda" else host_median_ms(call, runs)
 
 
 # The default path of each backend (plus numba's kernel, the CPU default when installed).
@@ -221,13 +204,13 @@ def _row(shape: str, policy: str, impl: str, ms: float, base_ms: float, oracle_m
 def _baselines(weight: np.ndarray, config: list[int]) -> tuple[float, float]:
     """(published greedy ms, plain-Python oracle ms) on this load; the published one is the oracle without torch."""
     slow_runs = 1 if weight.shape[0] > 60 else 3
-    oracle_ms = _median_ms(lambda: oracle.rebalance(weight, *config), slow_runs)
+    oracle_ms = host_median_ms(lambda: oracle.rebalance(weight, *config), slow_runs)
     if not importlib.util.find_spec("torch"):
         return oracle_ms, oracle_ms
     from benchmarks.baselines import published_greedy
 
     wt = torch_weight(weight)
-    return _median_ms(lambda: published_greedy(wt, *config), slow_runs), oracle_ms
+    return host_median_ms(lambda: published_greedy(wt, *config), slow_runs), oracle_ms
 
 
 def synthetic(shapes: dict, policies: list[str], runs: int) -> None:

@@ -1,10 +1,22 @@
-"""Timers shared by the benchmarks: CUDA events around a call, median of warm runs."""
+"""Timers shared by the benchmarks: median of warm runs, by the host clock or by CUDA events around a call."""
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
+
+
+def host_median_ms(fn: Callable[[], Any], runs: int) -> float:
+    """Median host time of ``fn()``, ms, after one untimed call (``fn`` must block until its work is done)."""
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def cuda_median_ms(fn: Callable[[], Any], runs: int, warmup: int = 1) -> float:
