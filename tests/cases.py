@@ -33,6 +33,24 @@ def signed_zeros(rng: np.random.Generator, experts: int) -> np.ndarray:
     return signs.astype(np.float32)
 
 
+def tiny_loads(rng: np.random.Generator, experts: int) -> np.ndarray:
+    """float32 rows around ``2**-64``, below which every backend reads a load as 0, and subnormals.
+
+    XLA flushes subnormals to zero and numpy does not; each row also holds
+    loads just below ``2**-64`` (read as 0) next to ``2**-64`` itself (kept).
+    """
+    tiny = np.float32(2.0**-64)
+    below = np.nextafter(tiny, np.float32(0))
+    values = np.array([1e-44, 1e-40, 1e-38, below, tiny, 2 * tiny, 3.0, 0.0], dtype=np.float32)
+    rows = [
+        np.full(experts, 1.8e-44),  # all subnormal and equal: an all-zero layer
+        values[rng.integers(0, len(values), experts)],
+        values[rng.integers(0, 6, experts)],  # nothing above 2**-63: all ties or zeros
+        np.where(np.arange(experts) % 2 == 0, below, tiny),  # half read as 0, half kept
+    ]
+    return np.stack(rows).astype(np.float32)
+
+
 def ties(rng: np.random.Generator, experts: int) -> np.ndarray:
     """Adversarial rows: every ordering decision hinges on a tie."""
     rows = [

@@ -2,8 +2,8 @@
 
 One layer at a time, sequential loops, Python lists; float32 arithmetic via
 numpy scalars exactly as ``docs/algorithm.md`` states it (loads rounded to
-float32, sums accumulated in visiting order, replica load = w * fl(1/c)).
-It shares no code with eplb.
+float32, loads below 2**-64 read as 0, sums accumulated in visiting order,
+replica load = w * fl(1/c)). It shares no code with eplb.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 F32 = np.float32
+TINY = 2.0**-64  # smaller loads count as 0 (docs/algorithm.md)
 
 
 def recip(c: int) -> np.float32:
@@ -54,7 +55,7 @@ def rebalance_layer(
     weight: list[float], num_phy: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[list[int], list[list[int]], list[int]]:
     """(phy2log [R], log2phy [E][R-E+1], logcnt [E]) for one layer."""
-    w = [F32(x) for x in weight]
+    w = [F32(0) if F32(x) < TINY else F32(x) for x in weight]
     num_log = len(w)
     if num_groups % num_nodes:
         num_groups, num_nodes = 1, 1

@@ -53,6 +53,23 @@ def test_signed_zeros_tie(config, policy):
 
 @POLICIES
 @pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
+def test_tiny_loads_read_as_zero(config, policy):
+    """Subnormals and loads below 2**-64 count as 0 on every backend (XLA flushes subnormals, numpy does not)."""
+    weight = cases.tiny_loads(np.random.default_rng(5), 16)
+    _all_agree(weight, config, policy)
+    numpy = make_runner(Backend.NUMPY)
+    flushed = np.where(weight < 2.0**-64, np.float32(0), weight)
+    assert np.count_nonzero(flushed) < np.count_nonzero(weight)  # the case holds loads to flush
+    for got, want in zip(
+        numpy.rebalance_np(weight, *config, policy=policy),
+        numpy.rebalance_np(flushed, *config, policy=policy),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+@POLICIES
+@pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
 def test_random_integers_near_2_31(config, policy):
     _all_agree(cases.random_int(np.random.default_rng(2), 24, 16), config, policy)
 

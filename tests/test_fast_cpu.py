@@ -78,6 +78,11 @@ def test_ties_and_zeros(config):
 
 
 @pytest.mark.parametrize("config", SMALL, ids=str)
+def test_tiny_loads(config):
+    assert_identical(cases.tiny_loads(np.random.default_rng(5), 16), config)
+
+
+@pytest.mark.parametrize("config", SMALL, ids=str)
 def test_random_integers_near_2_31(config):
     weight = cases.random_int(np.random.default_rng(2), 24, 16)
     assert weight.sum(axis=1).max() < 2**31

@@ -47,13 +47,14 @@ def _policies(config: tuple[int, ...]) -> list[bool]:
 
 
 def _workload(config: tuple[int, ...], layers: int = 4) -> np.ndarray:
-    """Ties and zeros (all-zero layers, signed zeros), integers near 2**31 per layer, float32 loads."""
+    """Ties and zeros (all-zero layers, signed zeros, tiny loads), integers near 2**31 per layer, float32 loads."""
     rng = np.random.default_rng(sum(config))
     experts = _experts(config)
     signed_zeros = np.where(np.arange(experts) % 3 == 0, -0.0, np.where(np.arange(experts) % 3 == 1, 0.0, 5.0))
     rows = [
         cases.ties(rng, experts).astype(np.float32),
         signed_zeros[None, :].astype(np.float32),
+        cases.tiny_loads(rng, experts),  # subnormals, loads below 2**-64: read as 0
         cases.random_int(rng, layers, experts).astype(np.float32),
         cases.lognormal_f32(rng, layers, experts),
     ]

@@ -115,7 +115,8 @@ def test_kernel_under_triton_interpreter():
         signed_zeros = np.array([[-0.0, 0.0] * 8, [0.0, -0.0, 3.0, -0.0] * 4])  # -0.0 must tie with +0.0
         configs = [(24, 4, 2, 4), (20, 4, 4, 4), (32, 3, 2, 8), (16, 4, 2, 16), (40, 4, 2, 8), (48, 4, 4, 8)]
         for config in configs:
-            loads = (cases.ties(rng, 16), cases.random_int(rng, 4, 16), cases.lognormal_f32(rng, 4, 16), signed_zeros)
+            loads = (cases.ties(rng, 16), cases.random_int(rng, 4, 16), cases.lognormal_f32(rng, 4, 16), signed_zeros,
+                     cases.tiny_loads(rng, 16))
             for weight in loads:
                 weight = weight.astype(np.float32)
                 for hier in {config[1] % config[2] == 0, False}:

@@ -61,6 +61,8 @@ def interpreter_cases() -> list[tuple[tuple[int, ...], np.ndarray, int | None]]:
         ((20, 8, 2, 4), hot(np.random.default_rng(6), 3, 16), None),
         # 5 slots per GPU (not a power of 2), capped replication, swaps, ties, -0.0
         ((40, 4, 2, 8), np.concatenate([ties[[0, 2, 5]], signed_zeros, zipf(rng, 1, 16), hot(rng, 1, 16)]), None),
+        # subnormals and loads below 2**-64 (read as 0) next to 2**-64 and normal loads
+        ((40, 4, 2, 8), np.concatenate([cases.tiny_loads(rng, 16), zipf(rng, 1, 16)]), None),
         # the same with the swap rounds cut short
         ((40, 4, 2, 8), hot(np.random.default_rng(5), 2, 16), 2),
         # global policy (3 groups on 2 nodes): one row of 32 slots on 8 GPUs

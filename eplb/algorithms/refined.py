@@ -37,6 +37,7 @@ from eplb.algorithms.hierarchy import (
     rebalance_hierarchical,
     replicate_on_nodes,
 )
+from eplb.algorithms.loads import flush_tiny_loads
 from eplb.algorithms.packing import lpt_pack, slots_by_pack
 from eplb.algorithms.refine import IMPROVEMENT, max_gpu_load, pack_loads, refine_by_swaps, snake_pack
 
@@ -211,8 +212,10 @@ def rebalance_refined(
     :func:`group_split`, ``candidate_stage`` as :func:`node_candidates` and
     ``final_stage`` as :func:`keep_greedy_unless_beaten`, which receives what
     ``candidate_stage`` returned (the two come as a pair). With the global
-    policy they see ``num_groups = num_nodes = 1``.
+    policy they see ``num_groups = num_nodes = 1``. Loads below ``2**-64``
+    count as zero (:mod:`eplb.algorithms.loads`): the stages see them flushed.
     """
+    weight = flush_tiny_loads(weight, xp=xp)  # the kernels' wrappers call this directly, not through place
     if not hierarchical:
         num_groups, num_nodes = 1, 1
     num_log = weight.shape[1]

@@ -35,6 +35,7 @@ from typing import Any
 from eplb import _xp
 from eplb.algorithms.assignment import BIG
 from eplb.algorithms.hierarchy import build_log2phy
+from eplb.algorithms.loads import flush_tiny_loads
 from eplb.algorithms.policies import place
 from eplb.algorithms.relabel import align_slots, count_moves, occurrence, relabel, replica_counts
 from eplb.algorithms.repair import gpu_loads, repair, sticky_pack
@@ -179,8 +180,10 @@ def place_stable(
     ``options`` go to :func:`~eplb.algorithms.policies.place` (``policy``,
     ``spill``); ``tolerance`` and ``max_moves`` to :func:`stabilize`.
     Replica numbers in ``log2phy`` follow slot order (replica ``k`` of an
-    expert is its ``k``-th slot).
+    expert is its ``k``-th slot). Loads below ``2**-64`` count as zero, here
+    too (:mod:`eplb.algorithms.loads`).
     """
+    weight = flush_tiny_loads(weight, xp=xp)  # for stabilize's loads; place flushes its own (idempotent)
     fresh, _, logcnt = place(
         weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp, **options
     )

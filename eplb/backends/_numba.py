@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from eplb import _xp
+from eplb.algorithms.loads import TINY_LOAD
 
 __all__ = ["available", "greedy", "rebalance", "supports"]
 
@@ -96,6 +97,7 @@ def _kernels() -> SimpleNamespace:
     # marshalling and array reference counting in the hottest loops.
     inline = functools.partial(numba.njit, cache=False, nogil=True, inline="always")
     zero32 = np.float32(0)
+    tiny32 = np.float32(TINY_LOAD)
     inf32 = np.float32(np.inf)
     no_key = np.int64(np.iinfo(np.int64).max)  # a full pack, or padding
     low32 = np.int64(0xFFFFFFFF)
@@ -398,13 +400,14 @@ def _kernels() -> SimpleNamespace:
             last = (chunk + 1) * num_layers // num_chunks
             for start in range(first, last, batch):
                 size = min(batch, last - start)
-                # Loads (-0 made +0, so that bit patterns order like the values) and group sums.
+                # Loads (below TINY_LOAD, -0 included, made +0: as every backend reads
+                # them, and so that bit patterns order like the values) and group sums.
                 for lb in range(size):
                     fine = True
                     for e in range(num_log):
                         v = weight[start + lb, e]
                         fine &= (v >= zero32) & (v < inf32)
-                        w[lb * num_log + e] = v + zero32
+                        w[lb * num_log + e] = v if v >= tiny32 else zero32
                     for g in range(num_groups):
                         # One group per node needs no loads: group g goes to node g.
                         at = lb * num_log + g * group_size

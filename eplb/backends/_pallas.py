@@ -12,7 +12,8 @@ path (``docs/algorithm.md``), so placements are bit-identical:
 - replica loads are ``w * table[c]`` with a correctly rounded reciprocal
   table made on the host with numpy, never a division;
 - loads are compared as int32 bit patterns, which order like the values for
-  non-negative floats (``-0.0`` is read as ``+0.0``);
+  non-negative floats (loads below ``2**-64``, ``-0.0`` included, are read as
+  ``+0.0``, as on every backend: :mod:`eplb.algorithms.loads`);
 - stable descending order by counting: item ``i`` goes to position
   ``#{j : v_j > v_i} + #{j < i : v_j == v_i}`` (JAX without x64 has no 64-bit
   sort keys, and Pallas Triton no sort);
@@ -62,6 +63,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from eplb.algorithms.loads import TINY_LOAD
 
 __all__ = ["Meta", "fits", "kernel_meta", "placement"]
 
@@ -237,14 +240,14 @@ def _float(bits: jax.Array) -> jax.Array:
 
 
 def _weights(ref: Any, index: jax.Array, mask: jax.Array) -> jax.Array:
-    """float32 loads (0 where masked off), ``-0.0`` read as ``+0.0``.
+    """float32 loads (0 where masked off), below ``TINY_LOAD`` (``-0.0`` included) read as ``+0.0``.
 
-    The kernel compares non-negative floats by their bit patterns (int32
-    keys order like the values), where ``-0.0`` would sort below ``+0.0``;
-    every other backend compares them as equal.
+    As every backend reads them (:mod:`eplb.algorithms.loads`). The kernel
+    also compares non-negative floats by their bit patterns (int32 keys order
+    like the values), where ``-0.0`` would sort below ``+0.0``.
     """
     value = plgpu.load(ref.at[index], mask=mask, other=0.0)
-    return jnp.where(value == 0.0, 0.0, value)
+    return jnp.where(value < TINY_LOAD, 0.0, value)
 
 
 def _count_pairs(rows: tuple[jax.Array, ...], cols: tuple[jax.Array, ...], pred: Any, budget: int, load: Any = None):

@@ -26,7 +26,9 @@ arithmetic as the array-API path, so placements are bit-identical:
   increasing index order;
 - ``argmin``/``argmax`` take the first index on ties (packed keys put the
   index in the bits below the value so that a plain max/min does the same);
-- ``-0.0`` is read as ``+0.0`` (its bit pattern would sort below ``+0.0``);
+- loads below ``2**-64`` are read as ``+0.0`` as on every backend
+  (:mod:`eplb.algorithms.loads`), ``-0.0`` too (its bit pattern would sort
+  below ``+0.0``);
 - launchers compile it with ``enable_fp_fusion=False`` so that no
   multiply-add is contracted into an FMA (which rounds once, not twice).
 
@@ -39,6 +41,10 @@ import os
 
 import triton
 import triton.language as tl
+
+from eplb.algorithms.loads import TINY_LOAD
+
+_TINY_LOAD = tl.constexpr(TINY_LOAD)
 
 __all__ = ["MAX_SLOTS_PER_NODE", "ensure_cache_dir", "greedy_kernel", "kernel_fits", "launch_config", "scratch_size"]
 
@@ -77,10 +83,10 @@ def _desc_order_keys(values, index, valid):
 
 @triton.jit
 def _load_nonneg(pointer, mask):
-    """A float32 load with ``-0.0`` read as ``+0.0``: equal to it in every comparison of the
-    reference, but its bit pattern would order below ``+0.0`` in a sort key."""
+    """A float32 load as every backend reads it: below ``TINY_LOAD`` (``-0.0`` included) it is ``+0.0``
+    (:mod:`eplb.algorithms.loads`; ``-0.0``'s bit pattern would also order below ``+0.0`` in a sort key)."""
     value = tl.load(pointer, mask=mask, other=0.0)
-    return tl.where(value == 0.0, 0.0, value)
+    return tl.where(value < _TINY_LOAD, 0.0, value)
 
 
 @triton.jit
