@@ -196,6 +196,9 @@ def rebalance_experts(
         Load of each logical expert per layer (token counts). numpy arrays and
         lists give numpy results; torch tensors give torch results on their
         device; JAX arrays give JAX results (usable inside ``jax.jit``).
+        Loads are compared as float32; loads below ``2**-64`` (about
+        ``5.4e-20``, subnormals included) count as 0, so that every backend
+        places them alike (XLA flushes subnormals, numpy does not).
     num_replicas : int
         Physical slots ``R`` per layer; ``R >= E`` and ``R % num_gpus == 0``.
     num_groups : int
