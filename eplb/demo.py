@@ -1,10 +1,12 @@
-"""A tour of eplb: ``python -m eplb.demo`` (or ``python -m eplb demo``).
+"""A tour of eplb in plain text: ``python -m eplb.demo``.
 
 Prints the published golden example, then plans a DeepSeek-V3-shaped load
 (58 layers x 256 experts -> 288 slots, 8 groups, 4 nodes, 32 GPUs) on every
-installed backend (numpy, torch CPU, JAX CPU), with time per call, balance,
-and whether the placement is identical to numpy's. Needs nothing beyond eplb's
-own dependencies; torch and JAX are used when installed.
+installed backend (numpy, torch CPU, JAX CPU), with time per call, balance
+(from :mod:`eplb.metrics`), and whether the placement is identical to numpy's.
+Needs nothing beyond eplb's own dependencies; torch and JAX are used when
+installed. ``eplb demo`` (the command line) is the fuller tour: both policies,
+lower bounds, and optionally the placement file and a plot.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 import numpy as np
 
 import eplb
+from eplb import metrics
 
-__all__ = ["balancedness", "gpu_loads", "main"]
+__all__ = ["main"]
 
 GOLDEN_WEIGHT = [
     [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
@@ -34,21 +37,6 @@ LAYERS, EXPERTS = 58, 256
 DEEPSEEK_CONFIG = (288, 8, 4, 32)
 SEED = 0
 WARM_CALLS, TIMED_CALLS = 2, 7
-
-
-def gpu_loads(weight: np.ndarray, phy2log: np.ndarray, logcnt: np.ndarray, num_gpus: int) -> np.ndarray:
-    """Load of each GPU, ``[L, G]`` float64: sum over its slots of ``weight[e] / logcnt[e]``.
-
-    Slot ``j`` is on GPU ``j // (R // num_gpus)``.
-    """
-    weight = np.asarray(weight, dtype=np.float64)
-    slot_load = np.take_along_axis(weight / logcnt, phy2log, axis=-1)  # [L, R]
-    return slot_load.reshape(phy2log.shape[0], num_gpus, -1).sum(axis=-1)
-
-
-def balancedness(loads: np.ndarray) -> float:
-    """Mean over layers of mean GPU load / max GPU load (1.0 is perfect)."""
-    return float(np.mean(loads.mean(axis=-1) / loads.max(axis=-1)))
 
 
 def _golden() -> None:
@@ -101,16 +89,23 @@ def _time_ms(call: Callable[[], tuple[Any, ...]]) -> tuple[float, tuple[Any, ...
     return 1e3 * float(np.median(times)), out
 
 
-def _layer0(loads: np.ndarray, logcnt: np.ndarray) -> str:
+def _layer0(weight: np.ndarray, phy2log: np.ndarray, logcnt: np.ndarray, num_gpus: int) -> str:
+    """Layer 0 of ``weight [L, E]`` placed as ``phy2log [L, R]``: max/mean GPU load and the replica histogram."""
+    imbalance = metrics.summarize(weight[:1], phy2log[:1], num_gpus).imbalance
     counts = np.bincount(logcnt[0])
     hist = " ".join(f"{c}x{n}" for c, n in enumerate(counts) if n)
-    return f"max/mean GPU load {loads[0].max() / loads[0].mean():.3f}; replicas per expert {hist}"
+    return f"max/mean GPU load {imbalance:.3f}; replicas per expert {hist}"
+
+
+def _deepseek_load() -> np.ndarray:
+    """``[LAYERS, EXPERTS]`` float32: skewed synthetic expert loads (lognormal, fixed seed)."""
+    rng = np.random.default_rng(SEED)
+    return (rng.lognormal(0.0, 1.5, (LAYERS, EXPERTS)) * 1000).astype(np.float32)
 
 
 def _deepseek() -> None:
     replicas, groups, nodes, gpus = DEEPSEEK_CONFIG
-    rng = np.random.default_rng(SEED)
-    weight = (rng.lognormal(0.0, 1.5, (LAYERS, EXPERTS)) * 1000).astype(np.float32)
+    weight = _deepseek_load()
     print(
         f"DeepSeek-V3 shape: {LAYERS} layers x {EXPERTS} experts -> {replicas} slots, {groups} groups, "
         f"{nodes} nodes, {gpus} GPUs; lognormal loads (sigma 1.5, seed {SEED})"
@@ -127,10 +122,9 @@ def _deepseek() -> None:
         if reference is None:
             reference = (phy2log, log2phy, logcnt)
         same = all(np.array_equal(a, b) for a, b in zip(reference, (phy2log, log2phy, logcnt), strict=True))
-        loads = gpu_loads(weight, phy2log, logcnt, gpus)
-        print(
-            f"  {name:12} {ms:8.2f} {balancedness(loads):12.4f}  {'yes' if same else 'NO':13}  {_layer0(loads, logcnt)}"
-        )
+        balance = metrics.summarize(weight, phy2log, gpus).balancedness
+        layer0 = _layer0(weight, phy2log, logcnt, gpus)
+        print(f"  {name:12} {ms:8.2f} {balance:12.4f}  {'yes' if same else 'NO':13}  {layer0}")
 
 
 def main() -> None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import re
+import statistics
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import eplb
+from eplb import demo as module_demo
 from eplb._data import default_load
 from eplb._data.generate import CONFIG, generate
 from eplb.cli import _common, _files, main
@@ -56,10 +60,71 @@ def test_embedded_load_is_reproducible():
 # ---------------------------------------------------------------- demo
 
 
-def test_demo_plans_on_every_backend_and_writes_the_placement(capsys, tmp_path):
-    out = tmp_path / "demo.json"
-    status, stdout, err = _run(capsys, "demo", "--out", out)
+def _oracle_gpu_loads(weight, phy2log, num_gpus: int) -> list[list[float]]:
+    """``[L][G]`` float64 GPU loads in plain Python, independent of eplb.metrics.
+
+    A replica of expert ``e`` carries ``w[e] / logcnt[e]``; a GPU's load is the sum over its ``R // G`` slots.
+    """
+    loads = []
+    for w, slots in zip(np.asarray(weight).tolist(), np.asarray(phy2log).tolist(), strict=True):
+        logcnt = Counter(slots)
+        size = len(slots) // num_gpus
+        loads.append([sum(w[e] / logcnt[e] for e in slots[g * size : (g + 1) * size]) for g in range(num_gpus)])
+    return loads
+
+
+def _oracle_quality(weight, phy2log, num_gpus: int, bound=None) -> dict[str, float]:
+    """Means over layers: balancedness (mean/max GPU load), imbalance (max/mean); with ``bound [L]`` also
+    ceiling (mean GPU load / bound) and of_bound (bound / max GPU load)."""
+    loads = _oracle_gpu_loads(weight, phy2log, num_gpus)
+    means = [statistics.fmean(layer) for layer in loads]
+    peaks = [max(layer) for layer in loads]
+    figures = {
+        "balancedness": statistics.fmean(m / p for m, p in zip(means, peaks, strict=True)),
+        "imbalance": statistics.fmean(p / m for m, p in zip(means, peaks, strict=True)),
+    }
+    if bound is not None:
+        bound = np.asarray(bound, dtype=np.float64).tolist()
+        figures["ceiling"] = statistics.fmean(m / b for m, b in zip(means, bound, strict=True))
+        figures["of_bound"] = statistics.fmean(b / p for b, p in zip(bound, peaks, strict=True))
+    return figures
+
+
+def _demo_oracle(policy: str) -> dict[str, float]:
+    """Oracle quality figures of the numpy ``policy`` placement of the embedded load (every backend gives the same)."""
+    weight = default_load().load
+    phy2log = eplb.rebalance_experts(weight, *CONFIG.values(), policy=policy).phy2log
+    bound = eplb.metrics.lower_bound(weight, *CONFIG.values())
+    return _oracle_quality(weight, phy2log, CONFIG["num_gpus"], bound)
+
+
+def _printed(figure: str, oracle: float, digits: int = 4) -> bool:
+    """``figure`` is ``oracle`` printed with ``digits`` decimals (float32 metrics vs float64 oracle: 1e-6 slack)."""
+    return abs(float(figure) - oracle) <= 0.5 * 10**-digits + 1e-6
+
+
+def test_demo_writes_nothing_unasked(capsys, tmp_path, monkeypatch):
+    """No --out, no --plot: no file in the working folder; the printed figures are the oracle's."""
+    monkeypatch.chdir(tmp_path)
+    status, stdout, err = _run(capsys, "demo")
     assert status == 0, err
+    assert list(tmp_path.iterdir()) == []
+    assert "not saved: add --out" in err
+    for policy in eplb.algorithms.policies.POLICIES:
+        oracle = _demo_oracle(policy)
+        rows = [line.split() for line in stdout.splitlines() if line.split()[:1] == [policy]]
+        rows = [row for row in rows if _common.installed(row[1])]
+        assert rows, stdout
+        for row in rows:  # policy, backend, ms/call, balancedness, lower bound, same as numpy
+            assert _printed(row[3], oracle["balancedness"]), (row, oracle)
+            assert _printed(row[4], oracle["ceiling"]), (row, oracle)
+
+
+def test_demo_plans_on_every_backend_and_writes_the_placement(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, stdout, err = _run(capsys, "demo", "--out", "x.json")
+    assert status == 0, err
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     assert "golden example reproduced: yes" in stdout
     for backend in _common.BACKENDS:
         installed = _common.installed(backend)
@@ -67,13 +132,36 @@ def test_demo_plans_on_every_backend_and_writes_the_placement(capsys, tmp_path):
         assert len(lines) == 2, stdout  # one per policy
         assert all(("yes" in line) == installed for line in lines), lines
     assert "NO" not in stdout
-    data = json.loads(out.read_text())
+    data = json.loads((tmp_path / "x.json").read_text())
     assert data["config"] == {**CONFIG, "hierarchical": True}
     weight = default_load().load
     expected = eplb.rebalance_experts(weight, *CONFIG.values(), policy=data["policy"])
     np.testing.assert_array_equal(data["phy2log"], expected.phy2log)
     np.testing.assert_array_equal(data["log2phy"], expected.log2phy)
+    assert data["metrics"] == pytest.approx(_demo_oracle(data["policy"]), rel=1e-5)
     assert 0.8 < data["metrics"]["balancedness"] <= data["metrics"]["ceiling"] <= 1
+
+
+def test_module_demo(capsys, monkeypatch):
+    """``python -m eplb.demo``: golden example reproduced; balance figures are the oracle's on every backend."""
+    monkeypatch.setattr(module_demo, "WARM_CALLS", 1)
+    monkeypatch.setattr(module_demo, "TIMED_CALLS", 1)
+    assert not hasattr(module_demo, "gpu_loads") and not hasattr(module_demo, "balancedness")  # eplb.metrics only
+    module_demo.main()
+    stdout = capsys.readouterr().out
+    assert "equals the published result: yes" in stdout
+    weight = module_demo._deepseek_load()
+    replicas, groups, nodes, gpus = module_demo.DEEPSEEK_CONFIG
+    phy2log = eplb.rebalance_experts(weight, replicas, groups, nodes, gpus).phy2log
+    oracle = _oracle_quality(weight, phy2log, gpus)
+    layer0 = _oracle_quality(weight[:1], phy2log[:1], gpus)
+    row = re.compile(r"^  (numpy|torch \(cpu\)|jax \(cpu\)) +[\d.]+ +([\d.]+)  (yes|NO) +max/mean GPU load ([\d.]+);")
+    rows = [m.groups() for m in map(row.match, stdout.splitlines()) if m]
+    assert rows[0][0] == "numpy" and len(rows) == 1 + sum(map(_common.installed, ("torch", "jax"))), stdout
+    for backend, balance, same, imbalance in rows:
+        assert same == "yes", backend
+        assert _printed(balance, oracle["balancedness"]), (backend, balance, oracle)
+        assert _printed(imbalance, layer0["imbalance"], digits=3), (backend, imbalance, layer0)
 
 
 def test_demo_with_rich(capsys, tmp_path):

@@ -1,7 +1,8 @@
 """The ``eplb`` command (also ``python -m eplb``).
 
 - ``eplb demo``: plan the embedded DeepSeek-V3-shaped load with each policy on
-  each installed backend, print time and balance, write the placement.
+  each installed backend, print time and balance; write the placement only
+  with ``--out`` and a plot only with ``--plot``.
 - ``eplb plan --load FILE --gpus G ...``: plan a load file, print before/after
   balance, write the placement (``--out``) and a plot (``--plot``).
 - ``eplb inspect PLACEMENT --load FILE``: balance of an existing placement.
@@ -83,9 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     demo = commands.add_parser("demo", help="plan an embedded DeepSeek-V3-shaped load on every installed backend")
-    out = "placement file, .json or .npz (default: %(default)s)"
-    demo.add_argument("--out", default="eplb_demo_placement.json", metavar="FILE", help=out)
-    demo.add_argument("--plot", metavar="FILE.png", help="also draw per-GPU loads and a layer x GPU heat map")
+    demo.add_argument("--out", metavar="FILE", help="write the refined placement: .json or .npz")
+    demo.add_argument("--plot", metavar="FILE.png", help="draw per-GPU loads and a layer x GPU heat map")
     demo.set_defaults(func=_commands.demo)
 
     plan = commands.add_parser("plan", help="plan a placement for a load file")

@@ -75,23 +75,27 @@ def demo(args: argparse.Namespace, console: Console) -> int:
         "  (mean GPU load / a lower bound on the max GPU load).\n"
         f"ms/call: median of {common.TIMED_CALLS} calls after a first one (which compiles on JAX).[/]"
     )
+    _demo_outputs(args, console, weight, config, best)
+    return 0
+
+
+def _demo_outputs(
+    args: argparse.Namespace, console: Console, weight: np.ndarray, config: dict[str, Any], best: tuple[Any, ...]
+) -> None:
+    """Write the ``best = (policy, backend, placement, quality)`` placement and plot, only where asked."""
     policy, backend, placement, quality = best
-    extra = {"load": "embedded DeepSeek-V3-shaped demo load", "policy": policy, "backend": backend}
-    written = _files.write_placement(args.out, placement, config, {**extra, "metrics": _metric_record(quality)})
-    console.print(f"wrote the {policy} placement ({backend}) to {console.escape(str(written))}")
+    if args.out:  # nothing lands in the working folder unasked
+        extra = {"load": "embedded DeepSeek-V3-shaped demo load", "policy": policy, "backend": backend}
+        written = _files.write_placement(args.out, placement, config, {**extra, "metrics": _metric_record(quality)})
+        console.print(f"wrote the {policy} placement ({backend}) to {console.escape(str(written))}")
+    else:
+        console.note(f"(not saved: add --out placement.json to write the {policy} placement)")
     if args.plot:
-        before = _naive(weight, config)
+        phy2log = common.host(placement.phy2log)
         common.plot(
-            args.plot,
-            weight,
-            common.host(placement.phy2log),
-            config,
-            before=before,
-            bound=quality["bound"],
-            title="eplb demo",
+            args.plot, weight, phy2log, config, before=_naive(weight, config), bound=quality["bound"], title="eplb demo"
         )
         console.print(f"wrote the plot to {console.escape(args.plot)}")
-    return 0
 
 
 def _metric_record(quality: dict[str, Any]) -> dict[str, Any]:

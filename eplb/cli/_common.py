@@ -85,12 +85,19 @@ def time_calls(call: Callable[[], Any]) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def quality(weight: np.ndarray, phy2log: np.ndarray, config: dict[str, Any]) -> dict[str, float]:
-    """Balancedness, max/mean, the best balancedness the lower bound allows, and how close to it we are."""
+def quality(weight: np.ndarray, phy2log: np.ndarray, config: dict[str, Any]) -> dict[str, Any]:
+    """Quality figures of ``phy2log [L, R]`` against ``weight [L, E]``, all from :mod:`eplb.metrics`.
+
+    Python floats (means over layers): ``balancedness`` (mean/max GPU load),
+    ``imbalance`` (max/mean), ``ceiling`` (mean GPU load / lower bound: the
+    best balancedness any placement could reach), ``of_bound`` (lower bound /
+    max GPU load); and ``bound``, the ``[L]`` float64 lower bound itself.
+    """
     sizes = [config[k] for k in ("num_replicas", "num_groups", "num_nodes", "num_gpus")]
     bound = np.asarray(metrics.lower_bound(weight, *sizes, hierarchical=config["hierarchical"]), dtype=np.float64)
     summary = metrics.summarize(weight, phy2log, config["num_gpus"], bound)
-    mean = np.asarray(weight, dtype=np.float64).sum(axis=1) / config["num_gpus"]
+    # Mean GPU load of the float32 loads that balancedness uses, not a float64 sum of our own: one convention.
+    mean = np.asarray(metrics.gpu_loads(weight, phy2log, config["num_gpus"])).mean(axis=-1, dtype=np.float64)
     ceiling = np.where(bound > 0, mean / np.where(bound > 0, bound, 1.0), 1.0)
     return {
         "balancedness": summary.balancedness,
