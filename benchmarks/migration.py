@@ -6,8 +6,9 @@ placement without ``previous``). Per mode:
 
 - moved: experts moved per rebalance and layer (``eplb.moved_experts``, mean
   over windows 1..T-1 and layers), and as a share of the oblivious chain's;
-- copies: experts copied between GPUs (``eplb.plan_transfers``), and the
-  share of those that cross nodes;
+- copies: experts copied between GPUs (``TransferPlan.remote_copies`` of
+  ``eplb.plan_transfers``; at most "moved"), and the share of those that
+  cross nodes (``cross_node_copies``);
 - balancedness (mean GPU load / max GPU load, mean over layers and windows)
   on the window planned for, and on the next window (plan on i, run on i+1);
 - ms: time per call (numpy backend; includes the policy itself).
@@ -85,10 +86,10 @@ def run_chain(windows: list[np.ndarray], config: tuple, options: dict | None) ->
         else:
             result = eplb.rebalance_experts(weight, *config, previous=placement, **options)
         seconds.append(time.perf_counter() - start)
-        plan = eplb.plan_transfers(placement, result.phy2log, gpus, nodes)
+        plan = eplb.plan_transfers(placement, result.phy2log, num_gpus=gpus, num_nodes=nodes)
         moved.append(eplb.moved_experts(placement, result.phy2log, gpus).mean())
-        copies.append(plan.moved.mean())
-        cross.append(plan.cross_node.sum() / max(plan.moved.sum(), 1))
+        copies.append(plan.remote_copies.mean())
+        cross.append(plan.cross_node_copies.sum() / max(plan.remote_copies.sum(), 1))
         bal.append(np.mean(metrics.balancedness(weight, result.phy2log, gpus)))
         if t + 1 < len(windows):
             bal_next.append(np.mean(metrics.balancedness(windows[t + 1], result.phy2log, gpus)))

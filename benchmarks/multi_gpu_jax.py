@@ -45,7 +45,7 @@ def main() -> None:
     weights = jax.device_put(table[jnp.asarray(old)], sharding)  # [L, R, ROWS, COLS]
     want = table[jnp.asarray(new)]
     expert_bytes = rows * cols * 2
-    plan = eplb.plan_transfers(old, new, world, 1, expert_bytes=expert_bytes)
+    plan = eplb.plan_transfers(old, new, num_gpus=world, expert_bytes=expert_bytes)
     moved = apply_plan(plan, weights)
     exact = bool(jnp.array_equal(jax.device_get(moved), jax.device_get(want)))
     times = []
@@ -53,7 +53,7 @@ def main() -> None:
         t0 = time.perf_counter()
         jax.block_until_ready(apply_plan(plan, weights))
         times.append(time.perf_counter() - t0)
-    remote = int(np.sum(plan.src_gpu != plan.dst_gpu))
+    remote = int(plan.remote_copies.sum())
     seconds = statistics.median(times)
     print(
         f"JAX {jax.__version__}, {world} x {devices[0].device_kind}; one matrix per expert, {expert_bytes / 1e6:.1f} MB"

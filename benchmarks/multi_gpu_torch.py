@@ -91,7 +91,7 @@ def main() -> None:
     old = eplb.rebalance_experts(load_a, replicas, 1, 1, world).phy2log
     new = eplb.rebalance_experts(load_b, replicas, 1, 1, world).phy2log
     expert_bytes = sum(t.numel() * t.element_size() for t in expert_weights(0, device).values())
-    plan = eplb.plan_transfers(old, new, world, 1, expert_bytes=expert_bytes)
+    plan = eplb.plan_transfers(old, new, num_gpus=world, expert_bytes=expert_bytes)
     weights = slots_of(old, rank, args.slots_per_gpu, device)
     want = slots_of(new, rank, args.slots_per_gpu, device)
 
@@ -101,8 +101,8 @@ def main() -> None:
     flags = torch.tensor([int(exact)], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
 
-    remote = int(np.sum(plan.src_gpu != plan.dst_gpu))
-    remote_bytes = remote * expert_bytes
+    remote = int(plan.remote_copies.sum())
+    remote_bytes = int(plan.remote_bytes.sum())
     move_s = {
         transport: timed(lambda t=transport: apply_plan(plan, weights, in_place=False, transport=t), args.repeats)
         for transport in ("p2p", "all_to_all")

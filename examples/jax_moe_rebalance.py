@@ -134,7 +134,7 @@ def rebalance(state: State, cfg: Config, probe: jax.Array) -> tuple[State, jax.A
     # gather: each new slot takes the weights of a slot that holds its expert
     # now (on a sharded mesh XLA turns it into collectives). To move only the
     # experts a device lacks, with checksums, rebalance outside the step and
-    # call eplb.executors.jax.apply_plan(eplb.plan_transfers(old, new, G), w)
+    # call eplb.executors.jax.apply_plan(eplb.plan_transfers(old, new, num_gpus=G), w)
     # on weights sharded over the expert-parallel mesh axis. Optimizer state
     # would move the same way.
     # ------------------------------------------------------------------

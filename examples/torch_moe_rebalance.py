@@ -162,10 +162,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             current = torch.stack([layer.phy2log for layer in model.layers])  # [L, R]
             sizes = (args.replicas, args.groups, args.nodes, args.gpus)
             placement = eplb.rebalance_experts(tracker.load(), *sizes, previous=current)
-            plan = eplb.plan_transfers(current, placement.phy2log, args.gpus, args.nodes)  # host data
+            # Host data (a plan is read on the host); sizes by keyword, unlike rebalance_experts.
+            plan = eplb.plan_transfers(current, placement.phy2log, num_gpus=args.gpus, num_nodes=args.nodes)
             for index, layer in enumerate(model.layers):
                 layer.migrate(plan, index, placement)
-            moved = int(plan.moved.sum())
+            moved = int(plan.remote_copies.sum())
             after = token_imbalance(model, probe, args.gpus)
             output = model(probe, scratch)
             report["before"].append(before)

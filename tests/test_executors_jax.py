@@ -5,8 +5,9 @@ one subprocess and reports back as JSON; this test process keeps its own
 JAX untouched. Scenarios: a migration in three dtypes (every device then
 holds exactly the new placement's weights), the program inside a user's
 ``jax.jit`` with a plan that reuses the compiled program, a copy corrupted in
-flight (caught by its checksum, named in the error, old weights intact), and
-a failing collective.
+flight (caught by its checksum, named in the error, old weights intact),
+programming errors (bad arguments, a bug injected into an internal helper:
+raised as they are, not as ``TransferError``), and a failing collective.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def placement():
 
 old, new, other = placement(), placement(), placement()
 new[1, 8:12] = [5, 5, 5, old[1, 11]]  # device 2 of layer 1 gets several copies of one expert
-plan = eplb.plan_transfers(old, new, G, 2)
+plan = eplb.plan_transfers(old, new, num_gpus=G, num_nodes=2)
 mesh = jax.make_mesh((G,), ("ep",))
 by_slot = NamedSharding(mesh, P(None, "ep"))
 
@@ -50,7 +51,7 @@ def weights(phy2log, dtype):
 def equal(a, b):
     return bool(np.array_equal(np.asarray(a), np.asarray(b)))
 
-out = {"devices": len(jax.devices()), "moved": int(plan.moved.sum()), "second": int((plan.stage == 1).sum())}
+out = {"devices": len(jax.devices()), "moved": int(plan.remote_copies.sum()), "second": int((plan.stage == 1).sum())}
 for dtype in ("float32", "bfloat16", "int8"):
     before = weights(old, dtype)
     after = executor.apply_plan(plan, before)
@@ -63,7 +64,7 @@ for dtype in ("float32", "bfloat16", "int8"):
 # Inside a user's jit, with a second plan of the same capacity: one compiled program.
 transfer = executor.make_transfer(mesh, "ep")
 spread = NamedSharding(mesh, P("ep"))
-second_plan = eplb.plan_transfers(old, other, G, 2)
+second_plan = eplb.plan_transfers(old, other, num_gpus=G, num_nodes=2)
 capacity = max(executor.plan_arrays(p).send.shape[-1] for p in (plan, second_plan))
 
 @jax.jit
@@ -89,18 +90,51 @@ except eplb.TransferError as err:
     out["fault"] = {"raised": True, "transfer": err.transfer, "victim": victim, "rank": err.rank,
                     "dst": int(plan.dst_gpu[victim]), "msg": str(err), "intact": equal(before, weights(old, "float32"))}
 
-# A collective that fails outright.
-def broken(mesh, axis):
-    def run(*args):
-        raise RuntimeError("INTERNAL: peer unreachable")
-    return run
+# Programming errors propagate as they are: bad arguments, and a bug in eplb's own code while tracing.
+def outcome(call):
+    try:
+        call()
+    except eplb.TransferError as err:
+        return {"raised": "TransferError", "msg": str(err)}
+    except Exception as err:
+        return {"raised": type(err).__name__, "msg": str(err)}
+    return {"raised": None}
 
-executor._cached_transfer = broken
-try:
-    executor.apply_plan(plan, before)
-    out["collective"] = {"raised": False}
-except eplb.TransferError as err:
-    out["collective"] = {"raised": True, "msg": str(err), "intact": equal(before, weights(old, "float32"))}
+four = eplb.plan_transfers(old, old[:, ::-1], num_gpus=4)
+out["bad_arguments"] = {
+    "plan": outcome(lambda: executor.apply_plan(old, before)),
+    "weights": outcome(lambda: executor.apply_plan(plan, [before])),
+    "world": outcome(lambda: executor.apply_plan(four, before)),
+    "fault": outcome(lambda: executor.apply_plan(plan, before, fault=1.5)),
+    "capacity": outcome(lambda: executor.apply_plan(plan, before, capacity=0)),
+}
+
+real_checksum = executor._checksum
+def buggy_checksum(x):
+    raise IndexError("injected bug")
+
+executor._checksum = buggy_checksum
+executor._cached_transfer.cache_clear()  # trace again, through the bug
+out["bug"] = {**outcome(lambda: executor.apply_plan(plan, before)), "intact": equal(before, weights(old, "float32"))}
+executor._checksum = real_checksum
+executor._cached_transfer.cache_clear()
+
+# A collective that fails outright (as XLA reports it, and as a plain RuntimeError).
+def broken(error):
+    def make(mesh, axis):
+        def run(*args):
+            raise error
+        return run
+    return make
+
+for name, error in (("collective", RuntimeError("INTERNAL: peer unreachable")),
+                    ("runtime", jax.errors.JaxRuntimeError("INTERNAL: NCCL operation failed"))):
+    executor._cached_transfer = broken(error)
+    try:
+        executor.apply_plan(plan, before)
+        out[name] = {"raised": False}
+    except eplb.TransferError as err:
+        out[name] = {"raised": True, "msg": str(err), "intact": equal(before, weights(old, "float32"))}
 print(json.dumps(out))
 """
 
@@ -141,3 +175,25 @@ def test_failed_collective_keeps_old_weights(report):
     failure = report["collective"]
     assert failure["raised"] and failure["intact"]
     assert "peer unreachable" in failure["msg"] and "old weights kept" in failure["msg"]
+    failure = report["runtime"]
+    assert failure["raised"] and failure["intact"] and "NCCL operation failed" in failure["msg"]
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("plan", "TypeError", "plan must be an eplb.TransferPlan"),
+        ("weights", "TypeError", "weights must be a jax.Array"),
+        ("world", "ValueError", "the plan is for 4 GPUs but mesh axis 'ep' has 8 devices"),
+        ("fault", "TypeError", "fault must be an int or None"),
+        ("capacity", "ValueError", "capacity=0 must be positive"),
+    ],
+)
+def test_bad_arguments_are_not_transfer_errors(report, case, error, match):
+    result = report["bad_arguments"][case]
+    assert result["raised"] == error and match in result["msg"], result
+
+
+def test_bug_while_tracing_is_not_a_transfer_error(report):
+    """An IndexError in eplb's own code (injected into the checksum helper) reaches the caller as it is."""
+    assert report["bug"] == {"raised": "IndexError", "msg": "injected bug", "intact": True}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -20,6 +22,26 @@ def apply(plan: eplb.TransferPlan, old: np.ndarray) -> np.ndarray:
             row = plan.row(i)
             new[row["layer"], row["dst_gpu"], row["dst_slot"]] = source[row["layer"], row["src_gpu"], row["src_slot"]]
     return new.reshape(old.shape)
+
+
+def pair_counts(old: np.ndarray, new: np.ndarray, gpus: int) -> tuple[list[int], list[int]]:
+    """Plain-Python oracle per layer: ``(moved pairs, remote copies)``.
+
+    Moved pairs: ``sum over (g, e) of max(0, new_g(e) - old_g(e))`` (multisets of each GPU's experts); remote
+    copies: ``(g, e)`` with ``old_g(e) = 0 < new_g(e)``.
+    """
+    per_gpu = old.shape[1] // gpus
+    moved, remote = [], []
+    for old_row, new_row in zip(old.tolist(), new.tolist(), strict=True):
+        layer_moved = layer_remote = 0
+        for g in range(gpus):
+            before = Counter(old_row[g * per_gpu : (g + 1) * per_gpu])
+            after = Counter(new_row[g * per_gpu : (g + 1) * per_gpu])
+            layer_moved += sum((after - before).values())
+            layer_remote += sum(1 for expert in after if before[expert] == 0)
+        moved.append(layer_moved)
+        remote.append(layer_remote)
+    return moved, remote
 
 
 def random_placement(rng: np.random.Generator, layers: int, experts: int, slots: int) -> np.ndarray:
@@ -46,14 +68,20 @@ def test_plan_turns_old_into_new(seed, experts, extra, gpus_nodes):
     old = random_placement(rng, 3, experts, slots)
     new = random_placement(rng, 3, experts, slots)
     new[0] = old[0]  # an unchanged layer
-    plan = eplb.plan_transfers(old, new, gpus, nodes, expert_bytes=7)
+    plan = eplb.plan_transfers(old, new, num_gpus=gpus, num_nodes=nodes, expert_bytes=7)
     np.testing.assert_array_equal(apply(plan, old), new)
     np.testing.assert_array_equal(np.bincount(plan.layer, minlength=3), (old != new).sum(axis=1))
-    assert plan.moved[0] == 0
-    assert (plan.moved <= eplb.moved_experts(old, new, gpus)).all()
-    np.testing.assert_array_equal(plan.bytes_moved, plan.moved * 7)
-    np.testing.assert_array_equal(plan.sends.sum(axis=1), plan.moved)
-    np.testing.assert_array_equal(plan.receives.sum(axis=1), plan.moved)
+    np.testing.assert_array_equal(plan.remote_copies + plan.local_copies, (old != new).sum(axis=1))
+    assert plan.remote_copies[0] == 0
+    # The documented relation, against a Counter oracle independent of eplb's own pair counting.
+    moved, remote = pair_counts(old, new, gpus)
+    assert eplb.moved_experts(old, new, gpus).tolist() == moved
+    assert plan.remote_copies.tolist() == remote
+    assert all(r <= m for r, m in zip(remote, moved, strict=True))
+    np.testing.assert_array_equal(plan.remote_bytes, plan.remote_copies * 7)
+    np.testing.assert_array_equal(plan.sends.sum(axis=1), plan.remote_copies)
+    np.testing.assert_array_equal(plan.receives.sum(axis=1), plan.remote_copies)
+    assert (plan.cross_node_copies <= plan.remote_copies).all()
     # A remote copy is needed exactly when the destination GPU held no copy of the expert.
     per_gpu = slots // gpus
     for i in np.flatnonzero(plan.remote):
@@ -74,8 +102,8 @@ def test_plan_turns_old_into_new(seed, experts, extra, gpus_nodes):
 
 def test_identical_placements_need_nothing():
     old = random_placement(np.random.default_rng(0), 4, 16, 24)
-    plan = eplb.plan_transfers(old, old, 4, 2)
-    assert len(plan) == 0 and plan.moved.tolist() == [0, 0, 0, 0]
+    plan = eplb.plan_transfers(old, old, num_gpus=4, num_nodes=2)
+    assert len(plan) == 0 and plan.remote_copies.tolist() == [0, 0, 0, 0]
     assert eplb.moved_experts(old, old, 4).tolist() == [0, 0, 0, 0]
 
 
@@ -83,18 +111,20 @@ def test_reordering_within_a_gpu_is_local():
     """Slots swapped inside a GPU: local copies only, nothing crosses GPUs."""
     old = np.array([[0, 1, 2, 3, 4, 5]])
     new = np.array([[1, 0, 2, 5, 3, 4]])
-    plan = eplb.plan_transfers(old, new, 2)
-    assert plan.moved.tolist() == [0] and plan.local.tolist() == [5]
+    plan = eplb.plan_transfers(old, new, num_gpus=2)
+    assert plan.remote_copies.tolist() == [0] and plan.local_copies.tolist() == [5]
     assert eplb.moved_experts(old, new, 2).tolist() == [0]
     np.testing.assert_array_equal(apply(plan, old), new)
 
 
 def test_second_copy_comes_from_the_first():
-    """A GPU that gets two copies of an expert it lacked receives one and copies it locally (stage 1)."""
+    """A GPU that gets two copies of an expert it lacked receives one and copies it locally (stage 1):
+    2 moved pairs, 1 remote and 1 local copy."""
     old = np.array([[5, 1, 2, 0, 3, 4]])
     new = np.array([[5, 1, 2, 0, 5, 5]])  # GPU 1 (slots 3-5) gets expert 5 twice
-    plan = eplb.plan_transfers(old, new, 2)
-    assert plan.moved.tolist() == [1] and plan.local.tolist() == [1]
+    plan = eplb.plan_transfers(old, new, num_gpus=2)
+    assert plan.remote_copies.tolist() == [1] and plan.local_copies.tolist() == [1]
+    assert pair_counts(old, new, 2) == ([2], [1])
     assert plan.stage.tolist() == [0, 1]
     assert plan.copies(0) == [(0, 0, 1, 1), (1, 1, 1, 2)]
     assert eplb.moved_experts(old, new, 2).tolist() == [2]
@@ -106,51 +136,164 @@ def test_sends_spread_over_holders():
     # GPUs 0-3 (node 0) all hold expert 0; GPUs 4-7 (node 1) need it.
     old = np.array([[0, 1, 0, 2, 0, 3, 0, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
     new = np.array([[0, 1, 0, 2, 0, 3, 0, 4, 0, 6, 0, 8, 0, 10, 0, 12]])
-    plan = eplb.plan_transfers(old, new, 8, 2)
-    assert plan.moved.tolist() == [4]
+    plan = eplb.plan_transfers(old, new, num_gpus=8, num_nodes=2)
+    assert plan.remote_copies.tolist() == [4]
     assert sorted(plan.src_gpu.tolist()) == [0, 1, 2, 3]
-    assert plan.cross_node.tolist() == [4]
+    assert plan.cross_node_copies.tolist() == [4]
 
 
 def test_same_node_source_preferred():
     """Expert 7 is on GPU 1 (node 0) and GPU 2 (node 1); GPU 3 (node 1) takes it from GPU 2."""
     old = np.array([[0, 1, 7, 2, 7, 3, 4, 5]])
     new = np.array([[0, 1, 7, 2, 7, 3, 7, 5]])
-    plan = eplb.plan_transfers(old, new, 4, 2)
+    plan = eplb.plan_transfers(old, new, num_gpus=4, num_nodes=2)
     assert plan.copies(0) == [(2, 0, 3, 0)]
-    assert plan.cross_node.tolist() == [0]
+    assert plan.cross_node_copies.tolist() == [0]
 
 
 def test_plan_from_rebalances():
-    """A plan between two real placements moves what moved_experts counts (no duplicate copies here)."""
+    """A plan between two real placements copies between GPUs at most what moved_experts counts."""
     rng = np.random.default_rng(3)
     weights = rng.lognormal(0, 1.5, (2, 6, 256)).astype(np.float32)
     old = eplb.rebalance_experts(weights[0], 288, 8, 4, 32).phy2log
     new = eplb.rebalance_experts(weights[1], 288, 8, 4, 32, previous=old, balance_tolerance=0.01).phy2log
-    plan = eplb.plan_transfers(old, new, 32, 4, expert_bytes=3 * 7168 * 2048 * 2)
+    plan = eplb.plan_transfers(old, new, num_gpus=32, num_nodes=4, expert_bytes=3 * 7168 * 2048 * 2)
     np.testing.assert_array_equal(apply(plan, old), new)
-    assert plan.moved.sum() <= eplb.moved_experts(old, new, 32).sum()
+    moved, remote = pair_counts(old, new, 32)
+    assert plan.remote_copies.tolist() == remote and eplb.moved_experts(old, new, 32).tolist() == moved
+    assert plan.remote_copies.sum() <= sum(moved)
 
 
 @pytest.mark.parametrize(
-    ("old", "new", "args", "error", "match"),
+    ("old", "new", "sizes", "error", "match"),
     [
-        ([[0, 1]], [[0, 1, 2, 3]], (2,), ValueError, "same shape"),
-        ([[0, 1, 2]], [[0, 1, 2]], (2,), ValueError, "multiple of num_gpus=2"),
-        ([[0, 1, 2, 3]], [[0, 1, 2, 3]], (4, 3), ValueError, "multiple of num_nodes=3"),
-        ([[0, 1, 2, 3]], [[0, 1, 2, 9]], (2,), ValueError, "needs expert 9 in layer 0"),
-        ([[0.0, 1.0]], [[0, 1]], (2,), TypeError, "old_phy2log must hold integer"),
-        ([[0, -1]], [[0, 1]], (2,), ValueError, "ids >= 0"),
-        ([0, 1], [0, 1], (2,), ValueError, "2-D"),
+        ([[0, 1]], [[0, 1, 2, 3]], {"num_gpus": 2}, ValueError, "same shape"),
+        ([[0, 1, 2]], [[0, 1, 2]], {"num_gpus": 2}, ValueError, "multiple of num_gpus=2"),
+        ([[0, 1, 2, 3]], [[0, 1, 2, 3]], {"num_gpus": 4, "num_nodes": 3}, ValueError, "multiple of num_nodes=3"),
+        ([[0, 1, 2, 3]], [[0, 1, 2, 9]], {"num_gpus": 2}, ValueError, "needs expert 9 in layer 0"),
+        ([[0.0, 1.0]], [[0, 1]], {"num_gpus": 2}, TypeError, "old_phy2log must hold integer"),
+        ([[0, -1]], [[0, 1]], {"num_gpus": 2}, ValueError, "ids >= 0"),
+        ([0, 1], [0, 1], {"num_gpus": 2}, ValueError, "2-D"),
+        ([[0, 1]], [[0, 1]], {}, TypeError, "num_gpus"),
     ],
 )
-def test_plan_validation(old, new, args, error, match):
+def test_plan_validation(old, new, sizes, error, match):
     with pytest.raises(error, match=match):
-        eplb.plan_transfers(old, new, *args)
+        eplb.plan_transfers(old, new, **sizes)
+
+
+@pytest.mark.parametrize("sizes", [(2,), (2, 1), (4, 2)])
+def test_plan_sizes_are_keyword_only(sizes):
+    """Sizes by position (in the old ``num_gpus, num_nodes`` order, the reverse of rebalance_experts') fail
+    loudly instead of planning another layout."""
+    old = np.arange(8)[None]
+    with pytest.raises(TypeError, match="positional argument"):
+        eplb.plan_transfers(old, old[:, ::-1], *sizes)
+
+
+@pytest.mark.parametrize(
+    ("old_name", "new_name"),
+    [
+        ("moved", "remote_copies"),
+        ("local", "local_copies"),
+        ("cross_node", "cross_node_copies"),
+        ("bytes_moved", "remote_bytes"),
+    ],
+)
+def test_deprecated_count_names(old_name, new_name):
+    """The old names still answer for one release, with a DeprecationWarning naming the new one."""
+    plan = eplb.plan_transfers([[0, 1, 2, 3]], [[0, 0, 1, 1]], num_gpus=2, num_nodes=2, expert_bytes=5)
+    with pytest.warns(DeprecationWarning, match=rf"TransferPlan\.{old_name} is deprecated.*TransferPlan\.{new_name}"):
+        value = getattr(plan, old_name)
+    np.testing.assert_array_equal(value, getattr(plan, new_name))
+
+
+def test_remote_copies_against_moved_experts():
+    """GPU 1 gains expert 0 twice (lacked it): 2 moved pairs, 1 remote + 1 local copy. GPU 0 holds expert 2 once
+    and gains a second copy: 1 moved pair, 1 local copy, nothing between GPUs."""
+    old = np.array([[0, 2, 1, 3, 4, 5]])
+    new = np.array([[2, 2, 1, 0, 0, 5]])
+    plan = eplb.plan_transfers(old, new, num_gpus=2)
+    assert pair_counts(old, new, 2) == ([3], [1])
+    assert eplb.moved_experts(old, new, 2).tolist() == [3]
+    assert plan.remote_copies.tolist() == [1] and plan.local_copies.tolist() == [2]  # 1 on each GPU
+    np.testing.assert_array_equal(apply(plan, old), new)
+
+
+OLD, NEW = [[0, 1, 2, 3]], [[0, 1, 0, 0]]  # GPU 1 gains expert 0 twice: 2 moved pairs
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "num_gpus", "error", "match"),
+    [
+        ([[0.0, 1.0, 2.0, 3.0]], NEW, 2, TypeError, r"old_phy2log must hold integer expert ids, got dtype float64"),
+        (OLD, np.array(NEW, dtype=np.float32), 2, TypeError, r"new_phy2log must hold integer .* float32"),
+        (np.array(OLD, dtype=bool), NEW, 2, TypeError, r"old_phy2log must hold integer .* bool"),
+        ([[0, 1], [2]], NEW, 2, TypeError, r"old_phy2log must be an integer array"),
+        (object(), NEW, 2, TypeError, r"old_phy2log must be a numpy array, a list, a torch.Tensor or a jax.Array"),
+        (OLD, NEW, 2.0, TypeError, r"num_gpus must be an int"),
+        (OLD, NEW, 0, ValueError, r"num_gpus=0 must be positive"),
+        ([0, 1, 2, 3], NEW, 2, ValueError, r"old_phy2log must be 2-D \[layers, slots\], got shape \[4\]"),
+        (OLD, [[[0, 1, 0, 0]]], 2, ValueError, r"new_phy2log must be 2-D"),
+        (OLD, [[0, 1, 0, 0, 1, 1]], 2, ValueError, r"same shape, got \[1, 4\] and \[1, 6\]"),
+        ([[0, 1, 2]], [[0, 1, 2]], 2, ValueError, r"number of slots 3 must be a multiple of num_gpus=2"),
+        ([[0, -1, 2, 3]], NEW, 2, ValueError, r"old_phy2log must hold expert ids >= 0, got -1"),
+        (OLD, [[0, 1, -2, 0]], 2, ValueError, r"new_phy2log must hold expert ids >= 0, got -2"),
+    ],
+)
+def test_moved_experts_validation(old, new, num_gpus, error, match):
+    with pytest.raises(error, match=match):
+        eplb.moved_experts(old, new, num_gpus)
+
+
+def test_moved_experts_host_inputs():
+    assert eplb.moved_experts(OLD, NEW, 2).tolist() == [2]
+    assert eplb.moved_experts(np.array(OLD, np.int32), np.array(NEW, np.uint8), 2).tolist() == [2]
+    assert eplb.moved_experts([[]], [[]], 2).tolist() == [0]  # an empty list is no float array
+
+
+def test_moved_experts_torch():
+    """Host data on either side goes to torch; a torch CPU tensor is host data (its ids are checked)."""
+    torch = pytest.importorskip("torch")
+    old, new = torch.tensor(OLD), torch.tensor(NEW, dtype=torch.int32)
+    for pair in ((old, new), (OLD, new), (old, NEW), (np.array(OLD), new)):
+        out = eplb.moved_experts(*pair, 2)
+        assert isinstance(out, torch.Tensor) and out.tolist() == [2]
+    with pytest.raises(TypeError, match=r"new_phy2log must hold integer expert ids, got dtype torch.float32"):
+        eplb.moved_experts(old, new.float(), 2)
+    with pytest.raises(TypeError, match=r"old_phy2log must hold integer expert ids, got dtype torch.bool"):
+        eplb.moved_experts(old.bool(), new, 2)
+    with pytest.raises(ValueError, match=r"old_phy2log must hold expert ids >= 0, got -3"):
+        eplb.moved_experts(torch.tensor([[0, 1, -3, 3]]), NEW, 2)
+
+
+def test_moved_experts_jax():
+    """Host data on either side goes to JAX, eagerly and under jit (where ids cannot be read, so not checked)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    old, new = jnp.asarray(OLD), jnp.asarray(NEW)
+    for pair in ((old, new), (OLD, new), (old, np.array(NEW))):
+        out = eplb.moved_experts(*pair, 2)
+        assert isinstance(out, jax.Array) and out.tolist() == [2]
+    assert jax.jit(lambda a, b: eplb.moved_experts(a, b, 2))(old, new).tolist() == [2]
+    assert jax.jit(lambda b: eplb.moved_experts(np.array(OLD), b, 2))(new).tolist() == [2]
+    with pytest.raises(TypeError, match=r"new_phy2log must hold integer expert ids, got dtype bfloat16"):
+        eplb.moved_experts(old, new.astype(jnp.bfloat16), 2)
+
+
+def test_moved_experts_rejects_mixed_frameworks():
+    """torch with JAX is a TypeError naming both types, not a shape error from a failed conversion."""
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    message = r"one framework .* got a torch.Tensor and a jax.Array"
+    with pytest.raises(TypeError, match=message):
+        eplb.moved_experts(torch.tensor(OLD), jax.numpy.asarray(NEW), 2)
+    with pytest.raises(TypeError, match=r"got a jax.Array and a torch.Tensor"):
+        eplb.moved_experts(jax.numpy.asarray(OLD), torch.tensor(NEW), 2)
 
 
 def test_transfer_error_names_the_copy():
-    plan = eplb.plan_transfers([[0, 1, 2, 3]], [[0, 2, 1, 3]], 2)
+    plan = eplb.plan_transfers([[0, 1, 2, 3]], [[0, 2, 1, 3]], num_gpus=2)
     err = eplb.TransferError("peer closed", plan=plan, transfer=1, rank=1)
     assert (err.layer, err.expert, err.src_gpu, err.dst_gpu, err.rank) == (0, 1, 0, 1, 1)
     assert str(err) == (

@@ -6,8 +6,12 @@
   over a mesh axis of expert-parallel devices, ``jit``-able.
 
 Both are double-buffered: new weights are built beside the old ones and only
-committed once every copy has arrived, so a failure part-way (a peer error,
-an exception, a corrupted copy) leaves every rank's old weights intact and
-raises :class:`eplb.TransferError` naming the copy that failed. Import the
-submodule you need; this package imports no framework.
+committed once every copy has arrived, so a failure part-way leaves every
+rank's old weights intact. A transfer failure (a communication error, a peer
+that dies, a timeout, a corrupted copy, an exception in the torch executor's
+``on_transfer``) raises :class:`eplb.TransferError` naming the copy that
+failed; invalid arguments and bugs raise their own exception unchanged
+(``TypeError``, ``ValueError``, ...), checked before anything moves, and the
+torch executor still tells the other ranks so that none of them commits.
+Import the submodule you need; this package imports no framework.
 """

@@ -17,11 +17,15 @@ the plan on the host (:func:`plan_arrays`), so it runs under ``jax.jit``
 compiled program. The old array is never donated: it stays intact, and
 :func:`apply_plan` returns the new one only if every checksum matched,
 otherwise it raises :class:`eplb.TransferError` naming the first bad copy.
+Only transfer failures become :class:`eplb.TransferError` (a checksum
+mismatch, or an XLA runtime error while the program runs); invalid arguments
+and errors while tracing the program (bugs) propagate unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -73,6 +77,8 @@ def plan_arrays(plan: TransferPlan, capacity: int | None = None) -> PlanArrays:
     pairs = plan.src_gpu[remote] * num_gpus + plan.dst_gpu[remote]
     need = int(np.bincount(pairs, minlength=num_gpus * num_gpus).max(initial=0))
     capacity = max(need, 1) if capacity is None else int(capacity)
+    if capacity < 1:
+        raise ValueError(f"capacity={capacity} must be positive")
     if capacity < need:
         raise ValueError(f"capacity={capacity} is below the plan's {need} copies between one pair of devices")
     flat = num_layers * per_gpu
@@ -181,7 +187,8 @@ def apply_plan(
         the mesh axis.
     weights : jax.Array [L, R, ...]
         Every layer's slots (all experts' copies of one weight matrix),
-        sharded over ``axis_name`` along ``R`` (resharded if not).
+        sharded over ``axis_name`` along ``R`` (resharded if not; a numpy
+        array is placed so, with ``mesh`` and ``axis_name`` given).
     mesh, axis_name : optional
         The expert-parallel mesh axis; taken from ``weights.sharding`` (a
         ``NamedSharding`` with ``PartitionSpec(None, axis)``) when omitted.
@@ -200,14 +207,30 @@ def apply_plan(
     ------
     TransferError
         A received copy does not match its sender's checksum (naming the
-        first such plan row and the receiving device), or the collective
-        failed. ``weights`` stays valid and unchanged.
+        first such plan row and the receiving device), or running the
+        program failed with a ``RuntimeError`` (``jax.errors.JaxRuntimeError``:
+        the collective failed, a device ran out of memory). ``weights``
+        stays valid and unchanged.
+    TypeError, ValueError
+        Invalid arguments (checked before anything runs): ``plan`` not a
+        :class:`TransferPlan` or for another number of devices, ``weights``
+        of the wrong shape, no mesh axis, a bad ``capacity`` or ``fault``.
+        Errors while tracing the program (bugs) also propagate unchanged.
     """
+    if not isinstance(plan, TransferPlan):
+        raise TypeError(f"plan must be an eplb.TransferPlan (from eplb.plan_transfers), got {type(plan).__name__}")
+    for name, value in (("capacity", capacity), ("fault", fault)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+    if not isinstance(weights, jax.Array | np.ndarray):
+        raise TypeError(f"weights must be a jax.Array [layers, slots, ...], got {type(weights).__name__}")
     if mesh is None or axis_name is None:
         sharding = getattr(weights, "sharding", None)
         if not isinstance(sharding, NamedSharding) or len(sharding.spec) < 2 or sharding.spec[1] is None:
             raise ValueError("pass mesh and axis_name, or weights sharded with PartitionSpec(None, axis)")
         mesh, axis_name = sharding.mesh, sharding.spec[1]
+    if axis_name not in mesh.shape:
+        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
     num_devices = mesh.shape[axis_name]
     if num_devices != plan.num_gpus:
         raise ValueError(f"the plan is for {plan.num_gpus} GPUs but mesh axis {axis_name!r} has {num_devices} devices")
@@ -223,12 +246,15 @@ def apply_plan(
         if not corrupt.any():
             raise ValueError(f"fault={fault} is not a copy between devices in this plan")
     spread = NamedSharding(mesh, PartitionSpec(axis_name))
-    weights = jax.device_put(weights, NamedSharding(mesh, PartitionSpec(None, axis_name)))
-    inputs = [jax.device_put(a, spread) for a in (arrays.send, arrays.gather, arrays.second, corrupt)]
+    # Only a runtime failure (jax.errors.JaxRuntimeError, a RuntimeError: the collective, device memory, also
+    # while resharding the inputs) is a transfer failure; tracing raises TypeError, ValueError, IndexError...
+    # for bugs, which propagate. The host read of ``ok`` is inside: an asynchronous failure surfaces there.
     try:
+        weights = jax.device_put(weights, NamedSharding(mesh, PartitionSpec(None, axis_name)))
+        inputs = [jax.device_put(a, spread) for a in (arrays.send, arrays.gather, arrays.second, corrupt)]
         new, ok = _cached_transfer(mesh, axis_name)(weights, *inputs)
         ok = np.asarray(ok)
-    except Exception as err:  # the collective itself failed
+    except RuntimeError as err:
         raise TransferError(f"the all_to_all carrying {int(plan.remote.sum())} copies failed: {err!r}") from err
     bad = np.argwhere(~ok & (arrays.row >= 0))
     if len(bad):

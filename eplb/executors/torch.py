@@ -14,16 +14,26 @@ tensor. The migration runs in three steps:
 3. *commit*: all ranks agree that every copy arrived (one ``all_reduce``);
    only then are the staged slots written into the weights.
 
-Any failure (a peer that dies, a timeout, an exception in ``on_transfer``)
-is voted on by every rank that can still vote, so each raises
-:class:`eplb.TransferError` naming the first failed copy, with its weights
-untouched.
+Failures are voted on by every rank that can still vote, so no rank commits
+unless all can, and no rank waits for a peer that gave up:
+
+- a *transfer failure* (an error of ``torch.distributed``: a peer that dies,
+  a timeout, a ``DistBackendError`` or other ``RuntimeError`` of a
+  collective or point-to-point op; running out of memory while staging; an
+  exception in ``on_transfer``, which marks its copy as failed) makes every
+  rank raise :class:`eplb.TransferError` naming the first failed copy;
+- any other exception on a rank (invalid arguments, checked before anything
+  is staged, or a bug) is re-raised there unchanged (with a note) once the
+  rank has told the others, which raise :class:`eplb.TransferError` naming
+  it.
+
+Either way every rank keeps its weights untouched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,12 +45,41 @@ __all__ = ["apply_plan"]
 
 _NO_FAILURE = 2**62
 
+# What a torch.distributed call raises when communication fails: DistError and its subclasses
+# (DistBackendError, DistNetworkError, DistStoreError) and the plain RuntimeError of gloo ("Connection closed
+# by peer", "Timed out") are RuntimeErrors; timeouts and sockets may also surface as TimeoutError or OSError.
+_COMMUNICATION_ERRORS = (RuntimeError, TimeoutError, OSError)
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # older torch: CUDA's only
+
+
+class _Failure(NamedTuple):
+    """A failure seen by this rank: the plan row it concerns (-1: none) and the exception.
+
+    ``transfer``: a failure of the transfer itself, raised as :class:`TransferError`; otherwise the exception
+    (bad arguments, a bug) is re-raised unchanged after the vote.
+    """
+
+    row: int
+    error: BaseException
+    transfer: bool
+
+
+def _local(error: BaseException) -> _Failure:
+    """An exception of this rank's own work (checks, staging, unpacking): only running out of memory is a
+    transfer failure; anything else is a bad argument or a bug, to be seen as it is."""
+    return _Failure(-1, error, isinstance(error, _OUT_OF_MEMORY))
+
+
+def _communication(row: int, error: BaseException) -> _Failure:
+    """An exception of a ``torch.distributed`` call: its communication errors are transfer failures."""
+    return _Failure(row, error, isinstance(error, _COMMUNICATION_ERRORS))
+
 
 def _flatten(weights: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
     """The tensors of ``weights`` (a tensor, a sequence or a mapping of tensors) and how to rebuild it."""
     if isinstance(weights, torch.Tensor):
         return [weights], lambda ts: ts[0]
-    if isinstance(weights, Mapping):
+    if isinstance(weights, Mapping) and weights and all(isinstance(t, torch.Tensor) for t in weights.values()):
         keys = list(weights)
         return [weights[k] for k in keys], lambda ts: type(weights)(zip(keys, ts, strict=True))
     if isinstance(weights, Sequence) and weights and all(isinstance(t, torch.Tensor) for t in weights):
@@ -48,7 +87,16 @@ def _flatten(weights: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Ten
     raise TypeError(f"weights must be a tensor, or a non-empty sequence or mapping of tensors, got {type(weights)}")
 
 
-def _check(plan: TransferPlan, tensors: list[torch.Tensor], world: int) -> None:
+def _check(plan: Any, tensors: list[torch.Tensor], world: int, transport: Any, on_transfer: Any, in_place: Any) -> None:
+    """Validate the arguments before anything is staged; each error names the argument and the rule."""
+    if not isinstance(plan, TransferPlan):
+        raise TypeError(f"plan must be an eplb.TransferPlan (from eplb.plan_transfers), got {type(plan).__name__}")
+    if transport not in ("p2p", "all_to_all"):
+        raise ValueError(f"transport={transport!r} must be 'p2p' or 'all_to_all'")
+    if on_transfer is not None and not callable(on_transfer):
+        raise TypeError(f"on_transfer must be callable or None, got {type(on_transfer).__name__}")
+    if not isinstance(in_place, bool):
+        raise TypeError(f"in_place must be a bool, got {type(in_place).__name__}")
     if plan.num_gpus != world:
         raise ValueError(f"the plan is for {plan.num_gpus} GPUs but the process group has {world} ranks")
     expected = (plan.num_layers, plan.slots_per_gpu)
@@ -60,10 +108,25 @@ def _check(plan: TransferPlan, tensors: list[torch.Tensor], world: int) -> None:
             )
         if tensor.device != tensors[0].device:
             raise ValueError(f"weights tensors must share one device, got {tensors[0].device} and {tensor.device}")
+        if not tensor.is_contiguous():
+            raise ValueError(f"weights tensor {i} must be contiguous")
+
+
+def _vote_device(group: Any) -> torch.device:
+    """Where the vote lives when ``weights`` named no device: NCCL votes on the current CUDA device."""
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _raise_unchanged(error: BaseException, note: str) -> None:
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(note)
+    raise error
 
 
 def _vote(
-    failure: tuple[int, BaseException] | None,
+    failure: _Failure | None,
     plan: TransferPlan,
     rank: int,
     world: int,
@@ -71,30 +134,43 @@ def _vote(
     device: torch.device,
     step: str,
 ) -> None:
-    """Agree on failures across ranks; raise :class:`TransferError` on every rank if any failed.
+    """Agree on failures across ranks; raise on every rank if any failed.
 
-    Each rank contributes ``(failed copy + 1) * world + rank`` (copy -1 for a
-    failure not tied to a copy) or a sentinel; the minimum names the first
-    failed copy and the rank that saw it.
+    Each rank contributes ``((failed row + 1) * 2 + own error) * world + rank``
+    (row -1 for a failure not tied to a copy; ``own error`` 1 for an
+    exception that is not a transfer failure) or a sentinel; the minimum
+    names the first failed copy and the rank that saw it. A rank whose own
+    failure is not a transfer failure re-raises it; the others raise
+    :class:`TransferError`.
     """
-    code = _NO_FAILURE if failure is None else (failure[0] + 1) * world + rank
+    code = _NO_FAILURE if failure is None else ((failure.row + 1) * 2 + (not failure.transfer)) * world + rank
     flag = torch.full((1,), code, dtype=torch.int64, device=device)
     try:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    except Exception as err:  # a peer is gone: no agreement possible, keep the old weights
-        transfer = failure[0] if failure is not None and failure[0] >= 0 else None
-        cause = f"{failure[1]!r}; then the {step} vote failed: {err}" if failure else f"the {step} vote failed: {err}"
+        code = int(flag.item())  # where an asynchronous NCCL error surfaces
+    except _COMMUNICATION_ERRORS as err:  # a peer is gone: no agreement possible, keep the old weights
+        if failure is not None and not failure.transfer:
+            note = f"eplb: rank {rank} could not tell the other ranks ({step} vote failed: {err}); no weights changed"
+            _raise_unchanged(failure.error, note)
+        transfer = failure.row if failure is not None and failure.row >= 0 else None
+        cause = (
+            f"{failure.error!r}; then the {step} vote failed: {err}" if failure else f"the {step} vote failed: {err}"
+        )
         raise TransferError(cause, plan=plan, transfer=transfer, rank=rank) from err
-    code = int(flag.item())
+    if failure is not None and not failure.transfer:
+        note = f"eplb: rank {rank} told the other ranks during {step}; they raise TransferError, no weights changed"
+        _raise_unchanged(failure.error, note)
     if code == _NO_FAILURE:
         return
-    transfer, reporter = code // world - 1, code % world
+    reporter, own_error, transfer = code % world, (code // world) % 2, code // world // 2 - 1
     if reporter == rank and failure is not None:
-        cause = repr(failure[1])
+        cause = repr(failure.error)
+    elif own_error:
+        cause = f"raised an exception of its own during {step} (invalid arguments or a bug; see its traceback)"
     else:
         cause = f"reported by rank {reporter} during {step}"
     error = TransferError(cause, plan=plan, transfer=transfer if transfer >= 0 else None, rank=reporter)
-    raise error from (failure[1] if failure is not None else None)
+    raise error from (failure.error if failure is not None else None)
 
 
 def _prepare_exchange(
@@ -166,30 +242,45 @@ def apply_plan(
     Raises
     ------
     TransferError
-        A copy or a rank failed; every rank that can still communicate
-        raises, naming the first failed copy, with its weights unchanged.
+        The transfer failed: a ``torch.distributed`` error (a peer that died,
+        a timeout, a ``DistBackendError`` or ``RuntimeError`` of an op), out
+        of memory while staging, an exception of ``on_transfer``, or another
+        rank failed. Every rank that can still communicate raises, naming
+        the first failed copy (or the rank), with its weights unchanged.
+    TypeError, ValueError
+        Invalid arguments on this rank: ``plan`` not a :class:`TransferPlan`
+        or for another number of ranks, ``weights`` not tensors of shape
+        ``[L, R/G, ...]`` on one device, contiguous; ``transport``,
+        ``on_transfer``, ``in_place`` invalid. Checked before anything is
+        staged; this rank raises the error unchanged after telling the
+        others (which raise :class:`TransferError`). Other exceptions of
+        eplb's own code (bugs) behave the same. No weights change.
     """
-    tensors, rebuild = _flatten(weights)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    device = tensors[0].device
-    failure: tuple[int, BaseException] | None = None
+    if rank < 0:
+        raise ValueError("this process is not a member of group")
+    failure: _Failure | None = None
+    device: torch.device | None = None
 
-    # 1. Prepare: staging buffers for every slot this rank writes, local copies from old weights,
-    # and per peer one message per tensor with every copy between the two ranks, in plan order.
+    # 1. Prepare: check the arguments, then staging buffers for every slot this rank writes, local copies from
+    # old weights, and per peer one message per tensor with every copy between the two ranks, in plan order.
+    # Nothing here communicates, so an exception is a bad argument or a bug (or memory): it is voted on, so that
+    # the other ranks stop too, and re-raised unchanged here.
     messages: list[tuple[Any, torch.Tensor, int, int]] = []  # (op, buffer, peer, first plan row)
     unpack: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (staged, positions, received)
     exchanges: list[tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = []  # all_to_all: out, in, splits
     try:
-        if transport not in ("p2p", "all_to_all"):
-            raise ValueError(f"transport={transport!r} must be 'p2p' or 'all_to_all'")
-        _check(plan, tensors, world)
-        if any(not t.is_contiguous() for t in tensors):
-            raise ValueError("weights tensors must be contiguous")
+        tensors, rebuild = _flatten(weights)
+        device = tensors[0].device
+        _check(plan, tensors, world, transport, on_transfer, in_place)
         rows = np.flatnonzero(plan.dst_gpu == rank)
         position = {int(row): k for k, row in enumerate(rows)}
         by_slot = {(int(plan.layer[row]), int(plan.dst_slot[row])): k for k, row in enumerate(rows)}
         staged = [t.new_empty((len(rows), *t.shape[2:])) for t in tensors]
         flat_slots = plan.num_layers * plan.slots_per_gpu
+        # The commit's indices, made now so that nothing but the writes is left after the last vote.
+        commit_layers = torch.as_tensor(plan.layer[rows], device=device)
+        commit_slots = torch.as_tensor(plan.dst_slot[rows], device=device)
         with torch.no_grad():
             for row in rows[(plan.src_gpu[rows] == rank) & (plan.stage[rows] == 0)]:
                 layer, slot = int(plan.layer[row]), int(plan.src_slot[row])
@@ -212,53 +303,69 @@ def apply_plan(
                         messages.append((dist.irecv, received, peer, int(into[0])))
                         unpack.append((buffer, index, received))
     except Exception as err:
-        failure = (-1, err)
-    _vote(failure, plan, rank, world, group, device, "preparation")
+        failure = _local(err)
+    _vote(failure, plan, rank, world, group, device if device is not None else _vote_device(group), "preparation")
 
-    # 2. Transfer: all messages posted together; a failed message names its first copy.
+    # 2. Transfer: all messages posted together; a failed message names its first copy. Only errors of the
+    # torch.distributed calls themselves are transfer failures.
     incoming = np.flatnonzero(plan.remote & (plan.dst_gpu == rank))
     for received, sent, received_splits, sent_splits in exchanges:
         try:
             dist.all_to_all_single(received, sent, received_splits, sent_splits, group=group)
         except Exception as err:
-            failure = failure or (int(incoming[0]) if len(incoming) else -1, err)
+            if failure is None:
+                failure = _communication(int(incoming[0]) if len(incoming) else -1, err)
     try:
         ops = [dist.P2POp(op, buffer, group=group, group_peer=peer) for op, buffer, peer, _ in messages]
-        works = dist.batch_isend_irecv(ops) if ops else []
-        # gloo returns one work per op; NCCL may coalesce a batch into one.
-        for i, work in enumerate(works):
-            try:
-                work.wait()
-            except Exception as err:
-                failure = failure or (messages[i][3] if len(works) == len(ops) else -1, err)
     except Exception as err:
-        failure = failure or (-1, err)
+        ops, failure = [], failure or _local(err)
+    try:
+        works = dist.batch_isend_irecv(ops) if ops else []
+    except Exception as err:
+        works, failure = [], failure or _communication(-1, err)
+    # gloo returns one work per op; NCCL may coalesce a batch into one.
+    for i, work in enumerate(works):
+        try:
+            work.wait()
+        except Exception as err:
+            if failure is None:
+                failure = _communication(messages[i][3] if len(works) == len(ops) else -1, err)
     if failure is None:
         try:
-            with torch.no_grad():
-                for buffer, index, received in unpack:
-                    buffer.index_copy_(0, index, received)
-                for row in rows[plan.stage[rows] == 1]:  # second copies of an expert this rank received
-                    source = by_slot[int(plan.layer[row]), int(plan.src_slot[row])]
-                    for buffer in staged:
-                        buffer[position[int(row)]].copy_(buffer[source])
+            _unpack(plan, rows, position, by_slot, staged, unpack)
         except Exception as err:
-            failure = (-1, err)
+            failure = _local(err)
     if failure is None and on_transfer is not None:
         for row in incoming.tolist():
             try:
                 on_transfer(row)
-            except Exception as err:
-                failure = (row, err)
+            except Exception as err:  # documented: the user's check rejects this copy
+                failure = _Failure(row, err, True)
                 break
 
     # 3. Commit once every rank has everything.
     _vote(failure, plan, rank, world, group, device, "transfer")
     out = tensors if in_place else [t.clone() for t in tensors]
     if len(rows):
-        layers = torch.as_tensor(plan.layer[rows], device=device)
-        slots = torch.as_tensor(plan.dst_slot[rows], device=device)
         with torch.no_grad():
             for tensor, buffer in zip(out, staged, strict=True):
-                tensor[layers, slots] = buffer
+                tensor[commit_layers, commit_slots] = buffer
     return weights if in_place else rebuild(out)
+
+
+def _unpack(
+    plan: TransferPlan,
+    rows: np.ndarray,
+    position: dict[int, int],
+    by_slot: dict[tuple[int, int], int],
+    staged: list[torch.Tensor],
+    unpack: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> None:
+    """Received copies into their staging rows, then the second copies of an expert this rank received."""
+    with torch.no_grad():
+        for buffer, index, received in unpack:
+            buffer.index_copy_(0, index, received)
+        for row in rows[plan.stage[rows] == 1]:
+            source = by_slot[int(plan.layer[row]), int(plan.src_slot[row])]
+            for buffer in staged:
+                buffer[position[int(row)]].copy_(buffer[source])
