@@ -3,7 +3,8 @@
 Some modules import an optional framework at the top (torch, JAX, Triton,
 matplotlib, ...); their doctests are collected only where that framework is
 installed, so each tox env (``numpy`` has neither torch nor JAX) collects
-what it can import.
+what it can import. Any other import failure (a bug in eplb, a broken
+install) is not hidden: the module is collected and its error reported.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import importlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+
+# Top-level names of the optional dependencies (pyproject's extras), whose absence skips a module.
+OPTIONAL = frozenset({"torch", "jax", "jaxlib", "jax_triton", "triton", "numba", "matplotlib", "rich"})
 
 
 def pytest_ignore_collect(collection_path: Path, config: object) -> bool | None:
@@ -23,6 +27,8 @@ def pytest_ignore_collect(collection_path: Path, config: object) -> bool | None:
         return True  # running it would start the command line
     try:
         importlib.import_module(module.removesuffix(".__init__"))
-    except ImportError:
-        return True  # an optional dependency is missing here
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] in OPTIONAL:
+            return True  # an optional dependency is missing here
+        raise
     return None

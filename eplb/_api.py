@@ -11,6 +11,7 @@ import numpy as np
 
 from eplb import _validate, _xp
 from eplb.algorithms import packing as _packing
+from eplb.algorithms.loads import clean_loads
 from eplb.algorithms import replication as _replication
 from eplb.algorithms.policies import POLICIES
 from eplb.backends import get_backend
@@ -39,6 +40,7 @@ class Placement(NamedTuple):
 
 def _checked_weight(weight: Any, check_values: bool | None) -> tuple[Any, Any]:
     """Validate ``weight`` [L, E]; returns (backend module, weight)."""
+    check_values = _validate.check_flag("check_values", check_values)
     name, weight = _as_weight(weight)
     backend = get_backend(name)
     _validate.check_weight_shape(tuple(weight.shape))
@@ -89,8 +91,20 @@ def _checked_settings(*settings: Any) -> tuple[int, int, int, int, bool, int]:
     return checked
 
 
-def _checked_previous(previous: Any, weight: Any, backend: Any, num_replicas: int, check_values: bool | None) -> Any:
-    """Validate ``previous`` [L, R] (integer expert ids) and convert it to ``weight``'s kind and device."""
+def _checked_previous(
+    previous: Any,
+    weight: Any,
+    backend: Any,
+    sizes: tuple[int, int, int, bool],
+    check_values: bool | None,
+    max_moves: int | None,
+) -> Any:
+    """Validate ``previous`` [L, R] (integer expert ids) and convert it to ``weight``'s kind and device.
+
+    ``sizes`` is ``(num_replicas, num_groups, num_nodes, hierarchical)``. With
+    ``max_moves``, readable ids must also form a placement of this config.
+    """
+    num_replicas, num_groups, num_nodes, hierarchical = sizes
     if isinstance(previous, Placement):
         previous = previous.phy2log
     name = _xp.backend_name(weight)
@@ -127,6 +141,8 @@ def _checked_previous(previous: Any, weight: Any, backend: Any, num_replicas: in
                 f"previous must hold expert ids in [0, {weight.shape[1]}), "
                 f"got values from {values.min()} to {values.max()}"
             )
+        if values is not None and max_moves is not None:
+            _validate.check_previous_placement(values, weight.shape[1], num_groups, num_nodes, hierarchical)
     return previous
 
 
@@ -153,8 +169,9 @@ def _checked_knobs(balance_tolerance: Any, max_moves: Any, previous: Any, spill:
 
 
 def _as_float32(weight: Any) -> tuple[Any, Any]:
+    """float32 loads as every implementation reads them (:func:`eplb.algorithms.loads.clean_loads`)."""
     xp = _xp.array_namespace(weight)
-    return xp, xp.astype(weight, xp.float32)
+    return xp, clean_loads(xp.astype(weight, xp.float32), xp=xp)
 
 
 def _as_weight(weight: Any) -> tuple[str, Any]:
@@ -226,7 +243,9 @@ def rebalance_experts(
         wherever it is free: numpy, torch CPU, concrete JAX arrays on the CPU.
         CUDA tensors and JAX device arrays are checked only with ``True``
         (it copies the loads to the host); JAX tracers cannot be checked.
-        The same rule applies to the ids in ``previous``.
+        The same rule applies to the ids in ``previous``. Where loads are
+        not checked, a NaN, negative or infinite load is read as 0 (so the
+        placement is still valid and the same on every backend).
     previous : array [L, R], integer, keyword-only
         The placement in use (its ``phy2log``, or the :class:`Placement`).
         The result then has the same balance (the same multiset of GPU loads
@@ -248,7 +267,13 @@ def rebalance_experts(
         With ``previous``: move at most this many experts per layer. Alone,
         the result is the lightest heaviest GPU found within the budget
         (balance as without ``previous`` whenever the budget allows); with
-        ``balance_tolerance``, both bounds hold where possible.
+        ``balance_tolerance``, both bounds hold where possible. The cap
+        needs ``previous`` to be a placement of this config (every expert
+        has a slot; under the hierarchical policy each group's slots lie on
+        one node): that is checked with the ids (``ValueError`` otherwise).
+        Where the ids are not read (``check_values`` above), a layer whose
+        ``previous`` is not such a placement gets the relabelled placement
+        of ``previous=`` alone, and the cap does not apply to it.
 
     Returns
     -------
@@ -276,7 +301,8 @@ def rebalance_experts(
     num_replicas, num_groups, num_nodes, num_gpus, hierarchical, spill = _checked_settings(*settings)
     balance_tolerance, max_moves = _checked_knobs(balance_tolerance, max_moves, previous, spill)
     if previous is not None:
-        previous = _checked_previous(previous, weight, backend, num_replicas, check_values)
+        sizes = (num_replicas, num_groups, num_nodes, hierarchical)
+        previous = _checked_previous(previous, weight, backend, sizes, check_values, max_moves)
         placement = backend.rebalance_stable(
             weight,
             previous,

@@ -10,6 +10,8 @@ import numpy as np
 __all__ = [
     "check_config",
     "check_count",
+    "check_flag",
+    "check_previous_placement",
     "check_spill",
     "check_weight_dtype",
     "check_weight_shape",
@@ -27,6 +29,19 @@ def check_count(name: str, value: Any) -> int:
     if value <= 0:
         raise ValueError(f"{name}={value} must be positive")
     return value
+
+
+def check_flag(name: str, value: Any) -> bool | None:
+    """``None``, or a Python/numpy bool as a Python bool.
+
+    numpy scalars count as the Python type they stand for, everywhere in the
+    API: ``np.True_`` is a bool as ``np.int64(4)`` is an int. Anything else
+    (``"no"``, ``0``, ``1``) is a ``TypeError``: a truthy string must not
+    silently mean ``True``.
+    """
+    if value is None or isinstance(value, bool | np.bool_):
+        return None if value is None else bool(value)
+    raise TypeError(f"{name} must be True, False or None, got {type(value).__name__} {value!r}")
 
 
 def check_weight_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -93,10 +108,9 @@ def check_config(
         raise ValueError(f"num_replicas={num_replicas} must be a multiple of num_gpus={num_gpus}")
     if num_gpus % num_nodes:
         raise ValueError(f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes}")
+    hierarchical = check_flag("hierarchical", hierarchical)
     if hierarchical is None:
         hierarchical = num_groups % num_nodes == 0
-    elif not isinstance(hierarchical, bool):
-        raise TypeError(f"hierarchical must be True, False or None, got {hierarchical!r}")
     if hierarchical:
         if num_groups % num_nodes:
             raise ValueError(
@@ -129,3 +143,39 @@ def check_spill(spill: Any, num_experts: int, num_replicas: int, num_nodes: int,
             "each node needs a slot for every expert of its own groups"
         )
     return spill
+
+
+def check_previous_placement(
+    previous: np.ndarray, num_experts: int, num_groups: int, num_nodes: int, hierarchical: bool
+) -> None:
+    """``previous [L, R]`` (host ids in ``[0, E)``) is a placement of this config, as ``max_moves`` needs.
+
+    Every expert has a slot in every layer; under the hierarchical policy the
+    slots of each group lie on one node. Raises ``ValueError`` naming the
+    first offending layer.
+    """
+    num_layers, num_replicas = previous.shape
+    rows = np.arange(num_layers)[:, None]
+    present = np.zeros((num_layers, num_experts), dtype=bool)
+    present[rows, previous] = True
+    if not present.all():
+        layer, expert = np.argwhere(~present)[0]
+        raise ValueError(
+            f"previous is not a placement of this configuration (layer {layer} has no slot for expert {expert}), "
+            "so max_moves cannot be honoured; pass previous= alone (or with balance_tolerance=) to relabel from it"
+        )
+    if not hierarchical or num_nodes == 1:
+        return
+    group = previous // (num_experts // num_groups)  # [L, R]
+    node = np.broadcast_to(np.arange(num_replicas) // (num_replicas // num_nodes), group.shape)
+    low = np.full((num_layers, num_groups), num_nodes)
+    high = np.full((num_layers, num_groups), -1)
+    np.minimum.at(low, (rows, group), node)
+    np.maximum.at(high, (rows, group), node)
+    if (low != high).any():
+        layer, g = np.argwhere(low != high)[0]
+        raise ValueError(
+            f"previous is not a placement of this configuration (layer {layer}: group {g} spans nodes "
+            f"{low[layer, g]} to {high[layer, g]}, and the hierarchical policy keeps each group on one node), "
+            "so max_moves cannot be honoured; pass previous= alone (or with balance_tolerance=) to relabel from it"
+        )

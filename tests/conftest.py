@@ -42,16 +42,32 @@ def _jax_gpu() -> bool:
         return False
 
 
+def _numba() -> bool:
+    return _has("numba")
+
+
 class Backend(enum.Enum):
+    """Every way eplb can compute a placement here: front doors (dispatch) and forced implementations.
+
+    A front door is what a user's call runs (``numpy``, ``torch``, ``jax``...);
+    a forced implementation (``impl=``) is one kernel or code path, so that a
+    cross-backend test compares implementations, not two doors to one kernel.
+    """
+
     NUMPY = "numpy"  # default dispatch (the numba kernel where installed, for the greedy policy)
     NUMPY_XP = "numpy:xp"  # the array-API reference path, forced
+    NUMPY_NUMBA = "numpy:numba"  # the compiled numba kernel, forced (greedy policy only)
     TORCH = "torch"  # CPU tensor, default dispatch (numpy kernel on a view)
     TORCH_OPS = "torch:ops"  # CPU tensor, torch ops forced (the CUDA code path)
-    TORCH_CUDA = "torch:cuda"
+    TORCH_CUDA = "torch:cuda"  # default dispatch on CUDA (Triton kernels where they apply)
+    TORCH_CUDA_OPS = "torch:cuda-ops"  # torch ops forced on CUDA
     JAX = "jax"  # CPU, eager call (jit inside; the numba kernel through a host callback where installed)
     JAX_JIT = "jax:jit"  # CPU, called inside the user's own jax.jit
     JAX_XLA = "jax:xla"  # CPU, the array-API path under jit forced (what JAX runs without numba)
-    JAX_GPU = "jax:gpu"
+    JAX_HOST = "jax:host"  # CPU, the numba kernel through a host callback, forced (greedy policy only)
+    JAX_PALLAS = "jax:pallas-interpret"  # CPU, the Pallas kernels under Pallas' interpreter (no spill)
+    JAX_GPU = "jax:gpu"  # default dispatch on a GPU (Pallas kernels where they apply)
+    JAX_GPU_XLA = "jax:gpu-xla"  # XLA forced on a GPU
 
     @property
     def module(self) -> str:
@@ -59,15 +75,29 @@ class Backend(enum.Enum):
 
     @property
     def gpu(self) -> bool:
-        return self in (Backend.TORCH_CUDA, Backend.JAX_GPU)
+        return self in (Backend.TORCH_CUDA, Backend.TORCH_CUDA_OPS, Backend.JAX_GPU, Backend.JAX_GPU_XLA)
 
     def available(self) -> bool:
         if not _has(self.module):
             return False
-        if self is Backend.TORCH_CUDA:
+        if self.module == "torch" and self.gpu:
             return _torch_cuda()
-        if self is Backend.JAX_GPU:
+        if self.module == "jax" and self.gpu:
             return _jax_gpu()
+        if self in (Backend.NUMPY_NUMBA, Backend.JAX_HOST):
+            return _numba()
+        if self is Backend.JAX_PALLAS:
+            from eplb.backends import _jax
+
+            return _jax.pallas_available()
+        return True
+
+    def supports(self, *, policy: str = "greedy", spill: int = 0, previous: Any = None, **_: Any) -> bool:
+        """Whether this implementation computes such a call (a front door computes every call)."""
+        if self in (Backend.NUMPY_NUMBA, Backend.JAX_HOST):
+            return policy == "greedy" and not spill and previous is None
+        if self is Backend.JAX_PALLAS:
+            return not spill and previous is None
         return True
 
 
@@ -105,22 +135,57 @@ def to_numpy(x: Any, backend: Backend) -> np.ndarray:
     return x.astype(np.int64)
 
 
+def _forced(backend_module: Any, impl: str | None, validate: bool = True) -> Callable[..., Any]:
+    """A call that validates through the public API, then runs ``backend_module`` with ``impl`` forced.
+
+    With ``previous=`` it runs the module's ``rebalance_stable`` (its only
+    implementation of that call, or the forced one where it has several).
+    """
+
+    def run(weight: Any, r: int, g: int, n: int, gpus: int, **kw: Any) -> Any:
+        if validate:
+            eplb.rebalance_experts(weight, r, g, n, gpus, **kw)
+        hierarchical = kw.pop("hierarchical", None)
+        hierarchical = (g % n == 0) if hierarchical is None else hierarchical
+        forced = {} if impl is None else {"impl": impl}
+        previous = kw.pop("previous", None)
+        if previous is not None:
+            previous = previous.phy2log if isinstance(previous, eplb.Placement) else previous
+            tolerance, max_moves = kw.pop("balance_tolerance", None), kw.pop("max_moves", None)
+            kw.pop("check_values", None)
+            return backend_module.rebalance_stable(
+                weight,
+                previous,
+                r,
+                g,
+                n,
+                gpus,
+                hierarchical=hierarchical,
+                tolerance=tolerance,
+                max_moves=max_moves,
+                **forced,
+                **kw,
+            )
+        kw.pop("check_values", None)
+        return backend_module.rebalance(weight, r, g, n, gpus, hierarchical=hierarchical, **forced, **kw)
+
+    return run
+
+
 def make_runner(backend: Backend) -> Runner:
     if backend is Backend.NUMPY:
         return Runner(backend, np.asarray, eplb.rebalance_experts)
-    if backend is Backend.NUMPY_XP:
+    if backend in (Backend.NUMPY_XP, Backend.NUMPY_NUMBA):
         from eplb.backends import _numpy
 
-        def reference(weight: Any, r: int, g: int, n: int, gpus: int, **kw: Any) -> Any:
-            """Validate via the public API, then run the array-API path with the options it chose."""
-            placement = eplb.rebalance_experts(weight, r, g, n, gpus, **kw)
-            if kw.get("previous") is not None:
-                return placement  # placement-stable calls have no kernel: already the array-API path
-            hierarchical = kw.pop("hierarchical", None)
-            hierarchical = (g % n == 0) if hierarchical is None else hierarchical
-            return _numpy.rebalance(weight, r, g, n, gpus, hierarchical=hierarchical, impl="xp", **kw)
+        impl = "xp" if backend is Backend.NUMPY_XP else "numba"
 
-        return Runner(backend, np.asarray, reference)
+        def numpy_forced(weight: Any, *args: Any, **kw: Any) -> Any:
+            if kw.get("previous") is not None:  # placement-stable calls have one implementation on numpy
+                return _forced(_numpy, None)(weight, *args, **kw)
+            return _forced(_numpy, impl)(weight, *args, **kw)
+
+        return Runner(backend, np.asarray, numpy_forced)
     if backend.module == "torch":
         import torch
 
@@ -129,17 +194,10 @@ def make_runner(backend: Backend) -> Runner:
         def as_torch(a: np.ndarray) -> Any:
             return torch.as_tensor(np.asarray(a), device=device)
 
-        if backend is Backend.TORCH_OPS:
+        if backend in (Backend.TORCH_OPS, Backend.TORCH_CUDA_OPS):
             from eplb.backends import _torch
 
-            def forced(weight: Any, r: int, g: int, n: int, gpus: int, **kw: Any) -> Any:
-                """Validate via the public API, then run the torch-ops path with the options it chose."""
-                eplb.rebalance_experts(weight, r, g, n, gpus, **kw)
-                hierarchical = kw.pop("hierarchical", None)
-                hierarchical = (g % n == 0) if hierarchical is None else hierarchical
-                return _torch.rebalance(weight, r, g, n, gpus, hierarchical=hierarchical, impl="torch", **kw)
-
-            return Runner(backend, as_torch, forced)
+            return Runner(backend, as_torch, _forced(_torch, "torch"))
         return Runner(backend, as_torch, eplb.rebalance_experts)
 
     import jax
@@ -156,19 +214,14 @@ def make_runner(backend: Backend) -> Runner:
             a = a.astype(np.float32)
         return jax.device_put(jnp.asarray(a), device)
 
-    if backend is Backend.JAX_XLA:
-        from eplb.backends import _jax
+    from eplb.backends import _jax
 
-        def xla(weight: Any, r: int, g: int, n: int, gpus: int, **kw: Any) -> Any:
-            """Validate via the public API, then run the XLA path with the options it chose."""
-            placement = eplb.rebalance_experts(weight, r, g, n, gpus, **kw)
-            if kw.get("previous") is not None:
-                return placement  # placement-stable calls always run the XLA path
-            hierarchical = kw.pop("hierarchical", None)
-            hierarchical = (g % n == 0) if hierarchical is None else hierarchical
-            return _jax.rebalance(weight, r, g, n, gpus, hierarchical=hierarchical, impl="xla", **kw)
-
-        return Runner(backend, as_jax, xla)
+    if backend in (Backend.JAX_XLA, Backend.JAX_GPU_XLA):
+        return Runner(backend, as_jax, _forced(_jax, "xla"))
+    if backend is Backend.JAX_HOST:
+        return Runner(backend, as_jax, _forced(_jax, "host"))
+    if backend is Backend.JAX_PALLAS:
+        return Runner(backend, as_jax, _pallas_interpreted)
     if backend is Backend.JAX_JIT:
 
         def jitted(weight: Any, r: int, g: int, n: int, gpus: int, **kwargs: Any) -> Any:
@@ -178,8 +231,21 @@ def make_runner(backend: Backend) -> Runner:
     return Runner(backend, as_jax, eplb.rebalance_experts)
 
 
+def _pallas_interpreted(weight: Any, r: int, g: int, n: int, gpus: int, **kw: Any) -> Any:
+    """The Pallas kernel of the policy (greedy or refined) under Pallas' CPU interpreter, after validation."""
+    from eplb.backends import _pallas, _pallas_refined
+
+    eplb.rebalance_experts(weight, r, g, n, gpus, **kw)
+    hierarchical = kw.get("hierarchical")
+    hierarchical = (g % n == 0) if hierarchical is None else hierarchical
+    kernel = _pallas_refined if kw.get("policy", "greedy") == "refined" else _pallas
+    return kernel.placement(weight, (r, g, n, gpus), hierarchical, interpret=True)
+
+
 ALL_BACKENDS = list(Backend)
 CPU_BACKENDS = [b for b in Backend if not b.gpu]
+# One front door per framework on the CPU (the Pallas interpreter is slow: its own tests call it).
+FRONT_DOORS = [Backend.NUMPY, Backend.TORCH, Backend.JAX]
 
 
 def backend_params(backends: list[Backend]) -> list[Any]:

@@ -1,83 +1,124 @@
-"""Every installed backend returns the same placement, bit for bit.
+"""Every implementation returns the same placement, bit for bit.
 
-Backends: numpy (reference), torch CPU (default and forced torch ops),
-torch CUDA, JAX CPU (eager and inside a user's jit), JAX GPU. GPU ones skip
-without a GPU. All pairs are compared, not only against numpy.
+Implementations, each forced (``impl=``) so that two front doors to one kernel
+do not count as two: the array-API reference on numpy, the numba kernel,
+torch ops (CPU; CUDA), JAX's XLA path, JAX's host callback, the Pallas
+kernels under Pallas' interpreter, and the Triton kernels under Triton's
+interpreter (a subprocess: the interpreter is chosen at import). The front
+doors (numpy, torch CPU/CUDA, JAX CPU/GPU, inside a user's ``jit``) run too,
+which checks the dispatch. Implementations that do not compute a call (the
+numba kernel has no refined policy, no kernel has ``previous=``) are left
+out of that comparison, by :meth:`Backend.supports`, never skipped
+silently. GPU ones run where there is a GPU. All pairs are compared.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+import eplb
+
 from . import cases
 from .conftest import ALL_BACKENDS, Backend, make_runner
 
-# (replicas, groups, nodes, gpus) for E = 16 or 256 experts
+ROOT = Path(__file__).resolve().parents[1]
+
+# (replicas, groups, nodes, gpus) for E = 16 or 256 experts; one slot per GPU in (16, 4, 2, 16).
 SMALL = [(24, 4, 2, 4), (20, 4, 4, 4), (32, 3, 2, 8), (16, 4, 2, 16)]
 DEEPSEEK = (288, 8, 4, 32)
 DEEPSEEK_GLOBAL = (288, 8, 3, 144)
-
-
-def _available() -> list[Backend]:
-    return [b for b in ALL_BACKENDS if b.available()]
-
+# The Pallas interpreter takes seconds per shape: it joins at the small shapes (tests/test_pallas*.py
+# run it at the DeepSeek shapes).
+INTERPRETED_EXPERTS = 16
 
 POLICIES = pytest.mark.parametrize("policy", ["greedy", "refined"])
 
 
-def _all_agree(weight: np.ndarray, config: tuple[int, ...], policy: str) -> None:
-    backends = _available()
-    assert Backend.NUMPY in backends
-    results = {b: make_runner(b).rebalance_np(weight, *config, policy=policy) for b in backends}
+def implementations(num_experts: int, **call: Any) -> list[Backend]:
+    """The available implementations and front doors that compute ``call`` (keywords of rebalance_experts)."""
+    found = [b for b in ALL_BACKENDS if b.available() and b.supports(**call)]
+    if num_experts > INTERPRETED_EXPERTS:
+        found = [b for b in found if b is not Backend.JAX_PALLAS]
+    return found
+
+
+def _all_agree(weight: np.ndarray, config: tuple[int, ...], **call: Any) -> dict[Backend, tuple[np.ndarray, ...]]:
+    backends = implementations(weight.shape[1], **call)
+    assert Backend.NUMPY in backends and Backend.NUMPY_XP in backends
+    results = {}
+    for b in backends:
+        runner = make_runner(b)
+        kwargs = dict(call)
+        if kwargs.get("previous") is not None:
+            kwargs["previous"] = runner.asarray(kwargs["previous"])
+        results[b] = runner.rebalance_np(weight, *config, **kwargs)
     for a, b in itertools.combinations(backends, 2):
         for name, x, y in zip(("phy2log", "log2phy", "logcnt"), results[a], results[b], strict=True):
             if not np.array_equal(x, y):
                 rows = np.flatnonzero((x != y).reshape(len(x), -1).any(axis=1))
                 pytest.fail(f"{name} differs between {a.value} and {b.value} in layers {rows.tolist()}")
+    return results
+
+
+def test_each_implementation_is_its_own():
+    """The forced runners reach different code: the cross-backend suite must not compare a kernel with itself."""
+    forced = [Backend.NUMPY_XP, Backend.NUMPY_NUMBA, Backend.TORCH_OPS, Backend.JAX_XLA, Backend.JAX_HOST]
+    for b in forced:
+        assert b.available(), f"{b.value} must run in the cross-backend environment"
+    assert Backend.JAX_PALLAS.available() or importlib.util.find_spec("jax.experimental.pallas.triton") is None
+    assert not Backend.NUMPY_NUMBA.supports(policy="refined")
+    assert not Backend.JAX_HOST.supports(previous=np.zeros((1, 4)))
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def _workloads() -> list[tuple[str, tuple[int, ...], np.ndarray]]:
+    """(name, config, loads) of every comparison below; the Triton interpreter test replays them all."""
+    out = []
+    for config in SMALL:
+        tag = "-".join(map(str, config))
+        out += [
+            (f"ties-{tag}", config, cases.ties(np.random.default_rng(1), 16)),
+            (f"signed-zeros-{tag}", config, cases.signed_zeros(np.random.default_rng(4), 16)),
+            (f"tiny-{tag}", config, cases.tiny_loads(np.random.default_rng(5), 16)),
+            (f"int-near-2-31-{tag}", config, cases.random_int(np.random.default_rng(2), 24, 16)),
+            (f"float32-{tag}", config, cases.lognormal_f32(np.random.default_rng(3), 24, 16)),
+        ]
+    out.append(("one-expert", (4, 1, 1, 2), np.array([[5], [0], [3]], dtype=np.int64)))
+    out.append(("one-expert-per-gpu", (4, 2, 2, 4), np.array([[5, 1, 0, 3], [0, 0, 0, 0]], dtype=np.int64)))
+    return out
+
+
+WORKLOADS = _workloads()
 
 
 @POLICIES
-@pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
-def test_ties_and_zeros(config, policy):
-    _all_agree(cases.ties(np.random.default_rng(1), 16), config, policy)
-
-
-@POLICIES
-@pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
-def test_signed_zeros_tie(config, policy):
-    _all_agree(cases.signed_zeros(np.random.default_rng(4), 16), config, policy)
+@pytest.mark.parametrize(("config", "weight"), [w[1:] for w in WORKLOADS], ids=[w[0] for w in WORKLOADS])
+def test_workload(config, weight, policy):
+    _all_agree(weight, config, policy=policy)
 
 
 @POLICIES
 @pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
 def test_tiny_loads_read_as_zero(config, policy):
-    """Subnormals and loads below 2**-64 count as 0 on every backend (XLA flushes subnormals, numpy does not)."""
+    """Subnormals and loads below 2**-64 count as 0 (XLA flushes subnormals, numpy does not)."""
     weight = cases.tiny_loads(np.random.default_rng(5), 16)
-    _all_agree(weight, config, policy)
-    numpy = make_runner(Backend.NUMPY)
     flushed = np.where(weight < 2.0**-64, np.float32(0), weight)
     assert np.count_nonzero(flushed) < np.count_nonzero(weight)  # the case holds loads to flush
-    for got, want in zip(
-        numpy.rebalance_np(weight, *config, policy=policy),
-        numpy.rebalance_np(flushed, *config, policy=policy),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(got, want)
-
-
-@POLICIES
-@pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
-def test_random_integers_near_2_31(config, policy):
-    _all_agree(cases.random_int(np.random.default_rng(2), 24, 16), config, policy)
-
-
-@POLICIES
-@pytest.mark.parametrize("config", SMALL, ids=lambda c: "-".join(map(str, c)))
-def test_float32(config, policy):
-    _all_agree(cases.lognormal_f32(np.random.default_rng(3), 24, 16), config, policy)
+    for got in _all_agree(weight, config, policy=policy).values():
+        for g, want in zip(got, make_runner(Backend.NUMPY_XP).rebalance_np(flushed, *config, policy=policy)):
+            np.testing.assert_array_equal(g, want)
 
 
 @POLICIES
@@ -91,14 +132,132 @@ def test_deepseek_shape_mixed(config, policy):
             cases.ties(rng, 256).astype(np.float32),
         ]
     )
-    _all_agree(weight, config, policy)
+    _all_agree(weight, config, policy=policy)
 
 
 @POLICIES
 @pytest.mark.parametrize("config", [DEEPSEEK, DEEPSEEK_GLOBAL], ids=["hierarchical", "global"])
 def test_real_deepseek_loads(config, policy):
     weight = cases.deepseek_v3()
-    if weight is None:
-        pytest.skip("../shared/data not present")
+    assert weight is not None, f"real loads expected at {cases.DATA} (set EPLB_DATA_DIR)"
     assert weight.max() < 2**31
-    _all_agree(weight, config, policy)
+    _all_agree(weight, config, policy=policy)
+
+
+def test_spill():
+    """spill= (the array-API path on every framework, refined packing too)."""
+    weight = cases.lognormal_f32(np.random.default_rng(6), 12, 32)
+    for policy in ("greedy", "refined"):
+        _all_agree(weight, (48, 8, 4, 8), policy=policy, spill=2)
+
+
+# ---------------------------------------------------------------- previous= and its knobs
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {},
+        {"balance_tolerance": 0.0},
+        {"balance_tolerance": 0.01},
+        {"max_moves": 3},
+        {"balance_tolerance": 0.02, "max_moves": 2},
+    ],
+    ids=["relabel", "tol0", "tol0.01", "cap3", "tol+cap"],
+)
+@pytest.mark.parametrize("config", [(24, 4, 2, 4), (32, 1, 1, 8), (16, 4, 2, 16)], ids=["hier", "global", "one-slot"])
+def test_previous(config, knobs):
+    """previous= on every implementation of it (array API on numpy, torch ops, XLA) and every front door."""
+    rng = np.random.default_rng(11)
+    old = cases.lognormal_f32(rng, 8, 16)
+    new = np.concatenate([old * rng.lognormal(0, 0.3, old.shape).astype(np.float32), cases.ties(rng, 16)[[0, 1, 5]]])
+    previous = eplb.rebalance_experts(np.concatenate([old, old[:3]]), *config).phy2log
+    _all_agree(new, config, previous=previous, **knobs)
+
+
+def test_previous_with_refined_policy():
+    rng = np.random.default_rng(12)
+    old, new = cases.lognormal_f32(rng, 6, 16), cases.lognormal_f32(rng, 6, 16)
+    previous = eplb.rebalance_experts(old, 24, 4, 2, 4, policy="refined").phy2log
+    _all_agree(new, (24, 4, 2, 4), policy="refined", previous=previous, balance_tolerance=0.01)
+
+
+# ---------------------------------------------------------------- unchecked loads
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, -3.0], ids=["nan", "inf", "-inf", "negative"])
+@POLICIES
+def test_unchecked_bad_loads_read_as_zero(bad, policy):
+    """Where loads are not checked (check_values=False here; jit or CUDA for users), NaN, inf and negative
+    loads read as 0 on every implementation: the placement is that of the loads with those zeroed."""
+    rng = np.random.default_rng(7)
+    weight = cases.lognormal_f32(rng, 6, 16)
+    weight[rng.random(weight.shape) < 0.25] = bad
+    weight[0] = bad  # a whole layer of them
+    zeroed = np.where(np.isfinite(weight) & (weight > 0), weight, np.float32(0))
+    want = make_runner(Backend.NUMPY_XP).rebalance_np(zeroed, 24, 4, 2, 4, policy=policy)
+    for b in implementations(16, policy=policy):
+        got = make_runner(b).rebalance_np(weight, 24, 4, 2, 4, policy=policy, check_values=False)
+        for name, g, w in zip(eplb.Placement._fields, got, want, strict=True):
+            np.testing.assert_array_equal(g, w, err_msg=f"{name} on {b.value}")
+
+
+@POLICIES
+def test_unchecked_overflowing_loads_still_place_every_expert(policy):
+    """Finite loads whose layer total overflows float32 (rejected where checked): sums saturate, the result is
+    still a valid placement on every implementation (its balance is unspecified)."""
+    weight = np.full((3, 16), 3e38, dtype=np.float32)
+    weight[1, ::3] = 1.0
+    for b in implementations(16, policy=policy):
+        phy2log, log2phy, logcnt = make_runner(b).rebalance_np(weight, 24, 4, 2, 4, policy=policy, check_values=False)
+        for layer in range(3):
+            np.testing.assert_array_equal(np.bincount(phy2log[layer], minlength=16), logcnt[layer], err_msg=b.value)
+        assert (logcnt >= 1).all(), b.value
+
+
+# ---------------------------------------------------------------- Triton's interpreter
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_under_interpreter(tmp_path):
+    """The Triton greedy and refined kernels on CPU tensors under TRITON_INTERPRET=1, every small workload."""
+    small = [(name, config, weight) for name, config, weight in WORKLOADS if weight.shape[1] <= 16]
+    expected = {}
+    for name, config, weight in small:
+        for policy in ("greedy", "refined"):
+            hier = config[1] % config[2] == 0
+            placement = eplb.rebalance_experts(weight, *config, policy=policy, hierarchical=hier)
+            for field, array in zip(eplb.Placement._fields, placement, strict=True):
+                expected[f"{name}|{policy}|{field}"] = array
+            expected[f"{name}|{policy}|weight"] = weight.astype(np.float32)
+    np.savez(tmp_path / "expected.npz", **expected)
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, torch
+        from eplb.backends._triton import rebalance_greedy_cuda
+        from eplb.backends._triton_refined import rebalance_refined_cuda, kernel_fits
+        data = np.load({str(tmp_path / "expected.npz")!r})
+        configs = {[(name, config) for name, config, _ in small]!r}
+        ran = 0
+        for name, config in configs:
+            hier = config[1] % config[2] == 0
+            for policy in ("greedy", "refined"):
+                weight = torch.tensor(data[f"{{name}}|{{policy}}|weight"])
+                if policy == "greedy":
+                    got = rebalance_greedy_cuda(weight, *config, hier)
+                else:
+                    sizes = (config[1], config[2]) if hier else (1, 1)
+                    if not kernel_fits(weight.shape[1], config[0], *sizes, config[3]):
+                        continue
+                    got = rebalance_refined_cuda(weight, *config, hier)
+                for field, array in zip(("phy2log", "log2phy", "logcnt"), got):
+                    want = data[f"{{name}}|{{policy}}|{{field}}"]
+                    assert np.array_equal(array.numpy(), want), (name, policy, field)
+                ran += 1
+        print("ran", ran)
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"ran {2 * len(small)}" in out.stdout, out.stdout

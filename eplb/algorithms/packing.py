@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from eplb import _xp
+from eplb.algorithms.loads import MAX_LOAD
 
 __all__ = ["balanced_packing", "inverse_permutation", "lpt_pack", "slots_by_pack", "sum_left_to_right"]
 
@@ -42,15 +43,18 @@ def lpt_pack(weight: Any, num_packs: int, *, xp: Any, initial_load: Any = None) 
     Tie rules: items are visited in decreasing weight, equal weights in
     increasing item index (stable sort); each goes to the open pack (fewer
     than ``n/m`` items) with the smallest running load, equal loads to the
-    lowest pack index. Running loads are float32 sums in visiting order, so
-    every backend computes the same bits. With one item per pack, item ``i``
-    goes to pack ``i`` (the published shortcut). ``initial_load [B, m]``:
-    loads the packs start with (default zero).
+    lowest pack index. Running loads are float32 sums in visiting order,
+    saturating at float32 max (only unchecked loads get there), so every
+    backend computes the same bits. ``initial_load [B, m]``: loads the
+    packs start with (default zero). With one item per pack and no
+    ``initial_load``, item ``i`` goes to pack ``i`` (the published shortcut,
+    which the greedy policy must reproduce); with an ``initial_load`` the
+    loop runs as described, so the heaviest item goes to the lightest pack.
     """
     batch, n = weight.shape
     device = _xp.device(weight)
     capacity = n // num_packs
-    if capacity == 1:
+    if capacity == 1 and initial_load is None:
         order = xp.broadcast_to(xp.arange(n, device=device), (batch, n))
         return order, order, xp.zeros((batch, n), dtype=order.dtype, device=device)
     order = _xp.argsort_desc(weight, xp=xp)
@@ -65,7 +69,9 @@ def lpt_pack(weight: Any, num_packs: int, *, xp: Any, initial_load: Any = None) 
         rank = _xp.take_along(pack_count, pack, xp=xp)  # items already in the pack
         chosen = pack_ids == pack
         pack_count = pack_count + chosen
-        open_load = open_load + chosen * xp.reshape(item_weight, (batch, 1))
+        # Saturate at float32 max: a full pack's +inf must stay above every open pack, even where
+        # unchecked loads overflow a sum (min of a correctly rounded sum: the same bits everywhere).
+        open_load = xp.minimum(open_load + chosen * xp.reshape(item_weight, (batch, 1)), MAX_LOAD)
         open_load = xp.where(pack_count == capacity, xp.inf, open_load)
         return (open_load, pack_count), (pack[:, 0], rank[:, 0])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from eplb.algorithms.hierarchy import build_log2phy, rebalance_hierarchical
-from eplb.algorithms.loads import flush_tiny_loads
+from eplb.algorithms.loads import clean_loads
 from eplb.algorithms.refined import rebalance_refined
 from eplb.algorithms.spill import rebalance_spill
 
@@ -34,7 +34,7 @@ def place(
     other nodes' groups (:func:`eplb.algorithms.spill.rebalance_spill`).
     Loads below ``2**-64`` count as zero (:mod:`eplb.algorithms.loads`).
     """
-    weight = flush_tiny_loads(weight, xp=xp)
+    weight = clean_loads(weight, xp=xp)
     if spill > 0:
         phy2log, phyrank, logcnt = rebalance_spill(
             weight, num_replicas, num_groups, num_nodes, num_gpus, spill=spill, refine=policy == "refined", xp=xp

@@ -37,7 +37,7 @@ from eplb.algorithms.hierarchy import (
     rebalance_hierarchical,
     replicate_on_nodes,
 )
-from eplb.algorithms.loads import flush_tiny_loads
+from eplb.algorithms.loads import clean_loads
 from eplb.algorithms.packing import lpt_pack, slots_by_pack
 from eplb.algorithms.refine import IMPROVEMENT, max_gpu_load, pack_loads, refine_by_swaps, snake_pack
 
@@ -215,7 +215,7 @@ def rebalance_refined(
     policy they see ``num_groups = num_nodes = 1``. Loads below ``2**-64``
     count as zero (:mod:`eplb.algorithms.loads`): the stages see them flushed.
     """
-    weight = flush_tiny_loads(weight, xp=xp)  # the kernels' wrappers call this directly, not through place
+    weight = clean_loads(weight, xp=xp)  # the kernels' wrappers call this directly, not through place
     if not hierarchical:
         num_groups, num_nodes = 1, 1
     num_log = weight.shape[1]

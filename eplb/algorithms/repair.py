@@ -13,6 +13,7 @@ from typing import Any
 
 from eplb import _xp
 from eplb.algorithms.assignment import BIG
+from eplb.algorithms.loads import MAX_LOAD
 from eplb.algorithms.packing import slots_by_pack, sum_left_to_right
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.algorithms.relabel import _count, _first, _ids, count_moves, occurrence
@@ -65,7 +66,7 @@ def sticky_pack(base: Any, old: Any, item_load: Any, limit: Any, num_packs: int,
         rank = _xp.take_along(count, pack, xp=xp)
         chosen = pack_ids == pack
         count = count + chosen
-        open_load = xp.where(count == capacity, xp.inf, open_load + chosen * load)
+        open_load = xp.where(count == capacity, xp.inf, xp.minimum(open_load + chosen * load, MAX_LOAD))  # as lpt_pack
         return (open_load, count), (pack[:, 0], rank[:, 0])
 
     init = (
@@ -103,7 +104,8 @@ def _rewrite(cur: Any, cnt: Any, old: Any, weight: Any, slot: Any, expert: Any, 
     counts = cnt[:, None, :] + xp.astype(experts == expert[:, :, None], dtype)
     counts = counts - xp.astype(experts == gone[:, :, None], dtype)  # [b, k, E]
     trial = xp.where(_ids(num_phy, cur, xp=xp) == slot[:, :, None], expert[:, :, None], cur[:, None, :])
-    reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
+    # A candidate may add a replica to an expert that holds every slot (then unused): counts reach R + 1.
+    reciprocal = _xp.reciprocal_table(num_phy + 1, xp=xp, device=_xp.device(weight))
     per_replica = xp.reshape(replica_load(weight[:, None, :], counts, reciprocal, xp=xp), (b * k, num_log))
     loads = _xp.take_along(per_replica, xp.reshape(trial, (b * k, num_phy)), xp=xp)
     peak = xp.max(sum_left_to_right(xp.reshape(loads, (b * k, num_gpus, per_gpu)), xp=xp), axis=-1)
@@ -168,7 +170,8 @@ def repair(
     gpu_of_slot, node_of_slot = slot_ids // per_gpu, slot_ids // per_node
     in_gpu, gpu_ids, expert_ids = _ids(per_gpu, start, xp=xp), _ids(num_gpus, start, xp=xp), _ids(num_log, start, xp=xp)
     groups = _ids(num_log // group_size, start, xp=xp)
-    reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
+    # Candidates price one more replica (``cnt + 1``), up to R + 1 when one expert holds every slot.
+    reciprocal = _xp.reciprocal_table(num_phy + 1, xp=xp, device=_xp.device(weight))
     width = per_gpu * num_phy
 
     def step(rows: tuple) -> tuple[tuple, Any]:

@@ -35,7 +35,7 @@ from typing import Any
 from eplb import _xp
 from eplb.algorithms.assignment import BIG
 from eplb.algorithms.hierarchy import build_log2phy
-from eplb.algorithms.loads import flush_tiny_loads
+from eplb.algorithms.loads import clean_loads
 from eplb.algorithms.policies import place
 from eplb.algorithms.relabel import align_slots, count_moves, occurrence, relabel, replica_counts
 from eplb.algorithms.repair import gpu_loads, repair, sticky_pack
@@ -183,7 +183,7 @@ def place_stable(
     expert is its ``k``-th slot). Loads below ``2**-64`` count as zero, here
     too (:mod:`eplb.algorithms.loads`).
     """
-    weight = flush_tiny_loads(weight, xp=xp)  # for stabilize's loads; place flushes its own (idempotent)
+    weight = clean_loads(weight, xp=xp)  # for stabilize's loads; place flushes its own (idempotent)
     fresh, _, logcnt = place(
         weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp, **options
     )

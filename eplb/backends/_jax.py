@@ -252,8 +252,15 @@ def rebalance_stable(
     num_groups: int,
     num_nodes: int,
     num_gpus: int,
+    *,
+    impl: str | None = None,
     **options: Any,
 ) -> tuple[Any, Any, Any]:
-    """:func:`rebalance` keeping ``previous [L, R]``'s experts in place; ``options`` static."""
+    """:func:`rebalance` keeping ``previous [L, R]``'s experts in place; ``options`` static.
+
+    ``impl``: ``"xla"`` (or ``None``), the only implementation so far.
+    """
+    if impl not in (None, "xla"):
+        raise ValueError(f"impl must be 'xla' or None for a call with previous=, got {impl!r}")
     config = (num_replicas, num_groups, num_nodes, num_gpus)
     return _rebalance_stable(weight, previous, config, tuple(sorted(options.items())))

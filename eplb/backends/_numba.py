@@ -44,14 +44,16 @@ memory for the process (no on-disk cache).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import threading
+import warnings
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from eplb import _xp
-from eplb.algorithms.loads import TINY_LOAD
+from eplb.algorithms.loads import MAX_LOAD, TINY_LOAD
 
 __all__ = ["available", "greedy", "rebalance", "supports"]
 
@@ -76,10 +78,25 @@ def supports(options: dict[str, Any]) -> bool:
 
 @functools.cache
 def available() -> bool:
-    """Whether numba imports (tried once, on the first call): without it the reference path runs."""
+    """Whether numba imports (tried once, on the first call): without it the reference path runs.
+
+    numba not installed: ``False``, silently (it is an optional extra). numba
+    installed but failing to import (say, built against another numpy): one
+    ``RuntimeWarning`` naming the error, then ``False``, since the reference
+    path gives the same placement, only slower; a user who installed the
+    ``fast`` extra should learn why it is not used.
+    """
+    if importlib.util.find_spec("numba") is None:
+        return False
     try:
         import numba  # noqa: F401
-    except Exception:  # missing, or an install that fails to import (say, against a newer numpy)
+    except Exception as err:  # a broken install raises anything (ImportError, AttributeError, SystemError...)
+        warnings.warn(
+            f"numba is installed but failed to import ({type(err).__name__}: {err}); eplb runs its "
+            "reference path instead of the compiled CPU kernel (same placements, slower)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
     return True
 
@@ -98,6 +115,7 @@ def _kernels() -> SimpleNamespace:
     inline = functools.partial(numba.njit, cache=False, nogil=True, inline="always")
     zero32 = np.float32(0)
     tiny32 = np.float32(TINY_LOAD)
+    max32 = np.float32(MAX_LOAD)
     inf32 = np.float32(np.inf)
     no_key = np.int64(np.iinfo(np.int64).max)  # a full pack, or padding
     low32 = np.int64(0xFFFFFFFF)
@@ -400,14 +418,14 @@ def _kernels() -> SimpleNamespace:
             last = (chunk + 1) * num_layers // num_chunks
             for start in range(first, last, batch):
                 size = min(batch, last - start)
-                # Loads (below TINY_LOAD, -0 included, made +0: as every backend reads
-                # them, and so that bit patterns order like the values) and group sums.
+                # Loads as every backend reads them (eplb.algorithms.loads.clean_loads: below
+                # TINY_LOAD, -0, NaN, negative and inf made +0; bit patterns then order like the
+                # values) and group sums.
                 for lb in range(size):
                     fine = True
                     for e in range(num_log):
                         v = weight[start + lb, e]
-                        fine &= (v >= zero32) & (v < inf32)
-                        w[lb * num_log + e] = v if v >= tiny32 else zero32
+                        w[lb * num_log + e] = v if (v >= tiny32) & (v <= max32) else zero32
                     for g in range(num_groups):
                         # One group per node needs no loads: group g goes to node g.
                         at = lb * num_log + g * group_size

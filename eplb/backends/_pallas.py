@@ -64,7 +64,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from eplb.algorithms.loads import TINY_LOAD
+from eplb.algorithms.loads import MAX_LOAD, TINY_LOAD
 
 __all__ = ["Meta", "fits", "kernel_meta", "placement"]
 
@@ -240,14 +240,15 @@ def _float(bits: jax.Array) -> jax.Array:
 
 
 def _weights(ref: Any, index: jax.Array, mask: jax.Array) -> jax.Array:
-    """float32 loads (0 where masked off), below ``TINY_LOAD`` (``-0.0`` included) read as ``+0.0``.
+    """float32 loads (0 where masked off), kept iff ``TINY_LOAD <= value <= MAX_LOAD``, else ``+0.0``.
 
-    As every backend reads them (:mod:`eplb.algorithms.loads`). The kernel
-    also compares non-negative floats by their bit patterns (int32 keys order
-    like the values), where ``-0.0`` would sort below ``+0.0``.
+    As every backend reads them (:func:`eplb.algorithms.loads.clean_loads`:
+    ``-0.0``, NaN, negatives and inf too). The kernel also compares
+    non-negative floats by their bit patterns (int32 keys order like the
+    values), where ``-0.0`` would sort below ``+0.0``.
     """
     value = plgpu.load(ref.at[index], mask=mask, other=0.0)
-    return jnp.where(value < TINY_LOAD, 0.0, value)
+    return jnp.where((value >= TINY_LOAD) & (value <= MAX_LOAD), value, 0.0)
 
 
 def _count_pairs(rows: tuple[jax.Array, ...], cols: tuple[jax.Array, ...], pred: Any, budget: int, load: Any = None):

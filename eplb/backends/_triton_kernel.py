@@ -42,9 +42,10 @@ import os
 import triton
 import triton.language as tl
 
-from eplb.algorithms.loads import TINY_LOAD
+from eplb.algorithms.loads import MAX_LOAD, TINY_LOAD
 
 _TINY_LOAD = tl.constexpr(TINY_LOAD)
+_MAX_LOAD = tl.constexpr(MAX_LOAD)
 
 __all__ = ["MAX_SLOTS_PER_NODE", "ensure_cache_dir", "greedy_kernel", "kernel_fits", "launch_config", "scratch_size"]
 
@@ -83,10 +84,11 @@ def _desc_order_keys(values, index, valid):
 
 @triton.jit
 def _load_nonneg(pointer, mask):
-    """A float32 load as every backend reads it: below ``TINY_LOAD`` (``-0.0`` included) it is ``+0.0``
-    (:mod:`eplb.algorithms.loads`; ``-0.0``'s bit pattern would also order below ``+0.0`` in a sort key)."""
+    """A float32 load as every backend reads it (:func:`eplb.algorithms.loads.clean_loads`): kept iff
+    ``TINY_LOAD <= value <= MAX_LOAD``, else ``+0.0`` (``-0.0``, NaN, negatives, inf; ``-0.0``'s bit pattern
+    would also order below ``+0.0`` in a sort key)."""
     value = tl.load(pointer, mask=mask, other=0.0)
-    return tl.where(value < _TINY_LOAD, 0.0, value)
+    return tl.where((value >= _TINY_LOAD) & (value <= _MAX_LOAD), value, 0.0)
 
 
 @triton.jit
@@ -151,7 +153,8 @@ def _greedy_groups(
             rank = _pick(node_count, n_id, chosen)
             node_of_group = tl.where(g == grp, chosen, node_of_group)
             rank_of_group = tl.where(g == grp, rank, rank_of_group)
-            node_load = tl.where(n_id == chosen, node_load + load, node_load)
+            # Saturating, as lpt_pack: an overflowed node must stay below the +inf of a full one.
+            node_load = tl.where(n_id == chosen, tl.minimum(node_load + load, _MAX_LOAD), node_load)
             node_count = tl.where(n_id == chosen, node_count + 1, node_count)
         mine = (node_of_group[None, :] == node) & (rank_of_group[None, :] == r[:, None]) & g_valid[None, :]
         groups = tl.sum(tl.where(mine, g[None, :], 0), axis=1)
