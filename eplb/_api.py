@@ -11,8 +11,8 @@ import numpy as np
 
 from eplb import _validate, _xp
 from eplb.algorithms import packing as _packing
-from eplb.algorithms.loads import clean_loads
 from eplb.algorithms import replication as _replication
+from eplb.algorithms.loads import clean_loads
 from eplb.algorithms.policies import POLICIES
 from eplb.backends import get_backend
 
@@ -215,7 +215,8 @@ def rebalance_experts(
         device; JAX arrays give JAX results (usable inside ``jax.jit``).
         Loads are compared as float32; loads below ``2**-64`` (about
         ``5.4e-20``, subnormals included) count as 0, so that every backend
-        places them alike (XLA flushes subnormals, numpy does not).
+        places them alike (XLA flushes subnormals, numpy does not). See
+        ``check_values`` for NaN, negative and infinite loads.
     num_replicas : int
         Physical slots ``R`` per layer; ``R >= E`` and ``R % num_gpus == 0``.
     num_groups : int
@@ -248,9 +249,11 @@ def rebalance_experts(
         placement is still valid and the same on every backend).
     previous : array [L, R], integer, keyword-only
         The placement in use (its ``phy2log``, or the :class:`Placement`).
-        The result then has the same balance (the same multiset of GPU loads
-        per layer) as without it, relabelled to keep the most ``(expert,
-        GPU)`` pairs where they are: nodes as a whole and GPUs within a node
+        The result then has the same GPU contents as without it, up to
+        labels (each GPU holds the experts of one GPU of that placement, with
+        the same ``logcnt``: the same GPU loads as exact sums; float32 sums
+        may differ in the last bit, as a GPU's slots may be reordered),
+        relabelled to keep the most ``(expert, GPU)`` pairs where they are: nodes as a whole and GPUs within a node
         (hierarchical policy) or all GPUs (global policy) are permuted, an
         assignment solved exactly per layer, and an expert that stays on its
         GPU keeps its slot. An unchanged load moves nothing. Replica numbers
@@ -286,7 +289,9 @@ def rebalance_experts(
     TypeError
         ``weight`` is not an array of real numbers, or a count is not an int.
     ValueError
-        Bad shape, an empty or negative/NaN/inf load, or sizes that do not divide.
+        Bad shape, an empty or negative/NaN/inf load, sizes that do not
+        divide, or (with ``max_moves``) a ``previous`` that is not a
+        placement of this config.
 
     Examples
     --------
@@ -296,6 +301,7 @@ def rebalance_experts(
     >>> phy2log.tolist()
     [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]]
     """
+    check_values = _validate.check_flag("check_values", check_values)
     backend, weight = _checked_weight(weight, check_values)
     settings = (weight.shape[1], num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy, spill)
     num_replicas, num_groups, num_nodes, num_gpus, hierarchical, spill = _checked_settings(*settings)
@@ -330,7 +336,8 @@ def balanced_packing(weight: Any, num_packs: int, *, check_values: bool | None =
     ----------
     weight : array [B, n], integer or floating
         Item weights (compared as float32), one independent problem per row;
-        ``n % num_packs == 0``.
+        ``n % num_packs == 0``. Read as the policies read loads: below
+        ``2**-64`` (and, unchecked, NaN, negative or inf) as 0.
     num_packs : int
         Packs per row; each receives exactly ``n // num_packs`` items.
 
@@ -343,7 +350,8 @@ def balanced_packing(weight: Any, num_packs: int, *, check_values: bool | None =
 
     Items are visited heaviest first (equal weights by lower index), each to
     the lightest pack that still has room (equal loads: lower pack index);
-    see ``docs/algorithm.md``.
+    with one item per pack, item ``i`` goes to pack ``i`` (as published); see
+    ``docs/algorithm.md``.
 
     Examples
     --------
@@ -366,7 +374,8 @@ def replicate_experts(weight: Any, num_phy: int, *, check_values: bool | None = 
     Parameters
     ----------
     weight : array [B, E], integer or floating
-        Expert loads (compared as float32), one independent problem per row.
+        Expert loads (compared as float32), one independent problem per row;
+        read as the policies read loads (below ``2**-64`` as 0).
     num_phy : int
         Physical slots per row, ``>= E``.
 

@@ -8,7 +8,9 @@ write loads as numpy arrays and convert with ``backend.asarray``.
 from __future__ import annotations
 
 import enum
+import functools
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +149,8 @@ def _forced(backend_module: Any, impl: str | None, validate: bool = True) -> Cal
             eplb.rebalance_experts(weight, r, g, n, gpus, **kw)
         hierarchical = kw.pop("hierarchical", None)
         hierarchical = (g % n == 0) if hierarchical is None else hierarchical
+        # The options exactly as the public API passes them, so that JAX reuses the front door's compile.
+        kw = {"policy": "greedy", "spill": 0, **kw}
         forced = {} if impl is None else {"impl": impl}
         previous = kw.pop("previous", None)
         if previous is not None:
@@ -223,12 +227,26 @@ def make_runner(backend: Backend) -> Runner:
     if backend is Backend.JAX_PALLAS:
         return Runner(backend, as_jax, _pallas_interpreted)
     if backend is Backend.JAX_JIT:
-
-        def jitted(weight: Any, r: int, g: int, n: int, gpus: int, **kwargs: Any) -> Any:
-            return jax.jit(lambda w: tuple(eplb.rebalance_experts(w, r, g, n, gpus, **kwargs)))(weight)
-
-        return Runner(backend, as_jax, jitted)
+        return Runner(backend, as_jax, _inside_jit)
     return Runner(backend, as_jax, eplb.rebalance_experts)
+
+
+@functools.cache
+def _jitted(sizes: tuple[int, ...], options: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    """A user's ``jax.jit`` around ``rebalance_experts`` with these sizes and options (one per call shape)."""
+    import jax
+
+    def call(weight: Any, previous: Any) -> tuple[Any, ...]:
+        return tuple(eplb.rebalance_experts(weight, *sizes, previous=previous, **dict(options)))
+
+    return jax.jit(call)
+
+
+def _inside_jit(weight: Any, r: int, g: int, n: int, gpus: int, previous: Any = None, **kw: Any) -> Any:
+    """``rebalance_experts`` traced inside the user's own ``jax.jit`` (``previous`` a traced argument too)."""
+    if isinstance(previous, eplb.Placement):
+        previous = previous.phy2log
+    return _jitted((r, g, n, gpus), tuple(sorted(kw.items())))(weight, previous)
 
 
 def _pallas_interpreted(weight: Any, r: int, g: int, n: int, gpus: int, **kw: Any) -> Any:
@@ -249,10 +267,81 @@ FRONT_DOORS = [Backend.NUMPY, Backend.TORCH, Backend.JAX]
 
 
 def backend_params(backends: list[Backend]) -> list[Any]:
-    return [
-        pytest.param(b, id=b.value, marks=pytest.mark.skipif(not b.available(), reason=f"{b.value} not available"))
-        for b in backends
-    ]
+    """One param per backend; GPU ones are marked ``gpu`` (see :func:`needs_gpu`), and each skips where missing."""
+    params = []
+    for b in backends:
+        marks = [pytest.mark.skipif(not b.available(), reason=f"{b.value} not available")]
+        params.append(pytest.param(b, id=b.value, marks=[*marks, pytest.mark.gpu] if b.gpu else marks))
+    return params
+
+
+def _gpu_count(framework: str) -> int:
+    if framework == "torch":
+        if not _torch_cuda():
+            return 0
+        import torch
+
+        return torch.cuda.device_count()
+    if not _jax_gpu():
+        return 0
+    import jax
+
+    return len(jax.devices("gpu"))
+
+
+def needs_gpu(framework: str, count: int = 1) -> Callable[[Any], Any]:
+    """Decorator: a GPU-only test, marked ``gpu`` and skipped without ``count`` GPUs for ``framework``.
+
+    ``framework`` is ``"torch"`` (CUDA) or ``"jax"``. The ``gpu`` mark is what
+    the skip count below allows: on a CPU machine only GPU-only tests may skip.
+    """
+    what = "a CUDA device for torch" if framework == "torch" else "a GPU for JAX"
+    reason = f"needs {what}" if count == 1 else f"needs {count} GPUs ({framework})"
+    skip = pytest.mark.skipif(_gpu_count(framework) < count, reason=reason)
+
+    def decorate(obj: Any) -> Any:
+        return pytest.mark.gpu(skip(obj))
+
+    return decorate
+
+
+# ---------------------------------------------------------------- the skip count
+# Every run prints how many tests skipped and why. With EPLB_STRICT_SKIPS=1 (set by `tox -e cross`,
+# which CI runs) a skip of anything but a GPU-only test fails the run: on the CPU machine the suite
+# must run every test that does not need a GPU.
+
+_SKIPS: dict[str, list[str]] = {"gpu": [], "other": []}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPS["gpu" if "gpu" in report.keywords else "other"].append(f"{report.nodeid}: {reason}")
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:  # a whole module (a module-level importorskip)
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPS["other"].append(f"{report.nodeid}: {reason}")
+
+
+def _strict() -> bool:
+    return os.environ.get("EPLB_STRICT_SKIPS", "") == "1"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _strict() and _SKIPS["other"] and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    gpu, other = len(_SKIPS["gpu"]), len(_SKIPS["other"])
+    terminalreporter.write_line(f"skip count: {gpu} GPU-only, {other} other")
+    if other:
+        verdict = "fails the run (EPLB_STRICT_SKIPS=1)" if _strict() else "allowed here (EPLB_STRICT_SKIPS unset)"
+        terminalreporter.write_line(f"skips of tests that need no GPU, which {verdict}:")
+        for line in _SKIPS["other"]:
+            terminalreporter.write_line(f"  {line}")
 
 
 @pytest.fixture(params=backend_params(ALL_BACKENDS))

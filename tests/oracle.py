@@ -102,3 +102,136 @@ def rebalance_layer(
 def rebalance(weight: np.ndarray, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int):
     layers = [rebalance_layer(list(row), num_phy, num_groups, num_nodes, num_gpus) for row in weight]
     return tuple(np.array([layer[k] for layer in layers], dtype=np.int64) for k in range(3))
+
+
+def lpt_from(weights: list[np.float32], start: list[np.float32], cap: int) -> list[list[int]]:
+    """LPT of ``weights`` into ``len(start)`` packs of ``cap`` items, packs starting at loads ``start``.
+
+    No one-item shortcut: the heaviest item goes to the lightest pack. Returns
+    each pack's items in arrival order.
+    """
+    loads = list(start)
+    packs: list[list[int]] = [[] for _ in start]
+    for item in sorted(range(len(weights)), key=lambda i: (-float(weights[i]), i)):
+        best = min((p for p in range(len(packs)) if len(packs[p]) < cap), key=lambda p: (loads[p], p))
+        packs[best].append(item)
+        loads[best] = F32(loads[best] + weights[item])
+    return packs
+
+
+def spill_layer(
+    weight: list[float], num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, spill: int
+) -> tuple[list[int], list[list[int]], list[int]]:
+    """The greedy policy with ``spill`` foreign replicas per node (``docs/algorithm.md``), one layer.
+
+    1. groups to nodes as the greedy policy does; 2. each node replicates its
+    own experts into ``R/N - spill`` slots; 3. the ``N * spill`` spare slots go
+    one at a time to the expert with the largest load per replica over the
+    layer (ties: the first in node-major order); 4. the spilled replicas are
+    dealt to nodes by LPT starting from each node's own load (its replicas at
+    their final counts), ``spill`` per node; 5. each node packs its replicas
+    (its own, then the spilled ones in arrival order) onto its GPUs by LPT.
+    """
+    w = [F32(0) if not (TINY <= F32(x) <= F32(3.4028235e38)) else F32(x) for x in weight]
+    num_log = len(w)
+    gsize, gpn = num_log // num_groups, num_groups // num_nodes
+    group_load = []
+    for g in range(num_groups):
+        s = w[g * gsize]
+        for k in range(1, gsize):
+            s = F32(s + w[g * gsize + k])
+        group_load.append(s)
+    gpack, grank = pack(group_load if gpn > 1 else [F32(0)] * num_groups, num_nodes)
+    mlog2log: list[int] = []
+    for node in range(num_nodes):
+        for r in range(gpn):
+            g = next(g for g in range(num_groups) if gpack[g] == node and grank[g] == r)
+            mlog2log.extend(range(g * gsize, (g + 1) * gsize))
+    per_node_log, per_node_phy = num_log // num_nodes, num_phy // num_nodes
+    wm = [w[e] for e in mlog2log]
+    local_mlog: list[list[int]] = []
+    local_rank: list[list[int]] = []
+    cnt = [0] * num_log
+    for node in range(num_nodes):
+        base = node * per_node_log
+        p2l, rank, c = replicate(wm[base : base + per_node_log], per_node_phy - spill)
+        local_mlog.append([base + i for i in p2l])
+        local_rank.append(rank)
+        cnt[base : base + per_node_log] = c
+    spilled, spilled_rank = [], []
+    for _ in range(num_nodes * spill):
+        scores = [F32(wm[i] * recip(cnt[i])) for i in range(num_log)]
+        best = max(range(num_log), key=lambda i: (scores[i], -i))
+        spilled.append(best)
+        spilled_rank.append(cnt[best])
+        cnt[best] += 1
+    per_replica = [F32(wm[i] * recip(cnt[i])) for i in range(num_log)]
+    node_load = []
+    for node in range(num_nodes):
+        s = per_replica[local_mlog[node][0]]
+        for i in local_mlog[node][1:]:
+            s = F32(s + per_replica[i])
+        node_load.append(s)
+    dealt = lpt_from([per_replica[i] for i in spilled], node_load, spill)
+    gpus_per_node, per_gpu = num_gpus // num_nodes, num_phy // num_gpus
+    phy2log: list[int] = []
+    phyrank: list[int] = []
+    for node in range(num_nodes):
+        items = local_mlog[node] + [spilled[k] for k in dealt[node]]
+        ranks = local_rank[node] + [spilled_rank[k] for k in dealt[node]]
+        gpu, slot = pack([per_replica[i] for i in items], gpus_per_node)
+        placed = [0] * per_node_phy
+        for j in range(per_node_phy):
+            placed[gpu[j] * per_gpu + slot[j]] = j
+        phy2log.extend(mlog2log[items[j]] for j in placed)
+        phyrank.extend(ranks[j] for j in placed)
+    logcnt = [0] * num_log
+    for i, e in enumerate(mlog2log):
+        logcnt[e] = cnt[i]
+    width = num_phy - num_log + 1
+    log2phy = [[-1] * width for _ in range(num_log)]
+    for slot, (e, r) in enumerate(zip(phy2log, phyrank, strict=True)):
+        log2phy[e][r] = slot
+    return phy2log, log2phy, logcnt
+
+
+def rebalance_spill(weight: np.ndarray, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, spill: int):
+    layers = [spill_layer(list(row), num_phy, num_groups, num_nodes, num_gpus, spill) for row in weight]
+    return tuple(np.array([layer[k] for layer in layers], dtype=np.int64) for k in range(3))
+
+
+def gpu_loads64(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[L, G]`` float64: each GPU's exact load (``math.fsum``), replica load ``w[e] / count[e]`` in float64.
+
+    A scorer that shares nothing with eplb's float32 arithmetic; loads below
+    ``2**-64`` are counted as they are (they are far below any tolerance).
+    """
+    import math
+
+    weight = np.asarray(weight, dtype=np.float64)
+    out = np.zeros((len(phy2log), num_gpus))
+    per_gpu = phy2log.shape[1] // num_gpus
+    for layer, row in enumerate(np.asarray(phy2log).tolist()):
+        count: dict[int, int] = {}
+        for e in row:
+            count[e] = count.get(e, 0) + 1
+        for gpu in range(num_gpus):
+            slots = row[gpu * per_gpu : (gpu + 1) * per_gpu]
+            out[layer, gpu] = math.fsum(float(weight[layer, e]) / count[e] for e in slots)
+    return out
+
+
+def moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[L]``: per layer, the ``(expert, GPU)`` pairs of ``new`` that ``old`` lacks, counted as multisets."""
+    from collections import Counter
+
+    per_gpu = np.asarray(new).shape[1] // num_gpus
+    out = []
+    for old_row, new_row in zip(np.asarray(old).tolist(), np.asarray(new).tolist(), strict=True):
+        total = 0
+        for gpu in range(num_gpus):
+            had = Counter(old_row[gpu * per_gpu : (gpu + 1) * per_gpu])
+            has = Counter(new_row[gpu * per_gpu : (gpu + 1) * per_gpu])
+            total += sum((has - had).values())
+        out.append(total)
+    return np.array(out, dtype=np.int64)

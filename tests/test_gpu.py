@@ -12,10 +12,10 @@ import pytest
 import eplb
 
 from . import cases
-from .conftest import Backend
+from .conftest import needs_gpu
 
-needs_torch_cuda = pytest.mark.skipif(not Backend.TORCH_CUDA.available(), reason="no CUDA device for torch")
-needs_jax_gpu = pytest.mark.skipif(not Backend.JAX_GPU.available(), reason="no GPU for JAX")
+needs_torch_cuda = needs_gpu("torch")
+needs_jax_gpu = needs_gpu("jax")
 
 CONFIGS = [(288, 8, 4, 32), (288, 8, 3, 144), (16, 4, 2, 16)]
 

@@ -22,7 +22,7 @@ import eplb
 from eplb.backends import _jax, _pallas
 
 from . import cases
-from .conftest import Backend
+from .conftest import needs_gpu
 
 # (replicas, groups, nodes, gpus); experts: 256 for 288 slots, 512 for 768, else 16
 CONFIGS = [
@@ -218,7 +218,7 @@ def test_without_pallas_triton(monkeypatch):
 
 # ---- On a JAX GPU: the kernel itself.
 
-GPU = pytest.mark.skipif(not Backend.JAX_GPU.available(), reason="needs a GPU for JAX")
+GPU = needs_gpu("jax")
 
 
 @GPU

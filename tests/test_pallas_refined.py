@@ -15,7 +15,7 @@ import pytest
 import eplb
 
 from . import cases
-from .conftest import Backend
+from .conftest import needs_gpu
 from .test_triton_refined import CUDA_CONFIGS, _experts, hot, interpreter_cases, refined_xp, zipf
 
 jax = pytest.importorskip("jax")
@@ -23,7 +23,7 @@ jnp = pytest.importorskip("jax.numpy")
 _pallas_refined = pytest.importorskip("eplb.backends._pallas_refined")
 _jax = pytest.importorskip("eplb.backends._jax")
 
-GPU = pytest.mark.skipif(not Backend.JAX_GPU.available(), reason="needs a GPU for JAX")
+GPU = needs_gpu("jax")
 
 
 def _assert_same(got, want) -> None:
@@ -134,12 +134,10 @@ def test_gpu_real_deepseek_loads():
         _assert_same(eplb.rebalance_experts(w, *config, policy="refined"), want)
 
 
-@pytest.mark.skipif(not Backend.JAX_GPU.available(), reason="needs a GPU for JAX")
+@needs_gpu("jax", count=2)
 def test_gpu_kernels_on_the_second_device():
     """Both Pallas kernels run where the array lives, not on the default device."""
     gpus = jax.devices("gpu")
-    if len(gpus) < 2:
-        pytest.skip("needs two GPUs")
     config = (288, 8, 4, 32)
     weight = hot(np.random.default_rng(9), 4, 256)
     w = jax.device_put(jnp.asarray(weight), gpus[1])

@@ -328,3 +328,65 @@ def test_jax_x64_same_placement(x64_report):
 def test_jax_x64_int64_outputs(x64_report):
     """With x64 on, all three outputs are JAX's default integer, int64, for every config."""
     assert all(dtypes == ["int64"] * 3 for _, _, *dtypes in x64_report), x64_report
+
+
+# ---------------------------------------------------------------- failures that must not hide
+
+
+def test_broken_numba_warns_once(monkeypatch):
+    """numba installed but failing to import: one RuntimeWarning naming the error, then the reference path."""
+    import warnings
+
+    from eplb.backends import _numba
+
+    monkeypatch.setattr(_numba.importlib.util, "find_spec", lambda name: object())  # "installed"
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    _numba.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="numba is installed but failed to import"):
+            assert _numba.available() is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _numba.available() is False  # once per process
+            placement = eplb.rebalance_experts(np.array(GOLDEN), *CONFIG)
+        np.testing.assert_array_equal(placement.phy2log, GOLDEN_PHY2LOG)
+    finally:
+        _numba.available.cache_clear()
+
+
+def test_missing_numba_is_silent(monkeypatch):
+    from eplb.backends import _numba
+
+    monkeypatch.setattr(_numba.importlib.util, "find_spec", lambda name: None)
+    _numba.available.cache_clear()
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _numba.available() is False
+    finally:
+        _numba.available.cache_clear()
+
+
+def test_doctest_collector_hides_only_missing_optional_dependencies(monkeypatch):
+    """The repository conftest skips a module whose optional framework is absent, and nothing else."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eplb_root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+    module = PACKAGE / "backends" / "_triton.py"
+
+    def failing(error: BaseException):
+        def import_module(name: str) -> None:
+            raise error
+
+        return import_module
+
+    monkeypatch.setattr(root_conftest.importlib, "import_module", failing(ModuleNotFoundError("x", name="triton")))
+    assert root_conftest.pytest_ignore_collect(module, None) is True
+    for error in (ModuleNotFoundError("x", name="eplb.typo"), ImportError("cannot import name 'f'"), SyntaxError("x")):
+        monkeypatch.setattr(root_conftest.importlib, "import_module", failing(error))
+        with pytest.raises(type(error)):
+            root_conftest.pytest_ignore_collect(module, None)

@@ -21,7 +21,7 @@ import pytest
 import eplb
 
 from . import cases
-from .conftest import Backend
+from .conftest import Backend, needs_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [(288, 8, 4, 32), (288, 8, 3, 144), (768, 32, 32, 256), (24, 4, 2, 4), (16, 4, 2, 16), (20, 4, 4, 4)]
@@ -29,14 +29,6 @@ CONFIGS = [(288, 8, 4, 32), (288, 8, 3, 144), (768, 32, 32, 256), (24, 4, 2, 4),
 
 def _experts(config: tuple[int, ...]) -> int:
     return {288: 256, 768: 512}.get(config[0], 16)
-
-
-def _two_cuda_devices() -> bool:
-    if not Backend.TORCH_CUDA.available():
-        return False
-    import torch
-
-    return torch.cuda.device_count() >= 2
 
 
 def _workload(config: tuple[int, ...]) -> np.ndarray:
@@ -47,7 +39,7 @@ def _workload(config: tuple[int, ...]) -> np.ndarray:
     return np.concatenate(rows).astype(np.float32)
 
 
-@pytest.mark.skipif(not Backend.TORCH_CUDA.available(), reason="no CUDA device for torch")
+@needs_gpu("torch")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_kernel_equals_torch_ops_on_cuda(config):
@@ -65,7 +57,7 @@ def test_kernel_equals_torch_ops_on_cuda(config):
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not Backend.TORCH_CUDA.available(), reason="no CUDA device for torch")
+@needs_gpu("torch")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_direct_launch_matches_first_launch_on_any_stream():
     """Calls after the first skip Triton's generic launch path; same results, on the caller's stream."""
@@ -88,7 +80,7 @@ def test_direct_launch_matches_first_launch_on_any_stream():
             assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not _two_cuda_devices(), reason="needs two CUDA devices")
+@needs_gpu("torch", count=2)
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_kernel_on_a_gpu_that_is_not_current():
     import torch
@@ -141,7 +133,8 @@ def _jax_kernel_ready() -> bool:
     return _jax.kernel_available()
 
 
-@pytest.mark.skipif(not _jax_kernel_ready(), reason="needs a GPU for JAX, triton and jax-triton")
+@needs_gpu("jax")
+@pytest.mark.skipif(not _jax_kernel_ready(), reason="needs triton and jax-triton")
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_jax_kernel_equals_xla_on_gpu(config):
     import jax

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 from . import cases
-from .conftest import Backend
+from .conftest import needs_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-needs_cuda = pytest.mark.skipif(not Backend.TORCH_CUDA.available(), reason="no CUDA device for torch")
+needs_cuda = needs_gpu("torch")
 
 CUDA_CONFIGS = [(288, 8, 4, 32), (288, 8, 3, 144), (768, 32, 32, 256), (320, 8, 8, 64), (144, 4, 1, 16)]
 

@@ -264,6 +264,31 @@ def test_hierarchical_not_bool(value):
         eplb.rebalance_experts(GOLDEN, *CONFIG, hierarchical=value)
 
 
+@pytest.mark.parametrize("value", ["no", "", 0, 1, np.array(True), [True]], ids=["no", "empty", "0", "1", "0d", "list"])
+@pytest.mark.parametrize("entry", ["rebalance_experts", "balanced_packing", "replicate_experts"])
+def test_check_values_not_bool(entry, value):
+    """check_values is True, False or None: a truthy string ("no") must not silently mean True."""
+    call = {
+        "rebalance_experts": lambda **kw: eplb.rebalance_experts(GOLDEN, *CONFIG, **kw),
+        "balanced_packing": lambda **kw: eplb.balanced_packing(GOLDEN, 2, **kw),
+        "replicate_experts": lambda **kw: eplb.replicate_experts(GOLDEN, 16, **kw),
+    }[entry]
+    with pytest.raises(TypeError, match=r"check_values must be True, False or None"):
+        call(check_values=value)
+
+
+def test_numpy_scalars_count_as_their_python_type():
+    """One rule for numpy scalars: np.bool_ is a bool (hierarchical, check_values) as np.int64 is an int."""
+    expected = eplb.rebalance_experts(GOLDEN, *CONFIG, hierarchical=False)
+    got = eplb.rebalance_experts(GOLDEN, *CONFIG, hierarchical=np.False_, check_values=np.True_)
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(g, e)
+    with pytest.raises(ValueError, match="must not contain NaN"):
+        eplb.rebalance_experts(np.full((1, 12), np.nan), *CONFIG, check_values=np.True_)
+    negative = np.array(GOLDEN) * np.array([[1] * 11 + [-1]] * 2)
+    eplb.rebalance_experts(negative, *CONFIG, check_values=np.False_)  # not checked: read as 0, no error
+
+
 def test_numpy_integer_counts_accepted():
     """numpy integers are valid counts and give the same placement as Python ints."""
     expected = eplb.rebalance_experts(GOLDEN, *CONFIG)

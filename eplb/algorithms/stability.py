@@ -10,8 +10,9 @@ free choice that does not change the balance. Given the previous placement
   (global policy) are permuted to keep the most ``(expert, GPU)`` pairs where
   they are, an assignment problem solved exactly
   (:mod:`eplb.algorithms.assignment`), then each GPU's slots are ordered so
-  that an expert staying on its GPU keeps its old slot. The multiset of GPU
-  loads is unchanged;
+  that an expert staying on its GPU keeps its old slot. Every GPU keeps its
+  experts (so its load, as an exact sum; a float32 sum may round otherwise
+  where a GPU's slots are reordered);
 - optionally **trades balance for fewer moves** (a load ``limit``): local
   search from the old placement, and from a "sticky" repacking of the fresh
   replicas that prefers each replica's old GPU

@@ -95,7 +95,7 @@ def _check(plan: Any, tensors: list[torch.Tensor], world: int, transport: Any, o
         raise ValueError(f"transport={transport!r} must be 'p2p' or 'all_to_all'")
     if on_transfer is not None and not callable(on_transfer):
         raise TypeError(f"on_transfer must be callable or None, got {type(on_transfer).__name__}")
-    if not isinstance(in_place, bool):
+    if not isinstance(in_place, bool | np.bool_):  # numpy bools count as bools, as everywhere in eplb
         raise TypeError(f"in_place must be a bool, got {type(in_place).__name__}")
     if plan.num_gpus != world:
         raise ValueError(f"the plan is for {plan.num_gpus} GPUs but the process group has {world} ranks")
