@@ -32,9 +32,11 @@ the packings of several (layer, node) rows run in lockstep so that the
 processor overlaps their chains. Layers are independent, so splitting them
 over threads (``parallel=True``) gives the same placement.
 
-Layers whose loads are not all finite and non-negative, or whose float32
-sums overflow, are reported back and recomputed by the reference path (the
-public API rejects such loads anyway unless ``check_values=False``).
+Loads are read as every backend reads them (:func:`eplb.algorithms.loads.clean_loads`:
+below ``2**-64``, NaN, negative and infinite loads as 0). Layers whose
+float32 sums overflow are reported back and recomputed by the reference path,
+whose pack sums saturate (the public API rejects such loads unless their
+values go unchecked).
 
 numba is optional and imported on first use only (:func:`available`); the
 kernel compiles on its first call in a process (about 5 s), then stays in
@@ -567,8 +569,7 @@ def greedy(
 
     Returns ``phy2log [L, R]``, ``log2phy [L, E, R - E + 1]``, ``logcnt [L, E]``
     (int64) and ``ok [L]`` (bool): layers where ``ok`` is False hold garbage
-    and must be recomputed by the reference path (loads not finite and
-    non-negative, or float32 sums that overflow).
+    and must be recomputed by the reference path (float32 sums that overflow).
 
     ``parallel``: split the layers over numba's threads (unless another
     thread is running the parallel kernel already). Layers are independent,
