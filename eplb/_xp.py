@@ -51,7 +51,17 @@ def array_namespace(*arrays: Any) -> Any:
 
 
 def device(x: Any) -> Any:
-    """Device of an array (``"cpu"`` for numpy)."""
+    """Device of an array (``"cpu"`` for numpy; ``None`` for a JAX tracer).
+
+    Under ``jit`` a JAX array has no device yet: the computation runs where
+    its committed inputs live. Creating an array with an explicit device
+    there (some JAX releases give tracers a ``device``, the default one)
+    would commit results that depend on no input (a degenerate config's
+    fixed placement) to that device: CPU inputs would get GPU outputs.
+    """
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.core.Tracer):
+        return None
     return array_api_compat.device(x)
 
 
