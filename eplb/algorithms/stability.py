@@ -31,6 +31,7 @@ algorithm layer, so every backend returns the same placement.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from eplb import _xp
@@ -73,6 +74,7 @@ def stabilize(
     tolerance: float | None,
     max_moves: int | None,
     xp: Any,
+    relabel_fn: Callable[..., Any] = relabel,
 ) -> tuple[Any, Any]:
     """``phy2log [B, R]`` and ``logcnt [B, E]``: ``fresh`` (with ``logcnt``), or a migration-aware
     variant of it, given ``old [B, R]``.
@@ -86,13 +88,14 @@ def stabilize(
     (always within the limit), :func:`repair` of ``old``, or :func:`repair`
     of a :func:`sticky_pack` of the fresh replicas; ties in that order. If
     none meets both (only with ``max_moves``), the lightest heaviest GPU
-    among those within ``max_moves``.
+    among those within ``max_moves``. ``relabel_fn``: :func:`relabel`, or a
+    fused kernel equal to it (same arguments).
     """
     batch, num_phy = fresh.shape
     num_log = weight.shape[1]
     dtype = fresh.dtype
     old = xp.astype(old, dtype)
-    base = relabel(fresh, old, num_gpus, num_nodes, xp=xp)
+    base = relabel_fn(fresh, old, num_gpus, num_nodes, xp=xp)
     if tolerance is None and max_moves is None:
         return base, logcnt
     factor = 1.0 if tolerance is None else float(tolerance) + 1.0
@@ -174,18 +177,24 @@ def place_stable(
     tolerance: float | None = None,
     max_moves: int | None = None,
     xp: Any,
+    place_fn: Callable[..., Any] = place,
+    relabel_fn: Callable[..., Any] = relabel,
+    log2phy_fn: Callable[[Any, int], Any] | None = None,
     **options: Any,
 ) -> tuple[Any, Any, Any]:
     """Like :func:`eplb.algorithms.policies.place`, keeping the experts of ``previous [L, R]`` in place.
 
     ``options`` go to :func:`~eplb.algorithms.policies.place` (``policy``,
     ``spill``); ``tolerance`` and ``max_moves`` to :func:`stabilize`.
+    ``place_fn``, ``relabel_fn``, ``log2phy_fn``: :func:`place`,
+    :func:`relabel` and the slot-order ``log2phy`` below, or fused
+    implementations equal to them (a backend's fast paths).
     Replica numbers in ``log2phy`` follow slot order (replica ``k`` of an
     expert is its ``k``-th slot). Loads below ``2**-64`` count as zero, here
     too (:mod:`eplb.algorithms.loads`).
     """
     weight = clean_loads(weight, xp=xp)  # for stabilize's loads; place flushes its own (idempotent)
-    fresh, _, logcnt = place(
+    fresh, _, logcnt = place_fn(
         weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp, **options
     )
     if not hierarchical:
@@ -201,6 +210,9 @@ def place_stable(
         tolerance=tolerance,
         max_moves=max_moves,
         xp=xp,
+        relabel_fn=relabel_fn,
     )
+    if log2phy_fn is not None:
+        return phy2log, log2phy_fn(phy2log, weight.shape[1]), logcnt
     log2phy = build_log2phy(phy2log, occurrence(phy2log, xp=xp), weight.shape[1], xp=xp)
     return phy2log, log2phy, logcnt

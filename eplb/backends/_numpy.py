@@ -58,10 +58,36 @@ def rebalance_stable(
     num_groups: int,
     num_nodes: int,
     num_gpus: int,
+    *,
+    impl: str | None = None,
     **options: Any,
 ) -> tuple[Any, Any, Any]:
-    """Placement keeping ``previous [L, R]``'s experts in place (:func:`eplb.algorithms.stability.place_stable`)."""
+    """Placement keeping ``previous [L, R]``'s experts in place (:func:`eplb.algorithms.stability.place_stable`).
+
+    ``impl``: ``"numba"`` runs the fresh placement's kernel where it applies
+    (:func:`rebalance`'s rule) and the relabelling as one compiled kernel
+    (:mod:`eplb.kernels.relabel_numba`); ``"xp"`` the array-API algorithm
+    layer throughout; ``None`` picks ``"numba"`` where numba is installed.
+    Same placement either way.
+    """
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
     previous = np.ascontiguousarray(previous, dtype=np.int64)
-    placement = place_stable(weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
+    if impl is None:
+        impl = "numba" if _numba.available() else "xp"
+    if impl not in ("numba", "xp"):
+        raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
+    hooks = {}
+    if impl == "numba":
+        from eplb.kernels import relabel_numba
+
+        def place_fn(w: np.ndarray, *sizes: int, xp: Any, **policy: Any) -> tuple[Any, ...]:
+            return rebalance(w, *sizes, **policy)  # the greedy kernel where it applies
+
+        def relabel_fn(new: np.ndarray, old: np.ndarray, gpus: int, nodes: int, *, xp: Any) -> np.ndarray:
+            return relabel_numba.relabel(new, old, gpus, nodes, weight.shape[1])
+
+        hooks = {"place_fn": place_fn, "relabel_fn": relabel_fn, "log2phy_fn": relabel_numba.log2phy_in_slot_order}
+    placement = place_stable(
+        weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options
+    )
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)

@@ -1,0 +1,101 @@
+"""The compiled relabelling (eplb.kernels.relabel_numba) equals eplb.algorithms.relabel.relabel bit for bit.
+
+Also its assignment solver against the array-API one (which tests/test_stability.py proves optimal by
+brute force), and the slot-order log2phy against build_log2phy(occurrence(...)).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import eplb
+from eplb.algorithms.assignment import max_assignment
+from eplb.algorithms.hierarchy import build_log2phy
+from eplb.algorithms.relabel import occurrence, relabel
+
+from . import cases
+
+pytest.importorskip("numba")
+from eplb.kernels import relabel_numba
+
+
+def _random_cases(rng: np.random.Generator):
+    """(new, old, num_gpus, num_nodes, E): random, permuted, one-expert, one-slot-per-GPU and tied placements."""
+    for trial in range(240):
+        nodes, per_node, per_gpu = int(rng.integers(1, 4)), int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        gpus = nodes * per_node
+        slots = gpus * per_gpu
+        experts = int(rng.integers(1, slots + 1))
+        new = rng.integers(0, experts, (3, slots))
+        old = rng.integers(0, experts, (3, slots))
+        if trial % 4 == 0:
+            old = new[:, rng.permutation(slots)]  # the same GPU contents, shuffled
+        if trial % 7 == 0:
+            new[:] = 0  # every slot one expert
+        yield new, old, gpus, nodes, experts
+
+
+def test_equals_the_array_api_relabelling():
+    for new, old, gpus, nodes, experts in _random_cases(np.random.default_rng(0)):
+        want = relabel(new, old, gpus, nodes, xp=np)
+        np.testing.assert_array_equal(relabel_numba.relabel(new, old, gpus, nodes, experts), want)
+
+
+CONFIGS = [(288, 8, 4, 32), (288, 8, 3, 144), (16, 4, 2, 16)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["hier", "global", "1-slot"])
+def test_equals_on_real_and_tied_placements(config):
+    weight = cases.deepseek_v3()
+    assert weight is not None, f"real loads expected at {cases.DATA}"
+    if config[0] == 16:
+        weight = cases.ties(np.random.default_rng(2), 16)
+    nodes = config[2] if config[1] % config[2] == 0 else 1
+    old = eplb.rebalance_experts(weight, *config).phy2log
+    drifted = (weight * np.random.default_rng(1).lognormal(0, 0.3, weight.shape)).astype(np.int64)
+    new = eplb.rebalance_experts(drifted, *config).phy2log
+    for a, b in ((new, old), (old, old), (new, new[::-1].copy())):
+        want = relabel(a, b, config[3], nodes, xp=np)
+        np.testing.assert_array_equal(relabel_numba.relabel(a, b, config[3], nodes, weight.shape[1]), want)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13])
+def test_assignment_solver_equals_the_array_api_one(n):
+    """Same permutation as max_assignment (ties and zeros included), so the same optimum and the same tie rule."""
+    rng = np.random.default_rng(n)
+    profit = rng.integers(0, 4, (60, n, n))
+    profit[:10] = 0
+    profit[10:20] = rng.integers(0, 2, (10, n, n))
+    want = max_assignment(profit, xp=np)
+    work = np.empty(9 * (n + 1), np.int64)
+    for b in range(len(profit)):
+        got = np.empty(n, np.int64)
+        relabel_numba._max_assignment(np.ascontiguousarray(profit[b], dtype=np.int64), got, work)
+        np.testing.assert_array_equal(got, want[b])
+
+
+def test_log2phy_in_slot_order():
+    rng = np.random.default_rng(3)
+    phy2log = np.concatenate([rng.integers(0, 5, (4, 12)), np.zeros((1, 12), np.int64)])
+    phy2log[:4, :5] = np.arange(5)  # every expert present
+    phy2log[4, :5] = np.arange(5)
+    want = build_log2phy(phy2log, occurrence(phy2log, xp=np), 5, xp=np)
+    np.testing.assert_array_equal(relabel_numba.log2phy_in_slot_order(phy2log, 5), want)
+
+
+def test_previous_on_numpy_uses_the_kernel_and_equals_the_array_api_path():
+    """The numpy adapter's default (kernel) and forced array-API paths agree, knobs included."""
+    from eplb.backends import _numpy
+
+    rng = np.random.default_rng(4)
+    old_w, new_w = cases.lognormal_f32(rng, 6, 32), cases.lognormal_f32(rng, 6, 32)
+    for config in ((48, 8, 4, 8), (48, 8, 3, 12)):
+        hierarchical = config[1] % config[2] == 0
+        previous = eplb.rebalance_experts(old_w, *config).phy2log
+        for knobs in ({}, {"tolerance": 0.01}, {"max_moves": 3}):
+            args = (new_w, previous, *config)
+            kernel = _numpy.rebalance_stable(*args, hierarchical=hierarchical, impl="numba", **knobs)
+            reference = _numpy.rebalance_stable(*args, hierarchical=hierarchical, impl="xp", **knobs)
+            for a, b in zip(kernel, reference, strict=True):
+                np.testing.assert_array_equal(a, b)
