@@ -60,6 +60,8 @@ def lpt_pack(weight: Any, num_packs: int, *, xp: Any, initial_load: Any = None) 
     order = _xp.argsort_desc(weight, xp=xp)
     weight_by_step = xp.permute_dims(_xp.take_along(weight, order, xp=xp), (1, 0))  # [n, B]
     pack_ids = xp.arange(num_packs, dtype=order.dtype, device=device)
+    # A device constant, made once: a Python float operand would be copied to a CUDA device (a host sync).
+    most = xp.full((1, 1), MAX_LOAD, dtype=weight.dtype, device=device)
 
     def visit(carry: Any, item_weight: Any) -> tuple[Any, Any]:
         # open_load [B, m] float32: running load, +inf once a pack is full.
@@ -71,7 +73,7 @@ def lpt_pack(weight: Any, num_packs: int, *, xp: Any, initial_load: Any = None) 
         pack_count = pack_count + chosen
         # Saturate at float32 max: a full pack's +inf must stay above every open pack, even where
         # unchecked loads overflow a sum (min of a correctly rounded sum: the same bits everywhere).
-        open_load = xp.minimum(open_load + chosen * xp.reshape(item_weight, (batch, 1)), MAX_LOAD)
+        open_load = xp.minimum(open_load + chosen * xp.reshape(item_weight, (batch, 1)), most)
         open_load = xp.where(pack_count == capacity, xp.inf, open_load)
         return (open_load, pack_count), (pack[:, 0], rank[:, 0])
 

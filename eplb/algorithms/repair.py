@@ -53,6 +53,7 @@ def sticky_pack(base: Any, old: Any, item_load: Any, limit: Any, num_packs: int,
         axis=-1,
     )
     pack_ids = _ids(num_packs, base, xp=xp)
+    most = xp.full((1, 1), MAX_LOAD, dtype=item_load.dtype, device=_xp.device(base))  # as lpt_pack's
 
     def visit(carry: Any, step: Any) -> tuple[Any, Any]:
         open_load, count = carry  # float32 [B, m]; +inf once a pack is full
@@ -66,7 +67,7 @@ def sticky_pack(base: Any, old: Any, item_load: Any, limit: Any, num_packs: int,
         rank = _xp.take_along(count, pack, xp=xp)
         chosen = pack_ids == pack
         count = count + chosen
-        open_load = xp.where(count == capacity, xp.inf, xp.minimum(open_load + chosen * load, MAX_LOAD))  # as lpt_pack
+        open_load = xp.where(count == capacity, xp.inf, xp.minimum(open_load + chosen * load, most))  # as lpt_pack
         return (open_load, count), (pack[:, 0], rank[:, 0])
 
     init = (

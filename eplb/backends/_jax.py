@@ -51,7 +51,20 @@ def _rebalance(
         placement = place(row[None, :], *config, xp=jnp, **dict(options))
         return tuple(a[0] for a in placement)
 
-    return jax.vmap(one_layer)(weight.astype(jnp.float32))
+    return _tied_to(weight, jax.vmap(one_layer)(weight.astype(jnp.float32)))
+
+
+def _tied_to(weight: jax.Array, placement: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """``placement``, as values computed from ``weight``.
+
+    An output of a ``jit`` that depends on no input (a degenerate config's
+    fixed placement: one slot per expert, say) is a constant, which JAX
+    places on the default device, not the inputs' (seen with JAX 0.11 on a
+    GPU machine: CPU loads, GPU ``phy2log``). An optimisation barrier over
+    both makes every output a result of the computation, where the inputs
+    live; it costs nothing at run time.
+    """
+    return jax.lax.optimization_barrier((weight, placement))[1]
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -242,7 +255,7 @@ def _rebalance_stable(
         placement = place_stable(row[None, :], old[None, :], *config, xp=jnp, **dict(options))
         return tuple(a[0] for a in placement)
 
-    return jax.vmap(one_layer)(weight.astype(jnp.float32), previous.astype(index))
+    return _tied_to(weight, jax.vmap(one_layer)(weight.astype(jnp.float32), previous.astype(index)))
 
 
 def rebalance_stable(
