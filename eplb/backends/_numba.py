@@ -88,7 +88,10 @@ def available() -> bool:
     path gives the same placement, only slower; a user who installed the
     ``fast`` extra should learn why it is not used.
     """
-    if importlib.util.find_spec("numba") is None:
+    try:
+        if importlib.util.find_spec("numba") is None:
+            return False
+    except ImportError:  # an import hook that refuses numba: as good as not installed
         return False
     try:
         import numba  # noqa: F401
