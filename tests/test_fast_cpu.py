@@ -11,6 +11,7 @@ Skips without numba.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -301,7 +302,8 @@ def test_no_sums_no_overflow():
 
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
-    """Records the weight shape of every call into the compiled kernel."""
+    """Records the weight shape of every call into the compiled kernel (loaded first: dispatch waits for none)."""
+    _numba.warm_up()
     calls: list[tuple[int, ...]] = []
     original = _numba.rebalance
 
@@ -380,8 +382,11 @@ def test_concurrent_calls():
             np.testing.assert_array_equal(g, e)
 
 
-def _run_python(code: str) -> str:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True)
+def _run_python(code: str, env: dict[str, str] | None = None) -> str:
+    environ = {**os.environ, **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True, env=environ
+    )
     return result.stdout
 
 
@@ -416,8 +421,64 @@ def test_numba_imported_lazily_and_optional():
 
 def test_no_fused_multiply_add():
     """The compiled kernel has no FMA: float32 products and sums are rounded one at a time, as numpy does."""
+    import numba
+
+    from eplb.kernels import greedy_numba
+
     _numba.greedy(np.ones((1, 4), np.float32), 4, 1, 1, 1, hierarchical=False)
-    serial = _numba._kernels().serial
-    for signature in serial.signatures:
-        asm = serial.inspect_asm(signature).lower()
+    # The served kernel may come from numba's disk cache, whose machine code cannot be inspected: compile the
+    # same function, with the same options, in memory.
+    fresh = numba.njit(cache=False, nogil=True)(greedy_numba._layers)
+    for signature in _numba._kernels().serial.signatures:
+        fresh.compile(signature)
+        asm = fresh.inspect_asm(signature).lower()
+        assert "mulss" in asm or "vmulss" in asm  # the float32 products are there, one at a time
         assert "vfmadd" not in asm and "vfmsub" not in asm and "vfnmadd" not in asm
+
+
+# ---------------------------------------------------------------- time to the first placement
+
+
+def test_first_call_does_not_wait_for_a_compile(tmp_path):
+    """A fresh process with a cold numba cache: the first call answers from the array-API path (no 7 s compile),
+    the kernel loads in the background, and every call gives the same placement."""
+    out = _run_python(
+        """
+        import time
+        import numpy as np
+        import eplb
+        from eplb.backends import _numba
+        w = np.random.default_rng(0).lognormal(0, 1.5, (58, 256)).astype(np.float32)
+        start = time.perf_counter()
+        first = eplb.rebalance_experts(w, 288, 8, 4, 32)
+        seconds = time.perf_counter() - start
+        was_ready = _numba.ready()
+        _numba.warm_up()
+        again = eplb.rebalance_experts(w, 288, 8, 4, 32)
+        same = all(np.array_equal(a, b) for a, b in zip(first, again))
+        print(was_ready, _numba.ready(), same, seconds < 5)
+        """,
+        env={"NUMBA_CACHE_DIR": str(tmp_path)},
+    )
+    assert out.split() == ["False", "True", "True", "True"]
+
+
+def test_kernels_cached_or_warned(monkeypatch):
+    """Where numba cannot cache (no writable folder), the kernel compiles in memory with one RuntimeWarning."""
+    import numba
+
+    from eplb.kernels import _numba_jit
+
+    real = numba.njit
+
+    def refusing(*args, **options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real(*args, **options)
+
+    monkeypatch.setattr(_numba_jit.numba, "njit", refusing)
+    monkeypatch.setattr(_numba_jit, "_WARNED", False)
+    with pytest.warns(RuntimeWarning, match="cannot be cached on disk"):
+        add = _numba_jit.njit()(lambda a, b: a + b)
+    assert add(2, 3) == 5
+    assert _numba_jit.CACHED[f"{__name__}.test_kernels_cached_or_warned.<locals>.<lambda>"] is False

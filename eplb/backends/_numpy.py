@@ -36,13 +36,14 @@ def rebalance(
     ``impl``: ``"numba"`` runs the compiled greedy kernel
     (:mod:`eplb.backends._numba`; plain greedy options only); ``"xp"`` the
     array-API algorithm layer; ``None`` picks ``"numba"`` when numba is
-    installed and the options are plain greedy, else ``"xp"``. Both give the
-    same placement. The kernel compiles on its first call in a process (a
-    few seconds).
+    installed, the options are plain greedy and the kernel is loaded
+    (:func:`eplb.backends._numba.ready`: the first call in a process starts
+    loading it in the background, from numba's disk cache or by compiling),
+    else ``"xp"``. Both give the same placement.
     """
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
     if impl is None:
-        impl = "numba" if _numba.supports(options) and _numba.available() else "xp"
+        impl = "numba" if _numba.supports(options) and _numba.available() and _numba.ready() else "xp"
     if impl == "numba":
         return _numba.rebalance(weight32, num_replicas, num_groups, num_nodes, num_gpus, **options)
     if impl != "xp":
@@ -73,7 +74,7 @@ def rebalance_stable(
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
     previous = np.ascontiguousarray(previous, dtype=np.int64)
     if impl is None:
-        impl = "numba" if _numba.available() else "xp"
+        impl = "numba" if _numba.available() and _numba.ready() else "xp"
     if impl not in ("numba", "xp"):
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     hooks = {}

@@ -26,8 +26,9 @@ cache folder is not writable).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from eplb.kernels._numba_jit import njit
 
 __all__ = ["log2phy_in_slot_order", "relabel"]
 
@@ -37,7 +38,7 @@ BIG = 2**30  # eplb.algorithms.assignment.BIG
 USED_DIST = 2**61
 USED_POTENTIAL = 2**62
 
-_jit = numba.njit(cache=True, nogil=True)
+_jit = njit()
 
 
 @_jit
