@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eplb
 from benchmarks.timing import cuda_median_ms
 from eplb.backends import _triton
-from eplb.backends._triton_kernel import greedy_kernel, scratch_size
+from eplb.kernels.greedy_triton import greedy_kernel, scratch_size
 
 SHAPES = {
     "deepseek-v3 hierarchical": (58, 256, 288, 8, 4, 32, True),

@@ -10,8 +10,8 @@ duration of its launches in a ``jax.profiler`` trace of 10 calls. "trivial
 jitted function" is the latency floor of a jitted call on the GPU (one
 tiny op). ``--sweep`` also times the kernel at other settings (packing
 step, item reads, unroll, tile lanes) to choose the defaults of
-:func:`eplb.backends._pallas.kernel_meta`; ``--old PATH`` adds the kernel of
-another ``_pallas.py`` (``placement(weight, config, hierarchical)``) for a
+:func:`eplb.kernels.greedy_pallas.kernel_meta`; ``--old PATH`` adds the kernel of
+another ``greedy_pallas.py`` (``placement(weight, config, hierarchical)``) for a
 before/after comparison; ``--trace`` lists where the host time of a public
 call goes.
 ``--overhead`` times, on the CPU, what ``eplb.rebalance_experts`` adds in
@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 
 import eplb
-from eplb.backends import _jax, _pallas
+from eplb.backends import _jax
+from eplb.kernels import greedy_pallas
 
 SHAPES = {
     # name: (layers, experts, replicas, groups, nodes, gpus)
@@ -103,7 +104,7 @@ def _old_placement(old, w, *, config, hierarchical):
 
 
 def _new_placement(w, *, config, hierarchical, options):
-    return _pallas.placement(w, config, hierarchical, options=options)
+    return greedy_pallas.placement(w, config, hierarchical, options=options)
 
 
 SWEEP = [  # kernel settings other than the defaults (kernel_meta keywords)
@@ -197,7 +198,7 @@ def gpu_table(
             one = functools.partial(_old_placement, old, config=config, hierarchical=hier)
             _row("old kernel (--old)", lambda one=one, w=w: one(w), want, runs, True)
         if sweep:
-            meta = _pallas.kernel_meta(experts, *(config if hier else (config[0], 1, 1, config[3])))
+            meta = greedy_pallas.kernel_meta(experts, *(config if hier else (config[0], 1, 1, config[3])))
             defaults = ", ".join(f"{k}={getattr(meta, k)}" for k in ("select", "fill_first", "unroll", "lanes"))
             print(f"  defaults: {defaults}")
             for options in SWEEP:
@@ -260,7 +261,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--sweep", action="store_true", help="also time the kernel at other launch settings")
     parser.add_argument("--overhead", action="store_true", help="time the Python overhead of the public call on CPU")
-    parser.add_argument("--old", metavar="PATH", help="also time the kernel of another _pallas.py (before/after)")
+    parser.add_argument("--old", metavar="PATH", help="also time the kernel of another greedy_pallas.py (before/after)")
     parser.add_argument("--impls", default="pallas,xla,triton", help="_jax.rebalance paths to time (comma-separated)")
     parser.add_argument("--trace", action="store_true", help="also list where the host time of a public call goes")
     parser.add_argument("--shapes", default="", help="only the shapes whose name holds one of these (comma-separated)")
@@ -283,7 +284,7 @@ def main() -> None:
     if args.overhead or not has_gpu:
         cpu_overhead(max(args.runs, 2000))
     if importlib.util.find_spec("jax_triton") is not None:
-        from eplb.backends._triton_kernel import ensure_cache_dir
+        from eplb.kernels.greedy_triton import ensure_cache_dir
 
         ensure_cache_dir()
 

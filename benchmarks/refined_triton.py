@@ -26,7 +26,7 @@ from benchmarks.timing import cuda_median_ms
 from eplb.algorithms.hierarchy import expert_order
 from eplb.algorithms.refined import default_iterations
 from eplb.backends import _torch
-from eplb.backends import _triton_refined as kernels
+from eplb.kernels import refined_triton as kernels
 from tests import cases
 
 CONFIG = (288, 8, 4, 32)

@@ -251,12 +251,12 @@ def _inside_jit(weight: Any, r: int, g: int, n: int, gpus: int, previous: Any = 
 
 def _pallas_interpreted(weight: Any, r: int, g: int, n: int, gpus: int, **kw: Any) -> Any:
     """The Pallas kernel of the policy (greedy or refined) under Pallas' CPU interpreter, after validation."""
-    from eplb.backends import _pallas, _pallas_refined
+    from eplb.kernels import greedy_pallas, refined_pallas
 
     eplb.rebalance_experts(weight, r, g, n, gpus, **kw)
     hierarchical = kw.get("hierarchical")
     hierarchical = (g % n == 0) if hierarchical is None else hierarchical
-    kernel = _pallas_refined if kw.get("policy", "greedy") == "refined" else _pallas
+    kernel = refined_pallas if kw.get("policy", "greedy") == "refined" else greedy_pallas
     return kernel.placement(weight, (r, g, n, gpus), hierarchical, interpret=True)
 
 

@@ -257,7 +257,7 @@ def test_triton_kernels_under_interpreter(tmp_path):
         f"""
         import numpy as np, torch
         from eplb.backends._triton import rebalance_greedy_cuda
-        from eplb.backends._triton_refined import rebalance_refined_cuda, kernel_fits
+        from eplb.kernels.refined_triton import rebalance_refined_cuda, kernel_fits
         data = np.load({str(tmp_path / "expected.npz")!r})
         configs = {[(name, config) for name, config, _ in small]!r}
         ran = 0

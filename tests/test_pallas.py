@@ -1,4 +1,4 @@
-"""The Pallas kernel of the greedy policy (:mod:`eplb.backends._pallas`): same placement as numpy.
+"""The Pallas kernel of the greedy policy (:mod:`eplb.kernels.greedy_pallas`): same placement as numpy.
 
 On the CPU the kernel runs under Pallas' interpreter (``interpret=True``),
 which executes the same kernel body with jax ops, and its lowering to Triton
@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 import eplb
-from eplb.backends import _jax, _pallas
+from eplb.backends import _jax
+from eplb.kernels import greedy_pallas
 
 from . import cases
 from .conftest import needs_gpu
@@ -71,7 +72,7 @@ def _assert_same(got: tuple, want: tuple) -> None:
 
 
 def _interpreted(weight: np.ndarray, config: tuple[int, ...], hierarchical: bool) -> tuple:
-    return _pallas.placement(jnp.asarray(weight), config, hierarchical, interpret=True)
+    return greedy_pallas.placement(jnp.asarray(weight), config, hierarchical, interpret=True)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
@@ -89,7 +90,7 @@ def test_interpreter_small_budget_chunks_the_ranking(select):
     weight = _workload(config)
     want = eplb.rebalance_experts(weight, *config)
     options = (("budget", 8), ("select", select))  # "arg" also ranks items in their GPU from registers
-    _assert_same(_pallas.placement(jnp.asarray(weight), config, True, interpret=True, options=options), want)
+    _assert_same(greedy_pallas.placement(jnp.asarray(weight), config, True, interpret=True, options=options), want)
 
 
 SETTINGS = [
@@ -110,7 +111,7 @@ def test_interpreter_other_settings(config, options):
     weight = _workload(config)
     for hierarchical in _policies(config):
         want = eplb.rebalance_experts(weight, *config, hierarchical=hierarchical)
-        got = _pallas.placement(jnp.asarray(weight), config, hierarchical, interpret=True, options=options)
+        got = greedy_pallas.placement(jnp.asarray(weight), config, hierarchical, interpret=True, options=options)
         _assert_same(got, want)
 
 
@@ -138,7 +139,7 @@ def test_interpreter_under_vmap_folds_the_batch():
 
 def test_interpreter_under_vmap_too_big_to_fold(monkeypatch):
     """A batch whose folded indices would overflow int32 runs one launch per entry."""
-    monkeypatch.setattr(_pallas, "fits", lambda layers, experts, replicas: layers <= 4)
+    monkeypatch.setattr(greedy_pallas, "fits", lambda layers, experts, replicas: layers <= 4)
     config = (20, 4, 4, 4)  # a config no other test traces under vmap (the jit cache keys on it)
     weight = _workload(config)[:12].reshape(3, 4, 16)
     got = jax.vmap(lambda w: _interpreted(w, config, True))(jnp.asarray(weight))
@@ -150,7 +151,7 @@ def test_integer_loads_are_compared_as_float32():
     """Distinct integers that round to the same float32 tie, as in numpy."""
     config = (20, 4, 4, 4)
     weight = (2**25 + np.arange(16) % 3)[None, :].astype(np.int32)
-    got = _pallas.placement(jnp.asarray(weight), config, True, interpret=True)
+    got = greedy_pallas.placement(jnp.asarray(weight), config, True, interpret=True)
     _assert_same(got, eplb.rebalance_experts(weight, *config))
 
 
@@ -260,7 +261,7 @@ def test_gpu_kernel_settings(config, options):
     weight = _workload(config, layers=8)
     w = jax.device_put(jnp.asarray(weight), jax.devices("gpu")[0])
     for hierarchical in _policies(config):
-        got = _pallas.placement(w, config, hierarchical, options=options)
+        got = greedy_pallas.placement(w, config, hierarchical, options=options)
         _assert_same(got, eplb.rebalance_experts(weight, *config, hierarchical=hierarchical))
 
 

@@ -20,7 +20,7 @@ from .test_triton_refined import CUDA_CONFIGS, _experts, hot, interpreter_cases,
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
-_pallas_refined = pytest.importorskip("eplb.backends._pallas_refined")
+refined_pallas = pytest.importorskip("eplb.kernels.refined_pallas")
 _jax = pytest.importorskip("eplb.backends._jax")
 
 GPU = needs_gpu("jax")
@@ -37,7 +37,7 @@ def _assert_same(got, want) -> None:
 def test_interpreter_equals_numpy(index):
     config, weight, num_iters = interpreter_cases()[index]
     hierarchical = config[1] % config[2] == 0
-    got = _pallas_refined.placement(jnp.asarray(weight), config, hierarchical, interpret=True, num_iters=num_iters)
+    got = refined_pallas.placement(jnp.asarray(weight), config, hierarchical, interpret=True, num_iters=num_iters)
     _assert_same(got, refined_xp(weight, config, num_iters))
 
 
@@ -45,7 +45,7 @@ def test_interpreter_global_policy_and_vmap():
     """The global policy (one node of 8 GPUs), and a vmap batch folded into the layers."""
     config = (40, 4, 2, 8)
     weight = np.concatenate([hot(np.random.default_rng(3), 2, 16), zipf(np.random.default_rng(4), 2, 16)])
-    got = jax.vmap(lambda w: _pallas_refined.placement(w, config, False, interpret=True))(
+    got = jax.vmap(lambda w: refined_pallas.placement(w, config, False, interpret=True))(
         jnp.asarray(weight.reshape(2, 2, 16))
     )
     for b in range(2):
@@ -74,10 +74,10 @@ def test_lowers_for_cuda(config, hierarchical, kernels):
 
 
 def test_fits_bounds_the_kernel():
-    assert _pallas_refined.fits(58, 256, 288, 4, 32)
-    assert _pallas_refined.fits(94, 512, 768, 32, 256)
-    assert not _pallas_refined.fits(1, 4096, 8192, 1, 1)  # too many slots per node
-    assert not _pallas_refined.fits(1, 256, 4096, 1, 64)  # 64 slots per GPU: too many swap candidates
+    assert refined_pallas.fits(58, 256, 288, 4, 32)
+    assert refined_pallas.fits(94, 512, 768, 32, 256)
+    assert not refined_pallas.fits(1, 4096, 8192, 1, 1)  # too many slots per node
+    assert not refined_pallas.fits(1, 256, 4096, 1, 64)  # 64 slots per GPU: too many swap candidates
 
 
 # ---- On a JAX GPU: the default for policy="refined".
@@ -110,7 +110,7 @@ def test_gpu_default_equals_numpy(config):
 def test_gpu_interpreter_cases_and_vmap():
     for config, weight, num_iters in interpreter_cases():
         hierarchical = config[1] % config[2] == 0
-        got = _pallas_refined.placement(_on_gpu(weight), config, hierarchical, num_iters=num_iters)
+        got = refined_pallas.placement(_on_gpu(weight), config, hierarchical, num_iters=num_iters)
         _assert_same(got, refined_xp(weight, config, num_iters))
     config = (288, 8, 4, 32)
     weight = hot(np.random.default_rng(2), 6, 256)

@@ -158,7 +158,7 @@ def test_greedy_kernel_compiles_for_sm90(config):
     """The kernel compiles to a cubin for H100/H200 without a GPU (the interpreter accepts more than the compiler)."""
     import triton
 
-    from eplb.backends._triton_kernel import greedy_kernel, launch_config
+    from eplb.kernels.greedy_triton import greedy_kernel, launch_config
 
     try:
         from triton.backends.compiler import GPUTarget

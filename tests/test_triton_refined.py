@@ -128,7 +128,7 @@ def test_kernels_under_triton_interpreter():
     script = textwrap.dedent(
         """
         import numpy as np, torch
-        from eplb.backends._triton_refined import rebalance_refined_cuda
+        from eplb.kernels.refined_triton import rebalance_refined_cuda
         from tests.test_triton_refined import interpreter_cases, refined_xp
         for config, weight, num_iters in interpreter_cases():
             want = refined_xp(weight, config, num_iters)
@@ -158,7 +158,7 @@ def test_kernels_compile_for_sm90():
 
     from eplb.algorithms.bounds import group_assignments
     from eplb.algorithms.refined import default_iterations
-    from eplb.backends import _triton_refined as k
+    from eplb.kernels import refined_triton as k
 
     try:
         from triton.backends.compiler import GPUTarget
@@ -253,15 +253,15 @@ def test_kernel_path_never_syncs():
     import torch
 
     import eplb
-    from eplb.backends import _triton_refined
+    from eplb.kernels import refined_triton
 
     config = (288, 8, 4, 32)
     weight = torch.as_tensor(hot(np.random.default_rng(3), 58, 256), device="cuda")
-    _triton_refined.rebalance_refined_cuda(weight, *config, True)  # first call builds the split tables
+    refined_triton.rebalance_refined_cuda(weight, *config, True)  # first call builds the split tables
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        placement = _triton_refined.rebalance_refined_cuda(weight, *config, True)
+        placement = refined_triton.rebalance_refined_cuda(weight, *config, True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     expected = eplb.rebalance_experts(weight.cpu().numpy(), *config, policy="refined")

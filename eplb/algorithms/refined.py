@@ -208,7 +208,7 @@ def rebalance_refined(
 
     Three stages, each replaceable by an implementation with the same
     signature and results (the fused Triton kernels of
-    :mod:`eplb.backends._triton_refined` on CUDA): ``split_stage`` as
+    :mod:`eplb.kernels.refined_triton` on CUDA): ``split_stage`` as
     :func:`group_split`, ``candidate_stage`` as :func:`node_candidates` and
     ``final_stage`` as :func:`keep_greedy_unless_beaten`, which receives what
     ``candidate_stage`` returned (the two come as a pair). With the global

@@ -1,7 +1,7 @@
 """JAX backend: ``jax.jit`` with the sizes static, ``jax.vmap`` over layers.
 
 Works on concrete arrays and on tracers (inside a user's ``jit``/``vmap``).
-On CUDA the greedy policy runs as one Pallas kernel (:mod:`eplb.backends._pallas`).
+On CUDA the greedy policy runs as one Pallas kernel (:mod:`eplb.kernels.greedy_pallas`).
 Never touches global flags: without ``jax_enable_x64`` indices are int32.
 """
 
@@ -72,7 +72,7 @@ def _kernel_placement(weight: jax.Array, config: tuple[int, int, int, int], hier
     """The fused Triton kernel through ``jax_triton.triton_call`` (lowered on CUDA only)."""
     import jax_triton
 
-    from eplb.backends._triton_kernel import greedy_kernel, launch_config, scratch_size
+    from eplb.kernels.greedy_triton import greedy_kernel, launch_config, scratch_size
 
     num_replicas, num_groups, num_nodes, num_gpus = config
     if not hierarchical:
@@ -144,14 +144,14 @@ def _placement(
         return _rebalance(w, config, options)
 
     if dict(options).get("policy") == "refined":  # impl "pallas": its candidate stage as one kernel on CUDA
-        from eplb.backends import _pallas_refined
+        from eplb.kernels import refined_pallas
 
         sizes = (config[2], config[3]) if hierarchical else (1, config[3])
-        if not _pallas_refined.fits(*weight.shape, config[0], *sizes):
+        if not refined_pallas.fits(*weight.shape, config[0], *sizes):
             return _rebalance(weight, config, options)
 
         def refined(w: jax.Array) -> tuple[jax.Array, ...]:
-            return _pallas_refined.placement(w, config, hierarchical)
+            return refined_pallas.placement(w, config, hierarchical)
 
         return tuple(jax.lax.platform_dependent(weight, cuda=refined, default=xla))
 
@@ -163,13 +163,13 @@ def _placement(
     if impl == "host":
         return tuple(jax.lax.platform_dependent(weight, **branches, default=xla))
     if impl == "pallas":
-        from eplb.backends import _pallas
+        from eplb.kernels import greedy_pallas
 
-        if not _pallas.fits(weight.shape[0], weight.shape[1], config[0]):
+        if not greedy_pallas.fits(weight.shape[0], weight.shape[1], config[0]):
             return _rebalance(weight, config, options)  # int32 flat indices would overflow
 
         def kernel(w: jax.Array) -> tuple[jax.Array, ...]:
-            return _pallas.placement(w, config, hierarchical)
+            return greedy_pallas.placement(w, config, hierarchical)
 
     else:
 
@@ -198,13 +198,13 @@ def rebalance(
       greedy and refined policies, no ``spill``); else for the greedy policy
       ``"host"`` where numba is installed; ``"xla"`` otherwise;
     - ``"pallas"``: the greedy policy as one fused Pallas (Triton) kernel,
-      one program per (layer, node) (:mod:`eplb.backends._pallas`), on CUDA;
+      one program per (layer, node) (:mod:`eplb.kernels.greedy_pallas`), on CUDA;
       the XLA path elsewhere. The choice is made at lowering by
       ``lax.platform_dependent``, so it works on tracers, inside a user's
       ``jit``/``vmap`` (a batch is folded into the layers: still one launch)
       and for computations placed on the CPU. For the refined policy, its
       candidate stage (replication, starts, swap rounds) is one Pallas
-      kernel and the rest XLA ops (:mod:`eplb.backends._pallas_refined`);
+      kernel and the rest XLA ops (:mod:`eplb.kernels.refined_pallas`);
     - ``"triton"``: the same greedy kernel written in Triton, through
       ``jax-triton`` (opt-in: it reaches into JAX's private modules), chosen
       at lowering in the same way;
@@ -239,7 +239,7 @@ def rebalance(
         )
     placement = _placement(weight, config, tuple(sorted(options.items())), impl)
     if impl == "triton":
-        from eplb.backends._triton_kernel import ensure_cache_dir
+        from eplb.kernels.greedy_triton import ensure_cache_dir
 
         ensure_cache_dir()  # jax-triton empties Triton's cache setting when it compiles
     return placement

@@ -74,7 +74,7 @@ def rebalance(
     tiny ops;
     ``"triton"`` (CUDA; greedy policy, or refined policy without ``spill``)
     runs the fused kernel of :mod:`eplb.backends._triton`, or for the refined
-    policy the kernels of :mod:`eplb.backends._triton_refined`; ``None``
+    policy the kernels of :mod:`eplb.kernels.refined_triton`; ``None``
     picks numpy on the CPU, the kernels on CUDA where they apply and Triton
     is installed, torch ops otherwise. All give the same placement.
     """
@@ -84,15 +84,15 @@ def rebalance(
         elif not _has_triton():
             impl = "torch"
         elif _kernel_applies(options):
-            from eplb.backends import _triton_kernel
+            from eplb.kernels import greedy_triton
 
             nodes = num_nodes if options["hierarchical"] else 1
-            impl = "triton" if _triton_kernel.kernel_fits(weight.shape[1], num_replicas, nodes) else "torch"
+            impl = "triton" if greedy_triton.kernel_fits(weight.shape[1], num_replicas, nodes) else "torch"
         elif _refined_kernel_applies(options):
-            from eplb.backends import _triton_refined
+            from eplb.kernels import refined_triton
 
             sizes = (num_groups, num_nodes) if options["hierarchical"] else (1, 1)
-            fits = _triton_refined.kernel_fits(weight.shape[1], num_replicas, *sizes, num_gpus)
+            fits = refined_triton.kernel_fits(weight.shape[1], num_replicas, *sizes, num_gpus)
             impl = "triton" if fits else "torch"
         else:
             impl = "torch"
@@ -104,9 +104,9 @@ def rebalance(
             )
         hierarchical = options["hierarchical"]
         if _refined_kernel_applies(options):
-            from eplb.backends import _triton_refined
+            from eplb.kernels import refined_triton
 
-            return _triton_refined.rebalance_refined_cuda(
+            return refined_triton.rebalance_refined_cuda(
                 weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical
             )
         from eplb.backends import _triton

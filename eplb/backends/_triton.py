@@ -1,4 +1,4 @@
-"""torch launcher of the fused Triton kernel (:mod:`eplb.backends._triton_kernel`) for CUDA tensors.
+"""torch launcher of the fused Triton kernel (:mod:`eplb.kernels.greedy_triton`) for CUDA tensors.
 
 A call is one kernel launch (plus a dtype conversion of the loads when they
 are not float32) instead of hundreds of small ones; no host sync.
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import triton
 
-from eplb.backends._triton_kernel import ensure_cache_dir, greedy_kernel, launch_config, scratch_size
+from eplb.kernels.greedy_triton import ensure_cache_dir, greedy_kernel, launch_config, scratch_size
 
 __all__ = ["rebalance_greedy_cuda"]
 

@@ -1,0 +1,29 @@
+"""Fused kernels: each equals one algorithm-layer function bit for bit (its docstring names it and its tests).
+
+The adapters in :mod:`eplb.backends` pick them (``impl=None``) or take them
+by name (``impl=``); the array-API algorithm layer (:mod:`eplb.algorithms`)
+stays the reference. Which code runs for an input (``impl=None``):
+
+=================  ==========================  ============================  =============================
+input              greedy policy               refined policy                ``previous=``
+=================  ==========================  ============================  =============================
+numpy, lists       ``greedy_numba`` [1]_       array API                     ``greedy_numba`` +
+                                                                             ``relabel_numba`` [1]_
+torch CPU          as numpy (zero-copy view)   as numpy                      as numpy
+torch CUDA         ``greedy_triton`` [2]_      ``refined_triton`` [2]_       torch ops (array API)
+JAX CPU            ``greedy_numba`` via a      XLA (array API under          XLA
+                   host callback [1]_          ``jit`` + ``vmap``)
+JAX GPU            ``greedy_pallas`` [3]_      ``refined_pallas`` + XLA [3]_ XLA
+=================  ==========================  ============================  =============================
+
+``spill=`` runs the array-API path everywhere. Where a kernel does not
+apply the array-API path runs, with the same placement.
+
+.. [1] with numba installed (the ``fast`` extra) and the kernels loaded
+   (:func:`eplb.backends._numba.ready`); the array-API path meanwhile.
+.. [2] with Triton installed and the sizes within the kernel's limits.
+.. [3] where JAX ships Pallas' Triton lowering and the sizes fit.
+
+Kernel modules import their compiler (numba, Triton, Pallas) at the top, so
+they are imported only by an adapter that has checked it is there.
+"""

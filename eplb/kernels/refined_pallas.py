@@ -1,14 +1,17 @@
-"""The refined policy on JAX GPUs: its candidate stage as one Pallas (Triton) kernel.
+"""Equals :func:`eplb.algorithms.refined.rebalance_refined` bit for bit: its candidate stage as one Pallas kernel.
+
+Proved by ``tests/test_pallas_refined.py`` (Pallas' interpreter, the CUDA lowering, the GPU) and the
+cross-backend suite (``jax:pallas-interpret``, ``jax:gpu``). For JAX arrays on NVIDIA GPUs.
 
 :func:`eplb.algorithms.refined.rebalance_refined` under XLA spends most of
 its time in loops of tiny dependent steps (replication, LPT packing, up to
 ``num_iters`` swap rounds per candidate), each a few kernel launches on a
 GPU. Here the candidate stage is one launch, one program per (layer, node,
 candidate), with the arithmetic and tie rules of ``node_candidates`` (the
-helpers of :mod:`eplb.backends._pallas`, so placements are bit-identical):
+helpers of :mod:`eplb.kernels.greedy_pallas`, so placements are bit-identical):
 
 - replication: greedy, or capped at one replica per GPU (candidates
-  ``c // 2 == 0`` and ``1``), by :func:`eplb.backends._pallas._replicate`;
+  ``c // 2 == 0`` and ``1``), by :func:`eplb.kernels.greedy_pallas._replicate`;
 - start: LPT (``c % 2 == 0``, the greedy kernel's packing) or the snake
   deal (slot of visit ``v``: GPU ``v % M`` or ``M - 1 - v % M`` on odd
   rounds ``v // M``, position ``v // M``);
@@ -38,8 +41,8 @@ from jax.experimental.pallas import triton as plgpu
 from eplb.algorithms.hierarchy import build_log2phy
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.algorithms.refined import keep_greedy_unless_beaten, pick_candidates, rebalance_refined
-from eplb.backends import _pallas
-from eplb.backends._pallas import (
+from eplb.kernels import greedy_pallas
+from eplb.kernels.greedy_pallas import (
     _INT_MAX,
     I32,
     _bits,
@@ -73,7 +76,7 @@ def fits(num_layers: int, num_experts: int, num_replicas: int, num_nodes: int, n
         slots <= MAX_SLOTS_PER_NODE
         and swaps <= MAX_SWAP_CANDIDATES
         and scratch < 2**31
-        and _pallas.fits(num_layers, num_experts, num_replicas)
+        and greedy_pallas.fits(num_layers, num_experts, num_replicas)
     )
 
 
@@ -95,7 +98,7 @@ def _candidates_kernel(
     node_max_ref,
     scratch_ref,
     *,
-    meta: _pallas.Meta,
+    meta: greedy_pallas.Meta,
     cands: int,
     iters: int,
 ) -> None:
@@ -242,7 +245,7 @@ def candidate_stage(
     slots, gpus, log_per_node = num_phy // num_nodes, num_gpus // num_nodes, num_experts // num_nodes
     num_cands = 4 if gpus > 1 and slots > log_per_node else 2
     # kernel_meta's hierarchy sizes: groups play no part here.
-    meta = _pallas.kernel_meta(
+    meta = greedy_pallas.kernel_meta(
         num_experts, num_phy, num_nodes, num_nodes, num_gpus, num_warps=_num_warps(slots, gpus), interpret=interpret
     )
     out_shape = (
@@ -264,7 +267,7 @@ def candidate_stage(
     )(
         weight.reshape(-1),
         mlog2log.astype(I32).reshape(-1),
-        jnp.asarray(_pallas.reciprocal_table(meta.MAXCNT)),
+        jnp.asarray(greedy_pallas.reciprocal_table(meta.MAXCNT)),
     )
     index = mlog2log.dtype
     phy2mlog, phyrank = (a.reshape(2, rows, slots).astype(index) for a in (phy2mlog, phyrank))
@@ -278,7 +281,7 @@ def _greedy_stage(
     weight: jax.Array, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, *, interpret: bool, xp: Any = jnp
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``rebalance_hierarchical`` by the greedy Pallas kernel: ``phy2log, phyrank, logcnt``."""
-    phy2log, log2phy, logcnt = _pallas.placement(
+    phy2log, log2phy, logcnt = greedy_pallas.placement(
         weight, (num_phy, num_groups, num_nodes, num_gpus), True, interpret=interpret
     )
     # phyrank from log2phy: replica c of expert e sits in slot log2phy[e, c] (-1: none, dropped).

@@ -1,4 +1,7 @@
-"""The fused Triton kernel of the greedy policy, shared by the torch and JAX launchers.
+"""Equals :func:`eplb.algorithms.policies.place` (greedy policy, no ``spill``) bit for bit: one fused Triton kernel.
+
+Proved by ``tests/test_triton.py`` (torch ops on CUDA, Triton's CPU interpreter, an sm_90 compile) and the
+cross-backend suite (``torch:cuda``; the Triton interpreter test). Shared by the torch and JAX launchers.
 
 One program places one (layer, node): it recomputes the layer's group split
 (a handful of groups), replicates the node's experts and packs the node's

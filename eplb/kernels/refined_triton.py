@@ -1,10 +1,13 @@
-"""Fused Triton kernels of the refined policy, and their torch launchers (CUDA tensors).
+"""Equals :func:`eplb.algorithms.refined.rebalance_refined` bit for bit: fused Triton kernels, torch launchers.
+
+Proved by ``tests/test_triton_refined.py`` (torch ops on CUDA, Triton's CPU interpreter) and the
+cross-backend suite (``torch:cuda``; the Triton interpreter test).
 
 :func:`eplb.algorithms.refined.rebalance_refined` runs in three stages; on
 torch ops they are thousands of tiny kernels, and the swap refinement must
 run every round on CUDA (stopping early would need a host sync). Here each
 stage is one or two launches with the same arithmetic as the array-API path
-(the rules of :mod:`eplb.backends._triton_kernel`), so placements are
+(the rules of :mod:`eplb.kernels.greedy_triton`), so placements are
 bit-identical:
 
 - **split stage** (:func:`split_stage`, as ``group_split``):
@@ -48,8 +51,8 @@ from eplb.algorithms.bounds import MAX_ASSIGNMENTS, count_assignments, group_ass
 from eplb.algorithms.hierarchy import build_log2phy
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.algorithms.refined import rebalance_refined
-from eplb.backends import _triton_kernel
-from eplb.backends._triton_kernel import _desc_order_keys, _greedy_groups, _load_nonneg, _pick, ensure_cache_dir
+from eplb.kernels import greedy_triton
+from eplb.kernels.greedy_triton import _desc_order_keys, _greedy_groups, _load_nonneg, _pick, ensure_cache_dir
 
 __all__ = [
     "candidate_stage",
@@ -551,7 +554,7 @@ def kernel_fits(num_experts: int, num_replicas: int, num_groups: int, num_nodes:
     enumerated = num_groups != num_nodes and count_assignments(num_groups, num_nodes) <= MAX_ASSIGNMENTS
     if enumerated and num_experts // num_nodes > MAX_SPLIT_EXPERTS_PER_NODE:
         return False
-    greedy_fits = getattr(_triton_kernel, "kernel_fits", None)  # the greedy kernel compares with the split
+    greedy_fits = getattr(greedy_triton, "kernel_fits", None)  # the greedy kernel compares with the split
     return not enumerated or greedy_fits is None or greedy_fits(num_experts, num_replicas, num_nodes)
 
 

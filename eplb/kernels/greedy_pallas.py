@@ -1,6 +1,9 @@
-"""The greedy policy as one Pallas kernel (Triton backend), for JAX arrays on NVIDIA GPUs.
+"""Equals :func:`eplb.algorithms.policies.place` (greedy policy, no ``spill``) bit for bit: one Pallas kernel.
 
-A port of :mod:`eplb.backends._triton_kernel` to ``jax.experimental.pallas``,
+Proved by ``tests/test_pallas.py`` (Pallas' interpreter on the CPU, the CUDA lowering, the GPU) and the
+cross-backend suite (``jax:pallas-interpret``, ``jax:gpu``). For JAX arrays on NVIDIA GPUs (Triton backend).
+
+A port of :mod:`eplb.kernels.greedy_triton` to ``jax.experimental.pallas``,
 which ships with JAX (no ``jax-triton``). One program (one warp) places one
 (layer, node): it recomputes the layer's group split, replicates the node's
 experts and packs the node's replicas onto its GPUs, then writes its slots
