@@ -99,3 +99,14 @@ def test_previous_on_numpy_uses_the_kernel_and_equals_the_array_api_path():
             reference = _numpy.rebalance_stable(*args, hierarchical=hierarchical, impl="xp", **knobs)
             for a, b in zip(kernel, reference, strict=True):
                 np.testing.assert_array_equal(a, b)
+
+
+def test_unchecked_out_of_range_ids_never_reach_the_kernels():
+    """With check_values=False the ids are not validated up front; the numpy adapter still refuses ids outside
+    [0, E) before the unchecked compiled kernels see them (they would index out of bounds)."""
+    weight = cases.lognormal_f32(np.random.default_rng(5), 2, 16)
+    previous = eplb.rebalance_experts(weight, 24, 4, 2, 4).phy2log.copy()
+    previous[0, 3] = 16
+    for knobs in ({}, {"balance_tolerance": 0.01}):
+        with pytest.raises(ValueError, match=r"previous must hold expert ids in \[0, 16\)"):
+            eplb.rebalance_experts(weight, 24, 4, 2, 4, previous=previous, check_values=False, **knobs)

@@ -5,6 +5,7 @@ placement (or a :func:`sticky_pack` of the fresh replicas) and change as few
 ``(expert, GPU)`` pairs as possible until the heaviest GPU is within a limit.
 float32 loads are compared after left-to-right sums and products only (no
 division); ties go to the first index; batched over a leading axis.
+Compiled equivalents (numpy inputs): :mod:`eplb.kernels.repair_numba`.
 """
 
 from __future__ import annotations

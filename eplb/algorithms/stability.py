@@ -75,6 +75,10 @@ def stabilize(
     max_moves: int | None,
     xp: Any,
     relabel_fn: Callable[..., Any] = relabel,
+    sticky_pack_fn: Callable[..., Any] = sticky_pack,
+    repair_fn: Callable[..., Any] = repair,
+    align_slots_fn: Callable[..., Any] = align_slots,
+    replica_counts_fn: Callable[..., Any] = replica_counts,
 ) -> tuple[Any, Any]:
     """``phy2log [B, R]`` and ``logcnt [B, E]``: ``fresh`` (with ``logcnt``), or a migration-aware
     variant of it, given ``old [B, R]``.
@@ -88,8 +92,11 @@ def stabilize(
     (always within the limit), :func:`repair` of ``old``, or :func:`repair`
     of a :func:`sticky_pack` of the fresh replicas; ties in that order. If
     none meets both (only with ``max_moves``), the lightest heaviest GPU
-    among those within ``max_moves``. ``relabel_fn``: :func:`relabel`, or a
-    fused kernel equal to it (same arguments).
+    among those within ``max_moves``. ``relabel_fn``, ``sticky_pack_fn``,
+    ``repair_fn``, ``align_slots_fn``, ``replica_counts_fn``:
+    :func:`relabel`, :func:`sticky_pack`, :func:`repair`,
+    :func:`align_slots` and :func:`replica_counts`, or compiled kernels
+    equal to them (same arguments).
     """
     batch, num_phy = fresh.shape
     num_log = weight.shape[1]
@@ -112,7 +119,7 @@ def stabilize(
     item_load = _xp.take_along(replica_load(weight, logcnt, reciprocal, xp=xp), base, xp=xp)
     node_shape = (batch * num_nodes, per_node)
     node_limit = xp.reshape(xp.broadcast_to(limit, (batch, num_nodes)), (batch * num_nodes, 1))
-    sticky = sticky_pack(
+    sticky = sticky_pack_fn(
         xp.reshape(base, node_shape),
         xp.reshape(old, node_shape),
         xp.reshape(item_load, node_shape),
@@ -120,11 +127,11 @@ def stabilize(
         gpus_per_node,
         xp=xp,
     )
-    sticky = align_slots(xp.reshape(sticky, (batch, num_phy)), old, num_gpus, xp=xp)
+    sticky = align_slots_fn(xp.reshape(sticky, (batch, num_phy)), old, num_gpus, xp=xp)
 
-    old_cnt = xp.astype(replica_counts(old, num_log, xp=xp), logcnt.dtype)
+    old_cnt = xp.astype(replica_counts_fn(old, num_log, xp=xp), logcnt.dtype)
     valid = _covers(old, old_cnt, num_groups, num_nodes, xp=xp)
-    repaired, counts, moves = repair(
+    repaired, counts, moves = repair_fn(
         xp.concat([old, sticky], axis=0),
         xp.concat([old_cnt, logcnt], axis=0),
         xp.concat([old, old], axis=0),
@@ -179,6 +186,10 @@ def place_stable(
     xp: Any,
     place_fn: Callable[..., Any] = place,
     relabel_fn: Callable[..., Any] = relabel,
+    sticky_pack_fn: Callable[..., Any] = sticky_pack,
+    repair_fn: Callable[..., Any] = repair,
+    align_slots_fn: Callable[..., Any] = align_slots,
+    replica_counts_fn: Callable[..., Any] = replica_counts,
     log2phy_fn: Callable[[Any, int], Any] | None = None,
     **options: Any,
 ) -> tuple[Any, Any, Any]:
@@ -187,8 +198,11 @@ def place_stable(
     ``options`` go to :func:`~eplb.algorithms.policies.place` (``policy``,
     ``spill``); ``tolerance`` and ``max_moves`` to :func:`stabilize`.
     ``place_fn``, ``relabel_fn``, ``log2phy_fn``: :func:`place`,
-    :func:`relabel` and the slot-order ``log2phy`` below, or fused
-    implementations equal to them (a backend's fast paths).
+    :func:`relabel` and the slot-order ``log2phy`` below, and
+    ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``,
+    ``replica_counts_fn`` (used only with ``tolerance`` or ``max_moves``):
+    :func:`stabilize`'s, or fused implementations equal to them (a
+    backend's fast paths).
     Replica numbers in ``log2phy`` follow slot order (replica ``k`` of an
     expert is its ``k``-th slot). Loads below ``2**-64`` count as zero, here
     too (:mod:`eplb.algorithms.loads`).
@@ -211,6 +225,10 @@ def place_stable(
         max_moves=max_moves,
         xp=xp,
         relabel_fn=relabel_fn,
+        sticky_pack_fn=sticky_pack_fn,
+        repair_fn=repair_fn,
+        align_slots_fn=align_slots_fn,
+        replica_counts_fn=replica_counts_fn,
     )
     if log2phy_fn is not None:
         return phy2log, log2phy_fn(phy2log, weight.shape[1]), logcnt

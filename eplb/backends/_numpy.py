@@ -66,20 +66,30 @@ def rebalance_stable(
     """Placement keeping ``previous [L, R]``'s experts in place (:func:`eplb.algorithms.stability.place_stable`).
 
     ``impl``: ``"numba"`` runs the fresh placement's kernel where it applies
-    (:func:`rebalance`'s rule) and the relabelling as one compiled kernel
-    (:mod:`eplb.kernels.relabel_numba`); ``"xp"`` the array-API algorithm
-    layer throughout; ``None`` picks ``"numba"`` where numba is installed.
+    (:func:`rebalance`'s rule), the relabelling as one compiled kernel
+    (:mod:`eplb.kernels.relabel_numba`) and, with ``tolerance`` or
+    ``max_moves``, the sticky repacking, the local search and their
+    slot-order and replica-count steps as compiled kernels
+    (:mod:`eplb.kernels.repair_numba`); ``"xp"`` the array-API
+    algorithm layer throughout; ``None`` picks ``"numba"`` where numba is installed.
     Same placement either way.
     """
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
     previous = np.ascontiguousarray(previous, dtype=np.int64)
+    # Ids are checked here even with check_values=False: the compiled kernels index by expert id without
+    # bounds checks, and both paths must take the same inputs. Host data: the check costs microseconds.
+    if previous.size and (previous.min() < 0 or previous.max() >= weight.shape[1]):
+        raise ValueError(
+            f"previous must hold expert ids in [0, {weight.shape[1]}), "
+            f"got values from {previous.min()} to {previous.max()}"
+        )
     if impl is None:
         impl = "numba" if _numba.available() and _numba.ready() else "xp"
     if impl not in ("numba", "xp"):
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     hooks = {}
     if impl == "numba":
-        from eplb.kernels import relabel_numba
+        from eplb.kernels import relabel_numba, repair_numba
 
         def place_fn(w: np.ndarray, *sizes: int, xp: Any, **policy: Any) -> tuple[Any, ...]:
             return rebalance(w, *sizes, **policy)  # the greedy kernel where it applies
@@ -87,7 +97,27 @@ def rebalance_stable(
         def relabel_fn(new: np.ndarray, old: np.ndarray, gpus: int, nodes: int, *, xp: Any) -> np.ndarray:
             return relabel_numba.relabel(new, old, gpus, nodes, weight.shape[1])
 
-        hooks = {"place_fn": place_fn, "relabel_fn": relabel_fn, "log2phy_fn": relabel_numba.log2phy_in_slot_order}
+        def sticky_pack_fn(*args: Any, xp: Any) -> np.ndarray:
+            return repair_numba.sticky_pack(*args)
+
+        def repair_fn(*args: Any, max_iters: int, xp: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return repair_numba.repair(*args, max_iters)
+
+        def align_slots_fn(new: np.ndarray, old: np.ndarray, gpus: int, *, xp: Any) -> np.ndarray:
+            return repair_numba.align_slots(new, old, gpus)
+
+        def replica_counts_fn(phy2log: np.ndarray, experts: int, *, xp: Any) -> np.ndarray:
+            return repair_numba.replica_counts(phy2log, experts)
+
+        hooks = {
+            "place_fn": place_fn,
+            "relabel_fn": relabel_fn,
+            "sticky_pack_fn": sticky_pack_fn,
+            "repair_fn": repair_fn,
+            "align_slots_fn": align_slots_fn,
+            "replica_counts_fn": replica_counts_fn,
+            "log2phy_fn": relabel_numba.log2phy_in_slot_order,
+        }
     placement = place_stable(
         weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options
     )

@@ -7,8 +7,9 @@ stays the reference. Which code runs for an input (``impl=None``):
 =================  ==========================  ============================  =============================
 input              greedy policy               refined policy                ``previous=``
 =================  ==========================  ============================  =============================
-numpy, lists       ``greedy_numba`` [1]_       array API                     ``greedy_numba`` +
-                                                                             ``relabel_numba`` [1]_
+numpy, lists       ``greedy_numba`` [1]_       array API                     ``greedy_numba``,
+                                                                             ``relabel_numba``,
+                                                                             ``repair_numba`` [1]_
 torch CPU          as numpy (zero-copy view)   as numpy                      as numpy
 torch CUDA         ``greedy_triton`` [2]_      ``refined_triton`` [2]_       torch ops (array API)
 JAX CPU            ``greedy_numba`` via a      XLA (array API under          XLA

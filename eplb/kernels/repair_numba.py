@@ -1,0 +1,843 @@
+"""Equals :func:`eplb.algorithms.repair.sticky_pack` and :func:`~eplb.algorithms.repair.repair` bit for bit (numba).
+
+Proved by ``tests/test_kernels_repair.py``: against the array-API functions on
+random inputs (hierarchical and global, 1..4 nodes, 1..4 GPUs per node, 1..5
+slots per GPU, one expert, tied and all-zero loads, invalid rows, budgets
+around the start's moves, limits below and above its peak, a short
+``max_iters``), on the arguments :func:`eplb.algorithms.stability.stabilize`
+passes them for real DeepSeek-V3 loads and small configs, and through the
+numpy adapter (``previous=`` with ``tolerance`` / ``max_moves``, kernels
+against the array-API layer); a test also reads the machine code (float32
+only, no FMA). Also here, for the same call: :func:`align_slots` and
+:func:`replica_counts` of :mod:`eplb.algorithms.relabel` (same tests).
+
+Row by row, the same choices with the same float32 arithmetic:
+
+- replica loads ``w * fl(1/c)`` (the table of :func:`eplb._xp.reciprocal_table`),
+  GPU loads summed left to right from the first slot; every ``+``, ``-`` and
+  ``*`` has two float32 operands (the constants below are float32: numba
+  would widen a Python float, and the whole expression, to float64), and
+  numba compiles without fast-math, so nothing is reassociated or contracted
+  into an FMA;
+- :func:`sticky_pack`: items by decreasing load (a stable sort: ties by
+  index); the k-th copy of an expert to the pack of its k-th old copy if that
+  stays within the limit, else to the open pack with the smallest running
+  load (first on ties: a tournament tree whose left child wins ties), loads
+  saturating at float32 max as in :func:`eplb.algorithms.packing.lpt_pack`;
+- :func:`repair`: per step the heaviest GPU ``a`` (first on ties), then each
+  candidate of the reference in its index order (swaps ``(i, t)`` row-major,
+  then replicate-out, replace-in with the coldest, with the hottest expert,
+  each by slot ``i`` of ``a``), keeping the best as a running minimum of the
+  reference's ``_lexargmin`` order: lowest ``max(new peak, limit)``, then
+  fewest added moves, then lowest changed-GPU load; strict comparisons, so
+  the first candidate wins ties. Only allowed candidates (inside ``a``'s
+  node, the changed GPUs below ``fl(heavy * IMPROVEMENT)``, moves within the
+  ``budget``) are evaluated: the others have keys ``inf`` and ``BIG`` there,
+  and an allowed candidate's changed-GPU load is finite, so they never win.
+  A single-slot change re-sums the GPUs that hold the two experts involved
+  (or the slot); every other GPU keeps its slot loads, hence ``loads[g]`` bit
+  for bit. The coldest (hottest) expert other than ``e`` is the first
+  extreme of the node's groups unless that is ``e``, then the second (loads
+  are ``>= 0``, so the reference's ``-1`` filler never wins an argmax). A row
+  stops at the first step without a change (``valid`` false, within the
+  limit, no allowed candidate) or after ``max_iters`` steps, as
+  :func:`eplb._xp.refine_rows` stops it.
+
+Preconditions, as the reference's callers guarantee: loads are float32 as
+:func:`eplb.algorithms.loads.clean_loads` leaves them (finite, ``>= 0``; sums
+may overflow to ``inf`` and still match), ids in ``[0, E)`` (checked:
+``ValueError``, as the kernels index with them unchecked).
+
+The array-API version evaluates every candidate of every row as one batch of
+``[B, s, R]`` and ``[B, 3s, R]`` arrays per step (~250 ms at the DeepSeek-V3
+shape on numpy); here a step is a few thousand scalar operations (about 7 ms
+for all 116 rows there). Compiled on first use, then cached on disk
+(:mod:`eplb.kernels._numba_jit`); :func:`warm_up` compiles (or loads) every
+kernel here on tiny inputs. This module imports numba.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eplb import _xp
+from eplb.algorithms.loads import MAX_LOAD
+from eplb.algorithms.refine import IMPROVEMENT
+from eplb.kernels._numba_jit import njit
+
+__all__ = ["align_slots", "repair", "replica_counts", "sticky_pack", "warm_up"]
+
+_jit = njit()
+# Helpers of the hot loops, inlined at numba IR level (a call costs argument marshalling and array reference counting).
+_inline = njit(inline="always")
+
+IMPROVEMENT32 = np.float32(IMPROVEMENT)  # 1 - 2**-16, exact in float32
+MAX32 = np.float32(MAX_LOAD)
+INF32 = np.float32(np.inf)
+NEG_INF32 = np.float32(-np.inf)
+TOP = 4  # heaviest GPUs kept per step for the single-slot changes
+
+
+# ---------------------------------------------------------------- sticky_pack
+
+
+@_jit
+def _rank_desc(x: np.ndarray, order: np.ndarray, tmp: np.ndarray) -> None:
+    """``order``: indices of ``x`` by decreasing value, ties by index (a stable bottom-up merge sort).
+
+    :func:`eplb._xp.argsort_desc` on numpy (a stable ascending sort of
+    ``-x``): ``a`` goes before ``b`` iff ``x[a] > x[b]``, or they are equal
+    (``-0 == +0`` included) and ``a < b``. No NaN.
+    """
+    n = x.shape[0]
+    for i in range(n):
+        order[i] = i
+    width = 1
+    src, dst = order, tmp
+    in_order = True  # src is order
+    while width < n:
+        for lo in range(0, n, 2 * width):
+            mid = min(lo + width, n)
+            hi = min(lo + 2 * width, n)
+            i, j, k = lo, mid, lo
+            while i < mid and j < hi:
+                if x[src[j]] > x[src[i]]:  # strictly larger on the right: it goes first; else the left (stable)
+                    dst[k] = src[j]
+                    j += 1
+                else:
+                    dst[k] = src[i]
+                    i += 1
+                k += 1
+            while i < mid:
+                dst[k] = src[i]
+                i += 1
+                k += 1
+            while j < hi:
+                dst[k] = src[j]
+                j += 1
+                k += 1
+        src, dst = dst, src
+        in_order = not in_order
+        width *= 2
+    if not in_order:
+        for i in range(n):
+            order[i] = src[i]
+
+
+@_jit
+def _sticky_pack(
+    base: np.ndarray, old: np.ndarray, item_load: np.ndarray, limit: np.ndarray, num_packs: int, out: np.ndarray
+) -> None:
+    batch, n = base.shape
+    capacity = n // num_packs
+    num_ids = 1
+    for b in range(batch):
+        for t in range(n):
+            num_ids = max(num_ids, base[b, t] + 1, old[b, t] + 1)
+    start = np.empty(num_ids + 1, np.int64)  # CSR over experts of the old slots, in slot order
+    slot_of = np.empty(n, np.int64)
+    seen = np.empty(num_ids, np.int64)
+    affinity = np.empty(n, np.int64)
+    order = np.empty(n, np.int64)
+    tmp = np.empty(n, np.int64)
+    # The lightest open pack: a tournament tree over the packs (leaves size .. 2 size - 1, padding +inf);
+    # a node holds the winner of its children, the left one on equal loads: np.argmin's first minimum.
+    size = 1
+    while size < num_packs:
+        size *= 2
+    open_load = np.full(size, INF32, np.float32)  # +inf once a pack is full
+    count = np.empty(num_packs, np.int64)
+    tree = np.empty(2 * size, np.int64)
+    for b in range(batch):
+        # affinity[p]: the pack of the old slot holding the same copy (occurrence) of base[p]'s expert, or -1.
+        for e in range(num_ids + 1):
+            start[e] = 0
+        for q in range(n):
+            start[old[b, q] + 1] += 1
+        for e in range(num_ids):
+            start[e + 1] += start[e]
+            seen[e] = 0
+        for q in range(n):
+            e = old[b, q]
+            slot_of[start[e] + seen[e]] = q
+            seen[e] += 1
+        for e in range(num_ids):
+            seen[e] = 0
+        for p in range(n):
+            e = base[b, p]
+            k = seen[e]
+            seen[e] += 1
+            affinity[p] = slot_of[start[e] + k] // capacity if start[e] + k < start[e + 1] else -1
+        _rank_desc(item_load[b], order, tmp)
+        for m in range(num_packs):
+            open_load[m] = 0
+            count[m] = 0
+        for m in range(size):
+            tree[size + m] = m
+        for node in range(size - 1, 0, -1):
+            left, right = tree[2 * node], tree[2 * node + 1]
+            tree[node] = right if open_load[right] < open_load[left] else left
+        lim = limit[b]
+        for step in range(n):
+            item = order[step]
+            load = item_load[b, item]
+            home = affinity[item]
+            # A full home has load +inf, never within a finite limit; count < capacity guards
+            # an infinite limit (overflowing loads, which the public API rejects) from writing out of range.
+            stay = home >= 0 and open_load[home] + load <= lim and count[home] < capacity
+            pack = home if stay else tree[1]
+            rank = count[pack]
+            count[pack] += 1
+            if count[pack] == capacity:
+                open_load[pack] = INF32
+            else:
+                total = open_load[pack] + load
+                open_load[pack] = total if total <= MAX32 else MAX32
+            node = (size + pack) // 2
+            while node > 0:
+                left, right = tree[2 * node], tree[2 * node + 1]
+                tree[node] = right if open_load[right] < open_load[left] else left
+                node //= 2
+            out[b, pack * capacity + rank] = base[b, item]
+
+
+def sticky_pack(
+    base: np.ndarray, old: np.ndarray, item_load: np.ndarray, limit: np.ndarray, num_packs: int
+) -> np.ndarray:
+    """:func:`eplb.algorithms.repair.sticky_pack` (same arguments but ``xp``): ``base`` repacked near ``old``.
+
+    ``base``, ``old`` ``[B, n]`` integer ids >= 0; ``item_load [B, n]`` and
+    ``limit [B, 1]`` float32. Returns ``[B, n]`` in ``base``'s dtype.
+    """
+    _check_float32(item_load, limit)
+    _check_ids(None, base, old)
+    out = np.empty(base.shape, np.int64)
+    _sticky_pack(
+        np.ascontiguousarray(base, dtype=np.int64),
+        np.ascontiguousarray(old, dtype=np.int64),
+        np.ascontiguousarray(item_load),
+        np.ascontiguousarray(np.reshape(limit, (-1,))),
+        num_packs,
+        out,
+    )
+    return out.astype(base.dtype, copy=False)
+
+
+# ---------------------------------------------------------------- repair
+
+
+@_jit
+def _count_moves(new: np.ndarray, old: np.ndarray, per_gpu: int) -> int:
+    """:func:`eplb.algorithms.relabel.count_moves` of one row: pairs of ``new`` absent from ``old`` (per GPU)."""
+    num_phy = new.shape[0]
+    kept = 0
+    for lo in range(0, num_phy, per_gpu):
+        for q in range(lo, lo + per_gpu):
+            e = new[q]
+            earlier = 0
+            for r in range(lo, q):
+                if new[r] == e:
+                    earlier += 1
+            have = 0
+            for r in range(lo, lo + per_gpu):
+                if old[r] == e:
+                    have += 1
+            if have > earlier:
+                kept += 1
+    return num_phy - kept
+
+
+@_inline
+def _copies(row: np.ndarray, lo: int, size: int, e: int) -> int:
+    """Copies of ``e`` in ``row[lo : lo + size]``."""
+    c = 0
+    for k in range(lo, lo + size):
+        if row[k] == e:
+            c += 1
+    return c
+
+
+@_inline
+def _rewrite(
+    cur: np.ndarray,
+    cnt: np.ndarray,
+    old: np.ndarray,
+    weight: np.ndarray,
+    recip: np.ndarray,
+    slot_load: np.ndarray,
+    loads: np.ndarray,
+    top: np.ndarray,
+    num_top: int,
+    head: np.ndarray,
+    slots_of: np.ndarray,
+    mark: np.ndarray,
+    affected: np.ndarray,
+    stamp: int,
+    threshold: np.float32,
+    slot: int,
+    expert: int,
+) -> tuple:
+    """The reference's ``_rewrite`` of one change ``cur[slot] = expert``: (new heaviest GPU load, change in moves).
+
+    The new loads of the replaced expert's and of ``expert``'s replicas
+    change the sums of the GPUs holding them (and of the slot's GPU), which
+    are summed again, left to right; every other GPU keeps every slot load
+    (same expert, same count: the same product), so its sum is ``loads[g]``
+    bit for bit, and the heaviest of them is the first unchanged GPU of
+    ``top[:num_top]`` (the heaviest GPUs, heaviest first), else found by a
+    scan. The heaviest GPU is a maximum (no NaN): the order in which GPUs
+    are visited does not change it. A change whose new heaviest GPU is at
+    least ``threshold`` is not allowed, whatever its moves: then that load,
+    or any other at least ``threshold``, is returned as soon as it is known.
+    ``head``/``slots_of``: the slots of each expert in ``cur`` (CSR);
+    ``mark``: scratch over GPUs, ``stamp`` a value it does not hold;
+    ``affected``: scratch over GPUs.
+    """
+    num_gpus = loads.shape[0]
+    per_gpu = cur.shape[0] // num_gpus
+    gone = cur[slot]
+    num_affected = 0
+    if expert != gone:  # else the same slots and counts: the same sums
+        g = slot // per_gpu
+        mark[g] = stamp
+        affected[0] = g
+        num_affected = 1
+        for k in range(head[expert], head[expert + 1]):
+            g = slots_of[k] // per_gpu
+            if mark[g] != stamp:
+                mark[g] = stamp
+                affected[num_affected] = g
+                num_affected += 1
+        for k in range(head[gone], head[gone + 1]):
+            g = slots_of[k] // per_gpu
+            if mark[g] != stamp:
+                mark[g] = stamp
+                affected[num_affected] = g
+                num_affected += 1
+    peak = NEG_INF32
+    found = False
+    for k in range(num_top):
+        if mark[top[k]] != stamp:
+            peak = loads[top[k]]
+            found = True
+            break
+    if not found:
+        for g in range(num_gpus):
+            if mark[g] != stamp and loads[g] > peak:
+                peak = loads[g]
+    if peak >= threshold:
+        return peak, 0
+    if num_affected > 0:
+        load_in = weight[expert] * recip[cnt[expert] + 1]
+        load_gone = weight[gone] * recip[cnt[gone] - 1]
+        for k in range(num_affected):
+            lo = affected[k] * per_gpu
+            total = NEG_INF32
+            for t in range(lo, lo + per_gpu):
+                e = expert if t == slot else cur[t]
+                if e == expert:
+                    x = load_in
+                elif e == gone:
+                    x = load_gone
+                else:
+                    x = slot_load[t]
+                total = x if t == lo else total + x
+            if total >= threshold:
+                return total, 0
+            if total > peak:
+                peak = total
+    lo = (slot // per_gpu) * per_gpu
+    added = 1 if _copies(cur, lo, per_gpu, expert) >= _copies(old, lo, per_gpu, expert) else 0
+    removed = 1 if _copies(cur, lo, per_gpu, gone) > _copies(old, lo, per_gpu, gone) else 0
+    return peak, added - removed
+
+
+@_inline
+def _better(
+    key: np.float32, moves: int, second: np.float32, bkey: np.float32, bmoves: int, bsecond: np.float32
+) -> bool:
+    """``_lexargmin``'s order: lower ``key``, then fewer ``moves``, then lower ``second`` (the earlier wins ties)."""
+    if key < bkey:
+        return True
+    if key != bkey:
+        return False
+    if moves < bmoves:
+        return True
+    return moves == bmoves and second < bsecond
+
+
+@_inline
+def _extremes(values: np.ndarray, here: np.ndarray, group_size: int, largest: bool) -> tuple:
+    """The first and the second (first but the first) lowest (``largest``: highest) of ``values`` over the experts
+    of the groups marked in ``here``; -1 where there is none.
+
+    The coldest (hottest) expert other than ``e`` is the first unless that is ``e``, then the second: the
+    reference's argmin (argmax) over the allowed experts.
+    """
+    first = -1
+    second = -1
+    for f in range(values.shape[0]):
+        if not here[f // group_size]:
+            continue
+        v = values[f]
+        if first < 0 or (v > values[first] if largest else v < values[first]):
+            first, second = f, first
+        elif second < 0 or (v > values[second] if largest else v < values[second]):
+            second = f
+    return first, second
+
+
+@_jit
+def _repair(
+    start: np.ndarray,
+    start_cnt: np.ndarray,
+    old: np.ndarray,
+    weight: np.ndarray,
+    limit: np.ndarray,
+    budget: np.ndarray,
+    valid: np.ndarray,
+    recip: np.ndarray,
+    num_gpus: int,
+    num_nodes: int,
+    group_size: int,
+    max_iters: int,
+    out: np.ndarray,
+    out_cnt: np.ndarray,
+    out_moved: np.ndarray,
+) -> None:
+    batch, num_phy = start.shape
+    num_log = weight.shape[1]
+    per_gpu = num_phy // num_gpus
+    per_node = num_phy // num_nodes
+    gpus_per_node = num_gpus // num_nodes
+    num_groups = num_log // group_size
+    per_replica = np.empty(num_log, np.float32)
+    extra = np.empty(num_log, np.float32)  # with one more replica
+    slot_load = np.empty(num_phy, np.float32)
+    loads = np.empty(num_gpus, np.float32)
+    rest = np.empty(num_gpus, np.float32)
+    out_e = np.empty(per_gpu, np.int64)
+    out_x = np.empty(per_gpu, np.float32)
+    now_a_e = np.empty(per_gpu, np.int64)  # copies of each expert of the heavy GPU a there, now and in old
+    was_a_e = np.empty(per_gpu, np.int64)
+    now_a_f = np.empty(per_node, np.int64)  # copies of each slot's expert of the node on a
+    was_a_f = np.empty(per_node, np.int64)
+    now_b_f = np.empty(per_node, np.int64)  # ... on the slot's own GPU
+    was_b_f = np.empty(per_node, np.int64)
+    now_b_e = np.empty((per_gpu, gpus_per_node), np.int64)  # copies of a's experts on each GPU of the node
+    was_b_e = np.empty((per_gpu, gpus_per_node), np.int64)
+    count_now = np.zeros(num_log, np.int64)  # per-expert counters, back to zero after each use
+    count_old = np.zeros(num_log, np.int64)
+    head = np.empty(num_log + 1, np.int64)  # CSR: the slots of each expert
+    slots_of = np.empty(num_phy, np.int64)
+    mark = np.full(num_gpus, -1, np.int64)
+    stamp = 0
+    affected = np.empty(num_gpus, np.int64)
+    swap_t = np.empty(per_node, np.int64)  # the swap partners: slots of the node off the heavy GPU
+    swap_y = np.empty(per_node, np.float32)
+    swap_room = np.empty(per_node, np.float32)
+    swap_moves = np.empty(per_node, np.int64)
+    swap_floor = np.empty(per_node, np.float32)
+    heaviest = np.empty(TOP, np.int64)  # the heaviest GPUs, heaviest first
+    donors = np.empty(per_node, np.int64)  # slots of the node whose expert has several replicas
+    donor_room = np.empty(per_node, np.float32)  # their GPU's load without them
+    here = np.empty(num_groups, np.bool_)
+    for b in range(batch):
+        cur = out[b]
+        cnt = out_cnt[b]
+        cur[:] = start[b]
+        cnt[:] = start_cnt[b]
+        old_b = old[b]
+        w = weight[b]
+        lim = limit[b]
+        cap = budget[b]
+        moved = _count_moves(cur, old_b, per_gpu)
+        for _ in range(max_iters):
+            if not valid[b]:
+                break
+            for e in range(num_log):
+                per_replica[e] = w[e] * recip[cnt[e]]
+            for t in range(num_phy):
+                slot_load[t] = per_replica[cur[t]]
+            for g in range(num_gpus):
+                lo = g * per_gpu
+                total = slot_load[lo]
+                for t in range(lo + 1, lo + per_gpu):
+                    total = total + slot_load[t]
+                loads[g] = total
+            heavy = 0
+            for g in range(1, num_gpus):
+                if loads[g] > loads[heavy]:
+                    heavy = g
+            heavy_load = loads[heavy]
+            if not heavy_load > lim:
+                break
+            threshold = heavy_load * IMPROVEMENT32
+            for e in range(num_log):
+                extra[e] = w[e] * recip[cnt[e] + 1]
+            a0 = heavy * per_gpu
+            node = heavy // gpus_per_node
+            n0 = node * per_node
+            g0 = node * gpus_per_node
+            for i in range(per_gpu):
+                out_e[i] = cur[a0 + i]
+                out_x[i] = slot_load[a0 + i]
+                count_now[cur[a0 + i]] += 1
+                count_old[old_b[a0 + i]] += 1
+            for i in range(per_gpu):
+                now_a_e[i] = count_now[out_e[i]]
+                was_a_e[i] = count_old[out_e[i]]
+            for u in range(per_node):
+                now_a_f[u] = count_now[cur[n0 + u]]
+                was_a_f[u] = count_old[cur[n0 + u]]
+            for i in range(per_gpu):
+                count_now[cur[a0 + i]] = 0
+                count_old[old_b[a0 + i]] = 0
+            for v in range(gpus_per_node):
+                lo = (g0 + v) * per_gpu
+                for t in range(lo, lo + per_gpu):
+                    count_now[cur[t]] += 1
+                    count_old[old_b[t]] += 1
+                for t in range(lo, lo + per_gpu):
+                    now_b_f[t - n0] = count_now[cur[t]]
+                    was_b_f[t - n0] = count_old[cur[t]]
+                for i in range(per_gpu):
+                    now_b_e[i, v] = count_now[out_e[i]]
+                    was_b_e[i, v] = count_old[out_e[i]]
+                for t in range(lo, lo + per_gpu):
+                    count_now[cur[t]] = 0
+                    count_old[old_b[t]] = 0
+            # rest[g]: the heaviest GPU but a and g (-inf if none): the reference's top and second of the others.
+            top = 0
+            top_load = NEG_INF32
+            for g in range(num_gpus):
+                if g != heavy and loads[g] > top_load:
+                    top, top_load = g, loads[g]
+            second = NEG_INF32
+            for g in range(num_gpus):
+                if g != heavy and g != top and loads[g] > second:
+                    second = loads[g]
+            for g in range(num_gpus):
+                rest[g] = second if g == top else top_load
+            # The best allowed candidate so far, candidates visited in the reference's index order.
+            has_best = False
+            best_key = INF32
+            best_moves = 0
+            best_second = INF32
+            best_swap = True  # swap slot best_i of a with best_t; else cur[best_t] = best_e
+            best_i = 0
+            best_t = 0
+            best_e = 0
+            # Swaps: slot i of the heavy GPU <-> slot t of another GPU of its node (2 moves at most). Per slot t,
+            # what does not depend on i: its load, its GPU's load without it, its share of the moves, and
+            # max(rest, limit), as key = max(max(changed, rest), limit) = max(changed, max(rest, limit)).
+            num_swaps = 0
+            for u in range(per_node):
+                t = n0 + u
+                g = t // per_gpu
+                if g == heavy:
+                    continue
+                swap_t[num_swaps] = t
+                swap_y[num_swaps] = slot_load[t]
+                swap_room[num_swaps] = loads[g] - slot_load[t]
+                swap_moves[num_swaps] = (1 if now_a_f[u] >= was_a_f[u] else 0) - (1 if now_b_f[u] > was_b_f[u] else 0)
+                swap_floor[num_swaps] = rest[g] if rest[g] >= lim else lim
+                num_swaps += 1
+            for i in range(per_gpu):
+                e = out_e[i]
+                x = out_x[i]
+                less_a = heavy_load - x
+                moves_i = -1 if now_a_e[i] > was_a_e[i] else 0
+                for k in range(num_swaps):
+                    t = swap_t[k]
+                    if cur[t] == e:
+                        continue
+                    new_a = less_a + swap_y[k]
+                    new_b = swap_room[k] + x
+                    changed = new_a if new_a >= new_b else new_b
+                    if not changed < threshold:
+                        continue
+                    v = t // per_gpu - g0
+                    moves = moves_i + swap_moves[k] + (1 if now_b_e[i, v] >= was_b_e[i, v] else 0)
+                    if moved + moves > cap:
+                        continue
+                    key = changed if changed >= swap_floor[k] else swap_floor[k]
+                    if not has_best or _better(key, moves, changed, best_key, best_moves, best_second):
+                        has_best = True
+                        best_key, best_moves, best_second = key, moves, changed
+                        best_swap, best_i, best_t = True, i, t
+            # The slots of each expert, for the single-slot changes.
+            for e in range(num_log + 1):
+                head[e] = 0
+            for t in range(num_phy):
+                head[cur[t] + 1] += 1
+            for e in range(num_log):
+                head[e + 1] += head[e]
+            for t in range(num_phy):
+                e = cur[t]
+                slots_of[head[e] + count_now[e]] = t
+                count_now[e] += 1
+            for t in range(num_phy):
+                count_now[cur[t]] = 0
+            num_top = 0  # the TOP heaviest GPUs (any order among equal loads: only their loads are used)
+            for g in range(num_gpus):
+                if num_top < TOP or loads[g] > loads[heaviest[num_top - 1]]:
+                    k = min(num_top, TOP - 1)
+                    while k > 0 and loads[heaviest[k - 1]] < loads[g]:
+                        heaviest[k] = heaviest[k - 1]
+                        k -= 1
+                    heaviest[k] = g
+                    num_top = min(num_top + 1, TOP)
+            # Replicate out: expert e of a takes the slot of a multi-replica expert of the node where the
+            # change leaves that slot's GPU lightest (first on ties).
+            num_donors = 0
+            for u in range(per_node):
+                t = n0 + u
+                if cnt[cur[t]] >= 2:
+                    donors[num_donors] = t
+                    donor_room[num_donors] = loads[t // per_gpu] - slot_load[t]
+                    num_donors += 1
+            for i in range(per_gpu):
+                e = out_e[i]
+                grown = extra[e]
+                target = 0
+                guess = INF32
+                donor = False
+                for k in range(num_donors):
+                    t = donors[k]
+                    if cur[t] == e:
+                        continue
+                    donor = True
+                    value = donor_room[k] + grown
+                    if value < guess:
+                        target, guess = t, value
+                if not donor:
+                    continue
+                stamp += 1
+                peak, moves = _rewrite(
+                    cur,
+                    cnt,
+                    old_b,
+                    w,
+                    recip,
+                    slot_load,
+                    loads,
+                    heaviest,
+                    num_top,
+                    head,
+                    slots_of,
+                    mark,
+                    affected,
+                    stamp,
+                    threshold,
+                    target,
+                    e,
+                )
+                if not peak < threshold or moved + moves > cap:
+                    continue
+                key = peak if peak >= lim else lim
+                if not has_best or _better(key, moves, peak, best_key, best_moves, best_second):
+                    has_best = True
+                    best_key, best_moves, best_second = key, moves, peak
+                    best_swap, best_t, best_e = False, target, e
+            # Replace in: a slot of a whose expert has several replicas gets the coldest expert (lightest
+            # extra replica), then the hottest (heaviest replicas), of the groups present on the node.
+            for k in range(num_groups):
+                here[k] = False
+            for u in range(per_node):
+                here[cur[n0 + u] // group_size] = True
+            cold1, cold2 = _extremes(extra, here, group_size, False)
+            hot1, hot2 = _extremes(per_replica, here, group_size, True)
+            for hot in range(2):
+                for i in range(per_gpu):
+                    e = out_e[i]
+                    if cnt[e] < 2:
+                        continue
+                    if hot == 0:
+                        pick = cold1 if cold1 != e else cold2
+                    else:
+                        pick = hot1 if hot1 != e else hot2
+                        if pick == (cold1 if cold1 != e else cold2):
+                            continue  # the same change as the coldest, at a later index: never better
+                    if pick < 0:  # no other expert of those groups
+                        continue
+                    stamp += 1
+                    peak, moves = _rewrite(
+                        cur,
+                        cnt,
+                        old_b,
+                        w,
+                        recip,
+                        slot_load,
+                        loads,
+                        heaviest,
+                        num_top,
+                        head,
+                        slots_of,
+                        mark,
+                        affected,
+                        stamp,
+                        threshold,
+                        a0 + i,
+                        pick,
+                    )
+                    if not peak < threshold or moved + moves > cap:
+                        continue
+                    key = peak if peak >= lim else lim
+                    if not has_best or _better(key, moves, peak, best_key, best_moves, best_second):
+                        has_best = True
+                        best_key, best_moves, best_second = key, moves, peak
+                        best_swap, best_t, best_e = False, a0 + i, pick
+            if not has_best:
+                break
+            if best_swap:
+                give = a0 + best_i
+                cur[give], cur[best_t] = cur[best_t], cur[give]
+            else:
+                gone = cur[best_t]
+                cur[best_t] = best_e
+                cnt[best_e] += 1
+                cnt[gone] -= 1
+            moved += best_moves
+        out_moved[b] = moved
+
+
+def repair(
+    start: np.ndarray,
+    start_cnt: np.ndarray,
+    old: np.ndarray,
+    weight: np.ndarray,
+    limit: np.ndarray,
+    budget: np.ndarray,
+    valid: np.ndarray,
+    num_gpus: int,
+    num_nodes: int,
+    group_size: int,
+    max_iters: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`eplb.algorithms.repair.repair` (same arguments but ``xp``): local search toward ``limit``.
+
+    ``start``, ``old`` ``[B, R]`` and ``start_cnt [B, E]`` integer;
+    ``weight [B, E]`` and ``limit [B, 1]`` float32; ``budget [B, 1]``
+    integer; ``valid [B, 1]`` bool. Returns ``phy2log [B, R]`` (``start``'s
+    dtype), replica counts ``[B, E]`` (``start_cnt``'s) and moves ``[B, 1]``
+    (int64). Ids outside ``[0, E)`` raise ``ValueError`` (the reference
+    cannot gather their loads either; the kernel does not check bounds).
+    """
+    _check_float32(weight, limit)
+    _check_ids(weight.shape[1], start, old)
+    batch, num_phy = start.shape
+    recip = np.asarray(_xp.reciprocal_table(num_phy + 1, xp=np), dtype=np.float32)
+    out = np.empty((batch, num_phy), np.int64)
+    out_cnt = np.empty(start_cnt.shape, np.int64)
+    out_moved = np.empty(batch, np.int64)
+    _repair(
+        np.ascontiguousarray(start, dtype=np.int64),
+        np.ascontiguousarray(start_cnt, dtype=np.int64),
+        np.ascontiguousarray(old, dtype=np.int64),
+        np.ascontiguousarray(weight),
+        np.ascontiguousarray(np.reshape(limit, (-1,))),
+        np.ascontiguousarray(np.reshape(budget, (-1,)), dtype=np.int64),
+        np.ascontiguousarray(np.reshape(valid, (-1,)), dtype=np.bool_),
+        recip,
+        num_gpus,
+        num_nodes,
+        group_size,
+        max_iters,
+        out,
+        out_cnt,
+        out_moved,
+    )
+    return out.astype(start.dtype, copy=False), out_cnt.astype(start_cnt.dtype, copy=False), out_moved[:, None]
+
+
+@_jit
+def _align_all(new: np.ndarray, old: np.ndarray, per_gpu: int, out: np.ndarray) -> None:
+    """Per GPU: the k-th copy of an expert goes to the slot of its k-th old copy there, if any; the other
+    entries fill the remaining slots in their order (``relabel_numba._align_slots``, without views)."""
+    match = np.empty(per_gpu, np.int64)  # old slot of each new entry, -1 if none
+    taken = np.empty(per_gpu, np.bool_)
+    for b in range(new.shape[0]):
+        for lo in range(0, new.shape[1], per_gpu):
+            for r in range(per_gpu):
+                taken[r] = False
+            for q in range(per_gpu):
+                e = new[b, lo + q]
+                k = 0  # occurrence of this copy
+                for r in range(q):
+                    if new[b, lo + r] == e:
+                        k += 1
+                match[q] = -1
+                for r in range(per_gpu):
+                    if old[b, lo + r] == e:
+                        if k == 0:
+                            match[q] = r
+                            taken[r] = True
+                            break
+                        k -= 1
+            r = 0
+            for q in range(per_gpu):
+                if match[q] >= 0:
+                    out[b, lo + match[q]] = new[b, lo + q]
+                else:
+                    while taken[r]:
+                        r += 1
+                    out[b, lo + r] = new[b, lo + q]
+                    r += 1
+
+
+def align_slots(new: np.ndarray, old: np.ndarray, num_gpus: int) -> np.ndarray:
+    """:func:`eplb.algorithms.relabel.align_slots` (same arguments but ``xp``): each GPU's slots of ``new [B, R]``
+    reordered so that experts it keeps sit in their old slots."""
+    out = np.empty(new.shape, np.int64)
+    _align_all(
+        np.ascontiguousarray(new, dtype=np.int64),
+        np.ascontiguousarray(old, dtype=np.int64),
+        new.shape[1] // num_gpus,
+        out,
+    )
+    return out.astype(new.dtype, copy=False)
+
+
+@_jit
+def _replica_counts(phy2log: np.ndarray, out: np.ndarray) -> None:
+    num_log = out.shape[1]
+    out[:] = 0
+    for b in range(phy2log.shape[0]):
+        for t in range(phy2log.shape[1]):
+            e = phy2log[b, t]
+            if 0 <= e < num_log:  # the reference counts matches with 0..E-1 only
+                out[b, e] += 1
+
+
+def replica_counts(phy2log: np.ndarray, num_log: int) -> np.ndarray:
+    """:func:`eplb.algorithms.relabel.replica_counts` (same arguments but ``xp``): ``[B, E]`` slots per expert."""
+    out = np.empty((phy2log.shape[0], num_log), np.int64)
+    _replica_counts(np.ascontiguousarray(phy2log, dtype=np.int64), out)
+    return out.astype(phy2log.dtype, copy=False)
+
+
+def _check_ids(num_log: int | None, *arrays: np.ndarray) -> None:
+    """Expert ids in ``[0, num_log)`` (``num_log`` None: ``>= 0``): the kernels index with them unchecked."""
+    for a in arrays:
+        if a.size and (a.min() < 0 or (num_log is not None and a.max() >= num_log)):
+            raise ValueError(f"expert ids in [0, {num_log}) expected, got values from {a.min()} to {a.max()}")
+
+
+def _check_float32(*arrays: np.ndarray) -> None:
+    """The kernels compute in float32, as the reference does on float32 inputs."""
+    for a in arrays:
+        if np.asarray(a).dtype != np.float32:
+            raise TypeError(f"float32 loads expected (the arithmetic is float32), got {np.asarray(a).dtype}")
+
+
+def warm_up() -> None:
+    """Run each kernel once on a tiny input, so that numba compiles (or loads from its cache) what eplb uses."""
+    phy2log = np.arange(8, dtype=np.int64).reshape(1, 8) % 4
+    old = phy2log[:, ::-1].copy()
+    weight = np.ones((1, 4), np.float32)
+    counts = replica_counts(phy2log, 4)
+    limit = np.zeros((1, 1), np.float32)
+    sticky_pack(phy2log, old, np.ones((1, 8), np.float32), limit, 2)
+    align_slots(phy2log, old, 4)
+    repair(phy2log, counts, old, weight, limit, np.ones((1, 1), np.int64), np.ones((1, 1), bool), 4, 2, 2, 4)
