@@ -1,0 +1,139 @@
+"""Keep-in-place planning speed: ``previous=`` and its knobs against a fresh plan and the published greedy.
+
+One run, median of warm runs, real DeepSeek-V3 loads from ../shared/data
+(EPLB_DATA_DIR overrides): ``previous`` is the placement of one SGLang file,
+the call re-plans another. Rows per implementation (numpy and torch CPU take
+the compiled kernels where numba is installed, their array-API path with
+``--xp``; JAX CPU runs XLA; ``--gpu`` adds torch CUDA and JAX GPU):
+
+- fresh plan (no ``previous``);
+- ``previous=`` alone (relabelling);
+- ``previous=`` + ``balance_tolerance=0.005``;
+- ``previous=`` + ``max_moves=16``;
+
+and the published greedy (Python loops, loads moved to the host) once per
+config, for the ratio.
+
+    python benchmarks/keep_speed.py [--runs 20] [--gpu] [--xp] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import eplb
+from benchmarks.timing import cuda_median_ms, host_median_ms
+
+DATA = Path(os.environ.get("EPLB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CONFIGS = {"DeepSeek-V3, 32 GPUs": (288, 8, 4, 32), "global, 144 GPUs": (288, 8, 3, 144)}
+CALLS = {
+    "fresh plan": None,
+    "previous=": {},
+    "+ balance_tolerance=0.005": {"balance_tolerance": 0.005},
+    "+ max_moves=16": {"max_moves": 16},
+}
+
+
+def load(name: str) -> np.ndarray:
+    counts = np.asarray(json.loads((DATA / "deepseek-v3-sglang" / name).read_text())["logical_count"], np.int64)
+    return counts[counts.sum(axis=1) > 0]
+
+
+def implementations(gpu: bool, xp: bool) -> dict:
+    """name -> (convert numpy -> input, timer, call keywords)."""
+    from eplb.backends import _numba
+
+    _numba.warm_up()  # measure the kernels, not their loading
+    out = {"numpy": (np.asarray, host_median_ms, {})}
+    if xp:
+        out["numpy (array API)"] = (np.asarray, host_median_ms, {"_impl": "xp"})
+    try:
+        import torch
+
+        out["torch CPU"] = (torch.as_tensor, host_median_ms, {})
+        if gpu and torch.cuda.is_available():
+            out["torch CUDA (H200)"] = (lambda a: torch.as_tensor(a, device="cuda"), cuda_median_ms, {})
+    except ImportError:
+        pass
+    try:
+        import jax
+
+        cpu = jax.devices("cpu")[0]
+
+        def jax_timer(fn, runs):
+            return host_median_ms(lambda: jax.block_until_ready(fn()), runs)
+
+        out["JAX CPU"] = (lambda a: jax.device_put(a.astype(np.int32), cpu), jax_timer, {})
+        if gpu:
+            try:
+                device = jax.devices("gpu")[0]
+                out["JAX GPU (H200)"] = (lambda a: jax.device_put(a.astype(np.int32), device), jax_timer, {})
+            except RuntimeError:
+                pass
+    except ImportError:
+        pass
+    return out
+
+
+def call(weight, config, previous, options, extra):
+    if extra.get("_impl") == "xp":  # the numpy adapter's array-API path, forced
+        from eplb.backends import _numpy
+
+        hierarchical = config[1] % config[2] == 0
+        if previous is None:
+            return _numpy.rebalance(weight, *config, hierarchical=hierarchical, impl="xp")
+        knobs = {"tolerance": options.get("balance_tolerance"), "max_moves": options.get("max_moves")}
+        return _numpy.rebalance_stable(weight, previous, *config, hierarchical=hierarchical, impl="xp", **knobs)
+    if previous is None:
+        return eplb.rebalance_experts(weight, *config)
+    return eplb.rebalance_experts(weight, *config, previous=previous, **options)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--gpu", action="store_true", help="add torch CUDA and JAX GPU rows")
+    parser.add_argument("--xp", action="store_true", help="add numpy's array-API path (slow)")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    args = parser.parse_args()
+    old, new = load("prefill_in4096.json"), load("prefill_in2048.json")
+    lines = []
+    for label, config in CONFIGS.items():
+        previous_np = eplb.rebalance_experts(old, *config).phy2log
+        try:
+            import torch
+
+            from benchmarks.baselines import published_greedy
+
+            baseline_runs = max(3, args.runs // 5)
+            published = host_median_ms(lambda c=config: published_greedy(torch.as_tensor(new), *c), baseline_runs)
+        except ImportError:
+            published = float("nan")
+        lines.append(f"\n{label} {config}: published greedy {published:.1f} ms\n")
+        lines.append("| implementation | " + " | ".join(CALLS) + " |")
+        lines.append("| --- |" + " --- |" * len(CALLS))
+        for name, (convert, timer, extra) in implementations(args.gpu, args.xp).items():
+            weight, previous = convert(new), convert(previous_np)
+            cells = []
+            for options in CALLS.values():
+                prev = None if options is None else previous
+                runs = args.runs if not extra else max(3, args.runs // 5)
+                ms = timer(lambda w=weight, p=prev, o=options or {}, c=config, x=extra: call(w, c, p, o, x), runs)
+                cells.append(f"{ms:.2f} ms ({published / ms:.0f}x)")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
