@@ -58,7 +58,7 @@ class Backend(enum.Enum):
 
     NUMPY = "numpy"  # default dispatch (the numba kernel where installed, for the greedy policy)
     NUMPY_XP = "numpy:xp"  # the array-API reference path, forced
-    NUMPY_NUMBA = "numpy:numba"  # the compiled numba kernel, forced (greedy policy only)
+    NUMPY_NUMBA = "numpy:numba"  # the compiled numba kernels, forced (greedy policy; previous=)
     TORCH = "torch"  # CPU tensor, default dispatch (numpy kernel on a view)
     TORCH_OPS = "torch:ops"  # CPU tensor, torch ops forced (the CUDA code path)
     TORCH_CUDA = "torch:cuda"  # default dispatch on CUDA (Triton kernels where they apply)
@@ -66,7 +66,7 @@ class Backend(enum.Enum):
     JAX = "jax"  # CPU, eager call (jit inside; the numba kernel through a host callback where installed)
     JAX_JIT = "jax:jit"  # CPU, called inside the user's own jax.jit
     JAX_XLA = "jax:xla"  # CPU, the array-API path under jit forced (what JAX runs without numba)
-    JAX_HOST = "jax:host"  # CPU, the numba kernel through a host callback, forced (greedy policy only)
+    JAX_HOST = "jax:host"  # CPU, the numba kernels through a host callback, forced (greedy policy; previous=)
     JAX_PALLAS = "jax:pallas-interpret"  # CPU, the Pallas kernels under Pallas' interpreter (no spill)
     JAX_GPU = "jax:gpu"  # default dispatch on a GPU (Pallas kernels where they apply)
     JAX_GPU_XLA = "jax:gpu-xla"  # XLA forced on a GPU
@@ -96,8 +96,8 @@ class Backend(enum.Enum):
 
     def supports(self, *, policy: str = "greedy", spill: int = 0, previous: Any = None, **_: Any) -> bool:
         """Whether this implementation computes such a call (a front door computes every call)."""
-        if self in (Backend.NUMPY_NUMBA, Backend.JAX_HOST):
-            return policy == "greedy" and not spill and previous is None
+        if self in (Backend.NUMPY_NUMBA, Backend.JAX_HOST):  # numba: the greedy kernel, and previous= (any policy)
+            return previous is not None or (policy == "greedy" and not spill)
         if self is Backend.JAX_PALLAS:
             return not spill and previous is None
         return True
@@ -184,12 +184,7 @@ def make_runner(backend: Backend) -> Runner:
 
         impl = "xp" if backend is Backend.NUMPY_XP else "numba"
 
-        def numpy_forced(weight: Any, *args: Any, **kw: Any) -> Any:
-            if kw.get("previous") is not None:  # placement-stable calls have one implementation on numpy
-                return _forced(_numpy, None)(weight, *args, **kw)
-            return _forced(_numpy, impl)(weight, *args, **kw)
-
-        return Runner(backend, np.asarray, numpy_forced)
+        return Runner(backend, np.asarray, _forced(_numpy, impl))
     if backend.module == "torch":
         import torch
 

@@ -76,7 +76,9 @@ def _all_agree(weight: np.ndarray, config: tuple[int, ...], **call: Any) -> dict
 def test_kernels_without_a_call_are_left_out():
     """Which implementations compute which calls (the rest of the suite relies on it)."""
     assert not Backend.NUMPY_NUMBA.supports(policy="refined")
-    assert not Backend.JAX_HOST.supports(previous=np.zeros((1, 4)))
+    assert not Backend.JAX_HOST.supports(policy="refined")
+    assert Backend.JAX_HOST.supports(policy="refined", previous=np.zeros((1, 4)))
+    assert not Backend.JAX_PALLAS.supports(previous=np.zeros((1, 4)))
     assert not Backend.JAX_PALLAS.supports(spill=2)
     assert all(b.supports(policy="refined", spill=2, previous=np.zeros((1, 4))) for b in FRONT_DOORS)
 

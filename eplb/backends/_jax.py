@@ -246,7 +246,7 @@ def rebalance(
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _rebalance_stable(
+def _rebalance_stable_xla(
     weight: jax.Array, previous: jax.Array, config: tuple[int, int, int, int], options: tuple[tuple[str, Any], ...]
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     index = jnp.arange(1).dtype  # JAX's default integer
@@ -256,6 +256,27 @@ def _rebalance_stable(
         return tuple(a[0] for a in placement)
 
     return _tied_to(weight, jax.vmap(one_layer)(weight.astype(jnp.float32), previous.astype(index)))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _rebalance_stable(
+    weight: jax.Array,
+    previous: jax.Array,
+    config: tuple[int, int, int, int],
+    options: tuple[tuple[str, Any], ...],
+    impl: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """XLA, or (``impl="host"``) the compiled CPU kernels through a host callback on the CPU, chosen at lowering."""
+    if impl == "xla" or not _jax_host.applies_stable(*weight.shape, config[0]):
+        return _rebalance_stable_xla(weight, previous, config, options)
+
+    def xla(w: jax.Array, p: jax.Array) -> tuple[jax.Array, ...]:
+        return _rebalance_stable_xla(w, p, config, options)
+
+    def host(w: jax.Array, p: jax.Array) -> tuple[jax.Array, ...]:
+        return _jax_host.placement_stable(w, p, config, dict(options))
+
+    return tuple(jax.lax.platform_dependent(weight, previous, cpu=host, default=xla))
 
 
 def rebalance_stable(
@@ -271,9 +292,15 @@ def rebalance_stable(
 ) -> tuple[Any, Any, Any]:
     """:func:`rebalance` keeping ``previous [L, R]``'s experts in place; ``options`` static.
 
-    ``impl``: ``"xla"`` (or ``None``), the only implementation so far.
+    ``impl``: ``"host"`` (the default where numba is installed): on the CPU,
+    the numpy adapter's compiled kernels through a host callback
+    (:func:`eplb.backends._jax_host.placement_stable`), chosen at lowering,
+    XLA elsewhere; ``"xla"``: the array-API algorithm under ``jit`` + ``vmap``.
+    Same placement.
     """
-    if impl not in (None, "xla"):
-        raise ValueError(f"impl must be 'xla' or None for a call with previous=, got {impl!r}")
+    if impl is None:
+        impl = "host" if _jax_host.applies_stable() else "xla"
+    if impl not in ("host", "xla"):
+        raise ValueError(f"impl must be 'host', 'xla' or None for a call with previous=, got {impl!r}")
     config = (num_replicas, num_groups, num_nodes, num_gpus)
-    return _rebalance_stable(weight, previous, config, tuple(sorted(options.items())))
+    return _rebalance_stable(weight, previous, config, tuple(sorted(options.items())), impl)

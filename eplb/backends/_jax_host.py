@@ -23,7 +23,7 @@ import numpy as np
 
 from eplb.backends import _numba, _numpy
 
-__all__ = ["MAX_LOG2PHY", "applies", "placement"]
+__all__ = ["MAX_LOG2PHY", "applies", "applies_stable", "placement", "placement_stable"]
 
 # The callback's outputs are copied twice (to JAX's integer type, then into
 # XLA's buffer), about 2 ns per log2phy entry on a 2-core CPU; from about 2M
@@ -37,6 +37,11 @@ def applies(options: dict[str, Any], num_layers: int = 1, num_experts: int = 1, 
     """Whether the host kernel covers these options and sizes, and numba imports."""
     small = num_layers * num_experts * (num_replicas - num_experts + 1) <= MAX_LOG2PHY
     return small and _numba.supports(options) and _numba.available()
+
+
+def applies_stable(num_layers: int = 1, num_experts: int = 1, num_replicas: int = 1) -> bool:
+    """Whether :func:`placement_stable` takes these sizes (:func:`applies`' copy bound) and numba imports."""
+    return num_layers * num_experts * (num_replicas - num_experts + 1) <= MAX_LOG2PHY and _numba.available()
 
 
 def placement(weight: jax.Array, config: tuple[int, int, int, int], hierarchical: bool) -> tuple[jax.Array, ...]:
@@ -62,3 +67,34 @@ def placement(weight: jax.Array, config: tuple[int, int, int, int], hierarchical
         return tuple(a.astype(index).reshape(*batch, num_layers, *a.shape[1:]) for a in result)
 
     return jax.pure_callback(on_host, shapes, weight.astype(jnp.float32), vmap_method="expand_dims")
+
+
+def placement_stable(
+    weight: jax.Array, previous: jax.Array, config: tuple[int, int, int, int], options: dict[str, Any]
+) -> tuple[jax.Array, ...]:
+    """:func:`placement` keeping ``previous [L, R]`` in place: the numpy adapter's ``rebalance_stable``, via the host.
+
+    Its compiled kernels (relabelling, sticky repacking, repair; the array-API
+    path while they load) instead of XLA's loops of tiny steps: 344 ms to a
+    few ms over 144 GPUs on a 2-core CPU. ``options``: ``hierarchical``,
+    ``policy``, ``spill``, ``tolerance``, ``max_moves``.
+    """
+    num_layers, num_experts = weight.shape
+    num_replicas = config[0]
+    index = jnp.arange(1).dtype
+    shapes = (
+        jax.ShapeDtypeStruct((num_layers, num_replicas), index),
+        jax.ShapeDtypeStruct((num_layers, num_experts, num_replicas - num_experts + 1), index),
+        jax.ShapeDtypeStruct((num_layers, num_experts), index),
+    )
+
+    def on_host(loads: np.ndarray, old: np.ndarray) -> tuple[np.ndarray, ...]:
+        batch = loads.shape[:-2]
+        rows = np.asarray(loads, dtype=np.float32).reshape(-1, num_experts)
+        old_rows = np.asarray(old, dtype=np.int64).reshape(-1, num_replicas)
+        result = _numpy.rebalance_stable(rows, old_rows, *config, **options)
+        return tuple(a.astype(index).reshape(*batch, num_layers, *a.shape[1:]) for a in result)
+
+    return jax.pure_callback(
+        on_host, shapes, weight.astype(jnp.float32), previous.astype(index), vmap_method="expand_dims"
+    )
