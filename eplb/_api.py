@@ -146,15 +146,36 @@ def _checked_previous(
     return previous
 
 
+def _traced_knob(name: str, value: Any, kind: str) -> bool:
+    """Whether ``value`` is a JAX array knob, kept as an array (its value is used on the device: no recompile
+    per value, no host read); checked for shape and dtype only. ``kind``: "f" (a float) or "i" (an int)."""
+    jax = sys.modules.get("jax")
+    if jax is None or not isinstance(value, jax.Array):
+        return False
+    if tuple(value.shape) != ():
+        raise ValueError(f"{name} as a JAX array must be 0-d, got shape {tuple(value.shape)}")
+    dtype_kind = get_backend("jax").dtype_kind(value)
+    if dtype_kind not in ("fi" if kind == "f" else "iu"):
+        raise TypeError(f"{name} must be {'a float' if kind == 'f' else 'an int'}, got a JAX array of {value.dtype}")
+    return True
+
+
 def _checked_knobs(balance_tolerance: Any, max_moves: Any, previous: Any, spill: int) -> tuple[Any, Any]:
-    """``balance_tolerance`` (float >= 0) and ``max_moves`` (int >= 0), both only with ``previous``."""
-    if balance_tolerance is not None:
+    """``balance_tolerance`` (float >= 0) and ``max_moves`` (int >= 0), both only with ``previous``.
+
+    JAX arrays (0-d, also traced) stay arrays: see :func:`rebalance_experts`.
+    """
+    if balance_tolerance is not None and _traced_knob("balance_tolerance", balance_tolerance, "f"):
+        pass
+    elif balance_tolerance is not None:
         if isinstance(balance_tolerance, bool) or not isinstance(balance_tolerance, numbers.Real):
             raise TypeError(f"balance_tolerance must be a float, got {type(balance_tolerance).__name__}")
         balance_tolerance = float(balance_tolerance)
         if not (math.isfinite(balance_tolerance) and balance_tolerance >= 0):
             raise ValueError(f"balance_tolerance={balance_tolerance} must be a finite number >= 0")
-    if max_moves is not None:
+    if max_moves is not None and _traced_knob("max_moves", max_moves, "i"):
+        pass
+    elif max_moves is not None:
         if isinstance(max_moves, bool) or not isinstance(max_moves, numbers.Integral):
             raise TypeError(f"max_moves must be an int, got {type(max_moves).__name__} {max_moves!r}")
         max_moves = int(max_moves)
@@ -259,6 +280,10 @@ def rebalance_experts(
         GPU keeps its slot. An unchanged load moves nothing. Replica numbers
         in ``log2phy`` then follow slot order. See ``docs/migration.md``.
     balance_tolerance : float, keyword-only
+        (JAX loads: also a 0-d JAX array, traced or not: a new value then
+        needs no recompile, and works inside ``jit``; a negative or NaN
+        array value counts as 0. The bound uses ``fl32(1 + fl32(t))`` on
+        every backend.)
         With ``previous``: keep more experts in place at a bounded loss of
         balance. Per layer, the result with the fewest moved experts found
         whose heaviest GPU is at most ``(1 + balance_tolerance)`` times the
@@ -267,6 +292,8 @@ def rebalance_experts(
         never less balanced). Found by local search from the previous
         placement (swaps and replica changes out of the heaviest GPU).
     max_moves : int, keyword-only
+        (JAX loads: also a 0-d integer JAX array, as ``balance_tolerance``;
+        a negative array value counts as 0.)
         With ``previous``: move at most this many experts per layer. Alone,
         the result is the lightest heaviest GPU found within the budget
         (balance as without ``previous`` whenever the budget allows); with
@@ -306,6 +333,9 @@ def rebalance_experts(
     settings = (weight.shape[1], num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy, spill)
     num_replicas, num_groups, num_nodes, num_gpus, hierarchical, spill = _checked_settings(*settings)
     balance_tolerance, max_moves = _checked_knobs(balance_tolerance, max_moves, previous, spill)
+    for knob, value in (("balance_tolerance", balance_tolerance), ("max_moves", max_moves)):
+        if not isinstance(value, int | float | type(None)) and _xp.backend_name(weight) != "jax":
+            raise TypeError(f"{knob} as a JAX array needs JAX loads; pass a Python number with {type(weight).__name__}")
     if previous is not None:
         sizes = (num_replicas, num_groups, num_nodes, hierarchical)
         previous = _checked_previous(previous, weight, backend, sizes, check_values, max_moves)

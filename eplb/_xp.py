@@ -37,6 +37,7 @@ __all__ = [
     "is_torch",
     "reciprocal_table",
     "refine_rows",
+    "round_float32",
     "scan",
     "take_along",
 ]
@@ -247,6 +248,12 @@ def constant(values: Any, *, xp: Any, device: Any = None) -> Any:
 
 def _frozen(values: Any) -> Any:
     return tuple(_frozen(v) for v in values) if isinstance(values, list | tuple) else values
+
+
+def round_float32(x: float) -> float:
+    """``x`` rounded to float32 (to nearest, ties to even), as a Python float; beyond float32's range, inf."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
 
 
 def reciprocal_table(n: int, *, xp: Any, device: Any = None) -> Any:

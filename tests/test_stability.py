@@ -384,3 +384,52 @@ def test_torch_cuda_previous_never_syncs(options):
     for got, want in zip(placement, expected, strict=True):
         assert got.device.type == "cuda"
         np.testing.assert_array_equal(got.cpu().numpy(), want)
+
+
+def test_jax_knobs_are_traced_values():
+    """On JAX the knobs may be (traced) arrays: one compile serves every value, inside the user's jit, and the
+    placement equals numpy's with the same Python value, on the host-callback and the XLA paths."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from eplb.backends import _jax
+
+    old_w, new_w = drifting(np.random.default_rng(16), 6, 32, 2, drift=0.3)
+    config = (48, 8, 4, 8)
+    previous = eplb.rebalance_experts(old_w, *config).phy2log
+    w, p = jnp.asarray(new_w.astype(np.int32)), jnp.asarray(previous.astype(np.int32))
+    plan = jax.jit(
+        lambda w, p, t, k: tuple(eplb.rebalance_experts(w, *config, previous=p, balance_tolerance=t, max_moves=k))
+    )
+    for tolerance, cap in ((0.0, 2), (0.005, 5), (0.05, 48), (-1.0, 0), (float("nan"), 3)):
+        safe = 0.0 if not tolerance >= 0 else tolerance  # a negative or NaN traced value counts as 0
+        want = eplb.rebalance_experts(new_w, *config, previous=previous, balance_tolerance=safe, max_moves=cap)
+        got = plan(w, p, jnp.float32(tolerance), jnp.int32(cap))
+        for name, g, e in zip(eplb.Placement._fields, got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), e, err_msg=f"{name}, tolerance {tolerance}, cap {cap}")
+        xla = _jax.rebalance_stable(
+            w,
+            p,
+            *config,
+            hierarchical=True,
+            policy="greedy",
+            spill=0,
+            impl="xla",
+            tolerance=jnp.float32(tolerance),
+            max_moves=jnp.int32(cap),
+        )
+        for g, e in zip(xla, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), e)
+    assert plan._cache_size() == 1  # one compile for every value
+
+
+def test_jax_array_knobs_need_jax_loads():
+    jnp = pytest.importorskip("jax.numpy")
+    weight = cases.lognormal_f32(np.random.default_rng(17), 2, EXPERTS)
+    previous = eplb.rebalance_experts(weight, *CONFIG).phy2log
+    with pytest.raises(TypeError, match="balance_tolerance as a JAX array needs JAX loads"):
+        eplb.rebalance_experts(weight, *CONFIG, previous=previous, balance_tolerance=jnp.float32(0.1))
+    with pytest.raises(ValueError, match="must be 0-d"):
+        eplb.rebalance_experts(jnp.asarray(weight), *CONFIG, previous=previous, max_moves=jnp.zeros(2, jnp.int32))
+    with pytest.raises(TypeError, match="max_moves must be an int"):
+        eplb.rebalance_experts(jnp.asarray(weight), *CONFIG, previous=previous, max_moves=jnp.float32(2))

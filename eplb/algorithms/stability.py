@@ -105,11 +105,9 @@ def stabilize(
     base = relabel_fn(fresh, old, num_gpus, num_nodes, xp=xp)
     if tolerance is None and max_moves is None:
         return base, logcnt
-    factor = 1.0 if tolerance is None else float(tolerance) + 1.0
-    cap = num_phy if max_moves is None else min(int(max_moves), num_phy)
     peak = xp.max(gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
-    # fl(1 + tolerance) times the peak: one rounding, the same on every backend (full(): no host copy).
-    limit = peak * xp.full((1, 1), factor, dtype=peak.dtype, device=_xp.device(peak))
+    limit = peak * _factor(tolerance, peak, xp=xp)
+    cap = _cap(max_moves, num_phy, fresh, xp=xp)
     base_moves = xp.reshape(count_moves(base, old, num_gpus, xp=xp), (batch, 1))
     budget = xp.where(base_moves - 1 < cap, base_moves - 1, cap)  # a repair must beat the relabelled placement
 
@@ -161,6 +159,34 @@ def stabilize(
     lightest = xp.argmin(xp.where(usable, peaks, xp.inf), axis=-1)
     choice = xp.where(xp.any(balanced, axis=-1), fewest, xp.where(xp.any(usable, axis=-1), lightest, 0))
     return _pick(candidates, choice, xp=xp), _pick(counts, choice, xp=xp)
+
+
+def _factor(tolerance: Any, peak: Any, *, xp: Any) -> Any:
+    """``[1, 1]`` float32: ``fl32(1 + fl32(tolerance))``, the same bits on every backend (1 without a tolerance).
+
+    ``tolerance`` is a Python number or a 0-d array (a traced JAX value: a
+    control loop varies it without recompiling); a negative or NaN array
+    value counts as 0 (a Python one was refused by the API). A Python value
+    is rounded on the host and written with ``full`` (no host-to-device copy).
+    """
+    if tolerance is None:
+        return xp.full((1, 1), 1.0, dtype=peak.dtype, device=_xp.device(peak))
+    if isinstance(tolerance, int | float):
+        factor = _xp.round_float32(1.0 + _xp.round_float32(tolerance))  # the tolerance in float32, then the sum
+        return xp.full((1, 1), factor, dtype=peak.dtype, device=_xp.device(peak))
+    tol = xp.reshape(xp.astype(tolerance, peak.dtype), (1, 1))
+    tol = xp.where(tol >= 0, tol, xp.zeros_like(tol))  # NaN and negatives: 0
+    return xp.ones_like(tol) + tol
+
+
+def _cap(max_moves: Any, num_phy: int, like: Any, *, xp: Any) -> Any:
+    """The move cap: ``min(max_moves, R)`` (``R`` without one); a 0-d array (traced) below 0 counts as 0."""
+    if max_moves is None:
+        return num_phy
+    if isinstance(max_moves, int):
+        return min(max_moves, num_phy)
+    cap = xp.reshape(xp.astype(max_moves, like.dtype), (1, 1))
+    return xp.clip(cap, 0, num_phy)
 
 
 def _pick(candidates: list[Any], choice: Any, *, xp: Any) -> Any:

@@ -245,38 +245,49 @@ def rebalance(
     return placement
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
+Knobs = tuple[Any, Any]  # (tolerance float32 [] or None, max_moves int [] or None): traced, not static
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
 def _rebalance_stable_xla(
-    weight: jax.Array, previous: jax.Array, config: tuple[int, int, int, int], options: tuple[tuple[str, Any], ...]
+    weight: jax.Array,
+    previous: jax.Array,
+    knobs: Knobs,
+    config: tuple[int, int, int, int],
+    options: tuple[tuple[str, Any], ...],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     index = jnp.arange(1).dtype  # JAX's default integer
+    tolerance, max_moves = knobs
 
     def one_layer(row: jax.Array, old: jax.Array) -> tuple[jax.Array, ...]:
-        placement = place_stable(row[None, :], old[None, :], *config, xp=jnp, **dict(options))
+        placement = place_stable(
+            row[None, :], old[None, :], *config, xp=jnp, tolerance=tolerance, max_moves=max_moves, **dict(options)
+        )
         return tuple(a[0] for a in placement)
 
     return _tied_to(weight, jax.vmap(one_layer)(weight.astype(jnp.float32), previous.astype(index)))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _rebalance_stable(
     weight: jax.Array,
     previous: jax.Array,
+    knobs: Knobs,
     config: tuple[int, int, int, int],
     options: tuple[tuple[str, Any], ...],
     impl: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """XLA, or (``impl="host"``) the compiled CPU kernels through a host callback on the CPU, chosen at lowering."""
     if impl == "xla" or not _jax_host.applies_stable(*weight.shape, config[0]):
-        return _rebalance_stable_xla(weight, previous, config, options)
+        return _rebalance_stable_xla(weight, previous, knobs, config, options)
 
-    def xla(w: jax.Array, p: jax.Array) -> tuple[jax.Array, ...]:
-        return _rebalance_stable_xla(w, p, config, options)
+    def xla(w: jax.Array, p: jax.Array, k: Knobs) -> tuple[jax.Array, ...]:
+        return _rebalance_stable_xla(w, p, k, config, options)
 
-    def host(w: jax.Array, p: jax.Array) -> tuple[jax.Array, ...]:
-        return _jax_host.placement_stable(w, p, config, dict(options))
+    def host(w: jax.Array, p: jax.Array, k: Knobs) -> tuple[jax.Array, ...]:
+        return _jax_host.placement_stable(w, p, k, config, dict(options))
 
-    return tuple(jax.lax.platform_dependent(weight, previous, cpu=host, default=xla))
+    return tuple(jax.lax.platform_dependent(weight, previous, knobs, cpu=host, default=xla))
 
 
 def rebalance_stable(
@@ -303,4 +314,10 @@ def rebalance_stable(
     if impl not in ("host", "xla"):
         raise ValueError(f"impl must be 'host', 'xla' or None for a call with previous=, got {impl!r}")
     config = (num_replicas, num_groups, num_nodes, num_gpus)
-    return _rebalance_stable(weight, previous, config, tuple(sorted(options.items())), impl)
+    # The knobs' values are traced arguments (a new value does not recompile); whether each is given is static.
+    tolerance, max_moves = options.pop("tolerance", None), options.pop("max_moves", None)
+    knobs = (
+        None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32),
+        None if max_moves is None else jnp.asarray(max_moves, dtype=jnp.int32),
+    )
+    return _rebalance_stable(weight, previous, knobs, config, tuple(sorted(options.items())), impl)

@@ -70,15 +70,17 @@ def placement(weight: jax.Array, config: tuple[int, int, int, int], hierarchical
 
 
 def placement_stable(
-    weight: jax.Array, previous: jax.Array, config: tuple[int, int, int, int], options: dict[str, Any]
+    weight: jax.Array, previous: jax.Array, knobs: tuple[Any, Any], config: tuple[int, int, int, int], options: dict
 ) -> tuple[jax.Array, ...]:
     """:func:`placement` keeping ``previous [L, R]`` in place: the numpy adapter's ``rebalance_stable``, via the host.
 
     Its compiled kernels (relabelling, sticky repacking, repair; the array-API
     path while they load) instead of XLA's loops of tiny steps: 344 ms to a
-    few ms over 144 GPUs on a 2-core CPU. ``options``: ``hierarchical``,
-    ``policy``, ``spill``, ``tolerance``, ``max_moves``.
+    few ms over 144 GPUs on a 2-core CPU. ``knobs``: ``(tolerance, max_moves)``,
+    float32 and int32 scalars (traced) or ``None``; ``options``:
+    ``hierarchical``, ``policy``, ``spill``.
     """
+    tolerance, max_moves = knobs
     num_layers, num_experts = weight.shape
     num_replicas = config[0]
     index = jnp.arange(1).dtype
@@ -88,13 +90,22 @@ def placement_stable(
         jax.ShapeDtypeStruct((num_layers, num_experts), index),
     )
 
-    def on_host(loads: np.ndarray, old: np.ndarray) -> tuple[np.ndarray, ...]:
+    def on_host(loads: np.ndarray, old: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
         batch = loads.shape[:-2]
         rows = np.asarray(loads, dtype=np.float32).reshape(-1, num_experts)
         old_rows = np.asarray(old, dtype=np.int64).reshape(-1, num_replicas)
-        result = _numpy.rebalance_stable(rows, old_rows, *config, **options)
+        given = iter(np.asarray(v).reshape(-1)[0] for v in values)  # scalars (a vmap adds unit axes)
+        # As stability._factor and _cap read an array knob: a negative (or NaN) value counts as 0.
+        tol = None if tolerance is None else float(np.nan_to_num(np.float32(next(given)), nan=0.0))
+        cap = None if max_moves is None else int(next(given))
+        knob_values = {
+            "tolerance": None if tol is None else max(tol, 0.0),
+            "max_moves": None if cap is None else max(cap, 0),
+        }
+        result = _numpy.rebalance_stable(rows, old_rows, *config, **options, **knob_values)
         return tuple(a.astype(index).reshape(*batch, num_layers, *a.shape[1:]) for a in result)
 
+    operands = [k for k in knobs if k is not None]
     return jax.pure_callback(
-        on_host, shapes, weight.astype(jnp.float32), previous.astype(index), vmap_method="expand_dims"
+        on_host, shapes, weight.astype(jnp.float32), previous.astype(index), *operands, vmap_method="expand_dims"
     )
