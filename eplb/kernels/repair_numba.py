@@ -64,6 +64,7 @@ from eplb import _xp
 from eplb.algorithms.loads import MAX_LOAD
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.kernels._numba_jit import njit
+from eplb.kernels.greedy_numba import rank_desc
 
 __all__ = ["align_slots", "repair", "replica_counts", "sticky_pack", "warm_up"]
 
@@ -82,49 +83,6 @@ TOP = 4  # heaviest GPUs kept per step for the single-slot changes
 
 
 @_jit
-def _rank_desc(x: np.ndarray, order: np.ndarray, tmp: np.ndarray) -> None:
-    """``order``: indices of ``x`` by decreasing value, ties by index (a stable bottom-up merge sort).
-
-    :func:`eplb._xp.argsort_desc` on numpy (a stable ascending sort of
-    ``-x``): ``a`` goes before ``b`` iff ``x[a] > x[b]``, or they are equal
-    (``-0 == +0`` included) and ``a < b``. No NaN.
-    """
-    n = x.shape[0]
-    for i in range(n):
-        order[i] = i
-    width = 1
-    src, dst = order, tmp
-    in_order = True  # src is order
-    while width < n:
-        for lo in range(0, n, 2 * width):
-            mid = min(lo + width, n)
-            hi = min(lo + 2 * width, n)
-            i, j, k = lo, mid, lo
-            while i < mid and j < hi:
-                if x[src[j]] > x[src[i]]:  # strictly larger on the right: it goes first; else the left (stable)
-                    dst[k] = src[j]
-                    j += 1
-                else:
-                    dst[k] = src[i]
-                    i += 1
-                k += 1
-            while i < mid:
-                dst[k] = src[i]
-                i += 1
-                k += 1
-            while j < hi:
-                dst[k] = src[j]
-                j += 1
-                k += 1
-        src, dst = dst, src
-        in_order = not in_order
-        width *= 2
-    if not in_order:
-        for i in range(n):
-            order[i] = src[i]
-
-
-@_jit
 def _sticky_pack(
     base: np.ndarray, old: np.ndarray, item_load: np.ndarray, limit: np.ndarray, num_packs: int, out: np.ndarray
 ) -> None:
@@ -139,7 +97,7 @@ def _sticky_pack(
     seen = np.empty(num_ids, np.int64)
     affinity = np.empty(n, np.int64)
     order = np.empty(n, np.int64)
-    tmp = np.empty(n, np.int64)
+    head, src, dst = np.empty(4 * n + 8, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)  # rank_desc's
     # The lightest open pack: a tournament tree over the packs (leaves size .. 2 size - 1, padding +inf);
     # a node holds the winner of its children, the left one on equal loads: np.argmin's first minimum.
     size = 1
@@ -168,7 +126,7 @@ def _sticky_pack(
             k = seen[e]
             seen[e] += 1
             affinity[p] = slot_of[start[e] + k] // capacity if start[e] + k < start[e + 1] else -1
-        _rank_desc(item_load[b], order, tmp)
+        rank_desc(item_load[b], n, order, head, src, dst, False)  # item loads are >= +0: the greedy kernel's sort
         for m in range(num_packs):
             open_load[m] = 0
             count[m] = 0
