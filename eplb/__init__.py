@@ -8,11 +8,14 @@ on every backend.
 
 from eplb._api import Placement, balanced_packing, rebalance_experts, replicate_experts
 from eplb.migration import TransferError, TransferPlan, moved_experts, plan_transfers
+from eplb.rebalancer import Decision, Rebalancer
 from eplb.tracker import LoadTracker
 
 __all__ = [
+    "Decision",
     "LoadTracker",
     "Placement",
+    "Rebalancer",
     "TransferError",
     "TransferPlan",
     "balanced_packing",

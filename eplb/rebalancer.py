@@ -1,0 +1,271 @@
+"""The rebalancing loop: when to move, which layers, how much (:class:`Rebalancer`).
+
+A serving job records each window's expert load and, every few minutes,
+asks for a decision. The rule:
+
+- **history**: the planning load is the recorded windows, older ones
+  weighing less: halved every ``half_life`` windows (a power-of-two scale
+  and float32 sums, so every backend holds the same bits), or the plain sum
+  of the last ``window`` windows;
+- **candidate** per layer: ``rebalance_experts(history, previous=placement in
+  force, balance_tolerance=...)``, the placement that keeps the most experts
+  where they are within ``(1 + balance_tolerance)`` of a fresh plan's
+  heaviest GPU;
+- **gain** per layer: how much lighter the candidate's heaviest GPU is than
+  the placement in force, on the planning load, relative to it. A layer
+  changes only if that gain is at least ``min_gain`` (never worse on the load
+  it planned from), best gain per moved expert first, within the budget
+  (layers, experts, bytes).
+
+Decisions are taken on the host from float32 values every backend computes
+alike (heaviest GPU loads, move counts), so numpy, torch and JAX decide the
+same, bit for bit. ``record`` never reads device values (no host sync on
+CUDA); ``step`` copies the per-layer figures and the candidate to the host
+once, since its :class:`~eplb.TransferPlan` is host data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from eplb import _validate, _xp, metrics
+from eplb._api import Placement, rebalance_experts
+from eplb.algorithms.hierarchy import build_log2phy
+from eplb.algorithms.relabel import count_moves, occurrence, replica_counts
+from eplb.migration import TransferPlan, plan_transfers
+
+__all__ = ["Decision", "Rebalancer"]
+
+
+class Decision(NamedTuple):
+    """What :meth:`Rebalancer.step` decided.
+
+    Attributes
+    ----------
+    placement : Placement
+        In force afterwards, all layers (unchanged ones included), arrays of
+        the loads' kind and device.
+    layers : numpy.ndarray [K], int64
+        The layers it changed, ascending.
+    plan : TransferPlan
+        The copies from the previous placement to ``placement`` (only the
+        changed layers have any).
+    gain : numpy.ndarray [L], float64
+        Predicted relative gain per layer: ``1 - candidate peak / current
+        peak`` on the planning load (0 where the current one is as good).
+    moves : numpy.ndarray [L], int64
+        ``(expert, GPU)`` pairs the candidate adds per layer (0 where unchanged).
+    """
+
+    placement: Placement
+    layers: np.ndarray
+    plan: TransferPlan
+    gain: np.ndarray
+    moves: np.ndarray
+
+
+class Rebalancer:
+    """Decides when, which layers and how much to move, from recorded expert loads.
+
+    Parameters
+    ----------
+    num_replicas, num_groups, num_nodes, num_gpus : int
+        As :func:`eplb.rebalance_experts`.
+    initial : Placement or array [L, R], optional, keyword-only
+        The placement in force; without it the first :meth:`step` plans fresh.
+    half_life : int, keyword-only
+        History: windows after which a recorded load weighs half (default 4).
+    window : int, optional, keyword-only
+        History: instead, the plain sum of the last ``window`` windows.
+    min_gain : float, keyword-only
+        Smallest predicted relative gain worth a move (default 0.02: the
+        layer's heaviest GPU 2% lighter on the planning load).
+    balance_tolerance : float, keyword-only
+        Passed to :func:`eplb.rebalance_experts` (default 0.005).
+    max_layers, max_experts, max_bytes : int, optional, keyword-only
+        Per-step budget: layers changed, experts moved, bytes moved
+        (``max_bytes`` needs ``bytes_per_expert``).
+    bytes_per_expert : int, optional, keyword-only
+        Size of one expert's weights, for ``max_bytes`` and the plan.
+    policy, spill, hierarchical : keyword-only
+        As :func:`eplb.rebalance_experts`.
+    """
+
+    def __init__(
+        self,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_gpus: int,
+        *,
+        initial: Any = None,
+        half_life: int = 4,
+        window: int | None = None,
+        min_gain: float = 0.02,
+        balance_tolerance: float = 0.005,
+        max_layers: int | None = None,
+        max_experts: int | None = None,
+        max_bytes: int | None = None,
+        bytes_per_expert: int | None = None,
+        policy: str = "greedy",
+        spill: int = 0,
+        hierarchical: bool | None = None,
+    ) -> None:
+        names = ("num_replicas", "num_groups", "num_nodes", "num_gpus")
+        sizes = (num_replicas, num_groups, num_nodes, num_gpus)
+        self._sizes = tuple(_validate.check_count(n, v) for n, v in zip(names, sizes, strict=True))
+        self._half_life = _validate.check_count("half_life", half_life)
+        self._window = None if window is None else _validate.check_count("window", window)
+        for name, value in (("min_gain", min_gain), ("balance_tolerance", balance_tolerance)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not value >= 0 or value == float("inf"):
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+        self._min_gain, self._tolerance = float(min_gain), float(balance_tolerance)
+        budget = (("max_layers", max_layers), ("max_experts", max_experts), ("max_bytes", max_bytes))
+        self._budget = {n: None if v is None else _validate.check_count(n, v) for n, v in budget}
+        self._bytes = None if bytes_per_expert is None else _validate.check_count("bytes_per_expert", bytes_per_expert)
+        if max_bytes is not None and bytes_per_expert is None:
+            raise ValueError("max_bytes needs bytes_per_expert")
+        self._options: dict[str, Any] = {"policy": policy, "spill": spill}
+        if hierarchical is not None:
+            self._options["hierarchical"] = hierarchical
+        self._placement: Any = initial
+        self._history: Any = None
+        self._ring: list[Any] = []
+        self._recorded = 0
+
+    @property
+    def placement(self) -> Any:
+        """The placement in force (``None`` before the first :meth:`step` without ``initial``)."""
+        return self._placement
+
+    def record(self, load: Any) -> None:
+        """Add one window's load ``[L, E]`` (numpy, torch or JAX; or a :class:`~eplb.LoadTracker`: its ``load()``).
+
+        No host sync: float32 array operations on the load's device.
+        """
+        from eplb.tracker import LoadTracker
+
+        if isinstance(load, LoadTracker):
+            load = load.load()
+        if _xp.backend_name(load) == "numpy":
+            load = np.asarray(load)
+        _validate.check_weight_shape(tuple(load.shape))
+        xp = _xp.array_namespace(load)
+        load = xp.astype(load, xp.float32)
+        if self._history is not None and tuple(load.shape) != tuple(self._history.shape):
+            raise ValueError(f"load has shape {tuple(load.shape)}, expected {tuple(self._history.shape)}")
+        self._recorded += 1
+        if self._window is not None:
+            self._ring = [*self._ring[len(self._ring) + 1 - self._window :], load]
+            total = self._ring[0]
+            for part in self._ring[1:]:
+                total = total + part  # oldest first: a fixed order, the same bits everywhere
+            self._history = total
+            return
+        self._history = load if self._history is None else self._history + load
+        if self._recorded % self._half_life == 0:
+            self._history = self._history * 0.5  # a power of two: exact on every backend
+
+    def step(self) -> Decision:
+        """Decide on the recorded history: the layers to change, their new placement and the copies."""
+        if self._history is None:
+            raise ValueError("record() at least one window before step()")
+        history, num_nodes, num_gpus = self._history, self._sizes[2], self._sizes[3]
+        if self._placement is None:
+            fresh = rebalance_experts(history, *self._sizes, **self._options)
+            layers = np.arange(history.shape[0], dtype=np.int64)
+            phy2log = _host(fresh.phy2log)
+            plan = plan_transfers(phy2log, phy2log, num_gpus=num_gpus, num_nodes=num_nodes, expert_bytes=self._bytes)
+            self._placement = fresh
+            return Decision(fresh, layers, plan, np.zeros(len(layers)), np.zeros(len(layers), dtype=np.int64))
+        current = _as_placement(self._placement, history)
+        knobs = {} if self._options["spill"] else {"balance_tolerance": self._tolerance}
+        candidate = rebalance_experts(history, *self._sizes, previous=current.phy2log, **self._options, **knobs)
+        # float32 heaviest GPUs, computed alike on every backend, then decided on the host in float64.
+        peak_now = _host(metrics.gpu_loads(history, current.phy2log, num_gpus)).max(axis=-1).astype(np.float64)
+        peak_new = _host(metrics.gpu_loads(history, candidate.phy2log, num_gpus)).max(axis=-1).astype(np.float64)
+        old, new = _host(current.phy2log), _host(candidate.phy2log)
+        moves = np.asarray(count_moves(new, old, num_gpus, xp=np), dtype=np.int64)
+        gain = np.zeros(len(moves))
+        better = (peak_new < peak_now) & (peak_now > 0)
+        gain[better] = 1.0 - peak_new[better] / peak_now[better]
+        chosen = self._choose(gain, moves)
+        mask = np.zeros(len(moves), dtype=bool)
+        mask[chosen] = True
+        placed = np.where(mask[:, None], new, old)
+        placement = Placement(*(_select(mask, b, a) for a, b in zip(current, candidate, strict=True)))
+        plan = plan_transfers(old, placed, num_gpus=num_gpus, num_nodes=num_nodes, expert_bytes=self._bytes)
+        self._placement = placement
+        return Decision(placement, chosen, plan, gain, np.where(mask, moves, 0))
+
+    def _choose(self, gain: np.ndarray, moves: np.ndarray) -> np.ndarray:
+        """Layers worth changing: gain >= min_gain and something moves; best gain per move first, within budget."""
+        worth = np.flatnonzero((gain >= self._min_gain) & (gain > 0) & (moves > 0))
+        # Gain per moved expert, largest first; equal keys by layer (a stable sort of the negated key).
+        order = worth[np.argsort(-(gain[worth] / moves[worth]), kind="stable")]
+        chosen: list[int] = []
+        experts = 0
+        for layer in order.tolist():
+            if self._budget["max_layers"] is not None and len(chosen) >= self._budget["max_layers"]:
+                break
+            cost = experts + int(moves[layer])
+            if self._budget["max_experts"] is not None and cost > self._budget["max_experts"]:
+                continue
+            if self._budget["max_bytes"] is not None and cost * self._bytes > self._budget["max_bytes"]:
+                continue
+            chosen.append(layer)
+            experts = cost
+        return np.array(sorted(chosen), dtype=np.int64)
+
+
+def _host(x: Any) -> np.ndarray:
+    """A numpy copy of an array of any backend (a device-to-host copy for CUDA and GPU arrays)."""
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _like(x: np.ndarray, ref: Any) -> Any:
+    """Host data ``x`` as an array of ``ref``'s kind, on its device."""
+    name = _xp.backend_name(ref)
+    if name == "torch":
+        import torch
+
+        return torch.as_tensor(x, device=ref.device)
+    if name == "jax":
+        import jax
+
+        return jax.device_put(x, ref.sharding)
+    return np.asarray(x)
+
+
+def _select(mask: np.ndarray, new: Any, old: Any) -> Any:
+    """Per layer (leading axis): ``new`` where ``mask``, else ``old`` (both of one kind and device)."""
+    xp = _xp.array_namespace(new)
+    pick = _like(mask.reshape((-1,) + (1,) * (len(new.shape) - 1)), new)
+    return xp.where(pick, new, xp.astype(old, new.dtype))
+
+
+def _as_placement(placement: Any, like: Any) -> Placement:
+    """A :class:`Placement` of the loads' kind and device; an ``initial`` phy2log gets its log2phy (slot
+    order, as ``previous=`` gives) and logcnt."""
+    name = _xp.backend_name(like)
+    if isinstance(placement, Placement):
+        if all(_xp.backend_name(a) == name for a in placement):
+            return placement
+        return Placement(*(_like(_host(a), like) for a in placement))
+    phy2log = np.asarray(_host(placement))
+    num_layers, num_experts = like.shape
+    if phy2log.dtype.kind not in "iu" or phy2log.ndim != 2 or phy2log.shape[0] != num_layers:
+        got = f"{phy2log.dtype} {list(phy2log.shape)}"
+        raise ValueError(f"initial must be an integer [{num_layers}, slots] placement, got {got}")
+    if phy2log.size and (phy2log.min() < 0 or phy2log.max() >= num_experts):
+        raise ValueError(f"initial must hold expert ids in [0, {num_experts})")
+    phy2log = phy2log.astype(np.int64)
+    logcnt = replica_counts(phy2log, num_experts, xp=np)
+    log2phy = build_log2phy(phy2log, occurrence(phy2log, xp=np), num_experts, xp=np)
+    return Placement(*(_like(a, like) for a in (phy2log, log2phy, logcnt)))

@@ -1,0 +1,150 @@
+"""eplb.Rebalancer: the loop's promises, against independent oracles, and the same decisions on every backend.
+
+- the first step plans fresh; later steps never make a layer heavier on the load it planned from, change
+  only layers whose predicted gain reaches min_gain, and stay within their budget (float64 scorer and
+  plain-Python move counter of tests/oracle.py);
+- the history is the documented one (halving every half_life windows, or the sum of the last window
+  windows), recomputed in float64;
+- numpy, torch and JAX take the same decisions, bit for bit;
+- bad options are clear errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import eplb
+
+from . import cases, oracle
+from .conftest import FRONT_DOORS, backend_params, make_runner
+
+CONFIG = (80, 8, 2, 8)  # 64 experts
+
+
+def windows(seed: int = 0, count: int = 12, drift: float = 0.08) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = rng.lognormal(0.0, 1.2, (6, 64))
+    out = []
+    for t in range(count):
+        base = base * np.exp(rng.normal(0.0, drift, base.shape))
+        if t == count // 2:
+            base = base[:, rng.permutation(64)]  # a sudden shift
+        out.append(np.round(base * 1000).astype(np.int64))
+    return out
+
+
+def history64(loads: list[np.ndarray], half_life: int) -> np.ndarray:
+    """The planning load, float64: each window added, the total halved after every half_life-th window."""
+    total = np.zeros(loads[0].shape)
+    for t, load in enumerate(loads, start=1):
+        total = total + load
+        if t % half_life == 0:
+            total = total / 2
+    return total
+
+
+def test_promises_on_a_drifting_trace():
+    rebalancer = eplb.Rebalancer(*CONFIG, min_gain=0.01, max_layers=4, max_experts=200)
+    recorded = []
+    first = None
+    for t, load in enumerate(windows()):
+        rebalancer.record(load)
+        recorded.append(load)
+        if t % 3 != 2:
+            continue
+        before = None if rebalancer.placement is None else np.asarray(rebalancer.placement.phy2log)
+        decision = rebalancer.step()
+        after = np.asarray(decision.placement.phy2log)
+        np.testing.assert_array_equal(after, np.asarray(rebalancer.placement.phy2log))
+        if before is None:  # the first step plans fresh, on the history
+            first = after
+            np.testing.assert_array_equal(decision.layers, np.arange(6))
+            continue
+        history = history64(recorded, 4)
+        peak_before = oracle.gpu_loads64(history, before, 8).max(axis=1)
+        peak_after = oracle.gpu_loads64(history, after, 8).max(axis=1)
+        moved = oracle.moves(before, after, 8)
+        changed = np.flatnonzero(moved > 0)
+        assert set(changed.tolist()) <= set(decision.layers.tolist())
+        assert len(decision.layers) <= 4 and moved.sum() <= 200
+        slack = 1 + 40 * 2.0**-24  # float32 rounding of the history and the sums that decided
+        assert (peak_after <= peak_before * slack).all(), "a layer got heavier on its planning load"
+        assert (peak_after[changed] <= peak_before[changed] * (1 - 0.01) * slack).all(), "a change below min_gain"
+        np.testing.assert_array_equal(decision.moves, moved)
+        assert decision.plan.num_layers == 6 and set(np.unique(decision.plan.layer).tolist()) <= set(changed.tolist())
+        for layer in range(6):
+            if layer not in changed:
+                np.testing.assert_array_equal(after[layer], before[layer])
+    assert first is not None
+
+
+def test_window_history_and_initial_placement():
+    loads = windows(1, count=5)
+    initial = eplb.rebalance_experts(loads[0], *CONFIG).phy2log
+    rebalancer = eplb.Rebalancer(*CONFIG, window=2, initial=initial, min_gain=0.0)
+    for load in loads:
+        rebalancer.record(load)
+    decision = rebalancer.step()
+    # The planning load is the sum of the last 2 windows: the candidate is rebalance_experts of it.
+    history = (loads[-2].astype(np.float32) + loads[-1].astype(np.float32)).astype(np.float32)
+    candidate = eplb.rebalance_experts(history, *CONFIG, previous=initial, balance_tolerance=0.005)
+    for layer in decision.layers.tolist():
+        np.testing.assert_array_equal(decision.placement.phy2log[layer], candidate.phy2log[layer])
+    check = eplb.Placement(*(np.asarray(a) for a in decision.placement))
+    for layer in range(6):
+        counts = np.bincount(check.phy2log[layer], minlength=64)
+        np.testing.assert_array_equal(counts, check.logcnt[layer])
+
+
+@pytest.mark.parametrize("backend", backend_params(FRONT_DOORS))
+def test_same_decisions_on_every_backend(backend):
+    runner = make_runner(backend)
+    reference = eplb.Rebalancer(*CONFIG, min_gain=0.005)
+    other = eplb.Rebalancer(*CONFIG, min_gain=0.005)
+    for t, load in enumerate(windows(2)):
+        reference.record(load)
+        other.record(runner.asarray(load))
+        if t % 3 == 2:
+            want, got = reference.step(), other.step()
+            np.testing.assert_array_equal(got.layers, want.layers)
+            np.testing.assert_array_equal(got.gain, want.gain)
+            for a, b in zip(got.placement, want.placement, strict=True):
+                np.testing.assert_array_equal(np.asarray(a.cpu() if hasattr(a, "cpu") else a), b)
+
+
+def test_records_a_load_tracker():
+    tracker = eplb.LoadTracker(num_layers=2, num_experts=16, window=4)
+    tracker.record_counts(np.arange(32).reshape(2, 16) % 5 + 1)
+    tracker.step()
+    rebalancer = eplb.Rebalancer(24, 4, 2, 4)
+    rebalancer.record(tracker)
+    decision = rebalancer.step()
+    np.testing.assert_array_equal(
+        decision.placement.phy2log, eplb.rebalance_experts(tracker.load(), 24, 4, 2, 4).phy2log
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"half_life": 0}, ValueError, "half_life"),
+        ({"window": 1.5}, TypeError, "window"),
+        ({"min_gain": -0.1}, ValueError, "min_gain"),
+        ({"balance_tolerance": float("nan")}, ValueError, "balance_tolerance"),
+        ({"max_bytes": 10}, ValueError, "max_bytes needs bytes_per_expert"),
+        ({"max_layers": True}, TypeError, "max_layers"),
+    ],
+)
+def test_bad_options(options, error, match):
+    with pytest.raises(error, match=match):
+        eplb.Rebalancer(*CONFIG, **options)
+
+
+def test_step_before_record_and_shape_changes():
+    rebalancer = eplb.Rebalancer(*CONFIG)
+    with pytest.raises(ValueError, match="record"):
+        rebalancer.step()
+    rebalancer.record(cases.lognormal_f32(np.random.default_rng(3), 6, 64))
+    with pytest.raises(ValueError, match="expected"):
+        rebalancer.record(np.ones((5, 64)))
