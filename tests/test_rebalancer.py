@@ -17,7 +17,7 @@ import pytest
 import eplb
 
 from . import cases, oracle
-from .conftest import FRONT_DOORS, backend_params, make_runner
+from .conftest import FRONT_DOORS, Backend, backend_params, make_runner
 
 CONFIG = (80, 8, 2, 8)  # 64 experts
 
@@ -97,7 +97,7 @@ def test_window_history_and_initial_placement():
         np.testing.assert_array_equal(counts, check.logcnt[layer])
 
 
-@pytest.mark.parametrize("backend", backend_params(FRONT_DOORS))
+@pytest.mark.parametrize("backend", backend_params([*FRONT_DOORS, Backend.TORCH_CUDA, Backend.JAX_GPU]))
 def test_same_decisions_on_every_backend(backend):
     runner = make_runner(backend)
     reference = eplb.Rebalancer(*CONFIG, min_gain=0.005)
