@@ -1,0 +1,141 @@
+"""Load traces for ``benchmarks/replay.py``: streams of ``[L, E]`` int64 windows and the config each is replayed on.
+
+- ``llama-N``: the Llama-4-Maverick MMLU request series (24 MoE layers x 128
+  experts, top-1; ``prefill`` counts of ``llama4_maverick_mmlu_counts.npz``),
+  summed over ``N`` consecutive requests per window
+  (``benchmarks/migration.py::llama_windows``); replayed on 160 slots, 32 GPUs,
+  global policy (Llama-4 has no group-limited routing).
+- ``drift-slow`` / ``drift-fast``: synthetic DeepSeek-V3-shaped loads (256
+  experts) drifting by ``exp(N(0, 0.01))`` / ``exp(N(0, 0.05))`` per window
+  with occasional shifts of a few experts (``migration.py::drifting``).
+- ``shift``: the slow drift, with each layer's expert popularity permuted (one
+  random permutation per layer) from the middle window on.
+- ``phases``: the 12 real DeepSeek-V3 SGLang dumps (``deepseek-v3-sglang/*.json``,
+  key ``logical_count``, all-zero dense layers dropped: 58 x 256), each scaled
+  to the same per-layer total (``2**22`` tokens), as phases alternating prefill
+  and decode (the 8 prefill files in name order, each followed by one of the 4
+  decode files in turn); each phase lasts a few windows, every window with
+  multiplicative lognormal noise (sigma 0.1).
+
+DeepSeek-V3-shaped traces run on 288 slots, 8 groups, 4 nodes, 32 GPUs
+(hierarchical). Data comes from ``../shared/data`` beside the repository;
+``EPLB_DATA_DIR`` overrides it (as in ``benchmarks/migration.py``); a trace
+whose file is missing is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import migration
+
+DEEPSEEK_CONFIG = (288, 8, 4, 32)  # num_replicas, num_groups, num_nodes, num_gpus
+LLAMA_CONFIG = (160, 1, 1, 32)
+PHASE_TOTAL = 2**22  # tokens per layer and window in the phases trace
+
+
+@dataclass(frozen=True)
+class Trace:
+    name: str
+    windows: list[np.ndarray]  # each [L, E] int64
+    config: tuple[int, int, int, int]
+    note: str = ""
+
+
+def llama(requests: int, limit: int | None = None) -> Trace | None:
+    windows = migration.llama_windows(requests)
+    if windows is None:
+        return None
+    windows = windows[:limit]
+    return Trace(
+        f"llama-{requests}", windows, LLAMA_CONFIG, f"Llama-4-Maverick MMLU prefill, {requests} requests/window"
+    )
+
+
+def drift(name: str, layers: int, windows: int, sigma: float, seed: int = 0) -> Trace:
+    return Trace(
+        name,
+        migration.drifting(layers, 256, windows, sigma, seed=seed),
+        DEEPSEEK_CONFIG,
+        f"synthetic drift {sigma:g}, {layers} x 256",
+    )
+
+
+def sudden_shift(layers: int, windows: int, seed: int = 2) -> Trace:
+    """The slow drift, every layer's experts permuted (a fixed random permutation per layer) from window T // 2 on."""
+    base = migration.drifting(layers, 256, windows, 0.01, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    perm = np.stack([rng.permutation(256) for _ in range(layers)])
+    at = windows // 2
+    out = base[:at] + [np.take_along_axis(w, perm, axis=1) for w in base[at:]]
+    return Trace("shift", out, DEEPSEEK_CONFIG, f"slow drift, popularity permuted at window {at}, {layers} x 256")
+
+
+def deepseek_dumps() -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """(prefill, decode) ``[58, 256]`` float64 loads of the SGLang dumps, each layer scaled to ``PHASE_TOTAL``."""
+    folder = migration.DATA / "deepseek-v3-sglang"
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        return None
+    prefill, decode = [], []
+    for path in files:
+        counts = np.asarray(json.loads(path.read_text())["logical_count"], dtype=np.float64)
+        counts = counts[counts.sum(axis=1) > 0]
+        counts *= PHASE_TOTAL / counts.sum(axis=1, keepdims=True)
+        (decode if path.name.startswith("decode") else prefill).append(counts)
+    return prefill, decode
+
+
+def phases(layers: int, count: int, repeat: int, noise: float = 0.1, seed: int = 3) -> Trace | None:
+    """``count`` phases alternating prefill and decode dumps, ``repeat`` noisy windows each, first ``layers`` layers."""
+    dumps = deepseek_dumps()
+    if dumps is None:
+        return None
+    prefill, decode = dumps
+    order = []
+    for i in range(len(prefill)):
+        order.append(prefill[i])
+        if decode:
+            order.append(decode[i % len(decode)])
+    rng = np.random.default_rng(seed)
+    windows = []
+    for phase in order[:count]:
+        for _ in range(repeat):
+            noisy = phase[:layers] * rng.lognormal(0.0, noise, phase[:layers].shape)
+            windows.append(np.round(noisy).astype(np.int64))
+    return Trace(
+        "phases",
+        windows,
+        DEEPSEEK_CONFIG,
+        f"DeepSeek-V3 SGLang dumps, {min(count, len(order))} prefill/decode phases x {repeat} windows, {layers} x 256",
+    )
+
+
+def trace_set(quick: bool) -> dict[str, Callable[[], Trace | None]]:
+    """Name -> builder of each trace (built lazily: only the selected ones are loaded)."""
+    if quick:
+        return {
+            "llama-16": lambda: llama(16, limit=12),
+            "drift-slow": lambda: drift("drift-slow", 8, 16, 0.01),
+            "drift-fast": lambda: drift("drift-fast", 8, 16, 0.05),
+            "shift": lambda: sudden_shift(8, 16),
+            "phases": lambda: phases(8, count=6, repeat=3),
+        }
+    layers, windows = 58, 48
+    return {
+        "llama-8": lambda: llama(8),
+        "llama-16": lambda: llama(16),
+        "llama-32": lambda: llama(32),
+        "drift-slow": lambda: drift("drift-slow", layers, windows, 0.01),
+        "drift-fast": lambda: drift("drift-fast", layers, windows, 0.05),
+        "shift": lambda: sudden_shift(layers, windows),
+        "phases": lambda: phases(layers, count=16, repeat=5),
+    }
