@@ -76,14 +76,20 @@ class Rebalancer:
     initial : Placement or array [L, R], optional, keyword-only
         The placement in force; without it the first :meth:`step` plans fresh.
     half_life : int, keyword-only
-        History: windows after which a recorded load weighs half (default 4).
+        History: windows after which a recorded load weighs half (default 1:
+        each window counts twice as much as the one before it).
     window : int, optional, keyword-only
         History: instead, the plain sum of the last ``window`` windows.
     min_gain : float, keyword-only
         Smallest predicted relative gain worth a move (default 0.02: the
         layer's heaviest GPU 2% lighter on the planning load).
     balance_tolerance : float, keyword-only
-        Passed to :func:`eplb.rebalance_experts` (default 0.005).
+        Passed to :func:`eplb.rebalance_experts` (default 0.03).
+
+    The defaults were chosen on replayed traffic (``benchmarks/replay.py``,
+    ``docs/benchmarks.md``): a short history predicts the next window better
+    than the last few windows' sum, which leaves room for a tolerance that
+    keeps most experts in place.
     max_layers, max_experts, max_bytes : int, optional, keyword-only
         Per-step budget: layers changed, experts moved, bytes moved
         (``max_bytes`` needs ``bytes_per_expert``).
@@ -101,10 +107,10 @@ class Rebalancer:
         num_gpus: int,
         *,
         initial: Any = None,
-        half_life: int = 4,
+        half_life: int = 1,
         window: int | None = None,
         min_gain: float = 0.02,
-        balance_tolerance: float = 0.005,
+        balance_tolerance: float = 0.03,
         max_layers: int | None = None,
         max_experts: int | None = None,
         max_bytes: int | None = None,

@@ -45,7 +45,7 @@ def history64(loads: list[np.ndarray], half_life: int) -> np.ndarray:
 
 
 def test_promises_on_a_drifting_trace():
-    rebalancer = eplb.Rebalancer(*CONFIG, min_gain=0.01, max_layers=4, max_experts=200)
+    rebalancer = eplb.Rebalancer(*CONFIG, min_gain=0.01, max_layers=4, max_experts=200, half_life=2)
     recorded = []
     first = None
     for t, load in enumerate(windows()):
@@ -61,7 +61,7 @@ def test_promises_on_a_drifting_trace():
             first = after
             np.testing.assert_array_equal(decision.layers, np.arange(6))
             continue
-        history = history64(recorded, 4)
+        history = history64(recorded, 2)
         peak_before = oracle.gpu_loads64(history, before, 8).max(axis=1)
         peak_after = oracle.gpu_loads64(history, after, 8).max(axis=1)
         moved = oracle.moves(before, after, 8)
@@ -88,7 +88,7 @@ def test_window_history_and_initial_placement():
     decision = rebalancer.step()
     # The planning load is the sum of the last 2 windows: the candidate is rebalance_experts of it.
     history = (loads[-2].astype(np.float32) + loads[-1].astype(np.float32)).astype(np.float32)
-    candidate = eplb.rebalance_experts(history, *CONFIG, previous=initial, balance_tolerance=0.005)
+    candidate = eplb.rebalance_experts(history, *CONFIG, previous=initial, balance_tolerance=0.03)
     for layer in decision.layers.tolist():
         np.testing.assert_array_equal(decision.placement.phy2log[layer], candidate.phy2log[layer])
     check = eplb.Placement(*(np.asarray(a) for a in decision.placement))
