@@ -1,183 +1,246 @@
-"""A torch MoE model that tracks its expert load and rebalances its experts every N steps.
+"""A torch MoE model, its experts sharded over ranks, kept balanced by eplb's rebalancing loop.
 
-Run: ``python examples/torch_moe_rebalance.py [--steps 60] [--every 20] [--device cuda]``
+Run: ``python examples/torch_moe_rebalance.py [--world 4] [--steps 60] [--every 20]`` (it spawns one process per
+simulated GPU: ``torch.distributed`` with gloo on CPU), or under torchrun:
+``torchrun --nproc-per-node 4 examples/torch_moe_rebalance.py`` (add ``--device cuda`` for NCCL, one GPU per rank).
 
-What a serving stack does, in one process: each MoE layer keeps its experts in
-``R`` physical slots (``R / G`` per GPU; the GPUs are simulated here, the slots
-of GPU ``g`` are ``g * R/G .. (g+1) * R/G - 1``). The router picks logical
-experts; an ``eplb.LoadTracker`` counts them on the device, with no host sync;
-every ``--every`` steps ``eplb.rebalance_experts`` plans a new placement from
-the window's load (``previous=`` the current one, so that few experts move),
-``eplb.plan_transfers`` lists the copies between GPUs, and the slots' weights
-move accordingly. Moving weights leaves the model's function unchanged
-(replicas are copies), which ``main`` checks on a fixed batch.
+Expert parallelism as a serving stack runs it, one process per GPU (rank ``g`` is GPU ``g``):
 
-``main`` prints the token imbalance (max/mean tokens per GPU) that the routed
-tokens would cause under the old and the new placement.
+- each MoE layer keeps its experts in ``R`` physical slots, ``R / G`` per rank: rank ``g`` holds the weights of
+  slots ``g * R/G .. (g+1) * R/G - 1`` of every layer (``w_in [L, R/G, d, f]``, ``w_out [L, R/G, f, d]``);
+- each rank serves its own tokens. A layer routes them, gathers every rank's tokens (all-gather), runs the picks
+  its own slots serve and returns the results (all-reduce); a pick of expert ``e`` goes to replica
+  ``token % logcnt[e]`` of ``e``;
+- an ``eplb.LoadTracker`` counts the rank's routed tokens on the device (no host sync). Every ``--window``
+  steps the ranks sum their counts (all-reduce), so that every rank records the same global load in its
+  ``eplb.Rebalancer``;
+- every ``--every`` steps ``Rebalancer.step()`` decides which layers change. The decision is deterministic and
+  every rank recorded the same loads, so every rank takes the same one; ``eplb.executors.torch.apply_plan``
+  then carries out its ``TransferPlan`` on all ranks: each rank sends the experts that others lack and
+  receives its own, double-buffered (no rank changes a weight unless every copy arrived).
+
+Moving weights leaves the model's function unchanged (replicas are copies), which ``main`` checks on a fixed batch,
+bit for bit; it also checks that every rank's slots hold exactly the experts its placement says. Rank 0 prints the
+token imbalance (max/mean tokens per GPU) on that batch before and after each decision.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 import eplb
+import eplb.executors.torch
+
+D_MODEL, D_FF, TOP_K = 32, 64, 2
 
 
-class MoELayer(nn.Module):
-    """Top-k MoE layer whose experts live in ``num_slots`` physical slots (a replica per slot).
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x``, concatenated in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
 
-    Buffers hold the placement: ``phy2log [R]``, ``log2phy [E, R - E + 1]`` and
-    ``logcnt [E]``; a token's pick of expert ``e`` goes to replica
-    ``token % logcnt[e]`` of ``e``.
+
+class ExpertParallelMoE(nn.Module):
+    """``L`` top-k MoE layers; this rank holds ``R / G`` of each layer's ``R`` expert slots.
+
+    Buffers hold the placement, the same on every rank: ``phy2log [L, R]``, ``log2phy [L, E, R - E + 1]`` and
+    ``logcnt [L, E]``.
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, num_slots: int, skew: float) -> None:
+    def __init__(self, layers: int, experts: int, slots: int, placement: eplb.Placement, skew: float = 0.5) -> None:
         super().__init__()
-        self.top_k = top_k
-        self.router = nn.Linear(d_model, num_experts, bias=False)
-        # A fixed router bias makes some experts popular, as in a trained model.
-        self.register_buffer("popularity", skew * torch.randn(num_experts).exp())
-        logical_in = torch.randn(num_experts, d_model, d_ff) / d_model**0.5
-        logical_out = torch.randn(num_experts, d_ff, d_model) / d_ff**0.5
-        start = torch.arange(num_slots) % num_experts  # slot j holds expert j mod E until the first rebalance
-        self.w_in = nn.Parameter(logical_in[start].clone())  # [R, d_model, d_ff]
-        self.w_out = nn.Parameter(logical_out[start].clone())  # [R, d_ff, d_model]
-        self.register_buffer("phy2log", start)
-        self.register_buffer("log2phy", torch.full((num_experts, num_slots - num_experts + 1), -1))
-        self.register_buffer("logcnt", torch.zeros(num_experts, dtype=torch.int64))
-        for slot, expert in enumerate(start.tolist()):
-            self.log2phy[expert, self.logcnt[expert]] = slot
-            self.logcnt[expert] += 1
+        self.rank, self.per_rank = dist.get_rank(), slots // dist.get_world_size()
+        # Every rank draws the same logical experts (same seed), then keeps the weights of its own slots.
+        self.router = nn.Parameter(torch.randn(layers, D_MODEL, experts) / D_MODEL**0.5)
+        self.register_buffer("popularity", skew * torch.randn(layers, experts).exp())  # popular experts
+        # The logical experts' weights, kept only to check the slots (a serving stack loads its slots directly).
+        self.register_buffer("logical_in", torch.randn(layers, experts, D_MODEL, D_FF) / D_MODEL**0.5, persistent=False)
+        self.register_buffer("logical_out", torch.randn(layers, experts, D_FF, D_MODEL) / D_FF**0.5, persistent=False)
+        for name, value in zip(("phy2log", "log2phy", "logcnt"), placement, strict=True):
+            self.register_buffer(name, value.clone())
+        self.w_in = nn.Parameter(self.expected(self.logical_in))  # [L, R/G, d, f]: this rank's slots
+        self.w_out = nn.Parameter(self.expected(self.logical_out))  # [L, R/G, f, d]
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(topk_ids [T, k] logical experts, gates [T, k])``."""
-        logits = self.router(x) + self.popularity
-        gates, topk_ids = logits.topk(self.top_k, dim=-1)
-        return topk_ids, gates.softmax(dim=-1)
+    def placement(self) -> eplb.Placement:
+        """The placement in force (the buffers themselves)."""
+        return eplb.Placement(self.phy2log, self.log2phy, self.logcnt)
 
-    def slots(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        """``[T, k]`` physical slot serving each pick: replica ``token % logcnt`` of the expert."""
-        tokens = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None]
-        replica = tokens % self.logcnt[topk_ids]
-        return self.log2phy[topk_ids, replica]
+    def adopt(self, placement: eplb.Placement) -> None:
+        """Route by ``placement`` from now on (its weights must be in place)."""
+        for mine, new in zip(self.placement(), placement, strict=True):
+            mine.copy_(new)
 
-    def forward(self, x: torch.Tensor, tracker: eplb.LoadTracker, layer: int) -> torch.Tensor:
-        topk_ids, gates = self.route(x)
-        tracker.record(topk_ids, layer=layer)  # on the device, no host sync
-        slot = self.slots(topk_ids)  # [T, k]
-        # A real kernel groups tokens by slot (grouped GEMM); a gather keeps this short.
-        hidden = torch.nn.functional.gelu(torch.einsum("td,tkdf->tkf", x, self.w_in[slot]))
-        out = torch.einsum("tkf,tkfd->tkd", hidden, self.w_out[slot])
-        return x + (gates[..., None] * out).sum(dim=1)
+    def expected(self, logical: torch.Tensor) -> torch.Tensor:
+        """``[L, R/G, ...]``: the logical experts' weights that this rank's slots must hold."""
+        own = self.phy2log[:, self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        return logical[torch.arange(len(own), device=own.device)[:, None], own]
 
-    @torch.no_grad()
-    def migrate(self, plan: eplb.TransferPlan, index: int, placement: eplb.Placement) -> None:
-        """Carry out this layer's copies of ``plan`` and adopt row ``index`` of ``placement``.
+    def holds_placement(self) -> bool:
+        """Every slot of this rank holds exactly the weights of the expert its placement says."""
+        pairs = ((self.w_in, self.logical_in), (self.w_out, self.logical_out))
+        return all(torch.equal(weights, self.expected(logical)) for weights, logical in pairs)
 
-        ------------------------------------------------------------------
-        MIGRATION SPOT. With one process per GPU (rank g = GPU g, each holding
-        its slots ``[L, R/G, ...]``), eplb's torch executor carries out the
-        same plan with ``torch.distributed``, double-buffered, on every rank:
-        ``eplb.executors.torch.apply_plan(plan, {"w_in": w_in, "w_out": w_out})``.
-        Here every "GPU" is in this process, so the copies are local gathers.
-        ------------------------------------------------------------------
-        """
-        rows = plan.layer == index
-        per_gpu = plan.slots_per_gpu
-        source = torch.as_tensor(plan.src_gpu[rows] * per_gpu + plan.src_slot[rows], device=self.w_in.device)
-        target = torch.as_tensor(plan.dst_gpu[rows] * per_gpu + plan.dst_slot[rows], device=self.w_in.device)
-        first = torch.as_tensor(plan.stage[rows] == 0, device=self.w_in.device)  # stage 0 reads old weights
-        for weight in (self.w_in, self.w_out):
-            new = weight.clone()
-            new[target[first]] = weight[source[first]]
-            new[target[~first]] = new[source[~first]]  # stage 1: a second copy on the same GPU
-            weight.copy_(new)  # in place: addresses stay (CUDA graphs, optimizers)
-        self.phy2log.copy_(placement.phy2log[index])
-        self.log2phy.copy_(placement.log2phy[index])
-        self.logcnt.copy_(placement.logcnt[index])
+    def forward(self, x: torch.Tensor, tracker: eplb.LoadTracker | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output [T, d], slot serving each pick of every rank's tokens [L, G*T, k])`` for this rank's tokens
+        ``x [T, d]``. Every rank calls it together (collectives)."""
+        served = []
+        for layer in range(len(self.router)):
+            logits = x @ self.router[layer] + self.popularity[layer]
+            gates, topk_ids = logits.topk(TOP_K, dim=-1)  # [T, k] logical experts of this rank's tokens
+            if tracker is not None:
+                tracker.record(topk_ids, layer=layer)  # on the device, no host sync
+            out, slot = self.experts(layer, x, topk_ids)
+            x = x + (gates.softmax(dim=-1)[..., None] * out).sum(dim=1)
+            served.append(slot)
+        return x, torch.stack(served)
+
+    def experts(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch every rank's picks to the slots serving them; ``(out [T, k, d] of this rank's tokens, slots)``."""
+        tokens, every_id = all_gather(x), all_gather(topk_ids)  # [G*T, ...]: every rank's tokens
+        replica = torch.arange(len(every_id), device=x.device)[:, None] % self.logcnt[layer][every_id]
+        slot = self.log2phy[layer][every_id, replica]  # [G*T, k] slot serving each pick
+        here = slot // self.per_rank == self.rank
+        local = torch.where(here, slot % self.per_rank, 0)
+        # A real kernel runs only the picks of this rank's slots (grouped GEMM); computing every pick and keeping
+        # those served here keeps this short.
+        hidden = torch.nn.functional.gelu(torch.einsum("td,tkdf->tkf", tokens, self.w_in[layer][local]))
+        out = torch.where(here[..., None], torch.einsum("tkf,tkfd->tkd", hidden, self.w_out[layer][local]), 0.0)
+        dist.all_reduce(out)  # one rank serves each pick: the sum adds zeros, exactly
+        start = self.rank * len(x)
+        return out[start : start + len(x)], slot
 
 
-class MoEModel(nn.Module):
-    def __init__(self, num_layers: int, d_model: int, **layer_args: int | float) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(MoELayer(d_model, **layer_args) for _ in range(num_layers))
-
-    def forward(self, x: torch.Tensor, tracker: eplb.LoadTracker) -> torch.Tensor:
-        for index, layer in enumerate(self.layers):
-            x = layer(x, tracker, index)
-        return x
+def token_imbalance(slots: torch.Tensor, per_rank: int, world: int) -> float:
+    """Mean over layers of max/mean tokens per GPU, from the slots ``[L, T, k]`` that the picks went to."""
+    tokens = torch.stack([torch.bincount(s.flatten() // per_rank, minlength=world) for s in slots]).double()
+    return float((tokens.max(dim=1).values / tokens.mean(dim=1)).mean())
 
 
-def token_imbalance(model: MoEModel, x: torch.Tensor, num_gpus: int) -> float:
-    """Mean over layers of max/mean tokens per GPU for batch ``x`` under the current placement."""
-    scratch = eplb.LoadTracker(len(model.layers), model.layers[0].logcnt.shape[0], 1, backend="torch", device=x.device)
-    ratios = []
-    with torch.no_grad():
-        for index, layer in enumerate(model.layers):
-            topk_ids, _ = layer.route(x)
-            gpu = layer.slots(topk_ids) // (layer.phy2log.shape[0] // num_gpus)
-            tokens = torch.bincount(gpu.flatten(), minlength=num_gpus).float()
-            ratios.append(float(tokens.max() / tokens.mean()))
-            x = layer(x, scratch, index)
-    return sum(ratios) / len(ratios)
+def gathered(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[float]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--every", type=int, default=20, help="rebalance every N steps")
-    parser.add_argument("--window", type=int, default=20, help="steps of load the tracker keeps")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--replicas", type=int, default=24, help="physical slots per layer")
-    parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--groups", type=int, default=1)
-    parser.add_argument("--tokens", type=int, default=256, help="tokens per step")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    model = MoEModel(args.layers, 32, d_ff=64, num_experts=args.experts, top_k=2, num_slots=args.replicas, skew=0.5).to(
-        device
-    )
+def run(args: argparse.Namespace, device: torch.device) -> dict[str, list] | None:
+    """One rank's serving loop; returns the report on rank 0."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)  # tiny matrices, and the ranks share the machine
+    torch.manual_seed(0)  # the same model on every rank
+    sizes = (args.replicas, args.groups, args.nodes, world)
+    start = eplb.rebalance_experts(torch.ones(args.layers, args.experts), *sizes)  # a uniform load: no favourite
+    model = ExpertParallelMoE(args.layers, args.experts, args.replicas, start).to(device)
     tracker = eplb.LoadTracker(args.layers, args.experts, args.window, backend="torch", device=device)
-    probe = torch.randn(args.tokens, 32, device=device)  # a fixed batch to check that moving weights changes nothing
-    report: dict[str, list[float]] = {"before": [], "after": [], "max_output_change": [], "moved": []}
+    rebalancer = eplb.Rebalancer(*sizes, initial=eplb.Placement(*(a.to(device) for a in start)))
+    probe = torch.randn(world, args.tokens, D_MODEL)[rank].to(device)  # this rank's share of a fixed batch
+    data = torch.Generator().manual_seed(1 + rank)  # each rank serves its own requests
+    report: dict[str, list] = {key: [] for key in ("before", "after", "max_output_change", "moved", "layers")}
+    report.update(received=[], same_decision=[], weights_match=[])
 
     with torch.no_grad():
         for step in range(1, args.steps + 1):
-            batch = torch.randn(args.tokens, 32, device=device)
-            model(batch, tracker)
-            tracker.step()  # commit this step's counts to the window
+            model(torch.randn(args.tokens, D_MODEL, generator=data).to(device), tracker)
+            tracker.step()  # commit this step's counts
+            if step % args.window == 0:
+                load = tracker.load()  # [L, E]: this rank's tokens over the last window
+                dist.all_reduce(load)  # every rank's: the same global load on every rank
+                rebalancer.record(load)
             if step % args.every:
                 continue
-            before = token_imbalance(model, probe, args.gpus)
-            scratch = eplb.LoadTracker(args.layers, args.experts, 1, backend="torch", device=device)
-            reference = model(probe, scratch)
-            current = torch.stack([layer.phy2log for layer in model.layers])  # [L, R]
-            sizes = (args.replicas, args.groups, args.nodes, args.gpus)
-            placement = eplb.rebalance_experts(tracker.load(), *sizes, previous=current)
-            # Host data (a plan is read on the host); sizes by keyword, unlike rebalance_experts.
-            plan = eplb.plan_transfers(current, placement.phy2log, num_gpus=args.gpus, num_nodes=args.nodes)
-            for index, layer in enumerate(model.layers):
-                layer.migrate(plan, index, placement)
-            moved = int(plan.remote_copies.sum())
-            after = token_imbalance(model, probe, args.gpus)
-            output = model(probe, scratch)
-            report["before"].append(before)
-            report["after"].append(after)
-            report["max_output_change"].append(float((output - reference).abs().max()))
-            report["moved"].append(moved)
-            print(
-                f"step {step:4d}: rebalanced, {moved} experts copied between GPUs; "
-                f"tokens per GPU max/mean {before:.2f} -> {after:.2f}; "
-                f"output change {report['max_output_change'][-1]:.1e}"
-            )
+
+            decision = rebalancer.step()  # the same on every rank
+            reference, before = model(probe)
+            received: list[int] = []  # plan rows this rank received from other ranks
+            weights = {"w_in": model.w_in, "w_out": model.w_out}
+            eplb.executors.torch.apply_plan(decision.plan, weights, on_transfer=received.append)  # collective
+            model.adopt(decision.placement)
+            output, after = model(probe)
+            change = (output - reference).abs().max()
+            dist.all_reduce(change, op=dist.ReduceOp.MAX)
+
+            phy2log = decision.placement.phy2log.tolist()
+            report["before"].append(token_imbalance(before, model.per_rank, world))
+            report["after"].append(token_imbalance(after, model.per_rank, world))
+            report["max_output_change"].append(float(change))
+            report["moved"].append(int(decision.plan.remote_copies.sum()))
+            report["layers"].append(decision.layers.tolist())
+            report["received"].append(gathered(len(received)))
+            report["same_decision"].append(all(p == phy2log for p in gathered(phy2log)))
+            report["weights_match"].append(gathered(model.holds_placement()))
+            if rank == 0:
+                print(
+                    f"step {step:4d}: layers {report['layers'][-1]} changed, copies between ranks: "
+                    f"{report['moved'][-1]} (received {report['received'][-1]}); tokens per GPU max/mean "
+                    f"{report['before'][-1]:.2f} -> {report['after'][-1]:.2f}; output change {float(change):.1e}"
+                )
+    return report if rank == 0 else None
+
+
+def rank_device(name: str, local_rank: int) -> tuple[torch.device, str]:
+    """``(device, backend)``: the CPU with gloo, or this rank's GPU with NCCL."""
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def spawned(rank: int, args: argparse.Namespace, rendezvous: str) -> None:
+    """Entry point of a process spawned by ``main``: rank ``rank`` of ``args.world``."""
+    device, backend = rank_device(args.device, rank)
+    timeout = datetime.timedelta(seconds=120)  # fail rather than hang if a rank dies
+    rendezvous_url = f"file://{rendezvous}"
+    dist.init_process_group(backend, init_method=rendezvous_url, rank=rank, world_size=args.world, timeout=timeout)
+    try:
+        report = run(args, device)
+        if report is not None:
+            Path(rendezvous).with_suffix(".json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> dict[str, list] | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=4, help="ranks (simulated GPUs) to spawn, unless under torchrun")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--every", type=int, default=20, help="decide every N steps (a multiple of --window)")
+    parser.add_argument("--window", type=int, default=5, help="steps per load window recorded")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--replicas", type=int, default=24, help="physical slots per layer")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--groups", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per rank and step")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--report", help="write rank 0's report to this JSON file")
+    args = parser.parse_args(argv)
+    if args.every % args.window:
+        parser.error("--every must be a multiple of --window")
+
+    if "RANK" in os.environ:  # under torchrun: this process is one rank
+        device, backend = rank_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        report = run(args, device)
+        dist.destroy_process_group()
+    else:  # one process per simulated GPU; rank 0 leaves its report beside the rendezvous file
+        with tempfile.TemporaryDirectory() as tmp:
+            rendezvous = os.path.join(tmp, "rendezvous")
+            mp.spawn(spawned, args=(args, rendezvous), nprocs=args.world)
+            report = json.loads(Path(rendezvous).with_suffix(".json").read_text())
+    if report is not None and args.report:
+        Path(args.report).write_text(json.dumps(report))
     return report
 
 
