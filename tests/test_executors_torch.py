@@ -189,17 +189,17 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
 
     def injected_bug() -> dict:
         # A bug in eplb's own code on rank 2 (here: unpacking the received copies) after the data moved.
-        real = executor._unpack
+        real = executor.PendingTransfer._check_received
 
         def broken(*args) -> None:
             raise IndexError("injected bug")
 
         if rank == 2:
-            executor._unpack = broken
+            executor.PendingTransfer._check_received = broken
         try:
             return expect_failure(weights_for(old, rank))
         finally:
-            executor._unpack = real
+            executor.PendingTransfer._check_received = real
 
     def peer_dies() -> dict:
         if rank == 3:
@@ -213,6 +213,158 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             executor.dist.batch_isend_irecv = half_then_die
         return expect_failure(weights_for(old, rank))
 
+    def layer_of(weights: dict, layer: int) -> dict:
+        return {k: v[layer] for k, v in weights.items()}
+
+    def per_layer(weights: dict) -> list[str]:
+        """Per layer: "new", "old" or "other" (neither)."""
+        goal, start = weights_for(new, rank), weights_for(old, rank)
+        return [
+            "new" if same(layer_of(weights, i), layer_of(goal, i))
+            else "old" if same(layer_of(weights, i), layer_of(start, i)) else "other"
+            for i in range(LAYERS)
+        ]  # fmt: skip
+
+    def partial_layers() -> dict:
+        weights = weights_for(old, rank)
+        executor.apply_plan(plan, weights, layers=[2, 0])
+        first = per_layer(weights)
+        executor.apply_plan(plan, weights, layers=np.array([1]))
+        return {"first": first, "then": per_layer(weights)}
+
+    def asynchronous() -> dict:
+        # Layer 1 in flight while this rank keeps computing on the old weights; then the rest.
+        weights = weights_for(old, rank)
+        pending = executor.begin(plan, weights, layers=[1])
+        during = per_layer(weights)  # nothing written before finish()
+        busy = torch.randn(64, 64)
+        for _ in range(20):
+            busy = torch.tanh(busy @ busy)
+        polls = 0
+        while not pending.done() and polls < 10_000:
+            polls += 1
+        pending.finish()
+        after_one = per_layer(weights)
+        try:
+            pending.finish()
+            twice = None
+        except RuntimeError as err:
+            twice = str(err)
+        executor.begin(plan, weights, layers=[0, 2], transport="all_to_all").finish()
+        return {"during": during, "after_one": after_one, "twice": twice, "end": per_layer(weights),
+                "layers": list(pending.layers)}  # fmt: skip
+
+    def zero_copy() -> dict:
+        # Every copy its own message, straight from its slot and into its staging row.
+        real = executor.ZERO_COPY_BYTES
+        executor.ZERO_COPY_BYTES = 1
+        try:
+            weights = weights_for(old, rank)
+            executor.apply_plan(plan, weights)
+            mixed = weights_for(old, rank)
+            executor.ZERO_COPY_BYTES = 40  # w13 rows (24 bytes) and scale rows (8) packed, w2 rows (40) not
+            executor.apply_plan(plan, mixed)
+            return {"ok": per_layer(weights) == ["new"] * LAYERS, "mixed": per_layer(mixed) == ["new"] * LAYERS}
+        finally:
+            executor.ZERO_COPY_BYTES = real
+
+    def chains() -> dict:
+        # GPU 0 swaps two of its slots; GPUs 1 and 2 swap their first slots: every such slot is both the source
+        # of one copy and the destination of another.
+        start = np.tile(np.arange(SLOTS) % EXPERTS, (LAYERS, 1))
+        goal = start.copy()
+        goal[:, [0, 1]] = start[:, [1, 0]]
+        goal[:, [PER_GPU, 2 * PER_GPU]] = start[:, [2 * PER_GPU, PER_GPU]]
+        swap = plan_transfers(start, goal, num_gpus=WORLD)
+        weights = weights_for(start, rank)
+        executor.apply_plan(swap, weights)
+        return {"ok": same(weights, weights_for(goal, rank)), "rows": len(swap), "remote": int(swap.remote.sum())}
+
+    class Waited:
+        def wait(self) -> None:
+            pass
+
+        def is_completed(self) -> bool:
+            return True
+
+    def corrupted(verify: bool, zero: bool) -> dict:
+        # Rank 1 flips one bit of the first copy it receives, after it arrived (as a faulty link would).
+        real_post, real_zero = executor.dist.batch_isend_irecv, executor.ZERO_COPY_BYTES
+        if zero:
+            executor.ZERO_COPY_BYTES = 1
+
+        def flip_after(ops):
+            works = real_post(ops)
+            for work in works:
+                work.wait()
+            received = next(op.tensor for op in ops if op.op is dist.irecv and op.tensor.dtype == torch.float32)
+            received.view(torch.int32).view(-1)[0] ^= 1
+            return [Waited() for _ in works]  # a gloo work must not be waited on twice
+
+        if rank == 1:
+            executor.dist.batch_isend_irecv = flip_after
+        try:
+            into = np.flatnonzero(plan.remote & (plan.dst_gpu == 1))
+            first = int(into[np.argmin(plan.src_gpu[into])])  # the first copy from rank 1's lowest sender
+            return {**expect_failure(weights_for(old, rank), verify=verify), "first": first}
+        finally:
+            executor.dist.batch_isend_irecv, executor.ZERO_COPY_BYTES = real_post, real_zero
+
+    def capped() -> dict:
+        weights = weights_for(old, rank)
+        slot = sum(v[0, 0].numel() * v.element_size() for v in weights.values())
+        rows = np.zeros((LAYERS, WORLD), dtype=np.int64)
+        np.add.at(rows, (plan.layer, plan.dst_gpu), 1)
+        cap = int(rows.max(axis=1).max()) * slot  # the largest layer: groups of one or two layers
+        executor.apply_plan(plan, weights, max_staging_bytes=cap)
+        ok = per_layer(weights) == ["new"] * LAYERS
+        # A copy of the last layer fails: the groups before it are committed, the last keeps its old weights.
+        victim = int(np.flatnonzero(plan.remote & (plan.dst_gpu == 2) & (plan.layer == LAYERS - 1))[0])
+
+        def check(row: int) -> None:
+            if rank == 2 and row == victim:
+                raise RuntimeError("rejected")
+
+        weights = weights_for(old, rank)
+        try:
+            executor.apply_plan(plan, weights, max_staging_bytes=cap, on_transfer=check)
+            failed = {"raised": False}
+        except TransferError as err:
+            failed = {"raised": True, "committed": list(err.committed_layers), "transfer": err.transfer}
+        try:
+            executor.apply_plan(plan, weights_for(old, rank), max_staging_bytes=slot)
+            too_small = None
+        except ValueError as err:
+            too_small = str(err)
+        return {"ok": ok, "cap": cap, "failed": failed, "after": per_layer(weights), "victim": victim,
+                "too_small": too_small}  # fmt: skip
+
+    def out_of_memory() -> dict:
+        real = executor._stage
+
+        def no_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("injected: no memory for staging")
+
+        if rank == 1:
+            executor._stage = no_memory
+        try:
+            return expect_failure(weights_for(old, rank))
+        finally:
+            executor._stage = real
+
+    def bad_options() -> dict:
+        w = weights_for(old, rank)
+        out = {}
+        for name, options in {
+            "layers_range": {"layers": [LAYERS]},
+            "layers_repeat": {"layers": [0, 0]},
+            "layers_type": {"layers": [0.5]},
+            "verify": {"verify": "yes"},
+            "cap": {"max_staging_bytes": 0},
+        }.items():
+            out[name] = expect_failure(w, **options)
+        return out
+
     record("migrate", migrate)
     record("functional", functional)
     record("collective", collective)
@@ -222,6 +374,16 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
     record("not_tensors", not_tensors)
     record("wrong_world", wrong_world)
     record("injected_bug", injected_bug)
+    record("partial_layers", partial_layers)
+    record("asynchronous", asynchronous)
+    record("zero_copy", zero_copy)
+    record("chains", chains)
+    record("corrupted", lambda: corrupted(True, False))
+    record("corrupted_zero_copy", lambda: corrupted(True, True))
+    record("corrupted_unverified", lambda: corrupted(False, False))
+    record("capped", capped)
+    record("out_of_memory", out_of_memory)
+    record("bad_options", bad_options)
     record("migrate_after_errors", migrate)  # the group is still usable after every failure above
     record("peer_dies", peer_dies)
 
@@ -347,3 +509,83 @@ def test_dead_peer_keeps_old_weights(outcomes):
         result = _get(outcomes, rank, "peer_dies")
         assert result["raised"] and result["intact"], result
         assert "old weights kept" in result["msg"]
+
+
+def test_partial_layer_sets(outcomes):
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, "partial_layers")
+        assert result["first"] == ["new", "old", "new"], result
+        assert result["then"] == ["new"] * LAYERS, result
+
+
+def test_begin_finish_moves_one_layer_while_the_old_weights_serve(outcomes):
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, "asynchronous")
+        assert result["during"] == ["old"] * LAYERS, result  # begin() writes nothing
+        assert result["after_one"] == ["old", "new", "old"] and result["layers"] == [1], result
+        assert "already called" in result["twice"]
+        assert result["end"] == ["new"] * LAYERS, result
+
+
+def test_zero_copy_messages(outcomes):
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, "zero_copy")
+        assert result["ok"] and result["mixed"], result
+
+
+def test_chains_and_slots_that_are_source_and_destination(outcomes):
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, "chains")
+        assert result["ok"], result
+    assert _get(outcomes, 0, "chains")["rows"] == 4 * LAYERS and _get(outcomes, 0, "chains")["remote"] == 2 * LAYERS
+
+
+@pytest.mark.parametrize("scenario", ["corrupted", "corrupted_zero_copy"])
+def test_checksum_catches_a_corrupted_copy(outcomes, scenario):
+    """Rank 1 receives a copy with one bit flipped: every rank raises TransferError naming it, weights intact."""
+    first = _get(outcomes, 1, scenario)["first"]
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, scenario)
+        assert result["raised"] is True and result["intact"], result
+        assert (result["transfer"], result["rank"]) == (first, 1), result
+        assert "checksum mismatch" in _get(outcomes, 1, scenario)["msg"]
+
+
+def test_without_verify_the_corruption_goes_through(outcomes):
+    """The same flipped bit with verify=False: no error, and rank 1's weights are wrong (the checksum is what
+    caught it above)."""
+    result = _get(outcomes, 1, "corrupted_unverified")
+    assert result["raised"] is False and not result["intact"], result
+
+
+def test_staging_cap_moves_in_groups_and_reports_committed_layers(outcomes):
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, "capped")
+        assert result["ok"], result
+        assert result["failed"]["raised"] and result["failed"]["transfer"] == result["victim"], result
+        committed = result["failed"]["committed"]
+        assert committed and LAYERS - 1 not in committed, result
+        assert result["after"] == ["new" if i in committed else "old" for i in range(LAYERS)], result
+        assert "max_staging_bytes" in result["too_small"] and "a layer moves in one piece" in result["too_small"]
+
+
+def test_out_of_memory_while_staging_is_a_transfer_failure(outcomes):
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, "out_of_memory")
+        assert result["raised"] is True and result["intact"] and result["rank"] == 1, result
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("layers_range", "ValueError", "is not a layer of the plan"),
+        ("layers_repeat", "ValueError", "must not repeat"),
+        ("layers_type", "TypeError", "layers must hold ints"),
+        ("verify", "TypeError", "verify must be a bool"),
+        ("cap", "ValueError", "max_staging_bytes must be a positive int"),
+    ],
+)
+def test_bad_options_name_the_argument(outcomes, case, error, match):
+    for rank in range(WORLD):
+        result = _get(outcomes, rank, "bad_options")[case]
+        assert result["raised"] == error and match in result["msg"] and result["intact"], result

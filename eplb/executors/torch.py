@@ -2,37 +2,60 @@
 
 One process per GPU: rank ``g`` of the process group is GPU ``g`` of the
 plan and holds its slots of every layer, ``[L, R/G, ...]`` per weight
-tensor. The migration runs in three steps:
+tensor. A migration of some layers runs in three steps:
 
-1. *prepare*: check shapes, allocate a staging buffer for every destination
-   slot of this rank and make its local copies; all ranks agree (one
+1. *prepare* (:func:`begin`): check the arguments, allocate one staging
+   buffer per tensor for every slot this rank writes, make the local copies
+   into it (one gather per tensor), and agree that every rank is ready (one
    ``all_reduce``) before any data moves;
-2. *transfer*: per pair of ranks and weight tensor, one message holding
-   every copy between them (packed in plan order when preparing), all posted
-   together with ``batch_isend_irecv``; then second copies within a GPU
-   (stage 1);
-3. *commit*: all ranks agree that every copy arrived (one ``all_reduce``);
-   only then are the staged slots written into the weights.
+2. *transfer* (:func:`begin`, asynchronous): every copy between two ranks is
+   posted at once with ``batch_isend_irecv`` (or one ``all_to_all_single``
+   per tensor) and lands straight in its staging row. A copy of at least
+   ``ZERO_COPY_BYTES`` is sent straight from its weight slot (a slot of
+   ``[L, R/G, ...]`` is contiguous) and received straight into its staging
+   row; smaller copies to one peer are packed into one message (one gather).
+   With ``verify=True`` (default) each copy travels with a checksum;
+3. *commit* (:meth:`PendingTransfer.finish`): wait for the messages, make the
+   second copies of an expert received once, compare the checksums, and
+   agree that every rank has every copy (one ``all_reduce``); only then are
+   the staged slots written into the weights (one scatter per tensor).
+
+:func:`apply_plan` is ``begin(...).finish()``, layer group by layer group
+when ``max_staging_bytes`` caps the staging memory. Between :func:`begin`
+and :meth:`~PendingTransfer.finish` the weights are only read, so a forward
+pass can keep running on the old ones; on CUDA the copies run on a side
+stream (``stream=``), and :meth:`~PendingTransfer.done` tells without
+blocking whether ``finish`` would wait.
+
+What the all-or-nothing guarantee costs: staging memory for every slot this
+rank writes in the layer group (received and local copies alike), and one
+device copy of those bytes at the commit. Receiving straight into the
+weights would save that copy but lose the old weights on a failure.
 
 Failures are voted on by every rank that can still vote, so no rank commits
 unless all can, and no rank waits for a peer that gave up:
 
 - a *transfer failure* (an error of ``torch.distributed``: a peer that dies,
   a timeout, a ``DistBackendError`` or other ``RuntimeError`` of a
-  collective or point-to-point op; running out of memory while staging; an
-  exception in ``on_transfer``, which marks its copy as failed) makes every
-  rank raise :class:`eplb.TransferError` naming the first failed copy;
+  collective or point-to-point op; a checksum that does not match; running
+  out of memory while staging; an exception in ``on_transfer``, which marks
+  its copy as failed) makes every rank raise :class:`eplb.TransferError`
+  naming the first failed copy;
 - any other exception on a rank (invalid arguments, checked before anything
   is staged, or a bug) is re-raised there unchanged (with a note) once the
   rank has told the others, which raise :class:`eplb.TransferError` naming
   it.
 
-Either way every rank keeps its weights untouched.
+Either way every rank keeps the old weights of the failed layer group. With
+one group (the default), that is all of them; with ``max_staging_bytes``,
+the groups committed before keep their new weights, the same on every rank,
+and the error lists their layers (``TransferError.committed_layers``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,7 +64,12 @@ import torch.distributed as dist
 
 from eplb.migration import TransferError, TransferPlan
 
-__all__ = ["apply_plan"]
+__all__ = ["ZERO_COPY_BYTES", "PendingTransfer", "apply_plan", "begin"]
+
+ZERO_COPY_BYTES = 4 << 20
+"""A copy of at least this many bytes (one slot of one tensor) is its own message, sent from the weights and
+received into staging without packing; smaller ones to one peer share a message (the packing gather costs less
+than a message each)."""
 
 _NO_FAILURE = 2**62
 
@@ -50,6 +78,25 @@ _NO_FAILURE = 2**62
 # by peer", "Timed out") are RuntimeErrors; timeouts and sockets may also surface as TimeoutError or OSError.
 _COMMUNICATION_ERRORS = (RuntimeError, TimeoutError, OSError)
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # older torch: CUDA's only
+
+
+class _Clock:
+    """Where the time goes (benchmarks/executors_torch.py sets ``_clock.laps`` to a dict); off by default."""
+
+    laps: dict[str, float] | None = None
+    sync: Callable[[], None] | None = None
+
+    def lap(self, name: str, since: float) -> float:
+        if self.laps is None:
+            return since
+        if self.sync is not None:
+            self.sync()
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - since
+        return now
+
+
+_clock = _Clock()
 
 
 class _Failure(NamedTuple):
@@ -87,16 +134,17 @@ def _flatten(weights: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Ten
     raise TypeError(f"weights must be a tensor, or a non-empty sequence or mapping of tensors, got {type(weights)}")
 
 
-def _check(plan: Any, tensors: list[torch.Tensor], world: int, transport: Any, on_transfer: Any, in_place: Any) -> None:
+def _check(plan: Any, tensors: list[torch.Tensor], world: int, options: dict[str, Any]) -> None:
     """Validate the arguments before anything is staged; each error names the argument and the rule."""
     if not isinstance(plan, TransferPlan):
         raise TypeError(f"plan must be an eplb.TransferPlan (from eplb.plan_transfers), got {type(plan).__name__}")
-    if transport not in ("p2p", "all_to_all"):
-        raise ValueError(f"transport={transport!r} must be 'p2p' or 'all_to_all'")
-    if on_transfer is not None and not callable(on_transfer):
-        raise TypeError(f"on_transfer must be callable or None, got {type(on_transfer).__name__}")
-    if not isinstance(in_place, bool | np.bool_):  # numpy bools count as bools, as everywhere in eplb
-        raise TypeError(f"in_place must be a bool, got {type(in_place).__name__}")
+    if options["transport"] not in ("p2p", "all_to_all"):
+        raise ValueError(f"transport={options['transport']!r} must be 'p2p' or 'all_to_all'")
+    if options["on_transfer"] is not None and not callable(options["on_transfer"]):
+        raise TypeError(f"on_transfer must be callable or None, got {type(options['on_transfer']).__name__}")
+    for name in ("in_place", "verify"):
+        if not isinstance(options[name], bool | np.bool_):  # numpy bools count as bools, as everywhere in eplb
+            raise TypeError(f"{name} must be a bool, got {type(options[name]).__name__}")
     if plan.num_gpus != world:
         raise ValueError(f"the plan is for {plan.num_gpus} GPUs but the process group has {world} ranks")
     expected = (plan.num_layers, plan.slots_per_gpu)
@@ -110,6 +158,90 @@ def _check(plan: Any, tensors: list[torch.Tensor], world: int, transport: Any, o
             raise ValueError(f"weights tensors must share one device, got {tensors[0].device} and {tensor.device}")
         if not tensor.is_contiguous():
             raise ValueError(f"weights tensor {i} must be contiguous")
+    stream = options["stream"]
+    if stream is not None:
+        if not isinstance(stream, torch.cuda.Stream):
+            raise TypeError(f"stream must be a torch.cuda.Stream or None, got {type(stream).__name__}")
+        if tensors[0].device.type != "cuda":
+            raise ValueError(f"stream is for CUDA weights; these are on {tensors[0].device}")
+
+
+def _layer_mask(plan: TransferPlan, layers: Any) -> np.ndarray:
+    """``[L]`` bool: the layers to move (``None``: all)."""
+    if layers is None:
+        return np.ones(plan.num_layers, dtype=bool)
+    if isinstance(layers, str | bytes) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be an iterable of layer indices or None, got {type(layers).__name__}")
+    chosen = list(layers)
+    for layer in chosen:
+        if isinstance(layer, bool | np.bool_) or not isinstance(layer, int | np.integer):
+            raise TypeError(f"layers must hold ints, got {type(layer).__name__} {layer!r}")
+        if not 0 <= layer < plan.num_layers:
+            raise ValueError(f"layers: {layer} is not a layer of the plan (0 .. {plan.num_layers - 1})")
+    mask = np.zeros(plan.num_layers, dtype=bool)
+    mask[np.asarray(chosen, dtype=np.int64)] = True
+    if mask.sum() != len(chosen):
+        raise ValueError(f"layers must not repeat a layer, got {chosen}")
+    return mask
+
+
+class _Layout(NamedTuple):
+    """This rank's share of a plan restricted to some layers (host arrays; flat slot = ``layer * R/G + slot``).
+
+    The staging rows are, in order: local stage-0 copies (plan order), copies received from each peer (by
+    peer, plan order within), second copies (stage 1). ``staged_rows [n]`` are their plan rows,
+    ``commit_dst [n]`` their flat destination slots.
+    """
+
+    staged_rows: np.ndarray
+    commit_dst: np.ndarray
+    local_src: np.ndarray  # [n_local] flat source slots
+    received_from: np.ndarray  # [world + 1] offsets of each peer's copies among the staging rows
+    second_src: np.ndarray  # [n_second] staging rows they copy
+    sent_rows: list[np.ndarray]  # per peer: plan rows this rank sends, plan order
+    sent_src: list[np.ndarray]  # per peer: their flat source slots
+
+
+def _layout(plan: TransferPlan, rank: int, world: int, mask: np.ndarray) -> _Layout:
+    per_gpu = plan.slots_per_gpu
+    chosen = mask[plan.layer]
+    remote = plan.remote
+    mine = chosen & (plan.dst_gpu == rank)
+    local = np.flatnonzero(mine & ~remote & (plan.stage == 0))
+    received = np.flatnonzero(mine & remote)
+    received = received[np.argsort(plan.src_gpu[received], kind="stable")]
+    second = np.flatnonzero(mine & (plan.stage == 1))
+    staged = np.concatenate([local, received, second])
+    commit_dst = plan.layer[staged] * per_gpu + plan.dst_slot[staged]
+    where = np.full(plan.num_layers * per_gpu, -1, dtype=np.int64)
+    where[commit_dst] = np.arange(len(staged))
+    first = len(local) + len(received)
+    second_src = where[plan.layer[second] * per_gpu + plan.src_slot[second]]
+    if ((second_src < 0) | (second_src >= first)).any():
+        raise ValueError("plan: a stage-1 copy reads a slot that no stage-0 copy of its GPU writes")
+    counts = np.bincount(plan.src_gpu[received], minlength=world)
+    received_from = len(local) + np.concatenate([[0], np.cumsum(counts)])
+    outgoing = np.flatnonzero(chosen & remote & (plan.src_gpu == rank))
+    outgoing = outgoing[np.argsort(plan.dst_gpu[outgoing], kind="stable")]
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(plan.dst_gpu[outgoing], minlength=world))])
+    sent_rows = [outgoing[bounds[p] : bounds[p + 1]] for p in range(world)]
+    sent_src = [plan.layer[rows] * per_gpu + plan.src_slot[rows] for rows in sent_rows]
+    return _Layout(staged, commit_dst, plan.layer[local] * per_gpu + plan.src_slot[local], received_from,
+                   second_src, sent_rows, sent_src)  # fmt: skip
+
+
+def _word_sums(rows: torch.Tensor) -> torch.Tensor:
+    """``[n]`` int64 checksum of each row of ``rows [n, ...]``: the sum of its 32-bit words (16- or 8-bit when
+    the row's bytes do not divide), in one pass. Any change of one word changes it."""
+    data = rows.reshape(rows.shape[0], -1).view(torch.uint8)
+    size = data.shape[1]
+    words = data.view(torch.int32) if size % 4 == 0 else data.view(torch.int16) if size % 2 == 0 else data
+    return words.sum(dim=1, dtype=torch.int64)
+
+
+def _row_bytes(rows: torch.Tensor) -> int:
+    """Bytes of one row of ``rows [n, ...]`` (one slot of one tensor)."""
+    return int(np.prod(rows.shape[1:], dtype=np.int64)) * rows.element_size()
 
 
 def _vote_device(group: Any) -> torch.device:
@@ -173,37 +305,318 @@ def _vote(
     raise error from (failure.error if failure is not None else None)
 
 
-def _prepare_exchange(
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per CUDA device, made once (a stream per call would leak)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
+
+class _Null:
+    """A context manager that does nothing (CPU: no streams)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class PendingTransfer:
+    """A migration of some layers in flight (from :func:`begin`); call :meth:`finish` on every rank.
+
+    Until :meth:`finish` returns, the weights are only read: a forward pass may keep using them. ``layers``
+    (a tuple) are the layers it moves.
+    """
+
+    def __init__(self, **state: Any):
+        self.__dict__.update(state)
+        self._finished = False
+
+    def done(self) -> bool:
+        """Whether every message of this rank has completed (never blocks; :meth:`finish` still votes)."""
+        if self._finished or self._failure is not None:
+            return True
+        if self._event is not None and not self._event.query():
+            return False
+        return all(work.is_completed() for work in self._works)
+
+    def finish(self) -> Any:
+        """Wait for the messages, check them, agree with every rank, and commit.
+
+        Returns the weights of the new placement (``weights`` itself with ``in_place=True``). Raises
+        :class:`eplb.TransferError` on a transfer failure on any rank, with this group's layers unchanged on
+        every rank. Call it once.
+        """
+        if self._finished:
+            raise RuntimeError("finish() was already called for this transfer")
+        self._finished = True
+        layout, failure, clock = self._layout, self._failure, time.perf_counter()
+        with self._context():
+            for i, work in enumerate(self._works):
+                try:
+                    work.wait()
+                except Exception as err:
+                    if failure is None:
+                        row = self._message_rows[i] if len(self._works) == len(self._message_rows) else -1
+                        failure = _communication(row, err)
+            clock = _clock.lap("wait", clock)
+            if failure is None:
+                try:
+                    failure = self._check_received()
+                except Exception as err:
+                    failure = _local(err)
+            clock = _clock.lap("second copies and checksums", clock)
+            if failure is None and self._on_transfer is not None:
+                received = layout.staged_rows[layout.received_from[0] : layout.received_from[-1]]
+                for row in np.sort(received).tolist():
+                    try:
+                        self._on_transfer(row)
+                    except Exception as err:  # documented: the user's check rejects this copy
+                        failure = _Failure(row, err, True)
+                        break
+            _vote(failure, self._plan, self._rank, self._world, self._vote_group, self._vote_on, "transfer")
+            clock = _clock.lap("votes", clock)
+        out = self._tensors if self._in_place else [t.clone() for t in self._tensors]
+        if self._event is not None:
+            torch.cuda.current_stream(self._device).wait_stream(self._stream)
+            for buffer in self._staged:
+                buffer.record_stream(torch.cuda.current_stream(self._device))
+        if len(layout.staged_rows):
+            dst = torch.as_tensor(layout.commit_dst, device=self._device)
+            with torch.no_grad():
+                for tensor, buffer in zip(out, self._staged, strict=True):
+                    tensor.view(-1, *tensor.shape[2:]).index_copy_(0, dst, buffer)
+        _clock.lap("commit", clock)
+        return self._weights if self._in_place else self._rebuild(out)
+
+    def _context(self) -> Any:
+        return torch.cuda.stream(self._stream) if self._stream is not None else _Null()
+
+    def _check_received(self) -> _Failure | None:
+        """Second copies of the experts received once, then the checksums of every received copy."""
+        layout, staged = self._layout, self._staged
+        first, second = layout.received_from[-1], torch.as_tensor(layout.second_src, device=self._device)
+        with torch.no_grad():
+            for buffer in staged:
+                if len(second):
+                    torch.index_select(buffer[:first], 0, second, out=buffer[first:])
+            if self._sums_in is None or layout.received_from[-1] == layout.received_from[0]:
+                return None
+            begin, end = layout.received_from[0], layout.received_from[-1]
+            sums = torch.stack([_word_sums(buffer[begin:end]) for buffer in staged], dim=1)
+            bad = (sums != self._sums_in).any(dim=1).nonzero().flatten()
+            if len(bad) == 0:  # the one host read of the check
+                return None
+        rows = layout.staged_rows[begin + bad.cpu().numpy()]
+        row = int(rows.min())
+        return _Failure(row, RuntimeError(f"checksum mismatch in {len(rows)} received copies"), True)
+
+
+def begin(
+    plan: TransferPlan,
+    weights: Any,
+    *,
+    layers: Iterable[int] | None = None,
+    group: Any = None,
+    vote_group: Any = None,
+    in_place: bool = True,
+    verify: bool = True,
+    on_transfer: Callable[[int], None] | None = None,
+    transport: str = "p2p",
+    stream: torch.cuda.Stream | None = None,
+) -> PendingTransfer:
+    """Start moving the weights of ``layers`` as ``plan`` says; returns at once with a :class:`PendingTransfer`.
+
+    Call it on every rank of ``group`` with the same ``plan`` and ``layers``, then ``finish()`` on every rank.
+    The arguments are those of :func:`apply_plan`, plus:
+
+    stream : torch.cuda.Stream, optional
+        CUDA only: the stream that stages, packs and checks (NCCL runs the messages on its own streams, after
+        it). Default: one side stream per device, so that the copies overlap the caller's work on the current
+        stream; ``finish`` makes the current stream wait for it before the commit.
+    vote_group : ProcessGroup, optional
+        The group that votes (default: ``group``). A gloo group over the same ranks keeps the votes off the
+        GPU: with NCCL, a vote reads one number back from the device.
+
+    Only the preparation vote blocks here (one small ``all_reduce``, so that no rank sends into a rank that
+    will not receive); everything after it is queued (CUDA) or runs in gloo's threads (CPU).
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of group")
+    vote_group = group if vote_group is None else vote_group
+    failure: _Failure | None = None
+    device: torch.device | None = None
+    side: torch.cuda.Stream | None = None
+    clock = time.perf_counter()
+    # 1. Prepare: check the arguments, then staging buffers for every slot this rank writes, local copies from
+    # the old weights, packed messages of small copies. Nothing here communicates, so an exception is a bad
+    # argument or a bug (or memory): it is voted on, so that the other ranks stop too, and re-raised unchanged.
+    state: dict[str, Any] = {}
+    try:
+        tensors, rebuild = _flatten(weights)
+        device = tensors[0].device
+        options = {"transport": transport, "on_transfer": on_transfer, "in_place": in_place, "verify": verify}
+        _check(plan, tensors, world, {**options, "stream": stream})
+        layout = _layout(plan, rank, world, _layer_mask(plan, layers))
+        clock = _clock.lap("layout (host)", clock)
+        if device.type == "cuda":
+            side = stream if stream is not None else _side_stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))  # the weights as the caller's stream left them
+        with torch.cuda.stream(side) if side is not None else _Null(), torch.no_grad():
+            state = _stage(plan, tensors, layout, rank, world, transport, verify, device)
+        clock = _clock.lap("stage and pack", clock)
+    except Exception as err:
+        failure = _local(err)
+    vote_on = _vote_device(vote_group) if device is None or vote_group is not group else device
+    _vote(failure, plan, rank, world, vote_group, vote_on, "preparation")
+    clock = _clock.lap("votes", clock)
+
+    # 2. Transfer: all messages posted together. A failed message names its first copy; only errors of the
+    # torch.distributed calls themselves are transfer failures, kept for finish() to vote on.
+    works: list[Any] = []
+    with torch.cuda.stream(side) if side is not None else _Null():
+        for received, sent, received_splits, sent_splits in state["exchanges"]:
+            try:
+                works.append(dist.all_to_all_single(received, sent, received_splits, sent_splits, group=group,
+                                                    async_op=True))  # fmt: skip
+            except Exception as err:
+                failure = failure or _communication(state["first_received"], err)
+        messages = state["messages"]
+        try:
+            ops = [dist.P2POp(op, buffer, group=group, group_peer=peer) for op, buffer, peer, _ in messages]
+        except Exception as err:
+            ops, failure = [], failure or _local(err)
+        try:
+            works += dist.batch_isend_irecv(ops) if ops else []
+        except Exception as err:
+            failure = failure or _communication(-1, err)
+        event = None
+        if side is not None:
+            event = torch.cuda.Event()
+            event.record(side)
+    _clock.lap("post messages", clock)
+    return PendingTransfer(
+        _plan=plan, _weights=weights, _tensors=tensors, _rebuild=rebuild, _layout=layout, _staged=state["staged"],
+        _sums_in=state["sums_in"], _works=works,
+        _message_rows=[state["first_received"]] * len(state["exchanges"]) + [row for *_, row in messages],
+        _failure=failure, _rank=rank, _world=world, _vote_group=vote_group, _vote_on=vote_on,
+        _in_place=in_place, _on_transfer=on_transfer, _device=device, _stream=side, _event=event,
+        layers=tuple(int(i) for i in np.flatnonzero(_layer_mask(plan, layers))),
+    )  # fmt: skip
+
+
+def _stage(
     plan: TransferPlan,
     tensors: list[torch.Tensor],
-    staged: list[torch.Tensor],
-    position: dict[int, int],
+    layout: _Layout,
     rank: int,
     world: int,
-    exchanges: list,
-    unpack: list,
-) -> None:
-    """Send and receive buffers of one ``all_to_all_single`` per tensor: copies grouped by peer, plan order."""
-    device = tensors[0].device
-    out = [np.flatnonzero(plan.remote & (plan.src_gpu == rank) & (plan.dst_gpu == peer)) for peer in range(world)]
-    into = [np.flatnonzero(plan.remote & (plan.dst_gpu == rank) & (plan.src_gpu == peer)) for peer in range(world)]
-    sent = np.concatenate(out)
-    index = torch.as_tensor(plan.layer[sent] * plan.slots_per_gpu + plan.src_slot[sent], device=device)
-    positions = torch.as_tensor([position[int(r)] for r in np.concatenate(into)], dtype=torch.int64, device=device)
-    flat_slots = plan.num_layers * plan.slots_per_gpu
-    for tensor, buffer in zip(tensors, staged, strict=True):
-        packed = tensor.reshape(flat_slots, *tensor.shape[2:]).index_select(0, index)
-        received = buffer.new_empty((len(positions), *buffer.shape[1:]))
-        exchanges.append((received, packed, [len(r) for r in into], [len(r) for r in out]))
-        unpack.append((buffer, positions, received))
+    transport: str,
+    verify: bool,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Staging buffers with the local copies made, and the messages to post (send buffers are views of the
+    weights or packed gathers; receive buffers are views of the staging rows)."""
+    flats = [t.view(-1, *t.shape[2:]) for t in tensors]
+    staged = [t.new_empty((len(layout.staged_rows), *t.shape[2:])) for t in tensors]
+    local = torch.as_tensor(layout.local_src, device=device)
+    for flat, buffer in zip(flats, staged, strict=True):
+        torch.index_select(flat, 0, local, out=buffer[: len(local)])
+    offsets = layout.received_from
+    sums_in = None
+    if verify and offsets[-1] > offsets[0]:
+        sums_in = torch.empty((int(offsets[-1] - offsets[0]), len(tensors)), dtype=torch.int64, device=device)
+    messages: list[tuple[Any, torch.Tensor, int, int]] = []  # (op, buffer, peer, first plan row)
+    exchanges: list[tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = []
+    first_received = int(layout.staged_rows[offsets[0]]) if offsets[-1] > offsets[0] else -1
+    if transport == "all_to_all":
+        sources = torch.as_tensor(np.concatenate(layout.sent_src), device=device)
+        sent_splits = [len(rows) for rows in layout.sent_rows]
+        received_splits = np.diff(offsets).tolist()
+        for flat, buffer in zip(flats, staged, strict=True):
+            packed = flat.index_select(0, sources)
+            exchanges.append((buffer[offsets[0] : offsets[-1]], packed, received_splits, sent_splits))
+        if verify:
+            sums_out = torch.stack([_word_sums(packed) for _, packed, _, _ in exchanges], dim=1)
+            sums_in = sums_in if sums_in is not None else sums_out.new_empty((0, len(tensors)))
+            exchanges.append((sums_in, sums_out, received_splits, sent_splits))
+        return {"staged": staged, "sums_in": sums_in, "messages": messages, "exchanges": exchanges,
+                "first_received": first_received}  # fmt: skip
+    for peer in range(world):
+        rows, sources = layout.sent_rows[peer], layout.sent_src[peer]
+        if len(rows):
+            index = torch.as_tensor(sources, device=device)
+            sums = []
+            for flat in flats:
+                if _row_bytes(flat) >= ZERO_COPY_BYTES:
+                    for row, source in zip(rows.tolist(), sources.tolist(), strict=True):
+                        messages.append((dist.isend, flat[source], peer, row))
+                    if verify:
+                        sums.append(torch.stack([_word_sums(flat[s : s + 1])[0] for s in sources.tolist()]))
+                else:
+                    packed = flat.index_select(0, index)
+                    messages.append((dist.isend, packed, peer, int(rows[0])))
+                    if verify:
+                        sums.append(_word_sums(packed))
+            if verify:
+                messages.append((dist.isend, torch.stack(sums, dim=1), peer, int(rows[0])))
+        begin, end = offsets[peer], offsets[peer + 1]
+        if end > begin:
+            first = int(layout.staged_rows[begin])
+            for buffer in staged:
+                if _row_bytes(buffer) >= ZERO_COPY_BYTES:
+                    for k in range(begin, end):
+                        messages.append((dist.irecv, buffer[k], peer, int(layout.staged_rows[k])))
+                else:
+                    messages.append((dist.irecv, buffer[begin:end], peer, first))
+            if verify:
+                messages.append((dist.irecv, sums_in[begin - offsets[0] : end - offsets[0]], peer, first))
+    return {"staged": staged, "sums_in": sums_in, "messages": messages, "exchanges": exchanges,
+            "first_received": first_received}  # fmt: skip
+
+
+def _groups(plan: TransferPlan, tensors: list[torch.Tensor], mask: np.ndarray, cap: int | None) -> list[np.ndarray]:
+    """The chosen layers in groups whose staging fits ``cap`` bytes on every rank (the same groups everywhere)."""
+    chosen = np.flatnonzero(mask)
+    if cap is None or len(chosen) == 0:
+        return [chosen]
+    slot = sum(_row_bytes(t.view(-1, *t.shape[2:])) for t in tensors)
+    rows = np.zeros((plan.num_layers, plan.num_gpus), dtype=np.int64)  # staging rows per layer and rank
+    np.add.at(rows, (plan.layer, plan.dst_gpu), 1)
+    need = rows.max(axis=1) * slot
+    if (need[chosen] > cap).any():
+        layer = int(chosen[np.argmax(need[chosen] > cap)])
+        raise ValueError(
+            f"max_staging_bytes={cap} is below layer {layer}'s staging on one rank ({int(need[layer])} bytes); "
+            f"a layer moves in one piece"
+        )
+    groups, current, used = [], [], 0
+    for layer in chosen.tolist():
+        if used + need[layer] > cap and current:
+            groups.append(np.asarray(current))
+            current, used = [], 0
+        current.append(layer)
+        used += need[layer]
+    groups.append(np.asarray(current))
+    return groups
 
 
 def apply_plan(
     plan: TransferPlan,
     weights: Any,
     *,
+    layers: Iterable[int] | None = None,
     group: Any = None,
+    vote_group: Any = None,
     in_place: bool = True,
+    verify: bool = True,
+    max_staging_bytes: int | None = None,
     on_transfer: Callable[[int], None] | None = None,
     transport: str = "p2p",
 ) -> Any:
@@ -217,17 +630,32 @@ def apply_plan(
     weights : torch.Tensor [L, R/G, ...], or a sequence or mapping of them
         This rank's slots of every layer (e.g. ``{"w13": [L, s, 2I, H],
         "w2": [L, s, H, I]}``); every tensor moves slot by slot. On one
-        device, contiguous. NCCL needs CUDA tensors, gloo takes CPU tensors.
+        device, contiguous, the same shapes on every rank. NCCL needs CUDA
+        tensors, gloo takes CPU tensors.
+    layers : iterable of int, optional
+        The layers to move (default: all). Rows of other layers are left
+        alone, so a plan can be carried out a few layers at a time.
     group : ProcessGroup, optional
         Default: the default group.
+    vote_group : ProcessGroup, optional
+        The group for the two votes (default: ``group``); see :func:`begin`.
     in_place : bool
         ``True`` (default): write the new slots into ``weights`` once all
         ranks succeeded, and return ``weights``. ``False``: leave
         ``weights`` untouched and return new tensors of the same structure.
+    verify : bool
+        ``True`` (default): every copy between ranks travels with a checksum
+        (the sum of its 32-bit words, one pass over the bytes on each side)
+        and a mismatch is a transfer failure. ``False`` trusts the transport.
+    max_staging_bytes : int, optional
+        Cap on the staging memory: the layers move in consecutive groups
+        whose staging fits on every rank, each group all-or-nothing (see
+        the module notes). A layer whose staging alone exceeds it is a
+        ``ValueError``. Default: one group.
     on_transfer : callable, optional
         Called with the plan row of each copy this rank received, after it
-        arrived (for checks or progress); an exception marks that copy as
-        failed.
+        arrived and passed its checksum (for checks or progress); an
+        exception marks that copy as failed.
     transport : {"p2p", "all_to_all"}
         ``"p2p"`` (default): point-to-point messages between the ranks that
         exchange copies (``batch_isend_irecv``). ``"all_to_all"``: one
@@ -243,129 +671,45 @@ def apply_plan(
     ------
     TransferError
         The transfer failed: a ``torch.distributed`` error (a peer that died,
-        a timeout, a ``DistBackendError`` or ``RuntimeError`` of an op), out
-        of memory while staging, an exception of ``on_transfer``, or another
-        rank failed. Every rank that can still communicate raises, naming
-        the first failed copy (or the rank), with its weights unchanged.
+        a timeout, a ``DistBackendError`` or ``RuntimeError`` of an op), a
+        checksum mismatch, out of memory while staging, an exception of
+        ``on_transfer``, or another rank failed. Every rank that can still
+        communicate raises, naming the first failed copy (or the rank), with
+        the weights of the failed group's layers unchanged;
+        ``committed_layers`` lists the layers of earlier groups, already
+        moved (empty without ``max_staging_bytes``).
     TypeError, ValueError
         Invalid arguments on this rank: ``plan`` not a :class:`TransferPlan`
         or for another number of ranks, ``weights`` not tensors of shape
-        ``[L, R/G, ...]`` on one device, contiguous; ``transport``,
-        ``on_transfer``, ``in_place`` invalid. Checked before anything is
-        staged; this rank raises the error unchanged after telling the
-        others (which raise :class:`TransferError`). Other exceptions of
-        eplb's own code (bugs) behave the same. No weights change.
+        ``[L, R/G, ...]`` on one device, contiguous; ``layers``,
+        ``transport``, ``on_transfer``, ``in_place``, ``verify``,
+        ``max_staging_bytes`` invalid. Checked before anything is staged;
+        this rank raises the error unchanged after telling the others (which
+        raise :class:`TransferError`). Other exceptions of eplb's own code
+        (bugs) behave the same. No weights change.
     """
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of group")
-    failure: _Failure | None = None
-    device: torch.device | None = None
-
-    # 1. Prepare: check the arguments, then staging buffers for every slot this rank writes, local copies from
-    # old weights, and per peer one message per tensor with every copy between the two ranks, in plan order.
-    # Nothing here communicates, so an exception is a bad argument or a bug (or memory): it is voted on, so that
-    # the other ranks stop too, and re-raised unchanged here.
-    messages: list[tuple[Any, torch.Tensor, int, int]] = []  # (op, buffer, peer, first plan row)
-    unpack: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (staged, positions, received)
-    exchanges: list[tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = []  # all_to_all: out, in, splits
-    try:
-        tensors, rebuild = _flatten(weights)
-        device = tensors[0].device
-        _check(plan, tensors, world, transport, on_transfer, in_place)
-        rows = np.flatnonzero(plan.dst_gpu == rank)
-        position = {int(row): k for k, row in enumerate(rows)}
-        by_slot = {(int(plan.layer[row]), int(plan.dst_slot[row])): k for k, row in enumerate(rows)}
-        staged = [t.new_empty((len(rows), *t.shape[2:])) for t in tensors]
-        flat_slots = plan.num_layers * plan.slots_per_gpu
-        # The commit's indices, made now so that nothing but the writes is left after the last vote.
-        commit_layers = torch.as_tensor(plan.layer[rows], device=device)
-        commit_slots = torch.as_tensor(plan.dst_slot[rows], device=device)
-        with torch.no_grad():
-            for row in rows[(plan.src_gpu[rows] == rank) & (plan.stage[rows] == 0)]:
-                layer, slot = int(plan.layer[row]), int(plan.src_slot[row])
-                for tensor, buffer in zip(tensors, staged, strict=True):
-                    buffer[position[int(row)]].copy_(tensor[layer, slot])
-            if transport == "all_to_all":
-                _prepare_exchange(plan, tensors, staged, position, rank, world, exchanges, unpack)
-            for peer in range(world if transport == "p2p" else 0):
-                out = np.flatnonzero(plan.remote & (plan.src_gpu == rank) & (plan.dst_gpu == peer))
-                if len(out):
-                    index = torch.as_tensor(plan.layer[out] * plan.slots_per_gpu + plan.src_slot[out], device=device)
-                    for tensor in tensors:
-                        packed = tensor.reshape(flat_slots, *tensor.shape[2:]).index_select(0, index)
-                        messages.append((dist.isend, packed, peer, int(out[0])))
-                into = np.flatnonzero(plan.remote & (plan.dst_gpu == rank) & (plan.src_gpu == peer))
-                if len(into):
-                    index = torch.as_tensor([position[int(r)] for r in into], device=device)
-                    for buffer in staged:
-                        received = buffer.new_empty((len(into), *buffer.shape[1:]))
-                        messages.append((dist.irecv, received, peer, int(into[0])))
-                        unpack.append((buffer, index, received))
-    except Exception as err:
-        failure = _local(err)
-    _vote(failure, plan, rank, world, group, device if device is not None else _vote_device(group), "preparation")
-
-    # 2. Transfer: all messages posted together; a failed message names its first copy. Only errors of the
-    # torch.distributed calls themselves are transfer failures.
-    incoming = np.flatnonzero(plan.remote & (plan.dst_gpu == rank))
-    for received, sent, received_splits, sent_splits in exchanges:
+    if max_staging_bytes is not None and (
+        isinstance(max_staging_bytes, bool | np.bool_)
+        or not isinstance(max_staging_bytes, int | np.integer)
+        or max_staging_bytes < 1
+    ):
+        raise ValueError(f"max_staging_bytes must be a positive int or None, got {max_staging_bytes!r}")
+    groups = [None]
+    if max_staging_bytes is not None and isinstance(plan, TransferPlan):
+        tensors, _ = _flatten(weights)
+        groups = _groups(plan, tensors, _layer_mask(plan, layers), int(max_staging_bytes))
+    elif layers is not None:
+        groups = [layers]
+    committed: list[int] = []
+    out = weights
+    options = {"group": group, "vote_group": vote_group, "verify": verify, "on_transfer": on_transfer}
+    for chosen in groups:
         try:
-            dist.all_to_all_single(received, sent, received_splits, sent_splits, group=group)
-        except Exception as err:
-            if failure is None:
-                failure = _communication(int(incoming[0]) if len(incoming) else -1, err)
-    try:
-        ops = [dist.P2POp(op, buffer, group=group, group_peer=peer) for op, buffer, peer, _ in messages]
-    except Exception as err:
-        ops, failure = [], failure or _local(err)
-    try:
-        works = dist.batch_isend_irecv(ops) if ops else []
-    except Exception as err:
-        works, failure = [], failure or _communication(-1, err)
-    # gloo returns one work per op; NCCL may coalesce a batch into one.
-    for i, work in enumerate(works):
-        try:
-            work.wait()
-        except Exception as err:
-            if failure is None:
-                failure = _communication(messages[i][3] if len(works) == len(ops) else -1, err)
-    if failure is None:
-        try:
-            _unpack(plan, rows, position, by_slot, staged, unpack)
-        except Exception as err:
-            failure = _local(err)
-    if failure is None and on_transfer is not None:
-        for row in incoming.tolist():
-            try:
-                on_transfer(row)
-            except Exception as err:  # documented: the user's check rejects this copy
-                failure = _Failure(row, err, True)
-                break
-
-    # 3. Commit once every rank has everything.
-    _vote(failure, plan, rank, world, group, device, "transfer")
-    out = tensors if in_place else [t.clone() for t in tensors]
-    if len(rows):
-        with torch.no_grad():
-            for tensor, buffer in zip(out, staged, strict=True):
-                tensor[commit_layers, commit_slots] = buffer
-    return weights if in_place else rebuild(out)
-
-
-def _unpack(
-    plan: TransferPlan,
-    rows: np.ndarray,
-    position: dict[int, int],
-    by_slot: dict[tuple[int, int], int],
-    staged: list[torch.Tensor],
-    unpack: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-) -> None:
-    """Received copies into their staging rows, then the second copies of an expert this rank received."""
-    with torch.no_grad():
-        for buffer, index, received in unpack:
-            buffer.index_copy_(0, index, received)
-        for row in rows[plan.stage[rows] == 1]:
-            source = by_slot[int(plan.layer[row]), int(plan.src_slot[row])]
-            for buffer in staged:
-                buffer[position[int(row)]].copy_(buffer[source])
+            pending = begin(plan, out, layers=chosen, in_place=in_place or bool(committed), transport=transport,
+                            **options)  # fmt: skip
+            out = pending.finish()
+        except TransferError as err:
+            err.committed_layers = tuple(committed)
+            raise
+        committed += list(pending.layers)
+    return out
