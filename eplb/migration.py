@@ -198,9 +198,8 @@ class TransferPlan:
         """Layer ``layer``'s copies as ``(src_gpu, src_slot, dst_gpu, dst_slot)``, stage 0 before stage 1."""
         rows = np.flatnonzero(self.layer == layer)
         rows = rows[np.argsort(self.stage[rows], kind="stable")]
-        return [
-            (int(self.src_gpu[i]), int(self.src_slot[i]), int(self.dst_gpu[i]), int(self.dst_slot[i])) for i in rows
-        ]
+        columns = (self.src_gpu[rows], self.src_slot[rows], self.dst_gpu[rows], self.dst_slot[rows])
+        return list(zip(*(column.tolist() for column in columns), strict=True))
 
 
 def _deprecated(old: str, new: str) -> None:
@@ -223,7 +222,7 @@ def _host_placement(name: str, phy2log: Any) -> np.ndarray:
         raise ValueError(f"{name} must be a non-empty 2-D [layers, slots] array, got shape {list(phy2log.shape)}")
     if phy2log.min() < 0:
         raise ValueError(f"{name} must hold expert ids >= 0, got {phy2log.min()}")
-    return phy2log.astype(np.int64)
+    return phy2log.astype(np.int64, copy=False)  # read only: no copy needed
 
 
 def plan_transfers(
@@ -248,14 +247,44 @@ def plan_transfers(
     -------
     TransferPlan
         Every destination slot whose expert changes gets exactly one copy, so
-        the plan is minimal: from a slot of the same GPU that already holds
-        the expert (local), else from another GPU (remote; one per expert and
-        destination GPU, further copies on that GPU are local, stage 1). A
-        remote source is a GPU of the destination's node if one holds the
-        expert, then the candidate with the fewest sends so far in the layer
-        (then in the whole plan, then the lowest index); copies with fewer
-        candidates are assigned first. Slots whose expert is unchanged need
-        nothing.
+        the plan is minimal: from the first slot of the same GPU that holds
+        the expert in ``old_phy2log`` (local), else from another GPU (remote:
+        one per expert and destination GPU, into the first such destination
+        slot in slot order; the GPU's further slots of that expert copy it
+        from there, stage 1). Slots whose expert is unchanged need nothing.
+
+        The *candidates* of a remote copy are the GPUs of the destination's
+        node that hold the expert, or, if none of them does, every GPU that
+        holds it: a copy crosses nodes only when it must. The source (read
+        from its first slot holding the expert) is the candidate that spreads
+        the sends: in the returned plan, for every remote copy of layer ``l``
+        from GPU ``s`` and every other candidate ``c`` of that copy, with
+        ``sends`` as in :attr:`TransferPlan.sends`,
+
+        - ``sends[l, s] <= sends[l, c] + 1``, and
+        - if ``sends[l, s] == sends[l, c] + 1``, then
+          ``sends[:, s].sum() <= sends[:, c].sum() + 1``:
+
+        no copy can switch to another candidate and lower the sum of squared
+        sends of its layer, or keep that sum and lower the sum of squared
+        per-GPU sends of the whole plan. (So among copies with the same
+        candidates, such as all copies of an expert into one node, each
+        source used sends at most one copy more in the layer than the least
+        busy candidate.)
+
+        The choice is deterministic. Each copy starts at its candidate with
+        the fewest expected sends in the layer (a copy with ``k`` candidates
+        counts ``1/k`` on each; ties: the fewest in the whole plan, then the
+        lowest GPU); copies with the same candidates are dealt round robin
+        from there. Then, in rounds until none is left, a copy moves to its
+        best candidate (fewest sends in the layer, then in the plan, then
+        the lowest GPU) if that one sends at least 2 fewer copies in the
+        layer, or exactly 1 fewer in the layer and at least 2 fewer in the
+        plan. A round makes several moves at once only when together they
+        provably lower ``(sum over l, g of sends[l, g]^2, sum over g of
+        sends[:, g].sum()^2)`` (compared in that order), so the rounds end.
+        All of it is vectorised numpy: one sort of the slots, then a few
+        rounds over the copies that have several candidates.
 
     Raises
     ------
@@ -290,59 +319,312 @@ def plan_transfers(
         raise ValueError(f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes}")
     if expert_bytes is not None:
         expert_bytes = _validate.check_count("expert_bytes", expert_bytes)
+    columns = _plan_columns(old, new, num_gpus, num_nodes)
+    return TransferPlan(*columns, num_layers, num_gpus, num_nodes, num_phy // num_gpus, expert_bytes)
+
+
+def _plan_columns(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int) -> tuple[np.ndarray, ...]:
+    """The plan's columns ``(layer, expert, src_gpu, src_slot, dst_gpu, dst_slot, stage)``, with numpy only.
+
+    One sort of integer keys ``(layer, expert, node, GPU in node, new?, slot)``, one per old slot and one per
+    changed new slot, makes each ``(layer, expert, GPU)`` a run: its old slots first (the first of them is the
+    GPU's *holder* of the expert), then the changed slots that want the expert there. A changed slot copies from
+    its run's holder (local); in a run without one, the first changed slot is a remote *need* and the others copy
+    from it (stage 1). The holders of one ``(layer, expert)``, and among them those of one node, are consecutive:
+    a need's candidate sources are one such range, and :func:`_spread_sources` picks among them.
+    """
+    num_layers, num_phy = old.shape
     per_gpu, per_node = num_phy // num_gpus, num_gpus // num_nodes
-    rows: list[tuple[int, ...]] = []
-    total_sends = np.zeros(num_gpus, dtype=np.int64)
-    for layer in range(num_layers):
-        rows.extend(_plan_layer(layer, old[layer], new[layer], num_gpus, per_gpu, per_node, total_sends))
-    columns = np.asarray(rows, dtype=np.int64).reshape(-1, 7).T
-    return TransferPlan(*columns, num_layers, num_gpus, num_nodes, per_gpu, expert_bytes)
+    differs = old != new
+    changed = np.flatnonzero(differs)  # flat slots in (layer, GPU, slot) order: the rows' order
+    num_new = changed.size
+    layer, dst_gpu, dst_slot = np.nonzero(differs.reshape(num_layers, num_gpus, per_gpu))
+    expert = new.ravel()[changed]
+    src_gpu, src_slot, stage = dst_gpu.copy(), np.empty_like(dst_slot), np.zeros_like(dst_slot)
+    if not num_new:
+        return layer, expert, src_gpu, src_slot, dst_gpu, dst_slot, stage
+
+    # Key fields, low to high: slot (s bits), new? (1 bit), GPU in node, node, layer * num_ids + expert.
+    slot_bits, node_bits = _bits(per_gpu), _bits(num_nodes)
+    gpu_shift = slot_bits + 1
+    node_shift = gpu_shift + _bits(per_node)
+    expert_shift = node_shift + node_bits
+    num_ids = int(max(old.max(), new.max())) + 1
+    if num_ids > 2 * num_phy:  # sparse ids: number each layer's old ones 0, 1, ... (an id old lacks: past them)
+        old, new = old.copy(), new.copy()
+        for row_old, row_new in zip(old, new, strict=True):
+            ids = np.unique(row_old)
+            found = np.minimum(np.searchsorted(ids, row_new), ids.size - 1)
+            row_new[:] = np.where(ids[found] == row_new, found, ids.size)
+            row_old[:] = np.searchsorted(ids, row_old)
+        num_ids = int(max(old.max(), new.max())) + 1
+    dtype = np.int32 if expert_shift + _bits(num_layers * num_ids) <= 31 else np.int64
+    # ``code``: the low key fields (slot, GPU in node, node) of each slot ``j`` of a layer; ``code_slot`` and
+    # ``code_gpu`` read them back.
+    index = np.arange(num_phy, dtype=dtype)
+    gpu = index // per_gpu
+    code = ((gpu // per_node) << node_shift) | ((gpu % per_node) << gpu_shift) | (index - gpu * per_gpu)
+    code_position = np.zeros(1 << expert_shift, dtype=np.int64)
+    code_position[code + (1 << slot_bits)] = np.arange(num_phy)  # codes of changed slots (new? set)
+    code_gpu = np.zeros(1 << (expert_shift - gpu_shift), dtype=np.int64)
+    code_gpu[code[::per_gpu] >> gpu_shift] = np.arange(num_gpus)
+    base = ((np.arange(num_layers, dtype=dtype) * num_ids) << expert_shift)[:, None] + code
+    num_old = old.size
+    keys = np.empty(num_old + num_new, dtype=dtype)
+    np.left_shift(old, expert_shift, out=keys[:num_old].reshape(old.shape), casting="unsafe")
+    keys[:num_old] += base.ravel()
+    np.left_shift(new.ravel()[changed], expert_shift, out=keys[num_old:], casting="unsafe")
+    keys[num_old:] += base.ravel()[changed]
+    keys[num_old:] += 1 << slot_bits
+    keys.sort()
+
+    slot_mask = (1 << slot_bits) - 1
+    is_new = (keys & (1 << slot_bits)) != 0
+    run = keys >> gpu_shift  # (layer, expert, GPU)
+    starts = _run_starts(run)
+    new_at = np.flatnonzero(is_new)  # sorted positions of the changed slots
+    holder_at = np.flatnonzero(starts > is_new)  # the first old slot of each (layer, expert, GPU)
+    num_holders = holder_at.size
+    h_key = keys[holder_at]
+    # Holders before each changed slot: the old slots before it, less those repeating their run's expert.
+    before = new_at - np.arange(num_new)
+    if keys.size - num_new - num_holders:
+        before -= np.searchsorted(np.flatnonzero(~(starts | is_new)), new_at)
+    last = before - 1  # the holder of the changed slot's run, if it has one (-1 reads the last: never its run)
+    local = run[holder_at[last]] == run[new_at]
+    need = starts[new_at]  # the first changed slot of a run without a holder
+    n_key = keys[new_at]
+    n_slot = n_key & slot_mask
+    row_of = np.empty(num_old, dtype=np.int64)
+    row_of[changed] = np.arange(num_new)
+    row = row_of[(n_key >> expert_shift) // num_ids * num_phy + code_position[n_key & ((1 << expert_shift) - 1)]]
+    src_slot[row] = np.where(local, h_key[last] & slot_mask, n_slot)
+    need_i = np.flatnonzero(need)
+    dup_i = np.flatnonzero(~(local | need))
+    if dup_i.size:  # more slots of a received expert: stage 1, from the run's first changed slot
+        src_slot[row[dup_i]] = n_slot[need_i[np.searchsorted(need_i, dup_i) - 1]]
+        stage[row[dup_i]] = 1
+    need_row = row[need_i]
+
+    # Candidates of each need: the holders of its (layer, expert) on its node if any (a run of equal
+    # ``h_node``), else all of them (a run of equal ``h_expert``).
+    need_key = n_key[need_i]
+    after = before[need_i]  # the first holder after the need
+    h_node = h_key >> node_shift
+    node_flags = _run_starts(h_node)
+    node_first = np.flatnonzero(node_flags)
+    node_id = np.cumsum(node_flags, dtype=np.int64)
+    node_id -= 1
+    need_node = need_key >> node_shift
+    prev_in = (h_node[after - 1] == need_node) & (after > 0)  # -1 reads the last holder: ruled out
+    near = prev_in | (h_node[np.minimum(after, num_holders - 1)] == need_node)
+    node_run = node_id[np.where(prev_in, after - 1, np.minimum(after, num_holders - 1))]
+    h_expert = h_key >> expert_shift
+    expert_first = np.flatnonzero(_run_starts(h_expert))
+    held = h_expert[expert_first]  # the (layer, expert) pairs old holds
+    expert_run = np.empty(num_layers * num_ids, dtype=np.int64)
+    expert_run[held] = np.arange(expert_first.size)
+    expert_count = np.zeros(num_layers * num_ids, dtype=np.int64)
+    expert_count[held] = np.diff(expert_first, append=num_holders)
+    need_expert = need_key >> expert_shift
+    count = expert_count[need_expert]
+    missing = np.flatnonzero(count == 0)
+    if missing.size:
+        bad = need_row[missing].min()
+        raise ValueError(
+            f"new_phy2log needs expert {expert[bad]} in layer {layer[bad]}, which old_phy2log does not hold"
+        )
+    need_run = expert_run[need_expert]
+    source = expert_first[need_run]
+    source[near] = node_first[node_run[near]]
+    node_end = np.append(node_first[1:], num_holders)
+    count[near] = node_end[node_run[near]] - source[near]
+    h_gpu = code_gpu[(h_key >> gpu_shift) & ((1 << (expert_shift - gpu_shift)) - 1)]
+    multi = np.flatnonzero(count > 1)
+    if multi.size:
+        h_lg = h_expert // num_ids * num_gpus + h_gpu
+        runs = (node_run, need_run, node_first, expert_run[h_expert])
+        source[multi] = _spread_sources(source, multi, count, ~near, runs, h_lg, h_gpu, num_layers, num_gpus)
+    src_gpu[need_row] = h_gpu[source]
+    src_slot[need_row] = h_key[source] & slot_mask
+    return layer, expert, src_gpu, src_slot, dst_gpu, dst_slot, stage
 
 
-def _plan_layer(
-    layer: int, old: np.ndarray, new: np.ndarray, num_gpus: int, per_gpu: int, per_node: int, total_sends: np.ndarray
-) -> list[tuple[int, ...]]:
-    """Rows ``(layer, expert, src_gpu, src_slot, dst_gpu, dst_slot, stage)`` of one layer."""
-    old2, new2 = old.reshape(num_gpus, per_gpu), new.reshape(num_gpus, per_gpu)
-    holders: dict[int, dict[int, int]] = {}  # expert -> {gpu: first old slot}
-    for gpu in range(num_gpus):
-        for slot in range(per_gpu):
-            holders.setdefault(int(old2[gpu, slot]), {}).setdefault(gpu, slot)
-    rows: dict[tuple[int, int], tuple[int, ...]] = {}  # (dst_gpu, dst_slot) -> row
-    needs: list[tuple[int, int, int]] = []  # remote copies still without a source: (dst_gpu, dst_slot, expert)
-    duplicates: list[tuple[int, int, int, int]] = []  # (dst_gpu, dst_slot, expert, first dst slot)
-    for gpu in range(num_gpus):
-        first_received: dict[int, int] = {}
-        for slot in range(per_gpu):
-            expert = int(new2[gpu, slot])
-            if expert == old2[gpu, slot]:
-                continue
-            here = holders.get(expert, {})
-            if gpu in here:
-                rows[gpu, slot] = (layer, expert, gpu, here[gpu], gpu, slot, 0)
-            elif expert in first_received:
-                duplicates.append((gpu, slot, expert, first_received[expert]))
-            elif not here:
-                raise ValueError(f"new_phy2log needs expert {expert} in layer {layer}, which old_phy2log does not hold")
-            else:
-                first_received[expert] = slot
-                needs.append((gpu, slot, expert))
+def _spread_sources(
+    source: np.ndarray,
+    multi: np.ndarray,
+    count: np.ndarray,
+    cross: np.ndarray,
+    runs: tuple[np.ndarray, ...],
+    h_lg: np.ndarray,
+    h_gpu: np.ndarray,
+    num_layers: int,
+    num_gpus: int,
+) -> np.ndarray:
+    """The holder each need of ``multi`` (several candidates) copies from: :func:`plan_transfers`' spread rule.
 
-    # Most constrained first: fewest candidates on the destination's node, then fewest overall.
-    def constraint(need: tuple[int, int, int]) -> tuple[int, int, int, int]:
-        gpu, slot, expert = need
-        near = sum(1 for g in holders[expert] if g // per_node == gpu // per_node)
-        return (near if near else num_gpus + len(holders[expert]), len(holders[expert]), gpu, slot)
+    ``source``/``count``: per need, its first candidate holder and how many; ``cross``: the candidates are all
+    holders of the expert (none on the need's node). ``runs``: per need its node run and expert run, per node
+    run its first holder, per holder its expert run. ``h_lg``: each holder's ``layer * G + GPU``.
 
-    sends = np.zeros(num_gpus, dtype=np.int64)
-    for gpu, slot, expert in sorted(needs, key=constraint):
-        source = min(holders[expert], key=lambda g: (g // per_node != gpu // per_node, sends[g], total_sends[g], g))
-        sends[source] += 1
-        total_sends[source] += 1
-        rows[gpu, slot] = (layer, expert, source, holders[expert][source], gpu, slot, 0)
-    for gpu, slot, expert, first in duplicates:
-        rows[gpu, slot] = (layer, expert, gpu, first, gpu, slot, 1)
-    return [rows[key] for key in sorted(rows)]
+    The potential is ``(sum over layers and GPUs of sends^2, sum over GPUs of plan sends^2)``, compared
+    lexicographically. A *layer move* gives a need to a candidate with at least 2 fewer sends in the layer (the
+    first sum drops); a *swap* to one with exactly 1 fewer in the layer and at least 2 fewer in the plan (the first
+    sum stays, the second drops). Rounds make such moves until none is left.
+    """
+    need_node, need_expert, node_first, holder_expert = runs
+    single = np.ones(source.size, dtype=bool)
+    single[multi] = False
+    num_lg = num_layers * num_gpus
+    fixed = np.bincount(h_lg[source[single]], minlength=num_lg)
+    # The sub-problem: the holders of the experts that multi needs copy, node runs inside expert runs.
+    node_end = np.append(node_first[1:], h_lg.size)
+    used = np.zeros(int(holder_expert[-1]) + 1, dtype=bool)
+    used[need_expert[multi]] = True
+    nodes = np.flatnonzero(used[holder_expert[node_first]])
+    length = node_end[nodes] - node_first[nodes]
+    node_at = np.zeros(nodes.size, dtype=np.int64)  # first sub-holder of each node run
+    np.cumsum(length[:-1], out=node_at[1:])
+    sub = np.arange(int(length.sum())) + np.repeat(node_first[nodes] - node_at, length)
+    node_expert = holder_expert[node_first[nodes]]
+    expert_flags = _run_starts(node_expert)
+    expert_at = np.flatnonzero(expert_flags)  # first node run (in ``nodes``) of each expert run
+    node_pos = np.zeros(node_first.size, dtype=np.int64)
+    node_pos[nodes] = np.arange(nodes.size)
+    expert_pos = np.zeros(used.size, dtype=np.int64)
+    expert_pos[node_expert[expert_flags]] = np.arange(expert_at.size)
+    m_cross = cross[multi]
+    m_expert = expert_pos[need_expert[multi]]
+    m_node = node_pos[need_node[multi]]
+    group = np.where(m_cross, nodes.size + m_expert, m_node)  # into concatenate((node minima, expert minima))
+    lo = node_at[np.where(m_cross, expert_at[m_expert], m_node)]
+    cnt = count[multi]
+    s_lg, s_gpu = h_lg[sub], h_gpu[sub]
+    num_sub = sub.size
+    index = np.arange(num_sub)
+    rank = np.empty(num_gpus, dtype=np.int64)
+    gpus = np.arange(num_gpus)
+
+    def best(loads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per need, the candidate with the fewest ``loads`` in its layer, then in the plan, then the lowest GPU;
+        every candidate's ``(load * G + rank in the plan) * num_sub + index``; the plan's loads per GPU."""
+        per_layer = loads.reshape(num_layers, num_gpus)
+        totals = per_layer.sum(axis=0)
+        rank[np.argsort(totals, kind="stable")] = gpus
+        value = (per_layer * num_gpus + rank).ravel()[s_lg]
+        value *= num_sub
+        value += index
+        node_min = np.minimum.reduceat(value, node_at)
+        minima = np.concatenate((node_min, np.minimum.reduceat(node_min, expert_at)))
+        return minima[group] % num_sub, value, totals
+
+    # Start: the candidate with the fewest expected sends (a need with c candidates counts 1/c on each), the
+    # needs of one candidate range dealt round robin from it.
+    spread = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt - lo, cnt)
+    expected = np.bincount(s_lg[spread], weights=np.repeat(_SHARE // cnt, cnt), minlength=num_lg)
+    start = best(fixed * _SHARE + expected.astype(np.int64))[0]
+    pick = lo + (start - lo + _ranks(group)) % cnt
+    loads = fixed + np.bincount(s_lg[pick], minlength=num_lg)
+    scale = num_gpus * num_sub
+    while True:
+        alt, value, totals = best(loads)
+        gain = value[pick] // scale - value[alt] // scale
+        cur_gpu, alt_gpu = s_gpu[pick], s_gpu[alt]
+        moves = np.flatnonzero((gain >= 2) | ((gain == 1) & (totals[cur_gpu] - totals[alt_gpu] >= 2)))
+        if not moves.size:
+            return sub[pick]
+        cur_lg, alt_lg = s_lg[pick[moves]], s_lg[alt[moves]]
+        gain, cur_gpu, alt_gpu = gain[moves], cur_gpu[moves], alt_gpu[moves]
+        if moves.size <= _FEW_MOVES:
+            accept = _accept_in_turn(gain, cur_lg, alt_lg, cur_gpu, alt_gpu, loads, totals)
+        else:
+            accept = _accept_together(gain, cur_lg, alt_lg, cur_gpu, alt_gpu, totals)
+        np.subtract.at(loads, cur_lg[accept], 1)
+        np.add.at(loads, alt_lg[accept], 1)
+        moves = moves[accept]
+        pick[moves] = alt[moves]
+
+
+_FEW_MOVES = 64  # rounds with at most this many candidate moves try them one by one
+_SHARE = 2520  # 1/c for c = 1 .. 10 in integers (the start's expected sends)
+
+
+def _accept_together(
+    gain: np.ndarray,
+    cur_lg: np.ndarray,
+    alt_lg: np.ndarray,
+    cur_gpu: np.ndarray,
+    alt_gpu: np.ndarray,
+    totals: np.ndarray,
+) -> np.ndarray:
+    """``bool``: candidate moves that can all be made at once, the potential still dropping.
+
+    Priority: layer moves (``gain >= 2``) first, then in order. A layer move ``a -> b`` of gain ``d`` goes if
+    ``d >= 2 + r_a + r_b``, ``r_a`` (``r_b``) counting the candidates of higher priority that leave ``a`` (reach
+    ``b``) in the layer: the layer's sum of squares changes by at most ``sum over moves of 2 (1 + r_a + r_b - d)``.
+    A swap goes if ``r_a = r_b = 0`` (the layer's sum cannot grow) and the plan totals differ by at least
+    ``2 + r'_a + r'_b`` (the same count among the swaps, per GPU): the plan's sum drops if the layers' do not.
+    The first candidate always goes.
+    """
+    second = gain < 2
+    order = np.argsort(second, kind="stable")
+    ranks = np.empty(gain.size, dtype=np.int64)
+    ranks[order] = _ranks(cur_lg[order]) + _ranks(alt_lg[order])
+    accept = gain >= 2 + ranks
+    swap = np.flatnonzero(second & (ranks == 0))
+    if swap.size:
+        from_gpu, to_gpu = cur_gpu[swap], alt_gpu[swap]
+        accept[swap] = totals[from_gpu] - totals[to_gpu] >= 2 + _ranks(from_gpu) + _ranks(to_gpu)
+    return accept
+
+
+def _accept_in_turn(
+    gain: np.ndarray,
+    cur_lg: np.ndarray,
+    alt_lg: np.ndarray,
+    cur_gpu: np.ndarray,
+    alt_gpu: np.ndarray,
+    loads: np.ndarray,
+    totals: np.ndarray,
+) -> np.ndarray:
+    """``bool``: candidate moves that still lower the potential when made one after the other (layer moves first,
+    then in order); the first candidate always goes."""
+    accept = np.zeros(gain.size, dtype=bool)
+    load: dict[int, int] = {}
+    total: dict[int, int] = {}
+    cur_lg, alt_lg, cur_gpu, alt_gpu = cur_lg.tolist(), alt_lg.tolist(), cur_gpu.tolist(), alt_gpu.tolist()
+    for i in np.argsort(gain < 2, kind="stable").tolist():
+        a, b, ga, gb = cur_lg[i], alt_lg[i], cur_gpu[i], alt_gpu[i]
+        la, lb = load.get(a, int(loads[a])), load.get(b, int(loads[b]))
+        ta, tb = total.get(ga, int(totals[ga])), total.get(gb, int(totals[gb]))
+        if la - lb >= 2 or (la - lb == 1 and ta - tb >= 2):
+            load[a], load[b], total[ga], total[gb] = la - 1, lb + 1, ta - 1, tb + 1
+            accept[i] = True
+    return accept
+
+
+def _bits(count: int) -> int:
+    """Bits that hold ``0 .. count - 1``."""
+    return (count - 1).bit_length()
+
+
+def _run_starts(key: np.ndarray) -> np.ndarray:
+    """``bool [n]``: entry ``i`` of sorted ``key`` starts a run of equal values."""
+    flags = np.empty(key.size, dtype=bool)
+    flags[:1] = True
+    np.not_equal(key[1:], key[:-1], out=flags[1:])
+    return flags
+
+
+def _ranks(key: np.ndarray) -> np.ndarray:
+    """``[n]`` int64: how many earlier entries have the same (non-negative) ``key``."""
+    n = key.size
+    order = np.argsort(key * n + np.arange(n))  # distinct values: the order is the stable one
+    first = np.where(_run_starts(key[order]), np.arange(n), 0)
+    np.maximum.accumulate(first, out=first)
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[order] = np.arange(n) - first
+    return ranks
 
 
 _ARRAY_TYPES = {"numpy": "numpy array or list", "torch": "torch.Tensor", "jax": "jax.Array"}

@@ -235,3 +235,65 @@ def moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
             total += sum((has - had).values())
         out.append(total)
     return np.array(out, dtype=np.int64)
+
+
+def plan_transfers_reference(
+    old: list[list[int]], new: list[list[int]], num_gpus: int, num_nodes: int = 1
+) -> list[tuple[int, int, int, int, int, int, int]]:
+    """The sequential greedy transfer planner (eplb 0.x's ``plan_transfers``), for comparison.
+
+    Rows ``(layer, expert, src_gpu, src_slot, dst_gpu, dst_slot, stage)`` sorted by layer, destination GPU and
+    slot: a changed slot copies from the first old slot of its GPU holding the expert (stage 0), else the first
+    such slot of the GPU (in slot order) receives it from another GPU (stage 0) and the others copy from it
+    (stage 1). A remote source is a holder on the destination's node if any, then the fewest sends so far in
+    the layer, then in the whole plan, then the lowest GPU; needs with the fewest candidates go first.
+    Raises ValueError like eplb when ``new`` needs an expert that ``old`` lacks in that layer.
+    """
+    old, new = [list(map(int, row)) for row in old], [list(map(int, row)) for row in new]
+    per_gpu = len(old[0]) // num_gpus if old else 0
+    per_node = num_gpus // num_nodes
+    total_sends = [0] * num_gpus
+    rows: list[tuple[int, int, int, int, int, int, int]] = []
+    for layer, (old_row, new_row) in enumerate(zip(old, new, strict=True)):
+        holders: dict[int, dict[int, int]] = {}  # expert -> {gpu: first old slot}
+        for j, expert in enumerate(old_row):
+            holders.setdefault(expert, {}).setdefault(j // per_gpu, j % per_gpu)
+        out: dict[tuple[int, int], tuple[int, int, int, int, int, int, int]] = {}
+        needs, duplicates = [], []
+        for gpu in range(num_gpus):
+            first_received: dict[int, int] = {}
+            for slot in range(per_gpu):
+                j = gpu * per_gpu + slot
+                expert = new_row[j]
+                if expert == old_row[j]:
+                    continue
+                here = holders.get(expert, {})
+                if gpu in here:
+                    out[gpu, slot] = (layer, expert, gpu, here[gpu], gpu, slot, 0)
+                elif expert in first_received:
+                    duplicates.append((gpu, slot, expert, first_received[expert]))
+                elif not here:
+                    raise ValueError(
+                        f"new_phy2log needs expert {expert} in layer {layer}, which old_phy2log does not hold"
+                    )
+                else:
+                    first_received[expert] = slot
+                    needs.append((gpu, slot, expert))
+
+        def constraint(need, holders=holders):
+            gpu, slot, expert = need
+            near = sum(1 for g in holders[expert] if g // per_node == gpu // per_node)
+            return (near if near else num_gpus + len(holders[expert]), len(holders[expert]), gpu, slot)
+
+        sends = [0] * num_gpus
+        for gpu, slot, expert in sorted(needs, key=constraint):
+            source = min(
+                holders[expert], key=lambda g, gpu=gpu: (g // per_node != gpu // per_node, sends[g], total_sends[g], g)
+            )
+            sends[source] += 1
+            total_sends[source] += 1
+            out[gpu, slot] = (layer, expert, source, holders[expert][source], gpu, slot, 0)
+        for gpu, slot, expert, first in duplicates:
+            out[gpu, slot] = (layer, expert, gpu, first, gpu, slot, 1)
+        rows.extend(out[key] for key in sorted(out))
+    return rows
