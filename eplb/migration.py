@@ -274,14 +274,15 @@ def plan_transfers(
 
         The choice is deterministic. Each copy starts at its candidate with
         the fewest expected sends in the layer (a copy with ``k`` candidates
-        counts ``1/k`` on each; ties: the fewest in the whole plan, then the
-        lowest GPU); copies with the same candidates are dealt round robin
-        from there. Then, in rounds until none is left, a copy moves to its
-        best candidate (fewest sends in the layer, then in the plan, then
-        the lowest GPU) if that one sends at least 2 fewer copies in the
-        layer, or exactly 1 fewer in the layer and at least 2 fewer in the
-        plan. A round makes several moves at once only when together they
-        provably lower ``(sum over l, g of sends[l, g]^2, sum over g of
+        counts ``1/k`` on each, rounded down to a multiple of ``1/2520``;
+        ties: the fewest in the whole plan, then the lowest GPU); copies with
+        the same candidates are dealt round robin from there, in row order.
+        Then, in rounds until none is left, a copy moves to its best
+        candidate (fewest sends in the layer, then in the plan, then the
+        lowest GPU) if that one sends at least 2 fewer copies in the layer,
+        or exactly 1 fewer in the layer and at least 2 fewer in the plan. A
+        round makes several moves at once only when together they provably
+        lower ``(sum over l, g of sends[l, g]^2, sum over g of
         sends[:, g].sum()^2)`` (compared in that order), so the rounds end.
         All of it is vectorised numpy: one sort of the slots, then a few
         rounds over the copies that have several candidates.
@@ -525,7 +526,7 @@ def _spread_sources(
     start = best(fixed * _SHARE + expected.astype(np.int64))[0]
     pick = lo + (start - lo + _ranks(group)) % cnt
     loads = fixed + np.bincount(s_lg[pick], minlength=num_lg)
-    scale = num_gpus * num_sub
+    scale = num_gpus * num_sub  # values stay below (copies + 1) * scale: far from 2**63 at any real size
     while True:
         alt, value, totals = best(loads)
         gain = value[pick] // scale - value[alt] // scale
