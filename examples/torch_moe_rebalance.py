@@ -77,10 +77,13 @@ class ExpertParallelMoE(nn.Module):
         """The placement in force (the buffers themselves)."""
         return eplb.Placement(self.phy2log, self.log2phy, self.logcnt)
 
-    def adopt(self, placement: eplb.Placement) -> None:
-        """Route by ``placement`` from now on (its weights must be in place)."""
+    def adopt(self, placement: eplb.Placement, layer: int | None = None) -> None:
+        """Route ``layer`` (default: every layer) by ``placement`` from now on (its weights must be in place)."""
         for mine, new in zip(self.placement(), placement, strict=True):
-            mine.copy_(new)
+            if layer is None:
+                mine.copy_(new)
+            else:
+                mine[layer].copy_(new[layer])
 
     def expected(self, logical: torch.Tensor) -> torch.Tensor:
         """``[L, R/G, ...]``: the logical experts' weights that this rank's slots must hold."""
@@ -145,6 +148,9 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, list] | Non
     model = ExpertParallelMoE(args.layers, args.experts, args.replicas, start).to(device)
     tracker = eplb.LoadTracker(args.layers, args.experts, args.window, backend="torch", device=device)
     rebalancer = eplb.Rebalancer(*sizes, initial=eplb.Placement(*(a.to(device) for a in start)))
+    # The moves get their own group (communicator): with NCCL, copies in flight on the model's group would queue
+    # the forward pass's collectives behind them.
+    moves = dist.new_group(backend=dist.get_backend())
     probe = torch.randn(world, args.tokens, D_MODEL)[rank].to(device)  # this rank's share of a fixed batch
     data = torch.Generator().manual_seed(1 + rank)  # each rank serves its own requests
     report: dict[str, list] = {key: [] for key in ("before", "after", "max_output_change", "moved", "layers")}
@@ -165,10 +171,21 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, list] | Non
             reference, before = model(probe)
             received: list[int] = []  # plan rows this rank received from other ranks
             weights = {"w_in": model.w_in, "w_out": model.w_out}
-            eplb.executors.torch.apply_plan(decision.plan, weights, on_transfer=received.append)  # collective
-            model.adopt(decision.placement)
+            change = torch.zeros(())
+            if args.all_at_once:
+                eplb.executors.torch.apply_plan(decision.plan, weights, group=moves, on_transfer=received.append)
+                model.adopt(decision.placement)
+            else:  # layer by layer: the model keeps serving while each layer's copies are in flight
+                for layer in decision.layers.tolist():
+                    pending = eplb.executors.torch.begin(
+                        decision.plan, weights, layers=[layer], group=moves, on_transfer=received.append
+                    )
+                    during, _ = model(probe)  # this layer still on its old weights and routing
+                    change = torch.maximum(change, (during - reference).abs().max())
+                    pending.finish()  # every rank has the layer's copies: switch its routing
+                    model.adopt(decision.placement, layer=layer)
             output, after = model(probe)
-            change = (output - reference).abs().max()
+            change = torch.maximum(change, (output - reference).abs().max())
             dist.all_reduce(change, op=dist.ReduceOp.MAX)
 
             phy2log = decision.placement.phy2log.tolist()
@@ -224,6 +241,10 @@ def main(argv: list[str] | None = None) -> dict[str, list] | None:
     parser.add_argument("--groups", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per rank and step")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--all-at-once", action="store_true", help="move every changed layer in one apply_plan (default: one "
+        "layer at a time with executors.torch.begin/finish, serving in between)"
+    )  # fmt: skip
     parser.add_argument("--report", help="write rank 0's report to this JSON file")
     args = parser.parse_args(argv)
     if args.every % args.window:

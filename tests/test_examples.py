@@ -43,9 +43,12 @@ def _check(report: dict) -> None:
     assert report["weights_match"] == [[True] * WORLD] * 2
 
 
-def test_torch_example(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--all-at-once"]], ids=["layer-by-layer", "all-at-once"])
+def test_torch_example(tmp_path, mode):
+    """Layer by layer (begin/finish, serving the probe batch while each layer's copies are in flight: its output
+    must not change) and all at once (apply_plan)."""
     pytest.importorskip("torch")
-    report = _run("torch_moe_rebalance", ["--world", str(WORLD)], tmp_path)
+    report = _run("torch_moe_rebalance", ["--world", str(WORLD), *mode], tmp_path)
     _check(report)
     # The executor ran: the ranks received (on_transfer) exactly the plan's copies between ranks.
     assert [sum(ranks) for ranks in report["received"]] == report["moved"]
