@@ -12,6 +12,7 @@ import numpy as np
 from eplb import _validate, _xp
 from eplb.algorithms import packing as _packing
 from eplb.algorithms import replication as _replication
+from eplb.algorithms.elastic import node_fallback_needed
 from eplb.algorithms.loads import clean_loads
 from eplb.algorithms.policies import POLICIES
 from eplb.backends import get_backend
@@ -146,6 +147,52 @@ def _checked_previous(
     return previous
 
 
+def _checked_active_gpus(
+    active_gpus: Any, weight: Any, backend: Any, sizes: tuple[int, int, int], check_values: bool | None
+) -> tuple[Any, Any]:
+    """``active_gpus`` [G] bool, on ``weight``'s kind and device; returns ``(mask, host values or None)``.
+
+    ``sizes`` is ``(num_experts, num_replicas, num_gpus)``. Host values are
+    read where free (as for the loads, see ``check_values``) and must leave
+    at least ``E`` live slots.
+    """
+    num_experts, num_replicas, num_gpus = sizes
+    name = _xp.backend_name(weight)
+    try:
+        kind = _xp.backend_name(active_gpus)
+    except TypeError:
+        kind = None
+    if kind == "numpy":
+        try:
+            active_gpus = np.asarray(active_gpus)
+        except ValueError as err:
+            raise ValueError(f"active_gpus must be a 1-D [num_gpus] bool array: {err}") from None
+        if active_gpus.dtype != np.bool_:
+            raise TypeError(f"active_gpus must hold bools (True: the GPU is up), got dtype {active_gpus.dtype}")
+        if name == "torch":
+            active_gpus = sys.modules["torch"].as_tensor(active_gpus, device=weight.device)
+        elif name == "jax":
+            active_gpus = sys.modules["jax"].numpy.asarray(active_gpus)
+    elif kind != name:
+        what = type(active_gpus).__module__ + "." + type(active_gpus).__qualname__
+        raise TypeError(
+            f"active_gpus must be a bool array of the loads' framework ({name}), a numpy array or a list; got {what}"
+        )
+    elif backend.dtype_kind(active_gpus) != "b":
+        raise TypeError(f"active_gpus must hold bools (True: the GPU is up), got dtype {active_gpus.dtype}")
+    elif name == "torch":
+        active_gpus = active_gpus.to(weight.device)
+    if tuple(active_gpus.shape) != (num_gpus,):
+        raise ValueError(f"active_gpus must have shape [num_gpus] = [{num_gpus}], got {list(active_gpus.shape)}")
+    values = None
+    if check_values is not False:
+        values = backend.host_values(active_gpus, force=bool(check_values))
+    if values is not None:
+        values = np.asarray(values).astype(bool)
+        _validate.check_active_gpus(values, num_experts, num_replicas, num_gpus)
+    return active_gpus, values
+
+
 def _traced_knob(name: str, value: Any, kind: str) -> bool:
     """Whether ``value`` is a JAX array knob, kept as an array (its value is used on the device: no recompile
     per value, no host read); checked for shape and dtype only. ``kind``: "f" (a float) or "i" (an int)."""
@@ -221,6 +268,7 @@ def rebalance_experts(
     previous: Any = None,
     balance_tolerance: float | None = None,
     max_moves: int | None = None,
+    active_gpus: Any = None,
 ) -> Placement:
     """Place ``num_replicas`` expert replicas on ``num_gpus`` GPUs, per layer.
 
@@ -304,6 +352,22 @@ def rebalance_experts(
         Where the ids are not read (``check_values`` above), a layer whose
         ``previous`` is not such a placement gets the relabelled placement
         of ``previous=`` alone, and the cap does not apply to it.
+    active_gpus : array [num_gpus], bool, keyword-only
+        GPUs that are up (failed GPUs: ``False``). Slots of failed GPUs hold
+        no expert: ``-1`` in ``phy2log``, never in ``log2phy``; ``logcnt``
+        counts live replicas (>= 1 each, summing to the live slots). The
+        greedy rule on the live GPUs alone, scattered back; the hierarchical
+        policy falls back to the global rule when a node has fewer live
+        slots than the experts of its groups (``docs/algorithm.md``,
+        "Failed GPUs"). A numpy array or list, or an array of the loads'
+        framework (JAX: may be traced; a new mask does not recompile).
+        Needs at least ``E`` live slots (``ValueError`` where the mask is read
+        on the host, by the ``check_values`` rule; where it is not, e.g. a
+        traced mask, too few live slots give ``phy2log = -1`` and
+        ``logcnt = 0`` everywhere). Greedy policy only; not with ``spill``,
+        ``previous``, ``balance_tolerance`` or ``max_moves`` yet. Runs the
+        array-API path on every backend (no fused kernel), identical bit
+        for bit; all-``True`` gives the placement without the mask.
 
     Returns
     -------
@@ -332,7 +396,17 @@ def rebalance_experts(
     backend, weight = _checked_weight(weight, check_values)
     settings = (weight.shape[1], num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy, spill)
     num_replicas, num_groups, num_nodes, num_gpus, hierarchical, spill = _checked_settings(*settings)
+    if active_gpus is not None:
+        _unsupported_with_active_gpus(policy, spill, previous, balance_tolerance, max_moves)
     balance_tolerance, max_moves = _checked_knobs(balance_tolerance, max_moves, previous, spill)
+    elastic = {}
+    if active_gpus is not None:
+        sizes = (weight.shape[1], num_replicas, num_gpus)
+        active_gpus, live = _checked_active_gpus(active_gpus, weight, backend, sizes, check_values)
+        if live is None or not live.all():  # all up, read on the host: the placement without the mask
+            elastic = {"active_gpus": active_gpus}
+            if live is not None and hierarchical:
+                elastic["node_fallback"] = node_fallback_needed(live, *sizes[:2], num_nodes, num_gpus)
     for knob, value in (("balance_tolerance", balance_tolerance), ("max_moves", max_moves)):
         if not isinstance(value, int | float | type(None)) and _xp.backend_name(weight) != "jax":
             raise TypeError(f"{knob} as a JAX array needs JAX loads; pass a Python number with {type(weight).__name__}")
@@ -354,9 +428,34 @@ def rebalance_experts(
         )
         return Placement(*placement)
     placement = backend.rebalance(
-        weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, policy=policy, spill=spill
+        weight,
+        num_replicas,
+        num_groups,
+        num_nodes,
+        num_gpus,
+        hierarchical=hierarchical,
+        policy=policy,
+        spill=spill,
+        **elastic,
     )
     return Placement(*placement)
+
+
+def _unsupported_with_active_gpus(policy: str, spill: int, previous: Any, tolerance: Any, max_moves: Any) -> None:
+    """``active_gpus`` supports the plain greedy call for now: a ``ValueError`` naming the other argument."""
+    others = [
+        f"policy={policy!r}" if policy != "greedy" else None,
+        f"spill={spill}" if spill else None,
+        "previous=" if previous is not None else None,
+        "balance_tolerance=" if tolerance is not None else None,
+        "max_moves=" if max_moves is not None else None,
+    ]
+    others = [o for o in others if o is not None]
+    if others:
+        raise ValueError(
+            f"active_gpus cannot be combined with {', '.join(others)} yet: elastic placement supports the "
+            "greedy policy (hierarchical or global) without spill or previous="
+        )
 
 
 def balanced_packing(weight: Any, num_packs: int, *, check_values: bool | None = None) -> tuple[Any, Any]:

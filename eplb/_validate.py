@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "check_active_gpus",
     "check_config",
     "check_count",
     "check_flag",
@@ -178,4 +179,15 @@ def check_previous_placement(
             f"previous is not a placement of this configuration (layer {layer}: group {g} spans nodes "
             f"{low[layer, g]} to {high[layer, g]}, and the hierarchical policy keeps each group on one node), "
             "so max_moves cannot be honoured; pass previous= alone (or with balance_tolerance=) to relabel from it"
+        )
+
+
+def check_active_gpus(live: np.ndarray, num_experts: int, num_replicas: int, num_gpus: int) -> None:
+    """Readable ``active_gpus`` (host bools ``[G]``) leave at least ``E`` live slots."""
+    per_gpu = num_replicas // num_gpus
+    count = int(np.count_nonzero(live))
+    if count * per_gpu < num_experts:
+        raise ValueError(
+            f"active_gpus leaves {count} of {num_gpus} GPUs up, {count * per_gpu} live slots "
+            f"({per_gpu} per GPU): fewer than the {num_experts} experts, each of which needs a slot"
         )

@@ -297,3 +297,86 @@ def plan_transfers_reference(
             out[gpu, slot] = (layer, expert, gpu, first, gpu, slot, 1)
         rows.extend(out[key] for key in sorted(out))
     return rows
+
+
+def _scatter_live(local: list[int], local_rank: list[int], live: list[bool], per_gpu: int) -> tuple[list, list]:
+    """Slots of a cluster of the live GPUs alone, back on the full set of GPUs (-1 on dead ones)."""
+    phy2log = [-1] * (len(live) * per_gpu)
+    rank = [-1] * (len(live) * per_gpu)
+    live_ids = [g for g, up in enumerate(live) if up]
+    for j, (e, r) in enumerate(zip(local, local_rank, strict=True)):
+        slot = live_ids[j // per_gpu] * per_gpu + j % per_gpu
+        phy2log[slot], rank[slot] = e, r
+    return phy2log, rank
+
+
+def _log2phy(phy2log: list[int], phyrank: list[int], num_log: int) -> list[list[int]]:
+    width = len(phy2log) - num_log + 1
+    log2phy = [[-1] * width for _ in range(num_log)]
+    for slot, (e, r) in enumerate(zip(phy2log, phyrank, strict=True)):
+        if e >= 0:
+            log2phy[e][r] = slot
+    return log2phy
+
+
+def _greedy_node(w: list, experts: list[int], live: list[bool], per_gpu: int) -> tuple[list, list, list]:
+    """One node (or the whole cluster): greedy replication and LPT on its live GPUs only."""
+    local = [w[e] for e in experts]
+    num_phy = per_gpu * sum(live)
+    p2l, rank, cnt = replicate(local, num_phy)
+    loads = [F32(local[p2l[j]] * recip(cnt[p2l[j]])) for j in range(num_phy)]
+    gpu, slot = pack(loads, sum(live))
+    placed = [0] * num_phy
+    for j in range(num_phy):
+        placed[gpu[j] * per_gpu + slot[j]] = j
+    phy2log, phyrank = _scatter_live([experts[p2l[j]] for j in placed], [rank[j] for j in placed], live, per_gpu)
+    return phy2log, phyrank, cnt
+
+
+def elastic_layer(
+    weight: list[float], num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, live: list[bool]
+) -> tuple[list[int], list[list[int]], list[int]]:
+    """Elastic placement of one layer (``docs/algorithm.md``, "Failed GPUs"), from its description.
+
+    Global policy (``num_groups % num_nodes`` or one node, one group): the
+    greedy policy on a cluster of the live GPUs alone, scattered back.
+    Hierarchical: groups to nodes as the greedy does, then that per node; if
+    some node has fewer live slots than experts of its groups, the global rule.
+    """
+    w = [F32(0) if F32(x) < TINY else F32(x) for x in weight]
+    num_log = len(w)
+    per_gpu = num_phy // num_gpus
+    if num_groups % num_nodes:
+        num_groups, num_nodes = 1, 1
+    gpus_per_node = num_gpus // num_nodes
+    node_live = [live[n * gpus_per_node : (n + 1) * gpus_per_node] for n in range(num_nodes)]
+    if any(sum(nl) * per_gpu < num_log // num_nodes for nl in node_live):
+        num_groups, num_nodes, gpus_per_node, node_live = 1, 1, num_gpus, [list(live)]
+    gsize, gpn = num_log // num_groups, num_groups // num_nodes
+    group_load = []
+    for g in range(num_groups):
+        s = w[g * gsize]
+        for k in range(1, gsize):
+            s = F32(s + w[g * gsize + k])
+        group_load.append(s)
+    gpack, grank = pack(group_load, num_nodes)
+    phy2log: list[int] = []
+    phyrank: list[int] = []
+    logcnt = [0] * num_log
+    for node in range(num_nodes):
+        experts: list[int] = []
+        for r in range(gpn):
+            g = next(g for g in range(num_groups) if gpack[g] == node and grank[g] == r)
+            experts.extend(range(g * gsize, (g + 1) * gsize))
+        p2l, rank, cnt = _greedy_node(w, experts, node_live[node], per_gpu)
+        for i, e in enumerate(experts):
+            logcnt[e] = cnt[i]
+        phy2log.extend(p2l)
+        phyrank.extend(rank)
+    return phy2log, _log2phy(phy2log, phyrank, num_log), logcnt
+
+
+def elastic(weight: np.ndarray, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, live) -> tuple:
+    live = [bool(x) for x in live]
+    layers = [elastic_layer(list(row), num_phy, num_groups, num_nodes, num_gpus, live) for row in weight]
+    return tuple(np.array([layer[k] for layer in layers], dtype=np.int64) for k in range(3))

@@ -54,6 +54,20 @@ def _rebalance(
     return _tied_to(weight, jax.vmap(one_layer)(weight.astype(jnp.float32)))
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _rebalance_elastic(
+    weight: jax.Array, active: jax.Array, config: tuple[int, int, int, int], options: tuple[tuple[str, Any], ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_rebalance` with ``active_gpus`` (``active [G]`` bool, traced: a new mask does not recompile)."""
+
+    def one_layer(row: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
+        placement = place(row[None, :], *config, xp=jnp, active_gpus=mask, **dict(options))
+        return tuple(a[0] for a in placement)
+
+    placement = jax.vmap(one_layer, in_axes=(0, None))(weight.astype(jnp.float32), active.astype(bool))
+    return _tied_to(weight, placement)
+
+
 def _tied_to(weight: jax.Array, placement: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     """``placement``, as values computed from ``weight``.
 
@@ -221,6 +235,12 @@ def rebalance(
     (no ``spill``).
     """
     config = (num_replicas, num_groups, num_nodes, num_gpus)
+    active = options.pop("active_gpus", None)
+    if active is not None:
+        # Elastic placement (active_gpus): the array-API path under jit + vmap; no kernel implements it.
+        if impl not in (None, "xla"):
+            raise ValueError(f"active_gpus runs on impl='xla' (or None) only, got impl={impl!r}")
+        return _rebalance_elastic(weight, active, config, tuple(sorted(options.items())))
     spill = bool(options.get("spill", 0))
     greedy = options.get("policy", "greedy") == "greedy" and not spill
     kernel = not spill  # a policy with a Pallas kernel

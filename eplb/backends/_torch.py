@@ -46,8 +46,9 @@ def _has_triton() -> bool:
 
 
 def _kernel_applies(options: dict[str, Any]) -> bool:
-    """The fused greedy kernel covers the greedy policy without extra options."""
-    return options.get("policy", "greedy") == "greedy" and not options.get("spill", 0)
+    """The fused greedy kernel covers the greedy policy without extra options (no ``active_gpus``)."""
+    plain = options.get("active_gpus") is None
+    return plain and options.get("policy", "greedy") == "greedy" and not options.get("spill", 0)
 
 
 def _refined_kernel_applies(options: dict[str, Any]) -> bool:
@@ -116,6 +117,8 @@ def rebalance(
     if impl == "numpy":
         if weight.device.type != "cpu":
             raise ValueError(f"impl='numpy' needs a CPU tensor, got device {weight.device}")
+        if options.get("active_gpus") is not None:
+            options = {**options, "active_gpus": options["active_gpus"].detach().cpu().numpy()}
         placement = _numpy.rebalance(weight32.numpy(), num_replicas, num_groups, num_nodes, num_gpus, **options)
         return tuple(torch.from_numpy(a) for a in placement)
     if impl != "torch":

@@ -1,0 +1,230 @@
+"""Elastic placement: the greedy policies on the GPUs that are up (``active_gpus``).
+
+Slots of failed GPUs hold no expert (``-1`` in ``phy2log``). The rule, per
+layer, with ``S = R / G`` slots per GPU and ``R_live = S * #live GPUs``:
+
+- global policy: replicate greedily into ``R_live`` slots (``R_live - E``
+  steps), then pack the replicas onto the live GPUs by LPT, exactly as the
+  greedy policy does on a cluster of the live GPUs alone (live GPU ``k``
+  playing GPU ``k`` of that cluster), scattered back;
+- hierarchical policy: groups to nodes as the greedy does (by load, whatever
+  the mask), then per node the same with ``R_n = S * #live GPUs of the node``
+  slots. A layer where some node has fewer live slots than the experts of
+  its groups (``R_n < E / N``, e.g. a whole node down) falls back to the
+  global rule.
+
+Static shapes throughout, so that it runs under ``jit`` with a traced mask:
+greedy replication is prefix-consistent (its first ``k`` steps do not
+depend on later ones), so it runs all ``R - E`` steps and keeps the first
+``R_live - E``; the replicas beyond (phantoms, load ``-1``) are visited last
+by the LPT loop, whose dead packs start (and stay) full, and land in the
+dead slots in increasing order. With every GPU live the result is the greedy
+placement bit for bit. Fewer than ``E`` live slots (only possible when the
+mask cannot be read on the host, which rejects it) gives ``phy2log = -1``,
+``logcnt = 0`` everywhere: an unmistakably empty placement, never a
+plausible one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eplb import _xp
+from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split
+from eplb.algorithms.loads import MAX_LOAD
+from eplb.algorithms.replication import replica_load, replicate_experts
+
+__all__ = ["build_log2phy_masked", "lpt_pack_live", "rebalance_elastic"]
+
+
+def lpt_pack_live(weight: Any, live_pack: Any, capacity: int, *, xp: Any) -> tuple[Any, Any, Any]:
+    """:func:`eplb.algorithms.packing.lpt_pack` where only ``live_pack [B, m]`` packs take items.
+
+    Dead packs are full from the start (load ``+inf``) and never chosen while
+    a live pack is open; live packs' running loads saturate at float32 max,
+    so they stay below ``+inf``. Steps after every live pack is full return
+    unspecified packs and ranks (callers ignore them). With every pack live
+    this is ``lpt_pack`` without its one-item shortcut, step for step.
+    """
+    batch, _ = weight.shape
+    num_packs = live_pack.shape[1]
+    device = _xp.device(weight)
+    order = _xp.argsort_desc(weight, xp=xp)
+    weight_by_step = xp.permute_dims(_xp.take_along(weight, order, xp=xp), (1, 0))  # [n, B]
+    pack_ids = xp.arange(num_packs, dtype=order.dtype, device=device)
+    most = xp.full((1, 1), MAX_LOAD, dtype=weight.dtype, device=device)
+    dead = ~live_pack
+    zeros = xp.zeros((batch, num_packs), dtype=weight.dtype, device=device)
+
+    def visit(carry: Any, item_weight: Any) -> tuple[Any, Any]:
+        open_load, pack_count = carry
+        pack = xp.reshape(xp.argmin(open_load, axis=-1), (batch, 1))  # first minimum wins
+        rank = _xp.take_along(pack_count, pack, xp=xp)
+        chosen = pack_ids == pack
+        pack_count = pack_count + chosen
+        open_load = xp.minimum(open_load + chosen * xp.reshape(item_weight, (batch, 1)), most)
+        open_load = xp.where((pack_count >= capacity) | dead, xp.inf, open_load)
+        return (open_load, pack_count), (pack[:, 0], rank[:, 0])
+
+    init = (xp.where(dead, xp.inf, zeros), zeros)
+    _, (pack_by_step, rank_by_step) = _xp.scan(visit, init, weight_by_step, xp=xp)
+    pack_by_step = xp.astype(xp.permute_dims(pack_by_step, (1, 0)), order.dtype)
+    return order, pack_by_step, xp.astype(xp.permute_dims(rank_by_step, (1, 0)), order.dtype)
+
+
+def _live_rows(weight: Any, active: Any, num_phy: int, num_nodes: int, num_gpus: int, *, xp: Any) -> tuple[Any, Any]:
+    """``live_gpu [L*N, G/N]`` bool and ``live_slots [L*N, 1]`` (live slots of each (layer, node) row)."""
+    num_layers = weight.shape[0]
+    live_gpu = xp.reshape(xp.broadcast_to(active, (num_layers, num_gpus)), (num_layers * num_nodes, -1))
+    per_gpu = num_phy // num_gpus
+    live_slots = xp.sum(xp.astype(live_gpu, xp.int32), axis=-1, keepdims=True) * per_gpu
+    return live_gpu, live_slots
+
+
+def _place_rows(
+    mlog_load: Any, live_gpu: Any, live_slots: Any, phy_per_node: int, per_gpu: int, *, xp: Any
+) -> tuple[Any, ...]:
+    """Per (layer, node) row: replicate into the row's live slots, pack onto its live GPUs.
+
+    Returns ``phy2mlog`` (phantoms read expert 0), ``phyrank``, ``mlogcnt``
+    (live replicas) and ``pphy2phy [rows, R/N]`` (item of each slot of the row).
+    """
+    rows_n, log_per_node = mlog_load.shape
+    device = _xp.device(mlog_load)
+    phy2mlog, phyrank, _ = replicate_experts(mlog_load, phy_per_node, xp=xp)
+    index_dtype = phy2mlog.dtype
+    item = xp.arange(phy_per_node, dtype=index_dtype, device=device)
+    kept = item < xp.astype(live_slots, index_dtype)  # [rows, R/N]: the first R_n items
+    experts = xp.arange(log_per_node, dtype=index_dtype, device=device)
+    hits = (phy2mlog[:, :, None] == experts) & kept[:, :, None]
+    mlogcnt = xp.sum(xp.astype(hits, index_dtype), axis=1)  # [rows, E/N]
+    reciprocal = _xp.reciprocal_table(phy_per_node - log_per_node + 1, xp=xp, device=device)
+    load = replica_load(
+        _xp.take_along(mlog_load, phy2mlog, xp=xp), _xp.take_along(mlogcnt, phy2mlog, xp=xp), reciprocal, xp=xp
+    )
+    load = xp.where(kept, load, -1.0)  # phantoms sort last (live loads are >= 0)
+    live_slot = xp.reshape(xp.broadcast_to(live_gpu[:, :, None], (rows_n, live_gpu.shape[1], per_gpu)), (rows_n, -1))
+    # Live slots in increasing order, then dead slots in increasing order (a stable sort).
+    slot_order = _xp.argsort_desc(xp.astype(live_slot, mlog_load.dtype), xp=xp)
+    if per_gpu == 1:
+        # One slot per GPU: item k to the k-th live slot (the published shortcut, item i on GPU i).
+        order = xp.broadcast_to(item, (rows_n, phy_per_node))
+        slot_by_step = slot_order
+    else:
+        order, pack_by_step, rank_by_step = lpt_pack_live(load, live_gpu, per_gpu, xp=xp)
+        step = item < xp.astype(live_slots, index_dtype)  # the first R_n steps visit the kept items
+        slot_by_step = xp.where(step, pack_by_step * per_gpu + rank_by_step, xp.astype(slot_order, index_dtype))
+    row_ids = xp.reshape(xp.arange(rows_n, dtype=index_dtype, device=device), (rows_n, 1))
+    pphy2phy = xp.empty((rows_n, phy_per_node), dtype=index_dtype, device=device)
+    pphy2phy = _xp.at_set(
+        pphy2phy, (row_ids, xp.astype(slot_by_step, index_dtype)), xp.astype(order, index_dtype), xp=xp
+    )
+    phy2mlog = xp.where(kept, phy2mlog, xp.zeros_like(phy2mlog))
+    return phy2mlog, phyrank, mlogcnt, pphy2phy
+
+
+def _elastic(
+    weight: Any, active: Any, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any
+) -> tuple[Any, Any, Any]:
+    """The hierarchical elastic rule (global with one group, one node), no fallback."""
+    group_size = weight.shape[1] // num_groups
+    mlog2log = expert_order(greedy_group_split(weight, num_groups, num_nodes, xp=xp), group_size, xp=xp)
+    num_layers, num_log = weight.shape
+    mlog_load = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), (num_layers * num_nodes, num_log // num_nodes))
+    live_gpu, live_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
+    phy2mlog, phyrank, mlogcnt, pphy2phy = _place_rows(
+        mlog_load, live_gpu, live_slots, num_phy // num_nodes, num_phy // num_gpus, xp=xp
+    )
+    phy2log, phyrank, logcnt = assemble(mlog2log, phy2mlog, phyrank, mlogcnt, pphy2phy, num_nodes, xp=xp)
+    live_slot = _live_slot(active, num_layers, num_phy, num_gpus, xp=xp)
+    none = xp.full_like(phy2log, -1)
+    return xp.where(live_slot, phy2log, none), xp.where(live_slot, phyrank, none), logcnt
+
+
+def _live_slot(active: Any, num_layers: int, num_phy: int, num_gpus: int, *, xp: Any) -> Any:
+    """``[L, R]`` bool: slot on a live GPU."""
+    per_gpu = num_phy // num_gpus
+    grid = xp.broadcast_to(xp.reshape(active, (-1, num_gpus, 1)), (num_layers, num_gpus, per_gpu))
+    return xp.reshape(grid, (num_layers, num_phy))
+
+
+def node_fallback_needed(live_per_gpu: Any, num_log: int, num_phy: int, num_nodes: int, num_gpus: int) -> bool:
+    """Host rule: some node has fewer live slots than ``E / N`` (``live_per_gpu``: a host bool sequence)."""
+    per_node = num_gpus // num_nodes
+    per_gpu = num_phy // num_gpus
+    counts = [sum(bool(x) for x in live_per_gpu[n * per_node : (n + 1) * per_node]) for n in range(num_nodes)]
+    return any(c * per_gpu < num_log // num_nodes for c in counts)
+
+
+def rebalance_elastic(
+    weight: Any,
+    active: Any,
+    num_phy: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    fallback: bool | None = None,
+    xp: Any,
+) -> tuple[Any, Any, Any]:
+    """Greedy placement on the live GPUs: ``phy2log`` (``-1`` on dead GPUs), ``phyrank``, ``logcnt``.
+
+    Parameters
+    ----------
+    weight : array [L, E], float32
+        Clean loads (:func:`eplb.algorithms.loads.clean_loads`).
+    active : array [G] (or [1, G] per vmapped layer), bool
+        Live GPUs; may be traced.
+    num_groups, num_nodes : int
+        ``1, 1`` for the global policy.
+    fallback : bool or None
+        Hierarchical only: ``True``/``False`` when the host knows whether some
+        node has fewer than ``E / N`` live slots (then the global rule runs for
+        every layer); ``None`` computes both and selects per layer.
+
+    Returns
+    -------
+    phy2log : array [L, R], integer, ``-1`` in dead slots
+    phyrank : array [L, R], integer, ``-1`` in dead slots
+    logcnt : array [L, E], integer, live replicas (>= 1)
+
+    With fewer than ``E`` live slots: ``-1`` everywhere and ``logcnt = 0``.
+    """
+    num_layers, num_log = weight.shape
+    active = xp.reshape(active, (-1, num_gpus))
+    hierarchical = num_nodes > 1 or num_groups > 1
+    if not hierarchical or fallback:
+        phy2log, phyrank, logcnt = _elastic(weight, active, num_phy, 1, 1, num_gpus, xp=xp)
+    else:
+        phy2log, phyrank, logcnt = _elastic(weight, active, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
+        if fallback is None and num_nodes > 1:
+            _, node_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
+            short = xp.any(xp.reshape(node_slots, (num_layers, num_nodes)) < num_log // num_nodes, axis=-1)
+            flat = _elastic(weight, active, num_phy, 1, 1, num_gpus, xp=xp)
+            phy2log = xp.where(short[:, None], flat[0], phy2log)
+            phyrank = xp.where(short[:, None], flat[1], phyrank)
+            logcnt = xp.where(short[:, None], flat[2], logcnt)
+    _, live_slots = _live_rows(weight, active, num_phy, 1, num_gpus, xp=xp)  # [L, 1]
+    enough = live_slots >= num_log
+    phy2log = xp.where(enough, phy2log, xp.full_like(phy2log, -1))
+    phyrank = xp.where(enough, phyrank, xp.full_like(phyrank, -1))
+    logcnt = xp.where(enough, logcnt, xp.zeros_like(logcnt))
+    return phy2log, phyrank, logcnt
+
+
+def build_log2phy_masked(phy2log: Any, phyrank: Any, num_log: int, *, xp: Any) -> Any:
+    """:func:`eplb.algorithms.hierarchy.build_log2phy` skipping ``-1`` slots (they appear nowhere).
+
+    Each ``-1`` slot writes into its own scratch entry past the end, so the
+    scatter keeps unique indices (as JAX needs).
+    """
+    num_layers, num_phy = phy2log.shape
+    device = _xp.device(phy2log)
+    max_count = num_phy - num_log + 1
+    size = num_log * max_count
+    log2phy = xp.full((num_layers, size + num_phy), -1, dtype=phy2log.dtype, device=device)
+    rows = xp.reshape(xp.arange(num_layers, dtype=phy2log.dtype, device=device), (num_layers, 1))
+    slots = xp.broadcast_to(xp.arange(num_phy, dtype=phy2log.dtype, device=device), (num_layers, num_phy))
+    target = xp.where(phy2log >= 0, phy2log * max_count + phyrank, size + slots)
+    log2phy = _xp.at_set(log2phy, (rows, target), slots, xp=xp)
+    return xp.reshape(log2phy[:, :size], (num_layers, num_log, max_count))
