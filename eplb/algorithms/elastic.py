@@ -31,10 +31,10 @@ from typing import Any
 
 from eplb import _xp
 from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split
-from eplb.algorithms.loads import MAX_LOAD
+from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.replication import replica_load, replicate_experts
 
-__all__ = ["build_log2phy_masked", "lpt_pack_live", "rebalance_elastic"]
+__all__ = ["build_log2phy_masked", "lpt_pack_live", "node_fallback_needed", "place_elastic", "rebalance_elastic"]
 
 
 def lpt_pack_live(weight: Any, live_pack: Any, capacity: int, *, xp: Any) -> tuple[Any, Any, Any]:
@@ -228,3 +228,32 @@ def build_log2phy_masked(phy2log: Any, phyrank: Any, num_log: int, *, xp: Any) -
     target = xp.where(phy2log >= 0, phy2log * max_count + phyrank, size + slots)
     log2phy = _xp.at_set(log2phy, (rows, target), slots, xp=xp)
     return xp.reshape(log2phy[:, :size], (num_layers, num_log, max_count))
+
+
+def place_elastic(
+    weight: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    active_gpus: Any,
+    hierarchical: bool,
+    policy: str = "greedy",
+    spill: int = 0,
+    node_fallback: bool | None = None,
+    xp: Any,
+) -> tuple[Any, Any, Any]:
+    """:func:`eplb.algorithms.policies.place` with ``active_gpus [G]`` bool: ``phy2log`` (``-1`` in dead
+    slots), ``log2phy`` (never pointing at them), ``logcnt`` (live replicas), for float32 ``weight [L, E]``.
+
+    Greedy policy without spill only. ``node_fallback``: see :func:`rebalance_elastic`.
+    """
+    if policy != "greedy" or spill:
+        raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
+    weight = clean_loads(weight, xp=xp)
+    sizes = (num_groups, num_nodes) if hierarchical else (1, 1)
+    phy2log, phyrank, logcnt = rebalance_elastic(
+        weight, active_gpus, num_replicas, *sizes, num_gpus, fallback=node_fallback, xp=xp
+    )
+    return phy2log, build_log2phy_masked(phy2log, phyrank, weight.shape[1], xp=xp), logcnt

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from eplb.algorithms.elastic import build_log2phy_masked, rebalance_elastic
 from eplb.algorithms.hierarchy import build_log2phy, rebalance_hierarchical
 from eplb.algorithms.loads import clean_loads
 from eplb.algorithms.refined import rebalance_refined
@@ -25,8 +24,6 @@ def place(
     hierarchical: bool,
     policy: str = "greedy",
     spill: int = 0,
-    active_gpus: Any = None,
-    node_fallback: bool | None = None,
     xp: Any,
 ) -> tuple[Any, Any, Any]:
     """``phy2log [L, R]``, ``log2phy [L, E, R - E + 1]``, ``logcnt [L, E]`` for float32 ``weight [L, E]``.
@@ -36,20 +33,8 @@ def place(
     ``spill > 0`` (hierarchical only): that many replicas per node may serve
     other nodes' groups (:func:`eplb.algorithms.spill.rebalance_spill`).
     Loads below ``2**-64`` count as zero (:mod:`eplb.algorithms.loads`).
-    ``active_gpus [G]`` bool (greedy policy, no spill): slots of dead GPUs
-    hold ``-1`` (:mod:`eplb.algorithms.elastic`); ``node_fallback``: whether
-    the host already knows that the hierarchical rule falls back to the
-    global one (``None``: decided per layer on the device).
     """
     weight = clean_loads(weight, xp=xp)
-    if active_gpus is not None:
-        if policy != "greedy" or spill:
-            raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
-        sizes = (num_groups, num_nodes) if hierarchical else (1, 1)
-        phy2log, phyrank, logcnt = rebalance_elastic(
-            weight, active_gpus, num_replicas, *sizes, num_gpus, fallback=node_fallback, xp=xp
-        )
-        return phy2log, build_log2phy_masked(phy2log, phyrank, weight.shape[1], xp=xp), logcnt
     if spill > 0:
         phy2log, phyrank, logcnt = rebalance_spill(
             weight, num_replicas, num_groups, num_nodes, num_gpus, spill=spill, refine=policy == "refined", xp=xp

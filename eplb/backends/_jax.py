@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eplb.algorithms.elastic import place_elastic
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
 from eplb.backends import _jax_host
@@ -61,7 +62,7 @@ def _rebalance_elastic(
     """:func:`_rebalance` with ``active_gpus`` (``active [G]`` bool, traced: a new mask does not recompile)."""
 
     def one_layer(row: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
-        placement = place(row[None, :], *config, xp=jnp, active_gpus=mask, **dict(options))
+        placement = place_elastic(row[None, :], *config, xp=jnp, active_gpus=mask, **dict(options))
         return tuple(a[0] for a in placement)
 
     placement = jax.vmap(one_layer, in_axes=(0, None))(weight.astype(jnp.float32), active.astype(bool))

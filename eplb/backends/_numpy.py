@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from eplb.algorithms.elastic import place_elastic
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
 from eplb.backends import _numba
@@ -48,7 +49,8 @@ def rebalance(
         return _numba.rebalance(weight32, num_replicas, num_groups, num_nodes, num_gpus, **options)
     if impl != "xp":
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
-    placement = place(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
+    placer = place if options.get("active_gpus") is None else place_elastic  # active_gpus: array API only
+    placement = placer(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)
 
 

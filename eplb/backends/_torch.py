@@ -14,6 +14,7 @@ import array_api_compat.torch as xp
 import numpy as np
 import torch
 
+from eplb.algorithms.elastic import place_elastic
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
 from eplb.backends import _numpy
@@ -123,7 +124,8 @@ def rebalance(
         return tuple(torch.from_numpy(a) for a in placement)
     if impl != "torch":
         raise ValueError(f"impl must be 'torch', 'numpy' or None, got {impl!r}")
-    return place(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
+    placer = place if options.get("active_gpus") is None else place_elastic  # active_gpus: array API only
+    return placer(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
 
 
 def rebalance_stable(
