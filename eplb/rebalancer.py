@@ -10,7 +10,12 @@ asks for a decision. The rule:
 - **candidate** per layer: ``rebalance_experts(history, previous=placement in
   force, balance_tolerance=...)``, the placement that keeps the most experts
   where they are within ``(1 + balance_tolerance)`` of a fresh plan's
-  heaviest GPU;
+  heaviest GPU. By default (``"auto"``) the tolerance follows how well the
+  history predicted the traffic that came: a plan is only as balanced as the
+  windows that arrive under it, so when they came out ``r`` times less
+  balanced than planned (balancedness planned / arrived), the tolerance is
+  ``0.1 * (r - 1)``, within ``[0.03, 0.2]``: 0.03 on predictable traffic,
+  more where the balance a tight plan buys is lost to noise anyway;
 - **gain** per layer: how much lighter the candidate's heaviest GPU is than
   the placement in force, on the planning load, relative to it. A layer
   changes only if that gain is at least ``min_gain`` (never worse on the load
@@ -57,6 +62,9 @@ class Decision(NamedTuple):
         peak`` on the planning load (0 where the current one is as good).
     moves : numpy.ndarray [L], int64
         ``(expert, GPU)`` pairs the candidate adds per layer (0 where unchanged).
+    tolerance : float
+        The ``balance_tolerance`` the candidates were planned with (the
+        option, or its ``"auto"`` value for this step).
     """
 
     placement: Placement
@@ -64,6 +72,7 @@ class Decision(NamedTuple):
     plan: TransferPlan
     gain: np.ndarray
     moves: np.ndarray
+    tolerance: float = 0.0
 
 
 class Rebalancer:
@@ -83,8 +92,13 @@ class Rebalancer:
     min_gain : float, keyword-only
         Smallest predicted relative gain worth a move (default 0.02: the
         layer's heaviest GPU 2% lighter on the planning load).
-    balance_tolerance : float, keyword-only
-        Passed to :func:`eplb.rebalance_experts` (default 0.03).
+    balance_tolerance : float or "auto", keyword-only
+        Passed to :func:`eplb.rebalance_experts`. ``"auto"`` (default): from
+        the windows recorded since the last step, scored under the placement
+        in force (balancedness: mean over layers of mean / max GPU load,
+        float64 on the host), against the balancedness that placement was
+        planned with: ``clip(0.1 * (planned / arrived - 1), 0.03, 0.2)``
+        (0.03 until a step has both).
 
     The defaults were chosen on replayed traffic (``benchmarks/replay.py``,
     ``docs/benchmarks.md``): a short history predicts the next window better
@@ -110,7 +124,7 @@ class Rebalancer:
         half_life: int = 1,
         window: int | None = None,
         min_gain: float = 0.02,
-        balance_tolerance: float = 0.03,
+        balance_tolerance: float | str = "auto",
         max_layers: int | None = None,
         max_experts: int | None = None,
         max_bytes: int | None = None,
@@ -124,12 +138,19 @@ class Rebalancer:
         self._sizes = tuple(_validate.check_count(n, v) for n, v in zip(names, sizes, strict=True))
         self._half_life = _validate.check_count("half_life", half_life)
         self._window = None if window is None else _validate.check_count("window", window)
-        for name, value in (("min_gain", min_gain), ("balance_tolerance", balance_tolerance)):
+        self._auto = isinstance(balance_tolerance, str)
+        if self._auto and balance_tolerance != "auto":
+            raise ValueError(f"balance_tolerance={balance_tolerance!r} must be a number >= 0 or 'auto'")
+        for name, value in (
+            ("min_gain", min_gain),
+            ("balance_tolerance", _AUTO[0] if self._auto else balance_tolerance),
+        ):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
             if not value >= 0 or value == float("inf"):
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0")
-        self._min_gain, self._tolerance = float(min_gain), float(balance_tolerance)
+        self._min_gain = float(min_gain)
+        self._tolerance = _AUTO[0] if self._auto else float(balance_tolerance)
         budget = (("max_layers", max_layers), ("max_experts", max_experts), ("max_bytes", max_bytes))
         self._budget = {n: None if v is None else _validate.check_count(n, v) for n, v in budget}
         self._bytes = None if bytes_per_expert is None else _validate.check_count("bytes_per_expert", bytes_per_expert)
@@ -142,6 +163,11 @@ class Rebalancer:
         self._history: Any = None
         self._ring: list[Any] = []
         self._recorded = 0
+        # "auto" tolerance: GPU loads [L, G] of each window since the last step under the placement in force
+        # (device arrays, read at the next step), and the balancedness that placement was planned with.
+        self._arrived: list[Any] = []
+        self._in_force: Any = None
+        self._planned: float | None = None
 
     @property
     def placement(self) -> Any:
@@ -175,25 +201,56 @@ class Rebalancer:
         self._history = load if self._history is None else self._history + load
         if self._recorded % self._half_life == 0:
             self._history = self._history * 0.5  # a power of two: exact on every backend
+        self._score_arrival(load)
+
+    def _score_arrival(self, load: Any) -> None:
+        """Keep the window's GPU loads under the placement in force (on the device: no host sync)."""
+        if not self._auto or self._placement is None:
+            return
+        if self._in_force is None:  # converted once per step, not per window
+            self._in_force = _as_placement(self._placement, load).phy2log
+        loads = metrics.gpu_loads(load, self._in_force, self._sizes[3])
+        self._arrived = [*self._arrived[1 - _ARRIVED_KEPT :], loads]
+
+    def _step_tolerance(self) -> float:
+        """The tolerance of this step: the option, or ``"auto"``'s value from the windows since the last one."""
+        if not self._auto:
+            return self._tolerance
+        floor, slope, cap = _AUTO
+        if self._planned is None or not self._arrived:
+            return floor
+        arrived = float(np.mean([_balancedness(_host(loads)) for loads in self._arrived]))
+        if arrived <= 0:
+            return cap
+        return float(min(cap, max(floor, slope * (self._planned / arrived - 1.0))))
 
     def step(self) -> Decision:
         """Decide on the recorded history: the layers to change, their new placement and the copies."""
         if self._history is None:
             raise ValueError("record() at least one window before step()")
         history, num_nodes, num_gpus = self._history, self._sizes[2], self._sizes[3]
+        tolerance = self._step_tolerance()
+        self._arrived, self._in_force = [], None
         if self._placement is None:
             fresh = rebalance_experts(history, *self._sizes, **self._options)
             layers = np.arange(history.shape[0], dtype=np.int64)
             phy2log = _host(fresh.phy2log)
             plan = plan_transfers(phy2log, phy2log, num_gpus=num_gpus, num_nodes=num_nodes, expert_bytes=self._bytes)
             self._placement = fresh
-            return Decision(fresh, layers, plan, np.zeros(len(layers)), np.zeros(len(layers), dtype=np.int64))
+            if self._auto:
+                self._planned = _balancedness(_host(metrics.gpu_loads(history, fresh.phy2log, num_gpus)))
+            nothing = np.zeros(len(layers), dtype=np.int64)
+            return Decision(
+                fresh, layers, plan, np.zeros(len(layers)), nothing, 0.0 if self._options["spill"] else tolerance
+            )
         current = _as_placement(self._placement, history)
-        knobs = {} if self._options["spill"] else {"balance_tolerance": self._tolerance}
+        knobs = {} if self._options["spill"] else {"balance_tolerance": tolerance}
         candidate = rebalance_experts(history, *self._sizes, previous=current.phy2log, **self._options, **knobs)
-        # float32 heaviest GPUs, computed alike on every backend, then decided on the host in float64.
-        peak_now = _host(metrics.gpu_loads(history, current.phy2log, num_gpus)).max(axis=-1).astype(np.float64)
-        peak_new = _host(metrics.gpu_loads(history, candidate.phy2log, num_gpus)).max(axis=-1).astype(np.float64)
+        # float32 GPU loads, computed alike on every backend, then decided on the host in float64.
+        loads_now = _host(metrics.gpu_loads(history, current.phy2log, num_gpus))
+        loads_new = _host(metrics.gpu_loads(history, candidate.phy2log, num_gpus))
+        peak_now = loads_now.max(axis=-1).astype(np.float64)
+        peak_new = loads_new.max(axis=-1).astype(np.float64)
         old, new = _host(current.phy2log), _host(candidate.phy2log)
         moves = np.asarray(count_moves(new, old, num_gpus, xp=np), dtype=np.int64)
         gain = np.zeros(len(moves))
@@ -206,7 +263,9 @@ class Rebalancer:
         placement = Placement(*(_select(mask, b, a) for a, b in zip(current, candidate, strict=True)))
         plan = plan_transfers(old, placed, num_gpus=num_gpus, num_nodes=num_nodes, expert_bytes=self._bytes)
         self._placement = placement
-        return Decision(placement, chosen, plan, gain, np.where(mask, moves, 0))
+        if self._auto:
+            self._planned = _balancedness(np.where(mask[:, None], loads_new, loads_now))
+        return Decision(placement, chosen, plan, gain, np.where(mask, moves, 0), 0.0 if knobs == {} else tolerance)
 
     def _choose(self, gain: np.ndarray, moves: np.ndarray) -> np.ndarray:
         """Layers worth changing: gain >= min_gain and something moves; best gain per move first, within budget."""
@@ -226,6 +285,18 @@ class Rebalancer:
             chosen.append(layer)
             experts = cost
         return np.array(sorted(chosen), dtype=np.int64)
+
+
+_AUTO = (0.03, 0.1, 0.2)  # "auto" tolerance: floor, slope per unit of (planned / arrived - 1), cap
+_ARRIVED_KEPT = 64  # windows scored for "auto" between two steps (the latest)
+
+
+def _balancedness(gpu_loads: np.ndarray) -> float:
+    """Mean over layers of mean / max GPU load of ``gpu_loads [L, G]`` (float64; layers without load skipped)."""
+    loads = gpu_loads.astype(np.float64)
+    peak = loads.max(axis=-1)
+    loaded = peak > 0
+    return float((loads.mean(axis=-1)[loaded] / peak[loaded]).mean()) if loaded.any() else 1.0
 
 
 def _host(x: Any) -> np.ndarray:

@@ -34,6 +34,12 @@ def windows(seed: int = 0, count: int = 12, drift: float = 0.08) -> list[np.ndar
     return out
 
 
+def noisy_windows(count: int, seed: int = 5) -> list[np.ndarray]:
+    """Independent lognormal windows: each predicts the next one badly."""
+    rng = np.random.default_rng(seed)
+    return [np.round(rng.lognormal(0.0, 1.5, (6, 64)) * 100).astype(np.int64) for _ in range(count)]
+
+
 def history64(loads: list[np.ndarray], half_life: int) -> np.ndarray:
     """The planning load, float64: each window added, the total halved after every half_life-th window."""
     total = np.zeros(loads[0].shape)
@@ -102,15 +108,19 @@ def test_same_decisions_on_every_backend(backend):
     runner = make_runner(backend)
     reference = eplb.Rebalancer(*CONFIG, min_gain=0.005)
     other = eplb.Rebalancer(*CONFIG, min_gain=0.005)
-    for t, load in enumerate(windows(2)):
+    tolerances = []
+    for t, load in enumerate(windows(2) + noisy_windows(9)):  # drift, then noise: "auto" tolerance above its floor
         reference.record(load)
         other.record(runner.asarray(load))
         if t % 3 == 2:
             want, got = reference.step(), other.step()
+            assert got.tolerance == want.tolerance
+            tolerances.append(want.tolerance)
             np.testing.assert_array_equal(got.layers, want.layers)
             np.testing.assert_array_equal(got.gain, want.gain)
             for a, b in zip(got.placement, want.placement, strict=True):
                 np.testing.assert_array_equal(np.asarray(a.cpu() if hasattr(a, "cpu") else a), b)
+    assert max(tolerances) > 0.03
 
 
 def test_records_a_load_tracker():
@@ -132,6 +142,7 @@ def test_records_a_load_tracker():
         ({"window": 1.5}, TypeError, "window"),
         ({"min_gain": -0.1}, ValueError, "min_gain"),
         ({"balance_tolerance": float("nan")}, ValueError, "balance_tolerance"),
+        ({"balance_tolerance": "adaptive"}, ValueError, "balance_tolerance"),
         ({"max_bytes": 10}, ValueError, "max_bytes needs bytes_per_expert"),
         ({"max_layers": True}, TypeError, "max_layers"),
     ],
@@ -148,3 +159,52 @@ def test_step_before_record_and_shape_changes():
     rebalancer.record(cases.lognormal_f32(np.random.default_rng(3), 6, 64))
     with pytest.raises(ValueError, match="expected"):
         rebalancer.record(np.ones((5, 64)))
+
+
+def balancedness64(history: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> float:
+    """Mean over loaded layers of mean / max GPU load, float64 (the oracle's scorer)."""
+    loads = oracle.gpu_loads64(history, np.asarray(phy2log), num_gpus)
+    peak = loads.max(axis=1)
+    return float((loads.mean(axis=1)[peak > 0] / peak[peak > 0]).mean())
+
+
+def test_auto_tolerance_stays_at_its_floor_on_predictable_traffic():
+    load = windows(4, count=1)[0]
+    rebalancer = eplb.Rebalancer(*CONFIG)
+    tolerances = []
+    for t in range(9):
+        rebalancer.record(load)  # the same window again and again: arrived exactly as planned
+        if t % 3 == 2:
+            tolerances.append(rebalancer.step().tolerance)
+    assert tolerances == [0.03, 0.03, 0.03]
+    fixed = eplb.Rebalancer(*CONFIG, balance_tolerance=0.07)
+    for noisy in noisy_windows(6):
+        fixed.record(noisy)
+        assert fixed.step().tolerance == 0.07  # a number is used as it is
+
+
+def test_auto_tolerance_follows_the_arrived_balance():
+    """Independent noisy windows: the tolerance of each step is clip(0.1 * (planned / arrived - 1), 0.03, 0.2),
+    recomputed here in float64 from the placements and windows (planned: the placement in force on the history it
+    was planned from; arrived: the windows since, under it)."""
+    loads = noisy_windows(12)
+    rebalancer = eplb.Rebalancer(*CONFIG)
+    recorded, since, planned, placement, seen = [], [], None, None, []
+    for t, load in enumerate(loads):
+        rebalancer.record(load)
+        recorded.append(load)
+        since.append(load)
+        if t % 3 != 2:
+            continue
+        decision = rebalancer.step()
+        if planned is None:
+            assert decision.tolerance == 0.03
+        else:
+            arrived = np.mean([balancedness64(w, placement, 8) for w in since])
+            want = min(0.2, max(0.03, 0.1 * (planned / arrived - 1)))
+            assert decision.tolerance == pytest.approx(want, rel=1e-5)
+            seen.append(decision.tolerance)
+        placement = np.asarray(decision.placement.phy2log)
+        planned = balancedness64(history64(recorded, 1), placement, 8)
+        since = []
+    assert max(seen) > 0.03  # independent windows arrive less balanced than planned
