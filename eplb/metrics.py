@@ -42,12 +42,15 @@ def replica_counts(phy2log: Any, num_experts: int) -> Any:
 
 
 def slot_loads(weight: Any, phy2log: Any) -> Any:
-    """``[L, R]`` float32: the load each slot serves, ``w[e] * fl(1/logcnt[e])``."""
+    """``[L, R]`` float32: the load each slot serves, ``w[e] * fl(1/logcnt[e])``; 0 for an empty slot (``-1``,
+    a failed GPU's slot under ``active_gpus``)."""
     xp, weight32 = _float32(weight)
     logcnt = replica_counts(phy2log, weight32.shape[1])
     reciprocal = _xp.reciprocal_table(phy2log.shape[1], xp=xp, device=_xp.device(phy2log))
     per_replica = replica_load(weight32, logcnt, reciprocal, xp=xp)
-    return _xp.take_along(per_replica, phy2log, xp=xp)
+    held = phy2log >= 0
+    loads = _xp.take_along(per_replica, xp.where(held, phy2log, xp.zeros_like(phy2log)), xp=xp)
+    return xp.where(held, loads, xp.zeros_like(loads))
 
 
 def gpu_loads(weight: Any, phy2log: Any, num_gpus: int) -> Any:
@@ -58,12 +61,25 @@ def gpu_loads(weight: Any, phy2log: Any, num_gpus: int) -> Any:
     return sum_left_to_right(xp.reshape(loads, (num_layers, num_gpus, num_slots // num_gpus)), xp=xp)
 
 
+def _live_mean(loads: Any, phy2log: Any, num_gpus: int, *, xp: Any) -> Any:
+    """``[L]`` mean GPU load over live GPUs: those holding at least one expert (a GPU whose slots are all
+    ``-1`` failed, see ``active_gpus``). Exactly ``xp.mean`` when no slot is ``-1``."""
+    num_layers, num_slots = phy2log.shape
+    live = xp.any(xp.reshape(phy2log >= 0, (num_layers, num_gpus, num_slots // num_gpus)), axis=-1)
+    count = xp.sum(xp.astype(live, loads.dtype), axis=-1)
+    masked = xp.sum(xp.where(live, loads, xp.zeros_like(loads)), axis=-1) / xp.where(count > 0, count, 1.0)
+    return xp.where(xp.all(live, axis=-1), xp.mean(loads, axis=-1), masked)
+
+
 def balancedness(weight: Any, phy2log: Any, num_gpus: int) -> Any:
-    """``[L]`` float32: mean GPU load / max GPU load per layer (1.0 = perfect; 1.0 for an all-zero layer)."""
+    """``[L]`` float32: mean GPU load / max GPU load per layer (1.0 = perfect; 1.0 for an all-zero layer).
+
+    With ``-1`` slots (``active_gpus``): over the live GPUs only (a GPU whose slots are all ``-1`` is failed).
+    """
     xp = _xp.array_namespace(phy2log)
     loads = gpu_loads(weight, phy2log, num_gpus)
     peak = xp.max(loads, axis=-1)
-    mean = xp.mean(loads, axis=-1)
+    mean = _live_mean(loads, phy2log, num_gpus, xp=xp)
     return xp.where(peak > 0, mean / xp.where(peak > 0, peak, 1.0), 1.0)
 
 
@@ -143,13 +159,14 @@ def summarize(
 ) -> Summary:
     """Summary figures of ``phy2log [L, R]`` against ``weight [L, E]``; ``bound [L]`` from :func:`lower_bound`.
 
-    Layers with no load count as perfectly balanced. Reads the values to the
+    Layers with no load count as perfectly balanced. Means are over live GPUs
+    (failed GPUs, all of whose slots are ``-1``, are left out). Reads the values to the
     host (it returns Python floats): use it for reports, not on a hot path.
     """
     xp = _xp.array_namespace(phy2log)
     loads = gpu_loads(weight, phy2log, num_gpus)
     peak = xp.max(loads, axis=-1)
-    mean = xp.mean(loads, axis=-1)
+    mean = _live_mean(loads, phy2log, num_gpus, xp=xp)
     busy = peak > 0
     safe_peak = xp.where(busy, peak, 1.0)
     per_layer = xp.where(busy, mean / safe_peak, 1.0)

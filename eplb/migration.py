@@ -220,6 +220,11 @@ def _host_placement(name: str, phy2log: Any) -> np.ndarray:
         raise TypeError(f"{name} must hold integer expert ids, got dtype {phy2log.dtype}")
     if phy2log.ndim != 2 or 0 in phy2log.shape:
         raise ValueError(f"{name} must be a non-empty 2-D [layers, slots] array, got shape {list(phy2log.shape)}")
+    if phy2log.min() == -1:
+        raise ValueError(
+            f"{name} holds -1 (an empty slot of a failed GPU, from rebalance_experts(..., active_gpus=)): "
+            "plan_transfers does not plan moves to or from failed GPUs yet"
+        )
     if phy2log.min() < 0:
         raise ValueError(f"{name} must hold expert ids >= 0, got {phy2log.min()}")
     return phy2log.astype(np.int64, copy=False)  # read only: no copy needed

@@ -1,0 +1,375 @@
+"""Elastic placement, ``rebalance_experts(..., active_gpus=mask)`` (issue 19, first slice).
+
+Checked against the plain-Python oracle (``tests/oracle.elastic``: the greedy
+policy on a cluster of the live GPUs alone, per node for the hierarchical
+policy, scattered back), for its invariants, and bit for bit across numpy,
+torch (CPU; CUDA where present) and JAX (XLA, inside a user's ``jit`` with
+the mask traced, under ``vmap``), each forced onto the array-API path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import eplb
+from eplb.backends import _numpy
+
+from . import oracle
+from .conftest import needs_gpu
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+
+def _check_valid(placement, weight, num_replicas, num_gpus, live):
+    """Every invariant of an elastic placement, layer by layer."""
+    phy2log, log2phy, logcnt = (np.asarray(a) for a in placement)
+    num_layers, num_experts = weight.shape
+    per_gpu = num_replicas // num_gpus
+    live_slot = np.repeat(np.asarray(live, bool), per_gpu)
+    assert (phy2log[:, ~live_slot] == -1).all(), "a dead GPU's slot holds an expert"
+    assert (phy2log[:, live_slot] >= 0).all() and (phy2log < num_experts).all()
+    assert (logcnt >= 1).all(), "an expert lost its last replica"
+    assert (logcnt.sum(axis=1) == live_slot.sum()).all()
+    for layer in range(num_layers):
+        counts = np.bincount(phy2log[layer][phy2log[layer] >= 0], minlength=num_experts)
+        np.testing.assert_array_equal(counts, logcnt[layer])
+        for e in range(num_experts):
+            slots = log2phy[layer, e]
+            held = slots[: logcnt[layer, e]]
+            assert (slots[logcnt[layer, e] :] == -1).all()
+            assert (held >= 0).all() and live_slot[held].all(), "log2phy points at a dead slot"
+            assert (phy2log[layer, held] == e).all()
+
+
+def _same(a, b):
+    for name, x, y in zip(("phy2log", "log2phy", "logcnt"), a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+
+
+# ---------------------------------------------------------------- implementations, each forced
+
+
+def _xp_numpy(w, r, g, n, gpus, mask, hierarchical):
+    return _numpy.rebalance(
+        np.asarray(w, np.float32),
+        r,
+        g,
+        n,
+        gpus,
+        impl="xp",
+        hierarchical=hierarchical,
+        policy="greedy",
+        spill=0,
+        active_gpus=np.asarray(mask),
+    )
+
+
+def _torch_ops(w, r, g, n, gpus, mask, hierarchical, device="cpu"):
+    from eplb.backends import _torch
+
+    out = _torch.rebalance(
+        torch.as_tensor(np.array(w), device=device),
+        r,
+        g,
+        n,
+        gpus,
+        impl="torch",
+        hierarchical=hierarchical,
+        policy="greedy",
+        spill=0,
+        active_gpus=torch.as_tensor(mask, device=device),
+    )
+    assert all(a.device.type == device for a in out)
+    return tuple(a.cpu().numpy() for a in out)
+
+
+def _jax_xla(w, r, g, n, gpus, mask, hierarchical):
+    from eplb.backends import _jax
+
+    out = _jax.rebalance(
+        jnp.asarray(w, jnp.float32),
+        r,
+        g,
+        n,
+        gpus,
+        impl="xla",
+        hierarchical=hierarchical,
+        policy="greedy",
+        spill=0,
+        active_gpus=jnp.asarray(mask),
+    )
+    return tuple(np.asarray(a) for a in out)
+
+
+def _jax_user_jit(w, r, g, n, gpus, mask, hierarchical):
+    """Inside the user's jit, the mask traced (so the node fallback is decided per layer on the device)."""
+
+    @jax.jit
+    def call(weight, active):
+        return tuple(eplb.rebalance_experts(weight, r, g, n, gpus, hierarchical=hierarchical, active_gpus=active))
+
+    return tuple(np.asarray(a) for a in call(jnp.asarray(w, jnp.float32), jnp.asarray(mask)))
+
+
+def _jax_vmap(w, r, g, n, gpus, mask, hierarchical):
+    """A user's vmap over layers (each call sees one layer), mask shared."""
+
+    def one(row, active):
+        out = eplb.rebalance_experts(row[None], r, g, n, gpus, hierarchical=hierarchical, active_gpus=active)
+        return tuple(a[0] for a in out)
+
+    out = jax.jit(jax.vmap(one, in_axes=(0, None)))(jnp.asarray(w, jnp.float32), jnp.asarray(mask))
+    return tuple(np.asarray(a) for a in out)
+
+
+def _front(kind):
+    def run(w, r, g, n, gpus, mask, hierarchical):
+        conv = {"numpy": np.asarray, "torch": torch.as_tensor, "jax": lambda a: jnp.asarray(a)}[kind]
+        out = eplb.rebalance_experts(conv(w), r, g, n, gpus, hierarchical=hierarchical, active_gpus=conv(mask))
+        return tuple(np.asarray(a) for a in out)
+
+    return run
+
+
+IMPLS = {
+    "numpy:xp": _xp_numpy,
+    "torch:ops": _torch_ops,
+    "jax:xla": _jax_xla,
+    "jax:user-jit": _jax_user_jit,
+    "jax:vmap": _jax_vmap,
+    "numpy": _front("numpy"),
+    "torch": _front("torch"),
+    "jax": _front("jax"),
+}
+
+# (experts, replicas, groups, nodes, gpus, dead GPUs)
+CASES = [
+    (16, 32, 4, 2, 8, [1, 5]),  # hierarchical, a GPU down per node
+    (16, 32, 4, 2, 8, [4, 5, 6, 7]),  # a whole node down: global fallback
+    (16, 24, 4, 2, 4, [0]),  # 6 slots per GPU
+    (16, 24, 3, 2, 8, [2, 3]),  # global (3 groups on 2 nodes)
+    (16, 20, 4, 2, 20, [3, 7, 11, 19]),  # one slot per GPU, exactly E live slots
+    (12, 16, 4, 2, 8, [7]),
+    (1, 4, 1, 1, 4, [0, 1, 2]),  # one expert, one live GPU
+]
+
+
+def _loads(num_experts, seed, layers=4):
+    rng = np.random.default_rng(seed)
+    w = rng.integers(0, 1000, (layers, num_experts))
+    w[1] = 0  # an all-zero layer
+    w[2] = 7  # all equal
+    return w
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[:5]}-dead{c[5]}" for c in CASES])
+def test_every_implementation_equals_the_oracle(case):
+    num_experts, r, g, n, gpus, dead = case
+    mask = np.ones(gpus, bool)
+    mask[dead] = False
+    w = _loads(num_experts, seed=len(dead))
+    expected = oracle.elastic(w, r, g, n, gpus, mask)
+    hierarchical = g % n == 0
+    for name, impl in IMPLS.items():
+        got = impl(w, r, g, n, gpus, mask, hierarchical)
+        _check_valid(got, w, r, gpus, mask)
+        for label, x, y in zip(("phy2log", "log2phy", "logcnt"), got, expected, strict=True):
+            assert np.array_equal(x, y), f"{label} of {name} differs from the oracle"
+
+
+@pytest.mark.parametrize("case", CASES[:5], ids=[str(c[:5]) for c in CASES[:5]])
+def test_all_true_is_the_plain_placement(case):
+    num_experts, r, g, n, gpus, _ = case
+    w = _loads(num_experts, seed=3)
+    mask = np.ones(gpus, bool)
+    plain = eplb.rebalance_experts(w, r, g, n, gpus)
+    for name, impl in IMPLS.items():
+        got = impl(w, r, g, n, gpus, mask, g % n == 0)
+        for label, x, y in zip(("phy2log", "log2phy", "logcnt"), got, plain, strict=True):
+            assert np.array_equal(x, y), f"{label} of {name} with every GPU up differs from the plain placement"
+
+
+@st.composite
+def elastic_calls(draw):
+    num_nodes = draw(st.integers(1, 3))
+    hierarchical = draw(st.booleans())
+    num_groups = num_nodes * draw(st.integers(1, 3)) if hierarchical else num_nodes + 1
+    num_experts = num_groups * draw(st.integers(1, 3))
+    num_gpus = num_nodes * draw(st.integers(1, 4))
+    per_gpu = -(-num_experts // num_gpus) + draw(st.integers(0, 3))
+    mask = draw(st.lists(st.booleans(), min_size=num_gpus, max_size=num_gpus))
+    if sum(mask) * per_gpu < num_experts:
+        mask = [True] * num_gpus
+    kind = draw(st.sampled_from(["int", "float", "few"]))
+    layers = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if kind == "int":
+        w = rng.integers(0, 2**31 // num_experts, (layers, num_experts))
+    elif kind == "few":
+        w = rng.integers(0, 3, (layers, num_experts))  # many ties
+    else:
+        w = rng.lognormal(0, 2, (layers, num_experts)).astype(np.float32)
+    return w, (num_gpus * per_gpu, num_groups, num_nodes, num_gpus), np.asarray(mask)
+
+
+@settings(max_examples=60, deadline=None)
+@given(elastic_calls())
+def test_random_calls_match_the_oracle(call):
+    w, config, mask = call
+    got = eplb.rebalance_experts(w, *config, active_gpus=mask)
+    _check_valid(got, w, config[0], config[3], mask)
+    _same(got, oracle.elastic(w, *config, mask))
+    # The torch ops path (what CUDA runs) and the numpy path with the fallback decided on the device.
+    _same(_torch_ops(w, *config, mask, config[1] % config[2] == 0), got)
+    _same(_xp_numpy(w, *config, mask, config[1] % config[2] == 0), got)
+
+
+@settings(max_examples=15, deadline=None)
+@given(elastic_calls())
+def test_random_calls_jax_traced_mask(call):
+    w, config, mask = call
+    if w.dtype.kind == "i":
+        w = w.astype(np.int32)
+    expected = eplb.rebalance_experts(w, *config, active_gpus=mask)
+    _same(_jax_user_jit(w, *config, mask, config[1] % config[2] == 0), expected)
+
+
+def test_a_new_mask_does_not_recompile():
+    w = jnp.asarray(_loads(16, seed=0), jnp.float32)
+    call = jax.jit(lambda w, m: eplb.rebalance_experts(w, 32, 4, 2, 8, active_gpus=m).phy2log)
+    for dead in (1, 4, 6):
+        mask = np.ones(8, bool)
+        mask[dead] = False
+        np.testing.assert_array_equal(call(w, jnp.asarray(mask)), oracle.elastic(np.asarray(w), 32, 4, 2, 8, mask)[0])
+    assert call._cache_size() == 1
+
+
+def test_traced_mask_with_too_few_live_slots_gives_an_empty_placement():
+    """Unreadable mask, fewer than E live slots: -1 everywhere and logcnt 0, never a plausible placement."""
+    w = jnp.asarray(_loads(16, seed=0), jnp.float32)
+    mask = np.zeros(8, bool)
+    mask[:3] = True  # 3 GPUs x 4 slots = 12 < 16 experts
+    call = jax.jit(lambda w, m: tuple(eplb.rebalance_experts(w, 32, 4, 2, 8, active_gpus=m)))
+    phy2log, log2phy, logcnt = (np.asarray(a) for a in call(w, jnp.asarray(mask)))
+    assert (phy2log == -1).all() and (log2phy == -1).all() and (logcnt == 0).all()
+    _same(_torch_ops(np.asarray(w), 32, 4, 2, 8, mask, True), (phy2log, log2phy, logcnt))
+
+
+def test_node_down_falls_back_to_the_global_rule():
+    w = _loads(16, seed=5)
+    mask = np.array([True] * 4 + [False] * 4)
+    got = eplb.rebalance_experts(w, 32, 4, 2, 8, active_gpus=mask)
+    _same(got, eplb.rebalance_experts(w, 32, 4, 2, 8, hierarchical=False, active_gpus=mask))
+    # One GPU per node down keeps the groups on their nodes.
+    mask = np.array([True, True, True, False, True, True, True, False])
+    got = eplb.rebalance_experts(w, 32, 4, 2, 8, active_gpus=mask)
+    group_node = np.asarray(got.phy2log) // 4  # group of each slot (4 experts per group)
+    for layer in range(w.shape[0]):
+        for node in range(2):
+            groups = group_node[layer, node * 16 : (node + 1) * 16]
+            assert len(set(groups[groups >= 0].tolist())) == 2  # two whole groups per node
+
+
+def test_one_slot_per_gpu_takes_items_in_order():
+    w = np.array([[5, 1, 9, 3]])
+    mask = np.array([True, False, True, True, True, False])
+    got = eplb.rebalance_experts(w, 6, 1, 1, 6, active_gpus=mask)
+    assert got.phy2log.tolist() == [[0, -1, 1, 2, 3, -1]]
+    assert got.logcnt.tolist() == [[1, 1, 1, 1]]
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "match"),
+    [
+        (np.ones(7, bool), ValueError, r"active_gpus must have shape \[num_gpus\] = \[8\]"),
+        (np.ones((2, 8), bool), ValueError, "active_gpus must have shape"),
+        (np.ones(8, np.int64), TypeError, "active_gpus must hold bools"),
+        ([1, 1, 1, 1, 1, 1, 1, 1], TypeError, "active_gpus must hold bools"),
+        (np.array([True, True, True] + [False] * 5), ValueError, "12 live slots .* fewer than the 16 experts"),
+    ],
+)
+def test_bad_masks(mask, error, match):
+    with pytest.raises(error, match=match):
+        eplb.rebalance_experts(_loads(16, 0), 32, 4, 2, 8, active_gpus=mask)
+
+
+def test_mask_of_another_framework():
+    with pytest.raises(TypeError, match="active_gpus must be a bool array of the loads' framework"):
+        eplb.rebalance_experts(jnp.asarray(_loads(16, 0)), 32, 4, 2, 8, active_gpus=torch.ones(8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="active_gpus must hold bools"):
+        eplb.rebalance_experts(torch.as_tensor(_loads(16, 0)), 32, 4, 2, 8, active_gpus=torch.ones(8))
+    # A list of bools is fine, for every framework.
+    got = eplb.rebalance_experts(torch.as_tensor(_loads(16, 0)), 32, 4, 2, 8, active_gpus=[True] * 7 + [False])
+    assert isinstance(got.phy2log, torch.Tensor)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"policy": "refined"}, "policy='refined'"),
+        ({"spill": 2}, "spill=2"),
+        ({"previous": np.zeros((4, 32), np.int64)}, "previous="),
+        ({"balance_tolerance": 0.01}, "balance_tolerance="),
+        ({"max_moves": 3}, "max_moves="),
+    ],
+)
+def test_unsupported_combinations(options, match):
+    mask = np.ones(8, bool)
+    with pytest.raises(ValueError, match=f"active_gpus cannot be combined with {match}"):
+        eplb.rebalance_experts(_loads(16, 0), 32, 4, 2, 8, active_gpus=mask, **options)
+
+
+def test_kernels_reject_the_mask():
+    from eplb.backends import _jax
+
+    with pytest.raises(ValueError, match="active_gpus runs on impl='xla'"):
+        _jax.rebalance(jnp.ones((1, 16)), 32, 4, 2, 8, impl="pallas", hierarchical=True, active_gpus=jnp.ones(8, bool))
+
+
+# ---------------------------------------------------------------- metrics and transfers
+
+
+def test_metrics_count_dead_gpus_out():
+    w = _loads(16, seed=0)
+    mask = np.ones(8, bool)
+    mask[2] = False
+    p = eplb.rebalance_experts(w, 32, 4, 2, 8, active_gpus=mask)
+    loads = np.asarray(eplb.metrics.gpu_loads(w, p.phy2log, 8))
+    assert (loads[:, 2] == 0).all()
+    live = loads[:, mask]
+    expected = np.where(live.max(axis=1) > 0, live.mean(axis=1) / np.maximum(live.max(axis=1), 1e-30), 1.0)
+    np.testing.assert_allclose(eplb.metrics.balancedness(w, p.phy2log, 8), expected, rtol=1e-6)
+    # Without -1 slots the metric is unchanged.
+    plain = eplb.rebalance_experts(w, 32, 4, 2, 8)
+    full = np.asarray(eplb.metrics.gpu_loads(w, plain.phy2log, 8))
+    with np.errstate(invalid="ignore"):
+        expected = np.where(full.max(1) > 0, full.mean(1, dtype=np.float32) / full.max(1), 1.0)
+    np.testing.assert_array_equal(eplb.metrics.balancedness(w, plain.phy2log, 8), expected.astype(np.float32))
+
+
+def test_plan_transfers_rejects_empty_slots():
+    w = _loads(16, seed=0)
+    mask = np.ones(8, bool)
+    mask[2] = False
+    old = eplb.rebalance_experts(w, 32, 4, 2, 8).phy2log
+    new = eplb.rebalance_experts(w, 32, 4, 2, 8, active_gpus=mask).phy2log
+    with pytest.raises(ValueError, match=r"new_phy2log holds -1 .*active_gpus"):
+        eplb.plan_transfers(old, new, num_gpus=8, num_nodes=2)
+
+
+@needs_gpu("torch")
+def test_torch_cuda_equals_numpy():
+    for num_experts, r, g, n, gpus, dead in CASES:
+        mask = np.ones(gpus, bool)
+        mask[dead] = False
+        w = _loads(num_experts, seed=1)
+        _same(_torch_ops(w, r, g, n, gpus, mask, g % n == 0, device="cuda"), oracle.elastic(w, r, g, n, gpus, mask))
