@@ -182,7 +182,10 @@ def test_every_implementation_equals_the_oracle(case):
             assert np.array_equal(x, y), f"{label} of {name} differs from the oracle"
 
 
-@pytest.mark.parametrize("case", CASES[:5], ids=[str(c[:5]) for c in CASES[:5]])
+ALL_UP = [CASES[0], CASES[2], CASES[3], CASES[4]]
+
+
+@pytest.mark.parametrize("case", ALL_UP, ids=[str(c[:5]) for c in ALL_UP])
 def test_all_true_is_the_plain_placement(case):
     num_experts, r, g, n, gpus, _ = case
     w = _loads(num_experts, seed=3)
