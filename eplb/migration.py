@@ -223,7 +223,7 @@ def _host_placement(name: str, phy2log: Any) -> np.ndarray:
     if phy2log.min() == -1:
         raise ValueError(
             f"{name} holds -1 (an empty slot of a failed GPU, from rebalance_experts(..., active_gpus=)): "
-            "plan_transfers does not plan moves to or from failed GPUs yet"
+            "plan_transfers needs expert ids >= 0: it does not plan moves to or from failed GPUs yet"
         )
     if phy2log.min() < 0:
         raise ValueError(f"{name} must hold expert ids >= 0, got {phy2log.min()}")
