@@ -152,12 +152,14 @@ def _checked_active_gpus(
 ) -> tuple[Any, Any]:
     """``active_gpus`` [G] bool, on ``weight``'s kind and device; returns ``(mask, host values or None)``.
 
-    ``sizes`` is ``(num_experts, num_replicas, num_gpus)``. Host values are
-    read where free (as for the loads, see ``check_values``) and must leave
-    at least ``E`` live slots.
+    ``sizes`` is ``(num_experts, num_replicas, num_gpus)``. The values (a
+    numpy array or list: always; an array of the loads' framework: where
+    free, as for the loads, see ``check_values``) must leave at least ``E``
+    live slots.
     """
     num_experts, num_replicas, num_gpus = sizes
     name = _xp.backend_name(weight)
+    host = None
     try:
         kind = _xp.backend_name(active_gpus)
     except TypeError:
@@ -169,6 +171,7 @@ def _checked_active_gpus(
             raise ValueError(f"active_gpus must be a 1-D [num_gpus] bool array: {err}") from None
         if active_gpus.dtype != np.bool_:
             raise TypeError(f"active_gpus must hold bools (True: the GPU is up), got dtype {active_gpus.dtype}")
+        host = active_gpus  # host data: always read (also when it goes on to a CUDA device)
         if name == "torch":
             active_gpus = sys.modules["torch"].as_tensor(active_gpus, device=weight.device)
         elif name == "jax":
@@ -184,8 +187,8 @@ def _checked_active_gpus(
         active_gpus = active_gpus.to(weight.device)
     if tuple(active_gpus.shape) != (num_gpus,):
         raise ValueError(f"active_gpus must have shape [num_gpus] = [{num_gpus}], got {list(active_gpus.shape)}")
-    values = None
-    if check_values is not False:
+    values = host if kind == "numpy" else None
+    if values is None and check_values is not False:
         values = backend.host_values(active_gpus, force=bool(check_values))
     if values is not None:
         values = np.asarray(values).astype(bool)
