@@ -15,7 +15,16 @@ mean / max GPU load over the live GPUs) of:
 For the hierarchical config also the share of the load served on its group's
 home node (:func:`eplb.metrics.locality`). Plus the time of one numpy call.
 
-    python benchmarks/elastic.py [--markdown FILE]
+``--previous``: the global configs with ``previous=`` (the healthy placement
+of the same loads, in force when the GPUs fail): experts moved per layer
+(``(expert, GPU)`` pairs of the new placement absent from the old one on
+the live GPUs; the dead GPUs' slots count nothing) and balancedness on the
+survivors, of ``rebalance_experts(..., previous=, active_gpus=,
+balance_tolerance=t)`` for ``t = 0`` and ``0.05`` against the SGLang-like
+rule (which ignores the placement in force). Issue 19's target: balancedness
+at least SGLang-like's with at most 1/3 of its moves.
+
+    python benchmarks/elastic.py [--previous] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -80,11 +89,89 @@ def sglang_like(weight: np.ndarray, num_replicas: int, num_gpus: int, mask: np.n
     return phy2log
 
 
+def live_moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[L]``: ``(expert, GPU)`` pairs of ``new`` absent from ``old``, multisets per GPU, ``-1`` slots ignored."""
+    layers, slots = new.shape
+    experts = int(max(old.max(), new.max())) + 2
+    gpu = np.broadcast_to(np.arange(slots) // (slots // num_gpus), (layers, slots))
+    rows = np.broadcast_to(np.arange(layers)[:, None], (layers, slots))
+
+    def counts(p: np.ndarray) -> np.ndarray:
+        out = np.zeros((layers, num_gpus, experts), np.int64)
+        np.add.at(out, (rows, gpu, np.where(p >= 0, p, experts - 1)), 1)
+        out[..., -1] = 0  # -1 slots: nothing
+        return out
+
+    return np.maximum(counts(new) - counts(old), 0).sum(axis=(1, 2))
+
+
+def previous_table(data: list[tuple[str, np.ndarray]]) -> str:
+    """The ``--previous`` table (global configs)."""
+    rows = []
+    for name, (replicas, groups, nodes, gpus, hierarchical, failures) in CONFIGS.items():
+        if hierarchical:
+            continue
+        sizes = (replicas, groups, nodes, gpus)
+        for failure, dead in failures.items():
+            mask = np.ones(gpus, bool)
+            mask[dead] = False
+            bal = {"sglang": [], "t0": [], "t05": []}
+            moves = {"sglang": [], "t0": [], "t05": []}
+            times = []
+            for _, w in data:
+                previous = eplb.rebalance_experts(w, *sizes, hierarchical=False).phy2log
+                other = sglang_like(w, replicas, gpus, mask)
+                bal["sglang"].append(eplb.metrics.summarize(w, other, gpus).balancedness)
+                moves["sglang"].append(live_moves(previous, other, gpus).mean())
+                for key, tolerance in (("t0", 0.0), ("t05", 0.05)):
+                    start = time.perf_counter()
+                    ours = eplb.rebalance_experts(
+                        w,
+                        *sizes,
+                        hierarchical=False,
+                        previous=previous,
+                        active_gpus=mask,
+                        balance_tolerance=tolerance,
+                    ).phy2log
+                    times.append(time.perf_counter() - start)
+                    bal[key].append(eplb.metrics.summarize(w, ours, gpus).balancedness)
+                    moves[key].append(live_moves(previous, ours, gpus).mean())
+            mean = {k: float(np.mean(v)) for k, v in {**bal, **{f"m_{k}": v for k, v in moves.items()}}.items()}
+            rows.append((name, failure, mean, 1e3 * float(np.median(times))))
+    header = (
+        "config",
+        "failure",
+        "balancedness SGLang-like",
+        "ours t=0",
+        "ours t=0.05",
+        "moves/layer SGLang-like",
+        "ours t=0",
+        "ours t=0.05",
+        "ours / SGLang (t=0)",
+        "ours ms (numpy)",
+    )
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, failure, m, ms in rows:
+        lines.append(
+            f"| {name} | {failure} | {m['sglang']:.4f} | {m['t0']:.4f} | {m['t05']:.4f} | "
+            f"{m['m_sglang']:.1f} | {m['m_t0']:.1f} | {m['m_t05']:.1f} | {m['m_t0'] / m['m_sglang']:.3f} | {ms:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", type=Path, help="also write the table as markdown to this file")
+    parser.add_argument("--previous", action="store_true", help="previous= against SGLang-like: moves and balance")
     args = parser.parse_args()
     data = loads()
+    if args.previous:
+        table = previous_table(data)
+        print(f"{len(data)} SGLang DeepSeek-V3 load files; previous= the healthy placement; survivors only\n")
+        print(table)
+        if args.markdown:
+            args.markdown.write_text(table + "\n")
+        return
     rows = []
     for name, (replicas, groups, nodes, gpus, hierarchical, failures) in CONFIGS.items():
         sizes = (replicas, groups, nodes, gpus)

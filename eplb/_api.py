@@ -99,11 +99,13 @@ def _checked_previous(
     sizes: tuple[int, int, int, bool],
     check_values: bool | None,
     max_moves: int | None,
+    allow_empty: bool = False,
 ) -> Any:
     """Validate ``previous`` [L, R] (integer expert ids) and convert it to ``weight``'s kind and device.
 
     ``sizes`` is ``(num_replicas, num_groups, num_nodes, hierarchical)``. With
     ``max_moves``, readable ids must also form a placement of this config.
+    ``allow_empty`` (with ``active_gpus``): ``-1`` marks an empty slot.
     """
     num_replicas, num_groups, num_nodes, hierarchical = sizes
     if isinstance(previous, Placement):
@@ -137,10 +139,12 @@ def _checked_previous(
         )
     if check_values is not False:
         values = backend.host_values(previous, force=bool(check_values))
-        if values is not None and values.size and (values.min() < 0 or values.max() >= weight.shape[1]):
+        low = -1 if allow_empty else 0
+        if values is not None and values.size and (values.min() < low or values.max() >= weight.shape[1]):
             raise ValueError(
-                f"previous must hold expert ids in [0, {weight.shape[1]}), "
-                f"got values from {values.min()} to {values.max()}"
+                f"previous must hold expert ids in [0, {weight.shape[1]})"
+                + (" or -1 (an empty slot)" if allow_empty else "")
+                + f", got values from {values.min()} to {values.max()}"
             )
         if values is not None and max_moves is not None:
             _validate.check_previous_placement(values, weight.shape[1], num_groups, num_nodes, hierarchical)
@@ -367,10 +371,21 @@ def rebalance_experts(
         Needs at least ``E`` live slots (``ValueError`` where the mask is read
         on the host, by the ``check_values`` rule; where it is not, e.g. a
         traced mask, too few live slots give ``phy2log = -1`` and
-        ``logcnt = 0`` everywhere). Greedy policy only; not with ``spill``,
-        ``previous``, ``balance_tolerance`` or ``max_moves`` yet. Runs the
-        array-API path on every backend (no fused kernel), identical bit
-        for bit; all-``True`` gives the placement without the mask.
+        ``logcnt = 0`` everywhere). Greedy policy only; not with ``spill``
+        or ``max_moves`` yet. Runs the array-API path on every backend (no
+        fused kernel), identical bit for bit; all-``True`` gives the
+        placement without the mask (without ``previous``).
+
+        With ``previous`` (global policy only, ``hierarchical=False``; may
+        hold ``-1`` in slots of GPUs that were already down; any mask, even
+        all-``True``, runs this rule): the same replica counts as without
+        ``previous``, the replicas repacked onto the live GPUs preferring
+        the live GPU that held each one, or, per layer where that is worse,
+        the placement without ``previous`` relabelled (live GPUs among live
+        positions). Promise, per layer: the heaviest live GPU is at most
+        ``1 + balance_tolerance`` (default 0) times that of the placement
+        without ``previous`` (up to float32 rounding of the sums), and no
+        more experts move than in that placement relabelled.
 
     Returns
     -------
@@ -400,13 +415,15 @@ def rebalance_experts(
     settings = (weight.shape[1], num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy, spill)
     num_replicas, num_groups, num_nodes, num_gpus, hierarchical, spill = _checked_settings(*settings)
     if active_gpus is not None:
-        _unsupported_with_active_gpus(policy, spill, previous, balance_tolerance, max_moves)
+        _unsupported_with_active_gpus(policy, spill, previous, max_moves, hierarchical, num_groups, num_nodes)
     balance_tolerance, max_moves = _checked_knobs(balance_tolerance, max_moves, previous, spill)
     elastic = {}
     if active_gpus is not None:
         sizes = (weight.shape[1], num_replicas, num_gpus)
         active_gpus, live = _checked_active_gpus(active_gpus, weight, backend, sizes, check_values)
-        if live is None or not live.all():  # all up, read on the host: the placement without the mask
+        if previous is not None:  # always the elastic rule (a traced all-up mask gives the same placement)
+            elastic = {"active_gpus": active_gpus}
+        elif live is None or not live.all():  # all up, read on the host: the placement without the mask
             elastic = {"active_gpus": active_gpus}
             if live is not None and hierarchical:
                 elastic["node_fallback"] = node_fallback_needed(live, *sizes[:2], num_nodes, num_gpus)
@@ -415,7 +432,7 @@ def rebalance_experts(
             raise TypeError(f"{knob} as a JAX array needs JAX loads; pass a Python number with {type(weight).__name__}")
     if previous is not None:
         sizes = (num_replicas, num_groups, num_nodes, hierarchical)
-        previous = _checked_previous(previous, weight, backend, sizes, check_values, max_moves)
+        previous = _checked_previous(previous, weight, backend, sizes, check_values, max_moves, bool(elastic))
         placement = backend.rebalance_stable(
             weight,
             previous,
@@ -428,6 +445,7 @@ def rebalance_experts(
             spill=spill,
             tolerance=balance_tolerance,
             max_moves=max_moves,
+            **elastic,
         )
         return Placement(*placement)
     placement = backend.rebalance(
@@ -444,20 +462,27 @@ def rebalance_experts(
     return Placement(*placement)
 
 
-def _unsupported_with_active_gpus(policy: str, spill: int, previous: Any, tolerance: Any, max_moves: Any) -> None:
-    """``active_gpus`` supports the plain greedy call for now: a ``ValueError`` naming the other argument."""
+def _unsupported_with_active_gpus(
+    policy: str, spill: int, previous: Any, max_moves: Any, hierarchical: bool, num_groups: int, num_nodes: int
+) -> None:
+    """``active_gpus`` supports the greedy policy without spill, and ``previous=`` (with or without
+    ``balance_tolerance``) under the global policy only, for now: a ``ValueError`` naming the other argument."""
     others = [
         f"policy={policy!r}" if policy != "greedy" else None,
         f"spill={spill}" if spill else None,
-        "previous=" if previous is not None else None,
-        "balance_tolerance=" if tolerance is not None else None,
         "max_moves=" if max_moves is not None else None,
     ]
     others = [o for o in others if o is not None]
     if others:
         raise ValueError(
             f"active_gpus cannot be combined with {', '.join(others)} yet: elastic placement supports the "
-            "greedy policy (hierarchical or global) without spill or previous="
+            "greedy policy (hierarchical or global) without spill, and previous= (with balance_tolerance=) "
+            "under the global policy"
+        )
+    if previous is not None and hierarchical and (num_groups > 1 or num_nodes > 1):
+        raise ValueError(
+            "active_gpus cannot be combined with previous= under the hierarchical policy yet "
+            f"(num_groups={num_groups}, num_nodes={num_nodes}); pass hierarchical=False for the global policy"
         )
 
 

@@ -76,6 +76,12 @@ class TransferPlan:
         0: read the source slot's *old* weights; 1: read the destination
         GPU's *new* weights (a second copy of an expert the GPU receives in
         stage 0; ``src_gpu == dst_gpu``).
+
+        A *reload* row (only with ``plan_transfers(..., allow_reload=True)``)
+        has ``src_gpu = src_slot = -1``, stage 0: no live slot of the old
+        placement holds the expert (its GPUs failed), so the destination
+        loads it from a checkpoint. Reloads count in :attr:`reloads`, not in
+        ``remote_copies``, ``local_copies``, ``sends`` or ``receives``.
     num_layers, num_gpus, num_nodes, slots_per_gpu : int
         The shape of the placements.
     expert_bytes : int or None
@@ -124,8 +130,18 @@ class TransferPlan:
 
     @property
     def remote(self) -> np.ndarray:
-        """``[T]`` bool: the copy crosses GPUs (``src_gpu != dst_gpu``)."""
-        return self.src_gpu != self.dst_gpu
+        """``[T]`` bool: the copy crosses GPUs (``src_gpu != dst_gpu``, a reload excepted)."""
+        return (self.src_gpu != self.dst_gpu) & (self.src_gpu >= 0)
+
+    @property
+    def reload(self) -> np.ndarray:
+        """``[T]`` bool: the row loads the expert from a checkpoint (``src_gpu == -1``)."""
+        return self.src_gpu < 0
+
+    @property
+    def reloads(self) -> np.ndarray:
+        """``[L]`` int64: reload rows per layer (experts no live old slot holds; 0 without ``allow_reload``)."""
+        return np.bincount(self.layer[self.reload], minlength=self.num_layers)
 
     @property
     def remote_copies(self) -> np.ndarray:
@@ -140,13 +156,13 @@ class TransferPlan:
     @property
     def local_copies(self) -> np.ndarray:
         """``[L]`` int64: copies within a GPU per layer (a slot takes an expert its GPU holds or receives)."""
-        return np.bincount(self.layer[~self.remote], minlength=self.num_layers)
+        return np.bincount(self.layer[~(self.remote | self.reload)], minlength=self.num_layers)
 
     @property
     def cross_node_copies(self) -> np.ndarray:
         """``[L]`` int64: copies between nodes per layer (a subset of ``remote_copies``)."""
         per_node = self.num_gpus // self.num_nodes
-        between = self.src_gpu // per_node != self.dst_gpu // per_node
+        between = (self.src_gpu // per_node != self.dst_gpu // per_node) & self.remote
         return np.bincount(self.layer[between], minlength=self.num_layers)
 
     @property
@@ -211,7 +227,7 @@ def _deprecated(old: str, new: str) -> None:
     )
 
 
-def _host_placement(name: str, phy2log: Any) -> np.ndarray:
+def _host_placement(name: str, phy2log: Any, empty_ok: bool = False) -> np.ndarray:
     try:
         phy2log = np.asarray(phy2log)
     except (TypeError, ValueError, RuntimeError) as err:
@@ -220,18 +236,24 @@ def _host_placement(name: str, phy2log: Any) -> np.ndarray:
         raise TypeError(f"{name} must hold integer expert ids, got dtype {phy2log.dtype}")
     if phy2log.ndim != 2 or 0 in phy2log.shape:
         raise ValueError(f"{name} must be a non-empty 2-D [layers, slots] array, got shape {list(phy2log.shape)}")
-    if phy2log.min() == -1:
+    if phy2log.min() == -1 and not empty_ok:
         raise ValueError(
             f"{name} holds -1 (an empty slot of a failed GPU, from rebalance_experts(..., active_gpus=)): "
             "plan_transfers needs expert ids >= 0: it does not plan moves to or from failed GPUs yet"
         )
-    if phy2log.min() < 0:
-        raise ValueError(f"{name} must hold expert ids >= 0, got {phy2log.min()}")
+    if phy2log.min() < (-1 if empty_ok else 0):
+        raise ValueError(f"{name} must hold expert ids >= 0{' or -1' if empty_ok else ''}, got {phy2log.min()}")
     return phy2log.astype(np.int64, copy=False)  # read only: no copy needed
 
 
 def plan_transfers(
-    old_phy2log: Any, new_phy2log: Any, *, num_gpus: int, num_nodes: int = 1, expert_bytes: int | None = None
+    old_phy2log: Any,
+    new_phy2log: Any,
+    *,
+    num_gpus: int,
+    num_nodes: int = 1,
+    expert_bytes: int | None = None,
+    allow_reload: bool = False,
 ) -> TransferPlan:
     """The copies that turn placement ``old_phy2log`` into ``new_phy2log``.
 
@@ -240,13 +262,23 @@ def plan_transfers(
     old_phy2log, new_phy2log : array [L, R], integer
         Placements (``Placement.phy2log``): slot ``j`` is on GPU
         ``j // (R // num_gpus)``. numpy, torch or JAX arrays, or lists; read
-        on the host (a plan is host data).
+        on the host (a plan is host data). ``-1`` marks an empty slot (a
+        failed GPU's, from ``rebalance_experts(..., active_gpus=)``): in
+        ``new_phy2log`` it receives nothing (no row), in ``old_phy2log`` it
+        is no source.
     num_gpus : int, keyword-only
         GPUs ``G``; ``R % G == 0``.
     num_nodes : int, keyword-only
         Nodes; ``G % num_nodes == 0``. Only used to prefer close sources.
     expert_bytes : int, optional, keyword-only
         Bytes of one expert's weights (all its matrices), for ``remote_bytes``.
+    allow_reload : bool, keyword-only
+        An expert that ``new_phy2log`` needs and no slot of ``old_phy2log``
+        holds in that layer (*lost*: every GPU holding it failed) is a
+        ``ValueError`` by default; with ``True``, its first slot per
+        destination GPU gets a reload row (``src_gpu = src_slot = -1``:
+        load it from a checkpoint; :attr:`TransferPlan.reloads`), the GPU's
+        further slots of it copy from there (stage 1).
 
     Returns
     -------
@@ -300,8 +332,9 @@ def plan_transfers(
         ``num_groups, num_nodes, num_gpus``, so that a swapped pair cannot
         plan another layout).
     ValueError
-        Shapes differ or do not divide, an id is negative, or ``new_phy2log``
-        needs an expert that ``old_phy2log`` does not hold in that layer.
+        Shapes differ or do not divide, an id is below -1, or ``new_phy2log``
+        needs an expert that ``old_phy2log`` does not hold in that layer
+        (without ``allow_reload``).
 
     Examples
     --------
@@ -310,8 +343,8 @@ def plan_transfers(
     >>> plan.copies(0), plan.remote_copies.tolist(), plan.remote_bytes.tolist()
     ([(1, 0, 0, 1), (0, 1, 1, 0)], [2], [20])
     """
-    old = _host_placement("old_phy2log", old_phy2log)
-    new = _host_placement("new_phy2log", new_phy2log)
+    old = _host_placement("old_phy2log", old_phy2log, empty_ok=True)
+    new = _host_placement("new_phy2log", new_phy2log, empty_ok=True)
     if old.shape != new.shape:
         raise ValueError(
             f"old_phy2log and new_phy2log must have the same shape, got {list(old.shape)} and {list(new.shape)}"
@@ -325,11 +358,14 @@ def plan_transfers(
         raise ValueError(f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes}")
     if expert_bytes is not None:
         expert_bytes = _validate.check_count("expert_bytes", expert_bytes)
-    columns = _plan_columns(old, new, num_gpus, num_nodes)
+    allow_reload = _validate.check_flag("allow_reload", allow_reload)
+    columns = _plan_columns(old, new, num_gpus, num_nodes, bool(allow_reload))
     return TransferPlan(*columns, num_layers, num_gpus, num_nodes, num_phy // num_gpus, expert_bytes)
 
 
-def _plan_columns(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int) -> tuple[np.ndarray, ...]:
+def _plan_columns(
+    old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int, allow_reload: bool = False
+) -> tuple[np.ndarray, ...]:
     """The plan's columns ``(layer, expert, src_gpu, src_slot, dst_gpu, dst_slot, stage)``, with numpy only.
 
     One sort of integer keys ``(layer, expert, node, GPU in node, new?, slot)``, one per old slot and one per
@@ -338,10 +374,13 @@ def _plan_columns(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: in
     its run's holder (local); in a run without one, the first changed slot is a remote *need* and the others copy
     from it (stage 1). The holders of one ``(layer, expert)``, and among them those of one node, are consecutive:
     a need's candidate sources are one such range, and :func:`_spread_sources` picks among them.
+
+    ``-1`` (an empty slot): in ``new`` no row; in ``old`` a holder of an extra id that no slot needs. A need with
+    no holder is a reload (``allow_reload``; source ``-1``) or a ``ValueError``.
     """
     num_layers, num_phy = old.shape
     per_gpu, per_node = num_phy // num_gpus, num_gpus // num_nodes
-    differs = old != new
+    differs = (old != new) & (new >= 0)
     changed = np.flatnonzero(differs)  # flat slots in (layer, GPU, slot) order: the rows' order
     num_new = changed.size
     layer, dst_gpu, dst_slot = np.nonzero(differs.reshape(num_layers, num_gpus, per_gpu))
@@ -356,12 +395,18 @@ def _plan_columns(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: in
     node_shift = gpu_shift + _bits(per_node)
     expert_shift = node_shift + node_bits
     num_ids = int(max(old.max(), new.max())) + 1
-    if num_ids > 2 * num_phy:  # sparse ids: number each layer's old ones 0, 1, ... (an id old lacks: past them)
+    empty_old = bool(old.min() < 0)
+    if empty_old:  # empty old slots: holders of id num_ids, which no changed slot needs
+        old = np.where(old < 0, num_ids, old)
+        num_ids += 1
+    if num_ids > 2 * num_phy:  # sparse ids: number each layer's old ones 0, 1, ... (ids old lacks: past them)
         old, new = old.copy(), new.copy()
         for row_old, row_new in zip(old, new, strict=True):
             ids = np.unique(row_old)
             found = np.minimum(np.searchsorted(ids, row_new), ids.size - 1)
-            row_new[:] = np.where(ids[found] == row_new, found, ids.size)
+            hit = ids[found] == row_new
+            lacking = np.unique(row_new[~hit])  # each its own id: reloads of two experts stay apart
+            row_new[:] = np.where(hit, found, ids.size + np.searchsorted(lacking, row_new))
             row_old[:] = np.searchsorted(ids, row_old)
         num_ids = int(max(old.max(), new.max())) + 1
     dtype = np.int32 if expert_shift + _bits(num_layers * num_ids) <= 31 else np.int64
@@ -435,11 +480,25 @@ def _plan_columns(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: in
     need_expert = need_key >> expert_shift
     count = expert_count[need_expert]
     missing = np.flatnonzero(count == 0)
-    if missing.size:
+    if missing.size and not allow_reload:
         bad = need_row[missing].min()
         raise ValueError(
             f"new_phy2log needs expert {expert[bad]} in layer {layer[bad]}, which old_phy2log does not hold"
+            + (
+                " in a live slot (expert ids >= 0; -1 is an empty slot): plan_transfers(..., allow_reload=True) "
+                "reloads it from a checkpoint"
+                if empty_old
+                else ""
+            )
         )
+    if missing.size:  # reloads: no source; the other needs go on
+        src_gpu[need_row[missing]] = -1
+        src_slot[need_row[missing]] = -1
+        found = count > 0
+        need_row, need_expert, count = need_row[found], need_expert[found], count[found]
+        near, node_run = near[found], node_run[found]
+        if not need_row.size:
+            return layer, expert, src_gpu, src_slot, dst_gpu, dst_slot, stage
     need_run = expert_run[need_expert]
     source = expert_first[need_run]
     source[near] = node_first[node_run[near]]

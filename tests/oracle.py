@@ -238,7 +238,7 @@ def moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
 
 
 def plan_transfers_reference(
-    old: list[list[int]], new: list[list[int]], num_gpus: int, num_nodes: int = 1
+    old: list[list[int]], new: list[list[int]], num_gpus: int, num_nodes: int = 1, allow_reload: bool = False
 ) -> list[tuple[int, int, int, int, int, int, int]]:
     """The sequential greedy transfer planner (eplb 0.x's ``plan_transfers``), for comparison.
 
@@ -248,6 +248,8 @@ def plan_transfers_reference(
     (stage 1). A remote source is a holder on the destination's node if any, then the fewest sends so far in
     the layer, then in the whole plan, then the lowest GPU; needs with the fewest candidates go first.
     Raises ValueError like eplb when ``new`` needs an expert that ``old`` lacks in that layer.
+    ``-1`` (an empty slot): no row into it, no source from it; with ``allow_reload`` a lacking expert's first
+    slot per GPU is a row from ``(-1, -1)`` (stage 0), its further slots copy from it (stage 1).
     """
     old, new = [list(map(int, row)) for row in old], [list(map(int, row)) for row in new]
     per_gpu = len(old[0]) // num_gpus if old else 0
@@ -257,7 +259,8 @@ def plan_transfers_reference(
     for layer, (old_row, new_row) in enumerate(zip(old, new, strict=True)):
         holders: dict[int, dict[int, int]] = {}  # expert -> {gpu: first old slot}
         for j, expert in enumerate(old_row):
-            holders.setdefault(expert, {}).setdefault(j // per_gpu, j % per_gpu)
+            if expert >= 0:
+                holders.setdefault(expert, {}).setdefault(j // per_gpu, j % per_gpu)
         out: dict[tuple[int, int], tuple[int, int, int, int, int, int, int]] = {}
         needs, duplicates = [], []
         for gpu in range(num_gpus):
@@ -265,13 +268,16 @@ def plan_transfers_reference(
             for slot in range(per_gpu):
                 j = gpu * per_gpu + slot
                 expert = new_row[j]
-                if expert == old_row[j]:
+                if expert == old_row[j] or expert < 0:
                     continue
                 here = holders.get(expert, {})
                 if gpu in here:
                     out[gpu, slot] = (layer, expert, gpu, here[gpu], gpu, slot, 0)
                 elif expert in first_received:
                     duplicates.append((gpu, slot, expert, first_received[expert]))
+                elif not here and allow_reload:
+                    first_received[expert] = slot
+                    out[gpu, slot] = (layer, expert, -1, -1, gpu, slot, 0)
                 elif not here:
                     raise ValueError(
                         f"new_phy2log needs expert {expert} in layer {layer}, which old_phy2log does not hold"
@@ -380,3 +386,58 @@ def elastic(weight: np.ndarray, num_phy: int, num_groups: int, num_nodes: int, n
     live = [bool(x) for x in live]
     layers = [elastic_layer(list(row), num_phy, num_groups, num_nodes, num_gpus, live) for row in weight]
     return tuple(np.array([layer[k] for layer in layers], dtype=np.int64) for k in range(3))
+
+
+# ---------------------------------------------------------------- active_gpus with previous=
+
+
+def live_loads64(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """:func:`gpu_loads64` where ``-1`` slots (failed GPUs) hold nothing: ``[L, G]`` float64, 0 on empty GPUs."""
+    import math
+
+    weight = np.asarray(weight, dtype=np.float64)
+    out = np.zeros((len(phy2log), num_gpus))
+    per_gpu = phy2log.shape[1] // num_gpus
+    for layer, row in enumerate(np.asarray(phy2log).tolist()):
+        count: dict[int, int] = {}
+        for e in row:
+            count[e] = count.get(e, 0) + 1
+        for gpu in range(num_gpus):
+            slots = [e for e in row[gpu * per_gpu : (gpu + 1) * per_gpu] if e >= 0]
+            out[layer, gpu] = math.fsum(float(weight[layer, e]) / count[e] for e in slots)
+    return out
+
+
+def live_moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
+    """:func:`moves` counting only experts (``new``'s ``-1`` slots receive nothing; ``old``'s hold nothing)."""
+    from collections import Counter
+
+    per_gpu = np.asarray(new).shape[1] // num_gpus
+    out = []
+    for old_row, new_row in zip(np.asarray(old).tolist(), np.asarray(new).tolist(), strict=True):
+        total = 0
+        for gpu in range(num_gpus):
+            had = Counter(e for e in old_row[gpu * per_gpu : (gpu + 1) * per_gpu] if e >= 0)
+            has = Counter(e for e in new_row[gpu * per_gpu : (gpu + 1) * per_gpu] if e >= 0)
+            total += sum((has - had).values())
+        out.append(total)
+    return np.array(out, dtype=np.int64)
+
+
+def best_relabel_moves(old: np.ndarray, new: np.ndarray, live, num_gpus: int) -> np.ndarray:
+    """``[L]``: the fewest :func:`live_moves` of ``new`` over permutations of the live GPUs among themselves
+    (each live GPU's contents moved whole to a live position; scipy's assignment solver, no eplb code)."""
+    from collections import Counter
+
+    from scipy.optimize import linear_sum_assignment
+
+    live_ids = [g for g in range(num_gpus) if live[g]]
+    per_gpu = np.asarray(new).shape[1] // num_gpus
+    out = []
+    for old_row, new_row in zip(np.asarray(old).tolist(), np.asarray(new).tolist(), strict=True):
+        had = [Counter(e for e in old_row[g * per_gpu : (g + 1) * per_gpu] if e >= 0) for g in live_ids]
+        has = [Counter(e for e in new_row[g * per_gpu : (g + 1) * per_gpu] if e >= 0) for g in live_ids]
+        cost = np.array([[sum((h - o).values()) for o in had] for h in has])
+        rows, cols = linear_sum_assignment(cost)
+        out.append(int(cost[rows, cols].sum()))
+    return np.array(out, dtype=np.int64)

@@ -9,6 +9,8 @@ the mask traced, under ``vmap``), each forced onto the array-API path.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -320,9 +322,9 @@ def test_mask_of_another_framework():
     [
         ({"policy": "refined"}, "policy='refined'"),
         ({"spill": 2}, "spill=2"),
-        ({"previous": np.zeros((4, 32), np.int64)}, "previous="),
-        ({"balance_tolerance": 0.01}, "balance_tolerance="),
+        ({"previous": np.zeros((4, 32), np.int64)}, "previous= under the hierarchical policy"),
         ({"max_moves": 3}, "max_moves="),
+        ({"previous": np.zeros((4, 32), np.int64), "max_moves": 3, "hierarchical": False}, "max_moves="),
     ],
 )
 def test_unsupported_combinations(options, match):
@@ -359,14 +361,16 @@ def test_metrics_count_dead_gpus_out():
     np.testing.assert_array_equal(eplb.metrics.balancedness(w, plain.phy2log, 8), expected.astype(np.float32))
 
 
-def test_plan_transfers_rejects_empty_slots():
+def test_plan_transfers_to_empty_slots():
+    """-1 slots of the new placement receive nothing; those of the old one are no source."""
     w = _loads(16, seed=0)
     mask = np.ones(8, bool)
     mask[2] = False
-    old = eplb.rebalance_experts(w, 32, 4, 2, 8).phy2log
-    new = eplb.rebalance_experts(w, 32, 4, 2, 8, active_gpus=mask).phy2log
-    with pytest.raises(ValueError, match=r"new_phy2log holds -1 .*active_gpus"):
-        eplb.plan_transfers(old, new, num_gpus=8, num_nodes=2)
+    old = np.asarray(eplb.rebalance_experts(w, 32, 4, 2, 8).phy2log)
+    new = np.asarray(eplb.rebalance_experts(w, 32, 4, 2, 8, active_gpus=mask).phy2log)
+    old_live = np.where(np.repeat(mask, 4), old, -1)
+    plan = eplb.plan_transfers(old_live, new, num_gpus=8, num_nodes=2, allow_reload=True)
+    assert not (plan.dst_gpu == 2).any() and not (plan.src_gpu == 2).any()
 
 
 @needs_gpu("torch")
@@ -376,3 +380,230 @@ def test_torch_cuda_equals_numpy():
         mask[dead] = False
         w = _loads(num_experts, seed=1)
         _same(_torch_ops(w, r, g, n, gpus, mask, g % n == 0, device="cuda"), oracle.elastic(w, r, g, n, gpus, mask))
+
+
+# ---------------------------------------------------------------- previous= (issue 19, item 1)
+#
+# Promise, per layer: the heaviest live GPU is at most (1 + balance_tolerance) times that of the fresh
+# active_gpus placement (float64 oracle loads, float32 rounding allowed), the replica counts are the fresh
+# ones, every invariant above holds, and no more experts move (live slots only, plain-Python counter) than in
+# the fresh placement with its live GPUs best permuted among live positions (scipy's assignment solver).
+
+
+def _slack(num_replicas, num_gpus):
+    """Relative float32 rounding of a GPU load (as tests/test_properties_policies.py bounds it)."""
+    return 1.0 + (2 * (num_replicas // num_gpus) + 4) * 2.0**-24
+
+
+def _check_previous_promise(w, r, gpus, mask, previous, tolerance, got):
+    got = tuple(np.asarray(a) for a in got)
+    _check_valid(got, w, r, gpus, mask)
+    fresh = oracle.elastic(w, r, 1, 1, gpus, mask)
+    np.testing.assert_array_equal(got[2], fresh[2])  # the same replica counts
+    peak = oracle.live_loads64(w, got[0], gpus).max(axis=1)
+    fresh_peak = oracle.live_loads64(w, fresh[0], gpus).max(axis=1)
+    assert (peak <= fresh_peak * (1 + (tolerance or 0.0)) * _slack(r, gpus)).all(), (peak, fresh_peak)
+    moved = oracle.live_moves(previous, got[0], gpus)
+    assert (moved <= oracle.best_relabel_moves(previous, fresh[0], mask, gpus)).all()
+    return moved
+
+
+@st.composite
+def previous_calls(draw):
+    num_gpus = draw(st.integers(1, 8))
+    num_experts = draw(st.integers(1, 12))
+    per_gpu = max(1, -(-num_experts // num_gpus)) + draw(st.integers(0, 2))
+    r = num_gpus * per_gpu
+    mask = np.array(draw(st.lists(st.booleans(), min_size=num_gpus, max_size=num_gpus)))
+    if mask.sum() * per_gpu < num_experts:
+        mask[:] = True
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    kind = draw(st.sampled_from(["int", "float", "few", "zero"]))
+    layers = draw(st.integers(1, 3))
+    if kind == "int":
+        w = rng.integers(0, 2**20, (layers, num_experts))
+    elif kind == "few":
+        w = rng.integers(0, 3, (layers, num_experts))
+    elif kind == "zero":
+        w = np.zeros((layers, num_experts), np.int64)
+    else:
+        w = rng.lognormal(0, 2, (layers, num_experts)).astype(np.float32)
+    old_w = rng.lognormal(0, 1, (layers, num_experts)).astype(np.float32)
+    # The placement in force: healthy, or elastic with some of today's dead GPUs already down (-1 there).
+    old_mask = np.where(rng.random(num_gpus) < 0.5, mask, True)
+    if draw(st.booleans()) and old_mask.sum() * per_gpu >= num_experts and not old_mask.all():
+        previous = np.asarray(eplb.rebalance_experts(old_w, r, 1, 1, num_gpus, active_gpus=old_mask).phy2log)
+    else:
+        previous = np.asarray(eplb.rebalance_experts(old_w, r, 1, 1, num_gpus).phy2log)
+    tolerance = draw(st.sampled_from([None, 0.0, 0.05, 0.3]))
+    return w, r, num_gpus, mask, previous, tolerance
+
+
+@settings(max_examples=40, deadline=None)
+@given(previous_calls())
+def test_previous_keeps_its_promises(call):
+    w, r, gpus, mask, previous, tolerance = call
+    got = eplb.rebalance_experts(
+        w, r, 1, 1, gpus, previous=previous, active_gpus=mask, balance_tolerance=tolerance, hierarchical=False
+    )
+    _check_previous_promise(w, r, gpus, mask, previous, tolerance, got)
+    # The torch ops path (what CUDA runs) gives the same placement.
+    from eplb.backends import _torch
+
+    ops = _torch.rebalance_stable(
+        torch.as_tensor(np.asarray(w, np.float32)),
+        torch.as_tensor(previous),
+        r,
+        1,
+        1,
+        gpus,
+        impl="torch",
+        hierarchical=False,
+        policy="greedy",
+        spill=0,
+        tolerance=tolerance,
+        max_moves=None,
+        active_gpus=torch.as_tensor(mask),
+    )
+    _same(tuple(a.numpy() for a in ops), got)
+
+
+# (experts, replicas, gpus, dead GPUs now, GPUs already dead in previous)
+PREVIOUS_CASES = [
+    (16, 32, 8, [2, 5], []),
+    (16, 32, 8, [2, 5], [5]),  # previous already with -1 on GPU 5
+    (16, 32, 8, [1], [1, 6]),  # GPU 6 is back
+    (1, 4, 4, [0, 1, 2], []),  # one expert, one live GPU
+    (6, 8, 8, [0, 7], [3]),  # one slot per GPU
+    (12, 24, 4, [3], []),
+]
+
+
+def _previous_case(case, seed=0):
+    num_experts, r, gpus, dead, was_dead = case
+    rng = np.random.default_rng(seed)
+    w = _loads(num_experts, seed=seed)
+    old_mask = np.ones(gpus, bool)
+    old_mask[was_dead] = False
+    previous = eplb.rebalance_experts(rng.permutation(w.T).T.copy(), r, 1, 1, gpus, active_gpus=old_mask).phy2log
+    mask = np.ones(gpus, bool)
+    mask[dead] = False
+    return w, r, gpus, mask, np.asarray(previous)
+
+
+@functools.cache
+def _jax_previous_call(r, gpus, traced_tolerance):
+    """A user's jit over loads, previous, mask (and the tolerance), shared by the cases of one shape."""
+
+    def call(weight, old, active, tol):
+        tol = tol if traced_tolerance else None
+        out = eplb.rebalance_experts(weight, r, 1, 1, gpus, previous=old, active_gpus=active, balance_tolerance=tol)
+        return tuple(out)
+
+    return jax.jit(call)
+
+
+@pytest.mark.parametrize("case", PREVIOUS_CASES, ids=[f"{c[:3]}-dead{c[3]}-was{c[4]}" for c in PREVIOUS_CASES])
+def test_previous_every_backend_identical(case):
+    """numpy, torch (front and ops), JAX (front; a user's jit with mask and tolerance traced): bit for bit."""
+    w, r, gpus, mask, previous = _previous_case(case)
+    for tolerance in (None, 0.05):
+        expected = eplb.rebalance_experts(
+            w, r, 1, 1, gpus, previous=previous, active_gpus=mask, balance_tolerance=tolerance
+        )
+        _check_previous_promise(w, r, gpus, mask, previous, tolerance, expected)
+        got = eplb.rebalance_experts(
+            torch.as_tensor(w),
+            r,
+            1,
+            1,
+            gpus,
+            previous=torch.as_tensor(previous),
+            active_gpus=torch.as_tensor(mask),
+            balance_tolerance=tolerance,
+        )
+        _same(tuple(a.numpy() for a in got), expected)
+        if tolerance is None:  # the JAX front end (its own jit)
+            got = eplb.rebalance_experts(
+                jnp.asarray(w), r, 1, 1, gpus, previous=previous, active_gpus=jnp.asarray(mask)
+            )
+        else:  # a user's jit, tolerance traced
+            args = (jnp.asarray(w, jnp.float32), jnp.asarray(previous), jnp.asarray(mask), jnp.float32(tolerance))
+            got = _jax_previous_call(r, gpus, True)(*args)
+        _same(got, expected)
+
+
+def test_previous_moves_less_than_the_fresh_placement():
+    """A GPU down on a 16-GPU cluster: the sticky placement keeps most experts where they are."""
+    rng = np.random.default_rng(7)
+    w = rng.lognormal(0, 1, (4, 64)).astype(np.float32)
+    previous = np.asarray(eplb.rebalance_experts(w, 128, 1, 1, 16).phy2log)
+    mask = np.ones(16, bool)
+    mask[9] = False
+    got = eplb.rebalance_experts(w, 128, 1, 1, 16, previous=previous, active_gpus=mask)
+    moved = _check_previous_promise(w, 128, 16, mask, previous, None, got)
+    fresh = eplb.rebalance_experts(w, 128, 1, 1, 16, active_gpus=mask).phy2log
+    assert moved.sum() < oracle.live_moves(previous, fresh, 16).sum()
+    assert moved.sum() <= oracle.best_relabel_moves(previous, fresh, mask, 16).sum()
+
+
+def test_previous_with_all_gpus_up_keeps_the_promise():
+    """A mask with every GPU up still runs the elastic rule with previous= (a traced mask could not tell)."""
+    w, r, gpus, _, previous = _previous_case(PREVIOUS_CASES[2])
+    mask = np.ones(gpus, bool)
+    got = eplb.rebalance_experts(w, r, 1, 1, gpus, previous=previous, active_gpus=mask)
+    _check_previous_promise(w, r, gpus, mask, previous, None, got)
+
+
+def test_previous_traced_mask_with_too_few_live_slots_gives_an_empty_placement():
+    w = jnp.asarray(_loads(16, seed=0), jnp.float32)
+    mask = np.zeros(8, bool)
+    mask[:3] = True
+    previous = jnp.asarray(eplb.rebalance_experts(np.asarray(w), 32, 1, 1, 8).phy2log)
+    call = jax.jit(lambda w, p, m: tuple(eplb.rebalance_experts(w, 32, 1, 1, 8, previous=p, active_gpus=m)))
+    phy2log, log2phy, logcnt = (np.asarray(a) for a in call(w, previous, jnp.asarray(mask)))
+    assert (phy2log == -1).all() and (log2phy == -1).all() and (logcnt == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"hierarchical": True}, ValueError, "previous= under the hierarchical policy"),
+        ({"max_moves": 2}, ValueError, "max_moves="),
+        ({"previous": np.full((4, 32), -2)}, ValueError, r"expert ids in \[0, 16\) or -1"),
+    ],
+)
+def test_previous_unsupported(options, error, match):
+    w = _loads(16, 0)
+    options = {"previous": np.zeros((4, 32), np.int64), "hierarchical": False, **options}
+    with pytest.raises(error, match=match):
+        eplb.rebalance_experts(w, 32, 4, 2, 8, active_gpus=np.ones(8, bool), **options)
+    with pytest.raises(ValueError, match="only apply with previous="):
+        eplb.rebalance_experts(w, 32, 4, 2, 8, active_gpus=np.ones(8, bool), balance_tolerance=0.1)
+
+
+def test_previous_then_plan_transfers():
+    """The plan from the placement in force (failed GPUs' slots -1) to the new one: live slots only; an expert
+    that only failed GPUs held is a reload (allow_reload=True) or a ValueError."""
+    w = _loads(16, seed=2)
+    r, gpus = 32, 8
+    previous = np.asarray(eplb.rebalance_experts(w, r, 1, 1, gpus).phy2log)
+    mask = np.ones(gpus, bool)
+    mask[[3, 4]] = False
+    new = np.asarray(eplb.rebalance_experts(w, r, 1, 1, gpus, previous=previous, active_gpus=mask).phy2log)
+    old = np.where(np.repeat(mask, r // gpus), previous, -1)
+    lost = [(layer, e) for layer in range(len(w)) for e in range(16) if e not in old[layer].tolist()]
+    if lost:
+        with pytest.raises(ValueError, match="allow_reload=True"):
+            eplb.plan_transfers(old, new, num_gpus=gpus)
+    plan = eplb.plan_transfers(old, new, num_gpus=gpus, allow_reload=True)
+    rows = oracle.plan_transfers_reference(old.tolist(), new.tolist(), gpus, 1, allow_reload=True)
+    assert [(r_[0], r_[1], r_[4], r_[5], r_[6]) for r_ in rows] == list(
+        zip(*(getattr(plan, c).tolist() for c in ("layer", "expert", "dst_gpu", "dst_slot", "stage")), strict=True)
+    )
+    assert not np.isin(plan.dst_gpu, [3, 4]).any() and not np.isin(plan.src_gpu, [3, 4]).any()
+    assert plan.reloads.sum() == len({(layer, g, e) for layer, e in lost for g in range(gpus)
+                                      if e in new[layer, g * 4 : (g + 1) * 4].tolist()})  # fmt: skip
+    moved = oracle.live_moves(old, new, gpus)
+    assert (plan.remote_copies + plan.reloads <= moved).all()

@@ -503,3 +503,111 @@ def test_docs_code_runs(monkeypatch, tmp_path):
     assert blocks
     for index, block in enumerate(blocks):
         exec(compile(block, f"migration.md[{index}]", "exec"), {"__name__": f"docs_{index}"})
+
+
+# ---------------------------------------------------------------- empty slots (-1) and reloads (issue 19)
+
+
+def check_elastic_plan(plan, old, new, gpus, nodes, allow_reload):
+    """The plan's promises with ``-1`` slots, in plain Python: rows into the changed non-empty slots of ``new``
+    only, never from an empty slot; applying it (reload rows writing the expert itself) gives ``new`` on every
+    non-empty slot; the same rows as the sequential reference but for remote sources, each of those a holder
+    (of the destination's node if any); reloads exactly where no old slot of the layer holds the expert."""
+    per_gpu = old.shape[1] // gpus
+    rows = plan_rows(plan)
+    changed = [
+        (layer, j // per_gpu, j % per_gpu)
+        for layer in range(old.shape[0])
+        for j in range(old.shape[1])
+        if new[layer, j] >= 0 and new[layer, j] != old[layer, j]
+    ]
+    assert [(r[0], r[4], r[5]) for r in rows] == changed
+    result = old.reshape(old.shape[0], gpus, per_gpu).copy()
+    for stage in (0, 1):
+        source = old.reshape(result.shape) if stage == 0 else result.copy()
+        for layer, expert, src_gpu, src_slot, dst_gpu, dst_slot, row_stage in rows:
+            if row_stage != stage:
+                continue
+            if src_gpu < 0:
+                assert allow_reload and stage == 0 and src_slot == -1
+                assert expert not in old[layer].tolist()
+            else:
+                assert source[layer, src_gpu, src_slot] == expert >= 0
+            result[layer, dst_gpu, dst_slot] = expert
+    live = new >= 0
+    np.testing.assert_array_equal(result.reshape(old.shape)[live], new[live])
+    reference = oracle.plan_transfers_reference(old.tolist(), new.tolist(), gpus, nodes, allow_reload=allow_reload)
+    assert len(reference) == len(rows)
+    for got, want in zip(rows, reference, strict=True):
+        if want[2] == want[4] or want[2] < 0:
+            assert got == want
+        else:
+            assert (got[:2], got[4:]) == (want[:2], want[4:])
+    reloads = [sum(1 for r in rows if r[0] == layer and r[2] < 0) for layer in range(old.shape[0])]
+    assert plan.reloads.tolist() == reloads
+    assert (plan.remote_copies + plan.local_copies + plan.reloads).sum() == len(rows)
+    assert not plan.remote[plan.reload].any() and plan.sends.sum() == plan.remote_copies.sum()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    layers=st.integers(1, 3),
+    experts=st.integers(1, 10),
+    per_gpu=st.integers(1, 3),
+    gpus_nodes=st.sampled_from([(1, 1), (2, 1), (4, 2), (6, 3), (8, 2)]),
+    id_offset=st.sampled_from([0, 0, 2**40]),
+)
+def test_plan_with_empty_slots_and_reloads(seed, layers, experts, per_gpu, gpus_nodes, id_offset):
+    gpus, nodes = gpus_nodes
+    rng = np.random.default_rng(seed)
+    slots = gpus * per_gpu
+    experts = min(experts, slots)
+    old = random_placement(rng, layers, experts, slots) + id_offset
+    new = random_placement(rng, layers, experts, slots) + id_offset
+    dead_old = rng.random(gpus) < 0.3  # GPUs that failed: no source
+    dead_new = rng.random(gpus) < 0.3  # GPUs that receive nothing
+    old[:, np.repeat(dead_old, per_gpu)] = -1
+    new[:, np.repeat(dead_new, per_gpu)] = -1
+    lost = any(e >= 0 and e not in old[layer].tolist() for layer in range(layers) for e in new[layer].tolist())
+    if lost:
+        with pytest.raises(ValueError, match=r"does not hold in a live slot .*allow_reload=True"):
+            eplb.plan_transfers(old, new, num_gpus=gpus, num_nodes=nodes)
+    else:
+        check_elastic_plan(eplb.plan_transfers(old, new, num_gpus=gpus, num_nodes=nodes), old, new, gpus, nodes, False)
+    plan = eplb.plan_transfers(old, new, num_gpus=gpus, num_nodes=nodes, allow_reload=True)
+    check_elastic_plan(plan, old, new, gpus, nodes, True)
+
+
+def test_plan_reload_rows():
+    old = np.array([[0, 1, -1, -1, 2, 3]])
+    new = np.array([[0, 4, 4, 4, -1, -1]])
+    with pytest.raises(ValueError, match=r"needs expert 4 in layer 0, which old_phy2log does not hold in a live slot"):
+        eplb.plan_transfers(old, new, num_gpus=3)
+    plan = eplb.plan_transfers(old, new, num_gpus=3, allow_reload=True)
+    assert plan.copies(0) == [(-1, -1, 0, 1), (-1, -1, 1, 0), (1, 0, 1, 1)]
+    assert plan.stage.tolist() == [0, 0, 1]
+    assert plan.reloads.tolist() == [2] and plan.remote_copies.tolist() == [0] and plan.local_copies.tolist() == [1]
+    assert plan.cross_node_copies.tolist() == [0] and not plan.sends.any() and not plan.receives.any()
+    with pytest.raises(TypeError, match="allow_reload"):
+        eplb.plan_transfers(old, new, num_gpus=3, allow_reload="yes")
+
+
+def test_executors_reject_reload_rows():
+    plan = eplb.plan_transfers([[-1, 0]], [[1, 0]], num_gpus=1, allow_reload=True)
+    assert plan.reloads.tolist() == [1]
+    torch = pytest.importorskip("torch")
+    from eplb.executors import torch as torch_executor
+
+    weights = torch.zeros((1, 2, 3))
+    for call in (torch_executor.apply_plan, torch_executor.begin):
+        with pytest.raises(ValueError, match=r"reload rows .*load_expert callback is not supported yet"):
+            call(plan, weights)
+    jax = pytest.importorskip("jax")
+    from jax.sharding import Mesh
+
+    from eplb.executors import jax as jax_executor
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("ep",))
+    with pytest.raises(ValueError, match=r"reload rows .*load_expert callback is not supported yet"):
+        jax_executor.apply_plan(plan, jax.numpy.zeros((1, 2, 3)), mesh, "ep")

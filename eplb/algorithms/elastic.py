@@ -30,11 +30,24 @@ from __future__ import annotations
 from typing import Any
 
 from eplb import _xp
+from eplb.algorithms.assignment import max_assignment
 from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
+from eplb.algorithms.packing import inverse_permutation, sum_left_to_right
+from eplb.algorithms.relabel import align_slots, count_moves, gpu_overlap, occurrence
+from eplb.algorithms.repair import sticky_pack
 from eplb.algorithms.replication import replica_load, replicate_experts
 
-__all__ = ["build_log2phy_masked", "lpt_pack_live", "node_fallback_needed", "place_elastic", "rebalance_elastic"]
+__all__ = [
+    "build_log2phy_masked",
+    "lpt_pack_live",
+    "node_fallback_needed",
+    "place_elastic",
+    "place_elastic_stable",
+    "rebalance_elastic",
+    "relabel_pinned",
+    "stabilize_elastic",
+]
 
 
 def lpt_pack_live(weight: Any, live_pack: Any, capacity: int, *, xp: Any) -> tuple[Any, Any, Any]:
@@ -257,3 +270,121 @@ def place_elastic(
         weight, active_gpus, num_replicas, *sizes, num_gpus, fallback=node_fallback, xp=xp
     )
     return phy2log, build_log2phy_masked(phy2log, phyrank, weight.shape[1], xp=xp), logcnt
+
+
+# ---------------------------------------------------------------- previous= (only what must move moves)
+
+
+def _live_gpu_loads(weight: Any, phy2log: Any, logcnt: Any, num_gpus: int, *, xp: Any) -> Any:
+    """``[B, G]`` float32 GPU loads as :func:`eplb.algorithms.repair.gpu_loads`, ``-1`` slots counting 0."""
+    batch, num_phy = phy2log.shape
+    reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
+    per_replica = replica_load(weight, logcnt, reciprocal, xp=xp)
+    held = phy2log >= 0
+    slot_load = _xp.take_along(per_replica, xp.where(held, phy2log, xp.zeros_like(phy2log)), xp=xp)
+    slot_load = xp.where(held, slot_load, xp.zeros_like(slot_load))
+    return sum_left_to_right(xp.reshape(slot_load, (batch, num_gpus, num_phy // num_gpus)), xp=xp)
+
+
+def relabel_pinned(new: Any, old: Any, live_gpu: Any, num_gpus: int, *, xp: Any) -> Any:
+    """:func:`eplb.algorithms.relabel.relabel` (global) of ``new [B, R]`` to ``old [B, R]``, failed GPUs pinned.
+
+    ``new`` holds ``-1`` exactly on the GPUs that ``live_gpu [B, G]`` marks
+    down. GPUs are permuted to keep the most ``(expert, GPU)`` pairs, among
+    the permutations that map live GPUs onto live positions: the overlap of
+    a live-live or dead-dead pair gets ``R + 1`` added (more than any
+    overlap total), so the exact maximum assignment never pairs a live GPU
+    with a dead position. Then each GPU's slots follow ``old``.
+    """
+    batch, num_phy = new.shape
+    per_gpu = num_phy // num_gpus
+    kept = gpu_overlap(new, old, num_gpus, xp=xp)  # [B, G, G]: new GPU i, old position j
+    live_gpu = xp.broadcast_to(live_gpu, (batch, num_gpus))
+    allowed = live_gpu[:, :, None] == live_gpu[:, None, :]
+    profit = kept + xp.astype(allowed, kept.dtype) * (num_phy + 1)
+    holder = inverse_permutation(max_assignment(profit, xp=xp), xp=xp)  # new GPU placed at each position
+    slots = xp.reshape(
+        holder[:, :, None] * per_gpu + xp.arange(per_gpu, dtype=holder.dtype, device=_xp.device(new)),
+        (batch, num_phy),
+    )
+    return align_slots(_xp.take_along(new, xp.astype(slots, new.dtype), xp=xp), old, num_gpus, xp=xp)
+
+
+def stabilize_elastic(
+    weight: Any, fresh: Any, logcnt: Any, previous: Any, active: Any, num_gpus: int, *, tolerance: Any, xp: Any
+) -> Any:
+    """``phy2log [B, R]``: the elastic placement ``fresh`` (with ``logcnt``) moving few experts from ``previous``.
+
+    Slots of failed GPUs in ``previous`` count as empty (no source, no
+    affinity). Candidates: ``fresh`` relabelled (:func:`relabel_pinned`), and
+    a :func:`eplb.algorithms.repair.sticky_pack` of its replicas onto the
+    live GPUs (failed ones start at ``+inf``), each replica preferring the
+    live GPU that held its copy, within ``limit = fresh's heaviest GPU *
+    fl32(1 + tolerance)`` (``tolerance`` ``None``: 0). Per layer the sticky
+    one wins if its heaviest GPU is within the limit and it moves fewer
+    experts; slots then follow ``previous`` (:func:`align_slots`).
+    """
+    from eplb.algorithms.stability import _factor  # the healthy rule's limit, the same float32 bits
+
+    batch, num_phy = fresh.shape
+    dtype = fresh.dtype
+    live_gpu = xp.broadcast_to(xp.reshape(active, (-1, num_gpus)), (batch, num_gpus))
+    live_slot = _live_slot(live_gpu, batch, num_phy, num_gpus, xp=xp)
+    old = xp.where(live_slot, xp.astype(previous, dtype), xp.full_like(fresh, -1))
+    base = relabel_pinned(fresh, old, live_gpu, num_gpus, xp=xp)
+    peak = xp.max(_live_gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+    limit = peak * _factor(tolerance, peak, xp=xp)
+    reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
+    per_replica = replica_load(weight, logcnt, reciprocal, xp=xp)
+    held = base >= 0
+    item_load = _xp.take_along(per_replica, xp.where(held, base, xp.zeros_like(base)), xp=xp)
+    item_load = xp.where(held, item_load, -xp.ones_like(item_load))  # empty slots come last
+    initial = xp.where(live_gpu, 0.0, xp.inf)
+    initial = xp.astype(initial, weight.dtype)
+    sticky = sticky_pack(base, old, item_load, limit, num_gpus, initial_load=initial, xp=xp)
+    sticky = align_slots(sticky, old, num_gpus, xp=xp)
+    sticky_peak = xp.max(_live_gpu_loads(weight, sticky, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+    fewer = count_moves(sticky, old, num_gpus, xp=xp) < count_moves(base, old, num_gpus, xp=xp)
+    use = (sticky_peak <= limit) & xp.reshape(fewer, (batch, 1))
+    return xp.where(use, sticky, base)
+
+
+def place_elastic_stable(
+    weight: Any,
+    previous: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    active_gpus: Any,
+    hierarchical: bool,
+    tolerance: Any = None,
+    policy: str = "greedy",
+    spill: int = 0,
+    node_fallback: bool | None = None,
+    xp: Any,
+) -> tuple[Any, Any, Any]:
+    """:func:`place_elastic` keeping the experts of ``previous [L, R]`` (``-1``: an empty slot) in place.
+
+    The global policy only (``hierarchical`` with groups or nodes: a
+    ``ValueError``). Replica counts are the fresh elastic placement's; the
+    GPUs' contents are :func:`stabilize_elastic`'s. ``log2phy`` numbers
+    replicas in slot order. ``node_fallback`` is ignored (global rule).
+    """
+    if policy != "greedy" or spill:
+        raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
+    if hierarchical and (num_groups > 1 or num_nodes > 1):
+        raise ValueError(
+            "active_gpus with previous= supports the global policy only (hierarchical=False) for now; "
+            f"got the hierarchical policy with num_groups={num_groups}, num_nodes={num_nodes}"
+        )
+    weight = clean_loads(weight, xp=xp)
+    num_log = weight.shape[1]
+    active = xp.reshape(active_gpus, (-1, num_gpus))
+    fresh, _, logcnt = rebalance_elastic(weight, active, num_replicas, 1, 1, num_gpus, xp=xp)
+    phy2log = stabilize_elastic(weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, xp=xp)
+    _, live_slots = _live_rows(weight, active, num_replicas, 1, num_gpus, xp=xp)  # [L, 1]
+    phy2log = xp.where(live_slots >= num_log, phy2log, fresh)  # too few live slots: the empty placement
+    phyrank = xp.where(phy2log >= 0, occurrence(phy2log, xp=xp), xp.full_like(phy2log, -1))
+    return phy2log, build_log2phy_masked(phy2log, phyrank, num_log, xp=xp), logcnt

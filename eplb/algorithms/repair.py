@@ -31,7 +31,9 @@ def gpu_loads(weight: Any, phy2log: Any, logcnt: Any, num_gpus: int, *, xp: Any)
     return sum_left_to_right(xp.reshape(slot_load, (batch, num_gpus, num_phy // num_gpus)), xp=xp)
 
 
-def sticky_pack(base: Any, old: Any, item_load: Any, limit: Any, num_packs: int, *, xp: Any) -> Any:
+def sticky_pack(
+    base: Any, old: Any, item_load: Any, limit: Any, num_packs: int, *, initial_load: Any = None, xp: Any
+) -> Any:
     """Repack the items of ``base [B, n]`` (experts, one per slot) so they stay near ``old [B, n]``.
 
     LPT with affinity: items heaviest first (``item_load [B, n]`` float32,
@@ -40,6 +42,13 @@ def sticky_pack(base: Any, old: Any, item_load: Any, limit: Any, num_packs: int,
     otherwise it goes to the open pack with the smallest load (first on
     ties). Returns the experts slot by slot, pack ``p`` owning slots
     ``p*k .. p*k + k - 1``.
+
+    ``initial_load [B, m]`` (optional; float32): the packs' starting loads,
+    ``+inf`` for a pack that takes no item while another pack is open (a
+    failed GPU: it stays ``+inf``). With it, items ``-1`` of ``base`` (empty
+    slots) have no old pack, and once every open pack is full the remaining
+    items (callers give them load ``-1``, so they come last) fill the first
+    packs with room, in order. Without it, the behaviour above, unchanged.
     """
     batch, n = base.shape
     capacity = n // num_packs
@@ -47,6 +56,8 @@ def sticky_pack(base: Any, old: Any, item_load: Any, limit: Any, num_packs: int,
     match = (base[:, :, None] == old[:, None, :]) & (
         occurrence(base, xp=xp)[:, :, None] == occurrence(old, xp=xp)[:, None, :]
     )
+    if initial_load is not None:
+        match = match & (base >= 0)[:, :, None]  # an empty slot is no expert: no old pack
     affinity = xp.where(xp.any(match, axis=-1), _first(match, dtype, xp=xp) // capacity, -1)
     order = _xp.argsort_desc(item_load, xp=xp)
     steps = xp.stack(
@@ -64,17 +75,21 @@ def sticky_pack(base: Any, old: Any, item_load: Any, limit: Any, num_packs: int,
         home = xp.where(home_ok, home, 0)
         stay = home_ok & (_xp.take_along(open_load, home, xp=xp) + load <= limit)
         lightest = xp.reshape(xp.astype(xp.argmin(open_load, axis=-1), dtype), (batch, 1))
+        if closed is not None:  # every open pack full: the first pack with room (a closed one)
+            room = xp.reshape(_first(count < capacity, dtype, xp=xp), (batch, 1))
+            lightest = xp.where(xp.any(open_load < xp.inf, axis=-1, keepdims=True), lightest, room)
         pack = xp.where(stay, home, lightest)
         rank = _xp.take_along(count, pack, xp=xp)
         chosen = pack_ids == pack
         count = count + chosen
-        open_load = xp.where(count == capacity, xp.inf, xp.minimum(open_load + chosen * load, most))  # as lpt_pack
+        full = count == capacity if closed is None else (count == capacity) | closed
+        open_load = xp.where(full, xp.inf, xp.minimum(open_load + chosen * load, most))  # as lpt_pack
         return (open_load, count), (pack[:, 0], rank[:, 0])
 
-    init = (
-        xp.zeros((batch, num_packs), dtype=item_load.dtype, device=_xp.device(base)),
-        xp.zeros((batch, num_packs), dtype=item_load.dtype, device=_xp.device(base)),
-    )
+    zeros = xp.zeros((batch, num_packs), dtype=item_load.dtype, device=_xp.device(base))
+    closed = None if initial_load is None else xp.broadcast_to(initial_load == xp.inf, (batch, num_packs))
+    start = zeros if initial_load is None else xp.where(closed, xp.inf, zeros + initial_load)
+    init = (start, zeros)
     _, (pack_by_step, rank_by_step) = _xp.scan(visit, init, xp.permute_dims(steps, (1, 0, 2)), xp=xp)
     pack_by_step = xp.astype(xp.permute_dims(pack_by_step, (1, 0)), dtype)
     rank_by_step = xp.astype(xp.permute_dims(rank_by_step, (1, 0)), dtype)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eplb.algorithms.elastic import place_elastic
+from eplb.algorithms.elastic import place_elastic, place_elastic_stable
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
 from eplb.backends import _jax_host
@@ -67,6 +67,28 @@ def _rebalance_elastic(
 
     placement = jax.vmap(one_layer, in_axes=(0, None))(weight.astype(jnp.float32), active.astype(bool))
     return _tied_to(weight, placement)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _rebalance_elastic_stable(
+    weight: jax.Array,
+    previous: jax.Array,
+    active: jax.Array,
+    tolerance: jax.Array | None,
+    config: tuple[int, int, int, int],
+    options: tuple[tuple[str, Any], ...],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_rebalance_elastic` keeping ``previous``'s experts in place (mask and tolerance traced)."""
+    index = jnp.arange(1).dtype  # JAX's default integer
+
+    def one_layer(row: jax.Array, old: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
+        placement = place_elastic_stable(
+            row[None, :], old[None, :], *config, xp=jnp, active_gpus=mask, tolerance=tolerance, **dict(options)
+        )
+        return tuple(a[0] for a in placement)
+
+    layers = jax.vmap(one_layer, in_axes=(0, 0, None))
+    return _tied_to(weight, layers(weight.astype(jnp.float32), previous.astype(index), active.astype(bool)))
 
 
 def _tied_to(weight: jax.Array, placement: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
@@ -330,6 +352,17 @@ def rebalance_stable(
     XLA elsewhere; ``"xla"``: the array-API algorithm under ``jit`` + ``vmap``.
     Same placement.
     """
+    active = options.pop("active_gpus", None)
+    if active is not None:
+        # active_gpus with previous=: the array-API path under jit + vmap (mask and tolerance traced).
+        if impl not in (None, "xla"):
+            raise ValueError(f"active_gpus with previous= runs on impl='xla' (or None) only, got impl={impl!r}")
+        if options.pop("max_moves", None) is not None:
+            raise ValueError("active_gpus cannot be combined with max_moves= yet")
+        tolerance = options.pop("tolerance", None)
+        knob = None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32)
+        config = (num_replicas, num_groups, num_nodes, num_gpus)
+        return _rebalance_elastic_stable(weight, previous, active, knob, config, tuple(sorted(options.items())))
     if impl is None:
         impl = "host" if _jax_host.applies_stable() else "xla"
     if impl not in ("host", "xla"):

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from eplb.algorithms.elastic import place_elastic
+from eplb.algorithms.elastic import place_elastic, place_elastic_stable
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
 from eplb.backends import _numba
@@ -78,6 +78,10 @@ def rebalance_stable(
     """
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
     previous = np.ascontiguousarray(previous, dtype=np.int64)
+    if options.get("active_gpus") is not None:
+        return _rebalance_elastic_stable(
+            weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, impl, options
+        )
     # Ids are checked here even with check_values=False: the compiled kernels index by expert id without
     # bounds checks, and both paths must take the same inputs. Host data: the check costs microseconds.
     if previous.size and (previous.min() < 0 or previous.max() >= weight.shape[1]):
@@ -122,5 +126,33 @@ def rebalance_stable(
         }
     placement = place_stable(
         weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options
+    )
+    return tuple(np.asarray(a, dtype=np.int64) for a in placement)
+
+
+def _rebalance_elastic_stable(
+    weight32: np.ndarray,
+    previous: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    impl: str | None,
+    options: dict[str, Any],
+) -> tuple[Any, Any, Any]:
+    """``active_gpus`` with ``previous``: the array-API path (:func:`eplb.algorithms.elastic.place_elastic_stable`)."""
+    if impl not in (None, "xp"):
+        raise ValueError(f"active_gpus with previous= runs on impl='xp' (or None) only, got impl={impl!r}")
+    options = dict(options)
+    if options.pop("max_moves", None) is not None:
+        raise ValueError("active_gpus cannot be combined with max_moves= yet")
+    if previous.size and (previous.min() < -1 or previous.max() >= weight32.shape[1]):
+        raise ValueError(
+            f"previous must hold expert ids in [0, {weight32.shape[1]}) or -1 (an empty slot), "
+            f"got values from {previous.min()} to {previous.max()}"
+        )
+    options["active_gpus"] = np.asarray(options["active_gpus"], dtype=bool)
+    placement = place_elastic_stable(
+        weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options
     )
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)

@@ -14,7 +14,7 @@ import array_api_compat.torch as xp
 import numpy as np
 import torch
 
-from eplb.algorithms.elastic import place_elastic
+from eplb.algorithms.elastic import place_elastic, place_elastic_stable
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
 from eplb.backends import _numpy
@@ -144,13 +144,21 @@ def rebalance_stable(
         impl = "numpy" if weight.device.type == "cpu" else "torch"
     weight32 = weight.detach().to(torch.float32).contiguous()
     previous = previous.detach().to(device=weight.device, dtype=torch.int64).contiguous()
+    elastic = options.get("active_gpus") is not None
     if impl == "numpy":
         if weight.device.type != "cpu":
             raise ValueError(f"impl='numpy' needs a CPU tensor, got device {weight.device}")
+        if elastic:
+            options = {**options, "active_gpus": options["active_gpus"].detach().cpu().numpy()}
         placement = _numpy.rebalance_stable(
             weight32.numpy(), previous.numpy(), num_replicas, num_groups, num_nodes, num_gpus, **options
         )
         return tuple(torch.from_numpy(a) for a in placement)
     if impl != "torch":
         raise ValueError(f"impl must be 'torch', 'numpy' or None, got {impl!r}")
+    if elastic:  # active_gpus: the array-API path
+        if options.get("max_moves") is not None:
+            raise ValueError("active_gpus cannot be combined with max_moves= yet")
+        options = {k: v for k, v in options.items() if k != "max_moves"}
+        return place_elastic_stable(weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
     return place_stable(weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)

@@ -219,6 +219,8 @@ def apply_plan(
     """
     if not isinstance(plan, TransferPlan):
         raise TypeError(f"plan must be an eplb.TransferPlan (from eplb.plan_transfers), got {type(plan).__name__}")
+    if plan.reload.any():  # rows from plan_transfers(..., allow_reload=True)
+        raise ValueError("plan has reload rows (src_gpu == -1): a load_expert callback is not supported yet")
     for name, value in (("capacity", capacity), ("fault", fault)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")

@@ -447,6 +447,8 @@ def begin(
     Only the preparation vote blocks here (one small ``all_reduce``, so that no rank sends into a rank that
     will not receive); everything after it is queued (CUDA) or runs in gloo's threads (CPU).
     """
+    if isinstance(plan, TransferPlan) and plan.reload.any():  # rows from plan_transfers(..., allow_reload=True)
+        raise ValueError("plan has reload rows (src_gpu == -1): a load_expert callback is not supported yet")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
         raise ValueError("this process is not a member of group")
@@ -689,6 +691,8 @@ def apply_plan(
         raise :class:`TransferError`). Other exceptions of eplb's own code
         (bugs) behave the same. No weights change.
     """
+    if isinstance(plan, TransferPlan) and plan.reload.any():  # rows from plan_transfers(..., allow_reload=True)
+        raise ValueError("plan has reload rows (src_gpu == -1): a load_expert callback is not supported yet")
     if max_staging_bytes is not None and (
         isinstance(max_staging_bytes, bool | np.bool_)
         or not isinstance(max_staging_bytes, int | np.integer)
