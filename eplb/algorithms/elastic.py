@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 from eplb import _xp
-from eplb.algorithms.assignment import max_assignment
+from eplb.algorithms.assignment import BIG, max_assignment
 from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.packing import inverse_permutation, sum_left_to_right
@@ -320,9 +320,11 @@ def stabilize_elastic(
     a :func:`eplb.algorithms.repair.sticky_pack` of its replicas onto the
     live GPUs (failed ones start at ``+inf``), each replica preferring the
     live GPU that held its copy, within ``limit = fresh's heaviest GPU *
-    fl32(1 + tolerance)`` (``tolerance`` ``None``: 0). Per layer the sticky
-    one wins if its heaviest GPU is within the limit and it moves fewer
-    experts; slots then follow ``previous`` (:func:`align_slots`).
+    fl32(1 + tolerance)`` (``tolerance`` ``None``: 0), once plain and once
+    with ``reserve`` (room kept for the items to come). Per layer, among the
+    candidates whose heaviest GPU is within the limit (the relabelled one
+    always is), the one with the fewest moves, ties to the relabelled, then
+    the plain sticky one; slots follow ``previous`` (:func:`align_slots`).
     """
     from eplb.algorithms.stability import _factor  # the healthy rule's limit, the same float32 bits
 
@@ -341,12 +343,20 @@ def stabilize_elastic(
     item_load = xp.where(held, item_load, -xp.ones_like(item_load))  # empty slots come last
     initial = xp.where(live_gpu, 0.0, xp.inf)
     initial = xp.astype(initial, weight.dtype)
-    sticky = sticky_pack(base, old, item_load, limit, num_gpus, initial_load=initial, xp=xp)
-    sticky = align_slots(sticky, old, num_gpus, xp=xp)
-    sticky_peak = xp.max(_live_gpu_loads(weight, sticky, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
-    fewer = count_moves(sticky, old, num_gpus, xp=xp) < count_moves(base, old, num_gpus, xp=xp)
-    use = (sticky_peak <= limit) & xp.reshape(fewer, (batch, 1))
-    return xp.where(use, sticky, base)
+    candidates, moves, within = [base], [count_moves(base, old, num_gpus, xp=xp)], [xp.ones_like(limit, dtype=bool)]
+    for reserve in (False, True):
+        sticky = sticky_pack(base, old, item_load, limit, num_gpus, initial_load=initial, reserve=reserve, xp=xp)
+        sticky = align_slots(sticky, old, num_gpus, xp=xp)
+        peak_s = xp.max(_live_gpu_loads(weight, sticky, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+        candidates.append(sticky)
+        moves.append(count_moves(sticky, old, num_gpus, xp=xp))
+        within.append(peak_s <= limit)
+    moves = xp.where(xp.concat(within, axis=-1), xp.stack(moves, axis=-1), BIG)  # [B, 3]
+    choice = xp.reshape(xp.argmin(moves, axis=-1), (batch, 1))  # fewest moves; ties: the earlier candidate
+    out = candidates[0]
+    for k in (1, 2):
+        out = xp.where(choice == k, candidates[k], out)
+    return out
 
 
 def place_elastic_stable(

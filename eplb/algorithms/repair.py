@@ -32,7 +32,15 @@ def gpu_loads(weight: Any, phy2log: Any, logcnt: Any, num_gpus: int, *, xp: Any)
 
 
 def sticky_pack(
-    base: Any, old: Any, item_load: Any, limit: Any, num_packs: int, *, initial_load: Any = None, xp: Any
+    base: Any,
+    old: Any,
+    item_load: Any,
+    limit: Any,
+    num_packs: int,
+    *,
+    initial_load: Any = None,
+    reserve: bool = False,
+    xp: Any,
 ) -> Any:
     """Repack the items of ``base [B, n]`` (experts, one per slot) so they stay near ``old [B, n]``.
 
@@ -49,6 +57,13 @@ def sticky_pack(
     slots) have no old pack, and once every open pack is full the remaining
     items (callers give them load ``-1``, so they come last) fill the first
     packs with room, in order. Without it, the behaviour above, unchanged.
+
+    ``reserve`` (optional): an item stays home only if the home pack also
+    keeps room for its other free slots at the mean load of the items still
+    to come (``rem`` over ``left`` items), i.e. ``(home + item - limit) *
+    left <= -(free slots after it) * rem``: products compared, no division
+    (``rem`` is the left-to-right sum of the non-negative item loads, less
+    each visited one). Fewer items stay, the packs end nearer the limit.
     """
     batch, n = base.shape
     capacity = n // num_packs
@@ -68,12 +83,20 @@ def sticky_pack(
     most = xp.full((1, 1), MAX_LOAD, dtype=item_load.dtype, device=_xp.device(base))  # as lpt_pack's
 
     def visit(carry: Any, step: Any) -> tuple[Any, Any]:
-        open_load, count = carry  # float32 [B, m]; +inf once a pack is full
+        open_load, count = carry[:2]  # float32 [B, m]; +inf once a pack is full
         load = step[:, 0:1]
         home = xp.astype(step[:, 1:2], dtype)
         home_ok = home >= 0
         home = xp.where(home_ok, home, 0)
-        stay = home_ok & (_xp.take_along(open_load, home, xp=xp) + load <= limit)
+        home_load = _xp.take_along(open_load, home, xp=xp)
+        if reserve:
+            rem, left = carry[2] - xp.maximum(load, 0.0), carry[3] - xp.where(load >= 0, 1.0, 0.0)
+            free = (capacity - 1) - _xp.take_along(count, home, xp=xp)  # the home's slots after this item
+            open_home = home_load < xp.inf
+            over = (xp.where(open_home, home_load, 0.0) + load - limit) * left
+            stay = home_ok & open_home & (over <= -(free * rem))
+        else:
+            stay = home_ok & (home_load + load <= limit)
         lightest = xp.reshape(xp.astype(xp.argmin(open_load, axis=-1), dtype), (batch, 1))
         if closed is not None:  # every open pack full: the first pack with room (a closed one)
             room = xp.reshape(_first(count < capacity, dtype, xp=xp), (batch, 1))
@@ -84,12 +107,18 @@ def sticky_pack(
         count = count + chosen
         full = count == capacity if closed is None else (count == capacity) | closed
         open_load = xp.where(full, xp.inf, xp.minimum(open_load + chosen * load, most))  # as lpt_pack
-        return (open_load, count), (pack[:, 0], rank[:, 0])
+        carry = (open_load, count) if not reserve else (open_load, count, rem, left)
+        return carry, (pack[:, 0], rank[:, 0])
 
     zeros = xp.zeros((batch, num_packs), dtype=item_load.dtype, device=_xp.device(base))
     closed = None if initial_load is None else xp.broadcast_to(initial_load == xp.inf, (batch, num_packs))
     start = zeros if initial_load is None else xp.where(closed, xp.inf, zeros + initial_load)
     init = (start, zeros)
+    if reserve:
+        positive = xp.maximum(item_load, 0.0)
+        total = xp.reshape(sum_left_to_right(positive, xp=xp), (batch, 1))
+        live = xp.sum(xp.where(item_load >= 0, 1.0, 0.0), axis=-1, keepdims=True)  # exact (integers)
+        init = (start, zeros, total, xp.astype(live, item_load.dtype))
     _, (pack_by_step, rank_by_step) = _xp.scan(visit, init, xp.permute_dims(steps, (1, 0, 2)), xp=xp)
     pack_by_step = xp.astype(xp.permute_dims(pack_by_step, (1, 0)), dtype)
     rank_by_step = xp.astype(xp.permute_dims(rank_by_step, (1, 0)), dtype)
