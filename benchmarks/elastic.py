@@ -147,14 +147,16 @@ def previous_table(data: list[tuple[str, np.ndarray]]) -> str:
         "moves/layer SGLang-like",
         "ours t=0",
         "ours t=0.05",
-        "ours / SGLang (t=0)",
+        "moves ours / SGLang t=0",
+        "t=0.05",
         "ours ms (numpy)",
     )
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, failure, m, ms in rows:
         lines.append(
             f"| {name} | {failure} | {m['sglang']:.4f} | {m['t0']:.4f} | {m['t05']:.4f} | "
-            f"{m['m_sglang']:.1f} | {m['m_t0']:.1f} | {m['m_t05']:.1f} | {m['m_t0'] / m['m_sglang']:.3f} | {ms:.0f} |"
+            f"{m['m_sglang']:.1f} | {m['m_t0']:.1f} | {m['m_t05']:.1f} | {m['m_t0'] / m['m_sglang']:.3f} | "
+            f"{m['m_t05'] / m['m_sglang']:.3f} | {ms:.0f} |"
         )
     return "\n".join(lines)
 
