@@ -8,6 +8,13 @@ holds exactly the new placement's weights), the program inside a user's
 flight (caught by its checksum, named in the error, old weights intact),
 programming errors (bad arguments, a bug injected into an internal helper:
 raised as they are, not as ``TransferError``), and a failing collective.
+Then the per-layer forms: chained copies (swaps across and within devices, a
+3-cycle, a slot both source and destination, second copies), partial layer
+sets, groups under a memory cap, donation, pytrees of weights, ``verify=False``,
+``start``/``PendingTransfer``, and a failure injected at each phase (checksum,
+transfer program, host read, commit program) with and without donation, after
+which the weights are exactly the documented ones. ``plan_arrays`` is checked
+in this process against the loop it replaced, on random and degenerate plans.
 """
 
 from __future__ import annotations
@@ -103,7 +110,7 @@ def outcome(call):
 four = eplb.plan_transfers(old, old[:, ::-1], num_gpus=4)
 out["bad_arguments"] = {
     "plan": outcome(lambda: executor.apply_plan(old, before)),
-    "weights": outcome(lambda: executor.apply_plan(plan, [before])),
+    "weights": outcome(lambda: executor.apply_plan(plan, [before, "not an array"])),
     "world": outcome(lambda: executor.apply_plan(four, before)),
     "fault": outcome(lambda: executor.apply_plan(plan, before, fault=1.5)),
     "capacity": outcome(lambda: executor.apply_plan(plan, before, capacity=0)),
@@ -114,14 +121,15 @@ def buggy_checksum(x):
     raise IndexError("injected bug")
 
 executor._checksum = buggy_checksum
-executor._cached_transfer.cache_clear()  # trace again, through the bug
+executor._stage_program.cache_clear()  # trace again, through the bug
 out["bug"] = {**outcome(lambda: executor.apply_plan(plan, before)), "intact": equal(before, weights(old, "float32"))}
 executor._checksum = real_checksum
-executor._cached_transfer.cache_clear()
+executor._stage_program.cache_clear()
 
 # A collective that fails outright (as XLA reports it, and as a plain RuntimeError).
+real_stage = executor._stage_program
 def broken(error):
-    def make(mesh, axis):
+    def make(*key):
         def run(*args):
             raise error
         return run
@@ -129,12 +137,224 @@ def broken(error):
 
 for name, error in (("collective", RuntimeError("INTERNAL: peer unreachable")),
                     ("runtime", jax.errors.JaxRuntimeError("INTERNAL: NCCL operation failed"))):
-    executor._cached_transfer = broken(error)
+    executor._stage_program = broken(error)
     try:
         executor.apply_plan(plan, before)
         out[name] = {"raised": False}
     except eplb.TransferError as err:
         out[name] = {"raised": True, "msg": str(err), "intact": equal(before, weights(old, "float32"))}
+executor._stage_program = real_stage
+
+# ---- The per-layer forms, on a plan with chained copies (layer 0, by hand) and random layers 1-3.
+L4, E4 = 4, 24
+def shuffled():
+    return rng.permutation(np.r_[np.arange(E4), rng.integers(0, E4, R - E4)])
+
+chain_old = np.stack([np.r_[np.arange(E4), np.arange(R - E4)]] + [shuffled() for _ in range(L4 - 1)])
+chain_new = np.stack([chain_old[0]] + [shuffled() for _ in range(L4 - 1)])
+row0 = chain_new[0]
+row0[[0, 4]] = chain_old[0][[4, 0]]  # swap across devices 0 and 1: each slot is a source and a destination
+row0[[8, 9]] = chain_old[0][[9, 8]]  # swap within device 2
+row0[[12, 16, 20]] = chain_old[0][[16, 20, 12]]  # a 3-cycle over devices 3, 4, 5
+row0[[24, 25]] = 10  # device 6 receives expert 10 once and copies it again (stage 1)
+cplan = eplb.plan_transfers(chain_old, chain_new, num_gpus=G, num_nodes=2)
+
+def chain_weights(phy2log, dtype="float32", tail=(2, 3)):
+    # Distinct per (layer, expert) in every dtype used (int8 included: at most 3 * 30 + 23).
+    base = (np.arange(L4)[:, None] * 30 + phy2log).astype(np.float32)
+    values = base.reshape(*base.shape, *([1] * len(tail))) + np.arange(np.prod(tail)).reshape(tail) / 16
+    return jax.device_put(jnp.asarray(values, dtype=dtype), by_slot)
+
+def mixed(layers):
+    placement = chain_old.copy()
+    placement[list(layers)] = chain_new[list(layers)]
+    return placement
+
+rows0 = [cplan.row(i) for i in range(len(cplan)) if cplan.layer[i] == 0]
+pairs = {(r["src_gpu"], r["src_slot"], r["dst_gpu"], r["dst_slot"]) for r in rows0}
+out["chain_plan"] = {
+    "cross_swap": (1, 0, 0, 0) in pairs and (0, 0, 1, 0) in pairs,
+    "local_swap": (2, 0, 2, 1) in pairs and (2, 1, 2, 0) in pairs,
+    "cycle": {(4, 0, 3, 0), (5, 0, 4, 0), (3, 0, 5, 0)} <= pairs,
+    "second": any(r["stage"] == 1 and r["dst_gpu"] == 6 for r in rows0),
+}
+
+def attempt(call):
+    try:
+        return {"value": call(), "error": None}
+    except Exception as err:
+        return {"value": None, "error": err}
+
+res = {}
+old_w = chain_weights(chain_old)
+res["all"] = equal(executor.apply_plan(cplan, old_w), chain_weights(chain_new))
+res["old_intact"] = equal(old_w, chain_weights(chain_old))
+res["partial"] = equal(executor.apply_plan(cplan, old_w, layers=[0, 2]), chain_weights(mixed([0, 2])))
+moved3 = executor.apply_plan(cplan, old_w, layers=np.array([3]))
+res["partial_numpy_layers"] = equal(moved3, chain_weights(mixed([3])))
+res["no_layers"] = equal(executor.apply_plan(cplan, old_w, layers=[]), old_w)
+slot_bytes = 6 * 4
+def round_up(n):  # as documented: up to a multiple of 1/16 of the power of two at or above n (n <= 16 unchanged)
+    n, step = int(n), (1 << (int(n) - 1).bit_length()) // 16
+    return n if n <= 16 else -(-n // step) * step
+
+def staging(layers):
+    rows = np.isin(cplan.layer, layers)
+    remote = rows & (cplan.src_gpu != cplan.dst_gpu)
+    pairs = np.bincount(cplan.src_gpu[remote] * G + cplan.dst_gpu[remote], minlength=G * G)
+    inbound = np.bincount(cplan.dst_gpu[remote | (rows & (cplan.stage == 1))], minlength=G)
+    local = np.bincount(cplan.dst_gpu[rows & ~remote & (cplan.stage == 0)], minlength=G)
+    return 2 * (G * max(pairs.max(), 1) + round_up(inbound.max()) + round_up(local.max())) * slot_bytes
+
+cap = int(staging([0, 1]))  # the documented estimate of layers 0 and 1 together
+groups = executor.layer_groups(cplan, old_w, max_staging_bytes=cap)
+res["groups"] = [list(g) for g in groups]
+res["group_bytes"] = [int(staging(list(g))) for g in groups]
+res["grown_bytes"] = [int(staging(list(a) + [b[0]])) for a, b in zip(groups, groups[1:])]
+res["cap"] = cap
+res["groups_big_cap"] = [list(g) for g in executor.layer_groups(cplan, old_w, max_staging_bytes=10**9)]
+res["groups_per_layer"] = [list(g) for g in executor.layer_groups(cplan, old_w, layers_per_group=1)]
+res["grouped"] = equal(executor.apply_plan(cplan, old_w, max_staging_bytes=cap), chain_weights(chain_new))
+moved013 = executor.apply_plan(cplan, old_w, layers=[1, 3, 0], layers_per_group=2)
+res["grouped_partial"] = equal(moved013, chain_weights(mixed([0, 1, 3])))
+res["old_intact"] = res["old_intact"] and equal(old_w, chain_weights(chain_old))
+donated = chain_weights(chain_old)
+res["donated"] = equal(executor.apply_plan(cplan, donated, donate=True, layers_per_group=2), chain_weights(chain_new))
+res["donated_deleted"] = donated.is_deleted()
+res["verify_off"] = equal(executor.apply_plan(cplan, old_w, verify=False), chain_weights(chain_new))
+victim0 = int(np.flatnonzero(cplan.remote & (cplan.layer == 0))[0])
+silent = np.asarray(executor.apply_plan(cplan, old_w, verify=False, fault=victim0))
+dst, slot = int(cplan.dst_gpu[victim0]), int(cplan.dst_slot[victim0])
+goal = np.asarray(chain_weights(chain_new))
+res["verify_off_misses_corruption"] = bool((silent[0, dst * 4 + slot] != goal[0, dst * 4 + slot]).any())
+tree = {
+    "w_in": chain_weights(chain_old, "float32", (2, 3)),
+    "w_out": (chain_weights(chain_old, "bfloat16", (3,)), chain_weights(chain_old, "int8", (5,))),
+}
+moved_tree = executor.apply_plan(cplan, tree, layers_per_group=2)
+res["tree"] = (
+    set(moved_tree) == {"w_in", "w_out"} and isinstance(moved_tree["w_out"], tuple)
+    and equal(moved_tree["w_in"], chain_weights(chain_new, "float32", (2, 3)))
+    and equal(moved_tree["w_out"][0], chain_weights(chain_new, "bfloat16", (3,)))
+    and equal(moved_tree["w_out"][1], chain_weights(chain_new, "int8", (5,)))
+)
+pending = executor.begin(cplan, old_w, layers=[1, 2])
+busy = (old_w * 2).sum()  # compute dispatched while the copies travel
+first = pending.finish()
+res["start"] = (
+    pending.layers == (1, 2) and pending.done() and equal(first, chain_weights(mixed([1, 2])))
+    and pending.finish() is first
+)
+res["start_tree"] = equal(executor.begin(cplan, [old_w], donate=False).finish()[0], chain_weights(chain_new))
+out["per_layer"] = res
+
+# ---- Failures, at each phase; the weights afterwards are exactly the documented ones.
+def error_report(err, expect_weights, moved=()):
+    if not isinstance(err, eplb.TransferError):
+        return {"type": type(err).__name__, "msg": str(err)}
+    got = err.weights if not isinstance(err.weights, list) else err.weights[0]
+    return {"type": "TransferError", "msg": str(err), "weights": equal(got, expect_weights),
+            "committed_layers": list(err.committed_layers) == list(moved), "transfer": err.transfer}
+
+groups3 = [list(g) for g in executor.layer_groups(cplan, old_w, layers_per_group=2)]
+late = int(np.flatnonzero(cplan.remote & (cplan.layer == groups3[1][0]))[0])
+fails = {}
+for donate in (False, True):
+    w = chain_weights(chain_old)
+    got = attempt(lambda: executor.apply_plan(cplan, w, layers_per_group=2, fault=late, donate=donate))
+    expect = chain_weights(mixed(groups3[0])) if donate else chain_weights(chain_old)
+    fails[f"checksum_group2_donate={donate}"] = {
+        **error_report(got["error"], expect, groups3[0] if donate else ()),
+        "victim": late,
+        "input_deleted": w.is_deleted(),
+        "input_old": (not w.is_deleted()) and equal(w, chain_weights(chain_old)),
+    }
+    w = chain_weights(chain_old)
+    got = attempt(lambda: executor.apply_plan(cplan, w, fault=victim0, donate=donate))
+    fails[f"checksum_donate={donate}"] = {**error_report(got["error"], chain_weights(chain_old)), "victim": victim0,
+        "input_old": (not w.is_deleted()) and equal(w, chain_weights(chain_old))}
+
+class FailingRead:  # an ok array whose host read raises, as an asynchronous XLA failure does
+    def __array__(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: all_to_all timed out")
+
+def stage_failing(how, on_call):
+    calls = []
+    def make(*key):
+        program = real_stage(*key)
+        def run(*args):
+            calls.append(1)
+            if len(calls) != on_call:
+                return program(*args)
+            if how == "dispatch":
+                raise RuntimeError("INTERNAL: transfer program failed")
+            received, ok = program(*args)
+            return received, FailingRead()
+        return run
+    return make
+
+real_commit = executor._commit_program
+def commit_failing(on_call, consume):
+    calls = []
+    def make(mesh, axis, donate):
+        program = real_commit(mesh, axis, donate)
+        def run(leaves, *args):
+            calls.append(1)
+            if len(calls) != on_call:
+                return program(leaves, *args)
+            if consume and donate:
+                for leaf in leaves:
+                    leaf.delete()  # as a program that took the donated buffers and then failed
+            raise jax.errors.JaxRuntimeError("INTERNAL: commit failed")
+        return run
+    return make
+
+phases = (
+    ("transfer_dispatch", lambda: stage_failing("dispatch", 2)),
+    ("transfer_read", lambda: stage_failing("read", 2)),
+    ("commit", lambda: commit_failing(2, False)),
+    ("commit_consumed", lambda: commit_failing(2, True)),
+)
+for phase, patch in phases:
+    for donate in (False, True):
+        name = "_commit_program" if phase.startswith("commit") else "_stage_program"
+        setattr(executor, name, patch())
+        w = chain_weights(chain_old)
+        got = attempt(lambda: executor.apply_plan(cplan, w, layers_per_group=2, donate=donate))
+        setattr(executor, name, real_commit if name == "_commit_program" else real_stage)
+        expect = chain_weights(mixed(groups3[0])) if donate else chain_weights(chain_old)
+        report = error_report(got["error"], expect, groups3[0] if donate else ())
+        report["notes"] = list(getattr(got["error"], "__notes__", []))
+        report["input_old"] = (not w.is_deleted()) and equal(w, chain_weights(chain_old))
+        fails[f"{phase}_donate={donate}"] = report
+# One group, donated, commit failing before it takes the buffers: the very input is intact.
+executor._commit_program = commit_failing(1, False)
+w = chain_weights(chain_old)
+pending = executor.begin(cplan, w, donate=True)
+got = attempt(pending.finish)
+executor._commit_program = real_commit
+fails["start_commit_donate"] = {
+    **error_report(got["error"], chain_weights(chain_old)),
+    "input_old": (not w.is_deleted()) and equal(w, chain_weights(chain_old)),
+    "same_error": attempt(pending.finish)["error"] is got["error"],
+}
+out["failures"] = fails
+
+# ---- Bad per-layer arguments.
+out["bad_layers"] = {
+    "repeated": outcome(lambda: executor.apply_plan(cplan, old_w, layers=[1, 1])),
+    "range": outcome(lambda: executor.apply_plan(cplan, old_w, layers=[0, 4])),
+    "negative": outcome(lambda: executor.apply_plan(cplan, old_w, layers=[-1])),
+    "float": outcome(lambda: executor.apply_plan(cplan, old_w, layers=[0.0])),
+    "scalar": outcome(lambda: executor.apply_plan(cplan, old_w, layers=2)),
+    "group": outcome(lambda: executor.apply_plan(cplan, old_w, layers_per_group=0)),
+    "cap": outcome(lambda: executor.apply_plan(cplan, old_w, max_staging_bytes=1.5)),
+    "cap_below_a_layer": outcome(lambda: executor.apply_plan(cplan, old_w, max_staging_bytes=cap // 4)),
+    "donate": outcome(lambda: executor.apply_plan(cplan, old_w, donate="yes")),
+    "verify": outcome(lambda: executor.apply_plan(cplan, old_w, verify=None)),
+    "fault_elsewhere": outcome(lambda: executor.apply_plan(cplan, old_w, layers=[1], fault=victim0)),
+    "leaf_shape": outcome(lambda: executor.apply_plan(cplan, {"a": old_w, "b": np.zeros((4, 8, 2))})),
+}
 print(json.dumps(out))
 """
 
@@ -197,3 +417,230 @@ def test_bad_arguments_are_not_transfer_errors(report, case, error, match):
 def test_bug_while_tracing_is_not_a_transfer_error(report):
     """An IndexError in eplb's own code (injected into the checksum helper) reaches the caller as it is."""
     assert report["bug"] == {"raised": "IndexError", "msg": "injected bug", "intact": True}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plan_arrays against the per-row loop it replaced (in this process: plan_arrays is numpy only).
+
+
+def _plan_arrays_loop(plan, capacity=None):
+    """The original loop of ``plan_arrays``, kept as the oracle."""
+    import numpy as np
+
+    from eplb.executors.jax import PlanArrays
+
+    num_gpus, per_gpu, num_layers = plan.num_gpus, plan.slots_per_gpu, plan.num_layers
+    remote = np.flatnonzero(plan.remote)
+    pairs = plan.src_gpu[remote] * num_gpus + plan.dst_gpu[remote]
+    need = int(np.bincount(pairs, minlength=num_gpus * num_gpus).max(initial=0))
+    capacity = max(need, 1) if capacity is None else int(capacity)
+    flat = num_layers * per_gpu
+    send = np.zeros((num_gpus, num_gpus, capacity), dtype=np.int32)
+    row = np.full((num_gpus, num_gpus, capacity), -1, dtype=np.int32)
+    gather = np.tile(np.arange(flat, dtype=np.int32), (num_gpus, 1))
+    second = gather.copy()
+    used = np.zeros((num_gpus, num_gpus), dtype=np.int64)
+    for i in range(len(plan)):
+        layer, src, dst, stage = int(plan.layer[i]), int(plan.src_gpu[i]), int(plan.dst_gpu[i]), int(plan.stage[i])
+        target = layer * per_gpu + int(plan.dst_slot[i])
+        source = layer * per_gpu + int(plan.src_slot[i])
+        if stage == 1:
+            second[dst, target] = source
+        elif src == dst:
+            gather[dst, target] = source
+        else:
+            k = used[src, dst]
+            used[src, dst] += 1
+            send[src, dst, k] = source
+            row[dst, src, k] = i
+            gather[dst, target] = flat + src * capacity + k
+    return PlanArrays(send, gather, second, row)
+
+
+def _placement(rng, layers, experts, slots):
+    import numpy as np
+
+    every = np.arange(experts)
+    return np.stack([rng.permutation(np.r_[every, rng.integers(0, experts, slots - experts)]) for _ in range(layers)])
+
+
+def _random_plans():
+    import numpy as np
+
+    import eplb
+
+    rng = np.random.default_rng(7)
+    plans = []
+    for layers, gpus, per_gpu, experts, nodes in [
+        (1, 1, 1, 1, 1),  # one slot in all: an empty plan
+        (3, 4, 1, 4, 2),  # one slot per GPU
+        (1, 8, 4, 20, 2),  # one layer
+        (5, 8, 4, 20, 2),
+        (4, 2, 16, 9, 1),
+        (6, 16, 3, 30, 4),
+    ]:
+        slots = gpus * per_gpu
+        for _ in range(3):
+            old, new = (_placement(rng, layers, experts, slots) for _ in range(2))
+            plans.append(eplb.plan_transfers(old, new, num_gpus=gpus, num_nodes=nodes))
+            plans.append(eplb.plan_transfers(old, old, num_gpus=gpus, num_nodes=nodes))  # empty
+    return plans
+
+
+def test_plan_arrays_matches_the_loop_on_random_and_degenerate_plans():
+    import numpy as np
+
+    from eplb.executors.jax import plan_arrays
+
+    plans = _random_plans()
+    assert any(len(p) == 0 for p in plans) and any(p.num_layers == 1 and len(p) for p in plans)
+    assert any(p.slots_per_gpu == 1 and len(p) for p in plans) and any((p.stage == 1).any() for p in plans)
+    for plan in plans:
+        for capacity in (None, 9):
+            got, want = plan_arrays(plan, capacity), _plan_arrays_loop(plan, capacity)
+            for name, a, b in zip(got._fields, got, want, strict=True):
+                assert a.dtype == b.dtype and a.shape == b.shape, name
+                np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_plan_arrays_matches_the_loop_on_hand_made_plans():
+    """Rows plan_transfers never writes (rows out of order, many copies per pair, stage 1 from a local copy)."""
+    import numpy as np
+
+    from eplb.executors.jax import plan_arrays
+    from eplb.migration import TransferPlan
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        layers, gpus, per_gpu = rng.integers(1, 4), rng.integers(1, 5), rng.integers(1, 6)
+        slots = layers * gpus * per_gpu
+        count = rng.integers(0, slots + 1)
+        dst_flat = rng.choice(slots, size=count, replace=False)  # every destination slot at most once
+        layer, rest = np.divmod(dst_flat, gpus * per_gpu)
+        dst, dst_slot = np.divmod(rest, per_gpu)
+        stage = rng.integers(0, 2, count)
+        src = np.where(stage == 1, dst, rng.integers(0, gpus, count))
+        columns = [layer, rng.integers(0, 9, count), src, rng.integers(0, per_gpu, count), dst, dst_slot, stage]
+        plan = TransferPlan(*[np.asarray(c, dtype=np.int64) for c in columns], int(layers), int(gpus), 1, int(per_gpu))
+        got, want = plan_arrays(plan), _plan_arrays_loop(plan)
+        for name, a, b in zip(got._fields, got, want, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_report_chained_plan(report):
+    """The hand-made layer really chains: swaps across and within devices, a 3-cycle, a second copy."""
+    assert report["chain_plan"] == {"cross_swap": True, "local_swap": True, "cycle": True, "second": True}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "all",
+        "partial",
+        "partial_numpy_layers",
+        "no_layers",
+        "grouped",
+        "grouped_partial",
+        "old_intact",
+        "donated",
+        "donated_deleted",
+        "verify_off",
+        "verify_off_misses_corruption",
+        "tree",
+        "start",
+        "start_tree",
+    ],
+)
+def test_per_layer_forms_move_exactly_the_layers_asked(report, case):
+    assert report["per_layer"][case] is True
+
+
+def test_groups_stay_under_the_memory_cap(report):
+    per_layer = report["per_layer"]
+    groups, cap = per_layer["groups"], per_layer["cap"]
+    assert len(groups) > 1 and [layer for group in groups for layer in group] == [0, 1, 2, 3]
+    assert groups[0] == [0, 1]  # the cap is exactly the estimate of layers 0 and 1
+    for group, size in zip(groups, per_layer["group_bytes"], strict=True):
+        assert size <= cap or len(group) == 1
+    # Greedy: each group took every following layer that fitted.
+    assert all(size > cap for size in per_layer["grown_bytes"])
+    assert per_layer["groups_per_layer"] == [[0], [1], [2], [3]]
+    assert per_layer["groups_big_cap"] == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_checksum_failure_in_a_later_group(report, donate):
+    """Without donation nothing changes; with it the first group stays moved, and the error says so."""
+    fail = report["failures"][f"checksum_group2_donate={donate}"]
+    assert fail["type"] == "TransferError" and fail["transfer"] == fail["victim"]
+    assert fail["weights"] and fail["committed_layers"], fail
+    assert "layer group 2 of 2" in fail["msg"] and "checksum" in fail["msg"]
+    assert fail["input_deleted"] == donate and fail["input_old"] == (not donate)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_checksum_failure_in_one_group_keeps_the_input(report, donate):
+    fail = report["failures"][f"checksum_donate={donate}"]
+    assert fail["type"] == "TransferError" and fail["transfer"] == fail["victim"]
+    assert fail["weights"] and fail["committed_layers"] and fail["input_old"], fail
+
+
+@pytest.mark.parametrize("phase", ["transfer_dispatch", "transfer_read", "commit"])
+@pytest.mark.parametrize("donate", [False, True])
+def test_program_failure_in_a_later_group(report, phase, donate):
+    fail = report["failures"][f"{phase}_donate={donate}"]
+    assert fail["type"] == "TransferError" and fail["weights"] and fail["committed_layers"], fail
+    assert "layer group 2 of 2" in fail["msg"] and "old weights kept" in fail["msg"]
+    assert ("commit program" in fail["msg"]) == (phase == "commit")
+    assert fail["input_old"] == (not donate)  # with donation, group 1 took the input's buffers
+
+
+def test_commit_that_consumed_its_own_copy_is_a_transfer_error(report):
+    """Without donation, later groups donate eplb's own copy: losing it still leaves the input intact."""
+    fail = report["failures"]["commit_consumed_donate=False"]
+    assert fail["type"] == "TransferError" and fail["weights"] and fail["input_old"], fail
+
+
+def test_commit_that_consumed_donated_weights_is_not_a_transfer_error(report):
+    """The weights are gone: not a TransferError (which promises old weights), and a note says so."""
+    fail = report["failures"]["commit_consumed_donate=True"]
+    assert fail["type"] == "JaxRuntimeError" and "commit failed" in fail["msg"], fail
+    assert any("lost" in note for note in fail["notes"]) and not fail["input_old"]
+
+
+def test_failed_commit_of_a_donated_start_keeps_the_input(report):
+    fail = report["failures"]["start_commit_donate"]
+    assert fail["type"] == "TransferError" and fail["weights"] and fail["committed_layers"], fail
+    assert fail["input_old"] and fail["same_error"]
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("repeated", "ValueError", "layers=[1, 1] holds layer 1 more than once"),
+        ("range", "ValueError", "layers=[0, 4] holds 4, outside the plan's layers 0..3"),
+        ("negative", "ValueError", "layers=[-1] holds -1"),
+        ("float", "TypeError", "layers must hold ints"),
+        ("scalar", "TypeError", "layers must be an iterable"),
+        ("group", "ValueError", "layers_per_group=0 must be positive"),
+        ("cap", "TypeError", "max_staging_bytes must be an int or None"),
+        ("cap_below_a_layer", "ValueError", "is below layer 0's staging estimate"),
+        ("donate", "TypeError", "donate must be True or False"),
+        ("verify", "TypeError", "verify must be True or False"),
+        ("fault_elsewhere", "ValueError", "is not a copy between devices in the layers moved"),
+        ("leaf_shape", "ValueError", "weights['b'] must have shape [layers, slots, ...] = [4, 32]"),
+    ],
+)
+def test_bad_per_layer_arguments(report, case, error, match):
+    result = report["bad_layers"][case]
+    assert result["raised"] == error and match in result["msg"], result
+
+
+def test_padded_sizes_add_at_most_an_eighth():
+    """Buffer rows are rounded up (few sizes to compile for), by at most 1/8 (little padding to move)."""
+    from eplb.executors.jax import _round_up
+
+    sizes = [_round_up(n) for n in range(2049)]
+    assert sizes[:17] == list(range(17)) and _round_up(53) == 56 and _round_up(1025) == 1152
+    assert all(n <= size <= n + n / 8 for n, size in enumerate(sizes))
+    assert len(set(sizes[1025:])) == 8  # eight sizes per doubling

@@ -1,32 +1,50 @@
-"""Carry out a :class:`eplb.TransferPlan` on an expert-sharded JAX array.
+"""Carry out a :class:`eplb.TransferPlan` on expert-sharded JAX arrays.
 
-The weights of one kind of expert matrix are one array ``[L, R, ...]``
-sharded over a mesh axis of ``G`` devices along ``R`` (device ``g`` holds
-GPU ``g``'s slots ``[L, R/G, ...]``). One ``shard_map`` program moves them:
+The weights of one kind of expert matrix are one array ``[L, R, ...]`` (any
+dtype) sharded over a mesh axis of ``G`` devices along ``R``
+(``PartitionSpec(None, axis)``: device ``g`` holds GPU ``g``'s slots ``[L,
+R/G, ...]``); all matrices of an expert (``{"w_in": [L, R, d, f], "w_out":
+[L, R, f, d]}``) form a pytree of such arrays, moved together. A transfer of
+a group of layers is two jitted ``shard_map`` programs:
 
-1. every device gathers what it sends into a buffer ``[G, K, ...]`` (``K``:
-   the most copies between one pair of devices) plus a checksum per copy;
-2. one ``all_to_all`` over the axis exchanges the buffers and checksums;
-3. every device checks each received copy against its checksum and builds
-   its new slots by gathering from its old slots and the received buffer
-   (then second copies of an expert it received).
+1. *transfer and verify* (the weights are only read): every device gathers
+   what it sends into a buffer ``[G, K, ...]`` per array (``K``: the most
+   copies between one pair of devices in the group), one ``all_to_all`` per
+   array exchanges them and, with ``verify=True``, one more carries a uint32
+   checksum per copy, computed by the sender and compared with the receiver's
+   own. Outputs: the *update buffer* of each device, every slot the commit
+   writes (the copies received, without the buffer's padding, second copies
+   of them, then the copies within the device, read from its old slots), and
+   ``ok [G, G, K]``.
+2. *commit*, dispatched only after the host has read ``ok`` (the one host
+   read): with ``donate=True`` one scatter of the update buffer into the
+   donated weights, in place; otherwise one gather of every new slot from
+   ``[old slots; update buffer]`` into new arrays.
 
-The program is a pure function of the weights and of index arrays made from
-the plan on the host (:func:`plan_arrays`), so it runs under ``jax.jit``
-(:func:`make_transfer`), and a new plan of the same capacity reuses the
-compiled program. The old array is never donated: it stays intact, and
-:func:`apply_plan` returns the new one only if every checksum matched,
-otherwise it raises :class:`eplb.TransferError` naming the first bad copy.
-Only transfer failures become :class:`eplb.TransferError` (a checksum
-mismatch, or an XLA runtime error while the program runs); invalid arguments
-and errors while tracing the program (bugs) propagate unchanged.
+:func:`begin` dispatches step 1 and returns a :class:`PendingTransfer`, so
+the caller can dispatch compute meanwhile (JAX dispatch is asynchronous);
+:meth:`PendingTransfer.finish` checks and commits. :func:`apply_plan` is
+``begin(...).finish()``, optionally one layer group at a time
+(:func:`layer_groups`) so that one group's buffers are alive at a time. Index
+arrays are built from the plan on the host with numpy, one ``int32`` array
+per group and one ``device_put``. A transfer failure (a checksum mismatch,
+or an XLA runtime error of either program) raises :class:`eplb.TransferError`
+with the old weights intact (see :func:`apply_plan` for groups and
+donation); invalid arguments and errors while tracing a program (bugs)
+propagate unchanged.
+
+:func:`make_transfer` and :func:`plan_arrays` are the single-program form:
+one jitted function ``weights -> (new weights, ok)`` that can sit inside the
+caller's ``jax.jit`` (the caller then checks ``ok`` before using the new
+weights).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -36,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eplb.migration import TransferError, TransferPlan
 
-__all__ = ["PlanArrays", "apply_plan", "make_transfer", "plan_arrays"]
+__all__ = ["PendingTransfer", "PlanArrays", "apply_plan", "begin", "layer_groups", "make_transfer", "plan_arrays"]
 
 
 class PlanArrays(NamedTuple):
@@ -65,55 +83,92 @@ class PlanArrays(NamedTuple):
     row: np.ndarray
 
 
-def plan_arrays(plan: TransferPlan, capacity: int | None = None) -> PlanArrays:
-    """Index arrays for :func:`make_transfer` from ``plan``.
+def _rank_within(keys: np.ndarray) -> np.ndarray:
+    """``[N]`` int64: how many earlier entries of ``keys [N]`` have the same key (0 for the first of each)."""
+    if not len(keys):
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    run_start = np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+    rank = np.empty(len(keys), dtype=np.int64)
+    rank[order] = np.arange(len(keys)) - run_start
+    return rank
 
-    ``capacity`` (``K``): copies per (sender, receiver) pair; at least the
-    plan's largest, which is the default (at least 1). A fixed capacity lets
-    plans of different sizes share one compiled program.
-    """
-    num_gpus, per_gpu, num_layers = plan.num_gpus, plan.slots_per_gpu, plan.num_layers
-    remote = np.flatnonzero(plan.remote)
-    pairs = plan.src_gpu[remote] * num_gpus + plan.dst_gpu[remote]
-    need = int(np.bincount(pairs, minlength=num_gpus * num_gpus).max(initial=0))
+
+def _pair_need(plan: TransferPlan) -> int:
+    pairs = plan.src_gpu[plan.remote] * plan.num_gpus + plan.dst_gpu[plan.remote]
+    return int(np.bincount(pairs, minlength=plan.num_gpus * plan.num_gpus).max(initial=0))
+
+
+def _check_capacity(capacity: int | None, need: int) -> int:
     capacity = max(need, 1) if capacity is None else int(capacity)
     if capacity < 1:
         raise ValueError(f"capacity={capacity} must be positive")
     if capacity < need:
         raise ValueError(f"capacity={capacity} is below the plan's {need} copies between one pair of devices")
+    return capacity
+
+
+def plan_arrays(plan: TransferPlan, capacity: int | None = None) -> PlanArrays:
+    """Index arrays for :func:`make_transfer` from ``plan``.
+
+    ``capacity`` (``K``): copies per (sender, receiver) pair; at least the
+    plan's largest, which is the default (at least 1). A fixed capacity lets
+    plans of different sizes share one compiled program. Copies between one
+    pair of devices take ``k = 0, 1, ...`` in plan order.
+    """
+    num_gpus, per_gpu, num_layers = plan.num_gpus, plan.slots_per_gpu, plan.num_layers
+    capacity = _check_capacity(capacity, _pair_need(plan))
     flat = num_layers * per_gpu
     send = np.zeros((num_gpus, num_gpus, capacity), dtype=np.int32)
     row = np.full((num_gpus, num_gpus, capacity), -1, dtype=np.int32)
     gather = np.tile(np.arange(flat, dtype=np.int32), (num_gpus, 1))
     second = gather.copy()
-    used = np.zeros((num_gpus, num_gpus), dtype=np.int64)
-    for i in range(len(plan)):
-        layer, src, dst, stage = int(plan.layer[i]), int(plan.src_gpu[i]), int(plan.dst_gpu[i]), int(plan.stage[i])
-        target = layer * per_gpu + int(plan.dst_slot[i])
-        source = layer * per_gpu + int(plan.src_slot[i])
-        if stage == 1:
-            second[dst, target] = source
-        elif src == dst:
-            gather[dst, target] = source
-        else:
-            k = used[src, dst]
-            used[src, dst] += 1
-            send[src, dst, k] = source
-            row[dst, src, k] = i
-            gather[dst, target] = flat + src * capacity + k
+    src, dst = plan.src_gpu, plan.dst_gpu
+    target = plan.layer * per_gpu + plan.dst_slot
+    source = plan.layer * per_gpu + plan.src_slot
+    stage1 = plan.stage == 1
+    second[dst[stage1], target[stage1]] = source[stage1]
+    first = np.flatnonzero(~stage1)  # in plan order: a later row for the same slot wins, as in a loop
+    remote = src[first] != dst[first]
+    moved = first[remote]
+    k = np.zeros(len(first), dtype=np.int64)
+    k[remote] = _rank_within(src[moved] * num_gpus + dst[moved])
+    send[src[moved], dst[moved], k[remote]] = source[moved]
+    row[dst[moved], src[moved], k[remote]] = moved
+    gather[dst[first], target[first]] = np.where(remote, flat + src[first] * capacity + k, source[first])
     return PlanArrays(send, gather, second, row)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """``x [..., D]`` as uint32 words ``[..., W]``: its bytes 4 at a time when a row's bytes allow, else one word per
+    element (zero-extended)."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = x.dtype.itemsize
+    if size >= 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(*x.shape[:-1], -1)
+    per = 4 // size
+    if x.shape[-1] % per == 0:
+        return jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], -1, per), jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """uint32 ``[...]`` per row of ``x [..., D]``: ``sum_i (2i + 1) * word_i mod 2**32`` over the row's 32-bit words.
+
+    One fused pass (bitcast, multiply, reduce). Every odd weight is invertible mod 2**32, so any error confined to one
+    word (every single-bit flip) changes the sum; a random corruption goes unnoticed with probability about 2**-32.
+    """
+    words = _words(x)
+    weights = jnp.arange(words.shape[-1], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(words * weights, axis=-1, dtype=jnp.uint32)
 
 
 def _bytes(x: jax.Array) -> jax.Array:
     """``x [..., D]`` as uint8 ``[..., D * itemsize]``."""
     return jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(*x.shape[:-1], -1)
-
-
-def _checksum(x: jax.Array) -> jax.Array:
-    """uint32 ``[...]``: a position-weighted sum of the bytes of each row of ``x [..., D]``, mod 2**32."""
-    data = _bytes(x).astype(jnp.uint32)
-    weights = jnp.arange(data.shape[-1], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-    return jnp.sum(data * weights, axis=-1, dtype=jnp.uint32)
 
 
 def _flip_first_bit(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -126,7 +181,7 @@ def _flip_first_bit(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def make_transfer(mesh: Mesh, axis_name: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """A jitted ``transfer(weights, send, gather, second, corrupt) -> (new_weights, ok)``.
+    """A jitted ``transfer(weights, send, gather, second, corrupt) -> (new_weights, ok)``: one program.
 
     ``weights [L, R, ...]`` is sharded ``PartitionSpec(None, axis_name)``;
     ``send``, ``gather``, ``second`` are :class:`PlanArrays` fields and
@@ -135,7 +190,9 @@ def make_transfer(mesh: Mesh, axis_name: str) -> Callable[..., tuple[jax.Array, 
     ``axis_name`` on its leading axis. ``ok [G, G, K]`` tells, per receiving
     device, sender and copy, whether the received bytes match the sender's
     checksum (unused entries are true). Compiled once per shape and
-    capacity; the plan itself is data.
+    capacity; the plan itself is data. It builds every new slot, so it holds
+    a full new ``[L, R, ...]`` beside the old one; :func:`apply_plan` and
+    :func:`begin` materialise only the received copies before committing.
     """
     num_devices = mesh.shape[axis_name]
     by_device = PartitionSpec(axis_name)
@@ -169,15 +226,659 @@ def _cached_transfer(mesh: Mesh, axis_name: str) -> Callable[..., tuple[jax.Arra
     return make_transfer(mesh, axis_name)
 
 
-def apply_plan(
+# ----------------------------------------------------------------------------------------------------------------
+# The two-program form: transfer + verify, then commit.
+
+
+class _Sizes(NamedTuple):
+    """Static sizes of a group's programs, per device: ``K`` copies per device pair, ``incoming`` rows of the update
+    buffer read from the received buffer (received copies, then second copies of a received expert), ``local``
+    rows read from old slots (both rounded up by :func:`_round_up`), and ``full``: the flat slots ``L * R/G`` of a
+    whole-array gather (0 when the commit scatters into donated weights).
+
+    A device's index row: ``send [G*K]`` (the flat slot sent as copy ``k`` to device ``d``, at ``d*K + k``), then
+    ``targets [incoming + local]`` (the flat slot each row of the update buffer goes to; past the end: unused),
+    ``incoming_rows [incoming]`` (rows of the received buffer ``[G*K]``, sender-major), ``local_sources [local]``
+    (old flat slots), then ``gather [full]`` (per flat slot, its row of ``[old slots; update buffer]``).
+    """
+
+    capacity: int
+    incoming: int
+    local: int
+    full: int = 0
+
+    @property
+    def updates(self) -> int:
+        """Rows of the update buffer."""
+        return self.incoming + self.local
+
+    def width(self, num_devices: int) -> int:
+        return num_devices * self.capacity + 2 * self.updates + self.full
+
+
+def _round_up(n: int) -> int:
+    """``n`` rounded up to a multiple of 1/16 of the power of two at or above it (at most 1/8 more; ``n <= 16``
+    unchanged): eight sizes per doubling to compile for, little padding to move."""
+    n = int(n)
+    if n <= 16:
+        return max(n, 0)
+    step = (1 << (n - 1).bit_length()) // 16
+    return -(-n // step) * step
+
+
+def _local_block(x: jax.Array) -> jax.Array:
+    """A device's block ``[L, s, ...]`` as flat slots ``[L*s, ...]``."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+@functools.lru_cache(maxsize=32)
+def _stage_program(mesh: Mesh, axis_name: str, verify: bool, faulty: bool) -> Callable[..., Any]:
+    """Jitted ``(leaves, idx, corrupt, sizes) -> (updates, ok)``: gather, checksum, ``all_to_all``, verify.
+
+    ``updates``: per leaf ``[G (device), incoming + local, ...]``, the copies the device received and the second
+    copies of those experts (gathered from the received buffer, without its padding), then the copies within the
+    device (read from its old slots); everything the commit writes. ``ok [G, G, K]`` (per receiver, sender,
+    copy), or ``None`` without ``verify``. ``corrupt [G, G, K]`` flips the marked received copies (tests; ``None``
+    unless ``faulty``).
+    """
+    num_devices = mesh.shape[axis_name]
+    by_device, by_slot = PartitionSpec(axis_name), PartitionSpec(None, axis_name)
+
+    def run(leaves: list[jax.Array], idx: jax.Array, corrupt: jax.Array | None, sizes: _Sizes) -> Any:
+        capacity, width = sizes.capacity, num_devices * sizes.capacity
+        start = width + sizes.updates
+
+        def local(leaves: list[jax.Array], idx: jax.Array, *corrupt: jax.Array) -> Any:
+            send = idx[0, :width]
+            incoming_rows = idx[0, start : start + sizes.incoming]
+            local_sources = idx[0, start + sizes.incoming : start + sizes.updates]
+            updates, sent_sums, got_sums = [], [], []
+            for weights in leaves:
+                flat, rest = _local_block(weights), weights.shape[2:]
+                outgoing = jnp.take(flat, send, axis=0).reshape(num_devices, capacity, *rest)
+                if verify:
+                    sent_sums.append(_checksum(outgoing.reshape(num_devices, capacity, -1)))
+                incoming = jax.lax.all_to_all(outgoing, axis_name, 0, 0, tiled=True)  # [G (sender), K, ...]
+                if faulty:
+                    bad = _flip_first_bit(incoming.reshape(num_devices, capacity, -1), corrupt[0][0])
+                    incoming = bad.reshape(incoming.shape)
+                if verify:
+                    got_sums.append(_checksum(incoming.reshape(num_devices, capacity, -1)))
+                parts = (
+                    jnp.take(incoming.reshape(width, *rest), incoming_rows, axis=0),
+                    jnp.take(flat, local_sources, axis=0),
+                )
+                updates.append(jnp.concatenate(parts, axis=0)[None])
+            if not verify:
+                return updates
+            sums = jax.lax.all_to_all(jnp.stack(sent_sums, axis=-1), axis_name, 0, 0, tiled=True)
+            ok = jnp.all(jnp.stack(got_sums, axis=-1) == sums, axis=-1)
+            return updates, ok[None]
+
+        mapped = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(by_slot, by_device) + ((by_device,) if faulty else ()),
+            out_specs=(by_device, by_device) if verify else by_device,
+        )
+        out = mapped(leaves, idx, *((corrupt,) if faulty else ()))
+        return out if verify else (out, None)
+
+    return jax.jit(run, static_argnums=3)
+
+
+@functools.lru_cache(maxsize=32)
+def _commit_program(mesh: Mesh, axis_name: str, donate: bool) -> Callable[..., Any]:
+    """Jitted ``(leaves, updates, idx, sizes) -> new leaves``.
+
+    With ``donate``: one scatter of the update buffer into the donated weights, in place (distinct targets;
+    padding rows target past the end and are dropped). Without: gather every new slot from ``[old slots; update
+    buffer]`` in one pass (XLA fuses the concatenation into the gather; on a CPU several times faster than a copy
+    and a scatter).
+    """
+    num_devices = mesh.shape[axis_name]
+    by_device, by_slot = PartitionSpec(axis_name), PartitionSpec(None, axis_name)
+
+    def run(leaves: list[jax.Array], updates: list[jax.Array], idx: jax.Array, sizes: _Sizes) -> Any:
+        width, rows = num_devices * sizes.capacity, sizes.updates
+
+        def local(leaves: list[jax.Array], updates: list[jax.Array], idx: jax.Array) -> Any:
+            out = []
+            for weights, update in zip(leaves, updates, strict=True):
+                flat = _local_block(weights)
+                if donate:
+                    new = flat.at[idx[0, width : width + rows]].set(update[0], mode="drop", unique_indices=True)
+                else:
+                    gather = idx[0, sizes.width(num_devices) - sizes.full :]
+                    new = jnp.take(jnp.concatenate([flat, update[0]], axis=0), gather, axis=0)
+                out.append(new.reshape(weights.shape))
+            return out
+
+        mapped = jax.shard_map(local, mesh=mesh, in_specs=(by_slot, by_device, by_device), out_specs=by_slot)
+        return mapped(leaves, updates, idx)
+
+    return jax.jit(run, static_argnums=3, donate_argnums=(0,) if donate else ())
+
+
+_REMOTE, _OLD, _DUP = 0, 1, 2
+
+
+class _Job(NamedTuple):
+    """A validated call: the weights' leaves and the plan rows of the moved layers, classified (host data)."""
+
+    plan: TransferPlan
+    mesh: Mesh
+    axis_name: str
+    treedef: Any
+    leaves: list[Any]
+    slot_bytes: int
+    layers: np.ndarray  # [n] the requested layers, ascending
+    rows: np.ndarray  # [T'] plan rows of those layers
+    kind: np.ndarray  # [T'] _REMOTE, _OLD (from a slot's old weights on the destination), _DUP (from a received copy)
+    read: np.ndarray  # [T'] _OLD: flat old slot on the destination; _DUP: position in ``rows`` of the copy it repeats
+    capacity: int | None
+    verify: bool
+    fault: int | None
+
+    def split(self, layers_per_group: int | None, max_staging_bytes: int | None) -> list[np.ndarray]:
+        """The layers with copies, ascending, in consecutive groups within both bounds."""
+        plan, num_devices = self.plan, self.plan.num_gpus
+        layer = plan.layer[self.rows]
+        active = np.unique(layer)
+        if layers_per_group is None and max_staging_bytes is None:
+            return [active] if len(active) else []
+        src, dst = plan.src_gpu[self.rows], plan.dst_gpu[self.rows]
+        position = np.searchsorted(active, layer)
+        remote = self.kind == _REMOTE
+        pairs = np.zeros((len(active), num_devices * num_devices), dtype=np.int64)
+        np.add.at(pairs, (position[remote], src[remote] * num_devices + dst[remote]), 1)
+        per_device = {}
+        for kind, mask in (("incoming", self.kind != _OLD), ("local", self.kind == _OLD)):
+            counts = np.zeros((len(active), num_devices), dtype=np.int64)
+            np.add.at(counts, (position[mask], dst[mask]), 1)
+            per_device[kind] = counts
+        limit = layers_per_group or len(active)
+        groups: list[list[int]] = []
+        totals = None
+        for i in range(len(active)):
+            layer_counts = (pairs[i], per_device["incoming"][i], per_device["local"][i])
+            if max_staging_bytes is not None and self._staging_bytes(*layer_counts) > max_staging_bytes:
+                raise ValueError(
+                    f"max_staging_bytes={max_staging_bytes} is below layer {int(active[i])}'s staging estimate "
+                    f"({self._staging_bytes(*layer_counts)} bytes per device; see layer_groups)"
+                )
+            grown = layer_counts if totals is None else tuple(a + b for a, b in zip(totals, layer_counts, strict=True))
+            fits = totals is not None and len(groups[-1]) < limit
+            if fits and max_staging_bytes is not None:
+                fits = self._staging_bytes(*grown) <= max_staging_bytes
+            if fits:
+                groups[-1].append(int(active[i]))
+                totals = grown
+            else:
+                groups.append([int(active[i])])
+                totals = layer_counts
+        return [np.asarray(group, dtype=np.int64) for group in groups]
+
+    def _staging_bytes(self, pairs: np.ndarray, incoming: np.ndarray, local: np.ndarray) -> int:
+        """Per device: the sent and received buffers ``2 * G * K``, and the update buffer and its copy."""
+        capacity = _check_capacity(self.capacity, int(pairs.max(initial=0)))
+        updates = _round_up(int(incoming.max(initial=0))) + _round_up(int(local.max(initial=0)))
+        return 2 * (self.plan.num_gpus * capacity + updates) * self.slot_bytes
+
+    def arrays(self, group: np.ndarray, full: bool = False) -> tuple[np.ndarray, np.ndarray, _Sizes]:
+        """``idx [G, width] int32`` (one ``device_put``), ``row_map [G, G, K]`` (the plan row device ``d`` receives
+        from ``s`` as copy ``k``, -1 if unused) and the static sizes of the group ``group`` (layers); with ``full``
+        also the whole-array gather of a commit without donation."""
+        plan, num_devices = self.plan, self.plan.num_gpus
+        per_gpu = plan.slots_per_gpu
+        flat = plan.num_layers * per_gpu
+        mine = np.flatnonzero(np.isin(plan.layer[self.rows], group))
+        rows = self.rows[mine]
+        kind, read = self.kind[mine], self.read[mine]
+        src, dst = plan.src_gpu[rows], plan.dst_gpu[rows]
+        target = plan.layer[rows] * per_gpu + plan.dst_slot[rows]
+        remote, olds, dups = kind == _REMOTE, kind == _OLD, kind == _DUP
+        k = np.zeros(len(rows), dtype=np.int64)
+        k[remote] = _rank_within(src[remote] * num_devices + dst[remote])
+        inbound = remote | dups
+        slot = np.zeros(len(rows), dtype=np.int64)  # row of the update buffer among the device's inbound (or local)
+        slot[inbound] = _rank_within(dst[inbound] * 2 + dups[inbound])
+        slot[dups] += np.bincount(dst[remote], minlength=num_devices)[dst[dups]]  # after the received copies
+        slot[olds] = _rank_within(dst[olds])
+        sizes = _Sizes(
+            _check_capacity(self.capacity, int(k[remote].max(initial=-1)) + 1),
+            _round_up(int(slot[inbound].max(initial=-1)) + 1),
+            _round_up(int(slot[olds].max(initial=-1)) + 1),
+            flat if full else 0,
+        )
+        capacity, width = sizes.capacity, num_devices * sizes.capacity
+        targets, sources = width, width + sizes.updates  # column offsets, see _Sizes
+        row = np.where(olds, sizes.incoming + slot, slot)  # row of the update buffer
+        idx = np.zeros((num_devices, sizes.width(num_devices)), dtype=np.int64)
+        idx[:, targets:sources] = flat + np.arange(sizes.updates)  # unused rows: distinct targets past the end
+        source = plan.layer[rows] * per_gpu + plan.src_slot[rows]
+        idx[src[remote], dst[remote] * capacity + k[remote]] = source[remote]
+        idx[dst, targets + row] = target
+        # A dup repeats a received copy: its row in the received buffer, within this group.
+        position = np.full(len(self.rows), -1, dtype=np.int64)
+        position[mine] = np.arange(len(mine))
+        repeated = position[read[dups]]
+        received_row = np.zeros(len(rows), dtype=np.int64)  # row of the received buffer [G*K], sender-major
+        received_row[remote] = src[remote] * capacity + k[remote]
+        received_row[dups] = received_row[repeated]
+        idx[dst[inbound], sources + row[inbound]] = received_row[inbound]
+        idx[dst[olds], sources + row[olds]] = read[olds]
+        if full:  # new flat slot t <- [old slots; update buffer][gather[t]]
+            gather = idx[:, sizes.width(num_devices) - flat :]
+            gather[:] = np.arange(flat)
+            gather[dst[inbound], target[inbound]] = flat + row[inbound]
+            gather[dst[olds], target[olds]] = read[olds]
+        row_map = np.full((num_devices, num_devices, capacity), -1, dtype=np.int64)
+        row_map[dst[remote], src[remote], k[remote]] = rows[remote]
+        return idx.astype(np.int32), row_map, sizes
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _check_optional_count(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}={value} must be positive")
+    return int(value)
+
+
+def _check_layers(layers: Any, num_layers: int) -> np.ndarray:
+    """``layers`` (None: all) as an ascending int64 array of distinct layers in ``0 .. num_layers - 1``."""
+    if layers is None:
+        return np.arange(num_layers, dtype=np.int64)
+    if isinstance(layers, np.ndarray):
+        if layers.ndim != 1 or (layers.size and layers.dtype.kind not in "iu"):
+            raise TypeError(f"layers must be a 1-D integer array or an iterable of ints, got {layers!r}")
+        values = layers.astype(np.int64).tolist()
+    elif isinstance(layers, str | bytes) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be an iterable of layer indices (ints) or None, got {type(layers).__name__}")
+    else:
+        values = list(layers)
+        for value in values:
+            if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"layers must hold ints, got {type(value).__name__} {value!r} in layers={values!r}")
+        values = [int(value) for value in values]
+    for value in values:
+        if not 0 <= value < num_layers:
+            raise ValueError(f"layers={values} holds {value}, outside the plan's layers 0..{num_layers - 1}")
+    if len(set(values)) < len(values):
+        twice = next(value for value in values if values.count(value) > 1)
+        raise ValueError(f"layers={values} holds layer {twice} more than once")
+    return np.asarray(sorted(values), dtype=np.int64)
+
+
+def _check_plan_rows(plan: TransferPlan) -> None:
+    """Plan rows inside the plan's shape (a plan from :func:`eplb.plan_transfers` always is)."""
+    if plan.reload.any():  # rows from plan_transfers(..., allow_reload=True)
+        raise ValueError("plan has reload rows (src_gpu == -1): a load_expert callback is not supported yet")
+    bounds = (
+        ("layer", plan.num_layers),
+        ("src_gpu", plan.num_gpus),
+        ("dst_gpu", plan.num_gpus),
+        ("src_slot", plan.slots_per_gpu),
+        ("dst_slot", plan.slots_per_gpu),
+    )
+    for name, bound in bounds:
+        column = getattr(plan, name)
+        if len(column) and (column.min() < 0 or column.max() >= bound):
+            raise ValueError(f"plan.{name} holds {int(column.min())}..{int(column.max())}, outside 0..{bound - 1}")
+
+
+def _prepare(
+    plan: Any,
+    weights: Any,
+    mesh: Mesh | None,
+    axis_name: str | None,
+    *,
+    layers: Any,
+    capacity: Any,
+    verify: Any,
+    fault: Any,
+) -> _Job:
+    """Check every argument (nothing runs on a device) and classify the plan rows of ``layers``."""
+    if not isinstance(plan, TransferPlan):
+        raise TypeError(f"plan must be an eplb.TransferPlan (from eplb.plan_transfers), got {type(plan).__name__}")
+    for name, value in (("capacity", capacity), ("fault", fault)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+    verify = _check_flag("verify", verify)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(weights)
+    names = [jax.tree_util.keystr(path) for path, _ in paths_leaves]
+    leaves = [leaf for _, leaf in paths_leaves]
+    if not leaves or not all(isinstance(leaf, jax.Array | np.ndarray) for leaf in leaves):
+        bad = next((leaf for leaf in leaves if not isinstance(leaf, jax.Array | np.ndarray)), weights)
+        raise TypeError(
+            "weights must be a jax.Array [layers, slots, ...] or a pytree (dict, list, tuple) of them, "
+            f"got {type(bad).__name__}"
+        )
+    if mesh is None or axis_name is None:
+        shardings = [getattr(leaf, "sharding", None) for leaf in leaves]
+        found = [s for s in shardings if isinstance(s, NamedSharding) and len(s.spec) >= 2 and s.spec[1] is not None]
+        if not found:
+            raise ValueError("pass mesh and axis_name, or weights sharded with PartitionSpec(None, axis)")
+        mesh, axis_name = found[0].mesh, found[0].spec[1]
+    if axis_name not in mesh.shape:
+        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
+    num_devices = mesh.shape[axis_name]
+    if num_devices != plan.num_gpus:
+        raise ValueError(f"the plan is for {plan.num_gpus} GPUs but mesh axis {axis_name!r} has {num_devices} devices")
+    expected = (plan.num_layers, plan.num_gpus * plan.slots_per_gpu)
+    for name, leaf in zip(names, leaves, strict=True):
+        if leaf.ndim < 2 or tuple(leaf.shape[:2]) != expected:
+            where = f"weights{name}" if name else "weights"
+            raise ValueError(
+                f"{where} must have shape [layers, slots, ...] = {list(expected)} + [...], got {list(leaf.shape)}"
+            )
+    _check_plan_rows(plan)
+    chosen = _check_layers(layers, plan.num_layers)
+    selected = np.zeros(plan.num_layers, dtype=bool)
+    selected[chosen] = True
+    rows = np.flatnonzero(selected[plan.layer])
+    kind, read = _classify(plan, rows)
+    if capacity is not None:
+        _check_capacity(capacity, 0)
+    if fault is not None and not ((rows == fault) & (kind == _REMOTE)).any():
+        raise ValueError(f"fault={fault} is not a copy between devices in the layers moved")
+    slot_bytes = sum(math.prod(leaf.shape[2:]) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
+    return _Job(plan, mesh, axis_name, treedef, leaves, slot_bytes, chosen, rows, kind, read, capacity, verify, fault)
+
+
+def _classify(plan: TransferPlan, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per plan row in ``rows``: where its bytes come from (``kind``) and what to read (``read``, see :class:`_Job`).
+
+    A stage-1 row reads its source slot's *new* weights: the received copy when a copy between devices fills that
+    slot, the old slot that a copy within the device reads when one does, else the source slot's old weights.
+    """
+    per_gpu, flat = plan.slots_per_gpu, plan.num_layers * plan.slots_per_gpu
+    src, dst, stage = plan.src_gpu[rows], plan.dst_gpu[rows], plan.stage[rows]
+    source = plan.layer[rows] * per_gpu + plan.src_slot[rows]
+    target = plan.layer[rows] * per_gpu + plan.dst_slot[rows]
+    stage1 = stage == 1
+    remote = ~stage1 & (src != dst)
+    kind = np.where(remote, _REMOTE, _OLD)
+    read = source.copy()
+    later = np.flatnonzero(stage1)
+    if len(later):
+        first = np.flatnonzero(~stage1)
+        filled = np.full(plan.num_gpus * flat, -1, dtype=np.int64)  # (device, flat slot) -> position of its copy
+        filled[dst[first] * flat + target[first]] = first
+        by = filled[dst[later] * flat + source[later]]
+        received = by >= 0
+        received[received] = remote[by[received]]
+        copied = (by >= 0) & ~received
+        kind[later[received]] = _DUP
+        read[later[received]] = by[received]
+        read[later[copied]] = source[by[copied]]
+    return kind, read
+
+
+class PendingTransfer:
+    """A transfer in flight (from :func:`begin`): its update buffer and checks, not yet committed.
+
+    Attributes
+    ----------
+    layers : tuple of int
+        The layers this transfer moves (those of the requested layers that
+        have copies in the plan), ascending.
+    """
+
+    def __init__(
+        self,
+        job: _Job,
+        leaves: list[jax.Array],
+        group: np.ndarray,
+        donate: bool,
+        *,
+        owned: bool = False,
+        label: str = "",
+    ):
+        # owned: the donated buffers are eplb's own (a copy made by an earlier group), not the caller's weights.
+        self.layers = tuple(int(layer) for layer in group)
+        self._job, self._leaves, self._donate, self._owned, self._label = job, leaves, donate, owned, label
+        self._outcome: tuple[bool, Any] | None = None
+        self._received: list[jax.Array] = []
+        self._ok = None
+        if not len(group):
+            return
+        plan = job.plan
+        idx, self._row_map, self._sizes = job.arrays(group, full=not donate)
+        self._copies = int((self._row_map >= 0).sum())
+        spread = NamedSharding(job.mesh, PartitionSpec(job.axis_name))
+        corrupt = None
+        faulty = job.fault is not None and bool((self._row_map == job.fault).any())
+        try:
+            self._idx = jax.device_put(idx, spread)
+            if faulty:
+                corrupt = jax.device_put(self._row_map == job.fault, spread)
+            program = _stage_program(job.mesh, job.axis_name, job.verify, faulty)
+            self._received, self._ok = program(leaves, self._idx, corrupt, self._sizes._replace(full=0))
+        except RuntimeError as err:
+            raise TransferError(
+                f"the transfer program of layers {list(self.layers)} ({self._copies} copies between devices of "
+                f"{int(plan.remote.sum())} in the plan){label} failed: {err!r}"
+            ) from err
+
+    def done(self) -> bool:
+        """Whether the transfer program has finished (then :meth:`finish` does not wait for it)."""
+        return all(array.is_ready() for array in [*self._received, *([self._ok] if self._ok is not None else [])])
+
+    def finish(self) -> Any:
+        """Check the copies (the one host read), commit them and return the new weights (the structure passed).
+
+        Waits for the transfer program, reads ``ok`` (with ``verify=True``),
+        dispatches the commit program and waits for it, so that a failure of
+        either program surfaces here. Calling it again returns the same
+        weights (or raises the same error).
+
+        Raises
+        ------
+        TransferError
+            A received copy does not match its sender's checksum (naming the
+            first such plan row and the receiving device), or either program
+            failed while running (a ``RuntimeError``, e.g.
+            ``jax.errors.JaxRuntimeError``). The weights passed to
+            :func:`begin` are intact (also when donated: a failed commit
+            program that had not taken their buffers); ``err.weights`` holds
+            them, in the structure passed.
+        RuntimeError
+            Only with ``donate=True``: the commit program failed after it
+            took the donated buffers (a device lost mid-program); the weights
+            are lost, and the error says so in a note. Never a
+            :class:`TransferError`, which always means the old weights are kept.
+        """
+        if self._outcome is None:
+            try:
+                self._outcome = (True, self._finish())
+            except BaseException as err:
+                self._outcome = (False, err)
+                raise
+        done, value = self._outcome
+        if not done:
+            raise value
+        return value
+
+    def _finish(self) -> Any:
+        job = self._job
+        try:
+            return jax.tree_util.tree_unflatten(job.treedef, self._commit())
+        except TransferError as err:
+            err.weights, err.committed_layers = jax.tree_util.tree_unflatten(job.treedef, self._leaves), ()
+            raise
+
+    def _commit(self) -> list[jax.Array]:
+        """The new leaves, or :class:`TransferError` with ``self._leaves`` intact."""
+        job = self._job
+        if not self.layers:
+            return self._leaves
+        try:
+            if self._ok is not None:
+                ok = np.asarray(self._ok)
+            else:
+                jax.block_until_ready(self._received)
+        except RuntimeError as err:
+            raise TransferError(
+                f"the transfer program of layers {list(self.layers)} ({self._copies} copies between devices)"
+                f"{self._label} failed: {err!r}"
+            ) from err
+        if self._ok is not None:
+            bad = np.argwhere(~ok & (self._row_map >= 0))
+            if len(bad):
+                rows = self._row_map[tuple(bad.T)]
+                first = int(np.argmin(rows))
+                raise TransferError(
+                    f"received bytes do not match the sender's checksum{self._label}",
+                    plan=job.plan,
+                    transfer=int(rows[first]),
+                    rank=int(bad[first][0]),
+                )
+        try:
+            program = _commit_program(job.mesh, job.axis_name, self._donate)
+            new = program(self._leaves, self._received, self._idx, self._sizes)
+            jax.block_until_ready(new)
+        except RuntimeError as err:
+            if self._donate and not self._owned and any(leaf.is_deleted() for leaf in self._leaves):
+                note = "eplb: the commit program failed after taking the donated weights; they are lost"
+                if hasattr(err, "add_note"):
+                    err.add_note(note)
+                raise
+            raise TransferError(
+                f"the commit program of layers {list(self.layers)}{self._label} failed: {err!r}"
+            ) from err
+        self._received = []  # free the received buffers
+        return new
+
+
+def _place(job: _Job) -> list[jax.Array]:
+    """The leaves sharded ``PartitionSpec(None, axis)`` (the same arrays when they already are)."""
+    by_slot = NamedSharding(job.mesh, PartitionSpec(None, job.axis_name))
+    try:
+        return [jax.device_put(leaf, by_slot) for leaf in job.leaves]
+    except RuntimeError as err:
+        error = TransferError(f"placing the weights on the mesh failed: {err!r}")
+        error.weights, error.committed_layers = jax.tree_util.tree_unflatten(job.treedef, job.leaves), ()
+        raise error from err
+
+
+def begin(
     plan: TransferPlan,
-    weights: jax.Array,
+    weights: Any,
     mesh: Mesh | None = None,
     axis_name: str | None = None,
     *,
+    layers: Iterable[int] | None = None,
     capacity: int | None = None,
+    verify: bool = True,
+    donate: bool = False,
     fault: int | None = None,
-) -> jax.Array:
+) -> PendingTransfer:
+    """Dispatch the transfer of ``layers`` (one program, all of them at once) and return without waiting.
+
+    Takes the arguments of :func:`apply_plan` (except the grouping ones;
+    loop over :func:`layer_groups` for bounded memory). The caller may
+    dispatch other work, then call :meth:`PendingTransfer.finish` for the
+    new weights. With ``donate=True`` the weights must not be used after
+    ``finish()`` returns (their buffers hold the new weights); until then
+    they are intact. Invalid arguments raise here; a failure to dispatch
+    raises :class:`eplb.TransferError` here, other transfer failures in
+    ``finish()``.
+
+    Examples
+    --------
+    ::
+
+        for group in layer_groups(plan, params, max_staging_bytes=2**30):
+            pending = begin(plan, params, layers=group, donate=True)
+            loss = train_step(...)  # dispatched while the copies travel
+            params = pending.finish()
+    """
+    donate = _check_flag("donate", donate)
+    job = _prepare(plan, weights, mesh, axis_name, layers=layers, capacity=capacity, verify=verify, fault=fault)
+    groups = job.split(None, None)
+    leaves = _place(job)
+    try:
+        return PendingTransfer(job, leaves, groups[0] if groups else np.zeros(0, dtype=np.int64), donate)
+    except TransferError as err:
+        err.weights, err.committed_layers = jax.tree_util.tree_unflatten(job.treedef, leaves), ()
+        raise
+
+
+def layer_groups(
+    plan: TransferPlan,
+    weights: Any,
+    *,
+    layers: Iterable[int] | None = None,
+    layers_per_group: int | None = None,
+    max_staging_bytes: int | None = None,
+    capacity: int | None = None,
+) -> list[tuple[int, ...]]:
+    """The layer groups :func:`apply_plan` moves one program pair at a time, ascending.
+
+    Only layers with copies in ``plan`` appear. Consecutive layers join a
+    group while it has at most ``layers_per_group`` layers and its staging
+    estimate is at most ``max_staging_bytes`` per device: ``2 * (G * K +
+    inbound + local) * slot_bytes``, with ``K`` the group's most copies
+    between one pair of devices (or ``capacity``), ``inbound`` the most slots
+    one device fills from what it receives (received copies and second
+    copies of them), ``local`` the most it fills from its own old slots
+    (both rounded up by at most 1/8: to a multiple of 1/16 of the power of
+    two at or above them, unchanged up to 16), and ``slot_bytes`` the bytes
+    of one slot over all arrays of ``weights``. It bounds the sent and
+    received buffers plus the update buffer while transferring, and the
+    update buffer and one copy of it while committing (XLA's CPU backend
+    adds temporaries of the same order for its ``all_to_all`` and the
+    checksums). A layer whose estimate alone
+    exceeds the cap is a ``ValueError``. ``weights`` is only read for shapes
+    and dtypes (``jax.ShapeDtypeStruct`` leaves will do).
+    """
+    leaves = jax.tree_util.tree_leaves(weights)
+    if not leaves or not all(hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves):
+        raise TypeError("weights must be an array [layers, slots, ...] or a pytree of them (shapes and dtypes)")
+    if not isinstance(plan, TransferPlan):
+        raise TypeError(f"plan must be an eplb.TransferPlan (from eplb.plan_transfers), got {type(plan).__name__}")
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral)):
+        raise TypeError(f"capacity must be an int or None, got {type(capacity).__name__} {capacity!r}")
+    layers_per_group = _check_optional_count("layers_per_group", layers_per_group)
+    max_staging_bytes = _check_optional_count("max_staging_bytes", max_staging_bytes)
+    _check_plan_rows(plan)
+    chosen = _check_layers(layers, plan.num_layers)
+    selected = np.zeros(plan.num_layers, dtype=bool)
+    selected[chosen] = True
+    rows = np.flatnonzero(selected[plan.layer])
+    kind, read = _classify(plan, rows)
+    slot_bytes = sum(math.prod(leaf.shape[2:]) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
+    job = _Job(plan, None, None, None, leaves, slot_bytes, chosen, rows, kind, read, capacity, True, None)
+    groups = job.split(layers_per_group, max_staging_bytes)
+    for group in groups:  # a capacity below a group's need raises here, before anything runs
+        job.arrays(group)
+    return [tuple(int(layer) for layer in group) for group in groups]
+
+
+def apply_plan(
+    plan: TransferPlan,
+    weights: Any,
+    mesh: Mesh | None = None,
+    axis_name: str | None = None,
+    *,
+    layers: Iterable[int] | None = None,
+    layers_per_group: int | None = None,
+    max_staging_bytes: int | None = None,
+    capacity: int | None = None,
+    verify: bool = True,
+    donate: bool = False,
+    fault: int | None = None,
+) -> Any:
     """The weights of the new placement: ``weights`` moved as ``plan`` says.
 
     Parameters
@@ -185,87 +886,115 @@ def apply_plan(
     plan : TransferPlan
         From :func:`eplb.plan_transfers`; its GPU ``g`` is device ``g`` of
         the mesh axis.
-    weights : jax.Array [L, R, ...]
-        Every layer's slots (all experts' copies of one weight matrix),
-        sharded over ``axis_name`` along ``R`` (resharded if not; a numpy
-        array is placed so, with ``mesh`` and ``axis_name`` given).
+    weights : jax.Array [L, R, ...], or a pytree (dict, list, tuple) of them
+        Every layer's slots (all experts' copies of a weight matrix), any
+        dtype, sharded over ``axis_name`` along ``R`` (resharded if not; a
+        numpy array is placed so, with ``mesh`` and ``axis_name`` given).
+        Each array may have its own trailing shape and dtype; all move in
+        one program pair per group.
     mesh, axis_name : optional
-        The expert-parallel mesh axis; taken from ``weights.sharding`` (a
-        ``NamedSharding`` with ``PartitionSpec(None, axis)``) when omitted.
-    capacity : int, optional
-        Copies per device pair in the compiled program (see :func:`plan_arrays`).
-    fault : int, optional
+        The expert-parallel mesh axis; taken from the first array sharded
+        ``NamedSharding(mesh, PartitionSpec(None, axis))`` when omitted.
+    layers : iterable of int, optional, keyword-only
+        Layers to move (default: all); the plan's rows of other layers are
+        ignored and those layers keep their weights.
+    layers_per_group, max_staging_bytes : int, optional, keyword-only
+        Move the layers in consecutive groups (see :func:`layer_groups`), one
+        transfer and one commit program each, so that the staging buffers of
+        one group only are alive at a time. Default: one group.
+    capacity : int, optional, keyword-only
+        Copies per device pair in the compiled programs (see
+        :func:`plan_arrays`). The programs are compiled per capacity, padded
+        update-buffer sizes (eight per doubling, see :func:`layer_groups`),
+        array shapes and dtypes, ``verify`` and ``donate``; a fixed capacity
+        lets groups and plans share them. Default: each group's largest.
+    verify : bool, keyword-only
+        Checksum every copy (default): the sender and the receiver each read
+        the copy once more (one reduction over its 32-bit words, weighted by
+        position), and the checksums travel in one extra small ``all_to_all``.
+        Any corruption confined to one 32-bit word (every single flipped bit)
+        is caught, others with probability ``1 - 2**-32``. ``False`` computes
+        and exchanges no checksums and skips the host read of ``ok``: a copy
+        corrupted in flight (bit flips on the link, a collective that
+        delivers wrong bytes) is then committed silently. Program failures
+        are detected either way (``finish`` waits for the transfer program
+        before committing).
+    donate : bool, keyword-only
+        Commit into the buffers of ``weights`` (scatter into the donated
+        arrays, no second copy of the weights); ``weights`` must not be used
+        afterwards. Default: return new arrays and leave ``weights`` intact.
+    fault : int, optional, keyword-only
         For tests: corrupt plan row ``fault`` in flight (one flipped bit);
         the checksum catches it and the call raises.
 
     Returns
     -------
-    jax.Array [L, R, ...]
-        Same sharding as the input; ``weights`` itself is left unchanged.
+    jax.Array [L, R, ...] or the pytree passed
+        Sharded ``PartitionSpec(None, axis_name)``, same shapes and dtypes;
+        every destination slot of the moved layers holds its source slot's
+        old bytes exactly (a stage-1 row: its source slot's new bytes), every
+        other slot its own.
+
+    Notes
+    -----
+    Memory: per device, besides the weights, one group's buffers at a time
+    (the estimate of :func:`layer_groups`, which ``max_staging_bytes``
+    bounds), plus, without ``donate``, one new copy of the weights (the
+    first group writes it, later groups scatter into it in place). With
+    ``donate`` no copy of the weights is made: the commit scatters into
+    their buffers (weights not yet sharded ``PartitionSpec(None, axis)`` are
+    resharded first, which copies them).
+
+    Failures: each group is checked before it is committed. Without
+    ``donate`` the call is all or nothing: on failure ``weights`` is intact
+    and no new array exists. With ``donate`` each group commits on its own:
+    a failure in group ``i`` leaves groups ``0 .. i-1`` moved and the other
+    layers' old weights in place. Either way the :class:`eplb.TransferError`
+    carries ``err.weights`` (the weights as they stand, in the structure
+    passed: ``weights`` itself without donation; with it, the donated
+    buffers, holding the earlier groups' new weights) and
+    ``err.committed_layers`` (those groups' layers; empty without donation).
+    A commit program that fails before taking the donated buffers (at
+    dispatch) leaves them intact like any other failure.
 
     Raises
     ------
     TransferError
         A received copy does not match its sender's checksum (naming the
-        first such plan row and the receiving device), or running the
-        program failed with a ``RuntimeError`` (``jax.errors.JaxRuntimeError``:
-        the collective failed, a device ran out of memory). ``weights``
-        stays valid and unchanged.
+        first such plan row and the receiving device), or a program failed
+        while running (a ``RuntimeError``: ``jax.errors.JaxRuntimeError``,
+        the collective failed, a device ran out of memory); see Notes.
+    RuntimeError
+        ``donate=True`` only: a commit program failed after taking the
+        donated buffers; the weights are lost (see
+        :meth:`PendingTransfer.finish`).
     TypeError, ValueError
         Invalid arguments (checked before anything runs): ``plan`` not a
         :class:`TransferPlan` or for another number of devices, ``weights``
-        of the wrong shape, no mesh axis, a bad ``capacity`` or ``fault``.
-        Errors while tracing the program (bugs) also propagate unchanged.
+        not arrays or of the wrong shape, no mesh axis, ``layers`` not ints
+        (``TypeError``) or out of range or repeated (``ValueError``), a bad
+        ``capacity``, ``fault``, ``layers_per_group`` or
+        ``max_staging_bytes`` (also one below a single layer's estimate).
+        Errors while tracing a program (bugs) also propagate unchanged.
     """
-    if not isinstance(plan, TransferPlan):
-        raise TypeError(f"plan must be an eplb.TransferPlan (from eplb.plan_transfers), got {type(plan).__name__}")
-    if plan.reload.any():  # rows from plan_transfers(..., allow_reload=True)
-        raise ValueError("plan has reload rows (src_gpu == -1): a load_expert callback is not supported yet")
-    for name, value in (("capacity", capacity), ("fault", fault)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-            raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
-    if not isinstance(weights, jax.Array | np.ndarray):
-        raise TypeError(f"weights must be a jax.Array [layers, slots, ...], got {type(weights).__name__}")
-    if mesh is None or axis_name is None:
-        sharding = getattr(weights, "sharding", None)
-        if not isinstance(sharding, NamedSharding) or len(sharding.spec) < 2 or sharding.spec[1] is None:
-            raise ValueError("pass mesh and axis_name, or weights sharded with PartitionSpec(None, axis)")
-        mesh, axis_name = sharding.mesh, sharding.spec[1]
-    if axis_name not in mesh.shape:
-        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
-    num_devices = mesh.shape[axis_name]
-    if num_devices != plan.num_gpus:
-        raise ValueError(f"the plan is for {plan.num_gpus} GPUs but mesh axis {axis_name!r} has {num_devices} devices")
-    expected = (plan.num_layers, plan.num_gpus * plan.slots_per_gpu)
-    if tuple(weights.shape[:2]) != expected:
-        raise ValueError(
-            f"weights must have shape [layers, slots, ...] = {list(expected)} + [...], got {list(weights.shape)}"
-        )
-    arrays = plan_arrays(plan, capacity)
-    corrupt = np.zeros(arrays.row.shape, dtype=bool)
-    if fault is not None:
-        corrupt |= arrays.row == fault
-        if not corrupt.any():
-            raise ValueError(f"fault={fault} is not a copy between devices in this plan")
-    spread = NamedSharding(mesh, PartitionSpec(axis_name))
-    # Only a runtime failure (jax.errors.JaxRuntimeError, a RuntimeError: the collective, device memory, also
-    # while resharding the inputs) is a transfer failure; tracing raises TypeError, ValueError, IndexError...
-    # for bugs, which propagate. The host read of ``ok`` is inside: an asynchronous failure surfaces there.
-    try:
-        weights = jax.device_put(weights, NamedSharding(mesh, PartitionSpec(None, axis_name)))
-        inputs = [jax.device_put(a, spread) for a in (arrays.send, arrays.gather, arrays.second, corrupt)]
-        new, ok = _cached_transfer(mesh, axis_name)(weights, *inputs)
-        ok = np.asarray(ok)
-    except RuntimeError as err:
-        raise TransferError(f"the all_to_all carrying {int(plan.remote.sum())} copies failed: {err!r}") from err
-    bad = np.argwhere(~ok & (arrays.row >= 0))
-    if len(bad):
-        rows = arrays.row[tuple(bad.T)]
-        first = int(np.argmin(rows))
-        raise TransferError(
-            "received bytes do not match the sender's checksum",
-            plan=plan,
-            transfer=int(rows[first]),
-            rank=int(bad[first][0]),
-        )
-    return new
+    donate = _check_flag("donate", donate)
+    layers_per_group = _check_optional_count("layers_per_group", layers_per_group)
+    max_staging_bytes = _check_optional_count("max_staging_bytes", max_staging_bytes)
+    job = _prepare(plan, weights, mesh, axis_name, layers=layers, capacity=capacity, verify=verify, fault=fault)
+    groups = job.split(layers_per_group, max_staging_bytes)
+    for group in groups[1:]:  # a capacity below a later group's need raises before anything runs
+        job.arrays(group)
+    original = leaves = _place(job)
+    moved: list[int] = []
+    for number, group in enumerate(groups):
+        label = f" (layer group {number + 1} of {len(groups)})" if len(groups) > 1 else ""
+        try:
+            # Without donation, the first group makes the new copy and later groups write into it in place.
+            pending = PendingTransfer(job, leaves, group, donate or number > 0, owned=not donate, label=label)
+            leaves = pending._commit()
+        except TransferError as err:
+            err.weights = jax.tree_util.tree_unflatten(job.treedef, leaves if donate else original)
+            err.committed_layers = tuple(moved) if donate else ()
+            raise
+        moved.extend(int(layer) for layer in group)
+    return jax.tree_util.tree_unflatten(job.treedef, leaves)
