@@ -607,3 +607,34 @@ def test_previous_then_plan_transfers():
                                       if e in new[layer, g * 4 : (g + 1) * 4].tolist()})  # fmt: skip
     moved = oracle.live_moves(old, new, gpus)
     assert (plan.remote_copies + plan.reloads <= moved).all()
+
+
+@needs_gpu("torch")
+def test_previous_torch_cuda_equals_numpy():
+    for case in PREVIOUS_CASES:
+        w, r, gpus, mask, previous = _previous_case(case)
+        for tolerance in (None, 0.05):
+            expected = eplb.rebalance_experts(
+                w, r, 1, 1, gpus, previous=previous, active_gpus=mask, balance_tolerance=tolerance
+            )
+            got = eplb.rebalance_experts(
+                torch.as_tensor(w, device="cuda"),
+                r,
+                1,
+                1,
+                gpus,
+                previous=torch.as_tensor(previous, device="cuda"),
+                active_gpus=torch.as_tensor(mask, device="cuda"),
+                balance_tolerance=tolerance,
+            )
+            assert all(a.device.type == "cuda" for a in got)
+            _same(tuple(a.cpu().numpy() for a in got), expected)
+
+
+@needs_gpu("jax")
+def test_previous_jax_gpu_equals_numpy():
+    for case in PREVIOUS_CASES:
+        w, r, gpus, mask, previous = _previous_case(case)
+        expected = eplb.rebalance_experts(w, r, 1, 1, gpus, previous=previous, active_gpus=mask, balance_tolerance=0.05)
+        args = (jnp.asarray(w, jnp.float32), jnp.asarray(previous), jnp.asarray(mask), jnp.float32(0.05))
+        _same(_jax_previous_call(r, gpus, True)(*args), expected)
