@@ -716,7 +716,9 @@ def moved_experts(old_phy2log: Any, new_phy2log: Any, num_gpus: int) -> Any:
     Parameters
     ----------
     old_phy2log, new_phy2log : array [L, R], integer
-        Placements; slot ``j`` is on GPU ``j // (R // num_gpus)``. Both
+        Placements; slot ``j`` is on GPU ``j // (R // num_gpus)``; ``-1``
+        is an empty slot (a failed GPU's, see ``rebalance_experts(...,
+        active_gpus=)``): it holds nothing and receives nothing. Both
         torch tensors, both JAX arrays (traced ones too), or host data
         (numpy arrays, lists) on one or both sides: host data goes to the
         other argument's framework and device (a torch CPU tensor also moves
@@ -746,7 +748,7 @@ def moved_experts(old_phy2log: Any, new_phy2log: Any, num_gpus: int) -> Any:
     ValueError
         A placement is not 2-D, the shapes differ, ``R`` is not a multiple of
         ``num_gpus``, ``num_gpus < 1``, or host data (numpy, lists, torch CPU
-        tensors) holds a negative id. Ids on a CUDA or JAX device are not
+        tensors) holds an id below -1. Ids on a CUDA or JAX device are not
         read: checking them would need a host sync (or be impossible under
         ``jax.jit``).
 
@@ -792,15 +794,21 @@ def moved_experts(old_phy2log: Any, new_phy2log: Any, num_gpus: int) -> Any:
     for name, phy2log in arrays.items():
         # Only host data is read: a CUDA or JAX array would need a sync (a JAX tracer cannot be read at all).
         on_host = kinds[name] == "numpy" or (kinds[name] == "torch" and phy2log.device.type == "cpu")
-        if on_host and phy2log.shape[0] * phy2log.shape[1] and bool((phy2log < 0).any()):
-            raise ValueError(f"{name} must hold expert ids >= 0, got {int(phy2log.min())}")
+        if on_host and phy2log.shape[0] * phy2log.shape[1] and bool((phy2log < -1).any()):
+            raise ValueError(
+                f"{name} must hold expert ids >= 0 (or -1: an empty slot of a failed GPU), got {int(phy2log.min())}"
+            )
     if not device_kinds:
         xp = np
     else:
         xp = _xp.array_namespace(new if kinds["new_phy2log"] != "numpy" else old)
         old, new = _same_device(old, new, kinds, xp)
     dtype = xp.result_type(old.dtype, new.dtype)
-    return count_moves(xp.astype(new, dtype), xp.astype(old, dtype), num_gpus, xp=xp)
+    old, new = xp.astype(old, dtype), xp.astype(new, dtype)
+    # An empty new slot (-1) receives nothing: give it the old slot's content, which it then keeps (it adds the
+    # same copy to both sides of its GPU's multiset). An empty old slot holds nothing that new could keep.
+    new = xp.where(new == -1, old, new)
+    return count_moves(new, old, num_gpus, xp=xp)
 
 
 def _same_device(old: Any, new: Any, kinds: dict[str, str], xp: Any) -> tuple[Any, Any]:

@@ -426,8 +426,8 @@ OLD, NEW = [[0, 1, 2, 3]], [[0, 1, 0, 0]]  # GPU 1 gains expert 0 twice: 2 moved
         (OLD, [[[0, 1, 0, 0]]], 2, ValueError, r"new_phy2log must be 2-D"),
         (OLD, [[0, 1, 0, 0, 1, 1]], 2, ValueError, r"same shape, got \[1, 4\] and \[1, 6\]"),
         ([[0, 1, 2]], [[0, 1, 2]], 2, ValueError, r"number of slots 3 must be a multiple of num_gpus=2"),
-        ([[0, -1, 2, 3]], NEW, 2, ValueError, r"old_phy2log must hold expert ids >= 0, got -1"),
-        (OLD, [[0, 1, -2, 0]], 2, ValueError, r"new_phy2log must hold expert ids >= 0, got -2"),
+        ([[0, -2, 2, 3]], NEW, 2, ValueError, r"old_phy2log must hold expert ids >= 0 \(or -1: an empty slot"),
+        (OLD, [[0, 1, -2, 0]], 2, ValueError, r"new_phy2log must hold expert ids >= 0 \(or -1.*got -2"),
     ],
 )
 def test_moved_experts_validation(old, new, num_gpus, error, match):
@@ -452,7 +452,7 @@ def test_moved_experts_torch():
         eplb.moved_experts(old, new.float(), 2)
     with pytest.raises(TypeError, match=r"old_phy2log must hold integer expert ids, got dtype torch.bool"):
         eplb.moved_experts(old.bool(), new, 2)
-    with pytest.raises(ValueError, match=r"old_phy2log must hold expert ids >= 0, got -3"):
+    with pytest.raises(ValueError, match=r"old_phy2log must hold expert ids >= 0 \(or -1.*got -3"):
         eplb.moved_experts(torch.tensor([[0, 1, -3, 3]]), NEW, 2)
 
 
@@ -611,3 +611,22 @@ def test_executors_reject_reload_rows():
     mesh = Mesh(np.array(jax.devices()[:1]), ("ep",))
     with pytest.raises(ValueError, match=r"reload rows .*load_expert callback is not supported yet"):
         jax_executor.apply_plan(plan, jax.numpy.zeros((1, 2, 3)), mesh, "ep")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_moved_experts_with_empty_slots(seed):
+    """-1 (a failed GPU's slot) holds nothing and receives nothing: against the plain-Python counter, on numpy,
+    torch and JAX, including GPUs that fail, come back, or stay failed."""
+    rng = np.random.default_rng(seed)
+    layers, gpus, per_gpu, experts = 3, 4, 3, 5
+    old = rng.integers(0, experts, (layers, gpus * per_gpu))
+    new = rng.integers(0, experts, (layers, gpus * per_gpu))
+    for placement in (old, new):
+        dead = rng.random(gpus) < 0.4
+        placement[:, np.repeat(dead, per_gpu)] = -1
+    want = oracle.live_moves(old, new, gpus)
+    np.testing.assert_array_equal(eplb.moved_experts(old, new, gpus), want)
+    torch = pytest.importorskip("torch")
+    np.testing.assert_array_equal(eplb.moved_experts(torch.as_tensor(old), torch.as_tensor(new), gpus).numpy(), want)
+    jnp = pytest.importorskip("jax.numpy")
+    np.testing.assert_array_equal(np.asarray(eplb.moved_experts(jnp.asarray(old), jnp.asarray(new), gpus)), want)
