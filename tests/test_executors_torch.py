@@ -361,6 +361,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             "layers_type": {"layers": [0.5]},
             "verify": {"verify": "yes"},
             "cap": {"max_staging_bytes": 0},
+            "cap_type": {"max_staging_bytes": 1.5},
         }.items():
             out[name] = expect_failure(w, **options)
         return out
@@ -583,6 +584,7 @@ def test_out_of_memory_while_staging_is_a_transfer_failure(outcomes):
         ("layers_type", "TypeError", "layers must hold ints"),
         ("verify", "TypeError", "verify must be a bool"),
         ("cap", "ValueError", "max_staging_bytes must be a positive int"),
+        ("cap_type", "TypeError", "max_staging_bytes must be an int or None, got float"),
     ],
 )
 def test_bad_options_name_the_argument(outcomes, case, error, match):

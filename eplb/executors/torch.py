@@ -693,12 +693,11 @@ def apply_plan(
     """
     if isinstance(plan, TransferPlan) and plan.reload.any():  # rows from plan_transfers(..., allow_reload=True)
         raise ValueError("plan has reload rows (src_gpu == -1): a load_expert callback is not supported yet")
-    if max_staging_bytes is not None and (
-        isinstance(max_staging_bytes, bool | np.bool_)
-        or not isinstance(max_staging_bytes, int | np.integer)
-        or max_staging_bytes < 1
-    ):
-        raise ValueError(f"max_staging_bytes must be a positive int or None, got {max_staging_bytes!r}")
+    if max_staging_bytes is not None:
+        if isinstance(max_staging_bytes, bool | np.bool_) or not isinstance(max_staging_bytes, int | np.integer):
+            raise TypeError(f"max_staging_bytes must be an int or None, got {type(max_staging_bytes).__name__}")
+        if max_staging_bytes < 1:
+            raise ValueError(f"max_staging_bytes must be a positive int or None, got {max_staging_bytes!r}")
     groups = [None]
     if max_staging_bytes is not None and isinstance(plan, TransferPlan):
         tensors, _ = _flatten(weights)
