@@ -89,22 +89,6 @@ def sglang_like(weight: np.ndarray, num_replicas: int, num_gpus: int, mask: np.n
     return phy2log
 
 
-def live_moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``[L]``: ``(expert, GPU)`` pairs of ``new`` absent from ``old``, multisets per GPU, ``-1`` slots ignored."""
-    layers, slots = new.shape
-    experts = int(max(old.max(), new.max())) + 2
-    gpu = np.broadcast_to(np.arange(slots) // (slots // num_gpus), (layers, slots))
-    rows = np.broadcast_to(np.arange(layers)[:, None], (layers, slots))
-
-    def counts(p: np.ndarray) -> np.ndarray:
-        out = np.zeros((layers, num_gpus, experts), np.int64)
-        np.add.at(out, (rows, gpu, np.where(p >= 0, p, experts - 1)), 1)
-        out[..., -1] = 0  # -1 slots: nothing
-        return out
-
-    return np.maximum(counts(new) - counts(old), 0).sum(axis=(1, 2))
-
-
 def previous_table(data: list[tuple[str, np.ndarray]]) -> str:
     """The ``--previous`` table (global configs)."""
     rows = []
@@ -122,7 +106,7 @@ def previous_table(data: list[tuple[str, np.ndarray]]) -> str:
                 previous = eplb.rebalance_experts(w, *sizes, hierarchical=False).phy2log
                 other = sglang_like(w, replicas, gpus, mask)
                 bal["sglang"].append(eplb.metrics.summarize(w, other, gpus).balancedness)
-                moves["sglang"].append(live_moves(previous, other, gpus).mean())
+                moves["sglang"].append(eplb.moved_experts(previous, other, gpus).mean())
                 for key, tolerance in (("t0", 0.0), ("t05", 0.05)):
                     start = time.perf_counter()
                     ours = eplb.rebalance_experts(
@@ -135,7 +119,7 @@ def previous_table(data: list[tuple[str, np.ndarray]]) -> str:
                     ).phy2log
                     times.append(time.perf_counter() - start)
                     bal[key].append(eplb.metrics.summarize(w, ours, gpus).balancedness)
-                    moves[key].append(live_moves(previous, ours, gpus).mean())
+                    moves[key].append(eplb.moved_experts(previous, ours, gpus).mean())
             mean = {k: float(np.mean(v)) for k, v in {**bal, **{f"m_{k}": v for k, v in moves.items()}}.items()}
             rows.append((name, failure, mean, 1e3 * float(np.median(times))))
     header = (

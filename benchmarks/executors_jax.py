@@ -71,36 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eplb  # noqa: E402
 from eplb.executors import jax as executor  # noqa: E402
-
-
-def plan_arrays_loop(plan: eplb.TransferPlan, capacity: int | None = None) -> executor.PlanArrays:
-    """``plan_arrays`` as it was: one Python iteration per plan row."""
-    num_gpus, per_gpu, num_layers = plan.num_gpus, plan.slots_per_gpu, plan.num_layers
-    remote = np.flatnonzero(plan.remote)
-    pairs = plan.src_gpu[remote] * num_gpus + plan.dst_gpu[remote]
-    need = int(np.bincount(pairs, minlength=num_gpus * num_gpus).max(initial=0))
-    capacity = max(need, 1) if capacity is None else int(capacity)
-    flat = num_layers * per_gpu
-    send = np.zeros((num_gpus, num_gpus, capacity), dtype=np.int32)
-    row = np.full((num_gpus, num_gpus, capacity), -1, dtype=np.int32)
-    gather = np.tile(np.arange(flat, dtype=np.int32), (num_gpus, 1))
-    second = gather.copy()
-    used = np.zeros((num_gpus, num_gpus), dtype=np.int64)
-    for i in range(len(plan)):
-        layer, src, dst, stage = int(plan.layer[i]), int(plan.src_gpu[i]), int(plan.dst_gpu[i]), int(plan.stage[i])
-        target = layer * per_gpu + int(plan.dst_slot[i])
-        source = layer * per_gpu + int(plan.src_slot[i])
-        if stage == 1:
-            second[dst, target] = source
-        elif src == dst:
-            gather[dst, target] = source
-        else:
-            k = used[src, dst]
-            used[src, dst] += 1
-            send[src, dst, k] = source
-            row[dst, src, k] = i
-            gather[dst, target] = flat + src * capacity + k
-    return executor.PlanArrays(send, gather, second, row)
+from tests.oracle import plan_arrays_reference  # noqa: E402
 
 
 def placements(layers: int, experts: int, slots: int, gpus: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +140,7 @@ def main() -> None:
     big_old, big_new = placements(58, 256, 288, 32, seed=1)
     big = eplb.plan_transfers(big_old, big_new, num_gpus=32, num_nodes=4)
     for name, p in (("this plan", plan), (f"DeepSeek-V3 size ({len(big)} rows, 32 GPUs)", big)):
-        for impl, function in (("loop (before)", plan_arrays_loop), ("numpy (now)", executor.plan_arrays)):
+        for impl, function in (("loop (before)", plan_arrays_reference), ("numpy (now)", executor.plan_arrays)):
             record(f"plan_arrays, {name}, {impl}", median_ms(lambda f=function, p=p: f(p), args.repeats))
         record(
             f"apply_plan's index arrays, {name}, all layers",

@@ -204,7 +204,8 @@ def gpu_loads64(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.nd
     """``[L, G]`` float64: each GPU's exact load (``math.fsum``), replica load ``w[e] / count[e]`` in float64.
 
     A scorer that shares nothing with eplb's float32 arithmetic; loads below
-    ``2**-64`` are counted as they are (they are far below any tolerance).
+    ``2**-64`` are counted as they are (they are far below any tolerance); ``-1`` (a failed GPU's empty slot)
+    holds nothing.
     """
     import math
 
@@ -216,13 +217,14 @@ def gpu_loads64(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.nd
         for e in row:
             count[e] = count.get(e, 0) + 1
         for gpu in range(num_gpus):
-            slots = row[gpu * per_gpu : (gpu + 1) * per_gpu]
+            slots = [e for e in row[gpu * per_gpu : (gpu + 1) * per_gpu] if e >= 0]  # -1: an empty slot
             out[layer, gpu] = math.fsum(float(weight[layer, e]) / count[e] for e in slots)
     return out
 
 
 def moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``[L]``: per layer, the ``(expert, GPU)`` pairs of ``new`` that ``old`` lacks, counted as multisets."""
+    """``[L]``: per layer, the ``(expert, GPU)`` pairs of ``new`` that ``old`` lacks, counted as multisets
+    (``-1``, a failed GPU's empty slot, holds nothing and receives nothing)."""
     from collections import Counter
 
     per_gpu = np.asarray(new).shape[1] // num_gpus
@@ -230,8 +232,8 @@ def moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
     for old_row, new_row in zip(np.asarray(old).tolist(), np.asarray(new).tolist(), strict=True):
         total = 0
         for gpu in range(num_gpus):
-            had = Counter(old_row[gpu * per_gpu : (gpu + 1) * per_gpu])
-            has = Counter(new_row[gpu * per_gpu : (gpu + 1) * per_gpu])
+            had = Counter(e for e in old_row[gpu * per_gpu : (gpu + 1) * per_gpu] if e >= 0)  # -1: empty
+            has = Counter(e for e in new_row[gpu * per_gpu : (gpu + 1) * per_gpu] if e >= 0)
             total += sum((has - had).values())
         out.append(total)
     return np.array(out, dtype=np.int64)
@@ -391,41 +393,8 @@ def elastic(weight: np.ndarray, num_phy: int, num_groups: int, num_nodes: int, n
 # ---------------------------------------------------------------- active_gpus with previous=
 
 
-def live_loads64(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
-    """:func:`gpu_loads64` where ``-1`` slots (failed GPUs) hold nothing: ``[L, G]`` float64, 0 on empty GPUs."""
-    import math
-
-    weight = np.asarray(weight, dtype=np.float64)
-    out = np.zeros((len(phy2log), num_gpus))
-    per_gpu = phy2log.shape[1] // num_gpus
-    for layer, row in enumerate(np.asarray(phy2log).tolist()):
-        count: dict[int, int] = {}
-        for e in row:
-            count[e] = count.get(e, 0) + 1
-        for gpu in range(num_gpus):
-            slots = [e for e in row[gpu * per_gpu : (gpu + 1) * per_gpu] if e >= 0]
-            out[layer, gpu] = math.fsum(float(weight[layer, e]) / count[e] for e in slots)
-    return out
-
-
-def live_moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
-    """:func:`moves` counting only experts (``new``'s ``-1`` slots receive nothing; ``old``'s hold nothing)."""
-    from collections import Counter
-
-    per_gpu = np.asarray(new).shape[1] // num_gpus
-    out = []
-    for old_row, new_row in zip(np.asarray(old).tolist(), np.asarray(new).tolist(), strict=True):
-        total = 0
-        for gpu in range(num_gpus):
-            had = Counter(e for e in old_row[gpu * per_gpu : (gpu + 1) * per_gpu] if e >= 0)
-            has = Counter(e for e in new_row[gpu * per_gpu : (gpu + 1) * per_gpu] if e >= 0)
-            total += sum((has - had).values())
-        out.append(total)
-    return np.array(out, dtype=np.int64)
-
-
 def best_relabel_moves(old: np.ndarray, new: np.ndarray, live, num_gpus: int) -> np.ndarray:
-    """``[L]``: the fewest :func:`live_moves` of ``new`` over permutations of the live GPUs among themselves
+    """``[L]``: the fewest :func:`moves` of ``new`` over permutations of the live GPUs among themselves
     (each live GPU's contents moved whole to a live position; scipy's assignment solver, no eplb code)."""
     from collections import Counter
 
@@ -441,3 +410,38 @@ def best_relabel_moves(old: np.ndarray, new: np.ndarray, live, num_gpus: int) ->
         rows, cols = linear_sum_assignment(cost)
         out.append(int(cost[rows, cols].sum()))
     return np.array(out, dtype=np.int64)
+
+
+def plan_arrays_reference(plan, capacity=None):
+    """``eplb.executors.jax.plan_arrays`` as its original loop, one Python iteration per plan row (the oracle of
+    the vectorised one, and the "before" of benchmarks/executors_jax.py)."""
+    import numpy as np
+
+    from eplb.executors.jax import PlanArrays
+
+    num_gpus, per_gpu, num_layers = plan.num_gpus, plan.slots_per_gpu, plan.num_layers
+    remote = np.flatnonzero(plan.remote)
+    pairs = plan.src_gpu[remote] * num_gpus + plan.dst_gpu[remote]
+    need = int(np.bincount(pairs, minlength=num_gpus * num_gpus).max(initial=0))
+    capacity = max(need, 1) if capacity is None else int(capacity)
+    flat = num_layers * per_gpu
+    send = np.zeros((num_gpus, num_gpus, capacity), dtype=np.int32)
+    row = np.full((num_gpus, num_gpus, capacity), -1, dtype=np.int32)
+    gather = np.tile(np.arange(flat, dtype=np.int32), (num_gpus, 1))
+    second = gather.copy()
+    used = np.zeros((num_gpus, num_gpus), dtype=np.int64)
+    for i in range(len(plan)):
+        layer, src, dst, stage = int(plan.layer[i]), int(plan.src_gpu[i]), int(plan.dst_gpu[i]), int(plan.stage[i])
+        target = layer * per_gpu + int(plan.dst_slot[i])
+        source = layer * per_gpu + int(plan.src_slot[i])
+        if stage == 1:
+            second[dst, target] = source
+        elif src == dst:
+            gather[dst, target] = source
+        else:
+            k = used[src, dst]
+            used[src, dst] += 1
+            send[src, dst, k] = source
+            row[dst, src, k] = i
+            gather[dst, target] = flat + src * capacity + k
+    return PlanArrays(send, gather, second, row)

@@ -400,10 +400,10 @@ def _check_previous_promise(w, r, gpus, mask, previous, tolerance, got):
     _check_valid(got, w, r, gpus, mask)
     fresh = oracle.elastic(w, r, 1, 1, gpus, mask)
     np.testing.assert_array_equal(got[2], fresh[2])  # the same replica counts
-    peak = oracle.live_loads64(w, got[0], gpus).max(axis=1)
-    fresh_peak = oracle.live_loads64(w, fresh[0], gpus).max(axis=1)
+    peak = oracle.gpu_loads64(w, got[0], gpus).max(axis=1)
+    fresh_peak = oracle.gpu_loads64(w, fresh[0], gpus).max(axis=1)
     assert (peak <= fresh_peak * (1 + (tolerance or 0.0)) * _slack(r, gpus)).all(), (peak, fresh_peak)
-    moved = oracle.live_moves(previous, got[0], gpus)
+    moved = oracle.moves(previous, got[0], gpus)
     assert (moved <= oracle.best_relabel_moves(previous, fresh[0], mask, gpus)).all()
     return moved
 
@@ -544,7 +544,7 @@ def test_previous_moves_less_than_the_fresh_placement():
     got = eplb.rebalance_experts(w, 128, 1, 1, 16, previous=previous, active_gpus=mask)
     moved = _check_previous_promise(w, 128, 16, mask, previous, None, got)
     fresh = eplb.rebalance_experts(w, 128, 1, 1, 16, active_gpus=mask).phy2log
-    assert moved.sum() < oracle.live_moves(previous, fresh, 16).sum()
+    assert moved.sum() < oracle.moves(previous, fresh, 16).sum()
     assert moved.sum() <= oracle.best_relabel_moves(previous, fresh, mask, 16).sum()
 
 
@@ -605,7 +605,7 @@ def test_previous_then_plan_transfers():
     assert not np.isin(plan.dst_gpu, [3, 4]).any() and not np.isin(plan.src_gpu, [3, 4]).any()
     assert plan.reloads.sum() == len({(layer, g, e) for layer, e in lost for g in range(gpus)
                                       if e in new[layer, g * 4 : (g + 1) * 4].tolist()})  # fmt: skip
-    moved = oracle.live_moves(old, new, gpus)
+    moved = oracle.moves(old, new, gpus)
     assert (plan.remote_copies + plan.reloads <= moved).all()
 
 

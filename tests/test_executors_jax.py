@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from . import oracle
+
 pytest.importorskip("jax")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -423,40 +425,6 @@ def test_bug_while_tracing_is_not_a_transfer_error(report):
 # plan_arrays against the per-row loop it replaced (in this process: plan_arrays is numpy only).
 
 
-def _plan_arrays_loop(plan, capacity=None):
-    """The original loop of ``plan_arrays``, kept as the oracle."""
-    import numpy as np
-
-    from eplb.executors.jax import PlanArrays
-
-    num_gpus, per_gpu, num_layers = plan.num_gpus, plan.slots_per_gpu, plan.num_layers
-    remote = np.flatnonzero(plan.remote)
-    pairs = plan.src_gpu[remote] * num_gpus + plan.dst_gpu[remote]
-    need = int(np.bincount(pairs, minlength=num_gpus * num_gpus).max(initial=0))
-    capacity = max(need, 1) if capacity is None else int(capacity)
-    flat = num_layers * per_gpu
-    send = np.zeros((num_gpus, num_gpus, capacity), dtype=np.int32)
-    row = np.full((num_gpus, num_gpus, capacity), -1, dtype=np.int32)
-    gather = np.tile(np.arange(flat, dtype=np.int32), (num_gpus, 1))
-    second = gather.copy()
-    used = np.zeros((num_gpus, num_gpus), dtype=np.int64)
-    for i in range(len(plan)):
-        layer, src, dst, stage = int(plan.layer[i]), int(plan.src_gpu[i]), int(plan.dst_gpu[i]), int(plan.stage[i])
-        target = layer * per_gpu + int(plan.dst_slot[i])
-        source = layer * per_gpu + int(plan.src_slot[i])
-        if stage == 1:
-            second[dst, target] = source
-        elif src == dst:
-            gather[dst, target] = source
-        else:
-            k = used[src, dst]
-            used[src, dst] += 1
-            send[src, dst, k] = source
-            row[dst, src, k] = i
-            gather[dst, target] = flat + src * capacity + k
-    return PlanArrays(send, gather, second, row)
-
-
 def _placement(rng, layers, experts, slots):
     import numpy as np
 
@@ -497,7 +465,7 @@ def test_plan_arrays_matches_the_loop_on_random_and_degenerate_plans():
     assert any(p.slots_per_gpu == 1 and len(p) for p in plans) and any((p.stage == 1).any() for p in plans)
     for plan in plans:
         for capacity in (None, 9):
-            got, want = plan_arrays(plan, capacity), _plan_arrays_loop(plan, capacity)
+            got, want = plan_arrays(plan, capacity), oracle.plan_arrays_reference(plan, capacity)
             for name, a, b in zip(got._fields, got, want, strict=True):
                 assert a.dtype == b.dtype and a.shape == b.shape, name
                 np.testing.assert_array_equal(a, b, err_msg=name)
@@ -522,7 +490,7 @@ def test_plan_arrays_matches_the_loop_on_hand_made_plans():
         src = np.where(stage == 1, dst, rng.integers(0, gpus, count))
         columns = [layer, rng.integers(0, 9, count), src, rng.integers(0, per_gpu, count), dst, dst_slot, stage]
         plan = TransferPlan(*[np.asarray(c, dtype=np.int64) for c in columns], int(layers), int(gpus), 1, int(per_gpu))
-        got, want = plan_arrays(plan), _plan_arrays_loop(plan)
+        got, want = plan_arrays(plan), oracle.plan_arrays_reference(plan)
         for name, a, b in zip(got._fields, got, want, strict=True):
             np.testing.assert_array_equal(a, b, err_msg=name)
 

@@ -466,7 +466,8 @@ def begin(
         device = tensors[0].device
         options = {"transport": transport, "on_transfer": on_transfer, "in_place": in_place, "verify": verify}
         _check(plan, tensors, world, {**options, "stream": stream})
-        layout = _layout(plan, rank, world, _layer_mask(plan, layers))
+        mask = _layer_mask(plan, layers)
+        layout = _layout(plan, rank, world, mask)
         clock = _clock.lap("layout (host)", clock)
         if device.type == "cuda":
             side = stream if stream is not None else _side_stream(device)
@@ -510,7 +511,7 @@ def begin(
         _message_rows=[state["first_received"]] * len(state["exchanges"]) + [row for *_, row in messages],
         _failure=failure, _rank=rank, _world=world, _vote_group=vote_group, _vote_on=vote_on,
         _in_place=in_place, _on_transfer=on_transfer, _device=device, _stream=side, _event=event,
-        layers=tuple(int(i) for i in np.flatnonzero(_layer_mask(plan, layers))),
+        layers=tuple(int(i) for i in np.flatnonzero(mask)),
     )  # fmt: skip
 
 
