@@ -1,0 +1,321 @@
+"""The torch executor on one GPU: device copy and checksum bandwidth, host time per message, overlap.
+
+    python benchmarks/executors_gpu.py [--layers 4] [--runs 10] [--hidden 7168] [--inter 2048] [--slots 9]
+
+Weights are DeepSeek-V3-shaped by default (``w13 [L, s, 2I, H]``, ``w2 [L, s, H, I]`` bf16, 88 MB per
+expert, ``s = 9`` slots per GPU as at 288 slots / 32 GPUs). Every figure is the median of ``--runs`` warm runs,
+device-synchronised. Parts, each in its own process (one default process group each):
+
+- ``bandwidth``: a plain ``copy_`` of the same bytes (the card's device-to-device copy, counted as bytes read
+  plus written), the executor's primitives (the staging gather ``index_select``, the commit scatter
+  ``index_copy_``, the checksum ``_word_sums``) on the moved rows, and ``apply_plan`` end to end on one rank
+  (a world of 1: every copy is local) for a plan that moves every slot of ``--layers`` layers. The executor
+  reads and writes each moved byte twice (staging, then the commit that keeps the all-or-nothing guarantee).
+- ``messages``: host time of :func:`eplb.executors.torch.begin` per message, on rank 0 of a world of 8 run by
+  torch's fake process group (no data moves: what is left is eplb's own Python and the launches), for the
+  real DeepSeek-V3 plan between two SGLang files (288 slots / 8 GPUs), large experts (every copy its own
+  message), with and without checksums.
+- ``overlap``: a synthetic forward (bf16 matmuls) on the current stream, alone and while one layer's moves
+  run on the side stream (``begin`` before the forward, ``finish`` after; votes on a gloo group so that they
+  never wait for the GPU).
+
+On a machine without CUDA it runs on the CPU (gloo) with small shapes, to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = Path(os.environ.get("EPLB_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn, runs: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(runs):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _weights(layers: int, slots: int, hidden: int, inter: int, device):
+    import torch
+
+    def make(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.float32).to(torch.bfloat16)
+
+    return {"w13": make(layers, slots, 2 * inter, hidden), "w2": make(layers, slots, hidden, inter)}
+
+
+def _init_world_of_one(backend: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    kwargs = {"device_id": torch.device("cuda", 0)} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, **kwargs)
+
+
+def part_bandwidth(args) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    import eplb
+    from eplb.executors import torch as executor
+
+    device = _device()
+    _init_world_of_one("nccl" if device.type == "cuda" else "gloo")
+    weights = _weights(args.layers, args.slots, args.hidden, args.inter, device)
+    slot_bytes = sum(t[0, 0].numel() * t.element_size() for t in weights.values())
+    moved = args.layers * args.slots * slot_bytes
+    out = {"slot_bytes": slot_bytes, "moved_bytes": moved, "device": torch.cuda.get_device_name(0)
+           if device.type == "cuda" else "cpu"}  # fmt: skip
+
+    # The card's copy: the same bytes, one copy_ per tensor (GB/s of bytes read + written).
+    copies = {k: torch.empty_like(t) for k, t in weights.items()}
+    ms = _median_ms(lambda: [copies[k].copy_(t) for k, t in weights.items()], args.runs)
+    out["copy_"] = {"ms": ms, "GBps": 2 * moved / ms / 1e6}
+
+    flats = {k: t.view(-1, *t.shape[2:]) for k, t in weights.items()}
+    n = args.layers * args.slots
+    order = torch.as_tensor(np.random.default_rng(0).permutation(n), device=device)
+    staged = {k: torch.empty_like(f) for k, f in flats.items()}
+    ms = _median_ms(lambda: [torch.index_select(f, 0, order, out=staged[k]) for k, f in flats.items()], args.runs)
+    out["index_select (stage)"] = {"ms": ms, "GBps": 2 * moved / ms / 1e6}
+    ms = _median_ms(lambda: [copies[k].view_as(f).index_copy_(0, order, staged[k]) for k, f in flats.items()],
+                    args.runs)  # fmt: skip
+    out["index_copy_ (commit)"] = {"ms": ms, "GBps": 2 * moved / ms / 1e6}
+    ms = _median_ms(lambda: [executor._word_sums(f) for f in flats.values()], args.runs)
+    out["_word_sums (checksum, bytes read)"] = {"ms": ms, "GBps": moved / ms / 1e6}
+    # Checksums of the large-expert path, one row at a time as the senders do (launch-bound per row).
+    rows = list(range(min(n, 16)))
+    ms = _median_ms(lambda: [torch.stack([executor._word_sums(f[r : r + 1])[0] for r in rows]) for f in flats.values()],
+                    args.runs)  # fmt: skip
+    out["_word_sums per row (16 rows, bytes read)"] = {"ms": ms, "GBps": len(rows) * slot_bytes / ms / 1e6}
+
+    # apply_plan on a world of one: every slot of every layer gets another expert, all copies local.
+    old = np.tile(np.arange(args.slots), (args.layers, 1))
+    new = np.roll(old, 1, axis=1)
+    forward = eplb.plan_transfers(old, new, num_gpus=1)
+    backward = eplb.plan_transfers(new, old, num_gpus=1)
+    state = {"i": 0}
+
+    def move():
+        plan = (forward, backward)[state["i"] % 2]
+        state["i"] += 1
+        executor.apply_plan(plan, weights)
+
+    ms = _median_ms(move, args.runs)
+    out["apply_plan, world of 1"] = {"ms": ms, "GBps": 4 * moved / ms / 1e6, "copies": int(len(forward.layer))}
+    laps: dict[str, float] = {}
+    executor._clock.laps = laps
+    runs = args.runs
+    for _ in range(runs):
+        move()
+        _sync()
+    executor._clock.laps = None
+    out["apply_plan host laps (ms per call)"] = {k: v * 1e3 / runs for k, v in laps.items()}
+    dist.destroy_process_group()
+    return out
+
+
+def _deepseek_plan(world: int, layers: int):
+    import eplb
+
+    files = sorted((DATA / "deepseek-v3-sglang").glob("*.json"))
+    loads = [np.asarray(json.loads(f.read_text())["logical_count"], dtype=np.float64) for f in files[:2]]
+    old, new = (np.asarray(eplb.rebalance_experts(load, 288, 8, 1, world).phy2log)[-layers:] for load in loads)
+    return eplb.plan_transfers(old, new, num_gpus=world)
+
+
+def part_messages(args) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import eplb
+    from eplb.executors import torch as executor
+
+    world, layers = 8, 2
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    device = _device()
+    plan = _deepseek_plan(world, layers)
+    weights = _weights(layers, 288 // world, args.hidden, args.inter, device)
+    out = {"world": world, "layers": layers}
+    for verify in (False, True):
+        laps: dict[str, float] = {}
+        counts = []
+
+        def once(verify=verify):
+            pending = executor.begin(plan, weights, verify=verify, in_place=False)
+            counts.append(len(pending._works) if pending._works else len(pending._message_rows))
+            try:
+                pending.finish()
+            except eplb.TransferError:  # fake receives hold garbage: the checksums must disagree
+                pass
+
+        for _ in range(2):
+            once()
+        _sync()
+        executor._clock.laps = laps
+        times = []
+        for _ in range(args.runs):
+            _sync()
+            start = time.perf_counter()
+            pending = executor.begin(plan, weights, verify=verify, in_place=False)
+            times.append(time.perf_counter() - start)
+            messages = len(pending._message_rows)
+            try:
+                pending.finish()
+            except eplb.TransferError:
+                pass
+            _sync()
+        executor._clock.laps = None
+        begin_ms = statistics.median(times) * 1e3
+        out[f"verify={verify}"] = {
+            "messages": messages,
+            "begin ms": begin_ms,
+            "begin us per message": begin_ms * 1e3 / max(messages, 1),
+            "post us per message": laps.get("post messages", 0.0) / args.runs * 1e6 / max(messages, 1),
+            "laps ms per call": {k: v * 1e3 / args.runs for k, v in laps.items()},
+        }
+    del torch
+    dist.destroy_process_group()
+    return out
+
+
+def part_overlap(args) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from eplb.executors import torch as executor
+
+    device = _device()
+    _init_world_of_one("nccl" if device.type == "cuda" else "gloo")
+    votes = dist.new_group(backend="gloo")
+    weights = _weights(1, args.slots, args.hidden, args.inter, device)  # one layer
+    import eplb
+
+    old = np.arange(args.slots)[None]
+    plans = [eplb.plan_transfers(old, np.roll(old, 1, axis=1), num_gpus=1),
+             eplb.plan_transfers(np.roll(old, 1, axis=1), old, num_gpus=1)]  # fmt: skip
+    size = args.matmul
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+
+    def forward():
+        x = a
+        for _ in range(args.steps):
+            x = torch.mm(x, b)
+            x = x / x.abs().amax().clamp_min(1)  # keep values finite; a second kernel per step like a layer's
+        return x
+
+    def timed_forward(work_before=None, work_after=None) -> float:
+        _sync()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        pending = work_before() if work_before else None
+        if device.type == "cuda":
+            start.record()
+        t0 = time.perf_counter()
+        forward()
+        if device.type == "cuda":
+            end.record()
+        if work_after:
+            work_after(pending)
+        _sync()
+        return start.elapsed_time(end) if device.type == "cuda" else (time.perf_counter() - t0) * 1e3
+
+    state = {"i": 0}
+
+    def begin():
+        plan = plans[state["i"] % 2]
+        state["i"] += 1
+        return executor.begin(plan, weights, vote_group=votes)
+
+    for _ in range(3):
+        timed_forward()
+        timed_forward(begin, lambda p: p.finish())
+    alone = statistics.median(timed_forward() for _ in range(args.runs))
+    together = statistics.median(timed_forward(begin, lambda p: p.finish()) for _ in range(args.runs))
+    moves = _median_ms(lambda: executor.apply_plan(plans[0], weights, vote_group=votes), args.runs)
+    slot_bytes = sum(t[0, 0].numel() * t.element_size() for t in weights.values())
+    dist.destroy_process_group()
+    return {
+        "forward alone ms": alone,
+        "forward with one layer's moves on the side stream ms": together,
+        "slowdown": together / alone - 1,
+        "moves alone (apply_plan) ms": moves,
+        "layer bytes moved": slot_bytes * args.slots,
+    }
+
+
+PARTS = {"bandwidth": part_bandwidth, "messages": part_messages, "overlap": part_overlap}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--slots", type=int, default=9)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--inter", type=int, default=2048)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--matmul", type=int, default=8192, help="forward: square bf16 matmuls of this size")
+    parser.add_argument("--steps", type=int, default=8, help="forward: matmuls per forward")
+    parser.add_argument("--part", choices=sorted(PARTS), help="run one part in this process")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if args.part:
+        print(json.dumps(PARTS[args.part](args)))
+        return
+    results = {}
+    for name in PARTS:
+        cmd = [sys.executable, __file__, "--part", name, *sys.argv[1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            print(f"{name}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
+            results[name] = {"error": done.stderr[-500:]}
+            continue
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"== {name}\n{json.dumps(results[name], indent=1)}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
