@@ -145,6 +145,11 @@ def _checked_previous(
                 f"previous must hold expert ids in [0, {weight.shape[1]})"
                 + (" or -1 (an empty slot)" if allow_empty else "")
                 + f", got values from {values.min()} to {values.max()}"
+                + (
+                    " (-1 marks an empty slot: pass active_gpus=, all True after a scale-up, to plan from it)"
+                    if values.min() == -1 and not allow_empty
+                    else ""
+                )
             )
         if values is not None and max_moves is not None:
             _validate.check_previous_placement(values, weight.shape[1], num_groups, num_nodes, hierarchical)

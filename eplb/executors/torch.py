@@ -6,7 +6,8 @@ tensor. A migration of some layers runs in three steps:
 
 1. *prepare* (:func:`begin`): check the arguments, allocate one staging
    buffer per tensor for every slot this rank writes, make the local copies
-   into it (one gather per tensor), and agree that every rank is ready (one
+   into it (one gather per tensor), read the lost experts of a plan with
+   reload rows into it (``load_expert``), and agree that every rank is ready (one
    ``all_reduce``) before any data moves;
 2. *transfer* (:func:`begin`, asynchronous): every copy between two ranks is
    posted at once with ``batch_isend_irecv`` (or one ``all_to_all_single``
@@ -145,8 +146,11 @@ def _check(plan: Any, tensors: list[torch.Tensor], world: int, options: dict[str
     for name in ("in_place", "verify"):
         if not isinstance(options[name], bool | np.bool_):  # numpy bools count as bools, as everywhere in eplb
             raise TypeError(f"{name} must be a bool, got {type(options[name]).__name__}")
-    if plan.num_gpus != world:
-        raise ValueError(f"the plan is for {plan.num_gpus} GPUs but the process group has {world} ranks")
+    if options["ranks"] is None and plan.num_gpus != world:
+        raise ValueError(
+            f"the plan is for {plan.num_gpus} GPUs but the process group has {world} ranks (pass ranks= to say "
+            f"which rank holds which GPU, -1 for a GPU without a process)"
+        )
     expected = (plan.num_layers, plan.slots_per_gpu)
     for i, tensor in enumerate(tensors):
         if tuple(tensor.shape[:2]) != expected:
@@ -164,6 +168,47 @@ def _check(plan: Any, tensors: list[torch.Tensor], world: int, options: dict[str
             raise TypeError(f"stream must be a torch.cuda.Stream or None, got {type(stream).__name__}")
         if tensors[0].device.type != "cuda":
             raise ValueError(f"stream is for CUDA weights; these are on {tensors[0].device}")
+
+
+def _rank_of_gpu(plan: TransferPlan, ranks: Any, world: int, mask: np.ndarray) -> np.ndarray:
+    """``[G]`` int64: the group rank of each plan GPU (``ranks``; default the identity, ``G == world``)."""
+    if ranks is None:  # _check made sure that plan.num_gpus == world
+        return np.arange(world, dtype=np.int64)
+    if isinstance(ranks, str | bytes) or not isinstance(ranks, Sequence | np.ndarray):
+        raise TypeError(
+            f"ranks must be a sequence of ints (one per GPU of the plan) or None, got {type(ranks).__name__}"
+        )
+    values = list(ranks)
+    if any(isinstance(r, bool | np.bool_) or not isinstance(r, int | np.integer) for r in values):
+        raise TypeError(f"ranks must hold ints, got {values}")
+    rank_of_gpu = np.asarray(values, dtype=np.int64).reshape(-1)
+    if len(rank_of_gpu) != plan.num_gpus:
+        raise ValueError(f"ranks must have one entry per GPU of the plan ({plan.num_gpus}), got {len(rank_of_gpu)}")
+    live = rank_of_gpu[rank_of_gpu >= 0]
+    if (rank_of_gpu < -1).any() or sorted(live.tolist()) != list(range(world)):
+        raise ValueError(
+            f"ranks must name every rank of the group (0 .. {world - 1}) once and -1 for GPUs without a "
+            f"process, got {values}"
+        )
+    chosen = mask[plan.layer]
+    dead = (rank_of_gpu[plan.dst_gpu] < 0) | ((plan.src_gpu >= 0) & (rank_of_gpu[np.maximum(plan.src_gpu, 0)] < 0))
+    if (chosen & dead).any():
+        row = int(np.flatnonzero(chosen & dead)[0])
+        raise ValueError(f"ranks: plan row {row} {plan.row(row)} reads or writes a GPU without a process (rank -1)")
+    return rank_of_gpu
+
+
+def _check_reloads(plan: Any, load_expert: Any) -> None:
+    """A plan with reload rows needs a callable ``load_expert`` (the same answer on every rank: no vote)."""
+    if load_expert is not None and not callable(load_expert):
+        raise TypeError(f"load_expert must be callable or None, got {type(load_expert).__name__}")
+    if isinstance(plan, TransferPlan) and plan.reload.any() and load_expert is None:
+        rows = np.flatnonzero(plan.reload)
+        raise ValueError(
+            f"plan has {len(rows)} reload rows (src_gpu == -1: experts no surviving GPU holds, from "
+            f"plan_transfers(..., allow_reload=True), first: {plan.row(int(rows[0]))}); pass "
+            f"load_expert=(layer, expert) -> that expert's weights to read them from a checkpoint"
+        )
 
 
 def _layer_mask(plan: TransferPlan, layers: Any) -> np.ndarray:
@@ -188,46 +233,53 @@ def _layer_mask(plan: TransferPlan, layers: Any) -> np.ndarray:
 class _Layout(NamedTuple):
     """This rank's share of a plan restricted to some layers (host arrays; flat slot = ``layer * R/G + slot``).
 
-    The staging rows are, in order: local stage-0 copies (plan order), copies received from each peer (by
-    peer, plan order within), second copies (stage 1). ``staged_rows [n]`` are their plan rows,
-    ``commit_dst [n]`` their flat destination slots.
+    The staging rows are, in order: local stage-0 copies (plan order), reloads (plan order), copies received
+    from each peer (by peer, plan order within), second copies (stage 1). ``staged_rows [n]`` are their plan
+    rows, ``commit_dst [n]`` their flat destination slots.
     """
 
     staged_rows: np.ndarray
     commit_dst: np.ndarray
     local_src: np.ndarray  # [n_local] flat source slots
+    reload_rows: np.ndarray  # [n_reload] plan rows filled by load_expert (staging rows n_local ...)
     received_from: np.ndarray  # [world + 1] offsets of each peer's copies among the staging rows
     second_src: np.ndarray  # [n_second] staging rows they copy
     sent_rows: list[np.ndarray]  # per peer: plan rows this rank sends, plan order
     sent_src: list[np.ndarray]  # per peer: their flat source slots
 
 
-def _layout(plan: TransferPlan, rank: int, world: int, mask: np.ndarray) -> _Layout:
+def _layout(plan: TransferPlan, rank: int, world: int, mask: np.ndarray, rank_of_gpu: np.ndarray) -> _Layout:
+    """This rank's share of the chosen layers' rows; peers are group ranks (``rank_of_gpu [G]`` maps the plan's
+    GPUs onto them), so a plan over GPUs without a process (``-1``, no rows) moves between the others."""
     per_gpu = plan.slots_per_gpu
     chosen = mask[plan.layer]
     remote = plan.remote
-    mine = chosen & (plan.dst_gpu == rank)
-    local = np.flatnonzero(mine & ~remote & (plan.stage == 0))
+    src_rank = np.where(plan.src_gpu >= 0, rank_of_gpu[plan.src_gpu], -1)  # reload rows: no source
+    dst_rank = rank_of_gpu[plan.dst_gpu]
+    mine = chosen & (dst_rank == rank)
+    reload = plan.reload
+    local = np.flatnonzero(mine & ~remote & ~reload & (plan.stage == 0))
+    reloaded = np.flatnonzero(mine & reload)
     received = np.flatnonzero(mine & remote)
-    received = received[np.argsort(plan.src_gpu[received], kind="stable")]
+    received = received[np.argsort(src_rank[received], kind="stable")]
     second = np.flatnonzero(mine & (plan.stage == 1))
-    staged = np.concatenate([local, received, second])
+    staged = np.concatenate([local, reloaded, received, second])
     commit_dst = plan.layer[staged] * per_gpu + plan.dst_slot[staged]
     where = np.full(plan.num_layers * per_gpu, -1, dtype=np.int64)
     where[commit_dst] = np.arange(len(staged))
-    first = len(local) + len(received)
+    first = len(local) + len(reloaded) + len(received)
     second_src = where[plan.layer[second] * per_gpu + plan.src_slot[second]]
     if ((second_src < 0) | (second_src >= first)).any():
         raise ValueError("plan: a stage-1 copy reads a slot that no stage-0 copy of its GPU writes")
-    counts = np.bincount(plan.src_gpu[received], minlength=world)
-    received_from = len(local) + np.concatenate([[0], np.cumsum(counts)])
-    outgoing = np.flatnonzero(chosen & remote & (plan.src_gpu == rank))
-    outgoing = outgoing[np.argsort(plan.dst_gpu[outgoing], kind="stable")]
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(plan.dst_gpu[outgoing], minlength=world))])
+    counts = np.bincount(src_rank[received], minlength=world)
+    received_from = len(local) + len(reloaded) + np.concatenate([[0], np.cumsum(counts)])
+    outgoing = np.flatnonzero(chosen & remote & (src_rank == rank))
+    outgoing = outgoing[np.argsort(dst_rank[outgoing], kind="stable")]
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(dst_rank[outgoing], minlength=world))])
     sent_rows = [outgoing[bounds[p] : bounds[p + 1]] for p in range(world)]
     sent_src = [plan.layer[rows] * per_gpu + plan.src_slot[rows] for rows in sent_rows]
-    return _Layout(staged, commit_dst, plan.layer[local] * per_gpu + plan.src_slot[local], received_from,
-                   second_src, sent_rows, sent_src)  # fmt: skip
+    return _Layout(staged, commit_dst, plan.layer[local] * per_gpu + plan.src_slot[local], reloaded,
+                   received_from, second_src, sent_rows, sent_src)  # fmt: skip
 
 
 def _word_sums(rows: torch.Tensor) -> torch.Tensor:
@@ -430,6 +482,8 @@ def begin(
     on_transfer: Callable[[int], None] | None = None,
     transport: str = "p2p",
     stream: torch.cuda.Stream | None = None,
+    load_expert: Callable[[int, int], Any] | None = None,
+    ranks: Sequence[int] | None = None,
 ) -> PendingTransfer:
     """Start moving the weights of ``layers`` as ``plan`` says; returns at once with a :class:`PendingTransfer`.
 
@@ -447,8 +501,7 @@ def begin(
     Only the preparation vote blocks here (one small ``all_reduce``, so that no rank sends into a rank that
     will not receive); everything after it is queued (CUDA) or runs in gloo's threads (CPU).
     """
-    if isinstance(plan, TransferPlan) and plan.reload.any():  # rows from plan_transfers(..., allow_reload=True)
-        raise ValueError("plan has reload rows (src_gpu == -1): a load_expert callback is not supported yet")
+    _check_reloads(plan, load_expert)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
         raise ValueError("this process is not a member of group")
@@ -465,16 +518,19 @@ def begin(
         tensors, rebuild = _flatten(weights)
         device = tensors[0].device
         options = {"transport": transport, "on_transfer": on_transfer, "in_place": in_place, "verify": verify}
-        _check(plan, tensors, world, {**options, "stream": stream})
+        _check(plan, tensors, world, {**options, "stream": stream, "ranks": ranks})
         mask = _layer_mask(plan, layers)
-        layout = _layout(plan, rank, world, mask)
+        layout = _layout(plan, rank, world, mask, _rank_of_gpu(plan, ranks, world, mask))
         clock = _clock.lap("layout (host)", clock)
         if device.type == "cuda":
             side = stream if stream is not None else _side_stream(device)
             side.wait_stream(torch.cuda.current_stream(device))  # the weights as the caller's stream left them
         with torch.cuda.stream(side) if side is not None else _Null(), torch.no_grad():
-            state = _stage(plan, tensors, layout, rank, world, transport, verify, device)
+            keys = list(weights) if isinstance(weights, Mapping) else None
+            state = _stage(plan, tensors, layout, rank, world, transport, verify, device, load_expert, keys)
         clock = _clock.lap("stage and pack", clock)
+    except _ReloadFailed as err:
+        failure = _Failure(err.row, err.error, True)
     except Exception as err:
         failure = _local(err)
     vote_on = _vote_device(vote_group) if device is None or vote_group is not group else device
@@ -524,14 +580,18 @@ def _stage(
     transport: str,
     verify: bool,
     device: torch.device,
+    load_expert: Callable[[int, int], Any] | None,
+    keys: list[Any] | None,
 ) -> dict[str, Any]:
-    """Staging buffers with the local copies made, and the messages to post (send buffers are views of the
-    weights or packed gathers; receive buffers are views of the staging rows)."""
+    """Staging buffers with the local copies made and the lost experts reloaded, and the messages to post (send
+    buffers are views of the weights or packed gathers; receive buffers are views of the staging rows)."""
     flats = [t.view(-1, *t.shape[2:]) for t in tensors]
     staged = [t.new_empty((len(layout.staged_rows), *t.shape[2:])) for t in tensors]
     local = torch.as_tensor(layout.local_src, device=device)
     for flat, buffer in zip(flats, staged, strict=True):
         torch.index_select(flat, 0, local, out=buffer[: len(local)])
+    for k, row in enumerate(layout.reload_rows.tolist(), start=len(local)):
+        _reload(plan, row, load_expert, tensors, [buffer[k] for buffer in staged], keys)
     offsets = layout.received_from
     sums_in = None
     if verify and offsets[-1] > offsets[0]:
@@ -585,6 +645,57 @@ def _stage(
             "first_received": first_received}  # fmt: skip
 
 
+class _ReloadFailed(Exception):
+    """``load_expert`` raised for plan row ``row`` (a transfer failure: every rank raises TransferError)."""
+
+    def __init__(self, row: int, error: BaseException):
+        super().__init__(row, error)
+        self.row, self.error = row, error
+
+
+def _reload(
+    plan: TransferPlan,
+    row: int,
+    load_expert: Callable[[int, int], Any] | None,
+    tensors: list[torch.Tensor],
+    rows: list[torch.Tensor],
+    keys: list[Any] | None,
+) -> None:
+    """Fill the staging ``rows`` (one per weight tensor) of reload row ``row`` with ``load_expert(layer, expert)``.
+
+    An exception of the callback is a transfer failure (:class:`_ReloadFailed`); a result of the wrong
+    structure, shape or dtype is a ``TypeError``/``ValueError`` of this rank (a caller's bug).
+    """
+    if load_expert is None:  # begin() refuses such plans first; kept for direct callers
+        raise ValueError(f"plan row {row} is a reload: pass load_expert=")
+    layer, expert = int(plan.layer[row]), int(plan.expert[row])
+    try:
+        loaded = load_expert(layer, expert)
+    except Exception as err:
+        raise _ReloadFailed(row, err) from err
+    try:
+        if keys is not None and isinstance(loaded, Mapping):  # a mapping's tensors by the weights' keys
+            missing = [k for k in keys if k not in loaded]
+            if missing or len(loaded) != len(keys):
+                raise ValueError(f"load_expert({layer}, {expert}) returned keys {list(loaded)}; weights has {keys}")
+            loaded = [loaded[k] for k in keys]
+        parts, _ = _flatten(loaded)
+    except TypeError:
+        raise TypeError(
+            f"load_expert({layer}, {expert}) must return the weights of one slot with the structure of weights "
+            f"(a tensor, or a sequence or mapping of tensors), got {type(loaded).__name__}"
+        ) from None
+    if len(parts) != len(tensors):
+        raise ValueError(f"load_expert({layer}, {expert}) returned {len(parts)} tensors; weights has {len(tensors)}")
+    for i, (part, tensor, dst) in enumerate(zip(parts, tensors, rows, strict=True)):
+        if tuple(part.shape) != tuple(tensor.shape[2:]) or part.dtype != tensor.dtype:
+            raise ValueError(
+                f"load_expert({layer}, {expert}) tensor {i} must be one slot of weights tensor {i}: shape "
+                f"{list(tensor.shape[2:])}, dtype {tensor.dtype}; got {list(part.shape)}, {part.dtype}"
+            )
+        dst.copy_(part, non_blocking=True)
+
+
 def _groups(plan: TransferPlan, tensors: list[torch.Tensor], mask: np.ndarray, cap: int | None) -> list[np.ndarray]:
     """The chosen layers in groups whose staging fits ``cap`` bytes on every rank (the same groups everywhere)."""
     chosen = np.flatnonzero(mask)
@@ -623,6 +734,8 @@ def apply_plan(
     max_staging_bytes: int | None = None,
     on_transfer: Callable[[int], None] | None = None,
     transport: str = "p2p",
+    load_expert: Callable[[int, int], Any] | None = None,
+    ranks: Sequence[int] | None = None,
 ) -> Any:
     """Move expert weights as ``plan`` says, on every rank of ``group`` (call it on all of them).
 
@@ -666,6 +779,24 @@ def apply_plan(
         ``all_to_all_single`` per weight tensor over the whole group (every
         rank takes part; NCCL runs collectives faster than point-to-point
         pairs over NVLink). Same result and failure handling.
+    load_expert : callable, optional
+        ``load_expert(layer, expert)`` returns the weights of one slot of
+        ``expert`` in ``layer`` (``weights``' structure, each tensor of
+        shape ``[...]`` and dtype of its weights tensor, on any device),
+        e.g. read from a checkpoint. Required when ``plan`` has reload rows
+        (``plan_transfers(..., allow_reload=True)``: experts whose every
+        replica was on failed GPUs); called on the destination rank of each
+        reload row while staging, and its result is committed with the
+        rest. An exception of the callback is a transfer failure (every rank
+        raises :class:`TransferError` naming that row, no weights change).
+    ranks : sequence of int, optional
+        The rank in ``group`` of each GPU of the plan, ``-1`` for a GPU
+        with no process (a failed one, or one that left); such a GPU must
+        have no rows in the layers moved (no source, no destination: plan
+        with ``old``/``new`` holding ``-1`` there). Default: GPU ``g`` is
+        rank ``g``, and the plan has as many GPUs as the group has ranks.
+        After a failure the survivors form a new group and pass, e.g.,
+        ``ranks=[0, -1, 1, 2]`` for GPU 1 lost of 4.
 
     Returns
     -------
@@ -684,7 +815,10 @@ def apply_plan(
         moved (empty without ``max_staging_bytes``).
     TypeError, ValueError
         Invalid arguments on this rank: ``plan`` not a :class:`TransferPlan`
-        or for another number of ranks, ``weights`` not tensors of shape
+        or for another number of ranks, or with reload rows but no
+        ``load_expert`` (every rank raises it, before anything moves), a
+        ``load_expert`` result of the wrong structure, shape or dtype,
+        ``weights`` not tensors of shape
         ``[L, R/G, ...]`` on one device, contiguous; ``layers``,
         ``transport``, ``on_transfer``, ``in_place``, ``verify``,
         ``max_staging_bytes`` invalid. Checked before anything is staged;
@@ -692,8 +826,7 @@ def apply_plan(
         raise :class:`TransferError`). Other exceptions of eplb's own code
         (bugs) behave the same. No weights change.
     """
-    if isinstance(plan, TransferPlan) and plan.reload.any():  # rows from plan_transfers(..., allow_reload=True)
-        raise ValueError("plan has reload rows (src_gpu == -1): a load_expert callback is not supported yet")
+    _check_reloads(plan, load_expert)
     if max_staging_bytes is not None:
         if isinstance(max_staging_bytes, bool | np.bool_) or not isinstance(max_staging_bytes, int | np.integer):
             raise TypeError(f"max_staging_bytes must be an int or None, got {type(max_staging_bytes).__name__}")
@@ -707,7 +840,8 @@ def apply_plan(
         groups = [layers]
     committed: list[int] = []
     out = weights
-    options = {"group": group, "vote_group": vote_group, "verify": verify, "on_transfer": on_transfer}
+    options = {"group": group, "vote_group": vote_group, "verify": verify, "on_transfer": on_transfer,
+               "load_expert": load_expert, "ranks": ranks}  # fmt: skip
     for chosen in groups:
         try:
             pending = begin(plan, out, layers=chosen, in_place=in_place or bool(committed), transport=transport,
