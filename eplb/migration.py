@@ -266,10 +266,21 @@ def plan_transfers(
         failed GPU's, from ``rebalance_experts(..., active_gpus=)``): in
         ``new_phy2log`` it receives nothing (no row), in ``old_phy2log`` it
         is no source.
+
+        A scale up or down: ``old_phy2log [L, R_old]`` may come from
+        another number of GPUs with the same slots per GPU
+        (``R_old = S * G_old``, ``S = R / num_gpus``); GPU ``g`` is the same
+        GPU on both sides. The plan then spans ``max(G_old, num_gpus)``
+        GPUs (its ``num_gpus``), the side without a GPU holding ``-1``
+        there: GPUs that leave send what they hold before they go, GPUs
+        that join receive.
     num_gpus : int, keyword-only
-        GPUs ``G``; ``R % G == 0``.
+        GPUs ``G`` of ``new_phy2log``; ``R % G == 0``.
     num_nodes : int, keyword-only
-        Nodes; ``G % num_nodes == 0``. Only used to prefer close sources.
+        Nodes of ``new_phy2log``; ``G % num_nodes == 0`` (across sizes, the
+        plan's GPUs must fill whole nodes of ``G / num_nodes`` GPUs, or all
+        be one node when ``num_nodes`` is 1). Only used to prefer close
+        sources.
     expert_bytes : int, optional, keyword-only
         Bytes of one expert's weights (all its matrices), for ``remote_bytes``.
     allow_reload : bool, keyword-only
@@ -332,7 +343,8 @@ def plan_transfers(
         ``num_groups, num_nodes, num_gpus``, so that a swapped pair cannot
         plan another layout).
     ValueError
-        Shapes differ or do not divide, an id is below -1, or ``new_phy2log``
+        The layers differ, sizes do not divide (across sizes: slots per GPU
+        differ), an id is below -1, or ``new_phy2log``
         needs an expert that ``old_phy2log`` does not hold in that layer
         (without ``allow_reload``).
 
@@ -345,22 +357,53 @@ def plan_transfers(
     """
     old = _host_placement("old_phy2log", old_phy2log, empty_ok=True)
     new = _host_placement("new_phy2log", new_phy2log, empty_ok=True)
-    if old.shape != new.shape:
-        raise ValueError(
-            f"old_phy2log and new_phy2log must have the same shape, got {list(old.shape)} and {list(new.shape)}"
-        )
     num_gpus = _validate.check_count("num_gpus", num_gpus)
     num_nodes = _validate.check_count("num_nodes", num_nodes)
-    num_layers, num_phy = old.shape
-    if num_phy % num_gpus:
-        raise ValueError(f"the number of slots {num_phy} must be a multiple of num_gpus={num_gpus}")
+    if old.shape[0] != new.shape[0]:
+        raise ValueError(
+            f"old_phy2log and new_phy2log must have the same number of layers, got {list(old.shape)} and "
+            f"{list(new.shape)}"
+        )
+    if new.shape[1] % num_gpus:
+        raise ValueError(f"the number of slots {new.shape[1]} must be a multiple of num_gpus={num_gpus}")
     if num_gpus % num_nodes:
         raise ValueError(f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes}")
+    if old.shape != new.shape:  # a scale up or down: the same slots per GPU, GPU g the same on both sides
+        old, new, num_gpus, num_nodes = _pad_to_one_size(old, new, num_gpus, num_nodes)
+    num_layers, num_phy = old.shape
     if expert_bytes is not None:
         expert_bytes = _validate.check_count("expert_bytes", expert_bytes)
     allow_reload = _validate.check_flag("allow_reload", allow_reload)
     columns = _plan_columns(old, new, num_gpus, num_nodes, bool(allow_reload))
     return TransferPlan(*columns, num_layers, num_gpus, num_nodes, num_phy // num_gpus, expert_bytes)
+
+
+def _pad_to_one_size(
+    old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """``old [L, S * G_old]`` and ``new [L, S * G_new]`` padded with empty slots (``-1``) to ``max(G_old, G_new)``
+    GPUs of ``S`` slots (``S`` from ``new``), in nodes of ``G_new / num_nodes`` GPUs (one node if ``num_nodes`` is
+    1)."""
+    per_gpu, per_node = new.shape[1] // num_gpus, num_gpus // num_nodes
+    if old.shape[1] % per_gpu:
+        raise ValueError(
+            f"old_phy2log has {old.shape[1]} slots and new_phy2log {new.shape[1]}: placements of different sizes "
+            f"(a scale up or down) must have the same slots per GPU, new_phy2log's {per_gpu} (num_gpus={num_gpus})"
+        )
+    total = max(old.shape[1], new.shape[1]) // per_gpu
+    if num_nodes == 1:  # one node: every GPU of the plan on it
+        per_node = total
+    if total % per_node:
+        raise ValueError(
+            f"a plan across sizes spans {total} GPUs, not a whole number of nodes of {per_node} GPUs "
+            f"(num_gpus={num_gpus} / num_nodes={num_nodes})"
+        )
+
+    def padded(phy2log: np.ndarray) -> np.ndarray:
+        empty = np.full((phy2log.shape[0], total * per_gpu - phy2log.shape[1]), -1, dtype=phy2log.dtype)
+        return np.concatenate([phy2log, empty], axis=1)
+
+    return padded(old), padded(new), total, total // per_node
 
 
 def _plan_columns(

@@ -355,7 +355,9 @@ def test_spread_not_worse_than_the_sequential_greedy(seed, experts, gpus, nodes)
 @pytest.mark.parametrize(
     ("old", "new", "sizes", "error", "match"),
     [
-        ([[0, 1]], [[0, 1, 2, 3]], {"num_gpus": 2}, ValueError, "same shape"),
+        ([[0, 1, 2]], [[0, 1, 2, 3]], {"num_gpus": 2}, ValueError, "same slots per GPU, new_phy2log's 2"),
+        ([[0, 1], [0, 1]], [[0, 1, 0, 1]], {"num_gpus": 2}, ValueError, "same number of layers"),
+        ([[0, 1, 2, 3, 0]], [[0, 1, 2, 3]], {"num_gpus": 4, "num_nodes": 2}, ValueError, "5 GPUs, not a whole number"),
         ([[0, 1, 2]], [[0, 1, 2]], {"num_gpus": 2}, ValueError, "multiple of num_gpus=2"),
         ([[0, 1, 2, 3]], [[0, 1, 2, 3]], {"num_gpus": 4, "num_nodes": 3}, ValueError, "multiple of num_nodes=3"),
         ([[0, 1, 2, 3]], [[0, 1, 2, 9]], {"num_gpus": 2}, ValueError, "needs expert 9 in layer 0"),
@@ -601,7 +603,7 @@ def test_executors_reject_reload_rows():
 
     weights = torch.zeros((1, 2, 3))
     for call in (torch_executor.apply_plan, torch_executor.begin):
-        with pytest.raises(ValueError, match=r"reload rows .*load_expert callback is not supported yet"):
+        with pytest.raises(ValueError, match=r"1 reload rows .*pass load_expert="):
             call(plan, weights)
     jax = pytest.importorskip("jax")
     from jax.sharding import Mesh
@@ -609,7 +611,7 @@ def test_executors_reject_reload_rows():
     from eplb.executors import jax as jax_executor
 
     mesh = Mesh(np.array(jax.devices()[:1]), ("ep",))
-    with pytest.raises(ValueError, match=r"reload rows .*load_expert callback is not supported yet"):
+    with pytest.raises(ValueError, match=r"1 reload rows .*pass load_expert="):
         jax_executor.apply_plan(plan, jax.numpy.zeros((1, 2, 3)), mesh, "ep")
 
 
@@ -630,3 +632,40 @@ def test_moved_experts_with_empty_slots(seed):
     np.testing.assert_array_equal(eplb.moved_experts(torch.as_tensor(old), torch.as_tensor(new), gpus).numpy(), want)
     jnp = pytest.importorskip("jax.numpy")
     np.testing.assert_array_equal(np.asarray(eplb.moved_experts(jnp.asarray(old), jnp.asarray(new), gpus)), want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    layers=st.integers(1, 3),
+    experts=st.integers(1, 8),
+    per_gpu=st.integers(1, 3),
+    sizes=st.sampled_from([(2, 4, 1), (4, 2, 1), (3, 4, 1), (4, 3, 1), (1, 2, 1), (4, 6, 2), (6, 4, 2)]),
+    allow_reload=st.booleans(),
+)
+def test_plan_across_sizes_is_the_plan_of_the_padded_placements(seed, layers, experts, per_gpu, sizes, allow_reload):
+    """A scale up or down (old on G_old GPUs, new on G_new, the same slots per GPU): the plan spans max(G_old,
+    G_new) GPUs and equals the plan between the placements padded with empty slots (checked against the plain
+    Python reference by check_elastic_plan), with the nodes of new's size."""
+    gpus_old, gpus_new, nodes_new = sizes
+    rng = np.random.default_rng(seed)
+    experts = min(experts, gpus_old * per_gpu, gpus_new * per_gpu)
+    old = random_placement(rng, layers, experts, gpus_old * per_gpu)
+    new = random_placement(rng, layers, experts, gpus_new * per_gpu)
+    total = max(gpus_old, gpus_new)
+    nodes = 1 if nodes_new == 1 else total // (gpus_new // nodes_new)
+    padded_old = np.full((layers, total * per_gpu), -1)
+    padded_new = padded_old.copy()
+    padded_old[:, : old.shape[1]], padded_new[:, : new.shape[1]] = old, new
+    plan = eplb.plan_transfers(old, new, num_gpus=gpus_new, num_nodes=nodes_new, allow_reload=allow_reload)
+    assert (plan.num_gpus, plan.num_nodes, plan.slots_per_gpu) == (total, nodes, per_gpu)
+    check_elastic_plan(plan, padded_old, padded_new, total, nodes, allow_reload)
+
+
+def test_plan_scale_down_sends_from_the_gpus_that_leave():
+    old = np.array([[0, 1, 2, 3]])  # 4 GPUs of 1 slot
+    new = np.array([[3, 2]])  # 2 GPUs: experts 3 and 2 come from GPUs 3 and 2, which leave
+    plan = eplb.plan_transfers(old, new, num_gpus=2)
+    assert plan.num_gpus == 4 and plan.copies(0) == [(3, 0, 0, 0), (2, 0, 1, 0)]
+    up = eplb.plan_transfers(new, [[3, 2, 2, 3]], num_gpus=4)  # GPUs 2 and 3 join and receive
+    assert up.num_gpus == 4 and sorted(up.copies(0)) == [(0, 0, 3, 0), (1, 0, 2, 0)]
