@@ -161,4 +161,17 @@ def rebalance_stable(
             raise ValueError("active_gpus cannot be combined with max_moves= yet")
         options = {k: v for k, v in options.items() if k != "max_moves"}
         return place_elastic_stable(weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
-    return place_stable(weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
+    kernels: dict[str, Any] = {}
+    if weight.device.type == "cuda" and _has_triton():
+        # The fused kernels where they apply: the fresh placement (greedy or refined, as rebalance picks)
+        # and the relabelling (eplb.kernels.relabel_triton); the same placement as torch ops.
+        from eplb.kernels import relabel_triton
+
+        def place_on_device(w: torch.Tensor, *sizes: int, xp: Any, **place_options: Any) -> tuple[Any, Any, Any]:
+            return rebalance(w, *sizes, **place_options)
+
+        kernels["place_fn"] = place_on_device
+        if relabel_triton.fits(num_replicas, num_gpus, num_nodes if options["hierarchical"] else 1):
+            kernels["relabel_fn"] = relabel_triton.relabel
+            kernels["log2phy_fn"] = relabel_triton.log2phy_in_slot_order
+    return place_stable(weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **kernels, **options)

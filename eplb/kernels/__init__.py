@@ -11,7 +11,9 @@ numpy, lists       ``greedy_numba`` [1]_       array API                     ``g
                                                                              ``relabel_numba``,
                                                                              ``repair_numba`` [1]_
 torch CPU          as numpy (zero-copy view)   as numpy                      as numpy
-torch CUDA         ``greedy_triton`` [2]_      ``refined_triton`` [2]_       torch ops (array API)
+torch CUDA         ``greedy_triton`` [2]_      ``refined_triton`` [2]_       as the policy, then
+                                                                             ``relabel_triton`` [2]_;
+                                                                             the knobs: torch ops
 JAX CPU            ``greedy_numba`` via a      XLA (array API under          XLA
                    host callback [1]_          ``jit`` + ``vmap``)
 JAX GPU            ``greedy_pallas`` [3]_      ``refined_pallas`` + XLA [3]_ XLA
