@@ -445,3 +445,42 @@ def plan_arrays_reference(plan, capacity=None):
             row[dst, src, k] = i
             gather[dst, target] = flat + src * capacity + k
     return PlanArrays(send, gather, second, row)
+
+
+def survivable_layer(weight: list[float], num_phy: int, num_nodes: int, num_gpus: int) -> list[int]:
+    """``phy2log [R]`` of ``survivable=True`` for one layer: the greedy replication, then LPT where each replica
+    goes to an open GPU on a node without its expert, else a GPU without it, else any; the lightest of that
+    class, ties to the lowest GPU; visits by decreasing replica load, ties by replica index."""
+    w = [F32(0) if F32(x) < TINY else F32(x) for x in weight]
+    experts, _, cnt = replicate(w, num_phy)
+    load = [F32(w[e] * recip(cnt[e])) for e in experts]
+    cap, per_node = num_phy // num_gpus, num_gpus // num_nodes
+    gpu_load, gpu_items = [F32(0)] * num_gpus, [[] for _ in range(num_gpus)]
+    for item in sorted(range(num_phy), key=lambda i: (-float(load[i]), i)):
+        e = experts[item]
+
+        def klass(g: int, e: int = e) -> int:
+            on_node = any(
+                e in (experts[i] for i in gpu_items[h])
+                for h in range(g // per_node * per_node, (g // per_node + 1) * per_node)
+            )
+            return int(on_node) + int(e in (experts[i] for i in gpu_items[g]))
+
+        open_gpus = [g for g in range(num_gpus) if len(gpu_items[g]) < cap]
+        best_class = min(klass(g) for g in open_gpus)
+        best = min((g for g in open_gpus if klass(g) == best_class), key=lambda g: (gpu_load[g], g))
+        gpu_items[best].append(item)
+        gpu_load[best] = F32(gpu_load[best] + load[item])
+    return [experts[i] for g in range(num_gpus) for i in gpu_items[g]]
+
+
+def surviving_share(weight: list[float], phy2log: list[int], num_nodes: int) -> list[float]:
+    """Per node: the share of the layer's load (float64) whose expert keeps a replica off that node."""
+    per_node = len(phy2log) // num_nodes
+    total = sum(float(x) for x in weight)
+    shares = []
+    for n in range(num_nodes):
+        rest = {e for j, e in enumerate(phy2log) if j // per_node != n and e >= 0}
+        kept = sum(float(x) for e, x in enumerate(weight) if e in rest)
+        shares.append(kept / total if total > 0 else 1.0)
+    return shares
