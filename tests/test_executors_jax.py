@@ -13,8 +13,12 @@ Then the per-layer forms: chained copies (swaps across and within devices, a
 sets, groups under a memory cap, donation, pytrees of weights, ``verify=False``,
 ``start``/``PendingTransfer``, and a failure injected at each phase (checksum,
 transfer program, host read, commit program) with and without donation, after
-which the weights are exactly the documented ones. ``plan_arrays`` is checked
-in this process against the loop it replaced, on random and degenerate plans.
+which the weights are exactly the documented ones. Then reload rows
+(``load_expert``) on a 4-device mesh: a failed GPU (exact weights from
+``rebalance_experts(..., active_gpus=, previous=)``), second copies of a
+reloaded expert, scale down and up, and a failing or malformed callback.
+``plan_arrays`` is checked in this process against the loop it replaced, on
+random and degenerate plans.
 """
 
 from __future__ import annotations
@@ -357,6 +361,173 @@ out["bad_layers"] = {
     "fault_elsewhere": outcome(lambda: executor.apply_plan(cplan, old_w, layers=[1], fault=victim0)),
     "leaf_shape": outcome(lambda: executor.apply_plan(cplan, {"a": old_w, "b": np.zeros((4, 8, 2))})),
 }
+
+# ---- Reloads (plan_transfers(..., allow_reload=True)): a failed GPU, scale down and up, on a 4-device mesh.
+G4, R4, E10 = 4, 16, 10
+mesh4 = jax.make_mesh((G4,), ("ep",), devices=jax.devices()[:G4])
+slot4 = NamedSharding(mesh4, P(None, "ep"))
+SENTINEL = -7  # the bytes of a slot no expert has reached (a failed or new GPU's)
+
+def slot_values(layer, expert):
+    # One slot's weights, distinct per (layer, expert) in every dtype: a dict pytree, float32, bfloat16 and int8.
+    base = float(layer * 16 + expert)
+    return {"w": np.arange(6, dtype=np.float32).reshape(2, 3) / 8 + base,
+            "v": (np.full(3, base, np.float32) + np.arange(3) / 4).astype(jnp.bfloat16),
+            "s": np.full((2,), layer * 16 + expert, np.int8)}
+
+def expert_weights(phy2log, fill=None):
+    # [L, R, ...] per leaf; a slot holding -1 holds `fill` (default: the SENTINEL)
+    fill = {} if fill is None else fill
+    layers, slots = phy2log.shape
+    out = {}
+    for name in ("w", "v", "s"):
+        rows = [[slot_values(l, e)[name] if e >= 0 else fill.get((l, j), np.full_like(slot_values(0, 0)[name],
+                 SENTINEL)) for j, e in enumerate(phy2log[l])] for l in range(layers)]
+        out[name] = jax.device_put(np.asarray(rows, dtype=slot_values(0, 0)[name].dtype), slot4)
+    return out
+
+def same(a, b):
+    return all(equal(a[k], b[k]) for k in ("w", "v", "s"))
+
+def loader(calls, fail=None, result=None):
+    def load_expert(layer, expert):
+        calls.append((layer, expert))
+        if (layer, expert) == fail:
+            raise KeyError(f"checkpoint shard of expert {expert} unreadable")
+        return slot_values(layer, expert) if result is None else result(layer, expert)
+    return load_expert
+
+rng4 = np.random.default_rng(5)
+load4 = rng4.integers(1, 100, (3, E10))
+full = np.asarray(eplb.rebalance_experts(load4, R4, 1, 1, G4).phy2log)
+rel = {}
+# (a) GPU 2 fails: its slots are -1 in the placement in force, and the new placement leaves it out.
+up = np.array([True, True, False, True])
+failed = full.copy()
+failed[:, 8:12] = -1
+after_failure = np.asarray(eplb.rebalance_experts(load4, R4, 1, 1, G4, active_gpus=up, previous=failed).phy2log)
+fplan = eplb.plan_transfers(failed, after_failure, num_gpus=G4, allow_reload=True)
+goal = np.where(after_failure >= 0, after_failure, failed)  # slots of the failed GPU: untouched (the SENTINEL)
+calls = []
+before = expert_weights(failed)
+moved = executor.apply_plan(fplan, before, load_expert=loader(calls))
+want_calls = [(int(fplan.layer[i]), int(fplan.expert[i])) for i in np.flatnonzero(fplan.reload)]
+rel["failure"] = {
+    "reloads": fplan.reloads.tolist(), "remote": int(fplan.remote_copies.sum()),
+    "lost_only_on_failed": all(fplan.expert[i] not in failed[fplan.layer[i]] for i in np.flatnonzero(fplan.reload)),
+    "exact": same(moved, expert_weights(goal)), "old_intact": same(before, expert_weights(failed)),
+    "calls": calls == want_calls,
+}
+# Callback results as JAX arrays; and begin/finish.
+as_jax = loader([], result=lambda l, e: jax.tree_util.tree_map(jnp.asarray, slot_values(l, e)))
+pending = executor.begin(fplan, before, load_expert=as_jax)
+rel["failure_jax_results_begin"] = same(pending.finish(), expert_weights(goal))
+
+# A lost expert copied twice on its new GPU (stage 1 from the reloaded slot), beside a copy between devices.
+hand_old = np.array([[0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1, -1, 12, 13, 14, 15]])
+hand_new = np.array([[0, 1, 8, 8, 0, 5, 6, 7, -1, -1, -1, -1, 9, 13, 9, 15]])
+hplan = eplb.plan_transfers(hand_old, hand_new, num_gpus=G4, allow_reload=True)
+rows = [hplan.row(i) for i in range(len(hplan))]
+hand_before = expert_weights(hand_old)
+rel["second_copy"] = {
+    "plan": sorted((r["dst_gpu"], r["dst_slot"], r["src_gpu"], r["src_slot"], r["stage"]) for r in rows),
+    "exact": same(executor.apply_plan(hplan, hand_before, load_expert=loader([])), expert_weights(hand_new)),
+    "donated": same(executor.apply_plan(hplan, expert_weights(hand_old), load_expert=loader([]), donate=True),
+                    expert_weights(hand_new)),
+}
+
+# (b) Scale down 4 -> 3 (GPU 3 inactive), then up 3 -> 4 (GPU 3's slots -1 in the placement in force).
+three = np.array([True, True, True, False])
+down = np.asarray(eplb.rebalance_experts(load4, R4, 1, 1, G4, active_gpus=three, previous=full).phy2log)
+dplan = eplb.plan_transfers(full, down, num_gpus=G4, allow_reload=True)
+moved_down = executor.apply_plan(dplan, expert_weights(full))
+everyone = np.ones(G4, dtype=bool)
+back = np.asarray(eplb.rebalance_experts(load4, R4, 1, 1, G4, active_gpus=everyone, previous=down).phy2log)
+uplan = eplb.plan_transfers(down, back, num_gpus=G4, allow_reload=True)
+moved_up = executor.apply_plan(uplan, expert_weights(down))  # GPU 3 starts with the SENTINEL in every slot
+# The same moves across sizes: 3-GPU placements [L, 12]; the plan (and the mesh) spans the 4 GPUs.
+down_across = eplb.plan_transfers(full, down[:, :12], num_gpus=3, allow_reload=True)
+up_across = eplb.plan_transfers(down[:, :12], back, num_gpus=G4, allow_reload=True)
+rel["scale"] = {
+    "down_gpu3_empty": bool((down[:, 12:] == -1).all()), "up_gpu3_full": bool((back[:, 12:] >= 0).all()),
+    "down_moves": int(dplan.remote_copies.sum()), "up_moves": int(uplan.remote_copies.sum()),
+    "up_receives_gpu3": int(uplan.receives[:, 3].sum()),
+    "down_exact": same(moved_down, expert_weights(np.where(down >= 0, down, full))),
+    "up_exact": same(moved_up, expert_weights(back)),
+    "across_sizes_gpus": [down_across.num_gpus, up_across.num_gpus],
+    "down_across_exact": same(executor.apply_plan(down_across, expert_weights(full)), expert_weights(
+        np.where(down >= 0, down, full))),
+    "up_across_exact": same(executor.apply_plan(up_across, expert_weights(down)), expert_weights(back)),
+    "reloads": int(dplan.reloads.sum() + uplan.reloads.sum()),
+}
+
+# (c) Errors: the callback raises (alone, later group with donation, begin), is missing, or returns a bad slot.
+lost = want_calls[-1]
+last_reload = int(np.flatnonzero(fplan.reload)[-1])
+got = attempt(lambda: executor.apply_plan(fplan, before, load_expert=loader([], fail=lost)))
+err = got["error"]
+rel["callback_raises"] = {
+    "type": type(err).__name__, "msg": str(err), "transfer": getattr(err, "transfer", None), "row": last_reload,
+    "rank": getattr(err, "rank", None), "dst": int(fplan.dst_gpu[last_reload]),
+    "weights": same(err.weights, expert_weights(failed)), "old_intact": same(before, expert_weights(failed)),
+    "cause": type(err.__cause__).__name__,
+}
+donated = expert_weights(failed)
+calls = []
+got = attempt(lambda: executor.apply_plan(fplan, donated, load_expert=loader(calls, fail=lost), layers_per_group=2,
+                                          donate=True))
+err = got["error"]
+committed = [0, 1]  # groups [0, 1] and [2]; the callback fails in layer 2
+partial = failed.copy()
+partial[committed] = goal[committed]
+rel["callback_raises_later_group_donated"] = {
+    "type": type(err).__name__, "lost_in_layer": lost[0], "committed": list(err.committed_layers),
+    "weights": same(err.weights, expert_weights(partial)), "calls": calls == want_calls,
+    "input_deleted": donated["w"].is_deleted(),
+}
+donated = expert_weights(failed)
+late_bad = loader([], result=lambda l, e: {**slot_values(l, e), "w": np.zeros(3, np.float32)} if l == 2 else
+                  slot_values(l, e))
+err = attempt(lambda: executor.apply_plan(fplan, donated, load_expert=late_bad, layers_per_group=2,
+                                          donate=True))["error"]
+rel["bad_result_later_group_donated"] = {
+    "type": type(err).__name__, "msg": str(err), "committed": list(getattr(err, "committed_layers", [])),
+    "weights": hasattr(err, "weights") and same(err.weights, expert_weights(partial)),
+    "notes": list(getattr(err, "__notes__", [])),
+}
+got = attempt(lambda: executor.begin(fplan, before, load_expert=loader([], fail=want_calls[0])))
+rel["callback_raises_begin"] = {"type": type(got["error"]).__name__,
+                                "weights": same(got["error"].weights, expert_weights(failed))}
+partly = failed.copy()
+partly[1] = full[1]  # GPU 2 failed after layer 1 was moved off it: nothing lost in layer 1
+pplan = eplb.plan_transfers(partly, after_failure, num_gpus=G4, allow_reload=True)
+def bad_shape(l, e):
+    return {**slot_values(l, e), "w": np.zeros((3, 2), np.float32)}
+def bad_dtype(l, e):
+    return {**slot_values(l, e), "s": np.zeros((2,), np.int32)}
+def bad_structure(l, e):
+    return {"w": slot_values(l, e)["w"], "v": slot_values(l, e)["v"]}
+def bad_leaf(l, e):
+    return {**slot_values(l, e), "s": "int8[2]"}
+rel["bad"] = {
+    "missing": outcome(lambda: executor.apply_plan(fplan, before)),
+    "missing_begin": outcome(lambda: executor.begin(fplan, before)),
+    "not_callable": outcome(lambda: executor.apply_plan(fplan, before, load_expert="ckpt.safetensors")),
+    "shape": outcome(lambda: executor.apply_plan(fplan, before, load_expert=loader([], result=bad_shape))),
+    "dtype": outcome(lambda: executor.apply_plan(fplan, before, load_expert=loader([], result=bad_dtype))),
+    "structure": outcome(lambda: executor.apply_plan(fplan, before, load_expert=loader([], result=bad_structure))),
+    "leaf": outcome(lambda: executor.apply_plan(fplan, before, load_expert=loader([], result=bad_leaf))),
+    "plan_arrays": outcome(lambda: executor.plan_arrays(fplan)),
+    "intact": same(before, expert_weights(failed)),
+}
+layer1 = np.where(after_failure >= 0, after_failure, partly)
+rel["no_reload_layers_need_no_callback"] = {
+    "reloads": pplan.reloads.tolist(),
+    "ok": same(executor.apply_plan(pplan, expert_weights(partly), layers=[1]),
+               expert_weights(np.concatenate([partly[:1], layer1[1:2], partly[2:]]))),
+}
+rel["layer_groups"] = [list(g) for g in executor.layer_groups(fplan, before, layers_per_group=2)]
+out["reload"] = rel
 print(json.dumps(out))
 """
 
@@ -612,3 +783,82 @@ def test_padded_sizes_add_at_most_an_eighth():
     assert sizes[:17] == list(range(17)) and _round_up(53) == 56 and _round_up(1025) == 1152
     assert all(n <= size <= n + n / 8 for n, size in enumerate(sizes))
     assert len(set(sizes[1025:])) == 8  # eight sizes per doubling
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reload rows (load_expert): a failed GPU, scale down and up, and the errors.
+
+
+def test_failed_gpu_reloads_lost_experts_exactly(report):
+    """GPU 2 of 4 fails: the lost experts come from load_expert, once per reload row in plan order, and every
+    slot ends up holding exactly its new expert's weights (the failed GPU's slots keep their bytes)."""
+    failure = report["reload"]["failure"]
+    assert sum(failure["reloads"]) > 0 and failure["remote"] > 0 and failure["lost_only_on_failed"], failure
+    assert failure["exact"] and failure["old_intact"] and failure["calls"], failure
+    assert report["reload"]["failure_jax_results_begin"] is True
+
+
+def test_second_copy_of_a_reloaded_expert(report):
+    """A lost expert placed twice on one GPU: one reload row, then a stage-1 copy of the reloaded slot."""
+    second = report["reload"]["second_copy"]
+    # (dst_gpu, dst_slot, src_gpu, src_slot, stage)
+    assert second["plan"] == [[0, 2, -1, -1, 0], [0, 3, 0, 2, 1], [1, 0, 0, 0, 0], [3, 0, -1, -1, 0], [3, 2, 3, 0, 1]]
+    assert second["exact"] and second["donated"], second
+
+
+def test_scale_down_and_up_move_exact_weights(report):
+    scale = report["reload"]["scale"]
+    assert scale["down_gpu3_empty"] and scale["up_gpu3_full"] and scale["reloads"] == 0, scale
+    assert scale["down_moves"] > 0 and scale["up_moves"] > 0 and scale["up_receives_gpu3"] > 0, scale
+    assert scale["down_exact"] and scale["up_exact"], scale
+    # plan_transfers across sizes (old and new of 4 and 3 GPUs): the plan spans 4 GPUs, the same moves.
+    assert scale["across_sizes_gpus"] == [4, 4] and scale["down_across_exact"] and scale["up_across_exact"], scale
+
+
+def test_failing_callback_is_a_transfer_error_and_keeps_the_weights(report):
+    raised = report["reload"]["callback_raises"]
+    assert raised["type"] == "TransferError" and raised["cause"] == "KeyError", raised
+    assert raised["transfer"] == raised["row"] and raised["rank"] == raised["dst"], raised
+    assert "load_expert(2, 0) raised KeyError" in raised["msg"] and "old weights kept" in raised["msg"]
+    assert raised["weights"] and raised["old_intact"], raised
+    assert report["reload"]["callback_raises_begin"] == {"type": "TransferError", "weights": True}
+
+
+def test_failing_callback_in_a_later_donated_group(report):
+    """With donation, the groups before the failing reload stay committed, as for any transfer failure."""
+    raised = report["reload"]["callback_raises_later_group_donated"]
+    assert raised["type"] == "TransferError" and raised["lost_in_layer"] == 2, raised
+    assert raised["committed"] == [0, 1] and raised["weights"] and raised["calls"] and raised["input_deleted"]
+
+
+def test_bad_result_in_a_later_donated_group_hands_back_the_weights(report):
+    """A malformed result stays a ValueError; the donated input is gone, so the error carries the weights."""
+    raised = report["reload"]["bad_result_later_group_donated"]
+    assert raised["type"] == "ValueError" and "load_expert(2, " in raised["msg"], raised
+    assert raised["committed"] == [0, 1] and raised["weights"], raised
+    assert any("layers [0, 1] are committed" in note for note in raised["notes"]), raised
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("missing", "ValueError", "plan has 5 reload rows in the layers moved"),
+        ("missing_begin", "ValueError", "pass load_expert=(layer, expert)"),
+        ("not_callable", "TypeError", "load_expert must be callable or None, got str"),
+        ("shape", "ValueError", "load_expert(0, 2)['w'] must have the shape [2, 3] and dtype float32"),
+        ("dtype", "ValueError", "load_expert(0, 2)['s'] must have the shape [2] and dtype int8 of one slot"),
+        ("structure", "ValueError", "load_expert(0, 2) must return one slot of weights, with its structure"),
+        ("leaf", "TypeError", "load_expert(0, 2)['s'] must be a numpy or JAX array"),
+        ("plan_arrays", "ValueError", "plan has reload rows"),
+    ],
+)
+def test_bad_load_expert(report, case, error, match):
+    result = report["reload"]["bad"][case]
+    assert result["raised"] == error and match in result["msg"], result
+    assert report["reload"]["bad"]["intact"] is True
+
+
+def test_layers_without_reloads_need_no_callback(report):
+    layers = report["reload"]["no_reload_layers_need_no_callback"]
+    assert layers["reloads"][1] == 0 and sum(layers["reloads"]) > 0 and layers["ok"], layers
+    assert report["reload"]["layer_groups"] == [[0, 1], [2]]

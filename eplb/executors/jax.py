@@ -13,9 +13,12 @@ a group of layers is two jitted ``shard_map`` programs:
    array exchanges them and, with ``verify=True``, one more carries a uint32
    checksum per copy, computed by the sender and compared with the receiver's
    own. Outputs: the *update buffer* of each device, every slot the commit
-   writes (the copies received, without the buffer's padding, second copies
-   of them, then the copies within the device, read from its old slots), and
-   ``ok [G, G, K]``.
+   writes (the copies received, without the buffer's padding, and the
+   experts reloaded, second copies of them, then the copies within the
+   device, read from its old slots), and ``ok [G, G, K]``. Reload rows (a
+   plan from ``plan_transfers(..., allow_reload=True)``) are read on the host
+   with the caller's ``load_expert(layer, expert)`` before this program is
+   dispatched and enter it as one more input per array.
 2. *commit*, dispatched only after the host has read ``ok`` (the one host
    read): with ``donate=True`` one scatter of the update buffer into the
    donated weights, in place; otherwise one gather of every new slot from
@@ -116,8 +119,15 @@ def plan_arrays(plan: TransferPlan, capacity: int | None = None) -> PlanArrays:
     ``capacity`` (``K``): copies per (sender, receiver) pair; at least the
     plan's largest, which is the default (at least 1). A fixed capacity lets
     plans of different sizes share one compiled program. Copies between one
-    pair of devices take ``k = 0, 1, ...`` in plan order.
+    pair of devices take ``k = 0, 1, ...`` in plan order. A plan with reload
+    rows is a ``ValueError`` (:func:`apply_plan` and :func:`begin` take them,
+    with ``load_expert``).
     """
+    if plan.reload.any():
+        raise ValueError(
+            "plan has reload rows (src_gpu == -1, from plan_transfers(..., allow_reload=True)), which the "
+            "single-program form cannot carry out: use apply_plan or begin with load_expert="
+        )
     num_gpus, per_gpu, num_layers = plan.num_gpus, plan.slots_per_gpu, plan.num_layers
     capacity = _check_capacity(capacity, _pair_need(plan))
     flat = num_layers * per_gpu
@@ -232,20 +242,23 @@ def _cached_transfer(mesh: Mesh, axis_name: str) -> Callable[..., tuple[jax.Arra
 
 class _Sizes(NamedTuple):
     """Static sizes of a group's programs, per device: ``K`` copies per device pair, ``incoming`` rows of the update
-    buffer read from the received buffer (received copies, then second copies of a received expert), ``local``
-    rows read from old slots (both rounded up by :func:`_round_up`), and ``full``: the flat slots ``L * R/G`` of a
-    whole-array gather (0 when the commit scatters into donated weights).
+    buffer read from the received buffer (received copies and reloads, then second copies of them), ``local``
+    rows read from old slots (both rounded up by :func:`_round_up`), ``full``: the flat slots ``L * R/G`` of a
+    whole-array gather (0 when the commit scatters into donated weights), and ``reloads``: rows of the reload
+    buffer (the most reload rows of one device, rounded up; 0: the program takes no reload buffer).
 
     A device's index row: ``send [G*K]`` (the flat slot sent as copy ``k`` to device ``d``, at ``d*K + k``), then
     ``targets [incoming + local]`` (the flat slot each row of the update buffer goes to; past the end: unused),
-    ``incoming_rows [incoming]`` (rows of the received buffer ``[G*K]``, sender-major), ``local_sources [local]``
-    (old flat slots), then ``gather [full]`` (per flat slot, its row of ``[old slots; update buffer]``).
+    ``incoming_rows [incoming]`` (rows of ``[received buffer [G*K], sender-major; reload buffer [reloads]]``),
+    ``local_sources [local]`` (old flat slots), then ``gather [full]`` (per flat slot, its row of ``[old slots;
+    update buffer]``).
     """
 
     capacity: int
     incoming: int
     local: int
     full: int = 0
+    reloads: int = 0
 
     @property
     def updates(self) -> int:
@@ -273,27 +286,37 @@ def _local_block(x: jax.Array) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def _stage_program(mesh: Mesh, axis_name: str, verify: bool, faulty: bool) -> Callable[..., Any]:
-    """Jitted ``(leaves, idx, corrupt, sizes) -> (updates, ok)``: gather, checksum, ``all_to_all``, verify.
+    """Jitted ``(leaves, idx, corrupt, sizes, reloaded=None) -> (updates, ok)``: gather, checksum, ``all_to_all``,
+    verify.
 
-    ``updates``: per leaf ``[G (device), incoming + local, ...]``, the copies the device received and the second
-    copies of those experts (gathered from the received buffer, without its padding), then the copies within the
-    device (read from its old slots); everything the commit writes. ``ok [G, G, K]`` (per receiver, sender,
-    copy), or ``None`` without ``verify``. ``corrupt [G, G, K]`` flips the marked received copies (tests; ``None``
-    unless ``faulty``).
+    ``updates``: per leaf ``[G (device), incoming + local, ...]``, the copies the device received, its reloads
+    and the second copies of those experts (gathered from the received and reload buffers, without padding),
+    then the copies within the device (read from its old slots); everything the commit writes. ``ok [G, G, K]``
+    (per receiver, sender, copy), or ``None`` without ``verify``. ``corrupt [G, G, K]`` flips the marked
+    received copies (tests; ``None`` unless ``faulty``). ``reloaded``: per leaf ``[G, sizes.reloads, ...]``,
+    sharded over the devices, the experts each device reloads (``None`` when ``sizes.reloads == 0``).
     """
     num_devices = mesh.shape[axis_name]
     by_device, by_slot = PartitionSpec(axis_name), PartitionSpec(None, axis_name)
 
-    def run(leaves: list[jax.Array], idx: jax.Array, corrupt: jax.Array | None, sizes: _Sizes) -> Any:
+    def run(
+        leaves: list[jax.Array],
+        idx: jax.Array,
+        corrupt: jax.Array | None,
+        sizes: _Sizes,
+        reloaded: list[jax.Array] | None = None,
+    ) -> Any:
         capacity, width = sizes.capacity, num_devices * sizes.capacity
         start = width + sizes.updates
 
-        def local(leaves: list[jax.Array], idx: jax.Array, *corrupt: jax.Array) -> Any:
+        def local(leaves: list[jax.Array], idx: jax.Array, *extra: Any) -> Any:
+            corrupt = extra[:1] if faulty else ()
+            loaded = extra[-1] if sizes.reloads else [None] * len(leaves)
             send = idx[0, :width]
             incoming_rows = idx[0, start : start + sizes.incoming]
             local_sources = idx[0, start + sizes.incoming : start + sizes.updates]
             updates, sent_sums, got_sums = [], [], []
-            for weights in leaves:
+            for weights, reload in zip(leaves, loaded, strict=True):
                 flat, rest = _local_block(weights), weights.shape[2:]
                 outgoing = jnp.take(flat, send, axis=0).reshape(num_devices, capacity, *rest)
                 if verify:
@@ -304,8 +327,11 @@ def _stage_program(mesh: Mesh, axis_name: str, verify: bool, faulty: bool) -> Ca
                     incoming = bad.reshape(incoming.shape)
                 if verify:
                     got_sums.append(_checksum(incoming.reshape(num_devices, capacity, -1)))
+                received = incoming.reshape(width, *rest)
+                if reload is not None:  # the reload buffer after the received one
+                    received = jnp.concatenate([received, reload[0]], axis=0)
                 parts = (
-                    jnp.take(incoming.reshape(width, *rest), incoming_rows, axis=0),
+                    jnp.take(received, incoming_rows, axis=0),
                     jnp.take(flat, local_sources, axis=0),
                 )
                 updates.append(jnp.concatenate(parts, axis=0)[None])
@@ -315,13 +341,14 @@ def _stage_program(mesh: Mesh, axis_name: str, verify: bool, faulty: bool) -> Ca
             ok = jnp.all(jnp.stack(got_sums, axis=-1) == sums, axis=-1)
             return updates, ok[None]
 
+        extra = ((corrupt,) if faulty else ()) + ((reloaded,) if sizes.reloads else ())
         mapped = jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(by_slot, by_device) + ((by_device,) if faulty else ()),
+            in_specs=(by_slot, by_device) + (by_device,) * len(extra),
             out_specs=(by_device, by_device) if verify else by_device,
         )
-        out = mapped(leaves, idx, *((corrupt,) if faulty else ()))
+        out = mapped(leaves, idx, *extra)
         return out if verify else (out, None)
 
     return jax.jit(run, static_argnums=3)
@@ -360,7 +387,7 @@ def _commit_program(mesh: Mesh, axis_name: str, donate: bool) -> Callable[..., A
     return jax.jit(run, static_argnums=3, donate_argnums=(0,) if donate else ())
 
 
-_REMOTE, _OLD, _DUP = 0, 1, 2
+_REMOTE, _OLD, _DUP, _RELOAD = 0, 1, 2, 3
 
 
 class _Job(NamedTuple):
@@ -374,11 +401,14 @@ class _Job(NamedTuple):
     slot_bytes: int
     layers: np.ndarray  # [n] the requested layers, ascending
     rows: np.ndarray  # [T'] plan rows of those layers
-    kind: np.ndarray  # [T'] _REMOTE, _OLD (from a slot's old weights on the destination), _DUP (from a received copy)
+    # [T'] _REMOTE, _OLD (from a slot's old weights on the destination), _DUP (from a received or reloaded copy),
+    # _RELOAD (from load_expert)
+    kind: np.ndarray
     read: np.ndarray  # [T'] _OLD: flat old slot on the destination; _DUP: position in ``rows`` of the copy it repeats
     capacity: int | None
     verify: bool
     fault: int | None
+    load_expert: Callable[[int, int], Any] | None = None
 
     def split(self, layers_per_group: int | None, max_staging_bytes: int | None) -> list[np.ndarray]:
         """The layers with copies, ascending, in consecutive groups within both bounds."""
@@ -393,7 +423,11 @@ class _Job(NamedTuple):
         pairs = np.zeros((len(active), num_devices * num_devices), dtype=np.int64)
         np.add.at(pairs, (position[remote], src[remote] * num_devices + dst[remote]), 1)
         per_device = {}
-        for kind, mask in (("incoming", self.kind != _OLD), ("local", self.kind == _OLD)):
+        for kind, mask in (
+            ("incoming", self.kind != _OLD),
+            ("local", self.kind == _OLD),
+            ("reloads", self.kind == _RELOAD),
+        ):
             counts = np.zeros((len(active), num_devices), dtype=np.int64)
             np.add.at(counts, (position[mask], dst[mask]), 1)
             per_device[kind] = counts
@@ -401,7 +435,7 @@ class _Job(NamedTuple):
         groups: list[list[int]] = []
         totals = None
         for i in range(len(active)):
-            layer_counts = (pairs[i], per_device["incoming"][i], per_device["local"][i])
+            layer_counts = (pairs[i], per_device["incoming"][i], per_device["local"][i], per_device["reloads"][i])
             if max_staging_bytes is not None and self._staging_bytes(*layer_counts) > max_staging_bytes:
                 raise ValueError(
                     f"max_staging_bytes={max_staging_bytes} is below layer {int(active[i])}'s staging estimate "
@@ -419,11 +453,12 @@ class _Job(NamedTuple):
                 totals = layer_counts
         return [np.asarray(group, dtype=np.int64) for group in groups]
 
-    def _staging_bytes(self, pairs: np.ndarray, incoming: np.ndarray, local: np.ndarray) -> int:
-        """Per device: the sent and received buffers ``2 * G * K``, and the update buffer and its copy."""
+    def _staging_bytes(self, pairs: np.ndarray, incoming: np.ndarray, local: np.ndarray, reloads: np.ndarray) -> int:
+        """Per device: the sent and received buffers ``2 * G * K``, the update buffer and its copy, reload buffer."""
         capacity = _check_capacity(self.capacity, int(pairs.max(initial=0)))
         updates = _round_up(int(incoming.max(initial=0))) + _round_up(int(local.max(initial=0)))
-        return 2 * (self.plan.num_gpus * capacity + updates) * self.slot_bytes
+        reloaded = _round_up(int(reloads.max(initial=0)))
+        return (2 * (self.plan.num_gpus * capacity + updates) + reloaded) * self.slot_bytes
 
     def arrays(self, group: np.ndarray, full: bool = False) -> tuple[np.ndarray, np.ndarray, _Sizes]:
         """``idx [G, width] int32`` (one ``device_put``), ``row_map [G, G, K]`` (the plan row device ``d`` receives
@@ -437,19 +472,22 @@ class _Job(NamedTuple):
         kind, read = self.kind[mine], self.read[mine]
         src, dst = plan.src_gpu[rows], plan.dst_gpu[rows]
         target = plan.layer[rows] * per_gpu + plan.dst_slot[rows]
-        remote, olds, dups = kind == _REMOTE, kind == _OLD, kind == _DUP
+        remote, olds, dups, reloads = kind == _REMOTE, kind == _OLD, kind == _DUP, kind == _RELOAD
         k = np.zeros(len(rows), dtype=np.int64)
         k[remote] = _rank_within(src[remote] * num_devices + dst[remote])
-        inbound = remote | dups
+        inbound = remote | dups | reloads
         slot = np.zeros(len(rows), dtype=np.int64)  # row of the update buffer among the device's inbound (or local)
         slot[inbound] = _rank_within(dst[inbound] * 2 + dups[inbound])
-        slot[dups] += np.bincount(dst[remote], minlength=num_devices)[dst[dups]]  # after the received copies
+        firsts = np.bincount(dst[remote | reloads], minlength=num_devices)
+        slot[dups] += firsts[dst[dups]]  # after the received and reloaded copies
         slot[olds] = _rank_within(dst[olds])
+        reload_slot = _rank_within(dst[reloads])  # row of the device's reload buffer, plan order
         sizes = _Sizes(
             _check_capacity(self.capacity, int(k[remote].max(initial=-1)) + 1),
             _round_up(int(slot[inbound].max(initial=-1)) + 1),
             _round_up(int(slot[olds].max(initial=-1)) + 1),
             flat if full else 0,
+            _round_up(int(reload_slot.max(initial=-1)) + 1),
         )
         capacity, width = sizes.capacity, num_devices * sizes.capacity
         targets, sources = width, width + sizes.updates  # column offsets, see _Sizes
@@ -463,8 +501,9 @@ class _Job(NamedTuple):
         position = np.full(len(self.rows), -1, dtype=np.int64)
         position[mine] = np.arange(len(mine))
         repeated = position[read[dups]]
-        received_row = np.zeros(len(rows), dtype=np.int64)  # row of the received buffer [G*K], sender-major
+        received_row = np.zeros(len(rows), dtype=np.int64)  # row of [received buffer [G*K]; reload buffer]
         received_row[remote] = src[remote] * capacity + k[remote]
+        received_row[reloads] = width + reload_slot
         received_row[dups] = received_row[repeated]
         idx[dst[inbound], sources + row[inbound]] = received_row[inbound]
         idx[dst[olds], sources + row[olds]] = read[olds]
@@ -476,6 +515,12 @@ class _Job(NamedTuple):
         row_map = np.full((num_devices, num_devices, capacity), -1, dtype=np.int64)
         row_map[dst[remote], src[remote], k[remote]] = rows[remote]
         return idx.astype(np.int32), row_map, sizes
+
+    def reload_rows(self, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The reload rows of the group ``group`` (layers) in plan order ``[n]``, and the row of its destination
+        device's reload buffer each one fills ``[n]`` (as in :meth:`arrays`)."""
+        rows = self.rows[np.isin(self.plan.layer[self.rows], group) & (self.kind == _RELOAD)]
+        return rows, _rank_within(self.plan.dst_gpu[rows])
 
 
 def _check_flag(name: str, value: Any) -> bool:
@@ -520,20 +565,37 @@ def _check_layers(layers: Any, num_layers: int) -> np.ndarray:
 
 
 def _check_plan_rows(plan: TransferPlan) -> None:
-    """Plan rows inside the plan's shape (a plan from :func:`eplb.plan_transfers` always is)."""
-    if plan.reload.any():  # rows from plan_transfers(..., allow_reload=True)
-        raise ValueError("plan has reload rows (src_gpu == -1): a load_expert callback is not supported yet")
+    """Plan rows inside the plan's shape (a plan from :func:`eplb.plan_transfers` always is); a reload row has
+    ``src_gpu == src_slot == -1`` and stage 0."""
+    reload = plan.reload
+    odd = reload & ((plan.src_gpu != -1) | (plan.src_slot != -1) | (plan.stage != 0))
+    if odd.any():
+        raise ValueError(f"plan row {int(np.argmax(odd))} is a malformed reload: {plan.row(int(np.argmax(odd)))}")
     bounds = (
-        ("layer", plan.num_layers),
-        ("src_gpu", plan.num_gpus),
-        ("dst_gpu", plan.num_gpus),
-        ("src_slot", plan.slots_per_gpu),
-        ("dst_slot", plan.slots_per_gpu),
+        ("layer", plan.num_layers, None),
+        ("src_gpu", plan.num_gpus, ~reload),
+        ("dst_gpu", plan.num_gpus, None),
+        ("src_slot", plan.slots_per_gpu, ~reload),
+        ("dst_slot", plan.slots_per_gpu, None),
     )
-    for name, bound in bounds:
-        column = getattr(plan, name)
+    for name, bound, rows in bounds:
+        column = getattr(plan, name) if rows is None else getattr(plan, name)[rows]
         if len(column) and (column.min() < 0 or column.max() >= bound):
             raise ValueError(f"plan.{name} holds {int(column.min())}..{int(column.max())}, outside 0..{bound - 1}")
+
+
+def _check_load_expert(plan: TransferPlan, rows: np.ndarray, load_expert: Any) -> None:
+    """``load_expert`` is callable or None, and given when plan rows ``rows`` (those of the layers moved) hold a
+    reload."""
+    if load_expert is not None and not callable(load_expert):
+        raise TypeError(f"load_expert must be callable or None, got {type(load_expert).__name__}")
+    reloads = rows[plan.reload[rows]]
+    if len(reloads) and load_expert is None:
+        raise ValueError(
+            f"plan has {len(reloads)} reload rows in the layers moved (src_gpu == -1: experts no live slot "
+            f"holds, from plan_transfers(..., allow_reload=True); first: {plan.row(int(reloads[0]))}): pass "
+            "load_expert=(layer, expert) -> that expert's weights, e.g. read from a checkpoint"
+        )
 
 
 def _prepare(
@@ -546,6 +608,7 @@ def _prepare(
     capacity: Any,
     verify: Any,
     fault: Any,
+    load_expert: Any = None,
 ) -> _Job:
     """Check every argument (nothing runs on a device) and classify the plan rows of ``layers``."""
     if not isinstance(plan, TransferPlan):
@@ -586,29 +649,33 @@ def _prepare(
     selected = np.zeros(plan.num_layers, dtype=bool)
     selected[chosen] = True
     rows = np.flatnonzero(selected[plan.layer])
+    _check_load_expert(plan, rows, load_expert)
     kind, read = _classify(plan, rows)
     if capacity is not None:
         _check_capacity(capacity, 0)
     if fault is not None and not ((rows == fault) & (kind == _REMOTE)).any():
         raise ValueError(f"fault={fault} is not a copy between devices in the layers moved")
     slot_bytes = sum(math.prod(leaf.shape[2:]) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
-    return _Job(plan, mesh, axis_name, treedef, leaves, slot_bytes, chosen, rows, kind, read, capacity, verify, fault)
+    job = (plan, mesh, axis_name, treedef, leaves, slot_bytes, chosen, rows, kind, read, capacity, verify, fault)
+    return _Job(*job, load_expert)
 
 
 def _classify(plan: TransferPlan, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per plan row in ``rows``: where its bytes come from (``kind``) and what to read (``read``, see :class:`_Job`).
 
-    A stage-1 row reads its source slot's *new* weights: the received copy when a copy between devices fills that
-    slot, the old slot that a copy within the device reads when one does, else the source slot's old weights.
+    A stage-1 row reads its source slot's *new* weights: the received (or reloaded) copy when a copy between
+    devices (or a reload) fills that slot, the old slot that a copy within the device reads when one does, else
+    the source slot's old weights.
     """
     per_gpu, flat = plan.slots_per_gpu, plan.num_layers * plan.slots_per_gpu
     src, dst, stage = plan.src_gpu[rows], plan.dst_gpu[rows], plan.stage[rows]
     source = plan.layer[rows] * per_gpu + plan.src_slot[rows]
     target = plan.layer[rows] * per_gpu + plan.dst_slot[rows]
     stage1 = stage == 1
-    remote = ~stage1 & (src != dst)
-    kind = np.where(remote, _REMOTE, _OLD)
-    read = source.copy()
+    reload = src < 0
+    remote = ~stage1 & (src != dst) & ~reload
+    kind = np.select([reload, remote], [_RELOAD, _REMOTE], _OLD)
+    read = np.where(reload, -1, source)
     later = np.flatnonzero(stage1)
     if len(later):
         first = np.flatnonzero(~stage1)
@@ -616,7 +683,7 @@ def _classify(plan: TransferPlan, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
         filled[dst[first] * flat + target[first]] = first
         by = filled[dst[later] * flat + source[later]]
         received = by >= 0
-        received[received] = remote[by[received]]
+        received[received] = kind[by[received]] != _OLD
         copied = (by >= 0) & ~received
         kind[later[received]] = _DUP
         read[later[received]] = by[received]
@@ -656,14 +723,17 @@ class PendingTransfer:
         idx, self._row_map, self._sizes = job.arrays(group, full=not donate)
         self._copies = int((self._row_map >= 0).sum())
         spread = NamedSharding(job.mesh, PartitionSpec(job.axis_name))
-        corrupt = None
+        corrupt = reloaded = None
         faulty = job.fault is not None and bool((self._row_map == job.fault).any())
+        loaded = _load_reloads(job, leaves, group, self._sizes.reloads) if self._sizes.reloads else None
         try:
             self._idx = jax.device_put(idx, spread)
             if faulty:
                 corrupt = jax.device_put(self._row_map == job.fault, spread)
+            if loaded is not None:
+                reloaded = [jax.device_put(buffer, spread) for buffer in loaded]
             program = _stage_program(job.mesh, job.axis_name, job.verify, faulty)
-            self._received, self._ok = program(leaves, self._idx, corrupt, self._sizes._replace(full=0))
+            self._received, self._ok = program(leaves, self._idx, corrupt, self._sizes._replace(full=0), reloaded)
         except RuntimeError as err:
             raise TransferError(
                 f"the transfer program of layers {list(self.layers)} ({self._copies} copies between devices of "
@@ -760,6 +830,54 @@ class PendingTransfer:
         return new
 
 
+def _load_reloads(job: _Job, leaves: list[jax.Array], group: np.ndarray, size: int) -> list[np.ndarray]:
+    """The reload buffers of layer group ``group``: per leaf, numpy ``[G, size, *leaf.shape[2:]]`` of the leaf's
+    dtype, device ``d``'s ``j``-th reload row (plan order) at ``[d, j]``, zeros elsewhere; one ``load_expert`` call
+    per reload row, on the host.
+
+    An exception of ``load_expert`` raises :class:`eplb.TransferError` naming the row (nothing has run yet); a
+    result that is not one slot of ``weights`` (structure, shape, dtype) a ``TypeError`` or ``ValueError``.
+    """
+    plan = job.plan
+    buffers = [np.zeros((plan.num_gpus, size, *leaf.shape[2:]), dtype=leaf.dtype) for leaf in leaves]
+    rows, position = job.reload_rows(group)
+    for row, j in zip(rows.tolist(), position.tolist(), strict=True):
+        device = int(plan.dst_gpu[row])
+        for buffer, part in zip(buffers, _load_slot(job, leaves, row), strict=True):
+            buffer[device, j] = part
+    return buffers
+
+
+def _load_slot(job: _Job, leaves: list[jax.Array], row: int) -> list[Any]:
+    """``job.load_expert(layer, expert)`` of reload row ``row``, checked against one slot of ``leaves``: its leaves
+    in ``weights``' order."""
+    layer, expert = int(job.plan.layer[row]), int(job.plan.expert[row])
+    call = f"load_expert({layer}, {expert})"
+    try:
+        loaded = job.load_expert(layer, expert)
+    except Exception as err:
+        raise TransferError(
+            f"{call} raised {err!r} (a reload: no live slot of the old placement holds the expert)",
+            plan=job.plan,
+            transfer=row,
+            rank=int(job.plan.dst_gpu[row]),
+        ) from err
+    paths_parts, treedef = jax.tree_util.tree_flatten_with_path(loaded)
+    if treedef != job.treedef:
+        raise ValueError(f"{call} must return one slot of weights, with its structure {job.treedef}; got {treedef}")
+    for (path, part), leaf in zip(paths_parts, leaves, strict=True):
+        where = f"{call}{jax.tree_util.keystr(path)}"
+        if not isinstance(part, np.ndarray | np.generic | jax.Array):
+            raise TypeError(f"{where} must be a numpy or JAX array (one slot's weights), got {type(part).__name__}")
+        if tuple(part.shape) != tuple(leaf.shape[2:]) or np.dtype(part.dtype) != np.dtype(leaf.dtype):
+            raise ValueError(
+                f"{where} must have the shape {list(leaf.shape[2:])} and dtype {np.dtype(leaf.dtype)} of one slot "
+                f"of its weights array [{', '.join(map(str, leaf.shape))}]; got {list(part.shape)}, "
+                f"{np.dtype(part.dtype)}"
+            )
+    return [np.asarray(part) for _, part in paths_parts]
+
+
 def _place(job: _Job) -> list[jax.Array]:
     """The leaves sharded ``PartitionSpec(None, axis)`` (the same arrays when they already are)."""
     by_slot = NamedSharding(job.mesh, PartitionSpec(None, job.axis_name))
@@ -782,6 +900,7 @@ def begin(
     verify: bool = True,
     donate: bool = False,
     fault: int | None = None,
+    load_expert: Callable[[int, int], Any] | None = None,
 ) -> PendingTransfer:
     """Dispatch the transfer of ``layers`` (one program, all of them at once) and return without waiting.
 
@@ -792,7 +911,11 @@ def begin(
     ``finish()`` returns (their buffers hold the new weights); until then
     they are intact. Invalid arguments raise here; a failure to dispatch
     raises :class:`eplb.TransferError` here, other transfer failures in
-    ``finish()``.
+    ``finish()``. ``load_expert`` is called here, on the host, for every
+    reload row of ``layers`` before the program is dispatched: an exception
+    of it is a :class:`eplb.TransferError` raised here, a result of the
+    wrong structure, shape or dtype a ``TypeError`` or ``ValueError``, the
+    weights untouched either way.
 
     Examples
     --------
@@ -804,7 +927,8 @@ def begin(
             params = pending.finish()
     """
     donate = _check_flag("donate", donate)
-    job = _prepare(plan, weights, mesh, axis_name, layers=layers, capacity=capacity, verify=verify, fault=fault)
+    options = {"layers": layers, "capacity": capacity, "verify": verify, "fault": fault, "load_expert": load_expert}
+    job = _prepare(plan, weights, mesh, axis_name, **options)
     groups = job.split(None, None)
     leaves = _place(job)
     try:
@@ -827,18 +951,21 @@ def layer_groups(
 
     Only layers with copies in ``plan`` appear. Consecutive layers join a
     group while it has at most ``layers_per_group`` layers and its staging
-    estimate is at most ``max_staging_bytes`` per device: ``2 * (G * K +
-    inbound + local) * slot_bytes``, with ``K`` the group's most copies
-    between one pair of devices (or ``capacity``), ``inbound`` the most slots
-    one device fills from what it receives (received copies and second
-    copies of them), ``local`` the most it fills from its own old slots
-    (both rounded up by at most 1/8: to a multiple of 1/16 of the power of
-    two at or above them, unchanged up to 16), and ``slot_bytes`` the bytes
-    of one slot over all arrays of ``weights``. It bounds the sent and
-    received buffers plus the update buffer while transferring, and the
-    update buffer and one copy of it while committing (XLA's CPU backend
-    adds temporaries of the same order for its ``all_to_all`` and the
-    checksums). A layer whose estimate alone
+    estimate is at most ``max_staging_bytes`` per device: ``(2 * (G * K +
+    inbound + local) + reloads) * slot_bytes``, with ``K`` the group's most
+    copies between one pair of devices (or ``capacity``), ``inbound`` the
+    most slots one device fills from what it receives or reloads (received
+    copies, reload rows and second copies of them), ``local`` the most it
+    fills from its own old slots, ``reloads`` the most reload rows of one
+    device (0 without them; all three rounded up by at most 1/8: to a
+    multiple of 1/16 of the power of two at or above them, unchanged up to
+    16), and ``slot_bytes`` the bytes of one slot over all arrays of
+    ``weights``. It bounds the sent and received buffers plus the update
+    buffer (and the reload buffer) while transferring, and the update buffer
+    and one copy of it while committing (XLA's CPU backend adds temporaries
+    of the same order for its ``all_to_all`` and the checksums; the host
+    holds ``G * reloads`` slots of a group's reloads while placing them on
+    the devices). A layer whose estimate alone
     exceeds the cap is a ``ValueError``. ``weights`` is only read for shapes
     and dtypes (``jax.ShapeDtypeStruct`` leaves will do).
     """
@@ -878,6 +1005,7 @@ def apply_plan(
     verify: bool = True,
     donate: bool = False,
     fault: int | None = None,
+    load_expert: Callable[[int, int], Any] | None = None,
 ) -> Any:
     """The weights of the new placement: ``weights`` moved as ``plan`` says.
 
@@ -926,14 +1054,30 @@ def apply_plan(
     fault : int, optional, keyword-only
         For tests: corrupt plan row ``fault`` in flight (one flipped bit);
         the checksum catches it and the call raises.
+    load_expert : callable, optional, keyword-only
+        ``load_expert(layer, expert)`` returns the weights of one slot of
+        ``expert`` in ``layer`` (e.g. read from a checkpoint): the structure
+        of ``weights``, each leaf a numpy or JAX array of shape
+        ``leaf.shape[2:]`` and the dtype of its weights array. Required when
+        the layers moved have reload rows (``plan_transfers(...,
+        allow_reload=True)``: experts that only failed GPUs held); called on
+        the host once per reload row (each destination device of a lost
+        expert, in plan order) as each layer group is dispatched. The loaded
+        slots travel to their devices in the transfer program and are
+        committed with the copies (second copies of a reloaded expert on its
+        device copy the reloaded slot). An exception of the callback is a
+        :class:`eplb.TransferError` naming the reload row, raised before the
+        group's programs run (the failure rules below apply).
 
     Returns
     -------
     jax.Array [L, R, ...] or the pytree passed
         Sharded ``PartitionSpec(None, axis_name)``, same shapes and dtypes;
         every destination slot of the moved layers holds its source slot's
-        old bytes exactly (a stage-1 row: its source slot's new bytes), every
-        other slot its own.
+        old bytes exactly (a stage-1 row: its source slot's new bytes; a
+        reload row: ``load_expert``'s result), every other slot its own (so
+        slots that ``new_phy2log`` marks ``-1``, of GPUs that are down, keep
+        their bytes).
 
     Notes
     -----
@@ -961,7 +1105,8 @@ def apply_plan(
     ------
     TransferError
         A received copy does not match its sender's checksum (naming the
-        first such plan row and the receiving device), or a program failed
+        first such plan row and the receiving device), ``load_expert``
+        raised (naming the reload row and its device), or a program failed
         while running (a ``RuntimeError``: ``jax.errors.JaxRuntimeError``,
         the collective failed, a device ran out of memory); see Notes.
     RuntimeError
@@ -974,13 +1119,22 @@ def apply_plan(
         not arrays or of the wrong shape, no mesh axis, ``layers`` not ints
         (``TypeError``) or out of range or repeated (``ValueError``), a bad
         ``capacity``, ``fault``, ``layers_per_group`` or
-        ``max_staging_bytes`` (also one below a single layer's estimate).
-        Errors while tracing a program (bugs) also propagate unchanged.
+        ``max_staging_bytes`` (also one below a single layer's estimate),
+        reload rows in the layers moved without ``load_expert``
+        (``ValueError``), a ``load_expert`` that is not callable
+        (``TypeError``). Errors while tracing a program (bugs) also
+        propagate unchanged. A ``load_expert`` result of the wrong structure
+        or leaf type (``TypeError``), shape or dtype (``ValueError``) is
+        found when its group is dispatched, before that group runs: the
+        weights are then as after a ``TransferError`` (with ``donate`` and
+        earlier groups committed, the error carries ``err.weights`` and
+        ``err.committed_layers`` too).
     """
     donate = _check_flag("donate", donate)
     layers_per_group = _check_optional_count("layers_per_group", layers_per_group)
     max_staging_bytes = _check_optional_count("max_staging_bytes", max_staging_bytes)
-    job = _prepare(plan, weights, mesh, axis_name, layers=layers, capacity=capacity, verify=verify, fault=fault)
+    options = {"layers": layers, "capacity": capacity, "verify": verify, "fault": fault, "load_expert": load_expert}
+    job = _prepare(plan, weights, mesh, axis_name, **options)
     groups = job.split(layers_per_group, max_staging_bytes)
     for group in groups[1:]:  # a capacity below a later group's need raises before anything runs
         job.arrays(group)
@@ -995,6 +1149,13 @@ def apply_plan(
         except TransferError as err:
             err.weights = jax.tree_util.tree_unflatten(job.treedef, leaves if donate else original)
             err.committed_layers = tuple(moved) if donate else ()
+            raise
+        except (TypeError, ValueError) as err:  # a malformed load_expert result, found at this group's dispatch
+            if donate and moved:  # the caller's buffers hold the earlier groups' new weights: hand them back
+                err.weights = jax.tree_util.tree_unflatten(job.treedef, leaves)
+                err.committed_layers = tuple(moved)
+                if hasattr(err, "add_note"):
+                    err.add_note(f"eplb: layers {moved} are committed; err.weights holds the weights as they stand")
             raise
         moved.extend(int(layer) for layer in group)
     return jax.tree_util.tree_unflatten(job.treedef, leaves)
