@@ -205,6 +205,111 @@ def _checked_active_gpus(
     return active_gpus, values
 
 
+def _checked_gpu_capacity(
+    gpu_capacity: Any, weight: Any, backend: Any, num_gpus: int, check_values: bool | None
+) -> tuple[Any, Any]:
+    """``gpu_capacity`` [G] real numbers, on ``weight``'s kind and device; returns ``(capacity, host values or None)``.
+
+    Values of a numpy array or list are always read; an array of the loads' framework where free (the
+    ``check_values`` rule). The values themselves are checked by the caller (after ``active_gpus``).
+    """
+    name = _xp.backend_name(weight)
+    host = None
+    try:
+        kind = _xp.backend_name(gpu_capacity)
+    except TypeError:
+        kind = None
+    if kind == "numpy":
+        try:
+            gpu_capacity = np.asarray(gpu_capacity)
+        except ValueError as err:
+            raise ValueError(f"gpu_capacity must be a 1-D [num_gpus] array of numbers: {err}") from None
+        dtype_kind = gpu_capacity.dtype.kind
+    elif kind != name:
+        what = type(gpu_capacity).__module__ + "." + type(gpu_capacity).__qualname__
+        raise TypeError(
+            f"gpu_capacity must be an array of the loads' framework ({name}), a numpy array or a list; got {what}"
+        )
+    else:
+        dtype_kind = backend.dtype_kind(gpu_capacity)
+    if dtype_kind == "b":
+        raise TypeError(
+            "gpu_capacity must hold relative speeds (numbers, 0 for an idle GPU), got bools; "
+            "pass a mask of failed GPUs as active_gpus="
+        )
+    if dtype_kind not in "iuf":
+        raise TypeError(f"gpu_capacity must hold real numbers (relative speeds), got dtype {gpu_capacity.dtype}")
+    if tuple(gpu_capacity.shape) != (num_gpus,):
+        raise ValueError(f"gpu_capacity must have shape [num_gpus] = [{num_gpus}], got {list(gpu_capacity.shape)}")
+    if kind == "numpy":
+        host = gpu_capacity  # host data: always read
+        if name == "torch":
+            gpu_capacity = sys.modules["torch"].as_tensor(host.astype(np.float32), device=weight.device)
+        elif name == "jax":
+            gpu_capacity = sys.modules["jax"].numpy.asarray(host.astype(np.float32))
+    elif name == "torch":
+        gpu_capacity = gpu_capacity.to(weight.device)
+    if host is None and check_values is not False:
+        host = backend.host_values(gpu_capacity, force=bool(check_values))
+    return gpu_capacity, (None if host is None else np.asarray(host, dtype=np.float64))
+
+
+def _capacity_options(
+    gpu_capacity: Any,
+    active_gpus: Any,
+    weight: Any,
+    backend: Any,
+    sizes: tuple[int, int, int, int, bool],
+    check_values: bool | None,
+) -> dict[str, Any]:
+    """The backend options that place on ``gpu_capacity`` (and ``active_gpus``): ``{}`` (the plain
+    placement: equal capacities, every GPU live), ``{"active_gpus": ...}`` (equal capacities, some idle)
+    or ``{"gpu_capacity": ..., "uniform": ..., "node_fallback": ...}``.
+
+    ``sizes`` is ``(num_experts, num_replicas, num_nodes, num_gpus, hierarchical)``.
+    """
+    num_experts, num_replicas, num_nodes, num_gpus, hierarchical = sizes
+    capacity, values = _checked_gpu_capacity(gpu_capacity, weight, backend, num_gpus, check_values)
+    if active_gpus is not None:  # both: a GPU is live iff it is up and its capacity is positive
+        mask_sizes = (num_experts, num_replicas, num_gpus)
+        active, live = _checked_active_gpus(active_gpus, weight, backend, mask_sizes, check_values)
+        capacity = _xp.array_namespace(weight).where(active, capacity, 0)
+        values = None if values is None or live is None else np.where(live, values, 0.0)
+    if values is None:
+        return {"gpu_capacity": capacity}  # decided on the device
+    _validate.check_gpu_capacity(values, num_experts, num_replicas, num_gpus)
+    values32 = values.astype(np.float32)
+    live = values32 > 0
+    fallback = node_fallback_needed(live, num_experts, num_replicas, num_nodes, num_gpus) if hierarchical else None
+    if np.unique(values32[live]).size == 1:  # equal capacities: the capacity-blind placement, bit for bit
+        if live.all():
+            return {}
+        mask = live
+        name = _xp.backend_name(weight)
+        if name == "torch":
+            mask = sys.modules["torch"].as_tensor(live, device=weight.device)
+        elif name == "jax":
+            mask = sys.modules["jax"].numpy.asarray(live)
+        return {"active_gpus": mask, **({"node_fallback": fallback} if hierarchical else {})}
+    return {"gpu_capacity": capacity, "uniform": False, **({"node_fallback": fallback} if hierarchical else {})}
+
+
+def _unsupported_with_gpu_capacity(policy: str, spill: int, previous: Any, max_moves: Any) -> None:
+    """``gpu_capacity`` supports the greedy policy without spill, and no ``previous=`` yet: a ``ValueError``."""
+    others = [
+        f"policy={policy!r}" if policy != "greedy" else None,
+        f"spill={spill}" if spill else None,
+        "previous=" if previous is not None else None,
+        "max_moves=" if max_moves is not None else None,
+    ]
+    others = [o for o in others if o is not None]
+    if others:
+        raise ValueError(
+            f"gpu_capacity cannot be combined with {', '.join(others)} yet: placement by time supports the "
+            "greedy policy (hierarchical or global) without spill, from scratch (no previous=)"
+        )
+
+
 def _traced_knob(name: str, value: Any, kind: str) -> bool:
     """Whether ``value`` is a JAX array knob, kept as an array (its value is used on the device: no recompile
     per value, no host read); checked for shape and dtype only. ``kind``: "f" (a float) or "i" (an int)."""
@@ -281,6 +386,7 @@ def rebalance_experts(
     balance_tolerance: float | None = None,
     max_moves: int | None = None,
     active_gpus: Any = None,
+    gpu_capacity: Any = None,
 ) -> Placement:
     """Place ``num_replicas`` expert replicas on ``num_gpus`` GPUs, per layer.
 
@@ -380,6 +486,8 @@ def rebalance_experts(
         or ``max_moves`` yet. Runs the array-API path on every backend (no
         fused kernel), identical bit for bit; all-``True`` gives the
         placement without the mask (without ``previous``).
+        With ``gpu_capacity``: a GPU is live iff it is up and its capacity
+        is positive.
 
         With ``previous`` (global policy only, ``hierarchical=False``; may
         hold ``-1`` in slots of GPUs that were already down; any mask, even
@@ -391,6 +499,30 @@ def rebalance_experts(
         ``1 + balance_tolerance`` (default 0) times that of the placement
         without ``previous`` (up to float32 rounding of the sums), and no
         more experts move than in that placement relabelled.
+    gpu_capacity : array [num_gpus], real numbers >= 0, keyword-only
+        Relative speed of each GPU (read as float32; 0: an idle GPU, whose
+        slots hold ``-1`` as a failed one's under ``active_gpus``). Every GPU
+        keeps its ``R // num_gpus`` slots; a GPU's time is its load divided
+        by its capacity, and the placement minimises the slowest GPU's time
+        per layer: replica sets (greedy, or with some extra slots given to
+        the lightest experts, which slow GPUs' slots need) packed by LPT on
+        time and refined by swaps, never slower than the capacity-blind
+        placement on the same live GPUs (by a ``2**-16`` margin), and that
+        placement bit for bit when every live capacity is equal (all equal
+        and positive: the placement without ``gpu_capacity``). The
+        hierarchical policy packs groups onto nodes by node capacity (the
+        sum of its GPUs') and falls back to the global rule as with
+        ``active_gpus``. No float division decides anything (exact
+        reciprocals, see ``docs/algorithm.md``), so every backend places
+        alike, JAX with traced capacities too (a new vector does not
+        recompile). A numpy array or list, or an array of the loads'
+        framework; values read on the host by the ``check_values`` rule must
+        be finite, ``>= 0``, each positive one at least ``2**-64`` and
+        ``2**-40`` times the largest, and leave at least ``E`` live slots
+        (``ValueError``); unread values read NaN, inf, negative and too small
+        ones as 0, and too few live slots give ``phy2log = -1``,
+        ``logcnt = 0``. Greedy policy only; not with ``spill``, ``previous``
+        or ``max_moves`` yet. Score with ``eplb.metrics``' ``gpu_capacity=``.
 
     Returns
     -------
@@ -419,11 +551,16 @@ def rebalance_experts(
     backend, weight = _checked_weight(weight, check_values)
     settings = (weight.shape[1], num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy, spill)
     num_replicas, num_groups, num_nodes, num_gpus, hierarchical, spill = _checked_settings(*settings)
+    if gpu_capacity is not None:
+        _unsupported_with_gpu_capacity(policy, spill, previous, max_moves)
     if active_gpus is not None:
         _unsupported_with_active_gpus(policy, spill, previous, max_moves, hierarchical, num_groups, num_nodes)
     balance_tolerance, max_moves = _checked_knobs(balance_tolerance, max_moves, previous, spill)
     elastic = {}
-    if active_gpus is not None:
+    if gpu_capacity is not None:
+        sizes = (weight.shape[1], num_replicas, num_nodes, num_gpus, hierarchical)
+        elastic = _capacity_options(gpu_capacity, active_gpus, weight, backend, sizes, check_values)
+    elif active_gpus is not None:
         sizes = (weight.shape[1], num_replicas, num_gpus)
         active_gpus, live = _checked_active_gpus(active_gpus, weight, backend, sizes, check_values)
         if previous is not None:  # always the elastic rule (a traced all-up mask gives the same placement)

@@ -12,6 +12,7 @@ __all__ = [
     "check_config",
     "check_count",
     "check_flag",
+    "check_gpu_capacity",
     "check_previous_placement",
     "check_spill",
     "check_weight_dtype",
@@ -190,4 +191,35 @@ def check_active_gpus(live: np.ndarray, num_experts: int, num_replicas: int, num
         raise ValueError(
             f"active_gpus leaves {count} of {num_gpus} GPUs up, {count * per_gpu} live slots "
             f"({per_gpu} per GPU): fewer than the {num_experts} experts, each of which needs a slot"
+        )
+
+
+def check_gpu_capacity(capacity: np.ndarray, num_experts: int, num_replicas: int, num_gpus: int) -> None:
+    """Readable ``gpu_capacity`` (host numbers ``[G]``, already masked by ``active_gpus``): finite, ``>= 0``,
+    each positive one at least ``2**-64`` and ``2**-40`` times the largest, and at least ``E`` live slots."""
+    capacity = np.asarray(capacity, dtype=np.float64)
+    bad = ~np.isfinite(capacity) | (capacity < 0)
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"gpu_capacity must hold finite numbers >= 0 (0: an idle GPU), got gpu_capacity[{index}]={capacity[index]}"
+        )
+    if (capacity > _FLOAT32_MAX).any():
+        index = int(np.flatnonzero(capacity > _FLOAT32_MAX)[0])
+        raise ValueError(f"gpu_capacity[{index}]={capacity[index]} exceeds float32's range")
+    capacity32 = capacity.astype(np.float32).astype(np.float64)  # as the placement reads it
+    top = float(capacity32.max(initial=0.0))
+    tiny = (capacity > 0) & ((capacity32 < 2.0**-64) | (capacity32 < top * 2.0**-40))
+    if tiny.any():
+        index = int(np.flatnonzero(tiny)[0])
+        raise ValueError(
+            f"gpu_capacity[{index}]={capacity[index]} is positive but below 2**-64 or 2**-40 times the largest "
+            f"capacity ({top}): too slow to place by; pass 0 for an idle GPU"
+        )
+    per_gpu = num_replicas // num_gpus
+    count = int(np.count_nonzero(capacity > 0))
+    if count * per_gpu < num_experts:
+        raise ValueError(
+            f"gpu_capacity leaves {count} of {num_gpus} GPUs with a positive capacity (active), {count * per_gpu} "
+            f"live slots ({per_gpu} per GPU): fewer than the {num_experts} experts, each of which needs a slot"
         )

@@ -5,6 +5,15 @@ the array API: they accept and return numpy, torch or JAX arrays. Loads are
 float32 (as the placement itself sees them): a replica of expert ``e`` carries
 ``weight[e] * fl(1/logcnt[e])`` and a GPU's load is the left-to-right float32
 sum over its slots.
+
+GPUs of unequal speed (``gpu_capacity [G]``, as for
+:func:`eplb.rebalance_experts`): a GPU's *time* is its load divided by its
+capacity (:func:`gpu_times`), and balance is measured in time: the layer is
+done when its slowest GPU is, and at best every live GPU finishes together,
+at ``total load / total live capacity``. So ``balancedness`` becomes that
+ideal time over the slowest GPU's time (the share of the live GPUs' compute
+the layer uses; with equal capacities, mean load / max load), and
+``lower_bound`` bounds the slowest time.
 """
 
 from __future__ import annotations
@@ -12,15 +21,17 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from eplb import _xp
-from eplb.algorithms.bounds import node_lower_bound, node_set_bound
+from eplb.algorithms.bounds import capacity_bound, node_lower_bound, node_set_bound
 from eplb.algorithms.packing import sum_left_to_right
 from eplb.algorithms.replication import replica_load
+from eplb.algorithms.speed import capacity_live, clean_capacity
 
 __all__ = [
     "Locality",
     "Summary",
     "balancedness",
     "gpu_loads",
+    "gpu_times",
     "locality",
     "lower_bound",
     "replica_counts",
@@ -61,6 +72,37 @@ def gpu_loads(weight: Any, phy2log: Any, num_gpus: int) -> Any:
     return sum_left_to_right(xp.reshape(loads, (num_layers, num_gpus, num_slots // num_gpus)), xp=xp)
 
 
+def _capacity(gpu_capacity: Any, num_gpus: int, like: Any, *, xp: Any) -> Any:
+    """float32 ``[1, G]`` capacities as the placement reads them, on ``like``'s device; idle GPUs 0."""
+    device = None if _xp.is_numpy(xp) else _xp.device(like)
+    gpu_capacity = xp.asarray(gpu_capacity, device=device)
+    capacity = xp.reshape(clean_capacity(gpu_capacity, xp=xp), (1, num_gpus))
+    return xp.where(capacity_live(capacity, xp=xp), capacity, xp.zeros_like(capacity))
+
+
+def gpu_times(weight: Any, phy2log: Any, num_gpus: int, gpu_capacity: Any) -> Any:
+    """``[L, num_gpus]`` float32: each GPU's time, its load (:func:`gpu_loads`) / its capacity.
+
+    ``gpu_capacity [G]``: relative speeds (a numpy array or list, or an array
+    of ``phy2log``'s framework). An idle GPU (capacity 0) takes 0 if it holds
+    nothing, ``+inf`` if it holds load.
+    """
+    xp = _xp.array_namespace(phy2log)
+    loads = gpu_loads(weight, phy2log, num_gpus)
+    capacity = _capacity(gpu_capacity, num_gpus, loads, xp=xp)
+    idle = capacity == 0
+    times = loads / xp.where(idle, xp.ones_like(capacity), capacity)
+    return xp.where(idle, xp.where(loads > 0, xp.inf, 0.0), times)
+
+
+def _time_balance(weight: Any, phy2log: Any, num_gpus: int, gpu_capacity: Any, *, xp: Any) -> tuple[Any, Any]:
+    """``[L]`` ideal time (total load / total live capacity) and slowest GPU's time."""
+    times = gpu_times(weight, phy2log, num_gpus, gpu_capacity)
+    capacity = _capacity(gpu_capacity, num_gpus, times, xp=xp)
+    ideal = xp.sum(gpu_loads(weight, phy2log, num_gpus), axis=-1) / xp.sum(capacity, axis=-1)
+    return ideal, xp.max(times, axis=-1)
+
+
 def _live_mean(loads: Any, phy2log: Any, num_gpus: int, *, xp: Any) -> Any:
     """``[L]`` mean GPU load over live GPUs: those holding at least one expert (a GPU whose slots are all
     ``-1`` failed, see ``active_gpus``). Exactly ``xp.mean`` when no slot is ``-1``."""
@@ -71,12 +113,17 @@ def _live_mean(loads: Any, phy2log: Any, num_gpus: int, *, xp: Any) -> Any:
     return xp.where(xp.all(live, axis=-1), xp.mean(loads, axis=-1), masked)
 
 
-def balancedness(weight: Any, phy2log: Any, num_gpus: int) -> Any:
+def balancedness(weight: Any, phy2log: Any, num_gpus: int, *, gpu_capacity: Any = None) -> Any:
     """``[L]`` float32: mean GPU load / max GPU load per layer (1.0 = perfect; 1.0 for an all-zero layer).
 
     With ``-1`` slots (``active_gpus``): over the live GPUs only (a GPU whose slots are all ``-1`` is failed).
+    With ``gpu_capacity [G]``: ideal time / slowest GPU's time, the ideal time being total load / total
+    capacity (every GPU finishing together); 0.0 when an idle GPU (capacity 0) holds load.
     """
     xp = _xp.array_namespace(phy2log)
+    if gpu_capacity is not None:
+        ideal, peak = _time_balance(weight, phy2log, num_gpus, gpu_capacity, xp=xp)
+        return xp.where(peak > 0, ideal / xp.where(peak > 0, peak, 1.0), 1.0)
     loads = gpu_loads(weight, phy2log, num_gpus)
     peak = xp.max(loads, axis=-1)
     mean = _live_mean(loads, phy2log, num_gpus, xp=xp)
@@ -91,6 +138,7 @@ def lower_bound(
     num_gpus: int,
     *,
     hierarchical: bool | None = None,
+    gpu_capacity: Any = None,
 ) -> Any:
     """``[L]`` float32: no placement of this policy can get the max GPU load below this.
 
@@ -102,8 +150,18 @@ def lower_bound(
     minimised over every assignment of groups to nodes when there are at
     most a thousand or so, otherwise a relaxation that holds for any
     assignment (see :func:`eplb.algorithms.bounds.node_lower_bound`).
+
+    With ``gpu_capacity [G]``: a bound on the slowest GPU's *time* (load /
+    capacity) of any placement on those GPUs, global or hierarchical
+    (:func:`eplb.algorithms.bounds.capacity_bound`: total over capacity, the
+    best max replica load on the fastest GPU, the lightest experts that the
+    slowest GPUs' slots must take, and the pigeonhole bound). Needs at least
+    ``E`` live slots.
     """
     xp, weight32 = _float32(weight)
+    if gpu_capacity is not None:
+        capacity = _capacity(gpu_capacity, num_gpus, weight32, xp=xp)
+        return capacity_bound(weight32, capacity, num_replicas, num_gpus, xp=xp)
     if hierarchical is None:
         hierarchical = num_groups % num_nodes == 0
     if not hierarchical or num_nodes == 1:
@@ -156,17 +214,25 @@ def summarize(
     phy2log: Any,
     num_gpus: int,
     bound: Any = None,
+    *,
+    gpu_capacity: Any = None,
 ) -> Summary:
     """Summary figures of ``phy2log [L, R]`` against ``weight [L, E]``; ``bound [L]`` from :func:`lower_bound`.
 
     Layers with no load count as perfectly balanced. Means are over live GPUs
     (failed GPUs, all of whose slots are ``-1``, are left out). Reads the values to the
     host (it returns Python floats): use it for reports, not on a hot path.
+    With ``gpu_capacity [G]`` every figure is in time (see :func:`balancedness`): max and
+    mean GPU load become the slowest GPU's time and the ideal time; ``bound`` should then be
+    ``lower_bound(..., gpu_capacity=)``.
     """
     xp = _xp.array_namespace(phy2log)
-    loads = gpu_loads(weight, phy2log, num_gpus)
-    peak = xp.max(loads, axis=-1)
-    mean = _live_mean(loads, phy2log, num_gpus, xp=xp)
+    if gpu_capacity is not None:
+        mean, peak = _time_balance(weight, phy2log, num_gpus, gpu_capacity, xp=xp)
+    else:
+        loads = gpu_loads(weight, phy2log, num_gpus)
+        peak = xp.max(loads, axis=-1)
+        mean = _live_mean(loads, phy2log, num_gpus, xp=xp)
     busy = peak > 0
     safe_peak = xp.where(busy, peak, 1.0)
     per_layer = xp.where(busy, mean / safe_peak, 1.0)

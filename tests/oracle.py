@@ -484,3 +484,146 @@ def surviving_share(weight: list[float], phy2log: list[int], num_nodes: int) -> 
         kept = sum(float(x) for e, x in enumerate(weight) if e in rest)
         shares.append(kept / total if total > 0 else 1.0)
     return shares
+
+
+# ---------------------------------------------------------------- gpu_capacity (GPUs of unequal speed)
+
+
+def capacity_live(capacity) -> list[bool]:
+    """Live GPUs as ``docs/algorithm.md`` states it: capacity read as float32, positive, at least ``2**-64`` and
+    ``2**-40`` times the largest."""
+    caps = [float(F32(c)) if np.isfinite(c) and c >= TINY else 0.0 for c in capacity]
+    top = max(caps)
+    return [c > 0 and c >= top * 2.0**-40 for c in caps]
+
+
+def capacity_times64(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int, capacity) -> np.ndarray:
+    """``[L, G]`` float64: each GPU's load (:func:`gpu_loads64`) over its capacity; an idle GPU (capacity 0)
+    takes 0 if empty, ``inf`` if it holds load."""
+    loads = gpu_loads64(weight, phy2log, num_gpus)
+    live = capacity_live(capacity)
+    out = np.zeros_like(loads)
+    for layer in range(loads.shape[0]):
+        for g in range(num_gpus):
+            if live[g]:
+                out[layer, g] = loads[layer, g] / float(F32(capacity[g]))
+            else:
+                out[layer, g] = np.inf if loads[layer, g] > 0 else 0.0
+    return out
+
+
+def capacity_balance64(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int, capacity) -> np.ndarray:
+    """``[L]``: (total load / total live capacity) / slowest GPU's time; 1.0 for a layer without load."""
+    import math
+
+    times = capacity_times64(weight, phy2log, num_gpus, capacity)
+    loads = gpu_loads64(weight, phy2log, num_gpus)
+    live = capacity_live(capacity)
+    total_cap = math.fsum(float(F32(c)) for c, up in zip(capacity, live, strict=True) if up)
+    out = []
+    for layer in range(times.shape[0]):
+        peak = times[layer].max()
+        out.append(1.0 if peak == 0 else (math.fsum(loads[layer]) / total_cap) / peak)
+    return np.array(out)
+
+
+def _greedy_min_max_replica64(w: list[float], num_slots: int) -> float:
+    """Smallest achievable max of ``w[e] / n[e]`` over counts ``n >= 1`` summing to ``num_slots`` (greedy, float64)."""
+    n = [1] * len(w)
+    for _ in range(num_slots - len(w)):
+        best = max(range(len(w)), key=lambda e: (w[e] / n[e], -e))
+        n[best] += 1
+    return max(x / c for x, c in zip(w, n, strict=True))
+
+
+def capacity_bound64(weight: np.ndarray, num_replicas: int, num_gpus: int, capacity) -> np.ndarray:
+    """``[L]`` float64: ``eplb.algorithms.bounds.capacity_bound`` from its docstring, term by term."""
+    import math
+
+    live = capacity_live(capacity)
+    caps = [float(F32(c)) for c, up in zip(capacity, live, strict=True) if up]
+    per_gpu = num_replicas // num_gpus
+    num_live = len(caps)
+    live_slots = per_gpu * num_live
+    slow = sorted(caps)
+    out = []
+    for row in np.asarray(weight, dtype=np.float64):
+        w = [float(F32(x)) if F32(x) >= TINY else 0.0 for x in row]
+        num_experts = len(w)
+        asc = sorted(w)
+        terms = [math.fsum(w) / math.fsum(caps), _greedy_min_max_replica64(w, live_slots) / max(caps)]
+        for k in range(1, num_live + 1):
+            heavy = (num_live - k) * per_gpu
+            terms.append(math.fsum(asc[: max(num_experts - heavy, 0)]) / math.fsum(slow[:k]))
+        unreplicated = 2 * num_experts - live_slots
+        j = 1
+        while j * num_live < unreplicated:
+            start = unreplicated - j * num_live - 1
+            terms.append(math.fsum(asc[start : start + j + 1]) / max(caps))
+            j += 1
+        out.append(max(terms))
+    return np.array(out)
+
+
+def best_time64(row, num_replicas: int, num_gpus: int, capacity) -> float:
+    """The least slowest-GPU time over every placement of one small layer (exhaustive: replica counts, then
+    every way to fill each live GPU's ``R / G`` slots), float64."""
+    import itertools
+
+    live = capacity_live(capacity)
+    caps = [float(F32(c)) for c, up in zip(capacity, live, strict=True) if up]
+    per_gpu = num_replicas // num_gpus
+    slots = per_gpu * len(caps)
+    w = [float(F32(x)) for x in row]
+    best = np.inf
+
+    def fill(items: list[float], gpu: int, worst: float) -> None:
+        nonlocal best
+        if worst >= best:
+            return
+        if gpu == len(caps):
+            best = worst
+            return
+        for chosen in set(itertools.combinations(range(len(items)), per_gpu)):
+            rest = [x for i, x in enumerate(items) if i not in chosen]
+            fill(rest, gpu + 1, max(worst, sum(items[i] for i in chosen) / caps[gpu]))
+
+    def counts(left: int, experts: int):
+        if experts == 1:
+            yield (left,)
+            return
+        for first in range(1, left - experts + 2):
+            for tail in counts(left - first, experts - 1):
+                yield (first, *tail)
+
+    for n in counts(slots, len(w)):
+        items = sorted((x / c for x, c in zip(w, n, strict=True) for _ in range(c)), reverse=True)
+        fill(items, 0, 0.0)
+    return best
+
+
+def lpt_speed(weights: list, live: list[bool], inverse: list, per_pack: int) -> tuple[list[int], list[int]]:
+    """LPT by time, from ``eplb.algorithms.speed.lpt_pack_speed``'s docstring: (pack of each item, rank inside it).
+
+    Items after every live pack is full get pack -1."""
+    n = len(weights)
+    order = sorted(range(n), key=lambda i: (-float(weights[i]), i))
+    loads = [F32(0)] * len(live)
+    counts = [0] * len(live)
+    pack_of, rank_of = [-1] * n, [-1] * n
+    most = F32(np.finfo(np.float32).max)
+    for item in order:
+        best, best_key = None, None
+        for p in range(len(live)):
+            if not live[p] or counts[p] >= per_pack:
+                continue
+            after = min(F32(loads[p] + F32(weights[item])), most)
+            key = F32(after * F32(inverse[p]))
+            if best is None or key < best_key:
+                best, best_key = p, key
+        if best is None:
+            continue
+        pack_of[item], rank_of[item] = best, counts[best]
+        loads[best] = min(F32(loads[best] + F32(weights[item])), most)
+        counts[best] += 1
+    return pack_of, rank_of

@@ -15,9 +15,11 @@ from typing import Any
 from eplb import _xp
 from eplb.algorithms.packing import sum_left_to_right
 from eplb.algorithms.replication import replica_load, replicate_experts
+from eplb.algorithms.speed import capacity_live, clean_capacity
 
 __all__ = [
     "best_split",
+    "capacity_bound",
     "count_assignments",
     "group_assignments",
     "node_bounds",
@@ -180,3 +182,61 @@ def node_lower_bound(weight: Any, num_replicas: int, num_groups: int, num_nodes:
     own_slots = slots - (per_node - 1) * group_size
     split = xp.reshape(replication_bound(_gather_sets(weight, groups, xp=xp), own_slots, xp=xp), (num_layers, -1))
     return xp.maximum(spread, xp.max(split, axis=-1))
+
+
+def capacity_bound(weight: Any, capacity: Any, num_replicas: int, num_gpus: int, *, xp: Any) -> Any:
+    """``[L]``: lower bound on the slowest GPU's time (``load / capacity``) of any placement.
+
+    ``weight [L, E]`` float32; ``capacity [G]`` read as
+    :func:`eplb.algorithms.speed.clean_capacity` does, live GPUs as
+    :func:`eplb.algorithms.speed.capacity_live` (each holds ``S = R / G``
+    slots; ``R_live = S * live GPUs >= E``). The largest of:
+
+    - ``total / C``, ``C`` the sum of live capacities;
+    - ``m* / c_max``: ``m*`` the smallest achievable max per-replica load with
+      ``R_live`` slots (greedy replication), on the fastest GPU at best;
+    - for each ``k``: the ``k`` slowest live GPUs hold ``k S`` replicas, the
+      others ``h = (live - k) S``, which carry at most the ``h`` heaviest
+      experts' load; so the ``k`` slowest carry at least the ``E - h``
+      lightest experts' load, over their capacity sum;
+    - :func:`pigeonhole_bound` over the live GPUs, over ``c_max``.
+
+    Valid for the hierarchical policy too (its placements are global ones).
+    With equal capacities ``c`` it is at least :func:`node_set_bound` over ``c``.
+    """
+    num_layers, num_experts = weight.shape
+    per_gpu = num_replicas // num_gpus
+    device = _xp.device(weight)
+    capacity = xp.reshape(clean_capacity(capacity, xp=xp), (1, num_gpus))
+    live = capacity_live(capacity, xp=xp)
+    capacity = xp.where(live, capacity, xp.zeros_like(capacity))
+    num_live = xp.sum(xp.astype(live, xp.int32), axis=-1, keepdims=True)  # [1, 1]
+    live_slots = num_live * per_gpu
+    fastest = xp.max(capacity, axis=-1)
+    bound = xp.sum(weight, axis=-1) / xp.sum(capacity, axis=-1)
+    # Greedy replication is prefix-consistent: the first R_live - E steps are the replication into R_live slots.
+    phy2log, _, _ = replicate_experts(weight, num_replicas, xp=xp)
+    kept = xp.arange(num_replicas, dtype=xp.int32, device=device) < live_slots
+    experts = xp.arange(num_experts, dtype=phy2log.dtype, device=device)
+    counts = xp.sum(xp.astype((phy2log[:, :, None] == experts) & kept[:, :, None], phy2log.dtype), axis=1)
+    reciprocal = _xp.reciprocal_table(num_replicas, xp=xp, device=device)
+    bound = xp.maximum(bound, xp.max(replica_load(weight, counts, reciprocal, xp=xp), axis=-1) / fastest)
+    ascending = xp.sort(weight, axis=-1)
+    lightest = xp.concat(
+        [xp.zeros((num_layers, 1), dtype=weight.dtype, device=device), xp.cumulative_sum(ascending, axis=-1)], axis=-1
+    )
+    slow_capacity = xp.cumulative_sum(xp.sort(xp.where(live, capacity, xp.inf), axis=-1), axis=-1)  # [1, G]
+    slowest = xp.arange(1, num_gpus + 1, dtype=xp.int32, device=device)
+    heavy_slots = (num_live - slowest) * per_gpu
+    count = xp.clip(num_experts - heavy_slots, 0, num_experts)  # [1, G]: experts the k slowest carry at least
+    carried = xp.take(lightest, xp.reshape(xp.astype(count, xp.int32), (-1,)), axis=1)  # [L, G]
+    bound = xp.maximum(bound, xp.max(carried / slow_capacity, axis=-1))  # past the live GPUs: x / inf = 0
+    unreplicated = 2 * num_experts - live_slots  # [1, 1]
+    for j in range(1, per_gpu):
+        start = unreplicated - j * num_live - 1
+        index = xp.clip(start + xp.arange(j + 1, dtype=xp.int32, device=device), 0, num_experts - 1)
+        together = sum_left_to_right(
+            _xp.take_along(ascending, xp.broadcast_to(index, (num_layers, j + 1)), xp=xp), xp=xp
+        )
+        bound = xp.maximum(bound, xp.where(start[:, 0] >= 0, together, 0.0) / fastest)
+    return bound

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eplb.algorithms.capacity import place_capacity
 from eplb.algorithms.elastic import place_elastic, place_elastic_stable
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
@@ -66,6 +67,20 @@ def _rebalance_elastic(
         return tuple(a[0] for a in placement)
 
     placement = jax.vmap(one_layer, in_axes=(0, None))(weight.astype(jnp.float32), active.astype(bool))
+    return _tied_to(weight, placement)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _rebalance_capacity(
+    weight: jax.Array, capacity: jax.Array, config: tuple[int, int, int, int], options: tuple[tuple[str, Any], ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_rebalance` with ``gpu_capacity`` (``capacity [G]``, traced: a new vector does not recompile)."""
+
+    def one_layer(row: jax.Array, speeds: jax.Array) -> tuple[jax.Array, ...]:
+        placement = place_capacity(row[None, :], *config, xp=jnp, gpu_capacity=speeds, **dict(options))
+        return tuple(a[0] for a in placement)
+
+    placement = jax.vmap(one_layer, in_axes=(0, None))(weight.astype(jnp.float32), capacity.astype(jnp.float32))
     return _tied_to(weight, placement)
 
 
@@ -258,6 +273,12 @@ def rebalance(
     (no ``spill``).
     """
     config = (num_replicas, num_groups, num_nodes, num_gpus)
+    capacity = options.pop("gpu_capacity", None)
+    if capacity is not None:
+        # Placement by time (gpu_capacity): the array-API path under jit + vmap; no kernel implements it.
+        if impl not in (None, "xla"):
+            raise ValueError(f"gpu_capacity runs on impl='xla' (or None) only, got impl={impl!r}")
+        return _rebalance_capacity(weight, capacity, config, tuple(sorted(options.items())))
     active = options.pop("active_gpus", None)
     if active is not None:
         # Elastic placement (active_gpus): the array-API path under jit + vmap; no kernel implements it.

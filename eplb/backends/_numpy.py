@@ -6,12 +6,13 @@ from typing import Any
 
 import numpy as np
 
+from eplb.algorithms.capacity import place_capacity
 from eplb.algorithms.elastic import place_elastic, place_elastic_stable
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
 from eplb.backends import _numba
 
-__all__ = ["dtype_kind", "host_values", "rebalance", "rebalance_stable"]
+__all__ = ["dtype_kind", "host_values", "placer", "rebalance", "rebalance_stable"]
 
 
 def dtype_kind(weight: np.ndarray) -> str:
@@ -49,9 +50,15 @@ def rebalance(
         return _numba.rebalance(weight32, num_replicas, num_groups, num_nodes, num_gpus, **options)
     if impl != "xp":
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
-    placer = place if options.get("active_gpus") is None else place_elastic  # active_gpus: array API only
-    placement = placer(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
+    placement = placer(options)(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)
+
+
+def placer(options: dict[str, Any]) -> Any:
+    """The array-API placement for these options (``active_gpus``, ``gpu_capacity``: array API only)."""
+    if options.get("gpu_capacity") is not None:
+        return place_capacity
+    return place if options.get("active_gpus") is None else place_elastic
 
 
 def rebalance_stable(

@@ -14,8 +14,7 @@ import array_api_compat.torch as xp
 import numpy as np
 import torch
 
-from eplb.algorithms.elastic import place_elastic, place_elastic_stable
-from eplb.algorithms.policies import place
+from eplb.algorithms.elastic import place_elastic_stable
 from eplb.algorithms.stability import place_stable
 from eplb.backends import _numpy
 
@@ -47,14 +46,15 @@ def _has_triton() -> bool:
 
 
 def _kernel_applies(options: dict[str, Any]) -> bool:
-    """The fused greedy kernel covers the greedy policy without extra options (no ``active_gpus``)."""
-    plain = options.get("active_gpus") is None
+    """The fused greedy kernel covers the greedy policy without extra options (no ``active_gpus``, ``gpu_capacity``)."""
+    plain = options.get("active_gpus") is None and options.get("gpu_capacity") is None
     return plain and options.get("policy", "greedy") == "greedy" and not options.get("spill", 0)
 
 
 def _refined_kernel_applies(options: dict[str, Any]) -> bool:
-    """The fused kernels of the refined policy cover it without ``spill``."""
-    return options.get("policy", "greedy") == "refined" and not options.get("spill", 0)
+    """The fused kernels of the refined policy cover it without ``spill`` (and without ``gpu_capacity``)."""
+    plain = options.get("gpu_capacity") is None
+    return plain and options.get("policy", "greedy") == "refined" and not options.get("spill", 0)
 
 
 def rebalance(
@@ -118,14 +118,14 @@ def rebalance(
     if impl == "numpy":
         if weight.device.type != "cpu":
             raise ValueError(f"impl='numpy' needs a CPU tensor, got device {weight.device}")
-        if options.get("active_gpus") is not None:
-            options = {**options, "active_gpus": options["active_gpus"].detach().cpu().numpy()}
+        for key in ("active_gpus", "gpu_capacity"):
+            if options.get(key) is not None:
+                options = {**options, key: options[key].detach().cpu().numpy()}
         placement = _numpy.rebalance(weight32.numpy(), num_replicas, num_groups, num_nodes, num_gpus, **options)
         return tuple(torch.from_numpy(a) for a in placement)
     if impl != "torch":
         raise ValueError(f"impl must be 'torch', 'numpy' or None, got {impl!r}")
-    placer = place if options.get("active_gpus") is None else place_elastic  # active_gpus: array API only
-    return placer(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
+    return _numpy.placer(options)(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
 
 
 def rebalance_stable(

@@ -1,0 +1,256 @@
+"""GPUs of unequal speed (``gpu_capacity``): minimise the slowest GPU's time, ``load / capacity``.
+
+Every GPU keeps its ``S = R / G`` slots; an idle GPU (capacity 0) holds
+``-1`` there, as a failed one under ``active_gpus``. Per layer, on the live
+GPUs (times are products with :func:`eplb.algorithms.speed.inverse_capacity`,
+never quotients):
+
+1. *blind*: the ``active_gpus`` placement on the live GPUs (capacity-blind);
+2. *by time* (global rule; hierarchical: groups to nodes by LPT on time with
+   node capacities, the float32 left-to-right sums of their live GPUs'
+   capacities, then this per node): three replica sets, greedy replication for
+   the first ``k`` of the ``X = R_live - E`` extra slots and the other ``X - k``
+   one each to the lightest experts (lightest first, cycling), for ``k = X,
+   X // 4, 0`` (slow GPUs must fill their slots with light replicas); each packed
+   by LPT on time (:func:`eplb.algorithms.speed.lpt_pack_speed`), refined by
+   swaps out of the slowest GPU; the fastest of the three (the first unless
+   another is faster by the ``IMPROVEMENT`` margin);
+3. the by-time placement where its slowest GPU is faster than the blind one's
+   by that margin, else the blind one: never slower than capacity-blind.
+
+All live capacities equal: the blind placement (the greedy placement when
+every GPU is live), bit for bit. A hierarchical layer where some node has
+fewer live slots than the experts of its groups uses the global rule.
+Static shapes throughout (capacities may be traced under ``jit``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eplb import _xp
+from eplb.algorithms.elastic import _live_gpu_loads, _live_rows, _live_slot, build_log2phy_masked, rebalance_elastic
+from eplb.algorithms.hierarchy import assemble, expert_order, group_loads
+from eplb.algorithms.loads import clean_loads
+from eplb.algorithms.packing import inverse_permutation, slots_by_pack, sum_left_to_right
+from eplb.algorithms.refine import IMPROVEMENT
+from eplb.algorithms.relabel import occurrence
+from eplb.algorithms.replication import replica_load, replicate_experts
+from eplb.algorithms.speed import (
+    capacity_live,
+    clean_capacity,
+    inverse_capacity,
+    lpt_pack_speed,
+    pack_times,
+    refine_by_swaps_speed,
+)
+
+__all__ = ["GREEDY_SHARES", "default_swap_rounds", "place_capacity", "rebalance_capacity"]
+
+# Candidate replica sets: greedy replication for X * num // den of the X extra slots.
+GREEDY_SHARES = ((1, 1), (1, 4), (0, 1))
+
+
+def default_swap_rounds(num_gpus: int) -> int:
+    """Swap rounds per candidate: most rows converge in well under ``max(64, G)`` (DeepSeek-V3 loads)."""
+    return min(256, max(64, num_gpus))
+
+
+def _replica_sets(mlog_load: Any, live_slots: Any, phy_per_node: int, *, xp: Any) -> tuple[Any, Any, Any]:
+    """Per row and candidate (``C = len(GREEDY_SHARES)``, candidate-major rows ``[C * rows, ...]``):
+    ``item2mlog`` (node-local expert of each item; phantoms: 0), ``item_load`` (phantoms: -1), ``mlogcnt``."""
+    log_per_node = mlog_load.shape[1]
+    device = _xp.device(mlog_load)
+    phy2mlog, _, _ = replicate_experts(mlog_load, phy_per_node, xp=xp)  # greedy, prefix-consistent
+    index_dtype = phy2mlog.dtype
+    item = xp.arange(phy_per_node, dtype=index_dtype, device=device)
+    live_slots = xp.astype(live_slots, index_dtype)  # [rows, 1]
+    extra = xp.maximum(live_slots - log_per_node, xp.zeros_like(live_slots))
+    lightest = _xp.argsort_desc(-mlog_load, xp=xp)  # ascending load, equal loads by index (+0.0 loads only)
+    place_in_line = inverse_permutation(xp.astype(lightest, index_dtype), xp=xp)  # [rows, E/N]
+    experts = xp.arange(log_per_node, dtype=index_dtype, device=device)
+    steps = phy2mlog[:, log_per_node:]  # [rows, X_max]: the expert of each greedy step
+    step_hits = steps[:, :, None] == experts  # [rows, X_max, E/N]
+    reciprocal = _xp.reciprocal_table(phy_per_node - log_per_node + 1, xp=xp, device=device)
+    kept = item < live_slots
+    sets = ([], [], [])
+    for num, den in GREEDY_SHARES:
+        greedy = extra * num // den  # [rows, 1] greedy steps kept
+        rest = extra - greedy  # one each to the lightest experts, cycling
+        in_prefix = item[: steps.shape[1]] < greedy
+        greedy_cnt = 1 + xp.sum(xp.astype(step_hits & in_prefix[:, :, None], index_dtype), axis=1)
+        filler_cnt = xp.where(place_in_line < rest, (rest - 1 - place_in_line) // log_per_node + 1, 0)
+        mlogcnt = greedy_cnt + xp.astype(filler_cnt, index_dtype)  # [rows, E/N]
+        greedy_end = log_per_node + greedy
+        cyclic = xp.where(item >= greedy_end, (item - greedy_end) % log_per_node, 0)
+        filler = _xp.take_along(lightest, xp.astype(cyclic, lightest.dtype), xp=xp)
+        item2mlog = xp.where(item < greedy_end, phy2mlog, xp.where(kept, xp.astype(filler, index_dtype), 0))
+        load = replica_load(
+            _xp.take_along(mlog_load, item2mlog, xp=xp), _xp.take_along(mlogcnt, item2mlog, xp=xp), reciprocal, xp=xp
+        )
+        for out, value in zip(sets, (item2mlog, xp.where(kept, load, -1.0), mlogcnt), strict=True):
+            out.append(value)
+    return tuple(xp.concat(parts, axis=0) for parts in sets)
+
+
+def _speed_rows(
+    mlog_load: Any, live_gpu: Any, inverse: Any, live_slots: Any, phy_per_node: int, per_gpu: int, *, xp: Any
+) -> tuple[Any, Any, Any]:
+    """Per (layer, node) row: the fastest candidate of step 2. Returns ``phy2mlog`` (item of each candidate
+    item, phantoms 0), ``mlogcnt`` and ``pphy2phy [rows, R/N]`` (item in each slot of the row)."""
+    rows_n = mlog_load.shape[0]
+    num_sets = len(GREEDY_SHARES)
+    device = _xp.device(mlog_load)
+    item2mlog, item_load, mlogcnt = _replica_sets(mlog_load, live_slots, phy_per_node, xp=xp)
+    tile = (num_sets, 1)
+    live_gpu, inverse, live_slots = (xp.tile(a, tile) for a in (live_gpu, inverse, live_slots))
+    index_dtype = item2mlog.dtype
+    batch = rows_n * num_sets
+    live_slot = xp.reshape(xp.broadcast_to(live_gpu[:, :, None], (batch, live_gpu.shape[1], per_gpu)), (batch, -1))
+    slot_order = _xp.argsort_desc(xp.astype(live_slot, item_load.dtype), xp=xp)  # live slots, then idle ones
+    order, pack_by_step, rank_by_step = lpt_pack_speed(item_load, live_gpu, inverse, per_gpu, xp=xp)
+    step = xp.arange(phy_per_node, dtype=index_dtype, device=device) < xp.astype(live_slots, index_dtype)
+    slot_by_step = xp.where(step, pack_by_step * per_gpu + rank_by_step, xp.astype(slot_order, index_dtype))
+    row_ids = xp.reshape(xp.arange(batch, dtype=index_dtype, device=device), (batch, 1))
+    pphy2phy = xp.empty((batch, phy_per_node), dtype=index_dtype, device=device)
+    pphy2phy = _xp.at_set(
+        pphy2phy, (row_ids, xp.astype(slot_by_step, index_dtype)), xp.astype(order, index_dtype), xp=xp
+    )
+    pphy2phy = refine_by_swaps_speed(
+        item_load, pphy2phy, inverse, live_gpu, default_swap_rounds(live_gpu.shape[1]), xp=xp
+    )
+    times = xp.max(pack_times(_xp.take_along(item_load, pphy2phy, xp=xp), inverse, live_gpu, xp=xp), axis=-1)
+    times = xp.permute_dims(xp.reshape(times, (num_sets, rows_n)), (1, 0))  # [rows, C]
+    best = xp.reshape(xp.argmin(times, axis=-1), (rows_n, 1))
+    choice = xp.where(_xp.take_along(times, best, xp=xp) < times[:, :1] * IMPROVEMENT, best, 0)
+    pick = [xp.reshape(a, (num_sets, rows_n, -1)) for a in (item2mlog, mlogcnt, pphy2phy)]
+    out = [p[0] for p in pick]
+    for c in range(1, num_sets):
+        out = [xp.where(choice == c, p[c], o) for p, o in zip(pick, out, strict=True)]
+    return tuple(out)
+
+
+def _group_split(weight: Any, capacity: Any, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
+    """``mgroup2group [L, groups]``: groups to nodes by LPT on time, node capacity = its live GPUs' float32 sum."""
+    num_layers = weight.shape[0]
+    node_capacity = sum_left_to_right(xp.reshape(capacity, (-1, num_nodes, capacity.shape[-1] // num_nodes)), xp=xp)
+    node_live = xp.broadcast_to(node_capacity > 0, (num_layers, num_nodes))
+    inverse = xp.broadcast_to(inverse_capacity(node_capacity, xp=xp), (num_layers, num_nodes))
+    per_node = num_groups // num_nodes
+    order, node_by_step, rank_by_step = lpt_pack_speed(
+        group_loads(weight, num_groups, xp=xp), node_live, inverse, per_node, xp=xp
+    )
+    return slots_by_pack(order, node_by_step, rank_by_step, per_node, xp=xp)
+
+
+def _by_time(
+    weight: Any, capacity: Any, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any
+) -> tuple[Any, Any]:
+    """Step 2 under the hierarchical rule (global: one group, one node): ``phy2log`` (``-1`` idle), ``logcnt``."""
+    num_layers, num_log = weight.shape
+    live = capacity_live(capacity, xp=xp)  # [1, G]
+    if num_nodes > 1:
+        live_capacity = xp.where(live, capacity, xp.zeros_like(capacity))
+        mlog2log = expert_order(
+            _group_split(weight, live_capacity, num_groups, num_nodes, xp=xp), num_log // num_groups, xp=xp
+        )
+    else:
+        mlog2log = xp.broadcast_to(xp.arange(num_log, device=_xp.device(weight)), (num_layers, num_log))
+    mlog_load = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), (num_layers * num_nodes, num_log // num_nodes))
+    live_gpu, live_slots = _live_rows(weight, live, num_phy, num_nodes, num_gpus, xp=xp)
+    inverse = xp.reshape(xp.broadcast_to(inverse_capacity(capacity, xp=xp), (num_layers, num_gpus)), live_gpu.shape)
+    item2mlog, mlogcnt, pphy2phy = _speed_rows(
+        mlog_load, live_gpu, inverse, live_slots, num_phy // num_nodes, num_phy // num_gpus, xp=xp
+    )
+    zeros = xp.zeros_like(item2mlog)
+    phy2log, _, logcnt = assemble(mlog2log, item2mlog, zeros, mlogcnt, pphy2phy, num_nodes, xp=xp)
+    live_slot = _live_slot(live, num_layers, num_phy, num_gpus, xp=xp)
+    return xp.where(live_slot, phy2log, xp.full_like(phy2log, -1)), logcnt
+
+
+def _max_time(weight: Any, phy2log: Any, logcnt: Any, inverse: Any, num_gpus: int, *, xp: Any) -> Any:
+    """``[L, 1]``: the slowest GPU's time (idle GPUs hold nothing: load 0)."""
+    return xp.max(_live_gpu_loads(weight, phy2log, logcnt, num_gpus, xp=xp) * inverse, axis=-1, keepdims=True)
+
+
+def rebalance_capacity(
+    weight: Any,
+    capacity: Any,
+    num_phy: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    fallback: bool | None = None,
+    uniform: bool | None = None,
+    xp: Any,
+) -> tuple[Any, Any, Any]:
+    """``phy2log`` (``-1`` on idle GPUs), ``phyrank``, ``logcnt`` on GPUs of clean ``capacity [G]`` (float32).
+
+    ``fallback`` as in :func:`eplb.algorithms.elastic.rebalance_elastic`.
+    ``uniform``: ``True``/``False`` when the host knows whether every live
+    capacity is equal (``True``: the blind placement alone), ``None``
+    decides on the device. With fewer than ``E`` live slots: ``-1`` everywhere
+    and ``logcnt = 0``. ``phyrank`` numbers replicas in slot order (the blind
+    placement's own numbering where it is chosen).
+    """
+    num_layers, num_log = weight.shape
+    capacity = xp.reshape(capacity, (-1, num_gpus))
+    live = capacity_live(capacity, xp=xp)
+    hierarchical = num_nodes > 1 or num_groups > 1
+    blind = rebalance_elastic(weight, live, num_phy, num_groups, num_nodes, num_gpus, fallback=fallback, xp=xp)
+    if uniform:
+        return blind
+    if not hierarchical or fallback:
+        phy2log, logcnt = _by_time(weight, capacity, num_phy, 1, 1, num_gpus, xp=xp)
+    else:
+        phy2log, logcnt = _by_time(weight, capacity, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
+        if fallback is None and num_nodes > 1:
+            _, node_slots = _live_rows(weight, live, num_phy, num_nodes, num_gpus, xp=xp)
+            short = xp.any(xp.reshape(node_slots, (num_layers, num_nodes)) < num_log // num_nodes, axis=-1)
+            flat = _by_time(weight, capacity, num_phy, 1, 1, num_gpus, xp=xp)
+            phy2log = xp.where(short[:, None], flat[0], phy2log)
+            logcnt = xp.where(short[:, None], flat[1], logcnt)
+    inverse = inverse_capacity(capacity, xp=xp)
+    faster = _max_time(weight, phy2log, logcnt, inverse, num_gpus, xp=xp) < (
+        _max_time(weight, blind[0], blind[2], inverse, num_gpus, xp=xp) * IMPROVEMENT
+    )
+    if uniform is None:
+        top = xp.max(xp.where(live, capacity, -xp.inf), axis=-1, keepdims=True)
+        bottom = xp.min(xp.where(live, capacity, xp.inf), axis=-1, keepdims=True)
+        faster = faster & (top != bottom)
+    phyrank = xp.where(phy2log >= 0, occurrence(phy2log, xp=xp), xp.full_like(phy2log, -1))
+    _, live_slots = _live_rows(weight, live, num_phy, 1, num_gpus, xp=xp)  # [L, 1]
+    faster = faster & (live_slots >= num_log)  # too few live slots: the blind (empty) placement
+    return tuple(xp.where(faster, mine, theirs) for mine, theirs in zip((phy2log, phyrank, logcnt), blind, strict=True))
+
+
+def place_capacity(
+    weight: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    gpu_capacity: Any,
+    hierarchical: bool,
+    policy: str = "greedy",
+    spill: int = 0,
+    node_fallback: bool | None = None,
+    uniform: bool | None = None,
+    xp: Any,
+) -> tuple[Any, Any, Any]:
+    """:func:`eplb.algorithms.policies.place` on GPUs of ``gpu_capacity [G]``: ``phy2log`` (``-1`` on idle
+    GPUs), ``log2phy``, ``logcnt`` (live replicas), for float32 ``weight [L, E]``. Greedy policy, no spill.
+
+    ``node_fallback``, ``uniform``: see :func:`rebalance_capacity`.
+    """
+    if policy != "greedy" or spill:
+        raise ValueError(f"gpu_capacity supports the greedy policy without spill, got {policy=}, {spill=}")
+    weight = clean_loads(weight, xp=xp)
+    capacity = clean_capacity(gpu_capacity, xp=xp)
+    sizes = (num_groups, num_nodes) if hierarchical else (1, 1)
+    phy2log, phyrank, logcnt = rebalance_capacity(
+        weight, capacity, num_replicas, *sizes, num_gpus, fallback=node_fallback, uniform=uniform, xp=xp
+    )
+    return phy2log, build_log2phy_masked(phy2log, phyrank, weight.shape[1], xp=xp), logcnt
