@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from eplb import _xp
-from eplb.algorithms.bounds import capacity_bound, node_lower_bound, node_set_bound
+from eplb.algorithms.bounds import capacity_bound, capacity_node_bound, node_lower_bound, node_set_bound
 from eplb.algorithms.packing import sum_left_to_right
 from eplb.algorithms.replication import replica_load
 from eplb.algorithms.speed import capacity_live, clean_capacity
@@ -152,18 +152,23 @@ def lower_bound(
     assignment (see :func:`eplb.algorithms.bounds.node_lower_bound`).
 
     With ``gpu_capacity [G]``: a bound on the slowest GPU's *time* (load /
-    capacity) of any placement on those GPUs, global or hierarchical
+    capacity) of any placement on those GPUs
     (:func:`eplb.algorithms.bounds.capacity_bound`: total over capacity, the
     best max replica load on the fastest GPU, the lightest experts that the
-    slowest GPUs' slots must take, and the pigeonhole bound). Needs at least
-    ``E`` live slots.
+    slowest GPUs' slots must take, and the pigeonhole bound); hierarchical
+    policy: the same per node, minimised over every assignment of groups to
+    nodes where there are at most a few thousand
+    (:func:`eplb.algorithms.bounds.capacity_node_bound`), else the global
+    bound. Needs at least ``E`` live slots.
     """
     xp, weight32 = _float32(weight)
-    if gpu_capacity is not None:
-        capacity = _capacity(gpu_capacity, num_gpus, weight32, xp=xp)
-        return capacity_bound(weight32, capacity, num_replicas, num_gpus, xp=xp)
     if hierarchical is None:
         hierarchical = num_groups % num_nodes == 0
+    if gpu_capacity is not None:
+        capacity = _capacity(gpu_capacity, num_gpus, weight32, xp=xp)
+        if hierarchical and num_nodes > 1:
+            return capacity_node_bound(weight32, capacity, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
+        return capacity_bound(weight32, capacity, num_replicas, num_gpus, xp=xp)
     if not hierarchical or num_nodes == 1:
         return node_set_bound(weight32, num_replicas, num_gpus, xp=xp)
     return node_lower_bound(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)

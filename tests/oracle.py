@@ -565,6 +565,45 @@ def capacity_bound64(weight: np.ndarray, num_replicas: int, num_gpus: int, capac
     return np.array(out)
 
 
+def capacity_node_bound64(
+    weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, capacity
+) -> np.ndarray:
+    """``[L]`` float64: the hierarchical capacity bound from ``eplb.algorithms.bounds.capacity_node_bound``'s
+    docstring: every labelled assignment of groups to nodes, the worst node's :func:`capacity_bound64`, the least
+    over assignments, at least the global bound; the global bound if a node is short of slots."""
+    import itertools
+
+    live = capacity_live(capacity)
+    flat = capacity_bound64(weight, num_replicas, num_gpus, capacity)
+    per_gpu, gpn, gsize = num_replicas // num_gpus, num_gpus // num_nodes, weight.shape[1] // num_groups
+    caps = [[float(capacity[n * gpn + k]) if live[n * gpn + k] else 0.0 for k in range(gpn)] for n in range(num_nodes)]
+    if any(sum(c > 0 for c in node) * per_gpu < weight.shape[1] // num_nodes for node in caps):
+        return flat
+    per_node = num_groups // num_nodes
+
+    def assignments(groups: tuple[int, ...], nodes_left: int):
+        if nodes_left == 0:
+            yield []
+            return
+        for chosen in itertools.combinations(groups, per_node):
+            rest = tuple(g for g in groups if g not in chosen)
+            for tail in assignments(rest, nodes_left - 1):
+                yield [chosen, *tail]
+
+    out = []
+    for layer, row in enumerate(np.asarray(weight)):
+        best = np.inf
+        for split in assignments(tuple(range(num_groups)), num_nodes):
+            worst = 0.0
+            for node, groups in enumerate(split):
+                experts = [g * gsize + k for g in groups for k in range(gsize)]
+                node_row = row[experts][None, :]
+                worst = max(worst, capacity_bound64(node_row, num_replicas // num_nodes, gpn, caps[node])[0])
+            best = min(best, worst)
+        out.append(max(best, flat[layer]))
+    return np.array(out)
+
+
 def best_time64(row, num_replicas: int, num_gpus: int, capacity) -> float:
     """The least slowest-GPU time over every placement of one small layer (exhaustive: replica counts, then
     every way to fill each live GPU's ``R / G`` slots), float64."""

@@ -227,7 +227,12 @@ def test_every_implementation_agrees_and_keeps_the_promises(case):
         _same(first, blind, "with equal capacities vs the capacity-blind oracle")
         if live.all():
             _same(first, eplb.rebalance_experts(w, r, g, n, gpus, hierarchical=hierarchical), "vs greedy")
-    assert (oracle.capacity_bound64(w, r, gpus, caps) <= ours_t * (1 + 1e-6)).all(), "the bound exceeds a placement"
+    bound = np.asarray(eplb.metrics.lower_bound(w, r, g, n, gpus, hierarchical=hierarchical, gpu_capacity=caps))
+    if hierarchical:
+        np.testing.assert_allclose(bound, oracle.capacity_node_bound64(w, r, g, n, gpus, caps), rtol=1e-5)
+    else:
+        np.testing.assert_allclose(bound, oracle.capacity_bound64(w, r, gpus, caps), rtol=1e-5)
+    assert (bound <= ours_t * (1 + 1e-5)).all(), "the bound exceeds a placement"
 
 
 def test_half_slow_beats_the_blind_placement():
@@ -292,12 +297,16 @@ def test_metrics_against_the_oracle():
     np.testing.assert_allclose(times, oracle.capacity_times64(w, phy2log, 8, caps), rtol=1e-5)
     balance = oracle.capacity_balance64(w, phy2log, 8, caps)
     np.testing.assert_allclose(eplb.metrics.balancedness(w, phy2log, 8, gpu_capacity=caps), balance, rtol=1e-5)
-    bound = eplb.metrics.lower_bound(w, 32, 4, 2, 8, gpu_capacity=caps)
-    np.testing.assert_allclose(bound, oracle.capacity_bound64(w, 32, 8, caps), rtol=1e-5)
+    flat = eplb.metrics.lower_bound(w, 32, 4, 2, 8, hierarchical=False, gpu_capacity=caps)
+    np.testing.assert_allclose(flat, oracle.capacity_bound64(w, 32, 8, caps), rtol=1e-5)
+    bound = eplb.metrics.lower_bound(w, 32, 4, 2, 8, gpu_capacity=caps)  # hierarchical: groups stay on nodes
+    want = oracle.capacity_node_bound64(w, 32, 4, 2, 8, caps)
+    np.testing.assert_allclose(bound, want, rtol=1e-5)
+    assert (want >= oracle.capacity_bound64(w, 32, 8, caps)).all()
     summary = eplb.metrics.summarize(w, phy2log, 8, bound, gpu_capacity=caps)
     peak = oracle.capacity_times64(w, phy2log, 8, caps).max(axis=1)
     assert summary.balancedness == pytest.approx(balance.mean(), rel=1e-5)
-    assert summary.bound_ratio == pytest.approx((oracle.capacity_bound64(w, 32, 8, caps) / peak).mean(), rel=1e-5)
+    assert summary.bound_ratio == pytest.approx((want / peak).mean(), rel=1e-5)
     assert summary.imbalance == pytest.approx((1 / balance).mean(), rel=1e-5)
     # torch and JAX inputs give the same figures; an idle GPU holding load takes forever
     got = eplb.metrics.balancedness(torch.as_tensor(w), torch.as_tensor(phy2log), 8, gpu_capacity=torch.as_tensor(caps))

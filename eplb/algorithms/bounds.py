@@ -20,6 +20,7 @@ from eplb.algorithms.speed import capacity_live, clean_capacity
 __all__ = [
     "best_split",
     "capacity_bound",
+    "capacity_node_bound",
     "count_assignments",
     "group_assignments",
     "node_bounds",
@@ -240,3 +241,56 @@ def capacity_bound(weight: Any, capacity: Any, num_replicas: int, num_gpus: int,
         )
         bound = xp.maximum(bound, xp.where(start[:, 0] >= 0, together, 0.0) / fastest)
     return bound
+
+
+def capacity_node_bound(
+    weight: Any, capacity: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any
+) -> Any:
+    """``[L]``: :func:`capacity_bound` for the hierarchical policy (groups stay on their node).
+
+    Per layer, the least over every assignment of groups to nodes (each split
+    of :func:`group_assignments`, its node sets given to the nodes in every
+    order) of the worst node's :func:`capacity_bound` (the node's experts on
+    its GPUs), and at least the global :func:`capacity_bound`. Where a node
+    has fewer live slots than ``E / N`` (the policy then places globally), or
+    with more than :data:`MAX_ASSIGNMENTS` labelled assignments, the global bound.
+    """
+    num_layers, num_experts = weight.shape
+    flat = capacity_bound(weight, capacity, num_replicas, num_gpus, xp=xp)
+    orders = list(itertools.permutations(range(num_nodes)))
+    if count_assignments(num_groups, num_nodes) * len(orders) > MAX_ASSIGNMENTS * 4:
+        return flat
+    device = _xp.device(weight)
+    capacity = xp.reshape(clean_capacity(capacity, xp=xp), (num_nodes, num_gpus // num_nodes))
+    live = capacity_live(xp.reshape(capacity, (1, num_gpus)), xp=xp)
+    node_slots = xp.sum(xp.astype(xp.reshape(live, (num_nodes, -1)), xp.int32), axis=-1) * (num_replicas // num_gpus)
+    short = xp.any(node_slots < num_experts // num_nodes)
+    group_size = num_experts // num_groups
+    set_index: dict[tuple[int, ...], int] = {}
+    splits = [
+        [set_index.setdefault(node, len(set_index)) for node in split]
+        for split in group_assignments(num_groups, num_nodes)
+    ]
+    sets = [[g * group_size + k for g in node for k in range(group_size)] for node in set_index]
+    loads = _gather_sets(weight, sets, xp=xp)  # [L * K, E / N]
+    live_capacity = xp.where(xp.reshape(live, (num_nodes, -1)), capacity, xp.zeros_like(capacity))
+    per_node = [  # [L, K] each: the bound of every expert set on node n's GPUs
+        xp.reshape(
+            capacity_bound(loads, live_capacity[n], num_replicas // num_nodes, num_gpus // num_nodes, xp=xp),
+            (num_layers, len(sets)),
+        )
+        for n in range(num_nodes)
+    ]
+    table = xp.stack(per_node, axis=-1)  # [L, K, N]
+    table = xp.where(xp.isnan(table), xp.inf, table)  # a node without live GPUs can hold nothing
+    pairs = [[split[pos] * num_nodes + order[pos] for pos in range(num_nodes)] for split in splits for order in orders]
+    index = _xp.constant(pairs, xp=xp, device=device)  # [A * N!, N]: (set, node) of each position
+    worst = xp.max(
+        xp.reshape(
+            xp.take(xp.reshape(table, (num_layers, -1)), xp.reshape(index, (-1,)), axis=1),
+            (num_layers, len(pairs), num_nodes),
+        ),
+        axis=-1,
+    )
+    best = xp.maximum(xp.min(worst, axis=-1), flat)
+    return xp.where(short, flat, best)

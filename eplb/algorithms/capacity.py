@@ -8,7 +8,7 @@ never quotients):
 1. *blind*: the ``active_gpus`` placement on the live GPUs (capacity-blind);
 2. *by time* (global rule; hierarchical: groups to nodes by LPT on time with
    node capacities, the float32 left-to-right sums of their live GPUs'
-   capacities, then this per node): three replica sets, greedy replication for
+   capacities, refined by swaps of groups, then this per node): three replica sets, greedy replication for
    the first ``k`` of the ``X = R_live - E`` extra slots and the other ``X - k``
    one each to the lightest experts (lightest first, cycling), for ``k = X,
    X // 4, 0`` (slow GPUs must fill their slots with light replicas); each packed
@@ -131,16 +131,20 @@ def _speed_rows(
 
 
 def _group_split(weight: Any, capacity: Any, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
-    """``mgroup2group [L, groups]``: groups to nodes by LPT on time, node capacity = its live GPUs' float32 sum."""
+    """``mgroup2group [L, groups]``: groups to nodes by LPT on time, then swaps of groups between nodes
+    (:func:`eplb.algorithms.speed.refine_by_swaps_speed`, at most ``num_groups`` rounds); a node's
+    capacity is its live GPUs' float32 left-to-right sum."""
     num_layers = weight.shape[0]
     node_capacity = sum_left_to_right(xp.reshape(capacity, (-1, num_nodes, capacity.shape[-1] // num_nodes)), xp=xp)
     node_live = xp.broadcast_to(node_capacity > 0, (num_layers, num_nodes))
     inverse = xp.broadcast_to(inverse_capacity(node_capacity, xp=xp), (num_layers, num_nodes))
     per_node = num_groups // num_nodes
-    order, node_by_step, rank_by_step = lpt_pack_speed(
-        group_loads(weight, num_groups, xp=xp), node_live, inverse, per_node, xp=xp
-    )
-    return slots_by_pack(order, node_by_step, rank_by_step, per_node, xp=xp)
+    loads = group_loads(weight, num_groups, xp=xp)
+    order, node_by_step, rank_by_step = lpt_pack_speed(loads, node_live, inverse, per_node, xp=xp)
+    split = slots_by_pack(order, node_by_step, rank_by_step, per_node, xp=xp)
+    # Cardinality (groups per node) makes LPT fill the fast nodes first; swaps of groups fix the slow ones.
+    inverse, node_live = xp.asarray(inverse, copy=True), xp.asarray(node_live, copy=True)  # rows of their own
+    return refine_by_swaps_speed(loads, split, inverse, node_live, num_groups, xp=xp)
 
 
 def _by_time(
