@@ -251,7 +251,8 @@ def jax():
 def test_jax_gives_int32_jax_on_cpu(jax):
     """A JAX CPU array gives JAX arrays on the CPU, int32 (x64 off), same as numpy."""
     assert not jax.config.jax_enable_x64
-    result = eplb.rebalance_experts(jax.numpy.asarray(GOLDEN), *CONFIG)
+    on_cpu = jax.device_put(jax.numpy.asarray(GOLDEN), jax.devices("cpu")[0])  # a GPU machine's default is the GPU
+    result = eplb.rebalance_experts(on_cpu, *CONFIG)
     expected = eplb.rebalance_experts(np.array(GOLDEN), *CONFIG)
     for out, exp in zip(result, expected, strict=True):
         assert isinstance(out, jax.Array)

@@ -621,7 +621,9 @@ def _pack(
             new = jax.tree.map(lambda a, b, done=done: jnp.where(done, a, b), new, state)
         state = new
         _store(scratch_ref, base + S + first + u, record, done if meta.fill_first else None, interpret)
-    state, _ = lax.fori_loop(np.int32(0), (S - start) // unroll, block, (state, ahead))
+    # int32 bounds: under jax_enable_x64 a traced ``first`` is int64, and fori_loop needs equal types.
+    steps = ((S - start) // unroll).astype(np.int32) if hasattr(start, "astype") else np.int32((S - start) // unroll)
+    state, _ = lax.fori_loop(np.int32(0), steps, block, (state, ahead))
     barrier()
     rec_o = plgpu.load(scratch_ref.at[base + S + step_o], mask=q_valid, other=0)
     rec_x = plgpu.load(scratch_ref.at[base + S + step_x], mask=x_valid, other=0)
