@@ -13,7 +13,8 @@ never quotients):
    one each to the lightest experts (lightest first, cycling), for ``k = X,
    X // 4, 0`` (slow GPUs must fill their slots with light replicas); each packed
    by LPT on time (:func:`eplb.algorithms.speed.lpt_pack_speed`), refined by
-   swaps out of the slowest GPU; the fastest of the three (the first unless
+   swaps and exchanges out of the slowest GPU
+   (:func:`eplb.algorithms.speed.refine_by_swaps_speed`); the fastest of the three (the first unless
    another is faster by the ``IMPROVEMENT`` margin);
 3. the by-time placement where its slowest GPU is faster than the blind one's
    by that margin, else the blind one: never slower than capacity-blind.

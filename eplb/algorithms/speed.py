@@ -145,12 +145,17 @@ def refine_by_swaps_speed(
     """:func:`eplb.algorithms.refine.refine_by_swaps` by time: returns ``slot2item [B, n]``.
 
     Each round takes the slowest live pack ``a`` (largest time ``load * inverse``,
-    first on ties) and, over every other live pack ``b`` and item pair ``(i in
-    a, j in b)``, the swap minimising ``max(fl32(load_a - x_i + x_j) * inv_a,
-    fl32(load_b - x_j + x_i) * inv_b)`` (ties: ``(i, b, j)`` in row-major
-    order); applied only if that is below ``a``'s time by the
-    :data:`eplb.algorithms.refine.IMPROVEMENT` margin, so the slowest time
-    never rises. Idle packs (``live_pack [B, m]`` false) take no part.
+    first on ties) and the best of these moves with every other live pack ``b``:
+
+    - swap items ``i`` of ``a`` and ``j`` of ``b``: ``max(fl32(load_a - x_i + x_j) * inv_a,
+      fl32(load_b - x_j + x_i) * inv_b)``;
+    - exchange the whole contents of ``a`` and ``b`` (slot order kept): ``max(load_b * inv_a,
+      load_a * inv_b)``; a slow GPU's load may suit a faster one better than any single swap.
+
+    The smallest value wins (ties: swaps first, ``(i, b, j)`` in row-major
+    order, then exchanges by ``b``); it is applied only if below ``a``'s time
+    by the :data:`eplb.algorithms.refine.IMPROVEMENT` margin, so the slowest
+    time never rises. Idle packs (``live_pack [B, m]`` false) take no part.
     """
     n = slot2item.shape[1]
     num_packs = inverse.shape[1]
@@ -158,6 +163,7 @@ def refine_by_swaps_speed(
     device = _xp.device(slot2item)
     index_dtype = slot2item.dtype
     position = xp.arange(n, dtype=index_dtype, device=device)
+    pack_of = position // capacity
     in_pack = xp.arange(capacity, dtype=index_dtype, device=device)
     pack_ids = xp.arange(num_packs, dtype=index_dtype, device=device)
     width = capacity * num_packs * capacity
@@ -176,24 +182,29 @@ def refine_by_swaps_speed(
         out_i = heavy_items[:, :, None, None]
         in_j = by_pack[:, None, :, :]
         new_heavy = ((heavy_load[:, :, None, None] - out_i) + in_j) * heavy_inverse[:, :, None, None]
-        partner_load = xp.where((pack_ids == heavy) | ~live, xp.inf, loads)
+        barred = (pack_ids == heavy) | ~live
+        partner_load = xp.where(barred, xp.inf, loads)
         new_other = ((partner_load[:, None, :, None] - in_j) + out_i) * inverse[:, None, :, None]
-        worst = xp.reshape(xp.maximum(new_heavy, new_other), (batch, width))
+        swaps = xp.reshape(xp.maximum(new_heavy, new_other), (batch, width))
+        exchanges = xp.where(barred, xp.inf, xp.maximum(loads * heavy_inverse, heavy_load * inverse))  # [B, m]
+        worst = xp.concat([swaps, exchanges], axis=-1)
         best = xp.reshape(xp.astype(xp.argmin(worst, axis=-1), index_dtype), (batch, 1))
         accept = _xp.take_along(worst, best, xp=xp) < (heavy_load * heavy_inverse) * IMPROVEMENT
-        give = xp.where(accept, heavy * capacity + best // (num_packs * capacity), 0)
-        take = xp.where(accept, (best // capacity) % num_packs * capacity + best % capacity, 0)
-        slot2item = _swap(slot2item, give, take, position, xp=xp)
-        slot_load = _swap(slot_load, give, take, position, xp=xp)
+        is_swap = accept & (best < width)
+        partner = xp.where(accept & (best >= width), best - width, heavy)  # heavy itself: no exchange
+        give = heavy * capacity + best // (num_packs * capacity)
+        take = (best // capacity) % num_packs * capacity + best % capacity
+        offset = position % capacity
+        source = xp.where(
+            pack_of == heavy,
+            partner * capacity + offset,
+            xp.where(pack_of == partner, heavy * capacity + offset, position),
+        )
+        source = xp.where(is_swap & (position == give), take, xp.where(is_swap & (position == take), give, source))
+        slot2item = _xp.take_along(slot2item, source, xp=xp)
+        slot_load = _xp.take_along(slot_load, source, xp=xp)
         return (slot2item, slot_load, inverse, live), accept[:, 0]
 
     slot_load = _xp.take_along(item_load, slot2item, xp=xp)
     rows = (slot2item, slot_load, inverse, live_pack)
     return _xp.refine_rows(swap_once, rows, num_iters, xp=xp)[0]
-
-
-def _swap(values: Any, first: Any, second: Any, position: Any, *, xp: Any) -> Any:
-    """Exchange ``values[b, first[b]]`` and ``values[b, second[b]]`` (``[B, 1]`` indices) without a scatter."""
-    at_first = _xp.take_along(values, first, xp=xp)
-    at_second = _xp.take_along(values, second, xp=xp)
-    return xp.where(position == first, at_second, xp.where(position == second, at_first, values))
