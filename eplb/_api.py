@@ -69,6 +69,13 @@ def _validated_settings(
     )
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} must be one of {', '.join(map(repr, POLICIES))}")
+    if policy == "survivable":  # a global placement over num_nodes failure domains
+        if num_gpus % num_nodes:
+            raise ValueError(f"policy='survivable' spreads replicas over nodes: num_gpus={num_gpus} must be a "
+                             f"multiple of num_nodes={num_nodes}")  # fmt: skip
+        if spill:
+            raise ValueError("policy='survivable' is a global placement: spill needs the hierarchical policy")
+        hierarchical = False
     spill = _validate.check_spill(spill, num_experts, num_replicas, num_nodes, hierarchical)
     return num_replicas, num_groups, num_nodes, num_gpus, hierarchical, spill
 
@@ -270,14 +277,17 @@ def _capacity_options(
     """
     num_experts, num_replicas, num_nodes, num_gpus, hierarchical = sizes
     capacity, values = _checked_gpu_capacity(gpu_capacity, weight, backend, num_gpus, check_values)
+    if values is not None:
+        _validate.check_gpu_capacity(values, num_experts, num_replicas, num_gpus, count=active_gpus is None)
     if active_gpus is not None:  # both: a GPU is live iff it is up and its capacity is positive
         mask_sizes = (num_experts, num_replicas, num_gpus)
         active, live = _checked_active_gpus(active_gpus, weight, backend, mask_sizes, check_values)
         capacity = _xp.array_namespace(weight).where(active, capacity, 0)
         values = None if values is None or live is None else np.where(live, values, 0.0)
+        if values is not None:
+            _validate.check_gpu_capacity(values, num_experts, num_replicas, num_gpus)
     if values is None:
         return {"gpu_capacity": capacity}  # decided on the device
-    _validate.check_gpu_capacity(values, num_experts, num_replicas, num_gpus)
     values32 = values.astype(np.float32)
     live = values32 > 0
     fallback = node_fallback_needed(live, num_experts, num_replicas, num_nodes, num_gpus) if hierarchical else None
@@ -415,12 +425,19 @@ def rebalance_experts(
     hierarchical : bool or None, keyword-only
         ``None`` (default) runs the hierarchical policy iff
         ``num_groups % num_nodes == 0``, as published; ``True``/``False`` force it.
-    policy : {"greedy", "refined"}, keyword-only
+    policy : {"greedy", "refined", "survivable"}, keyword-only
         ``"greedy"`` (default): the published algorithm, placement for
         placement. ``"refined"``: better balance from the same constraints
         (alternative group splits, capped replication, several packings
         refined by swaps); per layer its heaviest GPU is never heavier than
-        greedy's. See ``docs/algorithm.md``.
+        greedy's. ``"survivable"``: a global placement (groups ignored,
+        ``hierarchical`` taken as ``False``) that survives a node failure
+        better: the greedy replica counts, each expert's replicas packed
+        onto different nodes (of ``num_nodes``), then different GPUs,
+        wherever a GPU there has room (LPT among those); score with
+        ``eplb.metrics.surviving_load``. Not with ``previous=``,
+        ``active_gpus``, ``gpu_capacity`` or ``spill`` yet. See
+        ``docs/algorithm.md``.
     spill : int, keyword-only
         Hierarchical policy only: up to this many replicas per node may hold
         experts whose group lives on another node (0, the default, keeps
@@ -551,6 +568,11 @@ def rebalance_experts(
     backend, weight = _checked_weight(weight, check_values)
     settings = (weight.shape[1], num_replicas, num_groups, num_nodes, num_gpus, hierarchical, policy, spill)
     num_replicas, num_groups, num_nodes, num_gpus, hierarchical, spill = _checked_settings(*settings)
+    if policy == "survivable" and previous is not None:
+        raise ValueError(
+            "policy='survivable' cannot be combined with previous= yet (relabelling GPUs freely would undo the "
+            "spread over nodes)"
+        )
     if gpu_capacity is not None:
         _unsupported_with_gpu_capacity(policy, spill, previous, max_moves)
     if active_gpus is not None:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from eplb import _xp
+from eplb import _validate, _xp
 from eplb.algorithms.bounds import capacity_bound, capacity_node_bound, node_lower_bound, node_set_bound
 from eplb.algorithms.packing import sum_left_to_right
 from eplb.algorithms.replication import replica_load
 from eplb.algorithms.speed import capacity_live, clean_capacity
+from eplb.algorithms.survivable import surviving_load_share
 
 __all__ = [
     "Locality",
@@ -37,6 +38,7 @@ __all__ = [
     "replica_counts",
     "slot_loads",
     "summarize",
+    "surviving_load",
 ]
 
 
@@ -179,6 +181,21 @@ class Locality(NamedTuple):
 
     home_share: Any  # share of the layer's load served on its group's home node (1.0 = all)
     nodes_per_group: Any  # mean number of nodes holding a replica of a group (1.0 = hierarchical)
+
+
+def surviving_load(weight: Any, phy2log: Any, num_nodes: int) -> Any:
+    """``[L, N]`` float32: share of layer ``l``'s load whose expert keeps a replica when node ``n`` fails.
+
+    Slot ``j`` is on node ``j // (R // num_nodes)``; ``-1`` slots hold nothing. An all-zero layer survives
+    whole (1.0). The worst single-node failure of a layer is the row's minimum (``policy="survivable"``
+    raises it; ``docs/benchmarks.md``).
+    """
+    xp = _xp.array_namespace(phy2log)
+    num_nodes = _validate.check_count("num_nodes", num_nodes)
+    if phy2log.shape[1] % num_nodes:
+        raise ValueError(f"the number of slots {phy2log.shape[1]} must be a multiple of num_nodes={num_nodes}")
+    _, w32 = _float32(weight)
+    return surviving_load_share(w32, phy2log, num_nodes, xp=xp)
 
 
 def locality(weight: Any, phy2log: Any, num_groups: int, num_nodes: int) -> Locality:

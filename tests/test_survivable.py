@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import eplb
 from eplb.algorithms.hierarchy import rebalance_hierarchical
 from eplb.algorithms.survivable import rebalance_survivable, surviving_load_share
 
@@ -90,3 +91,26 @@ def test_real_loads_survive_a_node_failure_better_at_the_same_balance():
         return per_slot.reshape(len(weight), gpus, -1).sum(axis=2).max(axis=1)
 
     assert (peak(spread) <= peak(greedy) * 1.01).all()  # the spread costs under 1% of the heaviest GPU here
+
+
+def test_public_api_policy_survivable():
+    weight, slots, nodes, gpus = _random_case(np.random.default_rng(3), 3, 20, 4, 2, 3)
+    want = rebalance_survivable(weight, slots, nodes, gpus, xp=np)
+    got = eplb.rebalance_experts(weight, slots, 4, nodes, gpus, policy="survivable")  # groups ignored
+    np.testing.assert_array_equal(got.phy2log, want[0])
+    np.testing.assert_array_equal(got.logcnt, want[2])
+    for layer in range(len(weight)):  # log2phy points at the expert's slots, -1 padded
+        for e in range(weight.shape[1]):
+            slots_of = got.log2phy[layer, e][got.log2phy[layer, e] >= 0]
+            assert sorted(slots_of.tolist()) == np.flatnonzero(got.phy2log[layer] == e).tolist()
+    share = eplb.metrics.surviving_load(weight, got.phy2log, nodes)
+    for layer in range(len(weight)):
+        row = got.phy2log[layer].tolist()
+        want_share = oracle.surviving_share(weight[layer].astype(np.float64).tolist(), row, nodes)
+        np.testing.assert_allclose(share[layer], want_share, rtol=1e-5)
+    with pytest.raises(ValueError, match="survivable' cannot be combined with previous="):
+        eplb.rebalance_experts(weight, slots, 4, nodes, gpus, policy="survivable", previous=got.phy2log)
+    with pytest.raises(ValueError, match="num_gpus=6 must be a multiple of num_nodes=4"):
+        eplb.rebalance_experts(weight[:, :6], 12, 1, 4, 6, policy="survivable")
+    with pytest.raises(ValueError, match="num_nodes=5"):
+        eplb.metrics.surviving_load(weight, got.phy2log, 5)

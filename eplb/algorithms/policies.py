@@ -8,10 +8,11 @@ from eplb.algorithms.hierarchy import build_log2phy, rebalance_hierarchical
 from eplb.algorithms.loads import clean_loads
 from eplb.algorithms.refined import rebalance_refined
 from eplb.algorithms.spill import rebalance_spill
+from eplb.algorithms.survivable import rebalance_survivable
 
 __all__ = ["POLICIES", "place"]
 
-POLICIES = ("greedy", "refined")
+POLICIES = ("greedy", "refined", "survivable")
 
 
 def place(
@@ -28,14 +29,19 @@ def place(
 ) -> tuple[Any, Any, Any]:
     """``phy2log [L, R]``, ``log2phy [L, E, R - E + 1]``, ``logcnt [L, E]`` for float32 ``weight [L, E]``.
 
-    ``policy``: ``"greedy"`` (the published algorithm) or ``"refined"``.
+    ``policy``: ``"greedy"`` (the published algorithm), ``"refined"``, or
+    ``"survivable"`` (the global greedy replication, each expert's replicas
+    spread over the ``num_nodes`` nodes, then GPUs; groups and
+    ``hierarchical`` ignored: :mod:`eplb.algorithms.survivable`).
     ``hierarchical=False`` is the global policy: one group, one node.
     ``spill > 0`` (hierarchical only): that many replicas per node may serve
     other nodes' groups (:func:`eplb.algorithms.spill.rebalance_spill`).
     Loads below ``2**-64`` count as zero (:mod:`eplb.algorithms.loads`).
     """
     weight = clean_loads(weight, xp=xp)
-    if spill > 0:
+    if policy == "survivable":
+        phy2log, phyrank, logcnt = rebalance_survivable(weight, num_replicas, num_nodes, num_gpus, xp=xp)
+    elif spill > 0:
         phy2log, phyrank, logcnt = rebalance_spill(
             weight, num_replicas, num_groups, num_nodes, num_gpus, spill=spill, refine=policy == "refined", xp=xp
         )

@@ -16,9 +16,8 @@ import argparse
 import sys
 
 import eplb
-from eplb.algorithms.policies import POLICIES
 from eplb.cli import _commands, _files
-from eplb.cli._common import BACKENDS, UsageError
+from eplb.cli._common import BACKENDS, BALANCE_POLICIES, UsageError
 from eplb.cli._console import Console
 
 __all__ = ["main"]
@@ -91,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="plan a placement for a load file")
     _load_flags(plan, required=True)
     _config_flags(plan, gpus_required=True)
-    plan.add_argument("--policy", choices=POLICIES, default="greedy", help="default: %(default)s")
+    plan.add_argument("--policy", choices=BALANCE_POLICIES, default="greedy", help="default: %(default)s")
     plan.add_argument("--backend", choices=BACKENDS, default="numpy", help="default: %(default)s")
     plan.add_argument("--previous", metavar="FILE", help="the current placement (.json/.npz/.npy), to move few experts")
     plan.add_argument(

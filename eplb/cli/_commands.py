@@ -11,7 +11,6 @@ import numpy as np
 
 import eplb
 from eplb import metrics
-from eplb.algorithms.policies import POLICIES
 from eplb.cli import _common as common
 from eplb.cli import _files
 from eplb.cli._console import Console
@@ -39,7 +38,7 @@ def demo(args: argparse.Namespace, console: Console) -> int:
     console.print("embedded load: synthetic DeepSeek-V3-shaped token counts")
     console.print(f"  {common.describe(weight, config)}")
     rows, reference, best = [], {}, None
-    runs = [(p, b) for p in POLICIES for b in common.BACKENDS]
+    runs = [(p, b) for p in common.BALANCE_POLICIES for b in common.BACKENDS]
     with console.progress(len(runs)) as step:
         for policy, backend in runs:
             if not common.installed(backend):

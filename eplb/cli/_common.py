@@ -18,6 +18,7 @@ from eplb.cli._files import host
 
 __all__ = [
     "BACKENDS",
+    "BALANCE_POLICIES",
     "TIMED_CALLS",
     "UsageError",
     "as_backend",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 BACKENDS = ("numpy", "torch", "jax")
+# The policies the commands plan and score against the config's lower bound ("survivable", a global placement
+# for failure domains, is scored differently: Python API and eplb.metrics.surviving_load).
+BALANCE_POLICIES = ("greedy", "refined")
 TIMED_CALLS = 5
 
 
