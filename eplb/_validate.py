@@ -194,9 +194,12 @@ def check_active_gpus(live: np.ndarray, num_experts: int, num_replicas: int, num
         )
 
 
-def check_gpu_capacity(capacity: np.ndarray, num_experts: int, num_replicas: int, num_gpus: int) -> None:
-    """Readable ``gpu_capacity`` (host numbers ``[G]``, already masked by ``active_gpus``): finite, ``>= 0``,
-    each positive one at least ``2**-64`` and ``2**-40`` times the largest, and at least ``E`` live slots."""
+def check_gpu_capacity(
+    capacity: np.ndarray, num_experts: int, num_replicas: int, num_gpus: int, *, count: bool = True
+) -> None:
+    """Readable ``gpu_capacity`` (host numbers ``[G]``): finite, ``>= 0``, each positive one at least
+    ``2**-64`` and ``2**-40`` times the largest, and (``count``; values masked by ``active_gpus`` where
+    given) at least ``E`` live slots."""
     capacity = np.asarray(capacity, dtype=np.float64)
     bad = ~np.isfinite(capacity) | (capacity < 0)
     if bad.any():
@@ -216,10 +219,12 @@ def check_gpu_capacity(capacity: np.ndarray, num_experts: int, num_replicas: int
             f"gpu_capacity[{index}]={capacity[index]} is positive but below 2**-64 or 2**-40 times the largest "
             f"capacity ({top}): too slow to place by; pass 0 for an idle GPU"
         )
+    if not count:
+        return
     per_gpu = num_replicas // num_gpus
-    count = int(np.count_nonzero(capacity > 0))
-    if count * per_gpu < num_experts:
+    live = int(np.count_nonzero(capacity > 0))
+    if live * per_gpu < num_experts:
         raise ValueError(
-            f"gpu_capacity leaves {count} of {num_gpus} GPUs with a positive capacity (active), {count * per_gpu} "
+            f"gpu_capacity leaves {live} of {num_gpus} GPUs with a positive capacity (active), {live * per_gpu} "
             f"live slots ({per_gpu} per GPU): fewer than the {num_experts} experts, each of which needs a slot"
         )

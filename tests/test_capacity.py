@@ -383,6 +383,18 @@ def test_bad_capacities(caps, error, match):
         eplb.rebalance_experts(W16, 32, 4, 2, 8, gpu_capacity=caps)
 
 
+def test_readable_capacities_are_checked_whatever_the_mask():
+    """Host capacities are checked even where the mask is traced (only the live-slot count needs both)."""
+    call = jax.jit(
+        lambda x, m: eplb.rebalance_experts(x, 32, 4, 2, 8, gpu_capacity=[1.0] * 7 + [np.nan], active_gpus=m)
+    )
+    with pytest.raises(ValueError, match=r"gpu_capacity\[7\]=nan"):
+        call(jnp.ones((2, 16)), jnp.ones(8, bool))
+    mask = np.array([True] * 7 + [False])
+    with pytest.raises(ValueError, match="gpu_capacity leaves 1 of 8 GPUs"):  # counted after the mask
+        eplb.rebalance_experts(W16, 32, 4, 2, 8, gpu_capacity=[1.0] + [0] * 6 + [1.0], active_gpus=mask)
+
+
 def test_capacities_of_another_framework():
     with pytest.raises(TypeError, match=r"gpu_capacity must be an array of the loads' framework \(numpy\)"):
         eplb.rebalance_experts(W16, 32, 4, 2, 8, gpu_capacity=torch.ones(8))
@@ -423,7 +435,7 @@ GPU_CASES = [*CASES, (*FLAT, [1, 0.7, 0.9, 0.6, 1, 0.3])]
 
 
 def _skewed(num_experts, seed):
-    """Loads whose float32 quotients often differ from XLA GPU's division (where a division would show)."""
+    """Skewed float32 loads with many distinct replica loads (so a division anywhere would likely show)."""
     rng = np.random.default_rng(seed)
     return (rng.lognormal(5, 2, (6, num_experts)) * 3.7).astype(np.float32)
 
