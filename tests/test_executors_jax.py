@@ -375,7 +375,7 @@ def slot_values(layer, expert):
             "v": (np.full(3, base, np.float32) + np.arange(3) / 4).astype(jnp.bfloat16),
             "s": np.full((2,), layer * 16 + expert, np.int8)}
 
-def expert_weights(phy2log, fill=None):
+def expert_weights(phy2log, fill=None, sharding=None):
     # [L, R, ...] per leaf; a slot holding -1 holds `fill` (default: the SENTINEL)
     fill = {} if fill is None else fill
     layers, slots = phy2log.shape
@@ -383,7 +383,7 @@ def expert_weights(phy2log, fill=None):
     for name in ("w", "v", "s"):
         rows = [[slot_values(l, e)[name] if e >= 0 else fill.get((l, j), np.full_like(slot_values(0, 0)[name],
                  SENTINEL)) for j, e in enumerate(phy2log[l])] for l in range(layers)]
-        out[name] = jax.device_put(np.asarray(rows, dtype=slot_values(0, 0)[name].dtype), slot4)
+        out[name] = jax.device_put(np.asarray(rows, dtype=slot_values(0, 0)[name].dtype), sharding or slot4)
     return out
 
 def same(a, b):
@@ -528,6 +528,73 @@ rel["no_reload_layers_need_no_callback"] = {
 }
 rel["layer_groups"] = [list(g) for g in executor.layer_groups(fplan, before, layers_per_group=2)]
 out["reload"] = rel
+
+# ---- ranks=: GPU 1 of 4 fails and the survivors' mesh axis has 3 devices (the survivors' slots only).
+mesh3 = jax.make_mesh((3,), ("ep",), devices=jax.devices()[:3])
+slot3 = NamedSharding(mesh3, P(None, "ep"))
+alive = np.array([True, False, True, True])
+lost1 = full.copy()
+lost1[:, 4:8] = -1
+after1 = np.asarray(eplb.rebalance_experts(load4, R4, 1, 1, G4, active_gpus=alive, previous=lost1).phy2log)
+splan = eplb.plan_transfers(lost1, after1, num_gpus=G4, allow_reload=True)
+
+def on_survivors(phy2log, order=(0, 2, 3)):  # the slots of plan GPUs `order`, device k holding GPU order[k]
+    return np.concatenate([phy2log[:, 4 * g : 4 * g + 4] for g in order], axis=1)
+
+calls = []
+survivors = expert_weights(on_survivors(lost1), sharding=slot3)
+moved = executor.apply_plan(splan, survivors, mesh3, "ep", ranks=[0, -1, 1, 2], load_expert=loader(calls))
+# Device k holds GPU 2 (k=0), 3, 0: mesh and axis from the weights' sharding; begin/finish; numpy ranks.
+turned = expert_weights(on_survivors(lost1, (2, 3, 0)), sharding=slot3)
+pending = executor.begin(splan, turned, ranks=np.array([2, -1, 0, 1]), load_expert=loader([]))
+grouped = executor.apply_plan(splan, expert_weights(on_survivors(lost1), sharding=slot3), ranks=[0, -1, 1, 2],
+                              load_expert=loader([]), layers_per_group=1, donate=True)
+victim1 = int(np.flatnonzero(splan.remote & (splan.dst_gpu == 3))[0])
+err = attempt(lambda: executor.apply_plan(splan, survivors, ranks=[0, -1, 1, 2], load_expert=loader([]),
+                                          fault=victim1))["error"]
+# GPU 1 was still alive in layer 0 (it sends from there): moving layers 1 and 2 alone needs no device for it.
+lost0 = lost1.copy()
+lost0[0] = full[0]
+zplan = eplb.plan_transfers(lost0, after1, num_gpus=G4, allow_reload=True)
+layer0_row = int(np.flatnonzero((zplan.layer == 0) & (zplan.src_gpu == 1))[0])
+kept = on_survivors(np.concatenate([lost0[:1], after1[1:]]))
+good = [0, -1, 1, 2]
+def ranked(r, plan=splan, weights=survivors, **kw):
+    return lambda: executor.apply_plan(plan, weights, mesh3, "ep", ranks=r, load_expert=loader([]), **kw)
+out["ranks"] = {
+    "gpu1_lost": bool((after1[:, 4:8] == -1).all() and (on_survivors(after1) >= 0).all()),
+    "reloads": int(splan.reloads.sum()), "remote": int(splan.remote_copies.sum()),
+    "exact": same(moved, expert_weights(on_survivors(after1), sharding=slot3)),
+    "old_intact": same(survivors, expert_weights(on_survivors(lost1), sharding=slot3)),
+    "calls": calls == [(int(splan.layer[i]), int(splan.expert[i])) for i in np.flatnonzero(splan.reload)],
+    "sharding": moved["w"].sharding.is_equivalent_to(slot3, 4),
+    "permuted": same(pending.finish(), expert_weights(on_survivors(after1, (2, 3, 0)), sharding=slot3)),
+    "groups_donated": same(grouped, expert_weights(on_survivors(after1), sharding=slot3)),
+    "layer_groups": [list(g) for g in executor.layer_groups(splan, survivors, layers_per_group=2, ranks=good)],
+    "fault": {"type": type(err).__name__, "transfer": err.transfer, "victim": victim1, "rank": err.rank,
+              "src_gpu": err.src_gpu, "dst_gpu": err.dst_gpu, "plan_src": int(splan.src_gpu[victim1]),
+              "weights": same(err.weights, expert_weights(on_survivors(lost1), sharding=slot3))},
+    "other_layers": same(executor.apply_plan(zplan, expert_weights(on_survivors(lost0), sharding=slot3),
+                                             ranks=good, layers=[1, 2], load_expert=loader([])),
+                         expert_weights(kept, sharding=slot3)),
+    "bad": {
+        "none": outcome(ranked(None)),
+        "short": outcome(ranked([0, -1, 1])),
+        "repeated": outcome(ranked([0, -1, 1, 1])),
+        "out_of_range": outcome(ranked([0, -1, 1, 3])),
+        "below": outcome(ranked([0, -2, 1, 2])),
+        "dead_row": outcome(ranked([0, 1, 2, -1])),
+        "dead_other_layer": outcome(ranked(good, plan=zplan)),
+        "float": outcome(ranked([0, -1, 1.0, 2])),
+        "bool": outcome(ranked([0, -1, True, 2])),
+        "string": outcome(ranked("0-112")),
+        "begin": outcome(lambda: executor.begin(splan, survivors, ranks=[0, 1, 2, -1], load_expert=loader([]))),
+        "layer_groups": outcome(lambda: executor.layer_groups(splan, survivors, ranks=[0, -1, 2, 3])),
+        "shape": outcome(lambda: executor.apply_plan(splan, np.zeros((3, 16, 2)), mesh3, "ep", ranks=good,
+                                                     load_expert=loader([]))),
+    },
+    "layer0_row": zplan.row(layer0_row),
+}
 print(json.dumps(out))
 """
 
@@ -862,3 +929,56 @@ def test_layers_without_reloads_need_no_callback(report):
     layers = report["reload"]["no_reload_layers_need_no_callback"]
     assert layers["reloads"][1] == 0 and sum(layers["reloads"]) > 0 and layers["ok"], layers
     assert report["reload"]["layer_groups"] == [[0, 1], [2]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ranks=: the plan over 4 GPUs, the mesh axis over the 3 survivors.
+
+
+def test_ranks_move_a_failed_gpus_plan_on_the_survivors_mesh(report):
+    """GPU 1 of 4 fails: the survivors' weights ``[L, 3 * S, ...]`` on a 3-device mesh end exactly as the new
+    placement's on GPUs 0, 2, 3, with the lost experts read from load_expert (plan order)."""
+    ranks = report["ranks"]
+    assert ranks["gpu1_lost"] and ranks["reloads"] > 0 and ranks["remote"] > 0, ranks
+    assert ranks["exact"] and ranks["old_intact"] and ranks["calls"] and ranks["sharding"], ranks
+
+
+def test_ranks_in_any_order_with_begin_groups_and_donation(report):
+    ranks = report["ranks"]
+    assert ranks["permuted"] and ranks["groups_donated"], ranks
+    assert ranks["layer_groups"] == [[0, 1], [2]]
+
+
+def test_ranks_checksum_failure_names_plan_gpus_and_the_mesh_position(report):
+    fault = report["ranks"]["fault"]
+    assert fault["type"] == "TransferError" and fault["transfer"] == fault["victim"], fault
+    assert fault["dst_gpu"] == 3 and fault["rank"] == 2 and fault["src_gpu"] == fault["plan_src"], fault
+    assert fault["weights"], fault
+
+
+def test_ranks_only_the_moved_layers_must_avoid_a_gpu_without_a_device(report):
+    ranks = report["ranks"]
+    assert ranks["layer0_row"]["src_gpu"] == 1 and ranks["other_layers"], ranks
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("none", "ValueError", "the plan is for 4 GPUs but mesh axis 'ep' has 3 devices (pass ranks="),
+        ("short", "ValueError", "ranks must have one entry per GPU of the plan (4), got 3"),
+        ("repeated", "ValueError", "ranks must name every device of mesh axis 'ep' (0 .. 2) once"),
+        ("out_of_range", "ValueError", "ranks must name every device of mesh axis 'ep' (0 .. 2) once"),
+        ("below", "ValueError", "ranks must name every device"),
+        ("dead_row", "ValueError", "ranks: plan row "),
+        ("dead_other_layer", "ValueError", "'src_gpu': 1"),
+        ("float", "TypeError", "ranks must hold ints"),
+        ("bool", "TypeError", "ranks must hold ints"),
+        ("string", "TypeError", "ranks must be a sequence of ints"),
+        ("begin", "ValueError", "reads or writes a GPU without a device (rank -1)"),
+        ("layer_groups", "ValueError", "ranks must name every device of the mesh axis (0 .. 2) once"),
+        ("shape", "ValueError", "must have shape [layers, slots, ...] = [3, 12]"),
+    ],
+)
+def test_bad_ranks(report, case, error, match):
+    result = report["ranks"]["bad"][case]
+    assert result["raised"] == error and match in result["msg"], result

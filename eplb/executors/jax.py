@@ -44,10 +44,11 @@ weights).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -409,6 +410,13 @@ class _Job(NamedTuple):
     verify: bool
     fault: int | None
     load_expert: Callable[[int, int], Any] | None = None
+    # The caller's plan when ``plan`` is it remapped onto the mesh (``ranks=``): errors name its rows' GPUs.
+    origin: TransferPlan | None = None
+
+    @property
+    def caller_plan(self) -> TransferPlan:
+        """The plan as the caller passed it (GPU ids of the plan, not mesh positions)."""
+        return self.plan if self.origin is None else self.origin
 
     def split(self, layers_per_group: int | None, max_staging_bytes: int | None) -> list[np.ndarray]:
         """The layers with copies, ascending, in consecutive groups within both bounds."""
@@ -584,6 +592,60 @@ def _check_plan_rows(plan: TransferPlan) -> None:
             raise ValueError(f"plan.{name} holds {int(column.min())}..{int(column.max())}, outside 0..{bound - 1}")
 
 
+def _device_of_gpu(plan: TransferPlan, ranks: Any, num_devices: int | None, axis: str = "") -> np.ndarray | None:
+    """``[G]`` int64: the position on the mesh axis of each plan GPU (``ranks``, ``-1``: no device), checked like
+    the torch executor's ``ranks``; ``None`` for the identity (``ranks=None``, which needs ``G`` devices).
+    ``num_devices=None``: the axis size is the number of non-negative entries (no mesh to compare with)."""
+    if ranks is None:
+        if num_devices is not None and num_devices != plan.num_gpus:
+            raise ValueError(
+                f"the plan is for {plan.num_gpus} GPUs but mesh axis {axis!r} has {num_devices} devices (pass "
+                "ranks= to say which device of the axis holds which GPU, -1 for a GPU without a device)"
+            )
+        return None
+    if isinstance(ranks, str | bytes) or not isinstance(ranks, Sequence | np.ndarray):
+        raise TypeError(
+            f"ranks must be a sequence of ints (one per GPU of the plan) or None, got {type(ranks).__name__}"
+        )
+    values = np.asarray(ranks).tolist() if isinstance(ranks, np.ndarray) else list(ranks)
+    if isinstance(ranks, np.ndarray) and ranks.ndim != 1:
+        raise ValueError(f"ranks must be 1-D (one entry per GPU of the plan), got shape {list(ranks.shape)}")
+    if any(isinstance(r, bool | np.bool_) or not isinstance(r, numbers.Integral) for r in values):
+        raise TypeError(f"ranks must hold ints, got {values}")
+    device_of_gpu = np.asarray(values, dtype=np.int64).reshape(-1)
+    if len(device_of_gpu) != plan.num_gpus:
+        raise ValueError(f"ranks must have one entry per GPU of the plan ({plan.num_gpus}), got {len(device_of_gpu)}")
+    live = device_of_gpu[device_of_gpu >= 0]
+    size = len(live) if num_devices is None else num_devices
+    if (device_of_gpu < -1).any() or sorted(live.tolist()) != list(range(size)):
+        where = f"mesh axis {axis!r}" if axis else "the mesh axis"
+        raise ValueError(
+            f"ranks must name every device of {where} (0 .. {size - 1}) once and -1 for GPUs without a "
+            f"device, got {values}"
+        )
+    return device_of_gpu
+
+
+def _on_devices(plan: TransferPlan, device_of_gpu: np.ndarray, rows: np.ndarray) -> TransferPlan:
+    """``plan`` over the mesh devices: GPU ``g`` renamed ``device_of_gpu[g]``; the rows ``rows`` (those of the
+    layers moved) must not touch a GPU without a device (``ValueError`` naming ``ranks`` and the row). Row order,
+    and so row numbers, are kept; rows of other layers that touch such a GPU get device 0 (never read)."""
+    src, dst = plan.src_gpu, plan.dst_gpu
+    dead = (device_of_gpu[dst] < 0) | ((src >= 0) & (device_of_gpu[np.maximum(src, 0)] < 0))
+    bad = rows[dead[rows]]
+    if len(bad):
+        row = int(bad[0])
+        raise ValueError(f"ranks: plan row {row} {plan.row(row)} reads or writes a GPU without a device (rank -1)")
+    device = np.maximum(device_of_gpu, 0)
+    return dataclasses.replace(
+        plan,
+        src_gpu=np.where(src >= 0, device[np.maximum(src, 0)], -1),
+        dst_gpu=device[dst],
+        num_gpus=int((device_of_gpu >= 0).sum()),
+        num_nodes=1,
+    )
+
+
 def _check_load_expert(plan: TransferPlan, rows: np.ndarray, load_expert: Any) -> None:
     """``load_expert`` is callable or None, and given when plan rows ``rows`` (those of the layers moved) hold a
     reload."""
@@ -609,8 +671,10 @@ def _prepare(
     verify: Any,
     fault: Any,
     load_expert: Any = None,
+    ranks: Any = None,
 ) -> _Job:
-    """Check every argument (nothing runs on a device) and classify the plan rows of ``layers``."""
+    """Check every argument (nothing runs on a device) and classify the plan rows of ``layers``; with ``ranks``,
+    on the plan remapped onto the mesh devices (the job's ``origin`` is the caller's plan)."""
     if not isinstance(plan, TransferPlan):
         raise TypeError(f"plan must be an eplb.TransferPlan (from eplb.plan_transfers), got {type(plan).__name__}")
     for name, value in (("capacity", capacity), ("fault", fault)):
@@ -635,9 +699,8 @@ def _prepare(
     if axis_name not in mesh.shape:
         raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
     num_devices = mesh.shape[axis_name]
-    if num_devices != plan.num_gpus:
-        raise ValueError(f"the plan is for {plan.num_gpus} GPUs but mesh axis {axis_name!r} has {num_devices} devices")
-    expected = (plan.num_layers, plan.num_gpus * plan.slots_per_gpu)
+    device_of_gpu = _device_of_gpu(plan, ranks, num_devices, axis_name)
+    expected = (plan.num_layers, num_devices * plan.slots_per_gpu)
     for name, leaf in zip(names, leaves, strict=True):
         if leaf.ndim < 2 or tuple(leaf.shape[:2]) != expected:
             where = f"weights{name}" if name else "weights"
@@ -650,6 +713,9 @@ def _prepare(
     selected[chosen] = True
     rows = np.flatnonzero(selected[plan.layer])
     _check_load_expert(plan, rows, load_expert)
+    origin = None
+    if device_of_gpu is not None:
+        origin, plan = plan, _on_devices(plan, device_of_gpu, rows)
     kind, read = _classify(plan, rows)
     if capacity is not None:
         _check_capacity(capacity, 0)
@@ -657,7 +723,7 @@ def _prepare(
         raise ValueError(f"fault={fault} is not a copy between devices in the layers moved")
     slot_bytes = sum(math.prod(leaf.shape[2:]) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
     job = (plan, mesh, axis_name, treedef, leaves, slot_bytes, chosen, rows, kind, read, capacity, verify, fault)
-    return _Job(*job, load_expert)
+    return _Job(*job, load_expert, origin)
 
 
 def _classify(plan: TransferPlan, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -719,7 +785,6 @@ class PendingTransfer:
         self._ok = None
         if not len(group):
             return
-        plan = job.plan
         idx, self._row_map, self._sizes = job.arrays(group, full=not donate)
         self._copies = int((self._row_map >= 0).sum())
         spread = NamedSharding(job.mesh, PartitionSpec(job.axis_name))
@@ -737,7 +802,7 @@ class PendingTransfer:
         except RuntimeError as err:
             raise TransferError(
                 f"the transfer program of layers {list(self.layers)} ({self._copies} copies between devices of "
-                f"{int(plan.remote.sum())} in the plan){label} failed: {err!r}"
+                f"{int(job.caller_plan.remote.sum())} in the plan){label} failed: {err!r}"
             ) from err
 
     def done(self) -> bool:
@@ -809,7 +874,7 @@ class PendingTransfer:
                 first = int(np.argmin(rows))
                 raise TransferError(
                     f"received bytes do not match the sender's checksum{self._label}",
-                    plan=job.plan,
+                    plan=job.caller_plan,
                     transfer=int(rows[first]),
                     rank=int(bad[first][0]),
                 )
@@ -858,7 +923,7 @@ def _load_slot(job: _Job, leaves: list[jax.Array], row: int) -> list[Any]:
     except Exception as err:
         raise TransferError(
             f"{call} raised {err!r} (a reload: no live slot of the old placement holds the expert)",
-            plan=job.plan,
+            plan=job.caller_plan,
             transfer=row,
             rank=int(job.plan.dst_gpu[row]),
         ) from err
@@ -901,6 +966,7 @@ def begin(
     donate: bool = False,
     fault: int | None = None,
     load_expert: Callable[[int, int], Any] | None = None,
+    ranks: Sequence[int] | None = None,
 ) -> PendingTransfer:
     """Dispatch the transfer of ``layers`` (one program, all of them at once) and return without waiting.
 
@@ -928,7 +994,7 @@ def begin(
     """
     donate = _check_flag("donate", donate)
     options = {"layers": layers, "capacity": capacity, "verify": verify, "fault": fault, "load_expert": load_expert}
-    job = _prepare(plan, weights, mesh, axis_name, **options)
+    job = _prepare(plan, weights, mesh, axis_name, **options, ranks=ranks)
     groups = job.split(None, None)
     leaves = _place(job)
     try:
@@ -946,6 +1012,7 @@ def layer_groups(
     layers_per_group: int | None = None,
     max_staging_bytes: int | None = None,
     capacity: int | None = None,
+    ranks: Sequence[int] | None = None,
 ) -> list[tuple[int, ...]]:
     """The layer groups :func:`apply_plan` moves one program pair at a time, ascending.
 
@@ -983,6 +1050,9 @@ def layer_groups(
     selected = np.zeros(plan.num_layers, dtype=bool)
     selected[chosen] = True
     rows = np.flatnonzero(selected[plan.layer])
+    device_of_gpu = _device_of_gpu(plan, ranks, None)
+    if device_of_gpu is not None:
+        plan = _on_devices(plan, device_of_gpu, rows)
     kind, read = _classify(plan, rows)
     slot_bytes = sum(math.prod(leaf.shape[2:]) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
     job = _Job(plan, None, None, None, leaves, slot_bytes, chosen, rows, kind, read, capacity, True, None)
@@ -1006,6 +1076,7 @@ def apply_plan(
     donate: bool = False,
     fault: int | None = None,
     load_expert: Callable[[int, int], Any] | None = None,
+    ranks: Sequence[int] | None = None,
 ) -> Any:
     """The weights of the new placement: ``weights`` moved as ``plan`` says.
 
@@ -1134,7 +1205,7 @@ def apply_plan(
     layers_per_group = _check_optional_count("layers_per_group", layers_per_group)
     max_staging_bytes = _check_optional_count("max_staging_bytes", max_staging_bytes)
     options = {"layers": layers, "capacity": capacity, "verify": verify, "fault": fault, "load_expert": load_expert}
-    job = _prepare(plan, weights, mesh, axis_name, **options)
+    job = _prepare(plan, weights, mesh, axis_name, **options, ranks=ranks)
     groups = job.split(layers_per_group, max_staging_bytes)
     for group in groups[1:]:  # a capacity below a later group's need raises before anything runs
         job.arrays(group)
