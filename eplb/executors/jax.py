@@ -4,7 +4,13 @@ The weights of one kind of expert matrix are one array ``[L, R, ...]`` (any
 dtype) sharded over a mesh axis of ``G`` devices along ``R``
 (``PartitionSpec(None, axis)``: device ``g`` holds GPU ``g``'s slots ``[L,
 R/G, ...]``); all matrices of an expert (``{"w_in": [L, R, d, f], "w_out":
-[L, R, f, d]}``) form a pytree of such arrays, moved together. A transfer of
+[L, R, f, d]}``) form a pytree of such arrays, moved together. With
+``ranks=`` (after a failure, on a mesh of the survivors) the axis has ``M``
+devices for the plan's ``G`` GPUs: ``ranks[g]`` is the device of plan GPU
+``g`` (``-1``: none, and no rows of the layers moved touch it), and the
+arrays are ``[L, M * S, ...]`` (``S = plan.slots_per_gpu``), device ``k``
+holding the slots of the GPU ``g`` with ``ranks[g] == k``; the plan is
+renamed onto the devices once, up front, and moves as below. A transfer of
 a group of layers is two jitted ``shard_map`` programs:
 
 1. *transfer and verify* (the weights are only read): every device gathers
@@ -39,7 +45,8 @@ propagate unchanged.
 :func:`make_transfer` and :func:`plan_arrays` are the single-program form:
 one jitted function ``weights -> (new weights, ok)`` that can sit inside the
 caller's ``jax.jit`` (the caller then checks ``ok`` before using the new
-weights).
+weights); it takes no ``ranks`` (the plan's GPU ``g`` is device ``g``) and no
+reload rows.
 """
 
 from __future__ import annotations
@@ -971,7 +978,9 @@ def begin(
     """Dispatch the transfer of ``layers`` (one program, all of them at once) and return without waiting.
 
     Takes the arguments of :func:`apply_plan` (except the grouping ones;
-    loop over :func:`layer_groups` for bounded memory). The caller may
+    loop over :func:`layer_groups`, with the same ``ranks``, for bounded
+    memory), ``ranks=`` included (a plan over more GPUs than the mesh axis
+    has devices, after a failure). The caller may
     dispatch other work, then call :meth:`PendingTransfer.finish` for the
     new weights. With ``donate=True`` the weights must not be used after
     ``finish()`` returns (their buffers hold the new weights); until then
@@ -1034,7 +1043,10 @@ def layer_groups(
     holds ``G * reloads`` slots of a group's reloads while placing them on
     the devices). A layer whose estimate alone
     exceeds the cap is a ``ValueError``. ``weights`` is only read for shapes
-    and dtypes (``jax.ShapeDtypeStruct`` leaves will do).
+    and dtypes (``jax.ShapeDtypeStruct`` leaves will do). ``ranks``: as in
+    :func:`apply_plan` (pass the same, so that ``G`` is the mesh axis size
+    and the groups are those :func:`apply_plan` forms); with no mesh to
+    compare with, its non-negative entries must be ``0 .. M - 1``.
     """
     leaves = jax.tree_util.tree_leaves(weights)
     if not leaves or not all(hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves):
@@ -1084,13 +1096,15 @@ def apply_plan(
     ----------
     plan : TransferPlan
         From :func:`eplb.plan_transfers`; its GPU ``g`` is device ``g`` of
-        the mesh axis.
+        the mesh axis (``ranks[g]`` with ``ranks``).
     weights : jax.Array [L, R, ...], or a pytree (dict, list, tuple) of them
         Every layer's slots (all experts' copies of a weight matrix), any
         dtype, sharded over ``axis_name`` along ``R`` (resharded if not; a
         numpy array is placed so, with ``mesh`` and ``axis_name`` given).
         Each array may have its own trailing shape and dtype; all move in
-        one program pair per group.
+        one program pair per group. ``R = G * S`` (``S =
+        plan.slots_per_gpu``); with ``ranks``, ``R = M * S`` for an axis of
+        ``M`` devices: the slots of the GPUs that have a device only.
     mesh, axis_name : optional
         The expert-parallel mesh axis; taken from the first array sharded
         ``NamedSharding(mesh, PartitionSpec(None, axis))`` when omitted.
@@ -1139,6 +1153,26 @@ def apply_plan(
         device copy the reloaded slot). An exception of the callback is a
         :class:`eplb.TransferError` naming the reload row, raised before the
         group's programs run (the failure rules below apply).
+    ranks : sequence of int, optional, keyword-only
+        The position on the mesh axis of each GPU of the plan (``len(ranks)
+        == plan.num_gpus``), ``-1`` for a GPU without a device (a failed
+        one, or one that left): after a failure the survivors' mesh axis
+        has ``M`` devices, ``M`` the number of entries ``>= 0``, which must
+        be ``0 .. M - 1`` once each. A GPU without a device must have no
+        rows in the layers moved (no source, no destination: plan from
+        placements holding ``-1`` there, e.g. ``plan_transfers(old, new,
+        num_gpus=G, allow_reload=True)`` with ``old`` ``-1`` on the failed
+        GPU's slots and ``new`` from ``rebalance_experts(...,
+        active_gpus=)``; experts only it held are reload rows, hence
+        ``load_expert``). The weights then hold the survivors' slots only,
+        ``[L, M * S, ...]``: device ``k``'s block ``[L, S, ...]`` is plan
+        GPU ``g`` with ``ranks[g] == k`` (GPU 1 of 4 lost:
+        ``ranks=[0, -1, 1, 2]``, the blocks of GPUs 0, 2, 3 in that order),
+        and so do the returned ones. Errors name the plan's rows with their
+        GPU ids; a :class:`eplb.TransferError`'s ``rank`` is the position on
+        the mesh axis of the receiving device. Default: GPU ``g`` is device
+        ``g``, and the axis has ``plan.num_gpus`` devices (no remapping, no
+        cost).
 
     Returns
     -------
@@ -1148,7 +1182,8 @@ def apply_plan(
         old bytes exactly (a stage-1 row: its source slot's new bytes; a
         reload row: ``load_expert``'s result), every other slot its own (so
         slots that ``new_phy2log`` marks ``-1``, of GPUs that are down, keep
-        their bytes).
+        their bytes; with ``ranks`` a GPU without a device has no slots
+        here).
 
     Notes
     -----
@@ -1186,7 +1221,11 @@ def apply_plan(
         :meth:`PendingTransfer.finish`).
     TypeError, ValueError
         Invalid arguments (checked before anything runs): ``plan`` not a
-        :class:`TransferPlan` or for another number of devices, ``weights``
+        :class:`TransferPlan` or for another number of devices (without
+        ``ranks``), ``ranks`` not ints (``TypeError``), of the wrong length,
+        not naming each device of the axis once, or with a row of the layers
+        moved on a ``-1`` GPU (``ValueError``, naming ``ranks`` and the
+        row), ``weights``
         not arrays or of the wrong shape, no mesh axis, ``layers`` not ints
         (``TypeError``) or out of range or repeated (``ValueError``), a bad
         ``capacity``, ``fault``, ``layers_per_group`` or
