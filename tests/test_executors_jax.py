@@ -16,7 +16,10 @@ transfer program, host read, commit program) with and without donation, after
 which the weights are exactly the documented ones. Then reload rows
 (``load_expert``) on a 4-device mesh: a failed GPU (exact weights from
 ``rebalance_experts(..., active_gpus=, previous=)``), second copies of a
-reloaded expert, scale down and up, and a failing or malformed callback.
+reloaded expert, scale down and up, and a failing or malformed callback. Then
+``ranks=``: GPU 1 of 4 fails and the plan runs on the 3 survivors' mesh
+(the survivors' slots only, exact), in any device order, and every bad
+``ranks``.
 ``plan_arrays`` is checked in this process against the loop it replaced, on
 random and degenerate plans.
 """

@@ -614,9 +614,9 @@ def _device_of_gpu(plan: TransferPlan, ranks: Any, num_devices: int | None, axis
         raise TypeError(
             f"ranks must be a sequence of ints (one per GPU of the plan) or None, got {type(ranks).__name__}"
         )
-    values = np.asarray(ranks).tolist() if isinstance(ranks, np.ndarray) else list(ranks)
     if isinstance(ranks, np.ndarray) and ranks.ndim != 1:
         raise ValueError(f"ranks must be 1-D (one entry per GPU of the plan), got shape {list(ranks.shape)}")
+    values = ranks.tolist() if isinstance(ranks, np.ndarray) else list(ranks)
     if any(isinstance(r, bool | np.bool_) or not isinstance(r, numbers.Integral) for r in values):
         raise TypeError(f"ranks must hold ints, got {values}")
     device_of_gpu = np.asarray(values, dtype=np.int64).reshape(-1)
