@@ -516,6 +516,18 @@ def rebalance_experts(
         ``1 + balance_tolerance`` (default 0) times that of the placement
         without ``previous`` (up to float32 rounding of the sums), and no
         more experts move than in that placement relabelled.
+
+        **A changed GPU count** (scale up or down): ``previous [L, R_old]``
+        may come from ``R_old / S`` GPUs with the same ``S = R / num_gpus``
+        slots per GPU; GPU ``g`` is the same GPU on both sides. The elastic
+        rule above then runs on ``max(R_old / S, num_gpus)`` GPUs, the ones
+        beyond ``num_gpus`` inactive (GPUs that leave: their experts may be
+        sources, never destinations) and ``previous`` padded with empty
+        slots for GPUs that join; the result is cut back to
+        ``num_gpus``. Global policy only (``hierarchical=False``; one group
+        and one node count as global), greedy, no ``max_moves`` or
+        ``gpu_capacity`` yet. ``eplb.plan_transfers(previous, result,
+        num_gpus=num_gpus)`` plans the moves across the two sizes.
     gpu_capacity : array [num_gpus], real numbers >= 0, keyword-only
         Relative speed of each GPU (read as float32; 0: an idle GPU, whose
         slots hold ``-1`` as a failed one's under ``active_gpus``). Every GPU
@@ -552,7 +564,7 @@ def rebalance_experts(
     TypeError
         ``weight`` is not an array of real numbers, or a count is not an int.
     ValueError
-        Bad shape, an empty or negative/NaN/inf load, sizes that do not
+        Bad shape (``previous`` of another slot count: see below), an empty or negative/NaN/inf load, sizes that do not
         divide, or (with ``max_moves``) a ``previous`` that is not a
         placement of this config.
 
@@ -573,6 +585,10 @@ def rebalance_experts(
             "policy='survivable' cannot be combined with previous= yet (relabelling GPUs freely would undo the "
             "spread over nodes)"
         )
+    if previous is not None and _slots_of(previous) not in (None, num_replicas):  # a scale up or down
+        sizes = (num_replicas, num_groups, num_gpus, hierarchical and (num_groups > 1 or num_nodes > 1), policy, spill)
+        knobs = {"balance_tolerance": balance_tolerance, "max_moves": max_moves, "check_values": check_values}
+        return _across_sizes(weight, previous, sizes, active_gpus, gpu_capacity, knobs)
     if gpu_capacity is not None:
         _unsupported_with_gpu_capacity(policy, spill, previous, max_moves)
     if active_gpus is not None:
@@ -624,6 +640,74 @@ def rebalance_experts(
         **elastic,
     )
     return Placement(*placement)
+
+
+def _slots_of(previous: Any) -> int | None:
+    """The slot count of a 2-D ``previous`` (``None`` when it has no such shape: validated later)."""
+    if isinstance(previous, Placement):
+        previous = previous.phy2log
+    shape = getattr(previous, "shape", None)
+    if shape is None:
+        try:
+            shape = np.shape(previous)
+        except ValueError:  # ragged lists: _checked_previous names the problem
+            return None
+    return int(shape[1]) if len(shape) == 2 else None
+
+
+def _across_sizes(
+    weight: Any, previous: Any, sizes: tuple, active_gpus: Any, gpu_capacity: Any, knobs: dict[str, Any]
+) -> Placement:
+    """``previous`` from another GPU count with the same slots per GPU: the elastic rule on ``max(G_old, G)``
+    GPUs, GPU ``g`` the same GPU on both sides (the ones beyond ``G`` inactive, ``previous`` padded with empty
+    slots where it has fewer), cut back to ``G`` GPUs."""
+    num_replicas, num_groups, num_gpus, hierarchical, policy, spill = sizes
+    per_gpu, slots_before = num_replicas // num_gpus, _slots_of(previous)
+    if slots_before % per_gpu:
+        raise ValueError(
+            f"previous has {slots_before} slots and the placement {num_replicas}: a previous placement on another "
+            f"number of GPUs must have the same slots per GPU ({per_gpu} = num_replicas / num_gpus)"
+        )
+    others = [
+        "the hierarchical policy (pass hierarchical=False)" if hierarchical else None,
+        f"policy={policy!r}" if policy != "greedy" else None,
+        f"spill={spill}" if spill else None,
+        "gpu_capacity=" if gpu_capacity is not None else None,
+        "max_moves=" if knobs["max_moves"] is not None else None,
+    ]
+    others = [o for o in others if o is not None]
+    if others:
+        raise ValueError(
+            f"previous= from another number of GPUs ({slots_before // per_gpu} -> {num_gpus}) is planned by the "
+            f"elastic global rule; not with {', '.join(others)} yet"
+        )
+    total = max(slots_before // per_gpu, num_gpus)
+    if isinstance(previous, Placement):
+        previous = previous.phy2log
+    if isinstance(previous, list | tuple):
+        previous = np.asarray(previous)
+    xp = _xp.array_namespace(previous)
+    if total * per_gpu > slots_before:  # scale up: the new GPUs held nothing
+        empty = xp.full((previous.shape[0], total * per_gpu - slots_before), -1, dtype=previous.dtype,
+                        device=_xp.device(previous))  # fmt: skip
+        previous = xp.concat([previous, empty], axis=1)
+    mask = np.ones(num_gpus, dtype=bool) if active_gpus is None else active_gpus
+    if isinstance(mask, list | tuple):
+        mask = np.asarray(mask)
+    if total > num_gpus:  # scale down: GPUs num_gpus.. leave (their experts are sources, not destinations)
+        if tuple(getattr(mask, "shape", ())) != (num_gpus,):
+            raise ValueError(f"active_gpus must have shape [num_gpus] = [{num_gpus}], got {list(mask.shape)}")
+        mask_xp = _xp.array_namespace(mask)
+        leaving = mask_xp.zeros((total - num_gpus,), dtype=mask.dtype, device=_xp.device(mask))
+        mask = mask_xp.concat([mask, leaving])
+    placement = rebalance_experts(
+        weight, total * per_gpu, num_groups, 1, total, hierarchical=False, previous=previous, active_gpus=mask,
+        balance_tolerance=knobs["balance_tolerance"], check_values=knobs["check_values"],
+    )  # fmt: skip
+    if total == num_gpus:
+        return placement
+    width = num_replicas - weight.shape[1] + 1
+    return Placement(placement.phy2log[:, :num_replicas], placement.log2phy[:, :, :width], placement.logcnt)
 
 
 def _unsupported_with_active_gpus(

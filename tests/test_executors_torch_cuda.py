@@ -1,4 +1,4 @@
-"""The torch executor on one CUDA GPU (NCCL, a world of 1): large rows (per-row commit, chunked checksums) and
+"""The torch executor on one CUDA GPU (NCCL, a world of 1): large rows (per-row commit) and
 small rows (one scatter) end bit-exact, asynchronously on the side stream; checksums equal the CPU's."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent(
     want = weights(twice)
     assert all(torch.equal(w[k], want[k]) for k in w), "a partial layer set on CUDA"
     rows = w["big"].view(-1, 1 << 20)
-    assert torch.equal(executor._word_sums(rows).cpu(), executor._word_sums(rows.cpu())), "chunked checksums"
+    assert torch.equal(executor._word_sums(rows).cpu(), executor._word_sums(rows.cpu())), "checksums"
     print("cuda executor ok")
     """
 )

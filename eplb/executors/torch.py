@@ -282,9 +282,6 @@ def _layout(plan: TransferPlan, rank: int, world: int, mask: np.ndarray, rank_of
                    received_from, second_src, sent_rows, sent_src)  # fmt: skip
 
 
-_CHUNK_WORDS = 1 << 16  # words per partial sum of a long row on a GPU (256 KiB of int32)
-
-
 def _word_sums(rows: torch.Tensor) -> torch.Tensor:
     """``[n]`` int32 checksum of each row of ``rows [n, ...]``: the sum of its 32-bit words mod 2**32 (16- or
     8-bit words when the row's bytes do not divide), in one pass. Any change of one word changes it; integer
@@ -292,10 +289,6 @@ def _word_sums(rows: torch.Tensor) -> torch.Tensor:
     data = rows.reshape(rows.shape[0], -1).view(torch.uint8)
     size = data.shape[1]
     words = data.view(torch.int32) if size % 4 == 0 else data.view(torch.int16) if size % 2 == 0 else data
-    if rows.is_cuda and words.shape[1] >= _CHUNK_WORDS * 2 and words.shape[1] % _CHUNK_WORDS == 0:
-        # Few long rows: one output per row would leave most of the GPU idle; sum chunks, then the chunk sums
-        # (the same value: sums mod 2**32 do not depend on the grouping).
-        words = words.view(words.shape[0], -1, _CHUNK_WORDS).sum(dim=2, dtype=torch.int32)
     return words.sum(dim=1, dtype=torch.int32)  # int32 accumulation: 30x faster than int64 on a CPU
 
 
