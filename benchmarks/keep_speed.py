@@ -14,7 +14,7 @@ the compiled kernels where numba is installed, their array-API path with
 and the published greedy (Python loops, loads moved to the host) once per
 config, for the ratio.
 
-    python benchmarks/keep_speed.py [--runs 20] [--gpu] [--xp] [--markdown FILE]
+    python benchmarks/keep_speed.py [--runs 20] [--gpu | --gpu-only] [--xp] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--gpu", action="store_true", help="add torch CUDA and JAX GPU rows")
     parser.add_argument("--xp", action="store_true", help="add numpy's array-API path (slow)")
+    parser.add_argument("--gpu-only", action="store_true", help="only the torch CUDA and JAX GPU rows")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
     old, new = load("prefill_in4096.json"), load("prefill_in2048.json")
@@ -120,7 +121,9 @@ def main() -> None:
         lines.append(f"\n{label} {config}: published greedy {published:.1f} ms\n")
         lines.append("| implementation | " + " | ".join(CALLS) + " |")
         lines.append("| --- |" + " --- |" * len(CALLS))
-        for name, (convert, timer, extra) in implementations(args.gpu, args.xp).items():
+        for name, (convert, timer, extra) in implementations(args.gpu or args.gpu_only, args.xp).items():
+            if args.gpu_only and not ("CUDA" in name or "GPU" in name):
+                continue
             weight, previous = convert(new), convert(previous_np)
             cells = []
             for options in CALLS.values():
