@@ -98,7 +98,9 @@ class Rebalancer:
         in force (balancedness: mean over layers of mean / max GPU load,
         float64 on the host), against the balancedness that placement was
         planned with: ``clip(0.1 * (planned / arrived - 1), 0.03, 0.2)``
-        (0.03 until a step has both).
+        (0.03 until windows arrived under a placement; for an ``initial=``
+        placement, whose planning load is unknown, ``planned`` is a fresh
+        plan's balancedness on the recorded history).
 
     The defaults were chosen on replayed traffic (``benchmarks/replay.py``,
     ``docs/benchmarks.md``): a short history predicts the next window better
@@ -217,12 +219,16 @@ class Rebalancer:
         if not self._auto:
             return self._tolerance
         floor, slope, cap = _AUTO
-        if self._planned is None or not self._arrived:
+        if not self._arrived:
             return floor
+        planned = self._planned
+        if planned is None:  # an initial= placement, planned on loads we never saw: a fresh plan's own balance
+            fresh = rebalance_experts(self._history, *self._sizes, **self._options)
+            planned = _balancedness(_host(metrics.gpu_loads(self._history, fresh.phy2log, self._sizes[3])))
         arrived = float(np.mean([_balancedness(_host(loads)) for loads in self._arrived]))
         if arrived <= 0:
             return cap
-        return float(min(cap, max(floor, slope * (self._planned / arrived - 1.0))))
+        return float(min(cap, max(floor, slope * (planned / arrived - 1.0))))
 
     def step(self) -> Decision:
         """Decide on the recorded history: the layers to change, their new placement and the copies."""

@@ -183,6 +183,24 @@ def test_auto_tolerance_stays_at_its_floor_on_predictable_traffic():
         assert fixed.step().tolerance == 0.07  # a number is used as it is
 
 
+def test_auto_tolerance_with_an_initial_placement_uses_a_fresh_plans_balance():
+    """With ``initial=`` the planned balance is unknown: the first step takes a fresh plan's balance on the
+    history (float64 here, from eplb's fresh placement) against the windows that arrived under the initial one."""
+    loads = noisy_windows(4)
+    initial = eplb.rebalance_experts(loads[0], *CONFIG)
+    rebalancer = eplb.Rebalancer(*CONFIG, initial=initial)
+    for load in loads[1:]:
+        rebalancer.record(load)
+    decision = rebalancer.step()
+    history = history64(loads[1:], 1)
+    planned = balancedness64(
+        history, np.asarray(eplb.rebalance_experts(history.astype(np.float32), *CONFIG).phy2log), 8
+    )
+    arrived = np.mean([balancedness64(w, np.asarray(initial.phy2log), 8) for w in loads[1:]])
+    want = min(0.2, max(0.03, 0.1 * (planned / arrived - 1)))
+    assert decision.tolerance == pytest.approx(want, rel=1e-4) and decision.tolerance > 0.03
+
+
 def test_auto_tolerance_follows_the_arrived_balance():
     """Independent noisy windows: the tolerance of each step is clip(0.1 * (planned / arrived - 1), 0.03, 0.2),
     recomputed here in float64 from the placements and windows (planned: the placement in force on the history it
