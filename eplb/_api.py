@@ -163,6 +163,73 @@ def _checked_previous(
     return previous
 
 
+def _gpu_vector(
+    value: Any,
+    arg: str,
+    weight: Any,
+    backend: Any,
+    num_gpus: int,
+    check_values: bool | None,
+    nouns: tuple[str, str],
+    check_dtype: Any,
+    device_dtype: Any,
+) -> tuple[Any, Any]:
+    """A per-GPU vector ``value [G]`` on ``weight``'s kind and device; returns ``(array, host values or None)``.
+
+    A numpy array or list is read on the host (always; converted to ``device_dtype`` for a torch or JAX
+    weight); an array of the loads' framework is read where free (the ``check_values`` rule). ``nouns``: what
+    the array must be, for the messages (``"a bool array"``, ``"bool array"``); ``check_dtype(kind, dtype)``
+    raises the ``TypeError`` of a wrong dtype.
+    """
+    name = _xp.backend_name(weight)
+    host = None
+    try:
+        kind = _xp.backend_name(value)
+    except TypeError:
+        kind = None
+    if kind == "numpy":
+        try:
+            value = np.asarray(value)
+        except ValueError as err:
+            raise ValueError(f"{arg} must be a 1-D [num_gpus] {nouns[1]}: {err}") from None
+        check_dtype(value.dtype.kind, value.dtype)
+        host = value  # host data: always read (also when it goes on to a device)
+    elif kind != name:
+        what = type(value).__module__ + "." + type(value).__qualname__
+        raise TypeError(
+            f"{arg} must be {nouns[0]} of the loads' framework ({name}), a numpy array or a list; got {what}"
+        )
+    else:
+        check_dtype(backend.dtype_kind(value), value.dtype)
+    if tuple(value.shape) != (num_gpus,):
+        raise ValueError(f"{arg} must have shape [num_gpus] = [{num_gpus}], got {list(value.shape)}")
+    if host is not None:
+        if name == "torch":
+            value = sys.modules["torch"].as_tensor(host.astype(device_dtype), device=weight.device)
+        elif name == "jax":
+            value = sys.modules["jax"].numpy.asarray(host.astype(device_dtype))
+    elif name == "torch":
+        value = value.to(weight.device)
+    if host is None and check_values is not False:
+        host = backend.host_values(value, force=bool(check_values))
+    return value, host
+
+
+def _bools(kind: str, dtype: Any) -> None:
+    if kind != "b":
+        raise TypeError(f"active_gpus must hold bools (True: the GPU is up), got dtype {dtype}")
+
+
+def _speeds(kind: str, dtype: Any) -> None:
+    if kind == "b":
+        raise TypeError(
+            "gpu_capacity must hold relative speeds (numbers, 0 for an idle GPU), got bools; "
+            "pass a mask of failed GPUs as active_gpus="
+        )
+    if kind not in "iuf":
+        raise TypeError(f"gpu_capacity must hold real numbers (relative speeds), got dtype {dtype}")
+
+
 def _checked_active_gpus(
     active_gpus: Any, weight: Any, backend: Any, sizes: tuple[int, int, int], check_values: bool | None
 ) -> tuple[Any, Any]:
@@ -174,42 +241,12 @@ def _checked_active_gpus(
     live slots.
     """
     num_experts, num_replicas, num_gpus = sizes
-    name = _xp.backend_name(weight)
-    host = None
-    try:
-        kind = _xp.backend_name(active_gpus)
-    except TypeError:
-        kind = None
-    if kind == "numpy":
-        try:
-            active_gpus = np.asarray(active_gpus)
-        except ValueError as err:
-            raise ValueError(f"active_gpus must be a 1-D [num_gpus] bool array: {err}") from None
-        if active_gpus.dtype != np.bool_:
-            raise TypeError(f"active_gpus must hold bools (True: the GPU is up), got dtype {active_gpus.dtype}")
-        host = active_gpus  # host data: always read (also when it goes on to a CUDA device)
-        if name == "torch":
-            active_gpus = sys.modules["torch"].as_tensor(active_gpus, device=weight.device)
-        elif name == "jax":
-            active_gpus = sys.modules["jax"].numpy.asarray(active_gpus)
-    elif kind != name:
-        what = type(active_gpus).__module__ + "." + type(active_gpus).__qualname__
-        raise TypeError(
-            f"active_gpus must be a bool array of the loads' framework ({name}), a numpy array or a list; got {what}"
-        )
-    elif backend.dtype_kind(active_gpus) != "b":
-        raise TypeError(f"active_gpus must hold bools (True: the GPU is up), got dtype {active_gpus.dtype}")
-    elif name == "torch":
-        active_gpus = active_gpus.to(weight.device)
-    if tuple(active_gpus.shape) != (num_gpus,):
-        raise ValueError(f"active_gpus must have shape [num_gpus] = [{num_gpus}], got {list(active_gpus.shape)}")
-    values = host if kind == "numpy" else None
-    if values is None and check_values is not False:
-        values = backend.host_values(active_gpus, force=bool(check_values))
+    nouns = ("a bool array", "bool array")
+    mask, values = _gpu_vector(active_gpus, "active_gpus", weight, backend, num_gpus, check_values, nouns, _bools, bool)
     if values is not None:
         values = np.asarray(values).astype(bool)
         _validate.check_active_gpus(values, num_experts, num_replicas, num_gpus)
-    return active_gpus, values
+    return mask, values
 
 
 def _checked_gpu_capacity(
@@ -220,45 +257,11 @@ def _checked_gpu_capacity(
     Values of a numpy array or list are always read; an array of the loads' framework where free (the
     ``check_values`` rule). The values themselves are checked by the caller (after ``active_gpus``).
     """
-    name = _xp.backend_name(weight)
-    host = None
-    try:
-        kind = _xp.backend_name(gpu_capacity)
-    except TypeError:
-        kind = None
-    if kind == "numpy":
-        try:
-            gpu_capacity = np.asarray(gpu_capacity)
-        except ValueError as err:
-            raise ValueError(f"gpu_capacity must be a 1-D [num_gpus] array of numbers: {err}") from None
-        dtype_kind = gpu_capacity.dtype.kind
-    elif kind != name:
-        what = type(gpu_capacity).__module__ + "." + type(gpu_capacity).__qualname__
-        raise TypeError(
-            f"gpu_capacity must be an array of the loads' framework ({name}), a numpy array or a list; got {what}"
-        )
-    else:
-        dtype_kind = backend.dtype_kind(gpu_capacity)
-    if dtype_kind == "b":
-        raise TypeError(
-            "gpu_capacity must hold relative speeds (numbers, 0 for an idle GPU), got bools; "
-            "pass a mask of failed GPUs as active_gpus="
-        )
-    if dtype_kind not in "iuf":
-        raise TypeError(f"gpu_capacity must hold real numbers (relative speeds), got dtype {gpu_capacity.dtype}")
-    if tuple(gpu_capacity.shape) != (num_gpus,):
-        raise ValueError(f"gpu_capacity must have shape [num_gpus] = [{num_gpus}], got {list(gpu_capacity.shape)}")
-    if kind == "numpy":
-        host = gpu_capacity  # host data: always read
-        if name == "torch":
-            gpu_capacity = sys.modules["torch"].as_tensor(host.astype(np.float32), device=weight.device)
-        elif name == "jax":
-            gpu_capacity = sys.modules["jax"].numpy.asarray(host.astype(np.float32))
-    elif name == "torch":
-        gpu_capacity = gpu_capacity.to(weight.device)
-    if host is None and check_values is not False:
-        host = backend.host_values(gpu_capacity, force=bool(check_values))
-    return gpu_capacity, (None if host is None else np.asarray(host, dtype=np.float64))
+    nouns = ("an array", "array of numbers")
+    capacity, host = _gpu_vector(
+        gpu_capacity, "gpu_capacity", weight, backend, num_gpus, check_values, nouns, _speeds, np.float32
+    )
+    return capacity, (None if host is None else np.asarray(host, dtype=np.float64))
 
 
 def _capacity_options(

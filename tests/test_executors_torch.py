@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import multiprocessing
 import os
 import sys
 import traceback
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from .processes import run_ranks
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -392,18 +393,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[int, dict]:
     tmp = tmp_path_factory.mktemp("gloo")
-    context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=worker, args=(r, str(tmp / "init"), str(tmp))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    return {
-        r: json.loads((tmp / f"{r}.json").read_text()) if (tmp / f"{r}.json").exists() else {} for r in range(WORLD)
-    }
+    return run_ranks(worker, lambda r: (r, str(tmp / "init"), str(tmp)), WORLD, tmp)
 
 
 def _get(outcomes: dict, rank: int, name: str) -> dict:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import multiprocessing
 import os
 import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from .processes import run_ranks
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -174,18 +175,7 @@ def worker(gpu: int, tmp: str) -> None:
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[int, dict]:
     tmp = tmp_path_factory.mktemp("elastic")
-    context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=worker, args=(g, str(tmp))) for g in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    return {
-        g: json.loads((tmp / f"{g}.json").read_text()) if (tmp / f"{g}.json").exists() else {} for g in range(WORLD)
-    }
+    return run_ranks(worker, lambda g: (g, str(tmp)), WORLD, tmp)
 
 
 def _get(outcomes: dict, gpu: int, name: str):
