@@ -509,13 +509,15 @@ def rebalance_experts(
         With ``gpu_capacity``: a GPU is live iff it is up and its capacity
         is positive.
 
-        With ``previous`` (global policy only, ``hierarchical=False``; may
-        hold ``-1`` in slots of GPUs that were already down; any mask, even
-        all-``True``, runs this rule): the same replica counts as without
-        ``previous``, the replicas repacked onto the live GPUs preferring
-        the live GPU that held each one, or, per layer where that is worse,
-        the placement without ``previous`` relabelled (live GPUs among live
-        positions). Promise, per layer: the heaviest live GPU is at most
+        With ``previous`` (may hold ``-1`` in slots of GPUs that were
+        already down; any mask, even all-``True``, runs this rule): the same
+        replica counts as without ``previous``, the replicas repacked onto
+        the live GPUs preferring the live GPU that held each one, or, per
+        layer where that is worse, the placement without ``previous``
+        relabelled (live GPUs among live positions). Under the hierarchical
+        policy, where every node can still hold its groups, both stay within
+        nodes (groups stay on their nodes; nodes are not permuted); elsewhere
+        the global rule. Promise, per layer: the heaviest live GPU is at most
         ``1 + balance_tolerance`` (default 0) times that of the placement
         without ``previous`` (up to float32 rounding of the sums), and no
         more experts move than in that placement relabelled.
@@ -604,9 +606,9 @@ def rebalance_experts(
     elif active_gpus is not None:
         sizes = (weight.shape[1], num_replicas, num_gpus)
         active_gpus, live = _checked_active_gpus(active_gpus, weight, backend, sizes, check_values)
-        if previous is not None:  # always the elastic rule (a traced all-up mask gives the same placement)
-            elastic = {"active_gpus": active_gpus}
-        elif live is None or not live.all():  # all up, read on the host: the placement without the mask
+        # With previous= always the elastic rule (a traced all-up mask gives the same placement); without it,
+        # a mask read on the host with every GPU up gives the placement without the mask.
+        if previous is not None or live is None or not live.all():
             elastic = {"active_gpus": active_gpus}
             if live is not None and hierarchical:
                 elastic["node_fallback"] = node_fallback_needed(live, *sizes[:2], num_nodes, num_gpus)
@@ -716,8 +718,8 @@ def _across_sizes(
 def _unsupported_with_active_gpus(
     policy: str, spill: int, previous: Any, max_moves: Any, hierarchical: bool, num_groups: int, num_nodes: int
 ) -> None:
-    """``active_gpus`` supports the greedy policy without spill, and ``previous=`` (with or without
-    ``balance_tolerance``) under the global policy only, for now: a ``ValueError`` naming the other argument."""
+    """``active_gpus`` supports the greedy policy without spill (and ``previous=`` with or without
+    ``balance_tolerance``), not ``max_moves`` yet: a ``ValueError`` naming the other argument."""
     others = [
         f"policy={policy!r}" if policy != "greedy" else None,
         f"spill={spill}" if spill else None,
@@ -727,13 +729,7 @@ def _unsupported_with_active_gpus(
     if others:
         raise ValueError(
             f"active_gpus cannot be combined with {', '.join(others)} yet: elastic placement supports the "
-            "greedy policy (hierarchical or global) without spill, and previous= (with balance_tolerance=) "
-            "under the global policy"
-        )
-    if previous is not None and hierarchical and (num_groups > 1 or num_nodes > 1):
-        raise ValueError(
-            "active_gpus cannot be combined with previous= under the hierarchical policy yet "
-            f"(num_groups={num_groups}, num_nodes={num_nodes}); pass hierarchical=False for the global policy"
+            "greedy policy (hierarchical or global) without spill, and previous= (with balance_tolerance=)"
         )
 
 

@@ -322,7 +322,6 @@ def test_mask_of_another_framework():
     [
         ({"policy": "refined"}, "policy='refined'"),
         ({"spill": 2}, "spill=2"),
-        ({"previous": np.zeros((4, 32), np.int64)}, "previous= under the hierarchical policy"),
         ({"max_moves": 3}, "max_moves="),
         ({"previous": np.zeros((4, 32), np.int64), "max_moves": 3, "hierarchical": False}, "max_moves="),
     ],
@@ -569,7 +568,6 @@ def test_previous_traced_mask_with_too_few_live_slots_gives_an_empty_placement()
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
-        ({"hierarchical": True}, ValueError, "previous= under the hierarchical policy"),
         ({"max_moves": 2}, ValueError, "max_moves="),
         ({"previous": np.full((4, 32), -2)}, ValueError, r"expert ids in \[0, 16\) or -1"),
     ],
@@ -638,3 +636,56 @@ def test_previous_jax_gpu_equals_numpy():
         expected = eplb.rebalance_experts(w, r, 1, 1, gpus, previous=previous, active_gpus=mask, balance_tolerance=0.05)
         args = (jnp.asarray(w, jnp.float32), jnp.asarray(previous), jnp.asarray(mask), jnp.float32(0.05))
         _same(_jax_previous_call(r, gpus, True)(*args), expected)
+
+
+@pytest.mark.parametrize("dead", [[5], [0, 6], [1, 2, 3]])
+def test_previous_hierarchical_keeps_groups_on_nodes(dead):
+    """Hierarchical policy with previous=: where every node can still hold its groups, each group's slots stay
+    on one node, the heaviest live GPU is within fl32(1 + t) of the fresh elastic placement's (float64 oracle),
+    and no more experts move than in that placement with its live GPUs best permuted within nodes (scipy's
+    assignment solver per node); where a node cannot, the global rule (the same as hierarchical=False).
+    numpy, torch and JAX (traced mask) place alike."""
+    w = _loads(16, seed=len(dead))
+    r, groups, nodes, gpus = 48, 4, 2, 8  # 6 slots per GPU; a node of 4 GPUs needs 8 slots for its 8 experts
+    previous = np.asarray(eplb.rebalance_experts(w * 0.7 + 1, r, groups, nodes, gpus).phy2log)
+    mask = np.ones(gpus, bool)
+    mask[dead] = False
+    fallback = any(mask[n * 4 : (n + 1) * 4].sum() * 6 < 8 for n in range(nodes))
+    for t in (0.0, 0.05):
+        got = eplb.rebalance_experts(
+            w, r, groups, nodes, gpus, previous=previous, active_gpus=mask, balance_tolerance=t
+        )
+        fresh = eplb.rebalance_experts(w, r, groups, nodes, gpus, active_gpus=mask)
+        phy2log = np.asarray(got.phy2log)
+        np.testing.assert_array_equal(np.asarray(got.logcnt), np.asarray(fresh.logcnt))
+        assert ((phy2log == -1) == np.repeat(~mask, 6)[None, :]).all()
+        peak = oracle.gpu_loads64(w, phy2log, gpus).max(axis=1)
+        fresh_peak = oracle.gpu_loads64(w, np.asarray(fresh.phy2log), gpus).max(axis=1)
+        assert (peak <= fresh_peak * float(np.float32(1 + np.float32(t))) * (1 + 1e-6)).all()
+        if fallback:
+            flat = eplb.rebalance_experts(w, r, groups, nodes, gpus, previous=previous, active_gpus=mask,
+                                          balance_tolerance=t, hierarchical=False)  # fmt: skip
+            np.testing.assert_array_equal(phy2log, np.asarray(flat.phy2log))
+            continue
+        node_of_slot = np.arange(r) // (r // nodes)
+        for layer in range(len(w)):
+            for g in range(groups):
+                held = phy2log[layer] // 4 == g
+                assert len(set(node_of_slot[held & (phy2log[layer] >= 0)].tolist())) == 1
+        moved = oracle.moves(previous, phy2log, gpus)
+        fresh_phy = np.asarray(fresh.phy2log)
+        best = sum(
+            oracle.best_relabel_moves(previous[:, n * 24 : (n + 1) * 24], fresh_phy[:, n * 24 : (n + 1) * 24],
+                                      mask[n * 4 : (n + 1) * 4], 4)
+            for n in range(nodes)
+        )  # fmt: skip
+        assert (moved <= best).all()
+    torch = pytest.importorskip("torch")
+    got_t = eplb.rebalance_experts(torch.as_tensor(w), r, groups, nodes, gpus, previous=torch.as_tensor(previous),
+                                   active_gpus=torch.as_tensor(mask), balance_tolerance=0.05)  # fmt: skip
+    np.testing.assert_array_equal(got_t.phy2log.numpy(), phy2log)
+    jax = pytest.importorskip("jax")
+    call = jax.jit(lambda w_, p, m: tuple(eplb.rebalance_experts(w_, r, groups, nodes, gpus, previous=p, active_gpus=m,
+                                                                 balance_tolerance=0.05)))  # fmt: skip
+    got_j = call(jax.numpy.asarray(w, jax.numpy.float32), jax.numpy.asarray(previous), jax.numpy.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(got_j[0]), phy2log)

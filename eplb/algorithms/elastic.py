@@ -286,21 +286,26 @@ def _live_gpu_loads(weight: Any, phy2log: Any, logcnt: Any, num_gpus: int, *, xp
     return sum_left_to_right(xp.reshape(slot_load, (batch, num_gpus, num_phy // num_gpus)), xp=xp)
 
 
-def relabel_pinned(new: Any, old: Any, live_gpu: Any, num_gpus: int, *, xp: Any) -> Any:
-    """:func:`eplb.algorithms.relabel.relabel` (global) of ``new [B, R]`` to ``old [B, R]``, failed GPUs pinned.
+def relabel_pinned(new: Any, old: Any, live_gpu: Any, num_gpus: int, *, num_nodes: int = 1, xp: Any) -> Any:
+    """:func:`eplb.algorithms.relabel.relabel` of ``new [B, R]`` to ``old [B, R]``, failed GPUs pinned.
 
     ``new`` holds ``-1`` exactly on the GPUs that ``live_gpu [B, G]`` marks
     down. GPUs are permuted to keep the most ``(expert, GPU)`` pairs, among
-    the permutations that map live GPUs onto live positions: the overlap of
-    a live-live or dead-dead pair gets ``R + 1`` added (more than any
-    overlap total), so the exact maximum assignment never pairs a live GPU
-    with a dead position. Then each GPU's slots follow ``old``.
+    the permutations that map live GPUs onto live positions (and, with
+    ``num_nodes > 1``, each GPU onto a position of its own node: the
+    hierarchical policy's groups stay on their nodes): the overlap of an
+    allowed pair gets ``R + 1`` added (more than any overlap total), so the
+    exact maximum assignment never takes another pair (the identity is an
+    allowed assignment). Then each GPU's slots follow ``old``.
     """
     batch, num_phy = new.shape
     per_gpu = num_phy // num_gpus
     kept = gpu_overlap(new, old, num_gpus, xp=xp)  # [B, G, G]: new GPU i, old position j
     live_gpu = xp.broadcast_to(live_gpu, (batch, num_gpus))
     allowed = live_gpu[:, :, None] == live_gpu[:, None, :]
+    if num_nodes > 1:
+        node = xp.arange(num_gpus, device=_xp.device(new)) // (num_gpus // num_nodes)
+        allowed = allowed & (node[:, None] == node[None, :])
     profit = kept + xp.astype(allowed, kept.dtype) * (num_phy + 1)
     holder = inverse_permutation(max_assignment(profit, xp=xp), xp=xp)  # new GPU placed at each position
     slots = xp.reshape(
@@ -311,7 +316,16 @@ def relabel_pinned(new: Any, old: Any, live_gpu: Any, num_gpus: int, *, xp: Any)
 
 
 def stabilize_elastic(
-    weight: Any, fresh: Any, logcnt: Any, previous: Any, active: Any, num_gpus: int, *, tolerance: Any, xp: Any
+    weight: Any,
+    fresh: Any,
+    logcnt: Any,
+    previous: Any,
+    active: Any,
+    num_gpus: int,
+    *,
+    tolerance: Any,
+    num_nodes: int = 1,
+    xp: Any,
 ) -> Any:
     """``phy2log [B, R]``: the elastic placement ``fresh`` (with ``logcnt``) moving few experts from ``previous``.
 
@@ -325,6 +339,9 @@ def stabilize_elastic(
     candidates whose heaviest GPU is within the limit (the relabelled one
     always is), the one with the fewest moves, ties to the relabelled, then
     the plain sticky one; slots follow ``previous`` (:func:`align_slots`).
+    With ``num_nodes > 1`` (the hierarchical rule, groups on nodes) both stay
+    within nodes: GPUs are relabelled among their node's positions, and the
+    sticky repacking runs per node.
     """
     from eplb.algorithms.stability import _factor  # the healthy rule's limit, the same float32 bits
 
@@ -333,7 +350,7 @@ def stabilize_elastic(
     live_gpu = xp.broadcast_to(xp.reshape(active, (-1, num_gpus)), (batch, num_gpus))
     live_slot = _live_slot(live_gpu, batch, num_phy, num_gpus, xp=xp)
     old = xp.where(live_slot, xp.astype(previous, dtype), xp.full_like(fresh, -1))
-    base = relabel_pinned(fresh, old, live_gpu, num_gpus, xp=xp)
+    base = relabel_pinned(fresh, old, live_gpu, num_gpus, num_nodes=num_nodes, xp=xp)
     peak = xp.max(_live_gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
     limit = peak * _factor(tolerance, peak, xp=xp)
     reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
@@ -344,9 +361,21 @@ def stabilize_elastic(
     initial = xp.where(live_gpu, 0.0, xp.inf)
     initial = xp.astype(initial, weight.dtype)
     candidates, moves, within = [base], [count_moves(base, old, num_gpus, xp=xp)], [xp.ones_like(limit, dtype=bool)]
+    rows = (batch * num_nodes, num_phy // num_nodes)  # one sticky repacking per (layer, node)
+    node_limit = xp.reshape(xp.broadcast_to(limit, (batch, num_nodes)), (batch * num_nodes, 1))
+    node_initial = xp.reshape(initial, (batch * num_nodes, num_gpus // num_nodes))
     for reserve in (False, True):
-        sticky = sticky_pack(base, old, item_load, limit, num_gpus, initial_load=initial, reserve=reserve, xp=xp)
-        sticky = align_slots(sticky, old, num_gpus, xp=xp)
+        sticky = sticky_pack(
+            xp.reshape(base, rows),
+            xp.reshape(old, rows),
+            xp.reshape(item_load, rows),
+            node_limit,
+            num_gpus // num_nodes,
+            initial_load=node_initial,
+            reserve=reserve,
+            xp=xp,
+        )
+        sticky = align_slots(xp.reshape(sticky, (batch, num_phy)), old, num_gpus, xp=xp)
         peak_s = xp.max(_live_gpu_loads(weight, sticky, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
         candidates.append(sticky)
         moves.append(count_moves(sticky, old, num_gpus, xp=xp))
@@ -377,23 +406,36 @@ def place_elastic_stable(
 ) -> tuple[Any, Any, Any]:
     """:func:`place_elastic` keeping the experts of ``previous [L, R]`` (``-1``: an empty slot) in place.
 
-    The global policy only (``hierarchical`` with groups or nodes: a
-    ``ValueError``). Replica counts are the fresh elastic placement's; the
-    GPUs' contents are :func:`stabilize_elastic`'s. ``log2phy`` numbers
-    replicas in slot order. ``node_fallback`` is ignored (global rule).
+    Replica counts are the fresh elastic placement's (:func:`rebalance_elastic`,
+    hierarchical or global, ``node_fallback`` as there); the GPUs' contents
+    are :func:`stabilize_elastic`'s, within nodes where the layer keeps its
+    groups on nodes (no fallback), across all live GPUs otherwise.
+    ``log2phy`` numbers replicas in slot order.
     """
     if policy != "greedy" or spill:
         raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
-    if hierarchical and (num_groups > 1 or num_nodes > 1):
-        raise ValueError(
-            "active_gpus with previous= supports the global policy only (hierarchical=False) for now; "
-            f"got the hierarchical policy with num_groups={num_groups}, num_nodes={num_nodes}"
-        )
     weight = clean_loads(weight, xp=xp)
     num_log = weight.shape[1]
     active = xp.reshape(active_gpus, (-1, num_gpus))
-    fresh, _, logcnt = rebalance_elastic(weight, active, num_replicas, 1, 1, num_gpus, xp=xp)
-    phy2log = stabilize_elastic(weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, xp=xp)
+    if not hierarchical:
+        num_groups = num_nodes = 1
+    fresh, _, logcnt = rebalance_elastic(
+        weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=node_fallback, xp=xp
+    )
+
+    def stable(nodes: int) -> Any:
+        return stabilize_elastic(
+            weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=nodes, xp=xp
+        )
+
+    if num_nodes == 1 or node_fallback:
+        phy2log = stable(1)
+    elif node_fallback is False:
+        phy2log = stable(num_nodes)
+    else:  # decided on the device, as in rebalance_elastic: layers short of node slots ran the global rule
+        _, node_slots = _live_rows(weight, active, num_replicas, num_nodes, num_gpus, xp=xp)
+        short = xp.any(xp.reshape(node_slots, (weight.shape[0], num_nodes)) < num_log // num_nodes, axis=-1)
+        phy2log = xp.where(short[:, None], stable(1), stable(num_nodes))
     _, live_slots = _live_rows(weight, active, num_replicas, 1, num_gpus, xp=xp)  # [L, 1]
     phy2log = xp.where(live_slots >= num_log, phy2log, fresh)  # too few live slots: the empty placement
     phyrank = xp.where(phy2log >= 0, occurrence(phy2log, xp=xp), xp.full_like(phy2log, -1))
