@@ -90,11 +90,10 @@ def sglang_like(weight: np.ndarray, num_replicas: int, num_gpus: int, mask: np.n
 
 
 def previous_table(data: list[tuple[str, np.ndarray]]) -> str:
-    """The ``--previous`` table (global configs)."""
+    """The ``--previous`` table (every config; the hierarchical ones keep groups on nodes where the nodes can
+    hold them, SGLang's rule never does)."""
     rows = []
     for name, (replicas, groups, nodes, gpus, hierarchical, failures) in CONFIGS.items():
-        if hierarchical:
-            continue
         sizes = (replicas, groups, nodes, gpus)
         for failure, dead in failures.items():
             mask = np.ones(gpus, bool)
@@ -103,7 +102,7 @@ def previous_table(data: list[tuple[str, np.ndarray]]) -> str:
             moves = {"sglang": [], "t0": [], "t05": []}
             times = []
             for _, w in data:
-                previous = eplb.rebalance_experts(w, *sizes, hierarchical=False).phy2log
+                previous = eplb.rebalance_experts(w, *sizes, hierarchical=hierarchical).phy2log
                 other = sglang_like(w, replicas, gpus, mask)
                 bal["sglang"].append(eplb.metrics.summarize(w, other, gpus).balancedness)
                 moves["sglang"].append(eplb.moved_experts(previous, other, gpus).mean())
@@ -112,7 +111,7 @@ def previous_table(data: list[tuple[str, np.ndarray]]) -> str:
                     ours = eplb.rebalance_experts(
                         w,
                         *sizes,
-                        hierarchical=False,
+                        hierarchical=hierarchical,
                         previous=previous,
                         active_gpus=mask,
                         balance_tolerance=tolerance,
@@ -149,7 +148,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", type=Path, help="also write the table as markdown to this file")
     parser.add_argument("--previous", action="store_true", help="previous= against SGLang-like: moves and balance")
+    parser.add_argument("--configs", help="comma-separated substrings of the config names to run (default: all)")
     args = parser.parse_args()
+    if args.configs:
+        wanted = args.configs.split(",")
+        for name in [n for n in CONFIGS if not any(w in n for w in wanted)]:
+            del CONFIGS[name]
     data = loads()
     if args.previous:
         table = previous_table(data)
