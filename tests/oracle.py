@@ -348,8 +348,11 @@ def elastic_layer(
 
     Global policy (``num_groups % num_nodes`` or one node, one group): the
     greedy policy on a cluster of the live GPUs alone, scattered back.
-    Hierarchical: groups to nodes as the greedy does, then that per node; if
-    some node has fewer live slots than experts of its groups, the global rule.
+    Hierarchical: groups to nodes as the greedy does where every node has as
+    many live slots, else by live capacity (LPT, each group to the open node
+    whose load after it times fl32(1 / its live slots) is least, the lowest
+    node on ties), then that per node; if some node has fewer live slots than
+    experts of its groups, the global rule.
     """
     w = [F32(0) if F32(x) < TINY else F32(x) for x in weight]
     num_log = len(w)
@@ -367,7 +370,18 @@ def elastic_layer(
         for k in range(1, gsize):
             s = F32(s + w[g * gsize + k])
         group_load.append(s)
-    gpack, grank = pack(group_load, num_nodes)
+    node_slots = [sum(nl) * per_gpu for nl in node_live]
+    if len(set(node_slots)) == 1:
+        gpack, grank = pack(group_load, num_nodes)
+    else:
+        gpack, grank = [0] * num_groups, [0] * num_groups
+        node_load, node_count = [F32(0)] * num_nodes, [0] * num_nodes
+        for g in sorted(range(num_groups), key=lambda g: (-float(group_load[g]), g)):
+            keys = [F32(F32(node_load[n] + group_load[g]) * recip(node_slots[n])) for n in range(num_nodes)]
+            best = min((n for n in range(num_nodes) if node_count[n] < gpn), key=lambda n: (keys[n], n))
+            gpack[g], grank[g] = best, node_count[best]
+            node_load[best] = F32(node_load[best] + group_load[g])
+            node_count[best] += 1
     phy2log: list[int] = []
     phyrank: list[int] = []
     logcnt = [0] * num_log

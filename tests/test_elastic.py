@@ -657,7 +657,8 @@ def test_previous_hierarchical_keeps_groups_on_nodes(dead):
         )
         fresh = eplb.rebalance_experts(w, r, groups, nodes, gpus, active_gpus=mask)
         phy2log = np.asarray(got.phy2log)
-        np.testing.assert_array_equal(np.asarray(got.logcnt), np.asarray(fresh.logcnt))
+        counts = np.stack([np.bincount(row[row >= 0], minlength=16) for row in phy2log])
+        np.testing.assert_array_equal(np.asarray(got.logcnt), counts)  # the counts of the placement returned
         assert ((phy2log == -1) == np.repeat(~mask, 6)[None, :]).all()
         peak = oracle.gpu_loads64(w, phy2log, gpus).max(axis=1)
         fresh_peak = oracle.gpu_loads64(w, np.asarray(fresh.phy2log), gpus).max(axis=1)

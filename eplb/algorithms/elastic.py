@@ -7,11 +7,13 @@ layer, with ``S = R / G`` slots per GPU and ``R_live = S * #live GPUs``:
   steps), then pack the replicas onto the live GPUs by LPT, exactly as the
   greedy policy does on a cluster of the live GPUs alone (live GPU ``k``
   playing GPU ``k`` of that cluster), scattered back;
-- hierarchical policy: groups to nodes as the greedy does (by load, whatever
-  the mask), then per node the same with ``R_n = S * #live GPUs of the node``
-  slots. A layer where some node has fewer live slots than the experts of
-  its groups (``R_n < E / N``, e.g. a whole node down) falls back to the
-  global rule.
+- hierarchical policy: groups to nodes by live capacity
+  (:func:`live_group_split`: LPT on group loads scaled by each node's
+  ``1 / R_n``; the greedy split where every node has as many live slots),
+  then per node the same with ``R_n = S * #live GPUs of the node`` slots.
+  A layer where some node has fewer live slots than the experts of its
+  groups (``R_n < E / N``, e.g. a whole node down) falls back to the global
+  rule.
 
 Static shapes throughout, so that it runs under ``jit`` with a traced mask:
 greedy replication is prefix-consistent (its first ``k`` steps do not
@@ -31,15 +33,16 @@ from typing import Any
 
 from eplb import _xp
 from eplb.algorithms.assignment import BIG, max_assignment
-from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split
+from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split, group_loads
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
-from eplb.algorithms.packing import inverse_permutation, sum_left_to_right
+from eplb.algorithms.packing import inverse_permutation, slots_by_pack, sum_left_to_right
 from eplb.algorithms.relabel import align_slots, count_moves, gpu_overlap, occurrence
 from eplb.algorithms.repair import sticky_pack
 from eplb.algorithms.replication import replica_load, replicate_experts
 
 __all__ = [
     "build_log2phy_masked",
+    "live_group_split",
     "lpt_pack_live",
     "node_fallback_needed",
     "place_elastic",
@@ -136,12 +139,78 @@ def _place_rows(
     return phy2mlog, phyrank, mlogcnt, pphy2phy
 
 
-def _elastic(
+def live_group_split(
     weight: Any, active: Any, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any
+) -> Any:
+    """``mgroup2group [L, groups]``: groups to nodes by live capacity (the greedy split where all nodes are alike).
+
+    LPT on the group loads (heaviest first, ties by group), each group to the
+    open node (fewer than ``groups / N``) whose load after it, times the
+    correctly rounded float32 reciprocal of the node's live slots, is
+    smallest (ties: the lowest node): a node with failed GPUs takes lighter
+    groups. One multiplication, no division, so every backend agrees. Where
+    every node has the same live slots this is
+    :func:`eplb.algorithms.hierarchy.greedy_group_split`, bit for bit (it is
+    selected then: a common scale could round two loads alike).
+    """
+    num_layers = weight.shape[0]
+    plain = greedy_group_split(weight, num_groups, num_nodes, xp=xp)  # one group per node: group g on node g
+    device = _xp.device(weight)
+    _, node_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
+    node_slots = xp.reshape(node_slots, (num_layers, num_nodes))  # [L, N] live slots per node
+    inverse = _xp.take_along(
+        xp.broadcast_to(_xp.reciprocal_table(num_phy, xp=xp, device=device), (num_layers, num_phy + 1)),
+        node_slots,
+        xp=xp,
+    )  # [L, N] float32 fl(1/slots); 0 for a node with none (such a layer falls back to the global rule)
+    has_slots = node_slots > 0
+    loads = group_loads(weight, num_groups, xp=xp)  # [L, groups]
+    order = _xp.argsort_desc(loads, xp=xp)
+    load_by_step = xp.permute_dims(_xp.take_along(loads, order, xp=xp), (1, 0))  # [groups, L]
+    per_node = num_groups // num_nodes
+    node_ids = xp.arange(num_nodes, dtype=order.dtype, device=device)
+    most = xp.full((1, 1), MAX_LOAD, dtype=weight.dtype, device=device)
+
+    def visit(carry: Any, group_load: Any) -> tuple[Any, Any]:
+        node_load, node_count = carry
+        after = xp.minimum(node_load + xp.reshape(group_load, (num_layers, 1)), most)
+        # Full nodes +inf; an open node without live slots last among the open ones (a valid split still).
+        key = xp.where(node_count < per_node, xp.where(has_slots, after * inverse, most), xp.inf)
+        node = xp.reshape(xp.argmin(key, axis=-1), (num_layers, 1))  # first minimum wins
+        rank = _xp.take_along(node_count, node, xp=xp)
+        chosen = node_ids == node
+        node_count = node_count + chosen
+        node_load = xp.where(chosen, after, node_load)
+        return (node_load, node_count), (node[:, 0], rank[:, 0])
+
+    zeros = xp.zeros((num_layers, num_nodes), dtype=weight.dtype, device=device)
+    _, (node_by_step, rank_by_step) = _xp.scan(visit, (zeros, zeros), load_by_step, xp=xp)
+    node_by_step = xp.astype(xp.permute_dims(node_by_step, (1, 0)), order.dtype)
+    rank_by_step = xp.astype(xp.permute_dims(rank_by_step, (1, 0)), order.dtype)
+    by_capacity = slots_by_pack(order, node_by_step, rank_by_step, per_node, xp=xp)
+    alike = xp.all(node_slots == node_slots[:, :1], axis=-1, keepdims=True)  # [L, 1]
+    return xp.where(alike, plain, by_capacity)
+
+
+def _elastic(
+    weight: Any,
+    active: Any,
+    num_phy: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    by_capacity: bool = True,
+    xp: Any,
 ) -> tuple[Any, Any, Any]:
-    """The hierarchical elastic rule (global with one group, one node), no fallback."""
+    """The hierarchical elastic rule (global with one group, one node), no fallback; groups to nodes by live
+    capacity (:func:`live_group_split`), or by load alone (``by_capacity=False``: the healthy greedy split)."""
     group_size = weight.shape[1] // num_groups
-    mlog2log = expert_order(greedy_group_split(weight, num_groups, num_nodes, xp=xp), group_size, xp=xp)
+    if by_capacity:
+        split = live_group_split(weight, active, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
+    else:
+        split = greedy_group_split(weight, num_groups, num_nodes, xp=xp)
+    mlog2log = expert_order(split, group_size, xp=xp)
     num_layers, num_log = weight.shape
     mlog_load = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), (num_layers * num_nodes, num_log // num_nodes))
     live_gpu, live_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
@@ -178,6 +247,7 @@ def rebalance_elastic(
     num_gpus: int,
     *,
     fallback: bool | None = None,
+    by_capacity: bool = True,
     xp: Any,
 ) -> tuple[Any, Any, Any]:
     """Greedy placement on the live GPUs: ``phy2log`` (``-1`` on dead GPUs), ``phyrank``, ``logcnt``.
@@ -194,6 +264,9 @@ def rebalance_elastic(
         Hierarchical only: ``True``/``False`` when the host knows whether some
         node has fewer than ``E / N`` live slots (then the global rule runs for
         every layer); ``None`` computes both and selects per layer.
+    by_capacity : bool
+        Hierarchical only: groups to nodes by live capacity
+        (:func:`live_group_split`, default) or by load alone.
 
     Returns
     -------
@@ -209,7 +282,9 @@ def rebalance_elastic(
     if not hierarchical or fallback:
         phy2log, phyrank, logcnt = _elastic(weight, active, num_phy, 1, 1, num_gpus, xp=xp)
     else:
-        phy2log, phyrank, logcnt = _elastic(weight, active, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
+        phy2log, phyrank, logcnt = _elastic(
+            weight, active, num_phy, num_groups, num_nodes, num_gpus, by_capacity=by_capacity, xp=xp
+        )
         if fallback is None and num_nodes > 1:
             _, node_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
             short = xp.any(xp.reshape(node_slots, (num_layers, num_nodes)) < num_log // num_nodes, axis=-1)
@@ -325,9 +400,11 @@ def stabilize_elastic(
     *,
     tolerance: Any,
     num_nodes: int = 1,
+    peak: Any = None,
     xp: Any,
-) -> Any:
-    """``phy2log [B, R]``: the elastic placement ``fresh`` (with ``logcnt``) moving few experts from ``previous``.
+) -> tuple[Any, Any, Any]:
+    """``phy2log [B, R]``: the elastic placement ``fresh`` (with ``logcnt``) moving few experts from ``previous``;
+    also its moves ``[B, 1]`` and whether it is within the limit ``[B, 1]``.
 
     Slots of failed GPUs in ``previous`` count as empty (no source, no
     affinity). Candidates: ``fresh`` relabelled (:func:`relabel_pinned`), and
@@ -341,7 +418,9 @@ def stabilize_elastic(
     the plain sticky one; slots follow ``previous`` (:func:`align_slots`).
     With ``num_nodes > 1`` (the hierarchical rule, groups on nodes) both stay
     within nodes: GPUs are relabelled among their node's positions, and the
-    sticky repacking runs per node.
+    sticky repacking runs per node. ``peak [B, 1]`` (optional): the heaviest
+    GPU the limit scales instead of ``fresh``'s; the relabelled candidate is
+    then checked against the limit too (else it is within by construction).
     """
     from eplb.algorithms.stability import _factor  # the healthy rule's limit, the same float32 bits
 
@@ -351,7 +430,9 @@ def stabilize_elastic(
     live_slot = _live_slot(live_gpu, batch, num_phy, num_gpus, xp=xp)
     old = xp.where(live_slot, xp.astype(previous, dtype), xp.full_like(fresh, -1))
     base = relabel_pinned(fresh, old, live_gpu, num_gpus, num_nodes=num_nodes, xp=xp)
-    peak = xp.max(_live_gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+    fresh_peak = xp.max(_live_gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+    base_within = xp.ones_like(fresh_peak, dtype=bool) if peak is None else None
+    peak = fresh_peak if peak is None else peak
     limit = peak * _factor(tolerance, peak, xp=xp)
     reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
     per_replica = replica_load(weight, logcnt, reciprocal, xp=xp)
@@ -360,7 +441,10 @@ def stabilize_elastic(
     item_load = xp.where(held, item_load, -xp.ones_like(item_load))  # empty slots come last
     initial = xp.where(live_gpu, 0.0, xp.inf)
     initial = xp.astype(initial, weight.dtype)
-    candidates, moves, within = [base], [count_moves(base, old, num_gpus, xp=xp)], [xp.ones_like(limit, dtype=bool)]
+    if base_within is None:
+        base_peak = xp.max(_live_gpu_loads(weight, base, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+        base_within = base_peak <= limit
+    candidates, moves, within = [base], [count_moves(base, old, num_gpus, xp=xp)], [base_within]
     rows = (batch * num_nodes, num_phy // num_nodes)  # one sticky repacking per (layer, node)
     node_limit = xp.reshape(xp.broadcast_to(limit, (batch, num_nodes)), (batch * num_nodes, 1))
     node_initial = xp.reshape(initial, (batch * num_nodes, num_gpus // num_nodes))
@@ -380,12 +464,13 @@ def stabilize_elastic(
         candidates.append(sticky)
         moves.append(count_moves(sticky, old, num_gpus, xp=xp))
         within.append(peak_s <= limit)
-    moves = xp.where(xp.concat(within, axis=-1), xp.stack(moves, axis=-1), BIG)  # [B, 3]
+    within = xp.concat(within, axis=-1)  # [B, 3]
+    moves = xp.where(within, xp.stack(moves, axis=-1), BIG)
     choice = xp.reshape(xp.argmin(moves, axis=-1), (batch, 1))  # fewest moves; ties: the earlier candidate
     out = candidates[0]
     for k in (1, 2):
         out = xp.where(choice == k, candidates[k], out)
-    return out
+    return out, _xp.take_along(moves, choice, xp=xp), _xp.take_along(within, choice, xp=xp)
 
 
 def place_elastic_stable(
@@ -426,16 +511,36 @@ def place_elastic_stable(
     def stable(nodes: int) -> Any:
         return stabilize_elastic(
             weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=nodes, xp=xp
+        )[0]
+
+    def stable_nodes() -> tuple[Any, Any]:
+        """Within nodes: the groups split by live capacity (the limit's placement), or kept where the split by
+        load alone puts them (the healthy split: fewer groups change nodes) if that is within the limit and
+        moves fewer experts."""
+        by_capacity = stabilize_elastic(
+            weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes, xp=xp
         )
+        by_load, _, load_cnt = rebalance_elastic(
+            weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=False, by_capacity=False, xp=xp
+        )
+        peak = xp.max(_live_gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+        kept = stabilize_elastic(
+            weight, by_load, load_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
+            peak=peak, xp=xp,
+        )  # fmt: skip
+        fewer = kept[2] & (kept[1] < by_capacity[1])  # [L, 1]
+        return xp.where(fewer, kept[0], by_capacity[0]), xp.where(fewer, load_cnt, logcnt)
 
     if num_nodes == 1 or node_fallback:
         phy2log = stable(1)
     elif node_fallback is False:
-        phy2log = stable(num_nodes)
+        phy2log, logcnt = stable_nodes()
     else:  # decided on the device, as in rebalance_elastic: layers short of node slots ran the global rule
         _, node_slots = _live_rows(weight, active, num_replicas, num_nodes, num_gpus, xp=xp)
         short = xp.any(xp.reshape(node_slots, (weight.shape[0], num_nodes)) < num_log // num_nodes, axis=-1)
-        phy2log = xp.where(short[:, None], stable(1), stable(num_nodes))
+        within_nodes, cnt = stable_nodes()
+        phy2log = xp.where(short[:, None], stable(1), within_nodes)
+        logcnt = xp.where(short[:, None], logcnt, cnt)
     _, live_slots = _live_rows(weight, active, num_replicas, 1, num_gpus, xp=xp)  # [L, 1]
     phy2log = xp.where(live_slots >= num_log, phy2log, fresh)  # too few live slots: the empty placement
     phyrank = xp.where(phy2log >= 0, occurrence(phy2log, xp=xp), xp.full_like(phy2log, -1))
