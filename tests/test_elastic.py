@@ -690,3 +690,64 @@ def test_previous_hierarchical_keeps_groups_on_nodes(dead):
                                                                  balance_tolerance=0.05)))  # fmt: skip
     got_j = call(jax.numpy.asarray(w, jax.numpy.float32), jax.numpy.asarray(previous), jax.numpy.asarray(mask))
     np.testing.assert_array_equal(np.asarray(got_j[0]), phy2log)
+
+
+def _sticky_split_oracle(w, previous, mask, r, groups, nodes, gpus):
+    """Plain Python: each group's node in previous, then best swaps (float32 arithmetic as documented)."""
+    f32 = np.float32
+    gsize, per_node, per_gpu = w.shape[1] // groups, r // nodes, r // gpus
+    slots = [sum(mask[n * (gpus // nodes) : (n + 1) * (gpus // nodes)]) * per_gpu for n in range(nodes)]
+    inv = [f32(1) / f32(s) if s else f32(0) for s in slots]
+    out = []
+    for row, prev in zip(w, previous, strict=True):
+        loads = []
+        for g in range(groups):
+            total = f32(row[g * gsize])
+            for k in range(1, gsize):
+                total = f32(total + f32(row[g * gsize + k]))
+            loads.append(total)
+        assign = [min(j // per_node for j, e in enumerate(prev) if e >= 0 and e // gsize == g) for g in range(groups)]
+        for _ in range(groups):
+            node_load = []
+            for n in range(nodes):
+                total = f32(0)
+                for g in range(groups):
+                    total = f32(total + (loads[g] if assign[g] == n else f32(0)))
+                node_load.append(total)
+            scaled = [f32(node_load[n] * inv[n]) for n in range(nodes)]
+            current = max(scaled)
+            best = None
+            for g1 in range(groups):
+                for g2 in range(g1 + 1, groups):
+                    a, b = assign[g1], assign[g2]
+                    if a == b:
+                        continue
+                    new_a = f32(f32(node_load[a] - loads[g1]) + loads[g2])
+                    new_b = f32(f32(node_load[b] - loads[g2]) + loads[g1])
+                    others = max([scaled[n] for n in range(nodes) if n not in (a, b)], default=-np.inf)
+                    after = max(others, f32(new_a * inv[a]), f32(new_b * inv[b]))
+                    if after < f32(current * f32(1.0 - 2.0**-16)) and (best is None or after < best[0]):
+                        best = (after, g1, g2)
+            if best is None:
+                break
+            _, g1, g2 = best
+            assign[g1], assign[g2] = assign[g2], assign[g1]
+        out.append(sorted(range(groups), key=lambda g: (assign[g], g)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("dead", [[5], [0, 1], [6]])
+def test_sticky_group_split_equals_the_oracle(dead):
+    from eplb.algorithms.elastic import sticky_group_split
+
+    w = _loads(16, seed=len(dead) + 7).astype(np.float32) + 1
+    r, groups, nodes, gpus = 48, 4, 2, 8
+    previous = np.asarray(eplb.rebalance_experts(w[::-1].copy(), r, groups, nodes, gpus).phy2log)
+    mask = np.ones(gpus, bool)
+    mask[dead] = False
+    split, valid = sticky_group_split(w, previous, mask, r, groups, nodes, gpus, xp=np)
+    assert valid.all()
+    np.testing.assert_array_equal(split, _sticky_split_oracle(w, previous, mask, r, groups, nodes, gpus))
+    bad = previous.copy()
+    bad[:, 0] = bad[:, r // 2]  # a group on both nodes: no start
+    assert not sticky_group_split(w, bad, mask, r, groups, nodes, gpus, xp=np)[1].any()

@@ -50,6 +50,7 @@ __all__ = [
     "rebalance_elastic",
     "relabel_pinned",
     "stabilize_elastic",
+    "sticky_group_split",
 ]
 
 
@@ -192,6 +193,85 @@ def live_group_split(
     return xp.where(alike, plain, by_capacity)
 
 
+def sticky_group_split(
+    weight: Any, previous: Any, active: Any, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any
+) -> tuple[Any, Any]:
+    """``mgroup2group [L, groups]`` near ``previous [L, R]``'s split, and ``[L, 1]`` whether it is one.
+
+    Starts from the node that holds each group in ``previous`` (``-1`` slots
+    hold nothing; a ``previous`` whose groups do not lie one per node, ``groups
+    / N`` to a node, is no start: ``False``), then swaps pairs of groups
+    between nodes while that lowers the heaviest node's load times
+    ``fl32(1 / its live slots)`` by the ``IMPROVEMENT`` margin: the swap that
+    lowers it most (ties: the first pair ``(g1, g2)``, ``g1 < g2``), at most
+    ``groups`` swaps. Node loads are left-to-right sums of their groups' loads
+    in group order; groups are listed node by node, in group order.
+    """
+    from eplb.algorithms.refine import IMPROVEMENT
+
+    num_layers, num_log = weight.shape
+    device = _xp.device(weight)
+    group_size, per_node = num_log // num_groups, num_phy // num_nodes
+    dtype = previous.dtype  # the ids' integer type (int32 on JAX without x64)
+    prev = previous
+    group_of_slot = xp.where(prev >= 0, prev // group_size, -1)  # [L, R]
+    node_of_slot = xp.arange(num_phy, dtype=dtype, device=device) // per_node
+    group_ids = xp.arange(num_groups, dtype=dtype, device=device)
+    node_ids = xp.arange(num_nodes, dtype=dtype, device=device)
+    match = group_of_slot[:, :, None] == group_ids  # [L, R, groups]
+    low = xp.min(xp.where(match, node_of_slot[None, :, None], num_nodes), axis=1)  # [L, groups]
+    high = xp.max(xp.where(match, node_of_slot[None, :, None], -1), axis=1)
+    count = xp.sum(xp.astype(low[:, :, None] == node_ids, dtype), axis=1)  # [L, N]
+    valid = xp.all(low == high, axis=-1, keepdims=True) & xp.all(
+        count == num_groups // num_nodes, axis=-1, keepdims=True
+    )
+    assign = xp.where(valid, low, xp.zeros_like(low))  # [L, groups] node of each group
+    loads = group_loads(weight, num_groups, xp=xp)  # [L, groups]
+    _, node_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
+    node_slots = xp.reshape(node_slots, (num_layers, num_nodes))
+    table = xp.broadcast_to(_xp.reciprocal_table(num_phy, xp=xp, device=device), (num_layers, num_phy + 1))
+    inverse = _xp.take_along(table, node_slots, xp=xp)  # [L, N] fl32(1/slots) (0: no slots; such layers fall back)
+    first = [g1 for g1 in range(num_groups) for g2 in range(g1 + 1, num_groups)]
+    second = [g2 for g1 in range(num_groups) for g2 in range(g1 + 1, num_groups)]
+    if not first:
+        return _order_by_node(assign, num_groups, xp=xp), valid
+    g1 = xp.asarray(first, dtype=dtype, device=device)
+    g2 = xp.asarray(second, dtype=dtype, device=device)
+    zero = xp.zeros_like(loads)
+    for _ in range(num_groups):
+        on_node = assign[:, None, :] == node_ids[None, :, None]  # [L, N, groups]
+        node_load = sum_left_to_right(xp.where(on_node, loads[:, None, :], zero[:, None, :]), xp=xp)  # [L, N]
+        scaled = node_load * inverse
+        current = xp.max(scaled, axis=-1, keepdims=True)
+        a, b = xp.take(assign, g1, axis=1), xp.take(assign, g2, axis=1)  # [L, P]
+        x1, x2 = xp.take(loads, g1, axis=1), xp.take(loads, g2, axis=1)
+        new_a = (_xp.take_along(node_load, a, xp=xp) - x1) + x2
+        new_b = (_xp.take_along(node_load, b, xp=xp) - x2) + x1
+        touched = (node_ids[None, None, :] == a[:, :, None]) | (node_ids[None, None, :] == b[:, :, None])
+        others = xp.max(xp.where(touched, -xp.inf, scaled[:, None, :]), axis=-1)  # [L, P]
+        after = xp.maximum(
+            others,
+            xp.maximum(new_a * _xp.take_along(inverse, a, xp=xp), new_b * _xp.take_along(inverse, b, xp=xp)),
+        )
+        ok = (a != b) & (after < current * IMPROVEMENT)
+        choice = xp.reshape(xp.argmin(xp.where(ok, after, xp.inf), axis=-1), (num_layers, 1))
+        accept = xp.any(ok, axis=-1, keepdims=True)
+        pick1, pick2 = (
+            _xp.take_along(xp.broadcast_to(g1, a.shape), choice, xp=xp),
+            _xp.take_along(xp.broadcast_to(g2, a.shape), choice, xp=xp),
+        )
+        node1, node2 = _xp.take_along(a, choice, xp=xp), _xp.take_along(b, choice, xp=xp)
+        swapped = xp.where(group_ids == pick1, node2, xp.where(group_ids == pick2, node1, assign))
+        assign = xp.where(accept, swapped, assign)
+    return _order_by_node(assign, num_groups, xp=xp), valid
+
+
+def _order_by_node(assign: Any, num_groups: int, *, xp: Any) -> Any:
+    """Groups listed node by node, in group order within a node: ``mgroup2group [L, groups]``."""
+    key = assign * num_groups + xp.arange(num_groups, dtype=assign.dtype, device=_xp.device(assign))
+    return xp.argsort(key, axis=-1, stable=True)  # unique keys: the same order on every backend
+
+
 def _elastic(
     weight: Any,
     active: Any,
@@ -201,14 +281,16 @@ def _elastic(
     num_gpus: int,
     *,
     by_capacity: bool = True,
+    split: Any = None,
     xp: Any,
 ) -> tuple[Any, Any, Any]:
     """The hierarchical elastic rule (global with one group, one node), no fallback; groups to nodes by live
-    capacity (:func:`live_group_split`), or by load alone (``by_capacity=False``: the healthy greedy split)."""
+    capacity (:func:`live_group_split`), by load alone (``by_capacity=False``: the healthy greedy split), or
+    as ``split [L, groups]`` (groups node by node) says."""
     group_size = weight.shape[1] // num_groups
-    if by_capacity:
+    if split is None and by_capacity:
         split = live_group_split(weight, active, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
-    else:
+    elif split is None:
         split = greedy_group_split(weight, num_groups, num_nodes, xp=xp)
     mlog2log = expert_order(split, group_size, xp=xp)
     num_layers, num_log = weight.shape
@@ -514,9 +596,9 @@ def place_elastic_stable(
         )[0]
 
     def stable_nodes() -> tuple[Any, Any]:
-        """Within nodes: the groups split by live capacity (the limit's placement), or kept where the split by
-        load alone puts them (the healthy split: fewer groups change nodes) if that is within the limit and
-        moves fewer experts."""
+        """Within nodes: the groups split by live capacity (the limit's placement); or ``previous``'s split with
+        a few groups swapped between nodes (:func:`sticky_group_split`), or the split by load alone (the
+        healthy one), where that is within the limit and moves fewer experts."""
         by_capacity = stabilize_elastic(
             weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes, xp=xp
         )
@@ -528,8 +610,21 @@ def place_elastic_stable(
             weight, by_load, load_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
             peak=peak, xp=xp,
         )  # fmt: skip
-        fewer = kept[2] & (kept[1] < by_capacity[1])  # [L, 1]
-        return xp.where(fewer, kept[0], by_capacity[0]), xp.where(fewer, load_cnt, logcnt)
+        split, valid = sticky_group_split(
+            weight, previous, active, num_replicas, num_groups, num_nodes, num_gpus, xp=xp
+        )
+        near, _, near_cnt = _elastic(weight, active, num_replicas, num_groups, num_nodes, num_gpus, split=split, xp=xp)
+        swapped = stabilize_elastic(
+            weight, near, near_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
+            peak=peak, xp=xp,
+        )  # fmt: skip
+        best, best_moves, best_cnt = by_capacity[0], by_capacity[1], logcnt
+        for (placed, moves, within), counts, usable in ((swapped, near_cnt, valid), (kept, load_cnt, True)):
+            fewer = usable & within & (moves < best_moves)  # [L, 1]
+            best = xp.where(fewer, placed, best)
+            best_cnt = xp.where(fewer, counts, best_cnt)
+            best_moves = xp.where(fewer, moves, best_moves)
+        return best, best_cnt
 
     if num_nodes == 1 or node_fallback:
         phy2log = stable(1)
