@@ -751,3 +751,22 @@ def test_sticky_group_split_equals_the_oracle(dead):
     bad = previous.copy()
     bad[:, 0] = bad[:, r // 2]  # a group on both nodes: no start
     assert not sticky_group_split(w, bad, mask, r, groups, nodes, gpus, xp=np)[1].any()
+
+
+def test_reserve_repacking_is_float32_on_numpy_too():
+    """A case hypothesis found: numpy's where of two Python floats made the reserve rule's item count float64,
+    so a product at exactly the bound (-45 against -45) rounded otherwise than on torch."""
+    w = np.array([[2, 1, 2, 1, 1, 2, 2, 2, 1, 1, 1, 2]])
+    mask = np.array([True, True, False, True, True, True, True, True])
+    previous = np.array(
+        [[4, 3, 7, 9, 4, 3, 8, 6, 11, 0, 1, 6, 11, 0, 7, 5, 11, 2, 1, 10, 11, 3, 1, 10, 11, 3, 1, 10, 0, 0, 1, 5]]
+    )
+    want = eplb.rebalance_experts(w, 32, 1, 1, 8, previous=previous, active_gpus=mask, balance_tolerance=0.05)
+    from eplb.backends import _torch
+
+    got = _torch.rebalance_stable(  # the torch ops path (what CUDA runs)
+        torch.as_tensor(w.astype(np.float32)), torch.as_tensor(previous), 32, 1, 1, 8, impl="torch",
+        hierarchical=False, policy="greedy", spill=0, tolerance=0.05, max_moves=None,
+        active_gpus=torch.as_tensor(mask),
+    )  # fmt: skip
+    _same(tuple(a.numpy() for a in got), want)

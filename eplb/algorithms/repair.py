@@ -90,7 +90,9 @@ def sticky_pack(
         home = xp.where(home_ok, home, 0)
         home_load = _xp.take_along(open_load, home, xp=xp)
         if reserve:
-            rem, left = carry[2] - xp.maximum(load, 0.0), carry[3] - xp.where(load >= 0, 1.0, 0.0)
+            # float32 throughout (numpy's where of two Python floats is float64: the products below would
+            # round differently there than on torch and JAX)
+            rem, left = carry[2] - xp.maximum(load, 0.0), carry[3] - xp.astype(load >= 0, load.dtype)
             free = (capacity - 1) - _xp.take_along(count, home, xp=xp)  # the home's slots after this item
             open_home = home_load < xp.inf
             over = (xp.where(open_home, home_load, 0.0) + load - limit) * left
