@@ -140,6 +140,17 @@ def _place_rows(
     return phy2mlog, phyrank, mlogcnt, pphy2phy
 
 
+def _node_slots(weight: Any, active: Any, num_phy: int, num_nodes: int, num_gpus: int, *, xp: Any) -> tuple[Any, Any]:
+    """``[L, N]`` live slots per node and their correctly rounded float32 reciprocals (0 for a node with none:
+    such a layer falls back to the global rule)."""
+    num_layers = weight.shape[0]
+    _, node_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
+    node_slots = xp.reshape(node_slots, (num_layers, num_nodes))
+    table = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
+    inverse = _xp.take_along(xp.broadcast_to(table, (num_layers, num_phy + 1)), node_slots, xp=xp)
+    return node_slots, inverse
+
+
 def live_group_split(
     weight: Any, active: Any, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any
 ) -> Any:
@@ -157,13 +168,7 @@ def live_group_split(
     num_layers = weight.shape[0]
     plain = greedy_group_split(weight, num_groups, num_nodes, xp=xp)  # one group per node: group g on node g
     device = _xp.device(weight)
-    _, node_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
-    node_slots = xp.reshape(node_slots, (num_layers, num_nodes))  # [L, N] live slots per node
-    inverse = _xp.take_along(
-        xp.broadcast_to(_xp.reciprocal_table(num_phy, xp=xp, device=device), (num_layers, num_phy + 1)),
-        node_slots,
-        xp=xp,
-    )  # [L, N] float32 fl(1/slots); 0 for a node with none (such a layer falls back to the global rule)
+    node_slots, inverse = _node_slots(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
     has_slots = node_slots > 0
     loads = group_loads(weight, num_groups, xp=xp)  # [L, groups]
     order = _xp.argsort_desc(loads, xp=xp)
@@ -227,10 +232,7 @@ def sticky_group_split(
     )
     assign = xp.where(valid, low, xp.zeros_like(low))  # [L, groups] node of each group
     loads = group_loads(weight, num_groups, xp=xp)  # [L, groups]
-    _, node_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
-    node_slots = xp.reshape(node_slots, (num_layers, num_nodes))
-    table = xp.broadcast_to(_xp.reciprocal_table(num_phy, xp=xp, device=device), (num_layers, num_phy + 1))
-    inverse = _xp.take_along(table, node_slots, xp=xp)  # [L, N] fl32(1/slots) (0: no slots; such layers fall back)
+    _, inverse = _node_slots(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
     first = [g1 for g1 in range(num_groups) for g2 in range(g1 + 1, num_groups)]
     second = [g2 for g1 in range(num_groups) for g2 in range(g1 + 1, num_groups)]
     if not first:
@@ -358,7 +360,7 @@ def rebalance_elastic(
 
     With fewer than ``E`` live slots: ``-1`` everywhere and ``logcnt = 0``.
     """
-    num_layers, num_log = weight.shape
+    num_log = weight.shape[1]
     active = xp.reshape(active, (-1, num_gpus))
     hierarchical = num_nodes > 1 or num_groups > 1
     if not hierarchical or fallback:
@@ -368,8 +370,8 @@ def rebalance_elastic(
             weight, active, num_phy, num_groups, num_nodes, num_gpus, by_capacity=by_capacity, xp=xp
         )
         if fallback is None and num_nodes > 1:
-            _, node_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
-            short = xp.any(xp.reshape(node_slots, (num_layers, num_nodes)) < num_log // num_nodes, axis=-1)
+            node_slots, _ = _node_slots(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
+            short = xp.any(node_slots < num_log // num_nodes, axis=-1)
             flat = _elastic(weight, active, num_phy, 1, 1, num_gpus, xp=xp)
             phy2log = xp.where(short[:, None], flat[0], phy2log)
             phyrank = xp.where(short[:, None], flat[1], phyrank)
@@ -631,8 +633,8 @@ def place_elastic_stable(
     elif node_fallback is False:
         phy2log, logcnt = stable_nodes()
     else:  # decided on the device, as in rebalance_elastic: layers short of node slots ran the global rule
-        _, node_slots = _live_rows(weight, active, num_replicas, num_nodes, num_gpus, xp=xp)
-        short = xp.any(xp.reshape(node_slots, (weight.shape[0], num_nodes)) < num_log // num_nodes, axis=-1)
+        node_slots, _ = _node_slots(weight, active, num_replicas, num_nodes, num_gpus, xp=xp)
+        short = xp.any(node_slots < num_log // num_nodes, axis=-1)
         within_nodes, cnt = stable_nodes()
         phy2log = xp.where(short[:, None], stable(1), within_nodes)
         logcnt = xp.where(short[:, None], logcnt, cnt)
