@@ -132,6 +132,13 @@ def part_bandwidth(args) -> dict:
     ms = _median_ms(lambda: [torch.stack([executor._word_sums(f[r : r + 1])[0] for r in rows]) for f in flats.values()],
                     args.runs)  # fmt: skip
     out["_word_sums per row (16 rows, bytes read)"] = {"ms": ms, "GBps": len(rows) * slot_bytes / ms / 1e6}
+    # The same rows as the senders checksum them now: executor._slot_sums (one Triton launch per tensor on CUDA).
+    index = torch.as_tensor(rows, device=device)
+    ms = _median_ms(lambda: [executor._slot_sums(f, index, np.asarray(rows)) for f in flats.values()], args.runs)
+    out["_slot_sums (16 rows, the senders' path now, bytes read)"] = {
+        "ms": ms,
+        "GBps": len(rows) * slot_bytes / ms / 1e6,
+    }
 
     # apply_plan on a world of one: every slot of every layer gets another expert, all copies local.
     old = np.tile(np.arange(args.slots), (args.layers, 1))

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from eplb.backends._torch import _has_triton
 from eplb.migration import TransferError, TransferPlan
 
 __all__ = ["ZERO_COPY_BYTES", "PendingTransfer", "apply_plan", "begin"]
@@ -290,6 +291,18 @@ def _word_sums(rows: torch.Tensor) -> torch.Tensor:
     size = data.shape[1]
     words = data.view(torch.int32) if size % 4 == 0 else data.view(torch.int16) if size % 2 == 0 else data
     return words.sum(dim=1, dtype=torch.int32)  # int32 accumulation: 30x faster than int64 on a CPU
+
+
+def _slot_sums(flat: torch.Tensor, index: torch.Tensor, sources: np.ndarray) -> torch.Tensor:
+    """``[n]`` int32: ``_word_sums(flat[sources])`` without gathering the rows (``index``: ``sources`` on the
+    device). On CUDA one Triton launch over every row (:mod:`eplb.kernels.checksum_triton`; a reduction per
+    row of ``[1, N]`` reads at 43% of an H200's copy bandwidth), else one reduction per row."""
+    if flat.is_cuda and _has_triton():
+        from eplb.kernels import checksum_triton
+
+        if checksum_triton.fits(flat):
+            return checksum_triton.word_sums(flat, index)
+    return torch.stack([_word_sums(flat[s : s + 1])[0] for s in sources.tolist()])
 
 
 def _row_bytes(rows: torch.Tensor) -> int:
@@ -622,7 +635,7 @@ def _stage(
                     for row, source in zip(rows.tolist(), sources.tolist(), strict=True):
                         messages.append((dist.isend, flat[source], peer, row))
                     if verify:
-                        sums.append(torch.stack([_word_sums(flat[s : s + 1])[0] for s in sources.tolist()]))
+                        sums.append(_slot_sums(flat, index, sources))
                 else:
                     packed = flat.index_select(0, index)
                     messages.append((dist.isend, packed, peer, int(rows[0])))
