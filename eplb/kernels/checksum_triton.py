@@ -12,12 +12,15 @@ there is no batch to reduce). One torch reduction per row of ``[1, N]``
 words runs at 43% of an H200's copy bandwidth; this kernel reads every
 chosen row once, split into chunks over a ``[rows, chunks]`` grid (enough
 programs to fill the card even for a single row), and adds each chunk's
-partial sum into its row's output with an integer ``atomic_add``.
+partial sum into its row's int64 total with an ``atomic_add``; the totals are
+reduced modulo ``2**32`` at the end.
 
 Why the result is exact and the same as torch's: the checksum is the sum of
-the row's 32-bit words modulo ``2**32`` (int32 arithmetic wraps), and
-integer addition modulo ``2**32`` is associative and commutative, so the
-chunking, the order of the atomics and the reduction tree change nothing.
+the row's 32-bit words (read as int32) modulo ``2**32``. The kernel sums them
+exactly in int64 (no overflow below ``2**32`` words a row) and reduces the
+total modulo ``2**32`` once; integer addition is associative and
+commutative, so the chunking, the order of the atomics and the reduction
+tree change nothing.
 Rows whose bytes are not a multiple of 4 (``_word_sums`` then sums 16- or
 8-bit words) are not handled here (:func:`fits`).
 """
@@ -40,17 +43,19 @@ CHUNK_BLOCKS = 16  # blocks per program: 128 KiB a program, thousands of program
 
 @triton.jit
 def word_sums_kernel(words_ptr, index_ptr, out_ptr, row_words, BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):
-    """``out[r] += sum(words[index[r], chunk c])`` (int32, wrapping) for program ``(r, c)``."""
+    """``out[r] += sum(words[index[r], chunk c])`` (int64) for program ``(r, c)``."""
     r = tl.program_id(0)
     c = tl.program_id(1)
     row = tl.load(index_ptr + r).to(tl.int64)  # row * row_words can pass 2**31 words
     base = words_ptr + row * row_words
     first = c.to(tl.int64) * (BLOCK * CHUNK_BLOCKS)
     lanes = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    # int64 partial sums (no overflow: under 2**46 a program, 2**63 a row): Triton's interpreter raises on an
+    # int32 overflow where the GPU wraps; the caller truncates the total to int32, which is the sum mod 2**32.
+    acc = tl.zeros([BLOCK], dtype=tl.int64)
     for b in range(CHUNK_BLOCKS):
         at = first + b * BLOCK + lanes
-        acc += tl.load(base + at, mask=at < row_words, other=0)
+        acc += tl.load(base + at, mask=at < row_words, other=0).to(tl.int64)
     tl.atomic_add(out_ptr + r, tl.sum(acc, axis=0))
 
 
@@ -70,13 +75,19 @@ def word_sums(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """
     if not fits(rows):
         raise ValueError(f"rows must be contiguous rows of whole 32-bit words, got shape {tuple(rows.shape)}")
-    out = torch.zeros(index.shape[0], dtype=torch.int32, device=rows.device)
+    out = torch.zeros(index.shape[0], dtype=torch.int64, device=rows.device)
     row_words = rows[0].numel() * rows.element_size() // 4 if rows.shape[0] else 0
     if index.shape[0] == 0 or row_words == 0:
-        return out
+        return out.to(torch.int32)
     words = rows.reshape(-1).view(torch.uint8).view(torch.int32)
     grid = (index.shape[0], triton.cdiv(row_words, BLOCK * CHUNK_BLOCKS))
     ensure_cache_dir()
     with torch.cuda.device(rows.device) if rows.is_cuda else contextlib.nullcontext():
         word_sums_kernel[grid](words, index, out, row_words, BLOCK=BLOCK, CHUNK_BLOCKS=CHUNK_BLOCKS, num_warps=4)
-    return out
+    return _low_words(out)
+
+
+def _low_words(total: torch.Tensor) -> torch.Tensor:
+    """int64 ``[n]`` to int32 ``[n]`` modulo ``2**32`` (two's complement): the int32 sum's wrapped value."""
+    low = torch.bitwise_and(total, 0xFFFFFFFF)
+    return torch.where(low >= 2**31, low - 2**32, low).to(torch.int32)
