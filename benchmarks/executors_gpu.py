@@ -15,6 +15,8 @@ device-synchronised. Parts, each in its own process (one default process group e
   torch's fake process group (no data moves: what is left is eplb's own Python and the launches), for the
   real DeepSeek-V3 plan between two SGLang files (288 slots / 8 GPUs), large experts (every copy its own
   message), with and without checksums.
+- ``jax``: the JAX executor on one device (a mesh of one), the same weights and plan as ``bandwidth``: a jitted
+  copy of the same bytes, its checksum alone, ``apply_plan`` with and without checksums.
 - ``overlap``: a synthetic forward (bf16 matmuls) on the current stream, alone and while one layer's moves
   run on the side stream (``begin`` before the forward, ``finish`` after; votes on a gloo group so that they
   never wait for the GPU).
@@ -225,6 +227,58 @@ def part_messages(args) -> dict:
     return out
 
 
+def part_jax(args) -> dict:
+    """The JAX executor on one device (a mesh of one: every copy local), the same weights and plan as
+    ``bandwidth``: a jitted copy of the same bytes (the card's copy under XLA), the executor's checksum alone,
+    and ``apply_plan`` with and without checksums (its result checked bit for bit)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    import eplb
+    from eplb.executors import jax as executor
+
+    device = jax.devices()[0]
+    small = device.platform == "cpu"
+    layers, slots = args.layers, args.slots
+    hidden, inter = (args.hidden, args.inter) if not small else (256, 64)
+    mesh = Mesh(np.array([device]), ("ep",))
+    sharding = NamedSharding(mesh, PartitionSpec(None, "ep"))
+    keys = jax.random.split(jax.random.key(0), 2)
+    weights = {
+        "w13": jax.device_put(jax.random.normal(keys[0], (layers, slots, 2 * inter, hidden), jnp.bfloat16), sharding),
+        "w2": jax.device_put(jax.random.normal(keys[1], (layers, slots, hidden, inter), jnp.bfloat16), sharding),
+    }
+    slot_bytes = sum(int(np.prod(t.shape[2:])) * t.dtype.itemsize for t in weights.values())
+    moved = layers * slots * slot_bytes
+    out = {"slot_bytes": slot_bytes, "moved_bytes": moved, "device": str(device.device_kind)}
+
+    def median_ms(fn) -> float:
+        jax.block_until_ready(fn())
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    rolled = jax.jit(lambda w: {k: jnp.roll(t, 1, axis=1) for k, t in w.items()})
+    ms = median_ms(lambda: rolled(weights))
+    out["jitted copy (roll by one slot)"] = {"ms": ms, "GBps": 2 * moved / ms / 1e6}
+    sums = jax.jit(lambda w: [executor._checksum(t.reshape(layers * slots, -1)) for t in w.values()])
+    ms = median_ms(lambda: sums(weights))
+    out["_checksum (bytes read)"] = {"ms": ms, "GBps": moved / ms / 1e6}
+    old = np.tile(np.arange(slots), (layers, 1))
+    plan = eplb.plan_transfers(old, np.roll(old, 1, axis=1), num_gpus=1)
+    want = rolled(weights)
+    for verify in (True, False):
+        got = executor.apply_plan(plan, weights, mesh, "ep", verify=verify)
+        assert all(bool(jnp.array_equal(got[k], want[k])) for k in weights), "apply_plan moved the wrong bytes"
+        ms = median_ms(lambda verify=verify: executor.apply_plan(plan, weights, mesh, "ep", verify=verify))
+        out[f"apply_plan, one device, verify={verify}"] = {"ms": ms, "GBps": 4 * moved / ms / 1e6}
+    return out
+
+
 def part_overlap(args) -> dict:
     import torch
     import torch.distributed as dist
@@ -291,7 +345,7 @@ def part_overlap(args) -> dict:
     }
 
 
-PARTS = {"bandwidth": part_bandwidth, "messages": part_messages, "overlap": part_overlap}
+PARTS = {"bandwidth": part_bandwidth, "messages": part_messages, "overlap": part_overlap, "jax": part_jax}
 
 
 def main() -> None:
