@@ -271,6 +271,36 @@ def part_jax(args) -> dict:
     sums = jax.jit(lambda w: [executor._checksum(t.reshape(layers * slots, -1)) for t in w.values()])
     ms = median_ms(lambda: sums(weights))
     out["_checksum (bytes read)"] = {"ms": ms, "GBps": moved / ms / 1e6}
+
+    # Variants the executor does not use (yet), to tell where XLA loses bandwidth: the checksum reduced in two
+    # stages (chunks of 4096 words, then the chunks; the same value mod 2**32), and the staging gather as one
+    # dynamic slice per row instead of one gather.
+    def two_stage(t):
+        words = executor._words(t.reshape(layers * slots, -1))
+        weights = jnp.arange(words.shape[-1], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+        chunked = (words * weights).reshape(words.shape[0], -1, 4096)
+        return jnp.sum(jnp.sum(chunked, axis=-1, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+    if all((int(np.prod(t.shape[2:])) * t.dtype.itemsize // 4) % 4096 == 0 for t in weights.values()):
+        staged = jax.jit(lambda w: [two_stage(t) for t in w.values()])
+        assert all(bool(jnp.array_equal(a, b)) for a, b in zip(staged(weights), sums(weights), strict=True))
+        ms = median_ms(lambda: staged(weights))
+        out["variant: checksum in two stages (bytes read)"] = {"ms": ms, "GBps": moved / ms / 1e6}
+    order = jnp.asarray(np.random.default_rng(0).permutation(layers * slots))
+    flats = {k: t.reshape(layers * slots, *t.shape[2:]) for k, t in weights.items()}
+    take = jax.jit(lambda f, i: {k: jnp.take(t, i, axis=0) for k, t in f.items()})
+    ms = median_ms(lambda: take(flats, order))
+    out["jnp.take of every slot (the staging gather)"] = {"ms": ms, "GBps": 2 * moved / ms / 1e6}
+    sliced = jax.jit(
+        lambda f, i: {
+            k: jnp.concatenate([jax.lax.dynamic_slice_in_dim(t, i[r], 1) for r in range(layers * slots)])
+            for k, t in f.items()
+        }
+    )
+    assert all(bool(jnp.array_equal(sliced(flats, order)[k], take(flats, order)[k])) for k in flats)
+    ms = median_ms(lambda: sliced(flats, order))
+    out["variant: one dynamic slice per slot"] = {"ms": ms, "GBps": 2 * moved / ms / 1e6}
+
     old = np.tile(np.arange(slots), (layers, 1))
     plan = eplb.plan_transfers(old, np.roll(old, 1, axis=1), num_gpus=1)
     want = rolled(weights)
