@@ -341,8 +341,10 @@ def _rebalance_stable(
     options: tuple[tuple[str, Any], ...],
     impl: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """XLA, or (``impl="host"``) the compiled CPU kernels through a host callback on the CPU, chosen at lowering."""
-    if impl == "xla" or not _jax_host.applies_stable(*weight.shape, config[0]):
+    """XLA; with ``impl="host"`` (or ``"pallas"``) the compiled CPU kernels through a host callback on the
+    CPU; with ``impl="pallas"`` (no knobs) the Pallas kernels on CUDA; chosen at lowering."""
+    host_applies = _jax_host.applies_stable(*weight.shape, config[0])
+    if impl == "xla" or (impl == "host" and not host_applies):
         return _rebalance_stable_xla(weight, previous, knobs, config, options)
 
     def xla(w: jax.Array, p: jax.Array, k: Knobs) -> tuple[jax.Array, ...]:
@@ -351,7 +353,53 @@ def _rebalance_stable(
     def host(w: jax.Array, p: jax.Array, k: Knobs) -> tuple[jax.Array, ...]:
         return _jax_host.placement_stable(w, p, k, config, dict(options))
 
-    return tuple(jax.lax.platform_dependent(weight, previous, knobs, cpu=host, default=xla))
+    branches = {"cpu": host} if host_applies else {}
+    if impl == "pallas":
+
+        def kernel(w: jax.Array, p: jax.Array, k: Knobs) -> tuple[jax.Array, ...]:
+            return _rebalance_stable_pallas(w, p, config, options)
+
+        branches["cuda"] = kernel
+    return tuple(jax.lax.platform_dependent(weight, previous, knobs, **branches, default=xla))
+
+
+def _stable_pallas_applies(weight_shape: tuple[int, ...], config: tuple[int, int, int, int], options: dict) -> bool:
+    """Whether ``previous=`` (no knobs, no ``active_gpus``) can run the Pallas kernels on CUDA: the fresh
+    placement's kernel (greedy or refined policy, no ``spill``) and the relabelling's (:func:`fits`)."""
+    from eplb.kernels import relabel_pallas
+
+    if options.get("spill") or options.get("policy", "greedy") not in ("greedy", "refined"):
+        return False
+    nodes = config[2] if options.get("hierarchical", True) else 1
+    return relabel_pallas.fits(weight_shape[0], config[0], config[3], nodes)
+
+
+def _rebalance_stable_pallas(
+    weight: jax.Array, previous: jax.Array, config: tuple[int, int, int, int], options: tuple[tuple[str, Any], ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``previous=`` without knobs on CUDA: the fresh placement by :func:`_placement`'s Pallas kernel, the
+    relabelling by :mod:`eplb.kernels.relabel_pallas`, the rest (kept pairs, slot alignment, ``log2phy``)
+    XLA ops over all layers at once. Same placement as :func:`_rebalance_stable_xla`."""
+    from eplb.kernels import relabel_pallas
+
+    index = jnp.arange(1).dtype  # JAX's default integer
+    rest = dict(options)
+    hierarchical = rest.pop("hierarchical")
+
+    def place_fn(w: jax.Array, *args: Any, **kwargs: Any) -> tuple[jax.Array, ...]:
+        return _placement(w, config, options, "pallas")
+
+    placement = place_stable(
+        weight.astype(jnp.float32),
+        previous.astype(index),
+        *config,
+        hierarchical=hierarchical,
+        xp=jnp,
+        place_fn=place_fn,
+        relabel_fn=relabel_pallas.relabel,
+        **rest,
+    )
+    return _tied_to(weight, placement)
 
 
 def rebalance_stable(
@@ -371,6 +419,9 @@ def rebalance_stable(
     the numpy adapter's compiled kernels through a host callback
     (:func:`eplb.backends._jax_host.placement_stable`), chosen at lowering,
     XLA elsewhere; ``"xla"``: the array-API algorithm under ``jit`` + ``vmap``.
+    ``None`` without knobs where this process has a CUDA backend and Pallas'
+    Triton lowering: on CUDA the Pallas kernels (the fresh placement's and
+    :mod:`eplb.kernels.relabel_pallas`), the same CPU branch elsewhere.
     Same placement.
     """
     active = options.pop("active_gpus", None)
@@ -384,13 +435,17 @@ def rebalance_stable(
         knob = None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32)
         config = (num_replicas, num_groups, num_nodes, num_gpus)
         return _rebalance_elastic_stable(weight, previous, active, knob, config, tuple(sorted(options.items())))
-    if impl is None:
-        impl = "host" if _jax_host.applies_stable() else "xla"
-    if impl not in ("host", "xla"):
+    if impl not in (None, "host", "xla"):
         raise ValueError(f"impl must be 'host', 'xla' or None for a call with previous=, got {impl!r}")
     config = (num_replicas, num_groups, num_nodes, num_gpus)
     # The knobs' values are traced arguments (a new value does not recompile); whether each is given is static.
     tolerance, max_moves = options.pop("tolerance", None), options.pop("max_moves", None)
+    if impl is None:
+        impl = "host" if _jax_host.applies_stable() else "xla"
+        # No knobs, on CUDA: the Pallas kernels (placement and relabelling); the CPU branch stays as chosen.
+        no_knobs = tolerance is None and max_moves is None
+        if no_knobs and _has_cuda() and pallas_available() and _stable_pallas_applies(weight.shape, config, options):
+            impl = "pallas"
     knobs = (
         None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32),
         None if max_moves is None else jnp.asarray(max_moves, dtype=jnp.int32),

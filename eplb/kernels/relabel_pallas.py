@@ -249,12 +249,22 @@ def _kernel(kept_ref, holder_ref, scratch_ref, *, G: int, NODES: int, interpret:
     _store(holder_ref, out + pos, from_node * gn + row, pos_ok, interpret)
 
 
+def _num_warps(num_nodes: int) -> int:
+    """On an H200, 61 layers: one matching over 144 GPUs takes 0.43 ms with one warp (two: 0.60, four: 0.64,
+    eight: 0.78); 4 nodes of 8 GPUs 0.107 ms with four warps (one: 0.113, two: 0.114, eight: 0.133)."""
+    return 1 if num_nodes == 1 else 4
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("interpret", "num_warps"))
-def assignment(kept: jax.Array, num_gpus: int, num_nodes: int, *, interpret: bool = False, num_warps: int = 4):
+def assignment(
+    kept: jax.Array, num_gpus: int, num_nodes: int, *, interpret: bool = False, num_warps: int | None = None
+) -> jax.Array:
     """``holder [B, G]`` (int32): the new GPU that :func:`eplb.algorithms.relabel.relabel` puts at each old
     position, from ``kept [B, G, G]`` (:func:`eplb.algorithms.relabel.gpu_overlap`). One launch, one
     program per layer; CUDA only, unless ``interpret`` (Pallas' interpreter, any platform)."""
     batch = kept.shape[0]
+    if num_warps is None:
+        num_warps = _num_warps(num_nodes)
     G, NODES = num_gpus, num_nodes
     if NODES == 1:
         scratch = 1
