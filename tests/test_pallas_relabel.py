@@ -34,8 +34,8 @@ from . import cases
 from .conftest import needs_gpu
 
 # (slots, GPUs, nodes) of the random cases run under the interpreter (each a compile): hierarchical and global,
-# one slot per GPU or several; 31 layers, 6 of them permuted, 9 one-expert.
-SHAPES = [(27, 9, 3), (12, 4, 1), (8, 8, 2), (4, 4, 1)]
+# one slot per GPU or several; 24 cases of 3 layers, 4 of them permuted, 7 one-expert.
+SHAPES = [(27, 9, 3), (12, 4, 1), (8, 8, 2)]
 
 
 def _random_cases() -> list[tuple[np.ndarray, np.ndarray, int, int, int]]:
@@ -90,7 +90,7 @@ def test_interpreter_on_real_shapes_and_under_x64():
     assert cases.deepseek_v3() is not None, f"real loads expected at {cases.DATA}"
     (hier, hier_old, _, _), (flat, flat_old, _, _) = _real_cases()
     # hierarchical against another file's placement and itself in reverse layer order (one launch); global
-    # against another file's placement; then global against itself reversed, and a random case, under x64
+    # against another file's placement; then random hierarchical and global cases under x64
     for a, b, gpus, nodes in (
         (np.concatenate([hier, hier]), np.concatenate([hier_old, hier[::-1]]), 32, 4),
         (flat, flat_old, 144, 1),
@@ -99,7 +99,7 @@ def test_interpreter_on_real_shapes_and_under_x64():
         np.testing.assert_array_equal(relabel_numba.relabel(a, b, gpus, nodes, 256), want)
         np.testing.assert_array_equal(_interpreted(a, b, gpus, nodes), want)
     with jax.enable_x64(True):  # int64 ids; the kernel's loop bounds and indices stay int32
-        for new, old, gpus, nodes, *_ in ((flat, flat[::-1].copy(), 144, 1), _random_cases()[0]):
+        for new, old, gpus, nodes, _ in _random_cases()[:2]:
             got = relabel_pallas.relabel(jnp.asarray(new), jnp.asarray(old), gpus, nodes, interpret=True)
             assert got.dtype == jnp.int64
             np.testing.assert_array_equal(np.asarray(got), relabel(new, old, gpus, nodes, xp=np))
