@@ -171,7 +171,19 @@ def rebalance_stable(
             return rebalance(w, *sizes, **place_options)
 
         kernels["place_fn"] = place_on_device
-        if relabel_triton.fits(num_replicas, num_gpus, num_nodes if options["hierarchical"] else 1):
+        nodes = num_nodes if options["hierarchical"] else 1
+        if relabel_triton.fits(num_replicas, num_gpus, nodes):
             kernels["relabel_fn"] = relabel_triton.relabel
             kernels["log2phy_fn"] = relabel_triton.log2phy_in_slot_order
+        knobs = options.get("tolerance") is not None or options.get("max_moves") is not None
+        if knobs:
+            # The knobs' steps (eplb.kernels.repair_triton): sticky repacking, local search, slot alignment,
+            # replica counts, each one launch, equal to the array-API functions.
+            from eplb.kernels import repair_triton
+
+            if repair_triton.fits(num_replicas, weight.shape[1], num_gpus, nodes):
+                kernels["sticky_pack_fn"] = repair_triton.sticky_pack
+                kernels["repair_fn"] = repair_triton.repair
+                kernels["align_slots_fn"] = repair_triton.align_slots
+                kernels["replica_counts_fn"] = repair_triton.replica_counts
     return place_stable(weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **kernels, **options)

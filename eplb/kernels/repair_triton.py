@@ -62,6 +62,8 @@ _IMPROVEMENT = tl.constexpr(IMPROVEMENT)  # 1 - 2**-16, exact in float32
 _MAX_LOAD = tl.constexpr(MAX_LOAD)
 
 MAX_SLOTS = 4096
+_REPAIR_WARPS = 4
+_STICKY_WARPS = 1  # a packing step is a few reductions over the packs: within one warp, no barrier
 MAX_TILE = 16384  # elements of a register tile (the swaps', the single-slot changes', the experts')
 
 
@@ -443,7 +445,7 @@ def repair(
     )
     ensure_cache_dir()
     with _on_device(device):
-        repair_kernel[(batch,)](*args, num_warps=4, enable_fp_fusion=False, **meta)
+        repair_kernel[(batch,)](*args, num_warps=_REPAIR_WARPS, enable_fp_fusion=False, **meta)
     return cur.to(start.dtype), cnt.to(start_cnt.dtype), moved[:, None]
 
 
@@ -573,7 +575,7 @@ def sticky_pack(
             out,
             ints,
             floats,
-            num_warps=1,
+            num_warps=_STICKY_WARPS,
             enable_fp_fusion=False,
             **meta,
         )
