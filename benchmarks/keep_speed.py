@@ -14,7 +14,10 @@ the compiled kernels where numba is installed, their array-API path with
 and the published greedy (Python loops, loads moved to the host) once per
 config, for the ratio.
 
-    python benchmarks/keep_speed.py [--runs 20] [--gpu | --gpu-only] [--xp] [--markdown FILE]
+    python benchmarks/keep_speed.py [--runs 20] [--gpu | --gpu-only] [--no-jax] [--xp] [--markdown FILE]
+
+``--gpu-only --no-jax``: the torch CUDA row alone (its knobs run the kernels of
+:mod:`eplb.kernels.repair_triton`), without XLA's compiles.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def load(name: str) -> np.ndarray:
     return counts[counts.sum(axis=1) > 0]
 
 
-def implementations(gpu: bool, xp: bool) -> dict:
+def implementations(gpu: bool, xp: bool, jax_rows: bool = True) -> dict:
     """name -> (convert numpy -> input, timer, call keywords)."""
     from eplb.backends import _numba
 
@@ -63,23 +66,24 @@ def implementations(gpu: bool, xp: bool) -> dict:
             out["torch CUDA (H200)"] = (lambda a: torch.as_tensor(a, device="cuda"), cuda_median_ms, {})
     except ImportError:
         pass
-    try:
-        import jax
+    if jax_rows:
+        try:
+            import jax
 
-        cpu = jax.devices("cpu")[0]
+            cpu = jax.devices("cpu")[0]
 
-        def jax_timer(fn, runs):
-            return host_median_ms(lambda: jax.block_until_ready(fn()), runs)
+            def jax_timer(fn, runs):
+                return host_median_ms(lambda: jax.block_until_ready(fn()), runs)
 
-        out["JAX CPU"] = (lambda a: jax.device_put(a.astype(np.int32), cpu), jax_timer, {})
-        if gpu:
-            try:
-                device = jax.devices("gpu")[0]
-                out["JAX GPU (H200)"] = (lambda a: jax.device_put(a.astype(np.int32), device), jax_timer, {})
-            except RuntimeError:
-                pass
-    except ImportError:
-        pass
+            out["JAX CPU"] = (lambda a: jax.device_put(a.astype(np.int32), cpu), jax_timer, {})
+            if gpu:
+                try:
+                    device = jax.devices("gpu")[0]
+                    out["JAX GPU (H200)"] = (lambda a: jax.device_put(a.astype(np.int32), device), jax_timer, {})
+                except RuntimeError:
+                    pass
+        except ImportError:
+            pass
     return out
 
 
@@ -103,6 +107,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="add torch CUDA and JAX GPU rows")
     parser.add_argument("--xp", action="store_true", help="add numpy's array-API path (slow)")
     parser.add_argument("--gpu-only", action="store_true", help="only the torch CUDA and JAX GPU rows")
+    parser.add_argument("--no-jax", action="store_true", help="leave out the JAX rows")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
     old, new = load("prefill_in4096.json"), load("prefill_in2048.json")
@@ -121,7 +126,9 @@ def main() -> None:
         lines.append(f"\n{label} {config}: published greedy {published:.1f} ms\n")
         lines.append("| implementation | " + " | ".join(CALLS) + " |")
         lines.append("| --- |" + " --- |" * len(CALLS))
-        for name, (convert, timer, extra) in implementations(args.gpu or args.gpu_only, args.xp).items():
+        for name, (convert, timer, extra) in implementations(
+            args.gpu or args.gpu_only, args.xp, not args.no_jax
+        ).items():
             if args.gpu_only and not ("CUDA" in name or "GPU" in name):
                 continue
             weight, previous = convert(new), convert(previous_np)
