@@ -50,7 +50,7 @@ def _repair_cases(rng: np.random.Generator) -> list[tuple]:
     and one slot per GPU."""
     from .test_kernels_repair import _loads, _placement, _repair_args
 
-    out = [_repair_args(rng, trial) for trial in range(28)]
+    out = [_repair_args(rng, trial) for trial in range(20)]
     for nodes, gpus, per_gpu, experts in ((1, 1, 1, 1), (1, 4, 1, 1), (2, 4, 3, 1), (2, 8, 1, 8), (4, 8, 1, 5)):
         slots = gpus * per_gpu
         start = _placement(rng, 4, slots, experts, cover=True)
@@ -68,7 +68,7 @@ def _pack_cases(rng: np.random.Generator) -> list[tuple]:
     from .test_kernels_repair import _loads, _placement
 
     out = []
-    for trial in range(12):
+    for trial in range(10):
         packs, capacity = int(rng.integers(1, 6)), int(rng.integers(1, 6))
         n = packs * capacity
         experts = int(rng.integers(1, n + 1))
@@ -148,7 +148,10 @@ def test_equals_numba_and_the_array_api_under_the_interpreter(tmp_path):
             (cases.ties(rng, 16)[:4].astype(np.float32), cases.ties(rng, 16)[4:8].astype(np.float32)),
         ):
             previous = eplb.rebalance_experts(old_w, *config, hierarchical=hierarchical).phy2log
-            for knobs in ({"tolerance": 0.0}, {"tolerance": 0.05, "max_moves": 3}, {"max_moves": 1}):
+            for knobs in (
+                {"tolerance": 0.0},
+                {"tolerance": 0.05, "max_moves": 3} if hierarchical else {"max_moves": 1},
+            ):
                 k = len(calls)
                 arrays |= {f"{k}_weight": new_w, f"{k}_previous": previous}
                 calls.append(("stable", (config, hierarchical, knobs)))
