@@ -21,6 +21,10 @@ Per (trace, rule):
 - rebalances: decisions that moved at least one expert (of all decisions);
   layers: layers changed, summed; ms: mean time of ``decide()``.
 
+``--traces`` also takes the hold-out traces of ``replay_traces.extra_traces()``
+(other Llama window sizes, drift speeds, seeds and phase lengths), which are not
+replayed by default.
+
 "hindsight" is a reference, not a rule: each window planned fresh on itself
 (no rule can know the window before serving it).
 
@@ -190,7 +194,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer windows and layers, one Llama window size")
     parser.add_argument("--interval", type=int, default=4, help="windows between decisions (default 4)")
-    parser.add_argument("--traces", help="comma-separated trace names (default: all)")
+    parser.add_argument(
+        "--traces",
+        help="comma-separated trace names (default: the main set; replay_traces.extra_traces() names others)",
+    )
     parser.add_argument("--rules", help="comma-separated rule names (default: all)")
     parser.add_argument("--policy", default="greedy", choices=["greedy", "refined"], help="planner of every rule")
     parser.add_argument("--expert-bytes", type=int, default=EXPERT_BYTES, help="bytes per expert (default DeepSeek-V3)")
@@ -201,6 +208,8 @@ def main() -> None:
 
     builders = replay_traces.trace_set(args.quick)
     trace_names = args.traces.split(",") if args.traces else list(builders)
+    if not args.quick:
+        builders = {**replay_traces.extra_traces(), **builders}
     rule_names = args.rules.split(",") if args.rules else list(replay_rules.RULES)
     for name in trace_names:
         if name not in builders:

@@ -17,6 +17,13 @@
   decode files in turn); each phase lasts a few windows, every window with
   multiplicative lognormal noise (sigma 0.1).
 
+``extra_traces()`` adds traces replayed only when named in ``--traces`` (the
+hold-out set: defaults are judged on traces they were not tuned on):
+``llama-6/12/24/48``; ``drift-0.02-s1`` and ``drift-0.1-s2`` (other speeds and
+seeds), ``drift-slow-s5``; ``shift-s7``; ``phases-s4`` (other noise seed) and
+``phases-r2/r3/r4/r7`` (phases of 2, 3, 4, 7 windows: in or out of step with
+the decision interval).
+
 DeepSeek-V3-shaped traces run on 288 slots, 8 groups, 4 nodes, 32 GPUs
 (hierarchical). Data comes from ``../shared/data`` beside the repository;
 ``EPLB_DATA_DIR`` overrides it (as in ``benchmarks/migration.py``); a trace
@@ -69,14 +76,14 @@ def drift(name: str, layers: int, windows: int, sigma: float, seed: int = 0) -> 
     )
 
 
-def sudden_shift(layers: int, windows: int, seed: int = 2) -> Trace:
+def sudden_shift(layers: int, windows: int, seed: int = 2, name: str = "shift") -> Trace:
     """The slow drift, every layer's experts permuted (a fixed random permutation per layer) from window T // 2 on."""
     base = migration.drifting(layers, 256, windows, 0.01, seed=seed)
     rng = np.random.default_rng(seed + 100)
     perm = np.stack([rng.permutation(256) for _ in range(layers)])
     at = windows // 2
     out = base[:at] + [np.take_along_axis(w, perm, axis=1) for w in base[at:]]
-    return Trace("shift", out, DEEPSEEK_CONFIG, f"slow drift, popularity permuted at window {at}, {layers} x 256")
+    return Trace(name, out, DEEPSEEK_CONFIG, f"slow drift, popularity permuted at window {at}, {layers} x 256")
 
 
 def deepseek_dumps() -> tuple[list[np.ndarray], list[np.ndarray]] | None:
@@ -94,7 +101,9 @@ def deepseek_dumps() -> tuple[list[np.ndarray], list[np.ndarray]] | None:
     return prefill, decode
 
 
-def phases(layers: int, count: int, repeat: int, noise: float = 0.1, seed: int = 3) -> Trace | None:
+def phases(
+    layers: int, count: int, repeat: int, noise: float = 0.1, seed: int = 3, name: str = "phases"
+) -> Trace | None:
     """``count`` phases alternating prefill and decode dumps, ``repeat`` noisy windows each, first ``layers`` layers."""
     dumps = deepseek_dumps()
     if dumps is None:
@@ -112,11 +121,26 @@ def phases(layers: int, count: int, repeat: int, noise: float = 0.1, seed: int =
             noisy = phase[:layers] * rng.lognormal(0.0, noise, phase[:layers].shape)
             windows.append(np.round(noisy).astype(np.int64))
     return Trace(
-        "phases",
+        name,
         windows,
         DEEPSEEK_CONFIG,
         f"DeepSeek-V3 SGLang dumps, {min(count, len(order))} prefill/decode phases x {repeat} windows, {layers} x 256",
     )
+
+
+def extra_traces() -> dict[str, Callable[[], Trace | None]]:
+    """Name -> builder of traces replayed only when named in ``--traces``: other window sizes, speeds and
+    seeds than the default set's (the hold-out set of the Rebalancer's defaults, docs/benchmarks.md)."""
+    layers, windows = 58, 48
+    return {
+        **{f"llama-{n}": (lambda n=n: llama(n)) for n in (6, 12, 24, 48)},
+        "drift-0.02-s1": lambda: drift("drift-0.02-s1", layers, windows, 0.02, seed=1),
+        "drift-0.1-s2": lambda: drift("drift-0.1-s2", layers, windows, 0.1, seed=2),
+        "drift-slow-s5": lambda: drift("drift-slow-s5", layers, windows, 0.01, seed=5),
+        "shift-s7": lambda: sudden_shift(layers, windows, seed=7, name="shift-s7"),
+        "phases-s4": lambda: phases(layers, count=16, repeat=5, seed=4, name="phases-s4"),
+        **{f"phases-r{r}": (lambda r=r: phases(layers, count=16, repeat=r, name=f"phases-r{r}")) for r in (2, 3, 4, 7)},
+    }
 
 
 def trace_set(quick: bool) -> dict[str, Callable[[], Trace | None]]:
