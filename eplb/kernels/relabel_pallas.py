@@ -33,9 +33,14 @@ int32 arithmetic (JAX without x64 has no 64-bit integers):
 
 Integer arithmetic only (no division decides anything); :func:`fits` bounds
 the sizes (12-bit columns and rows in the packed keys, int32 flat indices).
-On an H200 (JAX 0.11.2) see ``docs/benchmarks.md``, "Keep-in-place planning
-speed": ``previous=`` on JAX GPU arrays with this kernel and the greedy
-Pallas kernel.
+On an H200 (JAX 0.11.2, Triton 3.6, 61 layers of real DeepSeek-V3 loads) the
+assignment kernel takes 0.11 ms at 288 slots on 32 GPUs in 4 nodes (one or
+four warps alike) and 0.43-0.53 ms on 144 GPUs (one warp; four: 0.64-0.68);
+the whole relabelling (with the XLA ops) 0.14-0.17 ms and 0.5-0.77 ms; and
+``rebalance_experts(..., previous=)`` on JAX GPU arrays, which runs it after
+the greedy Pallas kernel, 0.27 ms and 1.04 ms (median of 20 warm calls),
+against 3.6 ms and 147 ms for the XLA path (``docs/benchmarks.md``,
+"Keep-in-place planning speed").
 """
 
 from __future__ import annotations
