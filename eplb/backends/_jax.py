@@ -1,7 +1,9 @@
 """JAX backend: ``jax.jit`` with the sizes static, ``jax.vmap`` over layers.
 
 Works on concrete arrays and on tracers (inside a user's ``jit``/``vmap``).
-On CUDA the greedy policy runs as one Pallas kernel (:mod:`eplb.kernels.greedy_pallas`).
+On CUDA the greedy policy runs as one Pallas kernel (:mod:`eplb.kernels.greedy_pallas`), the refined one
+through :mod:`eplb.kernels.refined_pallas`, and ``previous=`` (without the knobs) relabels with
+:mod:`eplb.kernels.relabel_pallas`; on the CPU the compiled numba kernels run through a host callback.
 Never touches global flags: without ``jax_enable_x64`` indices are int32.
 """
 

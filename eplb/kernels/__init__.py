@@ -13,11 +13,17 @@ numpy, lists       ``greedy_numba`` [1]_       array API                     ``g
 torch CPU          as numpy (zero-copy view)   as numpy                      as numpy
 torch CUDA         ``greedy_triton`` [2]_      ``refined_triton`` [2]_       as the policy, then
                                                                              ``relabel_triton`` [2]_;
-                                                                             the knobs: torch ops
-JAX CPU            ``greedy_numba`` via a      XLA (array API under          XLA
-                   host callback [1]_          ``jit`` + ``vmap``)
-JAX GPU            ``greedy_pallas`` [3]_      ``refined_pallas`` + XLA [3]_ XLA
+                                                                             the knobs:
+                                                                             ``repair_triton`` [2]_
+JAX CPU            ``greedy_numba`` via a      XLA (array API under          as numpy, via a host
+                   host callback [1]_          ``jit`` + ``vmap``)           callback [1]_
+JAX GPU            ``greedy_pallas`` [3]_      ``refined_pallas`` + XLA [3]_ as the policy, then
+                                                                             ``relabel_pallas`` [3]_;
+                                                                             the knobs: XLA
 =================  ==========================  ============================  =============================
+
+``active_gpus=`` and ``gpu_capacity=`` run the array-API path (XLA on JAX,
+torch ops on torch CUDA, numpy on the CPU).
 
 ``spill=`` runs the array-API path everywhere. Where a kernel does not
 apply the array-API path runs, with the same placement.
