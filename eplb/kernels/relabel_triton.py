@@ -52,6 +52,7 @@ crashed the layout pass).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -189,6 +190,58 @@ def _assign(
 
 
 @triton.jit
+def _align(kmov, kold, match, free_old, fill, new, holder, out, R: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
+           MOVED: tl.constexpr):  # fmt: skip
+    """Each GPU's slots ordered so that kept experts stay in their old slots (``align_slots``): the entry keyed
+    ``kmov[t]`` goes to the old slot of its GPU holding the same ``kold`` key, the others fill the free old slots
+    in order. The entry at slot ``t`` is ``new[t]``, or with ``MOVED`` the entry of the new GPU ``holder``
+    placed at ``t``'s GPU. ``match``, ``free_old``, ``fill``: ``[R]`` int64 scratch."""
+    s = tl.arange(0, BS)
+    for first in range(0, R, BS):  # keys are unique within a GPU: one match at most each way
+        t = first + s
+        ok = t < R
+        base = t - t % K
+        mine = tl.load(kmov + t, mask=ok, other=0)
+        theirs = tl.load(kold + t, mask=ok, other=0)
+        at = tl.full([BS], -1, tl.int64)
+        held = tl.zeros([BS], tl.int64)
+        for d in range(K):
+            at = tl.where(tl.load(kold + base + d, mask=ok, other=0) == mine, d, at)
+            held += (tl.load(kmov + base + d, mask=ok, other=0) == theirs).to(tl.int64)
+        tl.store(match + t, at, mask=ok)
+        tl.store(free_old + t, (held == 0).to(tl.int64), mask=ok)
+    tl.debug_barrier()
+    for first in range(0, R, BS):  # ranks among the free new entries and among the free old slots
+        t = first + s
+        ok = t < R
+        q = t % K
+        base = t - q
+        rank_new = tl.zeros([BS], tl.int64)
+        rank_old = tl.zeros([BS], tl.int64)
+        for d in range(K - 1):
+            earlier = ok & (d < q)
+            rank_new += (earlier & (tl.load(match + base + d, mask=earlier, other=0) < 0)).to(tl.int64)
+            rank_old += (earlier & (tl.load(free_old + base + d, mask=earlier, other=0) != 0)).to(tl.int64)
+        free = tl.load(free_old + t, mask=ok, other=0) != 0
+        tl.store(fill + base + rank_old, q.to(tl.int64), mask=ok & free)
+        at = tl.load(match + t, mask=ok, other=0)
+        # (a rewritten entry keeps its sign, all the loop above reads of its neighbours)
+        tl.store(match + t, tl.where(at < 0, -1 - rank_new, at), mask=ok)
+    tl.debug_barrier()
+    for first in range(0, R, BS):
+        t = first + s
+        ok = t < R
+        base = t - t % K
+        at = tl.load(match + t, mask=ok, other=0)
+        dest = tl.where(at >= 0, at, tl.load(fill + base + (-1 - at), mask=ok & (at < 0), other=0))
+        if MOVED:  # noqa: SIM108 (a constexpr branch: the other side is not compiled)
+            src = tl.load(holder + t // K, mask=ok, other=0) * K + t % K
+        else:
+            src = t
+        tl.store(out + base + dest, tl.load(new + src, mask=ok, other=0), mask=ok)
+
+
+@triton.jit
 def relabel_kernel(
     new_ptr,
     old_ptr,
@@ -272,45 +325,7 @@ def relabel_kernel(
         src = tl.load(holder + t // K, mask=ok, other=0) * K + t % K
         tl.store(kmov + t, tl.load(knew + src, mask=ok, other=0), mask=ok)
     tl.debug_barrier()
-    for first in range(0, R, BS):  # keys are unique within a GPU: one match at most each way
-        t = first + s
-        ok = t < R
-        base = t - t % K
-        mine = tl.load(kmov + t, mask=ok, other=0)
-        theirs = tl.load(kold + t, mask=ok, other=0)
-        at = tl.full([BS], -1, tl.int64)
-        held = tl.zeros([BS], tl.int64)
-        for d in range(K):
-            at = tl.where(tl.load(kold + base + d, mask=ok, other=0) == mine, d, at)
-            held += (tl.load(kmov + base + d, mask=ok, other=0) == theirs).to(tl.int64)
-        tl.store(match + t, at, mask=ok)
-        tl.store(free_old + t, (held == 0).to(tl.int64), mask=ok)
-    tl.debug_barrier()
-    for first in range(0, R, BS):  # ranks among the free new entries and among the free old slots
-        t = first + s
-        ok = t < R
-        q = t % K
-        base = t - q
-        rank_new = tl.zeros([BS], tl.int64)
-        rank_old = tl.zeros([BS], tl.int64)
-        for d in range(K - 1):
-            earlier = ok & (d < q)
-            rank_new += (earlier & (tl.load(match + base + d, mask=earlier, other=0) < 0)).to(tl.int64)
-            rank_old += (earlier & (tl.load(free_old + base + d, mask=earlier, other=0) != 0)).to(tl.int64)
-        free = tl.load(free_old + t, mask=ok, other=0) != 0
-        tl.store(fill + base + rank_old, q.to(tl.int64), mask=ok & free)
-        at = tl.load(match + t, mask=ok, other=0)
-        # (a rewritten entry keeps its sign, all the loop above reads of its neighbours)
-        tl.store(match + t, tl.where(at < 0, -1 - rank_new, at), mask=ok)
-    tl.debug_barrier()
-    for first in range(0, R, BS):
-        t = first + s
-        ok = t < R
-        base = t - t % K
-        at = tl.load(match + t, mask=ok, other=0)
-        dest = tl.where(at >= 0, at, tl.load(fill + base + (-1 - at), mask=ok & (at < 0), other=0))
-        src = tl.load(holder + t // K, mask=ok, other=0) * K + t % K
-        tl.store(out + base + dest, tl.load(new + src, mask=ok, other=0), mask=ok)
+    _align(kmov, kold, match, free_old, fill, new, holder, out, R, K, BS, True)
 
 
 @triton.jit
@@ -388,15 +403,7 @@ def _on_device(device: torch.device):
     """Triton launches on the current device: a tensor on another GPU needs that GPU made current."""
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
-    return _Nothing()
-
-
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    return contextlib.nullcontext()
 
 
 def relabel(new: torch.Tensor, old: torch.Tensor, num_gpus: int, num_nodes: int, *, xp: Any = None) -> torch.Tensor:

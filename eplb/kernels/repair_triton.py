@@ -58,7 +58,7 @@ from eplb import _xp
 from eplb.algorithms.loads import MAX_LOAD
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.kernels.greedy_triton import ensure_cache_dir
-from eplb.kernels.relabel_triton import _keys, _on_device
+from eplb.kernels.relabel_triton import _align, _keys, _on_device
 
 __all__ = ["align_slots", "fits", "repair", "replica_counts", "sticky_pack"]
 
@@ -608,44 +608,7 @@ def align_kernel(new_ptr, old_ptr, out_ptr, scratch_ptr, R: tl.constexpr, K: tl.
     _keys(new, knew, R, K, BS)
     _keys(old, kold, R, K, BS)
     tl.debug_barrier()
-    s = tl.arange(0, BS)
-    for first in range(0, R, BS):  # keys are unique within a GPU: one match at most each way
-        t = first + s
-        ok = t < R
-        base = t - t % K
-        mine = tl.load(knew + t, mask=ok, other=0)
-        theirs = tl.load(kold + t, mask=ok, other=0)
-        at = tl.full([BS], -1, tl.int64)
-        held = tl.zeros([BS], tl.int64)
-        for d in range(K):
-            at = tl.where(tl.load(kold + base + d, mask=ok, other=-1) == mine, d, at)
-            held += (tl.load(knew + base + d, mask=ok, other=-1) == theirs).to(tl.int64)
-        tl.store(match + t, at, mask=ok)
-        tl.store(free_old + t, (held == 0).to(tl.int64), mask=ok)
-    tl.debug_barrier()
-    for first in range(0, R, BS):
-        t = first + s
-        ok = t < R
-        q = t % K
-        base = t - q
-        rank_new = tl.zeros([BS], tl.int64)
-        rank_old = tl.zeros([BS], tl.int64)
-        for d in range(K - 1):
-            earlier = ok & (d < q)
-            rank_new += (earlier & (tl.load(match + base + d, mask=earlier, other=0) < 0)).to(tl.int64)
-            rank_old += (earlier & (tl.load(free_old + base + d, mask=earlier, other=0) != 0)).to(tl.int64)
-        free = tl.load(free_old + t, mask=ok, other=0) != 0
-        tl.store(fill + base + rank_old, q.to(tl.int64), mask=ok & free)
-        at = tl.load(match + t, mask=ok, other=0)
-        tl.store(match + t, tl.where(at < 0, -1 - rank_new, at), mask=ok)
-    tl.debug_barrier()
-    for first in range(0, R, BS):
-        t = first + s
-        ok = t < R
-        base = t - t % K
-        at = tl.load(match + t, mask=ok, other=0)
-        dest = tl.where(at >= 0, at, tl.load(fill + base + (-1 - at), mask=ok & (at < 0), other=0))
-        tl.store(out + base + dest, tl.load(new + t, mask=ok, other=0), mask=ok)
+    _align(knew, kold, match, free_old, fill, new, new, out, R, K, BS, False)
 
 
 def align_slots(new: torch.Tensor, old: torch.Tensor, num_gpus: int, *, xp: Any = None) -> torch.Tensor:
