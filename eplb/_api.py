@@ -510,11 +510,13 @@ def rebalance_experts(
         is positive.
 
         With ``previous`` (may hold ``-1`` in slots of GPUs that were
-        already down; any mask, even all-``True``, runs this rule): the same
-        replica counts as without ``previous``, the replicas repacked onto
-        the live GPUs preferring the live GPU that held each one, or, per
-        layer where that is worse, the placement without ``previous``
-        relabelled (live GPUs among live positions). Under the hierarchical
+        already down; any mask, even all-``True``, runs this rule): the
+        replicas of the placement without ``previous`` repacked onto the
+        live GPUs preferring the live GPU that held each one, then (where
+        that misses the limit below) a local search of swaps and single-slot
+        changes toward it (which may change replica counts; every expert
+        keeps one), or, per layer where that moves more, the placement
+        without ``previous`` relabelled (live GPUs among live positions). Under the hierarchical
         policy, where every node can still hold its groups, both stay within
         nodes (groups stay on their nodes; nodes are not permuted); elsewhere
         the global rule. Promise, per layer: the heaviest live GPU is at most

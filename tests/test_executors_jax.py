@@ -555,12 +555,13 @@ grouped = executor.apply_plan(splan, expert_weights(on_survivors(lost1), shardin
 victim1 = int(np.flatnonzero(splan.remote & (splan.dst_gpu == 3))[0])
 err = attempt(lambda: executor.apply_plan(splan, survivors, ranks=[0, -1, 1, 2], load_expert=loader([]),
                                           fault=victim1))["error"]
-# GPU 1 was still alive in layer 0 (it sends from there): moving layers 1 and 2 alone needs no device for it.
+# GPU 1 was still alive in layer 2 (it sends from there): moving layers 0 and 1 alone needs no device for it.
+# (layer 2: the re-plan of layer 0 takes every expert it needs from the survivors, so GPU 1 sends nothing there)
 lost0 = lost1.copy()
-lost0[0] = full[0]
+lost0[2] = full[2]
 zplan = eplb.plan_transfers(lost0, after1, num_gpus=G4, allow_reload=True)
-layer0_row = int(np.flatnonzero((zplan.layer == 0) & (zplan.src_gpu == 1))[0])
-kept = on_survivors(np.concatenate([lost0[:1], after1[1:]]))
+layer0_row = int(np.flatnonzero((zplan.layer == 2) & (zplan.src_gpu == 1))[0])
+kept = on_survivors(np.concatenate([after1[:2], lost0[2:]]))
 good = [0, -1, 1, 2]
 def ranked(r, plan=splan, weights=survivors, **kw):
     return lambda: executor.apply_plan(plan, weights, mesh3, "ep", ranks=r, load_expert=loader([]), **kw)
@@ -578,7 +579,7 @@ out["ranks"] = {
               "src_gpu": err.src_gpu, "dst_gpu": err.dst_gpu, "plan_src": int(splan.src_gpu[victim1]),
               "weights": same(err.weights, expert_weights(on_survivors(lost1), sharding=slot3))},
     "other_layers": same(executor.apply_plan(zplan, expert_weights(on_survivors(lost0), sharding=slot3),
-                                             ranks=good, layers=[1, 2], load_expert=loader([])),
+                                             ranks=good, layers=[0, 1], load_expert=loader([])),
                          expert_weights(kept, sharding=slot3)),
     "bad": {
         "none": outcome(ranked(None)),

@@ -37,7 +37,7 @@ from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.packing import inverse_permutation, slots_by_pack, sum_left_to_right
 from eplb.algorithms.relabel import align_slots, count_moves, gpu_overlap, occurrence
-from eplb.algorithms.repair import sticky_pack
+from eplb.algorithms.repair import repair, sticky_pack
 from eplb.algorithms.replication import replica_load, replicate_experts
 
 __all__ = [
@@ -484,11 +484,12 @@ def stabilize_elastic(
     *,
     tolerance: Any,
     num_nodes: int = 1,
+    num_groups: int = 1,
     peak: Any = None,
     xp: Any,
-) -> tuple[Any, Any, Any]:
+) -> tuple[Any, Any, Any, Any]:
     """``phy2log [B, R]``: the elastic placement ``fresh`` (with ``logcnt``) moving few experts from ``previous``;
-    also its moves ``[B, 1]`` and whether it is within the limit ``[B, 1]``.
+    also its replica counts ``[B, E]``, its moves ``[B, 1]`` and whether it is within the limit ``[B, 1]``.
 
     Slots of failed GPUs in ``previous`` count as empty (no source, no
     affinity). Candidates: ``fresh`` relabelled (:func:`relabel_pinned`), and
@@ -496,10 +497,14 @@ def stabilize_elastic(
     live GPUs (failed ones start at ``+inf``), each replica preferring the
     live GPU that held its copy, within ``limit = fresh's heaviest GPU *
     fl32(1 + tolerance)`` (``tolerance`` ``None``: 0), once plain and once
-    with ``reserve`` (room kept for the items to come). Per layer, among the
-    candidates whose heaviest GPU is within the limit (the relabelled one
-    always is), the one with the fewest moves, ties to the relabelled, then
-    the plain sticky one; slots follow ``previous`` (:func:`align_slots`).
+    with ``reserve`` (room kept for the items to come), and each of these two
+    after :func:`eplb.algorithms.repair.repair`'s local search toward the
+    limit (failed GPUs' slots stay empty; moves kept below the relabelled
+    placement's; replica counts may change). Per layer, among the candidates
+    whose heaviest GPU is within the limit (the relabelled one always is),
+    the one with the fewest moves, ties to the earlier in that order; slots
+    follow ``previous`` (:func:`align_slots`). ``num_groups``: the groups
+    that stay on their node (with ``num_nodes > 1``).
     With ``num_nodes > 1`` (the hierarchical rule, groups on nodes) both stay
     within nodes: GPUs are relabelled among their node's positions, and the
     sticky repacking runs per node. ``peak [B, 1]`` (optional): the heaviest
@@ -548,13 +553,40 @@ def stabilize_elastic(
         candidates.append(sticky)
         moves.append(count_moves(sticky, old, num_gpus, xp=xp))
         within.append(peak_s <= limit)
-    within = xp.concat(within, axis=-1)  # [B, 3]
+    # The sticky repackings often miss a tight limit by a little: the local search closes the gap with a few
+    # moves (below the relabelled placement's, else it could not win).
+    num_log = weight.shape[1]
+    starts = xp.concat(candidates[1:], axis=0)  # [2B, R]
+    repaired, repaired_cnt, _ = repair(
+        starts,
+        xp.concat([logcnt, logcnt], axis=0),
+        xp.concat([old, old], axis=0),
+        xp.concat([weight, weight], axis=0),
+        xp.concat([limit, limit], axis=0),
+        xp.concat([moves[0] - 1] * 2, axis=0)[:, None],
+        xp.ones((2 * batch, 1), dtype=bool, device=_xp.device(weight)),
+        num_gpus,
+        num_nodes,
+        num_log // num_groups if num_nodes > 1 else num_log,
+        max_iters=min(num_phy, max(64, 4 * num_gpus)),
+        xp=xp,
+    )
+    counts = [logcnt, logcnt, logcnt]
+    for k in range(2):
+        placed, placed_cnt = repaired[k * batch : (k + 1) * batch], repaired_cnt[k * batch : (k + 1) * batch]
+        peak_r = xp.max(_live_gpu_loads(weight, placed, placed_cnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+        candidates.append(placed)
+        counts.append(placed_cnt)
+        moves.append(count_moves(placed, old, num_gpus, xp=xp))
+        within.append(peak_r <= limit)
+    within = xp.concat(within, axis=-1)  # [B, 5]
     moves = xp.where(within, xp.stack(moves, axis=-1), BIG)
     choice = xp.reshape(xp.argmin(moves, axis=-1), (batch, 1))  # fewest moves; ties: the earlier candidate
-    out = candidates[0]
-    for k in (1, 2):
+    out, out_cnt = candidates[0], counts[0]
+    for k in range(1, len(candidates)):
         out = xp.where(choice == k, candidates[k], out)
-    return out, _xp.take_along(moves, choice, xp=xp), _xp.take_along(within, choice, xp=xp)
+        out_cnt = xp.where(choice == k, counts[k], out_cnt)
+    return out, out_cnt, _xp.take_along(moves, choice, xp=xp), _xp.take_along(within, choice, xp=xp)
 
 
 def place_elastic_stable(
@@ -575,9 +607,10 @@ def place_elastic_stable(
 ) -> tuple[Any, Any, Any]:
     """:func:`place_elastic` keeping the experts of ``previous [L, R]`` (``-1``: an empty slot) in place.
 
-    Replica counts are the fresh elastic placement's (:func:`rebalance_elastic`,
+    The replicas start as the fresh elastic placement's (:func:`rebalance_elastic`,
     hierarchical or global, ``node_fallback`` as there); the GPUs' contents
-    are :func:`stabilize_elastic`'s, within nodes where the layer keeps its
+    (and, where its local search changed them, the replica counts) are
+    :func:`stabilize_elastic`'s, within nodes where the layer keeps its
     groups on nodes (no fallback), across all live GPUs otherwise.
     ``log2phy`` numbers replicas in slot order.
     """
@@ -592,25 +625,26 @@ def place_elastic_stable(
         weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=node_fallback, xp=xp
     )
 
-    def stable(nodes: int) -> Any:
+    def stable(nodes: int) -> tuple[Any, Any]:
         return stabilize_elastic(
             weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=nodes, xp=xp
-        )[0]
+        )[:2]
 
     def stable_nodes() -> tuple[Any, Any]:
         """Within nodes: the groups split by live capacity (the limit's placement); or ``previous``'s split with
         a few groups swapped between nodes (:func:`sticky_group_split`), or the split by load alone (the
         healthy one), where that is within the limit and moves fewer experts."""
         by_capacity = stabilize_elastic(
-            weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes, xp=xp
-        )
+            weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
+            num_groups=num_groups, xp=xp,
+        )  # fmt: skip
         by_load, _, load_cnt = rebalance_elastic(
             weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=False, by_capacity=False, xp=xp
         )
         peak = xp.max(_live_gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
         kept = stabilize_elastic(
             weight, by_load, load_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
-            peak=peak, xp=xp,
+            num_groups=num_groups, peak=peak, xp=xp,
         )  # fmt: skip
         split, valid = sticky_group_split(
             weight, previous, active, num_replicas, num_groups, num_nodes, num_gpus, xp=xp
@@ -618,10 +652,10 @@ def place_elastic_stable(
         near, _, near_cnt = _elastic(weight, active, num_replicas, num_groups, num_nodes, num_gpus, split=split, xp=xp)
         swapped = stabilize_elastic(
             weight, near, near_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
-            peak=peak, xp=xp,
+            num_groups=num_groups, peak=peak, xp=xp,
         )  # fmt: skip
-        best, best_moves, best_cnt = by_capacity[0], by_capacity[1], logcnt
-        for (placed, moves, within), counts, usable in ((swapped, near_cnt, valid), (kept, load_cnt, True)):
+        best, best_cnt, best_moves, _ = by_capacity
+        for (placed, counts, moves, within), usable in ((swapped, valid), (kept, True)):
             fewer = usable & within & (moves < best_moves)  # [L, 1]
             best = xp.where(fewer, placed, best)
             best_cnt = xp.where(fewer, counts, best_cnt)
@@ -629,15 +663,16 @@ def place_elastic_stable(
         return best, best_cnt
 
     if num_nodes == 1 or node_fallback:
-        phy2log = stable(1)
+        phy2log, logcnt = stable(1)
     elif node_fallback is False:
         phy2log, logcnt = stable_nodes()
     else:  # decided on the device, as in rebalance_elastic: layers short of node slots ran the global rule
         node_slots, _ = _node_slots(weight, active, num_replicas, num_nodes, num_gpus, xp=xp)
         short = xp.any(node_slots < num_log // num_nodes, axis=-1)
         within_nodes, cnt = stable_nodes()
-        phy2log = xp.where(short[:, None], stable(1), within_nodes)
-        logcnt = xp.where(short[:, None], logcnt, cnt)
+        across, across_cnt = stable(1)
+        phy2log = xp.where(short[:, None], across, within_nodes)
+        logcnt = xp.where(short[:, None], across_cnt, cnt)
     _, live_slots = _live_rows(weight, active, num_replicas, 1, num_gpus, xp=xp)  # [L, 1]
     phy2log = xp.where(live_slots >= num_log, phy2log, fresh)  # too few live slots: the empty placement
     phyrank = xp.where(phy2log >= 0, occurrence(phy2log, xp=xp), xp.full_like(phy2log, -1))

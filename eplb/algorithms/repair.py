@@ -155,7 +155,9 @@ def _rewrite(cur: Any, cnt: Any, old: Any, weight: Any, slot: Any, expert: Any, 
     # A candidate may add a replica to an expert that holds every slot (then unused): counts reach R + 1.
     reciprocal = _xp.reciprocal_table(num_phy + 1, xp=xp, device=_xp.device(weight))
     per_replica = xp.reshape(replica_load(weight[:, None, :], counts, reciprocal, xp=xp), (b * k, num_log))
-    loads = _xp.take_along(per_replica, xp.reshape(trial, (b * k, num_phy)), xp=xp)
+    flat_trial = xp.reshape(trial, (b * k, num_phy))
+    loads = _xp.take_along(per_replica, xp.where(flat_trial >= 0, flat_trial, 0), xp=xp)
+    loads = xp.where(flat_trial >= 0, loads, xp.zeros_like(loads))  # an empty slot (-1) weighs nothing
     peak = xp.max(sum_left_to_right(xp.reshape(loads, (b * k, num_gpus, per_gpu)), xp=xp), axis=-1)
     # Copies of the new and the replaced expert on the slot's GPU, now and before.
     gpu_slots = xp.reshape((slot // per_gpu)[:, :, None] * per_gpu + _ids(per_gpu, cur, xp=xp), (b, k * per_gpu))
@@ -207,6 +209,11 @@ def repair(
     lowest load of the changed GPUs, then the first candidate. Rows with
     ``valid`` false, within the limit, or with no such step stay as they are.
 
+    Slots holding ``-1`` in ``start`` (the slots of failed GPUs, ``-1`` in
+    ``old`` too) stay empty: they weigh nothing, take no expert and give
+    none. Without them the search is the one above, unchanged (the compiled
+    twins of :mod:`eplb.kernels` take only placements without them).
+
     ``start_cnt [B, E]`` is the replica count of ``start``. Returns
     ``phy2log [B, R]``, its replica counts ``[B, E]`` and its moves ``[B, 1]``.
     """
@@ -226,13 +233,18 @@ def repair(
         cur, cnt, moved, old, weight, limit, budget, valid = rows
         b = cur.shape[0]
         per_replica = replica_load(weight, cnt, reciprocal, xp=xp)  # [b, E]
-        slot_load = _xp.take_along(per_replica, cur, xp=xp)  # [b, R]
+        live = cur >= 0  # [b, R] false: a slot of a failed GPU (-1), never read, written or counted
+        held = xp.where(live, cur, xp.zeros_like(cur))
+        slot_load = xp.where(live, _xp.take_along(per_replica, held, xp=xp), xp.zeros_like(per_replica[:, :1]))
         loads = sum_left_to_right(xp.reshape(slot_load, (b, num_gpus, per_gpu)), xp=xp)  # [b, G]
-        heavy = xp.reshape(xp.astype(xp.argmax(loads, axis=-1), dtype), (b, 1))
+        live_gpu = xp.reshape(live, (b, num_gpus, per_gpu))[..., 0]  # a GPU is failed as a whole
+        pick = xp.where(live_gpu, loads, -xp.inf)  # a failed GPU is never the heavy one (ties at 0 included)
+        heavy = xp.reshape(xp.astype(xp.argmax(pick, axis=-1), dtype), (b, 1))
         heavy_load = _xp.take_along(loads, heavy, xp=xp)  # [b, 1]
-        active = valid & (heavy_load > limit)
         a_slots = heavy * per_gpu + in_gpu  # [b, s]
         out_e = _xp.take_along(cur, a_slots, xp=xp)  # experts on the heavy GPU
+        active = valid & (heavy_load > limit) & (out_e[:, :1] >= 0)  # (no live GPU at all: nothing to do)
+        out_e = xp.where(out_e >= 0, out_e, xp.zeros_like(out_e))
         out_x = _xp.take_along(slot_load, a_slots, xp=xp)
         old_a = _xp.take_along(old, a_slots, xp=xp)
         cur3, old3 = xp.reshape(cur, (b, num_gpus, per_gpu)), xp.reshape(old, (b, num_gpus, per_gpu))
@@ -269,11 +281,11 @@ def repair(
         rest = xp.where(gpu_ids == top, second, _xp.take_along(others, top, xp=xp))  # max over GPUs but a, g
         rest_j = _xp.take_along(rest, xp.broadcast_to(gpu_of_slot, (b, num_phy)), xp=xp)
         swap_max = xp.maximum(changed_max, rest_j[:, None, :])
-        swap_ok = local & differ & (gpu_of_slot != heavy)[:, None, :]
+        swap_ok = local & differ & (gpu_of_slot != heavy)[:, None, :] & live[:, None, :]
         swap_ok = swap_ok & (changed_max < heavy_load[:, :, None] * IMPROVEMENT)
 
         # Replicate out: expert e of the heavy GPU takes the slot of a multi-replica expert.
-        cnt_f = _xp.take_along(cnt, cur, xp=xp)
+        cnt_f = xp.where(live, _xp.take_along(cnt, held, xp=xp), xp.zeros_like(cur))
         grown = replica_load(
             _xp.take_along(weight, out_e, xp=xp), _xp.take_along(cnt, out_e, xp=xp) + 1, reciprocal, xp=xp
         )
