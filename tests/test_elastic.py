@@ -769,3 +769,48 @@ def test_reserve_repacking_is_float32_on_numpy_too():
         active_gpus=torch.as_tensor(mask),
     )  # fmt: skip
     _same(tuple(a.numpy() for a in got), want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.integers(1, 10),
+    st.integers(0, 2),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["float", "int", "zero"]),
+)
+def test_repair_leaves_failed_gpus_empty(num_gpus, num_experts, extra, seed, kind):
+    """eplb.algorithms.repair.repair with -1 slots (failed GPUs): they stay -1, the counts follow the slots and
+    every expert keeps a replica, the heaviest live GPU (float64 oracle) never rises, the moves it reports are
+    the plain counter's, and torch ops give the same result as numpy."""
+    from eplb.algorithms.repair import repair
+
+    rng = np.random.default_rng(seed)
+    per_gpu = max(1, -(-num_experts // num_gpus)) + extra
+    r = num_gpus * per_gpu
+    mask = rng.random(num_gpus) < 0.7
+    mask[rng.integers(num_gpus)] = True
+    if mask.sum() * per_gpu < num_experts:
+        mask[:] = True
+    w = {"float": rng.lognormal(0, 2, (2, num_experts)), "int": rng.integers(0, 50, (2, num_experts)),
+         "zero": np.zeros((2, num_experts))}[kind].astype(np.float32)  # fmt: skip
+    start = np.asarray(eplb.rebalance_experts(w, r, 1, 1, num_gpus, active_gpus=mask).phy2log)
+    other = rng.lognormal(0, 1, (2, num_experts)).astype(np.float32)
+    old = np.asarray(eplb.rebalance_experts(other, r, 1, 1, num_gpus, active_gpus=mask).phy2log)
+    cnt = np.stack([np.bincount(row[row >= 0], minlength=num_experts) for row in start])
+    args = (np.zeros((2, 1), np.float32), np.full((2, 1), r), np.ones((2, 1), bool), num_gpus, 1, num_experts)
+    got, got_cnt, got_moves = (np.asarray(a) for a in repair(start, cnt, old, w, *args, max_iters=3 * r, xp=np))
+    dead = np.repeat(~mask, per_gpu)
+    assert (got[:, dead] == -1).all() and (got[:, ~dead] >= 0).all()
+    for row, counts in zip(got, got_cnt, strict=True):
+        np.testing.assert_array_equal(np.bincount(row[row >= 0], minlength=num_experts), counts)
+    assert (got_cnt >= 1).all()
+    peak, start_peak = oracle.gpu_loads64(w, got, num_gpus).max(1), oracle.gpu_loads64(w, start, num_gpus).max(1)
+    assert (peak <= start_peak * (1 + 1e-6)).all(), (peak, start_peak)
+    np.testing.assert_array_equal(got_moves[:, 0], oracle.moves(old, got, num_gpus))
+    from eplb._xp import array_namespace
+
+    tensors = (torch.as_tensor(a) for a in (start, cnt, old, w, *args[:3]))
+    ops = repair(*tensors, *args[3:], max_iters=3 * r, xp=array_namespace(torch.zeros(1)))
+    for a, b in zip(ops, (got, got_cnt, got_moves), strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
