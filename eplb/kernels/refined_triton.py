@@ -415,7 +415,10 @@ def candidates_kernel(
     mm = tl.arange(0, P_M)[:, None]
     kk = tl.arange(0, P_K)[None, :]
     scratch = scratch_ptr + (row * tl.num_programs(1) + part) * 2 * P_S
-    for cand in range(part * PER_PROGRAM, (part + 1) * PER_PROGRAM):
+    # A loop from 0 with the offset added inside: Triton 3.6's interpreter cannot turn a
+    # program-id-dependent range start into a Python index.
+    for c in range(PER_PROGRAM):
+        cand = part * PER_PROGRAM + c
         rep = cand // 2
         count, slot_expert, slot_rank = _replicate(w, q, q_valid, s, recip_ptr, tl.where(rep == 1, M, S + 1), EN, S)
         if cand % 2 == 0:
