@@ -256,6 +256,62 @@ def test_tolerance_trades_balance_for_moves(config):
     assert moves[0.05] <= moves[0.005] <= moves[0.0]
 
 
+def sticky_without_limit(fresh: list, old: list, weight: list, num_gpus: int) -> list:
+    """Plain Python: ``fresh``'s replicas (load ``w / count``) heaviest first, each to the GPU that
+    held its expert's copy of the same rank in ``old`` (slot order) while that GPU has a free slot,
+    else to the lightest GPU with one (lowest index on ties). Returns the experts per GPU."""
+    per_gpu = len(fresh) // num_gpus
+    count = {e: fresh.count(e) for e in fresh}
+    homes: dict = {}
+    for slot, e in enumerate(old):
+        homes.setdefault(e, []).append(slot // per_gpu)
+    items = sorted(
+        ((weight[e] / count[e], e, k) for e in count for k in range(count[e])), key=lambda t: (-t[0], t[1], t[2])
+    )
+    packs: list = [[] for _ in range(num_gpus)]
+    load = [0.0] * num_gpus
+    for x, e, k in items:
+        home = homes.get(e, [])
+        if k < len(home) and len(packs[home[k]]) < per_gpu:
+            gpu = home[k]
+        else:
+            gpu = min((g for g in range(num_gpus) if len(packs[g]) < per_gpu), key=lambda g: (load[g], g))
+        packs[gpu].append(e)
+        load[gpu] += x
+    return packs
+
+
+@pytest.mark.parametrize("config", [(40, 1, 1, 8), (48, 1, 1, 8), (36, 1, 1, 12), (32, 1, 1, 32)])
+def test_tolerance_never_moves_more_than_staying_home(config):
+    """With a tolerance, no layer moves more experts than keeping every fresh replica on its old GPU
+    where that GPU has room (a plain-Python repacking), whenever that repacking is itself within the
+    limit (float64, with a margin for the library's float32 sums). Fast drift, where the old
+    placement alone rarely gets there; all-zero and one-expert-heavy layers included."""
+    rng = np.random.default_rng(11)
+    windows = drifting(rng, 8, 32, 6, drift=0.1)
+    for weight in windows:
+        weight[0] = 0
+        weight[1, 1:] = 0
+    checked = 0
+    tolerance = 0.005
+    placement = eplb.rebalance_experts(windows[0], *config).phy2log
+    for weight in windows[1:]:
+        result = eplb.rebalance_experts(weight, *config, previous=placement, balance_tolerance=tolerance).phy2log
+        fresh = eplb.rebalance_experts(weight, *config).phy2log
+        limit = peak_load(weight, fresh, config[3]) * (1 + tolerance)
+        got = oracle.moves(placement, result, config[3])
+        for layer in range(weight.shape[0]):
+            packs = sticky_without_limit(
+                fresh[layer].tolist(), placement[layer].tolist(), weight[layer].astype(float).tolist(), config[3]
+            )
+            stay = np.array([[e for pack in packs for e in pack]])
+            if peak_load(weight[layer : layer + 1], stay, config[3])[0] <= limit[layer] * (1 - 1e-5):
+                checked += 1
+                assert got[layer] <= oracle.moves(placement[layer : layer + 1], stay, config[3])[0], layer
+        placement = result
+    assert checked >= 10
+
+
 def test_max_moves_caps_moves():
     """max_moves bounds the moves of every layer; max_moves=0 keeps the previous placement."""
     old_w, new_w = drifting(np.random.default_rng(8), 8, EXPERTS, 2, drift=0.4)

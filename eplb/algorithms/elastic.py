@@ -496,9 +496,10 @@ def stabilize_elastic(
     a :func:`eplb.algorithms.repair.sticky_pack` of its replicas onto the
     live GPUs (failed ones start at ``+inf``), each replica preferring the
     live GPU that held its copy, within ``limit = fresh's heaviest GPU *
-    fl32(1 + tolerance)`` (``tolerance`` ``None``: 0), once plain and once
-    with ``reserve`` (room kept for the items to come), and each of these two
-    after :func:`eplb.algorithms.repair.repair`'s local search toward the
+    fl32(1 + tolerance)`` (``tolerance`` ``None``: 0), once plain, once
+    with ``reserve`` (room kept for the items to come), and once with no
+    limit (a replica stays whenever its old GPU has a free slot), and each of
+    these three after :func:`eplb.algorithms.repair.repair`'s local search toward the
     limit (failed GPUs' slots stay empty; moves kept below the relabelled
     placement's; replica counts may change). Per layer, among the candidates
     whose heaviest GPU is within the limit (the relabelled one always is),
@@ -537,12 +538,15 @@ def stabilize_elastic(
     rows = (batch * num_nodes, num_phy // num_nodes)  # one sticky repacking per (layer, node)
     node_limit = xp.reshape(xp.broadcast_to(limit, (batch, num_nodes)), (batch * num_nodes, 1))
     node_initial = xp.reshape(initial, (batch * num_nodes, num_gpus // num_nodes))
-    for reserve in (False, True):
+    unbounded = xp.full(node_limit.shape, MAX_LOAD, dtype=node_limit.dtype, device=_xp.device(node_limit))
+    # Within the limit, plain and with reserve; and wherever the old GPU has room (no limit: more replicas
+    # stay, and the local search below sheds the overload with few moves).
+    for reserve, pack_limit in ((False, node_limit), (True, node_limit), (False, unbounded)):
         sticky = sticky_pack(
             xp.reshape(base, rows),
             xp.reshape(old, rows),
             xp.reshape(item_load, rows),
-            node_limit,
+            pack_limit,
             num_gpus // num_nodes,
             initial_load=node_initial,
             reserve=reserve,
@@ -556,30 +560,31 @@ def stabilize_elastic(
     # The sticky repackings often miss a tight limit by a little: the local search closes the gap with a few
     # moves (below the relabelled placement's, else it could not win).
     num_log = weight.shape[1]
-    starts = xp.concat(candidates[1:], axis=0)  # [2B, R]
+    packs = len(candidates) - 1
+    starts = xp.concat(candidates[1:], axis=0)  # [3B, R]
     repaired, repaired_cnt, _ = repair(
         starts,
-        xp.concat([logcnt, logcnt], axis=0),
-        xp.concat([old, old], axis=0),
-        xp.concat([weight, weight], axis=0),
-        xp.concat([limit, limit], axis=0),
-        xp.concat([moves[0] - 1] * 2, axis=0)[:, None],
-        xp.ones((2 * batch, 1), dtype=bool, device=_xp.device(weight)),
+        xp.concat([logcnt] * packs, axis=0),
+        xp.concat([old] * packs, axis=0),
+        xp.concat([weight] * packs, axis=0),
+        xp.concat([limit] * packs, axis=0),
+        xp.concat([moves[0] - 1] * packs, axis=0)[:, None],
+        xp.ones((packs * batch, 1), dtype=bool, device=_xp.device(weight)),
         num_gpus,
         num_nodes,
         num_log // num_groups if num_nodes > 1 else num_log,
         max_iters=min(num_phy, max(64, 4 * num_gpus)),
         xp=xp,
     )
-    counts = [logcnt, logcnt, logcnt]
-    for k in range(2):
+    counts = [logcnt] * len(candidates)
+    for k in range(packs):
         placed, placed_cnt = repaired[k * batch : (k + 1) * batch], repaired_cnt[k * batch : (k + 1) * batch]
         peak_r = xp.max(_live_gpu_loads(weight, placed, placed_cnt, num_gpus, xp=xp), axis=-1, keepdims=True)
         candidates.append(placed)
         counts.append(placed_cnt)
         moves.append(count_moves(placed, old, num_gpus, xp=xp))
         within.append(peak_r <= limit)
-    within = xp.concat(within, axis=-1)  # [B, 5]
+    within = xp.concat(within, axis=-1)  # [B, 7]
     moves = xp.where(within, xp.stack(moves, axis=-1), BIG)
     choice = xp.reshape(xp.argmin(moves, axis=-1), (batch, 1))  # fewest moves; ties: the earlier candidate
     out, out_cnt = candidates[0], counts[0]

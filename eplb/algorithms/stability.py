@@ -14,9 +14,9 @@ free choice that does not change the balance. Given the previous placement
   experts (so its load, as an exact sum; a float32 sum may round otherwise
   where a GPU's slots are reordered);
 - optionally **trades balance for fewer moves** (a load ``limit``): local
-  search from the old placement, and from a "sticky" repacking of the fresh
-  replicas that prefers each replica's old GPU
-  (:mod:`eplb.algorithms.repair`); per layer the candidate with the fewest
+  search from the old placement, and from two "sticky" repackings of the
+  fresh replicas that prefer each replica's old GPU, one within the limit,
+  one wherever that GPU has room (:mod:`eplb.algorithms.repair`); per layer the candidate with the fewest
   moves whose heaviest GPU is within the limit wins, else the relabelled
   fresh placement.
 
@@ -37,7 +37,7 @@ from typing import Any
 from eplb import _xp
 from eplb.algorithms.assignment import BIG
 from eplb.algorithms.hierarchy import build_log2phy
-from eplb.algorithms.loads import clean_loads
+from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.policies import place
 from eplb.algorithms.relabel import align_slots, count_moves, occurrence, relabel, replica_counts
 from eplb.algorithms.repair import gpu_loads, repair, sticky_pack
@@ -89,8 +89,10 @@ def stabilize(
     candidate with the fewest moves whose heaviest GPU (left-to-right float32
     sums) is at most ``fresh``'s times ``fl(1 + tolerance)`` (0 if ``None``)
     and whose moves are at most ``max_moves``: the relabelled fresh placement
-    (always within the limit), :func:`repair` of ``old``, or :func:`repair`
-    of a :func:`sticky_pack` of the fresh replicas; ties in that order. If
+    (always within the limit), :func:`repair` of ``old``, :func:`repair` of
+    a :func:`sticky_pack` of the fresh replicas within the limit, or
+    :func:`repair` of one with no limit (a replica stays on its old GPU
+    whenever that GPU has a free slot); ties in that order. If
     none meets both (only with ``max_moves``), the lightest heaviest GPU
     among those within ``max_moves``. ``relabel_fn``, ``sticky_pack_fn``,
     ``repair_fn``, ``align_slots_fn``, ``replica_counts_fn``:
@@ -111,32 +113,37 @@ def stabilize(
     base_moves = xp.reshape(count_moves(base, old, num_gpus, xp=xp), (batch, 1))
     budget = xp.where(base_moves - 1 < cap, base_moves - 1, cap)  # a repair must beat the relabelled placement
 
-    # Sticky start: the fresh replicas repacked per node, each preferring its old GPU.
+    # Sticky starts: the fresh replicas repacked per node, each preferring its old GPU, once within the limit
+    # and once wherever its old GPU has room (an unbounded limit: more replicas stay, the local search then
+    # sheds the overload with few moves; on drifting traces it wins most layers that the old placement's
+    # search cannot bring within the limit). Both in one batched call.
     per_node, gpus_per_node = num_phy // num_nodes, num_gpus // num_nodes
     reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
     item_load = _xp.take_along(replica_load(weight, logcnt, reciprocal, xp=xp), base, xp=xp)
     node_shape = (batch * num_nodes, per_node)
     node_limit = xp.reshape(xp.broadcast_to(limit, (batch, num_nodes)), (batch * num_nodes, 1))
+    unbounded = xp.full(node_limit.shape, MAX_LOAD, dtype=node_limit.dtype, device=_xp.device(node_limit))
     sticky = sticky_pack_fn(
-        xp.reshape(base, node_shape),
-        xp.reshape(old, node_shape),
-        xp.reshape(item_load, node_shape),
-        node_limit,
+        xp.concat([xp.reshape(base, node_shape)] * 2, axis=0),
+        xp.concat([xp.reshape(old, node_shape)] * 2, axis=0),
+        xp.concat([xp.reshape(item_load, node_shape)] * 2, axis=0),
+        xp.concat([node_limit, unbounded], axis=0),
         gpus_per_node,
         xp=xp,
     )
-    sticky = align_slots_fn(xp.reshape(sticky, (batch, num_phy)), old, num_gpus, xp=xp)
+    sticky = align_slots_fn(xp.reshape(sticky, (2 * batch, num_phy)), xp.concat([old, old], axis=0), num_gpus, xp=xp)
 
     old_cnt = xp.astype(replica_counts_fn(old, num_log, xp=xp), logcnt.dtype)
     valid = _covers(old, old_cnt, num_groups, num_nodes, xp=xp)
+    starts = 3  # the old placement, the two sticky repackings
     repaired, counts, moves = repair_fn(
         xp.concat([old, sticky], axis=0),
-        xp.concat([old_cnt, logcnt], axis=0),
-        xp.concat([old, old], axis=0),
-        xp.concat([weight, weight], axis=0),
-        xp.concat([limit, limit], axis=0),
-        xp.concat([budget, budget], axis=0),
-        xp.concat([valid, xp.ones_like(valid)], axis=0),
+        xp.concat([old_cnt, logcnt, logcnt], axis=0),
+        xp.concat([old] * starts, axis=0),
+        xp.concat([weight] * starts, axis=0),
+        xp.concat([limit] * starts, axis=0),
+        xp.concat([budget] * starts, axis=0),
+        xp.concat([valid, xp.ones_like(valid), xp.ones_like(valid)], axis=0),
         num_gpus,
         num_nodes,
         num_log // num_groups,
@@ -144,17 +151,19 @@ def stabilize(
         max_iters=min(num_phy, max(64, 4 * num_gpus)),
         xp=xp,
     )
-    candidates = [base, repaired[:batch], repaired[batch:]]
-    counts = [logcnt, counts[:batch], counts[batch:]]
-    moves = xp.concat([base_moves, moves[:batch], moves[batch:]], axis=-1)  # [B, 3]
-    # The three candidates' heaviest GPUs in one batched call (row by row the same sums; fewer launches on CUDA).
-    every = (xp.concat([base, repaired], axis=0), xp.concat([logcnt, counts[1], counts[2]], axis=0))
-    loads = gpu_loads(xp.concat([weight] * 3, axis=0), *every, num_gpus, xp=xp)
-    peaks = xp.stack([xp.max(loads[k * batch : (k + 1) * batch], axis=-1) for k in range(3)], axis=-1)
-    usable = xp.concat([xp.ones_like(valid), valid, xp.ones_like(valid)], axis=-1) & (moves <= cap)
+    rows = [slice(k * batch, (k + 1) * batch) for k in range(starts)]
+    candidates = [base] + [repaired[r] for r in rows]
+    counts = [logcnt] + [counts[r] for r in rows]
+    moves = xp.concat([base_moves] + [moves[r] for r in rows], axis=-1)  # [B, 4]
+    # The candidates' heaviest GPUs in one batched call (row by row the same sums; fewer launches on CUDA).
+    every = (xp.concat([base, repaired], axis=0), xp.concat(counts, axis=0))
+    loads = gpu_loads(xp.concat([weight] * (starts + 1), axis=0), *every, num_gpus, xp=xp)
+    peaks = xp.stack([xp.max(loads[k * batch : (k + 1) * batch], axis=-1) for k in range(starts + 1)], axis=-1)
+    always = xp.ones_like(valid)
+    usable = xp.concat([always, valid, always, always], axis=-1) & (moves <= cap)
     # The relabelled fresh placement is within the limit by construction (its GPU loads are
     # fresh's, up to the order of summation).
-    balanced = usable & xp.concat([xp.ones_like(valid), peaks[:, 1:] <= limit], axis=-1)
+    balanced = usable & xp.concat([always, peaks[:, 1:] <= limit], axis=-1)
     fewest = xp.argmin(xp.where(balanced, moves, BIG), axis=-1)
     lightest = xp.argmin(xp.where(usable, peaks, xp.inf), axis=-1)
     choice = xp.where(xp.any(balanced, axis=-1), fewest, xp.where(xp.any(usable, axis=-1), lightest, 0))
