@@ -2,8 +2,10 @@
 
 Works on concrete arrays and on tracers (inside a user's ``jit``/``vmap``).
 On CUDA the greedy policy runs as one Pallas kernel (:mod:`eplb.kernels.greedy_pallas`), the refined one
-through :mod:`eplb.kernels.refined_pallas`, and ``previous=`` (without the knobs) relabels with
-:mod:`eplb.kernels.relabel_pallas`; on the CPU the compiled numba kernels run through a host callback.
+through :mod:`eplb.kernels.refined_pallas`, ``previous=`` relabels with :mod:`eplb.kernels.relabel_pallas`
+and its knobs (``balance_tolerance``, ``max_moves``; no ``active_gpus``) run the sticky repacking and the
+local search as :mod:`eplb.kernels.repair_pallas`'s kernels where they fit (else XLA, same placement); on
+the CPU the compiled numba kernels run through a host callback.
 Never touches global flags: without ``jax_enable_x64`` indices are int32.
 """
 
@@ -344,7 +346,7 @@ def _rebalance_stable(
     impl: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """XLA; with ``impl="host"`` (or ``"pallas"``) the compiled CPU kernels through a host callback on the
-    CPU; with ``impl="pallas"`` (no knobs) the Pallas kernels on CUDA; chosen at lowering."""
+    CPU; with ``impl="pallas"`` the Pallas kernels on CUDA (the knobs' too); chosen at lowering."""
     host_applies = _jax_host.applies_stable(*weight.shape, config[0])
     if impl == "xla" or (impl == "host" and not host_applies):
         return _rebalance_stable_xla(weight, previous, knobs, config, options)
@@ -359,15 +361,16 @@ def _rebalance_stable(
     if impl == "pallas":
 
         def kernel(w: jax.Array, p: jax.Array, k: Knobs) -> tuple[jax.Array, ...]:
-            return _rebalance_stable_pallas(w, p, config, options)
+            return _rebalance_stable_pallas(w, p, config, options, k)
 
         branches["cuda"] = kernel
     return tuple(jax.lax.platform_dependent(weight, previous, knobs, **branches, default=xla))
 
 
 def _stable_pallas_applies(weight_shape: tuple[int, ...], config: tuple[int, int, int, int], options: dict) -> bool:
-    """Whether ``previous=`` (no knobs, no ``active_gpus``) can run the Pallas kernels on CUDA: the fresh
-    placement's kernel (greedy or refined policy, no ``spill``) and the relabelling's (:func:`fits`)."""
+    """Whether ``previous=`` (no ``active_gpus``) can run the Pallas kernels on CUDA: the fresh placement's
+    kernel (greedy or refined policy, no ``spill``) and the relabelling's (:func:`fits`); with the knobs,
+    :mod:`eplb.kernels.repair_pallas` runs where it fits, XLA for those steps otherwise."""
     from eplb.kernels import relabel_pallas
 
     if options.get("spill") or options.get("policy", "greedy") not in ("greedy", "refined"):
@@ -377,16 +380,34 @@ def _stable_pallas_applies(weight_shape: tuple[int, ...], config: tuple[int, int
 
 
 def _rebalance_stable_pallas(
-    weight: jax.Array, previous: jax.Array, config: tuple[int, int, int, int], options: tuple[tuple[str, Any], ...]
+    weight: jax.Array,
+    previous: jax.Array,
+    config: tuple[int, int, int, int],
+    options: tuple[tuple[str, Any], ...],
+    knobs: Knobs = (None, None),
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``previous=`` without knobs on CUDA: the fresh placement by :func:`_placement`'s Pallas kernel, the
-    relabelling by :mod:`eplb.kernels.relabel_pallas`, the rest (kept pairs, slot alignment, ``log2phy``)
-    XLA ops over all layers at once. Same placement as :func:`_rebalance_stable_xla`."""
-    from eplb.kernels import relabel_pallas
+    """``previous=`` on CUDA: the fresh placement by :func:`_placement`'s Pallas kernel, the relabelling by
+    :mod:`eplb.kernels.relabel_pallas`, with the knobs (traced ``(tolerance, max_moves)``) the sticky
+    repacking and the local search by :mod:`eplb.kernels.repair_pallas` where it fits (else XLA), the rest
+    (kept pairs, slot alignment, loads, the pick, ``log2phy``) XLA ops over all layers at once. Same
+    placement as :func:`_rebalance_stable_xla`."""
+    from eplb.kernels import relabel_pallas, repair_pallas
 
     index = jnp.arange(1).dtype  # JAX's default integer
     rest = dict(options)
     hierarchical = rest.pop("hierarchical")
+    tolerance, max_moves = knobs
+    kernels: dict[str, Any] = {}
+    if tolerance is not None or max_moves is not None:
+        rest |= {"tolerance": tolerance, "max_moves": max_moves}
+        nodes = config[2] if hierarchical else 1
+        if repair_pallas.fits(config[0], weight.shape[1], config[3], nodes, weight.shape[0]):
+            kernels = {
+                "sticky_pack_fn": repair_pallas.sticky_pack,
+                "repair_fn": repair_pallas.repair,
+                "align_slots_fn": repair_pallas.align_slots,
+                "replica_counts_fn": repair_pallas.replica_counts,
+            }
 
     def place_fn(w: jax.Array, *args: Any, **kwargs: Any) -> tuple[jax.Array, ...]:
         return _placement(w, config, options, "pallas")
@@ -399,6 +420,7 @@ def _rebalance_stable_pallas(
         xp=jnp,
         place_fn=place_fn,
         relabel_fn=relabel_pallas.relabel,
+        **kernels,
         **rest,
     )
     return _tied_to(weight, placement)
@@ -421,10 +443,11 @@ def rebalance_stable(
     the numpy adapter's compiled kernels through a host callback
     (:func:`eplb.backends._jax_host.placement_stable`), chosen at lowering,
     XLA elsewhere; ``"xla"``: the array-API algorithm under ``jit`` + ``vmap``.
-    ``None`` without knobs where this process has a CUDA backend and Pallas'
-    Triton lowering: on CUDA the Pallas kernels (the fresh placement's and
-    :mod:`eplb.kernels.relabel_pallas`), the same CPU branch elsewhere.
-    Same placement.
+    ``None`` where this process has a CUDA backend and Pallas' Triton
+    lowering: on CUDA the Pallas kernels (the fresh placement's,
+    :mod:`eplb.kernels.relabel_pallas` and, with ``tolerance`` or
+    ``max_moves``, :mod:`eplb.kernels.repair_pallas` where it fits, XLA
+    otherwise), the same CPU branch elsewhere. Same placement.
     """
     active = options.pop("active_gpus", None)
     if active is not None:
@@ -444,9 +467,8 @@ def rebalance_stable(
     tolerance, max_moves = options.pop("tolerance", None), options.pop("max_moves", None)
     if impl is None:
         impl = "host" if _jax_host.applies_stable() else "xla"
-        # No knobs, on CUDA: the Pallas kernels (placement and relabelling); the CPU branch stays as chosen.
-        no_knobs = tolerance is None and max_moves is None
-        if no_knobs and _has_cuda() and pallas_available() and _stable_pallas_applies(weight.shape, config, options):
+        # On CUDA: the Pallas kernels (placement, relabelling, the knobs' repair); the CPU branch stays as chosen.
+        if _has_cuda() and pallas_available() and _stable_pallas_applies(weight.shape, config, options):
             impl = "pallas"
     knobs = (
         None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32),

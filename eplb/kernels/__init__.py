@@ -19,7 +19,8 @@ JAX CPU            ``greedy_numba`` via a      XLA (array API under          as 
                    host callback [1]_          ``jit`` + ``vmap``)           callback [1]_
 JAX GPU            ``greedy_pallas`` [3]_      ``refined_pallas`` + XLA [3]_ as the policy, then
                                                                              ``relabel_pallas`` [3]_;
-                                                                             the knobs: XLA
+                                                                             the knobs:
+                                                                             ``repair_pallas`` + XLA [3]_
 =================  ==========================  ============================  =============================
 
 ``active_gpus=`` and ``gpu_capacity=`` run the array-API path (XLA on JAX,
