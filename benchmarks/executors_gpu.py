@@ -16,7 +16,9 @@ device-synchronised. Parts, each in its own process (one default process group e
   real DeepSeek-V3 plan between two SGLang files (288 slots / 8 GPUs), large experts (every copy its own
   message), with and without checksums.
 - ``jax``: the JAX executor on one device (a mesh of one), the same weights and plan as ``bandwidth``: a jitted
-  copy of the same bytes, its checksum alone, ``apply_plan`` with and without checksums.
+  copy of the same bytes, its checksum alone, the Triton row-copy kernel alone (per block size), ``apply_plan``
+  with and without checksums and with donation, its commit's copies by XLA and by the kernel; ``share``: the
+  jitted copy's time over the step's (the moved bytes read and written once, at the card's copy bandwidth).
 - ``overlap``: a synthetic forward (bf16 matmuls) on the current stream, alone and while one layer's moves
   run on the side stream (``begin`` before the forward, ``finish`` after; votes on a gloo group so that they
   never wait for the GPU).
@@ -301,25 +303,93 @@ def part_jax(args) -> dict:
     ms = median_ms(lambda: sliced(flats, order))
     out["variant: one dynamic slice per slot"] = {"ms": ms, "GBps": 2 * moved / ms / 1e6}
 
+    # The commit's copy kernel alone (eplb.kernels.copy_pallas.copy_rows: one Triton launch, a gather of every
+    # slot into a fresh array, as jnp.take above), per block size and warps; the best one is used below.
+    copy_ms = out["jitted copy"]["ms"]
+    best = None
+    if not small:
+        from eplb.kernels import copy_pallas
+
+        index = jnp.stack([order.astype(jnp.int32), jnp.arange(layers * slots, dtype=jnp.int32)])
+        want_take = take(flats, order)
+        for block_bytes, warps in ((8192, 4), (16384, 4), (32768, 4), (32768, 8), (65536, 8)):
+            name = f"copy_rows gather of every slot, {block_bytes // 1024} KB blocks, {warps} warps"
+            try:
+                kernel = jax.jit(
+                    lambda f, i, b=block_bytes, w=warps: {
+                        k: copy_pallas.copy_rows(t.shape[0], [t.reshape(t.shape[0], -1)], i, block_bytes=b,
+                                                 num_warps=w).reshape(t.shape)
+                        for k, t in f.items()
+                    }
+                )  # fmt: skip
+                got = kernel(flats, index)
+                assert all(bool(jnp.array_equal(got[k], want_take[k])) for k in flats), "copy_rows: wrong bytes"
+                ms = median_ms(lambda kernel=kernel: kernel(flats, index))
+            except Exception as err:  # report and go on with XLA
+                out[name] = {"error": repr(err)[:400]}
+                continue
+            out[name] = {"ms": ms, "GBps": 2 * moved / ms / 1e6, "share": copy_ms / ms}
+            if best is None or ms < best[0]:
+                best = (ms, block_bytes, warps)
+        if best is not None:
+            copy_pallas.BLOCK_BYTES, copy_pallas.NUM_WARPS = best[1], best[2]
+            out["copy_rows block used"] = {"block_bytes": best[1], "num_warps": best[2]}
+
+    # apply_plan for the rotation (every slot of every layer moved, every copy within the device), with the
+    # commit's copies by XLA (COPY_KERNEL = None) and by the Triton kernel ("auto" on a GPU). "share": the
+    # jitted copy's time of the same bytes over apply_plan's (the moved bytes read and written once each).
     old = np.tile(np.arange(slots), (layers, 1))
     plan = eplb.plan_transfers(old, np.roll(old, 1, axis=1), num_gpus=1)
-    want = rolled(weights)
-    for verify in (True, False):
-        got = executor.apply_plan(plan, weights, mesh, "ep", verify=verify)
-        assert all(bool(jnp.array_equal(got[k], want[k])) for k in weights), "apply_plan moved the wrong bytes"
-        ms = median_ms(lambda verify=verify: executor.apply_plan(plan, weights, mesh, "ep", verify=verify))
-        out[f"apply_plan, one device, verify={verify}"] = {"ms": ms, "GBps": 4 * moved / ms / 1e6}
-    # donate=True: the commit may write into the old buffers; each call consumes its input, so plans alternate.
     backward = eplb.plan_transfers(np.roll(old, 1, axis=1), old, num_gpus=1)
-    state = {"w": executor.apply_plan(plan, {k: jnp.copy(t) for k, t in weights.items()}, mesh, "ep"), "i": 0}
+    want = rolled(weights)
+    for kernel in (None, "auto"):
+        if kernel == "auto" and best is None:
+            continue
+        executor.COPY_KERNEL = kernel
+        label = "XLA" if kernel is None else "Triton copy_rows"
+        try:
+            for verify in (True, False):
+                got = executor.apply_plan(plan, weights, mesh, "ep", verify=verify)
+                assert all(bool(jnp.array_equal(got[k], want[k])) for k in weights), "apply_plan moved wrong bytes"
+                ms = median_ms(lambda verify=verify: executor.apply_plan(plan, weights, mesh, "ep", verify=verify))
+                out[f"apply_plan, {label}, verify={verify}"] = {"ms": ms, "GBps": 2 * moved / ms / 1e6,
+                                                               "share": copy_ms / ms}  # fmt: skip
+            # donate=True: the commit writes into the old buffers; each call consumes its input, so plans
+            # alternate. A rotation stages every copy (each slot it reads is overwritten).
+            state = {"w": executor.apply_plan(plan, {k: jnp.copy(t) for k, t in weights.items()}, mesh, "ep"), "i": 0}
+            assert all(bool(jnp.array_equal(state["w"][k], want[k])) for k in weights)
 
-    def donated():
-        state["w"] = executor.apply_plan((backward, plan)[state["i"] % 2], state["w"], mesh, "ep", donate=True)
-        state["i"] += 1
-        return state["w"]
+            def donated(state=state):
+                state["w"] = executor.apply_plan((backward, plan)[state["i"] % 2], state["w"], mesh, "ep", donate=True)
+                state["i"] += 1
+                return state["w"]
 
-    ms = median_ms(donated)
-    out["apply_plan, one device, donate=True"] = {"ms": ms, "GBps": 4 * moved / ms / 1e6}
+            ms = median_ms(donated)
+            if state["i"] % 2:
+                assert all(bool(jnp.array_equal(state["w"][k], weights[k])) for k in weights), "donate: wrong bytes"
+            else:
+                assert all(bool(jnp.array_equal(state["w"][k], want[k])) for k in weights), "donate: wrong bytes"
+            out[f"apply_plan, {label}, donate=True"] = {"ms": ms, "GBps": 2 * moved / ms / 1e6, "share": copy_ms / ms}
+            # Where the time goes with donation: the transfer program (staging) and the commit, apart.
+            stage, total = [], []
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                pending = executor.begin((backward, plan)[state["i"] % 2], state["w"], mesh, "ep", donate=True)
+                jax.block_until_ready(pending._received)
+                t1 = time.perf_counter()
+                state["w"] = pending.finish()
+                jax.block_until_ready(state["w"])
+                state["i"] += 1
+                stage.append(t1 - t0)
+                total.append(time.perf_counter() - t0)
+            out[f"apply_plan, {label}, donate=True, split"] = {
+                "transfer program ms": statistics.median(stage) * 1e3,
+                "commit ms": (statistics.median(total) - statistics.median(stage)) * 1e3,
+            }
+            del state
+        except Exception as err:
+            out[f"apply_plan, {label}"] = {"error": repr(err)[:600]}
+    executor.COPY_KERNEL = "auto"
     return out
 
 

@@ -249,17 +249,23 @@ def _cached_transfer(mesh: Mesh, axis_name: str) -> Callable[..., tuple[jax.Arra
 
 
 class _Sizes(NamedTuple):
-    """Static sizes of a group's programs, per device: ``K`` copies per device pair, ``incoming`` rows of the update
-    buffer read from the received buffer (received copies and reloads, then second copies of them), ``local``
-    rows read from old slots (both rounded up by :func:`_round_up`), ``full``: the flat slots ``L * R/G`` of a
-    whole-array gather (0 when the commit scatters into donated weights), and ``reloads``: rows of the reload
-    buffer (the most reload rows of one device, rounded up; 0: the program takes no reload buffer).
+    """Static sizes of a group's programs, per device: ``K`` copies per device pair (0: the group has no copies
+    between devices and takes no ``capacity``; nothing is exchanged), ``incoming`` rows of the update buffer read
+    from the received buffer (received copies and reloads, then second copies of them), ``local`` rows read
+    from old slots (*staged* copies within the device: with donation only, and only those whose old slot the
+    commit overwrites), ``full``: the flat slots ``L * R/G`` of a whole-array gather (0 when the commit writes
+    into donated weights), ``reloads``: rows of the reload buffer (the most reload rows of one device; 0: the
+    program takes no reload buffer), and ``direct``: copies within the device that the commit into donated
+    weights makes straight from old slots (their slot is no commit's target); all but ``capacity`` and ``full``
+    rounded up by :func:`_round_up`. Without donation the gather reads every copy within the device from the old
+    slots, so ``local`` and ``direct`` are 0.
 
     A device's index row: ``send [G*K]`` (the flat slot sent as copy ``k`` to device ``d``, at ``d*K + k``), then
     ``targets [incoming + local]`` (the flat slot each row of the update buffer goes to; past the end: unused),
     ``incoming_rows [incoming]`` (rows of ``[received buffer [G*K], sender-major; reload buffer [reloads]]``),
-    ``local_sources [local]`` (old flat slots), then ``gather [full]`` (per flat slot, its row of ``[old slots;
-    update buffer]``).
+    ``local_sources [local]`` (old flat slots), ``direct_targets [direct]`` (past the end: unused),
+    ``direct_sources [direct]`` (old flat slots), then ``gather [full]`` (per flat slot, its row of ``[old
+    slots; update buffer]``).
     """
 
     capacity: int
@@ -267,6 +273,7 @@ class _Sizes(NamedTuple):
     local: int
     full: int = 0
     reloads: int = 0
+    direct: int = 0
 
     @property
     def updates(self) -> int:
@@ -274,7 +281,11 @@ class _Sizes(NamedTuple):
         return self.incoming + self.local
 
     def width(self, num_devices: int) -> int:
-        return num_devices * self.capacity + 2 * self.updates + self.full
+        return num_devices * self.capacity + 2 * self.updates + 2 * self.direct + self.full
+
+    def staged(self) -> bool:
+        """Whether the group needs the transfer program (copies between devices, reloads or staged rows)."""
+        return self.capacity > 0 or self.updates > 0
 
 
 def _round_up(n: int) -> int:
@@ -313,6 +324,7 @@ def _stage_program(mesh: Mesh, axis_name: str, verify: bool, faulty: bool) -> Ca
         corrupt: jax.Array | None,
         sizes: _Sizes,
         reloaded: list[jax.Array] | None = None,
+        kernel: str | None = None,
     ) -> Any:
         capacity, width = sizes.capacity, num_devices * sizes.capacity
         start = width + sizes.updates
@@ -326,25 +338,32 @@ def _stage_program(mesh: Mesh, axis_name: str, verify: bool, faulty: bool) -> Ca
             updates, sent_sums, got_sums = [], [], []
             for weights, reload in zip(leaves, loaded, strict=True):
                 flat, rest = _local_block(weights), weights.shape[2:]
-                outgoing = jnp.take(flat, send, axis=0).reshape(num_devices, capacity, *rest)
-                if verify:
-                    sent_sums.append(_checksum(outgoing.reshape(num_devices, capacity, -1)))
-                incoming = jax.lax.all_to_all(outgoing, axis_name, 0, 0, tiled=True)  # [G (sender), K, ...]
-                if faulty:
-                    bad = _flip_first_bit(incoming.reshape(num_devices, capacity, -1), corrupt[0][0])
-                    incoming = bad.reshape(incoming.shape)
-                if verify:
-                    got_sums.append(_checksum(incoming.reshape(num_devices, capacity, -1)))
-                received = incoming.reshape(width, *rest)
+                received = None
+                if capacity:  # copies between devices: exchange (and checksum) them
+                    outgoing = _gather(flat, send, kernel).reshape(num_devices, capacity, *rest)
+                    if verify:
+                        sent_sums.append(_checksum(outgoing.reshape(num_devices, capacity, -1)))
+                    incoming = jax.lax.all_to_all(outgoing, axis_name, 0, 0, tiled=True)  # [G (sender), K, ...]
+                    if faulty:
+                        bad = _flip_first_bit(incoming.reshape(num_devices, capacity, -1), corrupt[0][0])
+                        incoming = bad.reshape(incoming.shape)
+                    if verify:
+                        got_sums.append(_checksum(incoming.reshape(num_devices, capacity, -1)))
+                    received = incoming.reshape(width, *rest)
                 if reload is not None:  # the reload buffer after the received one
-                    received = jnp.concatenate([received, reload[0]], axis=0)
-                parts = (
-                    jnp.take(received, incoming_rows, axis=0),
-                    jnp.take(flat, local_sources, axis=0),
-                )
-                updates.append(jnp.concatenate(parts, axis=0)[None])
+                    received = reload[0] if received is None else jnp.concatenate([received, reload[0]], axis=0)
+                parts = []
+                if sizes.incoming:
+                    parts.append(_gather(received, incoming_rows, kernel))
+                if sizes.local:
+                    parts.append(_gather(flat, local_sources, kernel))
+                if not parts:  # only padding copies travel (a fixed capacity): an empty update buffer
+                    parts.append(jnp.zeros((0, *rest), weights.dtype))
+                updates.append((jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0])[None])
             if not verify:
                 return updates
+            if not capacity:
+                return updates, jnp.ones((1, num_devices, 0), dtype=bool)
             sums = jax.lax.all_to_all(jnp.stack(sent_sums, axis=-1), axis_name, 0, 0, tiled=True)
             ok = jnp.all(jnp.stack(got_sums, axis=-1) == sums, axis=-1)
             return updates, ok[None]
@@ -355,44 +374,144 @@ def _stage_program(mesh: Mesh, axis_name: str, verify: bool, faulty: bool) -> Ca
             mesh=mesh,
             in_specs=(by_slot, by_device) + (by_device,) * len(extra),
             out_specs=(by_device, by_device) if verify else by_device,
+            **({"check_vma": False} if kernel else {}),  # pallas_call's outputs carry no varying-axes type
         )
         out = mapped(leaves, idx, *extra)
         return out if verify else (out, None)
 
-    return jax.jit(run, static_argnums=3)
+    return jax.jit(run, static_argnums=(3, 5))
+
+
+def _gather(x: jax.Array, rows: jax.Array, kernel: str | None) -> jax.Array:
+    """``x[rows]`` along the first axis (rows in range): XLA's gather, or one :func:`~eplb.kernels.copy_pallas.
+    copy_rows` launch with ``kernel``."""
+    if kernel is None:
+        return jnp.take(x, rows, axis=0)
+    from eplb.kernels import copy_pallas
+
+    count = rows.shape[0]
+    index = jnp.stack([rows.astype(jnp.int32), jnp.arange(count, dtype=jnp.int32)])
+    flat = copy_pallas.copy_rows(count, [x.reshape(x.shape[0], -1)], index, interpret=kernel == "interpret")
+    return flat.reshape(count, *x.shape[1:])
 
 
 @functools.lru_cache(maxsize=32)
 def _commit_program(mesh: Mesh, axis_name: str, donate: bool) -> Callable[..., Any]:
-    """Jitted ``(leaves, updates, idx, sizes) -> new leaves``.
+    """Jitted ``(leaves, updates, idx, sizes, kernel=None) -> new leaves`` (``updates``: ``None`` when the group
+    staged nothing).
 
-    With ``donate``: one scatter of the update buffer into the donated weights, in place (distinct targets;
-    padding rows target past the end and are dropped). Without: gather every new slot from ``[old slots; update
-    buffer]`` in one pass (XLA fuses the concatenation into the gather; on a CPU several times faster than a copy
-    and a scatter).
+    With ``donate``: the update buffer's rows and the direct copies within the device written into the donated
+    weights, in place (distinct targets; padding rows target past the end and are dropped). Without: gather
+    every new slot from ``[old slots; update buffer]`` in one pass (XLA fuses the concatenation into the gather;
+    on a CPU several times faster than a copy and a scatter). ``kernel``: ``None`` for XLA's gather and scatter;
+    ``"triton"`` (GPUs) or ``"interpret"`` (tests) for one :func:`eplb.kernels.copy_pallas.copy_rows` launch per
+    array instead (every moved byte read once and written once: in place with ``donate``).
     """
     num_devices = mesh.shape[axis_name]
     by_device, by_slot = PartitionSpec(axis_name), PartitionSpec(None, axis_name)
 
-    def run(leaves: list[jax.Array], updates: list[jax.Array], idx: jax.Array, sizes: _Sizes) -> Any:
+    def run(
+        leaves: list[jax.Array],
+        updates: list[jax.Array] | None,
+        idx: jax.Array,
+        sizes: _Sizes,
+        kernel: str | None = None,
+    ) -> Any:
         width, rows = num_devices * sizes.capacity, sizes.updates
+        direct = width + 2 * rows
 
-        def local(leaves: list[jax.Array], updates: list[jax.Array], idx: jax.Array) -> Any:
+        def local(leaves: list[jax.Array], idx: jax.Array, *updates: list[jax.Array]) -> Any:
             out = []
-            for weights, update in zip(leaves, updates, strict=True):
+            for number, weights in enumerate(leaves):
                 flat = _local_block(weights)
-                if donate:
-                    new = flat.at[idx[0, width : width + rows]].set(update[0], mode="drop", unique_indices=True)
+                update = updates[0][number][0] if updates else None
+                targets = idx[0, width : width + rows]
+                direct_targets = idx[0, direct : direct + sizes.direct]
+                direct_sources = idx[0, direct + sizes.direct : direct + 2 * sizes.direct]
+                gather = idx[0, sizes.width(num_devices) - sizes.full :]
+                if kernel is not None:
+                    new = _kernel_commit(flat, update, targets, direct_targets, direct_sources, gather, donate, kernel)
+                elif donate:
+                    new = flat
+                    if sizes.direct:  # XLA reads the old slots before the scatter writes
+                        moved = jnp.take(flat, direct_sources, axis=0)
+                        new = new.at[direct_targets].set(moved, mode="drop", unique_indices=True)
+                    if update is not None and rows:
+                        new = new.at[targets].set(update, mode="drop", unique_indices=True)
                 else:
-                    gather = idx[0, sizes.width(num_devices) - sizes.full :]
-                    new = jnp.take(jnp.concatenate([flat, update[0]], axis=0), gather, axis=0)
+                    both = flat if update is None else jnp.concatenate([flat, update], axis=0)
+                    new = jnp.take(both, gather, axis=0)
                 out.append(new.reshape(weights.shape))
             return out
 
-        mapped = jax.shard_map(local, mesh=mesh, in_specs=(by_slot, by_device, by_device), out_specs=by_slot)
-        return mapped(leaves, updates, idx)
+        extra = () if updates is None else (updates,)
+        specs = {"in_specs": (by_slot, by_device) + (by_device,) * len(extra), "out_specs": by_slot}
+        # pallas_call's outputs carry no varying-axes type: the kernel path skips shard_map's check of them
+        mapped = jax.shard_map(local, mesh=mesh, **specs, **({"check_vma": False} if kernel else {}))
+        return mapped(leaves, idx, *extra)
 
-    return jax.jit(run, static_argnums=3, donate_argnums=(0,) if donate else ())
+    return jax.jit(run, static_argnums=(3, 4), donate_argnums=(0,) if donate else ())
+
+
+def _kernel_commit(
+    flat: jax.Array,
+    update: jax.Array | None,
+    targets: jax.Array,
+    direct_targets: jax.Array,
+    direct_sources: jax.Array,
+    gather: jax.Array,
+    donate: bool,
+    kernel: str,
+) -> jax.Array:
+    """The commit of one array as one :func:`~eplb.kernels.copy_pallas.copy_rows` launch on ``[flat slots, D]``."""
+    from eplb.kernels import copy_pallas
+
+    slots = flat.shape[0]
+    rows2d = flat.reshape(slots, -1)
+    sources = [] if update is None else [update.reshape(update.shape[0], -1)]
+    if donate:  # in place: the update buffer's rows (after the old slots), then the direct copies
+        index = jnp.stack(
+            [
+                jnp.concatenate([slots + jnp.arange(targets.shape[0], dtype=jnp.int32), direct_sources]),
+                jnp.concatenate([targets, direct_targets]),
+            ]
+        )
+        new = copy_pallas.copy_rows(rows2d, [copy_pallas.SELF, *sources], index, interpret=kernel == "interpret")
+    else:  # a fresh array: every slot from [old slots; update buffer]
+        index = jnp.stack([gather, jnp.arange(slots, dtype=jnp.int32)])
+        new = copy_pallas.copy_rows(slots, [rows2d, *sources], index, interpret=kernel == "interpret")
+    return new.reshape(flat.shape)
+
+
+def _copy_kernel(job: _Job) -> str | None:
+    """The commit's copy kernel for ``job`` (see :func:`_commit_program`): ``"triton"`` on GPUs when every array
+    suits :func:`eplb.kernels.copy_pallas.copy_rows`, else ``None`` (XLA). ``COPY_KERNEL`` overrides it."""
+    mode = COPY_KERNEL
+    if mode == "auto":
+        mode = "triton" if all(device.platform == "gpu" for device in job.mesh.devices.flat) else None
+    if mode is None:
+        return None
+    try:
+        from eplb.kernels import copy_pallas
+    except ImportError:  # pragma: no cover - a JAX without Pallas
+        return None
+    num_devices = job.mesh.shape[job.axis_name]
+    for leaf in job.leaves:
+        elements = math.prod(leaf.shape) // num_devices
+        row = math.prod(leaf.shape[2:])
+        # Triton indexes with 32-bit offsets up to 4 GB of one block (signed: 2**31 elements), 64-bit beyond.
+        if (
+            not copy_pallas.supported(leaf.dtype)
+            or row >= 2**31 - 2**20
+            or (elements >= 2**31 and elements * np.dtype(leaf.dtype).itemsize <= 2**32)
+        ):
+            return None
+    return mode
+
+
+COPY_KERNEL: str | None = "auto"
+"""The commit's copy kernel: ``"auto"`` (Triton on GPUs, XLA elsewhere), ``"triton"``, ``"interpret"`` (Pallas'
+interpreter: tests on a CPU) or ``None`` (XLA's gather and scatter)."""
 
 
 _REMOTE, _OLD, _DUP, _RELOAD = 0, 1, 2, 3
@@ -478,7 +597,11 @@ class _Job(NamedTuple):
     def arrays(self, group: np.ndarray, full: bool = False) -> tuple[np.ndarray, np.ndarray, _Sizes]:
         """``idx [G, width] int32`` (one ``device_put``), ``row_map [G, G, K]`` (the plan row device ``d`` receives
         from ``s`` as copy ``k``, -1 if unused) and the static sizes of the group ``group`` (layers); with ``full``
-        also the whole-array gather of a commit without donation."""
+        also the whole-array gather of a commit without donation.
+
+        Copies within a device are staged (read into the update buffer by the transfer program) only with
+        donation (not ``full``) and only when their old slot is the target of a copy of the group; the others are
+        read from the old slots by the commit (the gather, or the direct copies)."""
         plan, num_devices = self.plan, self.plan.num_gpus
         per_gpu = plan.slots_per_gpu
         flat = plan.num_layers * per_gpu
@@ -487,7 +610,13 @@ class _Job(NamedTuple):
         kind, read = self.kind[mine], self.read[mine]
         src, dst = plan.src_gpu[rows], plan.dst_gpu[rows]
         target = plan.layer[rows] * per_gpu + plan.dst_slot[rows]
-        remote, olds, dups, reloads = kind == _REMOTE, kind == _OLD, kind == _DUP, kind == _RELOAD
+        remote, locals_, dups, reloads = kind == _REMOTE, kind == _OLD, kind == _DUP, kind == _RELOAD
+        olds = np.zeros(len(rows), dtype=bool)  # staged copies within a device
+        if not full:
+            written = np.zeros(num_devices * flat, dtype=bool)
+            written[dst * flat + target] = True
+            olds[locals_] = written[dst[locals_] * flat + read[locals_]]
+        direct = locals_ & ~olds & (not full)
         k = np.zeros(len(rows), dtype=np.int64)
         k[remote] = _rank_within(src[remote] * num_devices + dst[remote])
         inbound = remote | dups | reloads
@@ -497,12 +626,15 @@ class _Job(NamedTuple):
         slot[dups] += firsts[dst[dups]]  # after the received and reloaded copies
         slot[olds] = _rank_within(dst[olds])
         reload_slot = _rank_within(dst[reloads])  # row of the device's reload buffer, plan order
+        direct_slot = _rank_within(dst[direct])
+        need = int(k[remote].max(initial=-1)) + 1
         sizes = _Sizes(
-            _check_capacity(self.capacity, int(k[remote].max(initial=-1)) + 1),
+            0 if self.capacity is None and need == 0 else _check_capacity(self.capacity, need),
             _round_up(int(slot[inbound].max(initial=-1)) + 1),
             _round_up(int(slot[olds].max(initial=-1)) + 1),
             flat if full else 0,
             _round_up(int(reload_slot.max(initial=-1)) + 1),
+            _round_up(int(direct_slot.max(initial=-1)) + 1),
         )
         capacity, width = sizes.capacity, num_devices * sizes.capacity
         targets, sources = width, width + sizes.updates  # column offsets, see _Sizes
@@ -511,7 +643,13 @@ class _Job(NamedTuple):
         idx[:, targets:sources] = flat + np.arange(sizes.updates)  # unused rows: distinct targets past the end
         source = plan.layer[rows] * per_gpu + plan.src_slot[rows]
         idx[src[remote], dst[remote] * capacity + k[remote]] = source[remote]
-        idx[dst, targets + row] = target
+        staged = inbound | olds
+        idx[dst[staged], targets + row[staged]] = target[staged]
+        direct_targets = sources + sizes.updates
+        direct_sources = direct_targets + sizes.direct
+        idx[:, direct_targets:direct_sources] = flat + np.arange(sizes.direct)  # unused: past the end
+        idx[dst[direct], direct_targets + direct_slot] = target[direct]
+        idx[dst[direct], direct_sources + direct_slot] = read[direct]
         # A dup repeats a received copy: its row in the received buffer, within this group.
         position = np.full(len(self.rows), -1, dtype=np.int64)
         position[mine] = np.arange(len(mine))
@@ -526,7 +664,7 @@ class _Job(NamedTuple):
             gather = idx[:, sizes.width(num_devices) - flat :]
             gather[:] = np.arange(flat)
             gather[dst[inbound], target[inbound]] = flat + row[inbound]
-            gather[dst[olds], target[olds]] = read[olds]
+            gather[dst[locals_], target[locals_]] = read[locals_]
         row_map = np.full((num_devices, num_devices, capacity), -1, dtype=np.int64)
         row_map[dst[remote], src[remote], k[remote]] = rows[remote]
         return idx.astype(np.int32), row_map, sizes
@@ -788,7 +926,7 @@ class PendingTransfer:
         self.layers = tuple(int(layer) for layer in group)
         self._job, self._leaves, self._donate, self._owned, self._label = job, leaves, donate, owned, label
         self._outcome: tuple[bool, Any] | None = None
-        self._received: list[jax.Array] = []
+        self._received: list[jax.Array] | None = None  # the update buffers (None: the group stages nothing)
         self._ok = None
         if not len(group):
             return
@@ -804,8 +942,10 @@ class PendingTransfer:
                 corrupt = jax.device_put(self._row_map == job.fault, spread)
             if loaded is not None:
                 reloaded = [jax.device_put(buffer, spread) for buffer in loaded]
-            program = _stage_program(job.mesh, job.axis_name, job.verify, faulty)
-            self._received, self._ok = program(leaves, self._idx, corrupt, self._sizes._replace(full=0), reloaded)
+            if self._sizes.staged():  # else every copy is within a device and the commit reads it from old slots
+                program = _stage_program(job.mesh, job.axis_name, job.verify, faulty)
+                sizes = self._sizes._replace(full=0, direct=0)
+                self._received, self._ok = program(leaves, self._idx, corrupt, sizes, reloaded, _copy_kernel(job))
         except RuntimeError as err:
             raise TransferError(
                 f"the transfer program of layers {list(self.layers)} ({self._copies} copies between devices of "
@@ -814,7 +954,8 @@ class PendingTransfer:
 
     def done(self) -> bool:
         """Whether the transfer program has finished (then :meth:`finish` does not wait for it)."""
-        return all(array.is_ready() for array in [*self._received, *([self._ok] if self._ok is not None else [])])
+        pending = [*(self._received or []), *([self._ok] if self._ok is not None else [])]
+        return all(array.is_ready() for array in pending)
 
     def finish(self) -> Any:
         """Check the copies (the one host read), commit them and return the new weights (the structure passed).
@@ -887,7 +1028,7 @@ class PendingTransfer:
                 )
         try:
             program = _commit_program(job.mesh, job.axis_name, self._donate)
-            new = program(self._leaves, self._received, self._idx, self._sizes)
+            new = program(self._leaves, self._received, self._idx, self._sizes, _copy_kernel(job))
             jax.block_until_ready(new)
         except RuntimeError as err:
             if self._donate and not self._owned and any(leaf.is_deleted() for leaf in self._leaves):
@@ -898,7 +1039,7 @@ class PendingTransfer:
             raise TransferError(
                 f"the commit program of layers {list(self.layers)}{self._label} failed: {err!r}"
             ) from err
-        self._received = []  # free the received buffers
+        self._received = None  # free the received buffers
         return new
 
 
