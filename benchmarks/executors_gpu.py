@@ -370,6 +370,16 @@ def part_jax(args) -> dict:
             else:
                 assert all(bool(jnp.array_equal(state["w"][k], want[k])) for k in weights), "donate: wrong bytes"
             out[f"apply_plan, {label}, donate=True"] = {"ms": ms, "GBps": 2 * moved / ms / 1e6, "share": copy_ms / ms}
+            if kernel is not None:  # permute_rows' bytes per program (a layer's 9 copies, one block of each)
+                from eplb.kernels import copy_pallas
+
+                default = copy_pallas.PERMUTE_GROUP_BYTES
+                for group_bytes in (16384, 65536, default):
+                    copy_pallas.PERMUTE_GROUP_BYTES = group_bytes
+                    executor._commit_program.cache_clear()  # trace again with this block
+                    ms = median_ms(donated)
+                    out[f"apply_plan, {label}, donate=True, {group_bytes // 1024} KB a program"] = {
+                        "ms": ms, "share": copy_ms / ms}  # fmt: skip
             # Where the time goes with donation: the transfer program (staging) and the commit, apart.
             stage, total = [], []
             for _ in range(args.runs):

@@ -207,3 +207,36 @@ def test_apply_plan_kernel_on_a_mesh():
     out = json.loads(done.stdout.strip().splitlines()[-1])
     for key, value in out.items():
         assert value is True or value == [True, True], (key, value)
+
+
+def test_permute_rows_moves_cycles_in_place():
+    """Groups of copies that read each other's rows (a rotation, a swap): every copy gets the old bytes."""
+    rng = np.random.default_rng(3)
+    for dtype, width in (("bfloat16", 300), ("float32", 64), ("int8", 37)):
+        old = _random_rows(rng, 10, width, dtype)
+        # group 0: a rotation 0 -> 1 -> 2 -> 0 and 3 -> 4; group 1: a swap 5 <-> 6 and 5 -> 7; padding copies
+        index = np.array([[[0, 1], [1, 2], [2, 0], [3, 4], [-1, -1]], [[5, 6], [6, 5], [5, 7], [0, 99], [9, -1]]])
+        got = jax.jit(lambda b, i: copy_pallas.permute_rows(b, i, interpret=True), donate_argnums=0)(
+            jnp.asarray(old), index.astype(np.int32)
+        )
+        want = old.copy()
+        for src, dst in index.reshape(-1, 2):
+            if 0 <= src < 10 and 0 <= dst < 10:
+                want[dst] = old[src]
+        assert np.array_equal(_bits(got), _bits(want)), dtype
+
+
+def test_kernel_commit_stages_nothing_with_donation():
+    mesh = Mesh(np.array(jax.devices()[:1]), ("ep",))
+    weights = _weights(mesh, np.zeros((L, S), dtype=np.int64), "float32")
+    rotation = np.tile(np.arange(S), (L, 1))
+    plan = eplb.plan_transfers(rotation, np.roll(rotation, 1, axis=1), num_gpus=1)
+    job = executor._prepare(plan, weights, mesh, "ep", layers=None, capacity=None, verify=True, fault=None,
+                            load_expert=None, ranks=None)  # fmt: skip
+    group = job.split(None, None)[0]
+    idx, _, sizes = job.arrays(group, full=False, grouped=True)
+    assert (sizes.local, sizes.per_layer, sizes.direct) == (0, S, L * S) and not sizes.staged()
+    start = sizes.width(1) - 2 * sizes.direct
+    targets, sources = idx[0, start : start + sizes.direct], idx[0, start + sizes.direct :]
+    layer_of = np.repeat(np.arange(L), S)
+    assert np.array_equal(targets // S, layer_of) and np.array_equal(sources // S, layer_of)  # a layer per group

@@ -258,7 +258,10 @@ class _Sizes(NamedTuple):
     program takes no reload buffer), and ``direct``: copies within the device that the commit into donated
     weights makes straight from old slots (their slot is no commit's target); all but ``capacity`` and ``full``
     rounded up by :func:`_round_up`. Without donation the gather reads every copy within the device from the old
-    slots, so ``local`` and ``direct`` are 0.
+    slots, so ``local`` and ``direct`` are 0. ``per_layer`` (the copy kernel with donation): every copy within a
+    device is direct, none staged, laid out per layer of the group (``direct = layers * per_layer``, a layer's
+    copies at ``position * per_layer + j``) for :func:`eplb.kernels.copy_pallas.permute_rows`, which reads all
+    of a layer's old slots before writing them; 0: a flat list.
 
     A device's index row: ``send [G*K]`` (the flat slot sent as copy ``k`` to device ``d``, at ``d*K + k``), then
     ``targets [incoming + local]`` (the flat slot each row of the update buffer goes to; past the end: unused),
@@ -274,6 +277,7 @@ class _Sizes(NamedTuple):
     full: int = 0
     reloads: int = 0
     direct: int = 0
+    per_layer: int = 0
 
     @property
     def updates(self) -> int:
@@ -430,7 +434,9 @@ def _commit_program(mesh: Mesh, axis_name: str, donate: bool) -> Callable[..., A
                 direct_sources = idx[0, direct + sizes.direct : direct + 2 * sizes.direct]
                 gather = idx[0, sizes.width(num_devices) - sizes.full :]
                 if kernel is not None:
-                    new = _kernel_commit(flat, update, targets, direct_targets, direct_sources, gather, donate, kernel)
+                    new = _kernel_commit(
+                        flat, update, targets, direct_targets, direct_sources, gather, donate, kernel, sizes.per_layer
+                    )
                 elif donate:
                     new = flat
                     if sizes.direct:  # XLA reads the old slots before the scatter writes
@@ -462,13 +468,21 @@ def _kernel_commit(
     gather: jax.Array,
     donate: bool,
     kernel: str,
+    per_layer: int = 0,
 ) -> jax.Array:
-    """The commit of one array as one :func:`~eplb.kernels.copy_pallas.copy_rows` launch on ``[flat slots, D]``."""
+    """The commit of one array on ``[flat slots, D]``: one :func:`~eplb.kernels.copy_pallas.copy_rows` launch
+    (with ``per_layer``, after one :func:`~eplb.kernels.copy_pallas.permute_rows` of the copies within the
+    device, which read the old slots before the update buffer's rows land)."""
     from eplb.kernels import copy_pallas
 
     slots = flat.shape[0]
     rows2d = flat.reshape(slots, -1)
     sources = [] if update is None else [update.reshape(update.shape[0], -1)]
+    interpret = kernel == "interpret"
+    if donate and per_layer:
+        pairs = jnp.stack([direct_sources, direct_targets], axis=-1).reshape(-1, per_layer, 2)
+        rows2d = copy_pallas.permute_rows(rows2d, pairs, interpret=interpret)
+        direct_sources = direct_targets = direct_sources[:0]
     if donate:  # in place: the update buffer's rows (after the old slots), then the direct copies
         index = jnp.stack(
             [
@@ -476,10 +490,10 @@ def _kernel_commit(
                 jnp.concatenate([targets, direct_targets]),
             ]
         )
-        new = copy_pallas.copy_rows(rows2d, [copy_pallas.SELF, *sources], index, interpret=kernel == "interpret")
+        new = copy_pallas.copy_rows(rows2d, [copy_pallas.SELF, *sources], index, interpret=interpret)
     else:  # a fresh array: every slot from [old slots; update buffer]
         index = jnp.stack([gather, jnp.arange(slots, dtype=jnp.int32)])
-        new = copy_pallas.copy_rows(slots, [rows2d, *sources], index, interpret=kernel == "interpret")
+        new = copy_pallas.copy_rows(slots, [rows2d, *sources], index, interpret=interpret)
     return new.reshape(flat.shape)
 
 
@@ -594,14 +608,18 @@ class _Job(NamedTuple):
         reloaded = _round_up(int(reloads.max(initial=0)))
         return (2 * (self.plan.num_gpus * capacity + updates) + reloaded) * self.slot_bytes
 
-    def arrays(self, group: np.ndarray, full: bool = False) -> tuple[np.ndarray, np.ndarray, _Sizes]:
+    def arrays(
+        self, group: np.ndarray, full: bool = False, grouped: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, _Sizes]:
         """``idx [G, width] int32`` (one ``device_put``), ``row_map [G, G, K]`` (the plan row device ``d`` receives
         from ``s`` as copy ``k``, -1 if unused) and the static sizes of the group ``group`` (layers); with ``full``
         also the whole-array gather of a commit without donation.
 
         Copies within a device are staged (read into the update buffer by the transfer program) only with
         donation (not ``full``) and only when their old slot is the target of a copy of the group; the others are
-        read from the old slots by the commit (the gather, or the direct copies)."""
+        read from the old slots by the commit (the gather, or the direct copies). ``grouped`` (the copy kernel's
+        commit with donation): none is staged; the direct copies are laid out per layer (``_Sizes.per_layer``)
+        unless a layer has more than :data:`eplb.kernels.copy_pallas.MAX_GROUP` of them on one device."""
         plan, num_devices = self.plan, self.plan.num_gpus
         per_gpu = plan.slots_per_gpu
         flat = plan.num_layers * per_gpu
@@ -612,7 +630,15 @@ class _Job(NamedTuple):
         target = plan.layer[rows] * per_gpu + plan.dst_slot[rows]
         remote, locals_, dups, reloads = kind == _REMOTE, kind == _OLD, kind == _DUP, kind == _RELOAD
         olds = np.zeros(len(rows), dtype=bool)  # staged copies within a device
-        if not full:
+        per_layer = 0
+        if grouped and not full:
+            from eplb.kernels.copy_pallas import MAX_GROUP
+
+            in_layer = _rank_within(dst[locals_] * plan.num_layers + plan.layer[rows][locals_])
+            per_layer = _round_up(int(in_layer.max(initial=-1)) + 1)
+            if per_layer > MAX_GROUP:
+                per_layer = 0
+        if not full and not per_layer:
             written = np.zeros(num_devices * flat, dtype=bool)
             written[dst * flat + target] = True
             olds[locals_] = written[dst[locals_] * flat + read[locals_]]
@@ -627,6 +653,8 @@ class _Job(NamedTuple):
         slot[olds] = _rank_within(dst[olds])
         reload_slot = _rank_within(dst[reloads])  # row of the device's reload buffer, plan order
         direct_slot = _rank_within(dst[direct])
+        if per_layer:
+            direct_slot = np.searchsorted(group, plan.layer[rows][direct]) * per_layer + in_layer
         need = int(k[remote].max(initial=-1)) + 1
         sizes = _Sizes(
             0 if self.capacity is None and need == 0 else _check_capacity(self.capacity, need),
@@ -634,7 +662,8 @@ class _Job(NamedTuple):
             _round_up(int(slot[olds].max(initial=-1)) + 1),
             flat if full else 0,
             _round_up(int(reload_slot.max(initial=-1)) + 1),
-            _round_up(int(direct_slot.max(initial=-1)) + 1),
+            len(group) * per_layer if per_layer else _round_up(int(direct_slot.max(initial=-1)) + 1),
+            per_layer,
         )
         capacity, width = sizes.capacity, num_devices * sizes.capacity
         targets, sources = width, width + sizes.updates  # column offsets, see _Sizes
@@ -930,7 +959,8 @@ class PendingTransfer:
         self._ok = None
         if not len(group):
             return
-        idx, self._row_map, self._sizes = job.arrays(group, full=not donate)
+        self._kernel = _copy_kernel(job)
+        idx, self._row_map, self._sizes = job.arrays(group, full=not donate, grouped=self._kernel is not None)
         self._copies = int((self._row_map >= 0).sum())
         spread = NamedSharding(job.mesh, PartitionSpec(job.axis_name))
         corrupt = reloaded = None
@@ -944,8 +974,8 @@ class PendingTransfer:
                 reloaded = [jax.device_put(buffer, spread) for buffer in loaded]
             if self._sizes.staged():  # else every copy is within a device and the commit reads it from old slots
                 program = _stage_program(job.mesh, job.axis_name, job.verify, faulty)
-                sizes = self._sizes._replace(full=0, direct=0)
-                self._received, self._ok = program(leaves, self._idx, corrupt, sizes, reloaded, _copy_kernel(job))
+                sizes = self._sizes._replace(full=0, direct=0, per_layer=0)
+                self._received, self._ok = program(leaves, self._idx, corrupt, sizes, reloaded, self._kernel)
         except RuntimeError as err:
             raise TransferError(
                 f"the transfer program of layers {list(self.layers)} ({self._copies} copies between devices of "
@@ -1028,7 +1058,7 @@ class PendingTransfer:
                 )
         try:
             program = _commit_program(job.mesh, job.axis_name, self._donate)
-            new = program(self._leaves, self._received, self._idx, self._sizes, _copy_kernel(job))
+            new = program(self._leaves, self._received, self._idx, self._sizes, self._kernel)
             jax.block_until_ready(new)
         except RuntimeError as err:
             if self._donate and not self._owned and any(leaf.is_deleted() for leaf in self._leaves):

@@ -8,6 +8,11 @@ destination is either a fresh array (a gather) or an existing array updated in p
 untouched rows). A source may be the destination array itself (a move within the array), which is only
 correct when no copy of the launch writes a row that another copy of it reads: the caller stages such rows.
 
+:func:`permute_rows` moves rows within one array in place with no staging at all, for copies that read rows
+other copies overwrite (a rotation, a swap): the copies come in groups (a layer's copies within a device), and
+one program moves one block of columns of every copy of a group, loading all of them before storing any (a
+barrier between), so that every copy reads the old bytes; programs touch disjoint columns or groups.
+
 ``interpret=True`` runs the kernel with Pallas' interpreter (any backend: the tests, on a CPU).
 """
 
@@ -20,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SELF", "copy_rows", "supported"]
+__all__ = ["SELF", "copy_rows", "permute_rows", "supported"]
 
 SELF = None
 """A source of :func:`copy_rows` that is the destination array itself (an in-place move)."""
@@ -151,3 +156,70 @@ def _move(src_ref, src, dst_ref, dst, columns, mask):
     from jax.experimental.pallas import triton as plgpu
 
     plgpu.store(dst_ref.at[dst, columns], plgpu.load(src_ref.at[src, columns], mask=mask), mask=mask)
+
+
+PERMUTE_GROUP_BYTES = 32768
+"""Bytes one program of :func:`permute_rows` holds (all copies of a group, one block of columns each)."""
+MAX_GROUP = 64
+"""The most copies of one group :func:`permute_rows` takes (each holds a block in registers)."""
+
+
+def permute_rows(buffer: jax.Array, index: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """``buffer [N, D]`` with, for every group ``g`` and copy ``j`` of ``index [n, per, 2] int32``, row
+    ``index[g, j, 1]`` set to the *old* row ``index[g, j, 0]``, in place (``input_output_aliases``).
+
+    Every copy reads the bytes the rows held before the call, also when another copy of its group writes them
+    (a cycle moves with no staging). A copy with a source or destination outside ``[0, N)`` is skipped. Copies
+    must write distinct rows, and no copy may read a row that a copy of *another* group writes. ``per <=``
+    :data:`MAX_GROUP`.
+    """
+    index = jnp.asarray(index, dtype=jnp.int32)
+    if index.ndim != 3 or index.shape[2] != 2:
+        raise ValueError(f"index must be [groups, copies, 2], got {index.shape}")
+    if buffer.ndim != 2 or not supported(buffer.dtype):
+        raise ValueError(f"buffer must be a [rows, D] array of a supported dtype, got {buffer.shape} {buffer.dtype}")
+    groups, per = index.shape[:2]
+    if per > MAX_GROUP:
+        raise ValueError(f"permute_rows takes at most {MAX_GROUP} copies a group, got {per}")
+    rows, width = buffer.shape
+    if groups == 0 or per == 0 or width == 0:
+        return buffer
+    dtype, word = buffer.dtype, _WORDS[buffer.dtype.itemsize]
+    block = _block(width, dtype.itemsize, max(dtype.itemsize, PERMUTE_GROUP_BYTES // per))
+    from jax.experimental import pallas as pl
+
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=1)
+    call = pl.pallas_call(
+        functools.partial(_permute_kernel, per=per, rows=rows, width=width, block=block, barrier=not interpret),
+        out_shape=jax.ShapeDtypeStruct((rows, width), word),
+        grid=(groups, -(-width // block)),
+        input_output_aliases={1: 0},
+        interpret=interpret,
+        **params,
+    )
+    return jax.lax.bitcast_convert_type(call(index, jax.lax.bitcast_convert_type(buffer, word)), dtype)
+
+
+def _permute_kernel(index_ref, buffer_ref, out_ref, *, per, rows, width, block, barrier):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    group, chunk = pl.program_id(0), pl.program_id(1)
+    start = chunk * block
+    columns = pl.ds(start, block)
+    inside = (start + jnp.arange(block, dtype=jnp.int32)) < width
+    held = []
+    for j in range(per):  # every copy's block loaded ...
+        src, dst = index_ref[group, j, 0], index_ref[group, j, 1]
+        valid = (src >= 0) & (src < rows) & (dst >= 0) & (dst < rows)
+        mask = inside & valid
+        value = plgpu.load(buffer_ref.at[jnp.where(valid, src, 0), columns], mask=mask)
+        held.append((jnp.where(valid, dst, 0), value, mask))
+    if barrier:  # ... by every thread of the program before any is stored
+        plgpu.debug_barrier()
+    for dst, value, mask in held:
+        plgpu.store(out_ref.at[dst, columns], value, mask=mask)
