@@ -18,17 +18,24 @@ a group of layers is two jitted ``shard_map`` programs:
    copies between one pair of devices in the group), one ``all_to_all`` per
    array exchanges them and, with ``verify=True``, one more carries a uint32
    checksum per copy, computed by the sender and compared with the receiver's
-   own. Outputs: the *update buffer* of each device, every slot the commit
-   writes (the copies received, without the buffer's padding, and the
-   experts reloaded, second copies of them, then the copies within the
-   device, read from its old slots), and ``ok [G, G, K]``. Reload rows (a
-   plan from ``plan_transfers(..., allow_reload=True)``) are read on the host
-   with the caller's ``load_expert(layer, expert)`` before this program is
-   dispatched and enter it as one more input per array.
+   own. Outputs: the *update buffer* of each device (the copies received,
+   without the buffer's padding, and the experts reloaded, second copies of
+   them, then, with ``donate=True`` and XLA's copies only, the copies within
+   the device whose old slot the commit overwrites, read from it), and ``ok
+   [G, G, K]``. Reload rows (a plan from ``plan_transfers(...,
+   allow_reload=True)``) are read on the host with the caller's
+   ``load_expert(layer, expert)`` before this program is dispatched and
+   enter it as one more input per array. A group with no copies between
+   devices, no reloads and nothing to stage runs no transfer program.
 2. *commit*, dispatched only after the host has read ``ok`` (the one host
-   read): with ``donate=True`` one scatter of the update buffer into the
-   donated weights, in place; otherwise one gather of every new slot from
-   ``[old slots; update buffer]`` into new arrays.
+   read): with ``donate=True`` the update buffer's rows and the other copies
+   within the device written into the donated weights, in place; otherwise
+   one gather of every new slot from ``[old slots; update buffer]`` into new
+   arrays. On GPUs the row copies (the commit's, and the transfer program's
+   gathers) are Pallas kernels (:mod:`eplb.kernels.copy_pallas`, Triton
+   lowering: every moved byte read and written once); with donation they
+   move a layer's copies within the device in place with no staging, also
+   in cycles. Elsewhere XLA's gather and scatter (``COPY_KERNEL``).
 
 :func:`begin` dispatches step 1 and returns a :class:`PendingTransfer`, so
 the caller can dispatch compute meanwhile (JAX dispatch is asynchronous);
