@@ -29,6 +29,7 @@ plausible one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from eplb import _xp
@@ -487,6 +488,10 @@ def stabilize_elastic(
     num_groups: int = 1,
     peak: Any = None,
     xp: Any,
+    sticky_pack_fn: Callable[..., Any] = sticky_pack,
+    repair_fn: Callable[..., Any] = repair,
+    align_slots_fn: Callable[..., Any] = align_slots,
+    relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
 ) -> tuple[Any, Any, Any, Any]:
     """``phy2log [B, R]``: the elastic placement ``fresh`` (with ``logcnt``) moving few experts from ``previous``;
     also its replica counts ``[B, E]``, its moves ``[B, 1]`` and whether it is within the limit ``[B, 1]``.
@@ -511,6 +516,10 @@ def stabilize_elastic(
     sticky repacking runs per node. ``peak [B, 1]`` (optional): the heaviest
     GPU the limit scales instead of ``fresh``'s; the relabelled candidate is
     then checked against the limit too (else it is within by construction).
+    ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``, ``relabel_pinned_fn``:
+    :func:`sticky_pack`, :func:`repair`, :func:`align_slots` and
+    :func:`relabel_pinned`, or compiled kernels equal to them (same
+    arguments, ``-1`` slots included).
     """
     from eplb.algorithms.stability import _factor  # the healthy rule's limit, the same float32 bits
 
@@ -519,7 +528,7 @@ def stabilize_elastic(
     live_gpu = xp.broadcast_to(xp.reshape(active, (-1, num_gpus)), (batch, num_gpus))
     live_slot = _live_slot(live_gpu, batch, num_phy, num_gpus, xp=xp)
     old = xp.where(live_slot, xp.astype(previous, dtype), xp.full_like(fresh, -1))
-    base = relabel_pinned(fresh, old, live_gpu, num_gpus, num_nodes=num_nodes, xp=xp)
+    base = relabel_pinned_fn(fresh, old, live_gpu, num_gpus, num_nodes=num_nodes, xp=xp)
     fresh_peak = xp.max(_live_gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
     base_within = xp.ones_like(fresh_peak, dtype=bool) if peak is None else None
     peak = fresh_peak if peak is None else peak
@@ -542,7 +551,7 @@ def stabilize_elastic(
     # Within the limit, plain and with reserve; and wherever the old GPU has room (no limit: more replicas
     # stay, and the local search below sheds the overload with few moves).
     for reserve, pack_limit in ((False, node_limit), (True, node_limit), (False, unbounded)):
-        sticky = sticky_pack(
+        sticky = sticky_pack_fn(
             xp.reshape(base, rows),
             xp.reshape(old, rows),
             xp.reshape(item_load, rows),
@@ -552,7 +561,7 @@ def stabilize_elastic(
             reserve=reserve,
             xp=xp,
         )
-        sticky = align_slots(xp.reshape(sticky, (batch, num_phy)), old, num_gpus, xp=xp)
+        sticky = align_slots_fn(xp.reshape(sticky, (batch, num_phy)), old, num_gpus, xp=xp)
         peak_s = xp.max(_live_gpu_loads(weight, sticky, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
         candidates.append(sticky)
         moves.append(count_moves(sticky, old, num_gpus, xp=xp))
@@ -562,7 +571,7 @@ def stabilize_elastic(
     num_log = weight.shape[1]
     packs = len(candidates) - 1
     starts = xp.concat(candidates[1:], axis=0)  # [3B, R]
-    repaired, repaired_cnt, _ = repair(
+    repaired, repaired_cnt, _ = repair_fn(
         starts,
         xp.concat([logcnt] * packs, axis=0),
         xp.concat([old] * packs, axis=0),
@@ -609,6 +618,10 @@ def place_elastic_stable(
     spill: int = 0,
     node_fallback: bool | None = None,
     xp: Any,
+    sticky_pack_fn: Callable[..., Any] = sticky_pack,
+    repair_fn: Callable[..., Any] = repair,
+    align_slots_fn: Callable[..., Any] = align_slots,
+    relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
 ) -> tuple[Any, Any, Any]:
     """:func:`place_elastic` keeping the experts of ``previous [L, R]`` (``-1``: an empty slot) in place.
 
@@ -617,7 +630,9 @@ def place_elastic_stable(
     (and, where its local search changed them, the replica counts) are
     :func:`stabilize_elastic`'s, within nodes where the layer keeps its
     groups on nodes (no fallback), across all live GPUs otherwise.
-    ``log2phy`` numbers replicas in slot order.
+    ``log2phy`` numbers replicas in slot order. ``sticky_pack_fn``,
+    ``repair_fn``, ``align_slots_fn``, ``relabel_pinned_fn``:
+    :func:`stabilize_elastic`'s.
     """
     if policy != "greedy" or spill:
         raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
@@ -629,10 +644,16 @@ def place_elastic_stable(
     fresh, _, logcnt = rebalance_elastic(
         weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=node_fallback, xp=xp
     )
+    kernels = {
+        "sticky_pack_fn": sticky_pack_fn,
+        "repair_fn": repair_fn,
+        "align_slots_fn": align_slots_fn,
+        "relabel_pinned_fn": relabel_pinned_fn,
+    }
 
     def stable(nodes: int) -> tuple[Any, Any]:
         return stabilize_elastic(
-            weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=nodes, xp=xp
+            weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=nodes, xp=xp, **kernels
         )[:2]
 
     def stable_nodes() -> tuple[Any, Any]:
@@ -641,7 +662,7 @@ def place_elastic_stable(
         healthy one), where that is within the limit and moves fewer experts."""
         by_capacity = stabilize_elastic(
             weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
-            num_groups=num_groups, xp=xp,
+            num_groups=num_groups, xp=xp, **kernels,
         )  # fmt: skip
         by_load, _, load_cnt = rebalance_elastic(
             weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=False, by_capacity=False, xp=xp
@@ -649,7 +670,7 @@ def place_elastic_stable(
         peak = xp.max(_live_gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
         kept = stabilize_elastic(
             weight, by_load, load_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
-            num_groups=num_groups, peak=peak, xp=xp,
+            num_groups=num_groups, peak=peak, xp=xp, **kernels,
         )  # fmt: skip
         split, valid = sticky_group_split(
             weight, previous, active, num_replicas, num_groups, num_nodes, num_gpus, xp=xp
@@ -657,7 +678,7 @@ def place_elastic_stable(
         near, _, near_cnt = _elastic(weight, active, num_replicas, num_groups, num_nodes, num_gpus, split=split, xp=xp)
         swapped = stabilize_elastic(
             weight, near, near_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
-            num_groups=num_groups, peak=peak, xp=xp,
+            num_groups=num_groups, peak=peak, xp=xp, **kernels,
         )  # fmt: skip
         best, best_cnt, best_moves, _ = by_capacity
         for (placed, counts, moves, within), usable in ((swapped, valid), (kept, True)):

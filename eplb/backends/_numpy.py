@@ -110,24 +110,13 @@ def rebalance_stable(
         def relabel_fn(new: np.ndarray, old: np.ndarray, gpus: int, nodes: int, *, xp: Any) -> np.ndarray:
             return relabel_numba.relabel(new, old, gpus, nodes, weight.shape[1])
 
-        def sticky_pack_fn(*args: Any, xp: Any) -> np.ndarray:
-            return repair_numba.sticky_pack(*args)
-
-        def repair_fn(*args: Any, max_iters: int, xp: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            return repair_numba.repair(*args, max_iters)
-
-        def align_slots_fn(new: np.ndarray, old: np.ndarray, gpus: int, *, xp: Any) -> np.ndarray:
-            return repair_numba.align_slots(new, old, gpus)
-
         def replica_counts_fn(phy2log: np.ndarray, experts: int, *, xp: Any) -> np.ndarray:
             return repair_numba.replica_counts(phy2log, experts)
 
         hooks = {
             "place_fn": place_fn,
             "relabel_fn": relabel_fn,
-            "sticky_pack_fn": sticky_pack_fn,
-            "repair_fn": repair_fn,
-            "align_slots_fn": align_slots_fn,
+            **_repair_hooks(),
             "replica_counts_fn": replica_counts_fn,
             "log2phy_fn": relabel_numba.log2phy_in_slot_order,
         }
@@ -135,6 +124,38 @@ def rebalance_stable(
         weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options
     )
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)
+
+
+def _repair_hooks() -> dict[str, Any]:
+    """``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``: the compiled kernels of
+    :mod:`eplb.kernels.repair_numba` with the array-API functions' signatures (``-1`` slots, ``initial_load``
+    and ``reserve`` included), for :func:`~eplb.algorithms.stability.stabilize` and
+    :func:`~eplb.algorithms.elastic.stabilize_elastic`."""
+    from eplb.kernels import repair_numba
+
+    def sticky_pack_fn(*args: Any, xp: Any, **kwargs: Any) -> np.ndarray:
+        return repair_numba.sticky_pack(*args, **kwargs)
+
+    def repair_fn(*args: Any, max_iters: int, xp: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return repair_numba.repair(*args, max_iters)
+
+    def align_slots_fn(new: np.ndarray, old: np.ndarray, gpus: int, *, xp: Any) -> np.ndarray:
+        return repair_numba.align_slots(new, old, gpus)
+
+    return {"sticky_pack_fn": sticky_pack_fn, "repair_fn": repair_fn, "align_slots_fn": align_slots_fn}
+
+
+def _elastic_hooks() -> dict[str, Any]:
+    """:func:`_repair_hooks` and ``relabel_pinned_fn`` (:func:`eplb.kernels.repair_numba.relabel_pinned`), for
+    :func:`~eplb.algorithms.elastic.place_elastic_stable`."""
+    from eplb.kernels import repair_numba
+
+    def relabel_pinned_fn(
+        new: np.ndarray, old: np.ndarray, live_gpu: np.ndarray, gpus: int, *, num_nodes: int = 1, xp: Any
+    ) -> np.ndarray:
+        return repair_numba.relabel_pinned(new, old, live_gpu, gpus, num_nodes)
+
+    return {**_repair_hooks(), "relabel_pinned_fn": relabel_pinned_fn}
 
 
 def _rebalance_elastic_stable(
@@ -147,9 +168,18 @@ def _rebalance_elastic_stable(
     impl: str | None,
     options: dict[str, Any],
 ) -> tuple[Any, Any, Any]:
-    """``active_gpus`` with ``previous``: the array-API path (:func:`eplb.algorithms.elastic.place_elastic_stable`)."""
-    if impl not in (None, "xp"):
-        raise ValueError(f"active_gpus with previous= runs on impl='xp' (or None) only, got impl={impl!r}")
+    """``active_gpus`` with ``previous``: :func:`eplb.algorithms.elastic.place_elastic_stable`.
+
+    ``impl``: ``"numba"`` runs its relabelling, sticky repackings, local
+    search and slot ordering as the compiled kernels of
+    :mod:`eplb.kernels.repair_numba` (the rest stays array API); ``"xp"`` the array-API layer throughout;
+    ``None`` picks ``"numba"`` where numba is installed and its kernels are
+    loaded (:func:`rebalance`'s rule). Same placement either way.
+    """
+    if impl is None:
+        impl = "numba" if _numba.available() and _numba.ready() else "xp"
+    if impl not in ("numba", "xp"):
+        raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     options = dict(options)
     if options.pop("max_moves", None) is not None:
         raise ValueError("active_gpus cannot be combined with max_moves= yet")
@@ -159,7 +189,8 @@ def _rebalance_elastic_stable(
             f"got values from {previous.min()} to {previous.max()}"
         )
     options["active_gpus"] = np.asarray(options["active_gpus"], dtype=bool)
+    hooks = _elastic_hooks() if impl == "numba" else {}
     placement = place_elastic_stable(
-        weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options
+        weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options
     )
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)

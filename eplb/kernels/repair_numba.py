@@ -11,6 +11,17 @@ against the array-API layer); a test also reads the machine code (float32
 only, no FMA). Also here, for the same call: :func:`align_slots` and
 :func:`replica_counts` of :mod:`eplb.algorithms.relabel` (same tests).
 
+The elastic path (``active_gpus`` with ``previous=``,
+:func:`eplb.algorithms.elastic.stabilize_elastic`) runs them on placements
+whose failed GPUs' slots hold ``-1``, with :func:`sticky_pack`'s
+``initial_load`` (``+inf``: a closed pack) and ``reserve``, and relabels
+with :func:`relabel_pinned`; ``tests/test_kernels_repair_elastic.py``
+proves those equal too (random and degenerate inputs, the arguments of real
+DeepSeek-V3 calls, ``rebalance_experts`` end to end). ``-1`` is an empty
+slot: never counted as an expert, weighing nothing in :func:`repair`, never
+its heavy GPU, swap partner or donor; in :func:`sticky_pack` an item with
+no old pack, its load (``-1``) sorting it after every item ``>= 0``.
+
 Row by row, the same choices with the same float32 arithmetic:
 
 - replica loads ``w * fl(1/c)`` (the table of :func:`eplb._xp.reciprocal_table`),
@@ -24,6 +35,9 @@ Row by row, the same choices with the same float32 arithmetic:
   stays within the limit, else to the open pack with the smallest running
   load (first on ties: a tournament tree whose left child wins ties), loads
   saturating at float32 max as in :func:`eplb.algorithms.packing.lpt_pack`;
+  with ``reserve`` the stay rule compares the reference's float32 products
+  ``((home + item) - limit) * left <= -(free * rem)``; with
+  ``initial_load``, once no open pack is left, the first pack with room;
 - :func:`repair`: per step the heaviest GPU ``a`` (first on ties), then each
   candidate of the reference in its index order (swaps ``(i, t)`` row-major,
   then replicate-out, replace-in with the coldest, with the hottest expert,
@@ -65,8 +79,9 @@ from eplb.algorithms.loads import MAX_LOAD
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.kernels._numba_jit import njit
 from eplb.kernels.greedy_numba import rank_desc
+from eplb.kernels.relabel_numba import _max_assignment
 
-__all__ = ["align_slots", "repair", "replica_counts", "sticky_pack", "warm_up"]
+__all__ = ["align_slots", "relabel_pinned", "repair", "replica_counts", "sticky_pack", "warm_up"]
 
 _jit = njit()
 # Helpers of the hot loops, inlined at numba IR level (a call costs argument marshalling and array reference counting).
@@ -84,7 +99,15 @@ TOP = 4  # heaviest GPUs kept per step for the single-slot changes
 
 @_jit
 def _sticky_pack(
-    base: np.ndarray, old: np.ndarray, item_load: np.ndarray, limit: np.ndarray, num_packs: int, out: np.ndarray
+    base: np.ndarray,
+    old: np.ndarray,
+    item_load: np.ndarray,
+    limit: np.ndarray,
+    num_packs: int,
+    initial: np.ndarray,
+    elastic: bool,
+    reserve: bool,
+    out: np.ndarray,
 ) -> None:
     batch, n = base.shape
     capacity = n // num_packs
@@ -92,43 +115,77 @@ def _sticky_pack(
     for b in range(batch):
         for t in range(n):
             num_ids = max(num_ids, base[b, t] + 1, old[b, t] + 1)
-    start = np.empty(num_ids + 1, np.int64)  # CSR over experts of the old slots, in slot order
+    start = np.empty(num_ids + 1, np.int64)  # CSR over experts of the old slots (ids >= 0), in slot order
     slot_of = np.empty(n, np.int64)
     seen = np.empty(num_ids, np.int64)
     affinity = np.empty(n, np.int64)
     order = np.empty(n, np.int64)
+    keys = np.empty(n, np.float32)  # the loads >= 0, compacted, for rank_desc
+    where = np.empty(n, np.int64)  # their items
+    ranked = np.empty(n, np.int64)
     head, src, dst = np.empty(4 * n + 8, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)  # rank_desc's
     # The lightest open pack: a tournament tree over the packs (leaves size .. 2 size - 1, padding +inf);
     # a node holds the winner of its children, the left one on equal loads: np.argmin's first minimum.
     size = 1
     while size < num_packs:
         size *= 2
-    open_load = np.full(size, INF32, np.float32)  # +inf once a pack is full
+    open_load = np.full(size, INF32, np.float32)  # +inf once a pack is full, and for a closed pack
+    closed = np.zeros(num_packs, np.bool_)
     count = np.empty(num_packs, np.int64)
     tree = np.empty(2 * size, np.int64)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
     for b in range(batch):
-        # affinity[p]: the pack of the old slot holding the same copy (occurrence) of base[p]'s expert, or -1.
+        # affinity[p]: the pack of the old slot holding the same copy (occurrence) of base[p]'s expert, or -1
+        # (an empty slot, -1, has none).
         for e in range(num_ids + 1):
             start[e] = 0
         for q in range(n):
-            start[old[b, q] + 1] += 1
+            if old[b, q] >= 0:
+                start[old[b, q] + 1] += 1
         for e in range(num_ids):
             start[e + 1] += start[e]
             seen[e] = 0
         for q in range(n):
             e = old[b, q]
-            slot_of[start[e] + seen[e]] = q
-            seen[e] += 1
+            if e >= 0:
+                slot_of[start[e] + seen[e]] = q
+                seen[e] += 1
         for e in range(num_ids):
             seen[e] = 0
         for p in range(n):
             e = base[b, p]
-            k = seen[e]
-            seen[e] += 1
-            affinity[p] = slot_of[start[e] + k] // capacity if start[e] + k < start[e + 1] else -1
-        rank_desc(item_load[b], n, order, head, src, dst, False)  # item loads are >= +0: the greedy kernel's sort
+            affinity[p] = -1
+            if e >= 0:
+                k = seen[e]
+                seen[e] += 1
+                if start[e] + k < start[e + 1]:
+                    affinity[p] = slot_of[start[e] + k] // capacity
+        # Items by decreasing load, ties by index (np.argsort(-x, stable)): the loads >= 0 by the greedy
+        # kernel's sort (-0 read as +0, equal to it), then the negative ones (empty slots, -1) in the same order.
+        num_keys = 0
+        for p in range(n):
+            x = item_load[b, p]
+            if x >= zero:
+                keys[num_keys] = x + zero  # -0 + +0 = +0
+                where[num_keys] = p
+                num_keys += 1
+        rank_desc(keys, num_keys, ranked, head, src, dst, False)
+        for k in range(num_keys):
+            order[k] = where[ranked[k]]
+        rest = num_keys
+        for p in range(n):
+            x = item_load[b, p]
+            if not x >= zero:  # insertion after the earlier items of at least its load: stable
+                k = rest
+                while k > num_keys and item_load[b, order[k - 1]] < x:
+                    order[k] = order[k - 1]
+                    k -= 1
+                order[k] = p
+                rest += 1
         for m in range(num_packs):
-            open_load[m] = 0
+            closed[m] = elastic and initial[b, m] == INF32
+            open_load[m] = INF32 if closed[m] else zero + initial[b, m]
             count[m] = 0
         for m in range(size):
             tree[size + m] = m
@@ -136,17 +193,45 @@ def _sticky_pack(
             left, right = tree[2 * node], tree[2 * node + 1]
             tree[node] = right if open_load[right] < open_load[left] else left
         lim = limit[b]
+        rem = zero  # reserve: the loads >= 0 still to come (left-to-right sum, less each visited one), ...
+        left_items = zero  # ... and how many they are
+        if reserve:
+            for p in range(n):
+                x = item_load[b, p]
+                x = x if x >= zero else zero
+                rem = x if p == 0 else rem + x
+                if item_load[b, p] >= zero:
+                    left_items = left_items + one
         for step in range(n):
             item = order[step]
             load = item_load[b, item]
             home = affinity[item]
-            # A full home has load +inf, never within a finite limit; count < capacity guards
-            # an infinite limit (overflowing loads, which the public API rejects) from writing out of range.
-            stay = home >= 0 and open_load[home] + load <= lim and count[home] < capacity
+            if reserve:
+                rem = rem - (load if load >= zero else zero)
+                left_items = left_items - (one if load >= zero else zero)
+            stay = False
+            if home >= 0:
+                home_load = open_load[home]
+                if reserve:
+                    # Room for the home's other free slots at the mean load of the items to come, products
+                    # compared: (home + item - limit) * left <= -(free slots after it) * rem.
+                    if home_load < INF32:
+                        free = np.float32(capacity - 1 - count[home])
+                        stay = (home_load + load - lim) * left_items <= -(free * rem)
+                else:
+                    # A full home has load +inf, never within a finite limit; count < capacity guards
+                    # an infinite limit (overflowing loads, which the public API rejects) from writing out of range.
+                    stay = home_load + load <= lim and count[home] < capacity
             pack = home if stay else tree[1]
+            if not stay and elastic and open_load[pack] == INF32:
+                pack = 0  # every open pack full: the first pack with room (a closed one)
+                for m in range(num_packs):
+                    if count[m] < capacity:
+                        pack = m
+                        break
             rank = count[pack]
             count[pack] += 1
-            if count[pack] == capacity:
+            if count[pack] == capacity or closed[pack]:
                 open_load[pack] = INF32
             else:
                 total = open_load[pack] + load
@@ -160,15 +245,30 @@ def _sticky_pack(
 
 
 def sticky_pack(
-    base: np.ndarray, old: np.ndarray, item_load: np.ndarray, limit: np.ndarray, num_packs: int
+    base: np.ndarray,
+    old: np.ndarray,
+    item_load: np.ndarray,
+    limit: np.ndarray,
+    num_packs: int,
+    *,
+    initial_load: np.ndarray | None = None,
+    reserve: bool = False,
 ) -> np.ndarray:
     """:func:`eplb.algorithms.repair.sticky_pack` (same arguments but ``xp``): ``base`` repacked near ``old``.
 
-    ``base``, ``old`` ``[B, n]`` integer ids >= 0; ``item_load [B, n]`` and
-    ``limit [B, 1]`` float32. Returns ``[B, n]`` in ``base``'s dtype.
+    ``base``, ``old`` ``[B, n]`` integer ids >= 0 (with ``initial_load``:
+    >= -1, ``-1`` an empty slot); ``item_load [B, n]``, ``limit [B, 1]`` and
+    ``initial_load [B, m]`` (or ``[1, m]``) float32. Returns ``[B, n]`` in
+    ``base``'s dtype.
     """
     _check_float32(item_load, limit)
-    _check_ids(None, base, old)
+    _check_ids(None, base, old, lowest=0 if initial_load is None else -1)
+    batch = base.shape[0]
+    if initial_load is None:
+        initial = np.zeros((batch, num_packs), np.float32)
+    else:
+        _check_float32(initial_load)
+        initial = np.ascontiguousarray(np.broadcast_to(initial_load, (batch, num_packs)))
     out = np.empty(base.shape, np.int64)
     _sticky_pack(
         np.ascontiguousarray(base, dtype=np.int64),
@@ -176,6 +276,9 @@ def sticky_pack(
         np.ascontiguousarray(item_load),
         np.ascontiguousarray(np.reshape(limit, (-1,))),
         num_packs,
+        initial,
+        initial_load is not None,
+        bool(reserve),
         out,
     )
     return out.astype(base.dtype, copy=False)
@@ -390,6 +493,7 @@ def _repair(
     slots_of = np.empty(num_phy, np.int64)
     mark = np.full(num_gpus, -1, np.int64)
     stamp = 0
+    zero = np.float32(0.0)
     affected = np.empty(num_gpus, np.int64)
     swap_t = np.empty(per_node, np.int64)  # the swap partners: slots of the node off the heavy GPU
     swap_y = np.empty(per_node, np.float32)
@@ -416,17 +520,19 @@ def _repair(
             for e in range(num_log):
                 per_replica[e] = w[e] * recip[cnt[e]]
             for t in range(num_phy):
-                slot_load[t] = per_replica[cur[t]]
+                slot_load[t] = per_replica[cur[t]] if cur[t] >= 0 else zero  # an empty slot weighs nothing
             for g in range(num_gpus):
                 lo = g * per_gpu
                 total = slot_load[lo]
                 for t in range(lo + 1, lo + per_gpu):
                     total = total + slot_load[t]
                 loads[g] = total
-            heavy = 0
-            for g in range(1, num_gpus):
-                if loads[g] > loads[heavy]:
+            heavy = -1  # the heaviest live GPU, first on ties (a failed GPU's slots are all -1)
+            for g in range(num_gpus):
+                if cur[g * per_gpu] >= 0 and (heavy < 0 or loads[g] > loads[heavy]):
                     heavy = g
+            if heavy < 0:  # no live GPU: nothing to do
+                break
             heavy_load = loads[heavy]
             if not heavy_load > lim:
                 break
@@ -437,34 +543,43 @@ def _repair(
             node = heavy // gpus_per_node
             n0 = node * per_node
             g0 = node * gpus_per_node
+            # Counters over experts: -1 (an empty slot, of cur on a failed GPU or of old anywhere) is none.
             for i in range(per_gpu):
                 out_e[i] = cur[a0 + i]
                 out_x[i] = slot_load[a0 + i]
                 count_now[cur[a0 + i]] += 1
-                count_old[old_b[a0 + i]] += 1
+                if old_b[a0 + i] >= 0:
+                    count_old[old_b[a0 + i]] += 1
             for i in range(per_gpu):
                 now_a_e[i] = count_now[out_e[i]]
                 was_a_e[i] = count_old[out_e[i]]
             for u in range(per_node):
-                now_a_f[u] = count_now[cur[n0 + u]]
-                was_a_f[u] = count_old[cur[n0 + u]]
+                e = cur[n0 + u]
+                now_a_f[u] = count_now[e] if e >= 0 else 0  # (a failed GPU's slot: never a swap partner)
+                was_a_f[u] = count_old[e] if e >= 0 else 0
             for i in range(per_gpu):
                 count_now[cur[a0 + i]] = 0
-                count_old[old_b[a0 + i]] = 0
+                if old_b[a0 + i] >= 0:
+                    count_old[old_b[a0 + i]] = 0
             for v in range(gpus_per_node):
                 lo = (g0 + v) * per_gpu
                 for t in range(lo, lo + per_gpu):
-                    count_now[cur[t]] += 1
-                    count_old[old_b[t]] += 1
+                    if cur[t] >= 0:
+                        count_now[cur[t]] += 1
+                    if old_b[t] >= 0:
+                        count_old[old_b[t]] += 1
                 for t in range(lo, lo + per_gpu):
-                    now_b_f[t - n0] = count_now[cur[t]]
-                    was_b_f[t - n0] = count_old[cur[t]]
+                    e = cur[t]
+                    now_b_f[t - n0] = count_now[e] if e >= 0 else 0
+                    was_b_f[t - n0] = count_old[e] if e >= 0 else 0
                 for i in range(per_gpu):
                     now_b_e[i, v] = count_now[out_e[i]]
                     was_b_e[i, v] = count_old[out_e[i]]
                 for t in range(lo, lo + per_gpu):
-                    count_now[cur[t]] = 0
-                    count_old[old_b[t]] = 0
+                    if cur[t] >= 0:
+                        count_now[cur[t]] = 0
+                    if old_b[t] >= 0:
+                        count_old[old_b[t]] = 0
             # rest[g]: the heaviest GPU but a and g (-inf if none): the reference's top and second of the others.
             top = 0
             top_load = NEG_INF32
@@ -493,7 +608,7 @@ def _repair(
             for u in range(per_node):
                 t = n0 + u
                 g = t // per_gpu
-                if g == heavy:
+                if g == heavy or cur[t] < 0:  # a failed GPU's slot takes no expert
                     continue
                 swap_t[num_swaps] = t
                 swap_y[num_swaps] = slot_load[t]
@@ -528,15 +643,18 @@ def _repair(
             for e in range(num_log + 1):
                 head[e] = 0
             for t in range(num_phy):
-                head[cur[t] + 1] += 1
+                if cur[t] >= 0:
+                    head[cur[t] + 1] += 1
             for e in range(num_log):
                 head[e + 1] += head[e]
             for t in range(num_phy):
                 e = cur[t]
-                slots_of[head[e] + count_now[e]] = t
-                count_now[e] += 1
+                if e >= 0:
+                    slots_of[head[e] + count_now[e]] = t
+                    count_now[e] += 1
             for t in range(num_phy):
-                count_now[cur[t]] = 0
+                if cur[t] >= 0:
+                    count_now[cur[t]] = 0
             num_top = 0  # the TOP heaviest GPUs (any order among equal loads: only their loads are used)
             for g in range(num_gpus):
                 if num_top < TOP or loads[g] > loads[heaviest[num_top - 1]]:
@@ -551,7 +669,7 @@ def _repair(
             num_donors = 0
             for u in range(per_node):
                 t = n0 + u
-                if cnt[cur[t]] >= 2:
+                if cur[t] >= 0 and cnt[cur[t]] >= 2:  # a failed GPU's slot gives no expert
                     donors[num_donors] = t
                     donor_room[num_donors] = loads[t // per_gpu] - slot_load[t]
                     num_donors += 1
@@ -603,7 +721,8 @@ def _repair(
             for k in range(num_groups):
                 here[k] = False
             for u in range(per_node):
-                here[cur[n0 + u] // group_size] = True
+                if cur[n0 + u] >= 0:
+                    here[cur[n0 + u] // group_size] = True
             cold1, cold2 = _extremes(extra, here, group_size, False)
             hot1, hot2 = _extremes(per_replica, here, group_size, True)
             for hot in range(2):
@@ -679,11 +798,16 @@ def repair(
     ``weight [B, E]`` and ``limit [B, 1]`` float32; ``budget [B, 1]``
     integer; ``valid [B, 1]`` bool. Returns ``phy2log [B, R]`` (``start``'s
     dtype), replica counts ``[B, E]`` (``start_cnt``'s) and moves ``[B, 1]``
-    (int64). Ids outside ``[0, E)`` raise ``ValueError`` (the reference
-    cannot gather their loads either; the kernel does not check bounds).
+    (int64). ``-1`` is an empty slot: in ``start`` the slots of a failed
+    GPU, all of them (they weigh nothing, take no expert and give none, as
+    in the reference); in ``old`` anywhere. Other ids outside ``[0, E)``, or
+    ``-1`` on part of a GPU of ``start``, raise ``ValueError`` (the
+    reference cannot gather their loads either; the kernel does not check
+    bounds).
     """
     _check_float32(weight, limit)
-    _check_ids(weight.shape[1], start, old)
+    _check_ids(weight.shape[1], start, old, lowest=-1)
+    _check_empty_gpus(start, num_gpus)
     batch, num_phy = start.shape
     recip = np.asarray(_xp.reciprocal_table(num_phy + 1, xp=np), dtype=np.float32)
     out = np.empty((batch, num_phy), np.int64)
@@ -758,6 +882,74 @@ def align_slots(new: np.ndarray, old: np.ndarray, num_gpus: int) -> np.ndarray:
 
 
 @_jit
+def _relabel_pinned(
+    new: np.ndarray, old: np.ndarray, live: np.ndarray, num_gpus: int, num_nodes: int, out: np.ndarray
+) -> None:
+    batch, num_phy = new.shape
+    per_gpu = num_phy // num_gpus
+    gpus_per_node = num_gpus // num_nodes
+    profit = np.empty((num_gpus, num_gpus), np.int64)
+    col_of_row = np.empty(num_gpus, np.int64)
+    work = np.empty(9 * (num_gpus + 1), np.int64)
+    earlier = np.empty(per_gpu, np.int64)
+    moved = np.empty((1, num_phy), np.int64)
+    for b in range(batch):
+        for i in range(num_gpus):
+            lo = i * per_gpu
+            for q in range(per_gpu):  # occurrence of each entry on new GPU i
+                k = 0
+                for r in range(lo, lo + q):
+                    if new[b, r] == new[b, lo + q]:
+                        k += 1
+                earlier[q] = k
+            for j in range(num_gpus):
+                # gpu_overlap: the k-th copy of a value (-1 included) on new GPU i is kept on old GPU j iff j
+                # holds more than k copies; plus R + 1 where the pair is allowed.
+                kept = 0
+                for q in range(per_gpu):
+                    e = new[b, lo + q]
+                    have = 0
+                    for r in range(j * per_gpu, (j + 1) * per_gpu):
+                        if old[b, r] == e:
+                            have += 1
+                    if have > earlier[q]:
+                        kept += 1
+                allowed = live[b, i] == live[b, j] and i // gpus_per_node == j // gpus_per_node
+                profit[i, j] = kept + (num_phy + 1 if allowed else 0)
+        _max_assignment(profit, col_of_row, work)
+        for i in range(num_gpus):  # new GPU i to old position col_of_row[i]
+            c = col_of_row[i]
+            for t in range(per_gpu):
+                moved[0, c * per_gpu + t] = new[b, i * per_gpu + t]
+        _align_all(moved, old[b : b + 1], per_gpu, out[b : b + 1])
+
+
+def relabel_pinned(new: np.ndarray, old: np.ndarray, live_gpu: np.ndarray, num_gpus: int, num_nodes: int) -> np.ndarray:
+    """:func:`eplb.algorithms.elastic.relabel_pinned` (same arguments but ``xp``): ``new [B, R]`` relabelled to
+    ``old [B, R]``, live GPUs onto live positions (and, with ``num_nodes > 1``, within nodes).
+
+    ``new`` and ``old`` hold ids >= -1 (any integers: only compared);
+    ``live_gpu`` bool ``[B, G]`` (or ``[1, G]``). The overlap counts
+    compared as the reference's :func:`eplb.algorithms.relabel.gpu_overlap`,
+    the assignment by :mod:`eplb.kernels.relabel_numba`'s Hungarian
+    algorithm (the reference's, step for step), the slots by
+    :func:`align_slots`. Returns ``[B, R]`` in ``new``'s dtype.
+    """
+    batch = new.shape[0]
+    live = np.ascontiguousarray(np.broadcast_to(np.asarray(live_gpu, dtype=np.bool_), (batch, num_gpus)))
+    out = np.empty(new.shape, np.int64)
+    _relabel_pinned(
+        np.ascontiguousarray(new, dtype=np.int64),
+        np.ascontiguousarray(old, dtype=np.int64),
+        live,
+        num_gpus,
+        num_nodes,
+        out,
+    )
+    return out.astype(new.dtype, copy=False)
+
+
+@_jit
 def _replica_counts(phy2log: np.ndarray, out: np.ndarray) -> None:
     num_log = out.shape[1]
     out[:] = 0
@@ -775,11 +967,20 @@ def replica_counts(phy2log: np.ndarray, num_log: int) -> np.ndarray:
     return out.astype(phy2log.dtype, copy=False)
 
 
-def _check_ids(num_log: int | None, *arrays: np.ndarray) -> None:
-    """Expert ids in ``[0, num_log)`` (``num_log`` None: ``>= 0``): the kernels index with them unchecked."""
+def _check_ids(num_log: int | None, *arrays: np.ndarray, lowest: int = 0) -> None:
+    """Expert ids in ``[lowest, num_log)`` (``num_log`` None: ``>= lowest``; ``lowest`` -1: ``-1`` an empty
+    slot): the kernels index with them unchecked."""
     for a in arrays:
-        if a.size and (a.min() < 0 or (num_log is not None and a.max() >= num_log)):
-            raise ValueError(f"expert ids in [0, {num_log}) expected, got values from {a.min()} to {a.max()}")
+        if a.size and (a.min() < lowest or (num_log is not None and a.max() >= num_log)):
+            what = f"[{lowest}, {num_log})" if lowest == 0 else f"[0, {num_log}) or -1"
+            raise ValueError(f"expert ids in {what} expected, got values from {a.min()} to {a.max()}")
+
+
+def _check_empty_gpus(start: np.ndarray, num_gpus: int) -> None:
+    """``-1`` slots of ``start [B, R]`` fill whole GPUs (a failed GPU), as :func:`repair`'s reference assumes."""
+    empty = np.reshape(start < 0, (start.shape[0], num_gpus, -1))
+    if np.any(empty.any(axis=-1) != empty.all(axis=-1)):
+        raise ValueError("-1 slots of start must fill whole GPUs (a failed GPU's slots)")
 
 
 def _check_float32(*arrays: np.ndarray) -> None:
@@ -798,4 +999,5 @@ def warm_up() -> None:
     limit = np.zeros((1, 1), np.float32)
     sticky_pack(phy2log, old, np.ones((1, 8), np.float32), limit, 2)
     align_slots(phy2log, old, 4)
+    relabel_pinned(phy2log, old, np.ones((1, 4), bool), 4, 2)
     repair(phy2log, counts, old, weight, limit, np.ones((1, 1), np.int64), np.ones((1, 1), bool), 4, 2, 2, 4)
