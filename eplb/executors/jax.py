@@ -1132,7 +1132,12 @@ def _place(job: _Job) -> list[jax.Array]:
     """The leaves sharded ``PartitionSpec(None, axis)`` (the same arrays when they already are)."""
     by_slot = NamedSharding(job.mesh, PartitionSpec(None, job.axis_name))
     try:
-        return [jax.device_put(leaf, by_slot) for leaf in job.leaves]
+        return [
+            leaf
+            if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(by_slot, leaf.ndim)
+            else jax.device_put(leaf, by_slot)
+            for leaf in job.leaves
+        ]
     except RuntimeError as err:
         error = TransferError(f"placing the weights on the mesh failed: {err!r}")
         error.weights, error.committed_layers = jax.tree_util.tree_unflatten(job.treedef, job.leaves), ()

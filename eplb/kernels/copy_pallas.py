@@ -35,8 +35,10 @@ SELF = None
 _WORDS = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
-BLOCK_BYTES = 16384
-"""Bytes one program of :func:`copy_rows` moves (rounded down to a power of two of elements)."""
+BLOCK_BYTES = 8192
+"""Bytes one program of :func:`copy_rows` moves (rounded down to a power of two of elements). On an H200, 8 to
+64 KB a program with 4 or 8 warps gather 88 MB rows at 86-93% of a jitted copy's bandwidth, 8 KB and 4 warps
+fastest."""
 NUM_WARPS = 4
 """Triton warps per program of :func:`copy_rows`."""
 
