@@ -30,7 +30,13 @@ The steps, tie rules and float32 arithmetic are repair_triton's (its docstring d
 - :func:`sticky_pack`: items ranked by counting, old packs from occurrence-numbered keys, then one
   sequential step per item over ``[packs]`` registers.
 
-Shapes beyond :func:`fits` go to the XLA path (same placement).
+Shapes beyond :func:`fits` go to the XLA path (same placement). On an H200 (JAX 0.11.2, Triton 3.6; the 58
+MoE layers of the DeepSeek-V3 loads, ``previous`` another file's placement, ``balance_tolerance=0.005``):
+repair 0.71 ms (174 rows) at 288 slots on 32 GPUs in 4 nodes and 0.81 ms on 144 GPUs, sticky_pack 0.36 ms
+(464 rows of 72 slots in 8 packs) and 0.47 ms (116 rows of 288 in 144 packs); the whole JAX GPU
+``previous=`` call (``benchmarks/keep_speed.py --gpu-only``, median of 20 warm calls) with
+``balance_tolerance=0.005`` 1.39 ms at 32 GPUs and 2.03 ms at 144, with ``max_moves=16`` 1.32 / 1.62 ms,
+from 9.3 / 194 ms under XLA.
 """
 
 from __future__ import annotations
