@@ -211,8 +211,9 @@ def repair(
 
     Slots holding ``-1`` in ``start`` (the slots of failed GPUs, ``-1`` in
     ``old`` too) stay empty: they weigh nothing, take no expert and give
-    none. Without them the search is the one above, unchanged (the compiled
-    twins of :mod:`eplb.kernels` take only placements without them).
+    none. Without them the search is the one above, unchanged (the numba
+    twin takes both; the Triton and Pallas twins only placements without
+    ``-1``).
 
     ``start_cnt [B, E]`` is the replica count of ``start``. Returns
     ``phy2log [B, R]``, its replica counts ``[B, E]`` and its moves ``[B, 1]``.
