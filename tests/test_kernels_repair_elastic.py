@@ -20,6 +20,7 @@ from eplb.algorithms.relabel import align_slots, count_moves, replica_counts
 from eplb.algorithms.repair import repair, sticky_pack
 
 from . import cases
+from .test_kernels_repair import _loads as _weights  # float32 loads with ties, zeros, one hot
 
 pytest.importorskip("numba")
 from eplb.backends import _numba, _numpy
@@ -30,23 +31,6 @@ def _same(got: tuple, want: tuple) -> None:
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-
-
-def _weights(rng: np.random.Generator, rows: int, experts: int) -> np.ndarray:
-    """float32 [rows, E]: lognormal, small integers (ties), all equal, all zero, one hot expert."""
-    out = np.empty((rows, experts), np.float32)
-    for r, kind in enumerate(rng.integers(0, 5, rows)):
-        if kind == 0:
-            out[r] = rng.lognormal(0.0, 1.5, experts) * 1000
-        elif kind == 1:
-            out[r] = rng.integers(0, 4, experts)
-        elif kind == 2:
-            out[r] = 7.0
-        elif kind == 3:
-            out[r] = 0.0
-        else:
-            out[r] = np.where(np.arange(experts) == rng.integers(experts), 1e4, rng.integers(1, 3, experts))
-    return out
 
 
 def _dead(rng: np.random.Generator, rows: int, gpus: int) -> np.ndarray:
