@@ -51,6 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from eplb import _xp
 from eplb.algorithms import relabel as _relabel
 from eplb.algorithms.loads import MAX_LOAD
 from eplb.algorithms.refine import IMPROVEMENT
@@ -447,8 +448,7 @@ def _repair_call(
         "max_iters": int(max_iters),
         "interpret": interpret,
     }
-    reciprocal = np.zeros(num_phy + 2, dtype=np.float32)  # _xp.reciprocal_table(num_phy + 1)
-    reciprocal[1:] = np.float32(1.0) / np.arange(1, num_phy + 2, dtype=np.float32)
+    reciprocal = _xp.reciprocal_table(num_phy + 1, xp=np)  # float32 [R + 2], built on the host
     out_shape = (
         jax.ShapeDtypeStruct((batch * num_phy,), I32),
         jax.ShapeDtypeStruct((batch * num_log,), I32),
