@@ -1,6 +1,7 @@
 """The JAX executor on simulated devices: where the time of a weight move goes.
 
     python benchmarks/executors_jax.py [--devices 8] [--layers 8] [--slots 64] [--repeats 7] [--markdown FILE]
+                                       [--host-only] [--host-calls 300]
 
 On a CPU the devices are simulated (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set before JAX
 starts: the script runs itself again with it when missing). DeepSeek-like expert weights scaled down to a CPU:
@@ -13,10 +14,16 @@ Reported, as the median of ``--repeats`` warm runs (programs compiled before tim
 - host index building: ``plan_arrays`` as the old per-row Python loop and as the vectorised numpy code, on this
   plan and on a DeepSeek-V3-sized one (58 layers, 288 slots, 32 GPUs: host work only);
 - ``apply_plan`` end to end (until the new weights are ready): verify on / off, all layers at once / one layer
-  per group / groups under ``max_staging_bytes``, donated or not, and the single-program ``make_transfer``;
+  per group / groups under ``max_staging_bytes``, donated or not, and the single-program ``make_transfer`` (the
+  same plan every run: its host work is memoised after the first);
 - a breakdown of one all-layers call (host index building, ``device_put`` of the index array, the transfer
-  program, the host read of ``ok``, the commit program);
-- references: a plain ``all_to_all`` of the same buffers (the floor for the exchange), the checksum alone.
+  program, the host read of ``ok``, the commit program), built afresh every run (``CACHED_PLANS = 0``);
+- references: a plain ``all_to_all`` of the same buffers (the floor for the exchange), the checksum alone;
+- host time per call (``--host-only`` runs only this): ``apply_plan`` on weights of one byte a slot, the same
+  plan object again (its host work memoised: checks, index arrays, their device copies) and a new plan object of
+  the same rows every call (all of it built again), on a mesh of one device (a rotation of every slot of 4 x 9,
+  as ``benchmarks/executors_gpu.py --part jax`` measures it on a GPU: no transfer program) and on all devices
+  (this plan: the device work of the fake CPU devices included).
 
 The ``apply_plan`` variants and the references run round-robin, ``--repeats`` rounds after one warm-up round, so
 that the load of a shared machine hits them alike; the median and the minimum are reported. GB/s: bytes copied
@@ -47,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--markdown", help="append the table (markdown) to this file")
+    parser.add_argument("--host-only", action="store_true", help="only the host time per call (small, quick)")
+    parser.add_argument("--host-calls", type=int, default=300, help="timed calls per host-time row")
     return parser
 
 
@@ -56,6 +65,7 @@ if __name__ == "__main__" and DEVICE_COUNT not in os.environ.get("XLA_FLAGS", ""
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     sys.exit(subprocess.run([sys.executable, *sys.argv], env=env).returncode)
 
+import dataclasses  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -65,7 +75,7 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -105,6 +115,25 @@ def main() -> None:
     remote = int(plan.remote_copies.sum())
     moved_gb = remote * expert_bytes / 1e9
 
+    rows: list[tuple[str, float, float, str]] = []
+
+    def record(label: str, ms: tuple[float, float], note: str = "") -> None:
+        rows.append((label, *ms, note))
+        print(f"{label:<62} {ms[0]:9.3f} ms (min {ms[1]:9.3f})  {note}", flush=True)
+
+    print(
+        f"JAX {jax.__version__}, {gpus} x {jax.devices()[0].device_kind}; L={args.layers}, R={args.slots}, "
+        f"E={args.experts}; expert {args.matrices} x [{args.rows}, {args.cols}] {dtype.name} = "
+        f"{expert_bytes / 1e6:.2f} MB; weights {args.layers * args.slots * expert_bytes / 1e9:.2f} GB; plan: "
+        f"{len(plan)} rows, {remote} copies between devices ({moved_gb:.3f} GB), {int((plan.stage == 1).sum())} "
+        f"second copies"
+    )
+
+    host_time(args, (old, new, plan), mesh, record)
+    if args.host_only:
+        write_markdown(args, rows)
+        return
+
     # Expert e of layer l holds a distinct matrix; the weights of a placement are a gather of that table.
     key = jax.random.key(0)
     tables = [
@@ -121,20 +150,6 @@ def main() -> None:
 
     def exact(result: dict[str, jax.Array]) -> bool:
         return all(np.array_equal(jax.device_get(result[name]), want[name]) for name in want)
-
-    rows: list[tuple[str, float, float, str]] = []
-
-    def record(label: str, ms: tuple[float, float], note: str = "") -> None:
-        rows.append((label, *ms, note))
-        print(f"{label:<62} {ms[0]:9.2f} ms (min {ms[1]:9.2f})  {note}", flush=True)
-
-    print(
-        f"JAX {jax.__version__}, {gpus} x {jax.devices()[0].device_kind}; L={args.layers}, R={args.slots}, "
-        f"E={args.experts}; expert {args.matrices} x [{args.rows}, {args.cols}] {dtype.name} = "
-        f"{expert_bytes / 1e6:.2f} MB; weights {args.layers * args.slots * expert_bytes / 1e9:.2f} GB; plan: "
-        f"{len(plan)} rows, {remote} copies between devices ({moved_gb:.3f} GB), {int((plan.stage == 1).sum())} "
-        f"second copies"
-    )
 
     # 1. Host index building.
     big_old, big_new = placements(58, 256, 288, 32, seed=1)
@@ -241,7 +256,8 @@ def main() -> None:
         note = f"{note} {notes.get(label, '')}".strip()
         record(label, (ms, best), f"{ok}{moved_gb / ms * 1e3:.2f} GB/s {note}".strip())
 
-    # 3. Breakdown of one all-layers apply_plan (verify on, not donated).
+    # 3. Breakdown of one all-layers apply_plan (verify on, not donated), its host work built afresh every time.
+    cached, executor.CACHED_PLANS = executor.CACHED_PLANS, 0
     leaves = [before[name] for name in sorted(before)]
     parts: dict[str, list[float]] = {name: [] for name in ("host", "device_put", "transfer", "read ok", "commit")}
     for i in range(args.repeats + 1):
@@ -264,15 +280,51 @@ def main() -> None:
         if i:
             for name, (a, b) in zip(parts, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5)), strict=True):
                 parts[name].append(b - a)
+    executor.CACHED_PLANS = cached
     for name, values in parts.items():
         note = f"K = {capacity}, idx {idx.nbytes / 1e3:.1f} kB" if name == "device_put" else ""
         record(f"breakdown: {name}", (1e3 * statistics.median(values), 1e3 * min(values)), note)
 
+    write_markdown(args, rows)
+
+
+def write_markdown(args: argparse.Namespace, rows: list[tuple[str, float, float, str]]) -> None:
     if args.markdown:
         with open(args.markdown, "a") as out:
             out.write("| measurement | median ms | min ms | notes |\n| --- | --- | --- | --- |\n")
             for label, ms, best, note in rows:
-                out.write(f"| {label} | {ms:.2f} | {best:.2f} | {note} |\n")
+                out.write(f"| {label} | {ms:.3f} | {best:.3f} | {note} |\n")
+
+
+def host_time(args: argparse.Namespace, this: tuple[Any, ...], mesh: Any, record: Callable[..., None]) -> None:
+    """``apply_plan``'s time per call on weights of one byte a slot (two arrays, as an expert's two matrices): the
+    same plan object again (memoised host work) and a new plan object of the same rows each call (built again).
+    Each result is checked against the new placement once, bit for bit."""
+    rotation = np.tile(np.arange(9), (4, 1))
+    cases = [
+        ("1 device, rotation of 4 x 9 slots", Mesh(np.array(jax.devices()[:1]), ("ep",)), rotation,
+         np.roll(rotation, 1, axis=1), None),
+        (f"{len(jax.devices())} devices, this plan", mesh, *this),
+    ]  # fmt: skip
+    for name, where, old, new, plan in cases:
+        plan = plan if plan is not None else eplb.plan_transfers(old, new, num_gpus=1)
+        by_slot = NamedSharding(where, PartitionSpec(None, "ep"))
+        # Slot bytes: the expert id (plus one per array), so that the new placement's weights are known.
+        tiny = [jax.device_put((old + k).astype(np.uint8)[:, :, None], by_slot) for k in range(2)]
+        moved = executor.apply_plan(plan, tiny, where, "ep")
+        assert all(np.array_equal(np.asarray(m)[:, :, 0], new + k) for k, m in enumerate(moved)), name
+        fresh = [dataclasses.replace(plan) for _ in range(16)]  # more than executor.CACHED_PLANS
+        calls = iter(range(10**9))
+        variants = (
+            ("same plan object (memoised)", lambda w=where, p=plan, t=tiny: executor.apply_plan(p, t, w, "ep")),
+            (
+                "a new plan object of the same rows each call",
+                lambda w=where, f=fresh, t=tiny, c=calls: executor.apply_plan(f[next(c) % len(f)], t, w, "ep"),
+            ),
+        )
+        for label, call in variants:
+            ms = median_ms(call, args.host_calls)
+            record(f"apply_plan host time per call, {name}, {label}", ms, "weights of one byte a slot")
 
 
 def _classified(plan: eplb.TransferPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -19,7 +19,9 @@ which the weights are exactly the documented ones. Then reload rows
 reloaded expert, scale down and up, and a failing or malformed callback. Then
 ``ranks=``: GPU 1 of 4 fails and the plan runs on the 3 survivors' mesh
 (the survivors' slots only, exact), in any device order, and every bad
-``ranks``.
+``ranks``. Then the same plan objects again (their host work memoised): each
+call moves its own plan's bytes, after a fault, with new values, donated and
+in groups, and no program is traced again.
 ``plan_arrays`` is checked in this process against the loop it replaced, on
 random and degenerate plans.
 """
@@ -599,6 +601,30 @@ out["ranks"] = {
     },
     "layer0_row": zplan.row(layer0_row),
 }
+
+# ---- The memoised host work (the same plan objects again): every call moves its own plan's bytes.
+w32 = weights(old, "float32")
+cache = {"repeat": all(equal(executor.apply_plan(plan, w32), weights(new, "float32")) for _ in range(2))}
+cache["other"] = equal(executor.apply_plan(second_plan, w32), weights(other, "float32"))
+err = attempt(lambda: executor.apply_plan(plan, w32, fault=victim))["error"]
+cache["fault"] = isinstance(err, eplb.TransferError) and err.transfer == victim and equal(w32, weights(old, "float32"))
+cache["after_fault"] = equal(executor.apply_plan(plan, w32), weights(new, "float32"))
+cache["verify_off"] = equal(executor.apply_plan(plan, w32, verify=False), weights(new, "float32"))
+cache["new_values"] = equal(executor.apply_plan(plan, w32 * 2), np.asarray(weights(new, "float32")) * 2)
+cache["donated"] = all(
+    equal(executor.apply_plan(p, weights(old, "float32"), donate=True), weights(goal, "float32"))
+    for p, goal in ((plan, new), (second_plan, other), (plan, new), (second_plan, other))
+)
+cache["groups"] = all(
+    equal(executor.apply_plan(cplan, chain_weights(chain_old), layers_per_group=1, donate=d), chain_weights(chain_new))
+    for d in (False, True, False, True)
+)
+stage, commit = executor._stage_program(mesh, "ep", True, False), executor._commit_program(mesh, "ep", False)
+compiled = (stage._cache_size(), commit._cache_size())
+for _ in range(3):
+    executor.apply_plan(plan, w32), executor.apply_plan(second_plan, w32)
+cache["no_retrace"] = compiled == (stage._cache_size(), commit._cache_size()) and compiled[0] > 0
+out["cache"] = cache
 print(json.dumps(out))
 """
 
@@ -656,6 +682,11 @@ def test_failed_collective_keeps_old_weights(report):
 def test_bad_arguments_are_not_transfer_errors(report, case, error, match):
     result = report["bad_arguments"][case]
     assert result["raised"] == error and match in result["msg"], result
+
+
+def test_repeated_calls_reuse_nothing_stale(report):
+    """The same plans again (memoised host work): after a fault, with new values, donated, in groups; no retrace."""
+    assert report["cache"] == dict.fromkeys(report["cache"], True) and len(report["cache"]) == 9
 
 
 def test_bug_while_tracing_is_not_a_transfer_error(report):
