@@ -15,6 +15,12 @@ and the published greedy (Python loops, loads moved to the host) once per
 config, for the ratio.
 
     python benchmarks/keep_speed.py [--runs 20] [--gpu | --gpu-only] [--no-jax] [--xp] [--markdown FILE]
+    python benchmarks/keep_speed.py --pairs [--runs 7]
+
+``--pairs``: instead, the numpy call with ``balance_tolerance=0.005`` for every
+pair of consecutive SGLang files (in name order, the last back to the first):
+the time depends on how far the loads moved, since the local search runs
+until the limit is met (a prefill/decode change takes the most steps).
 
 ``--gpu-only --no-jax``: the torch CUDA row alone (its knobs run the kernels of
 :mod:`eplb.kernels.repair_triton`), without XLA's compiles.
@@ -101,6 +107,36 @@ def call(weight, config, previous, options, extra):
     return eplb.rebalance_experts(weight, *config, previous=previous, **options)
 
 
+def pairs_table(runs: int) -> str:
+    """Median numpy ms of ``previous=`` + ``balance_tolerance=0.005`` per consecutive pair of SGLang files."""
+    from eplb.backends import _numba
+
+    _numba.warm_up()
+    names = sorted(path.name for path in (DATA / "deepseek-v3-sglang").glob("*.json"))
+    lines = ["| previous -> new | " + " | ".join(f"{label} ms" for label in CONFIGS) + " |"]
+    lines.append("| --- |" + " --- |" * len(CONFIGS))
+    spread = {label: [] for label in CONFIGS}
+    for k, name in enumerate(names):
+        after = names[(k + 1) % len(names)]
+        old, new = load(name), load(after)
+        layers = min(len(old), len(new))  # files differ in their all-zero layers
+        old, new = old[:layers], new[:layers]
+        cells = []
+        for label, config in CONFIGS.items():
+            previous = eplb.rebalance_experts(old, *config).phy2log
+            knobs = {"balance_tolerance": 0.005}
+            ms = host_median_ms(lambda n=new, c=config, p=previous, o=knobs: call(n, c, p, o, {}), runs)
+            spread[label].append(ms)
+            cells.append(f"{ms:.1f}")
+        lines.append(f"| {name[:-5]} -> {after[:-5]} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| median (min-max) | "
+        + " | ".join(f"{np.median(v):.1f} ({min(v):.1f}-{max(v):.1f})" for v in spread.values())
+        + " |"
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -109,7 +145,11 @@ def main() -> None:
     parser.add_argument("--gpu-only", action="store_true", help="only the torch CUDA and JAX GPU rows")
     parser.add_argument("--no-jax", action="store_true", help="leave out the JAX rows")
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--pairs", action="store_true", help="numpy knobs for every consecutive pair of files")
     args = parser.parse_args()
+    if args.pairs:
+        print(pairs_table(args.runs))
+        return
     old, new = load("prefill_in4096.json"), load("prefill_in2048.json")
     lines = []
     for label, config in CONFIGS.items():
