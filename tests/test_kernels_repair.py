@@ -108,6 +108,36 @@ def test_repair_equals_the_array_api_search():
         _assert_same(repair_numba.repair(*args, max_iters), want)
 
 
+def test_repair_rows_split_over_threads_equal_the_array_api_search(monkeypatch):
+    """A batch split over threads (rows dealt round-robin, results put back in place) gives the array-API
+    search's result row by row, whatever the number of threads and rows (uneven splits included)."""
+    calls = []
+    kernel = repair_numba._repair
+
+    def counted(*args):
+        calls.append(len(args[0]))
+        return kernel(*args)
+
+    monkeypatch.setattr(repair_numba, "_repair", counted)
+    monkeypatch.setattr(repair_numba, "MIN_ROWS_PER_THREAD", 4)
+    rng = np.random.default_rng(5)
+    for trial, threads in enumerate((2, 3, 5, 2, 3, 4, 7, 2)):
+        monkeypatch.setattr(repair_numba, "THREADS", threads)
+        start, cnt, old, weight, limit, budget, valid, *sizes, max_iters = _repair_args(rng, trial)
+        copies = int(rng.integers(3, 6))  # 18-30 rows: the six rows again, each with other limits and budgets
+        start, cnt, old, weight, budget, valid = (
+            np.tile(a, (copies, 1)) for a in (start, cnt, old, weight, budget, valid)
+        )
+        limit = (np.tile(limit, (copies, 1)) * rng.uniform(0.8, 1.2, (6 * copies, 1))).astype(np.float32)
+        budget = budget + rng.integers(-1, 3, budget.shape)
+        args = (start, cnt, old, weight, limit, budget, valid, *sizes)
+        calls.clear()
+        got = repair_numba.repair(*args, max_iters)
+        parts = min(threads, len(start) // 4)
+        assert sorted(calls) == sorted(len(range(k, len(start), parts)) for k in range(parts))  # it did split
+        _assert_same(got, repair(*args, max_iters=max_iters, xp=np))
+
+
 def test_repair_on_one_expert_and_one_slot_per_gpu():
     rng = np.random.default_rng(1)
     for nodes, gpus, per_gpu, experts in ((1, 1, 1, 1), (1, 4, 1, 1), (2, 4, 3, 1), (2, 8, 1, 8), (4, 8, 1, 5)):
