@@ -138,6 +138,37 @@ def test_repair_rows_split_over_threads_equal_the_array_api_search(monkeypatch):
         _assert_same(got, repair(*args, max_iters=max_iters, xp=np))
 
 
+FORKED_CHILD = """
+import multiprocessing, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+from eplb.algorithms.repair import repair
+from eplb.kernels import repair_numba
+from tests.test_kernels_repair import _assert_same, _repair_args
+
+repair_numba.MIN_ROWS_PER_THREAD, repair_numba.THREADS = 2, 2
+args = _repair_args(np.random.default_rng(7), 1)
+*inputs, max_iters = args
+want = repair(*inputs, max_iters=max_iters, xp=np)
+_assert_same(repair_numba.repair(*args), want)  # the parent's threads now exist
+assert 2 in repair_numba._POOLS
+with multiprocessing.get_context("fork").Pool(1) as pool:
+    got = pool.apply_async(repair_numba.repair, args).get(timeout=60)  # hangs, then times out, if broken
+_assert_same(got, want)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_repair_threads_work_in_a_forked_child():
+    """A process forked after the threads exist (a serving stack's workers) gets threads of its own: the
+    parent's do not exist there, and reusing their pool would hang. In a fresh interpreter (no JAX threads
+    around the fork)."""
+    script = FORKED_CHILD.format(root=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
 def test_repair_on_one_expert_and_one_slot_per_gpu():
     rng = np.random.default_rng(1)
     for nodes, gpus, per_gpu, experts in ((1, 1, 1, 1), (1, 4, 1, 1), (2, 4, 3, 1), (2, 8, 1, 8), (4, 8, 1, 5)):

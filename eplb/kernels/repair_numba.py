@@ -874,6 +874,18 @@ def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
         return _POOLS[threads]
 
 
+def _forget_pools() -> None:
+    """In a forked child: the parent's threads do not exist there, and a pool that thinks it has them would
+    never run a task; the child makes its own on first use."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
 @_jit
 def _align_all(new: np.ndarray, old: np.ndarray, per_gpu: int, out: np.ndarray) -> None:
     """Per GPU: the k-th copy of an expert goes to the slot of its k-th old copy there, if any; the other
