@@ -17,7 +17,7 @@ from eplb.algorithms.relabel import occurrence, relabel
 from . import cases
 
 pytest.importorskip("numba")
-from eplb.kernels import relabel_numba
+from eplb.kernels import _threads, relabel_numba
 
 
 def _random_cases(rng: np.random.Generator):
@@ -40,6 +40,33 @@ def test_equals_the_array_api_relabelling():
     for new, old, gpus, nodes, experts in _random_cases(np.random.default_rng(0)):
         want = relabel(new, old, gpus, nodes, xp=np)
         np.testing.assert_array_equal(relabel_numba.relabel(new, old, gpus, nodes, experts), want)
+
+
+def test_rows_split_over_threads_equal_the_array_api_relabelling(monkeypatch):
+    """Layers dealt round-robin to threads (uneven splits included) give the array-API relabelling, row by row."""
+    calls = []
+    kernel = relabel_numba._relabel
+
+    def counted(new, *args):
+        calls.append(len(new))
+        return kernel(new, *args)
+
+    monkeypatch.setattr(relabel_numba, "_relabel", counted)
+    monkeypatch.setattr(relabel_numba, "MIN_ROWS_PER_THREAD", 2)
+    rng = np.random.default_rng(3)
+    for case, (new, old, gpus, nodes, experts) in enumerate(_random_cases(rng)):
+        if case >= 24:
+            break
+        threads = (2, 3, 5)[case % 3]
+        monkeypatch.setattr(_threads, "THREADS", threads)
+        copies = int(rng.integers(2, 5))
+        new = np.concatenate([new] + [new[:, rng.permutation(new.shape[1])] for _ in range(copies - 1)])
+        old = np.tile(old, (copies, 1))
+        calls.clear()
+        got = relabel_numba.relabel(new, old, gpus, nodes, experts)
+        parts = min(threads, len(new) // 2)
+        assert sorted(calls) == sorted(len(range(k, len(new), parts)) for k in range(parts))
+        np.testing.assert_array_equal(got, relabel(new, old, gpus, nodes, xp=np))
 
 
 CONFIGS = [(288, 8, 4, 32), (288, 8, 3, 144), (16, 4, 2, 16)]

@@ -24,7 +24,7 @@ from eplb.algorithms.stability import place_stable
 from . import cases
 
 pytest.importorskip("numba")
-from eplb.kernels import repair_numba
+from eplb.kernels import _threads, repair_numba
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_repair_rows_split_over_threads_equal_the_array_api_search(monkeypatch):
     monkeypatch.setattr(repair_numba, "MIN_ROWS_PER_THREAD", 4)
     rng = np.random.default_rng(5)
     for trial, threads in enumerate((2, 3, 5, 2, 3, 4, 7, 2)):
-        monkeypatch.setattr(repair_numba, "THREADS", threads)
+        monkeypatch.setattr(_threads, "THREADS", threads)
         start, cnt, old, weight, limit, budget, valid, *sizes, max_iters = _repair_args(rng, trial)
         copies = int(rng.integers(3, 6))  # 18-30 rows: the six rows again, each with other limits and budgets
         start, cnt, old, weight, budget, valid = (
@@ -143,15 +143,15 @@ import multiprocessing, sys
 import numpy as np
 sys.path.insert(0, {root!r})
 from eplb.algorithms.repair import repair
-from eplb.kernels import repair_numba
+from eplb.kernels import _threads, repair_numba
 from tests.test_kernels_repair import _assert_same, _repair_args
 
-repair_numba.MIN_ROWS_PER_THREAD, repair_numba.THREADS = 2, 2
+repair_numba.MIN_ROWS_PER_THREAD, _threads.THREADS = 2, 2
 args = _repair_args(np.random.default_rng(7), 1)
 *inputs, max_iters = args
 want = repair(*inputs, max_iters=max_iters, xp=np)
 _assert_same(repair_numba.repair(*args), want)  # the parent's threads now exist
-assert 2 in repair_numba._POOLS
+assert 2 in _threads._POOLS
 with multiprocessing.get_context("fork").Pool(1) as pool:
     got = pool.apply_async(repair_numba.repair, args).get(timeout=60)  # hangs, then times out, if broken
 _assert_same(got, want)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from eplb.kernels._numba_jit import njit
+from eplb.kernels._threads import map_rows
 
 __all__ = ["log2phy_in_slot_order", "relabel"]
 
@@ -269,13 +270,25 @@ def _relabel(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: int, nu
 def relabel(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: int, num_experts: int) -> np.ndarray:
     """``new [B, R]`` relabelled to keep the most pairs of ``old [B, R]``: ``eplb.algorithms.relabel.relabel``.
 
-    ``new`` and ``old`` hold expert ids in ``[0, num_experts)``; returns int64 ``[B, R]``.
+    ``new`` and ``old`` hold expert ids in ``[0, num_experts)``; returns int64 ``[B, R]``. Rows (layers)
+    run on up to :data:`eplb.kernels._threads.THREADS` threads (:func:`eplb.kernels._threads.map_rows`); each
+    row's result is the one-thread result.
     """
     new = np.ascontiguousarray(new, dtype=np.int64)
     old = np.ascontiguousarray(old, dtype=np.int64)
-    out = np.empty_like(new)
-    _relabel(new, old, num_gpus, num_nodes, num_experts, out)
-    return out
+
+    def run(rows: np.ndarray | None) -> tuple[np.ndarray]:
+        mine = (new, old) if rows is None else (new[rows], old[rows])
+        out = np.empty_like(mine[0])
+        _relabel(*mine, num_gpus, num_nodes, num_experts, out)
+        return (out,)
+
+    # Layers are independent (one assignment each): up to THREADS threads for the larger batches.
+    return map_rows(run, new.shape[0], MIN_ROWS_PER_THREAD)[0]
+
+
+# At least this many layers a thread (fewer: one thread). 144 GPUs: 4.8 ms for 58 layers on one thread.
+MIN_ROWS_PER_THREAD = 16
 
 
 @_jit

@@ -72,16 +72,13 @@ kernel here on tiny inputs. This module imports numba.
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
-import threading
-
 import numpy as np
 
 from eplb import _xp
 from eplb.algorithms.loads import MAX_LOAD
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.kernels._numba_jit import njit
+from eplb.kernels._threads import map_rows
 from eplb.kernels.greedy_numba import rank_desc
 from eplb.kernels.relabel_numba import _max_assignment
 
@@ -810,8 +807,9 @@ def repair(
     bounds).
 
     Rows are independent: a batch of at least ``2 * MIN_ROWS_PER_THREAD``
-    rows runs on up to :data:`THREADS` threads, rows dealt round-robin; each
-    row's result is the one-thread result.
+    rows runs on up to :data:`eplb.kernels._threads.THREADS` threads, rows
+    dealt round-robin (:func:`eplb.kernels._threads.map_rows`); each row's
+    result is the one-thread result.
     """
     _check_float32(weight, limit)
     _check_ids(weight.shape[1], start, old, lowest=-1)
@@ -835,55 +833,14 @@ def repair(
         _repair(*mine, recip, *sizes, *out)
         return out
 
-    parts = min(THREADS, batch // MIN_ROWS_PER_THREAD)
-    if parts <= 1:
-        out, out_cnt, out_moved = run(None)
-    else:
-        # Rows are independent: deal them round-robin (a batch's slow rows often sit together, e.g. one start's
-        # block) to threads; the kernel releases the GIL. Each row's result is the one-thread result.
-        out = np.empty((batch, num_phy), np.int64)
-        out_cnt = np.empty(start_cnt.shape, np.int64)
-        out_moved = np.empty(batch, np.int64)
-        split = [np.arange(k, batch, parts) for k in range(parts)]
-        for part, (got, got_cnt, got_moved) in zip(split, _pool(parts).map(run, split), strict=True):
-            out[part], out_cnt[part], out_moved[part] = got, got_cnt, got_moved
+    out, out_cnt, out_moved = map_rows(run, batch, MIN_ROWS_PER_THREAD)
     return out.astype(start.dtype, copy=False), out_cnt.astype(start_cnt.dtype, copy=False), out_moved[:, None]
 
 
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-# repair's rows run on up to THREADS threads, at least MIN_ROWS_PER_THREAD rows each (fewer: one thread, as
-# splitting costs more than it saves). On the 2-core dev machine two threads take the 144-GPU
+# repair's rows run on up to eplb.kernels._threads.THREADS threads, at least MIN_ROWS_PER_THREAD rows each (fewer:
+# one thread, as splitting costs more than it saves). On the 2-core dev machine two threads take the 144-GPU
 # balance_tolerance call of a prefill/decode change from 53 to 33 ms; similar loads gain little.
-THREADS = min(_available_cpus(), 8)
 MIN_ROWS_PER_THREAD = 16
-_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
-    """``threads`` threads for :func:`repair`'s rows (made on first use, then kept)."""
-    with _POOLS_LOCK:
-        if threads not in _POOLS:
-            _POOLS[threads] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="eplb-repair")
-        return _POOLS[threads]
-
-
-def _forget_pools() -> None:
-    """In a forked child: the parent's threads do not exist there, and a pool that thinks it has them would
-    never run a task; the child makes its own on first use."""
-    global _POOLS_LOCK
-    _POOLS.clear()
-    _POOLS_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools)
 
 
 @_jit
