@@ -66,6 +66,7 @@ if __name__ == "__main__" and DEVICE_COUNT not in os.environ.get("XLA_FLAGS", ""
     sys.exit(subprocess.run([sys.executable, *sys.argv], env=env).returncode)
 
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -82,6 +83,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eplb  # noqa: E402
 from eplb.executors import jax as executor  # noqa: E402
 from tests.oracle import plan_arrays_reference  # noqa: E402
+
+DATA = Path(os.environ.get("EPLB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def placements(layers: int, experts: int, slots: int, gpus: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -325,6 +328,40 @@ def host_time(args: argparse.Namespace, this: tuple[Any, ...], mesh: Any, record
         for label, call in variants:
             ms = median_ms(call, args.host_calls)
             record(f"apply_plan host time per call, {name}, {label}", ms, "weights of one byte a slot")
+    per_message(args, mesh, record)
+
+
+def per_message(args: argparse.Namespace, mesh: Any, record: Callable[..., None]) -> None:
+    """Host time of :func:`eplb.executors.jax.begin` per plan row (a copy: the JAX executor's message), as
+    ``benchmarks/executors_gpu.py``'s ``messages`` part measures the torch executor: the real DeepSeek-V3 plan
+    between two SGLang files (288 slots over the mesh's devices; its last 2 layers, then all), weights of one
+    byte a slot, a new plan object of the same rows every call (nothing memoised: what a ``Rebalancer`` step
+    pays). ``begin`` dispatches the programs and returns; ``finish`` runs untimed."""
+    files = sorted((DATA / "deepseek-v3-sglang").glob("*.json"))
+    gpus = mesh.shape["ep"]
+    if len(files) < 2 or 288 % gpus:
+        print(f"per-message rows skipped: no SGLang files under {DATA} or 288 slots do not split over {gpus}")
+        return
+    loads = [np.asarray(json.loads(f.read_text())["logical_count"], dtype=np.float64) for f in files[:2]]
+    old, new = (np.asarray(eplb.rebalance_experts(load, 288, 8, 1, gpus).phy2log) for load in loads)
+    by_slot = NamedSharding(mesh, PartitionSpec(None, "ep"))
+    for layers in (2, old.shape[0]):
+        plan = eplb.plan_transfers(old[-layers:], new[-layers:], num_gpus=gpus)
+        tiny = [jax.device_put((old[-layers:] + k).astype(np.uint8)[:, :, None], by_slot) for k in range(2)]
+        moved = executor.apply_plan(plan, tiny, mesh, "ep")
+        assert all(np.array_equal(np.asarray(m)[:, :, 0], (new[-layers:] + k) % 256) for k, m in enumerate(moved))
+        fresh = [dataclasses.replace(plan) for _ in range(16)]  # more than executor.CACHED_PLANS
+        times = []
+        for i in range(args.host_calls // 10 + 1):
+            start = time.perf_counter()
+            pending = executor.begin(fresh[i % len(fresh)], tiny, mesh, "ep")
+            if i:
+                times.append(time.perf_counter() - start)
+            jax.block_until_ready(pending.finish())
+        ms = 1e3 * statistics.median(times), 1e3 * min(times)
+        copies, remote = len(plan), int(plan.remote_copies.sum())
+        note = f"{copies} plan rows ({remote} between devices): {1e3 * ms[0] / copies:.2f} us per row"
+        record(f"begin host time, {gpus} devices, DeepSeek-V3 plan, {layers} layers, new plan object", ms, note)
 
 
 def _classified(plan: eplb.TransferPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
