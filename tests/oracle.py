@@ -680,3 +680,64 @@ def lpt_speed(weights: list, live: list[bool], inverse: list, per_pack: int) -> 
         loads[best] = min(F32(loads[best] + F32(weights[item])), most)
         counts[best] += 1
     return pack_of, rank_of
+
+
+def pair_speed(weights: list, live: list[bool], inverse: list, budget: float) -> list[int]:
+    """Two items per pack by a time budget, from ``eplb.algorithms.speed.pair_pack_speed``'s docstring:
+    the item in each slot (pack ``p``: slots ``2p``, ``2p + 1``)."""
+    packs = sorted(range(len(live)), key=lambda p: (not live[p], float(inverse[p]) if live[p] else 0.0, p))
+    left = list(range(len(weights)))
+    slots = [-1] * len(weights)
+    for p in packs:
+        first = max(left, key=lambda i: (float(weights[i]), -i))
+        left.remove(first)
+        live_left = [i for i in left if weights[i] >= 0]
+        fits = [i for i in live_left if F32(F32(weights[first] + weights[i]) * F32(inverse[p])) <= F32(budget)]
+        if fits:
+            partner = max(fits, key=lambda i: (float(weights[i]), -i))
+        elif live_left:
+            partner = min(live_left, key=lambda i: (float(weights[i]), i))
+        else:
+            partner = max(left, key=lambda i: (float(weights[i]), -i))
+        left.remove(partner)
+        slots[2 * p], slots[2 * p + 1] = first, partner
+    return slots
+
+
+def budget_counts(
+    weights: list, num_slots: int, live_slots: int, fastest: float, slowest: float, budget: float, margin: float,
+    share: float,
+) -> list[int] | None:  # fmt: skip
+    """Replica counts for a time budget, from ``eplb.algorithms.capacity._budget_counts``'s docstring
+    (``num_slots``: the row's slots, live or not; ``fastest``/``slowest``: the live GPUs' smallest and
+    largest scaled inverse); ``None`` where not valid."""
+    w = [F32(x) for x in weights]
+    num_log = len(w)
+    max_count = num_slots - num_log + 1
+    fast_budget, slow_budget = F32(F32(budget) * F32(1 - margin)), F32(F32(budget) * F32(share))
+
+    def fewest(x: np.float32, inv: float, limit: np.float32) -> int:
+        for c in range(1, max_count + 1):
+            if F32(F32(x * recip(c)) * F32(inv)) <= limit:
+                return c
+        return max_count
+
+    fast = [fewest(x, fastest, fast_budget) for x in w]
+    if sum(fast) > live_slots:
+        return None
+    slow = [fewest(x, slowest, slow_budget) for x in w]
+    cost = [
+        slow[e] - fast[e] if F32(F32(w[e] * recip(fast[e])) * F32(slowest)) > fast_budget and slow[e] > fast[e] else 0
+        for e in range(num_log)
+    ]
+    counts, left = list(fast), live_slots - sum(fast)
+    spent = 0
+    for e in sorted(range(num_log), key=lambda e: (cost[e], e)):
+        spent += cost[e]
+        if spent > left:
+            break
+        counts[e] += cost[e]
+    rest = live_slots - sum(counts)
+    for k in range(rest):
+        counts[sorted(range(num_log), key=lambda e: (float(w[e]), e))[k % num_log]] += 1
+    return counts

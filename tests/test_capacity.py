@@ -5,8 +5,8 @@ time-balance, the lower bound term by term, the exhaustive optimum of tiny
 layers, LPT by time, the capacity-blind placement on the live GPUs), for
 its invariants, and bit for bit across numpy, torch (CPU; CUDA where
 present) and JAX (XLA inside a user's ``jit`` with the capacities traced),
-each forced onto the array-API path. Kept under 30 s on a 2-core CPU: the
-JAX cases share two shapes (one compile each; capacities are traced).
+each forced onto the array-API path. Kept to about 45 s on a 2-core CPU: the
+JAX cases share four shapes (one compile each; capacities are traced).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import eplb
-from eplb.algorithms.speed import SPEED_RANGE, clean_capacity, inverse_capacity, lpt_pack_speed
+from eplb.algorithms.capacity import BUDGET_SETS, _budget_counts
+from eplb.algorithms.speed import SPEED_RANGE, clean_capacity, inverse_capacity, lpt_pack_speed, pair_pack_speed
 from eplb.backends import _numpy
 
 from . import oracle
@@ -119,6 +120,51 @@ def test_lpt_pack_speed_equals_the_oracle():
             assert (pack_by_step[0, step], rank_by_step[0, step]) == (pack_of[item], rank_of[item]), trial
 
 
+def test_pair_pack_speed_equals_the_oracle():
+    rng = np.random.default_rng(2)
+    for trial in range(40):
+        packs = int(rng.integers(1, 7))
+        weights = rng.integers(0, 20, (1, 2 * packs)).astype(np.float32)  # ties and zeros
+        live = rng.random(packs) < 0.8
+        live[0] = True
+        live_items = int(live.sum()) * 2
+        weights[0, np.argsort(-weights[0], kind="stable")[live_items:]] = -1  # phantoms, as the placement has
+        caps = clean_capacity(rng.choice([1.0, 0.5, 0.75, 2.0, 0.6], packs).astype(np.float32), xp=np)
+        inverse = inverse_capacity(caps[None], xp=np)
+        budget = np.float32(rng.integers(5, 40))
+        got = pair_pack_speed(weights, live[None], inverse, np.full((1, 1), budget), xp=np)
+        want = oracle.pair_speed(list(weights[0]), list(live), list(inverse[0]), budget)
+        assert got[0].tolist() == want, trial
+
+
+def test_budget_counts_equal_the_oracle():
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        experts, gpus = int(rng.integers(2, 9)), int(rng.integers(2, 8))
+        slots = 2 * gpus
+        if slots < experts:
+            continue
+        weights = (rng.integers(0, 40, (1, experts)) * rng.choice([1, 0.37], experts)).astype(np.float32)
+        live = rng.random(gpus) < 0.85
+        live[0] = True
+        caps = clean_capacity(rng.choice([1.0, 0.6, 0.75, 2.0], gpus).astype(np.float32), xp=np)
+        inverse = inverse_capacity(caps[None], xp=np)
+        live_slots = np.full((1, 1), 2 * int(live.sum()), np.int32)
+        budget = np.float32(rng.uniform(5, 60))
+        fastest, slowest = float(inverse[0][live].min()), float(inverse[0][live].max())
+        for margin, share in BUDGET_SETS:
+            got, valid = _budget_counts(
+                weights, inverse, live[None], live_slots, np.full((1, 1), budget), slots, margin, share, xp=np
+            )
+            want = oracle.budget_counts(
+                list(weights[0]), slots, int(live_slots[0, 0]), fastest, slowest, budget, margin, share
+            )
+            assert bool(valid[0, 0]) == (want is not None), trial
+            if want is not None:
+                assert got[0].tolist() == want, trial
+                assert int(got.sum()) == int(live_slots[0, 0])
+
+
 # ---------------------------------------------------------------- implementations, each forced
 
 
@@ -173,9 +219,12 @@ def _front(kind):
 
 IMPLS = {"numpy:xp": _numpy_xp, "torch:ops": _torch_ops, "jax:user-jit": _jax_user_jit, "numpy": _front("numpy")}
 
-# (experts, replicas, groups, nodes, gpus, capacities): two shapes only (one JAX compile each).
+# (experts, replicas, groups, nodes, gpus, capacities): four shapes only (one JAX compile each); the
+# last two have two slots per GPU, where the budget sets run too.
 HIER = (16, 32, 4, 2, 8)
 FLAT = (12, 24, 1, 1, 6)
+HIER_PAIRS = (16, 24, 4, 2, 12)
+FLAT_PAIRS = (12, 16, 1, 1, 8)
 CASES = [
     (*HIER, [1, 1, 0.6, 0.6, 1, 1, 0.6, 0.6]),  # half slow, each node alike
     (*HIER, [1, 1, 1, 1, 0.6, 0.6, 0.6, 0.6]),  # a slow node: groups split by node capacity
@@ -186,6 +235,11 @@ CASES = [
     (*FLAT, [1, 0.6, 1, 0.6, 1, 0.3]),
     (*FLAT, [1, 1, 1, 1, 1, 0.3]),  # one slow GPU
     (*FLAT, [0.6, 1, 1e-3, 1, 0, 0.6]),  # a very slow GPU and an idle one; exactly E live slots
+    (*FLAT_PAIRS, [1, 0.6] * 4),  # two slots per GPU: the budget sets win on some layers
+    (*FLAT_PAIRS, [1, 0, 0.5, 1, 1, 1, 0.25, 2]),
+    (*HIER_PAIRS, [1] * 6 + [0.6] * 6),
+    (*HIER_PAIRS, [1, 0, 0.5, 1, 1, 1, 0.25, 2, 1, 1, 0.6, 0.6]),
+    (*HIER_PAIRS, [1, 0, 0, 0, 0, 0.6] + [1, 0.6] * 3),  # node 0 short of slots: the global rule
 ]
 
 

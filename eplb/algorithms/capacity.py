@@ -15,7 +15,16 @@ never quotients):
    by LPT on time (:func:`eplb.algorithms.speed.lpt_pack_speed`), refined by
    swaps and exchanges out of the slowest GPU
    (:func:`eplb.algorithms.speed.refine_by_swaps_speed`); the fastest of the three (the first unless
-   another is faster by the ``IMPROVEMENT`` margin);
+   another is faster by the ``IMPROVEMENT`` margin); with two slots per GPU
+   also the replica sets of a time budget ``T`` just under that one's time
+   (``BUDGET_SHARE`` of it; :data:`BUDGET_SETS`, :func:`_budget_counts`:
+   fewest replicas that fit the fastest GPU beside a light partner, then the
+   cheapest splits of replicas too heavy for the slowest GPUs into ones that
+   pair up there, the rest to the lightest experts), each paired by ``T``
+   (:func:`eplb.algorithms.speed.pair_pack_speed`: fastest GPU first, the
+   heaviest replica left and the heaviest partner that fits) and refined by
+   the same swaps; the fastest of them where it beats the greedy sets' by
+   the margin;
 3. the by-time placement where its slowest GPU is faster than the blind one's
    by that margin, else the blind one: never slower than capacity-blind.
 
@@ -43,13 +52,19 @@ from eplb.algorithms.speed import (
     inverse_capacity,
     lpt_pack_speed,
     pack_times,
+    pair_pack_speed,
     refine_by_swaps_speed,
 )
 
-__all__ = ["GREEDY_SHARES", "default_swap_rounds", "place_capacity", "rebalance_capacity"]
+__all__ = ["BUDGET_SETS", "GREEDY_SHARES", "default_swap_rounds", "place_capacity", "rebalance_capacity"]
 
 # Candidate replica sets: greedy replication for X * num // den of the X extra slots.
 GREEDY_SHARES = ((1, 1), (1, 4), (0, 1))
+
+# Two slots per GPU: replica sets from a time budget T, (margin, share) each (see _budget_counts);
+# T is BUDGET_SHARE of the greedy sets' best time. Powers of two: exact float32 products everywhere.
+BUDGET_SETS = ((1 / 8, 3 / 4), (1 / 16, 3 / 4))
+BUDGET_SHARE = 1 - 1 / 64
 
 
 def default_swap_rounds(num_gpus: int) -> int:
@@ -94,6 +109,126 @@ def _replica_sets(mlog_load: Any, live_slots: Any, phy_per_node: int, *, xp: Any
     return tuple(xp.concat(parts, axis=0) for parts in sets)
 
 
+def _budget_counts(
+    mlog_load: Any, inverse: Any, live_gpu: Any, live_slots: Any, budget: Any, phy_per_node: int,
+    margin: float, share: float, *, xp: Any,
+) -> tuple[Any, Any]:  # fmt: skip
+    """``mlogcnt [rows, E]`` for a time budget ``T`` (``budget [rows, 1]``, a scaled time) and ``valid [rows, 1]``.
+
+    With ``r_c = w * fl(1/c)`` (``c <= X_max + 1``) and the fastest and the
+    slowest live GPU's ``inverse``: each expert first gets the fewest
+    replicas whose load fits the fastest GPU within ``T * (1 - margin)``
+    (room for a light partner); a replica that then fits no slowest GPU
+    within that time is *fast only*. Splitting a fast-only expert into the
+    fewest replicas that fit a slowest GPU within ``T * share`` (room for a
+    partner there too) costs its extra replicas; these splits are taken
+    cheapest first (equal costs: lower expert) while the live slots last (a
+    prefix of that order), and the slots still left go one each to the
+    lightest experts, cycling, as in :func:`_replica_sets`. ``valid``: the
+    first step fits in the live slots (else the counts are unspecified).
+    Products only: ``r_c * inverse`` against ``T`` times a power-of-two share.
+    """
+    num_log = mlog_load.shape[1]
+    device = _xp.device(mlog_load)
+    max_count = phy_per_node - num_log + 1
+    reciprocal = _xp.reciprocal_table(max_count, xp=xp, device=device)
+    index_dtype = xp.arange(1, device=device).dtype
+    replica = mlog_load[:, :, None] * reciprocal[1:]  # [rows, E, C]: r_c
+    top, bottom = xp.max(inverse, axis=-1, keepdims=True), xp.min(inverse, axis=-1, keepdims=True)
+    fastest = xp.min(xp.where(live_gpu, inverse, top), axis=-1, keepdims=True)[:, :, None]  # finite without
+    slowest = xp.max(xp.where(live_gpu, inverse, bottom), axis=-1, keepdims=True)  # live GPUs (then not valid)
+    fast_budget = budget * (1 - margin)
+
+    def fewest(over: Any) -> Any:  # 1 + the counts that miss (r_c falls with c), at most C
+        count = 1 + xp.sum(xp.astype(over, index_dtype), axis=-1)
+        return xp.where(count > max_count, max_count, count)
+
+    fast_count = fewest(replica * fastest > fast_budget[:, :, None])
+    slow_count = fewest(replica * slowest[:, :, None] > (budget * share)[:, :, None])
+    fast_only = replica_load(mlog_load, fast_count, reciprocal, xp=xp) * slowest > fast_budget
+    cost = xp.where(fast_only & (slow_count > fast_count), slow_count - fast_count, 0)
+    live_slots = xp.astype(live_slots, index_dtype)
+    left = live_slots - xp.sum(fast_count, axis=-1, keepdims=True)
+    order = _xp.argsort_desc(-xp.astype(cost, mlog_load.dtype), xp=xp)  # ascending cost, ties by index
+    spent = xp.cumulative_sum(_xp.take_along(cost, xp.astype(order, index_dtype), xp=xp), axis=-1)
+    taken = _xp.take_along(spent <= left, inverse_permutation(xp.astype(order, index_dtype), xp=xp), xp=xp)
+    mlogcnt = fast_count + xp.where(taken, cost, 0)
+    valid = left >= 0
+    rest = xp.where(valid, live_slots - xp.sum(mlogcnt, axis=-1, keepdims=True), 0)
+    lightest = _xp.argsort_desc(-mlog_load, xp=xp)  # ascending load, equal loads by index
+    place_in_line = inverse_permutation(xp.astype(lightest, index_dtype), xp=xp)
+    return mlogcnt + xp.where(place_in_line < rest, (rest - 1 - place_in_line) // num_log + 1, 0), valid
+
+
+def _items(mlog_load: Any, mlogcnt: Any, live_slots: Any, phy_per_node: int, *, xp: Any) -> tuple[Any, Any]:
+    """``item2mlog`` (each expert's replicas in a run, experts in order; phantoms: 0) and ``item_load``
+    (phantoms: -1), ``[rows, R/N]``, for ``mlogcnt`` summing to ``live_slots``."""
+    num_log = mlog_load.shape[1]
+    device = _xp.device(mlog_load)
+    index_dtype = mlogcnt.dtype
+    rows = mlogcnt.shape[0]
+    item = xp.arange(phy_per_node, dtype=index_dtype, device=device)
+    ends = xp.cumulative_sum(mlogcnt[:, :-1], axis=-1)  # first item of experts 1.., increasing (counts >= 1)
+    starts = xp.zeros((rows, phy_per_node + 1), dtype=index_dtype, device=device)
+    row_ids = xp.reshape(xp.arange(rows, dtype=index_dtype, device=device), (rows, 1))
+    starts = _xp.at_set(starts, (row_ids, ends), xp.ones_like(ends), xp=xp)
+    item2mlog = xp.cumulative_sum(starts[:, :phy_per_node], axis=-1)  # experts started so far, minus one
+    kept = item < xp.astype(live_slots, index_dtype)
+    item2mlog = xp.where(kept, item2mlog, 0)
+    reciprocal = _xp.reciprocal_table(phy_per_node - num_log + 1, xp=xp, device=device)
+    load = replica_load(
+        _xp.take_along(mlog_load, item2mlog, xp=xp), _xp.take_along(mlogcnt, item2mlog, xp=xp), reciprocal, xp=xp
+    )
+    return item2mlog, xp.where(kept, load, -1.0)
+
+
+def _budget_rows(
+    mlog_load: Any, live_gpu: Any, inverse: Any, live_slots: Any, phy_per_node: int, budget: Any, fallback: Any,
+    *, xp: Any,
+) -> tuple[Any, Any, Any, Any]:  # fmt: skip
+    """Two slots per GPU: per row, the fastest of the :data:`BUDGET_SETS` replica sets for ``budget
+    [rows, 1]`` (:func:`_budget_counts`), each paired by that budget
+    (:func:`eplb.algorithms.speed.pair_pack_speed`) and refined by swaps. Returns ``item2mlog``,
+    ``mlogcnt``, ``pphy2phy`` and the slowest time ``[rows, 1]`` (``inf`` where no set is valid; its
+    counts are then ``fallback``'s)."""
+    rows_n = mlog_load.shape[0]
+    num_sets = len(BUDGET_SETS)
+    counts, valid = [], []
+    for margin, share in BUDGET_SETS:
+        mlogcnt, ok = _budget_counts(
+            mlog_load, inverse, live_gpu, live_slots, budget, phy_per_node, margin, share, xp=xp
+        )
+        counts.append(xp.where(ok, xp.astype(mlogcnt, fallback.dtype), fallback))
+        valid.append(ok)
+    mlogcnt, valid = xp.concat(counts, axis=0), xp.concat(valid, axis=0)
+    tile = (num_sets, 1)
+    mlog_load, live_gpu, inverse, live_slots, budget = (
+        xp.tile(a, tile) for a in (mlog_load, live_gpu, inverse, live_slots, budget)
+    )
+    item2mlog, item_load = _items(mlog_load, mlogcnt, live_slots, phy_per_node, xp=xp)
+    pphy2phy = pair_pack_speed(item_load, live_gpu, inverse, budget, xp=xp)
+    pphy2phy = refine_by_swaps_speed(
+        item_load, xp.astype(pphy2phy, item2mlog.dtype), inverse, live_gpu, default_swap_rounds(live_gpu.shape[1]),
+        xp=xp,
+    )  # fmt: skip
+    times = xp.max(pack_times(_xp.take_along(item_load, pphy2phy, xp=xp), inverse, live_gpu, xp=xp), axis=-1)
+    times = xp.where(valid[:, 0], times, xp.inf)
+    return _fastest(times, (item2mlog, mlogcnt, pphy2phy), num_sets, rows_n, xp=xp)
+
+
+def _fastest(times: Any, sets: tuple[Any, ...], num_sets: int, rows_n: int, *, xp: Any) -> tuple[Any, ...]:
+    """Per row, the candidate (candidate-major rows) of the smallest time, the first unless another is
+    faster by the ``IMPROVEMENT`` margin: its arrays of ``sets`` and its time ``[rows, 1]``."""
+    times = xp.permute_dims(xp.reshape(times, (num_sets, rows_n)), (1, 0))  # [rows, C]
+    best = xp.reshape(xp.argmin(times, axis=-1), (rows_n, 1))
+    choice = xp.where(_xp.take_along(times, best, xp=xp) < times[:, :1] * IMPROVEMENT, best, 0)
+    pick = [xp.reshape(a, (num_sets, rows_n, -1)) for a in sets]
+    out = [p[0] for p in pick]
+    for c in range(1, num_sets):
+        out = [xp.where(choice == c, p[c], o) for p, o in zip(pick, out, strict=True)]
+    return (*out, _xp.take_along(times, xp.astype(choice, best.dtype), xp=xp))
+
+
 def _speed_rows(
     mlog_load: Any, live_gpu: Any, inverse: Any, live_slots: Any, phy_per_node: int, per_gpu: int, *, xp: Any
 ) -> tuple[Any, Any, Any]:
@@ -121,13 +256,12 @@ def _speed_rows(
         item_load, pphy2phy, inverse, live_gpu, default_swap_rounds(live_gpu.shape[1]), xp=xp
     )
     times = xp.max(pack_times(_xp.take_along(item_load, pphy2phy, xp=xp), inverse, live_gpu, xp=xp), axis=-1)
-    times = xp.permute_dims(xp.reshape(times, (num_sets, rows_n)), (1, 0))  # [rows, C]
-    best = xp.reshape(xp.argmin(times, axis=-1), (rows_n, 1))
-    choice = xp.where(_xp.take_along(times, best, xp=xp) < times[:, :1] * IMPROVEMENT, best, 0)
-    pick = [xp.reshape(a, (num_sets, rows_n, -1)) for a in (item2mlog, mlogcnt, pphy2phy)]
-    out = [p[0] for p in pick]
-    for c in range(1, num_sets):
-        out = [xp.where(choice == c, p[c], o) for p, o in zip(pick, out, strict=True)]
+    *out, best_time = _fastest(times, (item2mlog, mlogcnt, pphy2phy), num_sets, rows_n, xp=xp)
+    if per_gpu == 2:  # the budget sets, for a budget just under the greedy sets' best time
+        rows = (mlog_load, live_gpu[:rows_n], inverse[:rows_n], live_slots[:rows_n])
+        *mine, my_time = _budget_rows(*rows, phy_per_node, best_time * BUDGET_SHARE, out[1], xp=xp)
+        faster = my_time < best_time * IMPROVEMENT
+        out = [xp.where(faster, m, o) for m, o in zip(mine, out, strict=True)]
     return tuple(out)
 
 

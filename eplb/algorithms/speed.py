@@ -26,6 +26,7 @@ __all__ = [
     "inverse_capacity",
     "lpt_pack_speed",
     "pack_times",
+    "pair_pack_speed",
     "refine_by_swaps_speed",
 ]
 
@@ -129,6 +130,49 @@ def lpt_pack_speed(weight: Any, live_pack: Any, inverse: Any, per_pack: int, *, 
     _, (pack_by_step, rank_by_step) = _xp.scan(visit, (zeros, zeros), weight_by_step, xp=xp)
     pack_by_step = xp.astype(xp.permute_dims(pack_by_step, (1, 0)), order.dtype)
     return order, pack_by_step, xp.astype(xp.permute_dims(rank_by_step, (1, 0)), order.dtype)
+
+
+def pair_pack_speed(item_load: Any, live_pack: Any, inverse: Any, budget: Any, *, xp: Any) -> Any:
+    """Two items per pack, by a time budget: ``slot2item [B, 2m]`` (pack ``p`` holds slots ``2p, 2p + 1``).
+
+    Packs are visited fastest first (smallest ``inverse [B, m]``, equal ones
+    by index; idle packs, ``live_pack`` false, last). Each takes the heaviest
+    item left (equal loads: lower index) and, as its partner, the heaviest
+    live item left that keeps it within ``budget [B, 1]``: ``fl32(load_x +
+    load_y) * inverse <= budget``; if none fits, the lightest live item left
+    (lower index on ties). Live items have loads ``>= 0``, phantoms ``-1``;
+    with ``2 * live packs`` live items the live packs take exactly the live
+    items and idle packs the phantoms (an idle pack's partner: the heaviest
+    item left). Best fit by size under one time limit:
+    the fast packs pair each heavy replica with the largest one that fits
+    beside it, which leaves the middle-sized ones to pair up on slow packs.
+    """
+    batch, n = item_load.shape
+    device = _xp.device(item_load)
+    pack_order = _xp.argsort_desc(xp.where(live_pack, -inverse, -xp.inf), xp=xp)  # fastest first, idle last
+    index_dtype = pack_order.dtype
+    idle_inverse = xp.where(live_pack, inverse, xp.inf)  # an idle pack: every phantom fits, no live item
+    inverse_by_step = xp.permute_dims(_xp.take_along(idle_inverse, pack_order, xp=xp), (1, 0))  # [m, B]
+    ids = xp.arange(n, dtype=index_dtype, device=device)
+
+    def visit(left: Any, pack_inverse: Any) -> tuple[Any, Any]:  # left: the loads of the items left, else -inf
+        first = xp.reshape(xp.argmax(left, axis=-1), (batch, 1))
+        left = xp.where(ids == first, -xp.inf, left)
+        pack_inverse = xp.reshape(pack_inverse, (batch, 1))
+        within = (left >= 0) & ((_xp.take_along(item_load, first, xp=xp) + left) * pack_inverse <= budget)
+        fits = xp.where(within | ((pack_inverse == xp.inf) & (left > -xp.inf)), left, -xp.inf)
+        heaviest = xp.reshape(xp.argmax(fits, axis=-1), (batch, 1))
+        lightest = xp.reshape(xp.argmin(xp.where(left >= 0, left, xp.inf), axis=-1), (batch, 1))
+        partner = xp.where(_xp.take_along(fits, heaviest, xp=xp) > -xp.inf, heaviest, lightest)
+        return xp.where(ids == partner, -xp.inf, left), (first[:, 0], partner[:, 0])
+
+    _, (firsts, partners) = _xp.scan(visit, item_load, inverse_by_step, xp=xp)
+    rows = xp.reshape(xp.arange(batch, dtype=index_dtype, device=device), (batch, 1))
+    slot2item = xp.empty((batch, n), dtype=index_dtype, device=device)
+    for offset, items in ((0, firsts), (1, partners)):
+        items = xp.astype(xp.permute_dims(items, (1, 0)), index_dtype)  # [B, m]
+        slot2item = _xp.at_set(slot2item, (rows, pack_order * 2 + offset), items, xp=xp)
+    return slot2item
 
 
 def pack_times(slot_load: Any, inverse: Any, live_pack: Any, *, xp: Any) -> Any:
