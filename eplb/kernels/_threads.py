@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -26,8 +26,23 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-THREADS = min(_available_cpus(), 8)
-"""Most threads a kernel's rows run on (the CPUs available to the process, at most 8); 1: one thread."""
+def _threads_setting(environ: Mapping[str, str] = os.environ) -> int:
+    """``EPLB_THREADS`` when set (a positive int), else the CPUs available to the process, at most 8."""
+    value = environ.get("EPLB_THREADS", "").strip()
+    if not value:
+        return min(_available_cpus(), 8)
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"EPLB_THREADS must be a positive int (1: one thread), got {value!r}")
+    return threads
+
+
+THREADS = _threads_setting()
+"""Most threads a kernel's rows run on: ``EPLB_THREADS`` when set, else the CPUs available to the process, at
+most 8; 1: one thread. Read at import; assign to change it in a running process."""
 
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
