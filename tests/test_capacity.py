@@ -2,10 +2,11 @@
 
 Checked against plain-Python float64 oracles (``tests/oracle.py``: times,
 time-balance, the lower bound term by term, the exhaustive optimum of tiny
-layers, LPT by time, the capacity-blind placement on the live GPUs), for
-its invariants, and bit for bit across numpy, torch (CPU; CUDA where
-present) and JAX (XLA inside a user's ``jit`` with the capacities traced),
-each forced onto the array-API path. Kept to about 45 s on a 2-core CPU: the
+layers, LPT by time, the pairing by a time budget and the budget replica
+counts, the capacity-blind placement on the live GPUs), for its invariants,
+and bit for bit across numpy, torch (CPU; CUDA where present) and JAX (XLA
+inside a user's ``jit`` with the capacities traced), each forced onto the
+array-API path. Kept to about 45 s on a 2-core CPU: the
 JAX cases share four shapes (one compile each; capacities are traced).
 """
 
