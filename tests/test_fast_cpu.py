@@ -482,3 +482,54 @@ def test_kernels_cached_or_warned(monkeypatch):
         add = _numba_jit.njit()(lambda a, b: a + b)
     assert add(2, 3) == 5
     assert _numba_jit.CACHED[f"{__name__}.test_kernels_cached_or_warned.<locals>.<lambda>"] is False
+
+
+# ---------------------------------------------------------------- log2phy=False (previous='s fresh placement)
+
+
+@pytest.mark.parametrize("config", [*SMALL, DEEPSEEK, DEEPSEEK_GLOBAL, Config(1, 4, 1, 1, 4), Config(16, 16, 4, 2, 16)])
+def test_without_log2phy_the_placement_is_the_same(config):
+    """``log2phy=False`` (what ``previous=`` asks of the fresh placement): ``phy2log`` and ``logcnt`` equal the
+    array-API reference's, and the second array is ``[L, E, 0]``; layers the kernel declines (float32 sums that
+    overflow) and all-zero layers included."""
+    rng = np.random.default_rng(11)
+    weight = cases.lognormal_f32(rng, 6, config.num_experts)
+    weight[2] = 0.0
+    weight[4] = np.float32(3e38)  # sums overflow float32: declined where the policy adds loads up
+    *_, ok = _numba.greedy(weight, *config.args, hierarchical=config.hierarchical)
+    if config in (DEEPSEEK, DEEPSEEK_GLOBAL):
+        assert not ok[4]  # the reference path's branch runs
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = reference(weight, config)
+        got = _numba.rebalance(weight, *config.args, hierarchical=config.hierarchical,
+                               policy="greedy", spill=0, log2phy=False)  # fmt: skip
+    assert got[1].shape == (6, config.num_experts, 0)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_previous_does_not_build_the_fresh_log2phy(monkeypatch):
+    """``previous=`` on numpy asks the kernel for no ``log2phy`` (it builds its own, in slot order), and its
+    result's ``log2phy`` is still the full one: each expert's slots in slot order, -1 padded (plain Python)."""
+    _numba.warm_up()  # the kernels loaded (else the call takes the array-API path while they load)
+    asked = []
+    original = _numba.greedy
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("log2phy", True))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_numba, "greedy", spy)
+    rng = np.random.default_rng(12)
+    config = DEEPSEEK
+    old, new = (cases.lognormal_f32(rng, 4, 256) for _ in range(2))
+    previous = eplb.rebalance_experts(old, *config.args).phy2log
+    asked.clear()
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(new, *config.args, previous=previous)
+    assert asked == [False]
+    phy2log, log2phy, logcnt = np.asarray(phy2log), np.asarray(log2phy), np.asarray(logcnt)
+    for layer in range(4):
+        for expert in range(256):
+            slots = [s for s in range(288) if phy2log[layer, s] == expert]
+            assert log2phy[layer, expert].tolist() == slots + [-1] * (33 - len(slots))
+            assert logcnt[layer, expert] == len(slots)

@@ -144,26 +144,30 @@ def rebalance(
     num_groups: int,
     num_nodes: int,
     num_gpus: int,
+    *,
+    log2phy: bool = True,
     **options: Any,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The numpy backend's ``rebalance`` for plain greedy options, compiled; same placement, bit for bit.
 
     ``weight [L, E]`` float32, C-contiguous. Layers the kernel declines
     (see :func:`greedy`) are computed by the reference path.
+    ``log2phy=False``: the second array is ``[L, E, 0]`` (see :func:`greedy`).
     """
     if not supports(options):
         raise ValueError(f"the compiled kernel runs the plain greedy policy only, got options {options}")
-    phy2log, log2phy, logcnt, ok = greedy(
-        weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=options["hierarchical"]
+    phy2log, log2phy_out, logcnt, ok = greedy(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=options["hierarchical"], log2phy=log2phy
     )
     if not ok.all():
         from eplb.algorithms.policies import place
 
         rows = np.flatnonzero(~ok)
         redo = place(weight[rows], num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
-        for out, part in zip((phy2log, log2phy, logcnt), redo, strict=True):
-            out[rows] = part
-    return phy2log, log2phy, logcnt
+        for out, part in zip((phy2log, log2phy_out, logcnt), redo, strict=True):
+            if out.size:  # an empty log2phy_out (log2phy=False) takes nothing
+                out[rows] = part
+    return phy2log, log2phy_out, logcnt
 
 
 def greedy(
@@ -177,6 +181,7 @@ def greedy(
     parallel: bool = False,
     batch: int | None = None,
     merge_only: bool = False,
+    log2phy: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The greedy placement of float32 ``weight [L, E]`` (C-contiguous), compiled.
 
@@ -190,7 +195,11 @@ def greedy(
     machine a call then waits for the slowest thread to get a core.
     ``batch``: layers whose replica packings run in lockstep (default: about
     8 packings at a time). ``merge_only``: sort every row with the merge
-    sort, not the bucket pass first (tests check both).
+    sort, not the bucket pass first (tests check both). ``log2phy=False``:
+    the second array is ``[L, E, 0]`` and not built (``previous=`` builds its
+    own; the ``[L, E, R - E + 1]`` array is the largest the call writes,
+    3.9 MB at DeepSeek-V3 size, and allocating it afresh each call costs page
+    faults).
     The first call in a process compiles the kernels (a few seconds).
     """
     if not hierarchical:
@@ -199,7 +208,8 @@ def greedy(
     weight = np.ascontiguousarray(weight, dtype=np.float32)  # float32 arithmetic: no other specialisation
     num_layers, num_log = weight.shape
     phy2log = np.empty((num_layers, num_replicas), dtype=np.int64)
-    log2phy = np.empty((num_layers, num_log, num_replicas - num_log + 1), dtype=np.int64)
+    width = num_replicas - num_log + 1 if log2phy else 0
+    log2phy = np.empty((num_layers, num_log, width), dtype=np.int64)
     logcnt = np.empty((num_layers, num_log), dtype=np.int64)
     ok = np.empty(num_layers, dtype=np.bool_)
     recip = _xp.reciprocal_table(num_replicas // num_nodes - num_log // num_nodes + 1, xp=np)

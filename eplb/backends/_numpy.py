@@ -31,6 +31,7 @@ def rebalance(
     num_gpus: int,
     *,
     impl: str | None = None,
+    log2phy: bool = True,
     **options: Any,
 ) -> tuple[Any, Any, Any]:
     """Placement of a numpy array; ``options`` are :func:`eplb.algorithms.policies.place`'s keywords.
@@ -41,13 +42,15 @@ def rebalance(
     installed, the options are plain greedy and the kernel is loaded
     (:func:`eplb.backends._numba.ready`: the first call in a process starts
     loading it in the background, from numba's disk cache or by compiling),
-    else ``"xp"``. Both give the same placement.
+    else ``"xp"``. Both give the same placement. ``log2phy=False`` (for
+    ``previous=``, which builds its own): the compiled kernel leaves the
+    second array empty, ``[L, E, 0]``; the array-API path returns it whole.
     """
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
     if impl is None:
         impl = "numba" if _numba.supports(options) and _numba.available() and _numba.ready() else "xp"
     if impl == "numba":
-        return _numba.rebalance(weight32, num_replicas, num_groups, num_nodes, num_gpus, **options)
+        return _numba.rebalance(weight32, num_replicas, num_groups, num_nodes, num_gpus, log2phy=log2phy, **options)
     if impl != "xp":
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     placement = placer(options)(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
@@ -105,7 +108,8 @@ def rebalance_stable(
         from eplb.kernels import relabel_numba, repair_numba
 
         def place_fn(w: np.ndarray, *sizes: int, xp: Any, **policy: Any) -> tuple[Any, ...]:
-            return rebalance(w, *sizes, **policy)  # the greedy kernel where it applies
+            # The greedy kernel where it applies; its log2phy is not needed (log2phy_fn builds the result's).
+            return rebalance(w, *sizes, log2phy=False, **policy)
 
         def relabel_fn(new: np.ndarray, old: np.ndarray, gpus: int, nodes: int, *, xp: Any) -> np.ndarray:
             return relabel_numba.relabel(new, old, gpus, nodes, weight.shape[1])

@@ -476,7 +476,8 @@ def _layers(
                         expert = mlog2log[lb * num_log + node * log_per_node + phy2mlog[j]]
                         slot = node * phy_per_node + q
                         phy2log[layer, slot] = expert
-                        log2phy[layer, expert, phyrank[j]] = slot
+                        if width:  # width 0: the caller needs no log2phy (keep-in-place builds its own)
+                            log2phy[layer, expert, phyrank[j]] = slot
                     for j in range(log_per_node):
                         logcnt[layer, mlog2log[lb * num_log + node * log_per_node + j]] = cnt[r * log_per_node + j]
 
