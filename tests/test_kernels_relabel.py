@@ -53,6 +53,7 @@ def test_rows_split_over_threads_equal_the_array_api_relabelling(monkeypatch):
 
     monkeypatch.setattr(relabel_numba, "_relabel", counted)
     monkeypatch.setattr(relabel_numba, "MIN_ROWS_PER_THREAD", 2)
+    monkeypatch.setattr(relabel_numba, "MIN_GPUS_PER_NODE_FOR_THREADS", 1)  # split even these small ones
     rng = np.random.default_rng(3)
     for case, (new, old, gpus, nodes, experts) in enumerate(_random_cases(rng)):
         if case >= 24:
@@ -66,6 +67,28 @@ def test_rows_split_over_threads_equal_the_array_api_relabelling(monkeypatch):
         got = relabel_numba.relabel(new, old, gpus, nodes, experts)
         parts = min(threads, len(new) // 2)
         assert sorted(calls) == sorted(len(range(k, len(new), parts)) for k in range(parts))
+        np.testing.assert_array_equal(got, relabel(new, old, gpus, nodes, xp=np))
+
+
+def test_only_large_assignments_split(monkeypatch):
+    """Layers of small assignments (4 nodes of 8 GPUs) stay on one thread; 144 GPUs in one node split over
+    the threads; both equal the array-API relabelling."""
+    calls = []
+    kernel = relabel_numba._relabel
+
+    def counted(new, *args):
+        calls.append(len(new))
+        return kernel(new, *args)
+
+    monkeypatch.setattr(relabel_numba, "_relabel", counted)
+    monkeypatch.setattr(_threads, "THREADS", 2)
+    rng = np.random.default_rng(4)
+    for slots, gpus, nodes, split in ((64, 32, 4, False), (288, 144, 1, True), (64, 32, 32, True)):
+        new = np.stack([rng.permutation(slots) % 48 for _ in range(40)])
+        old = np.stack([rng.permutation(slots) % 48 for _ in range(40)])
+        calls.clear()
+        got = relabel_numba.relabel(new, old, gpus, nodes, 48)
+        assert sorted(calls) == ([20, 20] if split else [40]), (gpus, nodes)
         np.testing.assert_array_equal(got, relabel(new, old, gpus, nodes, xp=np))
 
 
