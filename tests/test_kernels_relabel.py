@@ -42,8 +42,9 @@ def test_equals_the_array_api_relabelling():
         np.testing.assert_array_equal(relabel_numba.relabel(new, old, gpus, nodes, experts), want)
 
 
-def test_rows_split_over_threads_equal_the_array_api_relabelling(monkeypatch):
-    """Layers dealt round-robin to threads (uneven splits included) give the array-API relabelling, row by row."""
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The batch sizes of the compiled relabelling's calls (one per thread's share), appended as they run."""
     calls = []
     kernel = relabel_numba._relabel
 
@@ -52,6 +53,12 @@ def test_rows_split_over_threads_equal_the_array_api_relabelling(monkeypatch):
         return kernel(new, *args)
 
     monkeypatch.setattr(relabel_numba, "_relabel", counted)
+    return calls
+
+
+def test_rows_split_over_threads_equal_the_array_api_relabelling(monkeypatch, kernel_calls):
+    """Layers dealt round-robin to threads (uneven splits included) give the array-API relabelling, row by row."""
+    calls = kernel_calls
     monkeypatch.setattr(relabel_numba, "MIN_ROWS_PER_THREAD", 2)
     monkeypatch.setattr(relabel_numba, "MIN_GPUS_PER_NODE_FOR_THREADS", 1)  # split even these small ones
     rng = np.random.default_rng(3)
@@ -70,17 +77,10 @@ def test_rows_split_over_threads_equal_the_array_api_relabelling(monkeypatch):
         np.testing.assert_array_equal(got, relabel(new, old, gpus, nodes, xp=np))
 
 
-def test_only_large_assignments_split(monkeypatch):
+def test_only_large_assignments_split(monkeypatch, kernel_calls):
     """Layers of small assignments (4 nodes of 8 GPUs) stay on one thread; 144 GPUs in one node split over
     the threads; both equal the array-API relabelling."""
-    calls = []
-    kernel = relabel_numba._relabel
-
-    def counted(new, *args):
-        calls.append(len(new))
-        return kernel(new, *args)
-
-    monkeypatch.setattr(relabel_numba, "_relabel", counted)
+    calls = kernel_calls
     monkeypatch.setattr(_threads, "THREADS", 2)
     rng = np.random.default_rng(4)
     for slots, gpus, nodes, split in ((64, 32, 4, False), (288, 144, 1, True), (64, 32, 32, True)):
