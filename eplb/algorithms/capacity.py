@@ -72,6 +72,18 @@ def default_swap_rounds(num_gpus: int) -> int:
     return min(256, max(64, num_gpus))
 
 
+def _lightest_first(mlog_load: Any, index_dtype: Any, *, xp: Any) -> tuple[Any, Any]:
+    """``lightest [rows, E]``: experts by ascending load (equal loads by index; +0.0 loads only), and each
+    expert's place in that line (its inverse)."""
+    lightest = _xp.argsort_desc(-mlog_load, xp=xp)
+    return lightest, inverse_permutation(xp.astype(lightest, index_dtype), xp=xp)
+
+
+def _filler_counts(place_in_line: Any, rest: Any, num_log: int, *, xp: Any) -> Any:
+    """Replicas each expert gets from ``rest [rows, 1]`` slots dealt one each to the lightest experts, cycling."""
+    return xp.where(place_in_line < rest, (rest - 1 - place_in_line) // num_log + 1, 0)
+
+
 def _replica_sets(mlog_load: Any, live_slots: Any, phy_per_node: int, *, xp: Any) -> tuple[Any, Any, Any]:
     """Per row and candidate (``C = len(GREEDY_SHARES)``, candidate-major rows ``[C * rows, ...]``):
     ``item2mlog`` (node-local expert of each item; phantoms: 0), ``item_load`` (phantoms: -1), ``mlogcnt``."""
@@ -82,8 +94,7 @@ def _replica_sets(mlog_load: Any, live_slots: Any, phy_per_node: int, *, xp: Any
     item = xp.arange(phy_per_node, dtype=index_dtype, device=device)
     live_slots = xp.astype(live_slots, index_dtype)  # [rows, 1]
     extra = xp.maximum(live_slots - log_per_node, xp.zeros_like(live_slots))
-    lightest = _xp.argsort_desc(-mlog_load, xp=xp)  # ascending load, equal loads by index (+0.0 loads only)
-    place_in_line = inverse_permutation(xp.astype(lightest, index_dtype), xp=xp)  # [rows, E/N]
+    lightest, place_in_line = _lightest_first(mlog_load, index_dtype, xp=xp)  # [rows, E/N]
     experts = xp.arange(log_per_node, dtype=index_dtype, device=device)
     steps = phy2mlog[:, log_per_node:]  # [rows, X_max]: the expert of each greedy step
     step_hits = steps[:, :, None] == experts  # [rows, X_max, E/N]
@@ -95,7 +106,7 @@ def _replica_sets(mlog_load: Any, live_slots: Any, phy_per_node: int, *, xp: Any
         rest = extra - greedy  # one each to the lightest experts, cycling
         in_prefix = item[: steps.shape[1]] < greedy
         greedy_cnt = 1 + xp.sum(xp.astype(step_hits & in_prefix[:, :, None], index_dtype), axis=1)
-        filler_cnt = xp.where(place_in_line < rest, (rest - 1 - place_in_line) // log_per_node + 1, 0)
+        filler_cnt = _filler_counts(place_in_line, rest, log_per_node, xp=xp)
         mlogcnt = greedy_cnt + xp.astype(filler_cnt, index_dtype)  # [rows, E/N]
         greedy_end = log_per_node + greedy
         cyclic = xp.where(item >= greedy_end, (item - greedy_end) % log_per_node, 0)
@@ -155,9 +166,8 @@ def _budget_counts(
     mlogcnt = fast_count + xp.where(taken, cost, 0)
     valid = left >= 0
     rest = xp.where(valid, live_slots - xp.sum(mlogcnt, axis=-1, keepdims=True), 0)
-    lightest = _xp.argsort_desc(-mlog_load, xp=xp)  # ascending load, equal loads by index
-    place_in_line = inverse_permutation(xp.astype(lightest, index_dtype), xp=xp)
-    return mlogcnt + xp.where(place_in_line < rest, (rest - 1 - place_in_line) // num_log + 1, 0), valid
+    _, place_in_line = _lightest_first(mlog_load, index_dtype, xp=xp)
+    return mlogcnt + _filler_counts(place_in_line, rest, num_log, xp=xp), valid
 
 
 def _items(mlog_load: Any, mlogcnt: Any, live_slots: Any, phy_per_node: int, *, xp: Any) -> tuple[Any, Any]:
