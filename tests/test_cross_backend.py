@@ -195,6 +195,17 @@ def test_previous(config, knobs):
     _all_agree(new, config, previous=previous, **KNOBS[knobs])
 
 
+def test_previous_near_split():
+    """Loads on which the near split's start wins layers (``tests/test_near_split.py``): a second search and
+    a group swap between nodes, on every implementation."""
+    rng = np.random.default_rng(3)
+    old = cases.lognormal_f32(rng, 8, 32)
+    new = old * rng.lognormal(0, 0.3, old.shape).astype(np.float32)
+    previous = eplb.rebalance_experts(old, 48, 8, 4, 8).phy2log
+    for knobs in ({"balance_tolerance": 0.01}, {"balance_tolerance": 0.0, "max_moves": 40}):
+        _all_agree(new, (48, 8, 4, 8), previous=previous, **knobs)
+
+
 def test_previous_with_refined_policy():
     rng = np.random.default_rng(12)
     old, new = cases.lognormal_f32(rng, 6, 16), cases.lognormal_f32(rng, 6, 16)

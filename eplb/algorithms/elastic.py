@@ -34,7 +34,7 @@ from typing import Any
 
 from eplb import _xp
 from eplb.algorithms.assignment import BIG, max_assignment
-from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split, group_loads
+from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split, group_loads, node_groups
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.packing import inverse_permutation, slots_by_pack, sum_left_to_right
 from eplb.algorithms.relabel import align_slots, count_moves, gpu_overlap, occurrence
@@ -200,7 +200,16 @@ def live_group_split(
 
 
 def sticky_group_split(
-    weight: Any, previous: Any, active: Any, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any
+    weight: Any,
+    previous: Any,
+    active: Any,
+    num_phy: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    max_swaps: int | None = None,
+    xp: Any,
 ) -> tuple[Any, Any]:
     """``mgroup2group [L, groups]`` near ``previous [L, R]``'s split, and ``[L, 1]`` whether it is one.
 
@@ -210,27 +219,22 @@ def sticky_group_split(
     between nodes while that lowers the heaviest node's load times
     ``fl32(1 / its live slots)`` by the ``IMPROVEMENT`` margin: the swap that
     lowers it most (ties: the first pair ``(g1, g2)``, ``g1 < g2``), at most
-    ``groups`` swaps. Node loads are left-to-right sums of their groups' loads
+    ``max_swaps`` swaps (``None``: ``groups``). Node loads are left-to-right sums of their groups' loads
     in group order; groups are listed node by node, in group order.
     """
     from eplb.algorithms.refine import IMPROVEMENT
 
     num_layers, num_log = weight.shape
     device = _xp.device(weight)
-    group_size, per_node = num_log // num_groups, num_phy // num_nodes
     dtype = previous.dtype  # the ids' integer type (int32 on JAX without x64)
-    prev = previous
-    group_of_slot = xp.where(prev >= 0, prev // group_size, -1)  # [L, R]
-    node_of_slot = xp.arange(num_phy, dtype=dtype, device=device) // per_node
     group_ids = xp.arange(num_groups, dtype=dtype, device=device)
     node_ids = xp.arange(num_nodes, dtype=dtype, device=device)
-    match = group_of_slot[:, :, None] == group_ids  # [L, R, groups]
-    low = xp.min(xp.where(match, node_of_slot[None, :, None], num_nodes), axis=1)  # [L, groups]
-    high = xp.max(xp.where(match, node_of_slot[None, :, None], -1), axis=1)
-    count = xp.sum(xp.astype(low[:, :, None] == node_ids, dtype), axis=1)  # [L, N]
-    valid = xp.all(low == high, axis=-1, keepdims=True) & xp.all(
-        count == num_groups // num_nodes, axis=-1, keepdims=True
+    present = xp.astype(node_groups(previous, num_log, num_groups, num_nodes, xp=xp), dtype)  # [L, N, groups]
+    # Each group on exactly one node (a group with no slot is on none), groups / N groups on each node.
+    valid = xp.all(xp.sum(present, axis=1) == 1, axis=-1, keepdims=True) & xp.all(
+        xp.sum(present, axis=2) == num_groups // num_nodes, axis=-1, keepdims=True
     )
+    low = xp.sum(present * node_ids[None, :, None], axis=1)  # [L, groups] the group's node where valid
     assign = xp.where(valid, low, xp.zeros_like(low))  # [L, groups] node of each group
     loads = group_loads(weight, num_groups, xp=xp)  # [L, groups]
     _, inverse = _node_slots(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
@@ -241,7 +245,7 @@ def sticky_group_split(
     g1 = xp.asarray(first, dtype=dtype, device=device)
     g2 = xp.asarray(second, dtype=dtype, device=device)
     zero = xp.zeros_like(loads)
-    for _ in range(num_groups):
+    for _ in range(num_groups if max_swaps is None else max_swaps):
         on_node = assign[:, None, :] == node_ids[None, :, None]  # [L, N, groups]
         node_load = sum_left_to_right(xp.where(on_node, loads[:, None, :], zero[:, None, :]), xp=xp)  # [L, N]
         scaled = node_load * inverse

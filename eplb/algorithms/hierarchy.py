@@ -14,6 +14,7 @@ __all__ = [
     "expert_order",
     "greedy_group_split",
     "group_loads",
+    "node_groups",
     "rebalance_hierarchical",
     "replicate_on_nodes",
 ]
@@ -27,6 +28,19 @@ def group_loads(weight: Any, num_groups: int, *, xp: Any) -> Any:
     """
     num_layers, num_experts = weight.shape
     return sum_left_to_right(xp.reshape(weight, (num_layers, num_groups, num_experts // num_groups)), xp=xp)
+
+
+def node_groups(phy2log: Any, num_log: int, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
+    """``[B, N, groups]`` bool: node ``n``'s slots hold an expert of group ``g`` (``-1`` slots hold none).
+
+    Slot ``j`` is on node ``j // (R / N)``; expert ``e`` is in group
+    ``e // (E / groups)``. Integer comparisons only.
+    """
+    batch, num_phy = phy2log.shape
+    group_of_slot = xp.where(phy2log >= 0, phy2log // (num_log // num_groups), -1)
+    groups = xp.arange(num_groups, dtype=phy2log.dtype, device=_xp.device(phy2log))
+    by_node = xp.reshape(group_of_slot, (batch, num_nodes, num_phy // num_nodes, 1)) == groups
+    return xp.any(by_node, axis=2)
 
 
 def greedy_group_split(weight: Any, num_groups: int, num_nodes: int, *, xp: Any) -> Any:

@@ -16,9 +16,13 @@ free choice that does not change the balance. Given the previous placement
 - optionally **trades balance for fewer moves** (a load ``limit``): local
   search from the old placement, and from two "sticky" repackings of the
   fresh replicas that prefer each replica's old GPU, one within the limit,
-  one wherever that GPU has room (:mod:`eplb.algorithms.repair`); per layer the candidate with the fewest
-  moves whose heaviest GPU is within the limit wins, else the relabelled
-  fresh placement.
+  one wherever that GPU has room (:mod:`eplb.algorithms.repair`); with
+  groups kept on nodes also from a sticky repacking of :func:`near_split`,
+  the placement on the old group split with at most one pair of groups
+  swapped between nodes (a fresh split may move several groups, each a
+  node's worth of copies, where one swap brings the nodes within reach of
+  the limit); per layer the candidate with the fewest moves whose heaviest
+  GPU is within the limit wins, else the relabelled fresh placement.
 
 "Moves" are ``(expert, GPU)`` pairs of the new placement absent from the old
 one, counted as multisets: the expert copies a migration must make.
@@ -36,30 +40,77 @@ from typing import Any
 
 from eplb import _xp
 from eplb.algorithms.assignment import BIG
-from eplb.algorithms.hierarchy import build_log2phy
+from eplb.algorithms.elastic import sticky_group_split
+from eplb.algorithms.hierarchy import build_log2phy, expert_order, node_groups
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
+from eplb.algorithms.packing import inverse_permutation
 from eplb.algorithms.policies import place
 from eplb.algorithms.relabel import align_slots, count_moves, occurrence, relabel, replica_counts
 from eplb.algorithms.repair import gpu_loads, repair, sticky_pack
 from eplb.algorithms.replication import replica_load
 
-__all__ = ["place_stable", "stabilize"]
+__all__ = ["near_split", "place_stable", "stabilize"]
 
 
 def _covers(phy2log: Any, logcnt: Any, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
     """``[B, 1]``: every expert has a slot, and (``num_nodes > 1``) each group's slots lie on one node."""
-    num_phy, num_log = phy2log.shape[1], logcnt.shape[1]
     ok = xp.all(logcnt > 0, axis=-1, keepdims=True)
     if num_nodes == 1:
         return ok
-    group_of_slot = phy2log // (num_log // num_groups)  # [B, R]
+    present = xp.astype(node_groups(phy2log, logcnt.shape[1], num_groups, num_nodes, xp=xp), xp.int32)
+    return ok & xp.all(xp.sum(present, axis=1) <= 1, axis=-1, keepdims=True)
+
+
+def _other_groups(phy2log: Any, base: Any, num_log: int, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
+    """``[B, 1]``: some node of ``phy2log [B, R]`` holds an expert of a group that ``base [B, R]``'s same node
+    does not. Both keep whole groups on nodes, ``groups / N`` a node, so otherwise their nodes hold the
+    same groups."""
+    batch, num_phy = phy2log.shape
+    present = xp.reshape(node_groups(base, num_log, num_groups, num_nodes, xp=xp), (batch, num_nodes * num_groups))
     node_of_slot = xp.arange(num_phy, dtype=phy2log.dtype, device=_xp.device(phy2log)) // (num_phy // num_nodes)
-    in_group = group_of_slot[:, :, None] == xp.arange(
-        num_groups, dtype=phy2log.dtype, device=_xp.device(phy2log)
-    )  # [B, R, groups]
-    low = xp.min(xp.where(in_group, node_of_slot[:, None], num_nodes), axis=1)
-    high = xp.max(xp.where(in_group, node_of_slot[:, None], -1), axis=1)
-    return ok & xp.all((low == high) | (high < 0), axis=-1, keepdims=True)
+    held = _xp.take_along(present, node_of_slot * num_groups + phy2log // (num_log // num_groups), xp=xp)
+    return xp.logical_not(xp.all(held, axis=-1, keepdims=True))
+
+
+def near_split(
+    weight: Any,
+    old: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    xp: Any,
+    place_fn: Callable[..., Any] = place,
+    **options: Any,
+) -> tuple[Any, Any]:
+    """``phy2log [L, R]`` and ``logcnt [L, E]``: a placement that keeps ``old [L, R]``'s groups on their nodes
+    but at most one pair, swapped between nodes where that lowers the heaviest node.
+
+    The split is :func:`eplb.algorithms.elastic.sticky_group_split` with one
+    swap (every GPU live; an ``old`` whose groups are not one node each
+    gives groups in order, node by node: a valid split, a poor start). Each
+    node then gets the policy's own per-node step: ``place_fn`` (the fresh
+    placement, ``options`` its ``policy``) on the node's experts alone, as
+    the global policy over ``R / N`` slots and ``G / N`` GPUs, expert ids in
+    group order. One batched call over ``L * N`` rows.
+    """
+    num_layers, num_log = weight.shape
+    device = _xp.device(weight)
+    active = xp.ones((num_gpus,), dtype=xp.bool, device=device)
+    split, _ = sticky_group_split(
+        weight, old, active, num_replicas, num_groups, num_nodes, num_gpus, max_swaps=1, xp=xp
+    )
+    mlog2log = expert_order(split, num_log // num_groups, xp=xp)  # [L, E] node by node
+    rows = (num_layers * num_nodes, num_log // num_nodes)
+    node_weight = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), rows)
+    phy2mlog, _, mlogcnt = place_fn(
+        node_weight, num_replicas // num_nodes, 1, 1, num_gpus // num_nodes, hierarchical=False, xp=xp, **options
+    )
+    phy2log = _xp.take_along(xp.reshape(mlog2log, rows), xp.astype(phy2mlog, mlog2log.dtype), xp=xp)
+    mlogcnt = xp.reshape(mlogcnt, (num_layers, num_log))
+    logcnt = _xp.take_along(mlogcnt, inverse_permutation(mlog2log, xp=xp), xp=xp)
+    return xp.astype(xp.reshape(phy2log, (num_layers, num_replicas)), old.dtype), logcnt
 
 
 def stabilize(
@@ -73,6 +124,7 @@ def stabilize(
     *,
     tolerance: float | None,
     max_moves: int | None,
+    near: tuple[Any, Any] | None = None,
     xp: Any,
     relabel_fn: Callable[..., Any] = relabel,
     sticky_pack_fn: Callable[..., Any] = sticky_pack,
@@ -90,9 +142,15 @@ def stabilize(
     sums) is at most ``fresh``'s times ``fl(1 + tolerance)`` (0 if ``None``)
     and whose moves are at most ``max_moves``: the relabelled fresh placement
     (always within the limit), :func:`repair` of ``old``, :func:`repair` of
-    a :func:`sticky_pack` of the fresh replicas within the limit, or
+    a :func:`sticky_pack` of the fresh replicas within the limit,
     :func:`repair` of one with no limit (a replica stays on its old GPU
-    whenever that GPU has a free slot); ties in that order. If
+    whenever that GPU has a free slot), or (given ``near``, a placement
+    ``(phy2log [B, R], logcnt [B, E])`` with whole groups on nodes, e.g.
+    :func:`near_split`) :func:`repair` of its replicas repacked the same
+    way with no limit, searched after the others within fewer moves than
+    the best of them and only where its nodes hold other groups than the
+    relabelled fresh placement's (so it never adds moves); ties in that
+    order. If
     none meets both (only with ``max_moves``), the lightest heaviest GPU
     among those within ``max_moves``. ``relabel_fn``, ``sticky_pack_fn``,
     ``repair_fn``, ``align_slots_fn``, ``replica_counts_fn``:
@@ -123,47 +181,79 @@ def stabilize(
     node_shape = (batch * num_nodes, per_node)
     node_limit = xp.reshape(xp.broadcast_to(limit, (batch, num_nodes)), (batch * num_nodes, 1))
     unbounded = xp.full(node_limit.shape, MAX_LOAD, dtype=node_limit.dtype, device=_xp.device(node_limit))
+    items, item_loads, limits = [base, base], [item_load, item_load], [node_limit, unbounded]
+    if near is not None:  # its groups are on old's nodes but one pair: repacked as the unbounded start is
+        near_phy2log, near_cnt = near[0], xp.astype(near[1], logcnt.dtype)
+        items.append(near_phy2log)
+        item_loads.append(_xp.take_along(replica_load(weight, near_cnt, reciprocal, xp=xp), near_phy2log, xp=xp))
+        limits.append(unbounded)
+    packs = len(items)
     sticky = sticky_pack_fn(
-        xp.concat([xp.reshape(base, node_shape)] * 2, axis=0),
-        xp.concat([xp.reshape(old, node_shape)] * 2, axis=0),
-        xp.concat([xp.reshape(item_load, node_shape)] * 2, axis=0),
-        xp.concat([node_limit, unbounded], axis=0),
+        xp.concat([xp.reshape(x, node_shape) for x in items], axis=0),
+        xp.concat([xp.reshape(old, node_shape)] * packs, axis=0),
+        xp.concat([xp.reshape(x, node_shape) for x in item_loads], axis=0),
+        xp.concat(limits, axis=0),
         gpus_per_node,
         xp=xp,
     )
-    sticky = align_slots_fn(xp.reshape(sticky, (2 * batch, num_phy)), xp.concat([old, old], axis=0), num_gpus, xp=xp)
+    sticky = align_slots_fn(
+        xp.reshape(sticky, (packs * batch, num_phy)), xp.concat([old] * packs, axis=0), num_gpus, xp=xp
+    )
 
     old_cnt = xp.astype(replica_counts_fn(old, num_log, xp=xp), logcnt.dtype)
     valid = _covers(old, old_cnt, num_groups, num_nodes, xp=xp)
-    starts = 3  # the old placement, the two sticky repackings
-    repaired, counts, moves = repair_fn(
-        xp.concat([old, sticky], axis=0),
-        xp.concat([old_cnt, logcnt, logcnt], axis=0),
-        xp.concat([old] * starts, axis=0),
-        xp.concat([weight] * starts, axis=0),
-        xp.concat([limit] * starts, axis=0),
-        xp.concat([budget] * starts, axis=0),
-        xp.concat([valid, xp.ones_like(valid), xp.ones_like(valid)], axis=0),
-        num_gpus,
-        num_nodes,
-        num_log // num_groups,
-        # Rows stop once within the limit or stuck (host, JAX); CUDA runs every step.
-        max_iters=min(num_phy, max(64, 4 * num_gpus)),
-        xp=xp,
-    )
-    rows = [slice(k * batch, (k + 1) * batch) for k in range(starts)]
-    candidates = [base] + [repaired[r] for r in rows]
-    counts = [logcnt] + [counts[r] for r in rows]
-    moves = xp.concat([base_moves] + [moves[r] for r in rows], axis=-1)  # [B, 4]
-    # The candidates' heaviest GPUs in one batched call (row by row the same sums; fewer launches on CUDA).
-    every = (xp.concat([base, repaired], axis=0), xp.concat(counts, axis=0))
-    loads = gpu_loads(xp.concat([weight] * (starts + 1), axis=0), *every, num_gpus, xp=xp)
-    peaks = xp.stack([xp.max(loads[k * batch : (k + 1) * batch], axis=-1) for k in range(starts + 1)], axis=-1)
     always = xp.ones_like(valid)
-    usable = xp.concat([always, valid, always, always], axis=-1) & (moves <= cap)
-    # The relabelled fresh placement is within the limit by construction (its GPU loads are
-    # fresh's, up to the order of summation).
-    balanced = usable & xp.concat([always, peaks[:, 1:] <= limit], axis=-1)
+
+    def search(begin: Any, begin_cnt: list[Any], ok: list[Any], most: Any) -> tuple[list, list, Any, Any]:
+        """:func:`repair` from the rows of ``begin`` (one block of ``batch`` rows per start), each within
+        ``most`` moves: the results, their counts, moves ``[B, k]`` and heaviest GPUs ``[B, k]``."""
+        k = len(begin_cnt)
+        repaired, counts, moves = repair_fn(
+            begin,
+            xp.concat(begin_cnt, axis=0),
+            xp.concat([old] * k, axis=0),
+            xp.concat([weight] * k, axis=0),
+            xp.concat([limit] * k, axis=0),
+            xp.concat([most] * k, axis=0),
+            xp.concat(ok, axis=0),
+            num_gpus,
+            num_nodes,
+            num_log // num_groups,
+            # Rows stop once within the limit or stuck (host, JAX); CUDA runs every step.
+            max_iters=min(num_phy, max(64, 4 * num_gpus)),
+            xp=xp,
+        )
+        # Their heaviest GPUs in one batched call (row by row the same sums; fewer launches on CUDA).
+        loads = gpu_loads(xp.concat([weight] * k, axis=0), repaired, counts, num_gpus, xp=xp)
+        rows = [slice(j * batch, (j + 1) * batch) for j in range(k)]
+        peaks = xp.stack([xp.max(loads[r], axis=-1) for r in rows], axis=-1)
+        moves = xp.concat([moves[r] for r in rows], axis=-1)
+        return [repaired[r] for r in rows], [counts[r] for r in rows], moves, peaks
+
+    # The old placement and the fresh replicas' sticky starts; the relabelled fresh placement is within the
+    # limit by construction (its GPU loads are fresh's, up to the order of summation).
+    fresh_rows = slice(0, 2 * batch)
+    candidates, counts, moves, peaks = search(
+        xp.concat([old, sticky[fresh_rows]], axis=0), [old_cnt, logcnt, logcnt], [valid, always, always], budget
+    )
+    candidates, counts = [base, *candidates], [logcnt, *counts]
+    usable = xp.concat([always, valid, always, always], axis=-1) & (xp.concat([base_moves, moves], axis=-1) <= cap)
+    balanced = usable & xp.concat([always, peaks <= limit], axis=-1)
+    moves = xp.concat([base_moves, moves], axis=-1)  # [B, 4]
+    peaks = xp.concat([xp.zeros_like(limit), peaks], axis=-1)  # the base's never decides: it is balanced
+    if near is not None:
+        # The near split's start is searched only within fewer moves than the best balanced candidate so far
+        # (a search that cannot beat it stops at once), and only where its groups sit on other nodes than
+        # the relabelled fresh placement's (elsewhere the two unbounded starts hold the same replicas on the
+        # same nodes and the search would repeat).
+        fewest = xp.min(xp.where(balanced, moves, BIG), axis=-1, keepdims=True)
+        most = xp.where(fewest - 1 < budget, fewest - 1, budget)
+        searched = _other_groups(near_phy2log, base, num_log, num_groups, num_nodes, xp=xp)
+        found, found_cnt, found_moves, found_peaks = search(sticky[2 * batch :], [near_cnt], [searched], most)
+        candidates, counts = candidates + found, counts + found_cnt
+        moves, peaks = xp.concat([moves, found_moves], axis=-1), xp.concat([peaks, found_peaks], axis=-1)
+        usable = xp.concat([usable, found_moves <= cap], axis=-1)
+        balanced = xp.concat([balanced, (found_moves <= cap) & (found_peaks <= limit)], axis=-1)
     fewest = xp.argmin(xp.where(balanced, moves, BIG), axis=-1)
     lightest = xp.argmin(xp.where(usable, peaks, xp.inf), axis=-1)
     choice = xp.where(xp.any(balanced, axis=-1), fewest, xp.where(xp.any(usable, axis=-1), lightest, 0))
@@ -231,7 +321,9 @@ def place_stable(
     """Like :func:`eplb.algorithms.policies.place`, keeping the experts of ``previous [L, R]`` in place.
 
     ``options`` go to :func:`~eplb.algorithms.policies.place` (``policy``,
-    ``spill``); ``tolerance`` and ``max_moves`` to :func:`stabilize`.
+    ``spill``); ``tolerance`` and ``max_moves`` to :func:`stabilize`, with,
+    where groups stay on nodes (hierarchical, more groups than nodes, no
+    ``spill``), :func:`near_split`'s placement as its extra start.
     ``place_fn``, ``relabel_fn``, ``log2phy_fn``: :func:`place`,
     :func:`relabel` and the slot-order ``log2phy`` below, and
     ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``,
@@ -248,6 +340,13 @@ def place_stable(
     )
     if not hierarchical:
         num_groups, num_nodes = 1, 1
+    near = None
+    knobs = tolerance is not None or max_moves is not None
+    if knobs and num_groups > num_nodes > 1 and not options.get("spill") and options.get("policy") != "survivable":
+        near = near_split(
+            weight, xp.astype(previous, fresh.dtype), num_replicas, num_groups, num_nodes, num_gpus,
+            xp=xp, place_fn=place_fn, **options,
+        )  # fmt: skip
     phy2log, logcnt = stabilize(
         weight,
         fresh,
@@ -258,6 +357,7 @@ def place_stable(
         num_gpus,
         tolerance=tolerance,
         max_moves=max_moves,
+        near=near,
         xp=xp,
         relabel_fn=relabel_fn,
         sticky_pack_fn=sticky_pack_fn,

@@ -409,8 +409,11 @@ def _rebalance_stable_pallas(
                 "replica_counts_fn": repair_pallas.replica_counts,
             }
 
-    def place_fn(w: jax.Array, *args: Any, **kwargs: Any) -> tuple[jax.Array, ...]:
-        return _placement(w, config, options, "pallas")
+    def place_fn(w: jax.Array, *sizes: int, hierarchical: bool, xp: Any, **policy: Any) -> tuple[jax.Array, ...]:
+        # The fresh placement, or near_split's per-node one (its own sizes, the global policy).
+        return _placement(
+            w, sizes, tuple(sorted({**dict(options), **policy, "hierarchical": hierarchical}.items())), "pallas"
+        )
 
     placement = place_stable(
         weight.astype(jnp.float32),
