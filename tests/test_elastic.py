@@ -701,10 +701,12 @@ def _sticky_split_oracle(w, previous, mask, r, groups, nodes, gpus):
     for row, prev in zip(w, previous, strict=True):
         loads = []
         for g in range(groups):
-            total = f32(row[g * gsize])
-            for k in range(1, gsize):
-                total = f32(total + f32(row[g * gsize + k]))
-            loads.append(total)
+            level = [f32(x) for x in row[g * gsize : (g + 1) * gsize]]
+            while len(level) > 1:  # pairwise: (x0 + x1) + (x2 + x3), an odd one out joins the next level last
+                level = [f32(level[k] + level[k + 1]) for k in range(0, len(level) - 1, 2)] + level[
+                    len(level) // 2 * 2 :
+                ]
+            loads.append(level[0])
         assign = [min(j // per_node for j, e in enumerate(prev) if e >= 0 and e // gsize == g) for g in range(groups)]
         for _ in range(groups):
             node_load = []

@@ -248,12 +248,7 @@ def _captured(weight: np.ndarray, previous: np.ndarray, config: tuple, **knobs) 
 
 
 def _check_captured(calls: list) -> None:
-    # A second search (the near split's start) where groups stay on nodes: place_stable's rule.
-    steps = [c[0] for c in calls]
-    assert steps in (
-        [sticky_pack, align_slots, replica_counts, repair],
-        [sticky_pack, align_slots, replica_counts, repair, repair],
-    )
+    assert [c[0] for c in calls] == [sticky_pack, align_slots, replica_counts, repair]
     kernels = {
         sticky_pack: repair_numba.sticky_pack,
         align_slots: repair_numba.align_slots,

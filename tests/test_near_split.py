@@ -146,3 +146,21 @@ def test_previous_with_knobs_uses_the_near_start():
     fresh, _, logcnt = place(new_w, *config, hierarchical=True, xp=np)
     without, _ = stabilize(new_w, fresh, logcnt, old, 8, 4, 8, tolerance=0.01, max_moves=None, xp=np)
     assert oracle.moves(old, got, 8).sum() < oracle.moves(old, without, 8).sum()
+
+
+def test_sum_in_pairs_against_python():
+    """``(x0 + x1) + (x2 + x3)`` level by level in float32, an odd one out joining the next level last; lengths
+    1 to 9, signed zeros and values whose order of summation shows."""
+    from eplb.algorithms.packing import sum_in_pairs
+
+    rng = np.random.default_rng(4)
+    for n in range(1, 10):
+        x = (rng.lognormal(0, 8, (5, n)) * rng.choice([-1, 1], (5, n))).astype(np.float32)
+        x[0] = -0.0
+        got = sum_in_pairs(x, xp=np)
+        for row, value in zip(x.tolist(), got.tolist(), strict=True):
+            level = [np.float32(v) for v in row]
+            while len(level) > 1:
+                pairs = [np.float32(level[k] + level[k + 1]) for k in range(0, len(level) - 1, 2)]
+                level = pairs + level[len(level) // 2 * 2 :]
+            assert np.float32(value).tobytes() == level[0].tobytes()

@@ -36,7 +36,7 @@ from eplb import _xp
 from eplb.algorithms.assignment import BIG, max_assignment
 from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split, group_loads, node_groups
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
-from eplb.algorithms.packing import inverse_permutation, slots_by_pack, sum_left_to_right
+from eplb.algorithms.packing import inverse_permutation, slots_by_pack, sum_in_pairs, sum_left_to_right
 from eplb.algorithms.relabel import align_slots, count_moves, gpu_overlap, occurrence
 from eplb.algorithms.repair import repair, sticky_pack
 from eplb.algorithms.replication import replica_load, replicate_experts
@@ -217,10 +217,13 @@ def sticky_group_split(
     hold nothing; a ``previous`` whose groups do not lie one per node, ``groups
     / N`` to a node, is no start: ``False``), then swaps pairs of groups
     between nodes while that lowers the heaviest node's load times
-    ``fl32(1 / its live slots)`` by the ``IMPROVEMENT`` margin: the swap that
-    lowers it most (ties: the first pair ``(g1, g2)``, ``g1 < g2``), at most
-    ``max_swaps`` swaps (``None``: ``groups``). Node loads are left-to-right sums of their groups' loads
-    in group order; groups are listed node by node, in group order.
+    ``fl32(1 / its live slots)`` (``active=None``: every GPU live, loads
+    unscaled) by the ``IMPROVEMENT`` margin: the swap that lowers it most
+    (ties: the first pair ``(g1, g2)``, ``g1 < g2``), at most ``max_swaps``
+    swaps (``None``: ``groups``). A group's load is the pairwise sum of its
+    experts' loads (:func:`eplb.algorithms.packing.sum_in_pairs`: few array
+    operations), a node's the left-to-right sum of its groups' in group
+    order; groups are listed node by node, in group order.
     """
     from eplb.algorithms.refine import IMPROVEMENT
 
@@ -236,19 +239,19 @@ def sticky_group_split(
     )
     low = xp.sum(present * node_ids[None, :, None], axis=1)  # [L, groups] the group's node where valid
     assign = xp.where(valid, low, xp.zeros_like(low))  # [L, groups] node of each group
-    loads = group_loads(weight, num_groups, xp=xp)  # [L, groups]
-    _, inverse = _node_slots(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
+    loads = sum_in_pairs(xp.reshape(weight, (num_layers, num_groups, num_log // num_groups)), xp=xp)  # [L, groups]
+    inverse = None if active is None else _node_slots(weight, active, num_phy, num_nodes, num_gpus, xp=xp)[1]
     first = [g1 for g1 in range(num_groups) for g2 in range(g1 + 1, num_groups)]
     second = [g2 for g1 in range(num_groups) for g2 in range(g1 + 1, num_groups)]
     if not first:
         return _order_by_node(assign, num_groups, xp=xp), valid
-    g1 = xp.asarray(first, dtype=dtype, device=device)
-    g2 = xp.asarray(second, dtype=dtype, device=device)
+    g1 = xp.astype(_xp.constant(first, xp=xp, device=device), dtype, copy=False)  # no host copy per call (a CUDA sync)
+    g2 = xp.astype(_xp.constant(second, xp=xp, device=device), dtype, copy=False)
     zero = xp.zeros_like(loads)
     for _ in range(num_groups if max_swaps is None else max_swaps):
         on_node = assign[:, None, :] == node_ids[None, :, None]  # [L, N, groups]
         node_load = sum_left_to_right(xp.where(on_node, loads[:, None, :], zero[:, None, :]), xp=xp)  # [L, N]
-        scaled = node_load * inverse
+        scaled = node_load if inverse is None else node_load * inverse
         current = xp.max(scaled, axis=-1, keepdims=True)
         a, b = xp.take(assign, g1, axis=1), xp.take(assign, g2, axis=1)  # [L, P]
         x1, x2 = xp.take(loads, g1, axis=1), xp.take(loads, g2, axis=1)
@@ -256,10 +259,9 @@ def sticky_group_split(
         new_b = (_xp.take_along(node_load, b, xp=xp) - x2) + x1
         touched = (node_ids[None, None, :] == a[:, :, None]) | (node_ids[None, None, :] == b[:, :, None])
         others = xp.max(xp.where(touched, -xp.inf, scaled[:, None, :]), axis=-1)  # [L, P]
-        after = xp.maximum(
-            others,
-            xp.maximum(new_a * _xp.take_along(inverse, a, xp=xp), new_b * _xp.take_along(inverse, b, xp=xp)),
-        )
+        if inverse is not None:
+            new_a, new_b = new_a * _xp.take_along(inverse, a, xp=xp), new_b * _xp.take_along(inverse, b, xp=xp)
+        after = xp.maximum(others, xp.maximum(new_a, new_b))
         ok = (a != b) & (after < current * IMPROVEMENT)
         choice = xp.reshape(xp.argmin(xp.where(ok, after, xp.inf), axis=-1), (num_layers, 1))
         accept = xp.any(ok, axis=-1, keepdims=True)

@@ -96,21 +96,17 @@ def near_split(
     group order. One batched call over ``L * N`` rows.
     """
     num_layers, num_log = weight.shape
-    device = _xp.device(weight)
-    active = xp.ones((num_gpus,), dtype=xp.bool, device=device)
-    split, _ = sticky_group_split(
-        weight, old, active, num_replicas, num_groups, num_nodes, num_gpus, max_swaps=1, xp=xp
-    )
+    split, _ = sticky_group_split(weight, old, None, num_replicas, num_groups, num_nodes, num_gpus, max_swaps=1, xp=xp)
     mlog2log = expert_order(split, num_log // num_groups, xp=xp)  # [L, E] node by node
     rows = (num_layers * num_nodes, num_log // num_nodes)
     node_weight = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), rows)
     phy2mlog, _, mlogcnt = place_fn(
         node_weight, num_replicas // num_nodes, 1, 1, num_gpus // num_nodes, hierarchical=False, xp=xp, **options
     )
-    phy2log = _xp.take_along(xp.reshape(mlog2log, rows), xp.astype(phy2mlog, mlog2log.dtype), xp=xp)
+    phy2log = _xp.take_along(xp.reshape(mlog2log, rows), xp.astype(phy2mlog, mlog2log.dtype, copy=False), xp=xp)
     mlogcnt = xp.reshape(mlogcnt, (num_layers, num_log))
     logcnt = _xp.take_along(mlogcnt, inverse_permutation(mlog2log, xp=xp), xp=xp)
-    return xp.astype(xp.reshape(phy2log, (num_layers, num_replicas)), old.dtype), logcnt
+    return xp.astype(xp.reshape(phy2log, (num_layers, num_replicas)), old.dtype, copy=False), logcnt
 
 
 def stabilize(
@@ -147,10 +143,9 @@ def stabilize(
     whenever that GPU has a free slot), or (given ``near``, a placement
     ``(phy2log [B, R], logcnt [B, E])`` with whole groups on nodes, e.g.
     :func:`near_split`) :func:`repair` of its replicas repacked the same
-    way with no limit, searched after the others within fewer moves than
-    the best of them and only where its nodes hold other groups than the
-    relabelled fresh placement's (so it never adds moves); ties in that
-    order. If
+    way with no limit, searched only where its nodes hold other groups than
+    the relabelled fresh placement's (it never adds moves: it wins only
+    with fewer); ties in that order. If
     none meets both (only with ``max_moves``), the lightest heaviest GPU
     among those within ``max_moves``. ``relabel_fn``, ``sticky_pack_fn``,
     ``repair_fn``, ``align_slots_fn``, ``replica_counts_fn``:
@@ -183,7 +178,7 @@ def stabilize(
     unbounded = xp.full(node_limit.shape, MAX_LOAD, dtype=node_limit.dtype, device=_xp.device(node_limit))
     items, item_loads, limits = [base, base], [item_load, item_load], [node_limit, unbounded]
     if near is not None:  # its groups are on old's nodes but one pair: repacked as the unbounded start is
-        near_phy2log, near_cnt = near[0], xp.astype(near[1], logcnt.dtype)
+        near_phy2log, near_cnt = near[0], xp.astype(near[1], logcnt.dtype, copy=False)
         items.append(near_phy2log)
         item_loads.append(_xp.take_along(replica_load(weight, near_cnt, reciprocal, xp=xp), near_phy2log, xp=xp))
         limits.append(unbounded)
@@ -203,57 +198,39 @@ def stabilize(
     old_cnt = xp.astype(replica_counts_fn(old, num_log, xp=xp), logcnt.dtype)
     valid = _covers(old, old_cnt, num_groups, num_nodes, xp=xp)
     always = xp.ones_like(valid)
-
-    def search(begin: Any, begin_cnt: list[Any], ok: list[Any], most: Any) -> tuple[list, list, Any, Any]:
-        """:func:`repair` from the rows of ``begin`` (one block of ``batch`` rows per start), each within
-        ``most`` moves: the results, their counts, moves ``[B, k]`` and heaviest GPUs ``[B, k]``."""
-        k = len(begin_cnt)
-        repaired, counts, moves = repair_fn(
-            begin,
-            xp.concat(begin_cnt, axis=0),
-            xp.concat([old] * k, axis=0),
-            xp.concat([weight] * k, axis=0),
-            xp.concat([limit] * k, axis=0),
-            xp.concat([most] * k, axis=0),
-            xp.concat(ok, axis=0),
-            num_gpus,
-            num_nodes,
-            num_log // num_groups,
-            # Rows stop once within the limit or stuck (host, JAX); CUDA runs every step.
-            max_iters=min(num_phy, max(64, 4 * num_gpus)),
-            xp=xp,
-        )
-        # Their heaviest GPUs in one batched call (row by row the same sums; fewer launches on CUDA).
-        loads = gpu_loads(xp.concat([weight] * k, axis=0), repaired, counts, num_gpus, xp=xp)
-        rows = [slice(j * batch, (j + 1) * batch) for j in range(k)]
-        peaks = xp.stack([xp.max(loads[r], axis=-1) for r in rows], axis=-1)
-        moves = xp.concat([moves[r] for r in rows], axis=-1)
-        return [repaired[r] for r in rows], [counts[r] for r in rows], moves, peaks
-
-    # The old placement and the fresh replicas' sticky starts; the relabelled fresh placement is within the
-    # limit by construction (its GPU loads are fresh's, up to the order of summation).
-    fresh_rows = slice(0, 2 * batch)
-    candidates, counts, moves, peaks = search(
-        xp.concat([old, sticky[fresh_rows]], axis=0), [old_cnt, logcnt, logcnt], [valid, always, always], budget
-    )
-    candidates, counts = [base, *candidates], [logcnt, *counts]
-    usable = xp.concat([always, valid, always, always], axis=-1) & (xp.concat([base_moves, moves], axis=-1) <= cap)
-    balanced = usable & xp.concat([always, peaks <= limit], axis=-1)
-    moves = xp.concat([base_moves, moves], axis=-1)  # [B, 4]
-    peaks = xp.concat([xp.zeros_like(limit), peaks], axis=-1)  # the base's never decides: it is balanced
+    searched = [valid, always, always]  # the old placement's rows only where it keeps groups on nodes
     if near is not None:
-        # The near split's start is searched only within fewer moves than the best balanced candidate so far
-        # (a search that cannot beat it stops at once), and only where its groups sit on other nodes than
-        # the relabelled fresh placement's (elsewhere the two unbounded starts hold the same replicas on the
-        # same nodes and the search would repeat).
-        fewest = xp.min(xp.where(balanced, moves, BIG), axis=-1, keepdims=True)
-        most = xp.where(fewest - 1 < budget, fewest - 1, budget)
-        searched = _other_groups(near_phy2log, base, num_log, num_groups, num_nodes, xp=xp)
-        found, found_cnt, found_moves, found_peaks = search(sticky[2 * batch :], [near_cnt], [searched], most)
-        candidates, counts = candidates + found, counts + found_cnt
-        moves, peaks = xp.concat([moves, found_moves], axis=-1), xp.concat([peaks, found_peaks], axis=-1)
-        usable = xp.concat([usable, found_moves <= cap], axis=-1)
-        balanced = xp.concat([balanced, (found_moves <= cap) & (found_peaks <= limit)], axis=-1)
+        # Only where its nodes hold other groups than the relabelled fresh placement's: elsewhere the two
+        # unbounded starts hold the same replicas on the same nodes and the search would repeat.
+        searched.append(_other_groups(near_phy2log, base, num_log, num_groups, num_nodes, xp=xp))
+    starts = 1 + packs  # the old placement, the sticky repackings
+    repaired, counts, moves = repair_fn(
+        xp.concat([old, sticky], axis=0),
+        xp.concat([old_cnt] + [logcnt] * 2 + ([near_cnt] if near is not None else []), axis=0),
+        xp.concat([old] * starts, axis=0),
+        xp.concat([weight] * starts, axis=0),
+        xp.concat([limit] * starts, axis=0),
+        xp.concat([budget] * starts, axis=0),
+        xp.concat(searched, axis=0),
+        num_gpus,
+        num_nodes,
+        num_log // num_groups,
+        # Rows stop once within the limit or stuck (host, JAX); CUDA runs every step.
+        max_iters=min(num_phy, max(64, 4 * num_gpus)),
+        xp=xp,
+    )
+    rows = [slice(k * batch, (k + 1) * batch) for k in range(starts)]
+    candidates = [base] + [repaired[r] for r in rows]
+    counts = [logcnt] + [counts[r] for r in rows]
+    moves = xp.concat([base_moves] + [moves[r] for r in rows], axis=-1)  # [B, 1 + starts]
+    # The candidates' heaviest GPUs in one batched call (row by row the same sums; fewer launches on CUDA).
+    every = (xp.concat([base, repaired], axis=0), xp.concat(counts, axis=0))
+    loads = gpu_loads(xp.concat([weight] * (starts + 1), axis=0), *every, num_gpus, xp=xp)
+    peaks = xp.stack([xp.max(loads[k * batch : (k + 1) * batch], axis=-1) for k in range(starts + 1)], axis=-1)
+    usable = xp.concat([always, valid] + [always] * packs, axis=-1) & (moves <= cap)
+    # The relabelled fresh placement is within the limit by construction (its GPU loads are
+    # fresh's, up to the order of summation).
+    balanced = usable & xp.concat([always, peaks[:, 1:] <= limit], axis=-1)
     fewest = xp.argmin(xp.where(balanced, moves, BIG), axis=-1)
     lightest = xp.argmin(xp.where(usable, peaks, xp.inf), axis=-1)
     choice = xp.where(xp.any(balanced, axis=-1), fewest, xp.where(xp.any(usable, axis=-1), lightest, 0))
@@ -344,7 +321,7 @@ def place_stable(
     knobs = tolerance is not None or max_moves is not None
     if knobs and num_groups > num_nodes > 1 and not options.get("spill") and options.get("policy") != "survivable":
         near = near_split(
-            weight, xp.astype(previous, fresh.dtype), num_replicas, num_groups, num_nodes, num_gpus,
+            weight, xp.astype(previous, fresh.dtype, copy=False), num_replicas, num_groups, num_nodes, num_gpus,
             xp=xp, place_fn=place_fn, **options,
         )  # fmt: skip
     phy2log, logcnt = stabilize(
