@@ -234,8 +234,9 @@ def test_gpu_kernels_equal_numba_on_deepseek_v3(config, knobs):
 @pytest.mark.parametrize("config", CONFIGS, ids=["hier", "global"])
 @pytest.mark.parametrize("knobs", [{"balance_tolerance": 0.005}, {"max_moves": 16}], ids=["tolerance", "max_moves"])
 def test_gpu_previous_with_knobs_equals_numpy(config, knobs):
-    """``rebalance_experts(..., previous=, knob)`` on JAX GPU arrays runs the Pallas kernels (four Triton calls)
-    and places as numpy, also inside ``jit``."""
+    """``rebalance_experts(..., previous=, knob)`` on JAX GPU arrays runs the Pallas kernels (four Triton calls;
+    five where groups stay on nodes: the near split's per-node placement) and places as numpy, also inside
+    ``jit``."""
     sizes, kw = config
     new_w, previous = _deepseek(config)
     want = eplb.rebalance_experts(new_w, *sizes, previous=previous, **kw, **knobs)
@@ -255,4 +256,4 @@ def test_gpu_previous_with_knobs_equals_numpy(config, knobs):
     )
     lowered = jax.jit(lambda x, y, z: _jax._rebalance_stable(x, y, z, sizes, options, "pallas")).lower(w, p, k)
     text = lowered.as_text()
-    assert text.count("__gpu$xla.gpu.triton") + text.count("triton_kernel_call") == 4
+    assert text.count("__gpu$xla.gpu.triton") + text.count("triton_kernel_call") == (5 if hierarchical else 4)
