@@ -14,7 +14,7 @@ asks for a decision. The rule:
   history predicted the traffic that came: a plan is only as balanced as the
   windows that arrive under it, so when they came out ``r`` times less
   balanced than planned (balancedness planned / arrived), the tolerance is
-  ``0.1 * (r - 1)``, within ``[0.03, 0.2]``: 0.03 on predictable traffic,
+  ``0.1 * (r - 1)``, within ``[0.025, 0.2]``: 0.025 on predictable traffic,
   more where the balance a tight plan buys is lost to noise anyway;
 - **gain** per layer: how much lighter the candidate's heaviest GPU is than
   the placement in force, on the planning load, relative to it. A layer
@@ -97,8 +97,8 @@ class Rebalancer:
         the windows recorded since the last step, scored under the placement
         in force (balancedness: mean over layers of mean / max GPU load,
         float64 on the host), against the balancedness that placement was
-        planned with: ``clip(0.1 * (planned / arrived - 1), 0.03, 0.2)``
-        (0.03 until windows arrived under a placement; for an ``initial=``
+        planned with: ``clip(0.1 * (planned / arrived - 1), 0.025, 0.2)``
+        (0.025 until windows arrived under a placement; for an ``initial=``
         placement, whose planning load is unknown, ``planned`` is a fresh
         plan's balancedness on the recorded history).
 
@@ -298,7 +298,7 @@ class Rebalancer:
         return np.array(sorted(chosen), dtype=np.int64)
 
 
-_AUTO = (0.03, 0.1, 0.2)  # "auto" tolerance: floor, slope per unit of (planned / arrived - 1), cap
+_AUTO = (0.025, 0.1, 0.2)  # "auto" tolerance: floor, slope per unit of (planned / arrived - 1), cap
 _ARRIVED_KEPT = 64  # windows scored for "auto" between two steps (the latest)
 
 
