@@ -82,6 +82,7 @@ def near_split(
     *,
     xp: Any,
     place_fn: Callable[..., Any] = place,
+    group_split_fn: Callable[..., Any] | None = None,
     **options: Any,
 ) -> tuple[Any, Any]:
     """``phy2log [L, R]`` and ``logcnt [L, E]``: a placement that keeps ``old [L, R]``'s groups on their nodes
@@ -93,10 +94,17 @@ def near_split(
     node then gets the policy's own per-node step: ``place_fn`` (the fresh
     placement, ``options`` its ``policy``) on the node's experts alone, as
     the global policy over ``R / N`` slots and ``G / N`` GPUs, expert ids in
-    group order. One batched call over ``L * N`` rows.
+    group order. One batched call over ``L * N`` rows. ``group_split_fn``:
+    a fused kernel equal to that split (``(weight, old, num_replicas,
+    num_groups, num_nodes) -> mgroup2group``), or ``None``.
     """
     num_layers, num_log = weight.shape
-    split, _ = sticky_group_split(weight, old, None, num_replicas, num_groups, num_nodes, num_gpus, max_swaps=1, xp=xp)
+    if group_split_fn is not None:
+        split = xp.astype(group_split_fn(weight, old, num_replicas, num_groups, num_nodes), old.dtype, copy=False)
+    else:
+        split, _ = sticky_group_split(
+            weight, old, None, num_replicas, num_groups, num_nodes, num_gpus, max_swaps=1, xp=xp
+        )
     mlog2log = expert_order(split, num_log // num_groups, xp=xp)  # [L, E] node by node
     rows = (num_layers * num_nodes, num_log // num_nodes)
     node_weight = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), rows)
@@ -293,6 +301,7 @@ def place_stable(
     align_slots_fn: Callable[..., Any] = align_slots,
     replica_counts_fn: Callable[..., Any] = replica_counts,
     log2phy_fn: Callable[[Any, int], Any] | None = None,
+    group_split_fn: Callable[..., Any] | None = None,
     **options: Any,
 ) -> tuple[Any, Any, Any]:
     """Like :func:`eplb.algorithms.policies.place`, keeping the experts of ``previous [L, R]`` in place.
@@ -305,8 +314,8 @@ def place_stable(
     :func:`relabel` and the slot-order ``log2phy`` below, and
     ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``,
     ``replica_counts_fn`` (used only with ``tolerance`` or ``max_moves``):
-    :func:`stabilize`'s, or fused implementations equal to them (a
-    backend's fast paths).
+    :func:`stabilize`'s, and ``group_split_fn`` :func:`near_split`'s, or
+    fused implementations equal to them (a backend's fast paths).
     Replica numbers in ``log2phy`` follow slot order (replica ``k`` of an
     expert is its ``k``-th slot). Loads below ``2**-64`` count as zero, here
     too (:mod:`eplb.algorithms.loads`).
@@ -322,7 +331,7 @@ def place_stable(
     if knobs and num_groups > num_nodes > 1 and not options.get("spill") and options.get("policy") != "survivable":
         near = near_split(
             weight, xp.astype(previous, fresh.dtype, copy=False), num_replicas, num_groups, num_nodes, num_gpus,
-            xp=xp, place_fn=place_fn, **options,
+            xp=xp, place_fn=place_fn, group_split_fn=group_split_fn, **options,
         )  # fmt: skip
     phy2log, logcnt = stabilize(
         weight,

@@ -186,4 +186,8 @@ def rebalance_stable(
                 kernels["repair_fn"] = repair_triton.repair
                 kernels["align_slots_fn"] = repair_triton.align_slots
                 kernels["replica_counts_fn"] = repair_triton.replica_counts
+            from eplb.kernels import group_split_triton
+
+            if nodes > 1 and group_split_triton.fits(weight.shape[1], num_replicas, num_groups, num_nodes):
+                kernels["group_split_fn"] = group_split_triton.near_group_split  # the near split's group swap
     return place_stable(weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **kernels, **options)

@@ -14,7 +14,8 @@ torch CPU          as numpy (zero-copy view)   as numpy                      as 
 torch CUDA         ``greedy_triton`` [2]_      ``refined_triton`` [2]_       as the policy, then
                                                                              ``relabel_triton`` [2]_;
                                                                              the knobs:
-                                                                             ``repair_triton`` [2]_
+                                                                             ``repair_triton``,
+                                                                             ``group_split_triton`` [2]_
 JAX CPU            ``greedy_numba`` via a      XLA (array API under          as numpy, via a host
                    host callback [1]_          ``jit`` + ``vmap``)           callback [1]_
 JAX GPU            ``greedy_pallas`` [3]_      ``refined_pallas`` + XLA [3]_ as the policy, then

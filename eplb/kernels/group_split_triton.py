@@ -1,0 +1,182 @@
+"""Equals :func:`eplb.algorithms.elastic.sticky_group_split` with ``active=None, max_swaps=1``, one launch (Triton).
+
+The near split of ``previous=`` with knobs
+(:func:`eplb.algorithms.stability.near_split`) on torch CUDA: the array-API
+function is about 65 small tensor operations (its group loads, the node of
+each group, one round of swaps over every pair, the sort), a millisecond of
+host launches; here one program per layer does them all.
+
+Bit for bit the array-API function, because every float step is the same
+IEEE operation in the same order:
+
+- a group's load is summed in pairs, ``(x0 + x1) + (x2 + x3)``, level by
+  level (:func:`eplb.algorithms.packing.sum_in_pairs`); a sum over an axis of
+  two is one addition;
+- a node's load adds its groups' loads left to right in group order (a
+  group elsewhere adds ``0.0``);
+- a swap's node loads are ``(node - out) + in``, compared after a ``max``
+  with ``current * IMPROVEMENT`` (a product compared, never added, so no
+  fused multiply-add can change it);
+- ties: the first pair ``(g1, g2)``, ``g1 < g2``, in row-major order.
+
+Elements are picked out of a vector by a masked sum of one term (exact).
+Proved by ``tests/test_group_split_triton.py`` (Triton's CPU interpreter
+and CUDA against the array-API function: valid and invalid previous
+placements, ties, zero loads, every config of :func:`fits`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from eplb.algorithms.refine import IMPROVEMENT
+from eplb.kernels.greedy_triton import ensure_cache_dir
+
+__all__ = ["fits", "near_group_split"]
+
+MAX_GROUPS = 64  # groups, and experts per group
+MAX_SLOTS = 8192
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def fits(num_log: int, num_phy: int, num_groups: int, num_nodes: int) -> bool:
+    """Whether the kernel takes these sizes: groups and experts per group powers of two up to 64 (so the pairwise
+    sums are reshapes), groups a multiple of the nodes, at most 8192 slots a layer."""
+    if num_groups <= 0 or num_log % num_groups or num_groups % num_nodes or num_phy % num_nodes:
+        return False
+    size = num_log // num_groups
+    return (
+        _is_pow2(num_groups)
+        and _is_pow2(size)
+        and num_groups <= MAX_GROUPS
+        and size <= MAX_GROUPS
+        and 0 < num_phy <= MAX_SLOTS
+    )
+
+
+@triton.jit
+def _pairs(x, G: tl.constexpr, W: tl.constexpr):
+    """``[G, W] -> [G, W // 2]``: ``x[:, 2k] + x[:, 2k + 1]``."""
+    return tl.sum(tl.reshape(x, (G, W // 2, 2)), axis=2)
+
+
+@triton.jit
+def _split_kernel(
+    weight_ptr,
+    prev_ptr,
+    out_ptr,
+    E: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    G: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    GS: tl.constexpr,
+    IMPROVE: tl.constexpr,
+):
+    layer = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, G)
+    # Group loads, in pairs level by level (the same additions as sum_in_pairs).
+    x = tl.load(weight_ptr + layer * E + g[:, None] * GS + tl.arange(0, GS)[None, :])  # [G, GS]
+    if GS >= 2:
+        x = _pairs(x, G, GS)
+    if GS >= 4:
+        x = _pairs(x, G, GS // 2)
+    if GS >= 8:
+        x = _pairs(x, G, GS // 4)
+    if GS >= 16:
+        x = _pairs(x, G, GS // 8)
+    if GS >= 32:
+        x = _pairs(x, G, GS // 16)
+    if GS >= 64:
+        x = _pairs(x, G, GS // 32)
+    loads = tl.reshape(x, (G,))
+
+    # The node of each group in previous: its slots' lowest and highest node must agree, G / N groups a node.
+    r = tl.arange(0, RP)
+    prev = tl.load(prev_ptr + layer * R + r, mask=r < R, other=-1)
+    group_of_slot = tl.where(prev >= 0, prev // GS, -1)
+    node_of_slot = (r // (R // N)).to(tl.int32)
+    match = group_of_slot[:, None] == g[None, :]  # [RP, G]
+    low = tl.min(tl.where(match, node_of_slot[:, None], N), axis=0)  # [G]
+    high = tl.max(tl.where(match, node_of_slot[:, None], -1), axis=0)
+    n = tl.arange(0, NP)
+    count = tl.sum((low[:, None] == n[None, :]).to(tl.int32), axis=0)  # [NP]
+    good_nodes = tl.sum(((count == G // N) | (n >= N)).to(tl.int32), axis=0) == NP
+    valid = (tl.sum((low == high).to(tl.int32), axis=0) == G) & good_nodes
+    assign = tl.where(valid, low, 0)  # [G]
+
+    # Node loads, left to right over the groups in group order.
+    node_load = tl.zeros((NP,), dtype=tl.float32)
+    for k in tl.static_range(G):
+        load_k = tl.sum(tl.where(g == k, loads, 0.0), axis=0)
+        node_k = tl.sum(tl.where(g == k, assign, 0), axis=0)
+        term = tl.where(n == node_k, load_k, 0.0)
+        if k == 0:  # noqa: SIM108 (a static if; left to right: the first group's term starts the sum)
+            node_load = term
+        else:
+            node_load = node_load + term
+    real = n < N
+    current = tl.max(tl.where(real, node_load, -float("inf")), axis=0)
+
+    # Every pair (g1, g2) at once: [G, G].
+    at_node = assign[:, None] == n[None, :]  # [G, NP]
+    load_of_node = tl.sum(tl.where(at_node, node_load[None, :], 0.0), axis=1)  # [G]: the load of group g's node
+    x1, x2 = loads[:, None], loads[None, :]
+    new_a = (load_of_node[:, None] - x1) + x2
+    new_b = (load_of_node[None, :] - x2) + x1
+    a, b = assign[:, None], assign[None, :]
+    n3 = n[None, None, :]
+    others_mask = real[None, None, :] & (n3 != a[:, :, None]) & (n3 != b[:, :, None])  # [G, G, NP]
+    others = tl.max(tl.where(others_mask, node_load[None, None, :], -float("inf")), axis=2)
+    after = tl.maximum(others, tl.maximum(new_a, new_b))
+    ok = (g[:, None] < g[None, :]) & (a != b) & (after < current * IMPROVE)
+    score = tl.reshape(tl.where(ok, after, float("inf")), (G * G,))
+    choice = tl.argmin(score, axis=0, tie_break_left=True)
+    accept = tl.max(tl.reshape(ok.to(tl.int32), (G * G,)), axis=0) > 0
+    c1, c2 = choice // G, choice % G
+    node1 = tl.sum(tl.where(g == c1, assign, 0), axis=0)
+    node2 = tl.sum(tl.where(g == c2, assign, 0), axis=0)
+    swapped = tl.where(g == c1, node2, tl.where(g == c2, node1, assign))
+    assign = tl.where(accept, swapped, assign)
+
+    # Groups node by node, in group order: group g goes to the rank of its key among all keys (unique).
+    key = assign * G + g
+    rank = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)
+    tl.store(out_ptr + layer * G + rank, g.to(tl.int64))
+
+
+def near_group_split(
+    weight: torch.Tensor, previous: torch.Tensor, num_phy: int, num_groups: int, num_nodes: int
+) -> torch.Tensor:
+    """``mgroup2group [L, groups]`` int64: :func:`~eplb.algorithms.elastic.sticky_group_split` of
+    ``weight [L, E]`` (float32) and ``previous [L, R]`` with ``active=None, max_swaps=1`` (see :func:`fits`)."""
+    ensure_cache_dir()
+    num_layers, num_log = weight.shape
+    weight = weight.to(torch.float32).contiguous()
+    previous = previous.to(torch.int64).contiguous()
+    out = torch.empty((num_layers, num_groups), dtype=torch.int64, device=weight.device)
+    if num_layers:
+        _split_kernel[(num_layers,)](
+            weight,
+            previous,
+            out,
+            E=num_log,
+            R=num_phy,
+            RP=_pow2(num_phy),
+            G=num_groups,
+            N=num_nodes,
+            NP=_pow2(num_nodes),
+            GS=num_log // num_groups,
+            IMPROVE=IMPROVEMENT,
+        )
+    return out
