@@ -80,7 +80,8 @@ def test_fits():
 @needs_triton
 def test_interpreter_equals_the_array_api_split():
     script = CHECK + f"\nSHAPES = {SHAPES!r}\ncheck('cpu')\nprint('ok')\n"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-4000:]
 
