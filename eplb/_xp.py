@@ -246,6 +246,21 @@ def constant(values: Any, *, xp: Any, device: Any = None) -> Any:
     return _CONSTANTS[key]
 
 
+def iota(n: int, *, dtype: Any, device: Any, xp: Any) -> Any:
+    """``arange(n)`` of ``dtype`` on ``device``: **read-only** (never an :func:`at_set` target).
+
+    On a CUDA device torch keeps one copy per ``(n, dtype, device)``: an
+    ``arange`` is a kernel launch, and a host-bound torch CUDA call runs dozens
+    of them (about 20 us of host time each). Elsewhere a plain ``arange``.
+    """
+    if is_torch(xp) and device is not None and device.type == "cuda":
+        key = ("iota", n, dtype, str(device))
+        if key not in _CONSTANTS:
+            _CONSTANTS[key] = xp.arange(n, dtype=dtype, device=device)
+        return _CONSTANTS[key]
+    return xp.arange(n, dtype=dtype, device=device)
+
+
 def _frozen(values: Any) -> Any:
     return tuple(_frozen(v) for v in values) if isinstance(values, list | tuple) else values
 

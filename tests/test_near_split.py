@@ -164,3 +164,22 @@ def test_sum_in_pairs_against_python():
                 pairs = [np.float32(level[k] + level[k + 1]) for k in range(0, len(level) - 1, 2)]
                 level = pairs + level[len(level) // 2 * 2 :]
             assert np.float32(value).tobytes() == level[0].tobytes()
+
+
+def test_iota_is_an_arange_and_cached_on_cuda():
+    """``_xp.iota``: ``arange`` everywhere; on a CUDA device one tensor per (n, dtype, device), reused."""
+    from eplb import _xp
+
+    assert np.array_equal(_xp.iota(5, dtype=np.int64, device=None, xp=np), np.arange(5))
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xpt
+
+    cpu = _xp.iota(4, dtype=torch.int32, device=torch.device("cpu"), xp=xpt)
+    assert cpu.dtype == torch.int32 and cpu.tolist() == [0, 1, 2, 3]
+    assert _xp.iota(4, dtype=torch.int32, device=torch.device("cpu"), xp=xpt) is not cpu  # fresh on the CPU
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        first = _xp.iota(7, dtype=torch.int64, device=cuda, xp=xpt)
+        assert first.tolist() == list(range(7)) and first.device.type == "cuda"
+        assert _xp.iota(7, dtype=torch.int64, device=cuda, xp=xpt) is first
+        assert _xp.iota(7, dtype=torch.int32, device=cuda, xp=xpt).dtype == torch.int32

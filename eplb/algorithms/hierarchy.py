@@ -38,7 +38,7 @@ def node_groups(phy2log: Any, num_log: int, num_groups: int, num_nodes: int, *, 
     """
     batch, num_phy = phy2log.shape
     group_of_slot = xp.where(phy2log >= 0, phy2log // (num_log // num_groups), -1)
-    groups = xp.arange(num_groups, dtype=phy2log.dtype, device=_xp.device(phy2log))
+    groups = _xp.iota(num_groups, dtype=phy2log.dtype, device=_xp.device(phy2log), xp=xp)
     by_node = xp.reshape(group_of_slot, (batch, num_nodes, num_phy // num_nodes, 1)) == groups
     return xp.any(by_node, axis=2)
 
@@ -58,7 +58,7 @@ def greedy_group_split(weight: Any, num_groups: int, num_nodes: int, *, xp: Any)
 def expert_order(mgroup2group: Any, group_size: int, *, xp: Any) -> Any:
     """``mlog2log [L, E]``: logical expert at each node-major position, from the group order."""
     num_layers, num_groups = mgroup2group.shape
-    in_group = xp.arange(group_size, dtype=mgroup2group.dtype, device=_xp.device(mgroup2group))
+    in_group = _xp.iota(group_size, dtype=mgroup2group.dtype, device=_xp.device(mgroup2group), xp=xp)
     return xp.reshape(mgroup2group[:, :, None] * group_size + in_group, (num_layers, num_groups * group_size))
 
 
@@ -143,8 +143,8 @@ def build_log2phy(phy2log: Any, phyrank: Any, num_log: int, *, xp: Any) -> Any:
     device = _xp.device(phy2log)
     max_count = num_phy - num_log + 1
     log2phy = xp.full((num_layers, num_log * max_count), -1, dtype=phy2log.dtype, device=device)
-    rows = xp.reshape(xp.arange(num_layers, dtype=phy2log.dtype, device=device), (num_layers, 1))
-    slots = xp.broadcast_to(xp.arange(num_phy, dtype=phy2log.dtype, device=device), (num_layers, num_phy))
+    rows = xp.reshape(_xp.iota(num_layers, dtype=phy2log.dtype, device=device, xp=xp), (num_layers, 1))
+    slots = xp.broadcast_to(_xp.iota(num_phy, dtype=phy2log.dtype, device=device, xp=xp), (num_layers, num_phy))
     # (expert, replica number) pairs are unique, so the scatter has no duplicates.
     log2phy = _xp.at_set(log2phy, (rows, phy2log * max_count + phyrank), slots, xp=xp)
     return xp.reshape(log2phy, (num_layers, num_log, max_count))

@@ -43,8 +43,8 @@ def inverse_permutation(perm: Any, *, xp: Any) -> Any:
     """``inv[b, perm[b, j]] = j`` for a batch of permutations ``perm [B, n]``."""
     batch, n = perm.shape
     device = _xp.device(perm)
-    rows = xp.reshape(xp.arange(batch, dtype=perm.dtype, device=device), (batch, 1))
-    positions = xp.broadcast_to(xp.arange(n, dtype=perm.dtype, device=device), (batch, n))
+    rows = xp.reshape(_xp.iota(batch, dtype=perm.dtype, device=device, xp=xp), (batch, 1))
+    positions = xp.broadcast_to(_xp.iota(n, dtype=perm.dtype, device=device, xp=xp), (batch, n))
     inv = xp.empty((batch, n), dtype=perm.dtype, device=device)
     return _xp.at_set(inv, (rows, perm), positions, xp=xp)
 
@@ -109,7 +109,7 @@ def slots_by_pack(order: Any, pack_by_step: Any, rank_by_step: Any, capacity: in
     """
     batch, n = order.shape
     device = _xp.device(order)
-    rows = xp.reshape(xp.arange(batch, dtype=order.dtype, device=device), (batch, 1))
+    rows = xp.reshape(_xp.iota(batch, dtype=order.dtype, device=device, xp=xp), (batch, 1))
     slot_by_step = pack_by_step * capacity + rank_by_step  # a permutation of 0..n-1
     slot2item = xp.empty((batch, n), dtype=order.dtype, device=device)
     return _xp.at_set(slot2item, (rows, slot_by_step), order, xp=xp)

@@ -22,7 +22,7 @@ __all__ = ["align_slots", "count_moves", "gpu_overlap", "occurrence", "relabel",
 
 def _ids(n: int, like: Any, *, xp: Any) -> Any:
     """``arange(n)`` in the integer dtype and on the device of ``like``."""
-    return xp.arange(n, dtype=like.dtype, device=_xp.device(like))
+    return _xp.iota(n, dtype=like.dtype, device=_xp.device(like), xp=xp)
 
 
 def _count(mask: Any, dtype: Any, axis: int, *, xp: Any) -> Any:

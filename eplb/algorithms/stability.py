@@ -67,7 +67,7 @@ def _other_groups(phy2log: Any, base: Any, num_log: int, num_groups: int, num_no
     same groups."""
     batch, num_phy = phy2log.shape
     present = xp.reshape(node_groups(base, num_log, num_groups, num_nodes, xp=xp), (batch, num_nodes * num_groups))
-    node_of_slot = xp.arange(num_phy, dtype=phy2log.dtype, device=_xp.device(phy2log)) // (num_phy // num_nodes)
+    node_of_slot = _xp.iota(num_phy, dtype=phy2log.dtype, device=_xp.device(phy2log), xp=xp) // (num_phy // num_nodes)
     held = _xp.take_along(present, node_of_slot * num_groups + phy2log // (num_log // num_groups), xp=xp)
     return xp.logical_not(xp.all(held, axis=-1, keepdims=True))
 
@@ -278,7 +278,9 @@ def _pick(candidates: list[Any], choice: Any, *, xp: Any) -> Any:
     batch, n = candidates[0].shape
     stacked = xp.reshape(xp.stack(candidates, axis=1), (batch, len(candidates) * n))
     dtype = candidates[0].dtype
-    index = xp.reshape(xp.astype(choice, dtype), (batch, 1)) * n + xp.arange(n, dtype=dtype, device=_xp.device(stacked))
+    index = xp.reshape(xp.astype(choice, dtype), (batch, 1)) * n + _xp.iota(
+        n, dtype=dtype, device=_xp.device(stacked), xp=xp
+    )
     return _xp.take_along(stacked, index, xp=xp)
 
 
