@@ -82,7 +82,8 @@ def rebalance_stable(
     (:mod:`eplb.kernels.relabel_numba`) and, with ``tolerance`` or
     ``max_moves``, the sticky repacking, the local search and their
     slot-order and replica-count steps as compiled kernels
-    (:mod:`eplb.kernels.repair_numba`); ``"xp"`` the array-API
+    (:mod:`eplb.kernels.repair_numba`), and the near split's group swap
+    (:mod:`eplb.kernels.group_split_numba`); ``"xp"`` the array-API
     algorithm layer throughout; ``None`` picks ``"numba"`` where numba is installed.
     Same placement either way.
     """
@@ -105,7 +106,7 @@ def rebalance_stable(
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     hooks = {}
     if impl == "numba":
-        from eplb.kernels import relabel_numba, repair_numba
+        from eplb.kernels import group_split_numba, relabel_numba, repair_numba
 
         def place_fn(w: np.ndarray, *sizes: int, xp: Any, **policy: Any) -> tuple[Any, ...]:
             # The greedy kernel where it applies; its log2phy is not needed (log2phy_fn builds the result's).
@@ -123,6 +124,7 @@ def rebalance_stable(
             **_repair_hooks(),
             "replica_counts_fn": replica_counts_fn,
             "log2phy_fn": relabel_numba.log2phy_in_slot_order,
+            "group_split_fn": group_split_numba.near_group_split,
         }
     placement = place_stable(
         weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options

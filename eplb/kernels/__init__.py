@@ -9,7 +9,8 @@ input              greedy policy               refined policy                ``p
 =================  ==========================  ============================  =============================
 numpy, lists       ``greedy_numba`` [1]_       array API                     ``greedy_numba``,
                                                                              ``relabel_numba``,
-                                                                             ``repair_numba`` [1]_
+                                                                             ``repair_numba``,
+                                                                             ``group_split_numba`` [1]_
 torch CPU          as numpy (zero-copy view)   as numpy                      as numpy
 torch CUDA         ``greedy_triton`` [2]_      ``refined_triton`` [2]_       as the policy, then
                                                                              ``relabel_triton`` [2]_;
