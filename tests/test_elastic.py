@@ -816,3 +816,26 @@ def test_repair_leaves_failed_gpus_empty(num_gpus, num_experts, extra, seed, kin
     ops = repair(*tensors, *args[3:], max_iters=3 * r, xp=array_namespace(torch.zeros(1)))
     for a, b in zip(ops, (got, got_cnt, got_moves), strict=True):
         np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_previous_within_the_limit_moves_nothing_with_every_gpu_live():
+    """``active_gpus`` all live: a layer whose previous placement is already within the limit on the new loads
+    (float64, with a margin) keeps it, moving no expert (the previous placement is a start of the search)."""
+    from tests import oracle
+
+    rng = np.random.default_rng(21)
+    r, groups, nodes, gpus = 48, 4, 2, 8
+    for hierarchical in (False, True):
+        old_w = rng.lognormal(0, 1.0, (12, 16)).astype(np.float32)
+        new_w = (old_w * rng.lognormal(0, 0.02, old_w.shape)).astype(np.float32)
+        previous = np.asarray(eplb.rebalance_experts(old_w, r, groups, nodes, gpus, hierarchical=hierarchical).phy2log)
+        fresh = np.asarray(eplb.rebalance_experts(new_w, r, groups, nodes, gpus, hierarchical=hierarchical).phy2log)
+        limit = oracle.gpu_loads64(new_w, fresh, gpus).max(axis=1) * 1.05
+        within = oracle.gpu_loads64(new_w, previous, gpus).max(axis=1) < limit * (1 - 1e-4)
+        assert within.sum() >= 6
+        got = eplb.rebalance_experts(
+            new_w, r, groups, nodes, gpus, hierarchical=hierarchical, previous=previous,
+            active_gpus=np.ones(gpus, bool), balance_tolerance=0.05,
+        )  # fmt: skip
+        moves = oracle.moves(previous, np.asarray(got.phy2log), gpus)
+        assert (moves[within] == 0).all()

@@ -37,7 +37,7 @@ from eplb.algorithms.assignment import BIG, max_assignment
 from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split, group_loads, node_groups
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.packing import inverse_permutation, slots_by_pack, sum_in_pairs, sum_left_to_right
-from eplb.algorithms.relabel import align_slots, count_moves, gpu_overlap, occurrence
+from eplb.algorithms.relabel import align_slots, count_moves, gpu_overlap, occurrence, replica_counts
 from eplb.algorithms.repair import repair, sticky_pack
 from eplb.algorithms.replication import replica_load, replicate_experts
 
@@ -509,8 +509,10 @@ def stabilize_elastic(
     live GPU that held its copy, within ``limit = fresh's heaviest GPU *
     fl32(1 + tolerance)`` (``tolerance`` ``None``: 0), once plain, once
     with ``reserve`` (room kept for the items to come), and once with no
-    limit (a replica stays whenever its old GPU has a free slot), and each of
-    these three after :func:`eplb.algorithms.repair.repair`'s local search toward the
+    limit (a replica stays whenever its old GPU has a free slot), each of
+    these three, and ``previous`` itself where it holds every expert on a live
+    GPU, fills every live slot and keeps groups on nodes, after
+    :func:`eplb.algorithms.repair.repair`'s local search toward the
     limit (failed GPUs' slots stay empty; moves kept below the relabelled
     placement's; replica counts may change). Per layer, among the candidates
     whose heaviest GPU is within the limit (the relabelled one always is),
@@ -574,17 +576,26 @@ def stabilize_elastic(
         within.append(peak_s <= limit)
     # The sticky repackings often miss a tight limit by a little: the local search closes the gap with a few
     # moves (below the relabelled placement's, else it could not win).
+    # And the previous placement itself (its live slots), where it still holds every expert on a live GPU, fills
+    # every live slot and keeps groups on nodes: with no expert lost, a few changes from it beat any repacking.
+    from eplb.algorithms.stability import _covers
+
     num_log = weight.shape[1]
+    old_cnt = xp.astype(replica_counts(old, num_log, xp=xp), logcnt.dtype)
+    old_valid = _covers(old, old_cnt, num_groups if num_nodes > 1 else 1, num_nodes, xp=xp) & xp.all(
+        (old >= 0) | xp.logical_not(live_slot), axis=-1, keepdims=True
+    )  # and no live slot empty (a GPU back from a failure has none of its experts)
     packs = len(candidates) - 1
-    starts = xp.concat(candidates[1:], axis=0)  # [3B, R]
+    starts = xp.concat([*candidates[1:], old], axis=0)  # [4B, R]
+    searched = xp.ones((packs * batch, 1), dtype=bool, device=_xp.device(weight))
     repaired, repaired_cnt, _ = repair_fn(
         starts,
-        xp.concat([logcnt] * packs, axis=0),
-        xp.concat([old] * packs, axis=0),
-        xp.concat([weight] * packs, axis=0),
-        xp.concat([limit] * packs, axis=0),
-        xp.concat([moves[0] - 1] * packs, axis=0)[:, None],
-        xp.ones((packs * batch, 1), dtype=bool, device=_xp.device(weight)),
+        xp.concat([logcnt] * packs + [old_cnt], axis=0),
+        xp.concat([old] * (packs + 1), axis=0),
+        xp.concat([weight] * (packs + 1), axis=0),
+        xp.concat([limit] * (packs + 1), axis=0),
+        xp.concat([moves[0] - 1] * (packs + 1), axis=0)[:, None],
+        xp.concat([searched, old_valid], axis=0),
         num_gpus,
         num_nodes,
         num_log // num_groups if num_nodes > 1 else num_log,
@@ -592,14 +603,15 @@ def stabilize_elastic(
         xp=xp,
     )
     counts = [logcnt] * len(candidates)
-    for k in range(packs):
+    for k in range(packs + 1):
         placed, placed_cnt = repaired[k * batch : (k + 1) * batch], repaired_cnt[k * batch : (k + 1) * batch]
         peak_r = xp.max(_live_gpu_loads(weight, placed, placed_cnt, num_gpus, xp=xp), axis=-1, keepdims=True)
         candidates.append(placed)
         counts.append(placed_cnt)
         moves.append(count_moves(placed, old, num_gpus, xp=xp))
-        within.append(peak_r <= limit)
-    within = xp.concat(within, axis=-1)  # [B, 7]
+        ok = peak_r <= limit
+        within.append(ok if k < packs else ok & old_valid)
+    within = xp.concat(within, axis=-1)  # [B, 8]
     moves = xp.where(within, xp.stack(moves, axis=-1), BIG)
     choice = xp.reshape(xp.argmin(moves, axis=-1), (batch, 1))  # fewest moves; ties: the earlier candidate
     out, out_cnt = candidates[0], counts[0]
