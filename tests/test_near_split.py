@@ -183,3 +183,27 @@ def test_iota_is_an_arange_and_cached_on_cuda():
         assert first.tolist() == list(range(7)) and first.device.type == "cuda"
         assert _xp.iota(7, dtype=torch.int64, device=cuda, xp=xpt) is first
         assert _xp.iota(7, dtype=torch.int32, device=cuda, xp=xpt).dtype == torch.int32
+
+
+def test_covers_groups_against_sets():
+    """``covers_groups``: every expert has a slot and each group's slots lie on one node (plain Python sets);
+    placements that keep groups on nodes, ones that do not, failed GPUs' ``-1`` slots, an expert with none."""
+    from eplb.algorithms.hierarchy import covers_groups
+    from eplb.algorithms.relabel import replica_counts
+
+    rng = np.random.default_rng(9)
+    for config in CONFIGS:
+        num_phy, num_groups, num_nodes, num_gpus = config
+        hier = eplb.rebalance_experts(cases.lognormal_f32(rng, 4, 16), *config).phy2log
+        flat = eplb.rebalance_experts(cases.lognormal_f32(rng, 4, 16), num_phy, 1, 1, num_gpus).phy2log
+        holes = hier.copy()
+        holes[:, : num_phy // num_gpus] = -1
+        for phy2log in (hier, flat, holes):
+            got = covers_groups(phy2log, replica_counts(phy2log, 16, xp=np), num_groups, num_nodes, xp=np)
+            per_node, size = num_phy // num_nodes, 16 // num_groups
+            for layer, row in enumerate(phy2log.tolist()):
+                every = set(range(16)) <= set(row)
+                nodes_of = [
+                    {j // per_node for j, e in enumerate(row) if e >= 0 and e // size == g} for g in range(num_groups)
+                ]
+                assert bool(got[layer, 0]) == (every and all(len(n) <= 1 for n in nodes_of))

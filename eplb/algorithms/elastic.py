@@ -34,7 +34,14 @@ from typing import Any
 
 from eplb import _xp
 from eplb.algorithms.assignment import BIG, max_assignment
-from eplb.algorithms.hierarchy import assemble, expert_order, greedy_group_split, group_loads, node_groups
+from eplb.algorithms.hierarchy import (
+    assemble,
+    covers_groups,
+    expert_order,
+    greedy_group_split,
+    group_loads,
+    node_groups,
+)
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.packing import inverse_permutation, slots_by_pack, sum_in_pairs, sum_left_to_right
 from eplb.algorithms.relabel import align_slots, count_moves, gpu_overlap, occurrence, replica_counts
@@ -578,11 +585,9 @@ def stabilize_elastic(
     # moves (below the relabelled placement's, else it could not win).
     # And the previous placement itself (its live slots), where it still holds every expert on a live GPU, fills
     # every live slot and keeps groups on nodes: with no expert lost, a few changes from it beat any repacking.
-    from eplb.algorithms.stability import _covers
-
     num_log = weight.shape[1]
     old_cnt = xp.astype(replica_counts(old, num_log, xp=xp), logcnt.dtype)
-    old_valid = _covers(old, old_cnt, num_groups if num_nodes > 1 else 1, num_nodes, xp=xp) & xp.all(
+    old_valid = covers_groups(old, old_cnt, num_groups if num_nodes > 1 else 1, num_nodes, xp=xp) & xp.all(
         (old >= 0) | xp.logical_not(live_slot), axis=-1, keepdims=True
     )  # and no live slot empty (a GPU back from a failure has none of its experts)
     packs = len(candidates) - 1

@@ -11,6 +11,7 @@ from eplb.algorithms.replication import replica_load, replicate_experts
 __all__ = [
     "assemble",
     "build_log2phy",
+    "covers_groups",
     "expert_order",
     "greedy_group_split",
     "group_loads",
@@ -41,6 +42,15 @@ def node_groups(phy2log: Any, num_log: int, num_groups: int, num_nodes: int, *, 
     groups = _xp.iota(num_groups, dtype=phy2log.dtype, device=_xp.device(phy2log), xp=xp)
     by_node = xp.reshape(group_of_slot, (batch, num_nodes, num_phy // num_nodes, 1)) == groups
     return xp.any(by_node, axis=2)
+
+
+def covers_groups(phy2log: Any, logcnt: Any, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
+    """``[B, 1]``: every expert has a slot, and (``num_nodes > 1``) each group's slots lie on one node."""
+    ok = xp.all(logcnt > 0, axis=-1, keepdims=True)
+    if num_nodes == 1:
+        return ok
+    present = xp.astype(node_groups(phy2log, logcnt.shape[1], num_groups, num_nodes, xp=xp), xp.int32)
+    return ok & xp.all(xp.sum(present, axis=1) <= 1, axis=-1, keepdims=True)
 
 
 def greedy_group_split(weight: Any, num_groups: int, num_nodes: int, *, xp: Any) -> Any:

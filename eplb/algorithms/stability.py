@@ -41,7 +41,7 @@ from typing import Any
 from eplb import _xp
 from eplb.algorithms.assignment import BIG
 from eplb.algorithms.elastic import sticky_group_split
-from eplb.algorithms.hierarchy import build_log2phy, expert_order, node_groups
+from eplb.algorithms.hierarchy import build_log2phy, covers_groups, expert_order, node_groups
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.packing import inverse_permutation
 from eplb.algorithms.policies import place
@@ -50,15 +50,6 @@ from eplb.algorithms.repair import gpu_loads, repair, sticky_pack
 from eplb.algorithms.replication import replica_load
 
 __all__ = ["near_split", "place_stable", "stabilize"]
-
-
-def _covers(phy2log: Any, logcnt: Any, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
-    """``[B, 1]``: every expert has a slot, and (``num_nodes > 1``) each group's slots lie on one node."""
-    ok = xp.all(logcnt > 0, axis=-1, keepdims=True)
-    if num_nodes == 1:
-        return ok
-    present = xp.astype(node_groups(phy2log, logcnt.shape[1], num_groups, num_nodes, xp=xp), xp.int32)
-    return ok & xp.all(xp.sum(present, axis=1) <= 1, axis=-1, keepdims=True)
 
 
 def _other_groups(phy2log: Any, base: Any, num_log: int, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
@@ -204,7 +195,7 @@ def stabilize(
     )
 
     old_cnt = xp.astype(replica_counts_fn(old, num_log, xp=xp), logcnt.dtype)
-    valid = _covers(old, old_cnt, num_groups, num_nodes, xp=xp)
+    valid = covers_groups(old, old_cnt, num_groups, num_nodes, xp=xp)
     always = xp.ones_like(valid)
     searched = [valid, always, always]  # the old placement's rows only where it keeps groups on nodes
     if near is not None:
