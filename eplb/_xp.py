@@ -277,11 +277,20 @@ def reciprocal_table(n: int, *, xp: Any, device: Any = None) -> Any:
     Replica loads are ``weight * table[count]``: a multiplication is
     correctly rounded on every backend, a float32 division is not on XLA GPU.
     numpy and torch (CPU and CUDA) divide exactly, so they build the table
-    in place; JAX gets it from numpy on the host, as a constant.
+    in place; JAX gets it from numpy on the host, as a constant. On a CUDA
+    device torch keeps one **read-only** copy per ``(n, device)`` (four
+    kernel launches saved each call, as :func:`iota`).
     """
     if is_numpy(xp) or is_jax(xp):
         table = np.zeros(n + 1, dtype=np.float32)
         table[1:] = np.float32(1.0) / np.arange(1, n + 1, dtype=np.float32)
         return xp.asarray(table)
+    cached = device is not None and device.type == "cuda"
+    key = ("reciprocal", n, str(device))
+    if cached and key in _CONSTANTS:
+        return _CONSTANTS[key]
     counts = xp.arange(n + 1, dtype=xp.float32, device=device)
-    return xp.where(counts > 0, 1.0 / counts, 0.0)
+    table = xp.where(counts > 0, 1.0 / counts, 0.0)
+    if cached:
+        _CONSTANTS[key] = table
+    return table

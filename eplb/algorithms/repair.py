@@ -20,7 +20,7 @@ from eplb.algorithms.refine import IMPROVEMENT
 from eplb.algorithms.relabel import _count, _first, _ids, count_moves, occurrence
 from eplb.algorithms.replication import replica_load
 
-__all__ = ["gpu_loads", "repair", "sticky_pack"]
+__all__ = ["gpu_loads", "heaviest_gpu", "repair", "sticky_pack"]
 
 
 def gpu_loads(weight: Any, phy2log: Any, logcnt: Any, num_gpus: int, *, xp: Any) -> Any:
@@ -29,6 +29,11 @@ def gpu_loads(weight: Any, phy2log: Any, logcnt: Any, num_gpus: int, *, xp: Any)
     slot_load = _xp.take_along(replica_load(weight, logcnt, reciprocal, xp=xp), phy2log, xp=xp)
     batch, num_phy = phy2log.shape
     return sum_left_to_right(xp.reshape(slot_load, (batch, num_gpus, num_phy // num_gpus)), xp=xp)
+
+
+def heaviest_gpu(weight: Any, phy2log: Any, logcnt: Any, num_gpus: int, *, xp: Any) -> Any:
+    """``[B, 1]`` float32: the heaviest of :func:`gpu_loads` (a max is exact in any order)."""
+    return xp.max(gpu_loads(weight, phy2log, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
 
 
 def sticky_pack(

@@ -46,10 +46,10 @@ from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.packing import inverse_permutation
 from eplb.algorithms.policies import place
 from eplb.algorithms.relabel import align_slots, count_moves, occurrence, relabel, replica_counts
-from eplb.algorithms.repair import gpu_loads, repair, sticky_pack
+from eplb.algorithms.repair import gpu_loads, heaviest_gpu, repair, sticky_pack
 from eplb.algorithms.replication import replica_load
 
-__all__ = ["near_split", "place_stable", "stabilize"]
+__all__ = ["choose", "near_split", "place_stable", "stabilize"]
 
 
 def _other_groups(phy2log: Any, base: Any, num_log: int, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
@@ -108,6 +108,36 @@ def near_split(
     return xp.astype(xp.reshape(phy2log, (num_layers, num_replicas)), old.dtype, copy=False), logcnt
 
 
+def choose(
+    weight: Any, candidates: Any, counts: Any, moves: Any, usable: Any, limit: Any, num_gpus: int, *, xp: Any
+) -> tuple[Any, Any]:
+    """``phy2log [B, R]`` and ``logcnt [B, E]``: per row, the candidate :func:`stabilize` keeps.
+
+    ``candidates [C * B, R]`` and ``counts [C * B, E]`` are candidate-major
+    (row ``c * B + b`` is candidate ``c`` of row ``b``); ``weight [B, E]``
+    and ``limit [B, 1]`` float32; ``moves [B, C]`` integer; ``usable [B, C]``
+    bool. A candidate's heaviest GPU is its :func:`~eplb.algorithms.repair.gpu_loads`
+    maximum (left-to-right float32 sums of ``w * fl(1/c)``); candidate 0
+    counts as within the limit whatever its heaviest GPU (the relabelled
+    fresh placement: fresh's GPU loads, up to the order of summation). Per
+    row: the usable candidate within the limit (``peak <= limit``) with the
+    fewest moves, the first on ties; if none, the usable one with the
+    lightest heaviest GPU, the first on ties; if none is usable, candidate 0.
+    """
+    batch, num_choices = moves.shape
+    loads = gpu_loads(xp.concat([weight] * num_choices, axis=0), candidates, counts, num_gpus, xp=xp)
+    # [C * B, G] -> [B, C]: one reduction and a transpose (one launch each on CUDA).
+    peaks = xp.permute_dims(xp.reshape(xp.max(loads, axis=-1), (num_choices, batch)), (1, 0))
+    first = _xp.iota(num_choices, dtype=moves.dtype, device=_xp.device(moves), xp=xp) == 0
+    balanced = usable & (first | (peaks <= limit))
+    fewest = xp.argmin(xp.where(balanced, moves, BIG), axis=-1)
+    lightest = xp.argmin(xp.where(usable, peaks, xp.inf), axis=-1)
+    choice = xp.where(xp.any(balanced, axis=-1), fewest, xp.where(xp.any(usable, axis=-1), lightest, 0))
+    # Row b of candidate choice[b] is row choice[b] * B + b.
+    row = xp.astype(choice, moves.dtype) * batch + _xp.iota(batch, dtype=moves.dtype, device=_xp.device(moves), xp=xp)
+    return xp.take(candidates, row, axis=0), xp.take(counts, row, axis=0)
+
+
 def stabilize(
     weight: Any,
     fresh: Any,
@@ -126,6 +156,8 @@ def stabilize(
     repair_fn: Callable[..., Any] = repair,
     align_slots_fn: Callable[..., Any] = align_slots,
     replica_counts_fn: Callable[..., Any] = replica_counts,
+    heaviest_gpu_fn: Callable[..., Any] = heaviest_gpu,
+    choose_fn: Callable[..., Any] = choose,
 ) -> tuple[Any, Any]:
     """``phy2log [B, R]`` and ``logcnt [B, E]``: ``fresh`` (with ``logcnt``), or a migration-aware
     variant of it, given ``old [B, R]``.
@@ -146,11 +178,13 @@ def stabilize(
     the relabelled fresh placement's (it never adds moves: it wins only
     with fewer); ties in that order. If
     none meets both (only with ``max_moves``), the lightest heaviest GPU
-    among those within ``max_moves``. ``relabel_fn``, ``sticky_pack_fn``,
-    ``repair_fn``, ``align_slots_fn``, ``replica_counts_fn``:
+    among those within ``max_moves`` (:func:`choose`). ``relabel_fn``,
+    ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``,
+    ``replica_counts_fn``, ``heaviest_gpu_fn``, ``choose_fn``:
     :func:`relabel`, :func:`sticky_pack`, :func:`repair`,
-    :func:`align_slots` and :func:`replica_counts`, or compiled kernels
-    equal to them (same arguments).
+    :func:`align_slots`, :func:`replica_counts`,
+    :func:`~eplb.algorithms.repair.heaviest_gpu` and :func:`choose`, or
+    compiled kernels equal to them (same arguments).
     """
     batch, num_phy = fresh.shape
     num_log = weight.shape[1]
@@ -159,7 +193,7 @@ def stabilize(
     base = relabel_fn(fresh, old, num_gpus, num_nodes, xp=xp)
     if tolerance is None and max_moves is None:
         return base, logcnt
-    peak = xp.max(gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+    peak = heaviest_gpu_fn(weight, fresh, logcnt, num_gpus, xp=xp)
     limit = peak * _factor(tolerance, peak, xp=xp)
     cap = _cap(max_moves, num_phy, fresh, xp=xp)
     base_moves = xp.reshape(count_moves(base, old, num_gpus, xp=xp), (batch, 1))
@@ -219,21 +253,18 @@ def stabilize(
         xp=xp,
     )
     rows = [slice(k * batch, (k + 1) * batch) for k in range(starts)]
-    candidates = [base] + [repaired[r] for r in rows]
-    counts = [logcnt] + [counts[r] for r in rows]
     moves = xp.concat([base_moves] + [moves[r] for r in rows], axis=-1)  # [B, 1 + starts]
-    # The candidates' heaviest GPUs in one batched call (row by row the same sums; fewer launches on CUDA).
-    every = (xp.concat([base, repaired], axis=0), xp.concat(counts, axis=0))
-    loads = gpu_loads(xp.concat([weight] * (starts + 1), axis=0), *every, num_gpus, xp=xp)
-    peaks = xp.stack([xp.max(loads[k * batch : (k + 1) * batch], axis=-1) for k in range(starts + 1)], axis=-1)
     usable = xp.concat([always, valid] + [always] * packs, axis=-1) & (moves <= cap)
-    # The relabelled fresh placement is within the limit by construction (its GPU loads are
-    # fresh's, up to the order of summation).
-    balanced = usable & xp.concat([always, peaks[:, 1:] <= limit], axis=-1)
-    fewest = xp.argmin(xp.where(balanced, moves, BIG), axis=-1)
-    lightest = xp.argmin(xp.where(usable, peaks, xp.inf), axis=-1)
-    choice = xp.where(xp.any(balanced, axis=-1), fewest, xp.where(xp.any(usable, axis=-1), lightest, 0))
-    return _pick(candidates, choice, xp=xp), _pick(counts, choice, xp=xp)
+    return choose_fn(
+        weight,
+        xp.concat([base, repaired], axis=0),
+        xp.concat([logcnt, counts], axis=0),
+        moves,
+        usable,
+        limit,
+        num_gpus,
+        xp=xp,
+    )
 
 
 def _factor(tolerance: Any, peak: Any, *, xp: Any) -> Any:
@@ -264,17 +295,6 @@ def _cap(max_moves: Any, num_phy: int, like: Any, *, xp: Any) -> Any:
     return xp.clip(cap, 0, num_phy)
 
 
-def _pick(candidates: list[Any], choice: Any, *, xp: Any) -> Any:
-    """Row ``b`` of ``candidates[choice[b]]``; each candidate is ``[B, n]``."""
-    batch, n = candidates[0].shape
-    stacked = xp.reshape(xp.stack(candidates, axis=1), (batch, len(candidates) * n))
-    dtype = candidates[0].dtype
-    index = xp.reshape(xp.astype(choice, dtype), (batch, 1)) * n + _xp.iota(
-        n, dtype=dtype, device=_xp.device(stacked), xp=xp
-    )
-    return _xp.take_along(stacked, index, xp=xp)
-
-
 def place_stable(
     weight: Any,
     previous: Any,
@@ -295,6 +315,8 @@ def place_stable(
     replica_counts_fn: Callable[..., Any] = replica_counts,
     log2phy_fn: Callable[[Any, int], Any] | None = None,
     group_split_fn: Callable[..., Any] | None = None,
+    heaviest_gpu_fn: Callable[..., Any] = heaviest_gpu,
+    choose_fn: Callable[..., Any] = choose,
     **options: Any,
 ) -> tuple[Any, Any, Any]:
     """Like :func:`eplb.algorithms.policies.place`, keeping the experts of ``previous [L, R]`` in place.
@@ -306,7 +328,8 @@ def place_stable(
     ``place_fn``, ``relabel_fn``, ``log2phy_fn``: :func:`place`,
     :func:`relabel` and the slot-order ``log2phy`` below, and
     ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``,
-    ``replica_counts_fn`` (used only with ``tolerance`` or ``max_moves``):
+    ``replica_counts_fn``, ``heaviest_gpu_fn``, ``choose_fn`` (used only
+    with ``tolerance`` or ``max_moves``):
     :func:`stabilize`'s, and ``group_split_fn`` :func:`near_split`'s, or
     fused implementations equal to them (a backend's fast paths).
     Replica numbers in ``log2phy`` follow slot order (replica ``k`` of an
@@ -343,6 +366,8 @@ def place_stable(
         repair_fn=repair_fn,
         align_slots_fn=align_slots_fn,
         replica_counts_fn=replica_counts_fn,
+        heaviest_gpu_fn=heaviest_gpu_fn,
+        choose_fn=choose_fn,
     )
     if log2phy_fn is not None:
         return phy2log, log2phy_fn(phy2log, weight.shape[1]), logcnt

@@ -186,7 +186,12 @@ def rebalance_stable(
                 kernels["repair_fn"] = repair_triton.repair
                 kernels["align_slots_fn"] = repair_triton.align_slots
                 kernels["replica_counts_fn"] = repair_triton.replica_counts
-            from eplb.kernels import group_split_triton
+            from eplb.kernels import choose_triton, group_split_triton
+
+            if choose_triton.fits(num_replicas, weight.shape[1], num_gpus):
+                # The load limit and the choice among the candidates (about 60 torch ops), one launch each.
+                kernels["heaviest_gpu_fn"] = choose_triton.heaviest_gpu
+                kernels["choose_fn"] = choose_triton.choose
 
             if nodes > 1 and group_split_triton.fits(weight.shape[1], num_replicas, num_groups, num_nodes):
                 kernels["group_split_fn"] = group_split_triton.near_group_split  # the near split's group swap
