@@ -16,6 +16,7 @@ torch CUDA         ``greedy_triton`` [2]_      ``refined_triton`` [2]_       as 
                                                                              ``relabel_triton`` [2]_;
                                                                              the knobs:
                                                                              ``repair_triton``,
+                                                                             ``choose_triton``,
                                                                              ``group_split_triton`` [2]_
 JAX CPU            ``greedy_numba`` via a      XLA (array API under          as numpy, via a host
                    host callback [1]_          ``jit`` + ``vmap``)           callback [1]_
