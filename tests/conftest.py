@@ -357,3 +357,18 @@ def _release_jax_executables():
     yield
     if "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
+
+
+def run_under_triton_interpreter(script: str, timeout: float = 900) -> Any:
+    """Run ``script`` (Python source) in a fresh process under Triton's CPU interpreter, the repository first on
+    its path (the interpreter is chosen when Triton is imported, so it needs a process of its own); returns the
+    :class:`subprocess.CompletedProcess`, output captured as text."""
+    import subprocess
+    import textwrap
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    command = [sys.executable, "-c", textwrap.dedent(script)]
+    return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)

@@ -11,17 +11,11 @@ the interpreter is chosen at import) and on CUDA.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
-from .conftest import needs_gpu
+from .conftest import needs_gpu, run_under_triton_interpreter
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
 # (num_log, num_phy, num_groups, num_nodes, num_gpus)
@@ -80,9 +74,7 @@ def test_fits():
 @needs_triton
 def test_interpreter_equals_the_array_api_split():
     script = CHECK + f"\nSHAPES = {SHAPES!r}\ncheck('cpu')\nprint('ok')\n"
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    run = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
+    run = run_under_triton_interpreter(script)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-4000:]
 
 
