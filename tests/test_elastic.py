@@ -532,6 +532,49 @@ def test_previous_every_backend_identical(case):
         _same(got, expected)
 
 
+@pytest.mark.parametrize("case", PREVIOUS_CASES, ids=[f"{c[:3]}-dead{c[3]}-was{c[4]}" for c in PREVIOUS_CASES])
+@pytest.mark.parametrize("impl", ["xla", "host"])
+def test_previous_jax_each_implementation_equals_numpy(case, impl):
+    """JAX with previous= and active_gpus, each implementation forced: XLA (the array API under jit + vmap, what
+    a GPU runs) and the host callback into the numpy adapter's compiled kernels (the CPU default)."""
+    from eplb.backends import _jax
+
+    w, r, gpus, mask, previous = _previous_case(case, seed=3)
+    for tolerance in (None, 0.0, 0.05):
+        expected = eplb.rebalance_experts(
+            w, r, 1, 1, gpus, previous=previous, active_gpus=mask, balance_tolerance=tolerance
+        )
+        got = _jax.rebalance_stable(
+            jnp.asarray(w, jnp.float32), jnp.asarray(previous), r, 1, 1, gpus, impl=impl, hierarchical=False,
+            policy="greedy", spill=0, tolerance=tolerance, max_moves=None, active_gpus=jnp.asarray(mask),
+        )  # fmt: skip
+        _same(tuple(np.asarray(a) for a in got), expected)
+
+
+def test_previous_jax_host_under_vmap_takes_each_mask_and_tolerance():
+    """A user's vmap over calls with their own loads, masks and tolerances: the host callback folds the batch
+    into one numpy call per element, each equal to the unbatched numpy call."""
+    w, r, gpus, _, previous = _previous_case(PREVIOUS_CASES[0], seed=4)
+    rng = np.random.default_rng(4)
+    weights = np.stack([w, rng.permutation(w.T).T, w * np.float32(2.0)])
+    masks = np.ones((3, gpus), bool)
+    masks[0, [2, 5]] = False
+    masks[1, 1] = False
+    tolerances = np.array([0.0, 0.05, -1.0], np.float32)  # a negative traced tolerance counts as 0
+
+    def call(weight, active, tol):
+        return tuple(eplb.rebalance_experts(weight, r, 1, 1, gpus, previous=previous, active_gpus=active,
+                                            balance_tolerance=tol))  # fmt: skip
+
+    got = jax.jit(jax.vmap(call))(jnp.asarray(weights), jnp.asarray(masks), jnp.asarray(tolerances))
+    for k in range(3):
+        expected = eplb.rebalance_experts(
+            weights[k], r, 1, 1, gpus, previous=previous, active_gpus=masks[k],
+            balance_tolerance=max(float(tolerances[k]), 0.0),
+        )  # fmt: skip
+        _same(tuple(np.asarray(a[k]) for a in got), expected)
+
+
 def test_previous_moves_less_than_the_fresh_placement():
     """A GPU down on a 16-GPU cluster: the sticky placement keeps most experts where they are."""
     rng = np.random.default_rng(7)

@@ -88,7 +88,7 @@ def _rebalance_capacity(
     return _tied_to(weight, placement)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _rebalance_elastic_stable(
     weight: jax.Array,
     previous: jax.Array,
@@ -96,8 +96,14 @@ def _rebalance_elastic_stable(
     tolerance: jax.Array | None,
     config: tuple[int, int, int, int],
     options: tuple[tuple[str, Any], ...],
+    impl: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`_rebalance_elastic` keeping ``previous``'s experts in place (mask and tolerance traced)."""
+    """:func:`_rebalance_elastic` keeping ``previous``'s experts in place (mask and tolerance traced).
+
+    ``impl="host"``: on the CPU the numpy adapter's compiled kernels through a host callback
+    (:func:`eplb.backends._jax_host.placement_elastic_stable`), chosen at lowering; XLA elsewhere (and with
+    ``impl="xla"``). Same placement.
+    """
     index = jnp.arange(1).dtype  # JAX's default integer
 
     def one_layer(row: jax.Array, old: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
@@ -106,8 +112,17 @@ def _rebalance_elastic_stable(
         )
         return tuple(a[0] for a in placement)
 
-    layers = jax.vmap(one_layer, in_axes=(0, 0, None))
-    return _tied_to(weight, layers(weight.astype(jnp.float32), previous.astype(index), active.astype(bool)))
+    def xla(w: jax.Array, p: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
+        layers = jax.vmap(one_layer, in_axes=(0, 0, None))
+        return _tied_to(w, layers(w.astype(jnp.float32), p.astype(index), m.astype(bool)))
+
+    if impl == "xla" or not _jax_host.applies_stable(*weight.shape, config[0]):
+        return xla(weight, previous, active)
+
+    def host(w: jax.Array, p: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
+        return _jax_host.placement_elastic_stable(w, p, m, tolerance, config, dict(options))
+
+    return tuple(jax.lax.platform_dependent(weight, previous, active, cpu=host, default=xla))
 
 
 def _tied_to(weight: jax.Array, placement: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
@@ -454,15 +469,17 @@ def rebalance_stable(
     """
     active = options.pop("active_gpus", None)
     if active is not None:
-        # active_gpus with previous=: the array-API path under jit + vmap (mask and tolerance traced).
-        if impl not in (None, "xla"):
-            raise ValueError(f"active_gpus with previous= runs on impl='xla' (or None) only, got impl={impl!r}")
+        # active_gpus with previous=: on the CPU the compiled kernels via the host, else the array-API path under
+        # jit + vmap (mask and tolerance traced).
+        if impl not in (None, "host", "xla"):
+            raise ValueError(f"active_gpus with previous= takes impl='host', 'xla' or None, got impl={impl!r}")
         if options.pop("max_moves", None) is not None:
             raise ValueError("active_gpus cannot be combined with max_moves= yet")
         tolerance = options.pop("tolerance", None)
         knob = None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32)
         config = (num_replicas, num_groups, num_nodes, num_gpus)
-        return _rebalance_elastic_stable(weight, previous, active, knob, config, tuple(sorted(options.items())))
+        chosen = "xla" if impl == "xla" else "host"
+        return _rebalance_elastic_stable(weight, previous, active, knob, config, tuple(sorted(options.items())), chosen)
     if impl not in (None, "host", "xla"):
         raise ValueError(f"impl must be 'host', 'xla' or None for a call with previous=, got {impl!r}")
     config = (num_replicas, num_groups, num_nodes, num_gpus)

@@ -23,7 +23,7 @@ import numpy as np
 
 from eplb.backends import _numba, _numpy
 
-__all__ = ["MAX_LOG2PHY", "applies", "applies_stable", "placement", "placement_stable"]
+__all__ = ["MAX_LOG2PHY", "applies", "applies_stable", "placement", "placement_elastic_stable", "placement_stable"]
 
 # The callback's outputs are copied twice (to JAX's integer type, then into
 # XLA's buffer), about 2 ns per log2phy entry on a 2-core CPU; from about 2M
@@ -108,4 +108,63 @@ def placement_stable(
     operands = [k for k in knobs if k is not None]
     return jax.pure_callback(
         on_host, shapes, weight.astype(jnp.float32), previous.astype(index), *operands, vmap_method="expand_dims"
+    )
+
+
+def placement_elastic_stable(
+    weight: jax.Array,
+    previous: jax.Array,
+    active: jax.Array,
+    tolerance: jax.Array | None,
+    config: tuple[int, int, int, int],
+    options: dict,
+) -> tuple[jax.Array, ...]:
+    """:func:`placement_stable` with ``active_gpus``: the numpy adapter's elastic ``previous=`` path (its
+    compiled relabelling, repackings and search, :mod:`eplb.kernels.repair_numba`), via the host.
+
+    XLA on the CPU runs that search as loops of tiny steps: 0.35-2.2 s a call at the DeepSeek-V3 shape on a
+    2-core CPU, against 60-100 ms here. ``active [G]`` bool and ``tolerance`` (a float32 scalar, or ``None``)
+    are traced; ``options``: ``hierarchical``, ``policy``, ``spill``. Under ``vmap`` the batch is folded
+    into calls, one per batch element (each may have its own mask and tolerance).
+    """
+    num_layers, num_experts = weight.shape
+    num_replicas, num_gpus = config[0], config[3]
+    index = jnp.arange(1).dtype
+    shapes = (
+        jax.ShapeDtypeStruct((num_layers, num_replicas), index),
+        jax.ShapeDtypeStruct((num_layers, num_experts, num_replicas - num_experts + 1), index),
+        jax.ShapeDtypeStruct((num_layers, num_experts), index),
+    )
+
+    def on_host(loads: np.ndarray, old: np.ndarray, mask: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
+        batch = loads.shape[:-2]  # () unbatched, (B,) or more under vmap (unbatched operands: unit axes)
+        count = int(np.prod(batch, dtype=np.int64))
+        rows = np.asarray(loads, dtype=np.float32).reshape(count, num_layers, num_experts)
+        olds = np.broadcast_to(np.asarray(old, dtype=np.int64), (*batch, num_layers, num_replicas))
+        masks = np.broadcast_to(np.asarray(mask, dtype=bool), (*batch, num_gpus)).reshape(count, num_gpus)
+        tols = [None] * count
+        if tolerance is not None:
+            # As stability._factor reads an array tolerance: a negative (or NaN) value counts as 0.
+            given = np.broadcast_to(np.asarray(values[0], dtype=np.float32), batch).reshape(count)
+            tols = [max(float(np.nan_to_num(t, nan=0.0)), 0.0) for t in given]
+        results = [
+            _numpy.rebalance_stable(
+                rows[k], olds.reshape(count, num_layers, num_replicas)[k], *config,
+                active_gpus=masks[k], tolerance=tols[k], **options,
+            )
+            for k in range(count)
+        ]  # fmt: skip
+        return tuple(
+            np.stack([r[i] for r in results]).astype(index).reshape(*batch, *results[0][i].shape) for i in range(3)
+        )
+
+    operands = [] if tolerance is None else [tolerance]
+    return jax.pure_callback(
+        on_host,
+        shapes,
+        weight.astype(jnp.float32),
+        previous.astype(index),
+        active.astype(bool),
+        *operands,
+        vmap_method="expand_dims",
     )

@@ -28,9 +28,10 @@ JAX GPU            ``greedy_pallas`` [3]_      ``refined_pallas`` + XLA [3]_ as 
 
 ``active_gpus=`` and ``gpu_capacity=`` run the array-API path (XLA on JAX,
 torch ops on torch CUDA, numpy on the CPU), except ``active_gpus=`` with
-``previous=`` on numpy and torch CPU inputs: its relabelling, sticky
-repackings and local search run ``relabel_numba`` / ``repair_numba`` [1]_
-(which take failed GPUs' ``-1`` slots).
+``previous=`` on numpy, torch CPU and JAX CPU inputs (JAX through a host
+callback): its relabelling, sticky repackings and local search run
+``relabel_numba`` / ``repair_numba`` [1]_ (which take failed GPUs' ``-1``
+slots).
 
 ``spill=`` runs the array-API path everywhere. Where a kernel does not
 apply the array-API path runs, with the same placement.
