@@ -24,6 +24,11 @@ until the limit is met (a prefill/decode change takes the most steps).
 
 ``--gpu-only --no-jax``: the torch CUDA row alone (its knobs run the kernels of
 :mod:`eplb.kernels.repair_triton`), without XLA's compiles.
+
+``--elastic``: the same calls with ``active_gpus`` (GPU 5 down, the mask on
+the loads' device), ``balance_tolerance=0.05`` in place of ``0.005`` and no
+``max_moves`` (which ``active_gpus`` does not take): the re-plan after a
+failure, when a stall costs most.
 """
 
 from __future__ import annotations
@@ -48,6 +53,13 @@ CALLS = {
     "previous=": {},
     "+ balance_tolerance=0.005": {"balance_tolerance": 0.005},
     "+ max_moves=16": {"max_moves": 16},
+}
+
+
+ELASTIC_CALLS = {
+    "fresh plan (active_gpus)": None,
+    "previous=": {},
+    "+ balance_tolerance=0.05": {"balance_tolerance": 0.05},
 }
 
 
@@ -93,7 +105,22 @@ def implementations(gpu: bool, xp: bool, jax_rows: bool = True) -> dict:
     return out
 
 
+def _bool_like(mask: np.ndarray, like):
+    """``mask`` as a bool array of ``like``'s kind, on its device."""
+    if hasattr(like, "device") and hasattr(like, "detach"):  # torch
+        import torch
+
+        return torch.as_tensor(mask, device=like.device)
+    if hasattr(like, "sharding"):  # JAX
+        import jax
+
+        return jax.device_put(mask, like.sharding)
+    return mask
+
+
 def call(weight, config, previous, options, extra):
+    if "active_gpus" in extra:
+        return eplb.rebalance_experts(weight, *config, active_gpus=extra["active_gpus"], previous=previous, **options)
     if extra.get("_impl") == "xp":  # the numpy adapter's array-API path, forced
         from eplb.backends import _numpy
 
@@ -146,11 +173,13 @@ def main() -> None:
     parser.add_argument("--no-jax", action="store_true", help="leave out the JAX rows")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--pairs", action="store_true", help="numpy knobs for every consecutive pair of files")
+    parser.add_argument("--elastic", action="store_true", help="the calls with active_gpus (GPU 5 down)")
     args = parser.parse_args()
     if args.pairs:
         print(pairs_table(args.runs))
         return
     old, new = load("prefill_in4096.json"), load("prefill_in2048.json")
+    calls = ELASTIC_CALLS if args.elastic else CALLS
     lines = []
     for label, config in CONFIGS.items():
         previous_np = eplb.rebalance_experts(old, *config).phy2log
@@ -164,16 +193,20 @@ def main() -> None:
         except ImportError:
             published = float("nan")
         lines.append(f"\n{label} {config}: published greedy {published:.1f} ms\n")
-        lines.append("| implementation | " + " | ".join(CALLS) + " |")
-        lines.append("| --- |" + " --- |" * len(CALLS))
+        lines.append("| implementation | " + " | ".join(calls) + " |")
+        lines.append("| --- |" + " --- |" * len(calls))
         for name, (convert, timer, extra) in implementations(
             args.gpu or args.gpu_only, args.xp, not args.no_jax
         ).items():
             if args.gpu_only and not ("CUDA" in name or "GPU" in name):
                 continue
             weight, previous = convert(new), convert(previous_np)
+            if args.elastic:  # GPU 5 down; the mask as a bool array of the loads' kind and device
+                mask = np.ones(config[3], dtype=bool)
+                mask[5] = False
+                extra = {**extra, "active_gpus": _bool_like(mask, weight)}
             cells = []
-            for options in CALLS.values():
+            for options in calls.values():
                 prev = None if options is None else previous
                 runs = args.runs if not extra else max(3, args.runs // 5)
                 ms = timer(lambda w=weight, p=prev, o=options or {}, c=config, x=extra: call(w, c, p, o, x), runs)
