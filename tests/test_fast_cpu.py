@@ -463,6 +463,57 @@ def test_first_call_does_not_wait_for_a_compile(tmp_path):
     assert out.split() == ["False", "True", "True", "True"]
 
 
+def test_ready_waits_at_most_its_wait(monkeypatch):
+    """``ready(wait)``: True as soon as the kernels are loaded within ``wait``; False after ``wait`` otherwise;
+    ``ready()`` never waits."""
+    import threading
+
+    loaded = threading.Event()
+    monkeypatch.setattr(_numba, "_READY", loaded)
+    started = []
+
+    def slow_loader():  # the kernels become ready 0.05 s after the first ask
+        if not started:
+            started.append(threading.Timer(0.05, loaded.set))
+            started[0].start()
+        return started[0]
+
+    monkeypatch.setattr(_numba, "_start_warm_up", slow_loader)
+    assert _numba.ready() is False  # no wait: the loader started, not done
+    assert _numba.ready(wait=5.0) is True  # returns once loaded (0.05 s), not after 5 s
+    never = threading.Event()
+    monkeypatch.setattr(_numba, "_READY", never)
+    assert _numba.ready(wait=0.01) is False
+
+
+def test_first_previous_call_takes_the_kernels_from_a_warm_cache(tmp_path):
+    """A fresh process, numba's cache warm: the first ``previous=`` call waits for the kernels to load (well under
+    ``STABLE_WAIT``) and runs them, where the array-API path would take a second; with a cold cache it does not
+    wait for the compile. Both give the placement of the warmed-up kernels."""
+    code = """
+        import numpy as np
+        import eplb
+        from eplb.backends import _numba
+        from eplb.kernels import repair_numba
+        calls = []
+        real = repair_numba.repair
+        repair_numba.repair = lambda *a, **k: calls.append(1) or real(*a, **k)
+        rng = np.random.default_rng(0)
+        w = rng.lognormal(0, 1.5, (8, 64)).astype(np.float32)
+        previous = np.tile(np.concatenate([np.arange(64), np.arange(16)]), (8, 1))
+        first = eplb.rebalance_experts(w, 80, 8, 4, 16, previous=previous, balance_tolerance=0.005)
+        used_kernels = bool(calls)
+        _numba.warm_up()
+        again = eplb.rebalance_experts(w, 80, 8, 4, 16, previous=previous, balance_tolerance=0.005)
+        print(used_kernels, all(np.array_equal(a, b) for a, b in zip(first, again)))
+        """
+    env = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    cold = _run_python(code, env=env)  # compiles: the first call runs the array-API path
+    assert cold.split() == ["False", "True"]
+    warm = _run_python(code, env=env)  # the cache the first process wrote
+    assert warm.split() == ["True", "True"]
+
+
 def test_kernels_cached_or_warned(monkeypatch):
     """Where numba cannot cache (no writable folder), the kernel compiles in memory with one RuntimeWarning."""
     import numba

@@ -75,19 +75,29 @@ _WARM_UP: list[threading.Thread] = []
 _WARM_UP_ERROR: list[BaseException] = []
 
 
-def ready() -> bool:
-    """Whether the compiled kernels are loaded; if not, start loading them in the background.
+def ready(wait: float = 0.0) -> bool:
+    """Whether the compiled kernels are loaded; if not, start loading them in the background and wait up to
+    ``wait`` seconds for them.
 
-    A fresh process pays for the kernels once: about 0.7 s to load them from
-    numba's disk cache, about 7 s to compile them where the cache is cold.
-    Default dispatch (``impl=None``) asks here and runs the array-API path
-    (the same placement, 5-10x slower) until a background thread has them
-    ready, so no call waits for a compile. Call :func:`warm_up` to wait.
+    A fresh process pays for the kernels once: about 0.4-0.7 s to load them
+    from numba's disk cache, about 7 s to compile them where the cache is
+    cold. Default dispatch (``impl=None``) asks here and runs the array-API
+    path (the same placement) until a background thread has them ready, so
+    no call waits for a compile. The fresh greedy plan asks without waiting
+    (its array-API path takes milliseconds); ``previous=`` waits up to
+    :data:`STABLE_WAIT` (its array-API path takes 0.1-1.3 s at DeepSeek-V3
+    size, more than loading the kernels from a warm cache). Call
+    :func:`warm_up` to wait until they are ready.
     """
     if _READY.is_set():
         return True
     _start_warm_up()
-    return False
+    return wait > 0 and _READY.wait(wait)
+
+
+# Seconds a ``previous=`` call waits for the kernels: a warm cache loads them in well under this; a cold one
+# (a compile) does not, and the call then runs the array-API path, a second later than it would have.
+STABLE_WAIT = 1.0
 
 
 def warm_up(wait: bool = True) -> None:

@@ -84,8 +84,10 @@ def rebalance_stable(
     slot-order and replica-count steps as compiled kernels
     (:mod:`eplb.kernels.repair_numba`), and the near split's group swap
     (:mod:`eplb.kernels.group_split_numba`); ``"xp"`` the array-API
-    algorithm layer throughout; ``None`` picks ``"numba"`` where numba is installed.
-    Same placement either way.
+    algorithm layer throughout; ``None`` picks ``"numba"`` where numba is installed
+    and its kernels are loaded or load within :data:`eplb.backends._numba.STABLE_WAIT`
+    seconds (a warm disk cache; a first call with a cold one runs the array-API path
+    while they compile). Same placement either way.
     """
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
     previous = np.ascontiguousarray(previous, dtype=np.int64)
@@ -101,7 +103,7 @@ def rebalance_stable(
             f"got values from {previous.min()} to {previous.max()}"
         )
     if impl is None:
-        impl = "numba" if _numba.available() and _numba.ready() else "xp"
+        impl = "numba" if _numba.available() and _numba.ready(wait=_numba.STABLE_WAIT) else "xp"
     if impl not in ("numba", "xp"):
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     hooks = {}
@@ -180,10 +182,11 @@ def _rebalance_elastic_stable(
     search and slot ordering as the compiled kernels of
     :mod:`eplb.kernels.repair_numba` (the rest stays array API); ``"xp"`` the array-API layer throughout;
     ``None`` picks ``"numba"`` where numba is installed and its kernels are
-    loaded (:func:`rebalance`'s rule). Same placement either way.
+    loaded, or load within :data:`eplb.backends._numba.STABLE_WAIT` seconds
+    (as :func:`rebalance_stable`). Same placement either way.
     """
     if impl is None:
-        impl = "numba" if _numba.available() and _numba.ready() else "xp"
+        impl = "numba" if _numba.available() and _numba.ready(wait=_numba.STABLE_WAIT) else "xp"
     if impl not in ("numba", "xp"):
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     options = dict(options)
