@@ -486,6 +486,26 @@ def test_ready_waits_at_most_its_wait(monkeypatch):
     assert _numba.ready(wait=0.01) is False
 
 
+def test_ready_does_not_wait_for_a_load_that_failed(monkeypatch):
+    """A warm-up that raised never sets ready: later calls must not wait for it (every previous= call would be
+    ``STABLE_WAIT`` late)."""
+    waits = []
+
+    class Unset:
+        def is_set(self):
+            return False
+
+        def wait(self, timeout):
+            waits.append(timeout)
+            return False
+
+    monkeypatch.setattr(_numba, "_READY", Unset())
+    monkeypatch.setattr(_numba, "_start_warm_up", lambda: None)
+    monkeypatch.setattr(_numba, "_WARM_UP_ERROR", [RuntimeError("numba failed")])
+    assert _numba.ready(wait=5.0) is False
+    assert waits == []
+
+
 def test_first_previous_call_takes_the_kernels_from_a_warm_cache(tmp_path):
     """A fresh process, numba's cache warm: the first ``previous=`` call waits for the kernels to load (well under
     ``STABLE_WAIT``) and runs them, where the array-API path would take a second; with a cold cache it does not

@@ -92,7 +92,8 @@ def ready(wait: float = 0.0) -> bool:
     if _READY.is_set():
         return True
     _start_warm_up()
-    return wait > 0 and _READY.wait(wait)
+    # A load that failed never sets _READY: no call waits for it again.
+    return wait > 0 and not _WARM_UP_ERROR and _READY.wait(wait)
 
 
 # Seconds a ``previous=`` call waits for the kernels: a warm cache loads them in well under this; a cold one
