@@ -372,3 +372,17 @@ def run_under_triton_interpreter(script: str, timeout: float = 900) -> Any:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     command = [sys.executable, "-c", textwrap.dedent(script)]
     return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+
+
+def run_kernel_check(check_source: str, shapes: list, device: str) -> None:
+    """Run ``check(device)`` from ``check_source`` (Python defining ``check``, reading a global ``SHAPES``):
+    on ``"cpu"`` in a fresh process under Triton's interpreter (:func:`run_under_triton_interpreter`), failing
+    the test with its stderr; on ``"cuda"`` here."""
+    source = check_source + f"\nSHAPES = {shapes!r}\n"
+    if device == "cpu":
+        run = run_under_triton_interpreter(source + "check('cpu')\nprint('ok')\n")
+        assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-4000:]
+        return
+    namespace: dict = {}
+    exec(source, namespace)
+    namespace["check"](device)

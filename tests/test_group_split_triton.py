@@ -14,7 +14,7 @@ import importlib.util
 
 import pytest
 
-from .conftest import needs_gpu, run_under_triton_interpreter
+from .conftest import needs_gpu, run_kernel_check
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
@@ -73,13 +73,9 @@ def test_fits():
 
 @needs_triton
 def test_interpreter_equals_the_array_api_split():
-    script = CHECK + f"\nSHAPES = {SHAPES!r}\ncheck('cpu')\nprint('ok')\n"
-    run = run_under_triton_interpreter(script)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-4000:]
+    run_kernel_check(CHECK, SHAPES, "cpu")
 
 
 @needs_gpu("torch")
 def test_cuda_equals_the_array_api_split():
-    namespace: dict = {}
-    exec(CHECK + f"\nSHAPES = {SHAPES!r}\n", namespace)
-    namespace["check"]("cuda")
+    run_kernel_check(CHECK, SHAPES, "cuda")

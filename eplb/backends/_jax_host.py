@@ -44,6 +44,23 @@ def applies_stable(num_layers: int = 1, num_experts: int = 1, num_replicas: int 
     return num_layers * num_experts * (num_replicas - num_experts + 1) <= MAX_LOG2PHY and _numba.available()
 
 
+def _outputs(num_layers: int, num_experts: int, num_replicas: int) -> tuple[Any, tuple[Any, ...]]:
+    """JAX's default integer (int32 without x64) and the callback's result shapes: ``phy2log [L, R]``,
+    ``log2phy [L, E, R - E + 1]``, ``logcnt [L, E]``."""
+    index = jnp.arange(1).dtype
+    return index, (
+        jax.ShapeDtypeStruct((num_layers, num_replicas), index),
+        jax.ShapeDtypeStruct((num_layers, num_experts, num_replicas - num_experts + 1), index),
+        jax.ShapeDtypeStruct((num_layers, num_experts), index),
+    )
+
+
+def _tolerance(value: Any) -> float:
+    """A traced tolerance read on the host as ``stability._factor`` reads an array one: float32, and a negative
+    (or NaN) value counts as 0."""
+    return max(float(np.nan_to_num(np.float32(value), nan=0.0)), 0.0)
+
+
 def placement(weight: jax.Array, config: tuple[int, int, int, int], hierarchical: bool) -> tuple[jax.Array, ...]:
     """``phy2log [L, R]``, ``log2phy [L, E, R - E + 1]``, ``logcnt [L, E]`` of ``weight [L, E]``, via the host.
 
@@ -53,12 +70,7 @@ def placement(weight: jax.Array, config: tuple[int, int, int, int], hierarchical
     """
     num_layers, num_experts = weight.shape
     num_replicas = config[0]
-    index = jnp.arange(1).dtype  # JAX's default integer: int32 without x64
-    shapes = (
-        jax.ShapeDtypeStruct((num_layers, num_replicas), index),
-        jax.ShapeDtypeStruct((num_layers, num_experts, num_replicas - num_experts + 1), index),
-        jax.ShapeDtypeStruct((num_layers, num_experts), index),
-    )
+    index, shapes = _outputs(num_layers, num_experts, num_replicas)
 
     def on_host(loads: np.ndarray) -> tuple[np.ndarray, ...]:
         batch = loads.shape[:-2]  # () unbatched, (B,) or more under vmap
@@ -83,12 +95,7 @@ def placement_stable(
     tolerance, max_moves = knobs
     num_layers, num_experts = weight.shape
     num_replicas = config[0]
-    index = jnp.arange(1).dtype
-    shapes = (
-        jax.ShapeDtypeStruct((num_layers, num_replicas), index),
-        jax.ShapeDtypeStruct((num_layers, num_experts, num_replicas - num_experts + 1), index),
-        jax.ShapeDtypeStruct((num_layers, num_experts), index),
-    )
+    index, shapes = _outputs(num_layers, num_experts, num_replicas)
 
     def on_host(loads: np.ndarray, old: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
         batch = loads.shape[:-2]
@@ -96,10 +103,10 @@ def placement_stable(
         old_rows = np.asarray(old, dtype=np.int64).reshape(-1, num_replicas)
         given = iter(np.asarray(v).reshape(-1)[0] for v in values)  # scalars (a vmap adds unit axes)
         # As stability._factor and _cap read an array knob: a negative (or NaN) value counts as 0.
-        tol = None if tolerance is None else float(np.nan_to_num(np.float32(next(given)), nan=0.0))
+        tol = None if tolerance is None else _tolerance(next(given))
         cap = None if max_moves is None else int(next(given))
         knob_values = {
-            "tolerance": None if tol is None else max(tol, 0.0),
+            "tolerance": tol,
             "max_moves": None if cap is None else max(cap, 0),
         }
         result = _numpy.rebalance_stable(rows, old_rows, *config, **options, **knob_values)
@@ -129,31 +136,23 @@ def placement_elastic_stable(
     """
     num_layers, num_experts = weight.shape
     num_replicas, num_gpus = config[0], config[3]
-    index = jnp.arange(1).dtype
-    shapes = (
-        jax.ShapeDtypeStruct((num_layers, num_replicas), index),
-        jax.ShapeDtypeStruct((num_layers, num_experts, num_replicas - num_experts + 1), index),
-        jax.ShapeDtypeStruct((num_layers, num_experts), index),
-    )
+    index, shapes = _outputs(num_layers, num_experts, num_replicas)
 
     def on_host(loads: np.ndarray, old: np.ndarray, mask: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
         batch = loads.shape[:-2]  # () unbatched, (B,) or more under vmap (unbatched operands: unit axes)
         count = int(np.prod(batch, dtype=np.int64))
         rows = np.asarray(loads, dtype=np.float32).reshape(count, num_layers, num_experts)
         olds = np.broadcast_to(np.asarray(old, dtype=np.int64), (*batch, num_layers, num_replicas))
+        olds = olds.reshape(count, num_layers, num_replicas)
         masks = np.broadcast_to(np.asarray(mask, dtype=bool), (*batch, num_gpus)).reshape(count, num_gpus)
         tols = [None] * count
         if tolerance is not None:
-            # As stability._factor reads an array tolerance: a negative (or NaN) value counts as 0.
             given = np.broadcast_to(np.asarray(values[0], dtype=np.float32), batch).reshape(count)
-            tols = [max(float(np.nan_to_num(t, nan=0.0)), 0.0) for t in given]
+            tols = [_tolerance(t) for t in given]
         results = [
-            _numpy.rebalance_stable(
-                rows[k], olds.reshape(count, num_layers, num_replicas)[k], *config,
-                active_gpus=masks[k], tolerance=tols[k], **options,
-            )
+            _numpy.rebalance_stable(rows[k], olds[k], *config, active_gpus=masks[k], tolerance=tols[k], **options)
             for k in range(count)
-        ]  # fmt: skip
+        ]
         return tuple(
             np.stack([r[i] for r in results]).astype(index).reshape(*batch, *results[0][i].shape) for i in range(3)
         )
