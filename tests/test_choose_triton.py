@@ -4,8 +4,9 @@ Oracles: :func:`eplb.algorithms.repair.heaviest_gpu` and :func:`eplb.algorithms.
 checked against plain Python below, and through ``previous=`` in ``tests/test_stability.py``). Cases: lognormal
 loads over six orders of magnitude, all-tied and all-zero layers, loads whose left-to-right and other-order sums
 round apart, limits equal to a candidate's heaviest GPU (the ``<=`` boundary), tied moves, rows with no usable
-candidate and rows where only candidates beyond the limit are usable; one expert, one slot per GPU, a GPU count
-that is not a power of two, the DeepSeek-V3 shapes. Under Triton's CPU interpreter (a subprocess: the
+candidate and rows where only candidates beyond the limit are usable; failed GPUs' ``-1`` slots (the heaviest
+GPU against :func:`eplb.algorithms.elastic.live_heaviest_gpu` and plain Python); one expert, one slot per GPU,
+a GPU count that is not a power of two, the DeepSeek-V3 shapes. Under Triton's CPU interpreter (a subprocess: the
 interpreter is chosen at import) and on CUDA.
 """
 
@@ -16,6 +17,7 @@ import importlib.util
 import numpy as np
 import pytest
 
+from eplb.algorithms.elastic import live_heaviest_gpu
 from eplb.algorithms.repair import heaviest_gpu
 from eplb.algorithms.stability import choose
 
@@ -61,12 +63,23 @@ def cases(num_log, num_phy, num_gpus, num_candidates, seed):
     limit[7] = np.nextafter(peaks[7].max(), np.float32(np.inf))
     usable[6, 0] = False  # only candidates beyond the limit usable: the lightest
     return w, phy, cnt, moves, usable, limit.astype(np.float32)
+
+def failed(rng, phy, num_log, num_gpus):
+    # Whole GPUs emptied (-1): none, some, or all but one; counts of the live slots (some experts at 0).
+    rows, num_phy = phy.shape
+    dead = rng.random((rows, num_gpus)) < rng.choice([0.0, 0.3, 0.7], (rows, 1))
+    dead[-1] = True
+    dead[-1, 0] = False
+    phy = np.where(np.repeat(dead, num_phy // num_gpus, axis=1), -1, phy)
+    cnt = np.stack([np.bincount(r[r >= 0], minlength=num_log) for r in phy])
+    return phy, cnt.astype(np.int64)
 """
 
 CHECK = (
     CASES
     + """
 import torch
+from eplb.algorithms.elastic import live_heaviest_gpu
 from eplb.algorithms.repair import heaviest_gpu
 from eplb.algorithms.stability import choose
 from eplb.kernels import choose_triton
@@ -80,6 +93,10 @@ def check(device):
         want = heaviest_gpu(w, phy[:rows], cnt[:rows], num_gpus, xp=np)
         got = choose_triton.heaviest_gpu(t(w), t(phy[:rows]), t(cnt[:rows]), num_gpus)
         assert got.shape == (rows, 1) and got.dtype == torch.float32
+        np.testing.assert_array_equal(got.cpu().numpy(), want)
+        dead_phy, dead_cnt = failed(np.random.default_rng(seed), phy[:rows], num_log, num_gpus)
+        want = live_heaviest_gpu(w, dead_phy, dead_cnt, num_gpus, xp=np)
+        got = choose_triton.heaviest_gpu(t(w), t(dead_phy), t(dead_cnt), num_gpus)
         np.testing.assert_array_equal(got.cpu().numpy(), want)
         want_phy, want_cnt = choose(w, phy, cnt, moves, usable, limit, num_gpus, xp=np)
         got_phy, got_cnt = choose_triton.choose(t(w), t(phy), t(cnt), t(moves), t(usable), t(limit), num_gpus)
@@ -138,6 +155,22 @@ def test_choose_equals_plain_python():
                 for g in range(num_gpus)
             )
             assert abs(float(peaks[b]) - want) <= 1e-5 * max(want, 1e-30)
+        # Failed GPUs' slots (-1) weigh nothing: float32 left-to-right sums over the held slots, plain Python.
+        dead_phy, dead_cnt = namespace["failed"](np.random.default_rng(seed), phy[:rows], num_log, num_gpus)
+        peaks = live_heaviest_gpu(w, dead_phy, dead_cnt, num_gpus, xp=np)[:, 0]
+        for b in range(rows):
+            loads = []
+            for g in range(num_gpus):
+                total = np.float32(0.0)
+                for k, e in enumerate(dead_phy[b, g * per_gpu : (g + 1) * per_gpu].tolist()):
+                    term = (
+                        np.float32(0.0)
+                        if e < 0
+                        else np.float32(w[b, e]) * (np.float32(1.0) / np.float32(dead_cnt[b, e]))
+                    )
+                    total = term if k == 0 else np.float32(total + term)
+                loads.append(float(total))
+            assert float(peaks[b]) == max(loads)
 
 
 def test_fits():

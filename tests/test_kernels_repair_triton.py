@@ -199,9 +199,9 @@ def test_no_fused_multiply_add_in_an_sm90_compile():
     sig = dict.fromkeys(("cur_ptr", "cnt_ptr", "old_ptr", "budget_ptr", "moved_ptr"), "*i64")
     sig |= dict.fromkeys(("w_ptr", "limit_ptr", "recip_ptr", "fs_ptr"), "*fp32")
     sig |= {"valid_ptr": "*i32", "is_ptr": "*i32", "max_iters": "i32"}
-    sticky_meta = {"N": 72, "M": 8, "C": 9, "BS": 64, "BT": 64, "P_M": 8}
+    sticky_meta = {"N": 72, "M": 8, "C": 9, "BS": 64, "BT": 64, "P_M": 8, "ELASTIC": False, "RESERVE": False}
     sticky_sig = dict.fromkeys(("base_ptr", "old_ptr", "out_ptr"), "*i64") | {"is_ptr": "*i32"}
-    sticky_sig |= dict.fromkeys(("load_ptr", "limit_ptr", "fs_ptr"), "*fp32")
+    sticky_sig |= dict.fromkeys(("load_ptr", "limit_ptr", "init_ptr", "fs_ptr"), "*fp32")
     for kernel, signature, constants, warps in (
         (rt.repair_kernel, sig, meta, 4),
         (rt.sticky_kernel, sticky_sig, sticky_meta, 1),

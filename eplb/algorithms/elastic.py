@@ -107,12 +107,27 @@ def _live_rows(weight: Any, active: Any, num_phy: int, num_nodes: int, num_gpus:
 
 
 def _place_rows(
-    mlog_load: Any, live_gpu: Any, live_slots: Any, phy_per_node: int, per_gpu: int, *, xp: Any
+    mlog_load: Any,
+    live_gpu: Any,
+    live_slots: Any,
+    phy_per_node: int,
+    per_gpu: int,
+    *,
+    xp: Any,
+    sticky_pack_fn: Callable[..., Any] | None = None,
 ) -> tuple[Any, ...]:
     """Per (layer, node) row: replicate into the row's live slots, pack onto its live GPUs.
 
     Returns ``phy2mlog`` (phantoms read expert 0), ``phyrank``, ``mlogcnt``
     (live replicas) and ``pphy2phy [rows, R/N]`` (item of each slot of the row).
+
+    ``sticky_pack_fn`` (optional: :func:`eplb.algorithms.repair.sticky_pack`
+    or a compiled kernel equal to it) packs instead of :func:`lpt_pack_live`,
+    in one call: with no old placement (``old`` all ``-1``, so no item has a
+    home) and failed GPUs' packs closed (``initial_load`` ``+inf``), it is the
+    same LPT (heaviest item first, ties by index, to the first lightest open
+    pack), and once the live packs are full the phantoms fill the failed GPUs'
+    slots in order, as the slot order below does.
     """
     rows_n, log_per_node = mlog_load.shape
     device = _xp.device(mlog_load)
@@ -128,6 +143,15 @@ def _place_rows(
         _xp.take_along(mlog_load, phy2mlog, xp=xp), _xp.take_along(mlogcnt, phy2mlog, xp=xp), reciprocal, xp=xp
     )
     load = xp.where(kept, load, -1.0)  # phantoms sort last (live loads are >= 0)
+    phy2mlog = xp.where(kept, phy2mlog, xp.zeros_like(phy2mlog))
+    if per_gpu > 1 and sticky_pack_fn is not None:
+        items = xp.broadcast_to(item, (rows_n, phy_per_node))
+        closed = xp.astype(xp.where(live_gpu, 0.0, xp.inf), mlog_load.dtype)  # [rows, G/N]
+        pphy2phy = sticky_pack_fn(
+            items, xp.full_like(items, -1), load, xp.zeros_like(mlog_load[:, :1]), live_gpu.shape[1],
+            initial_load=closed, xp=xp,
+        )  # fmt: skip
+        return phy2mlog, phyrank, mlogcnt, xp.astype(pphy2phy, index_dtype)
     live_slot = xp.reshape(xp.broadcast_to(live_gpu[:, :, None], (rows_n, live_gpu.shape[1], per_gpu)), (rows_n, -1))
     # Live slots in increasing order, then dead slots in increasing order (a stable sort).
     slot_order = _xp.argsort_desc(xp.astype(live_slot, mlog_load.dtype), xp=xp)
@@ -144,7 +168,6 @@ def _place_rows(
     pphy2phy = _xp.at_set(
         pphy2phy, (row_ids, xp.astype(slot_by_step, index_dtype)), xp.astype(order, index_dtype), xp=xp
     )
-    phy2mlog = xp.where(kept, phy2mlog, xp.zeros_like(phy2mlog))
     return phy2mlog, phyrank, mlogcnt, pphy2phy
 
 
@@ -299,10 +322,11 @@ def _elastic(
     by_capacity: bool = True,
     split: Any = None,
     xp: Any,
+    sticky_pack_fn: Callable[..., Any] | None = None,
 ) -> tuple[Any, Any, Any]:
     """The hierarchical elastic rule (global with one group, one node), no fallback; groups to nodes by live
     capacity (:func:`live_group_split`), by load alone (``by_capacity=False``: the healthy greedy split), or
-    as ``split [L, groups]`` (groups node by node) says."""
+    as ``split [L, groups]`` (groups node by node) says. ``sticky_pack_fn``: as :func:`_place_rows`."""
     group_size = weight.shape[1] // num_groups
     if split is None and by_capacity:
         split = live_group_split(weight, active, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
@@ -313,7 +337,7 @@ def _elastic(
     mlog_load = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), (num_layers * num_nodes, num_log // num_nodes))
     live_gpu, live_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
     phy2mlog, phyrank, mlogcnt, pphy2phy = _place_rows(
-        mlog_load, live_gpu, live_slots, num_phy // num_nodes, num_phy // num_gpus, xp=xp
+        mlog_load, live_gpu, live_slots, num_phy // num_nodes, num_phy // num_gpus, xp=xp, sticky_pack_fn=sticky_pack_fn
     )
     phy2log, phyrank, logcnt = assemble(mlog2log, phy2mlog, phyrank, mlogcnt, pphy2phy, num_nodes, xp=xp)
     live_slot = _live_slot(active, num_layers, num_phy, num_gpus, xp=xp)
@@ -347,6 +371,7 @@ def rebalance_elastic(
     fallback: bool | None = None,
     by_capacity: bool = True,
     xp: Any,
+    sticky_pack_fn: Callable[..., Any] | None = None,
 ) -> tuple[Any, Any, Any]:
     """Greedy placement on the live GPUs: ``phy2log`` (``-1`` on dead GPUs), ``phyrank``, ``logcnt``.
 
@@ -365,6 +390,10 @@ def rebalance_elastic(
     by_capacity : bool
         Hierarchical only: groups to nodes by live capacity
         (:func:`live_group_split`, default) or by load alone.
+    sticky_pack_fn : callable or None
+        A compiled :func:`eplb.algorithms.repair.sticky_pack` to pack the
+        replicas with (the same placement, see :func:`_place_rows`); ``None``:
+        :func:`lpt_pack_live`.
 
     Returns
     -------
@@ -377,16 +406,17 @@ def rebalance_elastic(
     num_log = weight.shape[1]
     active = xp.reshape(active, (-1, num_gpus))
     hierarchical = num_nodes > 1 or num_groups > 1
+    packer = {"sticky_pack_fn": sticky_pack_fn}
     if not hierarchical or fallback:
-        phy2log, phyrank, logcnt = _elastic(weight, active, num_phy, 1, 1, num_gpus, xp=xp)
+        phy2log, phyrank, logcnt = _elastic(weight, active, num_phy, 1, 1, num_gpus, xp=xp, **packer)
     else:
         phy2log, phyrank, logcnt = _elastic(
-            weight, active, num_phy, num_groups, num_nodes, num_gpus, by_capacity=by_capacity, xp=xp
+            weight, active, num_phy, num_groups, num_nodes, num_gpus, by_capacity=by_capacity, xp=xp, **packer
         )
         if fallback is None and num_nodes > 1:
             node_slots, _ = _node_slots(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
             short = xp.any(node_slots < num_log // num_nodes, axis=-1)
-            flat = _elastic(weight, active, num_phy, 1, 1, num_gpus, xp=xp)
+            flat = _elastic(weight, active, num_phy, 1, 1, num_gpus, xp=xp, **packer)
             phy2log = xp.where(short[:, None], flat[0], phy2log)
             phyrank = xp.where(short[:, None], flat[1], phyrank)
             logcnt = xp.where(short[:, None], flat[2], logcnt)
@@ -429,18 +459,26 @@ def place_elastic(
     spill: int = 0,
     node_fallback: bool | None = None,
     xp: Any,
+    sticky_pack_fn: Callable[..., Any] | None = None,
 ) -> tuple[Any, Any, Any]:
     """:func:`eplb.algorithms.policies.place` with ``active_gpus [G]`` bool: ``phy2log`` (``-1`` in dead
     slots), ``log2phy`` (never pointing at them), ``logcnt`` (live replicas), for float32 ``weight [L, E]``.
 
-    Greedy policy without spill only. ``node_fallback``: see :func:`rebalance_elastic`.
+    Greedy policy without spill only. ``node_fallback``, ``sticky_pack_fn``: see :func:`rebalance_elastic`.
     """
     if policy != "greedy" or spill:
         raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
     weight = clean_loads(weight, xp=xp)
     sizes = (num_groups, num_nodes) if hierarchical else (1, 1)
     phy2log, phyrank, logcnt = rebalance_elastic(
-        weight, active_gpus, num_replicas, *sizes, num_gpus, fallback=node_fallback, xp=xp
+        weight,
+        active_gpus,
+        num_replicas,
+        *sizes,
+        num_gpus,
+        fallback=node_fallback,
+        xp=xp,
+        sticky_pack_fn=sticky_pack_fn,
     )
     return phy2log, build_log2phy_masked(phy2log, phyrank, weight.shape[1], xp=xp), logcnt
 
@@ -457,6 +495,12 @@ def _live_gpu_loads(weight: Any, phy2log: Any, logcnt: Any, num_gpus: int, *, xp
     slot_load = _xp.take_along(per_replica, xp.where(held, phy2log, xp.zeros_like(phy2log)), xp=xp)
     slot_load = xp.where(held, slot_load, xp.zeros_like(slot_load))
     return sum_left_to_right(xp.reshape(slot_load, (batch, num_gpus, num_phy // num_gpus)), xp=xp)
+
+
+def live_heaviest_gpu(weight: Any, phy2log: Any, logcnt: Any, num_gpus: int, *, xp: Any) -> Any:
+    """``[B, 1]`` float32: the heaviest GPU of :func:`_live_gpu_loads` (``-1`` slots weigh 0; a max is exact in any
+    order)."""
+    return xp.max(_live_gpu_loads(weight, phy2log, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
 
 
 def relabel_pinned(new: Any, old: Any, live_gpu: Any, num_gpus: int, *, num_nodes: int = 1, xp: Any) -> Any:
@@ -505,6 +549,7 @@ def stabilize_elastic(
     repair_fn: Callable[..., Any] = repair,
     align_slots_fn: Callable[..., Any] = align_slots,
     relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
+    heaviest_gpu_fn: Callable[..., Any] = live_heaviest_gpu,
 ) -> tuple[Any, Any, Any, Any]:
     """``phy2log [B, R]``: the elastic placement ``fresh`` (with ``logcnt``) moving few experts from ``previous``;
     also its replica counts ``[B, E]``, its moves ``[B, 1]`` and whether it is within the limit ``[B, 1]``.
@@ -531,10 +576,10 @@ def stabilize_elastic(
     sticky repacking runs per node. ``peak [B, 1]`` (optional): the heaviest
     GPU the limit scales instead of ``fresh``'s; the relabelled candidate is
     then checked against the limit too (else it is within by construction).
-    ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``, ``relabel_pinned_fn``:
-    :func:`sticky_pack`, :func:`repair`, :func:`align_slots` and
-    :func:`relabel_pinned`, or compiled kernels equal to them (same
-    arguments, ``-1`` slots included).
+    ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``, ``relabel_pinned_fn``,
+    ``heaviest_gpu_fn``: :func:`sticky_pack`, :func:`repair`, :func:`align_slots`,
+    :func:`relabel_pinned` and :func:`live_heaviest_gpu`, or compiled kernels
+    equal to them (same arguments, ``-1`` slots included).
     """
     from eplb.algorithms.stability import _factor  # the healthy rule's limit, the same float32 bits
 
@@ -544,7 +589,7 @@ def stabilize_elastic(
     live_slot = _live_slot(live_gpu, batch, num_phy, num_gpus, xp=xp)
     old = xp.where(live_slot, xp.astype(previous, dtype), xp.full_like(fresh, -1))
     base = relabel_pinned_fn(fresh, old, live_gpu, num_gpus, num_nodes=num_nodes, xp=xp)
-    fresh_peak = xp.max(_live_gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+    fresh_peak = heaviest_gpu_fn(weight, fresh, logcnt, num_gpus, xp=xp)
     base_within = xp.ones_like(fresh_peak, dtype=bool) if peak is None else None
     peak = fresh_peak if peak is None else peak
     limit = peak * _factor(tolerance, peak, xp=xp)
@@ -556,7 +601,7 @@ def stabilize_elastic(
     initial = xp.where(live_gpu, 0.0, xp.inf)
     initial = xp.astype(initial, weight.dtype)
     if base_within is None:
-        base_peak = xp.max(_live_gpu_loads(weight, base, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+        base_peak = heaviest_gpu_fn(weight, base, logcnt, num_gpus, xp=xp)
         base_within = base_peak <= limit
     candidates, moves, within = [base], [count_moves(base, old, num_gpus, xp=xp)], [base_within]
     rows = (batch * num_nodes, num_phy // num_nodes)  # one sticky repacking per (layer, node)
@@ -577,7 +622,7 @@ def stabilize_elastic(
             xp=xp,
         )
         sticky = align_slots_fn(xp.reshape(sticky, (batch, num_phy)), old, num_gpus, xp=xp)
-        peak_s = xp.max(_live_gpu_loads(weight, sticky, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+        peak_s = heaviest_gpu_fn(weight, sticky, logcnt, num_gpus, xp=xp)
         candidates.append(sticky)
         moves.append(count_moves(sticky, old, num_gpus, xp=xp))
         within.append(peak_s <= limit)
@@ -610,7 +655,7 @@ def stabilize_elastic(
     counts = [logcnt] * len(candidates)
     for k in range(packs + 1):
         placed, placed_cnt = repaired[k * batch : (k + 1) * batch], repaired_cnt[k * batch : (k + 1) * batch]
-        peak_r = xp.max(_live_gpu_loads(weight, placed, placed_cnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+        peak_r = heaviest_gpu_fn(weight, placed, placed_cnt, num_gpus, xp=xp)
         candidates.append(placed)
         counts.append(placed_cnt)
         moves.append(count_moves(placed, old, num_gpus, xp=xp))
@@ -645,6 +690,7 @@ def place_elastic_stable(
     repair_fn: Callable[..., Any] = repair,
     align_slots_fn: Callable[..., Any] = align_slots,
     relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
+    heaviest_gpu_fn: Callable[..., Any] = live_heaviest_gpu,
 ) -> tuple[Any, Any, Any]:
     """:func:`place_elastic` keeping the experts of ``previous [L, R]`` (``-1``: an empty slot) in place.
 
@@ -654,8 +700,10 @@ def place_elastic_stable(
     :func:`stabilize_elastic`'s, within nodes where the layer keeps its
     groups on nodes (no fallback), across all live GPUs otherwise.
     ``log2phy`` numbers replicas in slot order. ``sticky_pack_fn``,
-    ``repair_fn``, ``align_slots_fn``, ``relabel_pinned_fn``:
-    :func:`stabilize_elastic`'s.
+    ``repair_fn``, ``align_slots_fn``, ``relabel_pinned_fn``,
+    ``heaviest_gpu_fn``: :func:`stabilize_elastic`'s; a ``sticky_pack_fn``
+    other than :func:`sticky_pack` (a compiled one) also packs the fresh
+    placements (:func:`_place_rows`: the same placements).
     """
     if policy != "greedy" or spill:
         raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
@@ -664,14 +712,17 @@ def place_elastic_stable(
     active = xp.reshape(active_gpus, (-1, num_gpus))
     if not hierarchical:
         num_groups = num_nodes = 1
+    # A compiled sticky packing also packs the fresh placements (the same ones as lpt_pack_live's, in one call).
+    packer = {"sticky_pack_fn": None if sticky_pack_fn is sticky_pack else sticky_pack_fn}
     fresh, _, logcnt = rebalance_elastic(
-        weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=node_fallback, xp=xp
+        weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=node_fallback, xp=xp, **packer
     )
     kernels = {
         "sticky_pack_fn": sticky_pack_fn,
         "repair_fn": repair_fn,
         "align_slots_fn": align_slots_fn,
         "relabel_pinned_fn": relabel_pinned_fn,
+        "heaviest_gpu_fn": heaviest_gpu_fn,
     }
 
     def stable(nodes: int) -> tuple[Any, Any]:
@@ -688,9 +739,10 @@ def place_elastic_stable(
             num_groups=num_groups, xp=xp, **kernels,
         )  # fmt: skip
         by_load, _, load_cnt = rebalance_elastic(
-            weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=False, by_capacity=False, xp=xp
-        )
-        peak = xp.max(_live_gpu_loads(weight, fresh, logcnt, num_gpus, xp=xp), axis=-1, keepdims=True)
+            weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=False, by_capacity=False, xp=xp,
+            **packer,
+        )  # fmt: skip
+        peak = heaviest_gpu_fn(weight, fresh, logcnt, num_gpus, xp=xp)
         kept = stabilize_elastic(
             weight, by_load, load_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
             num_groups=num_groups, peak=peak, xp=xp, **kernels,
@@ -698,7 +750,9 @@ def place_elastic_stable(
         split, valid = sticky_group_split(
             weight, previous, active, num_replicas, num_groups, num_nodes, num_gpus, xp=xp
         )
-        near, _, near_cnt = _elastic(weight, active, num_replicas, num_groups, num_nodes, num_gpus, split=split, xp=xp)
+        near, _, near_cnt = _elastic(
+            weight, active, num_replicas, num_groups, num_nodes, num_gpus, split=split, xp=xp, **packer
+        )
         swapped = stabilize_elastic(
             weight, near, near_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
             num_groups=num_groups, peak=peak, xp=xp, **kernels,

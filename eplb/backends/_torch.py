@@ -125,7 +125,43 @@ def rebalance(
         return tuple(torch.from_numpy(a) for a in placement)
     if impl != "torch":
         raise ValueError(f"impl must be 'torch', 'numpy' or None, got {impl!r}")
+    if options.get("active_gpus") is not None and options.get("gpu_capacity") is None:
+        # On CUDA, the replicas packed onto the live GPUs by eplb.kernels.repair_triton.sticky_pack (one launch
+        # for the LPT loop's hundreds of torch ops; the same placement).
+        packer = _elastic_kernels(weight32, num_replicas, num_groups, num_nodes, num_gpus, options).get(
+            "sticky_pack_fn"
+        )
+        options = {**options, "sticky_pack_fn": packer}
     return _numpy.placer(options)(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
+
+
+def _elastic_kernels(
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, options: dict[str, Any]
+) -> dict[str, Any]:
+    """The Triton kernels of :func:`eplb.algorithms.elastic.place_elastic_stable`'s steps on CUDA (the exact
+    relabelling, the sticky repackings and the fresh placements' packing, the local search, slot alignment and
+    heaviest GPUs: each one launch instead of hundreds to thousands of torch ops), where they take every node
+    count the call may use; else none (the array-API steps)."""
+    if weight.device.type != "cuda" or not _has_triton():
+        return {}
+    from eplb.kernels import choose_triton, relabel_triton, repair_triton
+
+    nodes = {1, num_nodes} if options["hierarchical"] else {1}
+    num_log = weight.shape[1]
+    if not all(
+        relabel_triton.fits(num_replicas, num_gpus, n) and repair_triton.fits(num_replicas, num_log, num_gpus, n)
+        for n in nodes
+    ):
+        return {}
+    kernels = {
+        "relabel_pinned_fn": relabel_triton.relabel_pinned,
+        "sticky_pack_fn": repair_triton.sticky_pack,  # (the fresh placements' packing too)
+        "repair_fn": repair_triton.repair,
+        "align_slots_fn": repair_triton.align_slots,
+    }
+    if choose_triton.fits(num_replicas, num_log, num_gpus):
+        kernels["heaviest_gpu_fn"] = choose_triton.heaviest_gpu
+    return kernels
 
 
 def rebalance_stable(
@@ -160,7 +196,10 @@ def rebalance_stable(
         if options.get("max_moves") is not None:
             raise ValueError("active_gpus cannot be combined with max_moves= yet")
         options = {k: v for k, v in options.items() if k != "max_moves"}
-        return place_elastic_stable(weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
+        elastic_kernels = _elastic_kernels(weight32, num_replicas, num_groups, num_nodes, num_gpus, options)
+        return place_elastic_stable(
+            weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **elastic_kernels, **options
+        )
     kernels: dict[str, Any] = {}
     if weight.device.type == "cuda" and _has_triton():
         # The fused kernels where they apply: the fresh placement (greedy or refined, as rebalance picks)

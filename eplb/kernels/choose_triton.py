@@ -63,16 +63,19 @@ def fits(num_phy: int, num_log: int, num_gpus: int) -> bool:
 def _peak(w_ptr, phy_ptr, cnt_ptr, recip_ptr, w_row, row, E: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
           K: tl.constexpr, GP: tl.constexpr):  # fmt: skip
     """The heaviest GPU of placement ``row`` (slots ``phy_ptr[row * R:]``, counts ``cnt_ptr[row * E:]``) on the
-    loads ``w_ptr[w_row * E:]``: GPU ``g`` sums its slots ``g * K .. g * K + K - 1`` left to right."""
+    loads ``w_ptr[w_row * E:]``: GPU ``g`` sums its slots ``g * K .. g * K + K - 1`` left to right; an empty
+    slot (``-1``, a failed GPU's) weighs 0."""
     g = tl.arange(0, GP)
     live = g < G
     total = tl.zeros((GP,), dtype=tl.float32)
     for k in tl.static_range(K):
         expert = tl.load(phy_ptr + row * R + g * K + k, mask=live, other=0)
-        count = tl.load(cnt_ptr + row * E + expert, mask=live, other=0)
-        load = tl.load(w_ptr + w_row * E + expert, mask=live, other=0.0) * tl.load(
-            recip_ptr + count, mask=live, other=0.0
+        held = live & (expert >= 0)
+        count = tl.load(cnt_ptr + row * E + expert, mask=held, other=0)
+        load = tl.load(w_ptr + w_row * E + expert, mask=held, other=0.0) * tl.load(
+            recip_ptr + count, mask=held, other=0.0
         )
+        load = tl.where(held, load, 0.0)
         if k == 0:  # noqa: SIM108 (a static if: the first slot starts the sum)
             total = load
         else:
@@ -140,7 +143,8 @@ def heaviest_gpu(
     """:func:`eplb.algorithms.repair.heaviest_gpu` (same arguments; ``xp`` is not used): ``[B, 1]`` float32.
 
     ``weight [B, E]`` float32, ``phy2log [B, R]`` and ``logcnt [B, E]`` integer, expert ids in ``[0, E)``
-    and counts in ``[0, R]`` (not checked: that would read values on the host).
+    and counts in ``[0, R]`` (not checked: that would read values on the host). A slot holding ``-1`` (a failed
+    GPU's) weighs 0, as in :func:`eplb.algorithms.elastic.stabilize_elastic`'s GPU loads.
     """
     batch, num_phy = phy2log.shape
     out = torch.empty((batch, 1), dtype=torch.float32, device=phy2log.device)

@@ -39,6 +39,10 @@ global memory, written and read back across ``tl.debug_barrier()``:
    (``align_slots``): a kept key goes to the old slot holding it, the
    others fill the free old slots in order.
 
+:func:`relabel_pinned` equals :func:`eplb.algorithms.elastic.relabel_pinned` (failed GPUs pinned to failed
+positions; ``PINNED``: the allowed pairs' profits raised by ``R + 1`` in step 2, one assignment over all GPUs),
+proved by ``tests/test_kernels_elastic_triton.py``.
+
 Integer arithmetic only (no division decides anything); a call queues one
 launch on the current stream, no host sync. Shapes beyond :func:`fits` go to
 the array-API path. On an H200 (Triton 3.6, four warps, 61 layers) a call
@@ -61,7 +65,16 @@ import triton.language as tl
 
 from eplb.kernels.greedy_triton import ensure_cache_dir
 
-__all__ = ["MAX_GPUS", "MAX_SLOTS", "fits", "log2phy_in_slot_order", "log2phy_kernel", "relabel", "relabel_kernel"]
+__all__ = [
+    "MAX_GPUS",
+    "MAX_SLOTS",
+    "fits",
+    "log2phy_in_slot_order",
+    "log2phy_kernel",
+    "relabel",
+    "relabel_kernel",
+    "relabel_pinned",
+]
 
 BIG = 2**30  # eplb.algorithms.assignment.BIG: above every distance of a search
 _BIG = tl.constexpr(BIG)
@@ -247,6 +260,7 @@ def relabel_kernel(
     old_ptr,
     out_ptr,
     scratch_ptr,
+    live_ptr,
     R: tl.constexpr,
     G: tl.constexpr,
     NODES: tl.constexpr,
@@ -260,8 +274,13 @@ def relabel_kernel(
     BI: tl.constexpr,
     BK: tl.constexpr,
     LANES: tl.constexpr,
+    PINNED: tl.constexpr,
 ):
-    """``out [B, R]``: ``new [B, R]`` relabelled to keep the most pairs of ``old [B, R]`` (all int64)."""
+    """``out [B, R]``: ``new [B, R]`` relabelled to keep the most pairs of ``old [B, R]`` (all int64).
+
+    ``PINNED`` (:func:`eplb.algorithms.elastic.relabel_pinned`): ``live [B, G]`` (int32) marks the live GPUs;
+    one assignment over all GPUs whose allowed pairs (live onto live, failed onto failed, and with ``NODES >
+    1`` within a node) get ``R + 1`` more profit than any kept-pairs total."""
     layer = tl.program_id(0).to(tl.int64)
     K: tl.constexpr = R // G
     GN: tl.constexpr = G // NODES
@@ -290,7 +309,22 @@ def relabel_kernel(
     # ---- 2. the assignment: new GPU x goes to old position perm[x]; holder is its inverse
     x = tl.arange(0, P_G)
     x_ok = x < G
-    if NODES == 1:
+    if PINNED:
+        live = live_ptr + layer * G
+        ii = tl.arange(0, BI)
+        j_ok = x_ok
+        live_j = tl.load(live + x, mask=j_ok, other=0)
+        for first in range(0, G, BI):
+            i = first + ii
+            i_ok = i < G
+            allowed = tl.load(live + i, mask=i_ok, other=0)[:, None] == live_j[None, :]
+            if NODES > 1:
+                allowed = allowed & ((i // GN)[:, None] == (x // GN)[None, :])
+            at = kept + i[:, None] * G + x[None, :]
+            both = i_ok[:, None] & j_ok[None, :]
+            tl.store(at, tl.load(at, mask=both, other=0) + allowed.to(tl.int32) * (R + 1), mask=both)
+        tl.debug_barrier()
+    if NODES == 1 or PINNED:
         one = tl.arange(0, LANES)
         _assign(kept, one * 0, one * 0, one == 0, inner, G, G, LANES, P_G1)
         tl.debug_barrier()
@@ -428,7 +462,35 @@ def relabel(new: torch.Tensor, old: torch.Tensor, num_gpus: int, num_nodes: int,
     scratch = torch.empty(batch * meta["SCRATCH"], dtype=torch.int64, device=new.device)
     ensure_cache_dir()
     with _on_device(new.device):
-        relabel_kernel[(batch,)](new64, old64, out, scratch, num_warps=_num_warps(num_gpus), **meta)
+        relabel_kernel[(batch,)](new64, old64, out, scratch, out, num_warps=_num_warps(num_gpus), PINNED=False, **meta)
+    return out if new.dtype == torch.int64 else out.to(new.dtype)
+
+
+def relabel_pinned(
+    new: torch.Tensor, old: torch.Tensor, live_gpu: torch.Tensor, num_gpus: int, *, num_nodes: int = 1, xp: Any = None
+) -> torch.Tensor:
+    """:func:`eplb.algorithms.elastic.relabel_pinned` (same arguments; ``xp`` is not used): one launch.
+
+    ``new``, ``old`` ``[B, R]`` integer ids (``-1``: an empty slot, in ``new`` exactly the failed GPUs'),
+    ``live_gpu [B or 1, G]`` bool. Expert ids must lie in ``[-1, 2**40)``.
+    """
+    batch, num_phy = new.shape
+    if not fits(num_phy, num_gpus, num_nodes):
+        raise ValueError(
+            f"the relabelling kernel takes at most {MAX_GPUS} GPUs and {MAX_SLOTS} slots, "
+            f"got {num_phy} slots on {num_gpus} GPUs in {num_nodes} nodes"
+        )
+    new64 = new.to(torch.int64).contiguous()
+    old64 = old.to(device=new.device, dtype=torch.int64).contiguous()
+    out = torch.empty_like(new64)
+    if batch == 0:
+        return out.to(new.dtype)
+    live = torch.broadcast_to(live_gpu.to(device=new.device, dtype=torch.int32), (batch, num_gpus)).contiguous()
+    meta = _meta(num_phy, num_gpus, num_nodes)
+    scratch = torch.empty(batch * meta["SCRATCH"], dtype=torch.int64, device=new.device)
+    ensure_cache_dir()
+    with _on_device(new.device):
+        relabel_kernel[(batch,)](new64, old64, out, scratch, live, num_warps=_num_warps(num_gpus), PINNED=True, **meta)
     return out if new.dtype == torch.int64 else out.to(new.dtype)
 
 

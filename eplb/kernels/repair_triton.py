@@ -13,6 +13,13 @@ multiply-add; on CUDA, ``previous=`` with ``balance_tolerance`` and ``max_moves`
 against numpy on the DeepSeek-V3 loads (288 slots on 32 GPUs in 4 nodes, and on 144 GPUs), without a
 host sync.
 
+With failed GPUs (``active_gpus=`` with ``previous=``, :func:`eplb.algorithms.elastic.stabilize_elastic`): the
+same kernels take the ``-1`` slots of failed GPUs (they weigh nothing, are never a swap partner or a donor, and a
+failed GPU is never the heavy one), and :func:`sticky_pack` takes ``initial_load`` (closed packs) and
+``reserve``, as the array-API functions do; proved by ``tests/test_kernels_elastic_triton.py`` (the interpreter
+on random and degenerate inputs and ``place_elastic_stable`` end to end; an sm_90 compile; on CUDA, the
+DeepSeek-V3 arguments and the torch CUDA call without a host sync).
+
 One program per row (grid ``[B]``), in the steps of :mod:`eplb.kernels.repair_numba` with the same
 float32 arithmetic and tie rules, vectorised over a row's candidates instead of scalar loops:
 
@@ -215,16 +222,19 @@ def repair_kernel(
             ts = first + s
             ts_ok = ts < R
             xs = tl.load(cur + ts, mask=ts_ok, other=0)
-            tl.store(slot + ts, tl.load(prl + xs, mask=ts_ok, other=0.0), mask=ts_ok)
+            # an empty slot (-1, a failed GPU's) weighs nothing
+            tl.store(slot + ts, tl.load(prl + xs, mask=ts_ok & (xs >= 0), other=0.0), mask=ts_ok)
         tl.debug_barrier()
         total = tl.load(slot + g * K, mask=g_ok, other=0.0)
         for k in range(1, K):
             total = total + tl.load(slot + g * K + k, mask=g_ok, other=0.0)
         tl.store(ldb + g, total, mask=g_ok)
         loads = tl.where(g_ok, total, -inf)
-        heavy_load = tl.max(loads, axis=0)
-        heavy = tl.min(tl.where(loads == heavy_load, g, _BIG), axis=0)
-        act = heavy_load > lim
+        # The heavy GPU among the live ones (a failed GPU's slots are all -1; it weighs 0 elsewhere).
+        pick = tl.where(tl.load(cur + g * K, mask=g_ok, other=-1) >= 0, loads, -inf)
+        heavy_load = tl.max(pick, axis=0)
+        heavy = tl.min(tl.where(pick == heavy_load, g, _BIG), axis=0)
+        act = heavy_load > lim  # (no live GPU: -inf, nothing to do)
         threshold = heavy_load * _IMPROVEMENT
         a0 = heavy * K
         node = heavy // GN
@@ -270,7 +280,7 @@ def repair_kernel(
         new_b = room[None, :] + ox[:, None]
         changed = tl.where(new_a >= new_b, new_a, new_b)
         smv = moves_i[:, None] + swap_moves[None, :] + (now_b_e >= was_b_e).to(tl.int32)
-        sok = (i_ok[:, None] & (u_ok & (gt != heavy))[None, :]) & (ct[None, :] != oe[:, None])
+        sok = (i_ok[:, None] & (u_ok & (gt != heavy) & (ct >= 0))[None, :]) & (ct[None, :] != oe[:, None])
         sok = sok & (changed < threshold) & (moved + smv <= cap)
         skey = tl.where(changed >= floor[None, :], changed, floor[None, :])
         sidx = i[:, None] * P_N + u[None, :]
@@ -283,7 +293,7 @@ def repair_kernel(
         )
 
         # Replicate out: expert i of a takes the donor slot that its change leaves lightest (first on ties).
-        cnt_t = tl.load(cnt + ct, mask=u_ok, other=0)
+        cnt_t = tl.load(cnt + ct, mask=u_ok & (ct >= 0), other=0)  # an empty slot gives nothing
         dok = ((u_ok & (cnt_t >= 2))[None, :] & (ct[None, :] != oe[:, None])) & i_ok[:, None]
         grown = tl.load(ext + oe, mask=i_ok, other=0.0)
         vv = tl.where(dok, room[None, :] + grown[:, None], inf)
@@ -293,7 +303,7 @@ def repair_kernel(
         has_donor = tl.max(dok.to(tl.int32), axis=1) > 0
 
         # Replace in: the coldest and the hottest expert (other than a's) of the groups on the node.
-        tl.store(here + ct // GS, tl.zeros([P_N], tl.int32) + it, mask=u_ok)
+        tl.store(here + ct // GS, tl.zeros([P_N], tl.int32) + it, mask=u_ok & (ct >= 0))
         tl.debug_barrier()
         allowed = e_ok & (tl.load(here + e // GS, mask=e_ok, other=-1) == it)
         cv = tl.where(allowed, ex, inf)
@@ -325,8 +335,9 @@ def repair_kernel(
         gone = tl.load(cur + sl, mask=c_ok, other=0).to(tl.int32)
         diff = xx != gone
         l_in = tl.load(ext + xx, mask=c_ok, other=0.0)
-        cg = tl.load(cnt + gone, mask=c_ok, other=1).to(tl.int32)
-        l_gone = tl.load(w + gone, mask=c_ok, other=0.0) * tl.load(recip_ptr + cg - 1, mask=c_ok, other=0.0)
+        g_in = c_ok & (gone >= 0)  # (a candidate without a donor points at slot 0, perhaps a failed GPU's)
+        cg = tl.load(cnt + gone, mask=g_in, other=1).to(tl.int32)
+        l_gone = tl.load(w + gone, mask=g_in, other=0.0) * tl.load(recip_ptr + cg - 1, mask=g_in, other=0.0)
         acc = _one_value(cur, slot, g, g_ok, 0, sl, xx, gone, diff, l_in, l_gone, K)
         for k in range(1, K):
             acc = acc + _one_value(cur, slot, g, g_ok, k, sl, xx, gone, diff, l_in, l_gone, K)
@@ -466,6 +477,7 @@ def sticky_kernel(
     old_ptr,
     load_ptr,
     limit_ptr,
+    init_ptr,
     out_ptr,
     is_ptr,
     fs_ptr,
@@ -475,8 +487,14 @@ def sticky_kernel(
     BS: tl.constexpr,
     BT: tl.constexpr,
     P_M: tl.constexpr,
+    ELASTIC: tl.constexpr,
+    RESERVE: tl.constexpr,
 ):
-    """``out [B, N]``: ``base``'s items packed into ``M`` packs of ``C`` slots near ``old`` (all int64)."""
+    """``out [B, N]``: ``base``'s items packed into ``M`` packs of ``C`` slots near ``old`` (all int64).
+
+    ``ELASTIC``: ``init [B, M]`` holds the packs' starting loads (``+inf``: a closed pack, a failed GPU), an
+    item ``-1`` (an empty slot) has no old pack, and once no open pack is left the item goes to the first
+    pack with room. ``RESERVE``: an item stays home only with room kept there for the items to come."""
     row = tl.program_id(0).to(tl.int64)
     base = base_ptr + row * N
     old = old_ptr + row * N
@@ -524,29 +542,59 @@ def sticky_kernel(
             home = tl.minimum(home, tl.min(tl.where(same, q[None, :], _BIG), axis=1))
             ahead = (yq[None, :] > x[:, None]) | ((yq[None, :] == x[:, None]) & (q[None, :] < t[:, None]))
             rank += tl.sum((q_ok[None, :] & ahead).to(tl.int32), axis=1)
+        if ELASTIC:  # an empty slot is no expert: no old pack
+            home = tl.where(xb >= 0, home, _BIG)
         tl.store(by_exp + rank, xb.to(tl.int32), mask=ok)
         tl.store(by_aff + rank, tl.where(home < _BIG, home // C, -1), mask=ok)
         tl.store(by_load + rank, x, mask=ok)
     tl.debug_barrier()
     m = tl.arange(0, P_M)
-    open_load = tl.where(m < M, 0.0, float("inf"))  # +inf once a pack is full
+    inf = float("inf")
+    if ELASTIC:
+        init = tl.load(init_ptr + row * M + m, mask=m < M, other=inf)
+        closed = (m < M) & (init == inf)
+        open_load = tl.where((m < M) & (init != inf), 0.0 + init, inf)
+    else:
+        closed = m < 0
+        open_load = tl.where(m < M, 0.0, inf)  # +inf once a pack is full
     count = tl.zeros([P_M], tl.int32)
     lim = tl.load(limit_ptr + row)
+    rem = 0.0  # RESERVE: the loads >= 0 still to come (a left-to-right sum less each visited one), and how many
+    left = 0.0
+    if RESERVE:
+        rem = tl.maximum(tl.load(item_load), 0.0)
+        left = (tl.load(item_load) >= 0).to(tl.float32)
+        for t in range(1, N):
+            x = tl.load(item_load + t)
+            rem = rem + tl.maximum(x, 0.0)
+            left = left + (x >= 0).to(tl.float32)
     for step in range(N):
         expert = tl.load(by_exp + step)
         x = tl.load(by_load + step)
         home = tl.load(by_aff + step)
         at_home = m == home
-        home_load = tl.max(tl.where(at_home, open_load, -float("inf")), axis=0)
+        home_load = tl.max(tl.where(at_home, open_load, -inf), axis=0)
         home_count = tl.max(tl.where(at_home, count, -1), axis=0)
-        stay = (home >= 0) & (home_load + x <= lim) & (home_count < C)
-        lightest = tl.min(tl.where(open_load == tl.min(open_load, axis=0), m, _BIG), axis=0)
+        if RESERVE:
+            rem = rem - tl.maximum(x, 0.0)
+            left = left - (x >= 0).to(tl.float32)
+            free = ((C - 1) - home_count).to(tl.float32)  # the home's free slots after this item
+            open_home = home_load < inf
+            over = (tl.where(open_home, home_load, 0.0) + x - lim) * left
+            stay = (home >= 0) & open_home & (over <= -(free * rem))
+        else:
+            stay = (home >= 0) & (home_load + x <= lim) & (home_count < C)
+        least = tl.min(open_load, axis=0)
+        lightest = tl.min(tl.where(open_load == least, m, _BIG), axis=0)
+        if ELASTIC:  # every open pack full: the first pack with room (a closed one)
+            room = tl.min(tl.where((m < M) & (count < C), m, _BIG), axis=0)
+            lightest = tl.where(least < inf, lightest, room)
         pack = tl.where(stay, home, lightest)
         chosen = m == pack
         rank = tl.max(tl.where(chosen, count, -1), axis=0)
         count = tl.where(chosen, count + 1, count)
         total = open_load + x
-        grown = tl.where(count == C, float("inf"), tl.where(total <= _MAX_LOAD, total, _MAX_LOAD))
+        grown = tl.where((count == C) | closed, inf, tl.where(total <= _MAX_LOAD, total, _MAX_LOAD))
         open_load = tl.where(chosen, grown, open_load)
         tl.store(out + pack * C + rank, expert.to(tl.int64))
 
@@ -558,12 +606,15 @@ def sticky_pack(
     limit: torch.Tensor,
     num_packs: int,
     *,
+    initial_load: torch.Tensor | None = None,
+    reserve: bool = False,
     xp: Any = None,
 ) -> torch.Tensor:
-    """:func:`eplb.algorithms.repair.sticky_pack` (same arguments but its options; ``xp`` is not used).
+    """:func:`eplb.algorithms.repair.sticky_pack` (same arguments and options; ``xp`` is not used): one launch.
 
-    ``base``, ``old`` ``[B, n]`` integer ids ``>= 0``; ``item_load [B, n]`` and ``limit [B, 1]`` float32.
-    Returns ``[B, n]`` in ``base``'s dtype.
+    ``base``, ``old`` ``[B, n]`` integer ids, ``>= 0`` but for the ``-1`` (empty) slots that go with
+    ``initial_load [B or 1, m]`` (float32, ``+inf`` for a pack that takes no item while another is open: a
+    failed GPU); ``item_load [B, n]`` and ``limit [B, 1]`` float32. Returns ``[B, n]`` in ``base``'s dtype.
     """
     batch, n = base.shape
     device = base.device
@@ -572,14 +623,22 @@ def sticky_pack(
         return out.to(base.dtype)
     ints = torch.empty(batch * 4 * n, dtype=torch.int32, device=device)
     floats = torch.empty(batch * n, dtype=torch.float32, device=device)
+    limit32 = limit.to(device=device, dtype=torch.float32).reshape(batch).contiguous()
+    if initial_load is None:
+        init = limit32  # not read
+    else:
+        init = torch.broadcast_to(initial_load.to(device=device, dtype=torch.float32), (batch, num_packs))
+        init = init.contiguous()
     meta = {"N": n, "M": num_packs, "C": n // num_packs, "BS": min(_pow2(n), 64), "BT": 64, "P_M": _pow2(num_packs)}
+    meta |= {"ELASTIC": initial_load is not None, "RESERVE": bool(reserve)}
     ensure_cache_dir()
     with _on_device(device):
         sticky_kernel[(batch,)](
             base.to(torch.int64).contiguous(),
             old.to(device=device, dtype=torch.int64).contiguous(),
             item_load.to(device=device, dtype=torch.float32).contiguous(),
-            limit.to(device=device, dtype=torch.float32).reshape(batch).contiguous(),
+            limit32,
+            init,
             out,
             ints,
             floats,
