@@ -4,7 +4,8 @@ Failed GPUs' slots hold -1: eplb.algorithms.repair.sticky_pack with initial_load
 reserve, eplb.algorithms.repair.repair on placements with -1 slots, eplb.algorithms.relabel.align_slots and
 eplb.algorithms.elastic.relabel_pinned, on random inputs (degenerate ones included), on the arguments
 place_elastic_stable passes them for real DeepSeek-V3 loads, and end to end: rebalance_experts(previous=,
-active_gpus=, balance_tolerance=) on numpy with the kernels (impl=None, numba) against impl="xp".
+active_gpus=, balance_tolerance=) on numpy with the kernels (impl=None, numba) against impl="xp"; and the fresh
+active_gpus= placement on numpy, whose replicas the numba sticky packing packs, against the array-API LPT loop.
 """
 
 from __future__ import annotations
@@ -396,3 +397,33 @@ def test_torch_cpu_runs_the_kernels(kernels_ready, monkeypatch):
     assert used, "torch CPU goes through the numpy adapter and its kernels"
     for a, b in zip(on_torch, want, strict=True):
         np.testing.assert_array_equal(a.numpy(), b)
+
+
+@pytest.mark.parametrize(
+    ("config", "experts", "hierarchical", "dead"),
+    [
+        ((288, 8, 4, 32), 256, True, [5]),
+        ((352, 8, 4, 32), 256, True, list(range(8, 16))),  # a node down: the global rule
+        ((288, 8, 3, 144), 256, False, [5, 77]),
+        ((48, 4, 2, 8), 16, False, [0, 1, 2, 3, 4]),  # 3 live GPUs: 18 slots for 16 experts
+        ((20, 4, 2, 20), 16, True, [3]),  # one slot per GPU: the shortcut, no packing loop
+    ],
+    ids=["hier-1-down", "hier-node-down", "global-144", "three-live", "one-slot-per-gpu"],
+)
+def test_fresh_placement_packs_with_the_kernel(config, experts, hierarchical, dead, kernels_ready, monkeypatch):
+    """active_gpus= without previous= on numpy (impl=None) packs the replicas with the numba sticky packing where
+    a GPU has several slots (a spy), and places as the array-API LPT loop (impl="xp") does."""
+    weight = cases.deepseek_v3("prefill_in2048.json")
+    assert weight is not None, f"real loads expected at {cases.DATA}"
+    weight = weight[:6, :experts].copy()
+    weight[1] = 0  # all zero
+    mask = np.isin(np.arange(config[3]), dead, invert=True)
+    calls = []
+    sticky = repair_numba.sticky_pack
+    monkeypatch.setattr(repair_numba, "sticky_pack", lambda *a, **k: calls.append(1) or sticky(*a, **k))
+    got = eplb.rebalance_experts(weight, *config, hierarchical=hierarchical, active_gpus=mask)
+    assert bool(calls) == (config[0] > config[3])
+    want = _numpy.rebalance(weight.astype(np.float32), *config, impl="xp", hierarchical=hierarchical,
+                            policy="greedy", spill=0, active_gpus=mask)  # fmt: skip
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)

@@ -45,14 +45,23 @@ def rebalance(
     else ``"xp"``. Both give the same placement. ``log2phy=False`` (for
     ``previous=``, which builds its own): the compiled kernel leaves the
     second array empty, ``[L, E, 0]``; the array-API path returns it whole.
+    With ``active_gpus`` (the array-API rule), ``impl=None`` packs the
+    replicas with :func:`eplb.kernels.repair_numba.sticky_pack` once the
+    kernels are loaded (the same placement as its LPT loop).
     """
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
+    # active_gpus= (impl=None): the array-API rule, its packing loop by the compiled sticky packing once loaded.
+    elastic = options.get("active_gpus") is not None and options.get("gpu_capacity") is None
+    packer_ready = elastic and impl is None and _numba.available() and _numba.ready()
     if impl is None:
         impl = "numba" if _numba.supports(options) and _numba.available() and _numba.ready() else "xp"
     if impl == "numba":
         return _numba.rebalance(weight32, num_replicas, num_groups, num_nodes, num_gpus, log2phy=log2phy, **options)
     if impl != "xp":
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
+    if packer_ready:
+        # The replicas packed onto the live GPUs by the compiled sticky packing (the same placement).
+        options = {**options, "sticky_pack_fn": _repair_hooks()["sticky_pack_fn"]}
     placement = placer(options)(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)
 
