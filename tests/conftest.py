@@ -374,6 +374,30 @@ def run_under_triton_interpreter(script: str, timeout: float = 900) -> Any:
     return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
 
 
+def interpreter_outputs_equal(script: str, arrays: dict, calls: list, want: dict, folder: Any) -> Any:
+    """Run ``script`` under Triton's interpreter on saved cases and check its outputs against ``want``.
+
+    ``script`` is a template with ``{path}``, ``{calls}`` and ``{result}`` (the ``.npz`` of ``arrays``, the
+    JSON of ``calls``, the ``.npz`` it must write, printing ``ran <len(calls)>``); every array of ``want``
+    must come back with its dtype and values. Returns the loaded outputs."""
+    import json
+
+    import numpy as np
+
+    paths = {"path": folder / "cases.npz", "calls": folder / "calls.json", "result": folder / "out.npz"}
+    np.savez(paths["path"], **arrays)
+    paths["calls"].write_text(json.dumps(calls))
+    run = run_under_triton_interpreter(script.format(**{k: str(v) for k, v in paths.items()}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"ran {len(calls)}" in run.stdout, run.stdout
+    got = np.load(paths["result"])
+    assert sorted(got.files) == sorted(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    return got
+
+
 def run_kernel_check(check_source: str, shapes: list, device: str) -> None:
     """Run ``check(device)`` from ``check_source`` (Python defining ``check``, reading a global ``SHAPES``):
     on ``"cpu"`` in a fresh process under Triton's interpreter (:func:`run_under_triton_interpreter`), failing

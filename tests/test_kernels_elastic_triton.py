@@ -20,7 +20,6 @@ eplb.algorithms.elastic.relabel_pinned:
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import numpy as np
 import pytest
@@ -32,7 +31,7 @@ from eplb.algorithms.relabel import align_slots, replica_counts
 from eplb.algorithms.repair import repair, sticky_pack
 
 from . import cases
-from .conftest import needs_gpu, run_under_triton_interpreter
+from .conftest import interpreter_outputs_equal, needs_gpu
 from .test_kernels_repair import _loads as _weights
 from .test_kernels_repair_elastic import _captured, _dead, _repair_args, _sticky_args
 
@@ -211,17 +210,7 @@ def test_equal_the_array_api_under_the_interpreter(tmp_path):
             weight, previous, *sizes, active_gpus=mask, hierarchical=hierarchical, tolerance=tolerance, xp=np
         )
         want.update({f"{k}_{n}": x for n, x in zip(("phy2log", "log2phy", "logcnt"), got, strict=True)})
-    np.savez(tmp_path / "cases.npz", **arrays)
-    (tmp_path / "calls.json").write_text(json.dumps(calls))
-    paths = {"path": "cases.npz", "calls": "calls.json", "result": "out.npz"}
-    run = run_under_triton_interpreter(_SCRIPT.format(**{k: str(tmp_path / v) for k, v in paths.items()}))
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert f"ran {len(calls)}" in run.stdout, run.stdout
-    got = np.load(tmp_path / "out.npz")
-    assert sorted(got.files) == sorted(want)
-    for key, value in want.items():
-        assert got[key].dtype == value.dtype, key
-        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    interpreter_outputs_equal(_SCRIPT, arrays, calls, want, tmp_path)
     # The cases exercise what the kernels learnt: rows with failed GPUs that the search changed.
     searched = 0
     for k, (kind, _) in enumerate(calls):

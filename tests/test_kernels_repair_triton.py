@@ -15,12 +15,7 @@ functions bit for bit.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,9 +25,8 @@ from eplb.algorithms.relabel import align_slots, replica_counts
 from eplb.algorithms.repair import repair, sticky_pack
 
 from . import cases
-from .conftest import needs_gpu
+from .conftest import interpreter_outputs_equal, needs_gpu
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 CONFIGS = [((288, 8, 4, 32), {}), ((288, 8, 3, 144), {"hierarchical": False})]
 
@@ -157,22 +151,7 @@ def test_equals_numba_and_the_array_api_under_the_interpreter(tmp_path):
                 calls.append(("stable", (config, hierarchical, knobs)))
                 got = place_stable(new_w, previous, *config, hierarchical=hierarchical, xp=np, **knobs)
                 want.update({f"{k}_{n}": x for n, x in zip(("phy2log", "log2phy", "logcnt"), got, strict=True)})
-    np.savez(tmp_path / "cases.npz", **arrays)
-    (tmp_path / "calls.json").write_text(json.dumps(calls))
-    script = textwrap.dedent(
-        _SCRIPT.format(
-            path=str(tmp_path / "cases.npz"), calls=str(tmp_path / "calls.json"), result=str(tmp_path / "out.npz")
-        )
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"ran {len(calls)}" in out.stdout, out.stdout
-    got = np.load(tmp_path / "out.npz")
-    assert sorted(got.files) == sorted(want)
-    for key, value in want.items():
-        assert got[key].dtype == value.dtype, key
-        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    got = interpreter_outputs_equal(textwrap.dedent(_SCRIPT), arrays, calls, want, tmp_path)
     if importlib.util.find_spec("numba") is not None:  # the numba kernels too (proved equal to the above)
         from eplb.kernels import repair_numba
 

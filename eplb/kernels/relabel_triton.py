@@ -440,13 +440,10 @@ def _on_device(device: torch.device):
     return contextlib.nullcontext()
 
 
-def relabel(new: torch.Tensor, old: torch.Tensor, num_gpus: int, num_nodes: int, *, xp: Any = None) -> torch.Tensor:
-    """``new [B, R]`` with nodes, GPUs within nodes and slots within GPUs permuted to match ``old [B, R]``.
-
-    :func:`eplb.algorithms.relabel.relabel` (same arguments; ``xp`` is not
-    used), one launch on ``new``'s device (CUDA, or CPU tensors under
-    ``TRITON_INTERPRET=1``). Expert ids must lie in ``[0, 2**40)``.
-    """
+def _launch(
+    new: torch.Tensor, old: torch.Tensor, live_gpu: torch.Tensor | None, num_gpus: int, num_nodes: int
+) -> torch.Tensor:
+    """One :func:`relabel_kernel` launch (``PINNED`` with ``live_gpu [B or 1, G]``), in ``new``'s dtype."""
     batch, num_phy = new.shape
     if not fits(num_phy, num_gpus, num_nodes):
         raise ValueError(
@@ -458,12 +455,27 @@ def relabel(new: torch.Tensor, old: torch.Tensor, num_gpus: int, num_nodes: int,
     out = torch.empty_like(new64)
     if batch == 0:
         return out.to(new.dtype)
+    live = out  # not read unless pinned
+    if live_gpu is not None:
+        live = torch.broadcast_to(live_gpu.to(device=new.device, dtype=torch.int32), (batch, num_gpus)).contiguous()
     meta = _meta(num_phy, num_gpus, num_nodes)
     scratch = torch.empty(batch * meta["SCRATCH"], dtype=torch.int64, device=new.device)
     ensure_cache_dir()
     with _on_device(new.device):
-        relabel_kernel[(batch,)](new64, old64, out, scratch, out, num_warps=_num_warps(num_gpus), PINNED=False, **meta)
+        relabel_kernel[(batch,)](
+            new64, old64, out, scratch, live, num_warps=_num_warps(num_gpus), PINNED=live_gpu is not None, **meta
+        )
     return out if new.dtype == torch.int64 else out.to(new.dtype)
+
+
+def relabel(new: torch.Tensor, old: torch.Tensor, num_gpus: int, num_nodes: int, *, xp: Any = None) -> torch.Tensor:
+    """``new [B, R]`` with nodes, GPUs within nodes and slots within GPUs permuted to match ``old [B, R]``.
+
+    :func:`eplb.algorithms.relabel.relabel` (same arguments; ``xp`` is not
+    used), one launch on ``new``'s device (CUDA, or CPU tensors under
+    ``TRITON_INTERPRET=1``). Expert ids must lie in ``[0, 2**40)``.
+    """
+    return _launch(new, old, None, num_gpus, num_nodes)
 
 
 def relabel_pinned(
@@ -474,24 +486,7 @@ def relabel_pinned(
     ``new``, ``old`` ``[B, R]`` integer ids (``-1``: an empty slot, in ``new`` exactly the failed GPUs'),
     ``live_gpu [B or 1, G]`` bool. Expert ids must lie in ``[-1, 2**40)``.
     """
-    batch, num_phy = new.shape
-    if not fits(num_phy, num_gpus, num_nodes):
-        raise ValueError(
-            f"the relabelling kernel takes at most {MAX_GPUS} GPUs and {MAX_SLOTS} slots, "
-            f"got {num_phy} slots on {num_gpus} GPUs in {num_nodes} nodes"
-        )
-    new64 = new.to(torch.int64).contiguous()
-    old64 = old.to(device=new.device, dtype=torch.int64).contiguous()
-    out = torch.empty_like(new64)
-    if batch == 0:
-        return out.to(new.dtype)
-    live = torch.broadcast_to(live_gpu.to(device=new.device, dtype=torch.int32), (batch, num_gpus)).contiguous()
-    meta = _meta(num_phy, num_gpus, num_nodes)
-    scratch = torch.empty(batch * meta["SCRATCH"], dtype=torch.int64, device=new.device)
-    ensure_cache_dir()
-    with _on_device(new.device):
-        relabel_kernel[(batch,)](new64, old64, out, scratch, live, num_warps=_num_warps(num_gpus), PINNED=True, **meta)
-    return out if new.dtype == torch.int64 else out.to(new.dtype)
+    return _launch(new, old, live_gpu, num_gpus, num_nodes)
 
 
 def log2phy_in_slot_order(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:

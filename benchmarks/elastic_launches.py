@@ -1,0 +1,138 @@
+"""What a torch CUDA ``active_gpus=`` + ``previous=`` call launches, counted on the CPU (no GPU needed).
+
+The torch CUDA call is host-bound: each tensor operation is a kernel launch of
+10-20 us of host time, and a loop that runs on the device cannot stop early
+(that would read the device), so every step of every loop runs. This counts,
+for :func:`eplb.algorithms.elastic.place_elastic_stable` on torch CPU tensors
+with every ``refine_rows`` round forced (as CUDA runs them):
+
+- tensor operations (``TorchDispatchMode``; views and reshapes left out), and
+- calls of the fused steps the torch CUDA adapter plugs in
+  (``eplb.backends._torch._elastic_kernels``: ``relabel_pinned``,
+  ``sticky_pack``, ``repair``, ``align_slots``, ``heaviest_gpu``), one launch
+  each; on the CPU their numba twins (equal to them bit for bit) stand in.
+
+Real DeepSeek-V3 loads (``previous``: another SGLang file's placement), 288
+slots (352 with a node down), tolerance ``None`` and 0.05. ``--baseline``
+adds the count with torch ops alone (minutes on the CPU). The placements are
+checked against numpy's.
+
+    python benchmarks/elastic_launches.py [--baseline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import eplb
+from benchmarks.keep_speed import load
+from eplb import _xp
+from eplb.algorithms import elastic
+from eplb.backends import _numba, _torch
+
+VIEWS = {"view", "reshape", "_unsafe_view", "expand", "as_strided", "slice", "select", "unsqueeze", "squeeze"}
+VIEWS |= {"alias", "detach", "t", "transpose", "permute", "lift_fresh", "unbind", "split", "split_with_sizes"}
+CASES = [
+    ("4 nodes / 32 GPUs, GPU 5 down", (288, 8, 4, 32), True, [5]),
+    ("4 nodes / 32 GPUs, node 1 down (352 slots)", (352, 8, 4, 32), True, list(range(8, 16))),
+    ("global, 144 GPUs, GPU 5 down", (288, 8, 3, 144), False, [5]),
+]
+
+
+class Launches(TorchDispatchMode):
+    """Tensor operations (views left out) and fused calls, while ``counting``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.fused: collections.Counter = collections.Counter()
+        self.counting = True
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if self.counting and func.__name__.split(".")[0] not in VIEWS:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def every_round(body: Any, rows: Any, max_iters: int, *, xp: Any) -> Any:
+    """``refine_rows`` as CUDA runs it: no early exit."""
+    for _ in range(max_iters):
+        rows, _ = body(rows)
+    return rows
+
+
+def stand_ins(mode_of: Any) -> dict[str, Any]:
+    """The fused steps as numba kernels on host copies, each counted as one launch."""
+    from eplb.kernels import repair_numba
+
+    def fused(name: str, fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            mode = mode_of()
+            mode.fused[name] += 1
+            mode.counting = False
+            args = [a.numpy() if isinstance(a, torch.Tensor) else a for a in args]
+            kwargs = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items() if k != "xp"}
+            with torch._C._DisableTorchDispatch():
+                out = fn(*args, **kwargs)
+            mode.counting = True
+            if isinstance(out, tuple):
+                return tuple(torch.from_numpy(np.asarray(x)) for x in out)
+            return torch.from_numpy(np.asarray(out))
+
+        return run
+
+    return {
+        "relabel_pinned_fn": fused(
+            "relabel_pinned", lambda n, o, live, g, num_nodes=1: repair_numba.relabel_pinned(n, o, live, g, num_nodes)
+        ),
+        "sticky_pack_fn": fused("sticky_pack", repair_numba.sticky_pack),
+        "repair_fn": fused("repair", lambda *a, max_iters: repair_numba.repair(*a, max_iters)),
+        "align_slots_fn": fused("align_slots", repair_numba.align_slots),
+        "heaviest_gpu_fn": fused("heaviest_gpu", lambda w, p, c, g: elastic.live_heaviest_gpu(w, p, c, g, xp=np)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", action="store_true", help="also count with torch ops alone (slow)")
+    args = parser.parse_args()
+    _numba.warm_up()
+    _xp.refine_rows = every_round
+    current: list[Launches] = []
+    hooks = stand_ins(lambda: current[-1])
+    weight, before = load("prefill_in2048.json"), load("prefill_in4096.json")
+    print("| call | tolerance | launches, kernels | of which fused | launches, torch ops alone |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, sizes, hierarchical, dead in CASES:
+        previous = torch.as_tensor(eplb.rebalance_experts(before, *sizes, hierarchical=hierarchical).phy2log)
+        mask = torch.as_tensor(np.isin(np.arange(sizes[3]), dead, invert=True))
+        for tolerance in (None, 0.05):
+            want = eplb.rebalance_experts(weight, *sizes, hierarchical=hierarchical, previous=previous.numpy(),
+                                          active_gpus=mask.numpy(), balance_tolerance=tolerance).phy2log  # fmt: skip
+            counts = []
+            for plugged in (True, False) if args.baseline else (True,):
+                current.append(Launches())
+                with current[-1]:
+                    got = elastic.place_elastic_stable(
+                        torch.as_tensor(weight, dtype=torch.float32), previous, *sizes, active_gpus=mask,
+                        hierarchical=hierarchical, tolerance=tolerance, xp=_torch.xp, **(hooks if plugged else {}),
+                    )  # fmt: skip
+                assert np.array_equal(got[0].numpy(), want), "placement differs from numpy's"
+                counts.append(current[-1])
+            fused = sum(counts[0].fused.values())
+            base = f"{counts[1].ops:,}" if len(counts) > 1 else "-"
+            print(f"| {name} | {tolerance} | {counts[0].ops + fused:,} | {fused} | {base} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
