@@ -9,12 +9,14 @@ with every ``refine_rows`` round forced (as CUDA runs them):
 - tensor operations (``TorchDispatchMode``; views and reshapes left out), and
 - calls of the fused steps the torch CUDA adapter plugs in
   (``eplb.backends._torch._elastic_kernels``: ``relabel_pinned``,
-  ``sticky_pack``, ``repair``, ``align_slots``, ``heaviest_gpu``), one launch
-  each; on the CPU their numba twins (equal to them bit for bit) stand in.
+  ``sticky_pack``, ``repair``, ``align_slots``, ``heaviest_gpu``,
+  ``replicate_experts``), one launch each; on the CPU their numba twins or
+  the numpy functions (equal to them bit for bit) stand in.
 
 Real DeepSeek-V3 loads (``previous``: another SGLang file's placement), 288
-slots (352 with a node down), tolerance ``None`` and 0.05. ``--baseline``
-adds the count with torch ops alone (minutes on the CPU). The placements are
+slots (352 with a node down), tolerance ``None`` and 0.05, and the fresh
+placement (no ``previous``). ``--baseline`` adds the count with torch ops
+alone for the ``previous=`` calls (minutes on the CPU; the fresh ones always). The placements are
 checked against numpy's.
 
     python benchmarks/elastic_launches.py [--baseline]
@@ -38,6 +40,7 @@ import eplb
 from benchmarks.keep_speed import load
 from eplb import _xp
 from eplb.algorithms import elastic
+from eplb.algorithms.replication import replicate_experts
 from eplb.backends import _numba, _torch
 
 VIEWS = {"view", "reshape", "_unsafe_view", "expand", "as_strided", "slice", "select", "unsqueeze", "squeeze"}
@@ -99,6 +102,7 @@ def stand_ins(mode_of: Any) -> dict[str, Any]:
         "repair_fn": fused("repair", lambda *a, max_iters: repair_numba.repair(*a, max_iters)),
         "align_slots_fn": fused("align_slots", repair_numba.align_slots),
         "heaviest_gpu_fn": fused("heaviest_gpu", lambda w, p, c, g: elastic.live_heaviest_gpu(w, p, c, g, xp=np)),
+        "replicate_fn": fused("replicate_experts", lambda w, r: replicate_experts(w, r, xp=np)),
     }
 
 
@@ -132,6 +136,20 @@ def main() -> None:
             fused = sum(counts[0].fused.values())
             base = f"{counts[1].ops:,}" if len(counts) > 1 else "-"
             print(f"| {name} | {tolerance} | {counts[0].ops + fused:,} | {fused} | {base} |", flush=True)
+        # The fresh placement (no previous=): its replication and packing, as the torch CUDA adapter plugs them.
+        want = eplb.rebalance_experts(weight, *sizes, hierarchical=hierarchical, active_gpus=mask.numpy()).phy2log
+        fresh = []
+        for plugged in (True, False):
+            current.append(Launches())
+            with current[-1]:
+                got = elastic.place_elastic(
+                    torch.as_tensor(weight, dtype=torch.float32), *sizes, active_gpus=mask, hierarchical=hierarchical,
+                    xp=_torch.xp, **({k: hooks[k] for k in ("sticky_pack_fn", "replicate_fn")} if plugged else {}),
+                )  # fmt: skip
+            assert np.array_equal(got[0].numpy(), want), "placement differs from numpy's"
+            fresh.append(current[-1])
+        fused = sum(fresh[0].fused.values())
+        print(f"| {name}, no previous= | - | {fresh[0].ops + fused:,} | {fused} | {fresh[1].ops:,} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""The Triton kernels on the active_gpus + previous= path equal the array API bit for bit.
+"""The Triton kernels on the active_gpus= (+ previous=) path equal the array API bit for bit.
 
 Failed GPUs' slots hold -1 there: eplb.kernels.repair_triton's sticky_pack (initial_load, reserve), repair (-1
 slots) and align_slots, and eplb.kernels.relabel_triton.relabel_pinned, against
 eplb.algorithms.repair.sticky_pack / repair, eplb.algorithms.relabel.align_slots and
-eplb.algorithms.elastic.relabel_pinned:
+eplb.algorithms.elastic.relabel_pinned; eplb.kernels.replication_triton.replicate_experts against
+eplb.algorithms.replication.replicate_experts:
 
 - under Triton's CPU interpreter (one subprocess), on tests/test_kernels_repair_elastic.py's random inputs and
   degenerate ones (one expert, one slot per GPU or pack, every GPU but one failed, every GPU failed, all-zero
-  loads), and place_elastic_stable end to end on torch CPU tensors with the kernels plugged in (those four,
+  loads; for the replication tied, all-zero and one-hot rows, no extra slot, the DeepSeek-V3 sizes), and
+  place_elastic_stable end to end on torch CPU tensors with the kernels plugged in (those five,
   eplb.kernels.choose_triton.heaviest_gpu, and the sticky packing for the fresh placements too; global and
   hierarchical, a node down, a GPU back from a failure; tolerance None / 0 / 0.05, or 0 alone) against numpy,
-  and the fresh place_elastic with the sticky kernel packing its replicas;
+  and the fresh place_elastic with the kernels replicating and packing;
 - an sm_90 compile without a GPU of the elastic variants, with no fused multiply-add in the PTX;
 - on CUDA: each kernel on the arguments place_elastic_stable passes it for the DeepSeek-V3 loads, and
   rebalance_experts(previous=, active_gpus=) on torch CUDA tensors running the kernels, without a host sync,
@@ -29,6 +31,7 @@ from eplb.algorithms.elastic import relabel_pinned
 from eplb.algorithms.loads import MAX_LOAD
 from eplb.algorithms.relabel import align_slots, replica_counts
 from eplb.algorithms.repair import repair, sticky_pack
+from eplb.algorithms.replication import replicate_experts
 
 from . import cases
 from .conftest import interpreter_outputs_equal, needs_gpu
@@ -101,6 +104,20 @@ def _relabel_cases(rng: np.random.Generator) -> list[tuple]:
     return out
 
 
+def _replicate_cases(rng: np.random.Generator) -> list[tuple]:
+    """(weight [B, E] float32, num_phy): lognormal, tied, all-zero and one-hot rows, one expert, no extra slot,
+    every extra slot to one expert, the DeepSeek-V3 per-node and global sizes."""
+    out = []
+    for experts, num_phy in ((1, 1), (1, 5), (4, 4), (5, 13), (16, 36), (64, 72), (256, 288)):
+        weight = _weights(rng, 6, experts)
+        weight[0] = 0.0
+        weight[1] = 3.0
+        weight[2] = 0.0
+        weight[2, experts // 2] = 1.0
+        out.append((weight, num_phy))
+    return out
+
+
 # (experts, slots, groups, nodes, gpus, hierarchical, failed GPUs now, failed GPUs in the previous placement)
 _END_TO_END = [
     (16, 32, 1, 1, 8, False, [2, 5], [5]),
@@ -131,7 +148,7 @@ _SCRIPT = """
 import json, numpy as np, torch
 import array_api_compat.torch as xpt
 from eplb.algorithms.elastic import place_elastic, place_elastic_stable
-from eplb.kernels import choose_triton as ct, relabel_triton as rl, repair_triton as rt
+from eplb.kernels import choose_triton as ct, relabel_triton as rl, repair_triton as rt, replication_triton as rp
 data = np.load({path!r})
 calls = json.load(open({calls!r}))
 out = {{}}
@@ -150,11 +167,14 @@ for k, (kind, p) in enumerate(calls):
     elif kind == "relabel":
         gpus, nodes = p
         out[f"{{k}}_relabelled"] = rl.relabel_pinned(a("new"), a("old"), a("live"), gpus, num_nodes=nodes).numpy()
+    elif kind == "replicate":
+        for name, x in zip(("phy2log", "phyrank", "logcnt"), rp.replicate_experts(a("weight"), p)):
+            out[f"{{k}}_{{name}}"] = x.numpy()
     elif kind == "fresh":
         sizes, hierarchical = p
         got = place_elastic(
             a("weight"), *sizes, active_gpus=a("mask"), hierarchical=hierarchical, xp=xpt,
-            sticky_pack_fn=rt.sticky_pack,
+            sticky_pack_fn=rt.sticky_pack, replicate_fn=rp.replicate_experts,
         )
         for name, x in zip(("phy2log", "log2phy", "logcnt"), got):
             out[f"{{k}}_{{name}}"] = x.numpy()
@@ -164,6 +184,7 @@ for k, (kind, p) in enumerate(calls):
             a("weight"), a("previous"), *sizes, active_gpus=a("mask"), hierarchical=hierarchical,
             tolerance=tolerance, xp=xpt, relabel_pinned_fn=rl.relabel_pinned, sticky_pack_fn=rt.sticky_pack,
             repair_fn=rt.repair, align_slots_fn=rt.align_slots, heaviest_gpu_fn=ct.heaviest_gpu,
+            replicate_fn=rp.replicate_experts,
         )
         for name, x in zip(("phy2log", "log2phy", "logcnt"), got):
             out[f"{{k}}_{{name}}"] = x.numpy()
@@ -200,6 +221,10 @@ def test_equal_the_array_api_under_the_interpreter(tmp_path):
     for new, old, live, gpus, nodes in _relabel_cases(rng):
         k = add("relabel", (gpus, nodes), {"new": new, "old": old, "live": live})
         want[f"{k}_relabelled"] = relabel_pinned(new, old, live, gpus, num_nodes=nodes, xp=np)
+    for weight, num_phy in _replicate_cases(rng):
+        k = add("replicate", num_phy, {"weight": weight})
+        got = replicate_experts(weight, num_phy, xp=np)
+        want.update({f"{k}_{n}": x for n, x in zip(("phy2log", "phyrank", "logcnt"), got, strict=True)})
     for weight, previous, mask, sizes, hierarchical, tolerance in _end_to_end_cases():
         if tolerance is None:  # the fresh placement, its replicas packed by the sticky kernel
             k = add("fresh", (sizes, hierarchical), {"weight": weight, "mask": mask})
@@ -221,12 +246,13 @@ def test_equal_the_array_api_under_the_interpreter(tmp_path):
 
 
 def test_no_fused_multiply_add_in_an_sm90_compile_of_the_elastic_variants():
-    """sticky_kernel with ELASTIC and RESERVE, repair_kernel, and relabel_kernel with PINNED compile for
-    H100/H200 without a GPU; no FMA in the packing's and the search's PTX."""
+    """sticky_kernel with ELASTIC (and RESERVE), relabel_kernel with PINNED and replicate_kernel compile for
+    H100/H200 without a GPU; no FMA in the packing's and the replication's PTX."""
     import triton
 
     from eplb.kernels import relabel_triton as rl
     from eplb.kernels import repair_triton as rt
+    from eplb.kernels import replication_triton as rp
 
     try:
         from triton.backends.compiler import GPUTarget
@@ -237,11 +263,16 @@ def test_no_fused_multiply_add_in_an_sm90_compile_of_the_elastic_variants():
     sticky_sig = dict.fromkeys(("base_ptr", "old_ptr", "out_ptr"), "*i64") | {"is_ptr": "*i32"}
     sticky_sig |= dict.fromkeys(("load_ptr", "limit_ptr", "init_ptr", "fs_ptr"), "*fp32")
     relabel = {**rl._meta(288, 32, 4), "PINNED": True}
+    replicate = {"E": 256, "R": 288, "P_E": 256}
+    replicate_sig = dict.fromkeys(("w_ptr", "recip_ptr"), "*fp32") | dict.fromkeys(
+        ("phy_ptr", "rank_ptr", "cnt_ptr"), "*i64"
+    )
     relabel_sig = dict.fromkeys(("new_ptr", "old_ptr", "out_ptr", "scratch_ptr"), "*i64") | {"live_ptr": "*i32"}
     for kernel, signature, constants, fma_free in (
         (rt.sticky_kernel, sticky_sig, sticky, True),
         (rt.sticky_kernel, sticky_sig, {**sticky, "RESERVE": False}, True),
         (rl.relabel_kernel, relabel_sig, relabel, False),  # integers only
+        (rp.replicate_kernel, replicate_sig, replicate, True),
     ):
         try:
             source = ASTSource(kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constexprs=constants)
@@ -300,7 +331,7 @@ def test_cuda_kernels_equal_the_array_api_on_deepseek_v3(config, dead):
 def test_torch_cuda_elastic_previous_runs_the_kernels_without_a_sync(config, dead, tolerance, monkeypatch):
     import torch
 
-    from eplb.kernels import choose_triton, relabel_triton, repair_triton
+    from eplb.kernels import choose_triton, relabel_triton, repair_triton, replication_triton
 
     (sizes, hierarchical) = config
     weight, previous, mask = _deepseek_elastic(config, dead)
@@ -308,7 +339,8 @@ def test_torch_cuda_elastic_previous_runs_the_kernels_without_a_sync(config, dea
     expected = eplb.rebalance_experts(weight, *sizes, previous=previous, **kw)
     calls = []
     kernels = [(relabel_triton, "relabel_pinned"), (repair_triton, "repair"), (repair_triton, "sticky_pack")]
-    for module, name in [*kernels, (repair_triton, "align_slots"), (choose_triton, "heaviest_gpu")]:
+    kernels += [(repair_triton, "align_slots"), (choose_triton, "heaviest_gpu")]
+    for module, name in [*kernels, (replication_triton, "replicate_experts")]:
         kernel = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **k: calls.append(_n) or _k(*a, **k))
     on_device = {"previous": torch.as_tensor(previous, device="cuda")}
@@ -322,7 +354,7 @@ def test_torch_cuda_elastic_previous_runs_the_kernels_without_a_sync(config, dea
         placement = eplb.rebalance_experts(w, *sizes, **on_device, **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert set(calls) == {"relabel_pinned", "repair", "sticky_pack", "align_slots", "heaviest_gpu"}
+    assert set(calls) == {"relabel_pinned", "repair", "sticky_pack", "align_slots", "heaviest_gpu", "replicate_experts"}
     for got, want in zip(placement, expected, strict=True):
         assert got.device.type == "cuda"
         np.testing.assert_array_equal(got.cpu().numpy(), want)

@@ -115,6 +115,7 @@ def _place_rows(
     *,
     xp: Any,
     sticky_pack_fn: Callable[..., Any] | None = None,
+    replicate_fn: Callable[..., Any] = replicate_experts,
 ) -> tuple[Any, ...]:
     """Per (layer, node) row: replicate into the row's live slots, pack onto its live GPUs.
 
@@ -127,11 +128,13 @@ def _place_rows(
     home) and failed GPUs' packs closed (``initial_load`` ``+inf``), it is the
     same LPT (heaviest item first, ties by index, to the first lightest open
     pack), and once the live packs are full the phantoms fill the failed GPUs'
-    slots in order, as the slot order below does.
+    slots in order, as the slot order below does. ``replicate_fn``:
+    :func:`eplb.algorithms.replication.replicate_experts` or a compiled kernel
+    equal to it.
     """
     rows_n, log_per_node = mlog_load.shape
     device = _xp.device(mlog_load)
-    phy2mlog, phyrank, _ = replicate_experts(mlog_load, phy_per_node, xp=xp)
+    phy2mlog, phyrank, _ = replicate_fn(mlog_load, phy_per_node, xp=xp)
     index_dtype = phy2mlog.dtype
     item = xp.arange(phy_per_node, dtype=index_dtype, device=device)
     kept = item < xp.astype(live_slots, index_dtype)  # [rows, R/N]: the first R_n items
@@ -323,10 +326,12 @@ def _elastic(
     split: Any = None,
     xp: Any,
     sticky_pack_fn: Callable[..., Any] | None = None,
+    replicate_fn: Callable[..., Any] = replicate_experts,
 ) -> tuple[Any, Any, Any]:
     """The hierarchical elastic rule (global with one group, one node), no fallback; groups to nodes by live
     capacity (:func:`live_group_split`), by load alone (``by_capacity=False``: the healthy greedy split), or
-    as ``split [L, groups]`` (groups node by node) says. ``sticky_pack_fn``: as :func:`_place_rows`."""
+    as ``split [L, groups]`` (groups node by node) says. ``sticky_pack_fn``, ``replicate_fn``: as
+    :func:`_place_rows`."""
     group_size = weight.shape[1] // num_groups
     if split is None and by_capacity:
         split = live_group_split(weight, active, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
@@ -337,8 +342,9 @@ def _elastic(
     mlog_load = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), (num_layers * num_nodes, num_log // num_nodes))
     live_gpu, live_slots = _live_rows(weight, active, num_phy, num_nodes, num_gpus, xp=xp)
     phy2mlog, phyrank, mlogcnt, pphy2phy = _place_rows(
-        mlog_load, live_gpu, live_slots, num_phy // num_nodes, num_phy // num_gpus, xp=xp, sticky_pack_fn=sticky_pack_fn
-    )
+        mlog_load, live_gpu, live_slots, num_phy // num_nodes, num_phy // num_gpus, xp=xp,
+        sticky_pack_fn=sticky_pack_fn, replicate_fn=replicate_fn,
+    )  # fmt: skip
     phy2log, phyrank, logcnt = assemble(mlog2log, phy2mlog, phyrank, mlogcnt, pphy2phy, num_nodes, xp=xp)
     live_slot = _live_slot(active, num_layers, num_phy, num_gpus, xp=xp)
     none = xp.full_like(phy2log, -1)
@@ -372,6 +378,7 @@ def rebalance_elastic(
     by_capacity: bool = True,
     xp: Any,
     sticky_pack_fn: Callable[..., Any] | None = None,
+    replicate_fn: Callable[..., Any] = replicate_experts,
 ) -> tuple[Any, Any, Any]:
     """Greedy placement on the live GPUs: ``phy2log`` (``-1`` on dead GPUs), ``phyrank``, ``logcnt``.
 
@@ -394,6 +401,9 @@ def rebalance_elastic(
         A compiled :func:`eplb.algorithms.repair.sticky_pack` to pack the
         replicas with (the same placement, see :func:`_place_rows`); ``None``:
         :func:`lpt_pack_live`.
+    replicate_fn : callable
+        :func:`eplb.algorithms.replication.replicate_experts` or a compiled
+        kernel equal to it (``max_count`` not passed).
 
     Returns
     -------
@@ -406,7 +416,7 @@ def rebalance_elastic(
     num_log = weight.shape[1]
     active = xp.reshape(active, (-1, num_gpus))
     hierarchical = num_nodes > 1 or num_groups > 1
-    packer = {"sticky_pack_fn": sticky_pack_fn}
+    packer = {"sticky_pack_fn": sticky_pack_fn, "replicate_fn": replicate_fn}
     if not hierarchical or fallback:
         phy2log, phyrank, logcnt = _elastic(weight, active, num_phy, 1, 1, num_gpus, xp=xp, **packer)
     else:
@@ -460,11 +470,13 @@ def place_elastic(
     node_fallback: bool | None = None,
     xp: Any,
     sticky_pack_fn: Callable[..., Any] | None = None,
+    replicate_fn: Callable[..., Any] = replicate_experts,
 ) -> tuple[Any, Any, Any]:
     """:func:`eplb.algorithms.policies.place` with ``active_gpus [G]`` bool: ``phy2log`` (``-1`` in dead
     slots), ``log2phy`` (never pointing at them), ``logcnt`` (live replicas), for float32 ``weight [L, E]``.
 
-    Greedy policy without spill only. ``node_fallback``, ``sticky_pack_fn``: see :func:`rebalance_elastic`.
+    Greedy policy without spill only. ``node_fallback``, ``sticky_pack_fn``, ``replicate_fn``: see
+    :func:`rebalance_elastic`.
     """
     if policy != "greedy" or spill:
         raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
@@ -479,6 +491,7 @@ def place_elastic(
         fallback=node_fallback,
         xp=xp,
         sticky_pack_fn=sticky_pack_fn,
+        replicate_fn=replicate_fn,
     )
     return phy2log, build_log2phy_masked(phy2log, phyrank, weight.shape[1], xp=xp), logcnt
 
@@ -691,6 +704,7 @@ def place_elastic_stable(
     align_slots_fn: Callable[..., Any] = align_slots,
     relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
     heaviest_gpu_fn: Callable[..., Any] = live_heaviest_gpu,
+    replicate_fn: Callable[..., Any] = replicate_experts,
 ) -> tuple[Any, Any, Any]:
     """:func:`place_elastic` keeping the experts of ``previous [L, R]`` (``-1``: an empty slot) in place.
 
@@ -703,7 +717,8 @@ def place_elastic_stable(
     ``repair_fn``, ``align_slots_fn``, ``relabel_pinned_fn``,
     ``heaviest_gpu_fn``: :func:`stabilize_elastic`'s; a ``sticky_pack_fn``
     other than :func:`sticky_pack` (a compiled one) also packs the fresh
-    placements (:func:`_place_rows`: the same placements).
+    placements (:func:`_place_rows`: the same placements); ``replicate_fn``
+    replicates them (:func:`rebalance_elastic`'s).
     """
     if policy != "greedy" or spill:
         raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
@@ -713,7 +728,7 @@ def place_elastic_stable(
     if not hierarchical:
         num_groups = num_nodes = 1
     # A compiled sticky packing also packs the fresh placements (the same ones as lpt_pack_live's, in one call).
-    packer = {"sticky_pack_fn": None if sticky_pack_fn is sticky_pack else sticky_pack_fn}
+    packer = {"sticky_pack_fn": None if sticky_pack_fn is sticky_pack else sticky_pack_fn, "replicate_fn": replicate_fn}
     fresh, _, logcnt = rebalance_elastic(
         weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=node_fallback, xp=xp, **packer
     )

@@ -126,12 +126,10 @@ def rebalance(
     if impl != "torch":
         raise ValueError(f"impl must be 'torch', 'numpy' or None, got {impl!r}")
     if options.get("active_gpus") is not None and options.get("gpu_capacity") is None:
-        # On CUDA, the replicas packed onto the live GPUs by eplb.kernels.repair_triton.sticky_pack (one launch
-        # for the LPT loop's hundreds of torch ops; the same placement).
-        packer = _elastic_kernels(weight32, num_replicas, num_groups, num_nodes, num_gpus, options).get(
-            "sticky_pack_fn"
-        )
-        options = {**options, "sticky_pack_fn": packer}
+        # On CUDA, the replication and the packing onto the live GPUs by Triton kernels (one launch each for the
+        # loops' hundreds of torch ops; the same placement).
+        kernels = _elastic_kernels(weight32, num_replicas, num_groups, num_nodes, num_gpus, options)
+        options = {**options, **{k: kernels[k] for k in ("sticky_pack_fn", "replicate_fn") if k in kernels}}
     return _numpy.placer(options)(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
 
 
@@ -139,12 +137,12 @@ def _elastic_kernels(
     weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, options: dict[str, Any]
 ) -> dict[str, Any]:
     """The Triton kernels of :func:`eplb.algorithms.elastic.place_elastic_stable`'s steps on CUDA (the exact
-    relabelling, the sticky repackings and the fresh placements' packing, the local search, slot alignment and
-    heaviest GPUs: each one launch instead of hundreds to thousands of torch ops), where they take every node
-    count the call may use; else none (the array-API steps)."""
+    relabelling, the sticky repackings and the fresh placements' replication and packing, the local search,
+    slot alignment and heaviest GPUs: each one launch instead of hundreds to thousands of torch ops), where
+    they take every node count the call may use; else none (the array-API steps)."""
     if weight.device.type != "cuda" or not _has_triton():
         return {}
-    from eplb.kernels import choose_triton, relabel_triton, repair_triton
+    from eplb.kernels import choose_triton, relabel_triton, repair_triton, replication_triton
 
     nodes = {1, num_nodes} if options["hierarchical"] else {1}
     num_log = weight.shape[1]
@@ -161,6 +159,8 @@ def _elastic_kernels(
     }
     if choose_triton.fits(num_replicas, num_log, num_gpus):
         kernels["heaviest_gpu_fn"] = choose_triton.heaviest_gpu
+    if replication_triton.fits(num_log, num_replicas):  # (per node: fewer experts and slots, within it too)
+        kernels["replicate_fn"] = replication_triton.replicate_experts
     return kernels
 
 

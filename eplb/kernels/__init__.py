@@ -32,9 +32,10 @@ torch ops on torch CUDA, numpy on the CPU), except ``active_gpus=`` with
 callback): its relabelling, sticky repackings and local search run
 ``relabel_numba`` / ``repair_numba`` [1]_ (which take failed GPUs' ``-1``
 slots); on torch CUDA they run ``relabel_triton.relabel_pinned``,
-``repair_triton`` and ``choose_triton.heaviest_gpu`` [2]_ (the fresh
-placements' packing too, by ``repair_triton.sticky_pack``; also for
-``active_gpus=`` without ``previous=``), the rest of the call torch ops.
+``repair_triton`` and ``choose_triton.heaviest_gpu`` [2]_, and the fresh
+placements' replication and packing run ``replication_triton`` and
+``repair_triton.sticky_pack`` [2]_ (also for ``active_gpus=`` without
+``previous=``), the rest of the call torch ops.
 
 ``spill=`` runs the array-API path everywhere. Where a kernel does not
 apply the array-API path runs, with the same placement.
