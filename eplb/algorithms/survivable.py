@@ -37,16 +37,21 @@ def lpt_pack_spread(
     ``rank_by_step``, each ``[B, n]``.
 
     ``weight [B, n]`` float32 item loads, ``item_expert [B, n]`` integer expert of each item (in
-    ``[0, num_experts)``); packs ``p`` of node ``p // packs_per_node``. Without a second item of any expert
-    this is ``lpt_pack`` without its one-item shortcut, step for step.
+    ``[0, num_experts)``, ``num_experts <= 2**24``); packs ``p`` of node ``p // packs_per_node``. Without a
+    second item of any expert this is ``lpt_pack`` without its one-item shortcut, step for step.
     """
     batch, n = weight.shape
     num_nodes = num_packs // packs_per_node
     device = _xp.device(weight)
     capacity = n // num_packs
     order = _xp.argsort_desc(weight, xp=xp)
-    weight_by_step = xp.permute_dims(_xp.take_along(weight, order, xp=xp), (1, 0))  # [n, B]
-    expert_by_step = xp.permute_dims(_xp.take_along(item_expert, order, xp=xp), (1, 0))  # [n, B]
+    # The scan's inputs, step by step: [n, B, 2] (load, expert id as an exact float: ids < 2**24). Indexing by a
+    # step counter on the device would read it on the host (a sync per step on CUDA).
+    by_step = xp.stack(
+        [_xp.take_along(weight, order, xp=xp), xp.astype(_xp.take_along(item_expert, order, xp=xp), weight.dtype)],
+        axis=-1,
+    )
+    by_step = xp.permute_dims(by_step, (1, 0, 2))
     index_dtype = order.dtype
     pack_ids = xp.arange(num_packs, dtype=index_dtype, device=device)
     node_of_pack = pack_ids // packs_per_node
@@ -57,7 +62,7 @@ def lpt_pack_spread(
         # open_load [B, m]: running load, +inf once full; pack_count [B, m]: items per pack (exact floats);
         # on_node [B, E * N], on_pack [B, E * m] int8-like flags (0/1 in the load dtype: exact).
         open_load, pack_count, on_node, on_pack = carry
-        item_weight, expert = weight_by_step[step, ...], expert_by_step[step, ...]
+        item_weight, expert = step[:, 0], step[:, 1]
         expert = xp.reshape(xp.astype(expert, index_dtype), (batch, 1))
         node_taken = _xp.take_along(on_node, expert * num_nodes + node_of_pack, xp=xp)  # [B, m]
         pack_taken = _xp.take_along(on_pack, expert * num_packs + pack_ids, xp=xp)  # [B, m]
@@ -85,8 +90,7 @@ def lpt_pack_spread(
         xp.zeros((batch, num_experts * num_nodes), dtype=weight.dtype, device=device),
         xp.zeros((batch, num_experts * num_packs), dtype=weight.dtype, device=device),
     )
-    steps = xp.arange(n, dtype=index_dtype, device=device)
-    _, (pack_by_step, rank_by_step) = _xp.scan(visit, init, steps, xp=xp)
+    _, (pack_by_step, rank_by_step) = _xp.scan(visit, init, by_step, xp=xp)
     pack_by_step = xp.astype(xp.permute_dims(pack_by_step, (1, 0)), index_dtype)
     return order, pack_by_step, xp.astype(xp.permute_dims(rank_by_step, (1, 0)), index_dtype)
 

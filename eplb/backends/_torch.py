@@ -83,7 +83,7 @@ def rebalance(
     if impl is None:
         if weight.device.type == "cpu":
             impl = "numpy"
-        elif not _has_triton():
+        elif weight.device.type != "cuda" or not _has_triton():  # (another device: MPS, XPU, meta)
             impl = "torch"
         elif _kernel_applies(options):
             from eplb.kernels import greedy_triton

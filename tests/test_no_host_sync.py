@@ -1,0 +1,96 @@
+"""The torch paths read nothing on the host: every call on ``meta`` tensors returns ``meta`` tensors.
+
+A ``meta`` tensor has a shape and a dtype but no data, so every host read raises on it: ``.item()``,
+``bool()``, ``.tolist()``, ``.cpu()``, ``nonzero`` and boolean-mask indexing (checked below). A call that
+returns ``meta`` tensors has therefore read no value of its inputs or of its intermediate tensors on the
+host: on CUDA it would queue its work without a synchronisation. This runs the torch-ops paths (the adapter
+picks the Triton kernels on CUDA only; their launchers only allocate and launch) with every loop step run,
+as on CUDA (``eplb._xp.refine_rows`` runs all rounds off the CPU), without a GPU. The CUDA tests check the
+same on the card with ``torch.cuda.set_sync_debug_mode("error")``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import eplb
+
+torch = pytest.importorskip("torch")
+
+EXPERTS, SLOTS, GROUPS, NODES, GPUS = 8, 16, 4, 2, 4
+
+
+def _meta(*shape: int, dtype=None):
+    return torch.empty(*shape, dtype=dtype or torch.float32, device="meta")
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda x: x.sum().item(),
+        lambda x: bool(x.any()),
+        lambda x: x.tolist(),
+        lambda x: x.cpu(),
+        lambda x: x.nonzero(),
+        lambda x: x[x > 0],
+    ],
+    ids=["item", "bool", "tolist", "cpu", "nonzero", "mask"],
+)
+def test_meta_tensors_refuse_host_reads(read):
+    with pytest.raises((RuntimeError, NotImplementedError, TypeError)):
+        read(_meta(3))
+
+
+CALLS = {
+    "greedy": {},
+    "refined": {"policy": "refined"},
+    "spill": {"spill": 2},
+    "survivable": {"policy": "survivable"},
+    "previous": {"previous": True},
+    "previous + tolerance": {"previous": True, "balance_tolerance": 0.01},
+    "previous + max_moves": {"previous": True, "max_moves": 3},
+    "active_gpus": {"active_gpus": True},
+    "active_gpus + previous": {"active_gpus": True, "previous": True},
+    "active_gpus + previous + tolerance": {"active_gpus": True, "previous": True, "balance_tolerance": 0.05},
+    "gpu_capacity": {"gpu_capacity": True},
+}
+
+
+@pytest.mark.parametrize("hierarchical", [True, False], ids=["hierarchical", "global"])
+@pytest.mark.parametrize("options", list(CALLS.values()), ids=list(CALLS))
+def test_every_call_reads_nothing_on_the_host(options, hierarchical):
+    if options.get("spill") and not hierarchical:
+        pytest.skip("spill needs the hierarchical policy")
+    kwargs = dict(options)
+    if kwargs.pop("previous", False):
+        kwargs["previous"] = _meta(3, SLOTS, dtype=torch.int64)
+    if kwargs.pop("active_gpus", False):
+        kwargs["active_gpus"] = torch.ones(GPUS, dtype=torch.bool, device="meta")
+    if kwargs.pop("gpu_capacity", False):
+        kwargs["gpu_capacity"] = _meta(GPUS)
+    placement = eplb.rebalance_experts(
+        _meta(3, EXPERTS), SLOTS, GROUPS, NODES, GPUS, hierarchical=hierarchical, **kwargs
+    )
+    assert [x.device.type for x in placement] == ["meta"] * 3
+    assert placement.phy2log.shape == (3, SLOTS) and placement.logcnt.shape == (3, EXPERTS)
+    assert placement.log2phy.shape[:2] == (3, EXPERTS)
+    assert all(x.dtype == torch.int64 for x in placement)
+
+
+def test_load_tracker_records_without_host_reads():
+    """record (routed expert ids, one layer or all, with a mask), record_counts, step and load on meta tensors."""
+    tracker = eplb.LoadTracker(num_layers=3, num_experts=EXPERTS, window=4, backend="torch", device="meta")
+    topk = torch.empty(3, 5, 2, dtype=torch.int64, device="meta")  # [L, tokens, k]
+    tracker.record(topk).record(topk[1], layer=1, mask=torch.ones(5, dtype=torch.bool, device="meta"))
+    tracker.record_counts(_meta(3, EXPERTS, dtype=torch.int32)).step()
+    load = tracker.load()
+    assert load.device.type == "meta" and tuple(load.shape) == (3, EXPERTS)
+
+
+def test_rebalancer_records_without_host_reads():
+    """Rebalancer.record never reads the load on the host (its docstring's promise; step copies once, by design)."""
+    initial = eplb.rebalance_experts(_meta(3, EXPERTS), SLOTS, GROUPS, NODES, GPUS)
+    for rebalancer in (eplb.Rebalancer(SLOTS, GROUPS, NODES, GPUS), eplb.Rebalancer(SLOTS, GROUPS, NODES, GPUS,
+                                                                                    initial=initial)):  # fmt: skip
+        for _ in range(3):  # (with a placement in force: the window's GPU loads under it, on the device)
+            rebalancer.record(_meta(3, EXPERTS))
