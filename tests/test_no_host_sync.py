@@ -94,3 +94,23 @@ def test_rebalancer_records_without_host_reads():
                                                                                     initial=initial)):  # fmt: skip
         for _ in range(3):  # (with a placement in force: the window's GPU loads under it, on the device)
             rebalancer.record(_meta(3, EXPERTS))
+
+
+def test_metrics_read_nothing_on_the_host():
+    """eplb.metrics on device tensors stay on the device (summarize, which returns Python floats, excepted)."""
+    from eplb import metrics
+
+    weight, phy2log = _meta(3, EXPERTS), _meta(3, SLOTS, dtype=torch.int64)
+    capacity = _meta(GPUS)
+    outputs = [
+        metrics.replica_counts(phy2log, EXPERTS),
+        metrics.slot_loads(weight, phy2log),
+        metrics.gpu_loads(weight, phy2log, GPUS),
+        metrics.gpu_times(weight, phy2log, GPUS, capacity),
+        metrics.balancedness(weight, phy2log, GPUS),
+        metrics.balancedness(weight, phy2log, GPUS, gpu_capacity=capacity),
+        metrics.lower_bound(weight, SLOTS, GROUPS, NODES, GPUS),
+        metrics.surviving_load(weight, phy2log, NODES),
+        *metrics.locality(weight, phy2log, GROUPS, NODES),
+    ]
+    assert all(x.device.type == "meta" for x in outputs)
