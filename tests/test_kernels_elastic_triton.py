@@ -48,6 +48,14 @@ def _sticky_cases(rng: np.random.Generator) -> list[tuple]:
     for trial in range(16):
         base, old, item_load, limit, packs, initial = _sticky_args(rng, trial)
         out.append((base, old, item_load, limit, packs, initial, trial % 2 == 1))
+    # More items than one tile of the kernel's loops (64): 150 items in 10 packs, 6 of them live.
+    n, live = 150, np.isin(np.arange(10), [0, 2, 3, 5, 8, 9])
+    base = np.where(np.repeat(~live, 15), -1, rng.integers(0, 40, (3, n)))
+    old = np.where(rng.random((3, n)) < 0.3, -1, base[:, rng.permutation(n)])
+    item_load = np.where(base >= 0, _weights(rng, 3, 40)[np.arange(3)[:, None], np.maximum(base, 0)], -1)
+    limit = np.array([[0.0], [3000.0], [MAX_LOAD]], np.float32)
+    initial = np.where(live, 0.0, np.inf).astype(np.float32)[None, :]
+    out += [(base, old, item_load.astype(np.float32), limit, 10, initial, reserve) for reserve in (False, True)]
     for packs, capacity, experts in ((1, 1, 1), (4, 1, 1), (3, 4, 1), (5, 3, 7)):
         n = packs * capacity
         for live in ([0], [packs - 1], list(range(0, packs, 2))):
