@@ -295,7 +295,8 @@ def repair_kernel(
         # Replicate out: expert i of a takes the donor slot that its change leaves lightest (first on ties).
         cnt_t = tl.load(cnt + ct, mask=u_ok & (ct >= 0), other=0)  # an empty slot gives nothing
         dok = ((u_ok & (cnt_t >= 2))[None, :] & (ct[None, :] != oe[:, None])) & i_ok[:, None]
-        grown = tl.load(ext + oe, mask=i_ok, other=0.0)
+        # (oe is -1 only where no GPU is live: a is then a failed GPU and nothing is applied; never read there)
+        grown = tl.load(ext + oe, mask=i_ok & (oe >= 0), other=0.0)
         vv = tl.where(dok, room[None, :] + grown[:, None], inf)
         vmin = tl.min(vv, axis=1)
         tu = tl.min(tl.where(dok & (vv == vmin[:, None]), u[None, :], _BIG), axis=1)
@@ -316,7 +317,7 @@ def repair_kernel(
         h2 = tl.min(tl.where(allowed & (e != h1) & (hv2 == tl.max(hv2, axis=0)), e, _BIG), axis=0)
         cold = tl.where(c1 != oe, c1, c2)
         hot = tl.where(h1 != oe, h1, h2)
-        spare = i_ok & (tl.load(cnt + oe, mask=i_ok, other=0) >= 2)
+        spare = i_ok & (tl.load(cnt + oe, mask=i_ok & (oe >= 0), other=0) >= 2)
         tl.store(cs + i, target, mask=i_ok)
         tl.store(cx + i, oe, mask=i_ok)
         tl.store(cok + i, has_donor.to(tl.int32), mask=i_ok)
@@ -334,7 +335,7 @@ def repair_kernel(
         cex = c_ok & (tl.load(cok + c, mask=c_ok, other=0) != 0)
         gone = tl.load(cur + sl, mask=c_ok, other=0).to(tl.int32)
         diff = xx != gone
-        l_in = tl.load(ext + xx, mask=c_ok, other=0.0)
+        l_in = tl.load(ext + xx, mask=c_ok & (xx >= 0), other=0.0)
         g_in = c_ok & (gone >= 0)  # (a candidate without a donor points at slot 0, perhaps a failed GPU's)
         cg = tl.load(cnt + gone, mask=g_in, other=1).to(tl.int32)
         l_gone = tl.load(w + gone, mask=g_in, other=0.0) * tl.load(recip_ptr + cg - 1, mask=g_in, other=0.0)
