@@ -427,3 +427,18 @@ def test_fresh_placement_packs_with_the_kernel(config, experts, hierarchical, de
                             policy="greedy", spill=0, active_gpus=mask)  # fmt: skip
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_repair_counts_its_moves_exactly():
+    """repair's third output (which stabilize_elastic ranks its searched candidates by) is the moves of its
+    result: the plain-Python multiset count (tests/oracle.moves), with failed GPUs and on healthy rows."""
+    from . import oracle
+    from .test_kernels_repair import _repair_args as _healthy_args
+
+    rng = np.random.default_rng(18)
+    for make in (_repair_args, _healthy_args):
+        for trial in range(150):
+            *args, max_iters = make(rng, trial)
+            placed, _, moved = repair(*args, max_iters=max_iters, xp=np)
+            assert moved.shape == (placed.shape[0], 1)
+            np.testing.assert_array_equal(moved[:, 0], oracle.moves(args[2], placed, args[7]))

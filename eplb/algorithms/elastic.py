@@ -651,11 +651,12 @@ def stabilize_elastic(
     packs = len(candidates) - 1
     starts = xp.concat([*candidates[1:], old], axis=0)  # [4B, R]
     searched = xp.ones((packs * batch, 1), dtype=bool, device=_xp.device(weight))
-    repaired, repaired_cnt, _ = repair_fn(
+    weights = xp.concat([weight] * (packs + 1), axis=0)
+    repaired, repaired_cnt, repaired_moves = repair_fn(
         starts,
         xp.concat([logcnt] * packs + [old_cnt], axis=0),
         xp.concat([old] * (packs + 1), axis=0),
-        xp.concat([weight] * (packs + 1), axis=0),
+        weights,
         xp.concat([limit] * (packs + 1), axis=0),
         xp.concat([moves[0] - 1] * (packs + 1), axis=0)[:, None],
         xp.concat([searched, old_valid], axis=0),
@@ -666,13 +667,15 @@ def stabilize_elastic(
         xp=xp,
     )
     counts = [logcnt] * len(candidates)
+    # The searched candidates' heaviest GPUs in one call; their moves as the search counted them (exact).
+    repaired_peak = heaviest_gpu_fn(weights, repaired, repaired_cnt, num_gpus, xp=xp)
+    repaired_moves = xp.astype(repaired_moves[:, 0], moves[0].dtype)
     for k in range(packs + 1):
-        placed, placed_cnt = repaired[k * batch : (k + 1) * batch], repaired_cnt[k * batch : (k + 1) * batch]
-        peak_r = heaviest_gpu_fn(weight, placed, placed_cnt, num_gpus, xp=xp)
-        candidates.append(placed)
-        counts.append(placed_cnt)
-        moves.append(count_moves(placed, old, num_gpus, xp=xp))
-        ok = peak_r <= limit
+        part = slice(k * batch, (k + 1) * batch)
+        candidates.append(repaired[part])
+        counts.append(repaired_cnt[part])
+        moves.append(repaired_moves[part])
+        ok = repaired_peak[part] <= limit
         within.append(ok if k < packs else ok & old_valid)
     within = xp.concat(within, axis=-1)  # [B, 8]
     moves = xp.where(within, xp.stack(moves, axis=-1), BIG)
