@@ -407,8 +407,9 @@ def test_torch_cpu_runs_the_kernels(kernels_ready, monkeypatch):
         ((288, 8, 3, 144), 256, False, [5, 77]),
         ((48, 4, 2, 8), 16, False, [0, 1, 2, 3, 4]),  # 3 live GPUs: 18 slots for 16 experts
         ((20, 4, 2, 20), 16, True, [3]),  # one slot per GPU: the shortcut, no packing loop
+        ((8, 1, 1, 4), 1, False, [1]),  # one expert, its replicas on 3 live GPUs
     ],
-    ids=["hier-1-down", "hier-node-down", "global-144", "three-live", "one-slot-per-gpu"],
+    ids=["hier-1-down", "hier-node-down", "global-144", "three-live", "one-slot-per-gpu", "one-expert"],
 )
 def test_fresh_placement_packs_with_the_kernel(config, experts, hierarchical, dead, kernels_ready, monkeypatch):
     """active_gpus= without previous= on numpy (impl=None) packs the replicas with the numba sticky packing where
@@ -442,3 +443,19 @@ def test_repair_counts_its_moves_exactly():
             placed, _, moved = repair(*args, max_iters=max_iters, xp=np)
             assert moved.shape == (placed.shape[0], 1)
             np.testing.assert_array_equal(moved[:, 0], oracle.moves(args[2], placed, args[7]))
+    # Degenerate: one expert, one slot per GPU, every GPU but one failed, all-zero loads, a zero limit.
+    for nodes, gpus, per_gpu, experts in ((1, 2, 1, 1), (2, 4, 3, 1), (2, 8, 1, 4), (1, 6, 2, 5)):
+        slots = gpus * per_gpu
+        for live in ([0], list(range(0, gpus, 2))):
+            dead_slot = np.repeat(~np.isin(np.arange(gpus), live), per_gpu)
+            start = np.where(dead_slot, -1, rng.integers(0, experts, (3, slots)))
+            live_slots = np.flatnonzero(~dead_slot)
+            if len(live_slots) >= experts:
+                start[:, live_slots[:experts]] = np.arange(experts)
+            old = np.where(dead_slot, -1, rng.integers(-1, experts, (3, slots)))
+            cnt = replica_counts(start, experts, xp=np)
+            for weight in (_weights(rng, 3, experts), np.zeros((3, experts), np.float32)):
+                args = (start, cnt, old, weight, np.zeros((3, 1), np.float32), np.full((3, 1), 100))
+                args = (*args, np.ones((3, 1), bool), gpus, nodes, experts if nodes == 1 else 1)
+                placed, _, moved = repair(*args, max_iters=64, xp=np)
+                np.testing.assert_array_equal(moved[:, 0], oracle.moves(old, placed, gpus))
