@@ -333,7 +333,11 @@ def _elastic(
     as ``split [L, groups]`` (groups node by node) says. ``sticky_pack_fn``, ``replicate_fn``: as
     :func:`_place_rows`."""
     group_size = weight.shape[1] // num_groups
-    if split is None and by_capacity:
+    if split is None and num_groups == 1:
+        # One group (the global rule): the only split, with no group loads or LPT steps (hundreds of launches on
+        # CUDA for nothing).
+        split = xp.zeros((weight.shape[0], 1), dtype=xp.arange(1).dtype, device=_xp.device(weight))  # argsort's
+    elif split is None and by_capacity:
         split = live_group_split(weight, active, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
     elif split is None:
         split = greedy_group_split(weight, num_groups, num_nodes, xp=xp)
