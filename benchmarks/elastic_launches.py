@@ -10,7 +10,7 @@ with every ``refine_rows`` round forced (as CUDA runs them):
 - calls of the fused steps the torch CUDA adapter plugs in
   (``eplb.backends._torch._elastic_kernels``: ``relabel_pinned``,
   ``sticky_pack``, ``repair``, ``align_slots``, ``heaviest_gpu``,
-  ``replicate_experts``), one launch each; on the CPU their numba twins or
+  ``replicate_experts``, ``sticky_group_split``, ``group_split``), one launch each; on the CPU their numba twins or
   the numpy functions (equal to them bit for bit) stand in.
 
 Real DeepSeek-V3 loads (``previous``: another SGLang file's placement), 288
@@ -50,6 +50,9 @@ CASES = [
     ("4 nodes / 32 GPUs, node 1 down (352 slots)", (352, 8, 4, 32), True, list(range(8, 16))),
     ("global, 144 GPUs, GPU 5 down", (288, 8, 3, 144), False, [5]),
 ]
+
+
+FRESH_HOOKS = ("sticky_pack_fn", "replicate_fn", "split_fn")  # the fresh placement's kernels
 
 
 class Launches(TorchDispatchMode):
@@ -103,6 +106,8 @@ def stand_ins(mode_of: Any) -> dict[str, Any]:
         "align_slots_fn": fused("align_slots", repair_numba.align_slots),
         "heaviest_gpu_fn": fused("heaviest_gpu", lambda w, p, c, g: elastic.live_heaviest_gpu(w, p, c, g, xp=np)),
         "replicate_fn": fused("replicate_experts", lambda w, r: replicate_experts(w, r, xp=np)),
+        "group_split_fn": fused("sticky_group_split", lambda *a, **k: elastic.sticky_group_split(*a, **k, xp=np)),
+        "split_fn": fused("group_split", lambda *a, **k: elastic.group_split(*a, **k, xp=np)),
     }
 
 
@@ -144,7 +149,7 @@ def main() -> None:
             with current[-1]:
                 got = elastic.place_elastic(
                     torch.as_tensor(weight, dtype=torch.float32), *sizes, active_gpus=mask, hierarchical=hierarchical,
-                    xp=_torch.xp, **({k: hooks[k] for k in ("sticky_pack_fn", "replicate_fn")} if plugged else {}),
+                    xp=_torch.xp, **({k: hooks[k] for k in FRESH_HOOKS} if plugged else {}),
                 )  # fmt: skip
             assert np.array_equal(got[0].numpy(), want), "placement differs from numpy's"
             fresh.append(current[-1])

@@ -1,4 +1,4 @@
-"""The near split's group swap kernel (eplb.kernels.group_split_triton) equals the array-API function.
+"""The group swap kernel (eplb.kernels.group_split_triton) equals the array-API function.
 
 The oracle is :func:`eplb.algorithms.elastic.sticky_group_split` with ``active=None, max_swaps=1`` (itself
 checked against plain Python in ``tests/test_elastic.py`` and ``tests/test_near_split.py``). Cases: previous
@@ -6,6 +6,10 @@ placements of the same and of other loads, an invalid previous (a group across t
 layers, loads whose pairwise and left-to-right sums round apart; every shape kind :func:`fits` takes (one
 group per node, one expert per group, the DeepSeek-V3 shape). Under Triton's CPU interpreter (a subprocess:
 the interpreter is chosen at import) and on CUDA.
+
+The elastic form (``sticky_group_split`` with failed GPUs, every swap round) against the same function with
+``active`` and ``max_swaps`` as given: one GPU, several GPUs and a whole node down, a mask per layer, every GPU
+live, a node with no live GPU, previous placements with empty (``-1``) slots (themselves elastic placements).
 """
 
 from __future__ import annotations
@@ -61,6 +65,99 @@ def check(device):
 """
 
 
+CHECK_ELASTIC = """
+import numpy as np, torch
+import eplb
+from eplb.algorithms import elastic
+from eplb.kernels import group_split_triton
+
+def masks(gpus, nodes, layers, rng):
+    per_node = gpus // nodes
+    out = [np.ones(gpus, bool)]
+    one = np.ones(gpus, bool); one[rng.integers(gpus)] = False; out.append(one)
+    node = np.ones(gpus, bool); node[per_node : 2 * per_node] = False; out.append(node)  # a node with no live GPU
+    some = np.ones(gpus, bool); some[rng.choice(gpus, max(1, gpus // 4), replace=False)] = False; out.append(some)
+    per_layer = np.ones((layers, gpus), bool)
+    per_layer[np.arange(layers), rng.integers(gpus, size=layers)] = False
+    out.append(per_layer)
+    return out
+
+def check(device):
+    for shape_id, (num_log, num_phy, groups, nodes, gpus) in enumerate(SHAPES):
+        rng = np.random.default_rng(100 + shape_id)
+        w = (rng.lognormal(0, 2.0, (6, num_log)) * rng.choice([1, 1e-3, 1e3], (6, num_log))).astype(np.float32)
+        w[1] = np.float32(1.0)  # ties everywhere
+        w[2] = 0.0
+        w[3] = np.float32(2.0) ** rng.integers(-24, 24, num_log)
+        other = rng.lognormal(0, 1.0, (6, num_log)).astype(np.float32)
+        prev = np.asarray(eplb.rebalance_experts(other, num_phy, groups, nodes, gpus).phy2log)
+        down = np.ones(gpus, bool); down[gpus - 1] = False
+        if down.sum() * (num_phy // gpus) >= num_log:  # a previous placement with empty slots
+            holes = np.asarray(eplb.rebalance_experts(other, num_phy, groups, nodes, gpus, active_gpus=down).phy2log)
+        else:
+            holes = prev
+        for active in masks(gpus, nodes, 6, rng):
+            for p in (prev, holes):
+                for max_swaps in (None, 2):
+                    want = elastic.sticky_group_split(
+                        w, p, active, num_phy, groups, nodes, gpus, max_swaps=max_swaps, xp=np
+                    )
+                    got = group_split_triton.sticky_group_split(
+                        torch.as_tensor(w, device=device), torch.as_tensor(p, device=device),
+                        torch.as_tensor(active, device=device), num_phy, groups, nodes, gpus, max_swaps=max_swaps,
+                    )
+                    assert got[0].dtype == torch.int64 and got[1].dtype == torch.bool and got[1].shape == (6, 1)
+                    np.testing.assert_array_equal(got[0].cpu().numpy(), want[0])
+                    np.testing.assert_array_equal(got[1].cpu().numpy(), want[1])
+"""
+
+
+# (num_log, num_phy, num_groups, num_nodes, num_gpus): the fresh split's shapes, powers of two or not
+LIVE_SHAPES = [
+    (16, 24, 4, 2, 4),
+    (32, 48, 8, 4, 8),
+    (8, 12, 8, 4, 4),  # one expert a group
+    (12, 18, 3, 3, 6),  # one group a node, three nodes
+    (24, 36, 6, 3, 6),
+    (4, 8, 2, 2, 2),
+    (256, 288, 8, 4, 32),
+    (6, 8, 2, 1, 2),  # one node
+]
+
+CHECK_LIVE = """
+import numpy as np, torch
+from eplb.algorithms import elastic
+from eplb.kernels import group_split_triton
+
+def check(device):
+    for shape_id, (num_log, num_phy, groups, nodes, gpus) in enumerate(SHAPES):
+        assert group_split_triton.live_fits(num_log, num_phy, groups, nodes, gpus)
+        rng = np.random.default_rng(200 + shape_id)
+        w = (rng.lognormal(0, 2.0, (7, num_log)) * rng.choice([1, 1e-3, 1e3], (7, num_log))).astype(np.float32)
+        w[1] = np.float32(1.0)  # ties everywhere
+        w[2] = 0.0
+        w[3] = np.float32(2.0) ** rng.integers(-24, 24, num_log)  # sums that round
+        w[4] = np.float32(3.0e38)  # running loads that saturate at float32 max
+        w[5, : num_log // 2] = w[5, num_log // 2 :]  # tied groups
+        per_node = gpus // nodes
+        masks = [np.ones(gpus, bool)]
+        for dead in ([gpus - 1], [0, per_node % gpus], list(range(per_node))):  # one, two, a node (capacity 0)
+            m = np.ones(gpus, bool); m[dead] = False; masks.append(m)
+        per_layer = np.ones((7, gpus), bool)
+        per_layer[np.arange(7), rng.integers(gpus, size=7)] = False
+        masks.append(per_layer)
+        for active in masks:
+            for by_capacity in (True, False):
+                want = elastic.group_split(w, active, num_phy, groups, nodes, gpus, by_capacity=by_capacity, xp=np)
+                got = group_split_triton.group_split(
+                    torch.as_tensor(w, device=device), torch.as_tensor(active, device=device), num_phy, groups,
+                    nodes, gpus, by_capacity=by_capacity,
+                )
+                assert got.dtype == torch.int64
+                np.testing.assert_array_equal(got.cpu().numpy(), want, err_msg=str((shape_id, by_capacity)))
+"""
+
+
 def test_fits():
     pytest.importorskip("triton")
     from eplb.kernels import group_split_triton
@@ -79,3 +176,23 @@ def test_interpreter_equals_the_array_api_split():
 @needs_gpu("torch")
 def test_cuda_equals_the_array_api_split():
     run_kernel_check(CHECK, SHAPES, "cuda")
+
+
+@needs_triton
+def test_interpreter_equals_the_array_api_elastic_split():
+    run_kernel_check(CHECK_ELASTIC, SHAPES, "cpu")
+
+
+@needs_gpu("torch")
+def test_cuda_equals_the_array_api_elastic_split():
+    run_kernel_check(CHECK_ELASTIC, SHAPES, "cuda")
+
+
+@needs_triton
+def test_interpreter_equals_the_array_api_fresh_split():
+    run_kernel_check(CHECK_LIVE, LIVE_SHAPES, "cpu")
+
+
+@needs_gpu("torch")
+def test_cuda_equals_the_array_api_fresh_split():
+    run_kernel_check(CHECK_LIVE, LIVE_SHAPES, "cuda")

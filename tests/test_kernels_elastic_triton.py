@@ -10,7 +10,8 @@ eplb.algorithms.replication.replicate_experts:
   degenerate ones (one expert, one slot per GPU or pack, every GPU but one failed, every GPU failed, all-zero
   loads; for the replication tied, all-zero and one-hot rows, no extra slot, the DeepSeek-V3 sizes), and
   place_elastic_stable end to end on torch CPU tensors with the kernels plugged in (those five,
-  eplb.kernels.choose_triton.heaviest_gpu, and the sticky packing for the fresh placements too; global and
+  eplb.kernels.choose_triton.heaviest_gpu, eplb.kernels.group_split_triton.sticky_group_split, and the
+  sticky packing for the fresh placements too; global and
   hierarchical, a node down, a GPU back from a failure; tolerance None / 0 / 0.05, or 0 alone) against numpy,
   and the fresh place_elastic with the kernels replicating and packing;
 - an sm_90 compile without a GPU of the elastic variants, with no fused multiply-add in the PTX;
@@ -157,6 +158,7 @@ import json, numpy as np, torch
 import array_api_compat.torch as xpt
 from eplb.algorithms.elastic import place_elastic, place_elastic_stable
 from eplb.kernels import choose_triton as ct, relabel_triton as rl, repair_triton as rt, replication_triton as rp
+from eplb.kernels import group_split_triton as gs
 data = np.load({path!r})
 calls = json.load(open({calls!r}))
 out = {{}}
@@ -193,6 +195,7 @@ for k, (kind, p) in enumerate(calls):
             tolerance=tolerance, xp=xpt, relabel_pinned_fn=rl.relabel_pinned, sticky_pack_fn=rt.sticky_pack,
             repair_fn=rt.repair, align_slots_fn=rt.align_slots, heaviest_gpu_fn=ct.heaviest_gpu,
             replicate_fn=rp.replicate_experts,
+            **({{"group_split_fn": gs.sticky_group_split}} if gs.fits(a("weight").shape[1], *sizes[:3]) else {{}}),
         )
         for name, x in zip(("phy2log", "log2phy", "logcnt"), got):
             out[f"{{k}}_{{name}}"] = x.numpy()

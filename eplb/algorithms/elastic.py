@@ -232,6 +232,25 @@ def live_group_split(
     return xp.where(alike, plain, by_capacity)
 
 
+def group_split(
+    weight: Any,
+    active: Any,
+    num_phy: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    by_capacity: bool = True,
+    xp: Any,
+) -> Any:
+    """``mgroup2group [L, groups]``: :func:`live_group_split` (``by_capacity``) or
+    :func:`eplb.algorithms.hierarchy.greedy_group_split` (by load alone); the one signature a compiled kernel
+    (:func:`eplb.kernels.group_split_triton.group_split`) takes too."""
+    if by_capacity:
+        return live_group_split(weight, active, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
+    return greedy_group_split(weight, num_groups, num_nodes, xp=xp)
+
+
 def sticky_group_split(
     weight: Any,
     previous: Any,
@@ -327,20 +346,19 @@ def _elastic(
     xp: Any,
     sticky_pack_fn: Callable[..., Any] | None = None,
     replicate_fn: Callable[..., Any] = replicate_experts,
+    split_fn: Callable[..., Any] = group_split,
 ) -> tuple[Any, Any, Any]:
     """The hierarchical elastic rule (global with one group, one node), no fallback; groups to nodes by live
     capacity (:func:`live_group_split`), by load alone (``by_capacity=False``: the healthy greedy split), or
     as ``split [L, groups]`` (groups node by node) says. ``sticky_pack_fn``, ``replicate_fn``: as
-    :func:`_place_rows`."""
+    :func:`_place_rows`; ``split_fn``: :func:`group_split` or a compiled kernel equal to it."""
     group_size = weight.shape[1] // num_groups
     if split is None and num_groups == 1:
         # One group (the global rule): the only split, with no group loads or LPT steps (hundreds of launches on
         # CUDA for nothing).
         split = xp.zeros((weight.shape[0], 1), dtype=xp.arange(1).dtype, device=_xp.device(weight))  # argsort's
-    elif split is None and by_capacity:
-        split = live_group_split(weight, active, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
     elif split is None:
-        split = greedy_group_split(weight, num_groups, num_nodes, xp=xp)
+        split = split_fn(weight, active, num_phy, num_groups, num_nodes, num_gpus, by_capacity=by_capacity, xp=xp)
     mlog2log = expert_order(split, group_size, xp=xp)
     num_layers, num_log = weight.shape
     mlog_load = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), (num_layers * num_nodes, num_log // num_nodes))
@@ -383,6 +401,7 @@ def rebalance_elastic(
     xp: Any,
     sticky_pack_fn: Callable[..., Any] | None = None,
     replicate_fn: Callable[..., Any] = replicate_experts,
+    split_fn: Callable[..., Any] = group_split,
 ) -> tuple[Any, Any, Any]:
     """Greedy placement on the live GPUs: ``phy2log`` (``-1`` on dead GPUs), ``phyrank``, ``logcnt``.
 
@@ -408,6 +427,8 @@ def rebalance_elastic(
     replicate_fn : callable
         :func:`eplb.algorithms.replication.replicate_experts` or a compiled
         kernel equal to it (``max_count`` not passed).
+    split_fn : callable
+        :func:`group_split` or a compiled kernel equal to it (groups to nodes).
 
     Returns
     -------
@@ -420,7 +441,7 @@ def rebalance_elastic(
     num_log = weight.shape[1]
     active = xp.reshape(active, (-1, num_gpus))
     hierarchical = num_nodes > 1 or num_groups > 1
-    packer = {"sticky_pack_fn": sticky_pack_fn, "replicate_fn": replicate_fn}
+    packer = {"sticky_pack_fn": sticky_pack_fn, "replicate_fn": replicate_fn, "split_fn": split_fn}
     if not hierarchical or fallback:
         phy2log, phyrank, logcnt = _elastic(weight, active, num_phy, 1, 1, num_gpus, xp=xp, **packer)
     else:
@@ -475,11 +496,12 @@ def place_elastic(
     xp: Any,
     sticky_pack_fn: Callable[..., Any] | None = None,
     replicate_fn: Callable[..., Any] = replicate_experts,
+    split_fn: Callable[..., Any] = group_split,
 ) -> tuple[Any, Any, Any]:
     """:func:`eplb.algorithms.policies.place` with ``active_gpus [G]`` bool: ``phy2log`` (``-1`` in dead
     slots), ``log2phy`` (never pointing at them), ``logcnt`` (live replicas), for float32 ``weight [L, E]``.
 
-    Greedy policy without spill only. ``node_fallback``, ``sticky_pack_fn``, ``replicate_fn``: see
+    Greedy policy without spill only. ``node_fallback``, ``sticky_pack_fn``, ``replicate_fn``, ``split_fn``: see
     :func:`rebalance_elastic`.
     """
     if policy != "greedy" or spill:
@@ -496,6 +518,7 @@ def place_elastic(
         xp=xp,
         sticky_pack_fn=sticky_pack_fn,
         replicate_fn=replicate_fn,
+        split_fn=split_fn,
     )
     return phy2log, build_log2phy_masked(phy2log, phyrank, weight.shape[1], xp=xp), logcnt
 
@@ -620,13 +643,13 @@ def stabilize_elastic(
     if base_within is None:
         base_peak = heaviest_gpu_fn(weight, base, logcnt, num_gpus, xp=xp)
         base_within = base_peak <= limit
-    candidates, moves, within = [base], [count_moves(base, old, num_gpus, xp=xp)], [base_within]
     rows = (batch * num_nodes, num_phy // num_nodes)  # one sticky repacking per (layer, node)
     node_limit = xp.reshape(xp.broadcast_to(limit, (batch, num_nodes)), (batch * num_nodes, 1))
     node_initial = xp.reshape(initial, (batch * num_nodes, num_gpus // num_nodes))
     unbounded = xp.full(node_limit.shape, MAX_LOAD, dtype=node_limit.dtype, device=_xp.device(node_limit))
     # Within the limit, plain and with reserve; and wherever the old GPU has room (no limit: more replicas
     # stay, and the local search below sheds the overload with few moves).
+    stickies = []
     for reserve, pack_limit in ((False, node_limit), (True, node_limit), (False, unbounded)):
         sticky = sticky_pack_fn(
             xp.reshape(base, rows),
@@ -638,11 +661,18 @@ def stabilize_elastic(
             reserve=reserve,
             xp=xp,
         )
-        sticky = align_slots_fn(xp.reshape(sticky, (batch, num_phy)), old, num_gpus, xp=xp)
-        peak_s = heaviest_gpu_fn(weight, sticky, logcnt, num_gpus, xp=xp)
-        candidates.append(sticky)
-        moves.append(count_moves(sticky, old, num_gpus, xp=xp))
-        within.append(peak_s <= limit)
+        stickies.append(xp.reshape(sticky, (batch, num_phy)))
+    packs = len(stickies)
+    # Every later step is row by row: the candidates stacked ([k * B + b], k-th candidate of layer b), one call
+    # each (a few launches on CUDA instead of a few per candidate).
+    olds = xp.concat([old] * (packs + 1), axis=0)  # [4B, R]
+    weights = xp.concat([weight] * (packs + 1), axis=0)
+    logcnts = xp.concat([logcnt] * (packs + 1), axis=0)
+    limits = xp.concat([limit] * (packs + 1), axis=0)  # [4B, 1]
+    packed = align_slots_fn(xp.concat(stickies, axis=0), olds[: packs * batch], num_gpus, xp=xp)  # [3B, R]
+    packed_peak = heaviest_gpu_fn(weights[: packs * batch], packed, logcnts[: packs * batch], num_gpus, xp=xp)
+    first = xp.concat([base, packed], axis=0)  # the relabelled placement and the sticky repackings, [4B, R]
+    first_moves = count_moves(first, olds, num_gpus, xp=xp)  # [4B]
     # The sticky repackings often miss a tight limit by a little: the local search closes the gap with a few
     # moves (below the relabelled placement's, else it could not win).
     # And the previous placement itself (its live slots), where it still holds every expert on a live GPU, fills
@@ -652,17 +682,15 @@ def stabilize_elastic(
     old_valid = covers_groups(old, old_cnt, num_groups if num_nodes > 1 else 1, num_nodes, xp=xp) & xp.all(
         (old >= 0) | xp.logical_not(live_slot), axis=-1, keepdims=True
     )  # and no live slot empty (a GPU back from a failure has none of its experts)
-    packs = len(candidates) - 1
-    starts = xp.concat([*candidates[1:], old], axis=0)  # [4B, R]
     searched = xp.ones((packs * batch, 1), dtype=bool, device=_xp.device(weight))
-    weights = xp.concat([weight] * (packs + 1), axis=0)
+    base_moves = first_moves[:batch]
     repaired, repaired_cnt, repaired_moves = repair_fn(
-        starts,
-        xp.concat([logcnt] * packs + [old_cnt], axis=0),
-        xp.concat([old] * (packs + 1), axis=0),
+        xp.concat([packed, old], axis=0),  # [4B, R]
+        xp.concat([logcnts[: packs * batch], old_cnt], axis=0),
+        olds,
         weights,
-        xp.concat([limit] * (packs + 1), axis=0),
-        xp.concat([moves[0] - 1] * (packs + 1), axis=0)[:, None],
+        limits,
+        xp.concat([base_moves - 1] * (packs + 1), axis=0)[:, None],
         xp.concat([searched, old_valid], axis=0),
         num_gpus,
         num_nodes,
@@ -670,24 +698,19 @@ def stabilize_elastic(
         max_iters=min(num_phy, max(64, 4 * num_gpus)),
         xp=xp,
     )
-    counts = [logcnt] * len(candidates)
     # The searched candidates' heaviest GPUs in one call; their moves as the search counted them (exact).
     repaired_peak = heaviest_gpu_fn(weights, repaired, repaired_cnt, num_gpus, xp=xp)
-    repaired_moves = xp.astype(repaired_moves[:, 0], moves[0].dtype)
-    for k in range(packs + 1):
-        part = slice(k * batch, (k + 1) * batch)
-        candidates.append(repaired[part])
-        counts.append(repaired_cnt[part])
-        moves.append(repaired_moves[part])
-        ok = repaired_peak[part] <= limit
-        within.append(ok if k < packs else ok & old_valid)
-    within = xp.concat(within, axis=-1)  # [B, 8]
-    moves = xp.where(within, xp.stack(moves, axis=-1), BIG)
-    choice = xp.reshape(xp.argmin(moves, axis=-1), (batch, 1))  # fewest moves; ties: the earlier candidate
-    out, out_cnt = candidates[0], counts[0]
-    for k in range(1, len(candidates)):
-        out = xp.where(choice == k, candidates[k], out)
-        out_cnt = xp.where(choice == k, counts[k], out_cnt)
+    repaired_within = (repaired_peak <= limits) & xp.concat([searched, old_valid], axis=0)
+    # Candidates in order: relabelled, the 3 sticky repackings, then the 4 searched ones, [8B] stacked.
+    within = xp.concat([base_within, packed_peak <= limits[: packs * batch], repaired_within], axis=0)  # [8B, 1]
+    moves = xp.concat([first_moves, xp.astype(repaired_moves[:, 0], first_moves.dtype)], axis=0)  # [8B]
+    within = xp.permute_dims(xp.reshape(within, (2 * (packs + 1), batch)), (1, 0))  # [B, 8]
+    moves = xp.where(within, xp.permute_dims(xp.reshape(moves, (2 * (packs + 1), batch)), (1, 0)), BIG)
+    choice = xp.argmin(moves, axis=-1)  # [B] fewest moves; ties: the earlier candidate
+    pick = choice * batch + xp.arange(batch, dtype=choice.dtype, device=_xp.device(weight))  # its stacked row
+    out = xp.take(xp.concat([first, repaired], axis=0), pick, axis=0)
+    out_cnt = xp.take(xp.concat([logcnts, repaired_cnt], axis=0), pick, axis=0)
+    choice = xp.reshape(choice, (batch, 1))
     return out, out_cnt, _xp.take_along(moves, choice, xp=xp), _xp.take_along(within, choice, xp=xp)
 
 
@@ -712,6 +735,8 @@ def place_elastic_stable(
     relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
     heaviest_gpu_fn: Callable[..., Any] = live_heaviest_gpu,
     replicate_fn: Callable[..., Any] = replicate_experts,
+    group_split_fn: Callable[..., Any] = sticky_group_split,
+    split_fn: Callable[..., Any] = group_split,
 ) -> tuple[Any, Any, Any]:
     """:func:`place_elastic` keeping the experts of ``previous [L, R]`` (``-1``: an empty slot) in place.
 
@@ -725,7 +750,8 @@ def place_elastic_stable(
     ``heaviest_gpu_fn``: :func:`stabilize_elastic`'s; a ``sticky_pack_fn``
     other than :func:`sticky_pack` (a compiled one) also packs the fresh
     placements (:func:`_place_rows`: the same placements); ``replicate_fn``
-    replicates them (:func:`rebalance_elastic`'s).
+    replicates them and ``split_fn`` splits their groups (:func:`rebalance_elastic`'s); ``group_split_fn``:
+    :func:`sticky_group_split` or a compiled kernel equal to it (same arguments).
     """
     if policy != "greedy" or spill:
         raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
@@ -735,7 +761,11 @@ def place_elastic_stable(
     if not hierarchical:
         num_groups = num_nodes = 1
     # A compiled sticky packing also packs the fresh placements (the same ones as lpt_pack_live's, in one call).
-    packer = {"sticky_pack_fn": None if sticky_pack_fn is sticky_pack else sticky_pack_fn, "replicate_fn": replicate_fn}
+    packer = {
+        "sticky_pack_fn": None if sticky_pack_fn is sticky_pack else sticky_pack_fn,
+        "replicate_fn": replicate_fn,
+        "split_fn": split_fn,
+    }
     fresh, _, logcnt = rebalance_elastic(
         weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=node_fallback, xp=xp, **packer
     )
@@ -769,9 +799,7 @@ def place_elastic_stable(
             weight, by_load, load_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
             num_groups=num_groups, peak=peak, xp=xp, **kernels,
         )  # fmt: skip
-        split, valid = sticky_group_split(
-            weight, previous, active, num_replicas, num_groups, num_nodes, num_gpus, xp=xp
-        )
+        split, valid = group_split_fn(weight, previous, active, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
         near, _, near_cnt = _elastic(
             weight, active, num_replicas, num_groups, num_nodes, num_gpus, split=split, xp=xp, **packer
         )

@@ -88,8 +88,10 @@ def lpt_pack(weight: Any, num_packs: int, *, xp: Any, initial_load: Any = None) 
         chosen = pack_ids == pack
         pack_count = pack_count + chosen
         # Saturate at float32 max: a full pack's +inf must stay above every open pack, even where
-        # unchecked loads overflow a sum (min of a correctly rounded sum: the same bits everywhere).
-        open_load = xp.minimum(open_load + chosen * xp.reshape(item_weight, (batch, 1)), most)
+        # unchecked loads overflow a sum (min of a correctly rounded sum: the same bits everywhere). Only the
+        # chosen pack adds: an item of +inf (a group load that overflowed) times a 0 of the others would be NaN.
+        added = xp.minimum(open_load + xp.reshape(item_weight, (batch, 1)), most)
+        open_load = xp.where(chosen, added, open_load)
         open_load = xp.where(pack_count == capacity, xp.inf, open_load)
         return (open_load, pack_count), (pack[:, 0], rank[:, 0])
 

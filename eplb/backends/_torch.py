@@ -129,7 +129,7 @@ def rebalance(
         # On CUDA, the replication and the packing onto the live GPUs by Triton kernels (one launch each for the
         # loops' hundreds of torch ops; the same placement).
         kernels = _elastic_kernels(weight32, num_replicas, num_groups, num_nodes, num_gpus, options)
-        options = {**options, **{k: kernels[k] for k in ("sticky_pack_fn", "replicate_fn") if k in kernels}}
+        options = {**options, **{k: kernels[k] for k in ("sticky_pack_fn", "replicate_fn", "split_fn") if k in kernels}}
     return _numpy.placer(options)(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
 
 
@@ -138,11 +138,12 @@ def _elastic_kernels(
 ) -> dict[str, Any]:
     """The Triton kernels of :func:`eplb.algorithms.elastic.place_elastic_stable`'s steps on CUDA (the exact
     relabelling, the sticky repackings and the fresh placements' replication and packing, the local search,
-    slot alignment and heaviest GPUs: each one launch instead of hundreds to thousands of torch ops), where
-    they take every node count the call may use; else none (the array-API steps)."""
+    slot alignment, heaviest GPUs, the groups' split and the near group split: each one launch instead of
+    hundreds to thousands of torch ops), where they take every node count the call may use; else none (the
+    array-API steps)."""
     if weight.device.type != "cuda" or not _has_triton():
         return {}
-    from eplb.kernels import choose_triton, relabel_triton, repair_triton, replication_triton
+    from eplb.kernels import choose_triton, group_split_triton, relabel_triton, repair_triton, replication_triton
 
     nodes = {1, num_nodes} if options["hierarchical"] else {1}
     num_log = weight.shape[1]
@@ -161,6 +162,10 @@ def _elastic_kernels(
         kernels["heaviest_gpu_fn"] = choose_triton.heaviest_gpu
     if replication_triton.fits(num_log, num_replicas):  # (per node: fewer experts and slots, within it too)
         kernels["replicate_fn"] = replication_triton.replicate_experts
+    if options["hierarchical"] and group_split_triton.live_fits(num_log, num_replicas, num_groups, num_nodes, num_gpus):
+        kernels["split_fn"] = group_split_triton.group_split  # groups to nodes, by live capacity or by load
+        if num_nodes > 1 and group_split_triton.fits(num_log, num_replicas, num_groups, num_nodes):
+            kernels["group_split_fn"] = group_split_triton.sticky_group_split  # the near split: its group swaps
     return kernels
 
 
