@@ -36,6 +36,7 @@ Static shapes throughout (capacities may be traced under ``jit``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from eplb import _xp
@@ -84,12 +85,14 @@ def _filler_counts(place_in_line: Any, rest: Any, num_log: int, *, xp: Any) -> A
     return xp.where(place_in_line < rest, (rest - 1 - place_in_line) // num_log + 1, 0)
 
 
-def _replica_sets(mlog_load: Any, live_slots: Any, phy_per_node: int, *, xp: Any) -> tuple[Any, Any, Any]:
+def _replica_sets(
+    mlog_load: Any, live_slots: Any, phy_per_node: int, *, xp: Any, fns: Mapping[str, Callable[..., Any]]
+) -> tuple[Any, Any, Any]:
     """Per row and candidate (``C = len(GREEDY_SHARES)``, candidate-major rows ``[C * rows, ...]``):
     ``item2mlog`` (node-local expert of each item; phantoms: 0), ``item_load`` (phantoms: -1), ``mlogcnt``."""
     log_per_node = mlog_load.shape[1]
     device = _xp.device(mlog_load)
-    phy2mlog, _, _ = replicate_experts(mlog_load, phy_per_node, xp=xp)  # greedy, prefix-consistent
+    phy2mlog, _, _ = fns["replicate_fn"](mlog_load, phy_per_node, xp=xp)  # greedy, prefix-consistent
     index_dtype = phy2mlog.dtype
     item = xp.arange(phy_per_node, dtype=index_dtype, device=device)
     live_slots = xp.astype(live_slots, index_dtype)  # [rows, 1]
@@ -194,7 +197,7 @@ def _items(mlog_load: Any, mlogcnt: Any, live_slots: Any, phy_per_node: int, *, 
 
 def _budget_rows(
     mlog_load: Any, live_gpu: Any, inverse: Any, live_slots: Any, phy_per_node: int, budget: Any, fallback: Any,
-    *, xp: Any,
+    *, xp: Any, fns: Mapping[str, Callable[..., Any]],
 ) -> tuple[Any, Any, Any, Any]:  # fmt: skip
     """Two slots per GPU: per row, the fastest of the :data:`BUDGET_SETS` replica sets for ``budget
     [rows, 1]`` (:func:`_budget_counts`), each paired by that budget
@@ -216,8 +219,8 @@ def _budget_rows(
         xp.tile(a, tile) for a in (mlog_load, live_gpu, inverse, live_slots, budget)
     )
     item2mlog, item_load = _items(mlog_load, mlogcnt, live_slots, phy_per_node, xp=xp)
-    pphy2phy = pair_pack_speed(item_load, live_gpu, inverse, budget, xp=xp)
-    pphy2phy = refine_by_swaps_speed(
+    pphy2phy = fns["pair_pack_fn"](item_load, live_gpu, inverse, budget, xp=xp)
+    pphy2phy = fns["swaps_fn"](
         item_load, xp.astype(pphy2phy, item2mlog.dtype), inverse, live_gpu, default_swap_rounds(live_gpu.shape[1]),
         xp=xp,
     )  # fmt: skip
@@ -240,21 +243,22 @@ def _fastest(times: Any, sets: tuple[Any, ...], num_sets: int, rows_n: int, *, x
 
 
 def _speed_rows(
-    mlog_load: Any, live_gpu: Any, inverse: Any, live_slots: Any, phy_per_node: int, per_gpu: int, *, xp: Any
-) -> tuple[Any, Any, Any]:
+    mlog_load: Any, live_gpu: Any, inverse: Any, live_slots: Any, phy_per_node: int, per_gpu: int, *, xp: Any,
+    fns: Mapping[str, Callable[..., Any]],
+) -> tuple[Any, Any, Any]:  # fmt: skip
     """Per (layer, node) row: the fastest candidate of step 2. Returns ``phy2mlog`` (item of each candidate
     item, phantoms 0), ``mlogcnt`` and ``pphy2phy [rows, R/N]`` (item in each slot of the row)."""
     rows_n = mlog_load.shape[0]
     num_sets = len(GREEDY_SHARES)
     device = _xp.device(mlog_load)
-    item2mlog, item_load, mlogcnt = _replica_sets(mlog_load, live_slots, phy_per_node, xp=xp)
+    item2mlog, item_load, mlogcnt = _replica_sets(mlog_load, live_slots, phy_per_node, xp=xp, fns=fns)
     tile = (num_sets, 1)
     live_gpu, inverse, live_slots = (xp.tile(a, tile) for a in (live_gpu, inverse, live_slots))
     index_dtype = item2mlog.dtype
     batch = rows_n * num_sets
     live_slot = xp.reshape(xp.broadcast_to(live_gpu[:, :, None], (batch, live_gpu.shape[1], per_gpu)), (batch, -1))
     slot_order = _xp.argsort_desc(xp.astype(live_slot, item_load.dtype), xp=xp)  # live slots, then idle ones
-    order, pack_by_step, rank_by_step = lpt_pack_speed(item_load, live_gpu, inverse, per_gpu, xp=xp)
+    order, pack_by_step, rank_by_step = fns["lpt_pack_fn"](item_load, live_gpu, inverse, per_gpu, xp=xp)
     step = xp.arange(phy_per_node, dtype=index_dtype, device=device) < xp.astype(live_slots, index_dtype)
     slot_by_step = xp.where(step, pack_by_step * per_gpu + rank_by_step, xp.astype(slot_order, index_dtype))
     row_ids = xp.reshape(xp.arange(batch, dtype=index_dtype, device=device), (batch, 1))
@@ -262,20 +266,20 @@ def _speed_rows(
     pphy2phy = _xp.at_set(
         pphy2phy, (row_ids, xp.astype(slot_by_step, index_dtype)), xp.astype(order, index_dtype), xp=xp
     )
-    pphy2phy = refine_by_swaps_speed(
-        item_load, pphy2phy, inverse, live_gpu, default_swap_rounds(live_gpu.shape[1]), xp=xp
-    )
+    pphy2phy = fns["swaps_fn"](item_load, pphy2phy, inverse, live_gpu, default_swap_rounds(live_gpu.shape[1]), xp=xp)
     times = xp.max(pack_times(_xp.take_along(item_load, pphy2phy, xp=xp), inverse, live_gpu, xp=xp), axis=-1)
     *out, best_time = _fastest(times, (item2mlog, mlogcnt, pphy2phy), num_sets, rows_n, xp=xp)
     if per_gpu == 2:  # the budget sets, for a budget just under the greedy sets' best time
         rows = (mlog_load, live_gpu[:rows_n], inverse[:rows_n], live_slots[:rows_n])
-        *mine, my_time = _budget_rows(*rows, phy_per_node, best_time * BUDGET_SHARE, out[1], xp=xp)
+        *mine, my_time = _budget_rows(*rows, phy_per_node, best_time * BUDGET_SHARE, out[1], xp=xp, fns=fns)
         faster = my_time < best_time * IMPROVEMENT
         out = [xp.where(faster, m, o) for m, o in zip(mine, out, strict=True)]
     return tuple(out)
 
 
-def _group_split(weight: Any, capacity: Any, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
+def _group_split(
+    weight: Any, capacity: Any, num_groups: int, num_nodes: int, *, xp: Any, fns: Mapping[str, Callable[..., Any]]
+) -> Any:
     """``mgroup2group [L, groups]``: groups to nodes by LPT on time, then swaps of groups between nodes
     (:func:`eplb.algorithms.speed.refine_by_swaps_speed`, at most ``num_groups`` rounds); a node's
     capacity is its live GPUs' float32 left-to-right sum."""
@@ -285,31 +289,34 @@ def _group_split(weight: Any, capacity: Any, num_groups: int, num_nodes: int, *,
     inverse = xp.broadcast_to(inverse_capacity(node_capacity, xp=xp), (num_layers, num_nodes))
     per_node = num_groups // num_nodes
     loads = group_loads(weight, num_groups, xp=xp)
-    order, node_by_step, rank_by_step = lpt_pack_speed(loads, node_live, inverse, per_node, xp=xp)
+    order, node_by_step, rank_by_step = fns["lpt_pack_fn"](loads, node_live, inverse, per_node, xp=xp)
     split = slots_by_pack(order, node_by_step, rank_by_step, per_node, xp=xp)
     # Cardinality (groups per node) makes LPT fill the fast nodes first; swaps of groups fix the slow ones.
     inverse, node_live = xp.asarray(inverse, copy=True), xp.asarray(node_live, copy=True)  # rows of their own
-    return refine_by_swaps_speed(loads, split, inverse, node_live, num_groups, xp=xp)
+    return fns["swaps_fn"](loads, split, inverse, node_live, num_groups, xp=xp)
 
 
 def _by_time(
-    weight: Any, capacity: Any, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, *, xp: Any
-) -> tuple[Any, Any]:
-    """Step 2 under the hierarchical rule (global: one group, one node): ``phy2log`` (``-1`` idle), ``logcnt``."""
+    weight: Any, capacity: Any, inverse: Any, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int, *,
+    xp: Any, fns: Mapping[str, Callable[..., Any]],
+) -> tuple[Any, Any]:  # fmt: skip
+    """Step 2 under the hierarchical rule (global: one group, one node): ``phy2log`` (``-1`` idle), ``logcnt``.
+    ``inverse``: :func:`eplb.algorithms.speed.inverse_capacity` of ``capacity`` (made once a call: about 190
+    array operations)."""
     num_layers, num_log = weight.shape
     live = capacity_live(capacity, xp=xp)  # [1, G]
     if num_nodes > 1:
         live_capacity = xp.where(live, capacity, xp.zeros_like(capacity))
         mlog2log = expert_order(
-            _group_split(weight, live_capacity, num_groups, num_nodes, xp=xp), num_log // num_groups, xp=xp
+            _group_split(weight, live_capacity, num_groups, num_nodes, xp=xp, fns=fns), num_log // num_groups, xp=xp
         )
     else:
         mlog2log = xp.broadcast_to(xp.arange(num_log, device=_xp.device(weight)), (num_layers, num_log))
     mlog_load = xp.reshape(_xp.take_along(weight, mlog2log, xp=xp), (num_layers * num_nodes, num_log // num_nodes))
     live_gpu, live_slots = _live_rows(weight, live, num_phy, num_nodes, num_gpus, xp=xp)
-    inverse = xp.reshape(xp.broadcast_to(inverse_capacity(capacity, xp=xp), (num_layers, num_gpus)), live_gpu.shape)
+    inverse = xp.reshape(xp.broadcast_to(inverse, (num_layers, num_gpus)), live_gpu.shape)
     item2mlog, mlogcnt, pphy2phy = _speed_rows(
-        mlog_load, live_gpu, inverse, live_slots, num_phy // num_nodes, num_phy // num_gpus, xp=xp
+        mlog_load, live_gpu, inverse, live_slots, num_phy // num_nodes, num_phy // num_gpus, xp=xp, fns=fns
     )
     zeros = xp.zeros_like(item2mlog)
     phy2log, _, logcnt = assemble(mlog2log, item2mlog, zeros, mlogcnt, pphy2phy, num_nodes, xp=xp)
@@ -333,6 +340,11 @@ def rebalance_capacity(
     fallback: bool | None = None,
     uniform: bool | None = None,
     xp: Any,
+    lpt_pack_fn: Callable[..., Any] = lpt_pack_speed,
+    pair_pack_fn: Callable[..., Any] = pair_pack_speed,
+    swaps_fn: Callable[..., Any] = refine_by_swaps_speed,
+    replicate_fn: Callable[..., Any] = replicate_experts,
+    **blind_kernels: Callable[..., Any],
 ) -> tuple[Any, Any, Any]:
     """``phy2log`` (``-1`` on idle GPUs), ``phyrank``, ``logcnt`` on GPUs of clean ``capacity [G]`` (float32).
 
@@ -342,25 +354,36 @@ def rebalance_capacity(
     decides on the device. With fewer than ``E`` live slots: ``-1`` everywhere
     and ``logcnt = 0``. ``phyrank`` numbers replicas in slot order (the blind
     placement's own numbering where it is chosen).
+
+    ``lpt_pack_fn``, ``pair_pack_fn``, ``swaps_fn``, ``replicate_fn``:
+    :func:`eplb.algorithms.speed.lpt_pack_speed`, :func:`~eplb.algorithms.speed.pair_pack_speed`,
+    :func:`~eplb.algorithms.speed.refine_by_swaps_speed` and
+    :func:`eplb.algorithms.replication.replicate_experts`, or compiled kernels equal to them (same
+    arguments); ``blind_kernels`` (``sticky_pack_fn``, ``split_fn``) and ``replicate_fn`` also go to the
+    blind placement (:func:`eplb.algorithms.elastic.rebalance_elastic`).
     """
     num_layers, num_log = weight.shape
     capacity = xp.reshape(capacity, (-1, num_gpus))
     live = capacity_live(capacity, xp=xp)
     hierarchical = num_nodes > 1 or num_groups > 1
-    blind = rebalance_elastic(weight, live, num_phy, num_groups, num_nodes, num_gpus, fallback=fallback, xp=xp)
+    blind = rebalance_elastic(
+        weight, live, num_phy, num_groups, num_nodes, num_gpus, fallback=fallback, xp=xp, replicate_fn=replicate_fn,
+        **blind_kernels,
+    )  # fmt: skip
+    inverse = inverse_capacity(capacity, xp=xp)
+    fns = {"lpt_pack_fn": lpt_pack_fn, "pair_pack_fn": pair_pack_fn, "swaps_fn": swaps_fn, "replicate_fn": replicate_fn}
     if uniform:
         return blind
     if not hierarchical or fallback:
-        phy2log, logcnt = _by_time(weight, capacity, num_phy, 1, 1, num_gpus, xp=xp)
+        phy2log, logcnt = _by_time(weight, capacity, inverse, num_phy, 1, 1, num_gpus, xp=xp, fns=fns)
     else:
-        phy2log, logcnt = _by_time(weight, capacity, num_phy, num_groups, num_nodes, num_gpus, xp=xp)
+        phy2log, logcnt = _by_time(weight, capacity, inverse, num_phy, num_groups, num_nodes, num_gpus, xp=xp, fns=fns)
         if fallback is None and num_nodes > 1:
             _, node_slots = _live_rows(weight, live, num_phy, num_nodes, num_gpus, xp=xp)
             short = xp.any(xp.reshape(node_slots, (num_layers, num_nodes)) < num_log // num_nodes, axis=-1)
-            flat = _by_time(weight, capacity, num_phy, 1, 1, num_gpus, xp=xp)
+            flat = _by_time(weight, capacity, inverse, num_phy, 1, 1, num_gpus, xp=xp, fns=fns)
             phy2log = xp.where(short[:, None], flat[0], phy2log)
             logcnt = xp.where(short[:, None], flat[1], logcnt)
-    inverse = inverse_capacity(capacity, xp=xp)
     faster = _max_time(weight, phy2log, logcnt, inverse, num_gpus, xp=xp) < (
         _max_time(weight, blind[0], blind[2], inverse, num_gpus, xp=xp) * IMPROVEMENT
     )
@@ -388,11 +411,12 @@ def place_capacity(
     node_fallback: bool | None = None,
     uniform: bool | None = None,
     xp: Any,
+    **kernels: Callable[..., Any],
 ) -> tuple[Any, Any, Any]:
     """:func:`eplb.algorithms.policies.place` on GPUs of ``gpu_capacity [G]``: ``phy2log`` (``-1`` on idle
     GPUs), ``log2phy``, ``logcnt`` (live replicas), for float32 ``weight [L, E]``. Greedy policy, no spill.
 
-    ``node_fallback``, ``uniform``: see :func:`rebalance_capacity`.
+    ``node_fallback``, ``uniform`` and ``kernels`` (compiled steps): see :func:`rebalance_capacity`.
     """
     if policy != "greedy" or spill:
         raise ValueError(f"gpu_capacity supports the greedy policy without spill, got {policy=}, {spill=}")
@@ -400,6 +424,6 @@ def place_capacity(
     capacity = clean_capacity(gpu_capacity, xp=xp)
     sizes = (num_groups, num_nodes) if hierarchical else (1, 1)
     phy2log, phyrank, logcnt = rebalance_capacity(
-        weight, capacity, num_replicas, *sizes, num_gpus, fallback=node_fallback, uniform=uniform, xp=xp
+        weight, capacity, num_replicas, *sizes, num_gpus, fallback=node_fallback, uniform=uniform, xp=xp, **kernels
     )
     return phy2log, build_log2phy_masked(phy2log, phyrank, weight.shape[1], xp=xp), logcnt

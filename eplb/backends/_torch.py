@@ -125,11 +125,13 @@ def rebalance(
         return tuple(torch.from_numpy(a) for a in placement)
     if impl != "torch":
         raise ValueError(f"impl must be 'torch', 'numpy' or None, got {impl!r}")
-    if options.get("active_gpus") is not None and options.get("gpu_capacity") is None:
+    if options.get("active_gpus") is not None or options.get("gpu_capacity") is not None:
         # On CUDA, the replication and the packing onto the live GPUs by Triton kernels (one launch each for the
-        # loops' hundreds of torch ops; the same placement).
+        # loops' hundreds of torch ops; the same placement); by time too (gpu_capacity).
         kernels = _elastic_kernels(weight32, num_replicas, num_groups, num_nodes, num_gpus, options)
         options = {**options, **{k: kernels[k] for k in ("sticky_pack_fn", "replicate_fn", "split_fn") if k in kernels}}
+        if options.get("gpu_capacity") is not None:
+            options = {**options, **_capacity_kernels(weight32, num_replicas, num_groups, num_nodes, num_gpus, options)}
     return _numpy.placer(options)(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp, **options)
 
 
@@ -166,6 +168,32 @@ def _elastic_kernels(
         kernels["split_fn"] = group_split_triton.group_split  # groups to nodes, by live capacity or by load
         if num_nodes > 1 and group_split_triton.fits(num_log, num_replicas, num_groups, num_nodes):
             kernels["group_split_fn"] = group_split_triton.sticky_group_split  # the near split: its group swaps
+    return kernels
+
+
+def _capacity_kernels(
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, options: dict[str, Any]
+) -> dict[str, Any]:
+    """The Triton kernels of placement by time's loops on CUDA (:mod:`eplb.kernels.speed_triton`: LPT on time,
+    pairing by a time budget, swaps out of the slowest GPU; 8,000-32,000 torch ops a call before), where they
+    take every row the call may pack (per node and globally, and the groups onto nodes); else none."""
+    if weight.device.type != "cuda" or not _has_triton():
+        return {}
+    from eplb.kernels import replication_triton, speed_triton
+
+    nodes = {1, num_nodes} if options["hierarchical"] else {1}
+    rows = [(num_replicas // n, num_gpus // n) for n in nodes]  # (slots, GPUs) of a row
+    if options["hierarchical"] and num_nodes > 1:
+        rows.append((num_groups, num_nodes))  # groups onto nodes
+    if not all(speed_triton.fits(items, packs) for items, packs in rows):
+        return {}
+    kernels: dict[str, Any] = {
+        "lpt_pack_fn": speed_triton.lpt_pack_speed,
+        "pair_pack_fn": speed_triton.pair_pack_speed,
+        "swaps_fn": speed_triton.refine_by_swaps_speed,
+    }
+    if replication_triton.fits(weight.shape[1], num_replicas):
+        kernels["replicate_fn"] = replication_triton.replicate_experts
     return kernels
 
 
