@@ -47,12 +47,15 @@ def rebalance(
     second array empty, ``[L, E, 0]``; the array-API path returns it whole.
     With ``active_gpus`` (the array-API rule), ``impl=None`` packs the
     replicas with :func:`eplb.kernels.repair_numba.sticky_pack` once the
-    kernels are loaded (the same placement as its LPT loop).
+    kernels are loaded (the same placement as its LPT loop); with
+    ``gpu_capacity``, also placement by time's loops
+    (:mod:`eplb.kernels.speed_numba`).
     """
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
     # active_gpus= (impl=None): the array-API rule, its packing loop by the compiled sticky packing once loaded.
     elastic = options.get("active_gpus") is not None and options.get("gpu_capacity") is None
     packer_ready = elastic and impl is None and _numba.available() and _numba.ready()
+    impl_was_none = impl is None
     if impl is None:
         impl = "numba" if _numba.supports(options) and _numba.available() and _numba.ready() else "xp"
     if impl == "numba":
@@ -62,6 +65,18 @@ def rebalance(
     if packer_ready:
         # The replicas packed onto the live GPUs by the compiled sticky packing (the same placement).
         options = {**options, "sticky_pack_fn": _repair_hooks()["sticky_pack_fn"]}
+    if options.get("gpu_capacity") is not None and impl_was_none and _numba.available() and _numba.ready():
+        # Placement by time: its packing loops compiled (eplb.kernels.speed_numba), and the blind placement's
+        # packing as above (the same placement).
+        from eplb.kernels import speed_numba
+
+        options = {
+            **options,
+            "lpt_pack_fn": speed_numba.lpt_pack_speed,
+            "pair_pack_fn": speed_numba.pair_pack_speed,
+            "swaps_fn": speed_numba.refine_by_swaps_speed,
+            "sticky_pack_fn": _repair_hooks()["sticky_pack_fn"],
+        }
     placement = placer(options)(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)
 
