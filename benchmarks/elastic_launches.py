@@ -17,9 +17,11 @@ Real DeepSeek-V3 loads (``previous``: another SGLang file's placement), 288
 slots (352 with a node down), tolerance ``None`` and 0.05, and the fresh
 placement (no ``previous``). ``--baseline`` adds the count with torch ops
 alone for the ``previous=`` calls (minutes on the CPU; the fresh ones always). The placements are
-checked against numpy's.
+checked against numpy's. ``--capacity``: instead, ``gpu_capacity=`` calls (half the GPUs at 0.6),
+with placement by time's kernels (``eplb.kernels.speed_triton``; their numba twins stand in) and
+with torch ops alone.
 
-    python benchmarks/elastic_launches.py [--baseline]
+    python benchmarks/elastic_launches.py [--baseline] [--capacity]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eplb
 from benchmarks.keep_speed import load
 from eplb import _xp
+from eplb.algorithms import capacity as capacity_placement
 from eplb.algorithms import elastic
 from eplb.algorithms.replication import replicate_experts
 from eplb.backends import _numba, _torch
@@ -79,7 +82,7 @@ def every_round(body: Any, rows: Any, max_iters: int, *, xp: Any) -> Any:
 
 def stand_ins(mode_of: Any) -> dict[str, Any]:
     """The fused steps as numba kernels on host copies, each counted as one launch."""
-    from eplb.kernels import repair_numba
+    from eplb.kernels import repair_numba, speed_numba
 
     def fused(name: str, fn: Any) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -108,18 +111,57 @@ def stand_ins(mode_of: Any) -> dict[str, Any]:
         "replicate_fn": fused("replicate_experts", lambda w, r: replicate_experts(w, r, xp=np)),
         "group_split_fn": fused("sticky_group_split", lambda *a, **k: elastic.sticky_group_split(*a, **k, xp=np)),
         "split_fn": fused("group_split", lambda *a, **k: elastic.group_split(*a, **k, xp=np)),
+        # gpu_capacity (eplb.kernels.speed_triton): its numba twins stand in
+        "lpt_pack_fn": fused("lpt_pack_speed", speed_numba.lpt_pack_speed),
+        "pair_pack_fn": fused("pair_pack_speed", speed_numba.pair_pack_speed),
+        "swaps_fn": fused("refine_by_swaps_speed", speed_numba.refine_by_swaps_speed),
     }
+
+
+CAPACITY_HOOKS = ("lpt_pack_fn", "pair_pack_fn", "swaps_fn", "replicate_fn", "sticky_pack_fn", "split_fn")
+
+
+def capacity_table(hooks: dict[str, Any], current: list[Launches], weight: np.ndarray) -> None:
+    """``gpu_capacity=`` (half the GPUs at 0.6): launches with the kernels and with torch ops alone."""
+    print("\n| call, half the GPUs at 0.6 | launches, kernels | of which fused | launches, torch ops alone |")
+    print("| --- | --- | --- | --- |")
+    for name, sizes, hierarchical in (
+        ("global, 32 GPUs", (288, 8, 4, 32), False),
+        ("global, 144 GPUs", (288, 8, 3, 144), False),
+        ("4 nodes / 32 GPUs", (288, 8, 4, 32), True),
+    ):
+        capacity = np.ones(sizes[3], np.float32)
+        capacity[1::2] = 0.6
+        want = eplb.rebalance_experts(weight, *sizes, hierarchical=hierarchical, gpu_capacity=capacity).phy2log
+        counts = []
+        for plugged in (True, False):
+            kernels = {k: hooks[k] for k in CAPACITY_HOOKS if hierarchical or k != "split_fn"} if plugged else {}
+            current.append(Launches())
+            with current[-1]:
+                got = capacity_placement.place_capacity(
+                    torch.as_tensor(weight, dtype=torch.float32), *sizes, gpu_capacity=torch.as_tensor(capacity),
+                    hierarchical=hierarchical, uniform=False, node_fallback=False if hierarchical else None,
+                    xp=_torch.xp, **kernels,
+                )  # fmt: skip
+            assert np.array_equal(got[0].numpy(), np.asarray(want)), "placement differs from numpy's"
+            counts.append(current[-1])
+        fused = sum(counts[0].fused.values())
+        print(f"| {name} | {counts[0].ops + fused:,} | {fused} | {counts[1].ops:,} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", action="store_true", help="also count with torch ops alone (slow)")
+    parser.add_argument("--capacity", action="store_true", help="gpu_capacity= calls instead")
     args = parser.parse_args()
     _numba.warm_up()
     _xp.refine_rows = every_round
     current: list[Launches] = []
     hooks = stand_ins(lambda: current[-1])
     weight, before = load("prefill_in2048.json"), load("prefill_in4096.json")
+    if args.capacity:
+        capacity_table(hooks, current, weight)
+        return
     print("| call | tolerance | launches, kernels | of which fused | launches, torch ops alone |")
     print("| --- | --- | --- | --- | --- |")
     for name, sizes, hierarchical, dead in CASES:

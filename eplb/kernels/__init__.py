@@ -26,16 +26,19 @@ JAX GPU            ``greedy_pallas`` [3]_      ``refined_pallas`` + XLA [3]_ as 
                                                                              ``repair_pallas`` + XLA [3]_
 =================  ==========================  ============================  =============================
 
-``active_gpus=`` and ``gpu_capacity=`` run the array-API path (XLA on JAX,
-torch ops on torch CUDA, numpy on the CPU), except ``active_gpus=`` with
+``active_gpus=`` and ``gpu_capacity=`` run the array-API path (XLA on JAX),
+with kernels for its loops where they exist. ``active_gpus=`` with
 ``previous=`` on numpy, torch CPU and JAX CPU inputs (JAX through a host
 callback): its relabelling, sticky repackings and local search run
 ``relabel_numba`` / ``repair_numba`` [1]_ (which take failed GPUs' ``-1``
-slots); on torch CUDA they run ``relabel_triton.relabel_pinned``,
-``repair_triton`` and ``choose_triton.heaviest_gpu`` [2]_, and the fresh
-placements' replication and packing run ``replication_triton`` and
-``repair_triton.sticky_pack`` [2]_ (also for ``active_gpus=`` without
-``previous=``), the rest of the call torch ops.
+slots). ``gpu_capacity=`` on numpy and torch CPU: placement by time's loops
+run ``speed_numba`` [1]_. On torch CUDA, ``active_gpus=`` runs
+``relabel_triton.relabel_pinned``, ``repair_triton``,
+``choose_triton.heaviest_gpu``, ``replication_triton`` and
+``group_split_triton`` [2]_ (the fresh placements' replication, packing and
+group splits too, with or without ``previous=``), and ``gpu_capacity=``
+runs ``speed_triton`` with the same replication and packing kernels [2]_;
+the rest of those calls is torch ops.
 
 ``spill=`` runs the array-API path everywhere. Where a kernel does not
 apply the array-API path runs, with the same placement.
