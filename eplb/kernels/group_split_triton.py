@@ -72,6 +72,18 @@ def _pairs(x, G: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _node_slots(active_ptr, table_ptr, layer, active_stride, n, R: tl.constexpr, N: tl.constexpr,
+                GPUS: tl.constexpr, GPUSP: tl.constexpr):  # fmt: skip
+    """Each node's live slots ``[NP]`` and their fl32 reciprocals, looked up in the correctly rounded table (no
+    division here; a node without live slots: 0, the table's entry 0)."""
+    gpu = tl.arange(0, GPUSP)
+    live = tl.load(active_ptr + layer * active_stride + gpu, mask=gpu < GPUS, other=0).to(tl.int32)
+    on_node = (gpu[None, :] // (GPUS // N)) == n[:, None]  # [NP, GPUSP]
+    slots = tl.sum(tl.where(on_node, live[None, :], 0), axis=1) * (R // GPUS)  # [NP]
+    return slots, tl.load(table_ptr + slots, mask=n < N, other=0.0)
+
+
+@triton.jit
 def _split_kernel(
     weight_ptr,
     prev_ptr,
@@ -128,12 +140,7 @@ def _split_kernel(
     tl.store(valid_ptr + layer, valid)
     real = n < N
     if ELASTIC:
-        # fl32(1 / live slots) of each node, looked up in the correctly rounded table (no division here).
-        gpu = tl.arange(0, GPUSP)
-        live = tl.load(active_ptr + layer * active_stride + gpu, mask=gpu < GPUS, other=0).to(tl.int32)
-        on_node = (gpu[None, :] // (GPUS // N)) == n[:, None]  # [NP, GPUSP]
-        slots = tl.sum(tl.where(on_node, live[None, :], 0), axis=1) * (R // GPUS)  # [NP]
-        inverse = tl.load(table_ptr + slots, mask=real, other=0.0)
+        inverse = _node_slots(active_ptr, table_ptr, layer, active_stride, n, R, N, GPUS, GPUSP)[1]
 
     for _ in range(SWAPS):
         # Node loads, left to right over the groups in group order.
@@ -330,11 +337,7 @@ def _lpt_split_kernel(
     if BY_CAPACITY:
         # live_group_split: the same visiting order, each group to the open node whose load after it, times
         # fl32(1 / its live slots), is smallest; selected where the nodes' live slots differ.
-        gpu = tl.arange(0, GPUSP)
-        live = tl.load(active_ptr + layer * active_stride + gpu, mask=gpu < GPUS, other=0).to(tl.int32)
-        on_node = (gpu[None, :] // (GPUS // N)) == n[:, None]  # [NP, GPUSP]
-        slots = tl.sum(tl.where(on_node, live[None, :], 0), axis=1) * (R // GPUS)  # [NP]
-        inverse = tl.load(table_ptr + slots, mask=real_n, other=0.0)
+        slots, inverse = _node_slots(active_ptr, table_ptr, layer, active_stride, n, R, N, GPUS, GPUSP)
         first = tl.sum(tl.where(n == 0, slots, 0), axis=0)
         alike = tl.sum(((slots == first) | (n >= N)).to(tl.int32), axis=0) == NP
         if not alike:
