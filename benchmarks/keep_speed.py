@@ -28,7 +28,10 @@ until the limit is met (a prefill/decode change takes the most steps).
 ``--elastic``: the same calls with ``active_gpus`` (GPU 5 down, the mask on
 the loads' device), ``balance_tolerance=0.05`` in place of ``0.005`` and no
 ``max_moves`` (which ``active_gpus`` does not take): the re-plan after a
-failure, when a stall costs most.
+failure, when a stall costs most. ``--host-mask``: the mask as a numpy
+array, which the call reads (a serving stack knows its failed ranks on the
+host): whether a node is short of slots is then decided there, and the
+call computes one rule instead of both.
 """
 
 from __future__ import annotations
@@ -174,6 +177,9 @@ def main() -> None:
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--pairs", action="store_true", help="numpy knobs for every consecutive pair of files")
     parser.add_argument("--elastic", action="store_true", help="the calls with active_gpus (GPU 5 down)")
+    parser.add_argument(
+        "--host-mask", action="store_true", help="with --elastic: the mask as a numpy array (read on the host)"
+    )
     args = parser.parse_args()
     if args.pairs:
         print(pairs_table(args.runs))
@@ -204,7 +210,7 @@ def main() -> None:
             if args.elastic:  # GPU 5 down; the mask as a bool array of the loads' kind and device
                 mask = np.ones(config[3], dtype=bool)
                 mask[5] = False
-                extra = {**extra, "active_gpus": _bool_like(mask, weight)}
+                extra = {**extra, "active_gpus": mask if args.host_mask else _bool_like(mask, weight)}
             cells = []
             for options in calls.values():
                 prev = None if options is None else previous

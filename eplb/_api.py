@@ -503,9 +503,15 @@ def rebalance_experts(
         on the host, by the ``check_values`` rule; where it is not, e.g. a
         traced mask, too few live slots give ``phy2log = -1`` and
         ``logcnt = 0`` everywhere). Greedy policy only; not with ``spill``
-        or ``max_moves`` yet. Runs the array-API path on every backend (no
-        fused kernel), identical bit for bit; all-``True`` gives the
-        placement without the mask (without ``previous``).
+        or ``max_moves`` yet. Runs the array-API path on every backend, its
+        loops as compiled kernels where they exist (``docs/backends.md``),
+        identical bit for bit; all-``True`` gives the placement without the
+        mask (without ``previous``). Where the failed ranks are known on the
+        host (they usually are), pass a list or numpy array: whether a node
+        is short of slots is then decided on the host and a call with loads
+        on a GPU computes one rule instead of both (torch CUDA with
+        ``previous``, 288 slots on 32 GPUs, H200: 9.2 ms against 25.7 ms
+        with the mask on the device).
         With ``gpu_capacity``: a GPU is live iff it is up and its capacity
         is positive.
 
