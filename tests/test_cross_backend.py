@@ -311,3 +311,36 @@ def test_building_blocks_read_loads_as_the_policies_do(backend):
     for block, arg in ((eplb.balanced_packing, 2), (eplb.replicate_experts, 9)):
         for got, want in zip(block(runner.asarray(weight), arg), block(zeroed, arg), strict=True):
             np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("backend", backend_params(FRONT_DOORS))
+def test_lpt_pack_saturates_an_overflowed_item(backend):
+    """lpt_pack with items of +inf (group loads that overflowed float32, possible with unchecked loads) and sums
+    past float32's range: every backend visits and packs as plain-Python LPT whose running loads saturate at
+    float32 max (no NaN from ``0 * inf`` in the packs that did not take the item), each pack full."""
+    from eplb import _xp
+    from eplb.algorithms.loads import MAX_LOAD
+    from eplb.algorithms.packing import lpt_pack
+
+    most = np.float32(MAX_LOAD)
+    weight = np.array(
+        [[np.inf, 10, 1, 1, 1, 1], [np.inf, 1, 2, np.inf, 3, 4], [3e38, 3e38, 3e38, 1, 1, 1], [5, 0, 0, 2, 7, 1]],
+        dtype=np.float32,
+    )
+    runner = make_runner(backend)
+    arr = runner.asarray(weight)
+    for num_packs in (2, 3):
+        cap = 6 // num_packs
+        with np.errstate(over="ignore", invalid="ignore"):
+            order, pack, rank = (np.asarray(a) for a in lpt_pack(arr, num_packs, xp=_xp.array_namespace(arr)))
+        for row, w in enumerate(weight):
+            loads, counts = [np.float32(0)] * num_packs, [0] * num_packs
+            want_order = sorted(range(6), key=lambda i: (-float(w[i]), i))
+            assert order[row].tolist() == want_order
+            for step, item in enumerate(want_order):
+                best = min((p for p in range(num_packs) if counts[p] < cap), key=lambda p: (float(loads[p]), p))
+                assert (pack[row, step], rank[row, step]) == (best, counts[best]), (num_packs, row, step)
+                with np.errstate(over="ignore"):
+                    loads[best] = min(np.float32(loads[best] + w[item]), most)
+                counts[best] += 1
+            assert counts == [cap] * num_packs
