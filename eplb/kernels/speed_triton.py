@@ -51,6 +51,11 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _per_row(x: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x [B or 1, k]`` as a contiguous ``[B, k]`` of ``dtype`` (a row the kernel reads at ``row * k``)."""
+    return x.to(dtype).expand(batch, x.shape[-1]).contiguous()
+
+
 def fits(num_items: int, num_packs: int) -> bool:
     """Whether the kernels take rows of ``num_items`` items in ``num_packs`` equal packs."""
     if num_items <= 0 or num_packs <= 0 or num_items % num_packs:
@@ -102,8 +107,8 @@ def lpt_pack_speed(
     if batch and n:
         _lpt_kernel[(batch,)](
             by_step,
-            live_pack.to(torch.int8).expand(batch, num_packs).contiguous(),
-            inverse.to(torch.float32).expand(batch, num_packs).contiguous(),
+            _per_row(live_pack, batch, torch.int8),
+            _per_row(inverse, batch, torch.float32),
             pack_by_step,
             rank_by_step,
             N=n,
@@ -165,7 +170,7 @@ def pair_pack_speed(
             item_load.to(torch.float32).contiguous(),
             inverse_by_step,
             pack_order.contiguous(),
-            budget.to(torch.float32).expand(batch, 1).contiguous(),
+            _per_row(budget, batch, torch.float32),
             slot2item,
             N=n,
             M=num_packs,
@@ -280,8 +285,8 @@ def refine_by_swaps_speed(
         _swaps_kernel[(batch,)](
             item_load.to(torch.float32).contiguous(),
             slot2item.contiguous(),
-            inverse.to(torch.float32).expand(batch, num_packs).contiguous(),
-            live_pack.to(torch.int8).expand(batch, num_packs).contiguous(),
+            _per_row(inverse, batch, torch.float32),
+            _per_row(live_pack, batch, torch.int8),
             out,
             num_iters,
             N=n,
