@@ -307,19 +307,19 @@ def _capacity_options(
     return {"gpu_capacity": capacity, "uniform": False, **({"node_fallback": fallback} if hierarchical else {})}
 
 
-def _unsupported_with_gpu_capacity(policy: str, spill: int, previous: Any, max_moves: Any) -> None:
-    """``gpu_capacity`` supports the greedy policy without spill, and no ``previous=`` yet: a ``ValueError``."""
+def _unsupported_with_gpu_capacity(policy: str, spill: int, max_moves: Any) -> None:
+    """``gpu_capacity`` supports the greedy policy without spill (and ``previous=`` with or without
+    ``balance_tolerance``), not ``max_moves`` yet: a ``ValueError`` naming the other argument."""
     others = [
         f"policy={policy!r}" if policy != "greedy" else None,
         f"spill={spill}" if spill else None,
-        "previous=" if previous is not None else None,
         "max_moves=" if max_moves is not None else None,
     ]
     others = [o for o in others if o is not None]
     if others:
         raise ValueError(
             f"gpu_capacity cannot be combined with {', '.join(others)} yet: placement by time supports the "
-            "greedy policy (hierarchical or global) without spill, from scratch (no previous=)"
+            "greedy policy (hierarchical or global) without spill, and previous= (with balance_tolerance=)"
         )
 
 
@@ -563,8 +563,23 @@ def rebalance_experts(
         ``2**-40`` times the largest, and leave at least ``E`` live slots
         (``ValueError``); unread values read NaN, inf, negative and too small
         ones as 0, and too few live slots give ``phy2log = -1``,
-        ``logcnt = 0``. Greedy policy only; not with ``spill``, ``previous``
-        or ``max_moves`` yet. Score with ``eplb.metrics``' ``gpu_capacity=``.
+        ``logcnt = 0``. Greedy policy only; not with ``spill`` or
+        ``max_moves`` yet. Score with ``eplb.metrics``' ``gpu_capacity=``.
+
+        With ``previous`` (may hold ``-1``; slots of idle GPUs count as
+        empty): the placement above with its GPUs permuted among GPUs of
+        equal capacity (and node, under the hierarchical policy) to keep
+        the most experts in place, or, per layer where it moves fewer
+        experts within the limit, ``previous`` itself or ``previous``
+        brought to the new replica counts with the fewest changes, then
+        searched by swaps out of the slowest GPU until within the limit
+        (``eplb.algorithms.capacity_stable``). Promise, per layer: the
+        slowest live GPU's time is at most ``1 + balance_tolerance``
+        (default 0) times that of the placement without ``previous`` (up
+        to float32 rounding of the sums), and no more experts move than in
+        that placement relabelled among equal-capacity GPUs. Capacities
+        read on the host that are all equal take the ``active_gpus`` rule
+        (or the plain one, every GPU live); same GPU count only.
 
     Returns
     -------
@@ -603,7 +618,7 @@ def rebalance_experts(
         knobs = {"balance_tolerance": balance_tolerance, "max_moves": max_moves, "check_values": check_values}
         return _across_sizes(weight, previous, sizes, active_gpus, gpu_capacity, knobs)
     if gpu_capacity is not None:
-        _unsupported_with_gpu_capacity(policy, spill, previous, max_moves)
+        _unsupported_with_gpu_capacity(policy, spill, max_moves)
     if active_gpus is not None:
         _unsupported_with_active_gpus(policy, spill, previous, max_moves, hierarchical, num_groups, num_nodes)
     balance_tolerance, max_moves = _checked_knobs(balance_tolerance, max_moves, previous, spill)

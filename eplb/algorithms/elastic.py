@@ -548,7 +548,9 @@ def relabel_pinned(new: Any, old: Any, live_gpu: Any, num_gpus: int, *, num_node
 
     ``new`` holds ``-1`` exactly on the GPUs that ``live_gpu [B, G]`` marks
     down. GPUs are permuted to keep the most ``(expert, GPU)`` pairs, among
-    the permutations that map live GPUs onto live positions (and, with
+    the permutations that map live GPUs onto live positions (``live_gpu``
+    may also hold integer classes: each GPU onto a position of its own
+    class, as GPUs of equal capacity under ``gpu_capacity``; and, with
     ``num_nodes > 1``, each GPU onto a position of its own node: the
     hierarchical policy's groups stay on their nodes): the overlap of an
     allowed pair gets ``R + 1`` added (more than any overlap total), so the

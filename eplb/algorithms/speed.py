@@ -184,7 +184,7 @@ def pack_times(slot_load: Any, inverse: Any, live_pack: Any, *, xp: Any) -> Any:
 
 
 def refine_by_swaps_speed(
-    item_load: Any, slot2item: Any, inverse: Any, live_pack: Any, num_iters: int, *, xp: Any
+    item_load: Any, slot2item: Any, inverse: Any, live_pack: Any, num_iters: int, *, limit: Any = None, xp: Any
 ) -> Any:
     """:func:`eplb.algorithms.refine.refine_by_swaps` by time: returns ``slot2item [B, n]``.
 
@@ -200,6 +200,9 @@ def refine_by_swaps_speed(
     order, then exchanges by ``b``); it is applied only if below ``a``'s time
     by the :data:`eplb.algorithms.refine.IMPROVEMENT` margin, so the slowest
     time never rises. Idle packs (``live_pack [B, m]`` false) take no part.
+    ``limit [B, 1]`` (float32, optional): a row stops once its slowest time
+    is at most its limit (no move is made then; keep-in-place searches stop
+    as soon as they are within the balance they must reach).
     """
     n = slot2item.shape[1]
     num_packs = inverse.shape[1]
@@ -213,7 +216,7 @@ def refine_by_swaps_speed(
     width = capacity * num_packs * capacity
 
     def swap_once(rows: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
-        slot2item, slot_load, inverse, live = rows
+        slot2item, slot_load, inverse, live = rows[:4]
         batch = slot2item.shape[0]
         by_pack = xp.reshape(slot_load, (batch, num_packs, capacity))
         loads = sum_left_to_right(by_pack, xp=xp)  # [B, m]
@@ -233,7 +236,10 @@ def refine_by_swaps_speed(
         exchanges = xp.where(barred, xp.inf, xp.maximum(loads * heavy_inverse, heavy_load * inverse))  # [B, m]
         worst = xp.concat([swaps, exchanges], axis=-1)
         best = xp.reshape(xp.astype(xp.argmin(worst, axis=-1), index_dtype), (batch, 1))
-        accept = _xp.take_along(worst, best, xp=xp) < (heavy_load * heavy_inverse) * IMPROVEMENT
+        heavy_time = heavy_load * heavy_inverse
+        accept = _xp.take_along(worst, best, xp=xp) < heavy_time * IMPROVEMENT
+        if bound is not None:
+            accept = accept & (heavy_time > rows[4])
         is_swap = accept & (best < width)
         partner = xp.where(accept & (best >= width), best - width, heavy)  # heavy itself: no exchange
         give = heavy * capacity + best // (num_packs * capacity)
@@ -247,8 +253,9 @@ def refine_by_swaps_speed(
         source = xp.where(is_swap & (position == give), take, xp.where(is_swap & (position == take), give, source))
         slot2item = _xp.take_along(slot2item, source, xp=xp)
         slot_load = _xp.take_along(slot_load, source, xp=xp)
-        return (slot2item, slot_load, inverse, live), accept[:, 0]
+        return (slot2item, slot_load, inverse, live, *rows[4:]), accept[:, 0]
 
     slot_load = _xp.take_along(item_load, slot2item, xp=xp)
-    rows = (slot2item, slot_load, inverse, live_pack)
+    bound = None if limit is None else xp.broadcast_to(xp.astype(limit, item_load.dtype), (slot2item.shape[0], 1))
+    rows = (slot2item, slot_load, inverse, live_pack) + (() if bound is None else (bound,))
     return _xp.refine_rows(swap_once, rows, num_iters, xp=xp)[0]

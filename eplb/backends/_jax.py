@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eplb.algorithms.capacity import place_capacity
+from eplb.algorithms.capacity_stable import place_capacity_stable
 from eplb.algorithms.elastic import place_elastic, place_elastic_stable
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
@@ -123,6 +124,29 @@ def _rebalance_elastic_stable(
         return _jax_host.placement_elastic_stable(w, p, m, tolerance, config, dict(options))
 
     return tuple(jax.lax.platform_dependent(weight, previous, active, cpu=host, default=xla))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _rebalance_capacity_stable(
+    weight: jax.Array,
+    previous: jax.Array,
+    capacity: jax.Array,
+    tolerance: jax.Array | None,
+    config: tuple[int, int, int, int],
+    options: tuple[tuple[str, Any], ...],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_rebalance_capacity` keeping ``previous``'s experts in place (capacities and tolerance traced: new
+    values do not recompile); the array-API path under ``jit`` + ``vmap``."""
+    index = jnp.arange(1).dtype  # JAX's default integer
+
+    def one_layer(row: jax.Array, old: jax.Array, speeds: jax.Array) -> tuple[jax.Array, ...]:
+        placement = place_capacity_stable(
+            row[None, :], old[None, :], *config, xp=jnp, gpu_capacity=speeds, tolerance=tolerance, **dict(options)
+        )
+        return tuple(a[0] for a in placement)
+
+    layers = jax.vmap(one_layer, in_axes=(0, 0, None))
+    return _tied_to(weight, layers(weight.astype(jnp.float32), previous.astype(index), capacity.astype(jnp.float32)))
 
 
 def _tied_to(weight: jax.Array, placement: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
@@ -467,6 +491,17 @@ def rebalance_stable(
     ``max_moves``, :mod:`eplb.kernels.repair_pallas` where it fits, XLA
     otherwise), the same CPU branch elsewhere. Same placement.
     """
+    capacity = options.pop("gpu_capacity", None)
+    if capacity is not None:
+        # gpu_capacity with previous=: the array-API path under jit + vmap (capacities and tolerance traced).
+        if impl not in (None, "xla"):
+            raise ValueError(f"gpu_capacity with previous= runs on impl='xla' (or None) only, got impl={impl!r}")
+        if options.pop("max_moves", None) is not None:
+            raise ValueError("gpu_capacity cannot be combined with max_moves= yet")
+        tolerance = options.pop("tolerance", None)
+        knob = None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32)
+        config = (num_replicas, num_groups, num_nodes, num_gpus)
+        return _rebalance_capacity_stable(weight, previous, capacity, knob, config, tuple(sorted(options.items())))
     active = options.pop("active_gpus", None)
     if active is not None:
         # active_gpus with previous=: on the CPU the compiled kernels via the host, else the array-API path under

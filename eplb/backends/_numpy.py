@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from eplb.algorithms.capacity import place_capacity
+from eplb.algorithms.capacity_stable import place_capacity_stable
 from eplb.algorithms.elastic import place_elastic, place_elastic_stable
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
@@ -115,6 +116,10 @@ def rebalance_stable(
     """
     weight32 = np.ascontiguousarray(weight, dtype=np.float32)
     previous = np.ascontiguousarray(previous, dtype=np.int64)
+    if options.get("gpu_capacity") is not None:
+        return _rebalance_capacity_stable(
+            weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, impl, options
+        )
     if options.get("active_gpus") is not None:
         return _rebalance_elastic_stable(
             weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, impl, options
@@ -224,6 +229,55 @@ def _rebalance_elastic_stable(
     options["active_gpus"] = np.asarray(options["active_gpus"], dtype=bool)
     hooks = _elastic_hooks() if impl == "numba" else {}
     placement = place_elastic_stable(
+        weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options
+    )
+    return tuple(np.asarray(a, dtype=np.int64) for a in placement)
+
+
+def _rebalance_capacity_stable(
+    weight32: np.ndarray,
+    previous: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    impl: str | None,
+    options: dict[str, Any],
+) -> tuple[Any, Any, Any]:
+    """``gpu_capacity`` with ``previous``: :func:`eplb.algorithms.capacity_stable.place_capacity_stable`.
+
+    ``impl``: ``"numba"`` runs placement by time's loops (:mod:`eplb.kernels.speed_numba`, the search toward
+    the limit included), the relabelling among equal-capacity GPUs and the slot order as compiled kernels
+    (:mod:`eplb.kernels.repair_numba`); ``"xp"`` the array-API layer throughout; ``None`` as
+    :func:`rebalance_stable`. Same placement either way.
+    """
+    if impl is None:
+        impl = "numba" if _numba.available() and _numba.ready(wait=_numba.STABLE_WAIT) else "xp"
+    if impl not in ("numba", "xp"):
+        raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
+    options = dict(options)
+    if options.pop("max_moves", None) is not None:
+        raise ValueError("gpu_capacity cannot be combined with max_moves= yet")
+    if previous.size and (previous.min() < -1 or previous.max() >= weight32.shape[1]):
+        raise ValueError(
+            f"previous must hold expert ids in [0, {weight32.shape[1]}) or -1 (an empty slot), "
+            f"got values from {previous.min()} to {previous.max()}"
+        )
+    options["gpu_capacity"] = np.asarray(options["gpu_capacity"], dtype=np.float32)
+    hooks: dict[str, Any] = {}
+    if impl == "numba":
+        from eplb.kernels import speed_numba
+
+        elastic = _elastic_hooks()
+        hooks = {
+            "lpt_pack_fn": speed_numba.lpt_pack_speed,
+            "pair_pack_fn": speed_numba.pair_pack_speed,
+            "swaps_fn": speed_numba.refine_by_swaps_speed,
+            "sticky_pack_fn": elastic["sticky_pack_fn"],
+            "relabel_pinned_fn": elastic["relabel_pinned_fn"],
+            "align_slots_fn": elastic["align_slots_fn"],
+        }
+    placement = place_capacity_stable(
         weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options
     )
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)

@@ -14,6 +14,7 @@ import array_api_compat.torch as xp
 import numpy as np
 import torch
 
+from eplb.algorithms.capacity_stable import place_capacity_stable
 from eplb.algorithms.elastic import place_elastic_stable
 from eplb.algorithms.stability import place_stable
 from eplb.backends import _numpy
@@ -197,6 +198,21 @@ def _capacity_kernels(
     return kernels
 
 
+def _capacity_stable_kernels(
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, options: dict[str, Any]
+) -> dict[str, Any]:
+    """:func:`~eplb.algorithms.capacity_stable.place_capacity_stable`'s steps as Triton kernels on CUDA: the
+    fresh placement's (:func:`_capacity_kernels`, and the blind placement's packing, replication and group
+    split), the relabelling among equal-capacity GPUs and the slot order, where every one of them fits;
+    else none (the array-API steps)."""
+    elastic = _elastic_kernels(weight, num_replicas, num_groups, num_nodes, num_gpus, options)
+    by_time = _capacity_kernels(weight, num_replicas, num_groups, num_nodes, num_gpus, options)
+    if not elastic or not by_time:
+        return {}
+    picked = ("sticky_pack_fn", "replicate_fn", "split_fn", "relabel_pinned_fn", "align_slots_fn")
+    return {**{k: elastic[k] for k in picked if k in elastic}, **by_time}
+
+
 def rebalance_stable(
     weight: torch.Tensor,
     previous: torch.Tensor,
@@ -214,17 +230,27 @@ def rebalance_stable(
     weight32 = weight.detach().to(torch.float32).contiguous()
     previous = previous.detach().to(device=weight.device, dtype=torch.int64).contiguous()
     elastic = options.get("active_gpus") is not None
+    by_time = options.get("gpu_capacity") is not None
     if impl == "numpy":
         if weight.device.type != "cpu":
             raise ValueError(f"impl='numpy' needs a CPU tensor, got device {weight.device}")
-        if elastic:
-            options = {**options, "active_gpus": options["active_gpus"].detach().cpu().numpy()}
+        for key in ("active_gpus", "gpu_capacity"):
+            if options.get(key) is not None:
+                options = {**options, key: options[key].detach().cpu().numpy()}
         placement = _numpy.rebalance_stable(
             weight32.numpy(), previous.numpy(), num_replicas, num_groups, num_nodes, num_gpus, **options
         )
         return tuple(torch.from_numpy(a) for a in placement)
     if impl != "torch":
         raise ValueError(f"impl must be 'torch', 'numpy' or None, got {impl!r}")
+    if by_time:  # gpu_capacity: the array-API path, its loops as Triton kernels on CUDA
+        if options.get("max_moves") is not None:
+            raise ValueError("gpu_capacity cannot be combined with max_moves= yet")
+        options = {k: v for k, v in options.items() if k != "max_moves"}
+        return place_capacity_stable(
+            weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=xp,
+            **_capacity_stable_kernels(weight32, num_replicas, num_groups, num_nodes, num_gpus, options), **options,
+        )  # fmt: skip
     if elastic:  # active_gpus: the array-API path
         if options.get("max_moves") is not None:
             raise ValueError("active_gpus cannot be combined with max_moves= yet")

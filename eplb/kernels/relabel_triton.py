@@ -484,7 +484,8 @@ def relabel_pinned(
     """:func:`eplb.algorithms.elastic.relabel_pinned` (same arguments; ``xp`` is not used): one launch.
 
     ``new``, ``old`` ``[B, R]`` integer ids (``-1``: an empty slot, in ``new`` exactly the failed GPUs'),
-    ``live_gpu [B or 1, G]`` bool. Expert ids must lie in ``[-1, 2**40)``.
+    ``live_gpu [B or 1, G]`` bool, or integer classes below ``2**31`` (a GPU goes onto a position of its own
+    class). Expert ids must lie in ``[-1, 2**40)``.
     """
     return _launch(new, old, live_gpu, num_gpus, num_nodes)
 

@@ -939,14 +939,16 @@ def relabel_pinned(new: np.ndarray, old: np.ndarray, live_gpu: np.ndarray, num_g
     ``old [B, R]``, live GPUs onto live positions (and, with ``num_nodes > 1``, within nodes).
 
     ``new`` and ``old`` hold ids >= -1 (any integers: only compared);
-    ``live_gpu`` bool ``[B, G]`` (or ``[1, G]``). The overlap counts
+    ``live_gpu`` ``[B, G]`` (or ``[1, G]``), bool or integer classes (a GPU
+    goes onto a position of its own class). The overlap counts
     compared as the reference's :func:`eplb.algorithms.relabel.gpu_overlap`,
     the assignment by :mod:`eplb.kernels.relabel_numba`'s Hungarian
     algorithm (the reference's, step for step), the slots by
     :func:`align_slots`. Returns ``[B, R]`` in ``new``'s dtype.
     """
     batch = new.shape[0]
-    live = np.ascontiguousarray(np.broadcast_to(np.asarray(live_gpu, dtype=np.bool_), (batch, num_gpus)))
+    # Bool (live or not) or integer classes: only compared for equality, so both read as int64.
+    live = np.ascontiguousarray(np.broadcast_to(np.asarray(live_gpu).astype(np.int64), (batch, num_gpus)))
     out = np.empty(new.shape, np.int64)
     _relabel_pinned(
         np.ascontiguousarray(new, dtype=np.int64),

@@ -150,7 +150,7 @@ def pair_pack_speed(
 
 
 @njit()
-def _swaps(item_load, slot2item, inverse, live, num_iters, per_pack):  # pragma: no cover (compiled)
+def _swaps(item_load, slot2item, inverse, live, limit, num_iters, per_pack):  # pragma: no cover (compiled)
     batch, n = slot2item.shape
     num_packs = inverse.shape[1]
     improve, inf = _IMPROVE, _INF
@@ -173,6 +173,8 @@ def _swaps(item_load, slot2item, inverse, live, num_iters, per_pack):  # pragma:
                     heavy, heavy_time = p, time
             heavy_load = loads[heavy]
             heavy_inverse = inverse[b, heavy]
+            if not heavy_time > limit[b]:
+                break  # within the limit: the search stops (no change now, none later)
             best, best_value = 0, inf
             for i in range(per_pack):
                 out_i = slot_load[heavy * per_pack + i]
@@ -214,9 +216,11 @@ def refine_by_swaps_speed(
     live_pack: np.ndarray,
     num_iters: int,
     *,
+    limit: Any = None,
     xp: Any = None,
 ) -> np.ndarray:
-    """:func:`eplb.algorithms.speed.refine_by_swaps_speed`: ``slot2item [B, n]`` (its dtype)."""
+    """:func:`eplb.algorithms.speed.refine_by_swaps_speed`: ``slot2item [B, n]`` (its dtype); ``limit [B, 1]``
+    (optional) as there."""
     dtype = np.asarray(slot2item).dtype
     out = np.array(slot2item, dtype=np.int64, copy=True)
     batch = out.shape[0]
@@ -224,7 +228,9 @@ def refine_by_swaps_speed(
     inv = np.ascontiguousarray(np.broadcast_to(np.asarray(inverse, dtype=np.float32), (batch, num_packs)))
     live = np.ascontiguousarray(np.broadcast_to(live_pack, (batch, num_packs)), dtype=np.bool_)
     loads = np.ascontiguousarray(item_load, dtype=np.float32)
-    _swaps(loads, out, inv, live, num_iters, out.shape[1] // num_packs)
+    bound = np.full(batch, -np.inf, np.float32) if limit is None else np.asarray(limit, np.float32)
+    bound = np.ascontiguousarray(np.broadcast_to(bound.reshape(-1), (batch,)))
+    _swaps(loads, out, inv, live, bound, num_iters, out.shape[1] // num_packs)
     return out.astype(dtype, copy=False)
 
 

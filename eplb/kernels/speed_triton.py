@@ -56,6 +56,13 @@ def _per_row(x: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).expand(batch, x.shape[-1]).contiguous()
 
 
+def _limits(limit: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """``limit [B or 1, 1]`` as a contiguous float32 ``[B]`` (``-inf``, no limit, where ``None``)."""
+    if limit is None:
+        return torch.full((batch,), -float("inf"), dtype=torch.float32, device=device)
+    return limit.to(device=device, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+
+
 def fits(num_items: int, num_packs: int) -> bool:
     """Whether the kernels take rows of ``num_items`` items in ``num_packs`` equal packs."""
     if num_items <= 0 or num_packs <= 0 or num_items % num_packs:
@@ -195,7 +202,7 @@ def _pick2(x, mask):
 
 
 @triton.jit(do_not_specialize=["iters"])
-def _swaps_kernel(load_ptr, s2i_ptr, inv_ptr, live_ptr, out_ptr, iters, N: tl.constexpr, M: tl.constexpr,
+def _swaps_kernel(load_ptr, s2i_ptr, inv_ptr, live_ptr, limit_ptr, out_ptr, iters, N: tl.constexpr, M: tl.constexpr,
                   K: tl.constexpr, MP: tl.constexpr, KP: tl.constexpr, IMPROVE: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     pm = tl.arange(0, MP)
@@ -207,6 +214,7 @@ def _swaps_kernel(load_ptr, s2i_ptr, inv_ptr, live_ptr, out_ptr, iters, N: tl.co
     slot_load = tl.load(load_ptr + row * N + s2i, mask=real, other=0.0)  # item_load[slot2item]
     inverse = tl.load(inv_ptr + row * M + pm, mask=pm < M, other=1.0)
     live = (tl.load(live_ptr + row * M + pm, mask=pm < M, other=0) != 0) & (pm < M)
+    limit = tl.load(limit_ptr + row)
     WIDTH: tl.constexpr = K * M * K
     step = iters * 0
     while step < iters:
@@ -240,7 +248,8 @@ def _swaps_kernel(load_ptr, s2i_ptr, inv_ptr, live_ptr, out_ptr, iters, N: tl.co
         better = value < best_value
         best = tl.where(better, WIDTH + at, best)
         best_value = tl.where(better, value, best_value)
-        accept = best_value < (heavy_load * heavy_inverse) * IMPROVE
+        heavy_time = heavy_load * heavy_inverse
+        accept = (best_value < heavy_time * IMPROVE) & (heavy_time > limit)  # a row within its limit stops
 
         is_swap = accept & (best < WIDTH)
         is_exchange = accept & (best >= WIDTH)
@@ -271,11 +280,12 @@ def refine_by_swaps_speed(
     live_pack: torch.Tensor,
     num_iters: int,
     *,
+    limit: torch.Tensor | None = None,
     xp: Any = None,
 ) -> torch.Tensor:
     """:func:`eplb.algorithms.speed.refine_by_swaps_speed`: ``slot2item [B, n]`` (its dtype) after at most
-    ``num_iters`` rounds, for ``item_load [B, n]`` (float32), ``inverse``, ``live_pack [B, m]`` (``xp`` is
-    not used)."""
+    ``num_iters`` rounds, for ``item_load [B, n]`` (float32), ``inverse``, ``live_pack [B, m]`` and
+    ``limit [B, 1]`` (optional; ``xp`` is not used)."""
     ensure_cache_dir()
     batch, n = slot2item.shape
     num_packs = inverse.shape[-1]
@@ -287,6 +297,7 @@ def refine_by_swaps_speed(
             slot2item.contiguous(),
             _per_row(inverse, batch, torch.float32),
             _per_row(live_pack, batch, torch.int8),
+            _limits(limit, batch, slot2item.device),
             out,
             num_iters,
             N=n,

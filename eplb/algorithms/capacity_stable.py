@@ -1,0 +1,318 @@
+"""Keep-in-place planning on GPUs of unequal speed (``gpu_capacity`` with ``previous``).
+
+The fresh placement is :func:`eplb.algorithms.capacity.rebalance_capacity`'s
+(placement by time); the limit, per layer, is its slowest GPU's time times
+``fl32(1 + balance_tolerance)`` (the healthy rule's factor). Candidates, per
+layer:
+
+1. *relabelled*: the fresh placement with its GPUs permuted to keep the most
+   ``(expert, GPU)`` pairs, among permutations that map each GPU onto a GPU of
+   the same capacity (and, under the hierarchical rule, of the same node), so
+   every GPU's time is the fresh one's: within the limit by construction;
+2. *kept*: ``previous`` itself (its slots on live GPUs), where it still holds
+   every expert on a live GPU, fills every live slot and (hierarchical) keeps
+   each group on one node;
+3. *recounted*: ``previous`` brought to the fresh replica counts with the
+   fewest changes (:func:`recount`: an expert's surplus copies leave its last
+   slots, the experts short of copies fill the freed slots, lightest GPUs'
+   slots first with the heaviest replicas); under the hierarchical rule
+   every expert's copies end on the node the fresh placement gives its group.
+
+2 and 3 are then searched by swaps and exchanges out of the slowest GPU
+(:func:`eplb.algorithms.speed.refine_by_swaps_speed`, per node under the
+hierarchical rule) until within the limit. Per layer the candidate within the
+limit with the fewest moves wins, ties to the earlier in that order; slots
+follow ``previous`` (:func:`eplb.algorithms.relabel.align_slots`). So a layer
+never moves more experts than the relabelled fresh placement, and its slowest
+GPU is within the limit (up to float32 rounding of the relabelled placement's
+sums, whose order follows ``previous``'s slots). Every comparison is of float32
+products and left-to-right sums (no division), so every backend places alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from eplb import _xp
+from eplb.algorithms.assignment import BIG
+from eplb.algorithms.capacity import _max_time, default_swap_rounds, rebalance_capacity
+from eplb.algorithms.elastic import _live_rows, _live_slot, build_log2phy_masked, relabel_pinned
+from eplb.algorithms.hierarchy import covers_groups, node_groups
+from eplb.algorithms.loads import clean_loads
+from eplb.algorithms.packing import sum_left_to_right
+from eplb.algorithms.relabel import align_slots, count_moves, occurrence, replica_counts
+from eplb.algorithms.replication import replica_load
+from eplb.algorithms.speed import capacity_live, clean_capacity, inverse_capacity, refine_by_swaps_speed
+
+__all__ = ["capacity_classes", "kept_copies", "place_capacity_stable", "recount", "stabilize_capacity"]
+
+
+def capacity_classes(capacity: Any, num_layers: int, *, xp: Any) -> Any:
+    """``[L, G]`` int: per GPU, how many GPUs are strictly slower (idle GPUs count as capacity 0), so two GPUs
+    share a class iff their capacities are equal (float32 comparisons only)."""
+    row = xp.reshape(capacity, (1, -1))
+    slower = xp.astype(row[:, None, :] < row[:, :, None], xp.int32)  # [1, G, G]: GPU j slower than GPU i
+    return xp.broadcast_to(xp.sum(slower, axis=-1), (num_layers, row.shape[1]))
+
+
+def _node_of_expert(fresh: Any, num_log: int, num_groups: int, num_nodes: int, *, xp: Any) -> Any:
+    """``[B, E]``: the node whose slots hold each expert's group in ``fresh`` (groups on one node each)."""
+    present = node_groups(fresh, num_log, num_groups, num_nodes, xp=xp)  # [B, N, groups]
+    node_of_group = xp.astype(xp.argmax(xp.astype(present, xp.int32), axis=1), fresh.dtype)  # [B, groups]
+    group_of = _xp.iota(num_log, dtype=fresh.dtype, device=_xp.device(fresh), xp=xp) // (num_log // num_groups)
+    return _xp.take_along(node_of_group, xp.broadcast_to(group_of, (fresh.shape[0], num_log)), xp=xp)
+
+
+def kept_copies(old: Any, logcnt: Any, *, node_of: Any = None, num_nodes: int = 1, xp: Any) -> Any:
+    """``[B, R]`` bool: the copies of ``old`` (``-1``: empty) that :func:`recount` keeps for counts ``logcnt
+    [B, E]``: the first ``logcnt[e]`` copies of ``e`` in slot order (with ``node_of [B, E]`` and ``num_nodes >
+    1``: among those on ``e``'s node ``node_of[e]``; the others leave)."""
+    num_phy = old.shape[1]
+    dtype = old.dtype
+    slot = _xp.iota(num_phy, dtype=dtype, device=_xp.device(old), xp=xp)
+    held = old >= 0
+    safe = xp.where(held, old, xp.zeros_like(old))
+    eligible = held
+    if node_of is not None and num_nodes > 1:
+        eligible = eligible & (_xp.take_along(node_of, safe, xp=xp) == slot // (num_phy // num_nodes))
+    masked = xp.where(eligible, old, -1 - slot)  # ineligible slots match nothing
+    return eligible & (occurrence(masked, xp=xp) < _xp.take_along(xp.astype(logcnt, dtype), safe, xp=xp))
+
+
+def recount(
+    old: Any, keep: Any, logcnt: Any, slot_load: Any, gpu_time: Any, num_gpus: int, *, node_of: Any = None,
+    num_nodes: int = 1, xp: Any,
+) -> Any:  # fmt: skip
+    """``[B, R]``: ``old`` (``-1``: empty) keeping the copies ``keep`` (:func:`kept_copies`), with the copies
+    still missing for counts ``logcnt [B, E]`` in the other slots of live GPUs.
+
+    The missing copies (expert ``e`` short by ``logcnt[e]`` minus its kept
+    copies) are sorted by ``slot_load [B, E]`` (one replica's load), heaviest
+    first, ties to the lower expert id; the free slots of live GPUs by
+    ``gpu_time [B, G]`` (the kept copies' time on each GPU; ``+inf``: an idle
+    GPU, whose slots stay ``-1``), least first, ties to the lower slot; the
+    ``k``-th copy goes to the ``k``-th slot, per node with ``node_of`` and
+    ``num_nodes > 1`` (a node's free slots take its experts' copies). Where
+    the counts do not sum to the live slots (per node: the node's), some slot
+    stays ``-1`` or some count short: the caller checks the result.
+    """
+    batch, num_phy = old.shape
+    num_log = logcnt.shape[1]
+    device = _xp.device(old)
+    dtype = old.dtype
+    per_gpu = num_phy // num_gpus
+    live_slot = xp.reshape(
+        xp.broadcast_to(xp.reshape(gpu_time < xp.inf, (batch, num_gpus, 1)), (batch, num_gpus, per_gpu)),
+        (batch, num_phy),
+    )
+    keep = keep & live_slot
+    kept = xp.where(keep, old, xp.full_like(old, -1))
+    short = xp.astype(logcnt, dtype) - replica_counts(kept, num_log, xp=xp)  # [B, E] >= 0
+    free = live_slot & xp.logical_not(keep)
+    # Missing copies, heaviest replica first (stable: ties keep the lower expert id).
+    by_load = xp.astype(_xp.argsort_desc(slot_load, xp=xp), dtype)  # [B, E]
+    short_sorted = _xp.take_along(short, by_load, xp=xp)
+    # Free slots, least loaded GPU first (stable in slot order); occupied and idle slots last.
+    slot_time = xp.reshape(
+        xp.broadcast_to(xp.reshape(gpu_time, (batch, num_gpus, 1)), (batch, num_gpus, per_gpu)), (batch, num_phy)
+    )
+    key = xp.where(free, slot_time, xp.inf)
+    nodes = num_nodes if node_of is not None else 1
+    width = num_phy // nodes
+    key = xp.reshape(key, (batch * nodes, width))
+    free_rows = xp.reshape(free, (batch * nodes, width))
+    order = xp.astype(_xp.argsort_desc(-key, xp=xp), dtype)  # ascending time, stable (free slots first)
+    # Per node, the missing copies of its experts in that order; the k-th free slot takes the k-th one.
+    if nodes > 1:
+        node_ids = _xp.iota(nodes, dtype=dtype, device=device, xp=xp)
+        mine = _xp.take_along(node_of, by_load, xp=xp)[:, None, :] == node_ids[None, :, None]  # [B, N, E]
+        short_rows = xp.reshape(xp.where(mine, short_sorted[:, None, :], 0), (batch * nodes, num_log))
+        by_load_rows = xp.reshape(xp.broadcast_to(by_load[:, None, :], (batch, nodes, num_log)), (batch * nodes, -1))
+    else:
+        short_rows, by_load_rows = short_sorted, by_load
+    ends = xp.cumulative_sum(short_rows, axis=-1)  # [rows, E]
+    rank = _xp.iota(width, dtype=dtype, device=device, xp=xp)  # k-th free slot of the row
+    which = xp.sum(xp.astype(ends[:, None, :] <= rank[None, :, None], dtype), axis=-1)  # [rows, width]
+    expert = _xp.take_along(by_load_rows, xp.minimum(which, num_log - 1), xp=xp)
+    filled = (which < num_log) & (rank < xp.sum(xp.astype(free_rows, dtype), axis=-1, keepdims=True))
+    row_ids = xp.reshape(_xp.iota(batch * nodes, dtype=dtype, device=device, xp=xp), (-1, 1))
+    placed = xp.full((batch * nodes, width), -1, dtype=dtype, device=device)
+    placed = _xp.at_set(placed, (row_ids, order), xp.where(filled, expert, -1), xp=xp)
+    placed = xp.reshape(placed, (batch, num_phy))
+    return xp.where(keep, old, xp.where(free, placed, xp.full_like(old, -1)))
+
+
+def _gpu_times(weight: Any, phy2log: Any, logcnt: Any, inverse: Any, num_gpus: int, *, xp: Any) -> Any:
+    """``[B, G]`` float32: each GPU's time (its slots' replica loads summed left to right, times its inverse
+    capacity); ``-1`` slots weigh 0, idle GPUs (``inverse`` 0) read ``+inf`` (no free slot there)."""
+    batch, num_phy = phy2log.shape
+    reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
+    per_replica = replica_load(weight, logcnt, reciprocal, xp=xp)
+    held = phy2log >= 0
+    slot_load = _xp.take_along(per_replica, xp.where(held, phy2log, xp.zeros_like(phy2log)), xp=xp)
+    slot_load = xp.where(held, slot_load, xp.zeros_like(slot_load))
+    loads = sum_left_to_right(xp.reshape(slot_load, (batch, num_gpus, num_phy // num_gpus)), xp=xp)
+    return xp.where(inverse > 0, loads * inverse, xp.inf)
+
+
+def stabilize_capacity(
+    weight: Any,
+    fresh: Any,
+    logcnt: Any,
+    previous: Any,
+    capacity: Any,
+    inverse: Any,
+    num_gpus: int,
+    *,
+    tolerance: Any,
+    num_nodes: int = 1,
+    num_groups: int = 1,
+    xp: Any,
+    swaps_fn: Callable[..., Any] = refine_by_swaps_speed,
+    relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
+    align_slots_fn: Callable[..., Any] = align_slots,
+) -> tuple[Any, Any]:
+    """``phy2log [B, R]`` and ``logcnt [B, E]``: the candidates of this module's docstring for the fresh
+    placement ``fresh`` (``-1`` on idle GPUs) with ``logcnt``, from ``previous [B, R]`` (``-1``: empty),
+    on GPUs of float32 ``capacity [1, G]`` (0: idle) with ``inverse [1, G]``
+    (:func:`eplb.algorithms.speed.inverse_capacity`). ``num_nodes > 1``: the
+    hierarchical rule (relabelling and search within nodes, groups on the fresh
+    placement's nodes). ``swaps_fn`` (taking ``limit=``), ``relabel_pinned_fn``
+    (taking integer classes as ``live_gpu``) and ``align_slots_fn``: the
+    array-API functions or compiled kernels equal to them.
+    """
+    from eplb.algorithms.stability import _factor  # the healthy rule's limit, the same float32 bits
+
+    batch, num_phy = fresh.shape
+    num_log = weight.shape[1]
+    dtype = fresh.dtype
+    device = _xp.device(weight)
+    live = capacity_live(capacity, xp=xp)
+    live_gpu = xp.broadcast_to(xp.reshape(live, (-1, num_gpus)), (batch, num_gpus))
+    live_slot = _live_slot(live_gpu, batch, num_phy, num_gpus, xp=xp)
+    old = xp.where(live_slot, xp.astype(previous, dtype), xp.full_like(fresh, -1))
+    inverse = xp.broadcast_to(xp.where(live, inverse, xp.zeros_like(inverse)), (batch, num_gpus))
+    classes = capacity_classes(xp.where(live, capacity, xp.zeros_like(capacity)), batch, xp=xp)
+    base = relabel_pinned_fn(fresh, old, classes, num_gpus, num_nodes=num_nodes, xp=xp)
+    fresh_time = _max_time(weight, fresh, logcnt, inverse, num_gpus, xp=xp)  # [B, 1]
+    limit = fresh_time * _factor(tolerance, fresh_time, xp=xp)
+    # Kept: previous as it is. Recounted: previous with the fresh counts.
+    old_cnt = xp.astype(replica_counts(old, num_log, xp=xp), logcnt.dtype)
+    groups = num_groups if num_nodes > 1 else 1
+    kept_valid = covers_groups(old, old_cnt, groups, num_nodes, xp=xp) & xp.all(
+        (old >= 0) | xp.logical_not(live_slot), axis=-1, keepdims=True
+    )
+    reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=device)
+    node_of = _node_of_expert(fresh, num_log, groups, num_nodes, xp=xp) if num_nodes > 1 else None
+    keep = kept_copies(old, logcnt, node_of=node_of, num_nodes=num_nodes, xp=xp)
+    kept_time = _gpu_times(weight, xp.where(keep, old, xp.full_like(old, -1)), logcnt, inverse, num_gpus, xp=xp)
+    recounted = recount(
+        old, keep, logcnt, replica_load(weight, logcnt, reciprocal, xp=xp), kept_time, num_gpus, node_of=node_of,
+        num_nodes=num_nodes, xp=xp,
+    )  # fmt: skip
+    recounted_cnt = xp.astype(replica_counts(recounted, num_log, xp=xp), logcnt.dtype)
+    recounted_valid = xp.all(recounted_cnt == logcnt, axis=-1, keepdims=True) & covers_groups(
+        recounted, recounted_cnt, groups, num_nodes, xp=xp
+    )
+    # Both searched toward the limit, per (layer, node) row, stacked: [2B, R].
+    starts = xp.concat([old, recounted], axis=0)
+    counts = xp.concat([old_cnt, logcnt], axis=0)
+    weights = xp.concat([weight, weight], axis=0)
+    per_replica = replica_load(weights, counts, reciprocal, xp=xp)
+    held = starts >= 0
+    item_load = _xp.take_along(per_replica, xp.where(held, starts, xp.zeros_like(starts)), xp=xp)
+    item_load = xp.where(held, item_load, xp.zeros_like(item_load))
+    rows = 2 * batch * num_nodes
+    width = num_phy // num_nodes
+    row_limit = xp.reshape(xp.broadcast_to(xp.concat([limit, limit], axis=0), (2 * batch, num_nodes)), (rows, 1))
+    row_inverse = xp.reshape(xp.concat([inverse, inverse], axis=0), (rows, num_gpus // num_nodes))
+    row_live = xp.reshape(xp.concat([live_gpu, live_gpu], axis=0), (rows, num_gpus // num_nodes))
+    identity = xp.broadcast_to(_xp.iota(width, dtype=dtype, device=device, xp=xp), (rows, width))
+    slot2item = swaps_fn(
+        xp.reshape(item_load, (rows, width)), xp.asarray(identity, copy=True), row_inverse, row_live,
+        default_swap_rounds(num_gpus // num_nodes), limit=row_limit, xp=xp,
+    )  # fmt: skip
+    searched = xp.reshape(_xp.take_along(xp.reshape(starts, (rows, width)), slot2item, xp=xp), (2 * batch, num_phy))
+    searched_time = _max_time(weights, searched, counts, xp.concat([inverse, inverse], axis=0), num_gpus, xp=xp)
+    searched_within = (searched_time <= xp.concat([limit, limit], axis=0)) & xp.concat(
+        [kept_valid, recounted_valid], axis=0
+    )
+    # Candidates in order: relabelled, kept, recounted; the fewest moves within the limit (ties: the earlier).
+    candidates = xp.concat([base, searched], axis=0)  # [3B, R]
+    moves = count_moves(candidates, xp.concat([old, old, old], axis=0), num_gpus, xp=xp)  # [3B]
+    within = xp.concat([xp.ones_like(limit, dtype=bool), searched_within], axis=0)[:, 0]
+    moves = xp.where(within, moves, BIG)
+    choice = xp.argmin(xp.permute_dims(xp.reshape(moves, (3, batch)), (1, 0)), axis=-1)  # [B]
+    pick = choice * batch + xp.arange(batch, dtype=choice.dtype, device=device)
+    out = xp.take(candidates, pick, axis=0)
+    out_cnt = xp.take(xp.concat([logcnt, counts], axis=0), pick, axis=0)
+    return align_slots_fn(out, old, num_gpus, xp=xp), out_cnt
+
+
+def place_capacity_stable(
+    weight: Any,
+    previous: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    gpu_capacity: Any,
+    hierarchical: bool,
+    tolerance: Any = None,
+    policy: str = "greedy",
+    spill: int = 0,
+    node_fallback: bool | None = None,
+    uniform: bool | None = None,
+    xp: Any,
+    swaps_fn: Callable[..., Any] = refine_by_swaps_speed,
+    relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
+    align_slots_fn: Callable[..., Any] = align_slots,
+    **kernels: Callable[..., Any],
+) -> tuple[Any, Any, Any]:
+    """:func:`eplb.algorithms.capacity.place_capacity` keeping the experts of ``previous [L, R]`` (``-1``: an
+    empty slot) in place: ``phy2log`` (``-1`` on idle GPUs), ``log2phy`` (replicas in slot order), ``logcnt``.
+
+    The fresh placement is ``place_capacity``'s (``node_fallback``, ``uniform``
+    and ``kernels`` as there; ``swaps_fn`` too); the rest is
+    :func:`stabilize_capacity`'s, within nodes where the layer keeps groups on
+    nodes, across all live GPUs where it falls back to the global rule.
+    """
+    if policy != "greedy" or spill:
+        raise ValueError(f"gpu_capacity supports the greedy policy without spill, got {policy=}, {spill=}")
+    weight = clean_loads(weight, xp=xp)
+    num_log = weight.shape[1]
+    capacity = xp.reshape(clean_capacity(gpu_capacity, xp=xp), (-1, num_gpus))
+    if not hierarchical:
+        num_groups = num_nodes = 1
+    fresh, _, logcnt = rebalance_capacity(
+        weight, capacity, num_replicas, num_groups, num_nodes, num_gpus, fallback=node_fallback, uniform=uniform,
+        xp=xp, swaps_fn=swaps_fn, **kernels,
+    )  # fmt: skip
+    inverse = inverse_capacity(capacity, xp=xp)
+    steps = {"swaps_fn": swaps_fn, "relabel_pinned_fn": relabel_pinned_fn, "align_slots_fn": align_slots_fn}
+
+    def stable(nodes: int) -> tuple[Any, Any]:
+        return stabilize_capacity(
+            weight, fresh, logcnt, previous, capacity, inverse, num_gpus, tolerance=tolerance, num_nodes=nodes,
+            num_groups=num_groups, xp=xp, **steps,
+        )  # fmt: skip
+
+    if num_nodes == 1 or node_fallback:
+        phy2log, logcnt = stable(1)
+    elif node_fallback is False:
+        phy2log, logcnt = stable(num_nodes)
+    else:  # decided on the device, as rebalance_capacity did: layers short of node slots ran the global rule
+        live = capacity_live(capacity, xp=xp)
+        _, node_slots = _live_rows(weight, live, num_replicas, num_nodes, num_gpus, xp=xp)
+        short = xp.any(xp.reshape(node_slots, (weight.shape[0], num_nodes)) < num_log // num_nodes, axis=-1)
+        within_nodes, cnt = stable(num_nodes)
+        across, across_cnt = stable(1)
+        phy2log = xp.where(short[:, None], across, within_nodes)
+        logcnt = xp.where(short[:, None], across_cnt, cnt)
+    live = capacity_live(capacity, xp=xp)
+    _, live_slots = _live_rows(weight, live, num_replicas, 1, num_gpus, xp=xp)  # [L, 1]
+    phy2log = xp.where(live_slots >= num_log, phy2log, fresh)  # too few live slots: the empty placement
+    phyrank = xp.where(phy2log >= 0, occurrence(phy2log, xp=xp), xp.full_like(phy2log, -1))
+    return phy2log, build_log2phy_masked(phy2log, phyrank, num_log, xp=xp), logcnt
