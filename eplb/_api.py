@@ -579,7 +579,9 @@ def rebalance_experts(
         to float32 rounding of the sums), and no more experts move than in
         that placement relabelled among equal-capacity GPUs. Capacities
         read on the host that are all equal take the ``active_gpus`` rule
-        (or the plain one, every GPU live); same GPU count only.
+        (or the plain one, every GPU live); capacities decided on the device
+        (traced, or device tensors with ``check_values`` off) take this rule
+        whatever their values, with the same promises. Same GPU count only.
 
     Returns
     -------

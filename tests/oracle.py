@@ -426,6 +426,33 @@ def best_relabel_moves(old: np.ndarray, new: np.ndarray, live, num_gpus: int) ->
     return np.array(out, dtype=np.int64)
 
 
+def best_class_relabel_moves(old: np.ndarray, new: np.ndarray, classes: list, num_gpus: int) -> np.ndarray:
+    """``[L]``: the fewest :func:`moves` of ``new`` over permutations of the GPUs that keep each GPU's
+    contents whole and map it onto a GPU of its own class (``classes[g]``, any hashable: e.g. a capacity, or
+    a (capacity, node) pair); scipy's assignment solver, no eplb code."""
+    from collections import Counter
+
+    from scipy.optimize import linear_sum_assignment
+
+    per_gpu = np.asarray(new).shape[1] // num_gpus
+    big = 10 * np.asarray(new).shape[1] + 1  # above any total of allowed pairs: never taken
+    out = []
+    for old_row, new_row in zip(np.asarray(old).tolist(), np.asarray(new).tolist(), strict=True):
+        had = [Counter(e for e in old_row[g * per_gpu : (g + 1) * per_gpu] if e >= 0) for g in range(num_gpus)]
+        has = [Counter(e for e in new_row[g * per_gpu : (g + 1) * per_gpu] if e >= 0) for g in range(num_gpus)]
+        cost = np.array(
+            [
+                [sum((has[i] - had[j]).values()) if classes[i] == classes[j] else big for j in range(num_gpus)]
+                for i in range(num_gpus)
+            ]
+        )
+        rows, cols = linear_sum_assignment(cost)
+        total = int(cost[rows, cols].sum())
+        assert total < big, "no class-preserving permutation"
+        out.append(total)
+    return np.array(out, dtype=np.int64)
+
+
 def plan_arrays_reference(plan, capacity=None):
     """``eplb.executors.jax.plan_arrays`` as its original loop, one Python iteration per plan row (the oracle of
     the vectorised one, and the "before" of benchmarks/executors_jax.py)."""

@@ -3,7 +3,8 @@
 :func:`check_kernels` runs a kernel module's ``lpt_pack_speed``, ``pair_pack_speed`` and
 ``refine_by_swaps_speed`` on random and degenerate rows (idle packs holding the phantoms, every pack but one
 idle, tied loads and speeds, all-zero rows, one item a pack; starts from LPT, shuffled, and with the heaviest
-items on the slowest packs, where whole exchanges win; rounds cut short or run to the end; budgets that every
+items on the slowest packs, where whole exchanges win; rounds cut short or run to the end; a limit that stops
+rows half-way, at once, or not at all; budgets that every
 pair, some pairs or no pair meets) and asserts they equal the array-API functions. The Triton test runs it in a
 subprocess under Triton's interpreter (and on CUDA), the numba test in process.
 """
@@ -41,6 +42,7 @@ def inputs(rows: int, packs: int, per: int, rng: np.random.Generator) -> tuple[n
 
 def check_kernels(st: Any, put: Callable[[np.ndarray], Any], get: Callable[[Any], np.ndarray], shapes=SHAPES) -> None:
     """``st``'s three kernels equal the array-API functions; ``put`` converts inputs, ``get`` outputs."""
+    stopped_early = 0
     for shape_id, (rows, packs, per) in enumerate(shapes):
         rng = np.random.default_rng(shape_id)
         load, live, inverse = inputs(rows, packs, per, rng)
@@ -77,6 +79,20 @@ def check_kernels(st: Any, put: Callable[[np.ndarray], Any], get: Callable[[Any]
                 if iters == 1 and per > 1:  # one round: an exchange moves every slot of two packs
                     moved = (want_s != start).reshape(rows, packs, per).all(axis=2).sum(axis=1)
                     exchanged += int(np.sum(moved >= 2))
+
+        # With a limit a row stops once its slowest time is within it: half-way between the start's time and
+        # the full search's, at the start's (no change), per row mixed with no limit (-inf).
+        full = speed.refine_by_swaps_speed(load, shuffled, inverse, live, 200, xp=np)
+        times = [np.max(speed.pack_times(np.take_along_axis(load, p, axis=1), inverse, live, xp=np), axis=1)
+                 for p in (shuffled, full)]  # fmt: skip
+        half = ((times[0] + times[1]) * np.float32(0.5)).astype(np.float32)
+        mixed = np.where(np.arange(rows) % 2 == 0, half, np.float32(-np.inf)).astype(np.float32)
+        args = (put(load), put(shuffled), put(inverse), put(live), 200)
+        for limit in (half[:, None], times[0][:, None], mixed[:, None]):
+            want_l = speed.refine_by_swaps_speed(load, shuffled, inverse, live, 200, limit=limit, xp=np)
+            got_l = get(st.refine_by_swaps_speed(*args, limit=put(limit)))
+            np.testing.assert_array_equal(got_l, want_l, err_msg=str((shape_id, "limit")))
+            stopped_early += int(np.sum(np.any(want_l != full, axis=1)))
         if per > 1 and packs > 1:  # a slow pack full of heavy items beside fast light ones: an exchange wins
             slow = np.ones((1, packs), np.float32)
             slow[0, 0] = 0.25
@@ -97,3 +113,4 @@ def check_kernels(st: Any, put: Callable[[np.ndarray], Any], get: Callable[[Any]
             want_p = speed.pair_pack_speed(load, live, inverse, budget, xp=np)
             got_p = get(st.pair_pack_speed(put(load), put(live), put(inverse), put(budget)))
             np.testing.assert_array_equal(got_p, want_p, err_msg=str((shape_id, scale)))
+    assert stopped_early > 0, "no limit stopped a search"

@@ -16,9 +16,15 @@ layer:
    fewest changes (:func:`recount`: an expert's surplus copies leave its last
    slots, the experts short of copies fill the freed slots, lightest GPUs'
    slots first with the heaviest replicas); under the hierarchical rule
-   every expert's copies end on the node the fresh placement gives its group.
+   every expert's copies end on the node the fresh placement gives its group;
+4. *repacked*: the fresh replicas repacked near their old GPUs
+   (:func:`eplb.algorithms.repair.sticky_pack` per node row, as the
+   ``active_gpus`` rule does) within the limit, plain and with ``reserve``,
+   and with no limit. Times become loads against one limit: GPU ``g`` starts
+   at ``limit * (top - c_g)`` (``top``: the fastest live capacity), so it
+   reaches ``limit * top`` when its own load reaches ``limit * c_g``.
 
-2 and 3 are then searched by swaps and exchanges out of the slowest GPU
+2, 3 and 4 are then searched by swaps and exchanges out of the slowest GPU
 (:func:`eplb.algorithms.speed.refine_by_swaps_speed`, per node under the
 hierarchical rule) until within the limit. Per layer the candidate within the
 limit with the fewest moves wins, ties to the earlier in that order; slots
@@ -39,9 +45,10 @@ from eplb.algorithms.assignment import BIG
 from eplb.algorithms.capacity import _max_time, default_swap_rounds, rebalance_capacity
 from eplb.algorithms.elastic import _live_rows, _live_slot, build_log2phy_masked, relabel_pinned
 from eplb.algorithms.hierarchy import covers_groups, node_groups
-from eplb.algorithms.loads import clean_loads
+from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.packing import sum_left_to_right
 from eplb.algorithms.relabel import align_slots, count_moves, occurrence, replica_counts
+from eplb.algorithms.repair import sticky_pack
 from eplb.algorithms.replication import replica_load
 from eplb.algorithms.speed import capacity_live, clean_capacity, inverse_capacity, refine_by_swaps_speed
 
@@ -143,9 +150,11 @@ def recount(
     return xp.where(keep, old, xp.where(free, placed, xp.full_like(old, -1)))
 
 
-def _gpu_times(weight: Any, phy2log: Any, logcnt: Any, inverse: Any, num_gpus: int, *, xp: Any) -> Any:
+def _gpu_times(
+    weight: Any, phy2log: Any, logcnt: Any, inverse: Any, live_gpu: Any, num_gpus: int, *, xp: Any
+) -> Any:  # fmt: skip
     """``[B, G]`` float32: each GPU's time (its slots' replica loads summed left to right, times its inverse
-    capacity); ``-1`` slots weigh 0, idle GPUs (``inverse`` 0) read ``+inf`` (no free slot there)."""
+    capacity); ``-1`` slots weigh 0, idle GPUs (``live_gpu`` false) read ``+inf`` (no free slot there)."""
     batch, num_phy = phy2log.shape
     reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
     per_replica = replica_load(weight, logcnt, reciprocal, xp=xp)
@@ -153,7 +162,7 @@ def _gpu_times(weight: Any, phy2log: Any, logcnt: Any, inverse: Any, num_gpus: i
     slot_load = _xp.take_along(per_replica, xp.where(held, phy2log, xp.zeros_like(phy2log)), xp=xp)
     slot_load = xp.where(held, slot_load, xp.zeros_like(slot_load))
     loads = sum_left_to_right(xp.reshape(slot_load, (batch, num_gpus, num_phy // num_gpus)), xp=xp)
-    return xp.where(inverse > 0, loads * inverse, xp.inf)
+    return xp.where(live_gpu, loads * inverse, xp.inf)
 
 
 def stabilize_capacity(
@@ -172,6 +181,7 @@ def stabilize_capacity(
     swaps_fn: Callable[..., Any] = refine_by_swaps_speed,
     relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
     align_slots_fn: Callable[..., Any] = align_slots,
+    sticky_pack_fn: Callable[..., Any] = sticky_pack,
 ) -> tuple[Any, Any]:
     """``phy2log [B, R]`` and ``logcnt [B, E]``: the candidates of this module's docstring for the fresh
     placement ``fresh`` (``-1`` on idle GPUs) with ``logcnt``, from ``previous [B, R]`` (``-1``: empty),
@@ -192,7 +202,7 @@ def stabilize_capacity(
     live_gpu = xp.broadcast_to(xp.reshape(live, (-1, num_gpus)), (batch, num_gpus))
     live_slot = _live_slot(live_gpu, batch, num_phy, num_gpus, xp=xp)
     old = xp.where(live_slot, xp.astype(previous, dtype), xp.full_like(fresh, -1))
-    inverse = xp.broadcast_to(xp.where(live, inverse, xp.zeros_like(inverse)), (batch, num_gpus))
+    inverse = xp.broadcast_to(inverse, (batch, num_gpus))  # (idle GPUs: 1.0, never read as a time)
     classes = capacity_classes(xp.where(live, capacity, xp.zeros_like(capacity)), batch, xp=xp)
     base = relabel_pinned_fn(fresh, old, classes, num_gpus, num_nodes=num_nodes, xp=xp)
     fresh_time = _max_time(weight, fresh, logcnt, inverse, num_gpus, xp=xp)  # [B, 1]
@@ -206,7 +216,8 @@ def stabilize_capacity(
     reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=device)
     node_of = _node_of_expert(fresh, num_log, groups, num_nodes, xp=xp) if num_nodes > 1 else None
     keep = kept_copies(old, logcnt, node_of=node_of, num_nodes=num_nodes, xp=xp)
-    kept_time = _gpu_times(weight, xp.where(keep, old, xp.full_like(old, -1)), logcnt, inverse, num_gpus, xp=xp)
+    kept = xp.where(keep, old, xp.full_like(old, -1))
+    kept_time = _gpu_times(weight, kept, logcnt, inverse, live_gpu, num_gpus, xp=xp)
     recounted = recount(
         old, keep, logcnt, replica_load(weight, logcnt, reciprocal, xp=xp), kept_time, num_gpus, node_of=node_of,
         num_nodes=num_nodes, xp=xp,
@@ -215,35 +226,63 @@ def stabilize_capacity(
     recounted_valid = xp.all(recounted_cnt == logcnt, axis=-1, keepdims=True) & covers_groups(
         recounted, recounted_cnt, groups, num_nodes, xp=xp
     )
-    # Both searched toward the limit, per (layer, node) row, stacked: [2B, R].
-    starts = xp.concat([old, recounted], axis=0)
-    counts = xp.concat([old_cnt, logcnt], axis=0)
-    weights = xp.concat([weight, weight], axis=0)
+    # The fresh replicas repacked near their old GPUs (sticky_pack, per (layer, node) row) within the limit,
+    # plain and with reserve, and with no limit (most stay home; the search sheds the overload). Times become
+    # loads against one limit: GPU g starts at limit * (top - c_g) (top: the fastest live capacity), so it
+    # reaches limit * top when its own load reaches limit * c_g, its time the limit (up to float32 rounding;
+    # every candidate's time is checked below).
+    top = xp.max(xp.where(live, capacity, xp.zeros_like(capacity)), axis=-1, keepdims=True)  # [1, 1]
+    headroom = xp.where(live_gpu, limit * top - limit * capacity, xp.inf)  # [B, G]
+    per_replica = replica_load(weight, logcnt, reciprocal, xp=xp)
+    base_held = base >= 0
+    base_load = _xp.take_along(per_replica, xp.where(base_held, base, xp.zeros_like(base)), xp=xp)
+    base_load = xp.where(base_held, base_load, -xp.ones_like(base_load))  # empty slots come last
+    rows = (batch * num_nodes, num_phy // num_nodes)
+    node_limit = xp.reshape(xp.broadcast_to(limit * top, (batch, num_nodes)), (batch * num_nodes, 1))
+    unbounded = xp.full(node_limit.shape, MAX_LOAD, dtype=node_limit.dtype, device=device)
+    stickies = [
+        xp.reshape(
+            sticky_pack_fn(
+                xp.reshape(base, rows), xp.reshape(old, rows), xp.reshape(base_load, rows), pack_limit,
+                num_gpus // num_nodes, initial_load=xp.reshape(headroom, (batch * num_nodes, -1)), reserve=reserve,
+                xp=xp,
+            ),
+            (batch, num_phy),
+        )
+        for reserve, pack_limit in ((False, node_limit), (True, node_limit), (False, unbounded))
+    ]  # fmt: skip
+    # Every start searched toward the limit, per (layer, node) row, stacked [k * B + b]: kept, recounted, then
+    # the three repackings.
+    starts = xp.concat([old, recounted, *stickies], axis=0)
+    num_starts = 2 + len(stickies)
+    counts = xp.concat([old_cnt] + [logcnt] * (num_starts - 1), axis=0)
+    valid = xp.concat([kept_valid, recounted_valid] + [xp.ones_like(kept_valid)] * len(stickies), axis=0)
+    weights, inverses, limits, lives = (xp.concat([a] * num_starts, axis=0) for a in (weight, inverse, limit, live_gpu))
     per_replica = replica_load(weights, counts, reciprocal, xp=xp)
     held = starts >= 0
     item_load = _xp.take_along(per_replica, xp.where(held, starts, xp.zeros_like(starts)), xp=xp)
     item_load = xp.where(held, item_load, xp.zeros_like(item_load))
-    rows = 2 * batch * num_nodes
+    row_count = num_starts * batch * num_nodes
     width = num_phy // num_nodes
-    row_limit = xp.reshape(xp.broadcast_to(xp.concat([limit, limit], axis=0), (2 * batch, num_nodes)), (rows, 1))
-    row_inverse = xp.reshape(xp.concat([inverse, inverse], axis=0), (rows, num_gpus // num_nodes))
-    row_live = xp.reshape(xp.concat([live_gpu, live_gpu], axis=0), (rows, num_gpus // num_nodes))
-    identity = xp.broadcast_to(_xp.iota(width, dtype=dtype, device=device, xp=xp), (rows, width))
+    row_limit = xp.reshape(xp.broadcast_to(limits, (num_starts * batch, num_nodes)), (row_count, 1))
+    row_inverse = xp.reshape(inverses, (row_count, num_gpus // num_nodes))
+    row_live = xp.reshape(lives, (row_count, num_gpus // num_nodes))
+    identity = xp.broadcast_to(_xp.iota(width, dtype=dtype, device=device, xp=xp), (row_count, width))
     slot2item = swaps_fn(
-        xp.reshape(item_load, (rows, width)), xp.asarray(identity, copy=True), row_inverse, row_live,
+        xp.reshape(item_load, (row_count, width)), xp.asarray(identity, copy=True), row_inverse, row_live,
         default_swap_rounds(num_gpus // num_nodes), limit=row_limit, xp=xp,
     )  # fmt: skip
-    searched = xp.reshape(_xp.take_along(xp.reshape(starts, (rows, width)), slot2item, xp=xp), (2 * batch, num_phy))
-    searched_time = _max_time(weights, searched, counts, xp.concat([inverse, inverse], axis=0), num_gpus, xp=xp)
-    searched_within = (searched_time <= xp.concat([limit, limit], axis=0)) & xp.concat(
-        [kept_valid, recounted_valid], axis=0
+    searched = xp.reshape(
+        _xp.take_along(xp.reshape(starts, (row_count, width)), slot2item, xp=xp), (num_starts * batch, num_phy)
     )
-    # Candidates in order: relabelled, kept, recounted; the fewest moves within the limit (ties: the earlier).
-    candidates = xp.concat([base, searched], axis=0)  # [3B, R]
-    moves = count_moves(candidates, xp.concat([old, old, old], axis=0), num_gpus, xp=xp)  # [3B]
+    searched_within = (_max_time(weights, searched, counts, inverses, num_gpus, xp=xp) <= limits) & valid
+    # Candidates in order: relabelled, then the searched starts; the fewest moves within the limit (ties: the
+    # earlier).
+    candidates = xp.concat([base, searched], axis=0)  # [(k + 1) B, R]
+    moves = count_moves(candidates, xp.concat([old] * (num_starts + 1), axis=0), num_gpus, xp=xp)
     within = xp.concat([xp.ones_like(limit, dtype=bool), searched_within], axis=0)[:, 0]
     moves = xp.where(within, moves, BIG)
-    choice = xp.argmin(xp.permute_dims(xp.reshape(moves, (3, batch)), (1, 0)), axis=-1)  # [B]
+    choice = xp.argmin(xp.permute_dims(xp.reshape(moves, (num_starts + 1, batch)), (1, 0)), axis=-1)  # [B]
     pick = choice * batch + xp.arange(batch, dtype=choice.dtype, device=device)
     out = xp.take(candidates, pick, axis=0)
     out_cnt = xp.take(xp.concat([logcnt, counts], axis=0), pick, axis=0)
@@ -269,6 +308,7 @@ def place_capacity_stable(
     swaps_fn: Callable[..., Any] = refine_by_swaps_speed,
     relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
     align_slots_fn: Callable[..., Any] = align_slots,
+    sticky_pack_fn: Callable[..., Any] = sticky_pack,
     **kernels: Callable[..., Any],
 ) -> tuple[Any, Any, Any]:
     """:func:`eplb.algorithms.capacity.place_capacity` keeping the experts of ``previous [L, R]`` (``-1``: an
@@ -286,12 +326,18 @@ def place_capacity_stable(
     capacity = xp.reshape(clean_capacity(gpu_capacity, xp=xp), (-1, num_gpus))
     if not hierarchical:
         num_groups = num_nodes = 1
+    packer = {} if sticky_pack_fn is sticky_pack else {"sticky_pack_fn": sticky_pack_fn}  # a compiled one packs too
     fresh, _, logcnt = rebalance_capacity(
         weight, capacity, num_replicas, num_groups, num_nodes, num_gpus, fallback=node_fallback, uniform=uniform,
-        xp=xp, swaps_fn=swaps_fn, **kernels,
+        xp=xp, swaps_fn=swaps_fn, **packer, **kernels,
     )  # fmt: skip
     inverse = inverse_capacity(capacity, xp=xp)
-    steps = {"swaps_fn": swaps_fn, "relabel_pinned_fn": relabel_pinned_fn, "align_slots_fn": align_slots_fn}
+    steps = {
+        "swaps_fn": swaps_fn,
+        "relabel_pinned_fn": relabel_pinned_fn,
+        "align_slots_fn": align_slots_fn,
+        "sticky_pack_fn": sticky_pack_fn,
+    }
 
     def stable(nodes: int) -> tuple[Any, Any]:
         return stabilize_capacity(

@@ -1,0 +1,100 @@
+"""Keep-in-place planning on GPUs of unequal speed: ``gpu_capacity=`` with ``previous=``, moves and time-balance.
+
+Half the GPUs at 0.6 (``benchmarks/capacity.py``'s layouts and configs, 288
+slots). Per trace and config, chains of re-plans over the same windows, each
+call given the last result (the first window planned fresh):
+
+- oblivious: ``rebalance_experts(w, ..., gpu_capacity=c)`` every time (no ``previous``);
+- ``previous=`` alone, and with ``balance_tolerance`` 0.005 and 0.05.
+
+Moved experts are counted by the plain-Python counter of ``tests/oracle.py``
+(new ``(expert, GPU)`` pairs), time-balance by its float64 scorer
+(``oracle.capacity_balance64``: (total load / total capacity) / slowest GPU's
+time) on the window planned for, mean over layers and steps. Traces: the 12
+SGLang DeepSeek-V3 files in name order (all-zero layers dropped from every
+file where any is zero), and lognormal drift 0.03 and 0.1 of DeepSeek-V3's
+shape (16 layers, 9 windows). ms: median numpy call of the chain (2-core CPU).
+
+    python benchmarks/capacity_keep.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import eplb
+from benchmarks.capacity import CONFIGS, half_slow, loads
+from benchmarks.migration import drifting
+from tests import oracle
+
+TOLERANCES = (None, 0.005, 0.05)
+
+
+def chain(windows: list[np.ndarray], sizes: tuple, caps: np.ndarray, tolerance: object) -> tuple[int, float, float]:
+    """Moved experts over the chain, mean time-balance, median ms a call (``tolerance`` ``"oblivious"``: no
+    ``previous``)."""
+    replicas, groups, nodes, gpus, hierarchical = sizes
+    config = {"hierarchical": hierarchical, "gpu_capacity": caps}
+    placement = eplb.rebalance_experts(windows[0], replicas, groups, nodes, gpus, **config).phy2log
+    moved, balance, times = 0, [], []
+    for weight in windows[1:]:
+        keep = {} if tolerance == "oblivious" else {"previous": placement, "balance_tolerance": tolerance}
+        start = time.perf_counter()
+        result = eplb.rebalance_experts(weight, replicas, groups, nodes, gpus, **config, **keep).phy2log
+        times.append(time.perf_counter() - start)
+        moved += int(oracle.moves(placement, result, gpus).sum())
+        balance.append(float(oracle.capacity_balance64(weight, result, gpus, caps).mean()))
+        placement = result
+    return moved, float(np.mean(balance)), float(np.median(times)) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the real files only, one layout per config")
+    args = parser.parse_args()
+    from eplb.backends import _numba
+
+    _numba.warm_up()
+    files = loads()
+    traces = []
+    if files:
+        keep = np.all([f.sum(axis=1) > 0 for f in (np.asarray(_full(name)) for name, _ in files)], axis=0)
+        traces.append(("DeepSeek-V3 files", [_full(name)[keep] for name, _ in files]))
+    if not args.quick:
+        for drift in (0.03, 0.1):
+            traces.append((f"lognormal drift {drift}", drifting(16, 256, 9, drift, seed=1)))
+    print("| trace | config | slow half | rule | moved | share of oblivious | time-balance | ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for trace, windows in traces:
+        for name, (replicas, groups, nodes, gpus, hierarchical, layouts) in CONFIGS.items():
+            for layout in layouts[:1] if args.quick else layouts:
+                caps = half_slow(gpus, layout)
+                sizes = (replicas, groups, nodes, gpus, hierarchical)
+                oblivious = chain(windows, sizes, caps, "oblivious")
+                rows = [("oblivious", oblivious)] + [(f"previous=, tolerance {t}", chain(windows, sizes, caps, t))
+                                                     for t in TOLERANCES]  # fmt: skip
+                for rule, (moved, balance, ms) in rows:
+                    share = moved / max(oblivious[0], 1)
+                    print(
+                        f"| {trace} | {name} | {layout} | {rule} | {moved} | {share:.1%} | {balance:.4f} | {ms:.1f} |"
+                    )
+
+
+def _full(name: str) -> np.ndarray:
+    """One SGLang file's ``logical_count`` [61, 256], every layer."""
+    import json
+
+    from benchmarks.capacity import DATA
+
+    return np.asarray(json.loads((DATA / "deepseek-v3-sglang" / f"{name}.json").read_text())["logical_count"])
+
+
+if __name__ == "__main__":
+    main()
