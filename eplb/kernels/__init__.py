@@ -38,7 +38,10 @@ run ``speed_numba`` [1]_. On torch CUDA, ``active_gpus=`` runs
 ``group_split_triton`` [2]_ (the fresh placements' replication, packing and
 group splits too, with or without ``previous=``), and ``gpu_capacity=``
 runs ``speed_triton`` with the same replication and packing kernels [2]_;
-the rest of those calls is torch ops.
+the rest of those calls is torch ops. ``gpu_capacity=`` with ``previous=``
+adds ``relabel_pinned`` on capacity classes, ``sticky_pack`` and
+``align_slots`` (numba [1]_ or Triton [2]_) and the swap search with a
+limit; XLA on JAX.
 
 ``spill=`` runs the array-API path everywhere. Where a kernel does not
 apply the array-API path runs, with the same placement.
