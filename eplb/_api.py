@@ -538,9 +538,11 @@ def rebalance_experts(
         sources, never destinations) and ``previous`` padded with empty
         slots for GPUs that join; the result is cut back to
         ``num_gpus``. Global policy only (``hierarchical=False``; one group
-        and one node count as global), greedy, no ``max_moves`` or
-        ``gpu_capacity`` yet. ``eplb.plan_transfers(previous, result,
-        num_gpus=num_gpus)`` plans the moves across the two sizes.
+        and one node count as global), greedy, no ``max_moves`` yet. With
+        ``gpu_capacity`` (``[num_gpus]``) the rule of that argument runs
+        instead, on the capacities padded with 0 for GPUs that leave.
+        ``eplb.plan_transfers(previous, result, num_gpus=num_gpus)`` plans
+        the moves across the two sizes.
     gpu_capacity : array [num_gpus], real numbers >= 0, keyword-only
         Relative speed of each GPU (read as float32; 0: an idle GPU, whose
         slots hold ``-1`` as a failed one's under ``active_gpus``). Every GPU
@@ -685,6 +687,18 @@ def _slots_of(previous: Any) -> int | None:
     return int(shape[1]) if len(shape) == 2 else None
 
 
+def _leaving(values: Any, name: str, num_gpus: int, total: int) -> Any:
+    """A per-GPU vector ``[num_gpus]`` (``active_gpus`` or ``gpu_capacity``) padded with zeros (``False``: GPUs
+    that leave) to ``[total]``, in its own namespace."""
+    if isinstance(values, list | tuple):
+        values = np.asarray(values)
+    if tuple(getattr(values, "shape", ())) != (num_gpus,):
+        raise ValueError(f"{name} must have shape [num_gpus] = [{num_gpus}], got {list(np.shape(values))}")
+    space = _xp.array_namespace(values)
+    leaving = space.zeros((total - num_gpus,), dtype=values.dtype, device=_xp.device(values))
+    return space.concat([values, leaving])
+
+
 def _across_sizes(
     weight: Any, previous: Any, sizes: tuple, active_gpus: Any, gpu_capacity: Any, knobs: dict[str, Any]
 ) -> Placement:
@@ -702,7 +716,6 @@ def _across_sizes(
         "the hierarchical policy (pass hierarchical=False)" if hierarchical else None,
         f"policy={policy!r}" if policy != "greedy" else None,
         f"spill={spill}" if spill else None,
-        "gpu_capacity=" if gpu_capacity is not None else None,
         "max_moves=" if knobs["max_moves"] is not None else None,
     ]
     others = [o for o in others if o is not None]
@@ -722,17 +735,18 @@ def _across_sizes(
                         device=_xp.device(previous))  # fmt: skip
         previous = xp.concat([previous, empty], axis=1)
     mask = np.ones(num_gpus, dtype=bool) if active_gpus is None else active_gpus
-    if isinstance(mask, list | tuple):
-        mask = np.asarray(mask)
+    speeds = {}
     if total > num_gpus:  # scale down: GPUs num_gpus.. leave (their experts are sources, not destinations)
-        if tuple(getattr(mask, "shape", ())) != (num_gpus,):
-            raise ValueError(f"active_gpus must have shape [num_gpus] = [{num_gpus}], got {list(mask.shape)}")
-        mask_xp = _xp.array_namespace(mask)
-        leaving = mask_xp.zeros((total - num_gpus,), dtype=mask.dtype, device=_xp.device(mask))
-        mask = mask_xp.concat([mask, leaving])
+        mask = _leaving(mask, "active_gpus", num_gpus, total)
+        if gpu_capacity is not None:  # (capacity 0: idle, as a failed GPU)
+            speeds["gpu_capacity"] = _leaving(gpu_capacity, "gpu_capacity", num_gpus, total)
+    elif gpu_capacity is not None:
+        speeds["gpu_capacity"] = gpu_capacity
+    if gpu_capacity is not None and active_gpus is None:
+        mask = None  # the capacities alone say which GPUs are live
     placement = rebalance_experts(
         weight, total * per_gpu, num_groups, 1, total, hierarchical=False, previous=previous, active_gpus=mask,
-        balance_tolerance=knobs["balance_tolerance"], check_values=knobs["check_values"],
+        balance_tolerance=knobs["balance_tolerance"], check_values=knobs["check_values"], **speeds,
     )  # fmt: skip
     if total == num_gpus:
         return placement

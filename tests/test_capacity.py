@@ -465,8 +465,7 @@ def test_capacities_of_another_framework():
     [
         ({"policy": "refined"}, "policy='refined'"),
         ({"spill": 1}, "spill=1"),
-        ({"previous": np.zeros((2, 32), np.int64)}, "previous="),
-        ({"previous": np.zeros((2, 32), np.int64), "max_moves": 3}, "previous=, max_moves="),
+        ({"previous": np.zeros((2, 32), np.int64), "max_moves": 3}, "max_moves="),
     ],
 )
 def test_unsupported_combinations(options, match):

@@ -221,6 +221,39 @@ def test_traced_equal_capacities_keep_the_promises():
     assert (oracle.moves(prev, got[0], gpus) <= bound).all()
 
 
+@pytest.mark.parametrize("before, after", [(6, 4), (4, 6)], ids=["scale down", "scale up"])
+def test_a_changed_gpu_count(before, after):
+    """previous= from another GPU count with capacities: GPU g is the same GPU on both sides; valid, within
+    the limit of the fresh plan on the new count, no more moves than that plan relabelled among equal
+    capacities (the old placement cut or padded to the new count), the same on numpy, torch and JAX."""
+    per, experts = 4, 12
+    w = _loads(experts, seed=9)
+    prev = eplb.rebalance_experts(w, before * per, 1, 1, before, gpu_capacity=np.tile([1, 0.6], before // 2)).phy2log
+    caps = np.tile([1, 0.5], after // 2)
+    w = _drifted(w, seed=10)
+    got = eplb.rebalance_experts(w, after * per, 1, 1, after, gpu_capacity=caps, previous=prev, balance_tolerance=0.05)
+    _check_valid(got, experts, after * per, after, np.ones(after, bool))
+    torch_got = eplb.rebalance_experts(
+        torch.as_tensor(w), after * per, 1, 1, after, gpu_capacity=torch.as_tensor(caps),
+        previous=torch.as_tensor(prev), balance_tolerance=0.05,
+    )  # fmt: skip
+    _same(torch_got, got, "torch")
+    if after > before:  # (one JAX compile: the rule itself is checked on JAX above)
+        jax_got = eplb.rebalance_experts(
+            jnp.asarray(w), after * per, 1, 1, after, gpu_capacity=jnp.asarray(caps, jnp.float32),
+            previous=jnp.asarray(prev), balance_tolerance=0.05,
+        )  # fmt: skip
+        _same(jax_got, got, "JAX")
+    fresh = eplb.rebalance_experts(w, after * per, 1, 1, after, gpu_capacity=caps).phy2log
+    limit = oracle.capacity_times64(w, fresh, after, caps).max(axis=1) * 1.05 * (1 + 1e-5)
+    assert (oracle.capacity_times64(w, got.phy2log, after, caps).max(axis=1) <= limit).all()
+    aligned = np.full((w.shape[0], after * per), -1)
+    aligned[:, : min(before, after) * per] = prev[:, : min(before, after) * per]
+    classes = [(float(np.float32(c)), 0) for c in caps]
+    bound = oracle.best_class_relabel_moves(aligned, fresh, classes, after)
+    assert (oracle.moves(aligned, got.phy2log, after) <= bound).all()
+
+
 def test_recount_changes_the_fewest_slots():
     """recount: the new counts exactly, every live slot filled, and only as many slots changed as copies were
     missing (plain-Python count), idle GPUs' slots empty."""

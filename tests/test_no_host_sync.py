@@ -53,6 +53,7 @@ CALLS = {
     "active_gpus + previous": {"active_gpus": True, "previous": True},
     "active_gpus + previous + tolerance": {"active_gpus": True, "previous": True, "balance_tolerance": 0.05},
     "gpu_capacity": {"gpu_capacity": True},
+    "gpu_capacity + previous + tolerance": {"gpu_capacity": True, "previous": True, "balance_tolerance": 0.01},
 }
 
 
