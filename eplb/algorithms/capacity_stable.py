@@ -43,7 +43,7 @@ from typing import Any
 from eplb import _xp
 from eplb.algorithms.assignment import BIG
 from eplb.algorithms.capacity import _max_time, default_swap_rounds, rebalance_capacity
-from eplb.algorithms.elastic import _live_rows, _live_slot, build_log2phy_masked, relabel_pinned
+from eplb.algorithms.elastic import _live_slot, relabel_pinned, stable_by_layer
 from eplb.algorithms.hierarchy import covers_groups, node_groups
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.packing import sum_left_to_right
@@ -322,7 +322,6 @@ def place_capacity_stable(
     if policy != "greedy" or spill:
         raise ValueError(f"gpu_capacity supports the greedy policy without spill, got {policy=}, {spill=}")
     weight = clean_loads(weight, xp=xp)
-    num_log = weight.shape[1]
     capacity = xp.reshape(clean_capacity(gpu_capacity, xp=xp), (-1, num_gpus))
     if not hierarchical:
         num_groups = num_nodes = 1
@@ -345,20 +344,8 @@ def place_capacity_stable(
             num_groups=num_groups, xp=xp, **steps,
         )  # fmt: skip
 
-    if num_nodes == 1 or node_fallback:
-        phy2log, logcnt = stable(1)
-    elif node_fallback is False:
-        phy2log, logcnt = stable(num_nodes)
-    else:  # decided on the device, as rebalance_capacity did: layers short of node slots ran the global rule
-        live = capacity_live(capacity, xp=xp)
-        _, node_slots = _live_rows(weight, live, num_replicas, num_nodes, num_gpus, xp=xp)
-        short = xp.any(xp.reshape(node_slots, (weight.shape[0], num_nodes)) < num_log // num_nodes, axis=-1)
-        within_nodes, cnt = stable(num_nodes)
-        across, across_cnt = stable(1)
-        phy2log = xp.where(short[:, None], across, within_nodes)
-        logcnt = xp.where(short[:, None], across_cnt, cnt)
     live = capacity_live(capacity, xp=xp)
-    _, live_slots = _live_rows(weight, live, num_replicas, 1, num_gpus, xp=xp)  # [L, 1]
-    phy2log = xp.where(live_slots >= num_log, phy2log, fresh)  # too few live slots: the empty placement
-    phyrank = xp.where(phy2log >= 0, occurrence(phy2log, xp=xp), xp.full_like(phy2log, -1))
-    return phy2log, build_log2phy_masked(phy2log, phyrank, num_log, xp=xp), logcnt
+    sizes = (num_replicas, num_nodes, num_gpus)
+    return stable_by_layer(
+        weight, live, fresh, lambda: stable(1), lambda: stable(num_nodes), sizes, node_fallback, xp=xp
+    )

@@ -758,7 +758,6 @@ def place_elastic_stable(
     if policy != "greedy" or spill:
         raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
     weight = clean_loads(weight, xp=xp)
-    num_log = weight.shape[1]
     active = xp.reshape(active_gpus, (-1, num_gpus))
     if not hierarchical:
         num_groups = num_nodes = 1
@@ -817,17 +816,44 @@ def place_elastic_stable(
             best_moves = xp.where(fewer, moves, best_moves)
         return best, best_cnt
 
+    sizes = (num_replicas, num_nodes, num_gpus)
+    return stable_by_layer(weight, active, fresh, lambda: stable(1), stable_nodes, sizes, node_fallback, xp=xp)
+
+
+def stable_by_layer(
+    weight: Any,
+    active: Any,
+    fresh: Any,
+    across: Callable[[], tuple[Any, Any]],
+    within_nodes: Callable[[], tuple[Any, Any]],
+    sizes: tuple[int, int, int],
+    node_fallback: bool | None,
+    *,
+    xp: Any,
+) -> tuple[Any, Any, Any]:
+    """A keep-in-place placement on the live GPUs (``active [1, G]``), per layer ``across()``'s (the global
+    rule) or ``within_nodes()``'s (groups on nodes), each ``(phy2log [L, R], logcnt [L, E])``.
+
+    ``sizes`` is ``(num_replicas, num_nodes, num_gpus)``. ``node_fallback``
+    ``True`` or one node: across; ``False``: within nodes; ``None``: decided
+    on the device, as the fresh placement did (layers where some node has
+    fewer live slots than the experts of its groups: across). Layers with
+    fewer live slots than experts keep ``fresh`` (the empty placement).
+    Returns ``phy2log``, ``log2phy`` (replicas in slot order) and ``logcnt``.
+    """
+    num_replicas, num_nodes, num_gpus = sizes
+    num_log = weight.shape[1]
     if num_nodes == 1 or node_fallback:
-        phy2log, logcnt = stable(1)
+        phy2log, logcnt = across()
     elif node_fallback is False:
-        phy2log, logcnt = stable_nodes()
-    else:  # decided on the device, as in rebalance_elastic: layers short of node slots ran the global rule
+        phy2log, logcnt = within_nodes()
+    else:
         node_slots, _ = _node_slots(weight, active, num_replicas, num_nodes, num_gpus, xp=xp)
         short = xp.any(node_slots < num_log // num_nodes, axis=-1)
-        within_nodes, cnt = stable_nodes()
-        across, across_cnt = stable(1)
-        phy2log = xp.where(short[:, None], across, within_nodes)
-        logcnt = xp.where(short[:, None], across_cnt, cnt)
+        inside, inside_cnt = within_nodes()
+        outside, outside_cnt = across()
+        phy2log = xp.where(short[:, None], outside, inside)
+        logcnt = xp.where(short[:, None], outside_cnt, inside_cnt)
     _, live_slots = _live_rows(weight, active, num_replicas, 1, num_gpus, xp=xp)  # [L, 1]
     phy2log = xp.where(live_slots >= num_log, phy2log, fresh)  # too few live slots: the empty placement
     phyrank = xp.where(phy2log >= 0, occurrence(phy2log, xp=xp), xp.full_like(phy2log, -1))

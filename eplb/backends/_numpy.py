@@ -214,18 +214,7 @@ def _rebalance_elastic_stable(
     loaded, or load within :data:`eplb.backends._numba.STABLE_WAIT` seconds
     (as :func:`rebalance_stable`). Same placement either way.
     """
-    if impl is None:
-        impl = "numba" if _numba.available() and _numba.ready(wait=_numba.STABLE_WAIT) else "xp"
-    if impl not in ("numba", "xp"):
-        raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
-    options = dict(options)
-    if options.pop("max_moves", None) is not None:
-        raise ValueError("active_gpus cannot be combined with max_moves= yet")
-    if previous.size and (previous.min() < -1 or previous.max() >= weight32.shape[1]):
-        raise ValueError(
-            f"previous must hold expert ids in [0, {weight32.shape[1]}) or -1 (an empty slot), "
-            f"got values from {previous.min()} to {previous.max()}"
-        )
+    impl, options = _masked_previous(impl, options, previous, weight32.shape[1], "active_gpus")
     options["active_gpus"] = np.asarray(options["active_gpus"], dtype=bool)
     hooks = _elastic_hooks() if impl == "numba" else {}
     placement = place_elastic_stable(
@@ -251,18 +240,7 @@ def _rebalance_capacity_stable(
     (:mod:`eplb.kernels.repair_numba`); ``"xp"`` the array-API layer throughout; ``None`` as
     :func:`rebalance_stable`. Same placement either way.
     """
-    if impl is None:
-        impl = "numba" if _numba.available() and _numba.ready(wait=_numba.STABLE_WAIT) else "xp"
-    if impl not in ("numba", "xp"):
-        raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
-    options = dict(options)
-    if options.pop("max_moves", None) is not None:
-        raise ValueError("gpu_capacity cannot be combined with max_moves= yet")
-    if previous.size and (previous.min() < -1 or previous.max() >= weight32.shape[1]):
-        raise ValueError(
-            f"previous must hold expert ids in [0, {weight32.shape[1]}) or -1 (an empty slot), "
-            f"got values from {previous.min()} to {previous.max()}"
-        )
+    impl, options = _masked_previous(impl, options, previous, weight32.shape[1], "gpu_capacity")
     options["gpu_capacity"] = np.asarray(options["gpu_capacity"], dtype=np.float32)
     hooks: dict[str, Any] = {}
     if impl == "numba":
@@ -281,3 +259,23 @@ def _rebalance_capacity_stable(
         weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options
     )
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)
+
+
+def _masked_previous(
+    impl: str | None, options: dict[str, Any], previous: np.ndarray, num_log: int, name: str
+) -> tuple[str, dict[str, Any]]:
+    """``impl`` picked as :func:`rebalance_stable` does, ``options`` without ``max_moves`` (refused with
+    ``name``, the argument that leaves GPUs empty), and ``previous``'s ids checked (``-1``: an empty slot)."""
+    if impl is None:
+        impl = "numba" if _numba.available() and _numba.ready(wait=_numba.STABLE_WAIT) else "xp"
+    if impl not in ("numba", "xp"):
+        raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
+    options = dict(options)
+    if options.pop("max_moves", None) is not None:
+        raise ValueError(f"{name} cannot be combined with max_moves= yet")
+    if previous.size and (previous.min() < -1 or previous.max() >= num_log):
+        raise ValueError(
+            f"previous must hold expert ids in [0, {num_log}) or -1 (an empty slot), "
+            f"got values from {previous.min()} to {previous.max()}"
+        )
+    return impl, options
