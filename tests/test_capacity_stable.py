@@ -190,6 +190,18 @@ def test_tolerance_keeps_experts_on_real_loads():
     assert moves[3] < moves[0] // 5, moves
 
 
+def test_capacities_scaled_by_a_power_of_two_place_alike():
+    """Only relative speeds matter: capacities times 2, 8 or 1/4 give the same placement (every product
+    involved scales exactly)."""
+    for case in (CASES[0], CASES[4], CASES[6]):
+        num_experts, r, g, n, gpus, _, caps = case
+        prev = _previous(case)
+        w = _drifted(_loads(num_experts, seed=1), seed=5)
+        want = _front(w, prev, r, g, n, gpus, caps, 0.01)
+        for scale in (2.0, 8.0, 0.25):
+            _same(_front(w, prev, r, g, n, gpus, np.asarray(caps) * scale, 0.01), want, f"{case} x {scale}")
+
+
 def test_equal_capacities_take_the_plain_rules():
     """Capacities read on the host that are all equal: the plain previous= rule (every GPU live) or the
     active_gpus one (some idle), bit for bit."""

@@ -20,9 +20,11 @@ layer:
 4. *repacked*: the fresh replicas repacked near their old GPUs
    (:func:`eplb.algorithms.repair.sticky_pack` per node row, as the
    ``active_gpus`` rule does) within the limit, plain and with ``reserve``,
-   and with no limit. Times become loads against one limit: GPU ``g`` starts
-   at ``limit * (top - c_g)`` (``top``: the fastest live capacity), so it
-   reaches ``limit * top`` when its own load reaches ``limit * c_g``.
+   and with no limit. Times become loads against one limit: with ``a`` the
+   limit in load per unit of capacity (the time limit times ``2**-k``, the
+   scale of :func:`eplb.algorithms.speed.inverse_capacity`), GPU ``g`` starts
+   at ``a * (top - c_g)`` (``top``: the fastest live capacity), so it reaches
+   ``a * top`` when its own load reaches ``a * c_g``.
 
 2, 3 and 4 are then searched by swaps and exchanges out of the slowest GPU
 (:func:`eplb.algorithms.speed.refine_by_swaps_speed`, per node under the
@@ -50,7 +52,14 @@ from eplb.algorithms.packing import sum_left_to_right
 from eplb.algorithms.relabel import align_slots, count_moves, occurrence, replica_counts
 from eplb.algorithms.repair import sticky_pack
 from eplb.algorithms.replication import replica_load
-from eplb.algorithms.speed import capacity_live, clean_capacity, inverse_capacity, refine_by_swaps_speed
+from eplb.algorithms.speed import (
+    _exponent,
+    _power_of_two,
+    capacity_live,
+    clean_capacity,
+    inverse_capacity,
+    refine_by_swaps_speed,
+)
 
 __all__ = ["capacity_classes", "kept_copies", "place_capacity_stable", "recount", "stabilize_capacity"]
 
@@ -228,17 +237,21 @@ def stabilize_capacity(
     )
     # The fresh replicas repacked near their old GPUs (sticky_pack, per (layer, node) row) within the limit,
     # plain and with reserve, and with no limit (most stay home; the search sheds the overload). Times become
-    # loads against one limit: GPU g starts at limit * (top - c_g) (top: the fastest live capacity), so it
-    # reaches limit * top when its own load reaches limit * c_g, its time the limit (up to float32 rounding;
-    # every candidate's time is checked below).
+    # loads against one limit: GPU g starts at a * (top - c_g) (top: the fastest live capacity), so it reaches
+    # a * top when its own load reaches a * c_g, its time the limit (up to float32 rounding; every candidate's
+    # time is checked below).
     top = xp.max(xp.where(live, capacity, xp.zeros_like(capacity)), axis=-1, keepdims=True)  # [1, 1]
-    headroom = xp.where(live_gpu, limit * top - limit * capacity, xp.inf)  # [B, G]
+    # Times are load * 2**k / c (k: the exponent of the largest capacity), so GPU g's load allowance is
+    # a * c_g with a = limit * 2**-k (an exact power-of-two scaling).
+    top_exponent = xp.clip(xp.max(_exponent(xp.where(live, capacity, xp.zeros_like(capacity)), xp=xp)), -126, 126)
+    allowance = limit * _power_of_two(-top_exponent, xp=xp)  # [B, 1]
+    headroom = xp.where(live_gpu, allowance * top - allowance * capacity, xp.inf)  # [B, G]
     per_replica = replica_load(weight, logcnt, reciprocal, xp=xp)
     base_held = base >= 0
     base_load = _xp.take_along(per_replica, xp.where(base_held, base, xp.zeros_like(base)), xp=xp)
     base_load = xp.where(base_held, base_load, -xp.ones_like(base_load))  # empty slots come last
     rows = (batch * num_nodes, num_phy // num_nodes)
-    node_limit = xp.reshape(xp.broadcast_to(limit * top, (batch, num_nodes)), (batch * num_nodes, 1))
+    node_limit = xp.reshape(xp.broadcast_to(allowance * top, (batch, num_nodes)), (batch * num_nodes, 1))
     unbounded = xp.full(node_limit.shape, MAX_LOAD, dtype=node_limit.dtype, device=device)
     stickies = [
         xp.reshape(
