@@ -59,7 +59,9 @@ class Decision(NamedTuple):
         changed layers have any).
     gain : numpy.ndarray [L], float64
         Predicted relative gain per layer: ``1 - candidate peak / current
-        peak`` on the planning load (0 where the current one is as good).
+        peak`` on the planning load (0 where the current one is as good);
+        with ``active_gpus`` or ``gpu_capacity``, peaks are the slowest GPU
+        times, and a layer holding an expert on a GPU down has gain 1.
     moves : numpy.ndarray [L], int64
         ``(expert, GPU)`` pairs the candidate adds per layer (0 where unchanged).
     tolerance : float
@@ -119,6 +121,11 @@ class Rebalancer:
         Size of one expert's weights, for ``max_bytes`` and the plan.
     policy, spill, hierarchical : keyword-only
         As :func:`eplb.rebalance_experts`.
+    active_gpus, gpu_capacity : array [num_gpus], optional, keyword-only
+        GPUs down and GPU speeds, as :func:`eplb.rebalance_experts` takes
+        them (read on the host; change them with :meth:`set_gpus`). Layers
+        are then scored by their slowest GPU's time, and a layer with an
+        expert on a GPU down always changes.
     """
 
     def __init__(
@@ -140,6 +147,8 @@ class Rebalancer:
         policy: str = "greedy",
         spill: int = 0,
         hierarchical: bool | None = None,
+        active_gpus: Any = None,
+        gpu_capacity: Any = None,
     ) -> None:
         names = ("num_replicas", "num_groups", "num_nodes", "num_gpus")
         sizes = (num_replicas, num_groups, num_nodes, num_gpus)
@@ -167,6 +176,8 @@ class Rebalancer:
         self._options: dict[str, Any] = {"policy": policy, "spill": spill}
         if hierarchical is not None:
             self._options["hierarchical"] = hierarchical
+        self._gpus: dict[str, np.ndarray] = {}
+        self.set_gpus(active_gpus=active_gpus, gpu_capacity=gpu_capacity)
         self._placement: Any = initial
         self._history: Any = None
         self._ring: list[Any] = []
@@ -176,6 +187,42 @@ class Rebalancer:
         self._arrived: list[Any] = []
         self._in_force: Any = None
         self._planned: float | None = None
+
+    def set_gpus(self, *, active_gpus: Any = None, gpu_capacity: Any = None) -> None:
+        """The GPUs from the next :meth:`step` on: ``active_gpus`` (bool ``[num_gpus]``: failed or drained GPUs
+        ``False``) and ``gpu_capacity`` (relative speeds ``[num_gpus]``, 0: idle), as
+        :func:`eplb.rebalance_experts` takes them; ``None`` (default): every GPU up, equal speeds.
+
+        Read on the host once, here (a failure or a speed change is rare; the loads stay on the device). The
+        next step plans with them, scores layers by their slowest GPU's time (load / capacity, float64 on the
+        host), and changes every layer whose placement in force holds an expert on a GPU now down, whatever
+        its gain and the budget (that layer has lost those replicas).
+        """
+        gpus = self._sizes[3]
+        self._gpus = {}
+        for name, value, kind in (("active_gpus", active_gpus, bool), ("gpu_capacity", gpu_capacity, np.float64)):
+            if value is None:
+                continue
+            host = np.asarray(_host(value))
+            if host.shape != (gpus,):
+                raise ValueError(f"{name} must have shape [num_gpus] = [{gpus}], got {list(host.shape)}")
+            if kind is bool and host.dtype != np.bool_:
+                raise TypeError(f"active_gpus must be a bool array, got {host.dtype}")
+            self._gpus[name] = host.astype(kind)
+        self._in_force = None  # the "auto" scoring restarts under the new GPUs
+
+    def _speeds(self) -> np.ndarray | None:
+        """``[G]`` float64 speeds for scoring (float32-rounded capacities, 1.0 without; 0: a GPU down or idle),
+        or ``None`` with every GPU up at equal speed."""
+        if not self._gpus:
+            return None
+        speeds = np.ones(self._sizes[3])
+        if "gpu_capacity" in self._gpus:
+            speeds = self._gpus["gpu_capacity"].astype(np.float32).astype(np.float64)
+            speeds = np.where(np.isfinite(speeds) & (speeds > 0), speeds, 0.0)
+        if "active_gpus" in self._gpus:
+            speeds = np.where(self._gpus["active_gpus"], speeds, 0.0)
+        return speeds
 
     @property
     def placement(self) -> Any:
@@ -229,9 +276,10 @@ class Rebalancer:
             return floor
         planned = self._planned
         if planned is None:  # an initial= placement, planned on loads we never saw: a fresh plan's own balance
-            fresh = rebalance_experts(self._history, *self._sizes, **self._options)
-            planned = _balancedness(_host(metrics.gpu_loads(self._history, fresh.phy2log, self._sizes[3])))
-        arrived = float(np.mean([_balancedness(_host(loads)) for loads in self._arrived]))
+            fresh = rebalance_experts(self._history, *self._sizes, **self._options, **self._gpus)
+            loads = _host(metrics.gpu_loads(self._history, fresh.phy2log, self._sizes[3]))
+            planned = _balancedness(loads, self._speeds())
+        arrived = float(np.mean([_balancedness(_host(loads), self._speeds()) for loads in self._arrived]))
         if arrived <= 0:
             return cap
         return float(min(cap, max(floor, slope * (planned / arrived - 1.0))))
@@ -243,32 +291,40 @@ class Rebalancer:
         history, num_nodes, num_gpus = self._history, self._sizes[2], self._sizes[3]
         tolerance = self._step_tolerance()
         self._arrived, self._in_force = [], None
+        speeds = self._speeds()
         if self._placement is None:
-            fresh = rebalance_experts(history, *self._sizes, **self._options)
+            fresh = rebalance_experts(history, *self._sizes, **self._options, **self._gpus)
             layers = np.arange(history.shape[0], dtype=np.int64)
             phy2log = _host(fresh.phy2log)
             plan = plan_transfers(phy2log, phy2log, num_gpus=num_gpus, num_nodes=num_nodes, expert_bytes=self._bytes)
             self._placement = fresh
             if self._auto:
-                self._planned = _balancedness(_host(metrics.gpu_loads(history, fresh.phy2log, num_gpus)))
+                self._planned = _balancedness(_host(metrics.gpu_loads(history, fresh.phy2log, num_gpus)), speeds)
             nothing = np.zeros(len(layers), dtype=np.int64)
             return Decision(
                 fresh, layers, plan, np.zeros(len(layers)), nothing, 0.0 if self._options["spill"] else tolerance
             )
         current = _as_placement(self._placement, history)
         knobs = {} if self._options["spill"] else {"balance_tolerance": tolerance}
-        candidate = rebalance_experts(history, *self._sizes, previous=current.phy2log, **self._options, **knobs)
+        gpus = dict(self._gpus)
+        if not gpus and bool((_host(current.phy2log) < 0).any()):
+            # Empty slots in force (a GPU back from a failure): the elastic rule plans from them, every GPU up.
+            gpus["active_gpus"] = np.ones(num_gpus, dtype=bool)
+        candidate = rebalance_experts(history, *self._sizes, previous=current.phy2log, **self._options, **knobs, **gpus)
         # float32 GPU loads, computed alike on every backend, then decided on the host in float64.
         loads_now = _host(metrics.gpu_loads(history, current.phy2log, num_gpus))
         loads_new = _host(metrics.gpu_loads(history, candidate.phy2log, num_gpus))
-        peak_now = loads_now.max(axis=-1).astype(np.float64)
-        peak_new = loads_new.max(axis=-1).astype(np.float64)
         old, new = _host(current.phy2log), _host(candidate.phy2log)
+        peak_now, peak_new = _slowest(loads_now, speeds), _slowest(loads_new, speeds)
+        # A layer holding an expert on a GPU now down has lost those replicas: it must change.
+        down = np.zeros(num_gpus, dtype=bool) if speeds is None else speeds == 0
+        broken = np.any((old >= 0) & np.repeat(down, old.shape[1] // num_gpus)[None, :], axis=-1)
         moves = np.asarray(count_moves(new, old, num_gpus, xp=np), dtype=np.int64)
         gain = np.zeros(len(moves))
         better = (peak_new < peak_now) & (peak_now > 0)
         gain[better] = 1.0 - peak_new[better] / peak_now[better]
-        chosen = self._choose(gain, moves)
+        gain[broken] = 1.0
+        chosen = self._choose(gain, moves, broken)
         mask = np.zeros(len(moves), dtype=bool)
         mask[chosen] = True
         placed = np.where(mask[:, None], new, old)
@@ -276,16 +332,17 @@ class Rebalancer:
         plan = plan_transfers(old, placed, num_gpus=num_gpus, num_nodes=num_nodes, expert_bytes=self._bytes)
         self._placement = placement
         if self._auto:
-            self._planned = _balancedness(np.where(mask[:, None], loads_new, loads_now))
+            self._planned = _balancedness(np.where(mask[:, None], loads_new, loads_now), speeds)
         return Decision(placement, chosen, plan, gain, np.where(mask, moves, 0), 0.0 if knobs == {} else tolerance)
 
-    def _choose(self, gain: np.ndarray, moves: np.ndarray) -> np.ndarray:
-        """Layers worth changing: gain >= min_gain and something moves; best gain per move first, within budget."""
-        worth = np.flatnonzero((gain >= self._min_gain) & (gain > 0) & (moves > 0))
+    def _choose(self, gain: np.ndarray, moves: np.ndarray, forced: np.ndarray) -> np.ndarray:
+        """Layers worth changing: the ``forced`` ones (whatever the budget), then those of gain >= min_gain where
+        something moves, best gain per move first, within the budget (the forced ones' moves count in it)."""
+        worth = np.flatnonzero((gain >= self._min_gain) & (gain > 0) & (moves > 0) & ~forced)
         # Gain per moved expert, largest first; equal keys by layer (a stable sort of the negated key).
         order = worth[np.argsort(-(gain[worth] / moves[worth]), kind="stable")]
-        chosen: list[int] = []
-        experts = 0
+        chosen: list[int] = np.flatnonzero(forced).tolist()
+        experts = int(moves[forced].sum())
         for layer in order.tolist():
             if self._budget["max_layers"] is not None and len(chosen) >= self._budget["max_layers"]:
                 break
@@ -303,12 +360,29 @@ _AUTO = (0.025, 0.1, 0.2)  # "auto" tolerance: floor, slope per unit of (planned
 _ARRIVED_KEPT = 64  # windows scored for "auto" between two steps (the latest)
 
 
-def _balancedness(gpu_loads: np.ndarray) -> float:
-    """Mean over layers of mean / max GPU load of ``gpu_loads [L, G]`` (float64; layers without load skipped)."""
+def _balancedness(gpu_loads: np.ndarray, speeds: np.ndarray | None = None) -> float:
+    """Mean over layers of mean / max GPU load of ``gpu_loads [L, G]`` (float64; layers without load skipped);
+    with ``speeds [G]`` (0: down), (total load / total speed) / slowest time, over the GPUs up."""
     loads = gpu_loads.astype(np.float64)
-    peak = loads.max(axis=-1)
+    if speeds is None:
+        peak = loads.max(axis=-1)
+        mean = loads.mean(axis=-1)
+    else:
+        peak = _slowest(gpu_loads, speeds)
+        mean = loads.sum(axis=-1) / speeds.sum()
     loaded = peak > 0
-    return float((loads.mean(axis=-1)[loaded] / peak[loaded]).mean()) if loaded.any() else 1.0
+    return float((mean[loaded] / peak[loaded]).mean()) if loaded.any() else 1.0
+
+
+def _slowest(gpu_loads: np.ndarray, speeds: np.ndarray | None) -> np.ndarray:
+    """``[L]`` float64: the heaviest GPU load, or (``speeds [G]``) the slowest GPU time, load / speed; a GPU
+    down (speed 0) holding load takes ``inf``."""
+    loads = gpu_loads.astype(np.float64)
+    if speeds is None:
+        return loads.max(axis=-1)
+    up = speeds > 0
+    times = np.where(up, loads / np.where(up, speeds, 1.0), np.where(loads > 0, np.inf, 0.0))
+    return times.max(axis=-1)
 
 
 def _host(x: Any) -> np.ndarray:
