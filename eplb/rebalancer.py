@@ -176,8 +176,6 @@ class Rebalancer:
         self._options: dict[str, Any] = {"policy": policy, "spill": spill}
         if hierarchical is not None:
             self._options["hierarchical"] = hierarchical
-        self._gpus: dict[str, np.ndarray] = {}
-        self.set_gpus(active_gpus=active_gpus, gpu_capacity=gpu_capacity)
         self._placement: Any = initial
         self._history: Any = None
         self._ring: list[Any] = []
@@ -187,6 +185,9 @@ class Rebalancer:
         self._arrived: list[Any] = []
         self._in_force: Any = None
         self._planned: float | None = None
+        self._gpus: dict[str, np.ndarray] = {}
+        self._broken = False  # the placement in force holds experts on a GPU down (until the next step)
+        self.set_gpus(active_gpus=active_gpus, gpu_capacity=gpu_capacity)
 
     def set_gpus(self, *, active_gpus: Any = None, gpu_capacity: Any = None) -> None:
         """The GPUs from the next :meth:`step` on: ``active_gpus`` (bool ``[num_gpus]``: failed or drained GPUs
@@ -209,7 +210,15 @@ class Rebalancer:
             if kind is bool and host.dtype != np.bool_:
                 raise TypeError(f"active_gpus must be a bool array, got {host.dtype}")
             self._gpus[name] = host.astype(kind)
-        self._in_force = None  # the "auto" scoring restarts under the new GPUs
+        # The "auto" scoring restarts under the new GPUs; while the placement in force holds experts on a GPU
+        # now down (until the next step), arriving windows are not scored (their slowest time is infinite).
+        self._in_force, self._arrived = None, []
+        speeds = self._speeds()
+        self._broken = False
+        placement = self._placement
+        if speeds is not None and placement is not None:
+            phy2log = np.asarray(_host(placement.phy2log if isinstance(placement, Placement) else placement))
+            self._broken = bool(np.any((phy2log >= 0) & np.repeat(speeds == 0, phy2log.shape[1] // gpus)[None, :]))
 
     def _speeds(self) -> np.ndarray | None:
         """``[G]`` float64 speeds for scoring (float32-rounded capacities, 1.0 without; 0: a GPU down or idle),
@@ -260,7 +269,7 @@ class Rebalancer:
 
     def _score_arrival(self, load: Any) -> None:
         """Keep the window's GPU loads under the placement in force (on the device: no host sync)."""
-        if not self._auto or self._placement is None:
+        if not self._auto or self._placement is None or self._broken:
             return
         if self._in_force is None:  # converted once per step, not per window
             self._in_force = _as_placement(self._placement, load).phy2log
@@ -290,7 +299,7 @@ class Rebalancer:
             raise ValueError("record() at least one window before step()")
         history, num_nodes, num_gpus = self._history, self._sizes[2], self._sizes[3]
         tolerance = self._step_tolerance()
-        self._arrived, self._in_force = [], None
+        self._arrived, self._in_force, self._broken = [], None, False
         speeds = self._speeds()
         if self._placement is None:
             fresh = rebalance_experts(history, *self._sizes, **self._options, **self._gpus)

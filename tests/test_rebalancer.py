@@ -261,6 +261,7 @@ def test_a_gpu_fails_then_comes_back():
     assert len(decision.layers) > 1
     _valid_on(decision.placement, down)
     assert (decision.gain[decision.layers] == 1.0).all()
+    assert decision.tolerance == 0.025  # windows under the broken placement were not scored ("auto": its floor)
     rebalancer.set_gpus()  # back up
     for load in loads[6:]:
         rebalancer.record(load)
@@ -302,3 +303,18 @@ def test_unequal_speeds_same_decisions_and_gain_by_time(backend):
             expect = np.where(new < now, 1 - new / now, 0.0)
             np.testing.assert_allclose(want.gain, expect, atol=1e-5)
             assert (want.gain[want.layers] >= 0.005).all()
+
+
+def test_an_initial_placement_on_a_gpu_now_down():
+    """Constructed after a failure with the placement from before it: the first step re-homes every layer."""
+    loads = windows(6, count=3)
+    before = eplb.rebalance_experts(loads[0], *CONFIG).phy2log
+    up = np.ones(8, dtype=bool)
+    up[0] = False
+    rebalancer = eplb.Rebalancer(*CONFIG, initial=before, active_gpus=up, max_experts=1)
+    for load in loads[1:]:
+        rebalancer.record(load)
+    decision = rebalancer.step()
+    np.testing.assert_array_equal(decision.layers, np.arange(6))
+    _valid_on(decision.placement, up)
+    assert decision.tolerance == 0.025
