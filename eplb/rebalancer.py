@@ -104,16 +104,6 @@ class Rebalancer:
         placement, whose planning load is unknown, ``planned`` is a fresh
         plan's balancedness on the recorded history).
 
-    The defaults were chosen on replayed traffic (``benchmarks/replay.py``,
-    ``docs/benchmarks.md``): a short history predicts the next window better
-    than the last few windows' sum, which leaves room for a tolerance that
-    keeps most experts in place. On all 20 replayed traces they keep the
-    balance within 0.5% of a fresh plan every decision and move at most 20%
-    of its experts; they fall short of a 32-window history (the FlashLB-like
-    rule) on prefill/decode phases: 0.6-1.0% below its balance on three of
-    them, more moves on one. The alternatives measured (gains required to
-    hold on earlier windows, hold-out checks, longer or adaptive histories)
-    lose more on other traces.
     max_layers, max_experts, max_bytes : int, optional, keyword-only
         Per-step budget: layers changed, experts moved, bytes moved
         (``max_bytes`` needs ``bytes_per_expert``).
@@ -126,6 +116,19 @@ class Rebalancer:
         them (read on the host; change them with :meth:`set_gpus`). Layers
         are then scored by their slowest GPU's time, and a layer with an
         expert on a GPU down always changes.
+
+    Notes
+    -----
+    The defaults were chosen on replayed traffic (``benchmarks/replay.py``,
+    ``docs/benchmarks.md``): a short history predicts the next window better
+    than the last few windows' sum, which leaves room for a tolerance that
+    keeps most experts in place. On all 20 replayed traces they keep the
+    balance within 0.5% of a fresh plan every decision and move at most 20%
+    of its experts; they fall short of a 32-window history (the FlashLB-like
+    rule) on prefill/decode phases: 0.6-1.0% below its balance on three of
+    them, more moves on one. The alternatives measured (gains required to
+    hold on earlier windows, hold-out checks, longer or adaptive histories)
+    lose more on other traces.
     """
 
     def __init__(
