@@ -4,8 +4,9 @@ The promises of ``eplb.algorithms.capacity_stable``, against plain-Python float6
 per layer the slowest GPU's time is within ``1 + balance_tolerance`` of the fresh placement's, and no more
 ``(expert, GPU)`` pairs move than in the fresh placement relabelled among GPUs of equal capacity (and node) by
 an exact assignment (scipy); every placement valid (idle GPUs empty, every expert live). Bit for bit across
-numpy (array API and numba kernels), torch (CPU array API; CUDA kernels where present) and JAX (XLA inside a
-user's ``jit``, capacities, previous and tolerance traced), each forced. JAX compiles once a shape.
+numpy (array API and numba kernels), torch (CPU array API; CUDA kernels where present) and JAX (XLA forced, and
+inside a user's ``jit`` with capacities, previous and tolerance traced: on the CPU the numba kernels through a
+host callback), each forced. JAX's XLA path compiles once a shape.
 """
 
 from __future__ import annotations
@@ -110,6 +111,18 @@ def _jax_user_jit(w, prev, r, g, n, gpus, caps, tol):
     return tuple(np.asarray(a) for a in out)
 
 
+def _jax_xla(w, prev, r, g, n, gpus, caps, tol):
+    """JAX's array-API path forced (what runs on a GPU; on the CPU the default is the numba kernels via the
+    host), capacities and tolerance traced."""
+    from eplb.backends import _jax
+
+    out = _jax.rebalance_stable(
+        jnp.asarray(w), jnp.asarray(np.asarray(prev)), r, g, n, gpus, impl="xla", hierarchical=_hier(g, n),
+        gpu_capacity=jnp.asarray(caps, jnp.float32), tolerance=None if tol is None else jnp.float32(tol),
+    )  # fmt: skip
+    return tuple(np.asarray(a) for a in out)
+
+
 def _front(w, prev, r, g, n, gpus, caps, tol):
     out = eplb.rebalance_experts(
         w, r, g, n, gpus, hierarchical=_hier(g, n), gpu_capacity=np.asarray(caps), previous=prev,
@@ -146,9 +159,10 @@ def test_every_implementation_agrees_and_keeps_the_promises(case):
     moved = []
     for tol in TOLERANCES:
         results = {name: impl(w, prev, r, g, n, gpus, caps, tol) for name, impl in IMPLS.items() if name != "torch:ops"}
-        if tol == 0.01:  # torch's array-API path and one JAX compile per shape (the tolerance traced): CI time
+        if tol == 0.01:  # the array-API paths of torch and JAX (one compile per shape; tolerance traced): CI time
             results["torch:ops"] = _torch_ops(w, prev, r, g, n, gpus, caps, tol)
-            results["jax:user-jit"] = _jax_user_jit(w, prev, r, g, n, gpus, caps, tol)
+            results["jax:xla"] = _jax_xla(w, prev, r, g, n, gpus, caps, tol)
+        results["jax:user-jit"] = _jax_user_jit(w, prev, r, g, n, gpus, caps, tol)  # (CPU: numba via the host)
         first = results["numpy:xp"]
         for name, got in results.items():
             _same(got, first, f"of {name} vs numpy:xp, tolerance {tol}")

@@ -126,7 +126,7 @@ def _rebalance_elastic_stable(
     return tuple(jax.lax.platform_dependent(weight, previous, active, cpu=host, default=xla))
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _rebalance_capacity_stable(
     weight: jax.Array,
     previous: jax.Array,
@@ -134,9 +134,15 @@ def _rebalance_capacity_stable(
     tolerance: jax.Array | None,
     config: tuple[int, int, int, int],
     options: tuple[tuple[str, Any], ...],
+    impl: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`_rebalance_capacity` keeping ``previous``'s experts in place (capacities and tolerance traced: new
-    values do not recompile); the array-API path under ``jit`` + ``vmap``."""
+    values do not recompile).
+
+    ``impl="host"``: on the CPU the numpy adapter's compiled kernels through a host callback
+    (:func:`eplb.backends._jax_host.placement_elastic_stable`), chosen at lowering; the array-API path under
+    ``jit`` + ``vmap`` elsewhere (and with ``impl="xla"``). Same placement.
+    """
     index = jnp.arange(1).dtype  # JAX's default integer
 
     def one_layer(row: jax.Array, old: jax.Array, speeds: jax.Array) -> tuple[jax.Array, ...]:
@@ -145,8 +151,17 @@ def _rebalance_capacity_stable(
         )
         return tuple(a[0] for a in placement)
 
-    layers = jax.vmap(one_layer, in_axes=(0, 0, None))
-    return _tied_to(weight, layers(weight.astype(jnp.float32), previous.astype(index), capacity.astype(jnp.float32)))
+    def xla(w: jax.Array, p: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
+        layers = jax.vmap(one_layer, in_axes=(0, 0, None))
+        return _tied_to(w, layers(w.astype(jnp.float32), p.astype(index), c.astype(jnp.float32)))
+
+    if impl == "xla" or not _jax_host.applies_stable(*weight.shape, config[0]):
+        return xla(weight, previous, capacity)
+
+    def host(w: jax.Array, p: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
+        return _jax_host.placement_elastic_stable(w, p, c, tolerance, config, dict(options), name="gpu_capacity")
+
+    return tuple(jax.lax.platform_dependent(weight, previous, capacity, cpu=host, default=xla))
 
 
 def _tied_to(weight: jax.Array, placement: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
@@ -493,15 +508,19 @@ def rebalance_stable(
     """
     capacity = options.pop("gpu_capacity", None)
     if capacity is not None:
-        # gpu_capacity with previous=: the array-API path under jit + vmap (capacities and tolerance traced).
-        if impl not in (None, "xla"):
-            raise ValueError(f"gpu_capacity with previous= runs on impl='xla' (or None) only, got impl={impl!r}")
+        # gpu_capacity with previous=: on the CPU the compiled kernels via the host, else the array-API path under
+        # jit + vmap (capacities and tolerance traced).
+        if impl not in (None, "host", "xla"):
+            raise ValueError(f"gpu_capacity with previous= takes impl='host', 'xla' or None, got impl={impl!r}")
         if options.pop("max_moves", None) is not None:
             raise ValueError("gpu_capacity cannot be combined with max_moves= yet")
         tolerance = options.pop("tolerance", None)
         knob = None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32)
         config = (num_replicas, num_groups, num_nodes, num_gpus)
-        return _rebalance_capacity_stable(weight, previous, capacity, knob, config, tuple(sorted(options.items())))
+        chosen = "xla" if impl == "xla" else "host"
+        return _rebalance_capacity_stable(
+            weight, previous, capacity, knob, config, tuple(sorted(options.items())), chosen
+        )
     active = options.pop("active_gpus", None)
     if active is not None:
         # active_gpus with previous=: on the CPU the compiled kernels via the host, else the array-API path under

@@ -121,36 +121,40 @@ def placement_stable(
 def placement_elastic_stable(
     weight: jax.Array,
     previous: jax.Array,
-    active: jax.Array,
+    per_gpu: jax.Array,
     tolerance: jax.Array | None,
     config: tuple[int, int, int, int],
     options: dict,
+    name: str = "active_gpus",
 ) -> tuple[jax.Array, ...]:
-    """:func:`placement_stable` with ``active_gpus``: the numpy adapter's elastic ``previous=`` path (its
-    compiled relabelling, repackings and search, :mod:`eplb.kernels.repair_numba`), via the host.
+    """:func:`placement_stable` with ``active_gpus`` (or ``gpu_capacity``, ``name``): the numpy adapter's
+    ``previous=`` path for failed (or slower) GPUs (its compiled relabelling, repackings and search,
+    :mod:`eplb.kernels.repair_numba` and :mod:`eplb.kernels.speed_numba`), via the host.
 
     XLA on the CPU runs that search as loops of tiny steps: 0.35-2.2 s a call at the DeepSeek-V3 shape on a
-    2-core CPU, against 60-100 ms here. ``active [G]`` bool and ``tolerance`` (a float32 scalar, or ``None``)
-    are traced; ``options``: ``hierarchical``, ``policy``, ``spill``. Under ``vmap`` the batch is folded
-    into calls, one per batch element (each may have its own mask and tolerance).
+    2-core CPU, against 60-100 ms here (``gpu_capacity``: 0.34-0.45 s and a 7-14 s compile, against 0.11-0.15 s). ``per_gpu [G]``
+    (bool, or float32 capacities) and ``tolerance`` (a float32 scalar, or ``None``) are traced; ``options``:
+    ``hierarchical``, ``policy``, ``spill`` (and what the caller decided on the host). Under ``vmap`` the
+    batch is folded into calls, one per batch element (each may have its own vector and tolerance).
     """
     num_layers, num_experts = weight.shape
     num_replicas, num_gpus = config[0], config[3]
     index, shapes = _outputs(num_layers, num_experts, num_replicas)
+    kind = bool if name == "active_gpus" else np.float32
 
-    def on_host(loads: np.ndarray, old: np.ndarray, mask: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
+    def on_host(loads: np.ndarray, old: np.ndarray, vector: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
         batch = loads.shape[:-2]  # () unbatched, (B,) or more under vmap (unbatched operands: unit axes)
         count = int(np.prod(batch, dtype=np.int64))
         rows = np.asarray(loads, dtype=np.float32).reshape(count, num_layers, num_experts)
         olds = np.broadcast_to(np.asarray(old, dtype=np.int64), (*batch, num_layers, num_replicas))
         olds = olds.reshape(count, num_layers, num_replicas)
-        masks = np.broadcast_to(np.asarray(mask, dtype=bool), (*batch, num_gpus)).reshape(count, num_gpus)
+        vectors = np.broadcast_to(np.asarray(vector, dtype=kind), (*batch, num_gpus)).reshape(count, num_gpus)
         tols = [None] * count
         if tolerance is not None:
             given = np.broadcast_to(np.asarray(values[0], dtype=np.float32), batch).reshape(count)
             tols = [_tolerance(t) for t in given]
         results = [
-            _numpy.rebalance_stable(rows[k], olds[k], *config, active_gpus=masks[k], tolerance=tols[k], **options)
+            _numpy.rebalance_stable(rows[k], olds[k], *config, **{name: vectors[k]}, tolerance=tols[k], **options)
             for k in range(count)
         ]
         return tuple(
@@ -163,7 +167,7 @@ def placement_elastic_stable(
         shapes,
         weight.astype(jnp.float32),
         previous.astype(index),
-        active.astype(bool),
+        per_gpu.astype(bool if name == "active_gpus" else jnp.float32),
         *operands,
         vmap_method="expand_dims",
     )

@@ -41,7 +41,7 @@ runs ``speed_triton`` with the same replication and packing kernels [2]_;
 the rest of those calls is torch ops. ``gpu_capacity=`` with ``previous=``
 adds ``relabel_pinned`` on capacity classes, ``sticky_pack`` and
 ``align_slots`` (numba [1]_ or Triton [2]_) and the swap search with a
-limit; XLA on JAX.
+limit; on JAX CPU the numba path via a host callback [1]_, XLA on GPU.
 
 ``spill=`` runs the array-API path everywhere. Where a kernel does not
 apply the array-API path runs, with the same placement.
