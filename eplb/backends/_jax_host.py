@@ -132,10 +132,11 @@ def placement_elastic_stable(
     :mod:`eplb.kernels.repair_numba` and :mod:`eplb.kernels.speed_numba`), via the host.
 
     XLA on the CPU runs that search as loops of tiny steps: 0.35-2.2 s a call at the DeepSeek-V3 shape on a
-    2-core CPU, against 60-100 ms here (``gpu_capacity``: 0.34-0.45 s and a 7-14 s compile, against 0.11-0.15 s). ``per_gpu [G]``
-    (bool, or float32 capacities) and ``tolerance`` (a float32 scalar, or ``None``) are traced; ``options``:
-    ``hierarchical``, ``policy``, ``spill`` (and what the caller decided on the host). Under ``vmap`` the
-    batch is folded into calls, one per batch element (each may have its own vector and tolerance).
+    2-core CPU, against 60-100 ms here (``gpu_capacity``: 0.34-0.45 s and a 7-14 s compile, against
+    0.11-0.15 s). ``per_gpu [G]`` (bool, or float32 capacities) and ``tolerance`` (a float32 scalar, or
+    ``None``) are traced; ``options``: ``hierarchical``, ``policy``, ``spill`` (and what the caller decided on
+    the host). Under ``vmap`` the batch is folded into calls, one per batch element (each may have its own
+    vector and tolerance).
     """
     num_layers, num_experts = weight.shape
     num_replicas, num_gpus = config[0], config[3]
