@@ -22,6 +22,7 @@ from . import oracle
 from .cases import deepseek_v3
 from .conftest import needs_gpu
 from .test_capacity import FLAT, FLAT_PAIRS, HIER, HIER_PAIRS, _check_valid, _same
+from .test_capacity import _loads as capacity_loads
 
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
@@ -42,12 +43,8 @@ CASES = [
 TOLERANCES = (None, 0.01, 0.2)
 
 
-def _loads(num_experts, seed, layers=5):
-    rng = np.random.default_rng(seed)
-    w = rng.lognormal(3, 1.2, (layers, num_experts)).astype(np.float32)
-    w[1] = 0  # an all-zero layer
-    w[2] = 7  # all equal
-    return w
+def _loads(num_experts, seed):
+    return capacity_loads(num_experts, seed, layers=5)  # (an all-zero layer, an all-equal one)
 
 
 def _drifted(w, seed):

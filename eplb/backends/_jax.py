@@ -506,34 +506,21 @@ def rebalance_stable(
     ``max_moves``, :mod:`eplb.kernels.repair_pallas` where it fits, XLA
     otherwise), the same CPU branch elsewhere. Same placement.
     """
-    capacity = options.pop("gpu_capacity", None)
-    if capacity is not None:
-        # gpu_capacity with previous=: on the CPU the compiled kernels via the host, else the array-API path under
-        # jit + vmap (capacities and tolerance traced).
+    for name, masked in (("gpu_capacity", _rebalance_capacity_stable), ("active_gpus", _rebalance_elastic_stable)):
+        # Failed or slower GPUs with previous=: on the CPU the compiled kernels via the host, else the array-API
+        # path under jit + vmap (the vector and the tolerance traced). (The API folds a mask into capacities.)
+        per_gpu = options.pop(name, None)
+        if per_gpu is None:
+            continue
         if impl not in (None, "host", "xla"):
-            raise ValueError(f"gpu_capacity with previous= takes impl='host', 'xla' or None, got impl={impl!r}")
+            raise ValueError(f"{name} with previous= takes impl='host', 'xla' or None, got impl={impl!r}")
         if options.pop("max_moves", None) is not None:
-            raise ValueError("gpu_capacity cannot be combined with max_moves= yet")
+            raise ValueError(f"{name} cannot be combined with max_moves= yet")
         tolerance = options.pop("tolerance", None)
         knob = None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32)
         config = (num_replicas, num_groups, num_nodes, num_gpus)
         chosen = "xla" if impl == "xla" else "host"
-        return _rebalance_capacity_stable(
-            weight, previous, capacity, knob, config, tuple(sorted(options.items())), chosen
-        )
-    active = options.pop("active_gpus", None)
-    if active is not None:
-        # active_gpus with previous=: on the CPU the compiled kernels via the host, else the array-API path under
-        # jit + vmap (mask and tolerance traced).
-        if impl not in (None, "host", "xla"):
-            raise ValueError(f"active_gpus with previous= takes impl='host', 'xla' or None, got impl={impl!r}")
-        if options.pop("max_moves", None) is not None:
-            raise ValueError("active_gpus cannot be combined with max_moves= yet")
-        tolerance = options.pop("tolerance", None)
-        knob = None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32)
-        config = (num_replicas, num_groups, num_nodes, num_gpus)
-        chosen = "xla" if impl == "xla" else "host"
-        return _rebalance_elastic_stable(weight, previous, active, knob, config, tuple(sorted(options.items())), chosen)
+        return masked(weight, previous, per_gpu, knob, config, tuple(sorted(options.items())), chosen)
     if impl not in (None, "host", "xla"):
         raise ValueError(f"impl must be 'host', 'xla' or None for a call with previous=, got {impl!r}")
     config = (num_replicas, num_groups, num_nodes, num_gpus)
