@@ -45,10 +45,9 @@ from typing import Any
 from eplb import _xp
 from eplb.algorithms.assignment import BIG
 from eplb.algorithms.capacity import _max_time, default_swap_rounds, rebalance_capacity
-from eplb.algorithms.elastic import _live_slot, relabel_pinned, stable_by_layer
+from eplb.algorithms.elastic import _live_gpu_loads, _live_slot, relabel_pinned, stable_by_layer
 from eplb.algorithms.hierarchy import covers_groups, node_groups
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
-from eplb.algorithms.packing import sum_left_to_right
 from eplb.algorithms.relabel import align_slots, count_moves, occurrence, replica_counts
 from eplb.algorithms.repair import sticky_pack
 from eplb.algorithms.replication import replica_load
@@ -162,16 +161,16 @@ def recount(
 def _gpu_times(
     weight: Any, phy2log: Any, logcnt: Any, inverse: Any, live_gpu: Any, num_gpus: int, *, xp: Any
 ) -> Any:  # fmt: skip
-    """``[B, G]`` float32: each GPU's time (its slots' replica loads summed left to right, times its inverse
+    """``[B, G]`` float32: each GPU's time (:func:`eplb.algorithms.elastic._live_gpu_loads` times its inverse
     capacity); ``-1`` slots weigh 0, idle GPUs (``live_gpu`` false) read ``+inf`` (no free slot there)."""
-    batch, num_phy = phy2log.shape
-    reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=_xp.device(weight))
-    per_replica = replica_load(weight, logcnt, reciprocal, xp=xp)
+    return xp.where(live_gpu, _live_gpu_loads(weight, phy2log, logcnt, num_gpus, xp=xp) * inverse, xp.inf)
+
+
+def _slot_loads(per_replica: Any, phy2log: Any, empty: float, *, xp: Any) -> Any:
+    """``[B, R]``: the replica load ``per_replica [B, E]`` of each slot's expert, ``empty`` where it holds ``-1``."""
     held = phy2log >= 0
-    slot_load = _xp.take_along(per_replica, xp.where(held, phy2log, xp.zeros_like(phy2log)), xp=xp)
-    slot_load = xp.where(held, slot_load, xp.zeros_like(slot_load))
-    loads = sum_left_to_right(xp.reshape(slot_load, (batch, num_gpus, num_phy // num_gpus)), xp=xp)
-    return xp.where(live_gpu, loads * inverse, xp.inf)
+    loads = _xp.take_along(per_replica, xp.where(held, phy2log, xp.zeros_like(phy2log)), xp=xp)
+    return xp.where(held, loads, xp.full_like(loads, empty))
 
 
 def stabilize_capacity(
@@ -212,7 +211,8 @@ def stabilize_capacity(
     live_slot = _live_slot(live_gpu, batch, num_phy, num_gpus, xp=xp)
     old = xp.where(live_slot, xp.astype(previous, dtype), xp.full_like(fresh, -1))
     inverse = xp.broadcast_to(inverse, (batch, num_gpus))  # (idle GPUs: 1.0, never read as a time)
-    classes = capacity_classes(xp.where(live, capacity, xp.zeros_like(capacity)), batch, xp=xp)
+    live_capacity = xp.where(live, capacity, xp.zeros_like(capacity))  # [1, G], idle GPUs 0
+    classes = capacity_classes(live_capacity, batch, xp=xp)
     base = relabel_pinned_fn(fresh, old, classes, num_gpus, num_nodes=num_nodes, xp=xp)
     fresh_time = _max_time(weight, fresh, logcnt, inverse, num_gpus, xp=xp)  # [B, 1]
     limit = fresh_time * _factor(tolerance, fresh_time, xp=xp)
@@ -223,13 +223,13 @@ def stabilize_capacity(
         (old >= 0) | xp.logical_not(live_slot), axis=-1, keepdims=True
     )
     reciprocal = _xp.reciprocal_table(num_phy, xp=xp, device=device)
+    per_replica = replica_load(weight, logcnt, reciprocal, xp=xp)  # [B, E] at the fresh counts
     node_of = _node_of_expert(fresh, num_log, groups, num_nodes, xp=xp) if num_nodes > 1 else None
     keep = kept_copies(old, logcnt, node_of=node_of, num_nodes=num_nodes, xp=xp)
     kept = xp.where(keep, old, xp.full_like(old, -1))
     kept_time = _gpu_times(weight, kept, logcnt, inverse, live_gpu, num_gpus, xp=xp)
     recounted = recount(
-        old, keep, logcnt, replica_load(weight, logcnt, reciprocal, xp=xp), kept_time, num_gpus, node_of=node_of,
-        num_nodes=num_nodes, xp=xp,
+        old, keep, logcnt, per_replica, kept_time, num_gpus, node_of=node_of, num_nodes=num_nodes, xp=xp,
     )  # fmt: skip
     recounted_cnt = xp.astype(replica_counts(recounted, num_log, xp=xp), logcnt.dtype)
     recounted_valid = xp.all(recounted_cnt == logcnt, axis=-1, keepdims=True) & covers_groups(
@@ -240,16 +240,13 @@ def stabilize_capacity(
     # loads against one limit: GPU g starts at a * (top - c_g) (top: the fastest live capacity), so it reaches
     # a * top when its own load reaches a * c_g, its time the limit (up to float32 rounding; every candidate's
     # time is checked below).
-    top = xp.max(xp.where(live, capacity, xp.zeros_like(capacity)), axis=-1, keepdims=True)  # [1, 1]
+    top = xp.max(live_capacity, axis=-1, keepdims=True)  # [1, 1]
     # Times are load * 2**k / c (k: the exponent of the largest capacity), so GPU g's load allowance is
     # a * c_g with a = limit * 2**-k (an exact power-of-two scaling).
-    top_exponent = xp.clip(xp.max(_exponent(xp.where(live, capacity, xp.zeros_like(capacity)), xp=xp)), -126, 126)
+    top_exponent = xp.clip(xp.max(_exponent(live_capacity, xp=xp)), -126, 126)
     allowance = limit * _power_of_two(-top_exponent, xp=xp)  # [B, 1]
     headroom = xp.where(live_gpu, allowance * top - allowance * capacity, xp.inf)  # [B, G]
-    per_replica = replica_load(weight, logcnt, reciprocal, xp=xp)
-    base_held = base >= 0
-    base_load = _xp.take_along(per_replica, xp.where(base_held, base, xp.zeros_like(base)), xp=xp)
-    base_load = xp.where(base_held, base_load, -xp.ones_like(base_load))  # empty slots come last
+    base_load = _slot_loads(per_replica, base, -1.0, xp=xp)  # empty slots come last
     rows = (batch * num_nodes, num_phy // num_nodes)
     node_limit = xp.reshape(xp.broadcast_to(allowance * top, (batch, num_nodes)), (batch * num_nodes, 1))
     unbounded = xp.full(node_limit.shape, MAX_LOAD, dtype=node_limit.dtype, device=device)
@@ -271,10 +268,7 @@ def stabilize_capacity(
     counts = xp.concat([old_cnt] + [logcnt] * (num_starts - 1), axis=0)
     valid = xp.concat([kept_valid, recounted_valid] + [xp.ones_like(kept_valid)] * len(stickies), axis=0)
     weights, inverses, limits, lives = (xp.concat([a] * num_starts, axis=0) for a in (weight, inverse, limit, live_gpu))
-    per_replica = replica_load(weights, counts, reciprocal, xp=xp)
-    held = starts >= 0
-    item_load = _xp.take_along(per_replica, xp.where(held, starts, xp.zeros_like(starts)), xp=xp)
-    item_load = xp.where(held, item_load, xp.zeros_like(item_load))
+    item_load = _slot_loads(replica_load(weights, counts, reciprocal, xp=xp), starts, 0.0, xp=xp)
     row_count = num_starts * batch * num_nodes
     width = num_phy // num_nodes
     row_limit = xp.reshape(xp.broadcast_to(limits, (num_starts * batch, num_nodes)), (row_count, 1))
