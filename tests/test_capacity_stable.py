@@ -172,6 +172,33 @@ def test_every_implementation_agrees_and_keeps_the_promises(case):
     assert moved[2] <= moved[0], "a wider tolerance moved more"
 
 
+@pytest.mark.parametrize(
+    "case",
+    [(1, 4, 1, 1, 4, [1, 1, 1, 1], [1, 0.5, 0, 2]), (4, 8, 1, 1, 8, [1] * 8, [1, 0.6] * 4)],
+    ids=["one expert", "one slot per GPU"],
+)
+def test_degenerate_shapes_keep_the_promises(case):
+    """One expert; one slot per GPU: the same promises and the same placement on numpy (array API and numba),
+    torch and JAX (numba via the host), all-zero and all-equal layers included."""
+    num_experts, r, g, n, gpus, _, caps = case
+    prev = _previous(case)
+    w = _drifted(_loads(num_experts, seed=2), seed=3)
+    live = np.asarray(oracle.capacity_live(caps))
+    fresh = eplb.rebalance_experts(w, r, g, n, gpus, gpu_capacity=np.asarray(caps)).phy2log
+    fresh_time = oracle.capacity_times64(w, fresh, gpus, caps).max(axis=1)
+    bound = oracle.best_class_relabel_moves(prev, fresh, _classes(case), gpus)
+    for tol in (None, 0.05):
+        results = {name: impl(w, prev, r, g, n, gpus, caps, tol) for name, impl in IMPLS.items()}
+        results["jax:user-jit"] = _jax_user_jit(w, prev, r, g, n, gpus, caps, tol)
+        first = results["numpy:xp"]
+        for name, got in results.items():
+            _same(got, first, f"of {name} vs numpy:xp, tolerance {tol}")
+        _check_valid(first, num_experts, r, gpus, live)
+        time = oracle.capacity_times64(w, first[0], gpus, caps).max(axis=1)
+        assert (time <= fresh_time * (1 + (tol or 0)) * (1 + 1e-5)).all()
+        assert (oracle.moves(prev, first[0], gpus) <= bound).all()
+
+
 def test_replanning_its_own_placement_moves_nothing():
     """The same loads and speeds from the placement they gave: nothing moves, time unchanged."""
     for case in CASES[:1] + CASES[4:7]:
