@@ -46,7 +46,7 @@ from eplb.algorithms.loads import clean_loads
 from eplb.algorithms.packing import inverse_permutation, slots_by_pack, sum_left_to_right
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.algorithms.relabel import occurrence
-from eplb.algorithms.replication import replica_load, replicate_experts
+from eplb.algorithms.replication import replica_items, replica_load, replicate_experts
 from eplb.algorithms.speed import (
     capacity_live,
     clean_capacity,
@@ -173,28 +173,6 @@ def _budget_counts(
     return mlogcnt + _filler_counts(place_in_line, rest, num_log, xp=xp), valid
 
 
-def _items(mlog_load: Any, mlogcnt: Any, live_slots: Any, phy_per_node: int, *, xp: Any) -> tuple[Any, Any]:
-    """``item2mlog`` (each expert's replicas in a run, experts in order; phantoms: 0) and ``item_load``
-    (phantoms: -1), ``[rows, R/N]``, for ``mlogcnt`` summing to ``live_slots``."""
-    num_log = mlog_load.shape[1]
-    device = _xp.device(mlog_load)
-    index_dtype = mlogcnt.dtype
-    rows = mlogcnt.shape[0]
-    item = xp.arange(phy_per_node, dtype=index_dtype, device=device)
-    ends = xp.cumulative_sum(mlogcnt[:, :-1], axis=-1)  # first item of experts 1.., increasing (counts >= 1)
-    starts = xp.zeros((rows, phy_per_node + 1), dtype=index_dtype, device=device)
-    row_ids = xp.reshape(xp.arange(rows, dtype=index_dtype, device=device), (rows, 1))
-    starts = _xp.at_set(starts, (row_ids, ends), xp.ones_like(ends), xp=xp)
-    item2mlog = xp.cumulative_sum(starts[:, :phy_per_node], axis=-1)  # experts started so far, minus one
-    kept = item < xp.astype(live_slots, index_dtype)
-    item2mlog = xp.where(kept, item2mlog, 0)
-    reciprocal = _xp.reciprocal_table(phy_per_node - num_log + 1, xp=xp, device=device)
-    load = replica_load(
-        _xp.take_along(mlog_load, item2mlog, xp=xp), _xp.take_along(mlogcnt, item2mlog, xp=xp), reciprocal, xp=xp
-    )
-    return item2mlog, xp.where(kept, load, -1.0)
-
-
 def _budget_rows(
     mlog_load: Any, live_gpu: Any, inverse: Any, live_slots: Any, phy_per_node: int, budget: Any, fallback: Any,
     *, xp: Any, fns: Mapping[str, Callable[..., Any]],
@@ -218,7 +196,7 @@ def _budget_rows(
     mlog_load, live_gpu, inverse, live_slots, budget = (
         xp.tile(a, tile) for a in (mlog_load, live_gpu, inverse, live_slots, budget)
     )
-    item2mlog, item_load = _items(mlog_load, mlogcnt, live_slots, phy_per_node, xp=xp)
+    item2mlog, item_load = replica_items(mlog_load, mlogcnt, live_slots, phy_per_node, xp=xp)
     pphy2phy = fns["pair_pack_fn"](item_load, live_gpu, inverse, budget, xp=xp)
     pphy2phy = fns["swaps_fn"](
         item_load, xp.astype(pphy2phy, item2mlog.dtype), inverse, live_gpu, default_swap_rounds(live_gpu.shape[1]),

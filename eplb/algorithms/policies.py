@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from eplb.algorithms.hierarchy import build_log2phy, rebalance_hierarchical
@@ -26,6 +27,7 @@ def place(
     policy: str = "greedy",
     spill: int = 0,
     xp: Any,
+    pair_counts_fn: Callable[..., Any] | None = None,
 ) -> tuple[Any, Any, Any]:
     """``phy2log [L, R]``, ``log2phy [L, E, R - E + 1]``, ``logcnt [L, E]`` for float32 ``weight [L, E]``.
 
@@ -37,6 +39,8 @@ def place(
     ``spill > 0`` (hierarchical only): that many replicas per node may serve
     other nodes' groups (:func:`eplb.algorithms.spill.rebalance_spill`).
     Loads below ``2**-64`` count as zero (:mod:`eplb.algorithms.loads`).
+    ``pair_counts_fn``: the refined policy's count search for two slots per
+    GPU (:func:`eplb.algorithms.pairs.pair_counts` or a kernel equal to it).
     """
     weight = clean_loads(weight, xp=xp)
     if policy == "survivable":
@@ -46,8 +50,9 @@ def place(
             weight, num_replicas, num_groups, num_nodes, num_gpus, spill=spill, refine=policy == "refined", xp=xp
         )
     elif policy == "refined":
+        searched = {} if pair_counts_fn is None else {"pair_counts_fn": pair_counts_fn}
         phy2log, phyrank, logcnt = rebalance_refined(
-            weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp
+            weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical=hierarchical, xp=xp, **searched
         )
     else:
         if not hierarchical:

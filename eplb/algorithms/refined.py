@@ -12,7 +12,10 @@ Per layer it builds candidate placements, all batched over layers and nodes:
   heaviest GPU; the lightest heaviest-GPU wins, the greedy-derived candidate
   unless another beats it by the margin;
 - per layer, that result or the plain greedy placement, whichever has the
-  lighter heaviest GPU (greedy unless beaten by the margin).
+  lighter heaviest GPU (greedy unless beaten by the margin);
+- with two slots per GPU, per (layer, node): replica counts searched for the
+  fold pairing (:mod:`eplb.algorithms.pairs`), kept where the heaviest GPU
+  is lighter by the margin.
 
 So no layer ends with a heavier GPU than greedy gives, on any backend.
 """
@@ -39,6 +42,7 @@ from eplb.algorithms.hierarchy import (
 )
 from eplb.algorithms.loads import clean_loads
 from eplb.algorithms.packing import lpt_pack, slots_by_pack
+from eplb.algorithms.pairs import pair_counts, pair_stage
 from eplb.algorithms.refine import IMPROVEMENT, max_gpu_load, pack_loads, refine_by_swaps, snake_pack
 
 __all__ = [
@@ -199,6 +203,7 @@ def rebalance_refined(
     split_stage: Callable[..., tuple[Any, bool]] = group_split,
     candidate_stage: Callable[..., tuple[Any, ...]] = node_candidates,
     final_stage: Callable[..., tuple[Any, Any, Any]] = keep_greedy_unless_beaten,
+    pair_counts_fn: Callable[..., Any] = pair_counts,
 ) -> tuple[Any, Any, Any]:
     """Refined placement of float32 ``weight [L, E]``: ``phy2log [L, R]``, ``phyrank [L, R]``, ``logcnt [L, E]``.
 
@@ -212,7 +217,10 @@ def rebalance_refined(
     :func:`group_split`, ``candidate_stage`` as :func:`node_candidates` and
     ``final_stage`` as :func:`keep_greedy_unless_beaten`, which receives what
     ``candidate_stage`` returned (the two come as a pair). With the global
-    policy they see ``num_groups = num_nodes = 1``. Loads below ``2**-64``
+    policy they see ``num_groups = num_nodes = 1``. With two slots per GPU a
+    fourth, :func:`eplb.algorithms.pairs.pair_stage`, searches each node's
+    replica counts for the pairs (``pair_counts_fn``: its search,
+    :func:`eplb.algorithms.pairs.pair_counts` or a kernel equal to it). Loads below ``2**-64``
     count as zero (:mod:`eplb.algorithms.loads`): the stages see them flushed.
     """
     weight = clean_loads(weight, xp=xp)  # the kernels' wrappers call this directly, not through place
@@ -227,4 +235,8 @@ def rebalance_refined(
     mlog2log = expert_order(mgroup2group, num_log // num_groups, xp=xp)
     # Candidates per (layer, node) row; candidate 0 is the greedy's own.
     node_arrays = candidate_stage(weight, mlog2log, num_phy, num_nodes, num_gpus, num_iters, xp=xp)
-    return final_stage(weight, mlog2log, node_arrays, num_phy, num_groups, num_nodes, num_gpus, split_may_differ, xp=xp)
+    placement = final_stage(
+        weight, mlog2log, node_arrays, num_phy, num_groups, num_nodes, num_gpus, split_may_differ, xp=xp
+    )
+    # Two slots per GPU: the fold pairs the replicas best; the counts are searched for it (never heavier).
+    return pair_stage(weight, *placement, num_nodes, num_gpus, xp=xp, counts_fn=pair_counts_fn)

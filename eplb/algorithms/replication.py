@@ -6,7 +6,7 @@ from typing import Any
 
 from eplb import _xp
 
-__all__ = ["add_replicas", "replica_load", "replicate_experts"]
+__all__ = ["add_replicas", "replica_items", "replica_load", "replicate_experts"]
 
 
 def replica_load(weight: Any, count: Any, reciprocal: Any, *, xp: Any) -> Any:
@@ -118,3 +118,25 @@ def add_replicas(
     init = (score, xp.asarray(logcnt, copy=True))
     (_, logcnt), (expert_by_step, rank_by_step) = _xp.scan(add_replica, init, steps, xp=xp)
     return xp.permute_dims(expert_by_step, (1, 0)), xp.permute_dims(rank_by_step, (1, 0)), logcnt
+
+
+def replica_items(mlog_load: Any, mlogcnt: Any, live_slots: Any, phy_per_node: int, *, xp: Any) -> tuple[Any, Any]:
+    """``item2mlog`` (each expert's replicas in a run, experts in order; phantoms: 0) and ``item_load``
+    (phantoms: -1), ``[rows, R/N]``, for ``mlogcnt`` summing to ``live_slots``."""
+    num_log = mlog_load.shape[1]
+    device = _xp.device(mlog_load)
+    index_dtype = mlogcnt.dtype
+    rows = mlogcnt.shape[0]
+    item = xp.arange(phy_per_node, dtype=index_dtype, device=device)
+    ends = xp.cumulative_sum(mlogcnt[:, :-1], axis=-1)  # first item of experts 1.., increasing (counts >= 1)
+    starts = xp.zeros((rows, phy_per_node + 1), dtype=index_dtype, device=device)
+    row_ids = xp.reshape(xp.arange(rows, dtype=index_dtype, device=device), (rows, 1))
+    starts = _xp.at_set(starts, (row_ids, ends), xp.ones_like(ends), xp=xp)
+    item2mlog = xp.cumulative_sum(starts[:, :phy_per_node], axis=-1)  # experts started so far, minus one
+    kept = item < xp.astype(live_slots, index_dtype)
+    item2mlog = xp.where(kept, item2mlog, 0)
+    reciprocal = _xp.reciprocal_table(phy_per_node - num_log + 1, xp=xp, device=device)
+    load = replica_load(
+        _xp.take_along(mlog_load, item2mlog, xp=xp), _xp.take_along(mlogcnt, item2mlog, xp=xp), reciprocal, xp=xp
+    )
+    return item2mlog, xp.where(kept, load, -1.0)

@@ -50,12 +50,17 @@ def host_values(weight: jax.Array, force: bool) -> np.ndarray | None:
     return values.astype(np.float32 if jnp.issubdtype(weight.dtype, jnp.floating) else np.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _rebalance(
-    weight: jax.Array, config: tuple[int, int, int, int], options: tuple[tuple[str, Any], ...]
+    weight: jax.Array, config: tuple[int, int, int, int], options: tuple[tuple[str, Any], ...], host: bool = True
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The array-API placement under ``vmap`` over layers. ``host``: the refined policy's pair search (two slots
+    per GPU) through numba's kernel via a host callback on the CPU (:func:`_jax_host.pair_counts`); else XLA."""
+    refined = dict(options).get("policy") == "refined"
+    searched = {"pair_counts_fn": _jax_host.pair_counts} if refined and host else {}
+
     def one_layer(row: jax.Array) -> tuple[jax.Array, ...]:
-        placement = place(row[None, :], *config, xp=jnp, **dict(options))
+        placement = place(row[None, :], *config, xp=jnp, **dict(options), **searched)
         return tuple(a[0] for a in placement)
 
     return _tied_to(weight, jax.vmap(one_layer)(weight.astype(jnp.float32)))
@@ -247,7 +252,7 @@ def _placement(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One jitted call: the XLA algorithm, or a kernel on CUDA with XLA elsewhere (chosen at lowering)."""
     if impl == "xla":
-        return _rebalance(weight, config, options)
+        return _rebalance(weight, config, options, host=False)
     hierarchical = dict(options)["hierarchical"]
 
     def xla(w: jax.Array) -> tuple[jax.Array, ...]:

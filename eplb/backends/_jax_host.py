@@ -23,7 +23,15 @@ import numpy as np
 
 from eplb.backends import _numba, _numpy
 
-__all__ = ["MAX_LOG2PHY", "applies", "applies_stable", "placement", "placement_elastic_stable", "placement_stable"]
+__all__ = [
+    "MAX_LOG2PHY",
+    "applies",
+    "applies_stable",
+    "pair_counts",
+    "placement",
+    "placement_elastic_stable",
+    "placement_stable",
+]
 
 # The callback's outputs are copied twice (to JAX's integer type, then into
 # XLA's buffer), about 2 ns per log2phy entry on a 2-core CPU; from about 2M
@@ -172,3 +180,34 @@ def placement_elastic_stable(
         *operands,
         vmap_method="expand_dims",
     )
+
+
+def pair_counts(load: jax.Array, count: jax.Array, num_slots: int, num_iters: int, *, xp: Any = jnp) -> jax.Array:
+    """:func:`eplb.algorithms.pairs.pair_counts` for the refined policy under ``jit``: on the CPU the numba
+    kernel (:mod:`eplb.kernels.pairs_numba`) through a host callback, XLA elsewhere (chosen at lowering).
+
+    XLA's CPU sorts make the search's rounds cost about 10 ms each at 288 slots (a 26 ms refined call over
+    144 GPUs took 350 ms); the kernel does all of them in a few ms. Same counts either way.
+    """
+    from eplb.algorithms import pairs
+
+    def xla(loads: jax.Array, counts: jax.Array) -> jax.Array:
+        return pairs.pair_counts(loads, counts, num_slots, num_iters, xp=jnp)
+
+    if not _numba.available():
+        return xla(load, count)
+
+    def on_host(loads: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        from eplb.kernels import pairs_numba
+
+        width = counts.shape[-1]
+        rows = np.asarray(loads, dtype=np.float32).reshape(-1, width)
+        start = np.asarray(counts, dtype=np.int64).reshape(-1, width)
+        found = pairs_numba.pair_counts(rows, start, num_slots, num_iters)
+        return found.astype(counts.dtype).reshape(counts.shape)
+
+    def host(loads: jax.Array, counts: jax.Array) -> jax.Array:
+        shape = jax.ShapeDtypeStruct(counts.shape, counts.dtype)
+        return jax.pure_callback(on_host, shape, loads, counts, vmap_method="expand_dims")
+
+    return jax.lax.platform_dependent(load, count, cpu=host, default=xla)

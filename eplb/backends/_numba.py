@@ -122,7 +122,7 @@ def _start_warm_up() -> threading.Thread:
 def _load_kernels() -> None:
     """Run each kernel once on a tiny input: numba compiles (or loads) every specialisation eplb uses."""
     try:
-        from eplb.kernels import group_split_numba, relabel_numba, repair_numba, speed_numba
+        from eplb.kernels import group_split_numba, pairs_numba, relabel_numba, repair_numba, speed_numba
 
         weight = np.ones((1, 4), dtype=np.float32)
         greedy(weight, 8, 2, 2, 4, hierarchical=True)
@@ -132,6 +132,7 @@ def _load_kernels() -> None:
         repair_numba.warm_up()
         group_split_numba.warm_up()
         speed_numba.warm_up()
+        pairs_numba.warm_up()
         _READY.set()
     except BaseException as err:  # surfaced by warm_up(); dispatch keeps the reference path
         _WARM_UP_ERROR.append(err)

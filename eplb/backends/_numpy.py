@@ -78,6 +78,12 @@ def rebalance(
             "swaps_fn": speed_numba.refine_by_swaps_speed,
             "sticky_pack_fn": _repair_hooks()["sticky_pack_fn"],
         }
+    refined = options.get("policy") == "refined" and placer(options) is place
+    if refined and impl_was_none and _numba.available() and _numba.ready():
+        # Two slots per GPU: the count search of the refined policy compiled (eplb.kernels.pairs_numba).
+        from eplb.kernels import pairs_numba
+
+        options = {**options, "pair_counts_fn": pairs_numba.pair_counts}
     placement = placer(options)(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **options)
     return tuple(np.asarray(a, dtype=np.int64) for a in placement)
 

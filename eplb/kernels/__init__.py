@@ -26,6 +26,11 @@ JAX GPU            ``greedy_pallas`` [3]_      ``refined_pallas`` + XLA [3]_ as 
                                                                              ``repair_pallas`` + XLA [3]_
 =================  ==========================  ============================  =============================
 
+With two slots per GPU the refined policy ends with the pair stage
+(:mod:`eplb.algorithms.pairs`); its count search runs ``pairs_numba`` on
+numpy and torch CPU [1]_, the same via a host callback on JAX CPU [1]_,
+``pairs_triton`` on torch CUDA [2]_ and XLA on JAX GPU.
+
 ``active_gpus=`` and ``gpu_capacity=`` run the array-API path (XLA on JAX),
 with kernels for its loops where they exist. ``active_gpus=`` with
 ``previous=`` on numpy, torch CPU and JAX CPU inputs (JAX through a host

@@ -51,7 +51,7 @@ from eplb.algorithms.bounds import MAX_ASSIGNMENTS, count_assignments, group_ass
 from eplb.algorithms.hierarchy import build_log2phy
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.algorithms.refined import rebalance_refined
-from eplb.kernels import greedy_triton
+from eplb.kernels import greedy_triton, pairs_triton
 from eplb.kernels.greedy_triton import _desc_order_keys, _greedy_groups, _load_nonneg, _pick, ensure_cache_dir
 
 __all__ = [
@@ -790,7 +790,8 @@ def rebalance_refined_cuda(
     """Refined placement of ``weight [L, E]`` (any real dtype) on its device: int64 ``phy2log, log2phy, logcnt``.
 
     :func:`eplb.algorithms.refined.rebalance_refined` with its three stages
-    replaced by the kernels of this module; same placement.
+    replaced by the kernels of this module (and, with two slots per GPU, the
+    pair stage's search by :mod:`eplb.kernels.pairs_triton`); same placement.
     """
     if weight.device.type == "cuda" and weight.device.index != torch.cuda.current_device():
         # Triton launches on the current device: make the tensor's device current.
@@ -814,6 +815,9 @@ def rebalance_refined_cuda(
         )
     weight32 = weight.detach().to(torch.float32).contiguous()
     candidates = functools.partial(candidate_stage, num_warps=num_warps, parallel=parallel)
+    # Two slots per GPU: the pair stage's count search as one launch (eplb.kernels.pairs_triton) where it fits.
+    log_per_node, slots = weight.shape[1] // sizes[1], num_replicas // sizes[1]
+    searched = {"pair_counts_fn": pairs_triton.pair_counts} if pairs_triton.fits(log_per_node, slots) else {}
     phy2log, phyrank, logcnt = rebalance_refined(
         weight32,
         num_replicas,
@@ -826,5 +830,6 @@ def rebalance_refined_cuda(
         split_stage=split_stage,
         candidate_stage=candidates,
         final_stage=final_stage,
+        **searched,
     )
     return phy2log, build_log2phy(phy2log, phyrank, weight.shape[1], xp=xp), logcnt
