@@ -301,7 +301,9 @@ def test_refined_beats_greedy_on_real_loads_over_144_gpus():
     assert (mine < theirs * (1 - 1e-3)).sum() >= 6  # most layers gain (1.2% on average over the files)
 
 
+# jax:host runs the refined policy too (XLA, the pair search through numba's kernel on the host).
 REFINED_BACKENDS = [b for b in CPU_BACKENDS if b.supports(policy="refined") and b is not Backend.NUMPY_XP]
+REFINED_BACKENDS.append(Backend.JAX_HOST)
 
 
 @pytest.mark.parametrize("backend", backend_params(REFINED_BACKENDS))

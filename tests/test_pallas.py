@@ -197,8 +197,11 @@ def test_impl_choices():
         _assert_same(_jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl=impl), want)
     refined = eplb.rebalance_experts(np.asarray(weight), 24, 4, 2, 4, policy="refined")
     _assert_same(_jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="pallas", policy="refined"), refined)
+    _assert_same(_jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="host", policy="refined"), refined)
     with pytest.raises(ValueError, match="impl"):
-        _jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="host", policy="refined")
+        _jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="host", policy="refined", spill=1)
+    with pytest.raises(ValueError, match="impl"):
+        _jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="triton", policy="refined")
     with pytest.raises(ValueError, match="impl"):
         _jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="pallas", spill=1)
     with pytest.raises(ValueError, match="impl"):

@@ -24,7 +24,7 @@ from eplb.algorithms.capacity_stable import place_capacity_stable
 from eplb.algorithms.elastic import place_elastic, place_elastic_stable
 from eplb.algorithms.policies import place
 from eplb.algorithms.stability import place_stable
-from eplb.backends import _jax_host
+from eplb.backends import _jax_host, _numba
 
 __all__ = ["dtype_kind", "host_values", "rebalance", "rebalance_stable"]
 
@@ -259,6 +259,8 @@ def _placement(
         return _rebalance(w, config, options)
 
     if dict(options).get("policy") == "refined":  # impl "pallas": its candidate stage as one kernel on CUDA
+        if impl == "host":  # XLA, with the pair search through numba on the CPU
+            return _rebalance(weight, config, options)
         from eplb.kernels import refined_pallas
 
         sizes = (config[2], config[3]) if hierarchical else (1, config[3])
@@ -310,8 +312,9 @@ def rebalance(
 
     - ``None`` (default): ``"pallas"`` where this process has a CUDA backend
       and JAX ships Pallas' Triton lowering (:func:`pallas_available`;
-      greedy and refined policies, no ``spill``); else for the greedy policy
-      ``"host"`` where numba is installed; ``"xla"`` otherwise;
+      greedy and refined policies, no ``spill``); else for the greedy and
+      refined policies ``"host"`` where numba is installed; ``"xla"``
+      otherwise;
     - ``"pallas"``: the greedy policy as one fused Pallas (Triton) kernel,
       one program per (layer, node) (:mod:`eplb.kernels.greedy_pallas`), on CUDA;
       the XLA path elsewhere. The choice is made at lowering by
@@ -327,12 +330,15 @@ def rebalance(
       ``jax.pure_callback`` (:mod:`eplb.backends._jax_host`; needs numba, the
       ``fast`` extra), XLA elsewhere; ``"pallas"`` and ``"triton"`` take the
       same CPU branch, and ``None`` picks it where this process has no CUDA
-      backend;
+      backend. For the refined policy, XLA with the pair stage's count search
+      (two slots per GPU) as numba's kernel through a callback on the CPU
+      (:func:`eplb.backends._jax_host.pair_counts`); ``"pallas"`` does the same
+      off CUDA;
     - ``"xla"``: the array-API algorithm under ``jit`` + ``vmap`` over layers,
       every policy.
 
-    All give bit-identical placements. ``"triton"`` and ``"host"`` apply to
-    the greedy policy only, ``"pallas"`` to the greedy and refined policies
+    All give bit-identical placements. ``"triton"`` applies to the greedy
+    policy only, ``"host"`` and ``"pallas"`` to the greedy and refined policies
     (no ``spill``).
     """
     config = (num_replicas, num_groups, num_nodes, num_gpus)
@@ -350,13 +356,16 @@ def rebalance(
         return _rebalance_elastic(weight, active, config, tuple(sorted(options.items())))
     spill = bool(options.get("spill", 0))
     greedy = options.get("policy", "greedy") == "greedy" and not spill
+    refined = options.get("policy") == "refined" and not spill
     kernel = not spill  # a policy with a Pallas kernel
     if impl is None:
         pallas = kernel and _has_cuda() and pallas_available()
-        impl = "pallas" if pallas else "host" if greedy and _jax_host.applies(options) else "xla"
-    if impl not in IMPLS or (impl in ("triton", "host") and not greedy) or (impl == "pallas" and not kernel):
+        host = (greedy and _jax_host.applies(options)) or (refined and _numba.available())
+        impl = "pallas" if pallas else "host" if host else "xla"
+    bad_host = impl == "host" and not (greedy or refined)
+    if impl not in IMPLS or (impl == "triton" and not greedy) or bad_host or (impl == "pallas" and not kernel):
         raise ValueError(
-            "impl must be 'pallas' (greedy or refined policy, no spill), 'triton' or 'host' (greedy policy only), "
+            "impl must be 'pallas' or 'host' (greedy or refined policy, no spill), 'triton' (greedy policy only), "
             f"'xla' or None, got {impl!r} with {options}"
         )
     if impl == "pallas" and not pallas_available():
