@@ -83,6 +83,19 @@ def test_every_call_reads_nothing_on_the_host(options, hierarchical):
     assert all(x.dtype == torch.int64 for x in placement)
 
 
+@pytest.mark.parametrize("hierarchical", [True, False], ids=["hierarchical", "global"])
+@pytest.mark.parametrize("previous", [False, True], ids=["fresh", "previous"])
+def test_refined_pair_stage_reads_nothing_on_the_host(hierarchical, previous):
+    """Two slots per GPU: the refined policy's pair stage (its count search runs every round off the CPU)."""
+    gpus = SLOTS // 2
+    kwargs = {"previous": _meta(3, SLOTS, dtype=torch.int64), "balance_tolerance": 0.01} if previous else {}
+    placement = eplb.rebalance_experts(
+        _meta(3, EXPERTS), SLOTS, GROUPS, NODES, gpus, hierarchical=hierarchical, policy="refined", **kwargs
+    )
+    assert [x.device.type for x in placement] == ["meta"] * 3
+    assert placement.phy2log.shape == (3, SLOTS) and placement.logcnt.shape == (3, EXPERTS)
+
+
 def test_load_tracker_records_without_host_reads():
     """record (routed expert ids, one layer or all, with a mask), record_counts, step and load on meta tensors."""
     tracker = eplb.LoadTracker(num_layers=3, num_experts=EXPERTS, window=4, backend="torch", device="meta")
