@@ -157,6 +157,18 @@ def test_numba_kernel_equals_the_array_api():
                 np.testing.assert_array_equal(got, want)
 
 
+@needs_numba
+def test_numba_kernel_refuses_counts_that_do_not_fill_the_row():
+    """The kernel indexes by the counts: a row that does not sum to num_slots (or a count < 1) is a clear
+    ValueError, never a read out of bounds."""
+    from eplb.kernels import pairs_numba
+
+    w = np.array([[3.0, 1.0, 2.0]], np.float32)
+    for count in ([[2, 1, 0]], [[1, 1, 1]], [[3, 1, 1]]):
+        with pytest.raises(ValueError, match="summing to num_slots"):
+            pairs_numba.pair_counts(w, np.array(count), 4, 4)
+
+
 TRITON_CHECK = """
 import numpy as np, torch
 from eplb.algorithms import pairs

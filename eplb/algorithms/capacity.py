@@ -11,7 +11,9 @@ never quotients):
    capacities, refined by swaps of groups, then this per node): three replica sets, greedy replication for
    the first ``k`` of the ``X = R_live - E`` extra slots and the other ``X - k``
    one each to the lightest experts (lightest first, cycling), for ``k = X,
-   X // 4, 0`` (slow GPUs must fill their slots with light replicas); each packed
+   X // 4, 0`` (slow GPUs must fill their slots with light replicas), and
+   with two slots per GPU a fourth, greedy's counts searched for the fold
+   pairing as if all GPUs ran at one speed (:func:`_pair_set`); each packed
    by LPT on time (:func:`eplb.algorithms.speed.lpt_pack_speed`), refined by
    swaps and exchanges out of the slowest GPU
    (:func:`eplb.algorithms.speed.refine_by_swaps_speed`); the fastest of the three (the first unless
@@ -44,6 +46,7 @@ from eplb.algorithms.elastic import _live_gpu_loads, _live_rows, _live_slot, bui
 from eplb.algorithms.hierarchy import assemble, expert_order, group_loads
 from eplb.algorithms.loads import clean_loads
 from eplb.algorithms.packing import inverse_permutation, slots_by_pack, sum_left_to_right
+from eplb.algorithms.pairs import default_pair_iterations, pair_counts
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.algorithms.relabel import occurrence
 from eplb.algorithms.replication import replica_items, replica_load, replicate_experts
@@ -220,6 +223,27 @@ def _fastest(times: Any, sets: tuple[Any, ...], num_sets: int, rows_n: int, *, x
     return (*out, _xp.take_along(times, xp.astype(choice, best.dtype), xp=xp))
 
 
+def _pair_set(
+    mlog_load: Any, greedy_cnt: Any, live_slots: Any, phy_per_node: int, *, xp: Any,
+    fns: Mapping[str, Callable[..., Any]],
+) -> tuple[Any, Any, Any]:  # fmt: skip
+    """Two slots per GPU: greedy's counts ``greedy_cnt [rows, E/N]`` searched for the fold pairing as if every
+    GPU ran at one speed (:func:`eplb.algorithms.pairs.pair_counts`, ``fns["pair_counts_fn"]``), a replica set
+    that the packing by time then places: ``item2mlog``, ``item_load``, ``mlogcnt`` as :func:`_replica_sets`.
+    Rows with idle GPUs (fewer live slots than slots) keep greedy's counts."""
+    num_log = mlog_load.shape[1]
+    iterations = default_pair_iterations(phy_per_node, num_log)
+    full = xp.astype(live_slots, greedy_cnt.dtype) == phy_per_node  # [rows, 1]
+    # The search takes rows whose counts fill every slot: the others search a stand-in (every spare replica on
+    # expert 0) whose result is dropped.
+    stand_in = xp.where(xp.arange(num_log, device=_xp.device(greedy_cnt)) == 0, phy_per_node - num_log + 1, 1)
+    start = xp.where(full, greedy_cnt, xp.astype(stand_in, greedy_cnt.dtype))
+    found = fns["pair_counts_fn"](mlog_load, start, phy_per_node, iterations, xp=xp)
+    count = xp.where(full, xp.astype(found, greedy_cnt.dtype), greedy_cnt)
+    item2mlog, item_load = replica_items(mlog_load, count, live_slots, phy_per_node, xp=xp)
+    return item2mlog, item_load, count
+
+
 def _speed_rows(
     mlog_load: Any, live_gpu: Any, inverse: Any, live_slots: Any, phy_per_node: int, per_gpu: int, *, xp: Any,
     fns: Mapping[str, Callable[..., Any]],
@@ -230,6 +254,11 @@ def _speed_rows(
     num_sets = len(GREEDY_SHARES)
     device = _xp.device(mlog_load)
     item2mlog, item_load, mlogcnt = _replica_sets(mlog_load, live_slots, phy_per_node, xp=xp, fns=fns)
+    if per_gpu == 2:  # the pair set: greedy's counts searched for the fold pairing
+        pair_set = _pair_set(mlog_load, mlogcnt[:rows_n], live_slots, phy_per_node, xp=xp, fns=fns)
+        sets = zip((item2mlog, item_load, mlogcnt), pair_set, strict=True)
+        item2mlog, item_load, mlogcnt = (xp.concat([a, xp.astype(b, a.dtype)]) for a, b in sets)
+        num_sets += 1
     tile = (num_sets, 1)
     live_gpu, inverse, live_slots = (xp.tile(a, tile) for a in (live_gpu, inverse, live_slots))
     index_dtype = item2mlog.dtype
@@ -322,6 +351,7 @@ def rebalance_capacity(
     pair_pack_fn: Callable[..., Any] = pair_pack_speed,
     swaps_fn: Callable[..., Any] = refine_by_swaps_speed,
     replicate_fn: Callable[..., Any] = replicate_experts,
+    pair_counts_fn: Callable[..., Any] = pair_counts,
     **blind_kernels: Callable[..., Any],
 ) -> tuple[Any, Any, Any]:
     """``phy2log`` (``-1`` on idle GPUs), ``phyrank``, ``logcnt`` on GPUs of clean ``capacity [G]`` (float32).
@@ -333,12 +363,13 @@ def rebalance_capacity(
     and ``logcnt = 0``. ``phyrank`` numbers replicas in slot order (the blind
     placement's own numbering where it is chosen).
 
-    ``lpt_pack_fn``, ``pair_pack_fn``, ``swaps_fn``, ``replicate_fn``:
+    ``lpt_pack_fn``, ``pair_pack_fn``, ``swaps_fn``, ``replicate_fn``, ``pair_counts_fn``:
     :func:`eplb.algorithms.speed.lpt_pack_speed`, :func:`~eplb.algorithms.speed.pair_pack_speed`,
-    :func:`~eplb.algorithms.speed.refine_by_swaps_speed` and
-    :func:`eplb.algorithms.replication.replicate_experts`, or compiled kernels equal to them (same
-    arguments); ``blind_kernels`` (``sticky_pack_fn``, ``split_fn``) and ``replicate_fn`` also go to the
-    blind placement (:func:`eplb.algorithms.elastic.rebalance_elastic`).
+    :func:`~eplb.algorithms.speed.refine_by_swaps_speed`,
+    :func:`eplb.algorithms.replication.replicate_experts` and :func:`eplb.algorithms.pairs.pair_counts`,
+    or compiled kernels equal to them (same arguments); ``blind_kernels`` (``sticky_pack_fn``,
+    ``split_fn``) and ``replicate_fn`` also go to the blind placement
+    (:func:`eplb.algorithms.elastic.rebalance_elastic`).
     """
     num_layers, num_log = weight.shape
     capacity = xp.reshape(capacity, (-1, num_gpus))
@@ -349,7 +380,13 @@ def rebalance_capacity(
         **blind_kernels,
     )  # fmt: skip
     inverse = inverse_capacity(capacity, xp=xp)
-    fns = {"lpt_pack_fn": lpt_pack_fn, "pair_pack_fn": pair_pack_fn, "swaps_fn": swaps_fn, "replicate_fn": replicate_fn}
+    fns = {
+        "lpt_pack_fn": lpt_pack_fn,
+        "pair_pack_fn": pair_pack_fn,
+        "swaps_fn": swaps_fn,
+        "replicate_fn": replicate_fn,
+        "pair_counts_fn": pair_counts_fn,
+    }
     if uniform:
         return blind
     if not hierarchical or fallback:

@@ -87,7 +87,10 @@ def _rebalance_capacity(
     """:func:`_rebalance` with ``gpu_capacity`` (``capacity [G]``, traced: a new vector does not recompile)."""
 
     def one_layer(row: jax.Array, speeds: jax.Array) -> tuple[jax.Array, ...]:
-        placement = place_capacity(row[None, :], *config, xp=jnp, gpu_capacity=speeds, **dict(options))
+        # Two slots per GPU: the pair set's count search through numba on the CPU (XLA's sorts are slow there).
+        placement = place_capacity(
+            row[None, :], *config, xp=jnp, gpu_capacity=speeds, pair_counts_fn=_jax_host.pair_counts, **dict(options)
+        )
         return tuple(a[0] for a in placement)
 
     placement = jax.vmap(one_layer, in_axes=(0, None))(weight.astype(jnp.float32), capacity.astype(jnp.float32))

@@ -69,13 +69,14 @@ def rebalance(
     if options.get("gpu_capacity") is not None and impl_was_none and _numba.available() and _numba.ready():
         # Placement by time: its packing loops compiled (eplb.kernels.speed_numba), and the blind placement's
         # packing as above (the same placement).
-        from eplb.kernels import speed_numba
+        from eplb.kernels import pairs_numba, speed_numba
 
         options = {
             **options,
             "lpt_pack_fn": speed_numba.lpt_pack_speed,
             "pair_pack_fn": speed_numba.pair_pack_speed,
             "swaps_fn": speed_numba.refine_by_swaps_speed,
+            "pair_counts_fn": pairs_numba.pair_counts,
             "sticky_pack_fn": _repair_hooks()["sticky_pack_fn"],
         }
     refined = options.get("policy") == "refined" and placer(options) is place
@@ -250,13 +251,14 @@ def _rebalance_capacity_stable(
     options["gpu_capacity"] = np.asarray(options["gpu_capacity"], dtype=np.float32)
     hooks: dict[str, Any] = {}
     if impl == "numba":
-        from eplb.kernels import speed_numba
+        from eplb.kernels import pairs_numba, speed_numba
 
         elastic = _elastic_hooks()
         hooks = {
             "lpt_pack_fn": speed_numba.lpt_pack_speed,
             "pair_pack_fn": speed_numba.pair_pack_speed,
             "swaps_fn": speed_numba.refine_by_swaps_speed,
+            "pair_counts_fn": pairs_numba.pair_counts,
             "sticky_pack_fn": elastic["sticky_pack_fn"],
             "relabel_pinned_fn": elastic["relabel_pinned_fn"],
             "align_slots_fn": elastic["align_slots_fn"],

@@ -180,7 +180,7 @@ def _capacity_kernels(
     take every row the call may pack (per node and globally, and the groups onto nodes); else none."""
     if weight.device.type != "cuda" or not _has_triton():
         return {}
-    from eplb.kernels import replication_triton, speed_triton
+    from eplb.kernels import pairs_triton, replication_triton, speed_triton
 
     nodes = {1, num_nodes} if options["hierarchical"] else {1}
     rows = [(num_replicas // n, num_gpus // n) for n in nodes]  # (slots, GPUs) of a row
@@ -195,6 +195,8 @@ def _capacity_kernels(
     }
     if replication_triton.fits(weight.shape[1], num_replicas):
         kernels["replicate_fn"] = replication_triton.replicate_experts
+    if all(pairs_triton.fits(weight.shape[1] // n, num_replicas // n) for n in nodes):
+        kernels["pair_counts_fn"] = pairs_triton.pair_counts  # two slots per GPU: the pair set's search
     return kernels
 
 

@@ -158,8 +158,11 @@ def pair_counts(load: Any, count: Any, num_slots: int, num_iters: int, *, xp: An
     batch, n = load.shape
     if batch == 0 or num_slots == n:
         return count
+    start = np.ascontiguousarray(count, dtype=np.int64)
+    if start.min() < 1 or (start.sum(axis=1) != num_slots).any():  # the kernel indexes by these counts
+        raise ValueError(f"count must hold counts >= 1 summing to num_slots={num_slots} in every row")
     reciprocal = np.asarray(_xp.reciprocal_table(num_slots - n + 1, xp=np))
-    found = _search(load, np.ascontiguousarray(count, dtype=np.int64), reciprocal, num_slots, num_iters, DONORS)
+    found = _search(load, start, reciprocal, num_slots, num_iters, DONORS)
     return found.astype(count.dtype, copy=False)
 
 
