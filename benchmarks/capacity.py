@@ -17,11 +17,15 @@ together), mean over layers and files, of:
 Plus the median time of one numpy call (61 layers) and, for reference, the
 greedy's balancedness with equal speeds.
 
+``--vectors``: instead, ours / bound and capacity-blind / bound per layer for
+other capacity vectors (one slow GPU, one fast GPU, a slow node, three
+speeds, half at 0.6), global policy over 144 GPUs.
+
 ``--devices``: instead, the median time of one call on torch (CUDA where
 present, else CPU) and JAX (its default device), capacities on the device
 (so decided there, as under ``jit``), for ``prefill_in2048``.
 
-    python benchmarks/capacity.py [--markdown FILE] [--devices]
+    python benchmarks/capacity.py [--markdown FILE] [--devices | --vectors]
 """
 
 from __future__ import annotations
@@ -112,6 +116,38 @@ def table(data: list[tuple[str, np.ndarray]]) -> str:
     return "\n".join(lines)
 
 
+def other_vectors(num_gpus: int) -> dict[str, np.ndarray]:
+    """Capacity vectors other than half at 0.6: one slow GPU, one fast GPU, a slow node, three speeds."""
+    one_slow, one_fast, slow_node = np.ones(num_gpus), np.ones(num_gpus), np.ones(num_gpus)
+    one_slow[num_gpus // 3] = 0.5
+    one_fast[0] = 2.0
+    slow_node[8:16] = 0.7
+    return {
+        "one GPU at 0.5": one_slow,
+        "one GPU at 2.0": one_fast,
+        "one node (8 GPUs) at 0.7": slow_node,
+        "thirds at 1.0 / 0.8 / 0.6": np.resize([1.0, 0.8, 0.6], num_gpus),
+        "half at 0.6 (alternate)": half_slow(num_gpus, "alternate"),
+    }
+
+
+def vectors_table(data: list[tuple[str, np.ndarray]], config: str = "global, 144 GPUs") -> str:
+    """Ours / bound and capacity-blind / bound per layer (mean), for :func:`other_vectors` on one config."""
+    replicas, groups, nodes, gpus, hierarchical, _ = CONFIGS[config]
+    sizes = (replicas, groups, nodes, gpus)
+    lines = [f"| capacities ({config}) | ours / bound | capacity-blind / bound |", "| --- | --- | --- |"]
+    for name, caps in other_vectors(gpus).items():
+        ours, blind = [], []
+        for _, w in data:
+            bound = eplb.metrics.lower_bound(w, *sizes, hierarchical=hierarchical, gpu_capacity=caps)
+            mine = eplb.rebalance_experts(w, *sizes, hierarchical=hierarchical, gpu_capacity=caps).phy2log
+            theirs = eplb.rebalance_experts(w, *sizes, hierarchical=hierarchical).phy2log
+            ours.append(eplb.metrics.summarize(w, mine, gpus, bound, gpu_capacity=caps).bound_ratio)
+            blind.append(eplb.metrics.summarize(w, theirs, gpus, bound, gpu_capacity=caps).bound_ratio)
+        lines.append(f"| {name} | {np.mean(ours):.4f} | {np.mean(blind):.4f} |")
+    return "\n".join(lines)
+
+
 def _median_ms(call, runs: int = 20) -> float:
     call()  # warm up (JAX compiles)
     times = []
@@ -156,10 +192,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", type=Path, help="also write the table as markdown to this file")
     parser.add_argument("--devices", action="store_true", help="time torch and JAX calls instead")
+    parser.add_argument("--vectors", action="store_true", help="other capacity vectors, global 144 GPUs, instead")
     args = parser.parse_args()
     data = loads()
     if args.devices:
         print(device_table(data))
+        return
+    if args.vectors:
+        print(vectors_table(data))
         return
     out = table(data)
     print(f"{len(data)} SGLang DeepSeek-V3 load files; half the GPUs at 0.6; time-balance (1.0: all finish together)\n")
