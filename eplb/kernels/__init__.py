@@ -27,8 +27,9 @@ JAX GPU            ``greedy_pallas`` [3]_      ``refined_pallas`` + XLA [3]_ as 
 =================  ==========================  ============================  =============================
 
 With two slots per GPU the refined policy ends with the pair stage
-(:mod:`eplb.algorithms.pairs`); its count search runs ``pairs_numba`` on
-numpy and torch CPU [1]_, the same via a host callback on JAX CPU [1]_,
+(:mod:`eplb.algorithms.pairs`), and ``gpu_capacity=`` tries a replica set
+from the same search; the count search runs ``pairs_numba`` on numpy and
+torch CPU [1]_, the same via a host callback on JAX CPU [1]_,
 ``pairs_triton`` on torch CUDA [2]_ and XLA on JAX GPU.
 
 ``active_gpus=`` and ``gpu_capacity=`` run the array-API path (XLA on JAX),
