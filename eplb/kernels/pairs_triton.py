@@ -153,7 +153,7 @@ def pair_counts(load: torch.Tensor, count: torch.Tensor, num_slots: int, num_ite
         NP=_pow2(num_log),
         DONORS_=min(DONORS, num_log),
         IMPROVE=IMPROVEMENT,
-        num_warps=8 if num_log > 64 else 4,
+        num_warps=4 if num_log <= 64 else 8 if num_log <= 128 else 16,  # [n, n] tiles: about 128 elements a thread
         enable_fp_fusion=False,
     )
     return out.to(count.dtype)
