@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +28,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eplb
-
-DATA = Path(os.environ.get("EPLB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from benchmarks.capacity import loads
+from benchmarks.timing import host_median_ms
+from tests.oracle import gpu_loads64
 
 # name -> (replicas, groups, nodes, gpus, hierarchical)
 CONFIGS = {
@@ -40,23 +38,6 @@ CONFIGS = {
     "hierarchical, 4 nodes / 144 GPUs": (288, 8, 4, 144, True),
     "hierarchical, 2 nodes / 144 GPUs": (288, 8, 2, 144, True),
 }
-
-
-def loads() -> list[tuple[str, np.ndarray]]:
-    out = []
-    for path in sorted((DATA / "deepseek-v3-sglang").glob("*.json")):
-        counts = np.asarray(json.loads(path.read_text())["logical_count"], np.int64)
-        out.append((path.stem, counts[counts.sum(axis=1) > 0]))
-    return out
-
-
-def heaviest64(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``[L]`` float64: the heaviest GPU's load, each replica carrying ``w / count``."""
-    phy2log = np.asarray(phy2log)
-    rows = np.arange(phy2log.shape[0])[:, None]
-    count = np.stack([np.bincount(row, minlength=weight.shape[1]) for row in phy2log])
-    slot = weight.astype(np.float64)[rows, phy2log] / count[rows, phy2log]
-    return slot.reshape(phy2log.shape[0], num_gpus, -1).sum(axis=2).max(axis=1)
 
 
 def quality(data: list[tuple[str, np.ndarray]]) -> str:
@@ -69,10 +50,10 @@ def quality(data: list[tuple[str, np.ndarray]]) -> str:
         figures: dict[str, list] = {"greedy": [], "refined": [], "bound": [], "ratio": [], "gained": []}
         for _, w in data:
             mean = w.sum(axis=1) / gpus
-            greedy = heaviest64(w, eplb.rebalance_experts(w, *sizes, hierarchical=hierarchical).phy2log, gpus)
-            refined = heaviest64(
-                w, eplb.rebalance_experts(w, *sizes, hierarchical=hierarchical, policy="refined").phy2log, gpus
-            )
+            plain = eplb.rebalance_experts(w, *sizes, hierarchical=hierarchical)
+            greedy = gpu_loads64(w, plain.phy2log, gpus).max(axis=1)
+            placement = eplb.rebalance_experts(w, *sizes, hierarchical=hierarchical, policy="refined")
+            refined = gpu_loads64(w, placement.phy2log, gpus).max(axis=1)
             bound = eplb.metrics.lower_bound(w, *sizes, hierarchical=hierarchical)
             figures["greedy"].append(mean / greedy)
             figures["refined"].append(mean / refined)
@@ -85,17 +66,6 @@ def quality(data: list[tuple[str, np.ndarray]]) -> str:
             f"{cat['ratio'].mean():.4f}, {cat['ratio'].min():.4f} | {int(cat['gained'].sum())} / {cat['gained'].size} |"
         )
     return "\n".join(lines)
-
-
-def _median_ms(call, runs: int) -> float:
-    call()
-    call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def _jax_call(weight, args, kw) -> None:
@@ -122,7 +92,7 @@ def speed(data: list[tuple[str, np.ndarray]], runs: int) -> str:
             functools.partial(_jax_call, jnp.asarray(w), args, kw),
             functools.partial(_numpy.rebalance, w, *args, impl="xp", **kw),
         ]
-        ms = [_median_ms(call, runs) for call in calls]
+        ms = [host_median_ms(call, runs) for call in calls]
         lines.append(f"| {name} | " + " | ".join(f"{m:.1f}" for m in ms) + " |")
     return "\n".join(lines)
 

@@ -33,7 +33,8 @@ from typing import Any
 
 from eplb import _xp
 from eplb.algorithms.hierarchy import assemble
-from eplb.algorithms.refine import IMPROVEMENT, pack_loads
+from eplb.algorithms.refine import IMPROVEMENT
+from eplb.algorithms.repair import gpu_loads
 from eplb.algorithms.replication import replica_items, replica_load
 
 __all__ = ["DONORS", "default_pair_iterations", "fold", "pair_counts", "pair_stage"]
@@ -184,11 +185,9 @@ def pair_stage(
     new = assemble(mlog2log, item2mlog, item_rank, count, pphy2item, num_nodes, xp=xp)
 
     # Per row: keep the old slots unless the fold is lighter by the margin (float32 pair sums both).
-    def node_max(p2l: Any, cnt: Any) -> Any:
-        reciprocal = _xp.reciprocal_table(num_phy - num_log + 1, xp=xp, device=device)
-        slot_load = replica_load(_xp.take_along(weight, p2l, xp=xp), _xp.take_along(cnt, p2l, xp=xp), reciprocal, xp=xp)
-        gpu_load = pack_loads(slot_load, num_gpus, xp=xp)  # [L, G]
-        return xp.max(xp.reshape(gpu_load, (num_layers, num_nodes, num_gpus // num_nodes)), axis=-1)  # [L, N]
+    def node_max(p2l: Any, cnt: Any) -> Any:  # [L, N]
+        by_node = xp.reshape(gpu_loads(weight, p2l, cnt, num_gpus, xp=xp), (num_layers, num_nodes, -1))
+        return xp.max(by_node, axis=-1)
 
     better = node_max(new[0], new[2]) < node_max(phy2log, logcnt) * IMPROVEMENT  # [L, N]
     slot_better = xp.reshape(xp.broadcast_to(better[:, :, None], (num_layers, num_nodes, slots)), (num_layers, num_phy))
