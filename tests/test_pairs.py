@@ -198,6 +198,28 @@ def test_triton_kernel_equals_the_array_api_on_cuda():
     run_kernel_check(TRITON_CHECK, [(5, 40), (6, 40)], "cuda")
 
 
+@needs_gpu("torch")
+def test_triton_kernel_equals_the_array_api_on_cuda_at_deepseek_size():
+    """The sizes the refined policy runs at (256 experts in 288 slots over 144 GPUs; 64 in 72 a node): real
+    layers, from greedy counts and from a pile on one expert."""
+    import torch
+
+    from eplb.kernels import pairs_triton
+
+    w = deepseek_v3("prefill_in2048.json")
+    assert w is not None, "the GPU machine has ../shared/data"
+    for rows, slots in ((w.astype(np.float32), 288), (w.astype(np.float32).reshape(-1, 64), 72)):
+        piled = np.ones(rows.shape, np.int64)
+        piled[:, 3] += slots - rows.shape[1]
+        for count in (greedy_counts(rows, slots), piled):
+            iterations = pairs.default_pair_iterations(slots, rows.shape[1])
+            want = pairs.pair_counts(rows, count, slots, iterations, xp=np)
+            assert (want != count).any()  # the search moves replicas here
+            got = pairs_triton.pair_counts(torch.as_tensor(rows, device="cuda"), torch.as_tensor(count, device="cuda"),
+                                           slots, iterations)  # fmt: skip
+            np.testing.assert_array_equal(got.cpu().numpy(), want)
+
+
 # ----------------------------------------------------------------------------- the stage
 
 

@@ -3,32 +3,36 @@
 As tensor operations the search is about 80 launches a round, and a CUDA
 tensor cannot stop early without a host read, so all its rounds (32 at 288
 slots) would add 2,500 launches to a refined call of 0.35 ms. Here one
-program per row runs every round.
+program per row runs every round, and evaluates a round's ``2 * DONORS``
+candidate moves side by side (``[C, n]`` blocks).
 
 The program ranks experts instead of sorting items. Each expert's replicas
 are a run of equal items in the array API's stable descending sort (experts
-by replica load, equal loads by index), so with ``before[e, f]`` = ``f``
-ranks before ``e`` (an ``[n, n]`` comparison) an expert's first item sits at
-``start_e``, the sum of the counts ranked before it. The fold pairs item
-``j`` with item ``S - 1 - j``; over an expert's items ``j < S / 2`` the
-partner only gets heavier as ``j`` grows, and float32 rounding is monotone,
-so the expert's heaviest pair is its item with the partner at rank
-``S - min(end_e, S / 2)``, found by the run that contains that rank. The
-heaviest pair of the row is the largest of these, the same float32 sums as
-the array API's fold. The first heaviest pair in fold order belongs to the
-first-ranked expert reaching it; its partner is the last-ranked expert whose
-run meets the pair's partner ranks with that same sum.
+by replica load, equal loads by index). One sort of packed int64 keys per
+fold ranks the experts: the complement of the load's float32 bits (loads are
+>= 0, so their bits order as the loads), the expert, its count; a cumulative
+sum of the counts in rank order then gives each run's ``[start, end)``. The
+fold pairs item ``j`` with item ``S - 1 - j``; over an expert's items
+``j < S / 2`` the partner only gets lighter as ``j`` grows, so the expert's
+heaviest pair is its item with the partner at rank ``S - min(end, S / 2)``,
+whose run a binary search over the run ends finds. The heaviest pair of the
+row is the largest of these, the same float32 sums as the array API's fold.
+The first heaviest pair in fold order belongs to the first-ranked expert
+reaching it; its partner is the last-ranked run that meets the pair's
+partner ranks with that same sum.
 
-Every candidate is evaluated the same way with its two changed counts; the
-rest follows the array API: donors by ``w * fl(1/(c - 1))`` ascending
-(equal values by index), candidates in donor order, heavy item's expert
-first, the first smallest heaviest pair, taken where it is below
-``current * IMPROVEMENT``. A row that rejects a round would reject every
-later one (nothing changed), so running all rounds gives the array API's
-counts. Loads are ``w * fl(1/c)`` from the correctly rounded table; the
-launcher compiles with ``enable_fp_fusion=False``, so no product is
-contracted into an addition (an FMA rounds once, not twice). Elements are
+The rest follows the array API: donors by ``w * fl(1/(c - 1))`` ascending
+(equal values by index; one more sort of packed keys), candidates in donor
+order, heavy item's expert first, the first smallest heaviest pair, taken
+where it is below ``current * IMPROVEMENT``. A row that rejects a round
+would reject every later one (nothing changed), so running all rounds gives
+the array API's counts. Loads are ``w * fl(1/c)`` from the correctly rounded
+table; the launcher compiles with ``enable_fp_fusion=False``, so no product
+is contracted into an addition (an FMA rounds once, not twice). Elements are
 picked out of a vector by a masked sum of one term (exact) or a masked max.
+
+An earlier version ranked by ``[n, n]`` comparisons: at 256 experts its
+tiles spilled out of registers and the call took 134 ms on an H200.
 
 Proved by ``tests/test_pairs.py`` (Triton's CPU interpreter and CUDA
 against the array-API function: random, tied, all-zero and one-expert
@@ -46,9 +50,10 @@ from eplb.algorithms.pairs import DONORS
 from eplb.algorithms.refine import IMPROVEMENT
 from eplb.kernels.greedy_triton import ensure_cache_dir
 
-__all__ = ["MAX_EXPERTS", "fits", "pair_counts"]
+__all__ = ["MAX_EXPERTS", "MAX_SLOTS", "fits", "pair_counts"]
 
-MAX_EXPERTS = 512  # experts per row: the program holds [n, n] comparisons
+MAX_EXPERTS = 2048  # experts per row: 11 bits of the packed rank keys
+MAX_SLOTS = 1 << 20  # slots per row: 20 bits of the packed rank keys
 
 
 def _pow2(n: int) -> int:
@@ -57,74 +62,102 @@ def _pow2(n: int) -> int:
 
 def fits(num_log: int, num_slots: int) -> bool:
     """Whether the kernel takes rows of ``num_log`` experts (at most :data:`MAX_EXPERTS`) in ``num_slots``."""
-    return 0 < num_log <= MAX_EXPERTS and num_slots >= num_log and num_slots % 2 == 0
+    return 0 < num_log <= MAX_EXPERTS and num_log <= num_slots < MAX_SLOTS and num_slots % 2 == 0
 
 
 @triton.jit
-def _fold(v, cnt, e, valid, S: tl.constexpr):
-    """The row's heaviest fold pair ``[]`` and the experts of its first heaviest pair's two items."""
+def _ranked(v, cnt, valid):
+    """Experts ``[R, NP]`` ranked by load (descending, equal loads by index): their loads, indices, counts."""
+    e = tl.arange(0, v.shape[1])[None, :].to(tl.int64)
+    bits = v.to(tl.int32, bitcast=True).to(tl.int64)
+    # 0x7FFFFFFF minus a load's bits (loads are >= 0 floats: their bits order as they do): heavier first;
+    # padding lanes get the largest key, after every expert.
+    key = ((0x7FFFFFFF - bits) << 32) | (e << 20) | cnt.to(tl.int64)
+    key = tl.sort(tl.where(valid, key, 0x7FFFFFFFFFFFFFFF))
+    real = key != 0x7FFFFFFFFFFFFFFF
+    load = (0x7FFFFFFF - (key >> 32)).to(tl.int32).to(tl.float32, bitcast=True)
+    expert = ((key >> 20) & 0x7FF).to(tl.int32)
+    count = tl.where(real, (key & 0xFFFFF).to(tl.int32), 0)
+    return load, expert, count, real
+
+
+@triton.jit
+def _fold(v, cnt, valid, S: tl.constexpr, LOG: tl.constexpr, WHO: tl.constexpr):
+    """Per row of ``[R, NP]``: the heaviest fold pair ``[R]``, and where ``WHO``, the experts of the first
+    heaviest pair's heavy and light items ``[R]``."""
     half = S // 2
-    ve, vf = v[:, None], v[None, :]
-    before = ((vf > ve) | ((vf == ve) & (e[None, :] < e[:, None]))) & valid[None, :]  # f ranks before e
-    start = tl.sum(tl.where(before, cnt[None, :], 0), axis=1)  # each expert's first item
-    end = start + cnt
-    partner = S - tl.minimum(end, half)  # rank of the partner of the expert's heaviest pair
-    runs = (start[None, :] <= partner[:, None]) & (partner[:, None] < end[None, :]) & valid[None, :]
-    partner_load = tl.max(tl.where(runs, vf, -float("inf")), axis=1)
-    heavy_side = valid & (start < half)
-    pair = tl.where(heavy_side, v + partner_load, -float("inf"))
-    top = tl.max(pair, axis=0)
-    # The first heaviest pair: the first-ranked expert reaching top, and its partner the last-ranked run
-    # that meets the expert's partner ranks [S - min(end, half), S - 1 - start] with that same sum.
-    reach = heavy_side & (pair == top)
-    first = tl.min(tl.where(reach, start, 2 * S), axis=0)
-    is_heavy = reach & (start == first)
-    heavy = tl.sum(tl.where(is_heavy, e, 0), axis=0)
-    heavy_load = tl.sum(tl.where(is_heavy, v, 0.0), axis=0)
-    low = tl.sum(tl.where(is_heavy, partner, 0), axis=0)
-    high = S - 1 - first
-    meets = valid & (start <= high) & (end - 1 >= low) & ((heavy_load + v) == top)
-    last = tl.max(tl.where(meets, start, -1), axis=0)
-    light = tl.sum(tl.where(meets & (start == last), e, 0), axis=0)
+    NP: tl.constexpr = v.shape[1]
+    load, expert, count, real = _ranked(v, cnt, valid)
+    end = tl.cumsum(count, axis=1)
+    start = end - count
+    partner = S - tl.minimum(end, half)  # rank of the partner of each run's heaviest pair
+    # The run holding rank partner: the number of runs ending at or before it (ends ascend; the padding
+    # lanes end at S, past every rank).
+    run = tl.zeros_like(partner)
+    for b in tl.static_range(LOG):
+        step = NP >> (b + 1)
+        run = tl.where(tl.gather(end, run + step - 1, axis=1) <= partner, run + step, run)
+    heavy_side = real & (count > 0) & (start < half)
+    pair = tl.where(heavy_side, load + tl.gather(load, run, axis=1), -float("inf"))
+    top = tl.max(pair, axis=1)
+    if WHO:
+        # The first heaviest pair: the first-ranked run reaching top; its partner the last-ranked run that
+        # meets the run's partner ranks [S - min(end, half), S - 1 - start] with that same sum.
+        k = tl.arange(0, NP)[None, :]
+        first = tl.min(tl.where(heavy_side & (pair == top[:, None]), k, NP), axis=1)[:, None]
+        is_heavy = k == first
+        heavy = tl.sum(tl.where(is_heavy, expert, 0), axis=1)
+        heavy_load = tl.sum(tl.where(is_heavy, load, 0.0), axis=1)[:, None]
+        low = tl.sum(tl.where(is_heavy, partner, 0), axis=1)[:, None]
+        high = S - 1 - tl.sum(tl.where(is_heavy, start, 0), axis=1)[:, None]
+        meets = real & (count > 0) & (start <= high) & (end - 1 >= low) & ((heavy_load + load) == top[:, None])
+        last = tl.max(tl.where(meets, k, -1), axis=1)[:, None]
+        light = tl.sum(tl.where(k == last, expert, 0), axis=1)
+    else:
+        heavy = top.to(tl.int32)  # unused
+        light = heavy
     return top, heavy, light
 
 
 @triton.jit
 def _pairs_kernel(
     load_ptr, count_ptr, out_ptr, table_ptr, n, iters,
-    S: tl.constexpr, NP: tl.constexpr, DONORS_: tl.constexpr, IMPROVE: tl.constexpr,
+    S: tl.constexpr, NP: tl.constexpr, LOG: tl.constexpr, DONORS_: tl.constexpr, C: tl.constexpr,
+    IMPROVE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, NP)
     valid = e < n
     w = tl.load(load_ptr + row * n + e, mask=valid, other=0.0)
     cnt = tl.load(count_ptr + row * n + e, mask=valid, other=0).to(tl.int32)
+    cand = tl.arange(0, C)  # candidate c: donor c // 2 gives to the heavy (c even) or light item's expert
     inf = float("inf")
     for _ in range(iters):
         v = w * tl.load(table_ptr + cnt, mask=valid, other=0.0)
-        current, heavy, light = _fold(v, cnt, e, valid, S)
+        top, heavy, light = _fold(v[None, :], cnt[None, :], valid[None, :], S, LOG, True)
+        current = tl.max(top, axis=0)
+        heavy = tl.sum(heavy, axis=0)
+        light = tl.sum(light, axis=0)
+        # Donors: experts of >= 2 replicas by their replicas' load after giving one up (equal: lower index).
         can = valid & (cnt >= 2)
         cost = tl.where(can, w * tl.load(table_ptr + (cnt - 1), mask=can, other=0.0), inf)
-        ce, cf = cost[:, None], cost[None, :]
-        donor_rank = tl.sum(((cf < ce) | ((cf == ce) & (e[None, :] < e[:, None]))).to(tl.int32), axis=1)
-        best = inf
-        best_d = -1
-        best_t = -1
-        for i in tl.static_range(DONORS_):
-            is_d = (donor_rank == i) & can
-            d_ok = tl.sum(is_d.to(tl.int32), axis=0) > 0
-            d = tl.sum(tl.where(is_d, e, 0), axis=0)
-            for side in tl.static_range(2):
-                t = heavy if side == 0 else light  # unrolled: side is a constant
-                ok = d_ok & (t != d)
-                moved = cnt - tl.where(ok & (e == d), 1, 0) + tl.where(ok & (e == t), 1, 0)
-                moved_load = w * tl.load(table_ptr + moved, mask=valid, other=0.0)
-                value, _, _ = _fold(moved_load, moved, e, valid, S)
-                value = tl.where(ok, value, inf)
-                better = value < best
-                best = tl.where(better, value, best)
-                best_d = tl.where(better, d, best_d)
-                best_t = tl.where(better, t, best_t)
+        donor_key = tl.sort((cost.to(tl.int32, bitcast=True).to(tl.int64) << 32) | e.to(tl.int64))
+        picked = tl.sum(tl.where(e[None, :] == (cand // 2)[:, None], donor_key[None, :], 0), axis=1)  # [C]
+        donor = (picked & 0xFFFFFFFF).to(tl.int32)
+        target = tl.where(cand % 2 == 0, heavy, light)
+        ok = ((picked >> 32) < 0x7F800000) & (cand // 2 < DONORS_) & (donor != target)  # a finite cost
+        moved = (
+            cnt[None, :]
+            - tl.where(ok[:, None] & (e[None, :] == donor[:, None]), 1, 0)
+            + tl.where(ok[:, None] & (e[None, :] == target[:, None]), 1, 0)
+        )  # [C, NP]
+        moved_load = w[None, :] * tl.load(table_ptr + moved, mask=valid[None, :], other=0.0)
+        value, _, _ = _fold(moved_load, moved, valid[None, :], S, LOG, False)
+        value = tl.where(ok, value, inf)
+        best = tl.min(value, axis=0)
+        chosen = tl.min(tl.where(value == best, cand, C), axis=0)  # the first smallest
+        best_d = tl.sum(tl.where(cand == chosen, donor, 0), axis=0)
+        best_t = tl.sum(tl.where(cand == chosen, target, 0), axis=0)
         accept = best < current * IMPROVE
         cnt = tl.where(accept, cnt - (e == best_d).to(tl.int32) + (e == best_t).to(tl.int32), cnt)
     tl.store(out_ptr + row * n + e, cnt.to(tl.int64), mask=valid)
@@ -138,7 +171,10 @@ def pair_counts(load: torch.Tensor, count: torch.Tensor, num_slots: int, num_ite
     if batch == 0 or num_slots == num_log or num_iters <= 0:
         return count
     if not fits(num_log, num_slots):
-        raise ValueError(f"the pair-count kernel takes 1 to {MAX_EXPERTS} experts a row, got {num_log}")
+        raise ValueError(
+            f"the pair-count kernel takes rows of 1 to {MAX_EXPERTS} experts in an even number of slots below "
+            f"{MAX_SLOTS}, got {num_log} experts in {num_slots} slots"
+        )
     ensure_cache_dir()
     out = torch.empty((batch, num_log), dtype=torch.int64, device=load.device)
     table = _xp.reciprocal_table(num_slots - num_log + 1, xp=_xp.array_namespace(load), device=load.device)
@@ -151,9 +187,11 @@ def pair_counts(load: torch.Tensor, count: torch.Tensor, num_slots: int, num_ite
         num_iters,
         S=num_slots,
         NP=_pow2(num_log),
+        LOG=_pow2(num_log).bit_length() - 1,
         DONORS_=min(DONORS, num_log),
+        C=_pow2(2 * DONORS),
         IMPROVE=IMPROVEMENT,
-        num_warps=4 if num_log <= 64 else 8 if num_log <= 128 else 16,  # [n, n] tiles: about 128 elements a thread
+        num_warps=4 if num_log <= 128 else 8,  # [C, n] blocks: 16 candidates side by side
         enable_fp_fusion=False,
     )
     return out.to(count.dtype)
