@@ -61,8 +61,10 @@ def _pow2(n: int) -> int:
 
 
 def fits(num_log: int, num_slots: int) -> bool:
-    """Whether the kernel takes rows of ``num_log`` experts (at most :data:`MAX_EXPERTS`) in ``num_slots``."""
-    return 0 < num_log <= MAX_EXPERTS and num_log <= num_slots < MAX_SLOTS and num_slots % 2 == 0
+    """Whether the kernel takes rows of ``num_log`` experts (at most :data:`MAX_EXPERTS`) in ``num_slots``, on
+    this Triton (``tl.sort`` and ``tl.gather``: Triton 3.2 and later; else the array-API search runs)."""
+    sized = 0 < num_log <= MAX_EXPERTS and num_log <= num_slots < MAX_SLOTS and num_slots % 2 == 0
+    return sized and hasattr(tl, "gather") and hasattr(tl, "sort")
 
 
 @triton.jit
