@@ -13,8 +13,8 @@ fold ranks the experts: the complement of the load's float32 bits (loads are
 >= 0, so their bits order as the loads), the expert, its count; a cumulative
 sum of the counts in rank order then gives each run's ``[start, end)``. The
 fold pairs item ``j`` with item ``S - 1 - j``; over an expert's items
-``j < S / 2`` the partner only gets lighter as ``j`` grows, so the expert's
-heaviest pair is its item with the partner at rank ``S - min(end, S / 2)``,
+``j < S / 2`` the partner only gets heavier as ``j`` grows, and float32
+rounding is monotone, so the expert's heaviest pair is its item with the partner at rank ``S - min(end, S / 2)``,
 whose run a binary search over the run ends finds. The heaviest pair of the
 row is the largest of these, the same float32 sums as the array API's fold.
 The first heaviest pair in fold order belongs to the first-ranked expert
