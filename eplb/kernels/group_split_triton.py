@@ -175,9 +175,12 @@ def _split_kernel(
         others = tl.max(tl.where(others_mask, scaled[None, None, :], -float("inf")), axis=2)
         after = tl.maximum(others, tl.maximum(new_a, new_b))
         ok = (g[:, None] < g[None, :]) & (a != b) & (after < current * IMPROVE)
-        score = tl.reshape(tl.where(ok, after, float("inf")), (G * G,))
-        choice = tl.argmin(score, axis=0, tie_break_left=True)
-        accept = tl.max(tl.reshape(ok.to(tl.int32), (G * G,)), axis=0) > 0
+        # The first (c1, c2), row-major, of the least score, on the [G, G] tile itself: not an argmin of the tile
+        # reshaped to 1-D, whose elements Triton may reorder on a GPU when the reshape feeds a reduction.
+        score = tl.where(ok, after, float("inf"))
+        least = tl.min(tl.min(score, axis=1), axis=0)
+        choice = tl.min(tl.min(tl.where(score == least, g[:, None] * G + g[None, :], G * G), axis=1), axis=0)
+        accept = tl.max(tl.max(ok.to(tl.int32), axis=1), axis=0) > 0
         c1, c2 = choice // G, choice % G
         node1 = tl.sum(tl.where(g == c1, assign, 0), axis=0)
         node2 = tl.sum(tl.where(g == c2, assign, 0), axis=0)

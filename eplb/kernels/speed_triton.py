@@ -235,10 +235,12 @@ def _swaps_kernel(load_ptr, s2i_ptr, inv_ptr, live_ptr, limit_ptr, out_ptr, iter
             new_heavy = ((heavy_load - out_i) + slot_load) * heavy_inverse
             new_other = ((partner_load[:, None] - slot_load) + out_i) * inverse[:, None]
             worst = tl.where(real, tl.maximum(new_heavy, new_other), float("inf"))
-            flat = tl.reshape(worst, [MP * KP])
-            at = tl.argmin(flat, axis=0, tie_break_left=True)
-            value = tl.min(flat, axis=0)
-            index = i * (M * K) + (at // KP) * K + at % KP  # the array API's (i, b, j) row-major index
+            # The first (b, j), row-major, of the least value, found on the tile itself: an argmin of the tile
+            # reshaped to 1-D is wrong on a GPU, where Triton lets a reshape that feeds a reduction reorder its
+            # elements (tt.reshape allow_reorder), so the argmin's position no longer names (b, j).
+            value = tl.min(tl.min(worst, axis=1), axis=0)
+            at = tl.min(tl.min(tl.where(real & (worst == value), p * K + r, WIDTH), axis=1), axis=0)
+            index = i * (M * K) + at  # the array API's (i, b, j) row-major index
             better = value < best_value
             best = tl.where(better, index, best)
             best_value = tl.where(better, value, best_value)
