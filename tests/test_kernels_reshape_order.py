@@ -69,23 +69,19 @@ def _cases() -> list[tuple[str, object, dict, dict]]:
     repair = dict.fromkeys(("cur_ptr", "cnt_ptr", "old_ptr", "budget_ptr", "moved_ptr"), "*i64")
     repair |= dict.fromkeys(("w_ptr", "limit_ptr", "recip_ptr", "fs_ptr"), "*fp32")
     repair |= {"valid_ptr": "*i32", "is_ptr": "*i32", "max_iters": "i32"}
+    lpt = {"weight_ptr": "*fp32", "active_ptr": "*i1", "table_ptr": "*fp32", "out_ptr": "*i64"}
+    lpt |= {"active_stride": "i32"}
+    split_sizes = {"E": 256, "R": 288, "RP": 512, "N": 4, "NP": 4, "IMPROVE": IMPROVEMENT, "GPUS": 32, "GPUSP": 32}
     return [
-        # 288 slots on 32 GPUs (9 a GPU: a padded tile) and on 144 GPUs (2 a GPU)
-        ("swaps, 32 GPUs", st._swaps_kernel, swaps, {"N": 288, "M": 32, "K": 9, "MP": 32, "KP": 16,
-                                                    "IMPROVE": IMPROVEMENT}),
-        ("swaps, 144 GPUs", st._swaps_kernel, swaps, {"N": 288, "M": 144, "K": 2, "MP": 256, "KP": 2,
-                                                     "IMPROVE": IMPROVEMENT}),
-        ("group split", gs._split_kernel, split, {"E": 256, "R": 288, "RP": 512, "G": 8, "N": 4, "NP": 4, "GS": 32,
-                                                  "IMPROVE": IMPROVEMENT, "ELASTIC": True, "GPUS": 32, "GPUSP": 32,
-                                                  "SWAPS": 1}),
-        ("repair", rt.repair_kernel, repair, {**rt._meta_repair(288, 256, 32, 4, 32)}),
-        ("group split, 16 groups", gs._split_kernel, split, {"E": 256, "R": 288, "RP": 512, "G": 16, "N": 4,
-                                                             "NP": 4, "GS": 16, "IMPROVE": IMPROVEMENT,
-                                                             "ELASTIC": False, "GPUS": 32, "GPUSP": 32, "SWAPS": 2}),
-    ] + [("lpt split", gs._lpt_split_kernel, {"weight_ptr": "*fp32", "active_ptr": "*i1", "table_ptr": "*fp32",
-                                              "out_ptr": "*i64", "active_stride": "i32"},
-          {"E": 256, "R": 288, "G": 8, "GP": 8, "N": 4, "NP": 4, "GS": 32, "GPUS": 32, "GPUSP": 32,
-           "BY_CAPACITY": True, "MOST": MAX_LOAD})]  # fmt: skip
+        # 288 slots on 32 GPUs (9 a GPU: a padded [32, 16] tile) and on 144 GPUs (2 a GPU)
+        ("swaps", st._swaps_kernel, swaps, {"N": 288, "M": 32, "K": 9, "MP": 32, "KP": 16, "IMPROVE": IMPROVEMENT}),
+        ("swaps", st._swaps_kernel, swaps, {"N": 288, "M": 144, "K": 2, "MP": 256, "KP": 2, "IMPROVE": IMPROVEMENT}),
+        ("split", gs._split_kernel, split, {**split_sizes, "G": 8, "GS": 32, "ELASTIC": True, "SWAPS": 1}),
+        ("split", gs._split_kernel, split, {**split_sizes, "G": 16, "GS": 16, "ELASTIC": False, "SWAPS": 2}),
+        ("lpt split", gs._lpt_split_kernel, lpt, {"E": 256, "R": 288, "G": 8, "GP": 8, "N": 4, "NP": 4, "GS": 32,
+                                                  "GPUS": 32, "GPUSP": 32, "BY_CAPACITY": True, "MOST": MAX_LOAD}),
+        ("repair", rt.repair_kernel, repair, rt._meta_repair(288, 256, 32, 4, 32)),
+    ]  # fmt: skip
 
 
 def test_the_check_sees_an_argmin_of_a_reordered_reshape():
@@ -102,7 +98,7 @@ def test_the_check_sees_an_argmin_of_a_reordered_reshape():
     assert positions_of_reordered_tiles(ttir)
 
 
-@pytest.mark.parametrize("case", range(6), ids=["swaps-32", "swaps-144", "split", "repair", "split-16", "lpt-split"])
+@pytest.mark.parametrize("case", range(6), ids=["swaps-32", "swaps-144", "split-8", "split-16", "lpt-split", "repair"])
 def test_no_position_is_taken_out_of_a_reordered_tile(case):
     name, kernel, signature, constants = _cases()[case]
     ttir = _ttir(kernel, signature, constants)
