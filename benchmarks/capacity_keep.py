@@ -15,7 +15,14 @@ SGLang DeepSeek-V3 files in name order (all-zero layers dropped from every
 file where any is zero), and lognormal drift 0.03 and 0.1 of DeepSeek-V3's
 shape (16 layers, 9 windows). ms: median numpy call of the chain (2-core CPU).
 
-    python benchmarks/capacity_keep.py [--quick]
+``--devices``: instead, the keep-in-place call on torch (CUDA where present)
+and JAX (its default device, under ``jit`` with the tolerance traced):
+``prefill_in4096`` planned by numpy, then ``prefill_in2048`` re-planned with
+``previous=`` and ``balance_tolerance=0.005``, the first layout of each
+config; the median of warm calls (ended by a synchronisation), each result
+and the fresh placement checked equal to numpy's, bit for bit.
+
+    python benchmarks/capacity_keep.py [--quick | --devices]
 """
 
 from __future__ import annotations
@@ -58,7 +65,11 @@ def chain(windows: list[np.ndarray], sizes: tuple, caps: np.ndarray, tolerance: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the real files only, one layout per config")
+    parser.add_argument("--devices", action="store_true", help="time torch (CUDA) and JAX calls instead")
     args = parser.parse_args()
+    if args.devices:
+        print(devices())
+        return
     from eplb.backends import _numba
 
     _numba.warm_up()
@@ -85,6 +96,56 @@ def main() -> None:
                     print(
                         f"| {trace} | {name} | {layout} | {rule} | {moved} | {share:.1%} | {balance:.4f} | {ms:.1f} |"
                     )
+
+
+def devices(runs: int = 10, tolerance: float = 0.005) -> str:
+    """ms of one keep-in-place call on torch (CUDA where present) and JAX, each checked equal to numpy."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from benchmarks.timing import host_median_ms
+
+    cuda = torch.cuda.is_available()
+    before, after = (np.asarray(_full(name)) for name in ("prefill_in4096", "prefill_in2048"))
+    live = (before.sum(axis=1) > 0) & (after.sum(axis=1) > 0)
+    before, after = before[live], after[live]
+    header = f"| config | torch {'CUDA' if cuda else 'CPU'} ms | equal | JAX {jax.default_backend()} ms | equal |"
+    lines = [header, "| --- | --- | --- | --- | --- |"]
+    for name, (replicas, groups, nodes, gpus, hierarchical, layouts) in CONFIGS.items():
+        sizes, caps = (replicas, groups, nodes, gpus), half_slow(gpus, layouts[0])
+        kw = {"hierarchical": hierarchical, "gpu_capacity": caps}
+        previous = np.asarray(eplb.rebalance_experts(before, *sizes, **kw).phy2log)
+        want = [*eplb.rebalance_experts(after, *sizes, **kw)]
+        want += [*eplb.rebalance_experts(after, *sizes, **kw, previous=previous, balance_tolerance=tolerance)]
+
+        device = "cuda" if cuda else "cpu"
+        w_t, prev_t = torch.as_tensor(after, device=device), torch.as_tensor(previous, device=device)
+        kw_t = {**kw, "gpu_capacity": torch.as_tensor(caps, dtype=torch.float32, device=device)}
+
+        def torch_call(kw_t=kw_t, w_t=w_t, prev_t=prev_t, sizes=sizes):
+            out = eplb.rebalance_experts(w_t, *sizes, **kw_t, previous=prev_t, balance_tolerance=tolerance)
+            if cuda:
+                torch.cuda.synchronize()
+            return out
+
+        got_t = [*eplb.rebalance_experts(w_t, *sizes, **kw_t), *torch_call()]
+        plan = jax.jit(
+            lambda w, p, c, t, sizes=sizes, h=hierarchical: tuple(
+                eplb.rebalance_experts(w, *sizes, hierarchical=h, gpu_capacity=c, previous=p, balance_tolerance=t)
+            )
+        )
+        w_j, prev_j, caps_j = jnp.asarray(after, jnp.float32), jnp.asarray(previous), jnp.asarray(caps, jnp.float32)
+
+        def jax_call(plan=plan, w_j=w_j, prev_j=prev_j, caps_j=caps_j):
+            return jax.block_until_ready(plan(w_j, prev_j, caps_j, jnp.float32(tolerance)))
+
+        got_j = [*eplb.rebalance_experts(w_j, *sizes, hierarchical=hierarchical, gpu_capacity=caps_j), *jax_call()]
+        equal_t = all(np.array_equal(np.asarray(g.cpu()), np.asarray(e)) for g, e in zip(got_t, want, strict=True))
+        equal_j = all(np.array_equal(np.asarray(g), np.asarray(e)) for g, e in zip(got_j, want, strict=True))
+        ms_t, ms_j = host_median_ms(torch_call, runs), host_median_ms(jax_call, runs)
+        lines.append(f"| {name} | {ms_t:.1f} | {equal_t} | {ms_j:.1f} | {equal_j} |")
+    return "\n".join(lines)
 
 
 def _full(name: str) -> np.ndarray:

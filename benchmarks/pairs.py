@@ -13,7 +13,14 @@ greedy and the refined policy on numpy (numba kernels), torch CPU and JAX
 CPU, and the refined call with the pair search forced to the array-API
 path (``impl="xp"``).
 
-    python benchmarks/pairs.py [--runs N]
+``--devices``: instead, the refined call on torch (CUDA where present) and
+JAX (its default device), each checked equal to numpy, and on CUDA the pair
+search's Triton kernel alone (``eplb.kernels.pairs_triton``) on greedy's
+counts of the global rows (256 experts in 288 slots) and of the per-node rows
+of 4 nodes (64 in 72), checked equal to the numba kernel; median of warm
+calls ended by a synchronisation, ``prefill_in2048``.
+
+    python benchmarks/pairs.py [--runs N] [--devices]
 """
 
 from __future__ import annotations
@@ -97,11 +104,75 @@ def speed(data: list[tuple[str, np.ndarray]], runs: int) -> str:
     return "\n".join(lines)
 
 
+def _greedy_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
+    """The greedy policy's replica counts (each extra slot to the largest load per replica), plain numpy."""
+    count = np.ones(weight.shape, np.int64)
+    rows = np.arange(len(weight))
+    for _ in range(num_slots - weight.shape[1]):
+        count[rows, np.argmax(weight / count, axis=1)] += 1
+    return count
+
+
+def devices(weight: np.ndarray, runs: int) -> str:
+    """ms of the refined call on torch and JAX (checked equal to numpy), and of the Triton pair search."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from eplb.algorithms.pairs import default_pair_iterations
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+
+    def synced(fn):
+        def call():
+            out = fn()
+            if cuda:
+                torch.cuda.synchronize()
+            return out
+
+        return call
+
+    torch_name, jax_name = f"torch {'CUDA' if cuda else 'CPU'}", f"JAX {jax.default_backend()}"
+    header = f"| config | refined, {torch_name} ms | equal | {jax_name} ms | equal |"
+    lines = [header, "| --- | --- | --- | --- | --- |"]
+    for name, (replicas, groups, nodes, gpus, hierarchical) in CONFIGS.items():
+        args, kw = (replicas, groups, nodes, gpus), {"hierarchical": hierarchical, "policy": "refined"}
+        want = eplb.rebalance_experts(weight, *args, **kw)
+        w_t, w_j = torch.as_tensor(weight, device=device), jnp.asarray(weight)
+        torch_call = synced(functools.partial(eplb.rebalance_experts, w_t, *args, **kw))
+        equal_t = all(np.array_equal(g.cpu().numpy(), e) for g, e in zip(torch_call(), want, strict=True))
+        equal_j = all(np.array_equal(np.asarray(g), e) for g, e in zip(eplb.rebalance_experts(w_j, *args, **kw), want,
+                                                                        strict=True))  # fmt: skip
+        ms_t = host_median_ms(torch_call, runs)
+        ms_j = host_median_ms(functools.partial(_jax_call, w_j, args, kw), runs)
+        lines.append(f"| {name} | {ms_t:.2f} | {equal_t} | {ms_j:.2f} | {equal_j} |")
+    if not cuda:
+        return "\n".join([*lines, "", "(no CUDA device: the Triton pair kernel was not timed)"])
+    from eplb.kernels import pairs_numba, pairs_triton
+
+    lines += ["", "| pair search rows | Triton kernel ms | equal to numba |", "| --- | --- | --- |"]
+    for rows, slots in ((weight, 288), (weight.reshape(-1, 64), 72)):
+        count = _greedy_counts(rows, slots)
+        rounds = default_pair_iterations(slots, rows.shape[1])
+        want = pairs_numba.pair_counts(rows, count, slots, rounds)
+        w_t, c_t = torch.as_tensor(rows, device=device), torch.as_tensor(count, device=device)
+        kernel = synced(functools.partial(pairs_triton.pair_counts, w_t, c_t, slots, rounds))
+        equal = np.array_equal(kernel().cpu().numpy(), want)
+        label = f"{rows.shape[0]} x {rows.shape[1]} experts in {slots} slots, {rounds} rounds"
+        lines.append(f"| {label} | {host_median_ms(kernel, runs):.3f} | {equal} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15, help="timed calls per median")
+    parser.add_argument("--devices", action="store_true", help="time torch (CUDA) and JAX calls instead")
     args = parser.parse_args()
     data = loads()
+    if args.devices:
+        print(devices(dict(data)["prefill_in2048"].astype(np.float32), args.runs))
+        return
     print(f"{len(data)} SGLang DeepSeek-V3 load files, 288 slots on 144 GPUs (two per GPU)\n")
     print(quality(data))
     print("\nms per call (61 layers, prefill_in2048, median of warm calls)\n")

@@ -378,6 +378,26 @@ def test_torch_cuda_equals_numpy():
             _same(_torch_ops(w, prev, r, g, n, gpus, caps, tol, device="cuda"), want, f"torch CUDA {case} {tol}")
 
 
+@needs_gpu("torch")
+@pytest.mark.parametrize(("gpus", "nodes"), [(32, 1), (144, 1), (32, 4)], ids=["global-32", "global-144", "hier-32"])
+def test_torch_cuda_equals_numpy_on_deepseek_v3(gpus, nodes):
+    """The real loads at 288 slots, half the GPUs at 0.6: fresh and keep-in-place. Nine slots a GPU make the swap
+    search's [32, 16] tile, whose argmin came out wrong on a GPU when it was taken of the tile reshaped to 1-D
+    (tests/test_kernels_reshape_order.py); the small CASES did not show it."""
+    before, after = deepseek_v3("prefill_in4096.json"), deepseek_v3("prefill_in2048.json")
+    assert before is not None and after is not None, "real loads expected"
+    caps = np.where(np.arange(gpus) % 2 == 1, 0.6, 1.0)
+    prev = eplb.rebalance_experts(before, 288, 8, nodes, gpus, hierarchical=nodes > 1, gpu_capacity=caps).phy2log
+    w = after.astype(np.float32)
+    for tol in (None, 0.005):
+        want = _numpy_impl("xp")(w, prev, 288, 8, nodes, gpus, caps, tol)
+        _same(_torch_ops(w, prev, 288, 8, nodes, gpus, caps, tol, device="cuda"), want, f"torch CUDA {gpus} {tol}")
+    fresh = eplb.rebalance_experts(torch.as_tensor(w, device="cuda"), 288, 8, nodes, gpus, hierarchical=nodes > 1,
+                                   gpu_capacity=torch.as_tensor(caps, dtype=torch.float32, device="cuda"))  # fmt: skip
+    want = eplb.rebalance_experts(w, 288, 8, nodes, gpus, hierarchical=nodes > 1, gpu_capacity=caps)
+    _same(tuple(a.cpu().numpy() for a in fresh), want, f"torch CUDA fresh {gpus}")
+
+
 @needs_gpu("jax")
 def test_jax_gpu_equals_numpy():
     for case in CASES:
