@@ -21,6 +21,11 @@ import pytest
 
 import eplb
 
+# JAX takes 75% of a GPU's memory when its backend starts; with pytest-xdist workers (and torch) sharing one
+# GPU the second worker's JAX then fails. Tests allocate on demand instead (set before any test imports JAX;
+# an explicit setting wins). Test-suite configuration only: the library never sets it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
