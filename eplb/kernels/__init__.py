@@ -59,4 +59,13 @@ apply the array-API path runs, with the same placement.
 
 Kernel modules import their compiler (numba, Triton, Pallas) at the top, so
 they are imported only by an adapter that has checked it is there.
+
+Rules every Triton kernel keeps, because Triton's CPU interpreter (which the
+CPU tests run) does not show where a compile differs: launched with
+``enable_fp_fusion=False`` where a product meets a sum (no FMA); no float
+division decides a comparison; and no position (``tl.argmin``,
+``tl.argmax``) taken of a ``tl.reshape``: Triton lets a reshape that feeds
+a reduction reorder its elements on a GPU, so the position would name
+another element (``tests/test_kernels_reshape_order.py`` compiles every
+kernel module that reshapes and checks it).
 """

@@ -123,6 +123,7 @@ def lpt_pack_speed(
             MP=_pow2(num_packs),
             PER=per_pack,
             MOST=MAX_LOAD,
+            enable_fp_fusion=False,  # no multiply-add contracted into an FMA: the array API rounds each
         )
     return order, pack_by_step, rank_by_step
 
@@ -182,6 +183,7 @@ def pair_pack_speed(
             N=n,
             M=num_packs,
             NP=_pow2(n),
+            enable_fp_fusion=False,  # no multiply-add contracted into an FMA: the array API rounds each
         )
     return slot2item
 
@@ -308,6 +310,7 @@ def refine_by_swaps_speed(
             MP=_pow2(num_packs),
             KP=_pow2(per_pack),
             IMPROVE=IMPROVEMENT,
+            enable_fp_fusion=False,  # no multiply-add contracted into an FMA: the array API rounds each
         )
     else:
         out.copy_(slot2item)
