@@ -26,9 +26,10 @@ The rest follows the array API: donors by ``w * fl(1/(c - 1))`` ascending
 order, heavy item's expert first, the first smallest heaviest pair, taken
 where it is below ``current * IMPROVEMENT``. A row that rejects a round
 would reject every later one (nothing changed), so stopping there gives the
-array API's counts, as its ``refine_rows`` and the numba kernel do. Loads are ``w * fl(1/c)`` from the correctly rounded
-table; the launcher compiles with ``enable_fp_fusion=False``, so no product
-is contracted into an addition (an FMA rounds once, not twice). Elements are
+array API's counts, as its ``refine_rows`` and the numba kernel do. Loads
+are ``w * fl(1/c)`` from the correctly rounded table; the launcher compiles
+with ``enable_fp_fusion=False``, so no product is contracted into an
+addition (an FMA rounds once, not twice). Elements are
 picked out of a vector by a masked sum of one term (exact) or a masked max.
 
 An earlier version ranked by ``[n, n]`` comparisons: at 256 experts its
