@@ -104,15 +104,6 @@ def speed(data: list[tuple[str, np.ndarray]], runs: int) -> str:
     return "\n".join(lines)
 
 
-def _greedy_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
-    """The greedy policy's replica counts (each extra slot to the largest load per replica), plain numpy."""
-    count = np.ones(weight.shape, np.int64)
-    rows = np.arange(len(weight))
-    for _ in range(num_slots - weight.shape[1]):
-        count[rows, np.argmax(weight / count, axis=1)] += 1
-    return count
-
-
 def devices(weight: np.ndarray, runs: int) -> str:
     """ms of the refined call on torch and JAX (checked equal to numpy), and of the Triton pair search."""
     import jax
@@ -153,7 +144,7 @@ def devices(weight: np.ndarray, runs: int) -> str:
 
     lines += ["", "| pair search rows | Triton kernel ms | equal to numba |", "| --- | --- | --- |"]
     for rows, slots in ((weight, 288), (weight.reshape(-1, 64), 72)):
-        count = _greedy_counts(rows, slots)
+        count = np.asarray(eplb.replicate_experts(rows, slots)[2])  # the greedy policy's replica counts
         rounds = default_pair_iterations(slots, rows.shape[1])
         want = pairs_numba.pair_counts(rows, count, slots, rounds)
         w_t, c_t = torch.as_tensor(rows, device=device), torch.as_tensor(count, device=device)

@@ -14,8 +14,9 @@ fold ranks the experts: the complement of the load's float32 bits (loads are
 sum of the counts in rank order then gives each run's ``[start, end)``. The
 fold pairs item ``j`` with item ``S - 1 - j``; over an expert's items
 ``j < S / 2`` the partner only gets heavier as ``j`` grows, and float32
-rounding is monotone, so the expert's heaviest pair is its item with the partner at rank ``S - min(end, S / 2)``,
-whose run a binary search over the run ends finds. The heaviest pair of the
+rounding is monotone, so the expert's heaviest pair is its item with the
+partner at rank ``S - min(end, S / 2)``, whose run a binary search over the
+run ends finds. The heaviest pair of the
 row is the largest of these, the same float32 sums as the array API's fold.
 The first heaviest pair in fold order belongs to the first-ranked expert
 reaching it; its partner is the last-ranked run that meets the pair's
@@ -164,9 +165,8 @@ def _pairs_kernel(
         best_t = tl.sum(tl.where(cand == chosen, target, 0), axis=0)
         accept = best < current * IMPROVE
         cnt = tl.where(accept, cnt - (e == best_d).to(tl.int32) + (e == best_t).to(tl.int32), cnt)
-        # A round that moves nothing leaves the same counts for every later one: stop there (the array API's
-        # refine_rows and the numba kernel stop too; greedy's counts of the 12 SGLang DeepSeek-V3 files at 288 slots
-        # move at most 18 times in 32 rounds, 2-4 on average).
+        # A round that moves nothing leaves the same counts for every later one: stop there, as the array API's
+        # refine_rows and the numba kernel do (rows stop long before iters: default_pair_iterations).
         step = tl.where(accept, step + 1, iters)
     tl.store(out_ptr + row * n + e, cnt.to(tl.int64), mask=valid)
 
