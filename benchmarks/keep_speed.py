@@ -23,7 +23,8 @@ the time depends on how far the loads moved, since the local search runs
 until the limit is met (a prefill/decode change takes the most steps).
 
 ``--gpu-only --no-jax``: the torch CUDA row alone (its knobs run the kernels of
-:mod:`eplb.kernels.repair_triton`), without XLA's compiles.
+:mod:`eplb.kernels.repair_triton`), without XLA's compiles. GPU rows name
+the card.
 
 ``--elastic``: the same calls with ``active_gpus`` (GPU 5 down, the mask on
 the loads' device), ``balance_tolerance=0.05`` in place of ``0.005`` and no
@@ -31,7 +32,10 @@ the loads' device), ``balance_tolerance=0.05`` in place of ``0.005`` and no
 failure, when a stall costs most. ``--host-mask``: the mask as a numpy
 array, which the call reads (a serving stack knows its failed ranks on the
 host): whether a node is short of slots is then decided there, and the
-call computes one rule instead of both.
+call computes one rule instead of both. ``--jax-xla`` (with ``--elastic``):
+also a JAX GPU row with the keep-in-place calls forced to XLA
+(``impl="xla"``, the path before the Pallas kernels; its fresh plan is the
+default call), equality with the default row checked.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def load(name: str) -> np.ndarray:
     return counts[counts.sum(axis=1) > 0]
 
 
-def implementations(gpu: bool, xp: bool, jax_rows: bool = True) -> dict:
+def implementations(gpu: bool, xp: bool, jax_rows: bool = True, jax_xla: bool = False) -> dict:
     """name -> (convert numpy -> input, timer, call keywords)."""
     from eplb.backends import _numba
 
@@ -84,7 +88,8 @@ def implementations(gpu: bool, xp: bool, jax_rows: bool = True) -> dict:
 
         out["torch CPU"] = (torch.as_tensor, host_median_ms, {})
         if gpu and torch.cuda.is_available():
-            out["torch CUDA (H200)"] = (lambda a: torch.as_tensor(a, device="cuda"), cuda_median_ms, {})
+            card = torch.cuda.get_device_name()
+            out[f"torch CUDA ({card})"] = (lambda a: torch.as_tensor(a, device="cuda"), cuda_median_ms, {})
     except ImportError:
         pass
     if jax_rows:
@@ -100,7 +105,10 @@ def implementations(gpu: bool, xp: bool, jax_rows: bool = True) -> dict:
             if gpu:
                 try:
                     device = jax.devices("gpu")[0]
-                    out["JAX GPU (H200)"] = (lambda a: jax.device_put(a.astype(np.int32), device), jax_timer, {})
+                    put = lambda a: jax.device_put(a.astype(np.int32), device)  # noqa: E731
+                    out[f"JAX GPU ({device.device_kind})"] = (put, jax_timer, {})
+                    if jax_xla:
+                        out[f"JAX GPU ({device.device_kind}), XLA"] = (put, jax_timer, {"_impl": "xla"})
                 except RuntimeError:
                     pass
         except ImportError:
@@ -122,6 +130,14 @@ def _bool_like(mask: np.ndarray, like):
 
 
 def call(weight, config, previous, options, extra):
+    if extra.get("_impl") == "xla" and previous is not None:  # JAX's keep-in-place call forced to XLA
+        from eplb.backends import _jax
+
+        hierarchical = config[1] % config[2] == 0
+        knobs = {"tolerance": options.get("balance_tolerance"), "max_moves": options.get("max_moves")}
+        masked = {"active_gpus": extra["active_gpus"]} if "active_gpus" in extra else {}
+        fixed = {"impl": "xla", "hierarchical": hierarchical, "policy": "greedy", "spill": 0}
+        return _jax.rebalance_stable(weight, previous, *config, **fixed, **knobs, **masked)
     if "active_gpus" in extra:
         return eplb.rebalance_experts(weight, *config, active_gpus=extra["active_gpus"], previous=previous, **options)
     if extra.get("_impl") == "xp":  # the numpy adapter's array-API path, forced
@@ -180,6 +196,7 @@ def main() -> None:
     parser.add_argument(
         "--host-mask", action="store_true", help="with --elastic: the mask as a numpy array (read on the host)"
     )
+    parser.add_argument("--jax-xla", action="store_true", help="add a JAX GPU row forced to XLA (keep-in-place calls)")
     args = parser.parse_args()
     if args.pairs:
         print(pairs_table(args.runs))
@@ -201,9 +218,9 @@ def main() -> None:
         lines.append(f"\n{label} {config}: published greedy {published:.1f} ms\n")
         lines.append("| implementation | " + " | ".join(calls) + " |")
         lines.append("| --- |" + " --- |" * len(calls))
-        for name, (convert, timer, extra) in implementations(
-            args.gpu or args.gpu_only, args.xp, not args.no_jax
-        ).items():
+        rows = implementations(args.gpu or args.gpu_only, args.xp, not args.no_jax, args.jax_xla)
+        results: dict[str, list] = {}
+        for name, (convert, timer, extra) in rows.items():
             if args.gpu_only and not ("CUDA" in name or "GPU" in name):
                 continue
             weight, previous = convert(new), convert(previous_np)
@@ -214,9 +231,15 @@ def main() -> None:
             cells = []
             for options in calls.values():
                 prev = None if options is None else previous
-                runs = args.runs if not extra else max(3, args.runs // 5)
+                runs = max(3, args.runs // 5) if extra.get("_impl") == "xp" else args.runs
                 ms = timer(lambda w=weight, p=prev, o=options or {}, c=config, x=extra: call(w, c, p, o, x), runs)
                 cells.append(f"{ms:.2f} ms ({published / ms:.0f}x)")
+                got = [np.asarray(a) for a in call(weight, config, prev, options or {}, extra)]
+                if name.endswith(", XLA"):  # the same placement as the default call
+                    default = results[name.removesuffix(", XLA")][len(cells) - 1]
+                    assert all(np.array_equal(a, b) for a, b in zip(got, default, strict=True)), (name, options)
+                else:
+                    results.setdefault(name, []).append(got)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)

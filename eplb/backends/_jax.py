@@ -111,7 +111,7 @@ def _rebalance_elastic_stable(
 
     ``impl="host"``: on the CPU the numpy adapter's compiled kernels through a host callback
     (:func:`eplb.backends._jax_host.placement_elastic_stable`), chosen at lowering; XLA elsewhere (and with
-    ``impl="xla"``). Same placement.
+    ``impl="xla"``). ``impl="pallas"``: the same, and on CUDA :func:`_elastic_stable_pallas`. Same placement.
     """
     index = jnp.arange(1).dtype  # JAX's default integer
 
@@ -125,13 +125,74 @@ def _rebalance_elastic_stable(
         layers = jax.vmap(one_layer, in_axes=(0, 0, None))
         return _tied_to(w, layers(w.astype(jnp.float32), p.astype(index), m.astype(bool)))
 
-    if impl == "xla" or not _jax_host.applies_stable(*weight.shape, config[0]):
+    host_applies = _jax_host.applies_stable(*weight.shape, config[0])
+    if impl == "xla" or (impl == "host" and not host_applies):
         return xla(weight, previous, active)
 
     def host(w: jax.Array, p: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
         return _jax_host.placement_elastic_stable(w, p, m, tolerance, config, dict(options))
 
-    return tuple(jax.lax.platform_dependent(weight, previous, active, cpu=host, default=xla))
+    branches = {"cpu": host} if host_applies else {}
+    if impl == "pallas":
+
+        def kernel(w: jax.Array, p: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
+            return _elastic_stable_pallas(w, p.astype(index), m.astype(bool), tolerance, config, options)
+
+        branches["cuda"] = kernel
+    return tuple(jax.lax.platform_dependent(weight, previous, active, **branches, default=xla))
+
+
+def _elastic_pallas_kernels(
+    weight_shape: tuple[int, ...], config: tuple[int, int, int, int], options: dict
+) -> dict[str, Any]:
+    """The Pallas kernels of :func:`eplb.algorithms.elastic.place_elastic_stable`'s loops (as torch CUDA's
+    Triton ones): the pinned relabelling (:func:`eplb.kernels.relabel_pallas.relabel_pinned`) and, where
+    :mod:`eplb.kernels.repair_pallas` fits both the within-nodes and the global rule, the sticky repackings
+    (the fresh placements' packing too), the local search and the slot alignment. Empty where the relabelling
+    does not fit: then XLA throughout."""
+    from eplb.kernels import relabel_pallas, repair_pallas
+
+    num_layers, num_log = weight_shape
+    num_replicas, _, num_nodes, num_gpus = config
+    if options.get("policy", "greedy") != "greedy" or options.get("spill"):
+        return {}
+    if not relabel_pallas.fits(num_layers, num_replicas, num_gpus, 1, pinned=True):
+        return {}
+    kernels: dict[str, Any] = {"relabel_pinned_fn": relabel_pallas.relabel_pinned}
+    nodes = {1, num_nodes if options.get("hierarchical", True) else 1}
+    # stabilize_elastic searches 4 candidates a layer: 4 L rows (fits counts rows in threes).
+    if all(repair_pallas.fits(num_replicas, num_log, num_gpus, n, 2 * num_layers) for n in nodes):
+        kernels |= {
+            "sticky_pack_fn": repair_pallas.sticky_pack,
+            "repair_fn": repair_pallas.repair,
+            "align_slots_fn": repair_pallas.align_slots,
+        }
+    return kernels
+
+
+def _elastic_stable_pallas(
+    weight: jax.Array,
+    previous: jax.Array,
+    active: jax.Array,
+    tolerance: jax.Array | None,
+    config: tuple[int, int, int, int],
+    options: tuple[tuple[str, Any], ...],
+) -> tuple[jax.Array, ...]:
+    """``active_gpus=`` with ``previous=`` on CUDA: :func:`eplb.algorithms.elastic.place_elastic_stable` over
+    all layers at once (not ``vmap``-ed per layer: every loop is then one Pallas launch over the layers, or one
+    XLA loop), with :func:`_elastic_pallas_kernels`. Same placement as the XLA path."""
+    kernels = _elastic_pallas_kernels(weight.shape, config, dict(options))
+    placement = place_elastic_stable(
+        weight.astype(jnp.float32),
+        previous,
+        *config,
+        xp=jnp,
+        active_gpus=active,
+        tolerance=tolerance,
+        **dict(options),
+        **kernels,
+    )
+    return _tied_to(weight, placement)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
@@ -529,14 +590,20 @@ def rebalance_stable(
         per_gpu = options.pop(name, None)
         if per_gpu is None:
             continue
-        if impl not in (None, "host", "xla"):
-            raise ValueError(f"{name} with previous= takes impl='host', 'xla' or None, got impl={impl!r}")
+        pallas_ok = name == "active_gpus"  # its loops have Pallas kernels; gpu_capacity's run XLA on GPUs
+        if impl not in (None, "host", "xla") and not (impl == "pallas" and pallas_ok):
+            takes = "'host', 'pallas', 'xla'" if pallas_ok else "'host', 'xla'"
+            raise ValueError(f"{name} with previous= takes impl={takes} or None, got impl={impl!r}")
+        if impl == "pallas" and not pallas_available():
+            raise ValueError("impl='pallas' needs Pallas' Triton lowering (jax.experimental.pallas.triton)")
         if options.pop("max_moves", None) is not None:
             raise ValueError(f"{name} cannot be combined with max_moves= yet")
         tolerance = options.pop("tolerance", None)
         knob = None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32)
         config = (num_replicas, num_groups, num_nodes, num_gpus)
         chosen = "xla" if impl == "xla" else "host"
+        if pallas_ok and (impl == "pallas" or (impl is None and _has_cuda() and pallas_available())):
+            chosen = "pallas"  # on CUDA (the CPU branch stays the host's)
         return masked(weight, previous, per_gpu, knob, config, tuple(sorted(options.items())), chosen)
     if impl not in (None, "host", "xla"):
         raise ValueError(f"impl must be 'host', 'xla' or None for a call with previous=, got {impl!r}")

@@ -59,7 +59,7 @@ from eplb import _xp
 from eplb.algorithms.assignment import BIG
 from eplb.algorithms.relabel import align_slots, gpu_overlap
 
-__all__ = ["MAX_GPUS", "assignment", "fits", "relabel"]
+__all__ = ["MAX_GPUS", "assignment", "fits", "relabel", "relabel_pinned"]
 
 I32 = jnp.int32
 _INT_MAX = np.int32(2**31 - 1)
@@ -75,20 +75,22 @@ def _pow2(n: int) -> int:
     return max(2, 1 << (n - 1).bit_length())
 
 
-def fits(num_layers: int, num_phy: int, num_gpus: int, num_nodes: int) -> bool:
-    """Whether :func:`relabel` takes these sizes (else the array-API path runs).
+def fits(num_layers: int, num_phy: int, num_gpus: int, num_nodes: int, *, pinned: bool = False) -> bool:
+    """Whether :func:`relabel` (``pinned``: :func:`relabel_pinned`) takes these sizes (else the array-API path
+    runs).
 
     Columns and rows fit the packed 12-bit fields, flat indices of ``kept``
     int32, and every distance and potential stays below ``BIG = 2**30``
-    (profits are at most ``R``, a search sums at most ``G`` of them).
+    (profits are at most ``R``, pinned ``2 R + 1``; a search sums at most ``G`` of them).
     """
+    top = 2 * num_phy + 1 if pinned else num_phy
     return (
         0 < num_gpus <= MAX_GPUS
         and num_nodes > 0
         and num_phy % num_gpus == 0
         and num_gpus % num_nodes == 0
         and num_layers * num_gpus * num_gpus < 2**31
-        and 8 * num_gpus * (num_phy + 1) < BIG
+        and 8 * num_gpus * (top + 1) < BIG
     )
 
 
@@ -301,6 +303,35 @@ def relabel(new: Any, old: Any, num_gpus: int, num_nodes: int, *, xp: Any = None
     per_gpu = num_phy // num_gpus
     kept = gpu_overlap(new, old, num_gpus, xp=jnp)
     holder = assignment(kept, num_gpus, num_nodes, interpret=interpret).astype(new.dtype)
+    ids = jnp.arange(per_gpu, dtype=new.dtype)
+    slots = jnp.reshape(holder[:, :, None] * per_gpu + ids, (batch, num_phy))
+    return align_slots(_xp.take_along(new, slots, xp=jnp), old, num_gpus, xp=jnp)
+
+
+def relabel_pinned(
+    new: Any, old: Any, live_gpu: Any, num_gpus: int, *, num_nodes: int = 1, xp: Any = None, interpret: bool = False
+) -> Any:
+    """:func:`eplb.algorithms.elastic.relabel_pinned` (same arguments; ``xp`` is not used), JAX arrays.
+
+    ``new``, ``old`` ``[B, R]`` integer ids (``-1``: an empty slot, in ``new`` exactly the failed GPUs'),
+    ``live_gpu [B or 1, G]`` bool (or integer classes). ``kept``, the allowed pairs' ``R + 1`` and the slot
+    alignment are XLA ops; the one assignment over all GPUs (nodes are folded into the allowed pairs) is
+    :func:`assignment`'s kernel, as relabel_triton's ``PINNED`` step. Sizes must pass :func:`fits` with
+    ``pinned=True``.
+    """
+    new, old = jnp.asarray(new), jnp.asarray(old)
+    batch, num_phy = new.shape
+    if batch == 0:
+        return new
+    per_gpu = num_phy // num_gpus
+    kept = gpu_overlap(new, old, num_gpus, xp=jnp)  # [B, G, G]: new GPU i, old position j
+    live_gpu = jnp.broadcast_to(jnp.asarray(live_gpu), (batch, num_gpus))
+    allowed = live_gpu[:, :, None] == live_gpu[:, None, :]
+    if num_nodes > 1:
+        node = jnp.arange(num_gpus) // (num_gpus // num_nodes)
+        allowed = allowed & (node[:, None] == node[None, :])
+    profit = kept.astype(I32) + allowed.astype(I32) * np.int32(num_phy + 1)
+    holder = assignment(profit, num_gpus, 1, interpret=interpret).astype(new.dtype)
     ids = jnp.arange(per_gpu, dtype=new.dtype)
     slots = jnp.reshape(holder[:, :, None] * per_gpu + ids, (batch, num_phy))
     return align_slots(_xp.take_along(new, slots, xp=jnp), old, num_gpus, xp=jnp)

@@ -251,16 +251,19 @@ def _repair_kernel(
             ts = first + s
             ts_ok = ts < R
             xs = _load(cur_ref, cur + ts, ts_ok, 0)
-            _store(fs_ref, slot + ts, _load(fs_ref, prl + xs, ts_ok, np.float32(0)), ts_ok, interpret)
+            # an empty slot (-1, a failed GPU's) weighs nothing
+            _store(fs_ref, slot + ts, _load(fs_ref, prl + xs, ts_ok & (xs >= 0), np.float32(0)), ts_ok, interpret)
         barrier()
         total = _load(fs_ref, slot + g * K, g_ok, np.float32(0))
         for k in range(1, K):
             total = total + _load(fs_ref, slot + g * K + k, g_ok, np.float32(0))
         _store(fs_ref, ldb + g, total, g_ok, interpret)
         loads = jnp.where(g_ok, total, ninf)
-        heavy_load = jnp.max(loads)
-        heavy = jnp.min(jnp.where(loads == heavy_load, g, _BIG))
-        act = heavy_load > lim
+        # The heavy GPU among the live ones (a failed GPU's slots are all -1; it weighs 0 elsewhere).
+        pick = jnp.where(_load(cur_ref, cur + g * K, g_ok, -1) >= 0, loads, ninf)
+        heavy_load = jnp.max(pick)
+        heavy = jnp.min(jnp.where(pick == heavy_load, g, _BIG))
+        act = heavy_load > lim  # (no live GPU: -inf, nothing to do)
         threshold = heavy_load * _IMPROVEMENT
         a0 = heavy * K
         node = lax.div(heavy, np.int32(GN))
@@ -309,16 +312,17 @@ def _repair_kernel(
         new_b = room[None, :] + ox[:, None]
         changed = jnp.where(new_a >= new_b, new_a, new_b)
         smv = moves_i[:, None] + swap_moves[None, :] + (now_b_e >= was_b_e).astype(I32)
-        sok = (i_ok[:, None] & (u_ok & (gt != heavy))[None, :]) & (ct[None, :] != oe[:, None])
+        sok = (i_ok[:, None] & (u_ok & (gt != heavy) & (ct >= 0))[None, :]) & (ct[None, :] != oe[:, None])
         sok = sok & (changed < threshold) & (moved + smv <= cap)
         skey = jnp.where(changed >= floor[None, :], changed, floor[None, :])
         sidx = i[:, None] * P_N + u[None, :]
         s_has, s_key, s_mv, s_sec, s_idx = _lexmin(sok, skey, smv, changed, sidx)
 
         # Replicate out: expert i of a takes the donor slot that its change leaves lightest (first on ties).
-        cnt_t = _load(cnt_ref, cnt + ct, u_ok, 0)
+        cnt_t = _load(cnt_ref, cnt + ct, u_ok & (ct >= 0), 0)  # an empty slot gives nothing
         dok = ((u_ok & (cnt_t >= 2))[None, :] & (ct[None, :] != oe[:, None])) & i_ok[:, None]
-        grown = _load(fs_ref, ext + oe, i_ok, np.float32(0))
+        # (oe is -1 only where no GPU is live: a is then a failed GPU and nothing is applied; never read there)
+        grown = _load(fs_ref, ext + oe, i_ok & (oe >= 0), np.float32(0))
         vv = jnp.where(dok, room[None, :] + grown[:, None], _INF)
         vmin = jnp.min(vv, axis=1)
         tu = jnp.min(jnp.where(dok & (vv == vmin[:, None]), u[None, :], _BIG), axis=1)
@@ -326,7 +330,7 @@ def _repair_kernel(
         has_donor = jnp.max(dok.astype(I32), axis=1) > 0
 
         # Replace in: the coldest and the hottest expert (other than a's) of the groups on the node.
-        _store(is_ref, here + lax.div(ct, np.int32(GS)), it, u_ok, interpret)
+        _store(is_ref, here + lax.div(ct, np.int32(GS)), it, u_ok & (ct >= 0), interpret)
         barrier()
         allowed = e_ok & (_load(is_ref, here + lax.div(e, np.int32(GS)), e_ok, -1) == it)
         cv = jnp.where(allowed, ex, _INF)
@@ -339,7 +343,7 @@ def _repair_kernel(
         h2 = jnp.min(jnp.where(allowed & (e != h1) & (hv2 == jnp.max(hv2)), e, _BIG))
         cold = jnp.where(c1 != oe, c1, c2)
         hot = jnp.where(h1 != oe, h1, h2)
-        spare = i_ok & (_load(cnt_ref, cnt + oe, i_ok, 0) >= 2)
+        spare = i_ok & (_load(cnt_ref, cnt + oe, i_ok & (oe >= 0), 0) >= 2)
         _store(is_ref, cs + i, target, i_ok, interpret)
         _store(is_ref, cx + i, oe, i_ok, interpret)
         _store(is_ref, cok + i, has_donor.astype(I32), i_ok, interpret)
@@ -357,8 +361,9 @@ def _repair_kernel(
         cex = c_ok & (_load(is_ref, cok + c, c_ok, 0) != 0)
         gone = _load(cur_ref, cur + sl, c_ok, 0)
         diff = xx != gone
-        l_in = _load(fs_ref, ext + xx, c_ok, np.float32(0))
-        l_gone = _load(fs_ref, less + gone, c_ok, np.float32(0))
+        l_in = _load(fs_ref, ext + xx, c_ok & (xx >= 0), np.float32(0))
+        # (a candidate without a donor points at slot 0, perhaps a failed GPU's)
+        l_gone = _load(fs_ref, less + gone, c_ok & (gone >= 0), np.float32(0))
 
         def one_value(k: int) -> jax.Array:
             """``[C, G]``: the load of slot ``k`` of every GPU after each change ``cur[sl] = xx``."""
@@ -408,14 +413,15 @@ def _repair_kernel(
         o_x = plgpu.load(is_ref.at[cx + one])
         o_gone = plgpu.load(cur_ref.at[cur + o_slot])
         same = (o_gone == o_x).astype(I32)
-        cnt_x = plgpu.load(cnt_ref.at[cnt + o_x])
-        cnt_g = plgpu.load(cnt_ref.at[cnt + o_gone])
+        # (where nothing is applied, o_x or o_gone may be a failed GPU's -1: clamped, the value unused)
+        cnt_x = plgpu.load(cnt_ref.at[cnt + jnp.maximum(o_x, 0)])
+        cnt_g = plgpu.load(cnt_ref.at[cnt + jnp.maximum(o_gone, 0)])
         barrier()
         _put(cur_ref, cur + give, at_take, do_swap)
         _put(cur_ref, cur + take, at_give, do_swap)
         _put(cur_ref, cur + o_slot, o_x, do_one)
-        _put(cnt_ref, cnt + o_x, cnt_x + 1 - same, do_one)
-        _put(cnt_ref, cnt + o_gone, cnt_g - 1 + same, do_one & (o_gone != o_x))
+        _put(cnt_ref, cnt + jnp.maximum(o_x, 0), cnt_x + 1 - same, do_one)
+        _put(cnt_ref, cnt + jnp.maximum(o_gone, 0), cnt_g - 1 + same, do_one & (o_gone != o_x))
         moved = moved + jnp.where(apply, jnp.where(o_wins, o_mv, s_mv), 0)
         it = it + 1
         going = (apply & (it < max_iters)).astype(I32)
@@ -531,6 +537,7 @@ def _sticky_kernel(
     old_ref,
     load_ref,
     limit_ref,
+    init_ref,
     out_ref,
     is_ref,
     fs_ref,
@@ -540,9 +547,15 @@ def _sticky_kernel(
     C: int,
     BS: int,
     BT: int,
+    ELASTIC: bool,
+    RESERVE: bool,
     interpret: bool,
 ) -> None:
-    """``out [B*N]``: ``base``'s items packed into ``M`` packs of ``C`` slots near ``old``."""
+    """``out [B*N]``: ``base``'s items packed into ``M`` packs of ``C`` slots near ``old``.
+
+    ``ELASTIC``: ``init [B*M]`` holds the packs' starting loads (``+inf``: a closed pack, a failed GPU), an
+    item ``-1`` (an empty slot) has no old pack, and once no open pack is left the item goes to the first
+    pack with room. ``RESERVE``: an item stays home only with room kept there for the items to come."""
     P_M = _pow2(M)
     row = pl.program_id(0)
     base = row * N
@@ -601,6 +614,8 @@ def _sticky_kernel(
             return home, rank
 
         home, rank = _loop(0, -(-N // BT), rank_home, (jnp.full((BS,), _BIG, I32), jnp.zeros((BS,), I32)))
+        if ELASTIC:  # an empty slot is no expert: no old pack
+            home = jnp.where(xb >= 0, home, _BIG)
         _store(is_ref, by_exp + rank, xb, ok, interpret)
         _store(is_ref, by_aff + rank, jnp.where(home < _BIG, lax.div(home, np.int32(C)), -1), ok, interpret)
         _store(fs_ref, by_load + rank, x, ok, interpret)
@@ -608,34 +623,68 @@ def _sticky_kernel(
     m = lax.iota(I32, P_M)
     lim = plgpu.load(limit_ref.at[row])
 
+    if ELASTIC:
+        init = _load(init_ref, row * M + m, m < M, _INF)
+        closed = (m < M) & (init == _INF)
+        open_load = jnp.where((m < M) & (init != _INF), np.float32(0) + init, _INF)
+    else:
+        closed = m < 0
+        open_load = jnp.where(m < M, np.float32(0), _INF)  # +inf once a pack is full
+    # RESERVE: the loads >= 0 still to come (a left-to-right sum, less each visited one), and how many.
+    rem = left = np.float32(0)
+    if RESERVE:
+        x0 = plgpu.load(load_ref.at[base])
+        rem, left = jnp.maximum(x0, np.float32(0)), (x0 >= 0).astype(F32)
+
+        def more(t: Any, carry: Any) -> Any:
+            x = plgpu.load(load_ref.at[base + t])
+            return carry[0] + jnp.maximum(x, np.float32(0)), carry[1] + (x >= 0).astype(F32)
+
+        rem, left = _loop(1, N, more, (rem, left))
+
     def visit(step: Any, carry: Any) -> Any:
-        open_load, count = carry  # +inf once a pack is full
+        open_load, count, rem, left = carry
         expert = plgpu.load(is_ref.at[by_exp + step])
         x = plgpu.load(fs_ref.at[by_load + step])
         home = plgpu.load(is_ref.at[by_aff + step])
         at_home = m == home
         home_load = jnp.max(jnp.where(at_home, open_load, -_INF))
         home_count = jnp.max(jnp.where(at_home, count, -1))
-        stay = (home >= 0) & (home_load + x <= lim) & (home_count < C)
-        lightest = jnp.min(jnp.where(open_load == jnp.min(open_load), m, _BIG))
+        if RESERVE:
+            rem = rem - jnp.maximum(x, np.float32(0))
+            left = left - (x >= 0).astype(F32)
+            free = ((C - 1) - home_count).astype(F32)  # the home's free slots after this item
+            open_home = home_load < _INF
+            over = (jnp.where(open_home, home_load, np.float32(0)) + x - lim) * left
+            stay = (home >= 0) & open_home & (over <= -(free * rem))
+        else:
+            stay = (home >= 0) & (home_load + x <= lim) & (home_count < C)
+        least = jnp.min(open_load)
+        lightest = jnp.min(jnp.where(open_load == least, m, _BIG))
+        if ELASTIC:  # every open pack full: the first pack with room (a closed one)
+            room = jnp.min(jnp.where((m < M) & (count < C), m, _BIG))
+            lightest = jnp.where(least < _INF, lightest, room)
         pack = jnp.where(stay, home, lightest)
         chosen = m == pack
         rank = jnp.max(jnp.where(chosen, count, -1))
         count = jnp.where(chosen, count + 1, count)
         total = open_load + x
-        grown = jnp.where(count == C, _INF, jnp.where(total <= _MAX_LOAD, total, _MAX_LOAD))
+        grown = jnp.where((count == C) | closed, _INF, jnp.where(total <= _MAX_LOAD, total, _MAX_LOAD))
         open_load = jnp.where(chosen, grown, open_load)
         _put(out_ref, base + pack * C + rank, expert, None)
-        return open_load, count
+        return open_load, count, rem, left
 
-    start = (jnp.where(m < M, np.float32(0), _INF), jnp.zeros((P_M,), I32))
-    _loop(0, N, visit, start)
+    _loop(0, N, visit, (open_load, jnp.zeros((P_M,), I32), rem, left))
 
 
-@functools.partial(jax.jit, static_argnums=(4,), static_argnames=("interpret",))
-def _sticky_call(base, old, item_load, limit, num_packs, *, interpret):
+@functools.partial(jax.jit, static_argnums=(5,), static_argnames=("reserve", "interpret"))
+def _sticky_call(base, old, item_load, limit, initial_load, num_packs, *, reserve, interpret):
     batch, n = base.shape
     meta = {"N": n, "M": num_packs, "C": n // num_packs, "BS": min(_pow2(n), 64), "BT": min(_pow2(n), 64)}
+    meta |= {"ELASTIC": initial_load is not None, "RESERVE": bool(reserve)}
+    limit = limit.astype(F32).reshape(batch)
+    # (without initial_load the kernel does not read init)
+    init = limit if initial_load is None else jnp.broadcast_to(initial_load.astype(F32), (batch, num_packs))
     out, _, _ = pl.pallas_call(
         functools.partial(_sticky_kernel, interpret=interpret, **meta),
         out_shape=(
@@ -651,7 +700,8 @@ def _sticky_call(base, old, item_load, limit, num_packs, *, interpret):
         base.astype(I32).reshape(-1),
         old.astype(I32).reshape(-1),
         item_load.astype(F32).reshape(-1),
-        limit.astype(F32).reshape(batch),
+        limit,
+        init.reshape(-1),
     )
     return out.reshape(batch, n)
 
@@ -663,20 +713,32 @@ def sticky_pack(
     limit: Any,
     num_packs: int,
     *,
+    initial_load: Any = None,
+    reserve: bool = False,
     xp: Any = None,
     interpret: bool = False,
 ) -> Any:
-    """:func:`eplb.algorithms.repair.sticky_pack` (same arguments but its options; ``xp`` is not used).
+    """:func:`eplb.algorithms.repair.sticky_pack` (same arguments and options; ``xp`` is not used).
 
-    ``base``, ``old`` ``[B, n]`` integer ids ``>= 0``; ``item_load [B, n]`` and ``limit [B, 1]`` float32.
-    Returns ``[B, n]`` in ``base``'s dtype. One Pallas launch.
+    ``base``, ``old`` ``[B, n]`` integer ids, ``>= 0`` but for the ``-1`` (empty) slots that go with
+    ``initial_load [B or 1, m]`` (float32, ``+inf`` for a pack that takes no item while another is open: a
+    failed GPU); ``item_load [B, n]`` and ``limit [B, 1]`` float32. Returns ``[B, n]`` in ``base``'s dtype.
+    One Pallas launch.
     """
     base = jnp.asarray(base)
     batch, n = base.shape
     if batch == 0 or n == 0:
         return base
+    initial = None if initial_load is None else jnp.asarray(initial_load)
     out = _sticky_call(
-        base, jnp.asarray(old), jnp.asarray(item_load), jnp.asarray(limit), num_packs, interpret=interpret
+        base,
+        jnp.asarray(old),
+        jnp.asarray(item_load),
+        jnp.asarray(limit),
+        initial,
+        num_packs,
+        reserve=bool(reserve),
+        interpret=interpret,
     )
     return out.astype(base.dtype)
 
