@@ -44,7 +44,10 @@ run ``speed_numba`` [1]_. On torch CUDA, ``active_gpus=`` runs
 ``group_split_triton`` [2]_ (the fresh placements' replication, packing and
 group splits too, with or without ``previous=``), and ``gpu_capacity=``
 runs ``speed_triton`` with the same replication and packing kernels [2]_;
-the rest of those calls is torch ops. ``gpu_capacity=`` with ``previous=``
+the rest of those calls is torch ops. On JAX GPU, ``active_gpus=`` with
+``previous=`` runs ``relabel_pallas.relabel_pinned`` and ``repair_pallas``'s
+``sticky_pack`` (the fresh placements' packing too) and ``repair`` [3]_ over
+all layers at once, the rest XLA. ``gpu_capacity=`` with ``previous=``
 adds ``relabel_pinned`` on capacity classes, ``sticky_pack`` and
 ``align_slots`` (numba [1]_ or Triton [2]_) and the swap search with a
 limit; on JAX CPU the numba path via a host callback [1]_, XLA on GPU.

@@ -31,6 +31,12 @@ int32 arithmetic (JAX without x64 has no 64-bit integers):
   (read back from a scratch buffer); else one matching over all GPUs. It
   writes ``holder [B, G]``, the new GPU placed at each old position.
 
+:func:`relabel_pinned` equals :func:`eplb.algorithms.elastic.relabel_pinned` (failed GPUs pinned to failed
+positions, and with nodes each GPU to its own node: the allowed pairs' profits raised by ``R + 1`` under XLA,
+then one assignment over all GPUs by the same kernel, as relabel_triton's ``PINNED`` step); proved by
+``tests/test_pallas_elastic.py`` (the interpreter on random masks, every GPU but one down and every GPU down;
+on a JAX GPU the arguments ``place_elastic_stable`` passes it for the DeepSeek-V3 loads).
+
 Integer arithmetic only (no division decides anything); :func:`fits` bounds
 the sizes (12-bit columns and rows in the packed keys, int32 flat indices).
 On an H200 (JAX 0.11.2, Triton 3.6, 61 layers of real DeepSeek-V3 loads) the

@@ -15,6 +15,13 @@ all-zero and tied loads, invalid rows, budgets around the start's moves, short `
 the kernels on the arguments ``stabilize`` passes them for the DeepSeek-V3 loads, and ``previous=`` with
 ``balance_tolerance`` / ``max_moves`` against numpy.
 
+With failed GPUs (``active_gpus=`` with ``previous=``, :func:`eplb.algorithms.elastic.stabilize_elastic`) the
+same kernels take failed GPUs' ``-1`` slots (they weigh nothing, are never a swap partner or a donor, and a
+failed GPU is never the heavy one), and :func:`sticky_pack` takes ``initial_load`` (closed packs) and
+``reserve``, as repair_triton's do; proved by ``tests/test_pallas_elastic.py`` (the interpreter on random rows
+with failed GPUs and degenerate ones, and the CUDA branch of the call end to end; on a JAX GPU the
+DeepSeek-V3 arguments and the call against numpy).
+
 The steps, tie rules and float32 arithmetic are repair_triton's (its docstring describes them), in int32
 (JAX without x64 has no 64-bit integers), one program per row:
 
