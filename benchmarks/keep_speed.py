@@ -234,7 +234,8 @@ def main() -> None:
                 runs = max(3, args.runs // 5) if extra.get("_impl") == "xp" else args.runs
                 ms = timer(lambda w=weight, p=prev, o=options or {}, c=config, x=extra: call(w, c, p, o, x), runs)
                 cells.append(f"{ms:.2f} ms ({published / ms:.0f}x)")
-                got = [np.asarray(a) for a in call(weight, config, prev, options or {}, extra)]
+                placement = call(weight, config, prev, options or {}, extra)
+                got = [np.asarray(a.cpu() if hasattr(a, "cpu") else a) for a in placement]  # (torch CUDA: to host)
                 if name.endswith(", XLA"):  # the same placement as the default call
                     default = results[name.removesuffix(", XLA")][len(cells) - 1]
                     assert all(np.array_equal(a, b) for a, b in zip(got, default, strict=True)), (name, options)

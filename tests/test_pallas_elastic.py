@@ -291,3 +291,28 @@ def test_gpu_elastic_previous_equals_numpy(config, dead, tolerance):
         for g, x in zip(got, want, strict=True):
             assert {d.platform for d in g.devices()} == {"gpu"}
             np.testing.assert_array_equal(np.asarray(g), x)
+
+
+@GPU
+def test_gpu_elastic_previous_under_a_users_vmap():
+    """A user's ``vmap`` over calls with their own loads and masks on a JAX GPU (the kernels batched by
+    Pallas' rule: one more grid axis), each equal to its numpy call."""
+    sizes = (288, 8, 4, 32)
+    weight, previous, _ = _deepseek_elastic((sizes, True), [])
+    weights = np.stack([weight, weight[:, ::-1].copy()])
+    masks = np.ones((2, 32), bool)
+    masks[0, 5] = False
+    masks[1, [3, 20]] = False
+    device = jax.devices("gpu")[0]
+
+    def call(w, m):
+        return tuple(eplb.rebalance_experts(w, *sizes, previous=p, active_gpus=m, balance_tolerance=0.005))
+
+    p = jax.device_put(previous.astype(np.int32), device)
+    got = jax.jit(jax.vmap(call))(jax.device_put(weights, device), jax.device_put(masks, device))
+    for k in range(2):
+        want = eplb.rebalance_experts(
+            weights[k], *sizes, previous=previous, active_gpus=masks[k], balance_tolerance=0.005
+        )
+        for g, x in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g[k]), x)

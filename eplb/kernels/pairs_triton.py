@@ -34,7 +34,10 @@ addition (an FMA rounds once, not twice). Elements are
 picked out of a vector by a masked sum of one term (exact) or a masked max.
 
 An earlier version ranked by ``[n, n]`` comparisons: at 256 experts its
-tiles spilled out of registers and the call took 134 ms on an H200.
+tiles spilled out of registers and the call took 134 ms on an H200. This one,
+on an H200 (Triton 3.6, greedy counts of ``prefill_in2048``): 1.09 ms for 58
+rows of 256 experts in 288 slots (3.39 ms before rows stopped early) and
+0.18 ms for 232 rows of 64 in 72; the refined call over 144 GPUs 2.1 ms.
 
 Proved by ``tests/test_pairs.py`` (Triton's CPU interpreter and CUDA
 against the array-API function: random, tied, all-zero and one-expert
