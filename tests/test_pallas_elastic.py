@@ -276,7 +276,8 @@ def test_gpu_kernels_equal_the_array_api_on_deepseek_v3(config, dead):
 @pytest.mark.parametrize("tolerance", [None, 0.005])
 def test_gpu_elastic_previous_equals_numpy(config, dead, tolerance):
     """``rebalance_experts(..., previous=, active_gpus=)`` on JAX GPU arrays (the mask on the device, so the
-    hierarchical call runs both rules) places as numpy, also inside ``jit``."""
+    hierarchical call runs both rules) places as numpy, also inside ``jit``; and each implementation forced
+    (``impl="pallas"``, the default here, and ``impl="xla"``, the array API under ``vmap``)."""
     (sizes, hierarchical) = config
     weight, previous, mask = _deepseek_elastic(config, dead)
     kw = {"hierarchical": hierarchical, "balance_tolerance": tolerance}
@@ -287,7 +288,12 @@ def test_gpu_elastic_previous_equals_numpy(config, dead, tolerance):
     inside_jit = jax.jit(lambda x, y, z: tuple(eplb.rebalance_experts(x, *sizes, previous=y, active_gpus=z, **kw)))(
         w, p, m
     )
-    for got in (default, inside_jit):
+    options = {"hierarchical": hierarchical, "policy": "greedy", "spill": 0, "tolerance": tolerance}
+    forced = [
+        _jax.rebalance_stable(w, p, *sizes, impl=impl, active_gpus=m, max_moves=None, **options)
+        for impl in ("pallas", "xla")
+    ]
+    for got in (default, inside_jit, *forced):
         for g, x in zip(got, want, strict=True):
             assert {d.platform for d in g.devices()} == {"gpu"}
             np.testing.assert_array_equal(np.asarray(g), x)
