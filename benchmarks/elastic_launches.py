@@ -119,6 +119,10 @@ def stand_ins(mode_of: Any) -> dict[str, Any]:
 
 
 CAPACITY_HOOKS = ("lpt_pack_fn", "pair_pack_fn", "swaps_fn", "replicate_fn", "sticky_pack_fn", "split_fn")
+ELASTIC_HOOKS = (
+    "relabel_pinned_fn", "sticky_pack_fn", "repair_fn", "align_slots_fn", "heaviest_gpu_fn", "replicate_fn",
+    "group_split_fn", "split_fn",
+)  # fmt: skip
 
 
 def capacity_table(hooks: dict[str, Any], current: list[Launches], weight: np.ndarray) -> None:
@@ -176,7 +180,8 @@ def main() -> None:
                 with current[-1]:
                     got = elastic.place_elastic_stable(
                         torch.as_tensor(weight, dtype=torch.float32), previous, *sizes, active_gpus=mask,
-                        hierarchical=hierarchical, tolerance=tolerance, xp=_torch.xp, **(hooks if plugged else {}),
+                        hierarchical=hierarchical, tolerance=tolerance, xp=_torch.xp,
+                        **({k: hooks[k] for k in ELASTIC_HOOKS} if plugged else {}),
                     )  # fmt: skip
                 assert np.array_equal(got[0].numpy(), want), "placement differs from numpy's"
                 counts.append(current[-1])
