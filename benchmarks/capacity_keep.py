@@ -20,7 +20,9 @@ and JAX (its default device, under ``jit`` with the tolerance traced):
 ``prefill_in4096`` planned by numpy, then ``prefill_in2048`` re-planned with
 ``previous=`` and ``balance_tolerance=0.005``, the first layout of each
 config; the median of warm calls (ended by a synchronisation), each result
-and the fresh placement checked equal to numpy's, bit for bit.
+and the fresh placement checked equal to numpy's, bit for bit. Also JAX's
+keep-in-place call forced to XLA (``impl="xla"``: the array API under
+``vmap``, what JAX GPUs ran before the Pallas kernels), checked too.
 
     python benchmarks/capacity_keep.py [--quick | --devices]
 """
@@ -99,19 +101,23 @@ def main() -> None:
 
 
 def devices(runs: int = 10, tolerance: float = 0.005) -> str:
-    """ms of one keep-in-place call on torch (CUDA where present) and JAX, each checked equal to numpy."""
+    """ms of one keep-in-place call on torch (CUDA where present) and JAX (its default, and forced to XLA: the
+    array API under ``vmap``), each checked equal to numpy."""
     import jax
     import jax.numpy as jnp
     import torch
 
     from benchmarks.timing import host_median_ms
+    from eplb.backends import _jax
 
     cuda = torch.cuda.is_available()
     before, after = (np.asarray(_full(name)) for name in ("prefill_in4096", "prefill_in2048"))
     live = (before.sum(axis=1) > 0) & (after.sum(axis=1) > 0)
     before, after = before[live], after[live]
-    header = f"| config | torch {'CUDA' if cuda else 'CPU'} ms | equal | JAX {jax.default_backend()} ms | equal |"
-    lines = [header, "| --- | --- | --- | --- | --- |"]
+    backend = jax.default_backend()
+    torch_name = "CUDA" if cuda else "CPU"
+    header = f"| config | torch {torch_name} ms | equal | JAX {backend} ms | equal | JAX {backend}, XLA ms |"
+    lines = [header, "| --- | --- | --- | --- | --- | --- |"]
     for name, (replicas, groups, nodes, gpus, hierarchical, layouts) in CONFIGS.items():
         sizes, caps = (replicas, groups, nodes, gpus), half_slow(gpus, layouts[0])
         kw = {"hierarchical": hierarchical, "gpu_capacity": caps}
@@ -140,11 +146,24 @@ def devices(runs: int = 10, tolerance: float = 0.005) -> str:
         def jax_call(plan=plan, w_j=w_j, prev_j=prev_j, caps_j=caps_j):
             return jax.block_until_ready(plan(w_j, prev_j, caps_j, jnp.float32(tolerance)))
 
+        options = {"hierarchical": hierarchical, "policy": "greedy", "spill": 0, "max_moves": None}
+        plan_xla = jax.jit(
+            lambda w, p, c, t, sizes=sizes, o=options: _jax.rebalance_stable(
+                w, p, *sizes, impl="xla", gpu_capacity=c, tolerance=t, **o
+            )
+        )
+
+        def xla_call(plan=plan_xla, w_j=w_j, prev_j=prev_j, caps_j=caps_j):
+            return jax.block_until_ready(plan(w_j, prev_j, caps_j, jnp.float32(tolerance)))
+
         got_j = [*eplb.rebalance_experts(w_j, *sizes, hierarchical=hierarchical, gpu_capacity=caps_j), *jax_call()]
+        got_j += [*xla_call()]
+        want_j = want + want[3:]
         equal_t = all(np.array_equal(np.asarray(g.cpu()), np.asarray(e)) for g, e in zip(got_t, want, strict=True))
-        equal_j = all(np.array_equal(np.asarray(g), np.asarray(e)) for g, e in zip(got_j, want, strict=True))
+        equal_j = all(np.array_equal(np.asarray(g), np.asarray(e)) for g, e in zip(got_j, want_j, strict=True))
         ms_t, ms_j = host_median_ms(torch_call, runs), host_median_ms(jax_call, runs)
-        lines.append(f"| {name} | {ms_t:.1f} | {equal_t} | {ms_j:.1f} | {equal_j} |")
+        ms_x = host_median_ms(xla_call, runs)
+        lines.append(f"| {name} | {ms_t:.1f} | {equal_t} | {ms_j:.1f} | {equal_j} | {ms_x:.1f} |")
     return "\n".join(lines)
 
 

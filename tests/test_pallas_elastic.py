@@ -186,19 +186,42 @@ def test_cuda_branch_under_the_interpreter_equals_numpy(case, monkeypatch):
         np.testing.assert_array_equal(np.asarray(g), x)
 
 
-def test_elastic_previous_lowers_to_the_pallas_kernels_on_cuda():
-    """impl "pallas": on CUDA the relabelling's, the sticky repackings' (and the fresh placements' packing),
-    the local search's kernels; on the CPU none (the host callback there)."""
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_capacity_cuda_branch_under_the_interpreter_equals_numpy(monkeypatch):
+    """:func:`eplb.backends._jax._capacity_stable_pallas` (``gpu_capacity=`` with ``previous=`` on CUDA: the
+    relabelling on capacity classes and the sticky repackings as Pallas kernels, the rest XLA, all layers at
+    once; capacities and tolerance traced) with the kernels interpreted: numpy's placement. Half the GPUs at
+    0.6, one idle; hierarchical, so both rules run."""
+    _interpreted_kernels(monkeypatch)
+    rng = np.random.default_rng(5)
+    w_old, w_new = (cases.lognormal_f32(rng, 3, 16) for _ in range(2))
+    sizes = (32, 4, 2, 8)
+    previous = np.asarray(eplb.rebalance_experts(w_old, *sizes).phy2log)
+    capacity = np.array([1, 0.6, 1, 0.6, 1, 0, 1, 0.6], np.float32)
+    want = eplb.rebalance_experts(w_new, *sizes, previous=previous, gpu_capacity=capacity, balance_tolerance=0.05)
+    options = (("hierarchical", True), ("policy", "greedy"), ("spill", 0))
+    got = jax.jit(lambda w, p, c, t: _jax._capacity_stable_pallas(w, p, c, t, sizes, options))(
+        jnp.asarray(w_new), jnp.asarray(previous.astype(np.int32)), jnp.asarray(capacity), jnp.float32(0.05)
+    )
+    for g, x in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), x)
+
+
+@pytest.mark.parametrize("masked", ["active_gpus", "gpu_capacity"])
+def test_previous_lowers_to_the_pallas_kernels_on_cuda(masked):
+    """impl "pallas": on CUDA the relabelling's and the sticky repackings' kernels (also the fresh placements'
+    packing), with ``active_gpus`` the local search's too; on the CPU none (the host callback there)."""
     sizes = (288, 8, 4, 32)
     options = (("hierarchical", True), ("policy", "greedy"), ("spill", 0))
+    stable = _jax._rebalance_elastic_stable if masked == "active_gpus" else _jax._rebalance_capacity_stable
 
     def call(w, p, m, t):
-        return _jax._rebalance_elastic_stable(w, p, m, t, sizes, options, "pallas")
+        return stable(w, p, m, t, sizes, options, "pallas")
 
     args = (
         jax.ShapeDtypeStruct((58, 256), jnp.float32),
         jax.ShapeDtypeStruct((58, 288), jnp.int32),
-        jax.ShapeDtypeStruct((32,), jnp.bool_),
+        jax.ShapeDtypeStruct((32,), jnp.bool_ if masked == "active_gpus" else jnp.float32),
         jax.ShapeDtypeStruct((), jnp.float32),
     )
     try:
@@ -207,21 +230,22 @@ def test_elastic_previous_lowers_to_the_pallas_kernels_on_cuda():
         if "Triton compilation handler" in str(err):
             pytest.skip("this jaxlib compiles Triton at lowering and has no CUDA plugin")
         raise
-    assert set(re.findall(r"eplb_(sticky_pack|repair|relabel)\b", hlo)) == {"sticky_pack", "repair", "relabel"}
+    expected = {"sticky_pack", "relabel"} | ({"repair"} if masked == "active_gpus" else set())
+    assert set(re.findall(r"eplb_(sticky_pack|repair|relabel)\b", hlo)) == expected
     # one custom call per distinct launch (jit dedupes equal ones): several sticky packings (both rules' fresh
-    # placements and repackings), the searches of both rules, the relabelling
-    assert hlo.count("__gpu$xla.gpu.triton") + hlo.count("triton_kernel_call") >= 5
+    # placements and repackings), the relabelling, with active_gpus the searches of both rules
+    assert hlo.count("__gpu$xla.gpu.triton") + hlo.count("triton_kernel_call") >= 3
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     cpu_args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu) for a in args]
     hlo = jax.jit(call).trace(*cpu_args).lower().as_text()
     assert hlo.count("__gpu$xla.gpu.triton") + hlo.count("triton_kernel_call") == 0
 
 
-def test_impl_pallas_is_checked():
+def test_impl_is_checked():
     w = jnp.ones((1, 16), jnp.float32)
     previous = jnp.asarray(np.arange(32) % 16)[None, :]
-    with pytest.raises(ValueError, match="gpu_capacity with previous= takes impl='host', 'xla'"):
-        _jax.rebalance_stable(w, previous, 32, 1, 1, 8, impl="pallas", hierarchical=False, gpu_capacity=jnp.ones(8))
+    with pytest.raises(ValueError, match="gpu_capacity with previous= takes impl='host', 'pallas', 'xla' or None"):
+        _jax.rebalance_stable(w, previous, 32, 1, 1, 8, impl="triton", hierarchical=False, gpu_capacity=jnp.ones(8))
 
 
 # ---- On a JAX GPU.

@@ -210,7 +210,8 @@ def _rebalance_capacity_stable(
 
     ``impl="host"``: on the CPU the numpy adapter's compiled kernels through a host callback
     (:func:`eplb.backends._jax_host.placement_elastic_stable`), chosen at lowering; the array-API path under
-    ``jit`` + ``vmap`` elsewhere (and with ``impl="xla"``). Same placement.
+    ``jit`` + ``vmap`` elsewhere (and with ``impl="xla"``). ``impl="pallas"``: the same, and on CUDA
+    :func:`_capacity_stable_pallas`. Same placement.
     """
     index = jnp.arange(1).dtype  # JAX's default integer
 
@@ -224,13 +225,48 @@ def _rebalance_capacity_stable(
         layers = jax.vmap(one_layer, in_axes=(0, 0, None))
         return _tied_to(w, layers(w.astype(jnp.float32), p.astype(index), c.astype(jnp.float32)))
 
-    if impl == "xla" or not _jax_host.applies_stable(*weight.shape, config[0]):
+    host_applies = _jax_host.applies_stable(*weight.shape, config[0])
+    if impl == "xla" or (impl == "host" and not host_applies):
         return xla(weight, previous, capacity)
 
     def host(w: jax.Array, p: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
         return _jax_host.placement_elastic_stable(w, p, c, tolerance, config, dict(options), name="gpu_capacity")
 
-    return tuple(jax.lax.platform_dependent(weight, previous, capacity, cpu=host, default=xla))
+    branches = {"cpu": host} if host_applies else {}
+    if impl == "pallas":
+
+        def kernel(w: jax.Array, p: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
+            return _capacity_stable_pallas(w, p.astype(index), c.astype(jnp.float32), tolerance, config, options)
+
+        branches["cuda"] = kernel
+    return tuple(jax.lax.platform_dependent(weight, previous, capacity, **branches, default=xla))
+
+
+def _capacity_stable_pallas(
+    weight: jax.Array,
+    previous: jax.Array,
+    capacity: jax.Array,
+    tolerance: jax.Array | None,
+    config: tuple[int, int, int, int],
+    options: tuple[tuple[str, Any], ...],
+) -> tuple[jax.Array, ...]:
+    """``gpu_capacity=`` with ``previous=`` on CUDA: :func:`eplb.algorithms.capacity_stable.place_capacity_stable`
+    over all layers at once, with the relabelling on capacity classes and the sticky repackings (the blind
+    placement's packing too) as :func:`_elastic_pallas_kernels`' Pallas kernels; placement by time's loops and
+    the swap search stay XLA. Same placement as the XLA path."""
+    kernels = _elastic_pallas_kernels(weight.shape, config, dict(options))
+    steps = {k: kernels[k] for k in ("relabel_pinned_fn", "sticky_pack_fn", "align_slots_fn") if k in kernels}
+    placement = place_capacity_stable(
+        weight.astype(jnp.float32),
+        previous,
+        *config,
+        xp=jnp,
+        gpu_capacity=capacity,
+        tolerance=tolerance,
+        **dict(options),
+        **steps,
+    )
+    return _tied_to(weight, placement)
 
 
 def _tied_to(weight: jax.Array, placement: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
@@ -590,10 +626,8 @@ def rebalance_stable(
         per_gpu = options.pop(name, None)
         if per_gpu is None:
             continue
-        pallas_ok = name == "active_gpus"  # its loops have Pallas kernels; gpu_capacity's run XLA on GPUs
-        if impl not in (None, "host", "xla") and not (impl == "pallas" and pallas_ok):
-            takes = "'host', 'pallas', 'xla'" if pallas_ok else "'host', 'xla'"
-            raise ValueError(f"{name} with previous= takes impl={takes} or None, got impl={impl!r}")
+        if impl not in (None, "host", "pallas", "xla"):
+            raise ValueError(f"{name} with previous= takes impl='host', 'pallas', 'xla' or None, got impl={impl!r}")
         if impl == "pallas" and not pallas_available():
             raise ValueError("impl='pallas' needs Pallas' Triton lowering (jax.experimental.pallas.triton)")
         if options.pop("max_moves", None) is not None:
@@ -602,8 +636,10 @@ def rebalance_stable(
         knob = None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32)
         config = (num_replicas, num_groups, num_nodes, num_gpus)
         chosen = "xla" if impl == "xla" else "host"
-        if pallas_ok and (impl == "pallas" or (impl is None and _has_cuda() and pallas_available())):
-            chosen = "pallas"  # on CUDA (the CPU branch stays the host's)
+        if impl == "pallas" or (impl is None and _has_cuda() and pallas_available()):
+            # on CUDA the Pallas kernels for the loops that have them (all of active_gpus'; gpu_capacity's time
+            # loops stay XLA); the CPU branch stays the host's
+            chosen = "pallas"
         return masked(weight, previous, per_gpu, knob, config, tuple(sorted(options.items())), chosen)
     if impl not in (None, "host", "xla"):
         raise ValueError(f"impl must be 'host', 'xla' or None for a call with previous=, got {impl!r}")
