@@ -50,7 +50,9 @@ the rest of those calls is torch ops. On JAX GPU, ``active_gpus=`` with
 all layers at once, the rest XLA. ``gpu_capacity=`` with ``previous=``
 adds ``relabel_pinned`` on capacity classes, ``sticky_pack`` and
 ``align_slots`` (numba [1]_ or Triton [2]_) and the swap search with a
-limit; on JAX CPU the numba path via a host callback [1]_, XLA on GPU.
+limit; on JAX CPU the numba path via a host callback [1]_; on JAX GPU
+``relabel_pallas.relabel_pinned`` and ``repair_pallas.sticky_pack`` [3]_
+over all layers at once, placement by time and the swap search XLA.
 
 ``spill=`` runs the array-API path everywhere. Where a kernel does not
 apply the array-API path runs, with the same placement.
