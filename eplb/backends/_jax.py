@@ -618,7 +618,11 @@ def rebalance_stable(
     lowering: on CUDA the Pallas kernels (the fresh placement's,
     :mod:`eplb.kernels.relabel_pallas` and, with ``tolerance`` or
     ``max_moves``, :mod:`eplb.kernels.repair_pallas` where it fits, XLA
-    otherwise), the same CPU branch elsewhere. Same placement.
+    otherwise), the same CPU branch elsewhere. Same placement. With ``active_gpus`` or ``gpu_capacity``
+    (traced, as the tolerance): ``"host"`` as above, ``"xla"``, or ``"pallas"`` (the default where this process
+    has a CUDA backend and Pallas' Triton lowering): on CUDA the whole batch at once with the Pallas kernels of
+    :func:`_elastic_pallas_kernels` (for ``gpu_capacity`` its relabelling and sticky repacking; placement by
+    time stays XLA), the host's branch on the CPU.
     """
     for name, masked in (("gpu_capacity", _rebalance_capacity_stable), ("active_gpus", _rebalance_elastic_stable)):
         # Failed or slower GPUs with previous=: on the CPU the compiled kernels via the host, else the array-API
