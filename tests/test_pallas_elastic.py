@@ -346,3 +346,27 @@ def test_gpu_elastic_previous_under_a_users_vmap():
         )
         for g, x in zip(got, want, strict=True):
             np.testing.assert_array_equal(np.asarray(g[k]), x)
+
+
+@GPU
+@pytest.mark.parametrize(
+    ("sizes", "hierarchical"), [((288, 8, 4, 32), True), ((288, 8, 3, 144), False)], ids=["hier", "global144"]
+)
+def test_gpu_capacity_previous_pallas_equals_numpy(sizes, hierarchical):
+    """``gpu_capacity=`` with ``previous=`` on JAX GPU arrays with ``impl="pallas"`` (opt-in until this test has
+    run on a GPU): numpy's placement, half the GPUs at 0.6 and one idle."""
+    old_w, new_w = cases.deepseek_v3(), cases.deepseek_v3("prefill_in2048.json")
+    assert old_w is not None and new_w is not None, f"real loads expected at {cases.DATA}"
+    capacity = np.ones(sizes[3], np.float32)
+    capacity[1::2] = 0.6
+    capacity[6] = 0.0
+    kw = {"hierarchical": hierarchical, "gpu_capacity": capacity}
+    previous = np.asarray(eplb.rebalance_experts(old_w, *sizes, **kw).phy2log)
+    want = eplb.rebalance_experts(new_w, *sizes, previous=previous, balance_tolerance=0.005, **kw)
+    device = jax.devices("gpu")[0]
+    w, p, c = (jax.device_put(x, device) for x in (new_w, previous.astype(np.int32), capacity))
+    options = {"hierarchical": hierarchical, "policy": "greedy", "spill": 0, "max_moves": None, "tolerance": 0.005}
+    got = _jax.rebalance_stable(w, p, *sizes, impl="pallas", gpu_capacity=c, **options)
+    for g, x in zip(got, want, strict=True):
+        assert {d.platform for d in g.devices()} == {"gpu"}
+        np.testing.assert_array_equal(np.asarray(g), x)

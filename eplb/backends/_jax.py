@@ -619,10 +619,11 @@ def rebalance_stable(
     :mod:`eplb.kernels.relabel_pallas` and, with ``tolerance`` or
     ``max_moves``, :mod:`eplb.kernels.repair_pallas` where it fits, XLA
     otherwise), the same CPU branch elsewhere. Same placement. With ``active_gpus`` or ``gpu_capacity``
-    (traced, as the tolerance): ``"host"`` as above, ``"xla"``, or ``"pallas"`` (the default where this process
-    has a CUDA backend and Pallas' Triton lowering): on CUDA the whole batch at once with the Pallas kernels of
-    :func:`_elastic_pallas_kernels` (for ``gpu_capacity`` its relabelling and sticky repacking; placement by
-    time stays XLA), the host's branch on the CPU.
+    (traced, as the tolerance): ``"host"`` as above, ``"xla"``, or ``"pallas"``: on CUDA the whole batch at once
+    with the Pallas kernels of :func:`_elastic_pallas_kernels` (for ``gpu_capacity`` its relabelling and sticky
+    repacking; placement by time stays XLA), the host's branch on the CPU. ``None``: ``"pallas"`` for
+    ``active_gpus`` where this process has a CUDA backend and Pallas' Triton lowering, else ``"host"``
+    (``gpu_capacity``'s Pallas branch is opt-in until it has run on a GPU).
     """
     for name, masked in (("gpu_capacity", _rebalance_capacity_stable), ("active_gpus", _rebalance_elastic_stable)):
         # Failed or slower GPUs with previous=: on the CPU the compiled kernels via the host, else the array-API
@@ -640,9 +641,11 @@ def rebalance_stable(
         knob = None if tolerance is None else jnp.asarray(tolerance, dtype=jnp.float32)
         config = (num_replicas, num_groups, num_nodes, num_gpus)
         chosen = "xla" if impl == "xla" else "host"
-        if impl == "pallas" or (impl is None and _has_cuda() and pallas_available()):
-            # on CUDA the Pallas kernels for the loops that have them (all of active_gpus'; gpu_capacity's time
-            # loops stay XLA); the CPU branch stays the host's
+        # On CUDA the Pallas kernels for the loops that have them (all of active_gpus'; gpu_capacity's time loops
+        # stay XLA); the CPU branch stays the host's. The default for active_gpus only: gpu_capacity's Pallas
+        # branch is proved under the interpreter, not yet on a GPU (opt in with impl="pallas").
+        default_pallas = name == "active_gpus" and impl is None and _has_cuda() and pallas_available()
+        if impl == "pallas" or default_pallas:
             chosen = "pallas"
         return masked(weight, previous, per_gpu, knob, config, tuple(sorted(options.items())), chosen)
     if impl not in (None, "host", "xla"):
