@@ -114,8 +114,8 @@ WORKLOADS = _workloads()
 
 
 def _special_rows(weight: np.ndarray) -> np.ndarray:
-    """``weight`` less the last 8 of the 12 random rows that end each float32 and integer workload."""
-    return weight[:-8] if len(weight) > 12 else weight
+    """``weight`` less the last 10 of the 12 random rows that end each float32 and integer workload."""
+    return weight[:-10] if len(weight) > 12 else weight
 
 
 @POLICIES
@@ -261,8 +261,9 @@ def test_unchecked_overflowing_loads_still_place_every_expert(policy):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_kernels_under_interpreter(tmp_path):
     """The Triton greedy and refined kernels on CPU tensors under TRITON_INTERPRET=1, every small workload."""
-    # Every special row (ties, signed zeros, subnormals, one expert), but only the first 4 of the 12 random
-    # rows of each workload: the interpreter costs ~1 s a row, and test_workload checks them all elsewhere.
+    # Every special row (ties, signed zeros, subnormals, one expert), but only the first 2 of the 12 random
+    # rows of each workload: the interpreter's time grows with the rows, and test_workload checks them all
+    # elsewhere (test_triton.py runs the kernels on random rows under the interpreter too).
     small = [(name, config, _special_rows(weight)) for name, config, weight in WORKLOADS if weight.shape[1] <= 16]
     expected = {}
     for name, config, weight in small:

@@ -152,34 +152,25 @@ def _interpreted_kernels(monkeypatch) -> None:
         monkeypatch.setattr(repair_pallas, name, _interp(getattr(repair_pallas, name), interpret=True))
 
 
-# (experts, slots, groups, nodes, gpus, hierarchical, failed GPUs now, failed in the previous placement, tolerance)
-_END_TO_END = [
-    (16, 32, 1, 1, 8, False, [2, 5], [5, 6], 0.05),  # GPU 6 is back, empty
-    (16, 32, 4, 2, 8, True, [6], [1], 0.0),
-]
-
-
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.parametrize("case", _END_TO_END, ids=["global-gpu-back", "hier"])
-def test_cuda_branch_under_the_interpreter_equals_numpy(case, monkeypatch):
-    """:func:`eplb.backends._jax._elastic_stable_pallas` (what CUDA runs: all layers at once, the kernels
-    plugged in, mask and tolerance traced) with the kernels interpreted: numpy's placement."""
+def test_cuda_branch_under_the_interpreter_equals_numpy(monkeypatch):
+    """:func:`eplb.backends._jax._masked_stable_pallas` (what CUDA runs: all layers at once, the kernels
+    plugged in, mask and tolerance traced) with the kernels interpreted: numpy's placement. Hierarchical with
+    the mask traced, so both rules run (within nodes, and the global fallback); GPU 1 is back from a failure
+    (its slots empty in ``previous``), GPU 6 down."""
     _interpreted_kernels(monkeypatch)
-    experts, slots, groups, nodes, gpus, hierarchical, dead, was_dead, tolerance = case
-    rng = np.random.default_rng(experts + gpus)
-    w_old, w_new = (cases.lognormal_f32(rng, 3, experts) for _ in range(2))
-    sizes = (slots, groups, nodes, gpus)
-    was = np.isin(np.arange(gpus), was_dead, invert=True)
-    previous = np.asarray(eplb.rebalance_experts(w_old, *sizes, hierarchical=hierarchical, active_gpus=was).phy2log)
-    mask = np.isin(np.arange(gpus), dead, invert=True)
-    want = place_elastic_stable(
-        w_new, previous, *sizes, active_gpus=mask, hierarchical=hierarchical, tolerance=tolerance, xp=np
-    )
-    options = (("hierarchical", hierarchical), ("policy", "greedy"), ("spill", 0))
-    assert set(_jax._elastic_pallas_kernels(w_new.shape, sizes, dict(options))) == {
+    rng = np.random.default_rng(24)
+    w_old, w_new = (cases.lognormal_f32(rng, 3, 16) for _ in range(2))
+    sizes, tolerance = (32, 4, 2, 8), 0.0
+    was = np.isin(np.arange(8), [1], invert=True)
+    previous = np.asarray(eplb.rebalance_experts(w_old, *sizes, active_gpus=was).phy2log)
+    mask = np.isin(np.arange(8), [6], invert=True)
+    want = place_elastic_stable(w_new, previous, *sizes, active_gpus=mask, hierarchical=True, tolerance=0.0, xp=np)
+    options = (("hierarchical", True), ("policy", "greedy"), ("spill", 0))
+    assert set(_jax._pallas_kernels(w_new.shape, sizes, dict(options))) == {
         "relabel_pinned_fn", "sticky_pack_fn", "repair_fn", "align_slots_fn"
     }  # fmt: skip
-    got = jax.jit(lambda w, p, m, t: _jax._elastic_stable_pallas(w, p, m, t, sizes, options))(
+    got = jax.jit(lambda w, p, m, t: _jax._masked_stable_pallas(w, p, m, t, sizes, options, "active_gpus"))(
         jnp.asarray(w_new), jnp.asarray(previous.astype(np.int32)), jnp.asarray(mask), jnp.float32(tolerance)
     )
     for g, x in zip(got, want, strict=True):
@@ -188,7 +179,7 @@ def test_cuda_branch_under_the_interpreter_equals_numpy(case, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_capacity_cuda_branch_under_the_interpreter_equals_numpy(monkeypatch):
-    """:func:`eplb.backends._jax._capacity_stable_pallas` (``gpu_capacity=`` with ``previous=`` on CUDA: the
+    """:func:`eplb.backends._jax._masked_stable_pallas` (``gpu_capacity=`` with ``previous=`` on CUDA: the
     relabelling on capacity classes and the sticky repackings as Pallas kernels, the rest XLA, all layers at
     once; capacities and tolerance traced) with the kernels interpreted: numpy's placement. Half the GPUs at
     0.6, one idle; hierarchical, so both rules run."""
@@ -200,7 +191,7 @@ def test_capacity_cuda_branch_under_the_interpreter_equals_numpy(monkeypatch):
     capacity = np.array([1, 0.6, 1, 0.6, 1, 0, 1, 0.6], np.float32)
     want = eplb.rebalance_experts(w_new, *sizes, previous=previous, gpu_capacity=capacity, balance_tolerance=0.05)
     options = (("hierarchical", True), ("policy", "greedy"), ("spill", 0))
-    got = jax.jit(lambda w, p, c, t: _jax._capacity_stable_pallas(w, p, c, t, sizes, options))(
+    got = jax.jit(lambda w, p, c, t: _jax._masked_stable_pallas(w, p, c, t, sizes, options, "gpu_capacity"))(
         jnp.asarray(w_new), jnp.asarray(previous.astype(np.int32)), jnp.asarray(capacity), jnp.float32(0.05)
     )
     for g, x in zip(got, want, strict=True):
@@ -213,10 +204,9 @@ def test_previous_lowers_to_the_pallas_kernels_on_cuda(masked):
     packing), with ``active_gpus`` the local search's too; on the CPU none (the host callback there)."""
     sizes = (288, 8, 4, 32)
     options = (("hierarchical", True), ("policy", "greedy"), ("spill", 0))
-    stable = _jax._rebalance_elastic_stable if masked == "active_gpus" else _jax._rebalance_capacity_stable
 
     def call(w, p, m, t):
-        return stable(w, p, m, t, sizes, options, "pallas")
+        return _jax._rebalance_masked_stable(w, p, m, t, sizes, options, "pallas", masked)
 
     args = (
         jax.ShapeDtypeStruct((58, 256), jnp.float32),

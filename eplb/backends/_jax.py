@@ -97,59 +97,70 @@ def _rebalance_capacity(
     return _tied_to(weight, placement)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _rebalance_elastic_stable(
+# Per masked call (the vector's keyword): its keep-in-place placement, the vector's dtype, and which of
+# _pallas_kernels' kernels it plugs in (gpu_capacity's time loops have no Pallas twins).
+_RELABEL_AND_PACK = ("relabel_pinned_fn", "sticky_pack_fn", "align_slots_fn")
+_MASKED = {
+    "active_gpus": (place_elastic_stable, jnp.bool_, (*_RELABEL_AND_PACK, "repair_fn")),
+    "gpu_capacity": (place_capacity_stable, jnp.float32, _RELABEL_AND_PACK),
+}
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _rebalance_masked_stable(
     weight: jax.Array,
     previous: jax.Array,
-    active: jax.Array,
+    per_gpu: jax.Array,
     tolerance: jax.Array | None,
     config: tuple[int, int, int, int],
     options: tuple[tuple[str, Any], ...],
     impl: str,
+    name: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`_rebalance_elastic` keeping ``previous``'s experts in place (mask and tolerance traced).
+    """:func:`_rebalance_elastic` (``name="active_gpus"``, ``per_gpu`` the mask) or :func:`_rebalance_capacity`
+    (``"gpu_capacity"``, the capacities) keeping ``previous``'s experts in place (the vector and the tolerance
+    traced: new values do not recompile).
 
     ``impl="host"``: on the CPU the numpy adapter's compiled kernels through a host callback
-    (:func:`eplb.backends._jax_host.placement_elastic_stable`), chosen at lowering; XLA elsewhere (and with
-    ``impl="xla"``). ``impl="pallas"``: the same, and on CUDA :func:`_elastic_stable_pallas`. Same placement.
+    (:func:`eplb.backends._jax_host.placement_elastic_stable`), chosen at lowering; the array-API path under
+    ``jit`` + ``vmap`` over layers elsewhere (and with ``impl="xla"``). ``impl="pallas"``: the same, and on CUDA
+    :func:`_masked_stable_pallas`. Same placement.
     """
+    placer, dtype, _ = _MASKED[name]
     index = jnp.arange(1).dtype  # JAX's default integer
 
-    def one_layer(row: jax.Array, old: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
-        placement = place_elastic_stable(
-            row[None, :], old[None, :], *config, xp=jnp, active_gpus=mask, tolerance=tolerance, **dict(options)
+    def one_layer(row: jax.Array, old: jax.Array, vector: jax.Array) -> tuple[jax.Array, ...]:
+        placement = placer(
+            row[None, :], old[None, :], *config, xp=jnp, tolerance=tolerance, **{name: vector}, **dict(options)
         )
         return tuple(a[0] for a in placement)
 
-    def xla(w: jax.Array, p: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
+    def xla(w: jax.Array, p: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
         layers = jax.vmap(one_layer, in_axes=(0, 0, None))
-        return _tied_to(w, layers(w.astype(jnp.float32), p.astype(index), m.astype(bool)))
+        return _tied_to(w, layers(w.astype(jnp.float32), p.astype(index), v.astype(dtype)))
 
     host_applies = _jax_host.applies_stable(*weight.shape, config[0])
     if impl == "xla" or (impl == "host" and not host_applies):
-        return xla(weight, previous, active)
+        return xla(weight, previous, per_gpu)
 
-    def host(w: jax.Array, p: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
-        return _jax_host.placement_elastic_stable(w, p, m, tolerance, config, dict(options))
+    def host(w: jax.Array, p: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+        return _jax_host.placement_elastic_stable(w, p, v, tolerance, config, dict(options), name=name)
 
     branches = {"cpu": host} if host_applies else {}
     if impl == "pallas":
 
-        def kernel(w: jax.Array, p: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
-            return _elastic_stable_pallas(w, p.astype(index), m.astype(bool), tolerance, config, options)
+        def kernel(w: jax.Array, p: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+            return _masked_stable_pallas(w, p.astype(index), v.astype(dtype), tolerance, config, options, name)
 
         branches["cuda"] = kernel
-    return tuple(jax.lax.platform_dependent(weight, previous, active, **branches, default=xla))
+    return tuple(jax.lax.platform_dependent(weight, previous, per_gpu, **branches, default=xla))
 
 
-def _elastic_pallas_kernels(
-    weight_shape: tuple[int, ...], config: tuple[int, int, int, int], options: dict
-) -> dict[str, Any]:
-    """The Pallas kernels of :func:`eplb.algorithms.elastic.place_elastic_stable`'s loops (as torch CUDA's
-    Triton ones): the pinned relabelling (:func:`eplb.kernels.relabel_pallas.relabel_pinned`) and, where
-    :mod:`eplb.kernels.repair_pallas` fits both the within-nodes and the global rule, the sticky repackings
-    (the fresh placements' packing too), the local search and the slot alignment. Empty where the relabelling
-    does not fit: then XLA throughout."""
+def _pallas_kernels(weight_shape: tuple[int, ...], config: tuple[int, int, int, int], options: dict) -> dict[str, Any]:
+    """The Pallas kernels of the masked keep-in-place loops (as torch CUDA's Triton ones): the pinned
+    relabelling (:func:`eplb.kernels.relabel_pallas.relabel_pinned`) and, where :mod:`eplb.kernels.repair_pallas`
+    fits both the within-nodes and the global rule, the sticky repackings (the fresh placements' packing too),
+    the local search and the slot alignment. Empty where the relabelling does not fit: then XLA throughout."""
     from eplb.kernels import relabel_pallas, repair_pallas
 
     num_layers, num_log = weight_shape
@@ -170,102 +181,28 @@ def _elastic_pallas_kernels(
     return kernels
 
 
-def _elastic_stable_pallas(
+def _masked_stable_pallas(
     weight: jax.Array,
     previous: jax.Array,
-    active: jax.Array,
+    per_gpu: jax.Array,
     tolerance: jax.Array | None,
     config: tuple[int, int, int, int],
     options: tuple[tuple[str, Any], ...],
+    name: str,
 ) -> tuple[jax.Array, ...]:
-    """``active_gpus=`` with ``previous=`` on CUDA: :func:`eplb.algorithms.elastic.place_elastic_stable` over
-    all layers at once (not ``vmap``-ed per layer: every loop is then one Pallas launch over the layers, or one
-    XLA loop), with :func:`_elastic_pallas_kernels`. Same placement as the XLA path."""
-    kernels = _elastic_pallas_kernels(weight.shape, config, dict(options))
-    placement = place_elastic_stable(
-        weight.astype(jnp.float32),
-        previous,
-        *config,
-        xp=jnp,
-        active_gpus=active,
-        tolerance=tolerance,
-        **dict(options),
-        **kernels,
-    )
-    return _tied_to(weight, placement)
-
-
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _rebalance_capacity_stable(
-    weight: jax.Array,
-    previous: jax.Array,
-    capacity: jax.Array,
-    tolerance: jax.Array | None,
-    config: tuple[int, int, int, int],
-    options: tuple[tuple[str, Any], ...],
-    impl: str,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`_rebalance_capacity` keeping ``previous``'s experts in place (capacities and tolerance traced: new
-    values do not recompile).
-
-    ``impl="host"``: on the CPU the numpy adapter's compiled kernels through a host callback
-    (:func:`eplb.backends._jax_host.placement_elastic_stable`), chosen at lowering; the array-API path under
-    ``jit`` + ``vmap`` elsewhere (and with ``impl="xla"``). ``impl="pallas"``: the same, and on CUDA
-    :func:`_capacity_stable_pallas`. Same placement.
-    """
-    index = jnp.arange(1).dtype  # JAX's default integer
-
-    def one_layer(row: jax.Array, old: jax.Array, speeds: jax.Array) -> tuple[jax.Array, ...]:
-        placement = place_capacity_stable(
-            row[None, :], old[None, :], *config, xp=jnp, gpu_capacity=speeds, tolerance=tolerance, **dict(options)
-        )
-        return tuple(a[0] for a in placement)
-
-    def xla(w: jax.Array, p: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
-        layers = jax.vmap(one_layer, in_axes=(0, 0, None))
-        return _tied_to(w, layers(w.astype(jnp.float32), p.astype(index), c.astype(jnp.float32)))
-
-    host_applies = _jax_host.applies_stable(*weight.shape, config[0])
-    if impl == "xla" or (impl == "host" and not host_applies):
-        return xla(weight, previous, capacity)
-
-    def host(w: jax.Array, p: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
-        return _jax_host.placement_elastic_stable(w, p, c, tolerance, config, dict(options), name="gpu_capacity")
-
-    branches = {"cpu": host} if host_applies else {}
-    if impl == "pallas":
-
-        def kernel(w: jax.Array, p: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
-            return _capacity_stable_pallas(w, p.astype(index), c.astype(jnp.float32), tolerance, config, options)
-
-        branches["cuda"] = kernel
-    return tuple(jax.lax.platform_dependent(weight, previous, capacity, **branches, default=xla))
-
-
-def _capacity_stable_pallas(
-    weight: jax.Array,
-    previous: jax.Array,
-    capacity: jax.Array,
-    tolerance: jax.Array | None,
-    config: tuple[int, int, int, int],
-    options: tuple[tuple[str, Any], ...],
-) -> tuple[jax.Array, ...]:
-    """``gpu_capacity=`` with ``previous=`` on CUDA: :func:`eplb.algorithms.capacity_stable.place_capacity_stable`
-    over all layers at once, with the relabelling on capacity classes and the sticky repackings (the blind
-    placement's packing too) as :func:`_elastic_pallas_kernels`' Pallas kernels; placement by time's loops and
-    the swap search stay XLA. Same placement as the XLA path."""
-    kernels = _elastic_pallas_kernels(weight.shape, config, dict(options))
-    steps = {k: kernels[k] for k in ("relabel_pinned_fn", "sticky_pack_fn", "align_slots_fn") if k in kernels}
-    placement = place_capacity_stable(
-        weight.astype(jnp.float32),
-        previous,
-        *config,
-        xp=jnp,
-        gpu_capacity=capacity,
-        tolerance=tolerance,
-        **dict(options),
-        **steps,
-    )
+    """The masked keep-in-place call on CUDA (``name``: ``"active_gpus"`` or ``"gpu_capacity"``):
+    :func:`eplb.algorithms.elastic.place_elastic_stable` or
+    :func:`eplb.algorithms.capacity_stable.place_capacity_stable` over all layers at once (not ``vmap``-ed per
+    layer: every loop is then one Pallas launch over the layers, or one XLA loop), with the kernels of
+    :func:`_pallas_kernels` it takes (``gpu_capacity``: the relabelling on capacity classes and the sticky
+    repackings; placement by time's loops and the swap search stay XLA). Same placement as the XLA path."""
+    placer, _, takes = _MASKED[name]
+    kernels = _pallas_kernels(weight.shape, config, dict(options))
+    steps = {k: kernels[k] for k in takes if k in kernels}
+    placement = placer(
+        weight.astype(jnp.float32), previous, *config, xp=jnp, tolerance=tolerance, **{name: per_gpu},
+        **dict(options), **steps,
+    )  # fmt: skip
     return _tied_to(weight, placement)
 
 
@@ -620,12 +557,12 @@ def rebalance_stable(
     ``max_moves``, :mod:`eplb.kernels.repair_pallas` where it fits, XLA
     otherwise), the same CPU branch elsewhere. Same placement. With ``active_gpus`` or ``gpu_capacity``
     (traced, as the tolerance): ``"host"`` as above, ``"xla"``, or ``"pallas"``: on CUDA the whole batch at once
-    with the Pallas kernels of :func:`_elastic_pallas_kernels` (for ``gpu_capacity`` its relabelling and sticky
+    with the Pallas kernels of :func:`_pallas_kernels` (for ``gpu_capacity`` its relabelling and sticky
     repacking; placement by time stays XLA), the host's branch on the CPU. ``None``: ``"pallas"`` for
     ``active_gpus`` where this process has a CUDA backend and Pallas' Triton lowering, else ``"host"``
     (``gpu_capacity``'s Pallas branch is opt-in until it has run on a GPU).
     """
-    for name, masked in (("gpu_capacity", _rebalance_capacity_stable), ("active_gpus", _rebalance_elastic_stable)):
+    for name in ("gpu_capacity", "active_gpus"):
         # Failed or slower GPUs with previous=: on the CPU the compiled kernels via the host, else the array-API
         # path under jit + vmap (the vector and the tolerance traced). (The API folds a mask into capacities.)
         per_gpu = options.pop(name, None)
@@ -647,7 +584,8 @@ def rebalance_stable(
         default_pallas = name == "active_gpus" and impl is None and _has_cuda() and pallas_available()
         if impl == "pallas" or default_pallas:
             chosen = "pallas"
-        return masked(weight, previous, per_gpu, knob, config, tuple(sorted(options.items())), chosen)
+        rest = tuple(sorted(options.items()))
+        return _rebalance_masked_stable(weight, previous, per_gpu, knob, config, rest, chosen, name)
     if impl not in (None, "host", "xla"):
         raise ValueError(f"impl must be 'host', 'xla' or None for a call with previous=, got {impl!r}")
     config = (num_replicas, num_groups, num_nodes, num_gpus)
