@@ -74,3 +74,49 @@ def deepseek_v3(name: str = "prefill_in4096.json") -> np.ndarray | None:
         return None
     counts = np.asarray(json.loads(path.read_text())["logical_count"], dtype=np.int64)
     return counts[counts.sum(axis=1) > 0]
+
+
+# Failure patterns on the DeepSeek-V3 shape for the GPU tests of the active_gpus= + previous= kernels (Triton and
+# Pallas): ((sizes, hierarchical), failed GPUs), with their test ids.
+ELASTIC_GPU_CASES = [
+    (((288, 8, 4, 32), True), [5]),
+    (((352, 8, 4, 32), True), list(range(8, 16))),  # a node down (11 slots a GPU: 264 live for 256 experts)
+    (((288, 8, 3, 144), False), [5]),
+    (((288, 8, 4, 32), False), [5, 13, 21]),
+]
+ELASTIC_GPU_IDS = ["hier-1-down", "hier-node-down", "global144-1-down", "global32-3-down"]
+
+
+def deepseek_elastic(config: tuple, dead: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(loads [58, 256], previous [58, R], live mask [G])``: ``prefill_in2048`` to re-plan, ``previous`` the
+    numpy placement of ``prefill_in4096`` with every GPU up, ``dead`` down in the mask."""
+    import eplb
+
+    sizes, hierarchical = config
+    old_w, new_w = deepseek_v3(), deepseek_v3("prefill_in2048.json")
+    assert old_w is not None and new_w is not None, f"real loads expected at {DATA}"
+    previous = eplb.rebalance_experts(old_w, *sizes, hierarchical=hierarchical).phy2log
+    mask = np.isin(np.arange(sizes[3]), dead, invert=True)
+    return new_w, np.asarray(previous), mask
+
+
+def starts_with_failed_gpus(
+    rng: np.random.Generator, dead_slot: np.ndarray, experts: int, cover: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(old, start) [rows, slots]`` for a local search with failed GPUs (``dead_slot``: their slots): ``old``
+    -1 there and on about 10% of the live slots; ``start`` -1 exactly on the failed slots, old's live slots
+    kept (empty ones refilled) then about 30% rewritten, and every expert held (with chance ``cover``, where
+    the live slots allow)."""
+    rows, slots = dead_slot.shape
+    old = rng.integers(0, experts, (rows, slots))
+    old = np.where(dead_slot | (rng.random((rows, slots)) < 0.1), -1, old)
+    start = np.where(dead_slot, -1, old)
+    refill = (start < 0) & ~dead_slot
+    start[refill] = rng.integers(0, experts, int(refill.sum()))
+    for r in range(rows):
+        changed = ~dead_slot[r] & (rng.random(slots) < 0.3)
+        start[r, changed] = rng.integers(0, experts, int(changed.sum()))
+        live = np.flatnonzero(~dead_slot[r])
+        if rng.random() < cover and len(live) >= experts:
+            start[r, rng.permutation(live)[:experts]] = np.arange(experts)
+    return old, start

@@ -295,26 +295,8 @@ def test_no_fused_multiply_add_in_an_sm90_compile_of_the_elastic_variants():
             assert "fma." not in ptx
 
 
-def _deepseek_elastic(config: tuple, dead: list[int]) -> tuple:
-    sizes, hierarchical = config
-    old_w, new_w = cases.deepseek_v3(), cases.deepseek_v3("prefill_in2048.json")
-    assert old_w is not None and new_w is not None, f"real loads expected at {cases.DATA}"
-    previous = eplb.rebalance_experts(old_w, *sizes, hierarchical=hierarchical).phy2log
-    mask = np.isin(np.arange(sizes[3]), dead, invert=True)
-    return new_w, np.asarray(previous), mask
-
-
-_GPU_CASES = [
-    (((288, 8, 4, 32), True), [5]),
-    (((352, 8, 4, 32), True), list(range(8, 16))),  # a node down (11 slots a GPU: 264 live for 256 experts)
-    (((288, 8, 3, 144), False), [5]),
-    (((288, 8, 4, 32), False), [5, 13, 21]),
-]
-_GPU_IDS = ["hier-1-down", "hier-node-down", "global144-1-down", "global32-3-down"]
-
-
 @needs_gpu("torch")
-@pytest.mark.parametrize(("config", "dead"), _GPU_CASES, ids=_GPU_IDS)
+@pytest.mark.parametrize(("config", "dead"), cases.ELASTIC_GPU_CASES, ids=cases.ELASTIC_GPU_IDS)
 def test_cuda_kernels_equal_the_array_api_on_deepseek_v3(config, dead):
     """Each kernel on CUDA, on the arguments place_elastic_stable passes it for the real loads."""
     import torch
@@ -322,7 +304,7 @@ def test_cuda_kernels_equal_the_array_api_on_deepseek_v3(config, dead):
     from eplb.kernels import relabel_triton as rl
     from eplb.kernels import repair_triton as rt
 
-    weight, previous, mask = _deepseek_elastic(config, dead)
+    weight, previous, mask = cases.deepseek_elastic(config, dead)
     calls = _captured(weight, previous, config[0], config[1], mask, 0.05)
 
     def cuda(x):
@@ -337,7 +319,7 @@ def test_cuda_kernels_equal_the_array_api_on_deepseek_v3(config, dead):
 
 
 @needs_gpu("torch")
-@pytest.mark.parametrize(("config", "dead"), _GPU_CASES, ids=_GPU_IDS)
+@pytest.mark.parametrize(("config", "dead"), cases.ELASTIC_GPU_CASES, ids=cases.ELASTIC_GPU_IDS)
 @pytest.mark.parametrize("tolerance", [None, 0.005])
 def test_torch_cuda_elastic_previous_runs_the_kernels_without_a_sync(config, dead, tolerance, monkeypatch):
     import torch
@@ -345,7 +327,7 @@ def test_torch_cuda_elastic_previous_runs_the_kernels_without_a_sync(config, dea
     from eplb.kernels import choose_triton, relabel_triton, repair_triton, replication_triton
 
     (sizes, hierarchical) = config
-    weight, previous, mask = _deepseek_elastic(config, dead)
+    weight, previous, mask = cases.deepseek_elastic(config, dead)
     kw = {"hierarchical": hierarchical, "active_gpus": mask, "balance_tolerance": tolerance}
     expected = eplb.rebalance_experts(weight, *sizes, previous=previous, **kw)
     calls = []

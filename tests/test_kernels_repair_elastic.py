@@ -152,17 +152,7 @@ def _repair_args(rng: np.random.Generator, trial: int) -> tuple:
         divisors = [d for d in range(1, experts + 1) if experts % d == 0]
         group_size = experts // divisors[int(rng.integers(len(divisors)))]
     dead_slot = np.repeat(_dead(rng, rows, gpus), per_gpu, axis=1)
-    old = rng.integers(0, experts, (rows, slots))
-    old = np.where(dead_slot | (rng.random((rows, slots)) < 0.1), -1, old)
-    start = np.where(dead_slot, -1, old)
-    refill = (start < 0) & ~dead_slot
-    start[refill] = rng.integers(0, experts, int(refill.sum()))
-    for r in range(rows):
-        changed = ~dead_slot[r] & (rng.random(slots) < 0.3)
-        start[r, changed] = rng.integers(0, experts, int(changed.sum()))
-        live = np.flatnonzero(~dead_slot[r])
-        if rng.random() < 0.6 and len(live) >= experts:
-            start[r, rng.permutation(live)[:experts]] = np.arange(experts)
+    old, start = cases.starts_with_failed_gpus(rng, dead_slot, experts, cover=0.6)
     weight = _weights(rng, rows, experts)
     cnt = replica_counts(start, experts, xp=np)
     peak = np.max(_live_gpu_loads(weight, start, cnt, gpus, xp=np), axis=-1, keepdims=True)

@@ -83,16 +83,7 @@ def _repair_rows(rng: np.random.Generator, nodes: int, gpus: int, per_gpu: int, 
     the start's moves; one invalid row."""
     slots = gpus * per_gpu
     dead_slot = np.repeat(_dead(rng, rows, gpus), per_gpu, axis=1)
-    old = np.where(dead_slot | (rng.random((rows, slots)) < 0.1), -1, rng.integers(0, experts, (rows, slots)))
-    start = np.where(dead_slot, -1, old)
-    refill = (start < 0) & ~dead_slot
-    start[refill] = rng.integers(0, experts, int(refill.sum()))
-    for r in range(rows):
-        changed = ~dead_slot[r] & (rng.random(slots) < 0.3)
-        start[r, changed] = rng.integers(0, experts, int(changed.sum()))
-        live = np.flatnonzero(~dead_slot[r])
-        if len(live) >= experts:
-            start[r, rng.permutation(live)[:experts]] = np.arange(experts)
+    old, start = cases.starts_with_failed_gpus(rng, dead_slot, experts, cover=1.0)
     weight = _weights(rng, rows, experts)
     weight[3] = 0.0
     cnt = replica_counts(start, experts, xp=np)
@@ -241,32 +232,16 @@ def test_impl_is_checked():
 # ---- On a JAX GPU.
 
 GPU = needs_gpu("jax")
-_GPU_CASES = [
-    (((288, 8, 4, 32), True), [5]),
-    (((352, 8, 4, 32), True), list(range(8, 16))),  # a node down (11 slots a GPU: 264 live for 256 experts)
-    (((288, 8, 3, 144), False), [5]),
-    (((288, 8, 4, 32), False), [5, 13, 21]),
-]
-_GPU_IDS = ["hier-1-down", "hier-node-down", "global144-1-down", "global32-3-down"]
-
-
-def _deepseek_elastic(config: tuple, dead: list[int]) -> tuple:
-    sizes, hierarchical = config
-    old_w, new_w = cases.deepseek_v3(), cases.deepseek_v3("prefill_in2048.json")
-    assert old_w is not None and new_w is not None, f"real loads expected at {cases.DATA}"
-    previous = eplb.rebalance_experts(old_w, *sizes, hierarchical=hierarchical).phy2log
-    mask = np.isin(np.arange(sizes[3]), dead, invert=True)
-    return new_w, np.asarray(previous), mask
 
 
 @GPU
-@pytest.mark.parametrize(("config", "dead"), _GPU_CASES, ids=_GPU_IDS)
+@pytest.mark.parametrize(("config", "dead"), cases.ELASTIC_GPU_CASES, ids=cases.ELASTIC_GPU_IDS)
 def test_gpu_kernels_equal_the_array_api_on_deepseek_v3(config, dead):
     """Each kernel on a JAX GPU, on the arguments place_elastic_stable passes it for the real loads."""
     pytest.importorskip("numba")  # (the capture module's import)
     from .test_kernels_repair_elastic import _captured
 
-    weight, previous, mask = _deepseek_elastic(config, dead)
+    weight, previous, mask = cases.deepseek_elastic(config, dead)
     calls = _captured(weight, previous, config[0], config[1], mask, 0.05)
     device = jax.devices("gpu")[0]
 
@@ -286,14 +261,14 @@ def test_gpu_kernels_equal_the_array_api_on_deepseek_v3(config, dead):
 
 
 @GPU
-@pytest.mark.parametrize(("config", "dead"), _GPU_CASES, ids=_GPU_IDS)
+@pytest.mark.parametrize(("config", "dead"), cases.ELASTIC_GPU_CASES, ids=cases.ELASTIC_GPU_IDS)
 @pytest.mark.parametrize("tolerance", [None, 0.005])
 def test_gpu_elastic_previous_equals_numpy(config, dead, tolerance):
     """``rebalance_experts(..., previous=, active_gpus=)`` on JAX GPU arrays (the mask on the device, so the
     hierarchical call runs both rules) places as numpy, also inside ``jit``; and each implementation forced
     (``impl="pallas"``, the default here, and ``impl="xla"``, the array API under ``vmap``)."""
     (sizes, hierarchical) = config
-    weight, previous, mask = _deepseek_elastic(config, dead)
+    weight, previous, mask = cases.deepseek_elastic(config, dead)
     kw = {"hierarchical": hierarchical, "balance_tolerance": tolerance}
     want = eplb.rebalance_experts(weight, *sizes, previous=previous, active_gpus=mask, **kw)
     device = jax.devices("gpu")[0]
@@ -318,7 +293,7 @@ def test_gpu_elastic_previous_under_a_users_vmap():
     """A user's ``vmap`` over calls with their own loads and masks on a JAX GPU (the kernels batched by
     Pallas' rule: one more grid axis), each equal to its numpy call."""
     sizes = (288, 8, 4, 32)
-    weight, previous, _ = _deepseek_elastic((sizes, True), [])
+    weight, previous, _ = cases.deepseek_elastic((sizes, True), [])
     weights = np.stack([weight, weight[:, ::-1].copy()])
     masks = np.ones((2, 32), bool)
     masks[0, 5] = False
