@@ -142,7 +142,7 @@ def _end_to_end_cases() -> list[tuple]:
     out = []
     for k, (experts, slots, groups, nodes, gpus, hierarchical, dead, was_dead) in enumerate(_END_TO_END):
         rng = np.random.default_rng(k)
-        w_old, w_new = (cases.lognormal_f32(rng, 3, experts) for _ in range(2))
+        w_old, w_new = (cases.lognormal_f32(rng, 2, experts) for _ in range(2))  # (2 layers: interpreter time)
         sizes = (slots, groups, nodes, gpus)
         was = np.isin(np.arange(gpus), was_dead, invert=True)
         previous = eplb.rebalance_experts(w_old, *sizes, hierarchical=hierarchical, active_gpus=was).phy2log
