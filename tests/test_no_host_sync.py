@@ -61,21 +61,65 @@ CALLS = {
 _PAIRS = [(name, hier) for name in CALLS for hier in (True, False) if hier or not CALLS[name].get("spill")]
 
 
+@pytest.fixture
+def no_host_copies(monkeypatch):
+    """Fails the test if eplb copies host data (a Python scalar, a list, a numpy array) to a ``meta`` device,
+    except in :func:`eplb._xp.constant` (a config's table, made once per device and kept). On CUDA such a copy
+    waits for the stream (a sync) and breaks a CUDA graph capture; array-api-compat's torch ``minimum`` and
+    ``maximum`` with a Python scalar made one per call (and per loop step of the sticky repacking) before."""
+    from eplb import _xp
+
+    copies: list[str] = []
+    in_constant = [False]
+
+    def refusing(real):
+        def create(data, *args, **kwargs):
+            device = kwargs.get("device")
+            on_meta = device is not None and torch.device(device).type == "meta"
+            if on_meta and not isinstance(data, torch.Tensor) and not in_constant[0]:
+                copies.append(repr(data)[:40])
+            return real(data, *args, **kwargs)
+
+        return create
+
+    real_constant = _xp.constant
+
+    def constant(*args, **kwargs):
+        in_constant[0] = True
+        try:
+            return real_constant(*args, **kwargs)
+        finally:
+            in_constant[0] = False
+
+    for name in ("asarray", "tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, refusing(getattr(torch, name)))
+    monkeypatch.setattr(_xp, "constant", constant)
+    yield
+    assert not copies, f"host data copied to the device: {copies}"
+
+
+# Two slots per GPU: placement by time's pair stage (and its budget sets), with the keep-in-place search.
+_PAIRS.append(("gpu_capacity + previous + tolerance, 2 slots per GPU", False))
+CALLS[_PAIRS[-1][0]] = {**CALLS["gpu_capacity + previous + tolerance"], "gpus": SLOTS // 2}
+
+
 @pytest.mark.parametrize(
     ("options", "hierarchical"),
     [(CALLS[name], hier) for name, hier in _PAIRS],
     ids=[f"{name}-{'hierarchical' if hier else 'global'}" for name, hier in _PAIRS],
 )
-def test_every_call_reads_nothing_on_the_host(options, hierarchical):
+def test_every_call_reads_nothing_on_the_host(options, hierarchical, no_host_copies):
+    """... and copies no host data to the device (``no_host_copies``)."""
     kwargs = dict(options)
+    gpus = kwargs.pop("gpus", GPUS)
     if kwargs.pop("previous", False):
         kwargs["previous"] = _meta(3, SLOTS, dtype=torch.int64)
     if kwargs.pop("active_gpus", False):
-        kwargs["active_gpus"] = torch.ones(GPUS, dtype=torch.bool, device="meta")
+        kwargs["active_gpus"] = torch.ones(gpus, dtype=torch.bool, device="meta")
     if kwargs.pop("gpu_capacity", False):
-        kwargs["gpu_capacity"] = _meta(GPUS)
+        kwargs["gpu_capacity"] = _meta(gpus)
     placement = eplb.rebalance_experts(
-        _meta(3, EXPERTS), SLOTS, GROUPS, NODES, GPUS, hierarchical=hierarchical, **kwargs
+        _meta(3, EXPERTS), SLOTS, GROUPS, NODES, gpus, hierarchical=hierarchical, **kwargs
     )
     assert [x.device.type for x in placement] == ["meta"] * 3
     assert placement.phy2log.shape == (3, SLOTS) and placement.logcnt.shape == (3, EXPERTS)
@@ -85,7 +129,7 @@ def test_every_call_reads_nothing_on_the_host(options, hierarchical):
 
 @pytest.mark.parametrize("hierarchical", [True, False], ids=["hierarchical", "global"])
 @pytest.mark.parametrize("previous", [False, True], ids=["fresh", "previous"])
-def test_refined_pair_stage_reads_nothing_on_the_host(hierarchical, previous):
+def test_refined_pair_stage_reads_nothing_on_the_host(hierarchical, previous, no_host_copies):
     """Two slots per GPU: the refined policy's pair stage (its count search runs every round off the CPU)."""
     gpus = SLOTS // 2
     kwargs = {"previous": _meta(3, SLOTS, dtype=torch.int64), "balance_tolerance": 0.01} if previous else {}

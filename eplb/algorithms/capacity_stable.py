@@ -149,7 +149,8 @@ def recount(
     ends = xp.cumulative_sum(short_rows, axis=-1)  # [rows, E]
     rank = _xp.iota(width, dtype=dtype, device=device, xp=xp)  # k-th free slot of the row
     which = xp.sum(xp.astype(ends[:, None, :] <= rank[None, :, None], dtype), axis=-1)  # [rows, width]
-    expert = _xp.take_along(by_load_rows, xp.minimum(which, num_log - 1), xp=xp)
+    # (where, not minimum(which, num_log - 1): array-api-compat copies a Python scalar to the device there, a sync)
+    expert = _xp.take_along(by_load_rows, xp.where(which < num_log, which, num_log - 1), xp=xp)
     filled = (which < num_log) & (rank < xp.sum(xp.astype(free_rows, dtype), axis=-1, keepdims=True))
     row_ids = xp.reshape(_xp.iota(batch * nodes, dtype=dtype, device=device, xp=xp), (-1, 1))
     placed = xp.full((batch * nodes, width), -1, dtype=dtype, device=device)

@@ -97,7 +97,7 @@ def sticky_pack(
         if reserve:
             # float32 throughout (numpy's where of two Python floats is float64: the products below would
             # round differently there than on torch and JAX)
-            rem, left = carry[2] - xp.maximum(load, 0.0), carry[3] - xp.astype(load >= 0, load.dtype)
+            rem, left = carry[2] - xp.where(load >= 0, load, 0.0), carry[3] - xp.astype(load >= 0, load.dtype)
             free = (capacity - 1) - _xp.take_along(count, home, xp=xp)  # the home's slots after this item
             open_home = home_load < xp.inf
             over = (xp.where(open_home, home_load, 0.0) + load - limit) * left
@@ -122,7 +122,7 @@ def sticky_pack(
     start = zeros if initial_load is None else xp.where(closed, xp.inf, zeros + initial_load)
     init = (start, zeros)
     if reserve:
-        positive = xp.maximum(item_load, 0.0)
+        positive = xp.where(item_load >= 0, item_load, 0.0)  # (not maximum(x, 0.0): a host scalar copy on torch)
         total = xp.reshape(sum_left_to_right(positive, xp=xp), (batch, 1))
         live = xp.sum(xp.where(item_load >= 0, 1.0, 0.0), axis=-1, keepdims=True)  # exact (integers)
         init = (start, zeros, total, xp.astype(live, item_load.dtype))
