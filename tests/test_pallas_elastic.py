@@ -229,6 +229,25 @@ def test_impl_is_checked():
         _jax.rebalance_stable(w, previous, 32, 1, 1, 8, impl="triton", hierarchical=False, gpu_capacity=jnp.ones(8))
 
 
+@pytest.mark.parametrize("masked", ["active_gpus", "gpu_capacity"])
+def test_default_on_cuda_is_pallas(masked, monkeypatch):
+    """``impl=None`` picks the Pallas branch for both masks where JAX has CUDA and Pallas' Triton lowering
+    (measured on an H200 for both), the host's branch without them; ``impl="xla"`` forces XLA."""
+    chosen = []
+    monkeypatch.setattr(_jax, "_rebalance_masked_stable", lambda *args: chosen.append(args[-2]))
+    w = jnp.ones((1, 16), jnp.float32)
+    previous = jnp.asarray(np.arange(32) % 16)[None, :]
+    vector = jnp.ones(8, jnp.bool_ if masked == "active_gpus" else jnp.float32)
+    call = functools.partial(_jax.rebalance_stable, w, previous, 32, 1, 1, 8, hierarchical=False, **{masked: vector})
+    call()  # (this CPU)
+    monkeypatch.setattr(_jax, "_has_cuda", lambda: True)
+    call()
+    call(impl="xla")
+    monkeypatch.setattr(_jax, "pallas_available", lambda: False)
+    call()
+    assert chosen == ["host", "pallas", "xla", "host"]
+
+
 # ---- On a JAX GPU.
 
 GPU = needs_gpu("jax")
@@ -318,8 +337,8 @@ def test_gpu_elastic_previous_under_a_users_vmap():
     ("sizes", "hierarchical"), [((288, 8, 4, 32), True), ((288, 8, 3, 144), False)], ids=["hier", "global144"]
 )
 def test_gpu_capacity_previous_pallas_equals_numpy(sizes, hierarchical):
-    """``gpu_capacity=`` with ``previous=`` on JAX GPU arrays with ``impl="pallas"`` (opt-in until this test has
-    run on a GPU): numpy's placement, half the GPUs at 0.6 and one idle."""
+    """``gpu_capacity=`` with ``previous=`` on JAX GPU arrays, the Pallas branch (the default there) forced and
+    through the front door: numpy's placement, half the GPUs at 0.6 and one idle."""
     old_w, new_w = cases.deepseek_v3(), cases.deepseek_v3("prefill_in2048.json")
     assert old_w is not None and new_w is not None, f"real loads expected at {cases.DATA}"
     capacity = np.ones(sizes[3], np.float32)
@@ -331,7 +350,9 @@ def test_gpu_capacity_previous_pallas_equals_numpy(sizes, hierarchical):
     device = jax.devices("gpu")[0]
     w, p, c = (jax.device_put(x, device) for x in (new_w, previous.astype(np.int32), capacity))
     options = {"hierarchical": hierarchical, "policy": "greedy", "spill": 0, "max_moves": None, "tolerance": 0.005}
-    got = _jax.rebalance_stable(w, p, *sizes, impl="pallas", gpu_capacity=c, **options)
-    for g, x in zip(got, want, strict=True):
-        assert {d.platform for d in g.devices()} == {"gpu"}
-        np.testing.assert_array_equal(np.asarray(g), x)
+    forced = _jax.rebalance_stable(w, p, *sizes, impl="pallas", gpu_capacity=c, **options)
+    front = eplb.rebalance_experts(w, *sizes, previous=p, balance_tolerance=0.005, **{**kw, "gpu_capacity": c})
+    for got in (forced, front):
+        for g, x in zip(got, want, strict=True):
+            assert {d.platform for d in g.devices()} == {"gpu"}
+            np.testing.assert_array_equal(np.asarray(g), x)

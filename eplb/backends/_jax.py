@@ -558,9 +558,8 @@ def rebalance_stable(
     otherwise), the same CPU branch elsewhere. Same placement. With ``active_gpus`` or ``gpu_capacity``
     (traced, as the tolerance): ``"host"`` as above, ``"xla"``, or ``"pallas"``: on CUDA the whole batch at once
     with the Pallas kernels of :func:`_pallas_kernels` (for ``gpu_capacity`` its relabelling and sticky
-    repacking; placement by time stays XLA), the host's branch on the CPU. ``None``: ``"pallas"`` for
-    ``active_gpus`` where this process has a CUDA backend and Pallas' Triton lowering, else ``"host"``
-    (``gpu_capacity``'s Pallas branch is opt-in until it has run on a GPU).
+    repacking; placement by time stays XLA), the host's branch on the CPU. ``None``: ``"pallas"`` where
+    this process has a CUDA backend and Pallas' Triton lowering, else ``"host"``.
     """
     for name in ("gpu_capacity", "active_gpus"):
         # Failed or slower GPUs with previous=: on the CPU the compiled kernels via the host, else the array-API
@@ -579,9 +578,8 @@ def rebalance_stable(
         config = (num_replicas, num_groups, num_nodes, num_gpus)
         chosen = "xla" if impl == "xla" else "host"
         # On CUDA the Pallas kernels for the loops that have them (all of active_gpus'; gpu_capacity's time loops
-        # stay XLA); the CPU branch stays the host's. The default for active_gpus only: gpu_capacity's Pallas
-        # branch is proved under the interpreter, not yet on a GPU (opt in with impl="pallas").
-        default_pallas = name == "active_gpus" and impl is None and _has_cuda() and pallas_available()
+        # stay XLA); the CPU branch stays the host's.
+        default_pallas = impl is None and _has_cuda() and pallas_available()
         if impl == "pallas" or default_pallas:
             chosen = "pallas"
         rest = tuple(sorted(options.items()))

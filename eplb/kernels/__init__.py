@@ -51,9 +51,9 @@ all layers at once, the rest XLA. ``gpu_capacity=`` with ``previous=``
 adds ``relabel_pinned`` on capacity classes, ``sticky_pack`` and
 ``align_slots`` (numba [1]_ or Triton [2]_) and the swap search with a
 limit; on JAX CPU the numba path via a host callback [1]_; on JAX GPU
-XLA, or with ``impl="pallas"`` (opt-in: not yet run on a GPU)
 ``relabel_pallas.relabel_pinned`` and ``repair_pallas.sticky_pack`` [3]_
-over all layers at once, placement by time and the swap search XLA.
+over all layers at once, placement by time and the swap search XLA
+(``impl="xla"``: all of it XLA under ``vmap``).
 
 ``spill=`` runs the array-API path everywhere. Where a kernel does not
 apply the array-API path runs, with the same placement.
