@@ -73,6 +73,70 @@ def test_torch_cuda_graph_capture_and_replay():
             np.testing.assert_array_equal(got.cpu().numpy(), want)
 
 
+LIVE_CALLS = {
+    "previous": {},
+    "previous + tolerance": {"balance_tolerance": 0.005},
+    "active_gpus + previous + tolerance": {"active_gpus": True, "balance_tolerance": 0.05},
+    "gpu_capacity + previous + tolerance": {"gpu_capacity": True, "balance_tolerance": 0.01},
+}
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("call", LIVE_CALLS, ids=lambda name: name.replace(" ", ""))
+@pytest.mark.parametrize("config", CONFIGS[:2], ids=lambda c: "-".join(map(str, c)))
+def test_torch_cuda_live_replan_captures_as_a_cuda_graph(config, call):
+    """The re-plan of a live job (``previous=``, its knobs, a GPU down, slower GPUs) never syncs and captures as
+    one CUDA graph: replayed on other loads, previous placements and masks, it gives numpy's placements."""
+    import torch
+
+    files = ("prefill_in4096.json", "prefill_in2048.json", "decode_in1800out100.json")
+    loads = [cases.deepseek_v3(name) for name in files]
+    assert all(w is not None for w in loads), f"real loads expected at {cases.DATA}"
+    options = dict(LIVE_CALLS[call])
+    gpus = config[3]
+    options_key = next((key for key in ("active_gpus", "gpu_capacity") if options.pop(key, False)), None)
+    vectors = [None] * 3  # the mask or the capacities of each replay
+    for k in range(3 if options_key else 0):
+        if options_key == "active_gpus":
+            vectors[k] = np.ones(gpus, bool)
+            vectors[k][[5, 6 + k]] = False
+        else:
+            vectors[k] = np.ones(gpus, np.float32)
+            vectors[k][k % 2 :: 2] = 0.6
+    masked = {} if options_key is None else {options_key: vectors[0]}
+    previous = [np.asarray(eplb.rebalance_experts(w, *config, **masked).phy2log) for w in loads]
+
+    def static(x):
+        return None if x is None else torch.as_tensor(x, device="cuda")
+
+    weight, prev, vector = static(loads[1]), static(previous[0]), static(vectors[0])
+    extra = {} if vector is None else {options_key: vector}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eplb.rebalance_experts(weight, *config, previous=prev, **extra, **options)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = eplb.rebalance_experts(weight, *config, previous=prev, **extra, **options)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for k in range(3):  # new loads, previous placement and mask/capacities each replay
+        w_now, prev_now = loads[(k + 1) % 3], previous[k]
+        weight.copy_(torch.as_tensor(w_now))
+        prev.copy_(torch.as_tensor(prev_now))
+        now = {}
+        if vector is not None:
+            vector.copy_(torch.as_tensor(vectors[k]))
+            now = {options_key: vectors[k]}
+        graph.replay()
+        want = eplb.rebalance_experts(w_now, *config, previous=prev_now, **now, **options)
+        for got, x in zip(out, want, strict=True):
+            np.testing.assert_array_equal(got.cpu().numpy(), x)
+
+
 @needs_jax_gpu
 def test_jax_gpu_float_facts():
     """What the identical-placement rules rely on, re-checked on this GPU.
