@@ -141,7 +141,9 @@ KEEP_CASES = [CAPACITY_CASES[0], CAPACITY_CASES[2]]
 
 @needs_triton
 def test_interpreter_keep_in_place_equals_numpy():
-    run_kernel_check(KEEP_IN_PLACE, KEEP_CASES, "cpu")
+    # The case with an idle GPU and four speeds (CI time: each case takes 15-20 s under the interpreter); CUDA
+    # runs seven.
+    run_kernel_check(KEEP_IN_PLACE, KEEP_CASES[1:], "cpu")
 
 
 @needs_gpu("torch")
