@@ -592,3 +592,11 @@ def test_previous_does_not_build_the_fresh_log2phy(monkeypatch):
             slots = [s for s in range(288) if phy2log[layer, s] == expert]
             assert log2phy[layer, expert].tolist() == slots + [-1] * (33 - len(slots))
             assert logcnt[layer, expert] == len(slots)
+
+
+def test_kernel_families_split_the_warm_up():
+    """``load_kernel_families`` (the test suite's two-process cache warm-up) takes any subset of the families
+    and refuses an unknown name, so a typo cannot leave kernels cold."""
+    _numba.load_kernel_families(("relabel", "pairs"))  # (loaded already: fast)
+    with pytest.raises(ValueError, match="families must be among"):
+        _numba.load_kernel_families(("greedy", "repairs"))

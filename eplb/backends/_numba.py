@@ -119,20 +119,37 @@ def _start_warm_up() -> threading.Thread:
     return _WARM_UP[0]
 
 
-def _load_kernels() -> None:
-    """Run each kernel once on a tiny input: numba compiles (or loads) every specialisation eplb uses."""
-    try:
-        from eplb.kernels import group_split_numba, pairs_numba, relabel_numba, repair_numba, speed_numba
+# The kernel families, in load order (repair's kernels take about half of a cold compile).
+KERNEL_FAMILIES = ("greedy", "relabel", "repair", "group_split", "speed", "pairs")
 
-        weight = np.ones((1, 4), dtype=np.float32)
-        greedy(weight, 8, 2, 2, 4, hierarchical=True)
-        previous = np.arange(8, dtype=np.int64).reshape(1, 8) % 4
-        relabel_numba.relabel(previous, previous[:, ::-1].copy(), 4, 2, 4)
-        relabel_numba.log2phy_in_slot_order(previous, 4)
-        repair_numba.warm_up()
-        group_split_numba.warm_up()
-        speed_numba.warm_up()
-        pairs_numba.warm_up()
+
+def load_kernel_families(families: tuple[str, ...] = KERNEL_FAMILIES) -> None:
+    """Run each family's kernels once on a tiny input: numba compiles (or loads) every specialisation eplb uses.
+
+    In this thread, ready or not; :func:`warm_up` is the way in (this helps a build step split a cold compile
+    over processes, each taking some ``families``: numba writes each cache entry on its own).
+    """
+    from eplb.kernels import group_split_numba, pairs_numba, relabel_numba, repair_numba, speed_numba
+
+    unknown = set(families) - set(KERNEL_FAMILIES)
+    if unknown:
+        raise ValueError(f"families must be among {KERNEL_FAMILIES}, got {sorted(unknown)}")
+    modules = {"repair": repair_numba, "group_split": group_split_numba, "speed": speed_numba, "pairs": pairs_numba}
+    for family in families:
+        if family == "greedy":
+            greedy(np.ones((1, 4), dtype=np.float32), 8, 2, 2, 4, hierarchical=True)
+        elif family == "relabel":
+            previous = np.arange(8, dtype=np.int64).reshape(1, 8) % 4
+            relabel_numba.relabel(previous, previous[:, ::-1].copy(), 4, 2, 4)
+            relabel_numba.log2phy_in_slot_order(previous, 4)
+        else:
+            modules[family].warm_up()
+
+
+def _load_kernels() -> None:
+    """:func:`load_kernel_families`, all of them, then ready (or the error kept for :func:`warm_up`)."""
+    try:
+        load_kernel_families()
         _READY.set()
     except BaseException as err:  # surfaced by warm_up(); dispatch keeps the reference path
         _WARM_UP_ERROR.append(err)
