@@ -48,6 +48,22 @@ def test_torch_cuda_never_syncs(config, dtype, options):
         assert torch.equal(got.cpu(), want)
 
 
+def _captured(call):
+    """``(graph, outputs)``: ``call()`` run once on a side stream (a first call may build constant tables),
+    then captured as one CUDA graph, whose replays write ``outputs``."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = call()
+    return graph, outputs
+
+
 @needs_torch_cuda
 def test_torch_cuda_graph_capture_and_replay():
     """No sync and no host-dependent shapes: the whole call captures as one CUDA graph."""
@@ -55,14 +71,7 @@ def test_torch_cuda_graph_capture_and_replay():
 
     rng = np.random.default_rng(1)
     static_weight = torch.as_tensor(cases.lognormal_f32(rng, 58, 256), device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        eplb.rebalance_experts(static_weight, 288, 8, 4, 32)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = eplb.rebalance_experts(static_weight, 288, 8, 4, 32)
+    graph, static_out = _captured(lambda: eplb.rebalance_experts(static_weight, 288, 8, 4, 32))
     for seed in (2, 3):
         new = cases.lognormal_f32(np.random.default_rng(seed), 58, 256)
         static_weight.copy_(torch.as_tensor(new))
@@ -111,16 +120,9 @@ def test_torch_cuda_live_replan_captures_as_a_cuda_graph(config, call):
 
     weight, prev, vector = static(loads[1]), static(previous[0]), static(vectors[0])
     extra = {} if vector is None else {options_key: vector}
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        eplb.rebalance_experts(weight, *config, previous=prev, **extra, **options)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = eplb.rebalance_experts(weight, *config, previous=prev, **extra, **options)
+        graph, out = _captured(lambda: eplb.rebalance_experts(weight, *config, previous=prev, **extra, **options))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for k in range(3):  # new loads, previous placement and mask/capacities each replay
