@@ -48,19 +48,28 @@ def test_torch_cuda_never_syncs(config, dtype, options):
         assert torch.equal(got.cpu(), want)
 
 
-def _captured(call):
-    """``(graph, outputs)``: ``call()`` run once on a side stream (a first call may build constant tables),
-    then captured as one CUDA graph, whose replays write ``outputs``."""
+def _captured(call, *, no_sync=False):
+    """``(graph, outputs)``: ``call()`` run once on a side stream (a first call may build constant tables:
+    a host copy, so a sync, once per device), then captured as one CUDA graph, whose replays write
+    ``outputs``. ``no_sync``: the warm call after the first runs eagerly under
+    ``set_sync_debug_mode("error")`` (any synchronising operation raises), and so does the capture."""
     import torch
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        call()  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = call()
+        call()  # warm-up outside capture and outside the sync check: constant tables are built here
+    try:
+        if no_sync:
+            torch.cuda.set_sync_debug_mode("error")
+            with torch.cuda.stream(stream):
+                call()  # a warm eager call never syncs
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     return graph, outputs
 
 
@@ -120,11 +129,9 @@ def test_torch_cuda_live_replan_captures_as_a_cuda_graph(config, call):
 
     weight, prev, vector = static(loads[1]), static(previous[0]), static(vectors[0])
     extra = {} if vector is None else {options_key: vector}
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        graph, out = _captured(lambda: eplb.rebalance_experts(weight, *config, previous=prev, **extra, **options))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    graph, out = _captured(
+        lambda: eplb.rebalance_experts(weight, *config, previous=prev, **extra, **options), no_sync=True
+    )
     for k in range(3):  # new loads, previous placement and mask/capacities each replay
         w_now, prev_now = loads[(k + 1) % 3], previous[k]
         weight.copy_(torch.as_tensor(w_now))
