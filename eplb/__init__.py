@@ -7,12 +7,14 @@ on every backend.
 """
 
 from eplb._api import Placement, balanced_packing, rebalance_experts, replicate_experts
+from eplb.graphed import GraphedPlanner
 from eplb.migration import TransferError, TransferPlan, moved_experts, plan_transfers
 from eplb.rebalancer import Decision, Rebalancer
 from eplb.tracker import LoadTracker
 
 __all__ = [
     "Decision",
+    "GraphedPlanner",
     "LoadTracker",
     "Placement",
     "Rebalancer",

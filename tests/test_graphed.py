@@ -1,0 +1,213 @@
+"""eplb.GraphedPlanner: rebalance_experts replayed as CUDA graphs (torch CUDA); any other input passed through.
+
+The CPU tests check the pass-through and the argument rules; the GPU tests (skipped without one) check that
+replays give numpy's placements on new loads, previous placements and masks, with no sync after the first call
+of a signature, one capture per signature, and a warned eager fallback where a capture fails.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import eplb
+from eplb.graphed import _static_inputs
+
+from . import cases
+from .conftest import needs_gpu
+
+needs_torch_cuda = needs_gpu("torch")
+
+# (config, options, per-call vectors): degenerate shapes included (one expert; one slot per GPU).
+PASS_THROUGH = [
+    ((16, 4, 2, 8), {}),
+    ((16, 4, 2, 8), {"policy": "refined"}),
+    ((16, 4, 2, 8), {"balance_tolerance": 0.01, "max_moves": 3}),
+    ((4, 1, 1, 4), {}),  # one expert, one slot per GPU
+    ((12, 4, 2, 12), {"balance_tolerance": 0.0}),  # one slot per GPU
+]
+
+
+def _loads(rng, layers: int, experts: int) -> np.ndarray:
+    weight = cases.lognormal_f32(rng, layers, experts)
+    weight[0] = 0  # an all-zero layer
+    return weight
+
+
+@pytest.mark.parametrize(("config", "options"), PASS_THROUGH)
+def test_other_inputs_are_passed_to_rebalance_experts(config, options):
+    """numpy, lists and torch CPU tensors: the planner returns rebalance_experts' placement, bit for bit."""
+    experts = 1 if config[1] == 1 else 12
+    rng = np.random.default_rng(3)
+    old, new = _loads(rng, 3, experts), _loads(rng, 3, experts)
+    previous = eplb.rebalance_experts(old, *config)
+    planner = eplb.GraphedPlanner(*config, **options)
+    inputs = [(new, previous), (new.tolist(), previous.phy2log)]
+    torch = _maybe_torch()
+    if torch is not None:
+        inputs.append((torch.as_tensor(new), previous))
+    for weight, prev in inputs:
+        for kwargs in ({}, {"previous": prev}):
+            if not kwargs and options:  # the knobs need previous=
+                continue
+            got = planner(weight, **kwargs)
+            want = eplb.rebalance_experts(weight, *config, **kwargs, **options)
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert planner.captures == 0
+
+
+def _maybe_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"previous": np.zeros((1, 16), int)}, TypeError, "pass previous to each call"),
+        ({"gpu_capacity": [1.0] * 8, "active_gpus": [True] * 8}, TypeError, "active_gpus, gpu_capacity"),
+        ({"balance_tolernce": 0.01}, TypeError, "unknown option"),
+        ({"weight": np.zeros((1, 12))}, TypeError, "unknown option"),
+        ({"balance_tolerance": True}, TypeError, "balance_tolerance must be a Python number"),
+        ({"max_moves": np.zeros(())}, TypeError, "max_moves must be a Python number"),
+        ({"check_values": True}, ValueError, "check_values=True"),
+        ({"max_graphs": 0}, ValueError, "max_graphs must be an int >= 1"),
+        ({"copy_outputs": 1}, TypeError, "copy_outputs must be a bool"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        eplb.GraphedPlanner(16, 4, 2, 8, **kwargs)
+
+
+def test_per_call_arguments_must_be_tensors_on_the_loads_device():
+    """The graph's inputs: torch tensors on the loads' device, or a TypeError naming the argument (checked here on
+    CPU tensors: the rule is the same)."""
+    torch = pytest.importorskip("torch")
+    weight = torch.ones(2, 12)
+    prev = torch.zeros(2, 16, dtype=torch.int64)
+    got = _static_inputs(weight, previous=prev, active_gpus=None, gpu_capacity=None)
+    assert list(got) == ["weight", "previous"] and got["previous"] is prev
+    with pytest.raises(TypeError, match=r"previous must be a torch tensor on the loads' device \(cpu\).*ndarray"):
+        _static_inputs(weight, previous=prev.numpy())
+    with pytest.raises(TypeError, match=r"active_gpus must be .* got list"):
+        _static_inputs(weight, active_gpus=[True] * 8)
+    with pytest.raises(TypeError, match=r"gpu_capacity must be .* got a torch tensor on meta"):
+        _static_inputs(weight, gpu_capacity=torch.ones(8, device="meta"))
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------
+
+LIVE = {
+    "fresh": {},
+    "previous + tolerance": {"balance_tolerance": 0.005},
+    "previous + max_moves": {"max_moves": 16},
+    "active_gpus + previous": {"active_gpus": True, "balance_tolerance": 0.05},
+    "gpu_capacity + previous": {"gpu_capacity": True, "balance_tolerance": 0.01},
+}
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("call", LIVE, ids=lambda name: name.replace(" ", ""))
+@pytest.mark.parametrize("config", [(288, 8, 4, 32), (288, 8, 3, 144)], ids=lambda c: f"{c[3]}gpus")
+def test_replays_give_numpy_placements_without_a_sync(config, call):
+    """Three calls of one signature (new loads, previous placement and mask/capacities each time): one capture,
+    each result equal to numpy's, no sync after the first call, results not overwritten by later calls."""
+    import torch
+
+    files = ("prefill_in4096.json", "prefill_in2048.json", "decode_in1800out100.json")
+    loads = [cases.deepseek_v3(name) for name in files]
+    assert all(w is not None for w in loads), f"real loads expected at {cases.DATA}"
+    options = dict(LIVE[call])
+    vector_name = next((key for key in ("active_gpus", "gpu_capacity") if options.pop(key, False)), None)
+    gpus = config[3]
+    vectors = [None] * 3
+    for k in range(3 if vector_name else 0):
+        vectors[k] = np.ones(gpus, bool) if vector_name == "active_gpus" else np.ones(gpus, np.float32)
+        if vector_name == "active_gpus":
+            vectors[k][[5, 6 + k]] = False
+        else:
+            vectors[k][k % 2 :: 2] = 0.6
+    planner = eplb.GraphedPlanner(*config, **options)
+    results = []
+    for k in range(3):
+        weight = loads[(k + 1) % 3]
+        kwargs = {} if vector_name is None else {vector_name: vectors[k]}
+        if call != "fresh":
+            kwargs["previous"] = np.asarray(eplb.rebalance_experts(loads[k], *config, **kwargs).phy2log)
+        want = eplb.rebalance_experts(weight, *config, **kwargs, **options)
+        on_gpu = {name: torch.as_tensor(x, device="cuda") for name, x in kwargs.items()}
+        weight_gpu = torch.as_tensor(weight, device="cuda")
+        torch.cuda.synchronize()
+        if k:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = planner(weight_gpu, **on_gpu)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results.append((got, want))
+    assert planner.captures == 1
+    for got, want in results:  # the first results are still there: every call returns its own tensors
+        for a, b in zip(got, want, strict=True):
+            assert a.device.type == "cuda"
+            np.testing.assert_array_equal(a.cpu().numpy(), b)
+
+
+@needs_torch_cuda
+def test_signatures_outputs_and_eviction():
+    """A new shape is a new capture; ``copy_outputs=False`` returns the graph's tensors (overwritten by the
+    next call); beyond ``max_graphs`` the oldest graph is freed and captured again when it returns."""
+    import torch
+
+    config = (288, 8, 4, 32)
+    rng = np.random.default_rng(5)
+    loads = [cases.lognormal_f32(rng, layers, 256) for layers in (6, 6, 4)]
+    planner = eplb.GraphedPlanner(*config, copy_outputs=False, max_graphs=1)
+    first = planner(torch.as_tensor(loads[0], device="cuda"))
+    first_ptr, first_value = first.phy2log.data_ptr(), first.phy2log.cpu().numpy()
+    second = planner(torch.as_tensor(loads[1], device="cuda"))
+    assert second.phy2log.data_ptr() == first_ptr and planner.captures == 1
+    np.testing.assert_array_equal(second.phy2log.cpu().numpy(), eplb.rebalance_experts(loads[1], *config).phy2log)
+    np.testing.assert_array_equal(first_value, eplb.rebalance_experts(loads[0], *config).phy2log)
+    third = planner(torch.as_tensor(loads[2], device="cuda"))  # 4 layers: a new signature, the 6-layer one freed
+    assert planner.captures == 2
+    np.testing.assert_array_equal(third.logcnt.cpu().numpy(), eplb.rebalance_experts(loads[2], *config).logcnt)
+    planner(torch.as_tensor(loads[0], device="cuda"))
+    assert planner.captures == 3
+    with pytest.raises(TypeError, match="previous must be a torch tensor"):
+        planner(torch.as_tensor(loads[0], device="cuda"), previous=first_value)
+    with pytest.raises(ValueError, match="previous"):  # the first call of a signature validates the arguments
+        planner(
+            torch.as_tensor(loads[0], device="cuda"), previous=torch.zeros(6, 100, dtype=torch.int64, device="cuda")
+        )
+
+
+@needs_torch_cuda
+def test_a_failed_capture_warns_and_runs_eagerly(monkeypatch):
+    """A plan that synchronises cannot be captured: the planner warns once and answers eagerly, correctly."""
+    import torch
+
+    import eplb.graphed as graphed
+
+    def syncing(weight, *args, **kwargs):
+        float(weight.sum())  # a device-to-host copy: not allowed while capturing
+        return eplb.rebalance_experts(weight, *args, **kwargs)
+
+    monkeypatch.setattr(graphed, "rebalance_experts", syncing)
+    config = (288, 8, 4, 32)
+    loads = [cases.lognormal_f32(np.random.default_rng(seed), 3, 256) for seed in (1, 2)]
+    planner = graphed.GraphedPlanner(*config)
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        got = planner(torch.as_tensor(loads[0], device="cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = planner(torch.as_tensor(loads[1], device="cuda"))
+    for placement, weight in ((got, loads[0]), (again, loads[1])):
+        np.testing.assert_array_equal(placement.phy2log.cpu().numpy(), eplb.rebalance_experts(weight, *config).phy2log)
+    assert planner.captures == 1
