@@ -324,17 +324,35 @@ def _unsupported_with_gpu_capacity(policy: str, spill: int, max_moves: Any) -> N
 
 
 def _traced_knob(name: str, value: Any, kind: str) -> bool:
-    """Whether ``value`` is a JAX array knob, kept as an array (its value is used on the device: no recompile
-    per value, no host read); checked for shape and dtype only. ``kind``: "f" (a float) or "i" (an int)."""
-    jax = sys.modules.get("jax")
-    if jax is None or not isinstance(value, jax.Array):
+    """Whether ``value`` is an array knob kept as an array, its value used on the device (no recompile or
+    recapture per value, no host read): a JAX array (traced or not) or a torch tensor off the CPU; checked for
+    shape and dtype only. ``kind``: "f" (a float) or "i" (an int)."""
+    jax, torch = sys.modules.get("jax"), sys.modules.get("torch")
+    if jax is not None and isinstance(value, jax.Array):
+        framework = "jax"
+    elif torch is not None and isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        framework = "torch"
+    else:
         return False
+    noun = "a JAX array" if framework == "jax" else "a torch tensor"
     if tuple(value.shape) != ():
-        raise ValueError(f"{name} as a JAX array must be 0-d, got shape {tuple(value.shape)}")
-    dtype_kind = get_backend("jax").dtype_kind(value)
+        raise ValueError(f"{name} as {noun} must be 0-d, got shape {tuple(value.shape)}")
+    dtype_kind = get_backend(framework).dtype_kind(value)
     if dtype_kind not in ("fi" if kind == "f" else "iu"):
-        raise TypeError(f"{name} must be {'a float' if kind == 'f' else 'an int'}, got a JAX array of {value.dtype}")
+        raise TypeError(f"{name} must be {'a float' if kind == 'f' else 'an int'}, got {noun} of {value.dtype}")
     return True
+
+
+def _host_knob(name: str, value: Any) -> Any:
+    """A 0-d torch CPU tensor knob as a Python number (reading it is free); anything else unchanged."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+        return value
+    if tuple(value.shape) != ():
+        raise ValueError(f"{name} as a torch tensor must be 0-d, got shape {tuple(value.shape)}")
+    if value.dtype == torch.bool:
+        raise TypeError(f"{name} must be a number, got a torch tensor of {value.dtype}")
+    return value.item()
 
 
 def _checked_knobs(balance_tolerance: Any, max_moves: Any, previous: Any, spill: int) -> tuple[Any, Any]:
@@ -342,6 +360,10 @@ def _checked_knobs(balance_tolerance: Any, max_moves: Any, previous: Any, spill:
 
     JAX arrays (0-d, also traced) stay arrays: see :func:`rebalance_experts`.
     """
+    balance_tolerance, max_moves = (
+        _host_knob("balance_tolerance", balance_tolerance),
+        _host_knob("max_moves", max_moves),
+    )
     if balance_tolerance is not None and _traced_knob("balance_tolerance", balance_tolerance, "f"):
         pass
     elif balance_tolerance is not None:
@@ -467,9 +489,12 @@ def rebalance_experts(
         in ``log2phy`` then follow slot order. See ``docs/migration.md``.
     balance_tolerance : float, keyword-only
         (JAX loads: also a 0-d JAX array, traced or not: a new value then
-        needs no recompile, and works inside ``jit``; a negative or NaN
-        array value counts as 0. The bound uses ``fl32(1 + fl32(t))`` on
-        every backend.)
+        needs no recompile, and works inside ``jit``. torch loads off the
+        CPU: also a 0-d tensor on their device, read there: no host sync,
+        and a CUDA graph of the call replays new values
+        (:class:`eplb.GraphedPlanner`); a 0-d CPU tensor is read as a
+        number. A negative or NaN array value counts as 0. The bound uses
+        ``fl32(1 + fl32(t))`` on every backend.)
         With ``previous``: keep more experts in place at a bounded loss of
         balance. Per layer, the result with the fewest moved experts found
         whose heaviest GPU is at most ``(1 + balance_tolerance)`` times the
@@ -478,8 +503,8 @@ def rebalance_experts(
         never less balanced). Found by local search from the previous
         placement (swaps and replica changes out of the heaviest GPU).
     max_moves : int, keyword-only
-        (JAX loads: also a 0-d integer JAX array, as ``balance_tolerance``;
-        a negative array value counts as 0.)
+        (JAX loads, torch loads off the CPU: also a 0-d integer array, as
+        ``balance_tolerance``; a negative array value counts as 0.)
         With ``previous``: move at most this many experts per layer. Alone,
         the result is the lightest heaviest GPU found within the budget
         (balance as without ``previous`` whenever the budget allows); with
@@ -640,8 +665,16 @@ def rebalance_experts(
             if live is not None and hierarchical:
                 elastic["node_fallback"] = node_fallback_needed(live, *sizes[:2], num_nodes, num_gpus)
     for knob, value in (("balance_tolerance", balance_tolerance), ("max_moves", max_moves)):
-        if not isinstance(value, int | float | type(None)) and _xp.backend_name(weight) != "jax":
-            raise TypeError(f"{knob} as a JAX array needs JAX loads; pass a Python number with {type(weight).__name__}")
+        if isinstance(value, int | float | type(None)):
+            continue
+        framework = _xp.backend_name(value)
+        if framework != _xp.backend_name(weight) or (framework == "torch" and value.device != weight.device):
+            noun = {"jax": "JAX", "torch": "torch"}.get(framework, framework)
+            where = f" on {value.device}" if framework == "torch" else ""
+            raise TypeError(
+                f"{knob} as a {noun} array{where} needs {noun} loads{where}; pass a Python number with "
+                f"{type(weight).__name__} loads"
+            )
     if previous is not None:
         sizes = (num_replicas, num_groups, num_nodes, hierarchical)
         previous = _checked_previous(previous, weight, backend, sizes, check_values, max_moves, bool(elastic))

@@ -81,11 +81,12 @@ class GraphedPlanner:
         beyond that and captured again if its signature returns.
     **options
         Every other keyword of :func:`eplb.rebalance_experts` (``policy``,
-        ``hierarchical``, ``spill``, ``balance_tolerance``, ``max_moves``,
-        ``check_values``), fixed for the planner: a graph bakes them in.
-        ``balance_tolerance`` and ``max_moves`` must be Python numbers;
-        ``check_values=True`` is refused (it copies the loads to the host
-        every call, which a graph cannot replay).
+        ``hierarchical``, ``spill``, ``check_values``), fixed for the
+        planner: a graph bakes them in. ``balance_tolerance`` and
+        ``max_moves`` may be fixed here too (Python numbers), or passed to
+        each call instead (below). ``check_values=True`` is refused (it
+        copies the loads to the host every call, which a graph cannot
+        replay).
 
     Call arguments
     --------------
@@ -100,13 +101,22 @@ class GraphedPlanner:
         (``rebalance_experts``' docstring), which a graph cannot. Convert a
         mask or capacity vector once, ``torch.as_tensor(x,
         device=weight.device)``, and pass that.
+    balance_tolerance, max_moves : keyword-only
+        As :func:`eplb.rebalance_experts`, where not fixed at construction:
+        a Python number (checked as there, then written into the graph's
+        0-d buffer with ``fill_``, no host-to-device copy) or a 0-d tensor
+        on the loads' device (copied). The graph reads the value, so a
+        control loop varies it with no new capture; only whether a knob is
+        given is part of the signature. Same placement as the Python number
+        given to :func:`eplb.rebalance_experts`, bit for bit.
 
     Raises
     ------
     TypeError
-        An unknown option, a per-call argument passed as an option, a knob
-        that is not a Python number, or (CUDA) a per-call argument that is not
-        a tensor on the loads' device.
+        An unknown option, a per-call argument passed as an option, a fixed
+        knob that is not a Python number, a knob both fixed and passed to a
+        call, or (CUDA) a per-call argument that is not a tensor on the
+        loads' device.
     ValueError
         ``check_values=True``, ``max_graphs < 1``; the first call of a
         signature raises what :func:`eplb.rebalance_experts` raises on its
@@ -129,8 +139,8 @@ class GraphedPlanner:
 
     Examples
     --------
-    >>> planner = GraphedPlanner(288, 8, 4, 32, balance_tolerance=0.005)  # doctest: +SKIP
-    >>> placement = planner(load_on_gpu, previous=placement)  # doctest: +SKIP
+    >>> planner = GraphedPlanner(288, 8, 4, 32)  # doctest: +SKIP
+    >>> placement = planner(load_on_gpu, previous=placement, balance_tolerance=0.005)  # doctest: +SKIP
     """
 
     def __init__(
@@ -164,7 +174,10 @@ class GraphedPlanner:
         if not isinstance(copy_outputs, bool):
             raise TypeError(f"copy_outputs must be a bool, got {type(copy_outputs).__name__}")
         self._sizes = (num_replicas, num_groups, num_nodes, num_gpus)
-        self._options = dict(options)
+        # A knob fixed as None is a knob not fixed (a call may pass it).
+        self._options = {
+            k: v for k, v in options.items() if v is not None or k not in ("balance_tolerance", "max_moves")
+        }
         self._copy_outputs = copy_outputs
         self._max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
@@ -177,28 +190,47 @@ class GraphedPlanner:
         return self._captures
 
     def __call__(
-        self, weight: Any, *, previous: Any = None, active_gpus: Any = None, gpu_capacity: Any = None
+        self,
+        weight: Any,
+        *,
+        previous: Any = None,
+        active_gpus: Any = None,
+        gpu_capacity: Any = None,
+        balance_tolerance: Any = None,
+        max_moves: Any = None,
     ) -> Placement:
         if isinstance(previous, Placement):
             previous = previous.phy2log
         given = {"previous": previous, "active_gpus": active_gpus, "gpu_capacity": gpu_capacity}
+        knobs = {"balance_tolerance": balance_tolerance, "max_moves": max_moves}
+        twice = sorted(name for name, value in knobs.items() if value is not None and name in self._options)
+        if twice:
+            raise TypeError(f"{', '.join(twice)} is fixed for this planner (at construction); do not pass it to a call")
+        knobs = {name: value for name, value in knobs.items() if value is not None}
         torch = sys.modules.get("torch")
         if torch is None or not isinstance(weight, torch.Tensor) or weight.device.type != "cuda":
-            return rebalance_experts(weight, *self._sizes, **given, **self._options)
+            return rebalance_experts(weight, *self._sizes, **given, **knobs, **self._options)
         inputs = _static_inputs(weight, **given)
-        signature = (str(weight.device), *((name, tuple(x.shape), x.dtype) for name, x in inputs.items()))
+        knobs = _checked_knobs(knobs, weight, previous, self._options.get("spill", 0))
+        signature = (
+            str(weight.device),
+            *((name, tuple(x.shape), x.dtype) for name, x in inputs.items()),
+            *sorted(knobs),
+        )
         with self._lock:
             captured = self._graphs.get(signature)
             if captured is None:
-                captured = self._capture(inputs)
+                captured = self._capture(inputs, knobs)
                 self._graphs[signature] = captured
                 while len(self._graphs) > self._max_graphs:
                     self._graphs.popitem(last=False)
             self._graphs.move_to_end(signature)
-            if captured.graph is None:
-                return self._plan(inputs)
             for name, x in inputs.items():
                 captured.inputs[name].copy_(x)
+            for name, value in knobs.items():
+                _write_knob(captured.inputs[name], value)
+            if captured.graph is None:
+                return self._plan(captured.inputs)
             captured.graph.replay()
             if not self._copy_outputs:
                 return captured.outputs
@@ -207,12 +239,17 @@ class GraphedPlanner:
     def _plan(self, inputs: dict[str, Any]) -> Placement:
         return rebalance_experts(inputs["weight"], *self._sizes, **_named(inputs), **self._options)
 
-    def _capture(self, inputs: dict[str, Any]) -> _Captured:
-        """Warm up on a side stream (validation, constant tables), then capture the plan on static buffers."""
+    def _capture(self, inputs: dict[str, Any], knobs: dict[str, Any]) -> _Captured:
+        """Warm up on a side stream (validation, constant tables), then capture the plan on static buffers
+        (the knobs' 0-d buffers: float32 ``balance_tolerance``, int64 ``max_moves``)."""
         import torch
 
-        buffers = {name: x.clone() for name, x in inputs.items()}
         device = inputs["weight"].device
+        buffers = {name: x.clone() for name, x in inputs.items()}
+        for name, value in knobs.items():
+            dtype = torch.float32 if name == "balance_tolerance" else torch.int64
+            buffers[name] = torch.zeros((), dtype=dtype, device=device)
+            _write_knob(buffers[name], value)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -233,6 +270,31 @@ class GraphedPlanner:
             )
             return _Captured(buffers, None, None)
         return _Captured(buffers, graph, Placement(*outputs))
+
+
+def _checked_knobs(knobs: dict[str, Any], weight: Any, previous: Any, spill: int) -> dict[str, Any]:
+    """The given per-call knobs, each a checked Python number (as :func:`eplb.rebalance_experts` checks it; a 0-d
+    CPU tensor is read as one) or a 0-d tensor on ``weight``'s device (``TypeError`` on another device)."""
+    from eplb import _api
+
+    torch = sys.modules["torch"]
+    for name, value in knobs.items():
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu" and value.device != weight.device:
+            raise TypeError(
+                f"{name} as a torch tensor must be on the loads' device ({weight.device}), got {value.device}"
+            )
+    tolerance, moves = _api._checked_knobs(knobs.get("balance_tolerance"), knobs.get("max_moves"), previous, spill)
+    checked = {"balance_tolerance": tolerance, "max_moves": moves}
+    return {name: checked[name] for name in knobs}
+
+
+def _write_knob(buffer: Any, value: Any) -> None:
+    """``value`` into a knob's 0-d device buffer: a Python number by ``fill_`` (a kernel argument, no
+    host-to-device copy), a tensor by ``copy_``."""
+    if isinstance(value, int | float):
+        buffer.fill_(min(value, 2**62) if isinstance(value, int) else value)  # a cap past R counts as R anyway
+    else:
+        buffer.copy_(value)
 
 
 def _named(inputs: dict[str, Any]) -> dict[str, Any]:

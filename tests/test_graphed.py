@@ -44,6 +44,8 @@ def test_other_inputs_are_passed_to_rebalance_experts(config, options):
     old, new = _loads(rng, 3, experts), _loads(rng, 3, experts)
     previous = eplb.rebalance_experts(old, *config)
     planner = eplb.GraphedPlanner(*config, **options)
+    knobs = {k: v for k, v in options.items() if k in ("balance_tolerance", "max_moves")}
+    per_call = eplb.GraphedPlanner(*config, **{k: v for k, v in options.items() if k not in knobs})  # knobs per call
     inputs = [(new, previous), (new.tolist(), previous.phy2log)]
     torch = _maybe_torch()
     if torch is not None:
@@ -52,11 +54,11 @@ def test_other_inputs_are_passed_to_rebalance_experts(config, options):
         for kwargs in ({}, {"previous": prev}):
             if not kwargs and options:  # the knobs need previous=
                 continue
-            got = planner(weight, **kwargs)
             want = eplb.rebalance_experts(weight, *config, **kwargs, **options)
-            for a, b in zip(got, want, strict=True):
-                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert planner.captures == 0
+            for got in (planner(weight, **kwargs), per_call(weight, **kwargs, **knobs)):
+                for a, b in zip(got, want, strict=True):
+                    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert planner.captures == 0 and per_call.captures == 0
 
 
 def _maybe_torch():
@@ -86,6 +88,63 @@ def test_bad_options_are_refused(kwargs, error, words):
         eplb.GraphedPlanner(16, 4, 2, 8, **kwargs)
 
 
+def test_a_knob_is_fixed_or_passed_per_call_not_both():
+    planner = eplb.GraphedPlanner(16, 4, 2, 8, balance_tolerance=0.01, max_moves=None)
+    weight = cases.lognormal_f32(np.random.default_rng(2), 2, 12)
+    previous = eplb.rebalance_experts(weight, 16, 4, 2, 8)
+    with pytest.raises(TypeError, match="balance_tolerance is fixed for this planner"):
+        planner(weight, previous=previous, balance_tolerance=0.02)
+    got = planner(weight, previous=previous, max_moves=2)  # max_moves=None at construction: not fixed
+    want = eplb.rebalance_experts(weight, 16, 4, 2, 8, previous=previous, balance_tolerance=0.01, max_moves=2)
+    np.testing.assert_array_equal(got.phy2log, want.phy2log)
+
+
+def test_per_call_knobs_are_checked_before_the_graph_reads_them():
+    """A per-call knob is checked as rebalance_experts checks it (a CPU tensor read as a number), or kept as a 0-d
+    tensor on the loads' device; on another device it is refused (checked on CPU and meta tensors)."""
+    torch = pytest.importorskip("torch")
+    from eplb.graphed import _checked_knobs
+
+    weight, prev = torch.ones(2, 12), torch.zeros(2, 16, dtype=torch.int64)
+    got = _checked_knobs({"balance_tolerance": torch.tensor(0.25), "max_moves": 3}, weight, prev, 0)
+    assert got == {"balance_tolerance": 0.25, "max_moves": 3}
+    assert list(_checked_knobs({"max_moves": 3}, weight, prev, 0)) == ["max_moves"]
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        _checked_knobs({"balance_tolerance": -0.1}, weight, prev, 0)
+    with pytest.raises(ValueError, match="only apply with previous="):
+        _checked_knobs({"max_moves": 2}, weight, None, 0)
+    with pytest.raises(TypeError, match=r"must be on the loads' device \(cpu\), got meta"):
+        _checked_knobs({"balance_tolerance": torch.zeros((), device="meta")}, weight, prev, 0)
+    on_meta = torch.ones(2, 12, device="meta")
+    knob = torch.zeros((), dtype=torch.int32, device="meta")
+    assert _checked_knobs({"max_moves": knob}, on_meta, prev, 0)["max_moves"] is knob
+    with pytest.raises(TypeError, match=r"max_moves must be an int, got a torch tensor of torch\.float32"):
+        _checked_knobs({"max_moves": knob.float()}, on_meta, prev, 0)
+
+
+def test_torch_tensor_knobs_follow_the_loads():
+    """rebalance_experts: a 0-d torch CPU tensor knob is read as a number (the same placement); a tensor knob
+    off the loads' device, or not 0-d, is refused."""
+    torch = pytest.importorskip("torch")
+    config = (16, 4, 2, 8)
+    weight = cases.lognormal_f32(np.random.default_rng(4), 3, 12)
+    previous = eplb.rebalance_experts(cases.lognormal_f32(np.random.default_rng(5), 3, 12), *config).phy2log
+    want = eplb.rebalance_experts(weight, *config, previous=previous, balance_tolerance=0.02, max_moves=4)
+    got = eplb.rebalance_experts(
+        torch.as_tensor(weight),
+        *config,
+        previous=previous,
+        balance_tolerance=torch.tensor(0.02),
+        max_moves=torch.tensor(4),
+    )
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+    with pytest.raises(TypeError, match="balance_tolerance as a torch array on meta needs torch loads on meta"):
+        eplb.rebalance_experts(weight, *config, previous=previous, balance_tolerance=torch.zeros((), device="meta"))
+    with pytest.raises(ValueError, match="max_moves as a torch tensor must be 0-d"):
+        eplb.rebalance_experts(weight, *config, previous=previous, max_moves=torch.ones(2, dtype=torch.int64))
+
+
 def test_per_call_arguments_must_be_tensors_on_the_loads_device():
     """The graph's inputs: torch tensors on the loads' device, or a TypeError naming the argument (checked here on
     CPU tensors: the rule is the same)."""
@@ -104,12 +163,15 @@ def test_per_call_arguments_must_be_tensors_on_the_loads_device():
 
 # --- GPU ---------------------------------------------------------------------------------------------------
 
+# Fixed options, and knobs given per call (a list: one value per call; the third call passes it as a 0-d CUDA
+# tensor of another dtype, copied into the graph's buffer).
 LIVE = {
     "fresh": {},
-    "previous + tolerance": {"balance_tolerance": 0.005},
-    "previous + max_moves": {"max_moves": 16},
+    "previous + tolerance per call": {"balance_tolerance": [0.005, 0.02, 0.0]},
+    "previous + max_moves per call": {"max_moves": [16, 3, 0]},
+    "previous + fixed knobs": {"balance_tolerance": 0.005, "max_moves": 16},
     "active_gpus + previous": {"active_gpus": True, "balance_tolerance": 0.05},
-    "gpu_capacity + previous": {"gpu_capacity": True, "balance_tolerance": 0.01},
+    "gpu_capacity + previous": {"gpu_capacity": True, "balance_tolerance": [0.01, 0.0, 0.05]},
 }
 
 
@@ -117,8 +179,8 @@ LIVE = {
 @pytest.mark.parametrize("call", LIVE, ids=lambda name: name.replace(" ", ""))
 @pytest.mark.parametrize("config", [(288, 8, 4, 32), (288, 8, 3, 144)], ids=lambda c: f"{c[3]}gpus")
 def test_replays_give_numpy_placements_without_a_sync(config, call):
-    """Three calls of one signature (new loads, previous placement and mask/capacities each time): one capture,
-    each result equal to numpy's, no sync after the first call, results not overwritten by later calls."""
+    """Three calls of one signature (new loads, previous placement, mask/capacities and per-call knobs each time):
+    one capture, each result equal to numpy's, no sync after the first call, results not overwritten later."""
     import torch
 
     files = ("prefill_in4096.json", "prefill_in2048.json", "decode_in1800out100.json")
@@ -126,6 +188,7 @@ def test_replays_give_numpy_placements_without_a_sync(config, call):
     assert all(w is not None for w in loads), f"real loads expected at {cases.DATA}"
     options = dict(LIVE[call])
     vector_name = next((key for key in ("active_gpus", "gpu_capacity") if options.pop(key, False)), None)
+    per_call = {name: options.pop(name) for name in list(options) if isinstance(options[name], list)}
     gpus = config[3]
     vectors = [None] * 3
     for k in range(3 if vector_name else 0):
@@ -141,14 +204,18 @@ def test_replays_give_numpy_placements_without_a_sync(config, call):
         kwargs = {} if vector_name is None else {vector_name: vectors[k]}
         if call != "fresh":
             kwargs["previous"] = np.asarray(eplb.rebalance_experts(loads[k], *config, **kwargs).phy2log)
-        want = eplb.rebalance_experts(weight, *config, **kwargs, **options)
+        knobs = {name: values[k] for name, values in per_call.items()}
+        want = eplb.rebalance_experts(weight, *config, **kwargs, **knobs, **options)
         on_gpu = {name: torch.as_tensor(x, device="cuda") for name, x in kwargs.items()}
+        if k == 2:  # as 0-d tensors on the device, of another dtype than the graph's buffers
+            dtypes = {"balance_tolerance": torch.float64, "max_moves": torch.int32}
+            knobs = {name: torch.tensor(v, dtype=dtypes[name], device="cuda") for name, v in knobs.items()}
         weight_gpu = torch.as_tensor(weight, device="cuda")
         torch.cuda.synchronize()
         if k:
             torch.cuda.set_sync_debug_mode("error")
         try:
-            got = planner(weight_gpu, **on_gpu)
+            got = planner(weight_gpu, **on_gpu, **knobs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         results.append((got, want))

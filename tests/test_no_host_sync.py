@@ -49,9 +49,11 @@ CALLS = {
     "previous": {"previous": True},
     "previous + tolerance": {"previous": True, "balance_tolerance": 0.01},
     "previous + max_moves": {"previous": True, "max_moves": 3},
+    # Knobs as 0-d tensors on the loads' device (a dtype here: such a tensor): read there, never on the host.
+    "previous + knobs as tensors": {"previous": True, "balance_tolerance": torch.float32, "max_moves": torch.int64},
     "active_gpus": {"active_gpus": True},
     "active_gpus + previous": {"active_gpus": True, "previous": True},
-    "active_gpus + previous + tolerance": {"active_gpus": True, "previous": True, "balance_tolerance": 0.05},
+    "active_gpus + previous + tolerance": {"active_gpus": True, "previous": True, "balance_tolerance": torch.float32},
     "gpu_capacity": {"gpu_capacity": True},
     "gpu_capacity + previous + tolerance": {"gpu_capacity": True, "previous": True, "balance_tolerance": 0.01},
     # Two slots per GPU: placement by time's pair stage (and its budget sets), with the keep-in-place search.
@@ -124,6 +126,9 @@ def test_every_call_reads_nothing_on_the_host(options, hierarchical, no_host_cop
         kwargs["active_gpus"] = torch.ones(gpus, dtype=torch.bool, device="meta")
     if kwargs.pop("gpu_capacity", False):
         kwargs["gpu_capacity"] = _meta(gpus)
+    for knob in ("balance_tolerance", "max_moves"):
+        if isinstance(kwargs.get(knob), torch.dtype):
+            kwargs[knob] = torch.empty((), dtype=kwargs[knob], device="meta")
     placement = eplb.rebalance_experts(
         _meta(3, EXPERTS), SLOTS, GROUPS, NODES, gpus, hierarchical=hierarchical, **kwargs
     )
