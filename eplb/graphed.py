@@ -139,8 +139,18 @@ class GraphedPlanner:
 
     Examples
     --------
-    >>> planner = GraphedPlanner(288, 8, 4, 32)  # doctest: +SKIP
-    >>> placement = planner(load_on_gpu, previous=placement, balance_tolerance=0.005)  # doctest: +SKIP
+    On CUDA, with the loads and the placement in force on the GPU::
+
+        planner = GraphedPlanner(288, 8, 4, 32)  # once
+        placement = planner(load_on_gpu, previous=placement, balance_tolerance=0.005)  # each re-plan
+
+    Other inputs are passed through (the README's example):
+
+    >>> import numpy as np
+    >>> planner = GraphedPlanner(16, 4, 2, 8)
+    >>> w = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]])
+    >>> planner(w).phy2log.tolist()
+    [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]]
     """
 
     def __init__(
