@@ -358,7 +358,8 @@ def _host_knob(name: str, value: Any) -> Any:
 def _checked_knobs(balance_tolerance: Any, max_moves: Any, previous: Any, spill: int) -> tuple[Any, Any]:
     """``balance_tolerance`` (float >= 0) and ``max_moves`` (int >= 0), both only with ``previous``.
 
-    JAX arrays (0-d, also traced) stay arrays: see :func:`rebalance_experts`.
+    JAX arrays (0-d, also traced) and torch tensors off the CPU stay arrays; a 0-d torch CPU tensor is read as a
+    number: see :func:`rebalance_experts`.
     """
     balance_tolerance, max_moves = (
         _host_knob("balance_tolerance", balance_tolerance),
