@@ -320,26 +320,17 @@ def pytest_configure(config: pytest.Config) -> None:
     A fresh checkout (CI) has a cold cache: every pytest worker, and every test's subprocess started before the
     cache is written, would compile the kernels (about 30 s of one core each) in eplb's background thread, which
     holds the GIL much of the time and slows the test it runs beside by as much (a CI run saw an interpreter
-    test take 39 s and 79 s). Here two processes compile them, each about half (numba writes each cache entry
-    on its own): about half that, once. Workers
+    test take 39 s and 79 s). Here two processes compile them (eplb's own cold-cache path,
+    ``_numba.compile_in_subprocesses``), each about half (numba writes each cache entry on its own): about
+    half that, once. Workers
     skip it (the controller did it); a warm cache makes it a 1-2 s load. Tests of a cold cache use their own
     ``NUMBA_CACHE_DIR``.
     """
     if hasattr(config, "workerinput") or importlib.util.find_spec("numba") is None:
         return
-    import subprocess
-    from pathlib import Path
+    from eplb.backends import _numba
 
-    root = str(Path(__file__).resolve().parents[1])  # where the workers and the tests' subprocesses import eplb
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-    halves = (  # (repair's kernels are about half of the compile)
-        "from eplb.backends import _numba; _numba.load_kernel_families(('repair',))",
-        "from eplb.backends import _numba; _numba.load_kernel_families(('greedy', 'relabel', 'group_split', "
-        "'speed', 'pairs'))",
-    )
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env) for code in halves]
-    for proc in procs:
-        proc.wait()  # (a failure shows in the tests that use the kernels, with its message)
+    _numba.compile_in_subprocesses()  # (a failure shows in the tests that use the kernels, with its message)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

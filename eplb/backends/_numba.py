@@ -10,7 +10,11 @@ overflow) to the reference path.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+import os
+import subprocess
+import sys
 import threading
 import warnings
 from types import SimpleNamespace
@@ -146,9 +150,78 @@ def load_kernel_families(families: tuple[str, ...] = KERNEL_FAMILIES) -> None:
             modules[family].warm_up()
 
 
-def _load_kernels() -> None:
-    """:func:`load_kernel_families`, all of them, then ready (or the error kept for :func:`warm_up`)."""
+# A cold cache's compile split over two processes (repair's kernels are about half of it).
+COMPILE_GROUPS = (("repair",), tuple(family for family in KERNEL_FAMILIES if family != "repair"))
+
+
+def cold_cache() -> bool:
+    """Whether a kernel that numba can cache on disk has no cache index there yet (its first call would compile).
+
+    Reads numba's cache paths (``dispatcher._cache._cache_file._index_path``): ``False`` where they are not
+    there (another numba), where no kernel can be cached (no writable folder), or where every index exists.
+    """
+    from eplb.kernels import _numba_jit
+
+    for module in ("greedy", "relabel", "repair", "group_split", "speed", "pairs"):
+        importlib.import_module(f"eplb.kernels.{module}_numba")  # defines (registers) its kernels
+    for name, dispatcher in _numba_jit.DISPATCHERS.items():
+        if not _numba_jit.CACHED.get(name):
+            continue
+        try:
+            index = dispatcher._cache._cache_file._index_path
+        except AttributeError:
+            return False
+        if not os.path.exists(index):
+            return True
+    return False
+
+
+def compile_in_subprocesses(groups: tuple[tuple[str, ...], ...] = COMPILE_GROUPS, timeout: float = 600.0) -> bool:
+    """Compile (or load) the kernels in child processes, one per group of families, into numba's disk cache.
+
+    The children see this process's ``sys.path`` (as ``PYTHONPATH``) and environment, so they import this eplb
+    and write the cache this process reads. Returns whether every child exited cleanly within ``timeout``
+    seconds (a child past it is killed); never raises for a child's failure (the caller's own compile follows).
+    """
+    unknown = {family for group in groups for family in group} - set(KERNEL_FAMILIES)
+    if unknown:
+        raise ValueError(f"families must be among {KERNEL_FAMILIES}, got {sorted(unknown)}")
+    if not sys.executable:  # an embedded interpreter: no Python to start
+        return False
+    paths = [path for path in sys.path if path]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    code = "import sys; from eplb.backends import _numba; _numba.load_kernel_families(tuple(sys.argv[1:]))"
     try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, *group], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            for group in groups
+        ]
+    except OSError:
+        return False
+    ok = True
+    for proc in procs:
+        try:
+            ok = proc.wait(timeout=timeout) == 0 and ok
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            ok = False
+    return ok
+
+
+def _load_kernels() -> None:
+    """:func:`load_kernel_families`, all of them, then ready (or the error kept for :func:`warm_up`).
+
+    Where the disk cache is cold, child processes compile first (:func:`compile_in_subprocesses`) and this
+    thread then only loads: numba's compile holds the GIL much of its 20-30 s, which slows every other thread
+    of the process (a serving loop's too); a load takes 0.4-0.7 s. ``EPLB_NUMBA_SUBPROCESS=0`` compiles in
+    this thread instead. Where a child fails, this thread compiles what is missing, as before.
+    """
+    try:
+        if os.environ.get("EPLB_NUMBA_SUBPROCESS", "1") != "0" and cold_cache():
+            compile_in_subprocesses()
         load_kernel_families()
         _READY.set()
     except BaseException as err:  # surfaced by warm_up(); dispatch keeps the reference path

@@ -19,6 +19,8 @@ import numba
 __all__ = ["CACHED", "njit"]
 
 CACHED: dict[str, bool] = {}  # qualified name -> cached on disk (for diagnostics and tests)
+# qualified name -> kernel, but inlined helpers (eplb.backends._numba.cold_cache reads their cache indexes)
+DISPATCHERS: dict[str, Any] = {}
 _WARNED = False
 
 
@@ -42,6 +44,8 @@ def njit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
                 )
             dispatcher = numba.njit(cache=False, nogil=True, **options)(function)
             CACHED[name] = False
+        if options.get("inline", "never") != "always":  # an inlined helper is compiled into its callers only
+            DISPATCHERS[name] = dispatcher
         return dispatcher
 
     return decorate
