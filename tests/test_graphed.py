@@ -226,6 +226,40 @@ def test_replays_give_numpy_placements_without_a_sync(config, call):
             np.testing.assert_array_equal(a.cpu().numpy(), b)
 
 
+# (config, options, previous's GPU count or None): the other calls a job makes, each expected to capture.
+OTHER_CALLS = [
+    ((288, 8, 4, 32), {"policy": "refined", "spill": 2}, None),
+    ((288, 8, 4, 32), {"policy": "survivable"}, None),
+    ((288, 1, 1, 32), {"balance_tolerance": 0.05}, 36),  # scale down: previous placed on 36 GPUs
+    ((288, 1, 1, 36), {}, 32),  # scale up
+]
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize(("config", "options", "before"), OTHER_CALLS, ids=["spill", "survivable", "down", "up"])
+def test_other_calls_capture_too(config, options, before):
+    """Refined with spill, the survivable policy, and re-plans across a changed GPU count: captured (no
+    fallback warning), each of two calls equal to numpy's placement."""
+    import torch
+
+    loads = [cases.lognormal_f32(np.random.default_rng(seed), 4, 256) for seed in (6, 7, 8)]
+    planner = eplb.GraphedPlanner(*config, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for k in (1, 2):
+            kwargs = {}
+            if before is not None:
+                per_gpu = config[0] // config[3]
+                old = eplb.rebalance_experts(loads[k - 1], per_gpu * before, 1, 1, before).phy2log
+                kwargs["previous"] = np.asarray(old)
+            want = eplb.rebalance_experts(loads[k], *config, **kwargs, **options)
+            on_gpu = {name: torch.as_tensor(x, device="cuda") for name, x in kwargs.items()}
+            got = planner(torch.as_tensor(loads[k], device="cuda"), **on_gpu)
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a.cpu().numpy(), b)
+    assert planner.captures == 1
+
+
 @needs_torch_cuda
 def test_signatures_outputs_and_eviction():
     """A new shape is a new capture; ``copy_outputs=False`` returns the graph's tensors (overwritten by the
