@@ -768,7 +768,14 @@ def _across_sizes(
         empty = xp.full((previous.shape[0], total * per_gpu - slots_before), -1, dtype=previous.dtype,
                         device=_xp.device(previous))  # fmt: skip
         previous = xp.concat([previous, empty], axis=1)
-    mask = np.ones(num_gpus, dtype=bool) if active_gpus is None else active_gpus
+    if active_gpus is not None:
+        mask = active_gpus
+    elif _xp.backend_name(weight) == "torch" and weight.device.type != "cpu":
+        # Every GPU of the new count is up: made on the loads' device (a host mask would be copied there in
+        # every call, a sync, for values that decide nothing on the host under the global rule).
+        mask = sys.modules["torch"].ones(num_gpus, dtype=sys.modules["torch"].bool, device=weight.device)
+    else:
+        mask = np.ones(num_gpus, dtype=bool)
     speeds = {}
     if total > num_gpus:  # scale down: GPUs num_gpus.. leave (their experts are sources, not destinations)
         mask = _leaving(mask, "active_gpus", num_gpus, total)

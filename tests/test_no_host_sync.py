@@ -111,6 +111,21 @@ def no_host_copies(monkeypatch):
     assert not copies, f"host data copied to the device: {copies}"
 
 
+@pytest.mark.parametrize("before", [6, 3], ids=["down", "up"])
+@pytest.mark.parametrize("vectors", ["none", "active_gpus", "gpu_capacity"])
+def test_a_changed_gpu_count_reads_nothing_on_the_host(before, vectors, no_host_copies):
+    """``previous`` from another GPU count (the global rule on ``max(before, G)`` GPUs): no host read, no host
+    data copied to the device (the all-up mask of the new count was a host array copied every call before)."""
+    per_gpu = SLOTS // GPUS
+    kwargs = {"previous": _meta(3, before * per_gpu, dtype=torch.int64), "balance_tolerance": 0.01}
+    if vectors == "active_gpus":
+        kwargs["active_gpus"] = torch.ones(GPUS, dtype=torch.bool, device="meta")
+    elif vectors == "gpu_capacity":
+        kwargs["gpu_capacity"] = _meta(GPUS)
+    placement = eplb.rebalance_experts(_meta(3, EXPERTS), SLOTS, 1, 1, GPUS, hierarchical=False, **kwargs)
+    assert [x.device.type for x in placement] == ["meta"] * 3 and placement.phy2log.shape == (3, SLOTS)
+
+
 @pytest.mark.parametrize(
     ("options", "hierarchical"),
     [(CALLS[name], hier) for name, hier in _PAIRS],

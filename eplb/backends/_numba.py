@@ -85,8 +85,9 @@ def ready(wait: float = 0.0) -> bool:
 
     A fresh process pays for the kernels once: about 0.4-0.7 s to load them
     from numba's disk cache; where the cache is cold, child processes
-    compile them first (20-40 s on a 2-core CPU; :func:`_load_kernels`). Default dispatch (``impl=None``) asks here and runs the array-API
-    path (the same placement) until a background thread has them ready, so
+    compile them first (20-40 s on a 2-core CPU; :func:`_load_kernels`).
+    Default dispatch (``impl=None``) asks here and runs the array-API path
+    (the same placement) until a background thread has them ready, so
     no call waits for a compile. The fresh greedy plan asks without waiting
     (its array-API path takes milliseconds); ``previous=`` waits up to
     :data:`STABLE_WAIT` (its array-API path takes 0.1-1.3 s at DeepSeek-V3
