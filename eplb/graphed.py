@@ -227,7 +227,8 @@ class GraphedPlanner:
             *((name, tuple(x.shape), x.dtype) for name, x in inputs.items()),
             *sorted(knobs),
         )
-        with self._lock:
+        # The loads' device current throughout: a graph is captured on, and replays on, the current device.
+        with self._lock, torch.cuda.device(weight.device):
             captured = self._graphs.get(signature)
             if captured is None:
                 captured = self._capture(inputs, knobs)
