@@ -195,7 +195,11 @@ def compile_in_subprocesses(groups: tuple[tuple[str, ...], ...] = COMPILE_GROUPS
     try:
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", code, *group], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                [sys.executable, "-c", code, *group],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             for group in groups
         ]
