@@ -133,9 +133,13 @@ class GraphedPlanner:
     -----
     Thread-safe: calls share the graphs' buffers, so they take a lock from
     the copy into the buffers to the (copied) outputs. Graphs keep their
-    own memory pools, a few MB at DeepSeek-V3's shape. The graph replays
-    on the current stream, so a caller on another stream than the capture's
-    gets the usual stream order.
+    own memory pools (freed with the graph, past ``max_graphs``). A call
+    queues its copies, the replay and the output copies on the current
+    stream of the loads' device, after the previous call's work on the
+    planner's buffers (an event: no host wait), so calls from threads on
+    different streams do not overwrite each other's inputs. With
+    ``copy_outputs=False`` the returned tensors are the graph's, overwritten
+    by the next call of the signature, from any thread.
 
     Examples
     --------
@@ -192,6 +196,7 @@ class GraphedPlanner:
         self._max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._lock = threading.Lock()
+        self._done: dict[str, Any] = {}  # device -> event after the last call's work on the buffers
         self._captures = 0
 
     @property
@@ -236,16 +241,22 @@ class GraphedPlanner:
                 while len(self._graphs) > self._max_graphs:
                     self._graphs.popitem(last=False)
             self._graphs.move_to_end(signature)
+            stream = torch.cuda.current_stream()
+            done = self._done.get(str(weight.device))
+            if done is not None:  # the previous call's work on the buffers first (another stream, maybe)
+                stream.wait_event(done)
             for name, x in inputs.items():
                 captured.inputs[name].copy_(x)
             for name, value in knobs.items():
                 _write_knob(captured.inputs[name], value)
             if captured.graph is None:
-                return self._plan(captured.inputs)
-            captured.graph.replay()
-            if not self._copy_outputs:
-                return captured.outputs
-            return Placement(*(x.clone() for x in captured.outputs))
+                result = self._plan(captured.inputs)
+            else:
+                captured.graph.replay()
+                outputs = captured.outputs
+                result = outputs if not self._copy_outputs else Placement(*(x.clone() for x in outputs))
+            self._done.setdefault(str(weight.device), torch.cuda.Event()).record(stream)
+            return result
 
     def _plan(self, inputs: dict[str, Any]) -> Placement:
         return rebalance_experts(inputs["weight"], *self._sizes, **_named(inputs), **self._options)
