@@ -290,6 +290,28 @@ def test_signatures_outputs_and_eviction():
 
 
 @needs_torch_cuda
+def test_calls_on_two_streams_do_not_overwrite_each_other():
+    """Calls queued back to back from two streams, no host wait between them: each waits for the previous
+    call's work on the graph's buffers, so every result is numpy's for its own loads."""
+    import torch
+
+    config = (288, 8, 3, 144)  # the slowest replay of these calls: the longest window for a race
+    loads = [cases.lognormal_f32(np.random.default_rng(seed), 8, 256) for seed in range(6)]
+    planner = eplb.GraphedPlanner(*config, policy="refined")
+    on_gpu = [torch.as_tensor(w, device="cuda") for w in loads]
+    planner(on_gpu[0])  # the capture
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    results = []
+    for k, weight in enumerate(on_gpu):
+        with torch.cuda.stream(streams[k % 2]):
+            results.append(planner(weight))
+    torch.cuda.synchronize()
+    for got, weight in zip(results, loads, strict=True):
+        want = eplb.rebalance_experts(weight, *config, policy="refined")
+        np.testing.assert_array_equal(got.phy2log.cpu().numpy(), want.phy2log)
+
+
+@needs_torch_cuda
 def test_a_failed_capture_warns_and_runs_eagerly(monkeypatch):
     """A plan that synchronises cannot be captured: the planner warns once and answers eagerly, correctly."""
     import torch
