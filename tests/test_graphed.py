@@ -301,6 +301,8 @@ def test_calls_on_two_streams_do_not_overwrite_each_other():
     on_gpu = [torch.as_tensor(w, device="cuda") for w in loads]
     planner(on_gpu[0])  # the capture
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:  # the loads were made on the default stream (the caller's job, as in any torch code)
+        stream.wait_stream(torch.cuda.current_stream())
     results = []
     for k, weight in enumerate(on_gpu):
         with torch.cuda.stream(streams[k % 2]):
