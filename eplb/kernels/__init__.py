@@ -58,6 +58,10 @@ over all layers at once, placement by time and the swap search XLA
 ``spill=`` runs the array-API path everywhere. Where a kernel does not
 apply the array-API path runs, with the same placement.
 
+On torch CUDA every one of these calls can also be captured once and
+replayed as a CUDA graph, the same kernels with one launch of host work:
+:class:`eplb.GraphedPlanner` (:mod:`eplb.graphed`).
+
 .. [1] with numba installed (the ``fast`` extra) and the kernels loaded
    (:func:`eplb.backends._numba.ready`); the array-API path meanwhile.
 .. [2] with Triton installed and the sizes within the kernel's limits.
