@@ -76,6 +76,24 @@ def deepseek_v3(name: str = "prefill_in4096.json") -> np.ndarray | None:
     return counts[counts.sum(axis=1) > 0]
 
 
+def replan_inputs(vector: str | None, num_gpus: int) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """Three re-plans of a live job on real loads: ``(loads, vectors)``, three DeepSeek-V3 files and, per
+    re-plan, the ``active_gpus`` mask (GPUs 5 and ``6 + k`` down) or the ``gpu_capacity`` vector (every other GPU
+    at 0.6, alternating which half) of ``vector``; ``None`` vectors without one."""
+    files = ("prefill_in4096.json", "prefill_in2048.json", "decode_in1800out100.json")
+    loads = [deepseek_v3(name) for name in files]
+    assert all(w is not None for w in loads), f"real loads expected at {DATA}"
+    vectors: list[np.ndarray | None] = [None] * 3
+    for k in range(3 if vector else 0):
+        if vector == "active_gpus":
+            vectors[k] = np.ones(num_gpus, bool)
+            vectors[k][[5, 6 + k]] = False
+        else:
+            vectors[k] = np.ones(num_gpus, np.float32)
+            vectors[k][k % 2 :: 2] = 0.6
+    return loads, vectors
+
+
 # Failure patterns on the DeepSeek-V3 shape for the GPU tests of the active_gpus= + previous= kernels (Triton and
 # Pallas): ((sizes, hierarchical), failed GPUs), with their test ids.
 ELASTIC_GPU_CASES = [

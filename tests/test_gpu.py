@@ -107,20 +107,9 @@ def test_torch_cuda_live_replan_captures_as_a_cuda_graph(config, call):
     one CUDA graph: replayed on other loads, previous placements and masks, it gives numpy's placements."""
     import torch
 
-    files = ("prefill_in4096.json", "prefill_in2048.json", "decode_in1800out100.json")
-    loads = [cases.deepseek_v3(name) for name in files]
-    assert all(w is not None for w in loads), f"real loads expected at {cases.DATA}"
     options = dict(LIVE_CALLS[call])
-    gpus = config[3]
     options_key = next((key for key in ("active_gpus", "gpu_capacity") if options.pop(key, False)), None)
-    vectors = [None] * 3  # the mask or the capacities of each replay
-    for k in range(3 if options_key else 0):
-        if options_key == "active_gpus":
-            vectors[k] = np.ones(gpus, bool)
-            vectors[k][[5, 6 + k]] = False
-        else:
-            vectors[k] = np.ones(gpus, np.float32)
-            vectors[k][k % 2 :: 2] = 0.6
+    loads, vectors = cases.replan_inputs(options_key, config[3])  # vectors: the mask or capacities of each replay
     masked = {} if options_key is None else {options_key: vectors[0]}
     previous = [np.asarray(eplb.rebalance_experts(w, *config, **masked).phy2log) for w in loads]
 

@@ -183,20 +183,10 @@ def test_replays_give_numpy_placements_without_a_sync(config, call):
     one capture, each result equal to numpy's, no sync after the first call, results not overwritten later."""
     import torch
 
-    files = ("prefill_in4096.json", "prefill_in2048.json", "decode_in1800out100.json")
-    loads = [cases.deepseek_v3(name) for name in files]
-    assert all(w is not None for w in loads), f"real loads expected at {cases.DATA}"
     options = dict(LIVE[call])
     vector_name = next((key for key in ("active_gpus", "gpu_capacity") if options.pop(key, False)), None)
     per_call = {name: options.pop(name) for name in list(options) if isinstance(options[name], list)}
-    gpus = config[3]
-    vectors = [None] * 3
-    for k in range(3 if vector_name else 0):
-        vectors[k] = np.ones(gpus, bool) if vector_name == "active_gpus" else np.ones(gpus, np.float32)
-        if vector_name == "active_gpus":
-            vectors[k][[5, 6 + k]] = False
-        else:
-            vectors[k][k % 2 :: 2] = 0.6
+    loads, vectors = cases.replan_inputs(vector_name, config[3])
     planner = eplb.GraphedPlanner(*config, **options)
     results = []
     for k in range(3):
