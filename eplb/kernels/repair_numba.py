@@ -50,8 +50,12 @@ Row by row, the same choices with the same float32 arithmetic:
   and an allowed candidate's changed-GPU load is finite, so they never win.
   A single-slot change re-sums the GPUs that hold the two experts involved
   (or the slot); every other GPU keeps its slot loads, hence ``loads[g]`` bit
-  for bit. The coldest (hottest) expert other than ``e`` is the first
-  extreme of the node's groups unless that is ``e``, then the second (loads
+  for bit. An accepted change updates that state in place (the replica
+  loads of the experts it touched, their slots, the sums of their GPUs, each
+  changed GPU's copy counts) where the reference recomputes it every step:
+  the same products and sums, so the same bits. The coldest (hottest)
+  expert other than ``e`` is the first extreme of the node's groups unless
+  that is ``e``, then the second (loads
   are ``>= 0``, so the reference's ``-1`` filler never wins an argmax). A row
   stops at the first step without a change (``valid`` false, within the
   limit, no allowed candidate) or after ``max_iters`` steps, as
@@ -449,6 +453,57 @@ def _extremes(values: np.ndarray, here: np.ndarray, group_size: int, largest: bo
     return first, second
 
 
+@_inline
+def _gpu_sum(slot_load: np.ndarray, lo: int, per_gpu: int) -> np.float32:
+    """A GPU's load: its slot loads summed left to right from ``slot_load[lo]`` (the reference's order)."""
+    total = slot_load[lo]
+    for t in range(lo + 1, lo + per_gpu):
+        total = total + slot_load[t]
+    return total
+
+
+@_inline
+def _own_copies(
+    cur: np.ndarray, old: np.ndarray, lo: int, per_gpu: int, own_now: np.ndarray, own_old: np.ndarray
+) -> None:
+    """Per slot ``t`` of the GPU at ``lo``: copies of ``cur[t]`` on that GPU now and in ``old`` (0 for ``-1``)."""
+    for t in range(lo, lo + per_gpu):
+        e = cur[t]
+        now = 0
+        was = 0
+        if e >= 0:
+            for r in range(lo, lo + per_gpu):
+                if cur[r] == e:
+                    now += 1
+                if old[r] == e:
+                    was += 1
+        own_now[t] = now
+        own_old[t] = was
+
+
+@_inline
+def _csr(row: np.ndarray, scratch: np.ndarray, head: np.ndarray, slots_of: np.ndarray) -> None:
+    """The slots of each expert of ``row`` (``-1`` left out), in slot order: ``slots_of[head[e]:head[e + 1]]``.
+
+    ``scratch`` (zeros over experts) is zeros again on return.
+    """
+    for e in range(head.shape[0]):
+        head[e] = 0
+    for t in range(row.shape[0]):
+        if row[t] >= 0:
+            head[row[t] + 1] += 1
+    for e in range(head.shape[0] - 1):
+        head[e + 1] += head[e]
+    for t in range(row.shape[0]):
+        e = row[t]
+        if e >= 0:
+            slots_of[head[e] + scratch[e]] = t
+            scratch[e] += 1
+    for t in range(row.shape[0]):
+        if row[t] >= 0:
+            scratch[row[t]] = 0
+
+
 @_jit
 def _repair(
     start: np.ndarray,
@@ -484,14 +539,16 @@ def _repair(
     was_a_e = np.empty(per_gpu, np.int64)
     now_a_f = np.empty(per_node, np.int64)  # copies of each slot's expert of the node on a
     was_a_f = np.empty(per_node, np.int64)
-    now_b_f = np.empty(per_node, np.int64)  # ... on the slot's own GPU
-    was_b_f = np.empty(per_node, np.int64)
+    own_now = np.empty(num_phy, np.int64)  # copies of each slot's expert on its own GPU, now and in old
+    own_old = np.empty(num_phy, np.int64)
     now_b_e = np.empty((per_gpu, gpus_per_node), np.int64)  # copies of a's experts on each GPU of the node
     was_b_e = np.empty((per_gpu, gpus_per_node), np.int64)
     count_now = np.zeros(num_log, np.int64)  # per-expert counters, back to zero after each use
     count_old = np.zeros(num_log, np.int64)
     head = np.empty(num_log + 1, np.int64)  # CSR: the slots of each expert
     slots_of = np.empty(num_phy, np.int64)
+    old_head = np.empty(num_log + 1, np.int64)  # ... in old (fixed per row)
+    old_slots = np.empty(num_phy, np.int64)
     mark = np.full(num_gpus, -1, np.int64)
     stamp = 0
     zero = np.float32(0.0)
@@ -515,19 +572,22 @@ def _repair(
         lim = limit[b]
         cap = budget[b]
         moved = _count_moves(cur, old_b, per_gpu)
+        out_moved[b] = moved
+        if not valid[b]:
+            continue
+        # The state a step reads, kept up to date after each change (the reference recomputes it every step:
+        # the same products and left-to-right sums, so the same bits): replica loads with the current and with
+        # one more replica, slot loads, GPU loads, each slot's copies on its GPU; old's CSR never changes.
+        for e in range(num_log):
+            per_replica[e] = w[e] * recip[cnt[e]]
+            extra[e] = w[e] * recip[cnt[e] + 1]
+        for t in range(num_phy):
+            slot_load[t] = per_replica[cur[t]] if cur[t] >= 0 else zero  # an empty slot weighs nothing
+        for g in range(num_gpus):
+            loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
+            _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
+        _csr(old_b, count_now, old_head, old_slots)
         for _ in range(max_iters):
-            if not valid[b]:
-                break
-            for e in range(num_log):
-                per_replica[e] = w[e] * recip[cnt[e]]
-            for t in range(num_phy):
-                slot_load[t] = per_replica[cur[t]] if cur[t] >= 0 else zero  # an empty slot weighs nothing
-            for g in range(num_gpus):
-                lo = g * per_gpu
-                total = slot_load[lo]
-                for t in range(lo + 1, lo + per_gpu):
-                    total = total + slot_load[t]
-                loads[g] = total
             heavy = -1  # the heaviest live GPU, first on ties (a failed GPU's slots are all -1)
             for g in range(num_gpus):
                 if cur[g * per_gpu] >= 0 and (heavy < 0 or loads[g] > loads[heavy]):
@@ -538,8 +598,7 @@ def _repair(
             if not heavy_load > lim:
                 break
             threshold = heavy_load * IMPROVEMENT32
-            for e in range(num_log):
-                extra[e] = w[e] * recip[cnt[e] + 1]
+            _csr(cur, count_now, head, slots_of)  # the slots of each expert now
             a0 = heavy * per_gpu
             node = heavy // gpus_per_node
             n0 = node * per_node
@@ -562,25 +621,19 @@ def _repair(
                 count_now[cur[a0 + i]] = 0
                 if old_b[a0 + i] >= 0:
                     count_old[old_b[a0 + i]] = 0
-            for v in range(gpus_per_node):
-                lo = (g0 + v) * per_gpu
-                for t in range(lo, lo + per_gpu):
-                    if cur[t] >= 0:
-                        count_now[cur[t]] += 1
-                    if old_b[t] >= 0:
-                        count_old[old_b[t]] += 1
-                for t in range(lo, lo + per_gpu):
-                    e = cur[t]
-                    now_b_f[t - n0] = count_now[e] if e >= 0 else 0
-                    was_b_f[t - n0] = count_old[e] if e >= 0 else 0
-                for i in range(per_gpu):
-                    now_b_e[i, v] = count_now[out_e[i]]
-                    was_b_e[i, v] = count_old[out_e[i]]
-                for t in range(lo, lo + per_gpu):
-                    if cur[t] >= 0:
-                        count_now[cur[t]] = 0
-                    if old_b[t] >= 0:
-                        count_old[old_b[t]] = 0
+            # Copies of each expert of a on each GPU of the node, now and in old: from the CSRs (most are 0).
+            now_b_e[:, :] = 0
+            was_b_e[:, :] = 0
+            for i in range(per_gpu):
+                e = out_e[i]
+                for k in range(head[e], head[e + 1]):
+                    v = slots_of[k] // per_gpu - g0
+                    if 0 <= v < gpus_per_node:
+                        now_b_e[i, v] += 1
+                for k in range(old_head[e], old_head[e + 1]):
+                    v = old_slots[k] // per_gpu - g0
+                    if 0 <= v < gpus_per_node:
+                        was_b_e[i, v] += 1
             # rest[g]: the heaviest GPU but a and g (-inf if none): the reference's top and second of the others.
             top = 0
             top_load = NEG_INF32
@@ -614,7 +667,7 @@ def _repair(
                 swap_t[num_swaps] = t
                 swap_y[num_swaps] = slot_load[t]
                 swap_room[num_swaps] = loads[g] - slot_load[t]
-                swap_moves[num_swaps] = (1 if now_a_f[u] >= was_a_f[u] else 0) - (1 if now_b_f[u] > was_b_f[u] else 0)
+                swap_moves[num_swaps] = (1 if now_a_f[u] >= was_a_f[u] else 0) - (1 if own_now[t] > own_old[t] else 0)
                 swap_floor[num_swaps] = rest[g] if rest[g] >= lim else lim
                 num_swaps += 1
             for i in range(per_gpu):
@@ -640,22 +693,6 @@ def _repair(
                         has_best = True
                         best_key, best_moves, best_second = key, moves, changed
                         best_swap, best_i, best_t = True, i, t
-            # The slots of each expert, for the single-slot changes.
-            for e in range(num_log + 1):
-                head[e] = 0
-            for t in range(num_phy):
-                if cur[t] >= 0:
-                    head[cur[t] + 1] += 1
-            for e in range(num_log):
-                head[e + 1] += head[e]
-            for t in range(num_phy):
-                e = cur[t]
-                if e >= 0:
-                    slots_of[head[e] + count_now[e]] = t
-                    count_now[e] += 1
-            for t in range(num_phy):
-                if cur[t] >= 0:
-                    count_now[cur[t]] = 0
             num_top = 0  # the TOP heaviest GPUs (any order among equal loads: only their loads are used)
             for g in range(num_gpus):
                 if num_top < TOP or loads[g] > loads[heaviest[num_top - 1]]:
@@ -768,14 +805,43 @@ def _repair(
                         best_swap, best_t, best_e = False, a0 + i, pick
             if not has_best:
                 break
-            if best_swap:
+            if best_swap:  # same replicas, same counts: two slot loads trade places, two GPUs change
                 give = a0 + best_i
                 cur[give], cur[best_t] = cur[best_t], cur[give]
-            else:
+                slot_load[give], slot_load[best_t] = slot_load[best_t], slot_load[give]
+                for g in (heavy, best_t // per_gpu):
+                    loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
+                    _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
+            else:  # every replica of the two experts changes load: their GPUs are summed again
                 gone = cur[best_t]
                 cur[best_t] = best_e
                 cnt[best_e] += 1
                 cnt[gone] -= 1
+                for e in (best_e, gone):
+                    per_replica[e] = w[e] * recip[cnt[e]]
+                    extra[e] = w[e] * recip[cnt[e] + 1]
+                stamp += 1
+                g = best_t // per_gpu
+                mark[g] = stamp
+                affected[0] = g
+                num_affected = 1
+                slot_load[best_t] = per_replica[best_e]
+                for e in (best_e, gone):  # the CSR is of cur before the change: best_t is listed under gone
+                    for k in range(head[e], head[e + 1]):
+                        t = slots_of[k]
+                        if t == best_t:
+                            continue
+                        slot_load[t] = per_replica[e]
+                        g = t // per_gpu
+                        if mark[g] != stamp:
+                            mark[g] = stamp
+                            affected[num_affected] = g
+                            num_affected += 1
+                for k in range(num_affected):
+                    g = affected[k]
+                    loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
+                g = best_t // per_gpu
+                _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
             moved += best_moves
         out_moved[b] = moved
 
