@@ -482,8 +482,9 @@ def _own_copies(
 
 
 @_inline
-def _csr(row: np.ndarray, scratch: np.ndarray, head: np.ndarray, slots_of: np.ndarray) -> None:
-    """The slots of each expert of ``row`` (``-1`` left out), in slot order: ``slots_of[head[e]:head[e + 1]]``.
+def _csr(row: np.ndarray, scratch: np.ndarray, head: np.ndarray, slots_of: np.ndarray, where: np.ndarray) -> None:
+    """The slots of each expert of ``row`` (``-1`` left out), in slot order: ``slots_of[head[e]:head[e + 1]]``;
+    ``where[t]``: the index of slot ``t`` in ``slots_of`` (unset for ``-1`` slots).
 
     ``scratch`` (zeros over experts) is zeros again on return.
     """
@@ -498,6 +499,7 @@ def _csr(row: np.ndarray, scratch: np.ndarray, head: np.ndarray, slots_of: np.nd
         e = row[t]
         if e >= 0:
             slots_of[head[e] + scratch[e]] = t
+            where[t] = head[e] + scratch[e]
             scratch[e] += 1
     for t in range(row.shape[0]):
         if row[t] >= 0:
@@ -532,13 +534,10 @@ def _repair(
     extra = np.empty(num_log, np.float32)  # with one more replica
     slot_load = np.empty(num_phy, np.float32)
     loads = np.empty(num_gpus, np.float32)
-    rest = np.empty(num_gpus, np.float32)
     out_e = np.empty(per_gpu, np.int64)
     out_x = np.empty(per_gpu, np.float32)
     now_a_e = np.empty(per_gpu, np.int64)  # copies of each expert of the heavy GPU a there, now and in old
     was_a_e = np.empty(per_gpu, np.int64)
-    now_a_f = np.empty(per_node, np.int64)  # copies of each slot's expert of the node on a
-    was_a_f = np.empty(per_node, np.int64)
     own_now = np.empty(num_phy, np.int64)  # copies of each slot's expert on its own GPU, now and in old
     own_old = np.empty(num_phy, np.int64)
     now_b_e = np.empty((per_gpu, gpus_per_node), np.int64)  # copies of a's experts on each GPU of the node
@@ -547,6 +546,7 @@ def _repair(
     count_old = np.zeros(num_log, np.int64)
     head = np.empty(num_log + 1, np.int64)  # CSR: the slots of each expert
     slots_of = np.empty(num_phy, np.int64)
+    where = np.empty(num_phy, np.int64)  # the index of each slot in slots_of
     old_head = np.empty(num_log + 1, np.int64)  # ... in old (fixed per row)
     old_slots = np.empty(num_phy, np.int64)
     mark = np.full(num_gpus, -1, np.int64)
@@ -558,6 +558,7 @@ def _repair(
     swap_room = np.empty(per_node, np.float32)
     swap_moves = np.empty(per_node, np.int64)
     swap_floor = np.empty(per_node, np.float32)
+    swap_changed = np.empty(per_node, np.float32)
     heaviest = np.empty(TOP, np.int64)  # the heaviest GPUs, heaviest first
     donors = np.empty(per_node, np.int64)  # slots of the node whose expert has several replicas
     donor_room = np.empty(per_node, np.float32)  # their GPU's load without them
@@ -586,7 +587,8 @@ def _repair(
         for g in range(num_gpus):
             loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
             _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
-        _csr(old_b, count_now, old_head, old_slots)
+        _csr(old_b, count_now, old_head, old_slots, where)
+        listed = False  # whether head / slots_of list cur's slots (a swap keeps them listed, see below)
         for _ in range(max_iters):
             heavy = -1  # the heaviest live GPU, first on ties (a failed GPU's slots are all -1)
             for g in range(num_gpus):
@@ -598,7 +600,9 @@ def _repair(
             if not heavy_load > lim:
                 break
             threshold = heavy_load * IMPROVEMENT32
-            _csr(cur, count_now, head, slots_of)  # the slots of each expert now
+            if not listed:  # the slots of each expert now (any order within an expert: only sets are read)
+                _csr(cur, count_now, head, slots_of, where)
+                listed = True
             a0 = heavy * per_gpu
             node = heavy // gpus_per_node
             n0 = node * per_node
@@ -613,14 +617,7 @@ def _repair(
             for i in range(per_gpu):
                 now_a_e[i] = count_now[out_e[i]]
                 was_a_e[i] = count_old[out_e[i]]
-            for u in range(per_node):
-                e = cur[n0 + u]
-                now_a_f[u] = count_now[e] if e >= 0 else 0  # (a failed GPU's slot: never a swap partner)
-                was_a_f[u] = count_old[e] if e >= 0 else 0
-            for i in range(per_gpu):
-                count_now[cur[a0 + i]] = 0
-                if old_b[a0 + i] >= 0:
-                    count_old[old_b[a0 + i]] = 0
+            # (count_now and count_old keep a's copies until the swap partners below have read them.)
             # Copies of each expert of a on each GPU of the node, now and in old: from the CSRs (most are 0).
             now_b_e[:, :] = 0
             was_b_e[:, :] = 0
@@ -634,18 +631,18 @@ def _repair(
                     v = old_slots[k] // per_gpu - g0
                     if 0 <= v < gpus_per_node:
                         was_b_e[i, v] += 1
-            # rest[g]: the heaviest GPU but a and g (-inf if none): the reference's top and second of the others.
+            # The heaviest GPU but a and g (-inf if none) is the reference's top of the others (the first of the
+            # heaviest), or for g = top the second: the heaviest of the others but top, ties included.
             top = 0
             top_load = NEG_INF32
-            for g in range(num_gpus):
-                if g != heavy and loads[g] > top_load:
-                    top, top_load = g, loads[g]
             second = NEG_INF32
             for g in range(num_gpus):
-                if g != heavy and g != top and loads[g] > second:
+                if g == heavy:
+                    continue
+                if loads[g] > top_load:
+                    top, top_load, second = g, loads[g], top_load
+                elif loads[g] > second:
                     second = loads[g]
-            for g in range(num_gpus):
-                rest[g] = second if g == top else top_load
             # The best allowed candidate so far, candidates visited in the reference's index order.
             has_best = False
             best_key = INF32
@@ -664,25 +661,37 @@ def _repair(
                 g = t // per_gpu
                 if g == heavy or cur[t] < 0:  # a failed GPU's slot takes no expert
                     continue
+                e = cur[t]
                 swap_t[num_swaps] = t
                 swap_y[num_swaps] = slot_load[t]
                 swap_room[num_swaps] = loads[g] - slot_load[t]
-                swap_moves[num_swaps] = (1 if now_a_f[u] >= was_a_f[u] else 0) - (1 if own_now[t] > own_old[t] else 0)
-                swap_floor[num_swaps] = rest[g] if rest[g] >= lim else lim
+                onto_a = 1 if count_now[e] >= count_old[e] else 0  # e's copy on a would be a new pair
+                off_b = 1 if own_now[t] > own_old[t] else 0  # t gives up one of e's extra copies on its GPU
+                swap_moves[num_swaps] = onto_a - off_b
+                rest = second if g == top else top_load
+                swap_floor[num_swaps] = rest if rest >= lim else lim
                 num_swaps += 1
+            for i in range(per_gpu):
+                count_now[cur[a0 + i]] = 0
+                if old_b[a0 + i] >= 0:
+                    count_old[old_b[a0 + i]] = 0
             for i in range(per_gpu):
                 e = out_e[i]
                 x = out_x[i]
                 less_a = heavy_load - x
                 moves_i = -1 if now_a_e[i] > was_a_e[i] else 0
+                # The changed GPUs' loads of every partner first, in a loop without branches (vectorised);
+                # then the few partners below the threshold, in index order.
                 for k in range(num_swaps):
-                    t = swap_t[k]
-                    if cur[t] == e:
-                        continue
                     new_a = less_a + swap_y[k]
                     new_b = swap_room[k] + x
-                    changed = new_a if new_a >= new_b else new_b
+                    swap_changed[k] = new_a if new_a >= new_b else new_b
+                for k in range(num_swaps):
+                    changed = swap_changed[k]
                     if not changed < threshold:
+                        continue
+                    t = swap_t[k]
+                    if cur[t] == e:
                         continue
                     v = t // per_gpu - g0
                     moves = moves_i + swap_moves[k] + (1 if now_b_e[i, v] >= was_b_e[i, v] else 0)
@@ -809,6 +818,9 @@ def _repair(
                 give = a0 + best_i
                 cur[give], cur[best_t] = cur[best_t], cur[give]
                 slot_load[give], slot_load[best_t] = slot_load[best_t], slot_load[give]
+                # The two experts trade slots: each one's entry for its old slot names the other slot.
+                slots_of[where[give]], slots_of[where[best_t]] = best_t, give
+                where[give], where[best_t] = where[best_t], where[give]
                 for g in (heavy, best_t // per_gpu):
                     loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
                     _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
@@ -842,6 +854,7 @@ def _repair(
                     loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
                 g = best_t // per_gpu
                 _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
+                listed = False  # the counts changed: listed again next step
             moved += best_moves
         out_moved[b] = moved
 
