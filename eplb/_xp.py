@@ -115,6 +115,32 @@ def at_set(x: Any, idx: Any, values: Any, *, xp: Any) -> Any:
     return x
 
 
+def count_rows(idx: Any, size: int, *, xp: Any) -> Any:
+    """``[B, size]``: how many entries of each row of ``idx [B, n]`` equal ``0 .. size - 1`` (negatives: none).
+
+    Integer counts in ``idx``'s dtype and on its device, so every backend gives the same values. A scatter-add
+    (numpy ``bincount``, torch ``scatter_add_``, JAX ``.at[].add``): ``O(B * (n + size))`` where the comparison
+    ``idx[:, :, None] == arange(size)`` costs ``O(B * n * size)`` time and memory (the standard has no
+    index add).
+    """
+    batch, n = idx.shape
+    if is_numpy(xp):
+        flat = (np.arange(batch, dtype=np.int64)[:, None] * size + idx)[idx >= 0]
+        return np.bincount(flat, minlength=batch * size).reshape(batch, size).astype(idx.dtype, copy=False)
+    # One more column for the negatives (shifted to 0, dropped after).
+    shifted = xp.where(idx >= 0, idx + 1, xp.zeros_like(idx))
+    if is_torch(xp):
+        torch = sys.modules["torch"]
+        out = torch.zeros((batch, size + 1), dtype=idx.dtype, device=idx.device)
+        return out.scatter_add_(1, shifted.to(torch.int64), torch.ones_like(idx))[:, 1:]
+    if is_jax(xp):
+        rows = xp.broadcast_to(xp.reshape(xp.arange(batch, dtype=idx.dtype), (batch, 1)), (batch, n))
+        out = xp.zeros((batch, size + 1), dtype=idx.dtype)
+        return out.at[rows, shifted].add(xp.ones_like(idx))[:, 1:]
+    values = xp.arange(size, dtype=idx.dtype, device=device(idx))
+    return xp.sum(idx[:, :, None] == values, axis=1, dtype=idx.dtype)
+
+
 def argsort_desc(x: Any, *, xp: Any) -> Any:
     """Indices that sort ``x`` descending along the last axis, ties by index.
 

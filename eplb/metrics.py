@@ -50,8 +50,7 @@ def _float32(weight: Any) -> tuple[Any, Any]:
 def replica_counts(phy2log: Any, num_experts: int) -> Any:
     """``logcnt [L, E]``: how many slots of ``phy2log [L, R]`` hold each expert."""
     xp = _xp.array_namespace(phy2log)
-    experts = xp.arange(num_experts, dtype=phy2log.dtype, device=_xp.device(phy2log))
-    return xp.sum(xp.astype(phy2log[:, :, None] == experts, phy2log.dtype), axis=1)
+    return _xp.count_rows(phy2log, num_experts, xp=xp)
 
 
 def slot_loads(weight: Any, phy2log: Any) -> Any:

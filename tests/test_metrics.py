@@ -9,7 +9,7 @@ import eplb
 from eplb import metrics
 
 from . import cases
-from .conftest import CPU_BACKENDS, backend_params, make_runner
+from .conftest import CPU_BACKENDS, Backend, backend_params, make_runner
 
 CONFIGS = [(288, 8, 4, 32), (320, 8, 8, 64), (288, 8, 3, 144), (32, 4, 2, 8)]
 
@@ -97,3 +97,26 @@ def test_metrics_on_every_backend(backend):
     got = np.asarray(metrics.gpu_loads(runner.asarray(weight), placement[0], 4))
     want = metrics.gpu_loads(weight, eplb.rebalance_experts(weight, 24, 4, 2, 4).phy2log, 4)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params([*CPU_BACKENDS, Backend.TORCH_CUDA, Backend.JAX_GPU]))
+def test_replica_counts_count_every_slot_on_every_backend(backend):
+    """metrics.replica_counts (a scatter-add per backend) against plain Python counts: empty (-1) slots, a row of
+    them only, experts with no slot, one expert, int32 and int64 ids."""
+    runner = make_runner(backend)
+    rng = np.random.default_rng(4)
+    rows = [
+        rng.integers(0, 12, 24),
+        np.where(rng.random(24) < 0.3, -1, rng.integers(0, 12, 24)),  # failed GPUs' slots
+        np.full(24, -1),
+        np.zeros(24, dtype=np.int64),  # one expert everywhere: the others have none
+    ]
+    phy2log = np.stack(rows)
+    want = np.array([[list(row).count(e) for e in range(12)] for row in phy2log.tolist()])
+    for dtype in (np.int64, np.int32):
+        got = metrics.replica_counts(runner.asarray(phy2log.astype(dtype)), 12)
+        host = np.asarray(got.cpu() if hasattr(got, "cpu") else got)
+        np.testing.assert_array_equal(host, want)
+        assert host.shape == (4, 12)
+    one = metrics.replica_counts(runner.asarray(np.zeros((2, 3), dtype=np.int64)), 1)
+    np.testing.assert_array_equal(np.asarray(one.cpu() if hasattr(one, "cpu") else one), [[3], [3]])
