@@ -12,6 +12,12 @@ for the eager call, the graphed call (copies into the graph's buffers, replay, c
 graphed call with ``copy_outputs=False``, and the first call of a new planner (an eager plan, the capture and a
 replay; eplb's constant tables already built), with the published greedy (Python loops, loads on the host) once per
 config for reference. Every graphed result is checked equal to the eager one before timing.
+
+``--rebalancer``: instead, ``eplb.Rebalancer.step()`` on CUDA loads with ``cuda_graphs=False`` (every call eager)
+against the default (the candidate replayed as a CUDA graph), the two fed the same windows (the 12 SGLang files in
+turn, each with lognormal noise, sigma 0.1) and stepped one after the other on the same history, every other window,
+all GPUs up / GPU 5 down / every other GPU at 0.6: median and max host time of a step (it ends with the host copies
+of its decision), the first two steps (the fresh plan and the capture) left out, decisions checked equal.
 """
 
 from __future__ import annotations
@@ -63,8 +69,12 @@ def host_return_ms(fn, runs: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--rebalancer", action="store_true", help="Rebalancer.step(), eager against graphed")
     args = parser.parse_args()
     _numba.warm_up()  # the setup's numpy calls would otherwise compile numba's kernels beside the timings (GIL)
+    if args.rebalancer:
+        rebalancer_steps(args.runs)
+        return
     old, new = load("prefill_in4096.json"), load("prefill_in2048.json")
     layers = min(len(old), len(new))
     old, new = old[:layers], new[:layers]
@@ -119,6 +129,46 @@ def main() -> None:
                 capture,
             ]
             print(f"| {name} | " + " | ".join(f"{ms:.3f}" for ms in cells) + " |")
+
+
+def rebalancer_steps(runs: int) -> None:
+    """``Rebalancer.step()`` host time, eager against graphed (see the module docstring)."""
+    from benchmarks.keep_speed import DATA
+
+    files = sorted((DATA / "deepseek-v3-sglang").glob("*.json"))
+    dumps = [load(path.name) for path in files]
+    layers = min(len(d) for d in dumps)
+    rng = np.random.default_rng(0)
+    windows = [dumps[t % len(dumps)][:layers] * rng.lognormal(0.0, 0.1, (layers, 256)) for t in range(2 * runs + 4)]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; Rebalancer.step() host ms, {layers} layers")
+    print("| config | GPUs | eager: median / max | graphed: median / max | steps |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, config in CONFIGS.items():
+        gpus = config[3]
+        mask = np.arange(gpus) != 5
+        capacity = np.where(np.arange(gpus) % 2 == 1, 0.6, 1.0)
+        kinds = {"all up": {}, "GPU 5 down": {"active_gpus": mask}, "half at 0.6": {"gpu_capacity": capacity}}
+        for kind, vectors in kinds.items():
+            eager = eplb.Rebalancer(*config, cuda_graphs=False, **vectors)
+            graphed = eplb.Rebalancer(*config, **vectors)
+            times: dict[str, list[float]] = {"eager": [], "graphed": []}
+            for t, window in enumerate(windows):
+                load_gpu = torch.as_tensor(np.round(window).astype(np.int64), device="cuda")
+                eager.record(load_gpu)
+                graphed.record(load_gpu)
+                if t % 2 == 0:
+                    continue
+                decisions = {}
+                for name, rebalancer in (("eager", eager), ("graphed", graphed)):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    decisions[name] = rebalancer.step()
+                    times[name].append((time.perf_counter() - start) * 1e3)
+                a, b = decisions["eager"], decisions["graphed"]
+                assert np.array_equal(a.layers, b.layers) and np.array_equal(a.gain, b.gain), (label, kind, t)
+                assert all(torch.equal(x, y) for x, y in zip(a.placement, b.placement, strict=True)), (label, kind, t)
+            cells = [f"{statistics.median(v[2:]):.2f} / {max(v[2:]):.2f}" for v in times.values()]
+            print(f"| {label} | {kind} | {cells[0]} | {cells[1]} | {len(times['eager']) - 2} |")
 
 
 def options_without_knobs(options: dict) -> dict:

@@ -26,7 +26,11 @@ Decisions are taken on the host from float32 values every backend computes
 alike (heaviest GPU loads, move counts), so numpy, torch and JAX decide the
 same, bit for bit. ``record`` never reads device values (no host sync on
 CUDA); ``step`` copies the per-layer figures and the candidate to the host
-once, since its :class:`~eplb.TransferPlan` is host data.
+once, since its :class:`~eplb.TransferPlan` is host data. On torch CUDA the
+candidate's plan, the step's longest part (hundreds of kernel launches,
+each paid in host time), replays as a CUDA graph
+(:class:`~eplb.GraphedPlanner`, ``cuda_graphs=True``): the same placement,
+a fraction of the host's time.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from eplb import _validate, _xp, metrics
 from eplb._api import Placement, rebalance_experts
 from eplb.algorithms.hierarchy import build_log2phy
 from eplb.algorithms.relabel import count_moves, occurrence, replica_counts
+from eplb.graphed import GraphedPlanner
 from eplb.migration import TransferPlan, plan_transfers
 
 __all__ = ["Decision", "Rebalancer"]
@@ -116,6 +121,16 @@ class Rebalancer:
         them (read on the host; change them with :meth:`set_gpus`). Layers
         are then scored by their slowest GPU's time, and a layer with an
         expert on a GPU down always changes.
+    cuda_graphs : bool, keyword-only
+        ``True`` (default): with loads on a CUDA device, each step's
+        candidate (``previous=`` and its knobs) is planned by a
+        :class:`~eplb.GraphedPlanner`: captured as a CUDA graph at the first
+        step of each kind (with or without GPUs down or speeds; a capture
+        costs a few to a hundred milliseconds and keeps the graph's memory),
+        replayed by later steps, whose host time then drops from 4-30 ms of
+        kernel launches to well under one (``docs/benchmarks.md``); same
+        decisions. ``False``: every call eager. Other backends are not
+        affected.
 
     Notes
     -----
@@ -152,6 +167,7 @@ class Rebalancer:
         hierarchical: bool | None = None,
         active_gpus: Any = None,
         gpu_capacity: Any = None,
+        cuda_graphs: bool = True,
     ) -> None:
         names = ("num_replicas", "num_groups", "num_nodes", "num_gpus")
         sizes = (num_replicas, num_groups, num_nodes, num_gpus)
@@ -179,6 +195,10 @@ class Rebalancer:
         self._options: dict[str, Any] = {"policy": policy, "spill": spill}
         if hierarchical is not None:
             self._options["hierarchical"] = hierarchical
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
+        # The candidate's planner: CUDA graphs on torch CUDA loads, rebalance_experts as it is for any other.
+        self._planner = GraphedPlanner(*self._sizes, **self._options) if cuda_graphs else None
         self._placement: Any = initial
         self._history: Any = None
         self._ring: list[Any] = []
@@ -322,7 +342,7 @@ class Rebalancer:
         if not gpus and bool((_host(current.phy2log) < 0).any()):
             # Empty slots in force (a GPU back from a failure): the elastic rule plans from them, every GPU up.
             gpus["active_gpus"] = np.ones(num_gpus, dtype=bool)
-        candidate = rebalance_experts(history, *self._sizes, previous=current.phy2log, **self._options, **knobs, **gpus)
+        candidate = self._replan(history, current.phy2log, knobs, gpus)
         # float32 GPU loads, computed alike on every backend, then decided on the host in float64.
         loads_now = _host(metrics.gpu_loads(history, current.phy2log, num_gpus))
         loads_new = _host(metrics.gpu_loads(history, candidate.phy2log, num_gpus))
@@ -346,6 +366,18 @@ class Rebalancer:
         if self._auto:
             self._planned = _balancedness(np.where(mask[:, None], loads_new, loads_now), speeds)
         return Decision(placement, chosen, plan, gain, np.where(mask, moves, 0), 0.0 if knobs == {} else tolerance)
+
+    def _replan(self, history: Any, previous: Any, knobs: dict[str, Any], gpus: dict[str, np.ndarray]) -> Placement:
+        """The candidate: :func:`eplb.rebalance_experts` with ``previous``, or its CUDA graph (``cuda_graphs``)."""
+        if self._planner is None:
+            return rebalance_experts(history, *self._sizes, previous=previous, **self._options, **knobs, **gpus)
+        if _xp.backend_name(history) == "torch" and history.device.type == "cuda":
+            import torch
+
+            # A graph takes per-call tensors on the loads' device (a host array would choose the rule on the host,
+            # which a graph cannot replay); the same masks and speeds give the same placement.
+            gpus = {name: torch.as_tensor(value, device=history.device) for name, value in gpus.items()}
+        return self._planner(history, previous=previous, **knobs, **gpus)
 
     def _choose(self, gain: np.ndarray, moves: np.ndarray, forced: np.ndarray) -> np.ndarray:
         """Layers worth changing: the ``forced`` ones (whatever the budget), then those of gain >= min_gain where

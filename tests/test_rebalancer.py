@@ -17,7 +17,7 @@ import pytest
 import eplb
 
 from . import cases, oracle
-from .conftest import FRONT_DOORS, Backend, backend_params, make_runner
+from .conftest import FRONT_DOORS, Backend, backend_params, make_runner, needs_gpu
 
 CONFIG = (80, 8, 2, 8)  # 64 experts
 
@@ -123,6 +123,43 @@ def test_same_decisions_on_every_backend(backend):
     assert max(tolerances) > 0.025
 
 
+@needs_gpu("torch")
+@pytest.mark.parametrize("gpus", ["all up", "one down", "speeds"])
+def test_torch_cuda_steps_replay_cuda_graphs_with_numpys_decisions(gpus):
+    """On torch CUDA each step's candidate is a GraphedPlanner replay (cuda_graphs, the default): the same
+    decisions as numpy and as eager CUDA calls, step by step (the GPUs down or the speeds passed as host arrays,
+    the planner's per-call tensors made from them); one capture per kind of call, none after the second step."""
+    import torch
+
+    vectors = {
+        "all up": {},
+        "one down": {"active_gpus": np.arange(8) != 3},
+        "speeds": {"gpu_capacity": np.array([1, 0.6, 1, 0.6, 1, 0.6, 1, 0.5])},
+    }[gpus]
+    reference = eplb.Rebalancer(*CONFIG, min_gain=0.005, **vectors)
+    graphed = eplb.Rebalancer(*CONFIG, min_gain=0.005, **vectors)
+    eager = eplb.Rebalancer(*CONFIG, min_gain=0.005, cuda_graphs=False, **vectors)
+    captures = []
+    for t, load in enumerate(windows(7, count=12)):
+        on_gpu = torch.as_tensor(load, device="cuda")
+        reference.record(load)
+        graphed.record(on_gpu)
+        eager.record(on_gpu)
+        if t % 3 == 2:
+            want = reference.step()
+            for got in (graphed.step(), eager.step()):
+                assert got.tolerance == want.tolerance
+                np.testing.assert_array_equal(got.layers, want.layers)
+                np.testing.assert_array_equal(got.gain, want.gain)
+                for a, b in zip(got.placement, want.placement, strict=True):
+                    assert a.device.type == "cuda"
+                    np.testing.assert_array_equal(a.cpu().numpy(), b)
+            captures.append(graphed._planner.captures)
+    assert eager._planner is None
+    assert captures[0] == 0  # the first step plans fresh (eagerly)
+    assert captures[1] == 1 and captures[-1] == 1, captures  # later steps replay the one graph
+
+
 def test_records_a_load_tracker():
     tracker = eplb.LoadTracker(num_layers=2, num_experts=16, window=4)
     tracker.record_counts(np.arange(32).reshape(2, 16) % 5 + 1)
@@ -145,6 +182,7 @@ def test_records_a_load_tracker():
         ({"balance_tolerance": "adaptive"}, ValueError, "balance_tolerance"),
         ({"max_bytes": 10}, ValueError, "max_bytes needs bytes_per_expert"),
         ({"max_layers": True}, TypeError, "max_layers"),
+        ({"cuda_graphs": 1}, TypeError, "cuda_graphs"),
     ],
 )
 def test_bad_options(options, error, match):
