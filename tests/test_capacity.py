@@ -290,6 +290,45 @@ def test_every_implementation_agrees_and_keeps_the_promises(case):
     assert (bound <= ours_t * (1 + 1e-5)).all(), "the bound exceeds a placement"
 
 
+HUGE = [CASES[2], CASES[8], CASES[10], CASES[12]]  # a replica's time on the slowest GPU overflows float32
+
+
+@pytest.mark.parametrize("case", HUGE, ids=[f"{c[:5]}-{c[5]}" for c in HUGE])
+def test_loads_near_float32_max_place_as_their_scaled_down_copy(case):
+    """Loads as large as the API takes (a layer's sum below float32's largest) whose GPU times overflow float32:
+    every implementation gives the placement of the same loads scaled down by a power of two (which scales
+    every float32 product, sum and comparison exactly: what the loads ask for), valid, fresh and with previous=.
+    (Found by a fuzzer: logcnt disagreed with phy2log, or an index went out of range, before
+    fit_loads_to_times.)"""
+    num_experts, r, g, n, gpus, caps = case
+    caps = np.asarray(caps, np.float64)
+    hierarchical = g % n == 0 and n > 1
+    small = _loads(num_experts, seed=9)
+    top = np.finfo(np.float32).max
+    k = int(np.floor(np.log2(top / 2 / small.astype(np.float64).sum(axis=1).max())))
+    huge = small * np.float32(2.0**k)  # exact; sums below half of float32's largest
+    assert np.isfinite(huge).all() and huge.max() * caps.max() / caps[caps > 0].min() > top  # a time overflows
+    want = _numpy_xp(small, r, g, n, gpus, caps, hierarchical)
+    _check_valid(want, num_experts, r, gpus, _live(caps))
+    for name, impl in IMPLS.items():
+        _same(impl(huge, r, g, n, gpus, caps, hierarchical), want, f"of {name}, huge loads")
+    previous = _numpy_xp(_loads(num_experts, seed=10), r, g, n, gpus, caps, hierarchical)[0]
+    options = {"hierarchical": hierarchical, "gpu_capacity": caps, "previous": previous, "balance_tolerance": 0.01}
+    want = eplb.rebalance_experts(small, r, g, n, gpus, **options)
+    _check_valid(want, num_experts, r, gpus, _live(caps))
+    for impl in ("xp", None):
+        got = _numpy.rebalance_stable(huge, previous, r, g, n, gpus, impl=impl, **_stable(options))
+        _same(got, want, f"previous=, numpy impl={impl}")
+    got = eplb.rebalance_experts(torch.as_tensor(huge), r, g, n, gpus, **options)
+    _same(got, want, "previous=, torch")
+
+
+def _stable(options):
+    """rebalance_experts' options as the numpy backend's rebalance_stable takes them."""
+    out = {k: v for k, v in options.items() if k not in ("previous", "balance_tolerance")}
+    return {**out, "tolerance": options["balance_tolerance"]}
+
+
 def test_half_slow_beats_the_blind_placement():
     """The point of it: on skewed loads with half the GPUs at 0.6, time-balance well above capacity-blind's."""
     caps = np.array([1, 0.6] * 4)

@@ -51,6 +51,9 @@ from eplb.algorithms.refine import IMPROVEMENT
 from eplb.algorithms.relabel import occurrence
 from eplb.algorithms.replication import replica_items, replica_load, replicate_experts
 from eplb.algorithms.speed import (
+    SPEED_RANGE,
+    _exponent,
+    _power_of_two,
     capacity_live,
     clean_capacity,
     inverse_capacity,
@@ -60,7 +63,36 @@ from eplb.algorithms.speed import (
     refine_by_swaps_speed,
 )
 
-__all__ = ["BUDGET_SETS", "GREEDY_SHARES", "default_swap_rounds", "place_capacity", "rebalance_capacity"]
+__all__ = [
+    "BUDGET_SETS",
+    "GREEDY_SHARES",
+    "default_swap_rounds",
+    "fit_loads_to_times",
+    "place_capacity",
+    "rebalance_capacity",
+]
+
+# fit_loads_to_times keeps a layer's largest load below 2**TIME_HEADROOM / E: with inverse capacities below
+# 2**(SPEED_RANGE + 1), every GPU time, sum and difference of times the placement forms stays below 2**126.
+TIME_HEADROOM = 120 - (SPEED_RANGE + 1) - 4
+
+
+def fit_loads_to_times(weight: Any, *, xp: Any) -> Any:
+    """Clean float32 ``weight [L, E]`` scaled per layer by a power of two so that no GPU time overflows float32.
+
+    A time is a load times an inverse capacity (up to ``2**(SPEED_RANGE + 1)``), so loads near float32's
+    largest overflow to ``inf`` where equal speeds would not, and ``inf`` times cannot rank packs (a full pack
+    and an overflowed one look alike). A layer whose largest load ``m`` has ``floor(log2 m) + ceil(log2 E)``
+    above ``TIME_HEADROOM`` is multiplied by ``2**-(that excess)``; every other layer is unchanged (a factor 1).
+    A power of two scales every product, sum and comparison exactly, so a layer that fits places as before;
+    loads scaled below ``2**-64`` then count as 0, as every backend reads them (:func:`clean_loads`).
+    """
+    num_log = weight.shape[1]
+    top = _exponent(xp.max(weight, axis=-1, keepdims=True), xp=xp)  # [L, 1] int32, -64 for an all-zero layer
+    excess = top + (max(num_log - 1, 1)).bit_length() - TIME_HEADROOM
+    scale = _power_of_two(-xp.where(excess > 0, excess, xp.zeros_like(excess)), xp=xp)
+    return clean_loads(weight * scale, xp=xp)
+
 
 # Candidate replica sets: greedy replication for X * num // den of the X extra slots.
 GREEDY_SHARES = ((1, 1), (1, 4), (0, 1))
@@ -435,7 +467,7 @@ def place_capacity(
     """
     if policy != "greedy" or spill:
         raise ValueError(f"gpu_capacity supports the greedy policy without spill, got {policy=}, {spill=}")
-    weight = clean_loads(weight, xp=xp)
+    weight = fit_loads_to_times(clean_loads(weight, xp=xp), xp=xp)
     capacity = clean_capacity(gpu_capacity, xp=xp)
     sizes = (num_groups, num_nodes) if hierarchical else (1, 1)
     phy2log, phyrank, logcnt = rebalance_capacity(

@@ -44,7 +44,7 @@ from typing import Any
 
 from eplb import _xp
 from eplb.algorithms.assignment import BIG
-from eplb.algorithms.capacity import _max_time, default_swap_rounds, rebalance_capacity
+from eplb.algorithms.capacity import _max_time, default_swap_rounds, fit_loads_to_times, rebalance_capacity
 from eplb.algorithms.elastic import _live_gpu_loads, _live_slot, relabel_pinned, stable_by_layer
 from eplb.algorithms.hierarchy import covers_groups, node_groups
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
@@ -329,7 +329,7 @@ def place_capacity_stable(
     """
     if policy != "greedy" or spill:
         raise ValueError(f"gpu_capacity supports the greedy policy without spill, got {policy=}, {spill=}")
-    weight = clean_loads(weight, xp=xp)
+    weight = fit_loads_to_times(clean_loads(weight, xp=xp), xp=xp)
     capacity = xp.reshape(clean_capacity(gpu_capacity, xp=xp), (-1, num_gpus))
     if not hierarchical:
         num_groups = num_nodes = 1
