@@ -195,12 +195,15 @@ def test_sticky_pack_equals_the_array_api_repacking():
         loads = _loads(rng, 5, experts)
         item_load = np.take_along_axis(loads, base, axis=1)
         total = item_load.sum(axis=1, keepdims=True, dtype=np.float32)
-        limit = total * np.array([0.0, 0.2, 0.5, 1.0, 2.0], np.float32)[rng.integers(0, 5, (5, 1))] / packs
-        limit = limit.astype(np.float32)
+        factor = np.array([0.0, 0.2, 0.5, 1.0, 2.0, np.inf], np.float32)[rng.integers(0, 6, (5, 1))]
+        # +inf: a fresh peak near float32's largest times 1 + tolerance; every home has room "within" it
+        limit = np.where(np.isinf(factor), np.float32(np.inf), total * factor / packs).astype(np.float32)
         want = sticky_pack(base, old, item_load, limit, packs, xp=np)
         got = repair_numba.sticky_pack(base, old, item_load, limit, packs)
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+        for row, packed in zip(base.tolist(), want.tolist(), strict=True):  # a repacking: the same items
+            assert sorted(row) == sorted(packed), trial
 
 
 def test_align_slots_and_replica_counts_equal_the_array_api_ones():
@@ -384,3 +387,25 @@ print("checked")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and "checked" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_peak_near_float32_max_keeps_packs_within_their_slots():
+    """A layer whose one expert holds float32's largest load: the fresh peak times 1 + tolerance overflows to an
+    infinite limit. The array-API repacking then let items stay in full home packs (an index error, or garbage
+    slots); now it equals the kernel, and the placement is valid (found by a fuzzer)."""
+    from eplb.backends import _numpy
+
+    top = np.finfo(np.float32).max
+    weight = np.zeros((3, 9), np.float32)
+    weight[:, 7] = top
+    previous = np.array([[0, 4, 1, 8, 7, 6, 2, 6, 8], [7, 1, 8, 3, 7, 6, 2, 2, 0], [4, 7, 6, 6, 2, 3, 7, 0, 0]])
+    for options in ({"policy": "refined", "tolerance": 0.2}, {"tolerance": 1.0}, {"max_moves": 2}):
+        results = [
+            _numpy.rebalance_stable(weight, previous, 9, 9, 1, 3, impl=impl, hierarchical=True, **options)
+            for impl in ("xp", "numba")
+        ]
+        for a, b in zip(*results, strict=True):
+            np.testing.assert_array_equal(a, b)
+        phy2log, _, logcnt = results[0]
+        for row, counts in zip(phy2log.tolist(), logcnt.tolist(), strict=True):
+            assert sorted(row) == list(range(9)) and counts == [1] * 9, options  # 9 slots, 9 experts: one each

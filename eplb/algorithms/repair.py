@@ -103,7 +103,9 @@ def sticky_pack(
             over = (xp.where(open_home, home_load, 0.0) + load - limit) * left
             stay = home_ok & open_home & (over <= -(free * rem))
         else:
-            stay = home_ok & (home_load + load <= limit)
+            # A full home has load +inf, never within a finite limit; the count guards an infinite one (a fresh
+            # peak near float32's largest times 1 + tolerance) from filling a pack past its capacity.
+            stay = home_ok & (home_load + load <= limit) & (_xp.take_along(count, home, xp=xp) < capacity)
         lightest = xp.reshape(xp.astype(xp.argmin(open_load, axis=-1), dtype), (batch, 1))
         if closed is not None:  # every open pack full: the first pack with room (a closed one)
             room = xp.reshape(_first(count < capacity, dtype, xp=xp), (batch, 1))
