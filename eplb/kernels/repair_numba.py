@@ -442,14 +442,15 @@ def _extremes(values: np.ndarray, here: np.ndarray, group_size: int, largest: bo
     """
     first = -1
     second = -1
-    for f in range(values.shape[0]):
-        if not here[f // group_size]:
+    for k in range(here.shape[0]):  # the experts of the marked groups, in index order
+        if not here[k]:
             continue
-        v = values[f]
-        if first < 0 or (v > values[first] if largest else v < values[first]):
-            first, second = f, first
-        elif second < 0 or (v > values[second] if largest else v < values[second]):
-            second = f
+        for f in range(k * group_size, (k + 1) * group_size):
+            v = values[f]
+            if first < 0 or (v > values[first] if largest else v < values[first]):
+                first, second = f, first
+            elif second < 0 or (v > values[second] if largest else v < values[second]):
+                second = f
     return first, second
 
 
@@ -563,6 +564,9 @@ def _repair(
     donors = np.empty(per_node, np.int64)  # slots of the node whose expert has several replicas
     donor_room = np.empty(per_node, np.float32)  # their GPU's load without them
     here = np.empty(num_groups, np.bool_)
+    group_of = np.empty(num_log, np.int64)  # each expert's group (a table: no division in the step)
+    for e in range(num_log):
+        group_of[e] = e // group_size
     for b in range(batch):
         cur = out[b]
         cnt = out_cnt[b]
@@ -655,22 +659,23 @@ def _repair(
             # Swaps: slot i of the heavy GPU <-> slot t of another GPU of its node (2 moves at most). Per slot t,
             # what does not depend on i: its load, its GPU's load without it, its share of the moves, and
             # max(rest, limit), as key = max(max(changed, rest), limit) = max(changed, max(rest, limit)).
+            # (Slots visited GPU by GPU, in slot order: no division in the loops.)
             num_swaps = 0
-            for u in range(per_node):
-                t = n0 + u
-                g = t // per_gpu
-                if g == heavy or cur[t] < 0:  # a failed GPU's slot takes no expert
+            for g in range(g0, g0 + gpus_per_node):
+                if g == heavy or cur[g * per_gpu] < 0:  # a failed GPU's slots take no expert
                     continue
-                e = cur[t]
-                swap_t[num_swaps] = t
-                swap_y[num_swaps] = slot_load[t]
-                swap_room[num_swaps] = loads[g] - slot_load[t]
-                onto_a = 1 if count_now[e] >= count_old[e] else 0  # e's copy on a would be a new pair
-                off_b = 1 if own_now[t] > own_old[t] else 0  # t gives up one of e's extra copies on its GPU
-                swap_moves[num_swaps] = onto_a - off_b
                 rest = second if g == top else top_load
-                swap_floor[num_swaps] = rest if rest >= lim else lim
-                num_swaps += 1
+                floor = rest if rest >= lim else lim
+                for t in range(g * per_gpu, (g + 1) * per_gpu):
+                    e = cur[t]
+                    swap_t[num_swaps] = t
+                    swap_y[num_swaps] = slot_load[t]
+                    swap_room[num_swaps] = loads[g] - slot_load[t]
+                    onto_a = 1 if count_now[e] >= count_old[e] else 0  # e's copy on a would be a new pair
+                    off_b = 1 if own_now[t] > own_old[t] else 0  # t gives up one of e's extra copies on its GPU
+                    swap_moves[num_swaps] = onto_a - off_b
+                    swap_floor[num_swaps] = floor
+                    num_swaps += 1
             for i in range(per_gpu):
                 count_now[cur[a0 + i]] = 0
                 if old_b[a0 + i] >= 0:
@@ -714,12 +719,12 @@ def _repair(
             # Replicate out: expert e of a takes the slot of a multi-replica expert of the node where the
             # change leaves that slot's GPU lightest (first on ties).
             num_donors = 0
-            for u in range(per_node):
-                t = n0 + u
-                if cur[t] >= 0 and cnt[cur[t]] >= 2:  # a failed GPU's slot gives no expert
-                    donors[num_donors] = t
-                    donor_room[num_donors] = loads[t // per_gpu] - slot_load[t]
-                    num_donors += 1
+            for g in range(g0, g0 + gpus_per_node):
+                for t in range(g * per_gpu, (g + 1) * per_gpu):
+                    if cur[t] >= 0 and cnt[cur[t]] >= 2:  # a failed GPU's slot gives no expert
+                        donors[num_donors] = t
+                        donor_room[num_donors] = loads[g] - slot_load[t]
+                        num_donors += 1
             for i in range(per_gpu):
                 e = out_e[i]
                 grown = extra[e]
@@ -769,7 +774,7 @@ def _repair(
                 here[k] = False
             for u in range(per_node):
                 if cur[n0 + u] >= 0:
-                    here[cur[n0 + u] // group_size] = True
+                    here[group_of[cur[n0 + u]]] = True
             cold1, cold2 = _extremes(extra, here, group_size, False)
             hot1, hot2 = _extremes(per_replica, here, group_size, True)
             for hot in range(2):
