@@ -454,7 +454,7 @@ def _select(mask: np.ndarray, new: Any, old: Any) -> Any:
     """Per layer (leading axis): ``new`` where ``mask``, else ``old`` (both of one kind and device)."""
     xp = _xp.array_namespace(new)
     pick = _like(mask.reshape((-1,) + (1,) * (len(new.shape) - 1)), new)
-    return xp.where(pick, new, xp.astype(old, new.dtype))
+    return xp.where(pick, new, xp.astype(old, new.dtype, copy=False))  # (no copy of old: same dtype)
 
 
 def _as_placement(placement: Any, like: Any) -> Placement:
