@@ -311,7 +311,9 @@ class Rebalancer:
             fresh = rebalance_experts(self._history, *self._sizes, **self._options, **self._gpus)
             loads = _host(metrics.gpu_loads(self._history, fresh.phy2log, self._sizes[3]))
             planned = _balancedness(loads, self._speeds())
-        arrived = float(np.mean([_balancedness(_host(loads), self._speeds()) for loads in self._arrived]))
+        xp = _xp.array_namespace(self._arrived[0])
+        windows = _host(xp.stack(self._arrived))  # one copy to the host for all of them, [windows, L, G]
+        arrived = float(np.mean([_balancedness(loads, self._speeds()) for loads in windows]))
         if arrived <= 0:
             return cap
         return float(min(cap, max(floor, slope * (planned / arrived - 1.0))))
