@@ -5,6 +5,8 @@ namespace ``xp`` plus the few primitives below, which the standard lacks or
 which backends implement with different semantics:
 
 - :func:`at_set`: index update (in place on numpy/torch, functional on JAX);
+- :func:`count_rows`: per-row counts of integer values (a scatter-add: numpy
+  ``bincount``, torch ``scatter_add_``, JAX ``.at[].add``);
 - :func:`argsort_desc`: *stable* descending argsort (ties keep index order);
 - :func:`take_along`: gather along the last axis (native ``torch.gather``);
 - :func:`scan`: a loop with a carry and stacked per-step outputs
@@ -31,6 +33,7 @@ __all__ = [
     "at_set",
     "backend_name",
     "constant",
+    "count_rows",
     "device",
     "is_jax",
     "is_numpy",
