@@ -110,11 +110,12 @@ def _checked_previous(
 ) -> Any:
     """Validate ``previous`` [L, R] (integer expert ids) and convert it to ``weight``'s kind and device.
 
-    ``sizes`` is ``(num_replicas, num_groups, num_nodes, hierarchical)``. With
+    ``sizes`` is ``(num_replicas, num_groups, num_nodes, num_gpus, hierarchical)``. With
     ``max_moves``, readable ids must also form a placement of this config.
-    ``allow_empty`` (with ``active_gpus``): ``-1`` marks an empty slot.
+    ``allow_empty`` (with ``active_gpus`` or ``gpu_capacity``): ``-1`` marks the slots of a GPU that was down,
+    all of them (readable ids are checked: the local search takes a GPU as live or empty as a whole).
     """
-    num_replicas, num_groups, num_nodes, hierarchical = sizes
+    num_replicas, num_groups, num_nodes, num_gpus, hierarchical = sizes
     if isinstance(previous, Placement):
         previous = previous.phy2log
     name = _xp.backend_name(weight)
@@ -158,9 +159,29 @@ def _checked_previous(
                     else ""
                 )
             )
+        if values is not None and allow_empty and values.size and values.min() == -1:
+            by_gpu = np.reshape(values, (values.shape[0], num_gpus, -1)) == -1
+            partial = np.argwhere(by_gpu.any(axis=-1) & ~by_gpu.all(axis=-1))
+            if partial.size:
+                layer, gpu = partial[0].tolist()
+                raise ValueError(
+                    f"previous: -1 marks the slots of a GPU that was down and must fill whole GPUs "
+                    f"({num_replicas // num_gpus} slots each); layer {layer}, GPU {gpu} holds both -1 and experts"
+                )
         if values is not None and max_moves is not None:
             _validate.check_previous_placement(values, weight.shape[1], num_groups, num_nodes, hierarchical)
     return previous
+
+
+def _all_up(weight: Any, num_gpus: int) -> Any:
+    """An all-``True`` ``active_gpus`` mask of ``weight``'s kind and device."""
+    live = np.ones(num_gpus, dtype=bool)
+    name = _xp.backend_name(weight)
+    if name == "torch":
+        return sys.modules["torch"].as_tensor(live, device=weight.device)
+    if name == "jax":
+        return sys.modules["jax"].numpy.asarray(live)
+    return live
 
 
 def _gpu_vector(
@@ -677,8 +698,20 @@ def rebalance_experts(
                 f"{type(weight).__name__} loads"
             )
     if previous is not None:
-        sizes = (num_replicas, num_groups, num_nodes, hierarchical)
-        previous = _checked_previous(previous, weight, backend, sizes, check_values, max_moves, bool(elastic))
+        sizes = (num_replicas, num_groups, num_nodes, num_gpus, hierarchical)
+        empty_ok = bool(elastic) or gpu_capacity is not None  # -1: the slots of a GPU that was down
+        previous = _checked_previous(previous, weight, backend, sizes, check_values, max_moves, empty_ok)
+        if gpu_capacity is not None and not elastic:
+            # Equal capacities, every GPU live: the plain placement; from a previous with empty slots, the elastic
+            # rule's, every GPU up (the rule unequal capacities use then; the plain one has no empty slots).
+            values = None if check_values is False else backend.host_values(previous, force=bool(check_values))
+            if values is not None and values.size and values.min() == -1:
+                live = np.ones(num_gpus, dtype=bool)
+                elastic = {"active_gpus": _all_up(weight, num_gpus)}
+                if hierarchical:
+                    elastic["node_fallback"] = node_fallback_needed(
+                        live, weight.shape[1], num_replicas, num_nodes, num_gpus
+                    )
         placement = backend.rebalance_stable(
             weight,
             previous,

@@ -623,6 +623,40 @@ def test_previous_unsupported(options, error, match):
         eplb.rebalance_experts(w, 32, 4, 2, 8, active_gpus=np.ones(8, bool), balance_tolerance=0.1)
 
 
+@pytest.mark.parametrize(
+    "gpus",
+    [
+        {"active_gpus": np.ones(8, bool)},
+        {"active_gpus": np.arange(8) != 2},
+        {"gpu_capacity": np.array([1.0, 0.6] * 4)},
+        {"gpu_capacity": np.full(8, 2.0)},
+    ],
+    ids=["all up", "one down", "unequal speeds", "equal speeds"],
+)
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_previous_empty_slots_fill_whole_gpus(gpus, framework):
+    """-1 in previous marks the slots of a GPU that was down, all of them: a GPU holding both -1 and experts is a
+    ValueError naming previous on every path (the numba search refused it with a message about its own
+    arguments, the array-API one took it), and whole empty GPUs are taken under every mask and speed vector,
+    equal speeds included (they were refused there, though unequal ones took them; found by a fuzzer)."""
+    convert = np.asarray if framework == "numpy" else pytest.importorskip("torch").as_tensor
+    w = _loads(16, 3)
+    whole = eplb.rebalance_experts(_loads(16, 4), 32, 4, 2, 8, hierarchical=False).phy2log.copy()
+    whole[:, 8:12] = -1  # GPU 2 was down
+    partial = whole.copy()
+    partial[1, 8:10] = whole[1, 0:2]  # GPU 2 of layer 1: half empty
+    kwargs = {k: convert(v) for k, v in gpus.items()}
+    with pytest.raises(ValueError, match=r"previous: -1 .* whole GPUs .* layer 1, GPU 2"):
+        eplb.rebalance_experts(convert(w), 32, 4, 2, 8, hierarchical=False, previous=convert(partial), **kwargs)
+    got = eplb.rebalance_experts(convert(w), 32, 4, 2, 8, hierarchical=False, previous=convert(whole), **kwargs)
+    phy2log, logcnt = np.asarray(got.phy2log), np.asarray(got.logcnt)
+    for row, counts in zip(phy2log.tolist(), logcnt.tolist(), strict=True):  # valid: every expert placed
+        assert [row.count(e) for e in range(16)] == counts and min(counts) >= 1
+    if "gpu_capacity" in gpus and len(set(gpus["gpu_capacity"].tolist())) == 1:  # equal speeds: all up
+        want = eplb.rebalance_experts(w, 32, 4, 2, 8, hierarchical=False, previous=whole, active_gpus=np.ones(8, bool))
+        np.testing.assert_array_equal(phy2log, want.phy2log)
+
+
 def test_previous_then_plan_transfers():
     """The plan from the placement in force (failed GPUs' slots -1) to the new one: live slots only; an expert
     that only failed GPUs held is a reload (allow_reload=True) or a ValueError."""
