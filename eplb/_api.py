@@ -563,7 +563,8 @@ def rebalance_experts(
         is positive.
 
         With ``previous`` (may hold ``-1`` in slots of GPUs that were
-        already down; any mask, even all-``True``, runs this rule): the
+        already down, all of a GPU's slots: readable ids are checked,
+        ``ValueError``; any mask, even all-``True``, runs this rule): the
         replicas of the placement without ``previous`` repacked onto the
         live GPUs preferring the live GPU that held each one, then (where
         that misses the limit below) a local search of swaps and single-slot
@@ -615,8 +616,9 @@ def rebalance_experts(
         ``logcnt = 0``. Greedy policy only; not with ``spill`` or
         ``max_moves`` yet. Score with ``eplb.metrics``' ``gpu_capacity=``.
 
-        With ``previous`` (may hold ``-1``; slots of idle GPUs count as
-        empty): the placement above with its GPUs permuted among GPUs of
+        With ``previous`` (may hold ``-1`` on whole GPUs, as with
+        ``active_gpus``, equal capacities included; slots of idle GPUs count
+        as empty): the placement above with its GPUs permuted among GPUs of
         equal capacity (and node, under the hierarchical policy) to keep
         the most experts in place, or, per layer where it moves fewer
         experts within the limit, ``previous`` itself or ``previous``
