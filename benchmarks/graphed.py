@@ -133,13 +133,10 @@ def main() -> None:
 
 def rebalancer_steps(runs: int) -> None:
     """``Rebalancer.step()`` host time, eager against graphed (see the module docstring)."""
-    from benchmarks.keep_speed import DATA
+    from benchmarks.rebalancer_speed import sglang_windows
 
-    files = sorted((DATA / "deepseek-v3-sglang").glob("*.json"))
-    dumps = [load(path.name) for path in files]
-    layers = min(len(d) for d in dumps)
-    rng = np.random.default_rng(0)
-    windows = [dumps[t % len(dumps)][:layers] * rng.lognormal(0.0, 0.1, (layers, 256)) for t in range(2 * runs + 4)]
+    windows = sglang_windows(2 * runs + 4)
+    layers = windows[0].shape[0]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; Rebalancer.step() host ms, {layers} layers")
     print("| config | GPUs | eager: median / max | graphed: median / max | steps |")
     print("| --- | --- | --- | --- | --- |")
@@ -153,7 +150,7 @@ def rebalancer_steps(runs: int) -> None:
             graphed = eplb.Rebalancer(*config, **vectors)
             times: dict[str, list[float]] = {"eager": [], "graphed": []}
             for t, window in enumerate(windows):
-                load_gpu = torch.as_tensor(np.round(window).astype(np.int64), device="cuda")
+                load_gpu = torch.as_tensor(window, device="cuda")
                 eager.record(load_gpu)
                 graphed.record(load_gpu)
                 if t % 2 == 0:

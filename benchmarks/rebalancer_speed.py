@@ -25,18 +25,25 @@ from benchmarks.keep_speed import CONFIGS, DATA, load
 from eplb.backends import _numba
 
 
+def sglang_windows(count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` int64 windows ``[L, 256]``: the 12 SGLang DeepSeek-V3 files in name order, in turn, each times
+    lognormal noise (sigma 0.1), rounded; ``L`` the fewest loaded layers of a file (58)."""
+    dumps = [load(path.name) for path in sorted((DATA / "deepseek-v3-sglang").glob("*.json"))]
+    layers = min(len(d) for d in dumps)
+    rng = np.random.default_rng(seed)
+    return [
+        np.round(dumps[t % len(dumps)][:layers] * rng.lognormal(0.0, 0.1, (layers, 256))).astype(np.int64)
+        for t in range(count)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=int, default=40)
     args = parser.parse_args()
     _numba.warm_up()
-    dumps = [load(path.name) for path in sorted((DATA / "deepseek-v3-sglang").glob("*.json"))]
-    layers = min(len(d) for d in dumps)
-    rng = np.random.default_rng(0)
-    windows = [
-        np.round(dumps[t % len(dumps)][:layers] * rng.lognormal(0.0, 0.1, (layers, 256))).astype(np.int64)
-        for t in range(args.windows)
-    ]
+    windows = sglang_windows(args.windows)
+    layers = windows[0].shape[0]
     frameworks = {"numpy": np.asarray}
     try:
         import torch

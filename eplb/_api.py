@@ -173,15 +173,14 @@ def _checked_previous(
     return previous
 
 
-def _all_up(weight: Any, num_gpus: int) -> Any:
-    """An all-``True`` ``active_gpus`` mask of ``weight``'s kind and device."""
-    live = np.ones(num_gpus, dtype=bool)
+def _like_loads(host: np.ndarray, weight: Any) -> Any:
+    """A host array as an array of ``weight``'s kind, on its device (a mask the host has read and decided on)."""
     name = _xp.backend_name(weight)
     if name == "torch":
-        return sys.modules["torch"].as_tensor(live, device=weight.device)
+        return sys.modules["torch"].as_tensor(host, device=weight.device)
     if name == "jax":
-        return sys.modules["jax"].numpy.asarray(live)
-    return live
+        return sys.modules["jax"].numpy.asarray(host)
+    return host
 
 
 def _gpu_vector(
@@ -318,13 +317,7 @@ def _capacity_options(
     if np.unique(values32[live]).size == 1:  # equal capacities: the capacity-blind placement, bit for bit
         if live.all():
             return {}
-        mask = live
-        name = _xp.backend_name(weight)
-        if name == "torch":
-            mask = sys.modules["torch"].as_tensor(live, device=weight.device)
-        elif name == "jax":
-            mask = sys.modules["jax"].numpy.asarray(live)
-        return {"active_gpus": mask, **({"node_fallback": fallback} if hierarchical else {})}
+        return {"active_gpus": _like_loads(live, weight), **({"node_fallback": fallback} if hierarchical else {})}
     return {"gpu_capacity": capacity, "uniform": False, **({"node_fallback": fallback} if hierarchical else {})}
 
 
@@ -709,7 +702,7 @@ def rebalance_experts(
             values = None if check_values is False else backend.host_values(previous, force=bool(check_values))
             if values is not None and values.size and values.min() == -1:
                 live = np.ones(num_gpus, dtype=bool)
-                elastic = {"active_gpus": _all_up(weight, num_gpus)}
+                elastic = {"active_gpus": _like_loads(live, weight)}
                 if hierarchical:
                     elastic["node_fallback"] = node_fallback_needed(
                         live, weight.shape[1], num_replicas, num_nodes, num_gpus

@@ -136,12 +136,9 @@ def count_rows(idx: Any, size: int, *, xp: Any) -> Any:
         torch = sys.modules["torch"]
         out = torch.zeros((batch, size + 1), dtype=idx.dtype, device=idx.device)
         return out.scatter_add_(1, shifted.to(torch.int64), torch.ones_like(idx))[:, 1:]
-    if is_jax(xp):
-        rows = xp.broadcast_to(xp.reshape(xp.arange(batch, dtype=idx.dtype), (batch, 1)), (batch, n))
-        out = xp.zeros((batch, size + 1), dtype=idx.dtype)
-        return out.at[rows, shifted].add(xp.ones_like(idx))[:, 1:]
-    values = xp.arange(size, dtype=idx.dtype, device=device(idx))
-    return xp.sum(idx[:, :, None] == values, axis=1, dtype=idx.dtype)
+    rows = xp.broadcast_to(xp.reshape(xp.arange(batch, dtype=idx.dtype), (batch, 1)), (batch, n))  # JAX
+    out = xp.zeros((batch, size + 1), dtype=idx.dtype)
+    return out.at[rows, shifted].add(xp.ones_like(idx))[:, 1:]
 
 
 def argsort_desc(x: Any, *, xp: Any) -> Any:

@@ -163,8 +163,8 @@ def cold_cache() -> bool:
     """
     from eplb.kernels import _numba_jit
 
-    for module in ("greedy", "relabel", "repair", "group_split", "speed", "pairs"):
-        importlib.import_module(f"eplb.kernels.{module}_numba")  # defines (registers) its kernels
+    for family in KERNEL_FAMILIES:
+        importlib.import_module(f"eplb.kernels.{family}_numba")  # defines (registers) its kernels
     for name, dispatcher in _numba_jit.DISPATCHERS.items():
         if not _numba_jit.CACHED.get(name):
             continue

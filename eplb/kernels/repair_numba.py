@@ -470,16 +470,8 @@ def _own_copies(
     """Per slot ``t`` of the GPU at ``lo``: copies of ``cur[t]`` on that GPU now and in ``old`` (0 for ``-1``)."""
     for t in range(lo, lo + per_gpu):
         e = cur[t]
-        now = 0
-        was = 0
-        if e >= 0:
-            for r in range(lo, lo + per_gpu):
-                if cur[r] == e:
-                    now += 1
-                if old[r] == e:
-                    was += 1
-        own_now[t] = now
-        own_old[t] = was
+        own_now[t] = _copies(cur, lo, per_gpu, e) if e >= 0 else 0
+        own_old[t] = _copies(old, lo, per_gpu, e) if e >= 0 else 0
 
 
 @_inline
