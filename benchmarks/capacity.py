@@ -19,7 +19,8 @@ greedy's balancedness with equal speeds.
 
 ``--vectors``: instead, ours / bound and capacity-blind / bound per layer for
 other capacity vectors (one slow GPU, one fast GPU, a slow node, three
-speeds, half at 0.6), global policy over 144 GPUs.
+speeds, half at 0.6, and half at 0.6 with a GPU or a node idle), global policy
+over 144 GPUs.
 
 ``--devices``: instead, the median time of one call on torch (CUDA where
 present, else CPU) and JAX (its default device), capacities on the device
@@ -117,7 +118,8 @@ def table(data: list[tuple[str, np.ndarray]]) -> str:
 
 
 def other_vectors(num_gpus: int) -> dict[str, np.ndarray]:
-    """Capacity vectors other than half at 0.6: one slow GPU, one fast GPU, a slow node, three speeds."""
+    """Capacity vectors other than half at 0.6: one slow GPU, one fast GPU, a slow node, three speeds; half at 0.6
+    with one GPU or a node idle (capacity 0)."""
     one_slow, one_fast, slow_node = np.ones(num_gpus), np.ones(num_gpus), np.ones(num_gpus)
     one_slow[num_gpus // 3] = 0.5
     one_fast[0] = 2.0
@@ -128,6 +130,10 @@ def other_vectors(num_gpus: int) -> dict[str, np.ndarray]:
         "one node (8 GPUs) at 0.7": slow_node,
         "thirds at 1.0 / 0.8 / 0.6": np.resize([1.0, 0.8, 0.6], num_gpus),
         "half at 0.6 (alternate)": half_slow(num_gpus, "alternate"),
+        "half at 0.6, GPU 5 idle": np.where(np.arange(num_gpus) == 5, 0.0, half_slow(num_gpus, "alternate")),
+        "half at 0.6, GPUs 16-23 idle": np.where(
+            (np.arange(num_gpus) >= 16) & (np.arange(num_gpus) < 24), 0.0, half_slow(num_gpus, "alternate")
+        ),
     }
 
 

@@ -736,11 +736,13 @@ def budget_counts(
     share: float,
 ) -> list[int] | None:  # fmt: skip
     """Replica counts for a time budget, from ``eplb.algorithms.capacity._budget_counts``'s docstring
-    (``num_slots``: the row's slots, live or not; ``fastest``/``slowest``: the live GPUs' smallest and
-    largest scaled inverse); ``None`` where not valid."""
+    (``num_slots``: the row's slots, live or not, which do not matter: counts stop at ``live_slots - E + 1``,
+    so idle GPUs count as absent; ``fastest``/``slowest``: the live GPUs' smallest and largest scaled
+    inverse); ``None`` where not valid."""
+    del num_slots
     w = [F32(x) for x in weights]
     num_log = len(w)
-    max_count = num_slots - num_log + 1
+    max_count = max(live_slots - num_log + 1, 1)
     fast_budget, slow_budget = F32(F32(budget) * F32(1 - margin)), F32(F32(budget) * F32(share))
 
     def fewest(x: np.float32, inv: float, limit: np.float32) -> int:

@@ -364,6 +364,65 @@ def test_capacity_zero_is_a_failed_gpu():
     _same(_jax_user_jit(w, 32, 4, 2, 8, np.where(mask, caps, 0), True), zeroed, "JAX, traced")
 
 
+def _drop_idle(placement, idle, per_gpu, width):
+    """The placement with the slots of the ``idle`` GPUs removed (they must hold -1); log2phy renumbered and cut
+    to ``width`` replicas (the columns past it must be -1: more slots, a wider table)."""
+    phy2log, log2phy, logcnt = (np.asarray(a) for a in placement)
+    slot_idle = np.repeat(idle, per_gpu)
+    assert (phy2log[:, slot_idle] == -1).all(), "an idle GPU holds an expert"
+    assert (log2phy[:, :, width:] == -1).all()
+    new_index = np.cumsum(~slot_idle) - 1
+    renumbered = np.where(log2phy >= 0, new_index[np.maximum(log2phy, 0)], -1)[:, :, :width]
+    return phy2log[:, ~slot_idle], renumbered, logcnt
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numpy:xp", "torch:ops"])
+def test_idle_gpus_place_as_absent_ones(impl):
+    """Global policy: GPUs of capacity 0, anywhere, change nothing for the live ones: the live GPUs hold what the
+    same call without the idle GPUs gives them (two slots per GPU, where the pair and budget sets run, and
+    three), ``log2phy`` points at the same replicas. One expert, exactly E live slots, an all-zero layer."""
+    rng = np.random.default_rng(11)
+    for trial in range(30):
+        per_gpu = (2, 2, 3)[trial % 3]
+        live_gpus = int(rng.integers(2, 9))
+        experts = [1, int(rng.integers(2, per_gpu * live_gpus + 1))][trial % 4 != 0]
+        if trial % 5 == 0:
+            experts = per_gpu * live_gpus  # every live slot one expert
+        caps = rng.choice([0.5, 0.6, 1.0, 2.0], live_gpus)
+        idle = np.zeros(live_gpus + int(rng.integers(1, 4)), bool)
+        idle[rng.choice(idle.size, idle.size - live_gpus, replace=False)] = True
+        with_idle = np.zeros(idle.size)
+        with_idle[~idle] = caps
+        w = _loads(experts, seed=trial, layers=6) * rng.choice([1, 3], experts).astype(np.float32)
+        want = IMPLS[impl](w, per_gpu * live_gpus, 1, 1, live_gpus, caps, False)
+        got = IMPLS[impl](w, per_gpu * idle.size, 1, 1, idle.size, with_idle, False)
+        live_view = _drop_idle(got, idle, per_gpu, want[1].shape[-1])
+        _same(live_view, want, f"trial {trial}: with idle GPUs {np.flatnonzero(idle)}")
+
+
+def test_idle_gpus_place_as_absent_ones_under_jit():
+    """The same under the user's jit (traced capacities; one shape pair, one compile each)."""
+    w = _loads(12, seed=5) * np.resize(np.float32([1, 3, 1]), 12)
+    caps = np.array([1, 0.6, 0.5, 2, 1, 0.6, 0.6, 1])
+    with_idle = np.insert(caps, [1, 6], 0.0)
+    idle = with_idle == 0
+    want = _jax_user_jit(w, 16, 1, 1, 8, caps, False)
+    _same(want, _numpy_xp(w, 16, 1, 1, 8, caps, False), "JAX vs numpy")
+    _same(_drop_idle(_jax_user_jit(w, 20, 1, 1, 10, with_idle, False), idle, 2, want[1].shape[-1]), want, "idle")
+
+
+def test_an_idle_gpu_never_slows_the_live_ones():
+    """The fuzzer's case: an idle GPU made the slowest live GPU 1.78x slower (the pair set then searched full
+    rows only); times from plain Python."""
+    w = np.array([[64, 58, 61, 51, 52]], np.float32)
+    caps = np.array([0.5, 2.0, 2.0, 0.5])
+    alone = eplb.rebalance_experts(w, 8, 1, 1, 4, gpu_capacity=caps).phy2log
+    for at in range(5):
+        with_idle = np.insert(caps, at, 0.0)
+        got = eplb.rebalance_experts(w, 10, 1, 1, 5, gpu_capacity=with_idle).phy2log
+        assert _max_time(w, got, 5, with_idle)[0] == _max_time(w, alone, 4, caps)[0] == 58.0
+
+
 def test_traced_capacities_never_recompile_nor_fail():
     """A new vector does not recompile; too few live slots give an empty placement; unread NaN, negative and
     infinite capacities read as 0 (idle), as on every backend."""

@@ -35,11 +35,12 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
 
 
-def greedy_counts(w: np.ndarray, slots: int) -> np.ndarray:
-    """Plain greedy replication (float32 scores ``w * fl(1/c)``, first largest): a start for the search."""
+def greedy_counts(w: np.ndarray, slots) -> np.ndarray:
+    """Plain greedy replication (float32 scores ``w * fl(1/c)``, first largest) of ``slots`` (an int, or one per
+    row): a start for the search."""
     count = np.ones(w.shape, np.int64)
     for row in range(w.shape[0]):
-        for _ in range(slots - w.shape[1]):
+        for _ in range(int(np.broadcast_to(slots, w.shape[:1])[row]) - w.shape[1]):
             score = w[row] * (np.float32(1) / count[row].astype(np.float32))
             count[row, int(np.argmax(score))] += 1
     return count
@@ -47,7 +48,8 @@ def greedy_counts(w: np.ndarray, slots: int) -> np.ndarray:
 
 def count_rows(seed: int, cases: int = 40) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """``(load [B, n] float32, count [B, n], slots)``: lognormal, tied integers, zipf, equal and all-zero rows,
-    one expert, no spare slot, many spare slots; starts from greedy and from ``count=1`` plus a pile."""
+    one expert, no spare slot, many spare slots; starts from greedy and from ``count=1`` plus a pile; every
+    fourth case's rows fill fewer slots than ``slots`` (idle GPUs: 2 or 4 fewer, or one fewer, an odd row)."""
     rng = np.random.default_rng(seed)
     out = []
     for case in range(cases):
@@ -68,10 +70,13 @@ def count_rows(seed: int, cases: int = 40) -> list[tuple[np.ndarray, np.ndarray,
             w = rng.lognormal(0, 1.0, (rows, n)) * rng.choice([1, 1e-3, 1e3], (rows, n))
         w = w.astype(np.float32)
         w[rng.integers(rows)] = 0.0
-        count = greedy_counts(w, slots)
+        live = np.full(rows, slots)
+        if case % 4 == 1:  # rows with idle GPUs: their counts fill fewer slots
+            live = np.maximum(slots - np.array([2, 4, 1])[:rows], n)
+        count = greedy_counts(w, live)
         if case % 3 == 0 and n > 1:  # another start: every spare replica on one expert
             count = np.ones((rows, n), np.int64)
-            count[:, rng.integers(n)] += slots - n
+            count[np.arange(rows), rng.integers(n)] += live - n
         out.append((w, count, slots))
     return out
 
@@ -103,7 +108,7 @@ def test_search_keeps_counts_valid_and_never_raises_the_fold():
     for w, count, slots in count_rows(0):
         found = pairs.pair_counts(w, count, slots, pairs.default_pair_iterations(slots, w.shape[1]), xp=np)
         assert found.dtype == count.dtype and found.shape == count.shape
-        assert (found >= 1).all() and (found.sum(axis=1) == slots).all()
+        assert (found >= 1).all() and (found.sum(axis=1) == count.sum(axis=1)).all()
         for row in range(w.shape[0]):
             before = fold64(w[row].tolist(), count[row].tolist())
             after = fold64(w[row].tolist(), found[row].tolist())
@@ -127,6 +132,30 @@ def test_fold_is_the_best_pairing_of_its_counts():
         _, item_load = replica_items(w, count, np.full((1, 1), slots), slots, xp=np)
         _, pair_load = pairs.fold(item_load, xp=np)
         assert float(pair_load.max()) == pytest.approx(best_pairing64(items64), rel=1e-5)
+
+
+def test_fold_of_live_slots_is_the_best_pairing_of_the_live_items():
+    """A row whose counts fill fewer slots (idle GPUs, two slots each) folds only its own items: the best pairing
+    of them, and the full fold's sums bit for bit where every slot is filled."""
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        n = int(rng.integers(1, 6))
+        slots = 2 * int(rng.integers((n + 1) // 2 + 1, 6))
+        live = 2 * int(rng.integers((n + 1) // 2, slots // 2 + 1))
+        w = (rng.lognormal(0, 1.5, (1, n)) * rng.choice([0, 1, 2], (1, n))).astype(np.float32)
+        count = greedy_counts(w, live)
+        items64 = sorted((float(x) / int(c) for x, c in zip(w[0], count[0], strict=True) for _ in range(int(c))),
+                         reverse=True)  # fmt: skip
+        best = best_pairing64(items64)
+        _, item_load = replica_items(w, count, np.full((1, 1), live), slots, xp=np)
+        _, pair_load = pairs.fold_live(item_load, np.full((1, 1), live), xp=np)
+        assert float(pair_load.max()) == pytest.approx(best, rel=1e-5, abs=1e-30), (w, count, slots)
+        assert (pair_load[0, live // 2 :] == -np.inf).all()
+        full = greedy_counts(w, slots)
+        _, item_load = replica_items(w, full, np.full((1, 1), slots), slots, xp=np)
+        np.testing.assert_array_equal(
+            pairs.fold_live(item_load, np.full((1, 1), slots), xp=np)[1], pairs.fold(item_load, xp=np)[1]
+        )
 
 
 def test_search_on_every_array_namespace():
@@ -164,8 +193,8 @@ def test_numba_kernel_refuses_counts_that_do_not_fill_the_row():
     from eplb.kernels import pairs_numba
 
     w = np.array([[3.0, 1.0, 2.0]], np.float32)
-    for count in ([[2, 1, 0]], [[1, 1, 1]], [[3, 1, 1]]):
-        with pytest.raises(ValueError, match="summing to num_slots"):
+    for count in ([[2, 1, 0]], [[0, 1, 1]], [[3, 1, 1]]):
+        with pytest.raises(ValueError, match="summing to at most num_slots"):
             pairs_numba.pair_counts(w, np.array(count), 4, 4)
 
 

@@ -167,7 +167,7 @@ def _budget_counts(
     With ``r_c = w * fl(1/c)`` (``c <= X_max + 1``) and the fastest and the
     slowest live GPU's ``inverse``: each expert first gets the fewest
     replicas whose load fits the fastest GPU within ``T * (1 - margin)``
-    (room for a light partner); a replica that then fits no slowest GPU
+    (room for a light partner; counts stop at the row's ``live slots - E + 1``); a replica that then fits no slowest GPU
     within that time is *fast only*. Splitting a fast-only expert into the
     fewest replicas that fit a slowest GPU within ``T * share`` (room for a
     partner there too) costs its extra replicas; these splits are taken
@@ -187,16 +187,19 @@ def _budget_counts(
     fastest = xp.min(xp.where(live_gpu, inverse, top), axis=-1, keepdims=True)[:, :, None]  # finite without
     slowest = xp.max(xp.where(live_gpu, inverse, bottom), axis=-1, keepdims=True)  # live GPUs (then not valid)
     fast_budget = budget * (1 - margin)
+    live_slots = xp.astype(live_slots, index_dtype)
+    # A row's counts stop at its own most (its live slots' extra plus one): idle GPUs' slots add none, so an
+    # idle GPU places as an absent one.
+    row_max = xp.maximum(live_slots - num_log + 1, xp.ones_like(live_slots))
 
-    def fewest(over: Any) -> Any:  # 1 + the counts that miss (r_c falls with c), at most C
+    def fewest(over: Any) -> Any:  # 1 + the counts that miss (r_c falls with c), at most the row's most
         count = 1 + xp.sum(xp.astype(over, index_dtype), axis=-1)
-        return xp.where(count > max_count, max_count, count)
+        return xp.where(count > row_max, row_max, count)
 
     fast_count = fewest(replica * fastest > fast_budget[:, :, None])
     slow_count = fewest(replica * slowest[:, :, None] > (budget * share)[:, :, None])
     fast_only = replica_load(mlog_load, fast_count, reciprocal, xp=xp) * slowest > fast_budget
     cost = xp.where(fast_only & (slow_count > fast_count), slow_count - fast_count, 0)
-    live_slots = xp.astype(live_slots, index_dtype)
     left = live_slots - xp.sum(fast_count, axis=-1, keepdims=True)
     order = _xp.argsort_desc(-xp.astype(cost, mlog_load.dtype), xp=xp)  # ascending cost, ties by index
     spent = xp.cumulative_sum(_xp.take_along(cost, xp.astype(order, index_dtype), xp=xp), axis=-1)
@@ -262,16 +265,10 @@ def _pair_set(
     """Two slots per GPU: greedy's counts ``greedy_cnt [rows, E/N]`` searched for the fold pairing as if every
     GPU ran at one speed (:func:`eplb.algorithms.pairs.pair_counts`, ``fns["pair_counts_fn"]``), a replica set
     that the packing by time then places: ``item2mlog``, ``item_load``, ``mlogcnt`` as :func:`_replica_sets`.
-    Rows with idle GPUs (fewer live slots than slots) keep greedy's counts."""
-    num_log = mlog_load.shape[1]
-    iterations = default_pair_iterations(phy_per_node, num_log)
-    full = xp.astype(live_slots, greedy_cnt.dtype) == phy_per_node  # [rows, 1]
-    # The search takes rows whose counts fill every slot: the others search a stand-in (every spare replica on
-    # expert 0) whose result is dropped.
-    stand_in = xp.where(xp.arange(num_log, device=_xp.device(greedy_cnt)) == 0, phy_per_node - num_log + 1, 1)
-    start = xp.where(full, greedy_cnt, xp.astype(stand_in, greedy_cnt.dtype))
-    found = fns["pair_counts_fn"](mlog_load, start, phy_per_node, iterations, xp=xp)
-    count = xp.where(full, xp.astype(found, greedy_cnt.dtype), greedy_cnt)
+    A row with idle GPUs searches the fold of its live slots (greedy's counts fill just those)."""
+    iterations = default_pair_iterations(phy_per_node, mlog_load.shape[1])
+    found = fns["pair_counts_fn"](mlog_load, greedy_cnt, phy_per_node, iterations, xp=xp)
+    count = xp.astype(found, greedy_cnt.dtype)
     item2mlog, item_load = replica_items(mlog_load, count, live_slots, phy_per_node, xp=xp)
     return item2mlog, item_load, count
 

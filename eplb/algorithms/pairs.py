@@ -37,7 +37,7 @@ from eplb.algorithms.refine import IMPROVEMENT
 from eplb.algorithms.repair import gpu_loads
 from eplb.algorithms.replication import replica_items, replica_load
 
-__all__ = ["DONORS", "default_pair_iterations", "fold", "pair_counts", "pair_stage"]
+__all__ = ["DONORS", "default_pair_iterations", "fold", "fold_live", "pair_counts", "pair_stage"]
 
 #: Experts that may give up a replica in a round (the ones whose replicas would stay lightest).
 DONORS = 8
@@ -62,15 +62,21 @@ def fold(item_load: Any, *, xp: Any) -> tuple[Any, Any]:
 
 def _heaviest_pair(load: Any, count: Any, num_slots: int, *, xp: Any) -> tuple[Any, Any, Any]:
     """Per row: the heaviest pair's load ``[B, 1]`` and the experts of its heavy and light item ``[B, 1]``."""
-    item2exp, item_load = replica_items(load, count, _full_rows(count, num_slots, xp=xp), num_slots, xp=xp)
-    order, pair_load = fold(item_load, xp=xp)
+    live = _row_slots(count, xp=xp)
+    item2exp, item_load = replica_items(load, count, live, num_slots, xp=xp)
+    order, pair_load = fold_live(item_load, live, xp=xp)
     index_dtype = count.dtype
     top = xp.reshape(xp.astype(xp.argmax(pair_load, axis=-1), index_dtype), (-1, 1))
     heavy_item = _xp.take_along(order, xp.astype(top, order.dtype), xp=xp)
-    light_item = _xp.take_along(order, xp.astype(num_slots - 1 - top, order.dtype), xp=xp)
+    light_item = _xp.take_along(order, xp.astype(live - 1 - top, order.dtype), xp=xp)
     heavy = _xp.take_along(item2exp, xp.astype(heavy_item, item2exp.dtype), xp=xp)
     light = _xp.take_along(item2exp, xp.astype(light_item, item2exp.dtype), xp=xp)
     return _xp.take_along(pair_load, top, xp=xp), heavy, light
+
+
+def _row_slots(count: Any, *, xp: Any) -> Any:
+    """``[B, 1]``: the slots a row's counts fill (its live slots; the rest are phantoms)."""
+    return xp.sum(count, axis=-1, keepdims=True, dtype=count.dtype)
 
 
 def _full_rows(count: Any, num_slots: int, *, xp: Any) -> Any:
@@ -78,12 +84,28 @@ def _full_rows(count: Any, num_slots: int, *, xp: Any) -> Any:
     return xp.full((count.shape[0], 1), num_slots, dtype=count.dtype, device=_xp.device(count))
 
 
+def fold_live(item_load: Any, live: Any, *, xp: Any) -> tuple[Any, Any]:
+    """:func:`fold` of the first ``live [B, 1]`` items of each row by load, the rest phantoms (load -1,
+    ranked last): ``order [B, 2m]`` as :func:`fold`, ``pair_load [B, m]`` with ``order[j]``'s load plus
+    ``order[live - 1 - j]``'s for ``j < live / 2`` and ``-inf`` after. Where ``live`` is ``2m`` these are
+    :func:`fold`'s sums, bit for bit."""
+    order = _xp.argsort_desc(item_load, xp=xp)
+    ranked = _xp.take_along(item_load, order, xp=xp)
+    half = item_load.shape[-1] // 2
+    index_dtype = live.dtype
+    j = xp.arange(half, dtype=index_dtype, device=_xp.device(item_load))
+    partner = xp.clip(live - 1 - j, 0, item_load.shape[-1] - 1)
+    pair_load = ranked[:, :half] + _xp.take_along(ranked, xp.astype(partner, order.dtype), xp=xp)
+    return order, xp.where(j < live // 2, pair_load, -xp.inf)
+
+
 def pair_counts(load: Any, count: Any, num_slots: int, num_iters: int, *, xp: Any) -> Any:
     """Replica counts ``[B, n]`` for rows of two slots per GPU, searched from ``count [B, n]`` (module docstring).
 
-    ``load [B, n]``: float32 expert loads (>= 0); ``count``: integer, >= 1 each, summing to ``num_slots``
-    (even) per row. Every row's fold under the result is at most its fold under ``count``; counts stay
-    >= 1 and keep their sums.
+    ``load [B, n]``: float32 expert loads (>= 0); ``count``: integer, >= 1 each, summing per row to at most
+    ``num_slots``: the row's live slots (a row with idle GPUs fills fewer, and its fold pairs only its own
+    replicas; an odd sum, which no placement makes, leaves the middle item unpaired). Every row's fold under
+    the result is at most its fold under ``count``; counts stay >= 1 and keep their sums.
     """
     batch, num_log = load.shape
     device = _xp.device(load)
@@ -116,8 +138,9 @@ def pair_counts(load: Any, count: Any, num_slots: int, num_iters: int, *, xp: An
         moved = count[:, None, :] + xp.where(ok_c[:, :, None], takes - gives, 0)
         flat = xp.reshape(moved, (rows_n * num_cands, num_log))
         flat_load = xp.reshape(xp.broadcast_to(load[:, None, :], moved.shape), (rows_n * num_cands, num_log))
-        _, item_load = replica_items(flat_load, flat, _full_rows(flat, num_slots, xp=xp), num_slots, xp=xp)
-        _, pair_load = fold(item_load, xp=xp)
+        flat_live = _row_slots(flat, xp=xp)
+        _, item_load = replica_items(flat_load, flat, flat_live, num_slots, xp=xp)
+        _, pair_load = fold_live(item_load, flat_live, xp=xp)
         value = xp.reshape(xp.max(pair_load, axis=-1), (rows_n, num_cands))
         value = xp.where(ok_c, value, xp.inf)
         best = xp.reshape(xp.astype(xp.argmin(value, axis=-1), index_dtype), (rows_n, 1))

@@ -10,7 +10,9 @@ the refined call.
 Row by row, the same choices with the same float32 arithmetic:
 
 - replica loads ``w * fl(1/c)`` from the same reciprocal table; a pair's
-  load is one float32 sum, the heavier item first;
+  load is one float32 sum, the heavier item first; a row folds the items
+  its counts make (its live slots, fewer than ``num_slots`` where it has
+  idle GPUs);
 - the fold's order is the array API's stable descending sort of the items
   (experts in index order, each expert's replicas in a run), so experts are
   ranked by replica load, equal loads by index; the heaviest pair is the
@@ -55,11 +57,11 @@ def _before(load_a, id_a, load_b, id_b):  # pragma: no cover (compiled)
 
 
 @njit()
-def _heaviest(ranked, half):  # pragma: no cover (compiled)
-    """First heaviest fold pair of the ranked items: its index and load."""
+def _heaviest(ranked, live):  # pragma: no cover (compiled)
+    """First heaviest fold pair of the first ``live`` ranked items: its index and load."""
     best, top = -_INF, 0
-    for j in range(half):
-        value = ranked[j] + ranked[2 * half - 1 - j]
+    for j in range(live // 2):
+        value = ranked[j] + ranked[live - 1 - j]
         if value > best:
             best, top = value, j
     return top, best
@@ -80,7 +82,6 @@ def _expand(order, replica, count, n, ranked, owner):  # pragma: no cover (compi
 @njit()
 def _search(load, count, reciprocal, num_slots, num_iters, donors):  # pragma: no cover (compiled)
     batch, n = load.shape
-    half = num_slots // 2
     improve, inf = _IMPROVE, _INF
     out = count.copy()
     replica = np.empty(n, np.float32)
@@ -92,13 +93,16 @@ def _search(load, count, reciprocal, num_slots, num_iters, donors):  # pragma: n
     for b in range(batch):
         cnt = out[b]
         w = load[b]
+        live = 0  # the row's live slots: its counts' sum (a move keeps it)
+        for e in range(n):
+            live += cnt[e]
         for _ in range(num_iters):
             for e in range(n):
                 replica[e] = w[e] * reciprocal[cnt[e]]
             order = np.argsort(-replica, kind="mergesort")  # stable: load descending, then index
             _expand(order, replica, cnt, n, ranked, owner)
-            top, current = _heaviest(ranked, half)
-            heavy, light = owner[top], owner[num_slots - 1 - top]
+            top, current = _heaviest(ranked, live)
+            heavy, light = owner[top], owner[live - 1 - top]
             for e in range(n):
                 cost[e] = w[e] * reciprocal[cnt[e] - 1] if cnt[e] >= 2 else inf
             donor_order = np.argsort(cost, kind="mergesort")
@@ -140,7 +144,7 @@ def _search(load, count, reciprocal, num_slots, num_iters, donors):  # pragma: n
                     _expand(merged, trial, cnt, n, ranked, owner)
                     cnt[d] += 1
                     cnt[t] -= 1
-                    _, value = _heaviest(ranked, half)
+                    _, value = _heaviest(ranked, live)
                     if value < best:
                         best, best_d, best_t = value, d, t
             if not best < current * improve:
@@ -159,8 +163,9 @@ def pair_counts(load: Any, count: Any, num_slots: int, num_iters: int, *, xp: An
     if batch == 0 or num_slots == n:
         return count
     start = np.ascontiguousarray(count, dtype=np.int64)
-    if start.min() < 1 or (start.sum(axis=1) != num_slots).any():  # the kernel indexes by these counts
-        raise ValueError(f"count must hold counts >= 1 summing to num_slots={num_slots} in every row")
+    live = start.sum(axis=1)
+    if start.min() < 1 or (live > num_slots).any():  # the kernel indexes by these counts
+        raise ValueError(f"count must hold counts >= 1 summing to at most num_slots={num_slots} in every row")
     reciprocal = np.asarray(_xp.reciprocal_table(num_slots - n + 1, xp=np))
     found = _search(load, start, reciprocal, num_slots, num_iters, DONORS)
     return found.astype(count.dtype, copy=False)

@@ -12,7 +12,8 @@ by replica load, equal loads by index). One sort of packed int64 keys per
 fold ranks the experts: the complement of the load's float32 bits (loads are
 >= 0, so their bits order as the loads), the expert, its count; a cumulative
 sum of the counts in rank order then gives each run's ``[start, end)``. The
-fold pairs item ``j`` with item ``S - 1 - j``; over an expert's items
+fold pairs item ``j`` with item ``S - 1 - j`` (``S``: the slots the row's
+counts fill, its live slots; fewer than ``num_slots`` where it has idle GPUs); over an expert's items
 ``j < S / 2`` the partner only gets heavier as ``j`` grows, and float32
 rounding is monotone, so the expert's heaviest pair is its item with the
 partner at rank ``S - min(end, S / 2)``, whose run a binary search over the
@@ -89,9 +90,9 @@ def _ranked(v, cnt, valid):
 
 
 @triton.jit
-def _fold(v, cnt, valid, S: tl.constexpr, LOG: tl.constexpr, WHO: tl.constexpr):
-    """Per row of ``[R, NP]``: the heaviest fold pair ``[R]``, and where ``WHO``, the experts of the first
-    heaviest pair's heavy and light items ``[R]``."""
+def _fold(v, cnt, valid, S, LOG: tl.constexpr, WHO: tl.constexpr):
+    """Per row of ``[R, NP]`` whose counts fill ``S`` slots (the program's row; a scalar): the heaviest fold pair
+    ``[R]``, and where ``WHO``, the experts of the first heaviest pair's heavy and light items ``[R]``."""
     half = S // 2
     NP: tl.constexpr = v.shape[1]
     load, expert, count, real = _ranked(v, cnt, valid)
@@ -129,14 +130,14 @@ def _fold(v, cnt, valid, S: tl.constexpr, LOG: tl.constexpr, WHO: tl.constexpr):
 @triton.jit
 def _pairs_kernel(
     load_ptr, count_ptr, out_ptr, table_ptr, n, iters,
-    S: tl.constexpr, NP: tl.constexpr, LOG: tl.constexpr, DONORS_: tl.constexpr, C: tl.constexpr,
-    IMPROVE: tl.constexpr,
+    NP: tl.constexpr, LOG: tl.constexpr, DONORS_: tl.constexpr, C: tl.constexpr, IMPROVE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, NP)
     valid = e < n
     w = tl.load(load_ptr + row * n + e, mask=valid, other=0.0)
     cnt = tl.load(count_ptr + row * n + e, mask=valid, other=0).to(tl.int32)
+    S = tl.sum(cnt, axis=0)  # the row's live slots: every move keeps the counts' sum
     cand = tl.arange(0, C)  # candidate c: donor c // 2 gives to the heavy (c even) or light item's expert
     inf = float("inf")
     step = iters * 0
@@ -196,7 +197,6 @@ def pair_counts(load: torch.Tensor, count: torch.Tensor, num_slots: int, num_ite
         table,
         num_log,
         num_iters,
-        S=num_slots,
         NP=_pow2(num_log),
         LOG=_pow2(num_log).bit_length() - 1,
         DONORS_=min(DONORS, num_log),
