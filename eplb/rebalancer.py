@@ -16,6 +16,13 @@ asks for a decision. The rule:
   balanced than planned (balancedness planned / arrived), the tolerance is
   ``0.1 * (r - 1)``, within ``[0.025, 0.2]``: 0.025 on predictable traffic,
   more where the balance a tight plan buys is lost to noise anyway;
+- **a second candidate for the mix** per layer: the same call on the
+  history plus the sum of the last ``long_window`` windows (16) weighed
+  ``2**-k`` (about half a window's worth); a layer takes it where its
+  heaviest GPU on the history is within ``(1 + tolerance)`` of the first
+  candidate's and it is lighter on that sum. Traffic that alternates
+  (prefill and decode phases) gets a placement for the mix of its phases,
+  while on drifting traffic the mix seldom passes the first test;
 - **gain** per layer: how much lighter the candidate's heaviest GPU is than
   the placement in force, on the planning load, relative to it. A layer
   changes only if that gain is at least ``min_gain`` (never worse on the load
@@ -96,6 +103,12 @@ class Rebalancer:
         each window counts twice as much as the one before it).
     window : int, optional, keyword-only
         History: instead, the plain sum of the last ``window`` windows.
+    long_window : int, keyword-only
+        Windows of the longer history the second candidate plans for
+        (default 16; 0: no second candidate). Their sum, oldest first, is
+        weighed ``2**-k`` with ``k = ceil(log2(long_window)) + 1`` (a power
+        of two: the same bits on every backend) and added to the history;
+        needs two recorded windows at least.
     min_gain : float, keyword-only
         Smallest predicted relative gain worth a move (default 0.02: the
         layer's heaviest GPU 2% lighter on the planning load).
@@ -139,13 +152,15 @@ class Rebalancer:
     The defaults were chosen on replayed traffic (``benchmarks/replay.py``,
     ``docs/benchmarks.md``): a short history predicts the next window better
     than the last few windows' sum, which leaves room for a tolerance that
-    keeps most experts in place. On all 20 replayed traces they keep the
-    balance within 0.5% of a fresh plan every decision and move at most 20%
-    of its experts; they fall short of a 32-window history (the FlashLB-like
-    rule) on prefill/decode phases: 0.6-1.0% below its balance on three of
-    them, more moves on one. The alternatives measured (gains required to
-    hold on earlier windows, hold-out checks, longer or adaptive histories)
-    lose more on other traces.
+    keeps most experts in place, and the mix candidate serves traffic that
+    alternates. On all 20 replayed traces they keep the balance within 0.5%
+    of a fresh plan every decision and move at most 19% of its experts; they
+    beat a 32-window history (the FlashLB-like rule) on both balance and
+    moves on 17 traces, and fall short on three prefill/decode phase traces
+    (0.1% below its balance on two, 0.5% more moves on one). The
+    alternatives measured (gains required to hold on earlier windows,
+    hold-out checks, longer or adaptive histories) lose more on other
+    traces.
     """
 
     def __init__(
@@ -158,6 +173,7 @@ class Rebalancer:
         initial: Any = None,
         half_life: int = 1,
         window: int | None = None,
+        long_window: int = 16,
         min_gain: float = 0.02,
         balance_tolerance: float | str = "auto",
         max_layers: int | None = None,
@@ -176,6 +192,11 @@ class Rebalancer:
         self._sizes = tuple(_validate.check_count(n, v) for n, v in zip(names, sizes, strict=True))
         self._half_life = _validate.check_count("half_life", half_life)
         self._window = None if window is None else _validate.check_count("window", window)
+        if isinstance(long_window, bool) or not isinstance(long_window, int | np.integer) or long_window < 0:
+            raise ValueError(f"long_window={long_window!r} must be an int >= 0")
+        self._long_window = int(long_window)
+        self._long_scale = 2.0 ** -(max(self._long_window - 1, 0).bit_length() + 1)
+        self._long: list[Any] = []  # the last long_window windows, oldest first
         self._auto = isinstance(balance_tolerance, str)
         if self._auto and balance_tolerance != "auto":
             raise ValueError(f"balance_tolerance={balance_tolerance!r} must be a number >= 0 or 'auto'")
@@ -280,8 +301,10 @@ class Rebalancer:
         if self._history is not None and tuple(load.shape) != tuple(self._history.shape):
             raise ValueError(f"load has shape {tuple(load.shape)}, expected {tuple(self._history.shape)}")
         self._recorded += 1
+        if self._long_window:
+            self._long = [*self._long[max(0, len(self._long) + 1 - self._long_window) :], load]
         if self._window is not None:
-            self._ring = [*self._ring[len(self._ring) + 1 - self._window :], load]
+            self._ring = [*self._ring[max(0, len(self._ring) + 1 - self._window) :], load]
             total = self._ring[0]
             for part in self._ring[1:]:
                 total = total + part  # oldest first: a fixed order, the same bits everywhere
@@ -347,6 +370,7 @@ class Rebalancer:
             # Empty slots in force (a GPU back from a failure): the elastic rule plans from them, every GPU up.
             gpus["active_gpus"] = np.ones(num_gpus, dtype=bool)
         candidate = self._replan(history, current.phy2log, knobs, gpus)
+        candidate = self._mix(candidate, history, current.phy2log, knobs, gpus, speeds)
         # float32 GPU loads, computed alike on every backend, then decided on the host in float64.
         loads_now = _host(metrics.gpu_loads(history, current.phy2log, num_gpus))
         loads_new = _host(metrics.gpu_loads(history, candidate.phy2log, num_gpus))
@@ -382,6 +406,30 @@ class Rebalancer:
             # which a graph cannot replay); the same masks and speeds give the same placement.
             gpus = {name: torch.as_tensor(value, device=history.device) for name, value in gpus.items()}
         return self._planner(history, previous=previous, **knobs, **gpus)
+
+    def _mix(
+        self, first: Placement, history: Any, previous: Any, knobs: dict[str, Any], gpus: dict[str, np.ndarray],
+        speeds: np.ndarray | None,
+    ) -> Placement:  # fmt: skip
+        """Per layer, the second candidate (planned for the history plus the weighed sum of the last
+        ``long_window`` windows) where its slowest GPU on ``history`` is within ``(1 + tolerance)`` of
+        ``first``'s and it is faster on that sum (float32 loads, compared in float64 on the host); else
+        ``first``."""
+        if len(self._long) < 2:
+            return first
+        total = self._long[0]
+        for part in self._long[1:]:
+            total = total + part  # oldest first: a fixed order, the same bits everywhere
+        # A power-of-two weight: an exact product, so a fused multiply-add gives the same bits as two steps.
+        second = self._replan(history + total * self._long_scale, previous, knobs, gpus)
+        num_gpus, tolerance = self._sizes[3], knobs.get("balance_tolerance", 0.0)
+        xp = _xp.array_namespace(history)
+        loads = [metrics.gpu_loads(load, c.phy2log, num_gpus) for load in (history, total) for c in (first, second)]
+        first_now, second_now, first_long, second_long = (_slowest(x, speeds) for x in _host(xp.stack(loads)))
+        take = (second_now <= first_now * (1.0 + tolerance)) & (second_long < first_long)
+        if not take.any():
+            return first
+        return Placement(*(_select(take, b, a) for a, b in zip(first, second, strict=True)))
 
     def _choose(self, gain: np.ndarray, moves: np.ndarray, forced: np.ndarray) -> np.ndarray:
         """Layers worth changing: the ``forced`` ones (whatever the budget), then those of gain >= min_gain where

@@ -85,22 +85,88 @@ def test_promises_on_a_drifting_trace():
     assert first is not None
 
 
-def test_window_history_and_initial_placement():
-    loads = windows(1, count=5)
+@pytest.mark.parametrize(("window", "count"), [(2, 5), (4, 7), (5, 12), (8, 11)])
+def test_window_history_and_initial_placement(window, count):
+    """The planning load is the sum of the last ``window`` windows (fewer while fewer were recorded): exact
+    float32 sums of these integer loads. (A ring that kept about half of them once passed a test of 2.)"""
+    loads = windows(1, count=count)
     initial = eplb.rebalance_experts(loads[0], *CONFIG).phy2log
-    rebalancer = eplb.Rebalancer(*CONFIG, window=2, initial=initial, min_gain=0.0)
+    rebalancer = eplb.Rebalancer(*CONFIG, window=window, initial=initial, min_gain=0.0, long_window=0)
     for load in loads:
         rebalancer.record(load)
     decision = rebalancer.step()
-    # The planning load is the sum of the last 2 windows: the candidate is rebalance_experts of it.
-    history = (loads[-2].astype(np.float32) + loads[-1].astype(np.float32)).astype(np.float32)
+    history = np.sum(loads[-window:], axis=0).astype(np.float32)  # below 2**24: exact in float32
     candidate = eplb.rebalance_experts(history, *CONFIG, previous=initial, balance_tolerance=0.025)
+    assert len(decision.layers) > 0
     for layer in decision.layers.tolist():
         np.testing.assert_array_equal(decision.placement.phy2log[layer], candidate.phy2log[layer])
+    # ... and the layers it left alone gain less than nothing on that load (float64 oracle)
+    peak_now = oracle.gpu_loads64(history, np.asarray(initial), 8).max(axis=1)
+    peak_new = oracle.gpu_loads64(history, np.asarray(candidate.phy2log), 8).max(axis=1)
+    kept = np.setdiff1d(np.arange(6), decision.layers)
+    assert (peak_new[kept] >= peak_now[kept] * (1 - 1e-6)).all()
     check = eplb.Placement(*(np.asarray(a) for a in decision.placement))
     for layer in range(6):
         counts = np.bincount(check.phy2log[layer], minlength=64)
         np.testing.assert_array_equal(counts, check.logcnt[layer])
+
+
+def phase_windows(count: int, seed: int = 11) -> list[np.ndarray]:
+    """Two load patterns taking turns every 2 windows (prefill and decode phases), with noise: integers."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.lognormal(0.0, 1.3, (2, 6, 64))
+    return [
+        np.round(patterns[(t // 2) % 2] * rng.lognormal(0.0, 0.1, (6, 64)) * 500).astype(np.int64) for t in range(count)
+    ]
+
+
+@pytest.mark.parametrize("caps", [None, np.array([1, 0.6, 1, 0.6, 1, 0.6, 1, 0.5])])
+def test_the_mix_candidate_is_taken_by_its_rule(caps):
+    """Per layer the step's candidate is the plan for the mix (the history plus the sum of the last
+    ``long_window`` windows times ``2**-(ceil(log2 long_window) + 1)``) where its heaviest GPU on the history is
+    within ``(1 + tolerance)`` of the plain candidate's and it is lighter on that sum; else the plain one. The
+    two plans from rebalance_experts, the rule scored in float64 (layers within float32 rounding of a
+    threshold are not judged). With speeds, heaviest means slowest (load / capacity)."""
+    loads = phase_windows(11)
+    initial = eplb.rebalance_experts(loads[0], *CONFIG).phy2log
+    tolerance = 0.05
+    speeds = {} if caps is None else {"gpu_capacity": caps}
+    rebalancer = eplb.Rebalancer(
+        *CONFIG, initial=initial, min_gain=0.0, balance_tolerance=tolerance, long_window=4, **speeds
+    )
+    history = np.zeros(loads[0].shape, np.float32)
+    for load in loads:
+        rebalancer.record(load)
+        history = ((history + load.astype(np.float32)) * np.float32(0.5)).astype(np.float32)  # half_life=1
+    decision = rebalancer.step()
+    total = np.zeros(loads[0].shape, np.float32)
+    for load in loads[-4:]:
+        total = (total + load.astype(np.float32)).astype(np.float32)
+    plain = eplb.rebalance_experts(history, *CONFIG, previous=initial, balance_tolerance=tolerance, **speeds).phy2log
+    mixed = (history + total * np.float32(2.0**-3)).astype(np.float32)
+    mix = eplb.rebalance_experts(mixed, *CONFIG, previous=initial, balance_tolerance=tolerance, **speeds).phy2log
+
+    def slowest(load, placement):
+        if caps is None:
+            return oracle.gpu_loads64(load, np.asarray(placement), 8).max(axis=1)
+        return oracle.capacity_times64(load, np.asarray(placement), 8, caps).max(axis=1)
+
+    peak = {
+        (load, name): slowest(value, placement)
+        for load, value in (("now", history), ("long", total))
+        for name, placement in (("plain", plain), ("mix", mix))
+    }
+    near = 1e-5
+    took = {"plain": 0, "mix": 0}
+    for layer in decision.layers.tolist():
+        within = peak["now", "mix"][layer] / peak["now", "plain"][layer] - (1 + tolerance)
+        lighter = peak["long", "mix"][layer] / peak["long", "plain"][layer] - 1
+        if abs(within) < near or abs(lighter) < near or np.array_equal(plain[layer], mix[layer]):
+            continue
+        name = "mix" if within < 0 and lighter < 0 else "plain"
+        np.testing.assert_array_equal(decision.placement.phy2log[layer], {"plain": plain, "mix": mix}[name][layer])
+        took[name] += 1
+    assert took["mix"] > 0, took  # the case exercises the rule
 
 
 @pytest.mark.parametrize("backend", backend_params([*FRONT_DOORS, Backend.TORCH_CUDA, Backend.JAX_GPU]))
@@ -183,6 +249,8 @@ def test_records_a_load_tracker():
         ({"max_bytes": 10}, ValueError, "max_bytes needs bytes_per_expert"),
         ({"max_layers": True}, TypeError, "max_layers"),
         ({"cuda_graphs": 1}, TypeError, "cuda_graphs"),
+        ({"long_window": -1}, ValueError, "long_window"),
+        ({"long_window": 2.0}, ValueError, "long_window"),
     ],
 )
 def test_bad_options(options, error, match):
@@ -316,8 +384,8 @@ def test_unequal_speeds_same_decisions_and_gain_by_time(backend):
     tests; a JAX run here compiles the by-time graphs for minutes of CI.)"""
     caps = np.array([1, 0.6, 1, 0.6, 1, 0.6, 1, 0.5])
     runner = make_runner(backend)
-    reference = eplb.Rebalancer(*CONFIG, gpu_capacity=caps, min_gain=0.005)
-    other = eplb.Rebalancer(*CONFIG, gpu_capacity=caps, min_gain=0.005)
+    reference = eplb.Rebalancer(*CONFIG, gpu_capacity=caps, min_gain=0.005, long_window=0)  # the plain candidate
+    other = eplb.Rebalancer(*CONFIG, gpu_capacity=caps, min_gain=0.005, long_window=0)
     for t, load in enumerate(windows(4, count=9)):
         reference.record(load)
         other.record(runner.asarray(load))
