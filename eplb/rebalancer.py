@@ -369,8 +369,7 @@ class Rebalancer:
         if not gpus and bool((_host(current.phy2log) < 0).any()):
             # Empty slots in force (a GPU back from a failure): the elastic rule plans from them, every GPU up.
             gpus["active_gpus"] = np.ones(num_gpus, dtype=bool)
-        candidate = self._replan(history, current.phy2log, knobs, gpus)
-        candidate = self._mix(candidate, history, current.phy2log, knobs, gpus, speeds)
+        candidate = self._candidate(history, current.phy2log, knobs, gpus, speeds)
         # float32 GPU loads, computed alike on every backend, then decided on the host in float64.
         loads_now = _host(metrics.gpu_loads(history, current.phy2log, num_gpus))
         loads_new = _host(metrics.gpu_loads(history, candidate.phy2log, num_gpus))
@@ -407,23 +406,27 @@ class Rebalancer:
             gpus = {name: torch.as_tensor(value, device=history.device) for name, value in gpus.items()}
         return self._planner(history, previous=previous, **knobs, **gpus)
 
-    def _mix(
-        self, first: Placement, history: Any, previous: Any, knobs: dict[str, Any], gpus: dict[str, np.ndarray],
+    def _candidate(
+        self, history: Any, previous: Any, knobs: dict[str, Any], gpus: dict[str, np.ndarray],
         speeds: np.ndarray | None,
     ) -> Placement:  # fmt: skip
-        """Per layer, the second candidate (planned for the history plus the weighed sum of the last
-        ``long_window`` windows) where its slowest GPU on ``history`` is within ``(1 + tolerance)`` of
-        ``first``'s and it is faster on that sum (float32 loads, compared in float64 on the host); else
-        ``first``."""
+        """The step's candidate: per layer, the plan for the history, or the plan for the mix (the history plus
+        the weighed sum of the last ``long_window`` windows) where that one's slowest GPU on ``history`` is within
+        ``(1 + tolerance)`` of the first's and it is faster on that sum (float32 loads, compared in float64 on
+        the host). Both plans are one call on the layers stacked twice (layers are independent problems): one
+        set of kernel launches, one CUDA graph."""
         if len(self._long) < 2:
-            return first
+            return self._replan(history, previous, knobs, gpus)
+        xp = _xp.array_namespace(history)
         total = self._long[0]
         for part in self._long[1:]:
             total = total + part  # oldest first: a fixed order, the same bits everywhere
         # A power-of-two weight: an exact product, so a fused multiply-add gives the same bits as two steps.
-        second = self._replan(history + total * self._long_scale, previous, knobs, gpus)
+        mixed = history + total * self._long_scale
+        both = self._replan(xp.concat([history, mixed]), xp.concat([previous, previous]), knobs, gpus)
+        layers = history.shape[0]
+        first, second = Placement(*(x[:layers] for x in both)), Placement(*(x[layers:] for x in both))
         num_gpus, tolerance = self._sizes[3], knobs.get("balance_tolerance", 0.0)
-        xp = _xp.array_namespace(history)
         loads = [metrics.gpu_loads(load, c.phy2log, num_gpus) for load in (history, total) for c in (first, second)]
         first_now, second_now, first_long, second_long = (_slowest(x, speeds) for x in _host(xp.stack(loads)))
         take = (second_now <= first_now * (1.0 + tolerance)) & (second_long < first_long)
