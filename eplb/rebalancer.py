@@ -108,7 +108,8 @@ class Rebalancer:
         (default 16; 0: no second candidate). Their sum, oldest first, is
         weighed ``2**-k`` with ``k = ceil(log2(long_window)) + 1`` (a power
         of two: the same bits on every backend) and added to the history;
-        needs two recorded windows at least.
+        needs two recorded windows at least. Keeps those windows (on their
+        device: ``long_window x L x E`` float32).
     min_gain : float, keyword-only
         Smallest predicted relative gain worth a move (default 0.02: the
         layer's heaviest GPU 2% lighter on the planning load).
@@ -192,8 +193,10 @@ class Rebalancer:
         self._sizes = tuple(_validate.check_count(n, v) for n, v in zip(names, sizes, strict=True))
         self._half_life = _validate.check_count("half_life", half_life)
         self._window = None if window is None else _validate.check_count("window", window)
-        if isinstance(long_window, bool) or not isinstance(long_window, int | np.integer) or long_window < 0:
-            raise ValueError(f"long_window={long_window!r} must be an int >= 0")
+        if isinstance(long_window, bool) or not isinstance(long_window, int | np.integer):
+            raise TypeError(f"long_window must be an int, got {type(long_window).__name__}")
+        if long_window < 0:
+            raise ValueError(f"long_window={long_window!r} must be >= 0 (0: no second candidate)")
         self._long_window = int(long_window)
         self._long_scale = 2.0 ** -(max(self._long_window - 1, 0).bit_length() + 1)
         self._long: list[Any] = []  # the last long_window windows, oldest first

@@ -250,7 +250,7 @@ def test_records_a_load_tracker():
         ({"max_layers": True}, TypeError, "max_layers"),
         ({"cuda_graphs": 1}, TypeError, "cuda_graphs"),
         ({"long_window": -1}, ValueError, "long_window"),
-        ({"long_window": 2.0}, ValueError, "long_window"),
+        ({"long_window": 2.0}, TypeError, "long_window"),
     ],
 )
 def test_bad_options(options, error, match):
