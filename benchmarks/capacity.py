@@ -147,7 +147,8 @@ def vectors_table(data: list[tuple[str, np.ndarray]], config: str = "global, 144
         for _, w in data:
             bound = eplb.metrics.lower_bound(w, *sizes, hierarchical=hierarchical, gpu_capacity=caps)
             mine = eplb.rebalance_experts(w, *sizes, hierarchical=hierarchical, gpu_capacity=caps).phy2log
-            theirs = eplb.rebalance_experts(w, *sizes, hierarchical=hierarchical).phy2log
+            up = {"active_gpus": caps > 0} if (caps == 0).any() else {}  # blind to speeds, not to idle GPUs
+            theirs = eplb.rebalance_experts(w, *sizes, hierarchical=hierarchical, **up).phy2log
             ours.append(eplb.metrics.summarize(w, mine, gpus, bound, gpu_capacity=caps).bound_ratio)
             blind.append(eplb.metrics.summarize(w, theirs, gpus, bound, gpu_capacity=caps).bound_ratio)
         lines.append(f"| {name} | {np.mean(ours):.4f} | {np.mean(blind):.4f} |")
