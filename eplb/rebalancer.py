@@ -372,10 +372,9 @@ class Rebalancer:
         if not gpus and bool((_host(current.phy2log) < 0).any()):
             # Empty slots in force (a GPU back from a failure): the elastic rule plans from them, every GPU up.
             gpus["active_gpus"] = np.ones(num_gpus, dtype=bool)
-        candidate = self._candidate(history, current.phy2log, knobs, gpus, speeds)
+        candidate, loads_new = self._candidate(history, current.phy2log, knobs, gpus, speeds)
         # float32 GPU loads, computed alike on every backend, then decided on the host in float64.
         loads_now = _host(metrics.gpu_loads(history, current.phy2log, num_gpus))
-        loads_new = _host(metrics.gpu_loads(history, candidate.phy2log, num_gpus))
         old, new = _host(current.phy2log), _host(candidate.phy2log)
         peak_now, peak_new = _slowest(loads_now, speeds), _slowest(loads_new, speeds)
         # A layer holding an expert on a GPU now down has lost those replicas: it must change.
@@ -412,14 +411,15 @@ class Rebalancer:
     def _candidate(
         self, history: Any, previous: Any, knobs: dict[str, Any], gpus: dict[str, np.ndarray],
         speeds: np.ndarray | None,
-    ) -> Placement:  # fmt: skip
-        """The step's candidate: per layer, the plan for the history, or the plan for the mix (the history plus
-        the weighed sum of the last ``long_window`` windows) where that one's slowest GPU on ``history`` is within
-        ``(1 + tolerance)`` of the first's and it is faster on that sum (float32 loads, compared in float64 on
-        the host). Both plans are one call on the layers stacked twice (layers are independent problems): one
-        set of kernel launches, one CUDA graph."""
+    ) -> tuple[Placement, np.ndarray]:  # fmt: skip
+        """The step's candidate and its GPU loads on ``history`` (host ``[L, G]`` float32): per layer, the plan
+        for the history, or the plan for the mix (the history plus the weighed sum of the last ``long_window``
+        windows) where that one's slowest GPU on ``history`` is within ``(1 + tolerance)`` of the first's and it
+        is faster on that sum (float32 loads, compared in float64 on the host). Both plans are one call on the
+        layers stacked twice (layers are independent problems): one set of kernel launches, one CUDA graph."""
         if len(self._long) < 2:
-            return self._replan(history, previous, knobs, gpus)
+            candidate = self._replan(history, previous, knobs, gpus)
+            return candidate, _host(metrics.gpu_loads(history, candidate.phy2log, self._sizes[3]))
         xp = _xp.array_namespace(history)
         total = self._long[0]
         for part in self._long[1:]:
@@ -431,11 +431,13 @@ class Rebalancer:
         first, second = Placement(*(x[:layers] for x in both)), Placement(*(x[layers:] for x in both))
         num_gpus, tolerance = self._sizes[3], knobs.get("balance_tolerance", 0.0)
         loads = [metrics.gpu_loads(load, c.phy2log, num_gpus) for load in (history, total) for c in (first, second)]
-        first_now, second_now, first_long, second_long = (_slowest(x, speeds) for x in _host(xp.stack(loads)))
+        loads = _host(xp.stack(loads))  # [4, L, G]: one copy to the host
+        first_now, second_now, first_long, second_long = (_slowest(x, speeds) for x in loads)
         take = (second_now <= first_now * (1.0 + tolerance)) & (second_long < first_long)
+        candidate_loads = np.where(take[:, None], loads[1], loads[0])  # the candidate's loads, as gpu_loads gives them
         if not take.any():
-            return first
-        return Placement(*(_select(take, b, a) for a, b in zip(first, second, strict=True)))
+            return first, candidate_loads
+        return Placement(*(_select(take, b, a) for a, b in zip(first, second, strict=True))), candidate_loads
 
     def _choose(self, gain: np.ndarray, moves: np.ndarray, forced: np.ndarray) -> np.ndarray:
         """Layers worth changing: the ``forced`` ones (whatever the budget), then those of gain >= min_gain where
