@@ -379,11 +379,11 @@ def _drop_idle(placement, idle, per_gpu, width):
 @pytest.mark.parametrize("impl", ["numpy", "numpy:xp", "torch:ops"])
 def test_idle_gpus_place_as_absent_ones(impl):
     """Global policy: GPUs of capacity 0, anywhere, change nothing for the live ones: the live GPUs hold what the
-    same call without the idle GPUs gives them (two slots per GPU, where the pair and budget sets run, and
-    three), ``log2phy`` points at the same replicas. One expert, exactly E live slots, an all-zero layer."""
+    same call without the idle GPUs gives them (two slots per GPU, where the pair and budget sets run, three,
+    and one), ``log2phy`` points at the same replicas. One expert, exactly E live slots, an all-zero layer."""
     rng = np.random.default_rng(11)
-    for trial in range(30):
-        per_gpu = (2, 2, 3)[trial % 3]
+    for trial in range(36):
+        per_gpu = (2, 2, 3)[trial % 3] if trial < 30 else 1
         live_gpus = int(rng.integers(2, 9))
         experts = [1, int(rng.integers(2, per_gpu * live_gpus + 1))][trial % 4 != 0]
         if trial % 5 == 0:
