@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from eplb import _validate, _xp
 from eplb.algorithms.bounds import capacity_bound, capacity_node_bound, node_lower_bound, node_set_bound
 from eplb.algorithms.packing import sum_left_to_right
+from eplb.algorithms.pair_bound import pair_bound
 from eplb.algorithms.replication import replica_load
 from eplb.algorithms.speed import capacity_live, clean_capacity
 from eplb.algorithms.survivable import surviving_load_share
@@ -161,18 +162,28 @@ def lower_bound(
     nodes where there are at most a few thousand
     (:func:`eplb.algorithms.bounds.capacity_node_bound`), else the global
     bound. Needs at least ``E`` live slots.
+
+    Two slots per GPU (``R = 2 G``), every policy, with or without
+    capacities: also the pair bound (:func:`eplb.algorithms.pair_bound.pair_bound`,
+    Hall's condition on the GPUs' pairs relaxed over replica counts), up to
+    14% above the others on the DeepSeek-V3 loads at 144 GPUs. It costs a
+    bisection (0.2-0.5 s for 61 layers on numpy; ``docs/benchmarks.md``).
     """
     xp, weight32 = _float32(weight)
     if hierarchical is None:
         hierarchical = num_groups % num_nodes == 0
-    if gpu_capacity is not None:
-        capacity = _capacity(gpu_capacity, num_gpus, weight32, xp=xp)
-        if hierarchical and num_nodes > 1:
-            return capacity_node_bound(weight32, capacity, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
-        return capacity_bound(weight32, capacity, num_replicas, num_gpus, xp=xp)
-    if not hierarchical or num_nodes == 1:
-        return node_set_bound(weight32, num_replicas, num_gpus, xp=xp)
-    return node_lower_bound(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
+    capacity = None if gpu_capacity is None else _capacity(gpu_capacity, num_gpus, weight32, xp=xp)
+    if capacity is not None and hierarchical and num_nodes > 1:
+        bound = capacity_node_bound(weight32, capacity, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
+    elif capacity is not None:
+        bound = capacity_bound(weight32, capacity, num_replicas, num_gpus, xp=xp)
+    elif not hierarchical or num_nodes == 1:
+        bound = node_set_bound(weight32, num_replicas, num_gpus, xp=xp)
+    else:
+        bound = node_lower_bound(weight32, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
+    if num_replicas == 2 * num_gpus and weight32.shape[0] > 0:  # a hierarchical placement is a placement too
+        bound = pair_bound(weight32, bound, num_gpus, capacity, xp=xp)
+    return bound
 
 
 class Locality(NamedTuple):

@@ -645,6 +645,67 @@ def capacity_node_bound64(
     return np.array(out)
 
 
+def pair_bound64(weight: np.ndarray, start, num_gpus: int, capacity=None) -> np.ndarray:
+    """``[L]`` float64: ``eplb.algorithms.pair_bound.pair_bound`` from its module docstring, each expert's least
+    count cost found by trying every count (not only the starts of its levels), in float64."""
+    import math
+
+    slack, grid, multipliers, steps, span = 2.0**-16, 24, (0.75, 1.0), 16, 2.0
+    live = [True] * num_gpus if capacity is None else capacity_live(capacity)
+    caps = (
+        [1.0] * num_gpus
+        if capacity is None
+        else [float(F32(c)) if up else 0.0 for c, up in zip(capacity, live, strict=True)]
+    )
+    top = max(caps)
+    caps = [c / top for c, up in zip(caps, live, strict=True) if up]
+    ordered = sorted(caps)
+    hi_caps = [1.0] if capacity is None else [ordered[0], ordered[(len(ordered) - 1) // 2], ordered[-1]]
+    slots = 2 * len(caps)
+
+    def gpu_weight(room: float, lo: float, hi: float) -> int:
+        most, least = max(lo, hi), min(lo, max(hi, 0.0))
+        for level, need in ((4, 2 * most), (3, lo + hi), (2, min(most, 2 * least)), (1, least)):
+            if room >= need:
+                return level
+        return 0
+
+    def unreachable(t: float, w: list[float]) -> bool:
+        wide = t * (1 + slack)
+        most = slots - len(w) + 1
+        fit = [max(1, math.ceil(x / wide)) for x in w]
+        if max(fit) > most or sum(fit) > slots:
+            return True
+        for j in range(grid):
+            lo = t * 2.0 ** (-1 - 6 * j / (grid - 1))
+            for ck in hi_caps:
+                hi = ck * t * (1 + 2 * slack) - lo
+                available = sum(gpu_weight(c * wide, lo, hi) for c in caps)
+                for lam in multipliers:
+                    need = -lam * slots
+                    for x, f in zip(w, fit, strict=True):
+                        over = most + 1
+                        at_most_hi = max(math.ceil(x / hi), f) if hi > 0 else over
+                        below_lo = max(math.floor(x / lo) + 1, f)
+                        need += min(c * ((c < below_lo) + (c < at_most_hi) + lam) for c in range(f, most + 1))
+                    if need > available:
+                        return True
+        return False
+
+    out = []
+    for row, b in zip(np.asarray(weight, np.float64), np.asarray(start, np.float64), strict=True):
+        if b <= 0:
+            out.append(b)
+            continue
+        w = [float(F32(x)) / (b * top) for x in row]  # time in units of b: load / (capacity / top) / (b * top)
+        low, high = 1.0, span
+        for _ in range(steps):
+            middle = (low + high) / 2
+            low, high = (middle, high) if unreachable(middle, w) else (low, middle)
+        out.append(max(b, low * b))
+    return np.array(out)
+
+
 def best_time64(row, num_replicas: int, num_gpus: int, capacity) -> float:
     """The least slowest-GPU time over every placement of one small layer (exhaustive: replica counts, then
     every way to fill each live GPU's ``R / G`` slots), float64."""

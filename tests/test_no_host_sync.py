@@ -199,6 +199,8 @@ def test_metrics_read_nothing_on_the_host():
         metrics.balancedness(weight, phy2log, GPUS),
         metrics.balancedness(weight, phy2log, GPUS, gpu_capacity=capacity),
         metrics.lower_bound(weight, SLOTS, GROUPS, NODES, GPUS),
+        metrics.lower_bound(weight, 2 * GPUS, GROUPS, NODES, GPUS),  # two slots per GPU: the pair bound too
+        metrics.lower_bound(weight, 2 * GPUS, GROUPS, NODES, GPUS, hierarchical=False, gpu_capacity=capacity),
         metrics.surviving_load(weight, phy2log, NODES),
         *metrics.locality(weight, phy2log, GROUPS, NODES),
     ]
