@@ -14,6 +14,7 @@ from eplb.algorithms.pair_bound import pair_bound
 from eplb.algorithms.speed import capacity_live, clean_capacity
 
 from . import oracle
+from .conftest import needs_gpu
 
 jnp = pytest.importorskip("jax.numpy")
 torch = pytest.importorskip("torch")
@@ -124,3 +125,35 @@ def test_degenerate_layers():
     assert np.asarray(eplb.metrics.lower_bound(np.zeros((0, 4), np.float32), 4, 1, 1, 2)).shape == (0,)
     one = np.asarray(eplb.metrics.lower_bound(np.array([[6.0]]), 2, 1, 1, 1, gpu_capacity=[0.5]))
     assert one[0] == pytest.approx(oracle.best_time64(np.array([6.0]), 2, 1, [0.5]))
+
+
+@needs_gpu("torch")
+def test_torch_cuda_equals_the_oracle():
+    """On a CUDA device (torch divides exactly there): the oracle's bound, speeds on the device, no host copy."""
+    for seed in range(6):
+        w, num_gpus, caps = _case(seed)
+        want = oracle.pair_bound64(w, _others(w, num_gpus, caps), num_gpus, caps)
+        speeds = None if caps is None else torch.as_tensor(caps, device="cuda")
+        got = eplb.metrics.lower_bound(torch.as_tensor(w, device="cuda"), 2 * num_gpus, 1, 1, num_gpus,
+                                       gpu_capacity=speeds)  # fmt: skip
+        assert got.device.type == "cuda"
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-4)
+
+
+@needs_gpu("jax")
+def test_jax_gpu_stays_below_the_best_and_near_the_oracle():
+    """On a JAX GPU (XLA divides approximately): the bound of the seeded sweep's small layouts never exceeds
+    the exhaustive optimum, and the oracle's bound within two bisection steps on the mid-size cases."""
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        num_gpus = int(rng.integers(1, 4))
+        num_experts = int(rng.integers(1, 2 * num_gpus + 1))
+        w = rng.integers(0, 30, size=(1, num_experts)).astype(np.float32)
+        bound = float(np.asarray(eplb.metrics.lower_bound(jnp.asarray(w), 2 * num_gpus, 1, 1, num_gpus))[0])
+        assert bound <= oracle.best_time64(w[0], 2 * num_gpus, num_gpus, np.ones(num_gpus)) * (1 + 1e-6)
+    for seed in range(6):
+        w, num_gpus, caps = _case(seed)
+        want = oracle.pair_bound64(w, _others(w, num_gpus, caps), num_gpus, caps)
+        got = eplb.metrics.lower_bound(jnp.asarray(w), 2 * num_gpus, 1, 1, num_gpus,
+                                       gpu_capacity=None if caps is None else jnp.asarray(caps))  # fmt: skip
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4)
