@@ -676,8 +676,8 @@ def pair_bound64(weight: np.ndarray, start, num_gpus: int, capacity=None) -> np.
         fit = [max(1, math.ceil(x / wide)) for x in w]
         if max(fit) > most or sum(fit) > slots:
             return True
-        for j in range(grid):
-            lo = t * 2.0 ** (-1 - 6 * j / (grid - 1))
+        partners = [t * 2.0 ** (-1 - 6 * j / (grid - 1)) for j in range(grid)]
+        for lo in partners + [c * t * (1 + 2 * slack) for c in hi_caps]:  # and just above a class's room
             for ck in hi_caps:
                 hi = ck * t * (1 + 2 * slack) - lo
                 available = sum(gpu_weight(c * wide, lo, hi) for c in caps)

@@ -24,8 +24,10 @@ With ``hi = c_k T - lo`` (a GPU of capacity ``c_k`` cannot hold a replica
 above ``hi`` beside one of ``lo`` or more) and ``lambda = 1`` this is Hall's
 condition for pairing replicas: the ones above ``hi`` need partners below
 ``lo``, one each. The thresholds tried: ``lo = T * 2**(-1 - 6 j / 23)`` for
-``j < PARTNER_GRID``, ``hi`` for three live capacities (the slowest, the
-median, the fastest), ``lambda`` in :data:`MULTIPLIERS`. Per expert the least
+``j < PARTNER_GRID`` and ``lo`` just above the room of each of three live
+capacities (the slowest, the median, the fastest: replicas that only faster
+GPUs can hold), each with ``hi = c_k T - lo`` for the same three ``c_k``;
+``lambda`` in :data:`MULTIPLIERS`. Per expert the least
 count cost is at the start of one of its three ``phi`` levels (the fewest
 replicas that fit, the fewest of load at most ``hi``, the fewest below
 ``lo``). Bisection on ``T`` (:data:`BISECTION_STEPS`) between the other
@@ -63,7 +65,6 @@ BISECTION_STEPS = 16
 SPAN = 2.0
 #: The count standing for "not possible" (costs above any GPU weight: ``4 G < 2**20``).
 UNUSABLE = 2.0**20
-HUGE = 2.0**100
 #: Relative widening of every room, against the rounding of float32 loads and counts.
 SLACK = 2.0**-16
 
@@ -98,13 +99,16 @@ def _unreachable(
     misfit = xp.any(fit > max_count, axis=-1) | (xp.sum(fit, axis=-1) > live_slots)
     fraction = _xp.constant(_PARTNER_FRACTIONS, xp=xp, device=device)
     lo = time[:, None] * xp.astype(fraction, load.dtype)  # [L, M]
+    lo = xp.concat([lo, hi_capacity * (time * (1 + 2 * SLACK))[:, None]], axis=-1)  # and just above a class's room
     hi = hi_capacity[:, None, :] * (time * (1 + 2 * SLACK))[:, None, None] - lo[:, :, None]  # [L, M, K]
     load4, fit4, lo4, hi4 = load[:, None, None, :], fit[:, None, None, :], lo[:, :, None, None], hi[..., None]
     over = max_count + 1.0
     # Fewest replicas of load at most hi, and below lo: products with reciprocals (a count off by one at a
-    # threshold is covered by SLACK; hi <= 0: none, the reciprocal's huge product clips to `over`).
-    inverse_hi = xp.where(hi4 > 0, 1.0 / xp.where(hi4 > 0, hi4, 1.0), HUGE)
-    at_most_hi = xp.maximum(xp.ceil(xp.minimum(load4 * inverse_hi, over)), fit4)  # [L, M, K, E]
+    # threshold is covered by SLACK). hi <= 0: none, zero loads too (Phi counts any replica >= max(hi, 0)).
+    positive = hi4 > 0
+    inverse_hi = 1.0 / xp.where(positive, hi4, 1.0)
+    at_most_hi = xp.where(positive, xp.ceil(xp.minimum(load4 * inverse_hi, over)), over)
+    at_most_hi = xp.maximum(at_most_hi, fit4)  # [L, M, K, E]
     below_lo = xp.maximum(xp.floor(xp.minimum(load4 * (1.0 / lo4), over)) + 1.0, fit4)  # [L, M, 1, E]
     # phi's level at each level's first count: c < below_lo adds 1, c < at_most_hi adds 1.
     level_fit = xp.astype(fit4 < below_lo, load.dtype) + xp.astype(fit4 < at_most_hi, load.dtype)
