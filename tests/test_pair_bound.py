@@ -98,7 +98,7 @@ def _case(seed: int):
     return w, num_gpus, caps
 
 
-@pytest.mark.parametrize("seed", range(9))
+@pytest.mark.parametrize("seed", range(6))
 def test_every_backend_equals_the_oracle(seed):
     """numpy, torch and JAX (each forced through its own arrays) give the float64 oracle's bound, which tries
     every replica count (the kernel only the starts of each expert's levels), within the bisection's bracket."""
@@ -107,7 +107,8 @@ def test_every_backend_equals_the_oracle(seed):
     want = oracle.pair_bound64(w, start, num_gpus, caps)
     assert (want >= start).all()
     c = None if caps is None else clean_capacity(np.asarray(caps, np.float32)[None], xp=eplb._xp.array_namespace(w))
-    for name, conv in (("numpy", np.asarray), ("torch", torch.as_tensor), ("jax", jnp.asarray)):
+    frameworks = [("numpy", np.asarray), ("torch", torch.as_tensor)] + [("jax", jnp.asarray)] * (seed % 2 == 0)
+    for name, conv in frameworks:  # JAX on half the seeds (eager JAX compiles every op's shape: CI time)
         xp = eplb._xp.array_namespace(conv(w))
         got = pair_bound(conv(w), conv(start), num_gpus, None if c is None else conv(np.asarray(c)), xp=xp)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, err_msg=name)
