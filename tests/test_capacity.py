@@ -289,7 +289,7 @@ def test_every_implementation_agrees_and_keeps_the_promises(case):
         want = oracle.capacity_bound64(w, r, gpus, caps)
     if r == 2 * gpus:  # and the pair bound, from the others' value (its bisection's bracket: 2**-16 of it)
         want = oracle.pair_bound64(w, want, gpus, caps)
-    np.testing.assert_allclose(bound, want, rtol=1e-4)
+    np.testing.assert_allclose(bound, want, rtol=1e-4 if r == 2 * gpus else 1e-5)
     assert (bound <= ours_t * (1 + 1e-5)).all(), "the bound exceeds a placement"
 
 
