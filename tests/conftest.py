@@ -333,6 +333,34 @@ def pytest_configure(config: pytest.Config) -> None:
     _numba.compile_in_subprocesses()  # (a failure shows in the tests that use the kernels, with its message)
 
 
+# CI time: under `pytest -n 2 --dist loadfile` the two workers take whole test files in collection order, and
+# alphabetical order puts the slowest files (the Triton and Pallas interpreter runs) near the end, where one worker
+# can be left running one of them while the other idles. These files go first (longest first, from a CI run's
+# durations); every other test keeps its place.
+SLOW_FILES = (
+    "test_cross_backend.py",
+    "test_pallas_elastic.py",
+    "test_kernels_speed_triton.py",
+    "test_kernels_elastic_triton.py",
+    "test_group_split_triton.py",
+    "test_capacity_stable.py",
+    "test_elastic.py",
+    "test_triton.py",
+    "test_triton_refined.py",
+    "test_fast_cpu.py",
+    "test_executors_jax.py",
+    "test_pallas_repair.py",
+    "test_kernels_repair_triton.py",
+    "test_kernels_repair.py",
+    "test_capacity.py",
+)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[Any]) -> None:
+    rank = {name: k for k, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: the rest in their order
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
