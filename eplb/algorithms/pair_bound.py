@@ -3,7 +3,7 @@
 With two slots per GPU every live GPU holds a *pair* of replicas, and the
 other bounds (:mod:`eplb.algorithms.bounds`: total over capacity, the best
 largest replica, the pigeonhole bound) ignore what its partner adds: on the
-DeepSeek-V3 loads at 288 slots on 144 GPUs they sit up to 6% below the best
+DeepSeek-V3 loads at 288 slots on 144 GPUs they sit up to 7% below the best
 placement (``docs/benchmarks.md``, the exact check). This bound proves times
 unreachable by counting pairs.
 
