@@ -89,16 +89,16 @@ def _gpu_weight(room: Any, lo: Any, hi: Any, *, xp: Any) -> Any:
 
 
 def _unreachable(
-    time: Any, load: Any, capacity: Any, live: Any, hi_capacity: Any, live_slots: Any, max_count: Any, *, xp: Any
-) -> Any:
+    time: Any, load: Any, capacity: Any, live: Any, hi_capacity: Any, fraction: Any, live_slots: Any,
+    max_count: Any, *, xp: Any,
+) -> Any:  # fmt: skip
     """bool ``[L]``: the relaxation proves no placement reaches ``time [L]`` (scaled loads ``load [L, E]``,
-    capacities ``capacity [1, G]`` with the fastest live one 1, ``hi_capacity [1, K]``)."""
-    device = _xp.device(load)
+    capacities ``capacity [1, G]`` with the fastest live one 1, ``hi_capacity [1, K]``, the partner thresholds'
+    ``fraction [M]`` of the time)."""
     wide = (time * (1 + SLACK))[:, None]  # [L, 1]
     fit = xp.maximum(xp.ceil(load / wide), 1.0)  # [L, E]: fewest replicas that fit the fastest GPU
     misfit = xp.any(fit > max_count, axis=-1) | (xp.sum(fit, axis=-1) > live_slots)
-    fraction = _xp.constant(_PARTNER_FRACTIONS, xp=xp, device=device)
-    lo = time[:, None] * xp.astype(fraction, load.dtype)  # [L, M]
+    lo = time[:, None] * fraction  # [L, M]
     lo = xp.concat([lo, hi_capacity * (time * (1 + 2 * SLACK))[:, None]], axis=-1)  # and just above a class's room
     hi = hi_capacity[:, None, :] * (time * (1 + 2 * SLACK))[:, None, None] - lo[:, :, None]  # [L, M, K]
     load4, fit4, lo4, hi4 = load[:, None, None, :], fit[:, None, None, :], lo[:, :, None, None], hi[..., None]
@@ -158,10 +158,11 @@ def pair_bound(weight: Any, start: Any, num_gpus: int, capacity: Any = None, *, 
     # Time in units of B: loads over B times the fastest capacity (a GPU's time is load / capacity).
     scale = xp.where(start > 0, start, xp.ones_like(start))
     load = weight / (scale[:, None] * fastest)
+    fraction = xp.astype(_xp.constant(_PARTNER_FRACTIONS, xp=xp, device=device), weight.dtype)  # once, not per step
     low = xp.ones_like(start)
     high = xp.full_like(start, SPAN)
     for _ in range(BISECTION_STEPS):
         middle = (low + high) / 2
-        proven = _unreachable(middle, load, capacity, live, hi_capacity, live_slots, max_count, xp=xp)
+        proven = _unreachable(middle, load, capacity, live, hi_capacity, fraction, live_slots, max_count, xp=xp)
         low, high = xp.where(proven, middle, low), xp.where(proven, high, middle)
     return xp.where(start > 0, xp.maximum(start, low * start), start)
