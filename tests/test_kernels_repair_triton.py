@@ -44,7 +44,7 @@ def _repair_cases(rng: np.random.Generator) -> list[tuple]:
     and one slot per GPU."""
     from .test_kernels_repair import _loads, _placement, _repair_args
 
-    out = [_repair_args(rng, trial) for trial in range(20)]
+    out = [_repair_args(rng, trial) for trial in range(12)]  # CI time: numba takes them all
     for nodes, gpus, per_gpu, experts in ((1, 1, 1, 1), (1, 4, 1, 1), (2, 4, 3, 1), (2, 8, 1, 8), (4, 8, 1, 5)):
         slots = gpus * per_gpu
         start = _placement(rng, 4, slots, experts, cover=True)
@@ -62,7 +62,7 @@ def _pack_cases(rng: np.random.Generator) -> list[tuple]:
     from .test_kernels_repair import _loads, _placement
 
     out = []
-    for trial in range(10):
+    for trial in range(6):  # CI time (test_kernels_repair.py runs numba on many more)
         packs, capacity = int(rng.integers(1, 6)), int(rng.integers(1, 6))
         n = packs * capacity
         experts = int(rng.integers(1, n + 1))
