@@ -22,7 +22,8 @@ hold-out set: defaults are judged on traces they were not tuned on):
 ``llama-6/12/24/48``; ``drift-0.02-s1`` and ``drift-0.1-s2`` (other speeds and
 seeds), ``drift-slow-s5``; ``shift-s7``; ``phases-s4`` (other noise seed) and
 ``phases-r2/r3/r4/r7`` (phases of 2, 3, 4, 7 windows: in or out of step with
-the decision interval).
+the decision interval). Any ``drift-<sigma>-s<seed>`` (e.g. ``drift-0.15-s3``)
+names the drift at that speed and seed (58 layers, 48 windows, as those).
 
 DeepSeek-V3-shaped traces run on 288 slots, 8 groups, 4 nodes, 32 GPUs
 (hierarchical). Data comes from ``../shared/data`` beside the repository;
@@ -33,6 +34,7 @@ whose file is missing is skipped with a note.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,6 +143,15 @@ def extra_traces() -> dict[str, Callable[[], Trace | None]]:
         "phases-s4": lambda: phases(layers, count=16, repeat=5, seed=4, name="phases-s4"),
         **{f"phases-r{r}": (lambda r=r: phases(layers, count=16, repeat=r, name=f"phases-r{r}")) for r in (2, 3, 4, 7)},
     }
+
+
+def parametric_drift(name: str) -> Callable[[], Trace] | None:
+    """The builder of ``drift-<sigma>-s<seed>`` (58 layers, 48 windows, as ``extra_traces()``'s), else ``None``."""
+    match = re.fullmatch(r"drift-(\d+(?:\.\d+)?)-s(\d+)", name)
+    if match is None:
+        return None
+    sigma, seed = float(match.group(1)), int(match.group(2))
+    return lambda: drift(name, 58, 48, sigma, seed=seed)
 
 
 def trace_set(quick: bool) -> dict[str, Callable[[], Trace | None]]:

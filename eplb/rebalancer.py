@@ -15,7 +15,17 @@ asks for a decision. The rule:
   windows that arrive under it, so when they came out ``r`` times less
   balanced than planned (balancedness planned / arrived), the tolerance is
   ``0.1 * (r - 1)``, within ``[0.025, 0.2]``: 0.025 on predictable traffic,
-  more where the balance a tight plan buys is lost to noise anyway;
+  more where the balance a tight plan buys is lost to noise anyway. And
+  where the tolerance itself cost balance, it falls: each step also keeps a
+  fresh plan on its history (the plan with no tolerance), and scores both it
+  and the placement in force on the windows that arrive. Their ratio
+  (fresh / in force - 1, the *regret*) over the tolerance the step used, a
+  running mean ``m`` clipped to ``[0, 1]``, lowers the tolerance to
+  ``max(0.025 - 0.01 m, t (1 - m))`` (``t``: the value above). On drifting
+  traffic, where the latest windows predict the next ones, the fresh plan
+  keeps its edge and the tolerance sinks toward 0.015; where the windows
+  barely predict each other (the fresh plan's edge is noise) or alternate
+  (the placement in force, planned for the mix, serves better) it stays;
 - **a second candidate for the mix** per layer: the same call on the
   history plus the sum of the last ``long_window`` windows (16) weighed
   ``2**-k`` (about half a window's worth); a layer takes it where its
@@ -118,10 +128,16 @@ class Rebalancer:
         the windows recorded since the last step, scored under the placement
         in force (balancedness: mean over layers of mean / max GPU load,
         float64 on the host), against the balancedness that placement was
-        planned with: ``clip(0.1 * (planned / arrived - 1), 0.025, 0.2)``
+        planned with: ``t = clip(0.1 * (planned / arrived - 1), 0.025, 0.2)``
         (0.025 until windows arrived under a placement; for an ``initial=``
         placement, whose planning load is unknown, ``planned`` is a fresh
-        plan's balancedness on the recorded history).
+        plan's balancedness on the recorded history); then lowered by the
+        regret: with ``fresh`` the balancedness of the same windows under a
+        fresh plan on the last step's history and ``ratio = (fresh / arrived
+        - 1) / (the last step's tolerance)``, the running mean ``m = ratio``
+        at the first step that has one, then ``0.75 m + 0.25 ratio``; the
+        tolerance is ``max(0.025 - 0.01 c, t (1 - c))``, ``c = clip(m, 0,
+        1)`` (``t`` until a step has a ratio).
 
     max_layers, max_experts, max_bytes : int, optional, keyword-only
         Per-step budget: layers changed, experts moved, bytes moved
@@ -234,6 +250,13 @@ class Rebalancer:
         self._arrived: list[Any] = []
         self._in_force: Any = None
         self._planned: float | None = None
+        # ... and under a fresh plan on the last step's history (phy2log on the loads' device), for the regret:
+        # how much balance the tolerance cost on the windows that came (its running mean over steps, and the
+        # tolerance of the last step).
+        self._reference: Any = None
+        self._reference_arrived: list[Any] = []
+        self._regret: float | None = None
+        self._last_tolerance = _AUTO[0]
         self._gpus: dict[str, np.ndarray] = {}
         self._broken = False  # the placement in force holds experts on a GPU down (until the next step)
         self.set_gpus(active_gpus=active_gpus, gpu_capacity=gpu_capacity)
@@ -262,6 +285,7 @@ class Rebalancer:
         # The "auto" scoring restarts under the new GPUs; while the placement in force holds experts on a GPU
         # now down (until the next step), arriving windows are not scored (their slowest time is infinite).
         self._in_force, self._arrived = None, []
+        self._reference, self._reference_arrived = None, []  # a fresh plan for the old GPUs: no reference
         speeds = self._speeds()
         self._broken = False
         placement = self._placement
@@ -326,6 +350,9 @@ class Rebalancer:
             self._in_force = _as_placement(self._placement, load).phy2log
         loads = metrics.gpu_loads(load, self._in_force, self._sizes[3])
         self._arrived = [*self._arrived[1 - _ARRIVED_KEPT :], loads]
+        if self._reference is not None:
+            loads = metrics.gpu_loads(load, self._reference, self._sizes[3])
+            self._reference_arrived = [*self._reference_arrived[1 - _ARRIVED_KEPT :], loads]
 
     def _step_tolerance(self) -> float:
         """The tolerance of this step: the option, or ``"auto"``'s value from the windows since the last one."""
@@ -340,11 +367,21 @@ class Rebalancer:
             loads = _host(metrics.gpu_loads(self._history, fresh.phy2log, self._sizes[3]))
             planned = _balancedness(loads, self._speeds())
         xp = _xp.array_namespace(self._arrived[0])
-        windows = _host(xp.stack(self._arrived))  # one copy to the host for all of them, [windows, L, G]
-        arrived = float(np.mean([_balancedness(loads, self._speeds()) for loads in windows]))
+        scored = self._arrived + self._reference_arrived
+        windows = _host(xp.stack(scored))  # one copy to the host for all of them, [windows, L, G]
+        balance = [_balancedness(loads, self._speeds()) for loads in windows]
+        arrived = float(np.mean(balance[: len(self._arrived)]))
         if arrived <= 0:
             return cap
-        return float(min(cap, max(floor, slope * (planned / arrived - 1.0))))
+        tolerance = float(min(cap, max(floor, slope * (planned / arrived - 1.0))))
+        if len(self._reference_arrived) == len(self._arrived):
+            ratio = (float(np.mean(balance[len(self._arrived) :])) / arrived - 1.0) / self._last_tolerance
+            memory = _REGRET[0]
+            self._regret = ratio if self._regret is None else memory * self._regret + (1.0 - memory) * ratio
+        if self._regret is not None:
+            cost = min(max(self._regret, 0.0), 1.0)
+            tolerance = max(floor - _REGRET[1] * cost, tolerance * (1.0 - cost))
+        return tolerance
 
     def step(self) -> Decision:
         """Decide on the recorded history: the layers to change, their new placement and the copies."""
@@ -353,6 +390,7 @@ class Rebalancer:
         history, num_nodes, num_gpus = self._history, self._sizes[2], self._sizes[3]
         tolerance = self._step_tolerance()
         self._arrived, self._in_force, self._broken = [], None, False
+        self._reference_arrived, self._last_tolerance = [], tolerance
         speeds = self._speeds()
         if self._placement is None:
             fresh = rebalance_experts(history, *self._sizes, **self._options, **self._gpus)
@@ -362,6 +400,7 @@ class Rebalancer:
             self._placement = fresh
             if self._auto:
                 self._planned = _balancedness(_host(metrics.gpu_loads(history, fresh.phy2log, num_gpus)), speeds)
+                self._reference = None if self._options["spill"] else fresh.phy2log
             nothing = np.zeros(len(layers), dtype=np.int64)
             return Decision(
                 fresh, layers, plan, np.zeros(len(layers)), nothing, 0.0 if self._options["spill"] else tolerance
@@ -394,6 +433,8 @@ class Rebalancer:
         self._placement = placement
         if self._auto:
             self._planned = _balancedness(np.where(mask[:, None], loads_new, loads_now), speeds)
+            if not self._options["spill"]:  # with spill the tolerance is not used
+                self._reference = rebalance_experts(history, *self._sizes, **self._options, **self._gpus).phy2log
         return Decision(placement, chosen, plan, gain, np.where(mask, moves, 0), 0.0 if knobs == {} else tolerance)
 
     def _replan(self, history: Any, previous: Any, knobs: dict[str, Any], gpus: dict[str, np.ndarray]) -> Placement:
@@ -461,6 +502,7 @@ class Rebalancer:
 
 
 _AUTO = (0.025, 0.1, 0.2)  # "auto" tolerance: floor, slope per unit of (planned / arrived - 1), cap
+_REGRET = (0.75, 0.01)  # "auto": memory of the regret's running mean, the most it lowers the floor
 _ARRIVED_KEPT = 64  # windows scored for "auto" between two steps (the latest)
 
 
