@@ -212,9 +212,9 @@ def main() -> None:
         builders = {**replay_traces.extra_traces(), **builders}
     rule_names = args.rules.split(",") if args.rules else list(replay_rules.RULES)
     for name in trace_names:
-        drift = replay_traces.parametric_drift(name)
-        if name not in builders and drift is not None:
-            builders[name] = drift
+        built = replay_traces.parametric(name)
+        if name not in builders and built is not None:
+            builders[name] = built
         if name not in builders:
             parser.error(f"unknown trace {name!r}; choose from {', '.join(builders)}")
     for name in rule_names:

@@ -23,7 +23,8 @@ hold-out set: defaults are judged on traces they were not tuned on):
 seeds), ``drift-slow-s5``; ``shift-s7``; ``phases-s4`` (other noise seed) and
 ``phases-r2/r3/r4/r7`` (phases of 2, 3, 4, 7 windows: in or out of step with
 the decision interval). Any ``drift-<sigma>-s<seed>`` (e.g. ``drift-0.15-s3``)
-names the drift at that speed and seed (58 layers, 48 windows, as those).
+names the drift at that speed and seed, and ``phases-r<repeat>-s<seed>`` the
+phases of that length with that noise seed (58 layers, as those).
 
 DeepSeek-V3-shaped traces run on 288 slots, 8 groups, 4 nodes, 32 GPUs
 (hierarchical). Data comes from ``../shared/data`` beside the repository;
@@ -145,13 +146,18 @@ def extra_traces() -> dict[str, Callable[[], Trace | None]]:
     }
 
 
-def parametric_drift(name: str) -> Callable[[], Trace] | None:
-    """The builder of ``drift-<sigma>-s<seed>`` (58 layers, 48 windows, as ``extra_traces()``'s), else ``None``."""
+def parametric(name: str) -> Callable[[], Trace | None] | None:
+    """The builder of ``drift-<sigma>-s<seed>`` or ``phases-r<repeat>-s<seed>`` (58 layers; drift: 48 windows, as
+    ``extra_traces()``'s; phases: the 16 phases of ``phases``, each ``repeat`` windows), else ``None``."""
     match = re.fullmatch(r"drift-(\d+(?:\.\d+)?)-s(\d+)", name)
-    if match is None:
-        return None
-    sigma, seed = float(match.group(1)), int(match.group(2))
-    return lambda: drift(name, 58, 48, sigma, seed=seed)
+    if match is not None:
+        sigma, seed = float(match.group(1)), int(match.group(2))
+        return lambda: drift(name, 58, 48, sigma, seed=seed)
+    match = re.fullmatch(r"phases-r(\d+)-s(\d+)", name)
+    if match is not None:
+        repeat, seed = int(match.group(1)), int(match.group(2))
+        return lambda: phases(58, count=16, repeat=repeat, seed=seed, name=name)
+    return None
 
 
 def trace_set(quick: bool) -> dict[str, Callable[[], Trace | None]]:

@@ -20,12 +20,15 @@ asks for a decision. The rule:
   fresh plan on its history (the plan with no tolerance), and scores both it
   and the placement in force on the windows that arrive. Their ratio
   (fresh / in force - 1, the *regret*) over the tolerance the step used, a
-  running mean ``m`` clipped to ``[0, 1]``, lowers the tolerance to
-  ``max(0.025 - 0.01 m, t (1 - m))`` (``t``: the value above). On drifting
-  traffic, where the latest windows predict the next ones, the fresh plan
-  keeps its edge and the tolerance sinks toward 0.015; where the windows
-  barely predict each other (the fresh plan's edge is noise) or alternate
-  (the placement in force, planned for the mix, serves better) it stays;
+  running mean ``m`` clipped to ``[-1, 1]``, lowers the tolerance to
+  ``max(0.025 - 0.01 m, t (1 - m))`` where ``m > 0`` (``t``: the value
+  above) and raises it to ``max(t, 0.025 (1 - 3 m))`` where ``m < 0``. On
+  drifting traffic, where the latest windows predict the next ones, the
+  fresh plan keeps its edge and the tolerance sinks toward 0.015; where the
+  windows alternate (prefill and decode phases), a fresh plan on the latest
+  ones serves the next windows worse than the placement in force (planned
+  for the mix), so the tolerance rises toward 0.1 and fewer experts move;
+  where the windows barely predict each other the regret is noise around 0;
 - **a second candidate for the mix** per layer: the same call on the
   history plus the sum of the last ``long_window`` windows (16) weighed
   ``2**-k`` (about half a window's worth); a layer takes it where its
@@ -135,9 +138,10 @@ class Rebalancer:
         regret: with ``fresh`` the balancedness of the same windows under a
         fresh plan on the last step's history and ``ratio = (fresh / arrived
         - 1) / (the last step's tolerance)``, the running mean ``m = ratio``
-        at the first step that has one, then ``0.75 m + 0.25 ratio``; the
-        tolerance is ``max(0.025 - 0.01 c, t (1 - c))``, ``c = clip(m, 0,
-        1)`` (``t`` until a step has a ratio).
+        at the first step that has one, then ``0.75 m + 0.25 ratio``, and
+        ``c = clip(m, -1, 1)``: the tolerance is ``max(0.025 - 0.01 c, t (1 -
+        c))`` where ``c >= 0``, ``max(t, 0.025 (1 - 3 c))`` where ``c < 0``
+        (``t`` until a step has a ratio).
 
     max_layers, max_experts, max_bytes : int, optional, keyword-only
         Per-step budget: layers changed, experts moved, bytes moved
@@ -379,8 +383,11 @@ class Rebalancer:
             memory = _REGRET[0]
             self._regret = ratio if self._regret is None else memory * self._regret + (1.0 - memory) * ratio
         if self._regret is not None:
-            cost = min(max(self._regret, 0.0), 1.0)
-            tolerance = max(floor - _REGRET[1] * cost, tolerance * (1.0 - cost))
+            cost = min(max(self._regret, -1.0), 1.0)
+            if cost >= 0:  # the tolerance cost balance: lower it
+                tolerance = max(floor - _REGRET[1] * cost, tolerance * (1.0 - cost))
+            else:  # fresh plans served worse than the placement in force: moving to them buys nothing
+                tolerance = max(tolerance, floor * (1.0 - _REGRET[2] * cost))
         return tolerance
 
     def step(self) -> Decision:
@@ -502,7 +509,8 @@ class Rebalancer:
 
 
 _AUTO = (0.025, 0.1, 0.2)  # "auto" tolerance: floor, slope per unit of (planned / arrived - 1), cap
-_REGRET = (0.75, 0.01)  # "auto": memory of the regret's running mean, the most it lowers the floor
+# "auto": memory of the regret's running mean, the most it lowers the floor, how far a negative one raises it
+_REGRET = (0.75, 0.01, 3.0)
 _ARRIVED_KEPT = 64  # windows scored for "auto" between two steps (the latest)
 
 

@@ -318,19 +318,33 @@ def drifting_windows(count: int, seed: int = 6, drift: float = 0.15) -> list[np.
     return out
 
 
-@pytest.mark.parametrize("traffic", ["noisy", "drifting"])
+def alternating_windows(count: int, seed: int = 7) -> list[np.ndarray]:
+    """Two fixed load patterns in turn, two windows each, with a little noise: the latest windows mislead."""
+    rng = np.random.default_rng(seed)
+    phases = [rng.lognormal(0.0, 1.2, (6, 64)) for _ in range(2)]
+    return [
+        np.round(phases[t // 2 % 2] * np.exp(rng.normal(0.0, 0.05, (6, 64))) * 1000).astype(np.int64)
+        for t in range(count)
+    ]
+
+
+@pytest.mark.parametrize("traffic", ["noisy", "drifting", "alternating"])
 def test_auto_tolerance_follows_the_arrived_balance_and_the_regret(traffic):
     """Each step's tolerance, recomputed here in float64 from the placements and windows: ``t = clip(0.1 *
     (planned / arrived - 1), 0.025, 0.2)`` (planned: the placement in force on the history it was planned from;
     arrived: the windows since, under it), lowered by the regret (``fresh``: the same windows under eplb's fresh
     plan on the last step's history; ``ratio = (fresh / arrived - 1) / last tolerance``; ``m``: its running mean,
-    ``0.75 m + 0.25 ratio``; tolerance ``max(0.025 - 0.01 c, t (1 - c))``, ``c = clip(m, 0, 1)``). Independent
-    noisy windows arrive less balanced than planned (the tolerance rises); on a random walk the fresh plan keeps
-    its edge on the windows that come (the tolerance falls below 0.025)."""
-    loads = noisy_windows(12) if traffic == "noisy" else drifting_windows(24)
+    ``0.75 m + 0.25 ratio``; ``c = clip(m, -1, 1)``; tolerance ``max(0.025 - 0.01 c, t (1 - c))`` where ``c >= 0``,
+    ``max(t, 0.025 (1 - 3 c))`` where ``c < 0``). Independent noisy windows arrive less balanced than planned (the
+    tolerance rises); on a random walk the fresh plan keeps its edge on the windows that come (the tolerance falls
+    below 0.025); on alternating phases a fresh plan on the latest windows serves the next ones worse than the
+    placement in force (a negative regret: the tolerance rises above 0.025)."""
+    loads = {"noisy": noisy_windows(12), "drifting": drifting_windows(24), "alternating": alternating_windows(24)}[
+        traffic
+    ]
     rebalancer = eplb.Rebalancer(*CONFIG)
     recorded, since, planned, placement, reference, seen = [], [], None, None, None, []
-    regret, last = None, 0.025
+    regret, last, raised = None, 0.025, False
     for t, load in enumerate(loads):
         rebalancer.record(load)
         recorded.append(load)
@@ -346,8 +360,10 @@ def test_auto_tolerance_follows_the_arrived_balance_and_the_regret(traffic):
             fresh = np.mean([balancedness64(w, reference, 8) for w in since])
             ratio = (fresh / arrived - 1) / last
             regret = ratio if regret is None else 0.75 * regret + 0.25 * ratio
-            cost = min(max(regret, 0.0), 1.0)
-            want = max(0.025 - 0.01 * cost, want * (1 - cost))
+            cost = min(max(regret, -1.0), 1.0)
+            base = want
+            want = max(0.025 - 0.01 * cost, want * (1 - cost)) if cost >= 0 else max(want, 0.025 * (1 - 3 * cost))
+            raised |= cost < 0 and want > base * 1.01
             assert decision.tolerance == pytest.approx(want, rel=1e-4, abs=1e-7)
             seen.append(decision.tolerance)
         last = decision.tolerance
@@ -356,10 +372,12 @@ def test_auto_tolerance_follows_the_arrived_balance_and_the_regret(traffic):
         planned = balancedness64(history, placement, 8)
         reference = np.asarray(eplb.rebalance_experts(history.astype(np.float32), *CONFIG).phy2log)
         since = []
-    if traffic == "noisy":
-        assert max(seen) > 0.025  # independent windows arrive less balanced than planned
-    else:
+    if traffic == "drifting":
         assert min(seen) < 0.0225  # the tolerance cost balance on the windows that came: it fell
+    else:
+        assert max(seen) > 0.025  # less balanced than planned (noisy), or fresh plans served worse (alternating)
+    if traffic == "alternating":
+        assert raised  # a negative regret raised the tolerance above the rule's own value
 
 
 # ---------------------------------------------------------------- failed and slower GPUs
