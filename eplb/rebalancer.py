@@ -134,7 +134,7 @@ class Rebalancer:
         planned with: ``t = clip(0.1 * (planned / arrived - 1), 0.025, 0.2)``
         (0.025 until windows arrived under a placement; for an ``initial=``
         placement, whose planning load is unknown, ``planned`` is a fresh
-        plan's balancedness on the recorded history); then lowered by the
+        plan's balancedness on the recorded history); then moved by the
         regret: with ``fresh`` the balancedness of the same windows under a
         fresh plan on the last step's history and ``ratio = (fresh / arrived
         - 1) / (the last step's tolerance)``, the running mean ``m = ratio``
