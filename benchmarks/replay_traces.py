@@ -23,8 +23,10 @@ hold-out set: defaults are judged on traces they were not tuned on):
 seeds), ``drift-slow-s5``; ``shift-s7``; ``phases-s4`` (other noise seed) and
 ``phases-r2/r3/r4/r7`` (phases of 2, 3, 4, 7 windows: in or out of step with
 the decision interval). Any ``drift-<sigma>-s<seed>`` (e.g. ``drift-0.15-s3``)
-names the drift at that speed and seed, and ``phases-r<repeat>-s<seed>`` the
-phases of that length with that noise seed (58 layers, as those).
+names the drift at that speed and seed, ``phases-r<repeat>-s<seed>`` the
+phases of that length with that noise seed (58 layers, as those), and
+``llama-<N>-g16`` the Llama-4 series on 144 slots and 16 GPUs (9 slots a GPU:
+the configuration of the replay in issue 16's text).
 
 DeepSeek-V3-shaped traces run on 288 slots, 8 groups, 4 nodes, 32 GPUs
 (hierarchical). Data comes from ``../shared/data`` beside the repository;
@@ -49,6 +51,7 @@ import migration
 
 DEEPSEEK_CONFIG = (288, 8, 4, 32)  # num_replicas, num_groups, num_nodes, num_gpus
 LLAMA_CONFIG = (160, 1, 1, 32)
+LLAMA_ISSUE_CONFIG = (144, 1, 1, 16)  # the Llama-4 replay of issue 16's text: 144 slots on 16 GPUs
 PHASE_TOTAL = 2**22  # tokens per layer and window in the phases trace
 
 
@@ -157,7 +160,16 @@ def parametric(name: str) -> Callable[[], Trace | None] | None:
     if match is not None:
         repeat, seed = int(match.group(1)), int(match.group(2))
         return lambda: phases(58, count=16, repeat=repeat, seed=seed, name=name)
+    match = re.fullmatch(r"llama-(\d+)-g16", name)
+    if match is not None:
+        requests = int(match.group(1))
+        return lambda: _on(llama(requests), name, LLAMA_ISSUE_CONFIG)
     return None
+
+
+def _on(trace: Trace | None, name: str, config: tuple[int, int, int, int]) -> Trace | None:
+    """``trace`` renamed and replayed on another config (``None`` stays ``None``: its data is missing)."""
+    return None if trace is None else Trace(name, trace.windows, config, f"{trace.note}, on {config}")
 
 
 def trace_set(quick: bool) -> dict[str, Callable[[], Trace | None]]:
