@@ -441,20 +441,27 @@ class Rebalancer:
         if self._auto:
             self._planned = _balancedness(np.where(mask[:, None], loads_new, loads_now), speeds)
             if not self._options["spill"]:  # with spill the tolerance is not used
-                self._reference = rebalance_experts(history, *self._sizes, **self._options, **self._gpus).phy2log
+                self._reference = self._replan(history).phy2log  # graphed on CUDA: a fresh plan by time is long
         return Decision(placement, chosen, plan, gain, np.where(mask, moves, 0), 0.0 if knobs == {} else tolerance)
 
-    def _replan(self, history: Any, previous: Any, knobs: dict[str, Any], gpus: dict[str, np.ndarray]) -> Placement:
-        """The candidate: :func:`eplb.rebalance_experts` with ``previous``, or its CUDA graph (``cuda_graphs``)."""
+    def _replan(
+        self, history: Any, previous: Any = None, knobs: dict[str, Any] | None = None,
+        gpus: dict[str, np.ndarray] | None = None,
+    ) -> Placement:  # fmt: skip
+        """:func:`eplb.rebalance_experts` on ``history`` (with ``previous``: the candidate; without: the regret's
+        fresh reference), or its CUDA graph (``cuda_graphs``: one graph per kind of call)."""
+        knobs, gpus = knobs or {}, self._gpus if gpus is None else gpus
+        if previous is not None:
+            knobs = {"previous": previous, **knobs}
         if self._planner is None:
-            return rebalance_experts(history, *self._sizes, previous=previous, **self._options, **knobs, **gpus)
+            return rebalance_experts(history, *self._sizes, **self._options, **knobs, **gpus)
         if _xp.backend_name(history) == "torch" and history.device.type == "cuda":
             import torch
 
             # A graph takes per-call tensors on the loads' device (a host array would choose the rule on the host,
             # which a graph cannot replay); the same masks and speeds give the same placement.
             gpus = {name: torch.as_tensor(value, device=history.device) for name, value in gpus.items()}
-        return self._planner(history, previous=previous, **knobs, **gpus)
+        return self._planner(history, **knobs, **gpus)
 
     def _candidate(
         self, history: Any, previous: Any, knobs: dict[str, Any], gpus: dict[str, np.ndarray],

@@ -192,9 +192,10 @@ def test_same_decisions_on_every_backend(backend):
 @needs_gpu("torch")
 @pytest.mark.parametrize("gpus", ["all up", "one down", "speeds"])
 def test_torch_cuda_steps_replay_cuda_graphs_with_numpys_decisions(gpus):
-    """On torch CUDA each step's candidate is a GraphedPlanner replay (cuda_graphs, the default): the same
-    decisions as numpy and as eager CUDA calls, step by step (the GPUs down or the speeds passed as host arrays,
-    the planner's per-call tensors made from them); one capture per kind of call, none after the second step."""
+    """On torch CUDA each step's candidate, and the fresh plan the "auto" regret scores, are GraphedPlanner
+    replays (cuda_graphs, the default): the same decisions as numpy and as eager CUDA calls, step by step (the GPUs
+    down or the speeds passed as host arrays, the planner's per-call tensors made from them); one capture per kind
+    of call, none after the second step."""
     import torch
 
     vectors = {
@@ -223,7 +224,8 @@ def test_torch_cuda_steps_replay_cuda_graphs_with_numpys_decisions(gpus):
             captures.append(graphed._planner.captures)
     assert eager._planner is None
     assert captures[0] == 0  # the first step plans fresh (eagerly)
-    assert captures[1] == 1 and captures[-1] == 1, captures  # later steps replay the one graph
+    # Later steps replay two graphs: the candidate's, and the fresh plan the regret scores (captured at the second).
+    assert captures[1] == 2 and captures[-1] == 2, captures
 
 
 def test_records_a_load_tracker():
