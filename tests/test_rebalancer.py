@@ -472,3 +472,28 @@ def test_an_initial_placement_on_a_gpu_now_down():
     np.testing.assert_array_equal(decision.layers, np.arange(6))
     _valid_on(decision.placement, up)
     assert decision.tolerance == 0.025
+
+
+@pytest.mark.parametrize(
+    ("config", "experts"),
+    [((2, 1, 1, 2), 1), ((8, 1, 1, 8), 8), ((12, 2, 2, 4), 8)],
+    ids=["one-expert", "one-slot", "hier"],
+)
+@pytest.mark.parametrize("traffic", ["zeros", "some-zero-windows"])
+def test_auto_tolerance_on_degenerate_inputs(config, experts, traffic):
+    """One expert, one slot per GPU, all-zero windows: the "auto" rule (regret included) stays finite and within
+    [0.015, 0.2], numpy and torch decide alike, and every placement holds each expert at least once."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    on_numpy, on_torch = eplb.Rebalancer(*config), eplb.Rebalancer(*config)
+    for t in range(15):
+        zero = traffic == "zeros" or t % 3 == 1
+        load = np.zeros((3, experts), np.int64) if zero else rng.integers(0, 50, (3, experts))
+        on_numpy.record(load)
+        on_torch.record(torch.as_tensor(load))
+        if t % 3 == 2:
+            want, got = on_numpy.step(), on_torch.step()
+            assert got.tolerance == want.tolerance and 0.015 <= want.tolerance <= 0.2
+            np.testing.assert_array_equal(np.asarray(got.placement.phy2log), np.asarray(want.placement.phy2log))
+            for row in np.asarray(want.placement.phy2log):
+                assert set(row.tolist()) == set(range(experts))
