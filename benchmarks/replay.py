@@ -28,8 +28,13 @@ replayed by default.
 "hindsight" is a reference, not a rule: each window planned fresh on itself
 (no rule can know the window before serving it).
 
-    python benchmarks/replay.py [--quick] [--interval N] [--traces a,b] [--rules a,b]
+    python benchmarks/replay.py [--quick] [--interval N] [--traces a,b] [--rules a,b] [--target]
                                 [--markdown FILE] [--plot FILE.png] [--plot-trace NAME]
+
+``llama-<N>[-g16]-orderings`` in ``--traces`` names the four readings of
+``replay_traces.orderings``. ``--target`` adds issue 16's target per trace and rule (within 0.5% of the
+oblivious rule's balance, at most 25% of its moves, better than the FlashLB-like
+rule on both) and how many traces each rule meets it on.
 """
 
 from __future__ import annotations
@@ -190,6 +195,55 @@ def plot(results: list[Result], trace: replay_traces.Trace, interval: int, path:
     plt.close(fig)
 
 
+def total_moves(result: Result) -> int:
+    return sum(d[1] for d in result.decisions)
+
+
+def target(results: list[Result], share: float = 0.25, slack: float = 0.005) -> str:
+    """Issue 16's target per trace and rule (other than ``oblivious`` and ``flashlb-like``, which both must have been
+    replayed): balance at least ``(1 - slack)`` times the oblivious rule's, at most ``share`` of its experts moved,
+    and better than the FlashLB-like rule on both (higher balance, fewer experts moved); then per rule the traces
+    meeting all four, the mean and worst balance against the oblivious rule, and the largest moved share."""
+    by_trace: dict[str, dict[str, Result]] = {}
+    for result in results:
+        by_trace.setdefault(result.trace, {})[result.rule] = result
+    lines = [
+        "| trace | rule | balance vs oblivious | moves vs oblivious | vs FlashLB-like: balance, moves | all four |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    summary: dict[str, list[tuple[float, float, bool]]] = {}
+    for trace, rules in by_trace.items():
+        if "oblivious" not in rules or "flashlb-like" not in rules:
+            continue
+        oblivious, flashlb = rules["oblivious"], rules["flashlb-like"]
+        base, base_moves = np.mean(oblivious.balance), max(total_moves(oblivious), 1)
+        for name, result in rules.items():
+            if name in ("(hindsight)", "oblivious", "flashlb-like"):
+                continue
+            balance, moved = np.mean(result.balance), total_moves(result)
+            checks = (
+                balance >= (1 - slack) * base,
+                moved <= share * base_moves,
+                balance > np.mean(flashlb.balance),
+                moved < total_moves(flashlb),
+            )
+            relative, moved_share = balance / base - 1, moved / base_moves
+            summary.setdefault(name, []).append((relative, moved_share, all(checks)))
+            lines.append(
+                f"| {trace} | {name} | {100 * relative:+.2f}% | {100 * moved_share:.1f}% | "
+                f"{'better' if checks[2] else 'WORSE'}, {'fewer' if checks[3] else 'MORE'} | "
+                f"{'yes' if all(checks) else 'no'} |"
+            )
+    for name, scores in summary.items():
+        relative = np.array([s[0] for s in scores])
+        lines.append(
+            f"\n{name}: all four met on {sum(s[2] for s in scores)}/{len(scores)} traces; balance vs oblivious mean "
+            f"{100 * relative.mean():+.2f}%, worst {100 * relative.min():+.2f}%; moves at most "
+            f"{100 * max(s[1] for s in scores):.1f}% of the oblivious rule's"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer windows and layers, one Llama window size")
@@ -204,10 +258,16 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the table to this Markdown file")
     parser.add_argument("--plot", type=Path, help="plot balance and moves over time per rule (PNG)")
     parser.add_argument("--plot-trace", help="trace to plot (default: the first one replayed)")
+    parser.add_argument(
+        "--target",
+        action="store_true",
+        help="also check issue 16's target per trace (needs the oblivious and flashlb-like rules among --rules)",
+    )
     args = parser.parse_args()
 
     builders = replay_traces.trace_set(args.quick)
     trace_names = args.traces.split(",") if args.traces else list(builders)
+    trace_names = [expanded for name in trace_names for expanded in replay_traces.expand(name)]
     if not args.quick:
         builders = {**replay_traces.extra_traces(), **builders}
     rule_names = args.rules.split(",") if args.rules else list(replay_rules.RULES)
@@ -222,7 +282,7 @@ def main() -> None:
             parser.error(f"unknown rule {name!r}; choose from {', '.join(replay_rules.RULES)}")
 
     started = time.perf_counter()
-    rows, skipped, plotted = [], set(), None
+    rows, skipped, plotted, replayed = [], set(), None, []
     for trace_name in trace_names:
         trace = builders[trace_name]()
         if trace is None:
@@ -240,6 +300,7 @@ def main() -> None:
                     skipped.add(rule_name)
                 continue
             results.append(replay(trace, rule_name, rule, args.interval))
+        replayed += results
         for result in results:
             rows.append(row(result, args.expert_bytes))
             print(" | ".join(rows[-1]), flush=True)
@@ -250,6 +311,9 @@ def main() -> None:
     print()
     print(text)
     print(f"\n{time.perf_counter() - started:.0f} s; interval {args.interval} windows; policy {args.policy}")
+    if args.target:
+        text += "\n\n" + target(replayed)
+        print("\n" + target(replayed))
     if args.markdown:
         args.markdown.write_text(text + "\n")
     if args.plot and plotted is None:
