@@ -65,16 +65,19 @@ def drifting(layers: int, experts: int, windows: int, drift: float, seed: int = 
     return out
 
 
-def llama_windows(requests: int, offset: int = 0, reverse: bool = False) -> list[np.ndarray] | None:
-    """Llama-4-Maverick prefill counts [24, 128] summed over ``requests`` consecutive requests; ``reverse``: the
-    series played backwards, ``offset``: its first ``offset`` requests skipped (other windows of the same series)."""
+def llama_windows(
+    requests: int, offset: int = 0, reverse: bool = False, counts: str = "prefill"
+) -> list[np.ndarray] | None:
+    """Llama-4-Maverick ``counts`` (``"prefill"`` or ``"decode"``) [24, 128] summed over ``requests`` consecutive
+    requests; ``reverse``: the series played backwards, ``offset``: its first ``offset`` requests skipped (other
+    windows of the same series)."""
     path = DATA / "llama4-maverick-mmlu" / "llama4_maverick_mmlu_counts.npz"
     if not path.exists():
         return None
-    prefill = np.load(path)["prefill"].astype(np.int64)  # [387, 24, 128]
-    prefill = (prefill[::-1] if reverse else prefill)[offset:]
-    count = prefill.shape[0] // requests
-    return [prefill[i * requests : (i + 1) * requests].sum(axis=0) for i in range(count)]
+    series = np.load(path)[counts].astype(np.int64)  # [387, 24, 128]
+    series = (series[::-1] if reverse else series)[offset:]
+    count = series.shape[0] // requests
+    return [series[i * requests : (i + 1) * requests].sum(axis=0) for i in range(count)]
 
 
 def run_chain(windows: list[np.ndarray], config: tuple, options: dict | None) -> dict:

@@ -31,7 +31,7 @@ replayed by default.
     python benchmarks/replay.py [--quick] [--interval N] [--traces a,b] [--rules a,b] [--target]
                                 [--markdown FILE] [--plot FILE.png] [--plot-trace NAME]
 
-``llama-<N>[-g16]-orderings`` in ``--traces`` names the four readings of
+``llama-<N>[-g16]-orderings[-decode]`` in ``--traces`` names the four readings of
 ``replay_traces.orderings``. ``--target`` adds issue 16's target per trace and rule (within 0.5% of the
 oblivious rule's balance, at most 25% of its moves, better than the FlashLB-like
 rule on both) and how many traces each rule meets it on.

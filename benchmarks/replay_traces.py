@@ -30,7 +30,8 @@ the configuration of the replay in issue 16's text); ``-o<offset>`` skips the
 series' first ``offset`` requests and ``-r`` plays it backwards
 (``llama-8-g16-o4-r``, ``llama-16-o8``): other windows of the same traffic
 (``orderings(N)`` names four), to tell a rule's effect from the noise of one
-reading.
+reading; ``-decode`` (last) takes the decode counts instead of the prefill ones
+(6.7 times the tokens: steadier windows).
 
 DeepSeek-V3-shaped traces run on 288 slots, 8 groups, 4 nodes, 32 GPUs
 (hierarchical). Data comes from ``../shared/data`` beside the repository;
@@ -67,8 +68,10 @@ class Trace:
     note: str = ""
 
 
-def llama(requests: int, limit: int | None = None, offset: int = 0, reverse: bool = False) -> Trace | None:
-    windows = migration.llama_windows(requests, offset=offset, reverse=reverse)
+def llama(
+    requests: int, limit: int | None = None, offset: int = 0, reverse: bool = False, counts: str = "prefill"
+) -> Trace | None:
+    windows = migration.llama_windows(requests, offset=offset, reverse=reverse, counts=counts)
     if windows is None:
         return None
     windows = windows[:limit]
@@ -77,7 +80,7 @@ def llama(requests: int, limit: int | None = None, offset: int = 0, reverse: boo
         f"llama-{requests}",
         windows,
         LLAMA_CONFIG,
-        f"Llama-4-Maverick MMLU prefill, {requests} requests/window{reading}",
+        f"Llama-4-Maverick MMLU {counts}, {requests} requests/window{reading}",
     )
 
 
@@ -160,7 +163,7 @@ def extra_traces() -> dict[str, Callable[[], Trace | None]]:
 def parametric(name: str) -> Callable[[], Trace | None] | None:
     """The builder of ``drift-<sigma>-s<seed>`` or ``phases-r<repeat>-s<seed>`` (58 layers; drift: 48 windows, as
     ``extra_traces()``'s; phases: the 16 phases of ``phases``, each ``repeat`` windows) or of a Llama-4 reading
-    ``llama-<N>[-g16][-o<offset>][-r]`` (with at least one of the suffixes), else ``None``."""
+    ``llama-<N>[-g16][-o<offset>][-r][-decode]`` (with at least one of the suffixes), else ``None``."""
     match = re.fullmatch(r"drift-(\d+(?:\.\d+)?)-s(\d+)", name)
     if match is not None:
         sigma, seed = float(match.group(1)), int(match.group(2))
@@ -169,26 +172,29 @@ def parametric(name: str) -> Callable[[], Trace | None] | None:
     if match is not None:
         repeat, seed = int(match.group(1)), int(match.group(2))
         return lambda: phases(58, count=16, repeat=repeat, seed=seed, name=name)
-    match = re.fullmatch(r"llama-(\d+)(-g16)?(?:-o(\d+))?(-r)?", name)
+    match = re.fullmatch(r"llama-(\d+)(-g16)?(?:-o(\d+))?(-r)?(-decode)?", name)
     if match is not None and any(match.groups()[1:]):
         requests, config = int(match.group(1)), LLAMA_ISSUE_CONFIG if match.group(2) else LLAMA_CONFIG
         offset, reverse = int(match.group(3) or 0), bool(match.group(4))
-        return lambda: _on(llama(requests, offset=offset, reverse=reverse), name, config)
+        counts = "decode" if match.group(5) else "prefill"
+        return lambda: _on(llama(requests, offset=offset, reverse=reverse, counts=counts), name, config)
     return None
 
 
-def orderings(requests: int, g16: bool = True) -> list[str]:
+def orderings(requests: int, g16: bool = True, decode: bool = False) -> list[str]:
     """Four readings of the Llama-4 series at ``requests`` per window: as recorded, shifted by half a window,
-    and both backwards (``llama-<N>[-g16]-o<offset>[-r]``): the same traffic, other windows, for rules whose
-    scores on one reading differ by less than its noise."""
-    stem = f"llama-{requests}{'-g16' if g16 else ''}"
-    return [f"{stem}{o}{r}" for r in ("", "-r") for o in ("", f"-o{requests // 2}")]
+    and both backwards (``llama-<N>[-g16]-o<offset>[-r][-decode]``): the same traffic, other windows, for rules
+    whose scores on one reading differ by less than its noise."""
+    stem, tail = f"llama-{requests}{'-g16' if g16 else ''}", "-decode" if decode else ""
+    return [f"{stem}{o}{r}{tail}" for r in ("", "-r") for o in ("", f"-o{requests // 2}")]
 
 
 def expand(name: str) -> list[str]:
-    """``llama-<N>[-g16]-orderings``: the four readings of :func:`orderings`; any other name: itself."""
-    match = re.fullmatch(r"llama-(\d+)(-g16)?-orderings", name)
-    return orderings(int(match.group(1)), g16=bool(match.group(2))) if match else [name]
+    """``llama-<N>[-g16]-orderings[-decode]``: the four readings of :func:`orderings`; any other name: itself."""
+    match = re.fullmatch(r"llama-(\d+)(-g16)?-orderings(-decode)?", name)
+    if match is None:
+        return [name]
+    return orderings(int(match.group(1)), g16=bool(match.group(2)), decode=bool(match.group(3)))
 
 
 def _on(trace: Trace | None, name: str, config: tuple[int, int, int, int]) -> Trace | None:

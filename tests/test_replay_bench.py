@@ -68,12 +68,15 @@ def test_target_skips_traces_without_both_references_and_counts_per_rule():
 def test_orderings_name_four_readings_and_expand():
     assert replay_traces.orderings(8) == ["llama-8-g16", "llama-8-g16-o4", "llama-8-g16-r", "llama-8-g16-o4-r"]
     assert replay_traces.expand("llama-6-orderings") == ["llama-6", "llama-6-o3", "llama-6-r", "llama-6-o3-r"]
+    assert replay_traces.expand("llama-4-g16-orderings-decode")[3] == "llama-4-g16-o2-r-decode"
     assert replay_traces.expand("drift-fast") == ["drift-fast"]
     assert replay_traces.parametric("llama-8") is None  # the default trace, not a parametric one
     assert replay_traces.parametric("llama-8-x") is None
 
 
-@pytest.mark.parametrize("name", ["llama-8-g16-o4-r", "llama-5-o2", "llama-7-r", "llama-3-g16"])
+@pytest.mark.parametrize(
+    "name", ["llama-8-g16-o4-r", "llama-5-o2", "llama-7-r", "llama-3-g16", "llama-6-decode", "llama-9-g16-o1-r-decode"]
+)
 def test_llama_readings_sum_the_recorded_requests(name):
     path = cases.DATA / "llama4-maverick-mmlu" / "llama4_maverick_mmlu_counts.npz"
     if not path.exists():
@@ -81,8 +84,9 @@ def test_llama_readings_sum_the_recorded_requests(name):
     trace = replay_traces.parametric(name)()
     requests = int(name.split("-")[1])
     offset = int(name.split("-o")[1].split("-")[0]) if "-o" in name else 0
-    series = np.load(path)["prefill"].astype(np.int64).tolist()  # [requests][24][128], plain Python
-    if name.endswith("-r"):
+    counts = "decode" if name.endswith("-decode") else "prefill"
+    series = np.load(path)[counts].astype(np.int64).tolist()  # [requests][24][128], plain Python
+    if name.removesuffix("-decode").endswith("-r"):
         series = series[::-1]
     series = series[offset:]
     expected = []
