@@ -281,6 +281,9 @@ def main() -> None:
         if name not in replay_rules.RULES:
             parser.error(f"unknown rule {name!r}; choose from {', '.join(replay_rules.RULES)}")
 
+    if args.target and not {"oblivious", "flashlb-like"} <= set(rule_names):
+        parser.error("--target compares against the oblivious and flashlb-like rules: add both to --rules")
+
     started = time.perf_counter()
     rows, skipped, plotted, replayed = [], set(), None, []
     for trace_name in trace_names:
