@@ -315,8 +315,9 @@ def main() -> None:
     print(text)
     print(f"\n{time.perf_counter() - started:.0f} s; interval {args.interval} windows; policy {args.policy}")
     if args.target:
-        text += "\n\n" + target(replayed)
-        print("\n" + target(replayed))
+        checked = target(replayed)
+        text += "\n\n" + checked
+        print("\n" + checked)
     if args.markdown:
         args.markdown.write_text(text + "\n")
     if args.plot and plotted is None:
