@@ -28,7 +28,15 @@ asks for a decision. The rule:
   windows alternate (prefill and decode phases), a fresh plan on the latest
   ones serves the next windows worse than the placement in force (planned
   for the mix), so the tolerance rises toward 0.1 and fewer experts move;
-  where the windows barely predict each other the regret is noise around 0;
+  where the windows barely predict each other the regret is noise around 0.
+  On such noisy traffic (arrived more than 1.4 times less balanced than
+  planned) the rule's premise, that noise takes back what a tight plan
+  buys, is checked too: a *ceiling* on the tolerance falls to 0.7 times
+  the tolerance used whenever the fresh plan still served those windows
+  better, and rises 1.25-fold at every other step (within ``[0.002,
+  0.2]``). With 9 slots a GPU a tight plan keeps most of its edge under
+  noise (the Llama-4 series on 16 GPUs: the ceiling sinks to about
+  0.01); with 5 it does not, and the ceiling stays out of the way;
 - **a second candidate for the mix** per layer: the same call on the
   history plus the sum of the last ``long_window`` windows (16) weighed
   ``2**-k`` (about half a window's worth); a layer takes it where its
@@ -141,7 +149,11 @@ class Rebalancer:
         at the first step that has one, then ``0.75 m + 0.25 ratio``, and
         ``c = clip(m, -1, 1)``: the tolerance is ``max(0.025 - 0.01 c, t (1 -
         c))`` where ``c >= 0``, ``max(t, 0.025 (1 - 3 c))`` where ``c < 0``
-        (``t`` until a step has a ratio).
+        (``t`` until a step has a ratio); at most the ceiling ``u`` (0.2 at
+        first): at each step with a ratio, ``u = max(0.002, 0.7 min(u, the
+        last step's tolerance))`` where ``planned / arrived > 1.4`` and
+        ``fresh > arrived`` (noisy traffic on which the fresh plan served
+        better), else ``u = min(0.2, 1.25 u)``.
 
     max_layers, max_experts, max_bytes : int, optional, keyword-only
         Per-step budget: layers changed, experts moved, bytes moved
@@ -265,6 +277,7 @@ class Rebalancer:
         self._reference_arrived: list[Any] = []
         self._regret: float | None = None
         self._last_tolerance = _AUTO[0]
+        self._ceiling = _AUTO[2]  # "auto": the most the tolerance may be, lowered where noisy traffic proved it costly
         self._gpus: dict[str, np.ndarray] = {}
         self._broken = False  # the placement in force holds experts on a GPU down (until the next step)
         self.set_gpus(active_gpus=active_gpus, gpu_capacity=gpu_capacity)
@@ -368,7 +381,7 @@ class Rebalancer:
             return self._tolerance
         floor, slope, cap = _AUTO
         if not self._arrived:
-            return floor
+            return min(floor, self._ceiling)
         planned = self._planned
         if planned is None:  # an initial= placement, planned on loads we never saw: a fresh plan's own balance
             fresh = rebalance_experts(self._history, *self._sizes, **self._options, **self._gpus)
@@ -379,20 +392,32 @@ class Rebalancer:
         windows = _host(xp.stack(scored))  # one copy to the host for all of them, [windows, L, G]
         balance = [_balancedness(loads, self._speeds()) for loads in windows]
         arrived = float(np.mean(balance[: len(self._arrived)]))
+        scored = len(self._reference_arrived) == len(self._arrived)
         if arrived <= 0:
-            return cap
+            if scored:  # no load arrived: nothing says the tolerance cost balance
+                self._ceiling = min(cap, self._ceiling * _NOISY[2])
+            return min(cap, self._ceiling)
         tolerance = float(min(cap, max(floor, slope * (planned / arrived - 1.0))))
-        if len(self._reference_arrived) == len(self._arrived):
-            ratio = (float(np.mean(balance[len(self._arrived) :])) / arrived - 1.0) / self._last_tolerance
+        if scored:
+            gap = float(np.mean(balance[len(self._arrived) :])) / arrived - 1.0  # fresh / in force - 1
+            ratio = gap / self._last_tolerance
             memory = _REGRET[0]
             self._regret = ratio if self._regret is None else memory * self._regret + (1.0 - memory) * ratio
+            # The ceiling: on noisy traffic (arrived well below planned) the rule above raises the tolerance on
+            # the premise that noise takes back what a tight plan buys; where the fresh plan still served the
+            # windows better, that premise failed: the ceiling falls below the tolerance used, else it recovers.
+            noisy_at, down, up, lowest = _NOISY
+            if planned / arrived > noisy_at and gap > 0:
+                self._ceiling = max(lowest, min(self._ceiling, self._last_tolerance) * down)
+            else:
+                self._ceiling = min(cap, self._ceiling * up)
         if self._regret is not None:
             cost = min(max(self._regret, -1.0), 1.0)
             if cost >= 0:  # the tolerance cost balance: lower it
                 tolerance = max(floor - _REGRET[1] * cost, tolerance * (1.0 - cost))
             else:  # fresh plans served worse than the placement in force: moving to them buys nothing
                 tolerance = max(tolerance, floor * (1.0 - _REGRET[2] * cost))
-        return tolerance
+        return min(tolerance, self._ceiling)
 
     def step(self) -> Decision:
         """Decide on the recorded history: the layers to change, their new placement and the copies."""
@@ -522,6 +547,9 @@ class Rebalancer:
 _AUTO = (0.025, 0.1, 0.2)  # "auto" tolerance: floor, slope per unit of (planned / arrived - 1), cap
 # "auto": memory of the regret's running mean, the most it lowers the floor, how far a negative one raises it
 _REGRET = (0.75, 0.01, 3.0)
+# "auto": the ceiling on noisy traffic: planned / arrived balance above which traffic counts as noisy, the factor
+# on the last tolerance when the fresh plan served better there, the factor otherwise (recovery), the lowest ceiling
+_NOISY = (1.4, 0.7, 1.25, 0.002)
 _ARRIVED_KEPT = 64  # windows scored for "auto" between two steps (the latest)
 
 
