@@ -189,15 +189,13 @@ class Rebalancer:
     serves traffic that alternates. On the 20 replayed traces (Llama-4 on
     160 slots / 32 GPUs, drift, a sudden shift, prefill/decode phases) their
     time-averaged balance is within 0.5% of a fresh plan's every 4 windows
-    (worst -0.07%), they move at most 19% of its experts, and they beat a
+    (worst -0.06%), they move at most 20% of its experts, and they beat a
     32-window history (the FlashLB-like rule) on both balance and moves on
     all 20. Not on every configuration: on the Llama-4 series at 144 slots /
-    16 GPUs, over 20 readings of it (``--traces llama-8-g16-orderings``...),
-    they meet those conditions on 10 (mean balance -0.6% against the fresh
-    plan), where a fixed ``balance_tolerance`` of 0.005-0.01 gains 1-2% on
-    average at 17-20% of the moves (and meets them on 11-13); the adaptive
-    rules tried for both (move shares, histories by noise, per-layer caps)
-    lose as much elsewhere.
+    16 GPUs, over 40 readings of it (``--traces llama-8-g16-orderings``...,
+    prefill and decode counts), they meet those conditions on 26 (17 before
+    the ceiling), and on 10 of 12 decode readings at 160 slots (3 before);
+    82 of 107 replayed traces in all (61 before; ``docs/benchmarks.md``).
     """
 
     def __init__(
