@@ -390,13 +390,13 @@ class Rebalancer:
         windows = _host(xp.stack(scored))  # one copy to the host for all of them, [windows, L, G]
         balance = [_balancedness(loads, self._speeds()) for loads in windows]
         arrived = float(np.mean(balance[: len(self._arrived)]))
-        scored = len(self._reference_arrived) == len(self._arrived)
+        has_fresh = len(self._reference_arrived) == len(self._arrived)  # the fresh reference scored them too
         if arrived <= 0:
-            if scored:  # no load arrived: nothing says the tolerance cost balance
+            if has_fresh:  # no load arrived: nothing says the tolerance cost balance
                 self._ceiling = min(cap, self._ceiling * _NOISY[2])
             return min(cap, self._ceiling)
         tolerance = float(min(cap, max(floor, slope * (planned / arrived - 1.0))))
-        if scored:
+        if has_fresh:
             gap = float(np.mean(balance[len(self._arrived) :])) / arrived - 1.0  # fresh / in force - 1
             ratio = gap / self._last_tolerance
             memory = _REGRET[0]
