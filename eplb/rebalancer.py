@@ -391,24 +391,24 @@ class Rebalancer:
         balance = [_balancedness(loads, self._speeds()) for loads in windows]
         arrived = float(np.mean(balance[: len(self._arrived)]))
         has_fresh = len(self._reference_arrived) == len(self._arrived)  # the fresh reference scored them too
-        if arrived <= 0:
-            if has_fresh:  # no load arrived: nothing says the tolerance cost balance
-                self._ceiling = min(cap, self._ceiling * _NOISY[2])
-            return min(cap, self._ceiling)
-        tolerance = float(min(cap, max(floor, slope * (planned / arrived - 1.0))))
+        # fresh / in force - 1 on the windows that came (0 where no load came: nothing says the tolerance cost)
+        gap = float(np.mean(balance[len(self._arrived) :])) / arrived - 1.0 if has_fresh and arrived > 0 else 0.0
         if has_fresh:
-            gap = float(np.mean(balance[len(self._arrived) :])) / arrived - 1.0  # fresh / in force - 1
-            ratio = gap / self._last_tolerance
-            memory = _REGRET[0]
-            self._regret = ratio if self._regret is None else memory * self._regret + (1.0 - memory) * ratio
-            # The ceiling: on noisy traffic (arrived well below planned) the rule above raises the tolerance on
+            # The ceiling: on noisy traffic (arrived well below planned) the rule below raises the tolerance on
             # the premise that noise takes back what a tight plan buys; where the fresh plan still served the
             # windows better, that premise failed: the ceiling falls below the tolerance used, else it recovers.
             noisy_at, down, up, lowest = _NOISY
-            if planned / arrived > noisy_at and gap > 0:
+            if arrived > 0 and planned / arrived > noisy_at and gap > 0:
                 self._ceiling = max(lowest, min(self._ceiling, self._last_tolerance) * down)
             else:
                 self._ceiling = min(cap, self._ceiling * up)
+        if arrived <= 0:
+            return min(cap, self._ceiling)
+        tolerance = float(min(cap, max(floor, slope * (planned / arrived - 1.0))))
+        if has_fresh:
+            ratio = gap / self._last_tolerance
+            memory = _REGRET[0]
+            self._regret = ratio if self._regret is None else memory * self._regret + (1.0 - memory) * ratio
         if self._regret is not None:
             cost = min(max(self._regret, -1.0), 1.0)
             if cost >= 0:  # the tolerance cost balance: lower it
