@@ -380,15 +380,15 @@ class Rebalancer:
         floor, slope, cap = _AUTO
         if not self._arrived:
             return min(floor, self._ceiling)
-        planned = self._planned
+        planned, speeds = self._planned, self._speeds()  # speeds: once per step, not per window
         if planned is None:  # an initial= placement, planned on loads we never saw: a fresh plan's own balance
             fresh = rebalance_experts(self._history, *self._sizes, **self._options, **self._gpus)
             loads = _host(metrics.gpu_loads(self._history, fresh.phy2log, self._sizes[3]))
-            planned = _balancedness(loads, self._speeds())
+            planned = _balancedness(loads, speeds)
         xp = _xp.array_namespace(self._arrived[0])
         scored = self._arrived + self._reference_arrived
         windows = _host(xp.stack(scored))  # one copy to the host for all of them, [windows, L, G]
-        balance = [_balancedness(loads, self._speeds()) for loads in windows]
+        balance = [_balancedness(loads, speeds) for loads in windows]
         arrived = float(np.mean(balance[: len(self._arrived)]))
         has_fresh = len(self._reference_arrived) == len(self._arrived)  # the fresh reference scored them too
         # fresh / in force - 1 on the windows that came (0 where no load came: nothing says the tolerance cost)
@@ -398,7 +398,7 @@ class Rebalancer:
             # the premise that noise takes back what a tight plan buys; where the fresh plan still served the
             # windows better, that premise failed: the ceiling falls below the tolerance used, else it recovers.
             noisy_at, down, up, lowest = _NOISY
-            if arrived > 0 and planned / arrived > noisy_at and gap > 0:
+            if gap > 0 and planned / arrived > noisy_at:  # gap > 0 implies arrived > 0
                 self._ceiling = max(lowest, min(self._ceiling, self._last_tolerance) * down)
             else:
                 self._ceiling = min(cap, self._ceiling * up)
