@@ -43,6 +43,7 @@ from eplb.algorithms.assignment import BIG
 from eplb.algorithms.elastic import sticky_group_split
 from eplb.algorithms.hierarchy import build_log2phy, covers_groups, expert_order, node_groups
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
+from eplb.algorithms.polish import polish
 from eplb.algorithms.packing import inverse_permutation
 from eplb.algorithms.policies import place
 from eplb.algorithms.relabel import align_slots, count_moves, occurrence, relabel, replica_counts
@@ -158,6 +159,7 @@ def stabilize(
     replica_counts_fn: Callable[..., Any] = replica_counts,
     heaviest_gpu_fn: Callable[..., Any] = heaviest_gpu,
     choose_fn: Callable[..., Any] = choose,
+    polish_fn: Callable[..., Any] = polish,
 ) -> tuple[Any, Any]:
     """``phy2log [B, R]`` and ``logcnt [B, E]``: ``fresh`` (with ``logcnt``), or a migration-aware
     variant of it, given ``old [B, R]``.
@@ -178,13 +180,19 @@ def stabilize(
     the relabelled fresh placement's (it never adds moves: it wins only
     with fewer); ties in that order. If
     none meets both (only with ``max_moves``), the lightest heaviest GPU
-    among those within ``max_moves`` (:func:`choose`). ``relabel_fn``,
-    ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``,
-    ``replica_counts_fn``, ``heaviest_gpu_fn``, ``choose_fn``:
-    :func:`relabel`, :func:`sticky_pack`, :func:`repair`,
+    among those within ``max_moves`` (:func:`choose`). Then
+    :func:`~eplb.algorithms.polish.polish` swaps its slots back toward
+    ``old`` while every GPU stays within the limit (or within the chosen
+    placement's heaviest GPU, where that is higher), its slots aligned
+    again; kept only where its left-to-right sums stay within that bound,
+    so it never adds a move nor raises the heaviest GPU above it.
+    ``relabel_fn``, ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``,
+    ``replica_counts_fn``, ``heaviest_gpu_fn``, ``choose_fn``,
+    ``polish_fn``: :func:`relabel`, :func:`sticky_pack`, :func:`repair`,
     :func:`align_slots`, :func:`replica_counts`,
-    :func:`~eplb.algorithms.repair.heaviest_gpu` and :func:`choose`, or
-    compiled kernels equal to them (same arguments).
+    :func:`~eplb.algorithms.repair.heaviest_gpu`, :func:`choose` and
+    :func:`~eplb.algorithms.polish.polish`, or compiled kernels equal to
+    them (same arguments).
     """
     batch, num_phy = fresh.shape
     num_log = weight.shape[1]
@@ -255,7 +263,7 @@ def stabilize(
     rows = [slice(k * batch, (k + 1) * batch) for k in range(starts)]
     moves = xp.concat([base_moves] + [moves[r] for r in rows], axis=-1)  # [B, 1 + starts]
     usable = xp.concat([always, valid] + [always] * packs, axis=-1) & (moves <= cap)
-    return choose_fn(
+    chosen, chosen_cnt = choose_fn(
         weight,
         xp.concat([base, repaired], axis=0),
         xp.concat([logcnt, counts], axis=0),
@@ -265,6 +273,14 @@ def stabilize(
         num_gpus,
         xp=xp,
     )
+    # Give moves back: swaps toward old within the limit, or within the chosen placement's own heaviest GPU
+    # where that is higher (only with max_moves), so the heaviest GPU never rises above either.
+    ceiling = xp.maximum(limit, heaviest_gpu_fn(weight, chosen, chosen_cnt, num_gpus, xp=xp))
+    polished = polish_fn(chosen, chosen_cnt, old, weight, ceiling, num_gpus, num_nodes, num_phy, xp=xp)
+    polished = align_slots_fn(polished, old, num_gpus, xp=xp)
+    # The search prices a swap as (load - out) + in; the placement's left-to-right sums decide.
+    within = heaviest_gpu_fn(weight, polished, chosen_cnt, num_gpus, xp=xp) <= ceiling
+    return xp.where(within, polished, chosen), chosen_cnt
 
 
 def _factor(tolerance: Any, peak: Any, *, xp: Any) -> Any:
@@ -317,6 +333,7 @@ def place_stable(
     group_split_fn: Callable[..., Any] | None = None,
     heaviest_gpu_fn: Callable[..., Any] = heaviest_gpu,
     choose_fn: Callable[..., Any] = choose,
+    polish_fn: Callable[..., Any] = polish,
     **options: Any,
 ) -> tuple[Any, Any, Any]:
     """Like :func:`eplb.algorithms.policies.place`, keeping the experts of ``previous [L, R]`` in place.
@@ -328,8 +345,8 @@ def place_stable(
     ``place_fn``, ``relabel_fn``, ``log2phy_fn``: :func:`place`,
     :func:`relabel` and the slot-order ``log2phy`` below, and
     ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``,
-    ``replica_counts_fn``, ``heaviest_gpu_fn``, ``choose_fn`` (used only
-    with ``tolerance`` or ``max_moves``):
+    ``replica_counts_fn``, ``heaviest_gpu_fn``, ``choose_fn``, ``polish_fn``
+    (used only with ``tolerance`` or ``max_moves``):
     :func:`stabilize`'s, and ``group_split_fn`` :func:`near_split`'s, or
     fused implementations equal to them (a backend's fast paths).
     Replica numbers in ``log2phy`` follow slot order (replica ``k`` of an
@@ -368,6 +385,7 @@ def place_stable(
         replica_counts_fn=replica_counts_fn,
         heaviest_gpu_fn=heaviest_gpu_fn,
         choose_fn=choose_fn,
+        polish_fn=polish_fn,
     )
     if log2phy_fn is not None:
         return phy2log, log2phy_fn(phy2log, weight.shape[1]), logcnt

@@ -125,7 +125,7 @@ def _start_warm_up() -> threading.Thread:
 
 
 # The kernel families, in load order (repair's kernels take about half of a cold compile).
-KERNEL_FAMILIES = ("greedy", "relabel", "repair", "group_split", "speed", "pairs")
+KERNEL_FAMILIES = ("greedy", "relabel", "repair", "group_split", "speed", "pairs", "polish")
 
 
 def load_kernel_families(families: tuple[str, ...] = KERNEL_FAMILIES) -> None:
@@ -134,12 +134,18 @@ def load_kernel_families(families: tuple[str, ...] = KERNEL_FAMILIES) -> None:
     In this thread, ready or not; :func:`warm_up` is the way in (this helps a build step split a cold compile
     over processes, each taking some ``families``: numba writes each cache entry on its own).
     """
-    from eplb.kernels import group_split_numba, pairs_numba, relabel_numba, repair_numba, speed_numba
+    from eplb.kernels import group_split_numba, pairs_numba, polish_numba, relabel_numba, repair_numba, speed_numba
 
     unknown = set(families) - set(KERNEL_FAMILIES)
     if unknown:
         raise ValueError(f"families must be among {KERNEL_FAMILIES}, got {sorted(unknown)}")
-    modules = {"repair": repair_numba, "group_split": group_split_numba, "speed": speed_numba, "pairs": pairs_numba}
+    modules = {
+        "repair": repair_numba,
+        "group_split": group_split_numba,
+        "speed": speed_numba,
+        "pairs": pairs_numba,
+        "polish": polish_numba,
+    }
     for family in families:
         if family == "greedy":
             greedy(np.ones((1, 4), dtype=np.float32), 8, 2, 2, 4, hierarchical=True)

@@ -114,8 +114,9 @@ def rebalance_stable(
     (:mod:`eplb.kernels.relabel_numba`) and, with ``tolerance`` or
     ``max_moves``, the sticky repacking, the local search and their
     slot-order and replica-count steps as compiled kernels
-    (:mod:`eplb.kernels.repair_numba`), and the near split's group swap
-    (:mod:`eplb.kernels.group_split_numba`); ``"xp"`` the array-API
+    (:mod:`eplb.kernels.repair_numba`), the near split's group swap
+    (:mod:`eplb.kernels.group_split_numba`) and the polish
+    (:mod:`eplb.kernels.polish_numba`); ``"xp"`` the array-API
     algorithm layer throughout; ``None`` picks ``"numba"`` where numba is installed
     and its kernels are loaded or load within :data:`eplb.backends._numba.STABLE_WAIT`
     seconds (a warm disk cache; a first call with a cold one runs the array-API path
@@ -144,7 +145,7 @@ def rebalance_stable(
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     hooks = {}
     if impl == "numba":
-        from eplb.kernels import group_split_numba, relabel_numba, repair_numba
+        from eplb.kernels import group_split_numba, polish_numba, relabel_numba, repair_numba
 
         def place_fn(w: np.ndarray, *sizes: int, xp: Any, **policy: Any) -> tuple[Any, ...]:
             # The greedy kernel where it applies; its log2phy is not needed (log2phy_fn builds the result's).
@@ -156,6 +157,9 @@ def rebalance_stable(
         def replica_counts_fn(phy2log: np.ndarray, experts: int, *, xp: Any) -> np.ndarray:
             return repair_numba.replica_counts(phy2log, experts)
 
+        def polish_fn(*args: Any, xp: Any) -> np.ndarray:
+            return polish_numba.polish(*args)
+
         hooks = {
             "place_fn": place_fn,
             "relabel_fn": relabel_fn,
@@ -163,6 +167,7 @@ def rebalance_stable(
             "replica_counts_fn": replica_counts_fn,
             "log2phy_fn": relabel_numba.log2phy_in_slot_order,
             "group_split_fn": group_split_numba.near_group_split,
+            "polish_fn": polish_fn,
         }
     placement = place_stable(
         weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options
