@@ -350,6 +350,7 @@ SLOW_FILES = (
     "test_fast_cpu.py",
     "test_executors_jax.py",
     "test_pallas_repair.py",
+    "test_polish_pallas.py",
     "test_kernels_repair_triton.py",
     "test_kernels_repair.py",
     "test_capacity.py",

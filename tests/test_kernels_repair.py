@@ -251,7 +251,8 @@ def _captured(weight: np.ndarray, previous: np.ndarray, config: tuple, **knobs) 
 
 
 def _check_captured(calls: list) -> None:
-    assert [c[0] for c in calls] == [sticky_pack, align_slots, replica_counts, repair]
+    # (the second alignment: the polished placement's slots, eplb.algorithms.polish)
+    assert [c[0] for c in calls] == [sticky_pack, align_slots, replica_counts, repair, align_slots]
     kernels = {
         sticky_pack: repair_numba.sticky_pack,
         align_slots: repair_numba.align_slots,

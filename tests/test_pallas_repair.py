@@ -31,7 +31,7 @@ import eplb
 from eplb.algorithms.relabel import align_slots, replica_counts
 from eplb.algorithms.repair import repair, sticky_pack
 from eplb.backends import _jax
-from eplb.kernels import relabel_pallas, repair_pallas
+from eplb.kernels import polish_pallas, relabel_pallas, repair_pallas
 
 from . import cases
 from .conftest import needs_gpu
@@ -125,6 +125,7 @@ def _interpreted(monkeypatch) -> None:
     monkeypatch.setattr(relabel_pallas, "relabel", functools.partial(relabel_pallas.relabel, interpret=True))
     for name in ("repair", "sticky_pack"):
         monkeypatch.setattr(repair_pallas, name, functools.partial(getattr(repair_pallas, name), interpret=True))
+    monkeypatch.setattr(polish_pallas, "polish", functools.partial(polish_pallas.polish, interpret=True))
 
 
 def test_stable_pallas_path_with_knobs_under_the_interpreter(monkeypatch):
@@ -176,7 +177,7 @@ def test_knobs_lower_to_the_pallas_kernels_on_cuda():
         return _jax._rebalance_stable(w, p, k, sizes, options, "pallas")
 
     args = (jax.ShapeDtypeStruct((58, 256), jnp.float32), jax.ShapeDtypeStruct((58, 288), jnp.int32))
-    assert _triton_calls(call, *args, knobs, platform="cuda") == 5
+    assert _triton_calls(call, *args, knobs, platform="cuda") == 6  # with the polish
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     cpu_args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu) for a in args]
     hlo = jax.jit(call).trace(*cpu_args, knobs).lower().as_text()
@@ -256,4 +257,4 @@ def test_gpu_previous_with_knobs_equals_numpy(config, knobs):
     )
     lowered = jax.jit(lambda x, y, z: _jax._rebalance_stable(x, y, z, sizes, options, "pallas")).lower(w, p, k)
     text = lowered.as_text()
-    assert text.count("__gpu$xla.gpu.triton") + text.count("triton_kernel_call") == (5 if hierarchical else 4)
+    assert text.count("__gpu$xla.gpu.triton") + text.count("triton_kernel_call") == (6 if hierarchical else 5)

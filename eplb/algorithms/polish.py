@@ -21,7 +21,7 @@ from typing import Any
 
 from eplb import _xp
 from eplb.algorithms.packing import sum_left_to_right
-from eplb.algorithms.relabel import _count, _ids
+from eplb.algorithms.relabel import _count, _first, _ids
 from eplb.algorithms.replication import replica_load
 
 __all__ = ["polish"]
@@ -50,14 +50,14 @@ def polish(
     Each step, per row, looks at every swap of two slots ``i < j`` on
     different GPUs ``g_i != g_j`` of one node (``R / num_nodes`` consecutive
     slots) whose experts differ, where neither expert is on the other GPU
-    yet. Its change in
-    moves is ``[x_i not in old on g_j] + [x_j not in old on g_i] - new_i -
-    new_j`` and its changed loads are ``(load[g_i] - y_i) + y_j`` and
-    ``(load[g_j] - y_j) + y_i`` (float32, in that order; ``y`` a slot's
-    load). Allowed: both changed loads ``<= limit`` and a change in moves
-    below 0 (so at least one of the two slots holds a new pair). The step takes the allowed swap with the lowest change in moves,
-    then the lowest of its two changed loads' max, then the first ``(i, j)``
-    in row-major order; a row with no allowed swap stops (it never changes
+    yet. Its change in moves is ``[x_i not in old on g_j] + [x_j not in old
+    on g_i] - new_i - new_j`` and its changed loads are ``(load[g_i] - y_i)
+    + y_j`` and ``(load[g_j] - y_j) + y_i`` (float32, in that order; ``y``
+    a slot's load). Allowed: both changed loads ``<= limit`` and a change
+    in moves below 0 (so at least one of the two slots holds a new pair).
+    The step takes the allowed swap with the lowest change in moves, then
+    the lowest of its two changed loads' max, then the first ``(i, j)`` in
+    row-major order; a row with no allowed swap stops (it never changes
     again). At most ``max_iters`` steps.
 
     The changed loads are the search's estimate (one subtraction and one
@@ -111,12 +111,7 @@ def polish(
         i_to_j_now, i_to_j_old = copies_on(now_copies, x_i, g_j), copies_on(old_copies, x_i, g_j)
         j_to_i_now, j_to_i_old = copies_on(now_copies, x_j, g_i), copies_on(old_copies, x_j, g_i)
         gone = xp.astype(new_pair, dtype)
-        change = (
-            xp.where(i_to_j_old == 0, 1, 0)
-            + xp.where(j_to_i_old == 0, 1, 0)
-            - gone[:, :, None]
-            - gone[:, None, :]
-        )
+        change = xp.where(i_to_j_old == 0, 1, 0) + xp.where(j_to_i_old == 0, 1, 0) - gone[:, :, None] - gone[:, None, :]
         load_i = _xp.take_along(loads, gpus, xp=xp)  # [b, R]: the load of each slot's GPU
         new_i = (load_i[:, :, None] - slot_load[:, :, None]) + slot_load[:, None, :]
         new_j = (load_i[:, None, :] - slot_load[:, None, :]) + slot_load[:, :, None]
@@ -128,7 +123,9 @@ def polish(
         least = xp.min(flat_change, axis=-1, keepdims=True)
         best = flat_ok & (flat_change == least)
         key = xp.where(best, xp.reshape(changed, (b, num_phy * num_phy)), xp.inf)
-        choice = xp.reshape(xp.astype(xp.argmin(key, axis=-1), dtype), (b, 1))
+        # The first best of the least key (an argmin of key could name a non-candidate where the least is +inf).
+        best = best & (key == xp.min(key, axis=-1, keepdims=True))
+        choice = xp.reshape(_first(best, dtype, xp=xp), (b, 1))
         accept = xp.any(flat_ok, axis=-1, keepdims=True)
         give, take = choice // num_phy, choice % num_phy
         at_give, at_take = _xp.take_along(cur, give, xp=xp), _xp.take_along(cur, take, xp=xp)

@@ -43,9 +43,9 @@ from eplb.algorithms.assignment import BIG
 from eplb.algorithms.elastic import sticky_group_split
 from eplb.algorithms.hierarchy import build_log2phy, covers_groups, expert_order, node_groups
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
-from eplb.algorithms.polish import polish
 from eplb.algorithms.packing import inverse_permutation
 from eplb.algorithms.policies import place
+from eplb.algorithms.polish import polish
 from eplb.algorithms.relabel import align_slots, count_moves, occurrence, relabel, replica_counts
 from eplb.algorithms.repair import gpu_loads, heaviest_gpu, repair, sticky_pack
 from eplb.algorithms.replication import replica_load
@@ -184,8 +184,9 @@ def stabilize(
     :func:`~eplb.algorithms.polish.polish` swaps its slots back toward
     ``old`` while every GPU stays within the limit (or within the chosen
     placement's heaviest GPU, where that is higher), its slots aligned
-    again; kept only where its left-to-right sums stay within that bound,
-    so it never adds a move nor raises the heaviest GPU above it.
+    again; kept only where its left-to-right sums stay within that bound
+    and ``old`` keeps groups on nodes, so it never adds a move nor raises
+    the heaviest GPU above it.
     ``relabel_fn``, ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``,
     ``replica_counts_fn``, ``heaviest_gpu_fn``, ``choose_fn``,
     ``polish_fn``: :func:`relabel`, :func:`sticky_pack`, :func:`repair`,
@@ -278,8 +279,9 @@ def stabilize(
     ceiling = xp.maximum(limit, heaviest_gpu_fn(weight, chosen, chosen_cnt, num_gpus, xp=xp))
     polished = polish_fn(chosen, chosen_cnt, old, weight, ceiling, num_gpus, num_nodes, num_phy, xp=xp)
     polished = align_slots_fn(polished, old, num_gpus, xp=xp)
-    # The search prices a swap as (load - out) + in; the placement's left-to-right sums decide.
-    within = heaviest_gpu_fn(weight, polished, chosen_cnt, num_gpus, xp=xp) <= ceiling
+    # The search prices a swap as (load - out) + in; the placement's left-to-right sums decide. Where old
+    # does not keep groups on nodes (ids unread, e.g. under jit) the layer keeps the relabelled placement.
+    within = valid & (heaviest_gpu_fn(weight, polished, chosen_cnt, num_gpus, xp=xp) <= ceiling)
     return xp.where(within, polished, chosen), chosen_cnt
 
 

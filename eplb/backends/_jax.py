@@ -493,10 +493,11 @@ def _rebalance_stable_pallas(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``previous=`` on CUDA: the fresh placement by :func:`_placement`'s Pallas kernel, the relabelling by
     :mod:`eplb.kernels.relabel_pallas`, with the knobs (traced ``(tolerance, max_moves)``) the sticky
-    repacking and the local search by :mod:`eplb.kernels.repair_pallas` where it fits (else XLA), the rest
+    repacking and the local search by :mod:`eplb.kernels.repair_pallas` and the polish by
+    :mod:`eplb.kernels.polish_pallas` where they fit (else XLA), the rest
     (kept pairs, slot alignment, loads, the pick, ``log2phy``) XLA ops over all layers at once. Same
     placement as :func:`_rebalance_stable_xla`."""
-    from eplb.kernels import relabel_pallas, repair_pallas
+    from eplb.kernels import polish_pallas, relabel_pallas, repair_pallas
 
     index = jnp.arange(1).dtype  # JAX's default integer
     rest = dict(options)
@@ -513,6 +514,8 @@ def _rebalance_stable_pallas(
                 "align_slots_fn": repair_pallas.align_slots,
                 "replica_counts_fn": repair_pallas.replica_counts,
             }
+        if polish_pallas.fits(config[0], weight.shape[1], config[3], nodes, weight.shape[0]):
+            kernels["polish_fn"] = polish_pallas.polish
 
     def place_fn(w: jax.Array, *sizes: int, hierarchical: bool, xp: Any, **policy: Any) -> tuple[jax.Array, ...]:
         # The fresh placement, or near_split's per-node one (its own sizes, the global policy).
@@ -554,8 +557,9 @@ def rebalance_stable(
     ``None`` where this process has a CUDA backend and Pallas' Triton
     lowering: on CUDA the Pallas kernels (the fresh placement's,
     :mod:`eplb.kernels.relabel_pallas` and, with ``tolerance`` or
-    ``max_moves``, :mod:`eplb.kernels.repair_pallas` where it fits, XLA
-    otherwise), the same CPU branch elsewhere. Same placement. With ``active_gpus`` or ``gpu_capacity``
+    ``max_moves``, :mod:`eplb.kernels.repair_pallas` and
+    :mod:`eplb.kernels.polish_pallas` where they fit, XLA otherwise), the
+    same CPU branch elsewhere. Same placement. With ``active_gpus`` or ``gpu_capacity``
     (traced, as the tolerance): ``"host"`` as above, ``"xla"``, or ``"pallas"``: on CUDA the whole batch at once
     with the Pallas kernels of :func:`_pallas_kernels` (for ``gpu_capacity`` its relabelling and sticky
     repacking; placement by time stays XLA), the host's branch on the CPU. ``None``: ``"pallas"`` where

@@ -277,15 +277,18 @@ def rebalance_stable(
             kernels["log2phy_fn"] = relabel_triton.log2phy_in_slot_order
         knobs = options.get("tolerance") is not None or options.get("max_moves") is not None
         if knobs:
-            # The knobs' steps (eplb.kernels.repair_triton): sticky repacking, local search, slot alignment,
-            # replica counts, each one launch, equal to the array-API functions.
-            from eplb.kernels import repair_triton
+            # The knobs' steps (eplb.kernels.repair_triton, eplb.kernels.polish_triton): sticky repacking,
+            # local search, slot alignment, replica counts, the swaps back toward old, each one launch, equal
+            # to the array-API functions.
+            from eplb.kernels import polish_triton, repair_triton
 
             if repair_triton.fits(num_replicas, weight.shape[1], num_gpus, nodes):
                 kernels["sticky_pack_fn"] = repair_triton.sticky_pack
                 kernels["repair_fn"] = repair_triton.repair
                 kernels["align_slots_fn"] = repair_triton.align_slots
                 kernels["replica_counts_fn"] = repair_triton.replica_counts
+            if polish_triton.fits(num_replicas, weight.shape[1], num_gpus, nodes):
+                kernels["polish_fn"] = polish_triton.polish
             from eplb.kernels import choose_triton, group_split_triton
 
             if choose_triton.fits(num_replicas, weight.shape[1], num_gpus):

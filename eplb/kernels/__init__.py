@@ -10,20 +10,23 @@ input              greedy policy               refined policy                ``p
 numpy, lists       ``greedy_numba`` [1]_       array API                     ``greedy_numba``,
                                                                              ``relabel_numba``,
                                                                              ``repair_numba``,
-                                                                             ``group_split_numba`` [1]_
+                                                                             ``group_split_numba``,
+                                                                             ``polish_numba`` [1]_
 torch CPU          as numpy (zero-copy view)   as numpy                      as numpy
 torch CUDA         ``greedy_triton`` [2]_      ``refined_triton`` [2]_       as the policy, then
                                                                              ``relabel_triton`` [2]_;
                                                                              the knobs:
                                                                              ``repair_triton``,
                                                                              ``choose_triton``,
-                                                                             ``group_split_triton`` [2]_
+                                                                             ``group_split_triton``,
+                                                                             ``polish_triton`` [2]_
 JAX CPU            ``greedy_numba`` via a      XLA (array API under          as numpy, via a host
                    host callback [1]_          ``jit`` + ``vmap``)           callback [1]_
 JAX GPU            ``greedy_pallas`` [3]_      ``refined_pallas`` + XLA [3]_ as the policy, then
                                                                              ``relabel_pallas`` [3]_;
                                                                              the knobs:
-                                                                             ``repair_pallas`` + XLA [3]_
+                                                                             ``repair_pallas``,
+                                                                             ``polish_pallas`` + XLA [3]_
 =================  ==========================  ============================  =============================
 
 With two slots per GPU the refined policy ends with the pair stage
