@@ -78,8 +78,6 @@ def _polish(
         old_b = old[b]
         w = weight[b]
         lim = limit[b]
-        now[:, :] = 0
-        was[:, :] = 0
         for t in range(num_phy):
             g = t // per_gpu
             now[g, cur[t]] += 1
@@ -156,6 +154,11 @@ def _polish(
                 for t in range(g * per_gpu + 1, (g + 1) * per_gpu):
                     total = total + slot_load[t]
                 loads[g] = total
+        # Back to zero for the next row: only the entries this row touched (a full reset is G x E writes).
+        for t in range(num_phy):
+            g = t // per_gpu
+            now[g, cur[t]] = 0
+            was[g, old_b[t]] = 0
 
 
 def polish(
