@@ -138,3 +138,44 @@ def starts_with_failed_gpus(
         if rng.random() < cover and len(live) >= experts:
             start[r, rng.permutation(live)[:experts]] = np.arange(experts)
     return old, start
+
+
+def polish_case(rng: np.random.Generator) -> tuple:
+    """Arguments of :func:`eplb.algorithms.polish.polish` but ``xp``: ``(phy2log, counts, old, weight, limit, num_gpus,
+    num_nodes, max_iters)``, a random batch of rows (1..4 nodes, 1..4 GPUs per node, 1..5 slots per GPU, one expert
+    possible, all-zero, tied or lognormal loads, limits among and around the GPU loads, max_iters 1, 2 or R)."""
+    nodes, gpus_per_node, per_gpu = (int(rng.integers(1, 5)), int(rng.integers(1, 5)), int(rng.integers(1, 6)))
+    gpus = nodes * gpus_per_node
+    slots = gpus * per_gpu
+    experts, batch = int(rng.integers(1, slots + 1)), int(rng.integers(1, 5))
+
+    def placement() -> np.ndarray:  # every expert at least once
+        rows = [np.concatenate([np.arange(experts), rng.integers(0, experts, slots - experts)]) for _ in range(batch)]
+        return np.array([rng.permutation(row) for row in rows], np.int64)
+
+    cur = placement()
+    old = placement()
+    if rng.random() < 0.6:  # old a few changes away from cur: most swaps restore pairs
+        old = cur.copy()
+        for row in old:
+            changed = rng.permutation(slots)[: int(rng.integers(0, slots + 1))]
+            row[changed] = rng.integers(0, experts, len(changed))
+    kind = rng.random()
+    if kind < 0.1:
+        weight = np.zeros((batch, experts), np.float32)  # all-zero layers
+    elif kind < 0.4:
+        weight = rng.integers(0, 4, (batch, experts)).astype(np.float32)  # ties everywhere
+    else:
+        weight = (rng.lognormal(0.0, 1.0, (batch, experts)) * 100).astype(np.float32)
+    from eplb.algorithms.relabel import replica_counts
+    from eplb.algorithms.repair import gpu_loads, heaviest_gpu
+
+    counts = replica_counts(cur, experts, xp=np)
+    peak = heaviest_gpu(weight, cur, counts, gpus, xp=np)
+    limit = (peak * np.float32(rng.choice([0.9, 1.0, 1.02, 1.5]))).astype(np.float32)
+    if rng.random() < 0.4:  # a limit among the GPU loads: many swaps land just above or below it
+        loads = gpu_loads(weight, cur, counts, gpus, xp=np)
+        limit = np.take_along_axis(loads, rng.integers(0, gpus, (batch, 1)), axis=1).astype(np.float32)
+    if rng.random() < 0.15:  # int32 ids: the result keeps the dtype
+        cur, counts, old = cur.astype(np.int32), counts.astype(np.int32), old.astype(np.int32)
+    return cur, counts, old, weight, limit, gpus, nodes, int(rng.choice([1, 2, slots]))

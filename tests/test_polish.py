@@ -25,51 +25,11 @@ import pytest
 import eplb
 import eplb.algorithms.stability as stability
 from eplb.algorithms.polish import polish
-from eplb.algorithms.relabel import replica_counts
-from eplb.algorithms.repair import gpu_loads, heaviest_gpu
 
-from . import oracle
+from . import cases, oracle
 
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
 DATA = Path(os.environ.get("EPLB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def random_case(rng: np.random.Generator) -> tuple:
-    """``(phy2log, counts, old, weight, limit, num_gpus, num_nodes, max_iters)``: a random batch of rows."""
-    nodes, per_node_gpus, per_gpu = (int(rng.integers(1, 5)), int(rng.integers(1, 5)), int(rng.integers(1, 6)))
-    gpus = nodes * per_node_gpus
-    slots = gpus * per_gpu
-    experts, batch = int(rng.integers(1, slots + 1)), int(rng.integers(1, 4))
-
-    def placement() -> np.ndarray:
-        rows = []
-        for _ in range(batch):
-            row = np.concatenate([np.arange(experts), rng.integers(0, experts, slots - experts)])
-            rng.shuffle(row)
-            rows.append(row)
-        return np.array(rows, np.int64)
-
-    cur = placement()
-    old = placement()
-    if rng.random() < 0.6:  # old a few changes away from cur: most swaps restore pairs
-        old = cur.copy()
-        for row in old:
-            changed = rng.permutation(slots)[: int(rng.integers(0, slots + 1))]
-            row[changed] = rng.integers(0, experts, len(changed))
-    kind = rng.random()
-    if kind < 0.1:
-        weight = np.zeros((batch, experts), np.float32)  # all-zero layers
-    elif kind < 0.4:
-        weight = rng.integers(0, 4, (batch, experts)).astype(np.float32)  # ties everywhere
-    else:
-        weight = (rng.lognormal(0.0, 1.0, (batch, experts)) * 100).astype(np.float32)
-    counts = replica_counts(cur, experts, xp=np)
-    peak = heaviest_gpu(weight, cur, counts, gpus, xp=np)
-    limit = (peak * np.float32(rng.choice([0.9, 1.0, 1.02, 1.5]))).astype(np.float32)
-    if rng.random() < 0.4:  # a limit among the GPU loads: many swaps land just above or below it
-        loads = gpu_loads(weight, cur, counts, gpus, xp=np)
-        limit = np.take_along_axis(loads, rng.integers(0, gpus, (batch, 1)), axis=1).astype(np.float32)
-    return cur, counts, old, weight, limit, gpus, nodes, int(rng.choice([1, 2, slots]))
 
 
 def degenerate_cases() -> list[tuple]:
@@ -86,7 +46,7 @@ def degenerate_cases() -> list[tuple]:
     return cases
 
 
-CASES = [random_case(np.random.default_rng(seed)) for seed in range(150)] + degenerate_cases()
+CASES = [cases.polish_case(np.random.default_rng(seed)) for seed in range(150)] + degenerate_cases()
 
 
 def gpu_loads32(weight: np.ndarray, row: list[int], counts: list[int], num_gpus: int) -> list[np.float32]:

@@ -23,8 +23,6 @@ import pytest
 
 import eplb
 from eplb.algorithms.polish import polish
-from eplb.algorithms.relabel import replica_counts
-from eplb.algorithms.repair import gpu_loads, heaviest_gpu
 from eplb.algorithms.stability import place_stable
 
 from . import cases
@@ -42,42 +40,6 @@ def test_fits():
     assert fits(288, 256, 32, 4) and fits(288, 256, 144, 1) and fits(4, 1, 4, 2) and fits(1, 1, 1, 1)
     assert not fits(8192, 256, 64, 1) and not fits(10, 4, 4, 1) and not fits(12, 4, 4, 3)
     assert not fits(4096, 4096, 4096, 1)  # the copy tables ([GPUs, experts]) would not fit the scratch
-
-
-def _random_case(rng: np.random.Generator) -> tuple:
-    """``(phy2log, counts, old, weight, limit, num_gpus, num_nodes, max_iters)``: a random batch of rows."""
-    nodes, gpus_per_node, per_gpu = (int(rng.integers(1, 5)), int(rng.integers(1, 5)), int(rng.integers(1, 6)))
-    gpus = nodes * gpus_per_node
-    slots = gpus * per_gpu
-    experts, batch = int(rng.integers(1, slots + 1)), int(rng.integers(1, 5))
-
-    def placement() -> np.ndarray:  # every expert at least once
-        rows = [np.concatenate([np.arange(experts), rng.integers(0, experts, slots - experts)]) for _ in range(batch)]
-        return np.array([rng.permutation(row) for row in rows], np.int64)
-
-    cur = placement()
-    old = placement()
-    if rng.random() < 0.6:  # old a few changes away from cur: most swaps restore pairs
-        old = cur.copy()
-        for row in old:
-            changed = rng.permutation(slots)[: int(rng.integers(0, slots + 1))]
-            row[changed] = rng.integers(0, experts, len(changed))
-    kind = rng.random()
-    if kind < 0.1:
-        weight = np.zeros((batch, experts), np.float32)  # all-zero layers
-    elif kind < 0.4:
-        weight = rng.integers(0, 4, (batch, experts)).astype(np.float32)  # ties everywhere
-    else:
-        weight = (rng.lognormal(0.0, 1.0, (batch, experts)) * 100).astype(np.float32)
-    counts = replica_counts(cur, experts, xp=np)
-    peak = heaviest_gpu(weight, cur, counts, gpus, xp=np)
-    limit = (peak * np.float32(rng.choice([0.9, 1.0, 1.02, 1.5]))).astype(np.float32)
-    if rng.random() < 0.4:  # a limit among the GPU loads: many swaps land just above or below it
-        loads = gpu_loads(weight, cur, counts, gpus, xp=np)
-        limit = np.take_along_axis(loads, rng.integers(0, gpus, (batch, 1)), axis=1).astype(np.float32)
-    if rng.random() < 0.15:  # int32 ids: the result keeps the dtype
-        cur, counts, old = cur.astype(np.int32), counts.astype(np.int32), old.astype(np.int32)
-    return cur, counts, old, weight, limit, gpus, nodes, int(rng.choice([1, 2, slots]))
 
 
 def _degenerate_cases() -> list[tuple]:
@@ -170,7 +132,7 @@ def test_equals_the_array_api_and_numba_under_the_interpreter(tmp_path):
     """polish on random and degenerate inputs, and place_stable with the kernel on torch CPU tensors, bit for
     bit (outputs, dtypes)."""
     rng = np.random.default_rng(11)
-    polish_cases = [_random_case(rng) for _ in range(80)] + _degenerate_cases()
+    polish_cases = [cases.polish_case(rng) for _ in range(80)] + _degenerate_cases()
     arrays, calls, want = {}, [], {}
     changed = 0
     for case in polish_cases:
