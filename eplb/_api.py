@@ -516,7 +516,9 @@ def rebalance_experts(
         heaviest GPU of the placement without ``previous`` (so balancedness
         drops by at most a factor ``1 / (1 + balance_tolerance)``; ``0.0``:
         never less balanced). Found by local search from the previous
-        placement (swaps and replica changes out of the heaviest GPU).
+        placement (swaps and replica changes out of the heaviest GPU), then
+        swaps that give moves back while every GPU stays within that bound
+        (``eplb.algorithms.polish``).
     max_moves : int, keyword-only
         (JAX loads, torch loads off the CPU: also a 0-d integer array, as
         ``balance_tolerance``; a negative array value counts as 0.)
