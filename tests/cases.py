@@ -179,3 +179,35 @@ def polish_case(rng: np.random.Generator) -> tuple:
     if rng.random() < 0.15:  # int32 ids: the result keeps the dtype
         cur, counts, old = cur.astype(np.int32), counts.astype(np.int32), old.astype(np.int32)
     return cur, counts, old, weight, limit, gpus, nodes, int(rng.choice([1, 2, slots]))
+
+
+def polish_deepseek(config: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """``config = (sizes, options)``: float32 DeepSeek-V3 loads and the placement of another file's loads, the
+    previous placement of a keep-in-place call (as tests/test_pallas_repair.py takes them)."""
+    import eplb
+
+    sizes, options = config
+    old_w, new_w = deepseek_v3(), deepseek_v3("prefill_in2048.json")
+    assert old_w is not None and new_w is not None, f"real loads expected at {DATA}"
+    return new_w.astype(np.float32), eplb.rebalance_experts(old_w, *sizes, **options).phy2log
+
+
+def captured_polish(weight: np.ndarray, previous: np.ndarray, config: tuple, **knobs) -> tuple[tuple, np.ndarray]:
+    """The arguments the array-API ``place_stable`` (numpy) passes its one polish call, and that call's result."""
+    from eplb.algorithms.polish import polish
+    from eplb.algorithms.stability import place_stable
+
+    calls = []
+
+    def record(*args, **kwargs):
+        out = polish(*args, **kwargs)
+        calls.append((args, out))
+        return out
+
+    sizes, options = config
+    hierarchical = options.get("hierarchical", sizes[1] % sizes[2] == 0)
+    place_stable(
+        weight.astype(np.float32), previous, *sizes, hierarchical=hierarchical, xp=np, polish_fn=record, **knobs
+    )
+    assert len(calls) == 1
+    return calls[0]

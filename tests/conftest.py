@@ -463,3 +463,21 @@ def run_kernel_check(check_source: str, shapes: list, device: str) -> None:
     namespace: dict = {}
     exec(source, namespace)
     namespace["check"](device)
+
+
+def sm90_asm(kernel: Any, signature: dict, constants: dict) -> dict:
+    """``kernel`` compiled ahead of time for sm_90 as the launchers compile it (``enable_fp_fusion=False``, no GPU
+    needed): its ``asm`` by stage (``ttir``, ``ptx``, ...); skips where this Triton has no such API."""
+    import triton
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    try:
+        source = ASTSource(kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constexprs=constants)
+    except TypeError:
+        pytest.skip("this Triton's ahead-of-time compile API differs")
+    options = {"num_warps": 4, "enable_fp_fusion": False}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm

@@ -21,23 +21,13 @@ import re
 
 import pytest
 
+from .conftest import sm90_asm
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
 
 def _ttir(kernel, signature: dict, constants: dict) -> str:
-    import triton
-
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this Triton has no ahead-of-time compile API")
-    try:
-        source = ASTSource(kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constexprs=constants)
-    except TypeError:
-        pytest.skip("this Triton's ahead-of-time compile API differs")
-    options = {"num_warps": 4, "enable_fp_fusion": False}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ttir"]
+    return sm90_asm(kernel, signature, constants)["ttir"]
 
 
 _REORDERED = re.compile(r"(%[\w.]+) = tt\.reshape \S+ allow_reorder")

@@ -30,7 +30,6 @@ import eplb
 from eplb.algorithms.polish import polish
 from eplb.algorithms.relabel import replica_counts
 from eplb.algorithms.repair import heaviest_gpu
-from eplb.algorithms.stability import place_stable
 from eplb.backends import _jax
 from eplb.kernels import polish_pallas
 
@@ -227,43 +226,12 @@ def test_stable_pallas_path_with_polish_under_the_interpreter(monkeypatch):
 CONFIGS = [((288, 8, 4, 32), {}), ((288, 8, 3, 144), {"hierarchical": False})]
 
 
-def _deepseek(config: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """The new loads and the old placement (another file's), as tests/test_pallas_repair.py takes them."""
-    sizes, kw = config
-    old_w, new_w = cases.deepseek_v3(), cases.deepseek_v3("prefill_in2048.json")
-    assert old_w is not None and new_w is not None, f"real loads expected at {cases.DATA}"
-    return new_w, eplb.rebalance_experts(old_w, *sizes, **kw).phy2log
-
-
-def _captured_polish(weight: np.ndarray, previous: np.ndarray, config: tuple, **knobs) -> tuple[tuple, np.ndarray]:
-    """The arguments the array-API stabilize (numpy) passes polish, and its result."""
-    calls = []
-
-    def record(*args, **kwargs):
-        out = polish(*args, **kwargs)
-        calls.append((args, out))
-        return out
-
-    sizes, kw = config
-    place_stable(
-        weight.astype(np.float32),
-        previous,
-        *sizes,
-        hierarchical=bool(kw.get("hierarchical", True)),
-        xp=np,
-        polish_fn=record,
-        **knobs,
-    )
-    assert len(calls) == 1
-    return calls[0]
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=["hier", "global"])
 def test_polish_under_the_interpreter_on_deepseek_v3(config):
     """The interpreted kernel on the arguments stabilize passes it for the real loads
     (``balance_tolerance=0.005``): the array-API result and numba's."""
-    new_w, previous = _deepseek(config)
-    args, want = _captured_polish(new_w, previous, config, tolerance=0.005)
+    new_w, previous = cases.polish_deepseek(config)
+    args, want = cases.captured_polish(new_w, previous, config, tolerance=0.005)
     assert (want != args[0]).any(), "the polish should swap something on these loads"
     got = polish_pallas.polish(*(jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in args), interpret=True)
     np.testing.assert_array_equal(np.asarray(got), want)
@@ -286,8 +254,8 @@ def test_gpu_kernel_equals_numba_on_deepseek_v3(config):
     pytest.importorskip("numba")
     from eplb.kernels import polish_numba
 
-    new_w, previous = _deepseek(config)
-    args, want = _captured_polish(new_w, previous, config, tolerance=0.005)
+    new_w, previous = cases.polish_deepseek(config)
+    args, want = cases.captured_polish(new_w, previous, config, tolerance=0.005)
     assert (want != args[0]).any(), "the polish should swap something on these loads"
     device = jax.devices("gpu")[0]
     on_gpu = [jax.device_put(np.ascontiguousarray(a), device) if isinstance(a, np.ndarray) else a for a in args]
@@ -303,7 +271,7 @@ def test_gpu_previous_with_tolerance_equals_numpy(config):
     """``rebalance_experts(..., previous=, balance_tolerance=0.005)`` on JAX GPU arrays (the Pallas kernels,
     the polish's included) places as numpy, also inside ``jit``."""
     sizes, kw = config
-    new_w, previous = _deepseek(config)
+    new_w, previous = cases.polish_deepseek(config)
     want = eplb.rebalance_experts(new_w, *sizes, previous=previous, **kw, balance_tolerance=0.005)
     device = jax.devices("gpu")[0]
     w, p = jax.device_put(new_w.astype(np.int32), device), jax.device_put(previous.astype(np.int32), device)

@@ -26,7 +26,7 @@ from eplb.algorithms.polish import polish
 from eplb.algorithms.stability import place_stable
 
 from . import cases
-from .conftest import interpreter_outputs_equal, needs_gpu
+from .conftest import interpreter_outputs_equal, needs_gpu, sm90_asm
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 CONFIGS = [((288, 8, 4, 32), {}), ((288, 8, 3, 144), {"hierarchical": False})]
@@ -156,26 +156,9 @@ def test_equals_the_array_api_and_numba_under_the_interpreter(tmp_path):
                 np.testing.assert_array_equal(got[f"{k}_phy2log"], polish_numba.polish(*case), err_msg=str(k))
 
 
-def _sm90_compile(kernel, signature: dict, constants: dict) -> dict:
-    """``kernel`` compiled ahead of time for sm_90 (no GPU needed), as the launcher compiles it: its ``asm``."""
-    import triton
-
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this Triton has no ahead-of-time compile API")
-    try:
-        source = ASTSource(kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constexprs=constants)
-    except TypeError:
-        pytest.skip("this Triton's ahead-of-time compile API differs")
-    options = {"num_warps": 4, "enable_fp_fusion": False}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm
-
-
 @needs_triton
 @pytest.mark.parametrize("shape", [(288, 256, 32, 4), (288, 256, 144, 1)], ids=["hier", "global"])
-def test_no_fused_multiply_add_nor_reordered_position_in_an_sm90_compile(shape):
+def test_no_fused_multiply_add_nor_reordered_position_in_ansm90_asm(shape):
     """The kernel compiles for H100/H200 without a GPU at the DeepSeek-V3 sizes: its PTX multiplies and adds
     float32 but has no FMA, and no argmin/argmax reads a tile the compiler may reorder."""
     from eplb.kernels import polish_triton as pt
@@ -185,37 +168,13 @@ def test_no_fused_multiply_add_nor_reordered_position_in_an_sm90_compile(shape):
     signature = dict.fromkeys(("cur_ptr", "cnt_ptr", "old_ptr"), "*i64")
     signature |= dict.fromkeys(("w_ptr", "limit_ptr", "recip_ptr", "fs_ptr"), "*fp32")
     signature |= {"is_ptr": "*i32", "max_iters": "i32"}
-    asm = _sm90_compile(pt.polish_kernel, signature, pt._meta(*shape))
+    asm = sm90_asm(pt.polish_kernel, signature, pt._meta(*shape))
     ptx = asm["ptx"]
     assert "mul.f32" in ptx or "mul.rn.f32" in ptx
     assert "add.f32" in ptx or "add.rn.f32" in ptx
     assert "fma." not in ptx
     assert "tt.reduce" in asm["ttir"]
     assert positions_of_reordered_tiles(asm["ttir"]) == []
-
-
-def _deepseek(config: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """The new loads (float32) and the placement of the old ones (numpy), as the repair kernels' CUDA tests."""
-    sizes, kw = config
-    old_w, new_w = cases.deepseek_v3(), cases.deepseek_v3("prefill_in2048.json")
-    assert old_w is not None and new_w is not None, f"real loads expected at {cases.DATA}"
-    return new_w.astype(np.float32), eplb.rebalance_experts(old_w, *sizes, **kw).phy2log
-
-
-def _captured_polish(weight: np.ndarray, previous: np.ndarray, config: tuple, **knobs) -> tuple[tuple, np.ndarray]:
-    """The arguments of the array-API stabilize's polish call on numpy, and its result."""
-    calls = []
-
-    def record(*args, **kwargs):
-        out = polish(*args, **kwargs)
-        calls.append((args, out))
-        return out
-
-    sizes, kw = config
-    hierarchical = kw.get("hierarchical", sizes[1] % sizes[2] == 0)
-    place_stable(weight, previous, *sizes, hierarchical=hierarchical, xp=np, polish_fn=record, **knobs)
-    assert len(calls) == 1
-    return calls[0]
 
 
 @needs_gpu("torch")
@@ -229,8 +188,8 @@ def test_cuda_kernel_equals_numba_on_deepseek_v3(config, knobs):
     from eplb.kernels import polish_numba
     from eplb.kernels import polish_triton as pt
 
-    new_w, previous = _deepseek(config)
-    args, want = _captured_polish(new_w, previous, config, **knobs)
+    new_w, previous = cases.polish_deepseek(config)
+    args, want = cases.captured_polish(new_w, previous, config, **knobs)
     assert (want != args[0]).any()  # the polish swaps slots here: the comparison is not vacuous
     on_device = [torch.as_tensor(np.ascontiguousarray(a), device="cuda") for a in args[:5]]
     got = pt.polish(*on_device, *args[5:])
@@ -249,7 +208,7 @@ def test_torch_cuda_previous_runs_the_kernel_without_a_sync(config, monkeypatch)
     from eplb.kernels import polish_triton
 
     sizes, kw = config
-    new_w, previous = _deepseek(config)
+    new_w, previous = cases.polish_deepseek(config)
     expected = eplb.rebalance_experts(new_w, *sizes, previous=previous, balance_tolerance=0.005, **kw)
     calls = []
     kernel = polish_triton.polish
