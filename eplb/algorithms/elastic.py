@@ -44,6 +44,7 @@ from eplb.algorithms.hierarchy import (
 )
 from eplb.algorithms.loads import MAX_LOAD, clean_loads
 from eplb.algorithms.packing import inverse_permutation, slots_by_pack, sum_in_pairs, sum_left_to_right
+from eplb.algorithms.polish import polish
 from eplb.algorithms.relabel import align_slots, count_moves, gpu_overlap, occurrence, replica_counts
 from eplb.algorithms.repair import repair, sticky_pack
 from eplb.algorithms.replication import replica_load, replicate_experts
@@ -55,6 +56,7 @@ __all__ = [
     "node_fallback_needed",
     "place_elastic",
     "place_elastic_stable",
+    "polish_live",
     "rebalance_elastic",
     "relabel_pinned",
     "stabilize_elastic",
@@ -716,6 +718,60 @@ def stabilize_elastic(
     return out, out_cnt, _xp.take_along(moves, choice, xp=xp), _xp.take_along(within, choice, xp=xp)
 
 
+def polish_live(
+    weight: Any,
+    phy2log: Any,
+    counts: Any,
+    previous: Any,
+    active: Any,
+    limit: Any,
+    num_gpus: int,
+    num_nodes: int,
+    *,
+    xp: Any,
+    polish_fn: Callable[..., Any] = polish,
+    align_slots_fn: Callable[..., Any] = align_slots,
+    heaviest_gpu_fn: Callable[..., Any] = live_heaviest_gpu,
+) -> Any:
+    """``phy2log [B, R]`` (``-1`` on failed GPUs) with :func:`eplb.algorithms.polish.polish`'s swaps back toward
+    ``previous [B, R]``'s live slots, every GPU within ``limit [B, 1]`` (or within ``phy2log``'s own heaviest GPU,
+    where that is higher); ``counts [B, E]`` its replica counts, ``active [1, G]`` the live GPUs.
+
+    The polish takes expert ids in ``[0, E)``, so an empty slot (of ``phy2log``, or of ``previous`` on a failed
+    GPU or anywhere) becomes one more expert, ``E``, of load 0: a swap that puts a live expert on a failed GPU
+    never gives a pair back (``previous`` holds only ``E`` there, and ``E`` was on no live GPU that holds an
+    expert now), so it is never made, and the empty slots stay where they are. Slots aligned to ``previous``
+    again (:func:`align_slots`); the result is kept only where its left-to-right sums (``heaviest_gpu_fn``) stay
+    within that bound, so it never adds a move nor raises the heaviest GPU above it. ``polish_fn``,
+    ``align_slots_fn``, ``heaviest_gpu_fn``: the array-API functions or compiled kernels equal to them.
+    """
+    batch, num_phy = phy2log.shape
+    num_log = weight.shape[1]
+    dtype = phy2log.dtype
+    live_slot = _live_slot(xp.broadcast_to(xp.reshape(active, (-1, num_gpus)), (batch, num_gpus)), batch, num_phy,
+                           num_gpus, xp=xp)  # fmt: skip
+    old = xp.where(live_slot, xp.astype(previous, dtype), xp.full_like(phy2log, -1))
+    empty = xp.full_like(phy2log, num_log)
+    counts = xp.astype(counts, dtype, copy=False)
+    spare = num_phy - xp.sum(counts, axis=-1, keepdims=True)  # the empty slots (a count of 0 would read 1/0)
+    ceiling = xp.maximum(limit, heaviest_gpu_fn(weight, phy2log, counts, num_gpus, xp=xp))
+    polished = polish_fn(
+        xp.where(phy2log >= 0, phy2log, empty),
+        xp.concat([counts, xp.maximum(spare, xp.ones_like(spare))], axis=-1),
+        xp.where(old >= 0, old, empty),
+        xp.concat([weight, xp.zeros((batch, 1), dtype=weight.dtype, device=_xp.device(weight))], axis=-1),
+        ceiling,
+        num_gpus,
+        num_nodes,
+        num_phy,
+        xp=xp,
+    )
+    polished = xp.astype(polished, dtype, copy=False)
+    polished = align_slots_fn(xp.where(polished < num_log, polished, xp.full_like(polished, -1)), old, num_gpus, xp=xp)
+    within = heaviest_gpu_fn(weight, polished, counts, num_gpus, xp=xp) <= ceiling
+    return xp.where(within, polished, phy2log)
+
+
 def place_elastic_stable(
     weight: Any,
     previous: Any,
@@ -739,6 +795,7 @@ def place_elastic_stable(
     replicate_fn: Callable[..., Any] = replicate_experts,
     group_split_fn: Callable[..., Any] = sticky_group_split,
     split_fn: Callable[..., Any] = group_split,
+    polish_fn: Callable[..., Any] = polish,
 ) -> tuple[Any, Any, Any]:
     """:func:`place_elastic` keeping the experts of ``previous [L, R]`` (``-1``: an empty slot) in place.
 
@@ -753,7 +810,10 @@ def place_elastic_stable(
     other than :func:`sticky_pack` (a compiled one) also packs the fresh
     placements (:func:`_place_rows`: the same placements); ``replicate_fn``
     replicates them and ``split_fn`` splits their groups (:func:`rebalance_elastic`'s); ``group_split_fn``:
-    :func:`sticky_group_split` or a compiled kernel equal to it (same arguments).
+    :func:`sticky_group_split` or a compiled kernel equal to it (same arguments). Each rule's choice then
+    gives moves back (:func:`polish_live`: swaps toward ``previous`` within the limit, ``fresh``'s heaviest
+    GPU times ``fl32(1 + tolerance)``; within nodes where groups stay on nodes); ``polish_fn``:
+    :func:`eplb.algorithms.polish.polish` or a compiled kernel equal to it.
     """
     if policy != "greedy" or spill:
         raise ValueError(f"active_gpus supports the greedy policy without spill, got {policy=}, {spill=}")
@@ -778,10 +838,22 @@ def place_elastic_stable(
         "heaviest_gpu_fn": heaviest_gpu_fn,
     }
 
+    from eplb.algorithms.stability import _factor  # the healthy rule's limit, the same float32 bits
+
+    peak = heaviest_gpu_fn(weight, fresh, logcnt, num_gpus, xp=xp)
+    limit = peak * _factor(tolerance, peak, xp=xp)  # stabilize_elastic's
+
+    def polished(placed: Any, counts: Any, nodes: int) -> tuple[Any, Any]:
+        return polish_live(
+            weight, placed, counts, previous, active, limit, num_gpus, nodes, xp=xp, polish_fn=polish_fn,
+            align_slots_fn=align_slots_fn, heaviest_gpu_fn=heaviest_gpu_fn,
+        ), counts  # fmt: skip
+
     def stable(nodes: int) -> tuple[Any, Any]:
-        return stabilize_elastic(
+        placed, counts = stabilize_elastic(
             weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=nodes, xp=xp, **kernels
         )[:2]
+        return polished(placed, counts, nodes)
 
     def stable_nodes() -> tuple[Any, Any]:
         """Within nodes: the groups split by live capacity (the limit's placement); or ``previous``'s split with
@@ -795,7 +867,6 @@ def place_elastic_stable(
             weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=False, by_capacity=False, xp=xp,
             **packer,
         )  # fmt: skip
-        peak = heaviest_gpu_fn(weight, fresh, logcnt, num_gpus, xp=xp)
         kept = stabilize_elastic(
             weight, by_load, load_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
             num_groups=num_groups, peak=peak, xp=xp, **kernels,
@@ -814,7 +885,7 @@ def place_elastic_stable(
             best = xp.where(fewer, placed, best)
             best_cnt = xp.where(fewer, counts, best_cnt)
             best_moves = xp.where(fewer, moves, best_moves)
-        return best, best_cnt
+        return polished(best, best_cnt, num_nodes)
 
     sizes = (num_replicas, num_nodes, num_gpus)
     return stable_by_layer(weight, active, fresh, lambda: stable(1), stable_nodes, sizes, node_fallback, xp=xp)

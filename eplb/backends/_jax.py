@@ -101,7 +101,7 @@ def _rebalance_capacity(
 # _pallas_kernels' kernels it plugs in (gpu_capacity's time loops have no Pallas twins).
 _RELABEL_AND_PACK = ("relabel_pinned_fn", "sticky_pack_fn", "align_slots_fn")
 _MASKED = {
-    "active_gpus": (place_elastic_stable, jnp.bool_, (*_RELABEL_AND_PACK, "repair_fn")),
+    "active_gpus": (place_elastic_stable, jnp.bool_, (*_RELABEL_AND_PACK, "repair_fn", "polish_fn")),
     "gpu_capacity": (place_capacity_stable, jnp.float32, _RELABEL_AND_PACK),
 }
 
@@ -160,8 +160,9 @@ def _pallas_kernels(weight_shape: tuple[int, ...], config: tuple[int, int, int, 
     """The Pallas kernels of the masked keep-in-place loops (as torch CUDA's Triton ones): the pinned
     relabelling (:func:`eplb.kernels.relabel_pallas.relabel_pinned`) and, where :mod:`eplb.kernels.repair_pallas`
     fits both the within-nodes and the global rule, the sticky repackings (the fresh placements' packing too),
-    the local search and the slot alignment. Empty where the relabelling does not fit: then XLA throughout."""
-    from eplb.kernels import relabel_pallas, repair_pallas
+    the local search and the slot alignment; and the polish (:mod:`eplb.kernels.polish_pallas`, taken by the
+    ``active_gpus`` call) where it fits. Empty where the relabelling does not fit: then XLA throughout."""
+    from eplb.kernels import polish_pallas, relabel_pallas, repair_pallas
 
     num_layers, num_log = weight_shape
     num_replicas, _, num_nodes, num_gpus = config
@@ -178,6 +179,9 @@ def _pallas_kernels(weight_shape: tuple[int, ...], config: tuple[int, int, int, 
             "repair_fn": repair_pallas.repair,
             "align_slots_fn": repair_pallas.align_slots,
         }
+    # The polish of the active_gpus call (polish_live: the empty slots as one more expert, E + 1 ids).
+    if all(polish_pallas.fits(num_replicas, num_log + 1, num_gpus, n, num_layers) for n in nodes):
+        kernels["polish_fn"] = polish_pallas.polish
     return kernels
 
 

@@ -145,7 +145,7 @@ def rebalance_stable(
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     hooks = {}
     if impl == "numba":
-        from eplb.kernels import group_split_numba, polish_numba, relabel_numba, repair_numba
+        from eplb.kernels import group_split_numba, relabel_numba, repair_numba
 
         def place_fn(w: np.ndarray, *sizes: int, xp: Any, **policy: Any) -> tuple[Any, ...]:
             # The greedy kernel where it applies; its log2phy is not needed (log2phy_fn builds the result's).
@@ -157,9 +157,6 @@ def rebalance_stable(
         def replica_counts_fn(phy2log: np.ndarray, experts: int, *, xp: Any) -> np.ndarray:
             return repair_numba.replica_counts(phy2log, experts)
 
-        def polish_fn(*args: Any, xp: Any) -> np.ndarray:
-            return polish_numba.polish(*args)
-
         hooks = {
             "place_fn": place_fn,
             "relabel_fn": relabel_fn,
@@ -167,7 +164,6 @@ def rebalance_stable(
             "replica_counts_fn": replica_counts_fn,
             "log2phy_fn": relabel_numba.log2phy_in_slot_order,
             "group_split_fn": group_split_numba.near_group_split,
-            "polish_fn": polish_fn,
         }
     placement = place_stable(
         weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options
@@ -179,8 +175,10 @@ def _repair_hooks() -> dict[str, Any]:
     """``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``: the compiled kernels of
     :mod:`eplb.kernels.repair_numba` with the array-API functions' signatures (``-1`` slots, ``initial_load``
     and ``reserve`` included), for :func:`~eplb.algorithms.stability.stabilize` and
-    :func:`~eplb.algorithms.elastic.stabilize_elastic`."""
-    from eplb.kernels import repair_numba
+    :func:`~eplb.algorithms.elastic.stabilize_elastic`; and ``polish_fn``
+    (:func:`eplb.kernels.polish_numba.polish`), for ``stabilize`` and
+    :func:`~eplb.algorithms.elastic.place_elastic_stable`."""
+    from eplb.kernels import polish_numba, repair_numba
 
     def sticky_pack_fn(*args: Any, xp: Any, **kwargs: Any) -> np.ndarray:
         return repair_numba.sticky_pack(*args, **kwargs)
@@ -191,7 +189,15 @@ def _repair_hooks() -> dict[str, Any]:
     def align_slots_fn(new: np.ndarray, old: np.ndarray, gpus: int, *, xp: Any) -> np.ndarray:
         return repair_numba.align_slots(new, old, gpus)
 
-    return {"sticky_pack_fn": sticky_pack_fn, "repair_fn": repair_fn, "align_slots_fn": align_slots_fn}
+    def polish_fn(*args: Any, xp: Any) -> np.ndarray:
+        return polish_numba.polish(*args)
+
+    return {
+        "sticky_pack_fn": sticky_pack_fn,
+        "repair_fn": repair_fn,
+        "align_slots_fn": align_slots_fn,
+        "polish_fn": polish_fn,
+    }
 
 
 def _elastic_hooks() -> dict[str, Any]:
@@ -221,7 +227,8 @@ def _rebalance_elastic_stable(
 
     ``impl``: ``"numba"`` runs its relabelling, sticky repackings, local
     search and slot ordering as the compiled kernels of
-    :mod:`eplb.kernels.repair_numba` (the rest stays array API); ``"xp"`` the array-API layer throughout;
+    :mod:`eplb.kernels.repair_numba` and its polish as :mod:`eplb.kernels.polish_numba`'s (the rest stays
+    array API); ``"xp"`` the array-API layer throughout;
     ``None`` picks ``"numba"`` where numba is installed and its kernels are
     loaded, or load within :data:`eplb.backends._numba.STABLE_WAIT` seconds
     (as :func:`rebalance_stable`). Same placement either way.

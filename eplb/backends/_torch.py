@@ -141,12 +141,19 @@ def _elastic_kernels(
 ) -> dict[str, Any]:
     """The Triton kernels of :func:`eplb.algorithms.elastic.place_elastic_stable`'s steps on CUDA (the exact
     relabelling, the sticky repackings and the fresh placements' replication and packing, the local search,
-    slot alignment, heaviest GPUs, the groups' split and the near group split: each one launch instead of
+    slot alignment, heaviest GPUs, the polish, the groups' split and the near group split: each one launch instead of
     hundreds to thousands of torch ops), where they take every node count the call may use; else none (the
     array-API steps)."""
     if weight.device.type != "cuda" or not _has_triton():
         return {}
-    from eplb.kernels import choose_triton, group_split_triton, relabel_triton, repair_triton, replication_triton
+    from eplb.kernels import (
+        choose_triton,
+        group_split_triton,
+        polish_triton,
+        relabel_triton,
+        repair_triton,
+        replication_triton,
+    )
 
     nodes = {1, num_nodes} if options["hierarchical"] else {1}
     num_log = weight.shape[1]
@@ -163,6 +170,8 @@ def _elastic_kernels(
     }
     if choose_triton.fits(num_replicas, num_log, num_gpus):
         kernels["heaviest_gpu_fn"] = choose_triton.heaviest_gpu
+    if all(polish_triton.fits(num_replicas, num_log + 1, num_gpus, n) for n in nodes):
+        kernels["polish_fn"] = polish_triton.polish  # (empty slots as one more expert: polish_live)
     if replication_triton.fits(num_log, num_replicas):  # (per node: fewer experts and slots, within it too)
         kernels["replicate_fn"] = replication_triton.replicate_experts
     if options["hierarchical"] and group_split_triton.live_fits(num_log, num_replicas, num_groups, num_nodes, num_gpus):
