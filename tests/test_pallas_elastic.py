@@ -37,7 +37,7 @@ from eplb.algorithms.loads import MAX_LOAD
 from eplb.algorithms.relabel import align_slots, count_moves, replica_counts
 from eplb.algorithms.repair import repair, sticky_pack
 from eplb.backends import _jax
-from eplb.kernels import relabel_pallas, repair_pallas
+from eplb.kernels import polish_pallas, relabel_pallas, repair_pallas
 
 from . import cases
 from .conftest import needs_gpu
@@ -141,14 +141,15 @@ def _interpreted_kernels(monkeypatch) -> None:
     monkeypatch.setattr(relabel_pallas, "relabel_pinned", _interp(relabel_pallas.relabel_pinned, interpret=True))
     for name in ("repair", "sticky_pack"):
         monkeypatch.setattr(repair_pallas, name, _interp(getattr(repair_pallas, name), interpret=True))
+    monkeypatch.setattr(polish_pallas, "polish", _interp(polish_pallas.polish, interpret=True))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_cuda_branch_under_the_interpreter_equals_numpy(monkeypatch):
     """:func:`eplb.backends._jax._masked_stable_pallas` (what CUDA runs: all layers at once, the kernels
-    plugged in, mask and tolerance traced) with the kernels interpreted: numpy's placement. Hierarchical with
-    the mask traced, so both rules run (within nodes, and the global fallback); GPU 1 is back from a failure
-    (its slots empty in ``previous``), GPU 6 down."""
+    plugged in, the polish included, mask and tolerance traced) with the kernels interpreted: numpy's
+    placement. Hierarchical with the mask traced, so both rules run (within nodes, and the global fallback);
+    GPU 1 is back from a failure (its slots empty in ``previous``), GPU 6 down."""
     _interpreted_kernels(monkeypatch)
     rng = np.random.default_rng(24)
     w_old, w_new = (cases.lognormal_f32(rng, 3, 16) for _ in range(2))
@@ -159,7 +160,7 @@ def test_cuda_branch_under_the_interpreter_equals_numpy(monkeypatch):
     want = place_elastic_stable(w_new, previous, *sizes, active_gpus=mask, hierarchical=True, tolerance=0.0, xp=np)
     options = (("hierarchical", True), ("policy", "greedy"), ("spill", 0))
     assert set(_jax._pallas_kernels(w_new.shape, sizes, dict(options))) == {
-        "relabel_pinned_fn", "sticky_pack_fn", "repair_fn", "align_slots_fn"
+        "relabel_pinned_fn", "sticky_pack_fn", "repair_fn", "align_slots_fn", "polish_fn"
     }  # fmt: skip
     got = jax.jit(lambda w, p, m, t: _jax._masked_stable_pallas(w, p, m, t, sizes, options, "active_gpus"))(
         jnp.asarray(w_new), jnp.asarray(previous.astype(np.int32)), jnp.asarray(mask), jnp.float32(tolerance)
