@@ -10,7 +10,8 @@ eplb.algorithms.replication.replicate_experts:
   degenerate ones (one expert, one slot per GPU or pack, every GPU but one failed, every GPU failed, all-zero
   loads; for the replication tied, all-zero and one-hot rows, no extra slot, the DeepSeek-V3 sizes), and
   place_elastic_stable end to end on torch CPU tensors with the kernels plugged in (those five,
-  eplb.kernels.choose_triton.heaviest_gpu, eplb.kernels.group_split_triton.sticky_group_split, and the
+  eplb.kernels.choose_triton.heaviest_gpu, eplb.kernels.group_split_triton.sticky_group_split,
+  eplb.kernels.polish_triton.polish on polish_live's arguments (the empty slots as one more expert), and the
   sticky packing for the fresh placements too; global and
   hierarchical, a node down, a GPU back from a failure; tolerance None / 0 / 0.05, or 0 alone) against numpy,
   and the fresh place_elastic with the kernels replicating and packing;
@@ -158,7 +159,7 @@ import json, numpy as np, torch
 import array_api_compat.torch as xpt
 from eplb.algorithms.elastic import place_elastic, place_elastic_stable
 from eplb.kernels import choose_triton as ct, relabel_triton as rl, repair_triton as rt, replication_triton as rp
-from eplb.kernels import group_split_triton as gs
+from eplb.kernels import group_split_triton as gs, polish_triton as pt
 data = np.load({path!r})
 calls = json.load(open({calls!r}))
 out = {{}}
@@ -194,7 +195,7 @@ for k, (kind, p) in enumerate(calls):
             a("weight"), a("previous"), *sizes, active_gpus=a("mask"), hierarchical=hierarchical,
             tolerance=tolerance, xp=xpt, relabel_pinned_fn=rl.relabel_pinned, sticky_pack_fn=rt.sticky_pack,
             repair_fn=rt.repair, align_slots_fn=rt.align_slots, heaviest_gpu_fn=ct.heaviest_gpu,
-            replicate_fn=rp.replicate_experts,
+            replicate_fn=rp.replicate_experts, polish_fn=pt.polish,
             **({{"group_split_fn": gs.sticky_group_split}} if gs.fits(a("weight").shape[1], *sizes[:3]) else {{}}),
         )
         for name, x in zip(("phy2log", "log2phy", "logcnt"), got):
@@ -324,7 +325,7 @@ def test_cuda_kernels_equal_the_array_api_on_deepseek_v3(config, dead):
 def test_torch_cuda_elastic_previous_runs_the_kernels_without_a_sync(config, dead, tolerance, monkeypatch):
     import torch
 
-    from eplb.kernels import choose_triton, relabel_triton, repair_triton, replication_triton
+    from eplb.kernels import choose_triton, polish_triton, relabel_triton, repair_triton, replication_triton
 
     (sizes, hierarchical) = config
     weight, previous, mask = cases.deepseek_elastic(config, dead)
@@ -332,7 +333,7 @@ def test_torch_cuda_elastic_previous_runs_the_kernels_without_a_sync(config, dea
     expected = eplb.rebalance_experts(weight, *sizes, previous=previous, **kw)
     calls = []
     kernels = [(relabel_triton, "relabel_pinned"), (repair_triton, "repair"), (repair_triton, "sticky_pack")]
-    kernels += [(repair_triton, "align_slots"), (choose_triton, "heaviest_gpu")]
+    kernels += [(repair_triton, "align_slots"), (choose_triton, "heaviest_gpu"), (polish_triton, "polish")]
     for module, name in [*kernels, (replication_triton, "replicate_experts")]:
         kernel = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **k: calls.append(_n) or _k(*a, **k))
@@ -347,7 +348,9 @@ def test_torch_cuda_elastic_previous_runs_the_kernels_without_a_sync(config, dea
         placement = eplb.rebalance_experts(w, *sizes, **on_device, **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert set(calls) == {"relabel_pinned", "repair", "sticky_pack", "align_slots", "heaviest_gpu", "replicate_experts"}
+    assert set(calls) == {
+        "relabel_pinned", "repair", "sticky_pack", "align_slots", "heaviest_gpu", "replicate_experts", "polish"
+    }  # fmt: skip
     for got, want in zip(placement, expected, strict=True):
         assert got.device.type == "cuda"
         np.testing.assert_array_equal(got.cpu().numpy(), want)
