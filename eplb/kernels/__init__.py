@@ -40,8 +40,10 @@ with kernels for its loops where they exist. ``active_gpus=`` with
 ``previous=`` on numpy, torch CPU and JAX CPU inputs (JAX through a host
 callback): its relabelling, sticky repackings and local search run
 ``relabel_numba`` / ``repair_numba`` [1]_ (which take failed GPUs' ``-1``
-slots). ``gpu_capacity=`` on numpy and torch CPU: placement by time's loops
-run ``speed_numba`` [1]_. On torch CUDA, ``active_gpus=`` runs
+slots), its polish ``polish_numba`` [1]_ (``polish_triton`` [2]_ and
+``polish_pallas`` [3]_ on CUDA; the empty slots as one more expert).
+``gpu_capacity=`` on numpy and torch CPU: placement by time's loops run
+``speed_numba`` [1]_. On torch CUDA, ``active_gpus=`` runs
 ``relabel_triton.relabel_pinned``, ``repair_triton``,
 ``choose_triton.heaviest_gpu``, ``replication_triton`` and
 ``group_split_triton`` [2]_ (the fresh placements' replication, packing and
