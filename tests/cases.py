@@ -211,3 +211,29 @@ def captured_polish(weight: np.ndarray, previous: np.ndarray, config: tuple, **k
     )
     assert len(calls) == 1
     return calls[0]
+
+
+def draw_failure(draw, num_gpus: int) -> tuple:
+    """A hypothesis ``draw`` of a re-plan after failures on ``num_gpus`` GPUs: ``(loads [L, E], num_replicas,
+    live mask [G], rng)``, 1..12 experts (one possible), 1 to 3 slots a GPU beyond the fewest (one slot per GPU
+    possible), every GPU live where the live slots could not hold the experts, 1..3 layers of integer, tied (0..2),
+    all-zero or lognormal float32 loads; ``rng`` seeded by the draw, for what the caller draws next."""
+    from hypothesis import strategies as st
+
+    num_experts = draw(st.integers(1, 12))
+    per_gpu = max(1, -(-num_experts // num_gpus)) + draw(st.integers(0, 2))
+    mask = np.array(draw(st.lists(st.booleans(), min_size=num_gpus, max_size=num_gpus)))
+    if mask.sum() * per_gpu < num_experts:
+        mask[:] = True
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["int", "float", "few", "zero"]))
+    shape = (draw(st.integers(1, 3)), num_experts)
+    if kind == "int":
+        w = rng.integers(0, 2**20, shape)
+    elif kind == "few":
+        w = rng.integers(0, 3, shape)
+    elif kind == "zero":
+        w = np.zeros(shape, np.int64)
+    else:
+        w = rng.lognormal(0, 2, shape).astype(np.float32)
+    return w, num_gpus * per_gpu, mask, rng

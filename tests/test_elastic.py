@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import eplb
 from eplb.backends import _numpy
 
-from . import oracle
+from . import cases, oracle
 from .conftest import needs_gpu
 
 torch = pytest.importorskip("torch")
@@ -409,24 +409,8 @@ def _check_previous_promise(w, r, gpus, mask, previous, tolerance, got):
 @st.composite
 def previous_calls(draw):
     num_gpus = draw(st.integers(1, 8))
-    num_experts = draw(st.integers(1, 12))
-    per_gpu = max(1, -(-num_experts // num_gpus)) + draw(st.integers(0, 2))
-    r = num_gpus * per_gpu
-    mask = np.array(draw(st.lists(st.booleans(), min_size=num_gpus, max_size=num_gpus)))
-    if mask.sum() * per_gpu < num_experts:
-        mask[:] = True
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    kind = draw(st.sampled_from(["int", "float", "few", "zero"]))
-    layers = draw(st.integers(1, 3))
-    if kind == "int":
-        w = rng.integers(0, 2**20, (layers, num_experts))
-    elif kind == "few":
-        w = rng.integers(0, 3, (layers, num_experts))
-    elif kind == "zero":
-        w = np.zeros((layers, num_experts), np.int64)
-    else:
-        w = rng.lognormal(0, 2, (layers, num_experts)).astype(np.float32)
+    w, r, mask, rng = cases.draw_failure(draw, num_gpus)
+    (layers, num_experts), per_gpu = w.shape, r // num_gpus
     old_w = rng.lognormal(0, 1, (layers, num_experts)).astype(np.float32)
     # The placement in force: healthy, or elastic with some of today's dead GPUs already down (-1 there).
     old_mask = np.where(rng.random(num_gpus) < 0.5, mask, True)

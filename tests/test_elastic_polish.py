@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import eplb
 from eplb.algorithms.elastic import place_elastic, place_elastic_stable
 from eplb.backends import _numba, _numpy
 
@@ -93,27 +94,11 @@ def failure_calls(draw):
     num_nodes = draw(st.integers(1, 4))
     gpus_per_node = draw(st.integers(1, 3))
     num_gpus = num_nodes * gpus_per_node
-    num_experts = draw(st.integers(1, 12))
-    per_gpu = max(1, -(-num_experts // num_gpus)) + draw(st.integers(0, 2))
-    r = num_gpus * per_gpu
-    mask = np.array(draw(st.lists(st.booleans(), min_size=num_gpus, max_size=num_gpus)))
-    if mask.sum() * per_gpu < num_experts:
-        mask[:] = True
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    kind = draw(st.sampled_from(["int", "float", "few", "zero"]))
-    layers = draw(st.integers(1, 3))
-    w = {
-        "int": lambda: rng.integers(0, 2**20, (layers, num_experts)),
-        "few": lambda: rng.integers(0, 3, (layers, num_experts)),
-        "zero": lambda: np.zeros((layers, num_experts), np.int64),
-        "float": lambda: rng.lognormal(0, 2, (layers, num_experts)).astype(np.float32),
-    }[kind]()
+    w, r, mask, rng = cases.draw_failure(draw, num_gpus)
+    (layers, num_experts), per_gpu = w.shape, r // num_gpus
     hierarchical = draw(st.booleans()) and num_nodes > 1 and num_experts % num_nodes == 0
     groups = num_nodes if hierarchical else 1
     sizes = (r, groups, num_nodes if hierarchical else 1, num_gpus)
-    import eplb
-
     old_w = rng.lognormal(0, 1, (layers, num_experts)).astype(np.float32)
     old_mask = np.where(rng.random(num_gpus) < 0.5, mask, True)
     if old_mask.sum() * per_gpu < num_experts:
