@@ -738,9 +738,10 @@ def polish_live(
     where that is higher); ``counts [B, E]`` its replica counts, ``active [1, G]`` the live GPUs.
 
     The polish takes expert ids in ``[0, E)``, so an empty slot (of ``phy2log``, or of ``previous`` on a failed
-    GPU or anywhere) becomes one more expert, ``E``, of load 0: a swap that puts a live expert on a failed GPU
-    never gives a pair back (``previous`` holds only ``E`` there, and ``E`` was on no live GPU that holds an
-    expert now), so it is never made, and the empty slots stay where they are. Slots aligned to ``previous``
+    GPU or anywhere) becomes one more expert, ``E``, of load 0. A swap that puts a live expert ``x`` on a
+    failed GPU never gives a pair back: ``x`` was not there in ``previous`` (which holds only ``E`` there), and
+    the ``E`` it takes from that GPU was no new pair there, so its change in moves is ``1 - [x new on its
+    GPU] >= 0``; it is never made, and the empty slots stay where they are. Slots aligned to ``previous``
     again (:func:`align_slots`); the result is kept only where its left-to-right sums (``heaviest_gpu_fn``) stay
     within that bound, so it never adds a move nor raises the heaviest GPU above it. ``polish_fn``,
     ``align_slots_fn``, ``heaviest_gpu_fn``: the array-API functions or compiled kernels equal to them.
