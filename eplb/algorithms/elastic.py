@@ -741,10 +741,11 @@ def polish_live(
     GPU or anywhere) becomes one more expert, ``E``, of load 0. A swap that puts a live expert ``x`` on a
     failed GPU never gives a pair back: ``x`` was not there in ``previous`` (which holds only ``E`` there), and
     the ``E`` it takes from that GPU was no new pair there, so its change in moves is ``1 + [E not on x's GPU
-    in previous] - [x new on its GPU] >= 0``; it is never made, and the empty slots stay where they are. Slots aligned to ``previous``
-    again (:func:`align_slots`); the result is kept only where its left-to-right sums (``heaviest_gpu_fn``) stay
-    within that bound, so it never adds a move nor raises the heaviest GPU above it. ``polish_fn``,
-    ``align_slots_fn``, ``heaviest_gpu_fn``: the array-API functions or compiled kernels equal to them.
+    in previous] - [x new on its GPU] >= 0``; it is never made, and the empty slots stay where they are.
+    Slots aligned to ``previous`` again (:func:`align_slots`); the result is kept only where its left-to-right
+    sums (``heaviest_gpu_fn``) stay within that bound, so it never adds a move nor raises the heaviest GPU above
+    it. ``polish_fn``, ``align_slots_fn``, ``heaviest_gpu_fn``: the array-API functions or compiled kernels equal
+    to them.
     """
     batch, num_phy = phy2log.shape
     num_log = weight.shape[1]
