@@ -200,6 +200,12 @@ def rebalance_spill(weight: np.ndarray, num_phy: int, num_groups: int, num_nodes
     return tuple(np.array([layer[k] for layer in layers], dtype=np.int64) for k in range(3))
 
 
+def load_slack(num_replicas: int, num_gpus: int) -> float:
+    """Relative float32 rounding of a GPU load (a product per replica, a sum over its slots, both ways): a float64
+    GPU load of a placement whose float32 loads are within a bound is within the bound times this."""
+    return 1.0 + (2 * (num_replicas // num_gpus) + 4) * 2.0**-24
+
+
 def gpu_loads64(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     """``[L, G]`` float64: each GPU's exact load (``math.fsum``), replica load ``w[e] / count[e]`` in float64.
 

@@ -389,18 +389,13 @@ def test_torch_cuda_equals_numpy():
 # the fresh placement with its live GPUs best permuted among live positions (scipy's assignment solver).
 
 
-def _slack(num_replicas, num_gpus):
-    """Relative float32 rounding of a GPU load (as tests/test_properties_policies.py bounds it)."""
-    return 1.0 + (2 * (num_replicas // num_gpus) + 4) * 2.0**-24
-
-
 def _check_previous_promise(w, r, gpus, mask, previous, tolerance, got):
     got = tuple(np.asarray(a) for a in got)
     _check_valid(got, w, r, gpus, mask)
     fresh = oracle.elastic(w, r, 1, 1, gpus, mask)  # (replica counts may differ: the local search changes them)
     peak = oracle.gpu_loads64(w, got[0], gpus).max(axis=1)
     fresh_peak = oracle.gpu_loads64(w, fresh[0], gpus).max(axis=1)
-    assert (peak <= fresh_peak * (1 + (tolerance or 0.0)) * _slack(r, gpus)).all(), (peak, fresh_peak)
+    assert (peak <= fresh_peak * (1 + (tolerance or 0.0)) * oracle.load_slack(r, gpus)).all(), (peak, fresh_peak)
     moved = oracle.moves(previous, got[0], gpus)
     assert (moved <= oracle.best_relabel_moves(previous, fresh[0], mask, gpus)).all()
     return moved

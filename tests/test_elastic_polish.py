@@ -40,11 +40,6 @@ def _place(w, previous, sizes, mask, tolerance, hierarchical, **hooks):
     return tuple(np.asarray(a, np.int64) for a in out)
 
 
-def _slack(num_replicas, num_gpus):
-    """Relative float32 rounding of a GPU load (as tests/test_properties_policies.py bounds it)."""
-    return 1.0 + (2 * (num_replicas // num_gpus) + 4) * 2.0**-24
-
-
 def _groups_on_nodes(phy2log, num_log, num_groups, num_nodes):
     """``[L]`` bool: every group's live slots on one node (plain Python)."""
     per_node, group_size = phy2log.shape[1] // num_nodes, num_log // num_groups
@@ -79,7 +74,7 @@ def _check(w, previous, sizes, mask, tolerance, hierarchical):
     limit = oracle.gpu_loads64(w, fresh_phy, num_gpus).max(axis=1) * factor
     ceiling = np.maximum(limit, oracle.gpu_loads64(w, before[0], num_gpus).max(axis=1))
     peak = oracle.gpu_loads64(w, after[0], num_gpus).max(axis=1)
-    assert (peak <= ceiling * _slack(num_replicas, num_gpus)).all(), (peak, ceiling)
+    assert (peak <= ceiling * oracle.load_slack(num_replicas, num_gpus)).all(), (peak, ceiling)
     if hierarchical and num_nodes > 1:
         kept = _groups_on_nodes(before[0], w.shape[1], num_groups, num_nodes)
         assert (_groups_on_nodes(after[0], w.shape[1], num_groups, num_nodes) >= kept).all()

@@ -34,8 +34,7 @@ ONE_SLOT_PER_GPU = Config(8, 8, 4, 2, 8)
 
 def slack(config: Config) -> float:
     """Relative float32 rounding of a GPU load: a product per replica, a sum over its slots (both ways)."""
-    per_gpu = config.num_replicas // config.num_gpus
-    return 1.0 + (2 * per_gpu + 4) * 2.0**-24
+    return oracle.load_slack(config.num_replicas, config.num_gpus)
 
 
 @st.composite
