@@ -355,5 +355,5 @@ def place_capacity_stable(
     live = capacity_live(capacity, xp=xp)
     sizes = (num_replicas, num_nodes, num_gpus)
     return stable_by_layer(
-        weight, live, fresh, lambda: stable(1), lambda: stable(num_nodes), sizes, node_fallback, xp=xp
+        weight, live, fresh, lambda rows: stable(1), lambda rows: stable(num_nodes), sizes, node_fallback, xp=xp
     )

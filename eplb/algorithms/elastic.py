@@ -732,6 +732,7 @@ def polish_live(
     polish_fn: Callable[..., Any] = polish,
     align_slots_fn: Callable[..., Any] = align_slots,
     heaviest_gpu_fn: Callable[..., Any] = live_heaviest_gpu,
+    rows: Any = None,
 ) -> Any:
     """``phy2log [B, R]`` (``-1`` on failed GPUs) with :func:`eplb.algorithms.polish.polish`'s swaps back toward
     ``previous [B, R]``'s live slots, every GPU within ``limit [B, 1]`` (or within ``phy2log``'s own heaviest GPU,
@@ -745,7 +746,9 @@ def polish_live(
     Slots aligned to ``previous`` again (:func:`align_slots`); the result is kept only where its left-to-right
     sums (``heaviest_gpu_fn``) stay within that bound, so it never adds a move nor raises the heaviest GPU above
     it. ``polish_fn``, ``align_slots_fn``, ``heaviest_gpu_fn``: the array-API functions or compiled kernels equal
-    to them.
+    to them. ``rows [B, 1]`` (bool, or None for all): the rows whose result the caller keeps; the others return
+    ``phy2log`` unchanged after one step that finds no swap (their ceiling is ``-inf``), so a rule that a layer
+    does not take (:func:`stable_by_layer` computes both where the mask is on the device) costs no search.
     """
     batch, num_phy = phy2log.shape
     num_log = weight.shape[1]
@@ -757,6 +760,8 @@ def polish_live(
     counts = xp.astype(counts, dtype, copy=False)
     spare = num_phy - xp.sum(counts, axis=-1, keepdims=True)  # the empty slots (a count of 0 would read 1/0)
     ceiling = xp.maximum(limit, heaviest_gpu_fn(weight, phy2log, counts, num_gpus, xp=xp))
+    if rows is not None:  # no load is <= -inf: no swap is allowed, and the result fails the check below
+        ceiling = xp.where(rows, ceiling, xp.full_like(ceiling, -xp.inf))
     polished = polish_fn(
         xp.where(phy2log >= 0, phy2log, empty),
         xp.concat([counts, xp.maximum(spare, xp.ones_like(spare))], axis=-1),
@@ -845,19 +850,19 @@ def place_elastic_stable(
     peak = heaviest_gpu_fn(weight, fresh, logcnt, num_gpus, xp=xp)
     limit = peak * _factor(tolerance, peak, xp=xp)  # stabilize_elastic's
 
-    def polished(placed: Any, counts: Any, nodes: int) -> tuple[Any, Any]:
+    def polished(placed: Any, counts: Any, nodes: int, rows: Any) -> tuple[Any, Any]:
         return polish_live(
             weight, placed, counts, previous, active, limit, num_gpus, nodes, xp=xp, polish_fn=polish_fn,
-            align_slots_fn=align_slots_fn, heaviest_gpu_fn=heaviest_gpu_fn,
+            align_slots_fn=align_slots_fn, heaviest_gpu_fn=heaviest_gpu_fn, rows=rows,
         ), counts  # fmt: skip
 
-    def stable(nodes: int) -> tuple[Any, Any]:
+    def stable(rows: Any) -> tuple[Any, Any]:
         placed, counts = stabilize_elastic(
-            weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=nodes, xp=xp, **kernels
+            weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=1, xp=xp, **kernels
         )[:2]
-        return polished(placed, counts, nodes)
+        return polished(placed, counts, 1, rows)
 
-    def stable_nodes() -> tuple[Any, Any]:
+    def stable_nodes(rows: Any) -> tuple[Any, Any]:
         """Within nodes: the groups split by live capacity (the limit's placement); or ``previous``'s split with
         a few groups swapped between nodes (:func:`sticky_group_split`), or the split by load alone (the
         healthy one), where that is within the limit and moves fewer experts."""
@@ -887,47 +892,50 @@ def place_elastic_stable(
             best = xp.where(fewer, placed, best)
             best_cnt = xp.where(fewer, counts, best_cnt)
             best_moves = xp.where(fewer, moves, best_moves)
-        return polished(best, best_cnt, num_nodes)
+        return polished(best, best_cnt, num_nodes, rows)
 
     sizes = (num_replicas, num_nodes, num_gpus)
-    return stable_by_layer(weight, active, fresh, lambda: stable(1), stable_nodes, sizes, node_fallback, xp=xp)
+    return stable_by_layer(weight, active, fresh, stable, stable_nodes, sizes, node_fallback, xp=xp)
 
 
 def stable_by_layer(
     weight: Any,
     active: Any,
     fresh: Any,
-    across: Callable[[], tuple[Any, Any]],
-    within_nodes: Callable[[], tuple[Any, Any]],
+    across: Callable[[Any], tuple[Any, Any]],
+    within_nodes: Callable[[Any], tuple[Any, Any]],
     sizes: tuple[int, int, int],
     node_fallback: bool | None,
     *,
     xp: Any,
 ) -> tuple[Any, Any, Any]:
-    """A keep-in-place placement on the live GPUs (``active [1, G]``), per layer ``across()``'s (the global
-    rule) or ``within_nodes()``'s (groups on nodes), each ``(phy2log [L, R], logcnt [L, E])``.
+    """A keep-in-place placement on the live GPUs (``active [1, G]``), per layer ``across(rows)``'s (the global
+    rule) or ``within_nodes(rows)``'s (groups on nodes), each ``(phy2log [L, R], logcnt [L, E])``; ``rows [L,
+    1]`` (bool) are the layers whose result is kept, so a rule may skip work on the others.
 
     ``sizes`` is ``(num_replicas, num_nodes, num_gpus)``. ``node_fallback``
     ``True`` or one node: across; ``False``: within nodes; ``None``: decided
     on the device, as the fresh placement did (layers where some node has
-    fewer live slots than the experts of its groups: across). Layers with
-    fewer live slots than experts keep ``fresh`` (the empty placement).
-    Returns ``phy2log``, ``log2phy`` (replicas in slot order) and ``logcnt``.
+    fewer live slots than the experts of its groups: across; both rules
+    run). Layers with fewer live slots than experts keep ``fresh`` (the
+    empty placement). Returns ``phy2log``, ``log2phy`` (replicas in slot
+    order) and ``logcnt``.
     """
     num_replicas, num_nodes, num_gpus = sizes
     num_log = weight.shape[1]
+    _, live_slots = _live_rows(weight, active, num_replicas, 1, num_gpus, xp=xp)  # [L, 1]
+    enough = live_slots >= num_log  # elsewhere, too few live slots: the empty placement
     if num_nodes == 1 or node_fallback:
-        phy2log, logcnt = across()
+        phy2log, logcnt = across(enough)
     elif node_fallback is False:
-        phy2log, logcnt = within_nodes()
+        phy2log, logcnt = within_nodes(enough)
     else:
         node_slots, _ = _node_slots(weight, active, num_replicas, num_nodes, num_gpus, xp=xp)
-        short = xp.any(node_slots < num_log // num_nodes, axis=-1)
-        inside, inside_cnt = within_nodes()
-        outside, outside_cnt = across()
-        phy2log = xp.where(short[:, None], outside, inside)
-        logcnt = xp.where(short[:, None], outside_cnt, inside_cnt)
-    _, live_slots = _live_rows(weight, active, num_replicas, 1, num_gpus, xp=xp)  # [L, 1]
-    phy2log = xp.where(live_slots >= num_log, phy2log, fresh)  # too few live slots: the empty placement
+        short = xp.any(node_slots < num_log // num_nodes, axis=-1, keepdims=True)  # [L, 1]
+        inside, inside_cnt = within_nodes(enough & ~short)
+        outside, outside_cnt = across(enough & short)
+        phy2log = xp.where(short, outside, inside)
+        logcnt = xp.where(short, outside_cnt, inside_cnt)
+    phy2log = xp.where(enough, phy2log, fresh)
     phyrank = xp.where(phy2log >= 0, occurrence(phy2log, xp=xp), xp.full_like(phy2log, -1))
     return phy2log, build_log2phy_masked(phy2log, phyrank, num_log, xp=xp), logcnt
