@@ -213,14 +213,15 @@ def captured_polish(weight: np.ndarray, previous: np.ndarray, config: tuple, **k
     return calls[0]
 
 
-def draw_failure(draw, num_gpus: int) -> tuple:
+def draw_failure(draw, num_gpus: int, experts_multiple: int = 1) -> tuple:
     """A hypothesis ``draw`` of a re-plan after failures on ``num_gpus`` GPUs: ``(loads [L, E], num_replicas,
-    live mask [G], rng)``, 1..12 experts (one possible), 1 to 3 slots a GPU beyond the fewest (one slot per GPU
-    possible), every GPU live where the live slots could not hold the experts, 1..3 layers of integer, tied (0..2),
-    all-zero or lognormal float32 loads; ``rng`` seeded by the draw, for what the caller draws next."""
+    live mask [G], rng)``, 1..12 experts (one possible; a multiple of ``experts_multiple``), 1 to 3 slots a GPU
+    beyond the fewest (one slot per GPU possible), every GPU live where the live slots could not hold the experts,
+    1..3 layers of integer, tied (0..2), all-zero or lognormal float32 loads; ``rng`` seeded by the draw, for what
+    the caller draws next."""
     from hypothesis import strategies as st
 
-    num_experts = draw(st.integers(1, 12))
+    num_experts = experts_multiple * draw(st.integers(1, max(1, 12 // experts_multiple)))
     per_gpu = max(1, -(-num_experts // num_gpus)) + draw(st.integers(0, 2))
     mask = np.array(draw(st.lists(st.booleans(), min_size=num_gpus, max_size=num_gpus)))
     if mask.sum() * per_gpu < num_experts:

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eplb
-from eplb.algorithms.elastic import place_elastic, place_elastic_stable
+from eplb.algorithms.elastic import place_elastic, place_elastic_stable, polish_live
 from eplb.backends import _numba, _numpy
 
 from . import cases, oracle
@@ -82,16 +82,17 @@ def _check(w, previous, sizes, mask, tolerance, hierarchical):
 
 
 @st.composite
-def failure_calls(draw):
+def failure_calls(draw, hierarchical_only: bool = False):
     """Random re-plans after failures: 1..8 GPUs, 1..4 nodes, 1 to 3 slots beyond the fewest a GPU (one slot
     per GPU possible), one expert possible, all-zero / tied / integer / lognormal loads, a previous placement
-    healthy or with GPUs already down, global or hierarchical (groups that fit their nodes), any tolerance."""
-    num_nodes = draw(st.integers(1, 4))
+    healthy or with GPUs already down, global or hierarchical (groups that fit their nodes; only that, 2..4
+    nodes, with ``hierarchical_only``), any tolerance."""
+    num_nodes = draw(st.integers(2 if hierarchical_only else 1, 4))
     gpus_per_node = draw(st.integers(1, 3))
     num_gpus = num_nodes * gpus_per_node
-    w, r, mask, rng = cases.draw_failure(draw, num_gpus)
+    w, r, mask, rng = cases.draw_failure(draw, num_gpus, num_nodes if hierarchical_only else 1)
     (layers, num_experts), per_gpu = w.shape, r // num_gpus
-    hierarchical = draw(st.booleans()) and num_nodes > 1 and num_experts % num_nodes == 0
+    hierarchical = (hierarchical_only or draw(st.booleans())) and num_nodes > 1 and num_experts % num_nodes == 0
     groups = num_nodes if hierarchical else 1
     sizes = (r, groups, num_nodes if hierarchical else 1, num_gpus)
     old_w = rng.lognormal(0, 1, (layers, num_experts)).astype(np.float32)
@@ -140,3 +141,42 @@ def test_polish_gives_moves_back_on_real_loads(case):
         got = _place(w, previous, sizes, mask, 0.05, hierarchical, **_numpy._elastic_hooks())
         for x, y in zip(expected, got, strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+@settings(max_examples=40, deadline=None)
+@given(failure_calls(), st.integers(0, 2**32 - 1))
+def test_rows_left_out_return_unchanged(call, seed):
+    """``polish_live(rows=)``: a row left out returns its input exactly; a row kept returns what the call without
+    ``rows`` returns (array API and the numba polish)."""
+    w, previous, sizes, mask, _, hierarchical = call
+    _, _, num_nodes, num_gpus = sizes
+    w = np.asarray(w, np.float32)
+    active = np.asarray(mask, bool)[None, :]
+    placed, _, counts = place_elastic(w, *sizes, active_gpus=active[0], hierarchical=hierarchical, xp=np)
+    placed, counts = np.asarray(placed), np.asarray(counts)
+    limit = oracle.gpu_loads64(w, placed, num_gpus).max(axis=1, keepdims=True).astype(np.float32)
+    rows = np.random.default_rng(seed).random((w.shape[0], 1)) < 0.5
+    hooks = [{}] + ([{"polish_fn": _numpy._repair_hooks()["polish_fn"]}] if _numba.available() else [])
+    for hook in hooks:
+        args = (w, placed, counts, previous, active, limit, num_gpus, num_nodes)
+        every = np.asarray(polish_live(*args, xp=np, **hook))
+        some = np.asarray(polish_live(*args, xp=np, rows=rows, **hook))
+        np.testing.assert_array_equal(some, np.where(rows, every, placed))
+
+
+@settings(max_examples=40, deadline=None)
+@given(failure_calls(hierarchical_only=True))
+def test_both_rules_on_the_device_equal_the_host_decision(call):
+    """With ``node_fallback=None`` (a mask on the device) both rules run and each layer takes one, the other's
+    polish skipped; the placement equals the call told the rule from the host (plain Python: some node with
+    fewer live slots than the experts of its groups)."""
+    w, previous, sizes, mask, tolerance, hierarchical = call
+    assert hierarchical
+    num_replicas, _, num_nodes, num_gpus = sizes
+    per_gpu, gpus_per_node = num_replicas // num_gpus, num_gpus // num_nodes
+    live = [sum(bool(m) for m in mask[n * gpus_per_node : (n + 1) * gpus_per_node]) * per_gpu for n in range(num_nodes)]
+    fallback = any(slots < w.shape[1] // num_nodes for slots in live)
+    decided = _place(w, previous, sizes, mask, tolerance, True, node_fallback=fallback)
+    on_device = _place(w, previous, sizes, mask, tolerance, True, node_fallback=None)
+    for x, y in zip(decided, on_device, strict=True):
+        np.testing.assert_array_equal(x, y)
