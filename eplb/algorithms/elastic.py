@@ -588,6 +588,7 @@ def stabilize_elastic(
     num_nodes: int = 1,
     num_groups: int = 1,
     peak: Any = None,
+    rows: Any = None,
     xp: Any,
     sticky_pack_fn: Callable[..., Any] = sticky_pack,
     repair_fn: Callable[..., Any] = repair,
@@ -620,6 +621,9 @@ def stabilize_elastic(
     sticky repacking runs per node. ``peak [B, 1]`` (optional): the heaviest
     GPU the limit scales instead of ``fresh``'s; the relabelled candidate is
     then checked against the limit too (else it is within by construction).
+    ``rows [B, 1]`` (bool, or None for all): the layers whose result the
+    caller keeps; the local search skips the others (their result is then
+    the best unsearched candidate: :func:`stable_by_layer` drops it).
     ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``, ``relabel_pinned_fn``,
     ``heaviest_gpu_fn``: :func:`sticky_pack`, :func:`repair`, :func:`align_slots`,
     :func:`relabel_pinned` and :func:`live_heaviest_gpu`, or compiled kernels
@@ -647,7 +651,7 @@ def stabilize_elastic(
     if base_within is None:
         base_peak = heaviest_gpu_fn(weight, base, logcnt, num_gpus, xp=xp)
         base_within = base_peak <= limit
-    rows = (batch * num_nodes, num_phy // num_nodes)  # one sticky repacking per (layer, node)
+    node_rows = (batch * num_nodes, num_phy // num_nodes)  # one sticky repacking per (layer, node)
     node_limit = xp.reshape(xp.broadcast_to(limit, (batch, num_nodes)), (batch * num_nodes, 1))
     node_initial = xp.reshape(initial, (batch * num_nodes, num_gpus // num_nodes))
     unbounded = xp.full(node_limit.shape, MAX_LOAD, dtype=node_limit.dtype, device=_xp.device(node_limit))
@@ -656,9 +660,9 @@ def stabilize_elastic(
     stickies = []
     for reserve, pack_limit in ((False, node_limit), (True, node_limit), (False, unbounded)):
         sticky = sticky_pack_fn(
-            xp.reshape(base, rows),
-            xp.reshape(old, rows),
-            xp.reshape(item_load, rows),
+            xp.reshape(base, node_rows),
+            xp.reshape(old, node_rows),
+            xp.reshape(item_load, node_rows),
             pack_limit,
             num_gpus // num_nodes,
             initial_load=node_initial,
@@ -687,6 +691,9 @@ def stabilize_elastic(
         (old >= 0) | xp.logical_not(live_slot), axis=-1, keepdims=True
     )  # and no live slot empty (a GPU back from a failure has none of its experts)
     searched = xp.ones((packs * batch, 1), dtype=bool, device=_xp.device(weight))
+    if rows is not None:  # (repair leaves rows that are not valid as they are, with no step)
+        searched = xp.concat([rows] * packs, axis=0)
+        old_valid = old_valid & rows
     base_moves = first_moves[:batch]
     repaired, repaired_cnt, repaired_moves = repair_fn(
         xp.concat([packed, old], axis=0),  # [4B, R]
@@ -858,7 +865,7 @@ def place_elastic_stable(
 
     def stable(rows: Any) -> tuple[Any, Any]:
         placed, counts = stabilize_elastic(
-            weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=1, xp=xp, **kernels
+            weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, rows=rows, xp=xp, **kernels
         )[:2]
         return polished(placed, counts, 1, rows)
 
@@ -868,7 +875,7 @@ def place_elastic_stable(
         healthy one), where that is within the limit and moves fewer experts."""
         by_capacity = stabilize_elastic(
             weight, fresh, logcnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
-            num_groups=num_groups, xp=xp, **kernels,
+            num_groups=num_groups, rows=rows, xp=xp, **kernels,
         )  # fmt: skip
         by_load, _, load_cnt = rebalance_elastic(
             weight, active, num_replicas, num_groups, num_nodes, num_gpus, fallback=False, by_capacity=False, xp=xp,
@@ -876,7 +883,7 @@ def place_elastic_stable(
         )  # fmt: skip
         kept = stabilize_elastic(
             weight, by_load, load_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
-            num_groups=num_groups, peak=peak, xp=xp, **kernels,
+            num_groups=num_groups, peak=peak, rows=rows, xp=xp, **kernels,
         )  # fmt: skip
         split, valid = group_split_fn(weight, previous, active, num_replicas, num_groups, num_nodes, num_gpus, xp=xp)
         near, _, near_cnt = _elastic(
@@ -884,7 +891,7 @@ def place_elastic_stable(
         )
         swapped = stabilize_elastic(
             weight, near, near_cnt, previous, active, num_gpus, tolerance=tolerance, num_nodes=num_nodes,
-            num_groups=num_groups, peak=peak, xp=xp, **kernels,
+            num_groups=num_groups, peak=peak, rows=rows, xp=xp, **kernels,
         )  # fmt: skip
         best, best_cnt, best_moves, _ = by_capacity
         for (placed, counts, moves, within), usable in ((swapped, valid), (kept, True)):
