@@ -9,7 +9,9 @@ live GPU within the limit (the fresh elastic placement's times
 ``fl32(1 + t)``) or within the unpolished placement's where that is higher.
 The numba polish (the numpy adapter's hook) against the array-API one on
 the same calls; both on real DeepSeek-V3 loads, where it must give moves
-back. Cross-backend identity of the whole call (torch, JAX, CUDA) is in
+back. The rows a caller keeps (``polish_live(rows=)``, ``stabilize_elastic(rows=)``): the others are left
+alone, the kept ones as without ``rows``, and both rules on the device equal the rule told from the host.
+Cross-backend identity of the whole call (torch, JAX, CUDA) is in
 ``tests/test_elastic.py`` and the elastic GPU tests, which run it too.
 """
 
@@ -21,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eplb
-from eplb.algorithms.elastic import place_elastic, place_elastic_stable, polish_live
+from eplb.algorithms.elastic import place_elastic, place_elastic_stable, polish_live, stabilize_elastic
 from eplb.backends import _numba, _numpy
 
 from . import cases, oracle
@@ -180,3 +182,28 @@ def test_both_rules_on_the_device_equal_the_host_decision(call):
     on_device = _place(w, previous, sizes, mask, tolerance, True, node_fallback=None)
     for x, y in zip(decided, on_device, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+@settings(max_examples=30, deadline=None)
+@given(failure_calls(), st.integers(0, 2**32 - 1))
+def test_stabilize_rows_kept_as_without_them(call, seed):
+    """``stabilize_elastic(rows=)``: the rows kept equal the call without ``rows`` (placement, counts, moves,
+    within); every row's counts are its placement's (plain Python)."""
+    w, previous, sizes, mask, tolerance, hierarchical = call
+    _, num_groups, num_nodes, num_gpus = sizes
+    w = np.asarray(w, np.float32)
+    active = np.asarray(mask, bool)[None, :]
+    fresh, _, counts = place_elastic(w, *sizes, active_gpus=active[0], hierarchical=hierarchical, xp=np)
+    rows = np.random.default_rng(seed).random((w.shape[0], 1)) < 0.5
+    args = (w, np.asarray(fresh), np.asarray(counts), previous, active, num_gpus)
+    nodes = {"num_nodes": num_nodes, "num_groups": num_groups} if hierarchical else {}
+    compiled = {k: v for k, v in _numpy._repair_hooks().items() if k != "polish_fn"} if _numba.available() else None
+    for hooks in ({}, compiled) if compiled else ({},):
+        every = stabilize_elastic(*args, tolerance=tolerance, xp=np, **nodes, **hooks)
+        some = stabilize_elastic(*args, tolerance=tolerance, rows=rows, xp=np, **nodes, **hooks)
+        for x, y in zip(every, some, strict=True):
+            x, y = np.asarray(x), np.asarray(y)
+            keep = rows if x.ndim == 2 else rows[:, 0]
+            np.testing.assert_array_equal(np.where(keep, y, x), x)
+        for row, cnt in zip(np.asarray(some[0]).tolist(), np.asarray(some[1]).tolist(), strict=True):
+            assert [sum(1 for e in row if e == x) for x in range(w.shape[1])] == cnt
