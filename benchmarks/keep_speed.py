@@ -26,8 +26,9 @@ until the limit is met (a prefill/decode change takes the most steps).
 :mod:`eplb.kernels.repair_triton`), without XLA's compiles. GPU rows name
 the card.
 
-``--elastic``: the same calls with ``active_gpus`` (GPU 5 down, the mask on
-the loads' device), ``balance_tolerance=0.05`` in place of ``0.005`` and no
+``--elastic``: the same calls with ``active_gpus`` (GPU 5 down, or the GPUs
+of ``--down``, e.g. ``5,13`` or ``0-7``; the mask on the loads' device),
+``balance_tolerance=0.05`` in place of ``0.005`` and no
 ``max_moves`` (which ``active_gpus`` does not take): the re-plan after a
 failure, when a stall costs most. ``--host-mask``: the mask as a numpy
 array, which the call reads (a serving stack knows its failed ranks on the
@@ -61,6 +62,15 @@ CALLS = {
     "+ balance_tolerance=0.005": {"balance_tolerance": 0.005},
     "+ max_moves=16": {"max_moves": 16},
 }
+
+
+def failed_gpus(spec: str) -> list[int]:
+    """GPU ids from ``"5"``, ``"5,13"`` or ``"0-7"`` (ranges inclusive)."""
+    ids: list[int] = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        ids.extend(range(int(first), int(last or first) + 1))
+    return ids
 
 
 ELASTIC_CALLS = {
@@ -192,10 +202,11 @@ def main() -> None:
     parser.add_argument("--no-jax", action="store_true", help="leave out the JAX rows")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--pairs", action="store_true", help="numpy knobs for every consecutive pair of files")
-    parser.add_argument("--elastic", action="store_true", help="the calls with active_gpus (GPU 5 down)")
+    parser.add_argument("--elastic", action="store_true", help="the calls with active_gpus (GPU 5 or --down down)")
     parser.add_argument(
         "--host-mask", action="store_true", help="with --elastic: the mask as a numpy array (read on the host)"
     )
+    parser.add_argument("--down", default="5", help="with --elastic: the failed GPUs, e.g. 5,13 or 0-7 (default 5)")
     parser.add_argument("--jax-xla", action="store_true", help="add a JAX GPU row forced to XLA (keep-in-place calls)")
     args = parser.parse_args()
     if args.pairs:
@@ -205,6 +216,11 @@ def main() -> None:
     calls = ELASTIC_CALLS if args.elastic else CALLS
     lines = []
     for label, config in CONFIGS.items():
+        mask = np.ones(config[3], dtype=bool)
+        mask[[g for g in failed_gpus(args.down) if g < config[3]]] = False
+        if args.elastic and mask.sum() * (config[0] // config[3]) < new.shape[1]:
+            lines.append(f"\n{label} {config}: GPUs {args.down} down leave fewer live slots than experts, skipped\n")
+            continue
         previous_np = eplb.rebalance_experts(old, *config).phy2log
         try:
             import torch
@@ -224,9 +240,7 @@ def main() -> None:
             if args.gpu_only and not ("CUDA" in name or "GPU" in name):
                 continue
             weight, previous = convert(new), convert(previous_np)
-            if args.elastic:  # GPU 5 down; the mask as a bool array of the loads' kind and device
-                mask = np.ones(config[3], dtype=bool)
-                mask[5] = False
+            if args.elastic:  # the mask as a numpy array, or a bool array of the loads' kind and device
                 extra = {**extra, "active_gpus": mask if args.host_mask else _bool_like(mask, weight)}
             cells = []
             for options in calls.values():
