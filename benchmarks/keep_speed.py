@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--no-jax", action="store_true", help="leave out the JAX rows")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--pairs", action="store_true", help="numpy knobs for every consecutive pair of files")
-    parser.add_argument("--elastic", action="store_true", help="the calls with active_gpus (GPU 5 or --down down)")
+    parser.add_argument("--elastic", action="store_true", help="the calls with active_gpus (GPU 5 down, or --down)")
     parser.add_argument(
         "--host-mask", action="store_true", help="with --elastic: the mask as a numpy array (read on the host)"
     )
@@ -216,11 +216,12 @@ def main() -> None:
     calls = ELASTIC_CALLS if args.elastic else CALLS
     lines = []
     for label, config in CONFIGS.items():
-        mask = np.ones(config[3], dtype=bool)
-        mask[[g for g in failed_gpus(args.down) if g < config[3]]] = False
-        if args.elastic and mask.sum() * (config[0] // config[3]) < new.shape[1]:
-            lines.append(f"\n{label} {config}: GPUs {args.down} down leave fewer live slots than experts, skipped\n")
-            continue
+        if args.elastic:
+            mask = np.ones(config[3], dtype=bool)
+            mask[[g for g in failed_gpus(args.down) if g < config[3]]] = False
+            if mask.sum() * (config[0] // config[3]) < new.shape[1]:
+                lines.append(f"\n{label} {config}: GPUs {args.down} down leave too few live slots, skipped\n")
+                continue
         previous_np = eplb.rebalance_experts(old, *config).phy2log
         try:
             import torch
