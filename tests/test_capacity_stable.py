@@ -306,6 +306,77 @@ def test_a_changed_gpu_count(before, after):
     assert (oracle.moves(aligned, got.phy2log, after) <= bound).all()
 
 
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[:5]}-{c[6]}" for c in CASES])
+def test_stabilize_rows_kept_as_without_them(case):
+    """``stabilize_capacity(rows=)`` (a rule told which layers it keeps; the others' searches skipped): the
+    rows kept equal the call without ``rows``, on the array-API path and the numba kernels, every tolerance,
+    both rules where groups stay on nodes; the kept rows' counts are their placement's (plain Python)."""
+    from eplb.algorithms.capacity import place_capacity
+    from eplb.algorithms.capacity_stable import stabilize_capacity
+    from eplb.algorithms.speed import clean_capacity, inverse_capacity
+
+    num_experts, r, g, n, gpus, _, caps = case
+    prev = np.asarray(_previous(case))
+    w = _drifted(_loads(num_experts, seed=1), seed=7)
+    capacity = clean_capacity(np.asarray(caps, np.float32)[None, :], xp=np)
+    fresh, _, counts = place_capacity(w, r, g, n, gpus, gpu_capacity=capacity[0], hierarchical=_hier(g, n), xp=np)
+    rows = np.arange(w.shape[0])[:, None] % 2 == 1  # (layers 1 and 3: an all-zero and a drifted one)
+    hooks = [{}]
+    if _numba.available():
+        from eplb.kernels import speed_numba
+
+        elastic = _numpy._elastic_hooks()
+        hooks.append({"swaps_fn": speed_numba.refine_by_swaps_speed} | {
+            k: elastic[k] for k in ("sticky_pack_fn", "relabel_pinned_fn", "align_slots_fn")
+        })  # fmt: skip
+    for nodes in {1, n if _hier(g, n) else 1}:
+        for tol, hook in ((tol, hook) for tol in TOLERANCES for hook in hooks):
+            args = (w, np.asarray(fresh), np.asarray(counts), prev, capacity, inverse_capacity(capacity, xp=np), gpus)
+            knobs = {"tolerance": tol, "num_nodes": nodes, "num_groups": g if nodes > 1 else 1, "xp": np, **hook}
+            every = stabilize_capacity(*args, **knobs)
+            some = stabilize_capacity(*args, rows=rows, **knobs)
+            for x, y in zip(every, some, strict=True):
+                np.testing.assert_array_equal(np.asarray(y)[rows[:, 0]], np.asarray(x)[rows[:, 0]])
+            kept = (np.asarray(a)[rows[:, 0]].tolist() for a in some)
+            for row, cnt in zip(*kept, strict=True):
+                assert [sum(1 for e in row if e == x) for x in range(num_experts)] == cnt
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[:5]}-{c[6]}" for c in CASES])
+def test_each_layer_takes_its_rules_full_search(case):
+    """``place_capacity_stable`` (the rule per layer decided on the device, ``node_fallback=None``, and told
+    by the host): each layer's placement is ``stabilize_capacity``'s without ``rows`` for the rule that layer
+    takes (plain Python: across all GPUs where some node has fewer live slots than the experts of its groups),
+    so telling a rule its layers skips no work that a kept layer needs."""
+    from eplb.algorithms.capacity import fit_loads_to_times, place_capacity
+    from eplb.algorithms.capacity_stable import place_capacity_stable, stabilize_capacity
+    from eplb.algorithms.loads import clean_loads
+    from eplb.algorithms.speed import clean_capacity, inverse_capacity
+
+    num_experts, r, g, n, gpus, _, caps = case
+    prev = np.asarray(_previous(case))
+    w = _drifted(_loads(num_experts, seed=1), seed=8)
+    capacity = clean_capacity(np.asarray(caps, np.float32)[None, :], xp=np)
+    hier = _hier(g, n)
+    live = np.asarray(oracle.capacity_live(caps))
+    short = hier and bool((live.reshape(n, -1).sum(axis=1) * (r // gpus) < num_experts // n).any())
+    nodes = 1 if short or not hier else n
+    fresh, _, counts = place_capacity(w, r, g, n, gpus, gpu_capacity=capacity[0], hierarchical=hier, xp=np)
+    scaled = fit_loads_to_times(clean_loads(w, xp=np), xp=np)
+    for tol in TOLERANCES:
+        want = stabilize_capacity(
+            scaled, fresh, counts, prev, capacity, inverse_capacity(capacity, xp=np), gpus, tolerance=tol,
+            num_nodes=nodes, num_groups=g if nodes > 1 else 1, xp=np,
+        )  # fmt: skip
+        for fallback in (None, short if hier else None):
+            got = place_capacity_stable(
+                w, prev, r, g, n, gpus, gpu_capacity=capacity[0], hierarchical=hier, tolerance=tol,
+                node_fallback=fallback, xp=np,
+            )  # fmt: skip
+            np.testing.assert_array_equal(got[0], want[0], err_msg=f"tolerance {tol}, node_fallback {fallback}")
+            np.testing.assert_array_equal(got[2], want[1], err_msg=f"tolerance {tol}, node_fallback {fallback}")
+
+
 def test_recount_changes_the_fewest_slots():
     """recount: the new counts exactly, every live slot filled, and only as many slots changed as copies were
     missing (plain-Python count), idle GPUs' slots empty."""

@@ -186,6 +186,7 @@ def stabilize_capacity(
     tolerance: Any,
     num_nodes: int = 1,
     num_groups: int = 1,
+    rows: Any = None,
     xp: Any,
     swaps_fn: Callable[..., Any] = refine_by_swaps_speed,
     relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
@@ -197,9 +198,11 @@ def stabilize_capacity(
     on GPUs of float32 ``capacity [1, G]`` (0: idle) with ``inverse [1, G]``
     (:func:`eplb.algorithms.speed.inverse_capacity`). ``num_nodes > 1``: the
     hierarchical rule (relabelling and search within nodes, groups on the fresh
-    placement's nodes). ``swaps_fn`` (taking ``limit=``), ``relabel_pinned_fn``
-    (taking integer classes as ``live_gpu``) and ``align_slots_fn``: the
-    array-API functions or compiled kernels equal to them.
+    placement's nodes). ``rows [B, 1]`` (bool, or None for all): the layers whose
+    result the caller keeps; the others' searches stop before their first
+    step (their result is unspecified). ``swaps_fn`` (taking ``limit=``),
+    ``relabel_pinned_fn`` (taking integer classes as ``live_gpu``) and
+    ``align_slots_fn``: the array-API functions or compiled kernels equal to them.
     """
     from eplb.algorithms.stability import _factor  # the healthy rule's limit, the same float32 bits
 
@@ -248,13 +251,13 @@ def stabilize_capacity(
     allowance = limit * _power_of_two(-top_exponent, xp=xp)  # [B, 1]
     headroom = xp.where(live_gpu, allowance * top - allowance * capacity, xp.inf)  # [B, G]
     base_load = _slot_loads(per_replica, base, -1.0, xp=xp)  # empty slots come last
-    rows = (batch * num_nodes, num_phy // num_nodes)
+    node_rows = (batch * num_nodes, num_phy // num_nodes)
     node_limit = xp.reshape(xp.broadcast_to(allowance * top, (batch, num_nodes)), (batch * num_nodes, 1))
     unbounded = xp.full(node_limit.shape, MAX_LOAD, dtype=node_limit.dtype, device=device)
     stickies = [
         xp.reshape(
             sticky_pack_fn(
-                xp.reshape(base, rows), xp.reshape(old, rows), xp.reshape(base_load, rows), pack_limit,
+                xp.reshape(base, node_rows), xp.reshape(old, node_rows), xp.reshape(base_load, node_rows), pack_limit,
                 num_gpus // num_nodes, initial_load=xp.reshape(headroom, (batch * num_nodes, -1)), reserve=reserve,
                 xp=xp,
             ),
@@ -272,7 +275,11 @@ def stabilize_capacity(
     item_load = _slot_loads(replica_load(weights, counts, reciprocal, xp=xp), starts, 0.0, xp=xp)
     row_count = num_starts * batch * num_nodes
     width = num_phy // num_nodes
-    row_limit = xp.reshape(xp.broadcast_to(limits, (num_starts * batch, num_nodes)), (row_count, 1))
+    # Layers outside ``rows`` are thrown away by the caller: an infinite limit ends their search at once.
+    search_limits = limits
+    if rows is not None:
+        search_limits = xp.where(xp.concat([rows] * num_starts, axis=0), limits, xp.full_like(limits, xp.inf))
+    row_limit = xp.reshape(xp.broadcast_to(search_limits, (num_starts * batch, num_nodes)), (row_count, 1))
     row_inverse = xp.reshape(inverses, (row_count, num_gpus // num_nodes))
     row_live = xp.reshape(lives, (row_count, num_gpus // num_nodes))
     identity = xp.broadcast_to(_xp.iota(width, dtype=dtype, device=device, xp=xp), (row_count, width))
@@ -346,14 +353,15 @@ def place_capacity_stable(
         "sticky_pack_fn": sticky_pack_fn,
     }
 
-    def stable(nodes: int) -> tuple[Any, Any]:
+    def stable(nodes: int, rows: Any) -> tuple[Any, Any]:
         return stabilize_capacity(
             weight, fresh, logcnt, previous, capacity, inverse, num_gpus, tolerance=tolerance, num_nodes=nodes,
-            num_groups=num_groups, xp=xp, **steps,
+            num_groups=num_groups, rows=rows, xp=xp, **steps,
         )  # fmt: skip
 
     live = capacity_live(capacity, xp=xp)
     sizes = (num_replicas, num_nodes, num_gpus)
     return stable_by_layer(
-        weight, live, fresh, lambda rows: stable(1), lambda rows: stable(num_nodes), sizes, node_fallback, xp=xp
-    )
+        weight, live, fresh, lambda rows: stable(1, rows), lambda rows: stable(num_nodes, rows), sizes, node_fallback,
+        xp=xp,
+    )  # fmt: skip
