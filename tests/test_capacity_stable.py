@@ -40,6 +40,8 @@ CASES = [
     (*FLAT_PAIRS, [1, 0.6] * 4, [1, 0.6] * 4),  # two slots per GPU
     (*HIER_PAIRS, [1] * 6 + [0.6] * 6, [1] * 6 + [0.6] * 6),
 ]
+# One expert; one slot per GPU.
+DEGENERATE = [(1, 4, 1, 1, 4, [1, 1, 1, 1], [1, 0.5, 0, 2]), (4, 8, 1, 1, 8, [1] * 8, [1, 0.6] * 4)]
 TOLERANCES = (None, 0.01, 0.2)
 
 
@@ -175,7 +177,7 @@ def test_every_implementation_agrees_and_keeps_the_promises(case):
 
 @pytest.mark.parametrize(
     "case",
-    [(1, 4, 1, 1, 4, [1, 1, 1, 1], [1, 0.5, 0, 2]), (4, 8, 1, 1, 8, [1] * 8, [1, 0.6] * 4)],
+    DEGENERATE,
     ids=["one expert", "one slot per GPU"],
 )
 def test_degenerate_shapes_keep_the_promises(case):
@@ -306,20 +308,31 @@ def test_a_changed_gpu_count(before, after):
     assert (oracle.moves(aligned, got.phy2log, after) <= bound).all()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[:5]}-{c[6]}" for c in CASES])
+ROWS_CASES = CASES + DEGENERATE
+
+
+def _fresh_case(case, seed):
+    """``(previous, drifted loads, clean capacity [1, G], fresh phy2log, fresh logcnt)`` for a case."""
+    from eplb.algorithms.capacity import place_capacity
+    from eplb.algorithms.speed import clean_capacity
+
+    num_experts, r, g, n, gpus, _, caps = case
+    w = _drifted(_loads(num_experts, seed=1), seed=seed)
+    capacity = clean_capacity(np.asarray(caps, np.float32)[None, :], xp=np)
+    fresh, _, counts = place_capacity(w, r, g, n, gpus, gpu_capacity=capacity[0], hierarchical=_hier(g, n), xp=np)
+    return np.asarray(_previous(case)), w, capacity, np.asarray(fresh), np.asarray(counts)
+
+
+@pytest.mark.parametrize("case", ROWS_CASES, ids=[f"{c[:5]}-{c[6]}" for c in ROWS_CASES])
 def test_stabilize_rows_kept_as_without_them(case):
     """``stabilize_capacity(rows=)`` (a rule told which layers it keeps; the others' searches skipped): the
     rows kept equal the call without ``rows``, on the array-API path and the numba kernels, every tolerance,
     both rules where groups stay on nodes; the kept rows' counts are their placement's (plain Python)."""
-    from eplb.algorithms.capacity import place_capacity
     from eplb.algorithms.capacity_stable import stabilize_capacity
-    from eplb.algorithms.speed import clean_capacity, inverse_capacity
+    from eplb.algorithms.speed import inverse_capacity
 
-    num_experts, r, g, n, gpus, _, caps = case
-    prev = np.asarray(_previous(case))
-    w = _drifted(_loads(num_experts, seed=1), seed=7)
-    capacity = clean_capacity(np.asarray(caps, np.float32)[None, :], xp=np)
-    fresh, _, counts = place_capacity(w, r, g, n, gpus, gpu_capacity=capacity[0], hierarchical=_hier(g, n), xp=np)
+    num_experts, _, g, n, gpus, *_ = case
+    prev, w, capacity, fresh, counts = _fresh_case(case, seed=7)
     rows = np.arange(w.shape[0])[:, None] % 2 == 1  # (layers 1 and 3: an all-zero and a drifted one)
     hooks = [{}]
     if _numba.available():
@@ -331,7 +344,7 @@ def test_stabilize_rows_kept_as_without_them(case):
         })  # fmt: skip
     for nodes in {1, n if _hier(g, n) else 1}:
         for tol, hook in ((tol, hook) for tol in TOLERANCES for hook in hooks):
-            args = (w, np.asarray(fresh), np.asarray(counts), prev, capacity, inverse_capacity(capacity, xp=np), gpus)
+            args = (w, fresh, counts, prev, capacity, inverse_capacity(capacity, xp=np), gpus)
             knobs = {"tolerance": tol, "num_nodes": nodes, "num_groups": g if nodes > 1 else 1, "xp": np, **hook}
             every = stabilize_capacity(*args, **knobs)
             some = stabilize_capacity(*args, rows=rows, **knobs)
@@ -342,26 +355,23 @@ def test_stabilize_rows_kept_as_without_them(case):
                 assert [sum(1 for e in row if e == x) for x in range(num_experts)] == cnt
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[:5]}-{c[6]}" for c in CASES])
+@pytest.mark.parametrize("case", ROWS_CASES, ids=[f"{c[:5]}-{c[6]}" for c in ROWS_CASES])
 def test_each_layer_takes_its_rules_full_search(case):
     """``place_capacity_stable`` (the rule per layer decided on the device, ``node_fallback=None``, and told
     by the host): each layer's placement is ``stabilize_capacity``'s without ``rows`` for the rule that layer
     takes (plain Python: across all GPUs where some node has fewer live slots than the experts of its groups),
     so telling a rule its layers skips no work that a kept layer needs."""
-    from eplb.algorithms.capacity import fit_loads_to_times, place_capacity
+    from eplb.algorithms.capacity import fit_loads_to_times
     from eplb.algorithms.capacity_stable import place_capacity_stable, stabilize_capacity
     from eplb.algorithms.loads import clean_loads
-    from eplb.algorithms.speed import clean_capacity, inverse_capacity
+    from eplb.algorithms.speed import inverse_capacity
 
     num_experts, r, g, n, gpus, _, caps = case
-    prev = np.asarray(_previous(case))
-    w = _drifted(_loads(num_experts, seed=1), seed=8)
-    capacity = clean_capacity(np.asarray(caps, np.float32)[None, :], xp=np)
+    prev, w, capacity, fresh, counts = _fresh_case(case, seed=8)
     hier = _hier(g, n)
     live = np.asarray(oracle.capacity_live(caps))
     short = hier and bool((live.reshape(n, -1).sum(axis=1) * (r // gpus) < num_experts // n).any())
     nodes = 1 if short or not hier else n
-    fresh, _, counts = place_capacity(w, r, g, n, gpus, gpu_capacity=capacity[0], hierarchical=hier, xp=np)
     scaled = fit_loads_to_times(clean_loads(w, xp=np), xp=np)
     for tol in TOLERANCES:
         want = stabilize_capacity(

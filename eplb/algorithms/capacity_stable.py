@@ -276,9 +276,8 @@ def stabilize_capacity(
     row_count = num_starts * batch * num_nodes
     width = num_phy // num_nodes
     # Layers outside ``rows`` are thrown away by the caller: an infinite limit ends their search at once.
-    search_limits = limits
-    if rows is not None:
-        search_limits = xp.where(xp.concat([rows] * num_starts, axis=0), limits, xp.full_like(limits, xp.inf))
+    search_limit = limit if rows is None else xp.where(rows, limit, xp.full_like(limit, xp.inf))
+    search_limits = xp.concat([search_limit] * num_starts, axis=0)
     row_limit = xp.reshape(xp.broadcast_to(search_limits, (num_starts * batch, num_nodes)), (row_count, 1))
     row_inverse = xp.reshape(inverses, (row_count, num_gpus // num_nodes))
     row_live = xp.reshape(lives, (row_count, num_gpus // num_nodes))
