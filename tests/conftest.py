@@ -414,7 +414,8 @@ def _release_jax_executables():
 
 def run_under_triton_interpreter(script: str, timeout: float = 900) -> Any:
     """Run ``script`` (Python source) in a fresh process under Triton's CPU interpreter, the repository first on
-    its path (the interpreter is chosen when Triton is imported, so it needs a process of its own); returns the
+    its path (the interpreter is chosen when Triton is imported, so it needs a process of its own), with the
+    interpreter's repeat patching skipped (:mod:`tests.triton_interpreter`); returns the
     :class:`subprocess.CompletedProcess`, output captured as text."""
     import subprocess
     import textwrap
@@ -423,7 +424,8 @@ def run_under_triton_interpreter(script: str, timeout: float = 900) -> Any:
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    command = [sys.executable, "-c", textwrap.dedent(script)]
+    prelude = "from tests import triton_interpreter\ntriton_interpreter.install()\n"
+    command = [sys.executable, "-c", prelude + textwrap.dedent(script)]
     return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
 
 

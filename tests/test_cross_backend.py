@@ -17,8 +17,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ import pytest
 import eplb
 
 from . import cases
-from .conftest import ALL_BACKENDS, FRONT_DOORS, Backend, backend_params, make_runner
+from .conftest import ALL_BACKENDS, FRONT_DOORS, Backend, backend_params, make_runner, run_under_triton_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -313,8 +311,7 @@ def test_triton_kernels_under_interpreter(tmp_path):
         print("ran", ran)
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = run_under_triton_interpreter(script, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"ran {2 * len(small)}" in out.stdout, out.stdout
 

@@ -10,9 +10,6 @@ import) and on CUDA, where the executor's senders use it (``_slot_sums``).
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import torch
 
 from eplb.executors.torch import _slot_sums, _word_sums
 
-from .conftest import needs_gpu
+from .conftest import needs_gpu, run_under_triton_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -84,8 +81,7 @@ def test_equals_word_sums_under_the_interpreter(tmp_path):
         print("ran", len(shapes))
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run_under_triton_interpreter(script, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"ran {len(CASES)}" in out.stdout, out.stdout
 

@@ -12,9 +12,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +24,7 @@ from eplb.algorithms.hierarchy import build_log2phy
 from eplb.algorithms.relabel import occurrence, relabel
 
 from . import cases
-from .conftest import needs_gpu
+from .conftest import needs_gpu, run_under_triton_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -102,8 +99,7 @@ def test_equals_the_array_api_relabelling_under_the_interpreter(tmp_path):
         print("ran", ran)
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = run_under_triton_interpreter(script, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"ran {len(sizes) + 3}" in out.stdout, out.stdout
 

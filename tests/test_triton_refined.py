@@ -11,9 +11,6 @@ by ``num_iters``), ties and ``-0.0``.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import numpy as np
 import pytest
 
 from . import cases
-from .conftest import needs_gpu
+from .conftest import needs_gpu, run_under_triton_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -141,8 +138,7 @@ def test_kernels_under_triton_interpreter():
         print("interpreter ok")
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = run_under_triton_interpreter(script, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "interpreter ok" in out.stdout
 
