@@ -93,8 +93,7 @@ def test_interpreter_small_budget_chunks_the_ranking(select):
     _assert_same(greedy_pallas.placement(jnp.asarray(weight), config, True, interpret=True, options=options), want)
 
 
-SETTINGS = [
-    (("select", "arg"),),
+SETTINGS = [  # (select "arg" with the default unroll of 4: the other settings cover both, at 10 s of CI)
     (("select", "arg"), ("unroll", 3)),
     (("fill_first", False), ("unroll", 3)),
     (("lanes", 2), ("unroll", 1)),
