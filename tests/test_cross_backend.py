@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -315,8 +314,7 @@ def test_triton_kernels_under_interpreter(tmp_path):
                 expected[f"{name}|{policy}|{field}"] = array
             expected[f"{name}|{policy}|weight"] = weight.astype(np.float32)
     np.savez(tmp_path / "expected.npz", **expected)
-    script = textwrap.dedent(
-        f"""
+    script = f"""
         import numpy as np, torch
         from eplb.backends._triton import rebalance_greedy_cuda
         from eplb.kernels.refined_triton import rebalance_refined_cuda, kernel_fits
@@ -340,7 +338,6 @@ def test_triton_kernels_under_interpreter(tmp_path):
                 ran += 1
         print("ran", ran)
         """
-    )
     out = run_under_triton_interpreter(script, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"ran {sum(map(len, policies.values()))}" in out.stdout, out.stdout

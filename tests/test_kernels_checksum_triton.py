@@ -10,7 +10,6 @@ import) and on CUDA, where the executor's senders use it (``_slot_sums``).
 from __future__ import annotations
 
 import importlib.util
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +67,7 @@ def test_equals_word_sums_under_the_interpreter(tmp_path):
         arrays[f"index{k}"] = np.asarray(index, dtype=np.int64)
         arrays[f"want{k}"] = _word_sums(rows[index]).numpy() if index else np.zeros(0, np.int32)
     np.savez(tmp_path / "cases.npz", **arrays)
-    script = textwrap.dedent(
-        f"""
+    script = f"""
         import numpy as np, torch
         from eplb.kernels import checksum_triton
         data = np.load({str(tmp_path / "cases.npz")!r})
@@ -80,7 +78,6 @@ def test_equals_word_sums_under_the_interpreter(tmp_path):
             assert got.dtype == torch.int32 and np.array_equal(got.numpy(), data[f"want{{k}}"]), k
         print("ran", len(shapes))
         """
-    )
     out = run_under_triton_interpreter(script, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"ran {len(CASES)}" in out.stdout, out.stdout

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import importlib.util
-import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -81,8 +80,7 @@ def test_equals_the_array_api_relabelling_under_the_interpreter(tmp_path):
         if new.shape[1] == 288:
             arrays[f"log2phy{k}"] = build_log2phy(new, occurrence(new, xp=np), 256, xp=np)
     np.savez(tmp_path / "cases.npz", **arrays)
-    script = textwrap.dedent(
-        f"""
+    script = f"""
         import numpy as np, torch
         from eplb.kernels import relabel_triton
         data = np.load({str(tmp_path / "cases.npz")!r})
@@ -98,7 +96,6 @@ def test_equals_the_array_api_relabelling_under_the_interpreter(tmp_path):
                 ran += 1
         print("ran", ran)
         """
-    )
     out = run_under_triton_interpreter(script, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"ran {len(sizes) + 3}" in out.stdout, out.stdout

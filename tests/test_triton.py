@@ -9,7 +9,6 @@ installed (a subprocess, since the interpreter is chosen at import).
 from __future__ import annotations
 
 import importlib.util
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -124,8 +123,7 @@ def test_kernel_under_triton_interpreter():
     The first four configs with their own policy run in tests/test_cross_backend.py's interpreter test (the same
     kinds of rows), so here they run with the global policy only; the last two with both. Each config takes three
     of the five kinds of loads, in turn (the CUDA test runs every kind)."""
-    script = textwrap.dedent(
-        """
+    script = """
         import numpy as np, torch, eplb
         from eplb.backends._triton import rebalance_greedy_cuda
         from tests import cases
@@ -145,7 +143,6 @@ def test_kernel_under_triton_interpreter():
                         assert np.array_equal(a, b.numpy()), (config, hier)
         print("interpreter ok")
         """
-    )
     out = run_under_triton_interpreter(script, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "interpreter ok" in out.stdout

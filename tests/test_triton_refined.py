@@ -11,7 +11,6 @@ by ``num_iters``), ties and ``-0.0``.
 from __future__ import annotations
 
 import importlib.util
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -122,8 +121,7 @@ def _interpreter_too_old() -> bool:
 )
 def test_kernels_under_triton_interpreter():
     """Every interpreter case through Triton's CPU interpreter equals the numpy reference bit for bit."""
-    script = textwrap.dedent(
-        """
+    script = """
         import numpy as np, torch
         from eplb.kernels.refined_triton import rebalance_refined_cuda
         from tests.test_triton_refined import interpreter_cases, refined_xp
@@ -137,7 +135,6 @@ def test_kernels_under_triton_interpreter():
                 assert np.array_equal(a, b.numpy()), (config, num_iters, a, b.numpy())
         print("interpreter ok")
         """
-    )
     out = run_under_triton_interpreter(script, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "interpreter ok" in out.stdout

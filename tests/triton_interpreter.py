@@ -28,6 +28,9 @@ class _Unchanged:
         pass
 
 
+_UNCHANGED = _Unchanged()
+
+
 INSTALLED = False
 
 
@@ -50,7 +53,7 @@ def install() -> bool:
         # Triton patches the language modules that the function's globals name (tl and/or tl.core).
         named = {id(value) for value in fn.__globals__.values() if any(value is m for m in languages)}
         if state["depth"] and named <= state["patched"]:
-            return _Unchanged()
+            return _UNCHANGED
         scope = patch_lang(fn)
         if state["depth"]:
             state["patched"] |= named
