@@ -36,6 +36,7 @@ __all__ = [
     "gpu_times",
     "locality",
     "lower_bound",
+    "lower_bound_lp",
     "replica_counts",
     "slot_loads",
     "summarize",
@@ -184,6 +185,73 @@ def lower_bound(
     if num_replicas == 2 * num_gpus and weight32.shape[0] > 0:  # a hierarchical placement is a placement too
         bound = pair_bound(weight32, bound, num_gpus, capacity, xp=xp)
     return bound
+
+
+def lower_bound_lp(
+    weight: Any, num_replicas: int, num_gpus: int, *, gpu_capacity: Any = None, tolerance: float = 1e-4
+) -> Any:
+    """numpy ``[L]`` float64: a near-exact bound on the slowest GPU's time at two slots per GPU (offline; SciPy).
+
+    No placement of ``weight [L, E]`` (numpy, torch or JAX; copied to the
+    host) on ``num_gpus`` GPUs of two slots each (``num_replicas = 2 *
+    num_gpus``; ``gpu_capacity [G]`` as for :func:`eplb.rebalance_experts`,
+    idle GPUs hold nothing) has its slowest GPU's time (load / capacity,
+    exact arithmetic) below this; every policy, as a hierarchical placement is
+    a placement too. It is the linear relaxation of the placement's integer
+    model (:mod:`eplb.pair_lp`), solved by SciPy's HiGHS in a bisection on the
+    time between :func:`lower_bound` and the time of
+    ``rebalance_experts(..., gpu_capacity=)``, to ``tolerance`` of the
+    latter; never below :func:`lower_bound`. About 10 linear programs a layer,
+    a few seconds a layer on a CPU core: a yardstick for benchmarks, not for a
+    serving loop. ``ImportError`` without SciPy.
+    """
+    import numpy as np
+
+    if _xp.array_namespace(weight) is not np:  # torch or JAX: a host copy (float64 below)
+        weight = np.asarray(weight.cpu() if hasattr(weight, "cpu") else weight)
+    weight64 = np.asarray(weight)
+    if weight64.ndim != 2 or weight64.size == 0:
+        raise ValueError(f"weight must be a non-empty 2-D [layers, experts] array, got shape {weight64.shape}")
+    if weight64.dtype.kind not in "iuf":
+        raise TypeError(f"weight must hold real numbers, got dtype {weight64.dtype}")
+    weight64 = weight64.astype(np.float64)
+    if not np.all(np.isfinite(weight64)) or np.any(weight64 < 0):
+        raise ValueError("weight must hold finite loads >= 0")
+    if num_replicas != 2 * num_gpus:
+        raise ValueError(
+            f"lower_bound_lp models two slots per GPU: num_replicas={num_replicas} must be "
+            f"2 * num_gpus = {2 * num_gpus}"
+        )
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance={tolerance} must be in (0, 1)")
+    try:
+        import scipy.optimize  # noqa: F401
+    except ImportError as error:
+        raise ImportError("eplb.metrics.lower_bound_lp needs SciPy (pip install scipy)") from error
+    from eplb import pair_lp
+    from eplb._api import rebalance_experts
+
+    weight32 = weight64.astype(np.float32)
+    speeds = {} if gpu_capacity is None else {"gpu_capacity": np.asarray(gpu_capacity, np.float32)}
+    capacity = (
+        np.ones(num_gpus) if gpu_capacity is None else _capacity(speeds["gpu_capacity"], num_gpus, weight32, xp=np)[0]
+    )
+    capacity = np.asarray(capacity, np.float64)
+    num_experts = weight64.shape[1]
+    num_live = int((capacity > 0).sum())
+    if 2 * num_live < num_experts:
+        raise ValueError(f"{num_live} live GPUs hold {2 * num_live} replicas: fewer than the {num_experts} experts")
+    low = np.asarray(
+        lower_bound(weight32, num_replicas, 1, 1, num_gpus, gpu_capacity=speeds.get("gpu_capacity")), np.float64
+    )
+    placement = rebalance_experts(weight32, num_replicas, 1, 1, num_gpus, **speeds)
+    phy2log, logcnt = np.asarray(placement.phy2log), np.asarray(placement.logcnt)
+    held = phy2log >= 0
+    per_slot = np.where(held, np.take_along_axis(weight64 / np.maximum(logcnt, 1), np.maximum(phy2log, 0), 1), 0.0)
+    per_gpu = per_slot.reshape(weight64.shape[0], num_gpus, 2).sum(-1)
+    high = np.max(np.where(capacity > 0, per_gpu / np.where(capacity > 0, capacity, 1.0), 0.0), axis=-1)
+    bound = pair_lp.pair_lp_bound(weight64, capacity, low, np.maximum(high, low), tolerance=tolerance)
+    return np.maximum(bound, low)
 
 
 class Locality(NamedTuple):

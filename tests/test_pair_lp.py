@@ -1,0 +1,152 @@
+"""``eplb.metrics.lower_bound_lp``: the linear relaxation's bound at two slots per GPU.
+
+Its promise: no placement's slowest GPU time is below it (with or without
+capacities, idle GPUs included), and never below ``lower_bound``. The oracle
+is a plain-Python enumeration of every placement of tiny layers (every
+replica count, every pairing; pairs go to GPUs sorted by sum against sorted
+capacity, which is optimal for the slowest time).
+"""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import eplb
+
+pytest.importorskip("scipy")
+
+
+def _compositions(total: int, parts: int):
+    """Every tuple of ``parts`` integers >= 1 summing to ``total``."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(1, total - parts + 2):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+def _matchings(items: list):
+    """Every way to split ``items`` (even length) into unordered pairs."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for i in range(len(rest)):
+        for tail in _matchings(rest[:i] + rest[i + 1 :]):
+            yield [(first, rest[i]), *tail]
+
+
+def _best_time(loads: list[int], capacity: list[float]) -> Fraction:
+    """The least slowest-GPU time of any placement: exact rationals, plain Python."""
+    live = sorted((Fraction(c) for c in capacity if c > 0), reverse=True)
+    best = None
+    for counts in _compositions(2 * len(live), len(loads)):
+        items = [Fraction(w, c) for w, c in zip(loads, counts, strict=True) for _ in range(c)]
+        for pairs in _matchings(items):
+            sums = sorted((a + b for a, b in pairs), reverse=True)
+            slowest = max(s / c for s, c in zip(sums, live, strict=True))
+            best = slowest if best is None or slowest < best else best
+    return best
+
+
+def _tiny_cases(seed: int, count: int):
+    rng = np.random.default_rng(seed)
+    yield [5], [1.0]  # one expert, one GPU: two halves
+    yield [7, 0, 3], [1.0, 0.0, 0.6]  # an idle GPU, a zero-load expert
+    yield [4, 4, 4, 4], [1.0, 1.0]  # every slot one expert, ties
+    for _ in range(count):
+        gpus = int(rng.integers(1, 4))
+        capacity = rng.choice([1.0, 0.6, 2.0, 0.0], gpus, p=[0.4, 0.3, 0.2, 0.1]).tolist()
+        if not any(capacity):
+            capacity[0] = 1.0
+        live = sum(c > 0 for c in capacity)
+        experts = int(rng.integers(1, 2 * live + 1))
+        loads = rng.integers(0, 40, experts)
+        if rng.random() < 0.3:
+            loads = rng.integers(0, 3, experts) * 10  # ties and zeros
+        yield loads.tolist(), capacity
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_placement_beats_the_bound(seed):
+    """Against every placement of tiny layers (exact optimum by enumeration), and at least ``lower_bound``."""
+    tight = 0
+    for loads, capacity in _tiny_cases(seed, 30):
+        weight = np.asarray([loads], np.float64)
+        gpus = len(capacity)
+        bound = eplb.metrics.lower_bound_lp(weight, 2 * gpus, gpus, gpu_capacity=np.asarray(capacity))
+        best = _best_time(loads, capacity)
+        assert bound.shape == (1,) and bound.dtype == np.float64
+        assert bound[0] <= float(best) * (1 + 1e-9), (loads, capacity, bound, best)
+        plain = eplb.metrics.lower_bound(weight.astype(np.float32), 2 * gpus, 1, 1, gpus, gpu_capacity=capacity)
+        assert bound[0] >= float(plain[0])
+        tight += bool(bound[0] >= float(best) * (1 - 1e-3))
+    assert tight >= 20  # near exact on most tiny layers (a bisection to 1e-4), not just a valid number
+
+
+def test_equal_speeds_and_all_zero_layers():
+    """Without capacities (every GPU 1.0), per layer, an all-zero layer's bound is 0."""
+    weight = np.asarray([[6, 1, 1, 2], [0, 0, 0, 0], [9, 9, 0, 3]], np.float64)
+    bound = eplb.metrics.lower_bound_lp(weight, 6, 3)
+    assert bound[1] == 0.0
+    for layer in (0, 2):
+        assert bound[layer] <= float(_best_time(weight[layer].astype(int).tolist(), [1.0] * 3)) * (1 + 1e-9)
+    # The optimum of layer 0 is 3.5 (enumeration); the total over three GPUs, lower_bound's value, is 10 / 3.
+    assert bound[0] >= 3.5 * (1 - 1e-3) > float(eplb.metrics.lower_bound(weight[:1].astype(np.float32), 6, 1, 1, 3)[0])
+
+
+def test_real_layer_between_the_pair_bound_and_the_placement():
+    """A DeepSeek-V3-shaped layer (256 experts, 288 slots on 144 GPUs, half at 0.6): at least the library's
+    bound and at most our placement's slowest time."""
+    rng = np.random.default_rng(3)
+    weight = rng.lognormal(0.0, 1.2, (1, 256)) * 1000
+    capacity = np.where(np.arange(144) % 2 == 1, 0.6, 1.0)
+    bound = eplb.metrics.lower_bound_lp(weight, 288, 144, gpu_capacity=capacity, tolerance=1e-3)
+    pair = eplb.metrics.lower_bound(weight.astype(np.float32), 288, 1, 1, 144, gpu_capacity=capacity)
+    placement = eplb.rebalance_experts(weight.astype(np.float32), 288, 1, 1, 144, gpu_capacity=capacity)
+    slowest = eplb.metrics.gpu_times(weight.astype(np.float32), placement.phy2log, 144, capacity).max()
+    assert float(pair[0]) <= bound[0] <= float(slowest) * (1 + 1e-6)
+
+
+def test_torch_and_jax_inputs_give_the_numpy_values():
+    weight = np.asarray([[5, 3, 8, 1, 0, 2]], np.float32)
+    capacity = np.asarray([1.0, 0.6, 2.0, 1.0], np.float32)
+    expected = eplb.metrics.lower_bound_lp(weight, 8, 4, gpu_capacity=capacity)
+    torch = pytest.importorskip("torch")
+    got = eplb.metrics.lower_bound_lp(torch.as_tensor(weight), 8, 4, gpu_capacity=torch.as_tensor(capacity))
+    assert isinstance(got, np.ndarray) and np.array_equal(got, expected)
+    jnp = pytest.importorskip("jax.numpy")
+    got = eplb.metrics.lower_bound_lp(jnp.asarray(weight), 8, 4, gpu_capacity=jnp.asarray(capacity))
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "options", "error", "match"),
+    [
+        ((np.ones((1, 4)), 6, 2), {}, ValueError, "two slots per GPU"),
+        ((np.ones(4), 4, 2), {}, ValueError, "2-D"),
+        ((np.ones((1, 0)), 4, 2), {}, ValueError, "2-D"),
+        ((-np.ones((1, 4)), 4, 2), {}, ValueError, "finite loads >= 0"),
+        ((np.full((1, 4), np.nan), 4, 2), {}, ValueError, "finite loads >= 0"),
+        ((np.ones((1, 4), bool), 4, 2), {}, TypeError, "real numbers"),
+        ((np.ones((1, 4)), 4, 2), {"tolerance": 0.0}, ValueError, "tolerance"),
+        ((np.ones((1, 4)), 4, 2), {"gpu_capacity": np.array([1.0, 0.0])}, ValueError, "fewer than the 4 experts"),
+    ],
+)
+def test_bad_input(args, options, error, match):
+    with pytest.raises(error, match=match):
+        eplb.metrics.lower_bound_lp(*args, **options)
+
+
+def test_enumeration_oracle_itself():
+    """The oracle on hand-solved layers: [5] on one GPU (two halves: 5); [4, 1] on GPUs of speed 1 and 0.5: the
+    halves of 4 together on the fast GPU (4), the halves of 1 on the slow one (1 / 0.5 = 2)."""
+    assert _best_time([5], [1.0]) == 5
+    assert _best_time([4, 1], [1.0, 0.5]) == 4
+    assert len(list(_matchings([1, 2, 3, 4]))) == 3
+    assert list(itertools.islice(_compositions(4, 2), 5)) == [(1, 3), (2, 2), (3, 1)]
