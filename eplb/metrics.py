@@ -203,7 +203,7 @@ def lower_bound_lp(
     ``rebalance_experts(..., gpu_capacity=)``, to ``tolerance`` of the
     latter; never below :func:`lower_bound`. About 10 linear programs a layer,
     a few seconds a layer on a CPU core: a yardstick for benchmarks, not for a
-    serving loop. ``ImportError`` without SciPy.
+    serving loop. ``ImportError`` without SciPy (``pip install eplb[lp]``).
     """
     import numpy as np
 
@@ -227,7 +227,7 @@ def lower_bound_lp(
     try:
         import scipy.optimize  # noqa: F401
     except ImportError as error:
-        raise ImportError("eplb.metrics.lower_bound_lp needs SciPy (pip install scipy)") from error
+        raise ImportError("eplb.metrics.lower_bound_lp needs SciPy (pip install scipy, or eplb[lp])") from error
     from eplb import pair_lp
     from eplb._api import rebalance_experts
 

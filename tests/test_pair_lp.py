@@ -150,3 +150,11 @@ def test_enumeration_oracle_itself():
     assert _best_time([4, 1], [1.0, 0.5]) == 4
     assert len(list(_matchings([1, 2, 3, 4]))) == 3
     assert list(itertools.islice(_compositions(4, 2), 5)) == [(1, 3), (2, 2), (3, 1)]
+
+
+def test_without_scipy_a_clear_import_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # as if SciPy were not installed
+    with pytest.raises(ImportError, match=r"needs SciPy \(pip install scipy, or eplb\[lp\]\)"):
+        eplb.metrics.lower_bound_lp(np.ones((1, 4)), 4, 2)
