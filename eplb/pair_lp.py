@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SLACK", "pair_lp_bound"]
+__all__ = ["METHODS", "SLACK", "pair_lp_bound"]
 
 #: Relative widening of every room (float64 rounding of ``T c_k`` and of ``w / r`` cannot prove too much).
 SLACK = 2.0**-40
+#: SciPy ``linprog`` methods tried in turn until one settles a program (feasible or infeasible).
+METHODS = ("highs-ds", "highs-ipm")
 
 
 def _classes(capacity: np.ndarray) -> list[tuple[int, float]]:
@@ -139,18 +141,21 @@ def _feasible(load: np.ndarray, classes: list[tuple[int, float]], time: float) -
             (np.concatenate(ub_vals), (np.concatenate(ub_rows), np.concatenate(ub_cols))),
             shape=(b_ub.shape[0], num_vars),
         ).tocsr()
-    result = linprog(
-        np.zeros(num_vars),
-        A_ub=a_ub,
-        b_ub=b_ub if a_ub is not None else None,
-        A_eq=a_eq.tocsr(),
-        b_eq=np.concatenate(eq_rhs),
-        bounds=np.stack([np.zeros(num_vars), upper], axis=1),
-        method="highs",
-    )
-    if result.status not in (0, 2):
-        raise RuntimeError(f"the LP solver failed (status {result.status}: {result.message})")
-    return result.status == 0
+    problem = {
+        "A_ub": a_ub,
+        "b_ub": b_ub if a_ub is not None else None,
+        "A_eq": a_eq.tocsr(),
+        "b_eq": np.concatenate(eq_rhs),
+        "bounds": np.stack([np.zeros(num_vars), upper], axis=1),
+    }
+    # HiGHS's dual simplex first, its interior point method where that one cannot settle the program
+    # (numerical trouble: status 4). A program neither settles proves nothing: counted as feasible, so the
+    # bisection only ever raises the bound on a proof of infeasibility.
+    for method in METHODS:
+        status = linprog(np.zeros(num_vars), method=method, **problem).status
+        if status in (0, 2):
+            return status == 0
+    return True
 
 
 def pair_lp_bound(

@@ -158,3 +158,18 @@ def test_without_scipy_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # as if SciPy were not installed
     with pytest.raises(ImportError, match=r"needs SciPy \(pip install scipy, or eplb\[lp\]\)"):
         eplb.metrics.lower_bound_lp(np.ones((1, 4)), 4, 2)
+
+
+def test_a_program_the_solver_cannot_settle_proves_nothing(monkeypatch):
+    """Status 4 (numerical trouble) from every method: no proof, so the bound is ``lower_bound``'s, not more."""
+    import scipy.optimize
+
+    class Unsettled:
+        status = 4
+
+    calls = []
+    monkeypatch.setattr(scipy.optimize, "linprog", lambda *a, **k: calls.append(k["method"]) or Unsettled())
+    weight = np.asarray([[6, 1, 1, 2]], np.float64)
+    bound = eplb.metrics.lower_bound_lp(weight, 6, 3)
+    plain = eplb.metrics.lower_bound(weight.astype(np.float32), 6, 1, 1, 3)
+    assert bound[0] == float(plain[0]) and calls[:2] == ["highs-ds", "highs-ipm"]
