@@ -201,7 +201,8 @@ def lower_bound_lp(
     model (:mod:`eplb.pair_lp`), solved by SciPy's HiGHS in a bisection on the
     time between :func:`lower_bound` and the time of
     ``rebalance_experts(..., gpu_capacity=)``, to ``tolerance`` of the
-    latter; never below :func:`lower_bound`. About 10 linear programs a layer,
+    latter; at least :func:`lower_bound` less ``2**-20`` of it (that one is float32, so it may sit a
+    rounding above the exact optimum). About 10 linear programs a layer,
     a few seconds a layer on a CPU core: a yardstick for benchmarks, not for a
     serving loop. ``ImportError`` without SciPy (``pip install eplb[lp]``).
     """
@@ -241,9 +242,9 @@ def lower_bound_lp(
     num_live = int((capacity > 0).sum())
     if 2 * num_live < num_experts:
         raise ValueError(f"{num_live} live GPUs hold {2 * num_live} replicas: fewer than the {num_experts} experts")
-    low = np.asarray(
-        lower_bound(weight32, num_replicas, 1, 1, num_gpus, gpu_capacity=speeds.get("gpu_capacity")), np.float64
-    )
+    # lower_bound is float32, so it may sit a rounding above the exact optimum: start 2**-20 of it lower.
+    plain = lower_bound(weight32, num_replicas, 1, 1, num_gpus, gpu_capacity=speeds.get("gpu_capacity"))
+    low = np.asarray(plain, np.float64) * (1 - 2.0**-20)
     placement = rebalance_experts(weight32, num_replicas, 1, 1, num_gpus, **speeds)
     phy2log, logcnt = np.asarray(placement.phy2log), np.asarray(placement.logcnt)
     held = phy2log >= 0

@@ -28,10 +28,10 @@ such run is kept (any count between is a mix of the two); a class's
 threshold rows become two entries each over prefix sums of its replicas in
 decreasing load.
 
-Bisection on ``T`` between :func:`eplb.metrics.lower_bound` (proven) and the
-slowest time of ``rebalance_experts(..., gpu_capacity=)`` (a placement, so
-feasible) returns the largest ``T`` the relaxation proved unreachable, never
-below ``lower_bound``'s. Rooms are widened by :data:`SLACK` so rounding in
+Bisection on ``T`` between :func:`eplb.metrics.lower_bound` (proven; less
+``2**-20`` of it, as it is float32) and the slowest time of
+``rebalance_experts(..., gpu_capacity=)`` (a placement, so feasible) returns
+the largest ``T`` the relaxation proved unreachable, or that start. Rooms are widened by :data:`SLACK` so rounding in
 the float64 comparisons can only weaken the bound.
 """
 
