@@ -511,9 +511,17 @@ def test_previous_every_backend_identical(case):
         _same(got, expected)
 
 
-@pytest.mark.parametrize("case", PREVIOUS_CASES, ids=[f"{c[:3]}-dead{c[3]}-was{c[4]}" for c in PREVIOUS_CASES])
-@pytest.mark.parametrize("impl", ["xla", "host"])
-def test_previous_jax_each_implementation_equals_numpy(case, impl):
+# XLA compiles a program per shape (about 20 s each on CI's CPU): it runs on every shape but (12, 24, 4), whose
+# several slots a GPU (16, 32, 8) covers with more dead GPUs; the host callback runs on all of them.
+JAX_IMPL_CASES = [
+    (impl, case) for impl in ("xla", "host") for case in PREVIOUS_CASES if impl == "host" or case[:3] != (12, 24, 4)
+]
+
+
+@pytest.mark.parametrize(
+    ("impl", "case"), JAX_IMPL_CASES, ids=[f"{i}-{c[:3]}-dead{c[3]}-was{c[4]}" for i, c in JAX_IMPL_CASES]
+)
+def test_previous_jax_each_implementation_equals_numpy(impl, case):
     """JAX with previous= and active_gpus, each implementation forced: XLA (the array API under jit + vmap, what
     a GPU runs) and the host callback into the numpy adapter's compiled kernels (the CPU default)."""
     from eplb.backends import _jax
