@@ -208,9 +208,10 @@ def lower_bound_lp(
     """
     import numpy as np
 
-    if _xp.array_namespace(weight) is not np:  # torch or JAX: a host copy (float64 below)
-        weight = np.asarray(weight.cpu() if hasattr(weight, "cpu") else weight)
-    weight64 = np.asarray(weight)
+    def host(x: Any) -> np.ndarray:  # torch (any device, grad or not) or JAX: a host copy
+        return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
+
+    weight64 = host(weight)
     if weight64.ndim != 2 or weight64.size == 0:
         raise ValueError(f"weight must be a non-empty 2-D [layers, experts] array, got shape {weight64.shape}")
     if weight64.dtype.kind not in "iuf":
@@ -233,7 +234,7 @@ def lower_bound_lp(
     from eplb._api import rebalance_experts
 
     weight32 = weight64.astype(np.float32)
-    speeds = {} if gpu_capacity is None else {"gpu_capacity": np.asarray(gpu_capacity, np.float32)}
+    speeds = {} if gpu_capacity is None else {"gpu_capacity": host(gpu_capacity).astype(np.float32)}
     capacity = (
         np.ones(num_gpus) if gpu_capacity is None else _capacity(speeds["gpu_capacity"], num_gpus, weight32, xp=np)[0]
     )
@@ -245,6 +246,8 @@ def lower_bound_lp(
     # lower_bound is float32, so it may sit a rounding above the exact optimum: start 2**-20 of it lower.
     plain = lower_bound(weight32, num_replicas, 1, 1, num_gpus, gpu_capacity=speeds.get("gpu_capacity"))
     low = np.asarray(plain, np.float64) * (1 - 2.0**-20)
+    # The bisection's top: our placement's slowest time in float64 (gpu_times is float32, a rounding below the
+    # exact time, where the relaxation's feasibility is decided).
     placement = rebalance_experts(weight32, num_replicas, 1, 1, num_gpus, **speeds)
     phy2log, logcnt = np.asarray(placement.phy2log), np.asarray(placement.logcnt)
     held = phy2log >= 0

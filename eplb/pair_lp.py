@@ -31,8 +31,9 @@ decreasing load.
 Bisection on ``T`` between :func:`eplb.metrics.lower_bound` (proven; less
 ``2**-20`` of it, as it is float32) and the slowest time of
 ``rebalance_experts(..., gpu_capacity=)`` (a placement, so feasible) returns
-the largest ``T`` the relaxation proved unreachable, or that start. Rooms are widened by :data:`SLACK` so rounding in
-the float64 comparisons can only weaken the bound.
+the largest ``T`` the relaxation proved unreachable, or that start. Rooms
+are widened by :data:`SLACK` so rounding in the float64 comparisons can only
+weaken the bound.
 """
 
 from __future__ import annotations
