@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 import eplb
 
@@ -25,6 +26,12 @@ import eplb
 # GPU the second worker's JAX then fails. Tests allocate on demand instead (set before any test imports JAX;
 # an explicit setting wins). Test-suite configuration only: the library never sets it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# Property tests draw new random examples on every run (they keep finding cases), except under
+# EPLB_HYPOTHESIS_PROFILE=ci, which tox's cross env (what CI runs) sets: there each test replays the same examples
+# every run, so CI's verdict depends on the commit alone. The other envs and plain pytest runs explore.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("EPLB_HYPOTHESIS_PROFILE", "default"))
 
 
 def _has(module: str) -> bool:

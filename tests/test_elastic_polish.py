@@ -77,7 +77,11 @@ def _check(w, previous, sizes, mask, tolerance, hierarchical):
     ceiling = np.maximum(limit, oracle.gpu_loads64(w, before[0], num_gpus).max(axis=1))
     peak = oracle.gpu_loads64(w, after[0], num_gpus).max(axis=1)
     assert (peak <= ceiling * oracle.load_slack(num_replicas, num_gpus)).all(), (peak, ceiling)
-    if hierarchical and num_nodes > 1:
+    # Groups stay on nodes under the within-nodes rule; a layer where some node has fewer live slots than the
+    # experts of its groups falls back to the global rule (docs/algorithm.md), whose polish may swap across nodes
+    # even where the unpolished placement happened to keep the groups together (all-zero loads, say).
+    node_slots = np.asarray(mask, bool).reshape(num_nodes, -1).sum(axis=1) * (num_replicas // num_gpus)
+    if hierarchical and num_nodes > 1 and (node_slots >= w.shape[1] // num_nodes).all():
         kept = _groups_on_nodes(before[0], w.shape[1], num_groups, num_nodes)
         assert (_groups_on_nodes(after[0], w.shape[1], num_groups, num_nodes) >= kept).all()
     return moves_after, moves_before
