@@ -291,11 +291,15 @@ def _capacity_options(
     backend: Any,
     sizes: tuple[int, int, int, int, bool],
     check_values: bool | None,
+    keep: bool = False,
 ) -> dict[str, Any]:
     """The backend options that place on ``gpu_capacity`` (and ``active_gpus``): ``{}`` (the plain
     placement: equal capacities, every GPU live), ``{"active_gpus": ...}`` (equal capacities, some idle)
     or ``{"gpu_capacity": ..., "uniform": ..., "node_fallback": ...}``.
 
+    ``keep`` (a ``previous=`` call): always the capacity rule, ``uniform`` told where the values are read. A
+    vector the host cannot read (CUDA, traced) runs the capacity rule's keep-in-place whatever its values, so
+    equal values read on the host must run it too, or the same call would place differently by backend.
     ``sizes`` is ``(num_experts, num_replicas, num_nodes, num_gpus, hierarchical)``.
     """
     num_experts, num_replicas, num_nodes, num_gpus, hierarchical = sizes
@@ -314,11 +318,12 @@ def _capacity_options(
     values32 = values.astype(np.float32)
     live = values32 > 0
     fallback = node_fallback_needed(live, num_experts, num_replicas, num_nodes, num_gpus) if hierarchical else None
-    if np.unique(values32[live]).size == 1:  # equal capacities: the capacity-blind placement, bit for bit
+    uniform = bool(np.unique(values32[live]).size == 1)
+    if uniform and not keep:  # equal capacities: the capacity-blind placement, bit for bit
         if live.all():
             return {}
         return {"active_gpus": _like_loads(live, weight), **({"node_fallback": fallback} if hierarchical else {})}
-    return {"gpu_capacity": capacity, "uniform": False, **({"node_fallback": fallback} if hierarchical else {})}
+    return {"gpu_capacity": capacity, "uniform": uniform, **({"node_fallback": fallback} if hierarchical else {})}
 
 
 def _unsupported_with_gpu_capacity(policy: str, spill: int, max_moves: Any) -> None:
@@ -623,11 +628,11 @@ def rebalance_experts(
         slowest live GPU's time is at most ``1 + balance_tolerance``
         (default 0) times that of the placement without ``previous`` (up
         to float32 rounding of the sums), and no more experts move than in
-        that placement relabelled among equal-capacity GPUs. Capacities
-        read on the host that are all equal take the ``active_gpus`` rule
-        (or the plain one, every GPU live); capacities decided on the device
-        (traced, or device tensors with ``check_values`` off) take this rule
-        whatever their values, with the same promises. Same GPU count only.
+        that placement relabelled among equal-capacity GPUs. All equal
+        capacities take this rule too, whether the host reads them or not
+        (traced, or device tensors with ``check_values`` off): the same
+        placement on every backend; its fresh placement is then the plain
+        (or ``active_gpus``) one. Same GPU count only.
 
     Returns
     -------
@@ -673,7 +678,9 @@ def rebalance_experts(
     elastic = {}
     if gpu_capacity is not None:
         sizes = (weight.shape[1], num_replicas, num_nodes, num_gpus, hierarchical)
-        elastic = _capacity_options(gpu_capacity, active_gpus, weight, backend, sizes, check_values)
+        elastic = _capacity_options(
+            gpu_capacity, active_gpus, weight, backend, sizes, check_values, previous is not None
+        )
     elif active_gpus is not None:
         sizes = (weight.shape[1], num_replicas, num_gpus)
         active_gpus, live = _checked_active_gpus(active_gpus, weight, backend, sizes, check_values)
@@ -698,17 +705,6 @@ def rebalance_experts(
         sizes = (num_replicas, num_groups, num_nodes, num_gpus, hierarchical)
         empty_ok = bool(elastic) or gpu_capacity is not None  # -1: the slots of a GPU that was down
         previous = _checked_previous(previous, weight, backend, sizes, check_values, max_moves, empty_ok)
-        if gpu_capacity is not None and not elastic:
-            # Equal capacities, every GPU live: the plain placement; from a previous with empty slots, the elastic
-            # rule's, every GPU up (the rule unequal capacities use then; the plain one has no empty slots).
-            values = None if check_values is False else backend.host_values(previous, force=bool(check_values))
-            if values is not None and values.size and values.min() == -1:
-                live = np.ones(num_gpus, dtype=bool)
-                elastic = {"active_gpus": _like_loads(live, weight)}
-                if hierarchical:
-                    elastic["node_fallback"] = node_fallback_needed(
-                        live, weight.shape[1], num_replicas, num_nodes, num_gpus
-                    )
         placement = backend.rebalance_stable(
             weight,
             previous,

@@ -243,24 +243,63 @@ def test_capacities_scaled_by_a_power_of_two_place_alike():
             _same(_front(w, prev, r, g, n, gpus, np.asarray(caps) * scale, 0.01), want, f"{case} x {scale}")
 
 
-def test_equal_capacities_take_the_plain_rules():
-    """Capacities read on the host that are all equal: the plain previous= rule (every GPU live) or the
-    active_gpus one (some idle), bit for bit."""
+EQUAL = {
+    "all equal": [2.0] * 8,
+    "equal, one idle": [2.0, 0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
+    "equal, node 1 short (global rule)": [2.0, 2.0, 2.0, 2.0, 0, 0, 0, 2.0],
+}
+
+
+@pytest.mark.parametrize("caps", list(EQUAL.values()), ids=list(EQUAL))
+def test_equal_capacities_place_alike_wherever_they_are_read(caps):
+    """previous= with equal capacities gives one placement whether the host reads them (numpy, torch CPU, a
+    concrete JAX array) or not (inside jit; CUDA in the GPU tests): the capacity rule's keep-in-place, as the
+    device cannot tell that they are equal (a fuzzer's case: all-equal live capacities under jit placed
+    differently from numpy). Its fresh placement is the plain or active_gpus one (equal capacities change no
+    fresh placement); valid, within that placement's limit, no more moves than it relabelled."""
     num_experts, r, g, n, gpus = HIER
-    w = _loads(num_experts, seed=5)
+    w = _drifted(_loads(num_experts, seed=5), seed=7)
     prev = eplb.rebalance_experts(_loads(num_experts, seed=6), r, g, n, gpus).phy2log
-    got = eplb.rebalance_experts(w, r, g, n, gpus, gpu_capacity=[2.0] * 8, previous=prev, balance_tolerance=0.01)
-    _same(got, eplb.rebalance_experts(w, r, g, n, gpus, previous=prev, balance_tolerance=0.01), "all equal")
-    caps = [2.0, 0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
-    got = eplb.rebalance_experts(w, r, g, n, gpus, gpu_capacity=caps, previous=prev)
-    mask = np.asarray(caps) > 0
-    _same(got, eplb.rebalance_experts(w, r, g, n, gpus, active_gpus=mask, previous=prev), "equal, one idle")
+    live = np.asarray(caps) > 0
+    for tol in (None, 0.01):
+        want = _numpy_impl("xp")(w, prev, r, g, n, gpus, caps, tol)  # uniformity decided as on a device
+        results = {
+            "numpy": _front(w, prev, r, g, n, gpus, caps, tol),
+            "torch CPU": tuple(
+                np.asarray(a)
+                for a in eplb.rebalance_experts(
+                    torch.as_tensor(w), r, g, n, gpus, gpu_capacity=torch.as_tensor(caps),
+                    previous=torch.as_tensor(prev), balance_tolerance=tol,
+                )
+            ),
+            "jax, concrete": tuple(
+                np.asarray(a)
+                for a in eplb.rebalance_experts(
+                    jnp.asarray(w), r, g, n, gpus, gpu_capacity=jnp.asarray(caps), previous=jnp.asarray(prev),
+                    balance_tolerance=tol,
+                )
+            ),
+            "jax, jit": _jax_user_jit(w, prev, r, g, n, gpus, caps, tol),
+        }  # fmt: skip
+        if _numba.available():
+            results["numpy:numba"] = _numpy_impl("numba")(w, prev, r, g, n, gpus, caps, tol)
+        for name, got in results.items():
+            _same(got, want, f"{name}, tolerance {tol}")
+        _check_valid(want, num_experts, r, gpus, live)
+        fresh = eplb.rebalance_experts(w, r, g, n, gpus, gpu_capacity=np.asarray(caps)).phy2log
+        plain = eplb.rebalance_experts(w, r, g, n, gpus, **({} if live.all() else {"active_gpus": live})).phy2log
+        np.testing.assert_array_equal(fresh, plain)
+        limit = oracle.capacity_times64(w, fresh, gpus, caps).max(axis=1) * (1 + (tol or 0)) * (1 + 1e-5)
+        assert (oracle.capacity_times64(w, want[0], gpus, caps).max(axis=1) <= limit).all()
+        classes = _classes((*HIER, None, caps))
+        bound = oracle.best_class_relabel_moves(prev, fresh, classes, gpus)
+        assert (oracle.moves(prev, want[0], gpus) <= bound).all()
 
 
 def test_traced_equal_capacities_keep_the_promises():
-    """Capacities decided on the device (inside jit) that are all equal run this module's rule, not the plain
-    or active_gpus one (which the host picks when it reads them): valid, within the limit, and no more moves
-    than the relabelled fresh placement."""
+    """Capacities decided on the device (inside jit) that are all equal but for an idle GPU run this module's
+    rule, as the host does when it reads them: valid, within the limit, and no more moves than the relabelled
+    fresh placement."""
     case = (*HIER, HALF, [1, 0, 1, 1, 1, 1, 1, 1])
     num_experts, r, g, n, gpus, _, caps = case
     prev = _previous(case)
