@@ -519,6 +519,33 @@ def test_torch_cuda_equals_numpy_on_deepseek_v3(gpus, nodes):
     _same(tuple(a.cpu().numpy() for a in fresh), want, f"torch CUDA fresh {gpus}")
 
 
+def _equal_capacity_calls(convert):
+    """The front door on ``convert``'s arrays against numpy's, for every ``EQUAL`` vector with ``previous=``."""
+    num_experts, r, g, n, gpus = HIER
+    w = _drifted(_loads(num_experts, seed=5), seed=7)
+    prev = np.asarray(eplb.rebalance_experts(_loads(num_experts, seed=6), r, g, n, gpus).phy2log)
+    for name, caps in EQUAL.items():
+        for tol in (None, 0.01):
+            want = _front(w, prev, r, g, n, gpus, caps, tol)
+            got = eplb.rebalance_experts(
+                convert(w), r, g, n, gpus, gpu_capacity=convert(np.asarray(caps, np.float32)), previous=convert(prev),
+                balance_tolerance=tol,
+            )  # fmt: skip
+            _same(tuple(np.asarray(a.cpu() if hasattr(a, "cpu") else a) for a in got), want, f"{name} {tol}")
+
+
+@needs_gpu("torch")
+def test_equal_capacities_on_torch_cuda_place_as_numpy():
+    """Equal capacities with previous= on CUDA tensors (values not read): numpy's placement."""
+    _equal_capacity_calls(lambda a: torch.as_tensor(a, device="cuda"))
+
+
+@needs_gpu("jax")
+def test_equal_capacities_on_a_jax_gpu_place_as_numpy():
+    """Equal capacities with previous= on JAX GPU arrays: numpy's placement."""
+    _equal_capacity_calls(lambda a: jax.device_put(jnp.asarray(a), jax.devices("gpu")[0]))
+
+
 @needs_gpu("jax")
 def test_jax_gpu_equals_numpy():
     for case in CASES:
