@@ -678,9 +678,8 @@ def rebalance_experts(
     elastic = {}
     if gpu_capacity is not None:
         sizes = (weight.shape[1], num_replicas, num_nodes, num_gpus, hierarchical)
-        elastic = _capacity_options(
-            gpu_capacity, active_gpus, weight, backend, sizes, check_values, previous is not None
-        )
+        keep = previous is not None
+        elastic = _capacity_options(gpu_capacity, active_gpus, weight, backend, sizes, check_values, keep=keep)
     elif active_gpus is not None:
         sizes = (weight.shape[1], num_replicas, num_gpus)
         active_gpus, live = _checked_active_gpus(active_gpus, weight, backend, sizes, check_values)

@@ -250,6 +250,24 @@ EQUAL = {
 }
 
 
+def _equal_case():
+    """``(weight, previous)`` for the ``EQUAL`` vectors: drifted loads (an all-zero and an all-equal layer among
+    them), ``previous`` the plain placement of other loads."""
+    num_experts, r, g, n, gpus = HIER
+    w = _drifted(_loads(num_experts, seed=5), seed=7)
+    prev = np.asarray(eplb.rebalance_experts(_loads(num_experts, seed=6), r, g, n, gpus).phy2log)
+    return w, prev
+
+
+def _front_on(convert, w, prev, caps, tol):
+    """The front door on ``convert``'s arrays (``HIER``, ``previous=``, ``gpu_capacity=caps``), as numpy arrays."""
+    out = eplb.rebalance_experts(
+        convert(w), *HIER[1:], gpu_capacity=convert(np.asarray(caps, np.float32)), previous=convert(prev),
+        balance_tolerance=tol,
+    )  # fmt: skip
+    return tuple(np.asarray(a.cpu() if hasattr(a, "cpu") else a) for a in out)
+
+
 @pytest.mark.parametrize("caps", list(EQUAL.values()), ids=list(EQUAL))
 def test_equal_capacities_place_alike_wherever_they_are_read(caps):
     """previous= with equal capacities gives one placement whether the host reads them (numpy, torch CPU, a
@@ -258,29 +276,16 @@ def test_equal_capacities_place_alike_wherever_they_are_read(caps):
     differently from numpy). Its fresh placement is the plain or active_gpus one (equal capacities change no
     fresh placement); valid, within that placement's limit, no more moves than it relabelled."""
     num_experts, r, g, n, gpus = HIER
-    w = _drifted(_loads(num_experts, seed=5), seed=7)
-    prev = eplb.rebalance_experts(_loads(num_experts, seed=6), r, g, n, gpus).phy2log
+    w, prev = _equal_case()
     live = np.asarray(caps) > 0
     for tol in (None, 0.01):
         want = _numpy_impl("xp")(w, prev, r, g, n, gpus, caps, tol)  # uniformity decided as on a device
         results = {
             "numpy": _front(w, prev, r, g, n, gpus, caps, tol),
-            "torch CPU": tuple(
-                np.asarray(a)
-                for a in eplb.rebalance_experts(
-                    torch.as_tensor(w), r, g, n, gpus, gpu_capacity=torch.as_tensor(caps),
-                    previous=torch.as_tensor(prev), balance_tolerance=tol,
-                )
-            ),
-            "jax, concrete": tuple(
-                np.asarray(a)
-                for a in eplb.rebalance_experts(
-                    jnp.asarray(w), r, g, n, gpus, gpu_capacity=jnp.asarray(caps), previous=jnp.asarray(prev),
-                    balance_tolerance=tol,
-                )
-            ),
+            "torch CPU": _front_on(torch.as_tensor, w, prev, caps, tol),
+            "jax, concrete": _front_on(jnp.asarray, w, prev, caps, tol),
             "jax, jit": _jax_user_jit(w, prev, r, g, n, gpus, caps, tol),
-        }  # fmt: skip
+        }
         if _numba.available():
             results["numpy:numba"] = _numpy_impl("numba")(w, prev, r, g, n, gpus, caps, tol)
         for name, got in results.items():
@@ -521,17 +526,10 @@ def test_torch_cuda_equals_numpy_on_deepseek_v3(gpus, nodes):
 
 def _equal_capacity_calls(convert):
     """The front door on ``convert``'s arrays against numpy's, for every ``EQUAL`` vector with ``previous=``."""
-    num_experts, r, g, n, gpus = HIER
-    w = _drifted(_loads(num_experts, seed=5), seed=7)
-    prev = np.asarray(eplb.rebalance_experts(_loads(num_experts, seed=6), r, g, n, gpus).phy2log)
+    w, prev = _equal_case()
     for name, caps in EQUAL.items():
         for tol in (None, 0.01):
-            want = _front(w, prev, r, g, n, gpus, caps, tol)
-            got = eplb.rebalance_experts(
-                convert(w), r, g, n, gpus, gpu_capacity=convert(np.asarray(caps, np.float32)), previous=convert(prev),
-                balance_tolerance=tol,
-            )  # fmt: skip
-            _same(tuple(np.asarray(a.cpu() if hasattr(a, "cpu") else a) for a in got), want, f"{name} {tol}")
+            _same(_front_on(convert, w, prev, caps, tol), _front(w, prev, *HIER[1:], caps, tol), f"{name} {tol}")
 
 
 @needs_gpu("torch")
