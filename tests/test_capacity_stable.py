@@ -41,7 +41,12 @@ CASES = [
     (*HIER_PAIRS, [1] * 6 + [0.6] * 6, [1] * 6 + [0.6] * 6),
 ]
 # One expert; one slot per GPU.
-DEGENERATE = [(1, 4, 1, 1, 4, [1, 1, 1, 1], [1, 0.5, 0, 2]), (4, 8, 1, 1, 8, [1] * 8, [1, 0.6] * 4)]
+DEGENERATE = [
+    (1, 4, 1, 1, 4, [1, 1, 1, 1], [1, 0.5, 0, 2]),
+    (4, 8, 1, 1, 8, [1] * 8, [1, 0.6] * 4),
+    (1, 4, 1, 1, 4, [1, 0.5, 1, 1], [2.0] * 4),  # equal capacities: the capacity rule wherever they are read
+    (4, 8, 1, 1, 8, [1, 0.6] * 4, [3.0, 3.0, 0, 3.0, 3.0, 3.0, 3.0, 3.0]),
+]
 TOLERANCES = (None, 0.01, 0.2)
 
 
@@ -178,7 +183,7 @@ def test_every_implementation_agrees_and_keeps_the_promises(case):
 @pytest.mark.parametrize(
     "case",
     DEGENERATE,
-    ids=["one expert", "one slot per GPU"],
+    ids=["one expert", "one slot per GPU", "one expert, equal", "one slot per GPU, equal and an idle GPU"],
 )
 def test_degenerate_shapes_keep_the_promises(case):
     """One expert; one slot per GPU: the same promises and the same placement on numpy (array API and numba),
