@@ -111,8 +111,8 @@ class Backend(enum.Enum):
         """Whether this implementation computes such a call (a front door computes every call)."""
         if self in (Backend.NUMPY_NUMBA, Backend.JAX_HOST):  # numba: the greedy kernel, and previous= (any policy)
             return previous is not None or (policy == "greedy" and not spill)
-        if self is Backend.JAX_PALLAS:
-            return not spill and previous is None
+        if self is Backend.JAX_PALLAS:  # the greedy and refined kernels; no other policy has one
+            return policy in ("greedy", "refined") and not spill and previous is None
         return True
 
 

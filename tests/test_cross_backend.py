@@ -80,6 +80,7 @@ def test_kernels_without_a_call_are_left_out():
     assert Backend.JAX_HOST.supports(policy="refined", previous=np.zeros((1, 4)))
     assert not Backend.JAX_PALLAS.supports(previous=np.zeros((1, 4)))
     assert not Backend.JAX_PALLAS.supports(spill=2)
+    assert not Backend.JAX_PALLAS.supports(policy="survivable")
     assert all(b.supports(policy="refined", spill=2, previous=np.zeros((1, 4))) for b in FRONT_DOORS)
 
 
@@ -149,6 +150,19 @@ def _left_out(name: str) -> tuple[Backend, ...]:
 )
 def test_workload(config, weight, name, policy):
     _all_agree(weight, config, _left_out(name), policy=policy)
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "weight"),
+    _distinct_rows_per_config(WORKLOADS),
+    ids=[name for name, _, _ in _distinct_rows_per_config(WORKLOADS)],
+)
+def test_survivable_policy(name, config, weight):
+    """The survivable policy has no kernel: every front door (JAX on a GPU included, where the default picks
+    the Pallas kernels for the other policies) and every implementation that computes it place alike. A config's
+    float32 and integer workloads run as one, each distinct row once."""
+    results = _all_agree(weight, config, (Backend.JAX_JIT,) if name != "one-expert" else (), policy="survivable")
+    assert Backend.JAX_PALLAS not in results and Backend.NUMPY_NUMBA not in results  # no kernel claims it
 
 
 def test_every_backend_runs_some_workload():

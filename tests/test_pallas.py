@@ -207,6 +207,26 @@ def test_impl_choices():
         _jax.rebalance(weight, 24, 4, 2, 4, hierarchical=True, impl="cuda")
 
 
+def test_policies_without_a_kernel_take_xla_on_cuda(monkeypatch):
+    """The survivable policy has no Pallas kernel: where the default picks Pallas (a CUDA backend), its CUDA
+    lowering holds no kernel call (it once ran the greedy kernel there and returned the greedy placement), and
+    impl='pallas' asks for the kernel by name: refused."""
+    config = (24, 4, 2, 4)
+    monkeypatch.setattr(_jax, "_has_cuda", lambda: True)  # the default picks "pallas" for the greedy policy
+
+    def default(w, policy):
+        return _jax.rebalance(w, *config, hierarchical=False, policy=policy)
+
+    shape = (3, _experts(config))
+    assert _kernel_calls(_lower(lambda w: default(w, "greedy"), shape, platform="cuda")) == 1  # the check bites
+    assert _kernel_calls(_lower(lambda w: default(w, "survivable"), shape, platform="cuda")) == 0
+    weight = jnp.asarray(_workload(config))
+    want = eplb.rebalance_experts(np.asarray(weight), *config, policy="survivable")
+    _assert_same(default(weight, "survivable"), want)
+    with pytest.raises(ValueError, match="impl"):
+        _jax.rebalance(weight, *config, hierarchical=False, impl="pallas", policy="survivable")
+
+
 def test_without_pallas_triton(monkeypatch):
     """A JAX without Pallas' Triton lowering (deprecated in 0.11): the default falls back, "pallas" says why."""
     weight = jnp.asarray(_workload((24, 4, 2, 4)))

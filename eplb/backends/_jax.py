@@ -398,7 +398,9 @@ def rebalance(
     spill = bool(options.get("spill", 0))
     greedy = options.get("policy", "greedy") == "greedy" and not spill
     refined = options.get("policy") == "refined" and not spill
-    kernel = not spill  # a policy with a Pallas kernel
+    # Pallas kernels exist for the greedy and refined policies only: any other policy (survivable) must take
+    # XLA, or the default would run the greedy kernel on CUDA and return the greedy placement for it.
+    kernel = greedy or refined
     if impl is None:
         pallas = kernel and _has_cuda() and pallas_available()
         host = (greedy and _jax_host.applies(options)) or (refined and _numba.available())
