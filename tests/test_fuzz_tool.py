@@ -1,0 +1,58 @@
+"""The cross-backend fuzz (``benchmarks/fuzz_backends.py``): a fixed draw agrees, and a wrong front door is caught.
+
+The fuzz is a tool run for minutes on a CPU or a GPU machine; here a few cases of one seed run through torch and
+JAX on the CPU (the cross-backend suite is the test of record), and a front door that returns a changed
+placement must make it fail.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("jax")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import fuzz_backends
+
+
+def test_first_difference_sees_values_shapes_and_kinds():
+    names = ("a", "b")
+    same = (np.arange(3), np.zeros((2, 2)))
+    assert fuzz_backends.first_difference(same, (np.arange(3), np.zeros((2, 2))), names) is None
+    assert fuzz_backends.first_difference(same, (np.arange(3), np.ones((2, 2))), names).startswith("b")
+    assert fuzz_backends.first_difference(same, (np.arange(4), np.zeros((2, 2))), names).startswith("a")
+    assert fuzz_backends.first_difference(same, (np.arange(3.0), np.zeros((2, 2))), names).startswith("a")
+
+
+def test_a_fixed_draw_agrees_on_the_cpu(capsys):
+    assert fuzz_backends.main(["--cases", "6", "--seed", "4", "--rebalancer", "0.3"]) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    # This seed's draw holds plain calls, a jitted one and a Rebalancer sequence.
+    assert all(f'"{key}"' in summary for key in ("compared", "jax-jit", "rebalancer compared"))
+    assert "mismatch" not in summary
+
+
+def test_a_wrong_front_door_fails_the_run(monkeypatch, capsys):
+    real = fuzz_backends.Fronts.calls
+
+    def calls(self, rng):
+        fronts = real(self, rng)
+        right = fronts["torch"]
+
+        def wrong(weight, sizes, options):  # torch's placement with its last slot's expert changed
+            phy2log, log2phy, logcnt = right(weight, sizes, options)
+            phy2log = phy2log.clone()
+            phy2log[0, -1] = (phy2log[0, -1] + 1) % weight.shape[1] if weight.shape[1] > 1 else -1
+            return phy2log, log2phy, logcnt
+
+        return {**fronts, "torch": wrong}
+
+    monkeypatch.setattr(fuzz_backends.Fronts, "calls", calls)
+    assert fuzz_backends.main(["--cases", "3", "--seed", "4", "--rebalancer", "0"]) == 1
+    assert "MISMATCH torch" in capsys.readouterr().out
