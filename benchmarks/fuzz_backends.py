@@ -4,12 +4,13 @@ Each case draws a shape (one expert and one slot per GPU up to DeepSeek-V3's 256
 (lognormal, zipf, all tied, small integers, float64 or int64 as well as float32, all-zero layers) and options
 (every policy, ``hierarchical``, ``spill``, ``previous=`` with ``balance_tolerance`` / ``max_moves``,
 ``active_gpus`` masks, ``gpu_capacity`` vectors with idle GPUs), and runs it on numpy (the reference), torch
-and JAX (eager, and inside a user's ``jax.jit`` with the arrays and knobs traced). A share of the cases instead
-drive an :class:`eplb.Rebalancer` through a random sequence of recorded windows, steps and GPU changes
-(``set_gpus``) on each backend, and compare every decision (placement, layers, gains, moves, tolerance, the
-transfer plan's copies). A call numpy refuses is counted, not compared (the other front doors' refusals are
-``tests/test_validation.py``'s job). The front doors dispatch to the kernels (numba, Triton, Pallas) where
-they apply, so this checks the dispatch as well as the kernels.
+(and, on CUDA, through a :class:`eplb.GraphedPlanner` kept across cases, so later calls replay graphs
+captured on other loads) and JAX (eager, and inside a user's ``jax.jit`` with the arrays and knobs traced).
+A share of the cases instead drive an :class:`eplb.Rebalancer` through a random sequence of recorded
+windows, steps and GPU changes (``set_gpus``) on each backend, and compare every decision (placement, layers,
+gains, moves, tolerance, the transfer plan's copies). A call numpy refuses is counted, not compared (the
+other front doors' refusals are ``tests/test_validation.py``'s job). The front doors dispatch to the
+kernels (numba, Triton, Pallas) where they apply, so this checks the dispatch as well as the kernels.
 
     python benchmarks/fuzz_backends.py [--seconds 120 | --cases N] [--seed 0] [--gpu] [--rebalancer 0.15] [--out FILE]
 
@@ -131,6 +132,7 @@ class Fronts:
         self.torch, self.jax = torch, jax
         self.torch_device = "cuda" if gpu else "cpu"
         self.jax_device = jax.devices("gpu")[0] if gpu else jax.devices("cpu")[0]
+        self.planners: dict[tuple, Any] = {}  # GraphedPlanner per (sizes, fixed options), torch CUDA only
 
     def to_torch(self, x: np.ndarray) -> Any:
         return self.torch.as_tensor(x, device=self.torch_device)
@@ -160,13 +162,26 @@ class Fronts:
             values = [self.to_jax(np.asarray(options[k])) for k in traced]
             return self.jax.jit(call)(self.to_jax(weight), *values)
 
+        def graphed(weight, sizes, options):
+            # One planner per (sizes, fixed options), kept across cases: later calls replay graphs captured on
+            # other loads (a knob given per call is written into the graph's buffer).
+            per_call = {k: v for k, v in options.items() if k in (*GRAPH_INPUTS, *KNOBS)}
+            fixed = {k: v for k, v in options.items() if k not in per_call}
+            key = (sizes, tuple(sorted(fixed.items())))
+            planner = self.planners.setdefault(key, eplb.GraphedPlanner(*sizes, **fixed))
+            arrays = {k: self.to_torch(v) if isinstance(v, np.ndarray) else v for k, v in per_call.items()}
+            return planner(self.to_torch(weight), **arrays)
+
         fronts = {"torch": on_torch, "jax": on_jax}
+        if self.torch_device == "cuda":
+            fronts["torch-graphed"] = graphed
         if rng.random() < 0.3:
             fronts["jax-jit"] = in_jit
         return fronts
 
 
 KNOBS = ("balance_tolerance", "max_moves")
+GRAPH_INPUTS = ("previous", "active_gpus", "gpu_capacity")  # GraphedPlanner's per-call tensors
 
 
 def as_numpy(x: Any) -> np.ndarray:
