@@ -8,8 +8,9 @@ Each case draws a shape (one expert and one slot per GPU up to DeepSeek-V3's 256
 captured on other loads) and JAX (eager, and inside a user's ``jax.jit`` with the arrays and knobs traced).
 A share of the cases instead drive an :class:`eplb.Rebalancer` through a random sequence of recorded
 windows, steps and GPU changes (``set_gpus``) on each backend, and compare every decision (placement, layers,
-gains, moves, tolerance, the transfer plan's copies). A call numpy refuses is counted, not compared (the
-other front doors' refusals are ``tests/test_validation.py``'s job). The front doors dispatch to the
+gains, moves, tolerance, the transfer plan's copies). A call numpy refuses must be refused (``ValueError`` or
+``TypeError``) by the eager CPU front doors too; inside ``jit`` and on a GPU, where value checks are skipped (no host read), it is
+only counted. The front doors dispatch to the
 kernels (numba, Triton, Pallas) where they apply, so this checks the dispatch as well as the kernels.
 
     python benchmarks/fuzz_backends.py [--seconds 120 | --cases N] [--seed 0] [--gpu] [--rebalancer 0.15] [--out FILE]
@@ -316,8 +317,24 @@ def main(argv: list[str] | None = None) -> int:
         label.update({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in options.items()})
         try:
             want = eplb.rebalance_experts(weight, *sizes, **options)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError) as refusal:
             stats["refused"] += 1
+            if not args.gpu:  # CPU arrays are read like numpy's, so the same call must be refused there too
+                # Eager front doors only: inside jit nothing is read, and unread bad values are documented.
+                for name, run in fronts.calls(rng).items():
+                    if name.endswith("jit"):
+                        continue
+                    try:
+                        run(weight, sizes, options)
+                    except (ValueError, TypeError):
+                        continue
+                    except Exception as err:
+                        diff = f"numpy refused ({refusal}), {name} raised {err!r}"[:400]
+                    else:
+                        diff = f"numpy refused ({refusal}), {name} placed"[:400]
+                    stats["mismatch"] += 1
+                    print(f"MISMATCH {name}: {json.dumps(label)[:400]} {diff}", flush=True)
+                    bad.append({**label, "front": name, "diff": diff, "weight": weight.tolist()})
             continue
         stats["compared"] += 1
         for name, run in fronts.calls(rng).items():
