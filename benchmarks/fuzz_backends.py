@@ -9,8 +9,8 @@ captured on other loads) and JAX (eager, and inside a user's ``jax.jit`` with th
 A share of the cases instead drive an :class:`eplb.Rebalancer` through a random sequence of recorded
 windows, steps and GPU changes (``set_gpus``) on each backend, and compare every decision (placement, layers,
 gains, moves, tolerance, the transfer plan's copies). A call numpy refuses must be refused (``ValueError`` or
-``TypeError``) by the eager CPU front doors too; inside ``jit`` and on a GPU, where value checks are skipped (no host read), it is
-only counted. The front doors dispatch to the
+``TypeError``) by the eager CPU front doors too; inside ``jit`` and on a GPU, where value checks are skipped
+(no host read), it is only counted. The front doors dispatch to the
 kernels (numba, Triton, Pallas) where they apply, so this checks the dispatch as well as the kernels.
 
     python benchmarks/fuzz_backends.py [--seconds 120 | --cases N] [--seed 0] [--gpu] [--rebalancer 0.15] [--out FILE]

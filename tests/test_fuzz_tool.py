@@ -31,10 +31,11 @@ def test_first_difference_sees_values_shapes_and_kinds():
 
 
 def test_a_fixed_draw_agrees_on_the_cpu(capsys):
-    assert fuzz_backends.main(["--cases", "6", "--seed", "4", "--rebalancer", "0.3"]) == 0
+    assert fuzz_backends.main(["--cases", "6", "--seed", "3", "--rebalancer", "0.3"]) == 0
     summary = capsys.readouterr().out.splitlines()[-1]
-    # This seed's draw holds plain calls, a jitted one and a Rebalancer sequence.
-    assert all(f'"{key}"' in summary for key in ("compared", "jax-jit", "rebalancer compared"))
+    # This seed's draw holds plain calls, a jitted one, a Rebalancer sequence and a call numpy refuses (which
+    # torch and JAX must refuse too).
+    assert all(f'"{key}"' in summary for key in ("compared", "jax-jit", "rebalancer compared", "refused"))
     assert "mismatch" not in summary
 
 
