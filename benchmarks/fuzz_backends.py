@@ -123,6 +123,81 @@ def draw_call(rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ...], di
     return weight, sizes, options
 
 
+def gpu_contents(phy2log: np.ndarray, gpus: int) -> list[list[tuple[int, ...]]]:
+    """Per layer, each GPU's experts as a sorted tuple (``-1`` slots left out)."""
+    per_gpu = phy2log.reshape(len(phy2log), gpus, -1)
+    return [[tuple(sorted(int(e) for e in slots if e >= 0)) for slots in layer] for layer in per_gpu]
+
+
+def broken_promises(weight: np.ndarray, sizes: tuple, options: dict, placement: tuple) -> list[str]:
+    """The documented promises of ``rebalance_experts`` checked on numpy's result, in plain float64 and Python
+    (not the code under test): a valid placement; ``previous=`` alone keeps the fresh placement's GPU contents;
+    with ``balance_tolerance`` the heaviest GPU (slowest, with ``gpu_capacity``) within ``1 + t`` of the fresh
+    placement's; ``max_moves`` per layer at most the cap."""
+    slots, _, _, gpus = sizes
+    phy2log, log2phy, logcnt = (np.asarray(a) for a in placement)
+    layers, experts = weight.shape
+    live = np.ones(gpus, dtype=bool)
+    if options.get("active_gpus") is not None:
+        live &= options["active_gpus"]
+    capacity = options.get("gpu_capacity")
+    if capacity is not None:
+        live &= capacity > 0
+    live_slot = np.repeat(live, slots // gpus)
+    broken = []
+    for layer in range(layers):
+        row = phy2log[layer]
+        if (row[~live_slot] != -1).any() or not ((row[live_slot] >= 0) & (row[live_slot] < experts)).all():
+            broken.append(f"layer {layer}: an expert on a dead GPU or an id out of range")
+            continue
+        counts = np.bincount(row[live_slot], minlength=experts)
+        if not np.array_equal(counts, logcnt[layer]) or (counts < 1).any():
+            broken.append(f"layer {layer}: logcnt is not the replica count, or an expert has none")
+        for expert in range(experts):
+            listed = log2phy[layer, expert]
+            held = set(np.flatnonzero(row == expert).tolist())
+            if set(listed[listed >= 0].tolist()) != held or (listed >= 0).sum() != len(held):
+                broken.append(f"layer {layer}: log2phy of expert {expert} is not its slots")
+                break
+    previous = options.get("previous")
+    if previous is None or broken:
+        return broken
+    fresh_options = {k: v for k, v in options.items() if k not in ("previous", *KNOBS)}
+    fresh = np.asarray(eplb.rebalance_experts(weight, *sizes, **fresh_options).phy2log)
+    tolerance, cap = options.get("balance_tolerance"), options.get("max_moves")
+    plain = tolerance is None and cap is None and options.get("active_gpus") is None and capacity is None
+    # Up to labels: the same multiset of GPU contents per layer (GPUs permuted).
+    if plain and [sorted(x) for x in gpu_contents(phy2log, gpus)] != [sorted(x) for x in gpu_contents(fresh, gpus)]:
+        broken.append("previous= alone changed the GPUs' contents")
+    speed = np.ones(gpus) if capacity is None else np.where(capacity > 0, capacity.astype(np.float64), 1.0)
+
+    def slowest(placed: np.ndarray, layer: int) -> float:
+        load = weight[layer].astype(np.float32).astype(np.float64)
+        per_slot = np.where(placed >= 0, load[np.maximum(placed, 0)], 0.0)
+        count = np.bincount(placed[placed >= 0], minlength=experts)
+        per_slot = np.where(placed >= 0, per_slot / np.maximum(count[np.maximum(placed, 0)], 1), 0.0)
+        per_gpu = per_slot.reshape(gpus, -1).sum(axis=1) / speed
+        return float(per_gpu[live].max())
+
+    for layer in range(layers):
+        if tolerance is not None and cap is None:
+            bound = (1 + tolerance) * slowest(fresh[layer], layer)
+            if slowest(phy2log[layer], layer) > bound * (1 + 1e-5) + 1e-30:
+                broken.append(f"layer {layer}: heaviest GPU beyond 1 + balance_tolerance of the fresh placement's")
+        if cap is not None:
+            moved = 0
+            for new_gpu, old_gpu in zip(
+                gpu_contents(phy2log[layer : layer + 1], gpus)[0],
+                gpu_contents(previous[layer : layer + 1], gpus)[0],
+                strict=True,
+            ):
+                old = Counter(old_gpu)
+                moved += sum(max(n - old[e], 0) for e, n in Counter(new_gpu).items())
+            if moved > cap:
+                broken.append(f"layer {layer}: {moved} moves beyond max_moves={cap}")
+    return broken
+
+
 class Fronts:
     """The front doors: numpy arrays in, numpy arrays out, each through its framework's arrays."""
 
@@ -337,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
                     bad.append({**label, "front": name, "diff": diff, "weight": weight.tolist()})
             continue
         stats["compared"] += 1
+        broken = broken_promises(weight.astype(np.float64), sizes, options, want)
+        if broken:
+            stats["promise broken"] += 1
+            print(f"PROMISE {json.dumps(label)[:400]} {broken[:3]}", flush=True)
+            bad.append({**label, "front": "numpy", "diff": broken[:10], "weight": weight.tolist()})
         for name, run in fronts.calls(rng).items():
             stats[name] += 1
             try:
@@ -352,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(bad, f, default=str)
-    return 1 if stats["mismatch"] else 0
+    return 1 if stats["mismatch"] or stats["promise broken"] else 0
 
 
 if __name__ == "__main__":

@@ -57,3 +57,41 @@ def test_a_wrong_front_door_fails_the_run(monkeypatch, capsys):
     monkeypatch.setattr(fuzz_backends.Fronts, "calls", calls)
     assert fuzz_backends.main(["--cases", "2", "--seed", "2", "--rebalancer", "0"]) == 1
     assert "MISMATCH torch" in capsys.readouterr().out
+
+
+def test_the_promise_checks_catch_broken_placements():
+    """``broken_promises`` (the fuzz's float64 oracle) passes numpy's placements and names each broken rule."""
+    import eplb
+
+    rng = np.random.default_rng(0)
+    weight = rng.lognormal(0, 1, (2, 16)).astype(np.float32)
+    sizes = (24, 4, 2, 4)
+    before = np.asarray(eplb.rebalance_experts(rng.lognormal(0, 1, (2, 16)), *sizes).phy2log)
+    check = fuzz_backends.broken_promises
+
+    fresh = [np.asarray(a) for a in eplb.rebalance_experts(weight, *sizes)]
+    assert check(weight, sizes, {}, fresh) == []
+    wrong = [a.copy() for a in fresh]
+    wrong[2][0, 0] += 1  # logcnt no longer the replica count
+    assert "logcnt" in check(weight, sizes, {}, wrong)[0]
+
+    options = {"previous": before, "active_gpus": np.array([True, True, False, True])}
+    placed = [np.asarray(a) for a in eplb.rebalance_experts(weight, *sizes, **options)]
+    assert check(weight, sizes, options, placed) == []
+    assert "dead GPU" in check(weight, sizes, options, fresh)[0]  # the fresh placement uses GPU 2
+
+    options = {"previous": before}
+    kept = [np.asarray(a) for a in eplb.rebalance_experts(weight, *sizes, **options)]
+    assert check(weight, sizes, options, kept) == []
+    assert check(weight, sizes, options, [before, *kept[1:]]) != []  # another placement's GPU contents
+
+    options = {"previous": before, "max_moves": 1}
+    capped = [np.asarray(a) for a in eplb.rebalance_experts(weight, *sizes, **options)]
+    assert check(weight, sizes, options, capped) == []
+    assert any("max_moves" in b for b in check(weight, sizes, options, fresh))
+
+    options = {"previous": before, "balance_tolerance": 0.0}
+    tight = [np.asarray(a) for a in eplb.rebalance_experts(weight, *sizes, **options)]
+    assert check(weight, sizes, options, tight) == []
+    kept_as_before = eplb.rebalance_experts(weight, *sizes, previous=before, max_moves=0)
+    assert any("balance_tolerance" in b for b in check(weight, sizes, options, [np.asarray(a) for a in kept_as_before]))
