@@ -413,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         stats["compared"] += 1
         broken = broken_promises(weight.astype(np.float64), sizes, options, want)
+        for knob in ("previous", *KNOBS):
+            stats[f"with {knob}"] += options.get(knob) is not None
         if broken:
             stats["promise broken"] += 1
             print(f"PROMISE {json.dumps(label)[:400]} {broken[:3]}", flush=True)
