@@ -159,16 +159,6 @@ def broken_promises(weight: np.ndarray, sizes: tuple, options: dict, placement: 
             if set(listed[listed >= 0].tolist()) != held or (listed >= 0).sum() != len(held):
                 broken.append(f"layer {layer}: log2phy of expert {expert} is not its slots")
                 break
-    previous = options.get("previous")
-    if previous is None or broken:
-        return broken
-    fresh_options = {k: v for k, v in options.items() if k not in ("previous", *KNOBS)}
-    fresh = np.asarray(eplb.rebalance_experts(weight, *sizes, **fresh_options).phy2log)
-    tolerance, cap = options.get("balance_tolerance"), options.get("max_moves")
-    plain = tolerance is None and cap is None and options.get("active_gpus") is None and capacity is None
-    # Up to labels: the same multiset of GPU contents per layer (GPUs permuted).
-    if plain and [sorted(x) for x in gpu_contents(phy2log, gpus)] != [sorted(x) for x in gpu_contents(fresh, gpus)]:
-        broken.append("previous= alone changed the GPUs' contents")
     speed = np.ones(gpus) if capacity is None else np.where(capacity > 0, capacity.astype(np.float64), 1.0)
 
     def slowest(placed: np.ndarray, layer: int) -> float:
@@ -179,6 +169,29 @@ def broken_promises(weight: np.ndarray, sizes: tuple, options: dict, placement: 
         per_gpu = per_slot.reshape(gpus, -1).sum(axis=1) / speed
         return float(per_gpu[live].max())
 
+    previous = options.get("previous")
+    if broken:
+        return broken
+    if previous is None and capacity is not None:
+        # Never slower than the capacity-blind placement on the same live GPUs (by a 2**-16 margin).
+        blind_options = {k: v for k, v in options.items() if k != "gpu_capacity"}
+        if not live.all():
+            blind_options["active_gpus"] = live
+        blind = np.asarray(eplb.rebalance_experts(weight, *sizes, **blind_options).phy2log)
+        for layer in range(layers):
+            if slowest(phy2log[layer], layer) > slowest(blind[layer], layer) * (1 + 2.0**-16) * (1 + 1e-6):
+                broken.append(f"layer {layer}: gpu_capacity placement slower than the capacity-blind one")
+    if previous is None:
+        return broken
+    fresh_options = {k: v for k, v in options.items() if k not in ("previous", *KNOBS)}
+    fresh = np.asarray(eplb.rebalance_experts(weight, *sizes, **fresh_options).phy2log)
+    tolerance, cap = options.get("balance_tolerance"), options.get("max_moves")
+    plain = tolerance is None and cap is None and options.get("active_gpus") is None and capacity is None
+    # Up to labels: the same multiset of GPU contents per layer (GPUs permuted).
+    if plain and [sorted(x) for x in gpu_contents(phy2log, gpus)] != [sorted(x) for x in gpu_contents(fresh, gpus)]:
+        broken.append("previous= alone changed the GPUs' contents")
+    if tolerance is None and (options.get("active_gpus") is not None or capacity is not None):
+        tolerance = 0.0  # the elastic and capacity rules promise the bound with the default tolerance, 0
     for layer in range(layers):
         if tolerance is not None and cap is None:
             bound = (1 + tolerance) * slowest(fresh[layer], layer)

@@ -95,3 +95,10 @@ def test_the_promise_checks_catch_broken_placements():
     assert check(weight, sizes, options, tight) == []
     kept_as_before = eplb.rebalance_experts(weight, *sizes, previous=before, max_moves=0)
     assert any("balance_tolerance" in b for b in check(weight, sizes, options, [np.asarray(a) for a in kept_as_before]))
+
+    capacity = np.array([1.0, 1.0, 0.3, 0.3], dtype=np.float32)
+    options = {"gpu_capacity": capacity}
+    timed = [np.asarray(a) for a in eplb.rebalance_experts(weight, *sizes, **options)]
+    assert check(weight, sizes, options, timed) == []
+    backwards = eplb.rebalance_experts(weight, *sizes, gpu_capacity=capacity[::-1].copy())  # slow GPUs loaded
+    assert any("capacity-blind" in b for b in check(weight, sizes, options, [np.asarray(a) for a in backwards]))
