@@ -198,14 +198,7 @@ def broken_promises(weight: np.ndarray, sizes: tuple, options: dict, placement: 
             if slowest(phy2log[layer], layer) > bound * (1 + 1e-5) + 1e-30:
                 broken.append(f"layer {layer}: heaviest GPU beyond 1 + balance_tolerance of the fresh placement's")
         if cap is not None:
-            moved = 0
-            for new_gpu, old_gpu in zip(
-                gpu_contents(phy2log[layer : layer + 1], gpus)[0],
-                gpu_contents(previous[layer : layer + 1], gpus)[0],
-                strict=True,
-            ):
-                old = Counter(old_gpu)
-                moved += sum(max(n - old[e], 0) for e, n in Counter(new_gpu).items())
+            moved = added_pairs(phy2log[layer], previous[layer], gpus)
             if moved > cap:
                 broken.append(f"layer {layer}: {moved} moves beyond max_moves={cap}")
     return broken
@@ -344,17 +337,73 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, np.ndarray)
 
 
-def run_rebalancer(sizes: tuple, options: dict, events: list, convert: Any) -> list[tuple]:
+def run_rebalancer(sizes: tuple, options: dict, events: list, convert: Any) -> list[tuple[Any, dict | None]]:
+    """The decisions of a Rebalancer fed ``events``, each with the GPUs in force (``set_gpus``'s numpy
+    arguments; ``None`` while no GPU changed: then the budget holds for every layer)."""
     rebalancer = eplb.Rebalancer(*sizes, **options)
-    out = []
+    out, gpus = [], None
     for event in events:
         if event[0] == "record":
             rebalancer.record(convert(event[1]))
         elif event[0] == "set_gpus":
             rebalancer.set_gpus(**{k: convert(v) for k, v in event[1].items()})
+            gpus = event[1]
         else:
-            out.append(decision_arrays(rebalancer.step()))
+            out.append((rebalancer.step(), gpus))
     return out
+
+
+def added_pairs(new: np.ndarray, old: np.ndarray, gpus: int) -> int:
+    """(expert, GPU) pairs of ``new [R]`` that ``old [R]`` lacks, counted with multiplicity per GPU."""
+    added = 0
+    for new_gpu, old_gpu in zip(gpu_contents(new[None], gpus)[0], gpu_contents(old[None], gpus)[0], strict=True):
+        held = Counter(old_gpu)
+        added += sum(max(n - held[e], 0) for e, n in Counter(new_gpu).items())
+    return added
+
+
+def broken_decisions(sizes: tuple, options: dict, decisions: list[tuple[Any, dict | None]]) -> list[str]:
+    """The Rebalancer's documented promises on numpy's decisions, counted independently: changed layers valid
+    placements on the GPUs in force, no layer holding an expert on a GPU down; while no GPU changed, after the
+    first step (a fresh plan): unchanged layers keep the placement in force, ``moves`` are the (expert, GPU)
+    pairs a layer adds, changed layers gain at least ``min_gain`` and the step keeps its budget
+    (``max_layers``, ``max_experts``)."""
+    broken, before = [], None
+    gpus = sizes[3]
+    for step, (decision, gpus_in_force) in enumerate(decisions):
+        phy2log = np.asarray(decision.placement.phy2log)
+        changed = set(np.asarray(decision.layers).tolist())
+        # Layers changed at this step are planned on the GPUs in force: valid placements on them. A layer kept
+        # holds nothing on a GPU down (those change whatever the budget), but may leave a GPU back up empty.
+        rows = sorted(changed)
+        placed = tuple(np.asarray(a)[rows] for a in decision.placement)
+        zeros = np.zeros(placed[2].shape)
+        if rows:
+            broken += [f"step {step}, changed {b}" for b in broken_promises(zeros, sizes, gpus_in_force or {}, placed)]
+        down = np.zeros(gpus, dtype=bool)
+        for name, value in (gpus_in_force or {}).items():
+            down |= ~value if name == "active_gpus" else value <= 0
+        on_down = phy2log.reshape(len(phy2log), gpus, -1)[:, down] >= 0
+        if on_down.any():
+            broken.append(
+                f"step {step}: layers {np.flatnonzero(on_down.any(axis=(1, 2))).tolist()} hold experts on GPUs down"
+            )
+        if before is not None and gpus_in_force is None:
+            for layer in range(len(phy2log)):
+                if layer not in changed and not np.array_equal(phy2log[layer], before[layer]):
+                    broken.append(f"step {step}: layer {layer} not in layers but changed")
+                added = added_pairs(phy2log[layer], before[layer], gpus)
+                if added != int(decision.moves[layer]):
+                    broken.append(f"step {step}: layer {layer} moves {int(decision.moves[layer])}, counted {added}")
+            if len(changed) > options.get("max_layers", len(changed)):
+                broken.append(f"step {step}: {len(changed)} layers beyond max_layers")
+            if int(np.sum(decision.moves)) > options.get("max_experts", np.inf):
+                broken.append(f"step {step}: {int(np.sum(decision.moves))} experts beyond max_experts")
+            low = [layer for layer in changed if decision.gain[layer] < options.get("min_gain", 0.02) - 1e-12]
+            if low:
+                broken.append(f"step {step}: layers {low} changed below min_gain")
+        before = phy2log
+    return broken
 
 
 # ---------------------------------------------------------------- the loop
@@ -381,15 +430,21 @@ def main(argv: list[str] | None = None) -> int:
             sizes, options, events = draw_rebalancer(rng)
             label = {"case": index, "rebalancer": True, "sizes": sizes, **options}
             try:
-                want = run_rebalancer(sizes, options, events, lambda x: x)
+                decisions = run_rebalancer(sizes, options, events, lambda x: x)
             except (ValueError, TypeError) as err:
                 stats["rebalancer refused"] += 1
                 label["numpy"] = repr(err)
                 continue
             stats["rebalancer compared"] += 1
+            want = [decision_arrays(d) for d, _ in decisions]
+            broken = broken_decisions(sizes, options, decisions)
+            if broken:
+                stats["promise broken"] += 1
+                print(f"PROMISE rebalancer {json.dumps(label, default=str)[:400]} {broken[:3]}", flush=True)
+                bad.append({**label, "front": "numpy", "diff": broken[:10]})
             for name, convert in (("torch", fronts.to_torch), ("jax", fronts.to_jax)):
                 try:
-                    got = run_rebalancer(sizes, options, events, convert)
+                    got = [decision_arrays(d) for d, _ in run_rebalancer(sizes, options, events, convert)]
                     diff = None if len(got) == len(want) else f"{len(got)} decisions vs {len(want)}"
                     for step, (a, b) in enumerate(zip(want, got, strict=False)):
                         diff = diff or first_difference(a, b, tuple(f"step {step} output {i}" for i in range(len(a))))

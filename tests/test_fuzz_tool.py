@@ -102,3 +102,23 @@ def test_the_promise_checks_catch_broken_placements():
     assert check(weight, sizes, options, timed) == []
     backwards = eplb.rebalance_experts(weight, *sizes, gpu_capacity=capacity[::-1].copy())  # slow GPUs loaded
     assert any("capacity-blind" in b for b in check(weight, sizes, options, [np.asarray(a) for a in backwards]))
+
+
+def test_the_rebalancer_checks_catch_broken_decisions():
+    """``broken_decisions`` passes a Rebalancer's decisions and catches a wrong move count, a budget overrun and
+    an expert left on a GPU down."""
+    rng = np.random.default_rng(1)
+    sizes = (24, 4, 2, 4)
+    options = {"min_gain": 0.0, "balance_tolerance": 0.0}
+    events = [("record", rng.lognormal(0, 1, (3, 16)).astype(np.float32)), ("step",)]
+    events += [("record", rng.lognormal(0, 1, (3, 16)).astype(np.float32)), ("step",)]
+    decisions = fuzz_backends.run_rebalancer(sizes, options, events, lambda x: x)
+    check = fuzz_backends.broken_decisions
+    assert check(sizes, options, decisions) == []
+    (first, gpus), (second, _) = decisions
+    assert len(second.layers) >= 2  # this draw changes layers at the second step
+    miscounted = second._replace(moves=second.moves + 1)
+    assert any("moves" in b for b in check(sizes, options, [(first, gpus), (miscounted, None)]))
+    assert any("max_layers" in b for b in check(sizes, {**options, "max_layers": 1}, decisions))
+    down = {"active_gpus": np.array([True, False, True, True])}
+    assert any("GPUs down" in b for b in check(sizes, options, [(first, down)]))
