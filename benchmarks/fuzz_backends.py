@@ -29,11 +29,15 @@ import json
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import eplb
+from tests import oracle
 
 # (experts, slots, groups, nodes, gpus): degenerate ones (one expert; one slot per GPU), small, DeepSeek-V3.
 SHAPES = [
@@ -159,15 +163,12 @@ def broken_promises(weight: np.ndarray, sizes: tuple, options: dict, placement: 
             if set(listed[listed >= 0].tolist()) != held or (listed >= 0).sum() != len(held):
                 broken.append(f"layer {layer}: log2phy of expert {expert} is not its slots")
                 break
-    speed = np.ones(gpus) if capacity is None else np.where(capacity > 0, capacity.astype(np.float64), 1.0)
 
-    def slowest(placed: np.ndarray, layer: int) -> float:
-        load = weight[layer].astype(np.float32).astype(np.float64)
-        per_slot = np.where(placed >= 0, load[np.maximum(placed, 0)], 0.0)
-        count = np.bincount(placed[placed >= 0], minlength=experts)
-        per_slot = np.where(placed >= 0, per_slot / np.maximum(count[np.maximum(placed, 0)], 1), 0.0)
-        per_gpu = per_slot.reshape(gpus, -1).sum(axis=1) / speed
-        return float(per_gpu[live].max())
+    def slowest(placed: np.ndarray) -> np.ndarray:
+        """``[L]`` float64: each layer's heaviest live GPU, by time with ``gpu_capacity`` (tests/oracle.py)."""
+        if capacity is None:
+            return oracle.gpu_loads64(weight, placed, gpus)[:, live].max(axis=1)
+        return oracle.capacity_times64(weight, placed, gpus, capacity)[:, live].max(axis=1)
 
     previous = options.get("previous")
     if broken:
@@ -178,9 +179,8 @@ def broken_promises(weight: np.ndarray, sizes: tuple, options: dict, placement: 
         if not live.all():
             blind_options["active_gpus"] = live
         blind = np.asarray(eplb.rebalance_experts(weight, *sizes, **blind_options).phy2log)
-        for layer in range(layers):
-            if slowest(phy2log[layer], layer) > slowest(blind[layer], layer) * (1 + 2.0**-16) * (1 + 1e-6):
-                broken.append(f"layer {layer}: gpu_capacity placement slower than the capacity-blind one")
+        for layer in np.flatnonzero(slowest(phy2log) > slowest(blind) * (1 + 2.0**-16) * (1 + 1e-6)):
+            broken.append(f"layer {layer}: gpu_capacity placement slower than the capacity-blind one")
     if previous is None:
         return broken
     fresh_options = {k: v for k, v in options.items() if k not in ("previous", *KNOBS)}
@@ -192,13 +192,12 @@ def broken_promises(weight: np.ndarray, sizes: tuple, options: dict, placement: 
         broken.append("previous= alone changed the GPUs' contents")
     if tolerance is None and (options.get("active_gpus") is not None or capacity is not None):
         tolerance = 0.0  # the elastic and capacity rules promise the bound with the default tolerance, 0
-    for layer in range(layers):
-        if tolerance is not None and cap is None:
-            bound = (1 + tolerance) * slowest(fresh[layer], layer)
-            if slowest(phy2log[layer], layer) > bound * (1 + 1e-5) + 1e-30:
-                broken.append(f"layer {layer}: heaviest GPU beyond 1 + balance_tolerance of the fresh placement's")
-        if cap is not None:
-            moved = added_pairs(phy2log[layer], previous[layer], gpus)
+    if tolerance is not None and cap is None:
+        bound = (1 + tolerance) * slowest(fresh)
+        for layer in np.flatnonzero(slowest(phy2log) > bound * (1 + 1e-5) + 1e-30):
+            broken.append(f"layer {layer}: heaviest GPU beyond 1 + balance_tolerance of the fresh placement's")
+    if cap is not None:
+        for layer, moved in enumerate(oracle.moves(previous, phy2log, gpus).tolist()):
             if moved > cap:
                 broken.append(f"layer {layer}: {moved} moves beyond max_moves={cap}")
     return broken
@@ -322,7 +321,7 @@ def draw_rebalancer(rng: np.random.Generator) -> tuple[tuple[int, ...], dict[str
 
 def decision_arrays(decision: Any) -> tuple:
     plan = decision.plan
-    copies = tuple(np.asarray(getattr(plan, name)) for name in sorted(vars(plan)) if _is_array(getattr(plan, name)))
+    copies = tuple(value for _, value in sorted(vars(plan).items()) if isinstance(value, np.ndarray))
     return (
         *decision.placement,
         decision.layers,
@@ -331,10 +330,6 @@ def decision_arrays(decision: Any) -> tuple:
         np.float64(decision.tolerance),
         *copies,
     )
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, np.ndarray)
 
 
 def run_rebalancer(sizes: tuple, options: dict, events: list, convert: Any) -> list[tuple[Any, dict | None]]:
@@ -351,15 +346,6 @@ def run_rebalancer(sizes: tuple, options: dict, events: list, convert: Any) -> l
         else:
             out.append((rebalancer.step(), gpus))
     return out
-
-
-def added_pairs(new: np.ndarray, old: np.ndarray, gpus: int) -> int:
-    """(expert, GPU) pairs of ``new [R]`` that ``old [R]`` lacks, counted with multiplicity per GPU."""
-    added = 0
-    for new_gpu, old_gpu in zip(gpu_contents(new[None], gpus)[0], gpu_contents(old[None], gpus)[0], strict=True):
-        held = Counter(old_gpu)
-        added += sum(max(n - held[e], 0) for e, n in Counter(new_gpu).items())
-    return added
 
 
 def broken_decisions(sizes: tuple, options: dict, decisions: list[tuple[Any, dict | None]]) -> list[str]:
@@ -389,10 +375,9 @@ def broken_decisions(sizes: tuple, options: dict, decisions: list[tuple[Any, dic
                 f"step {step}: layers {np.flatnonzero(on_down.any(axis=(1, 2))).tolist()} hold experts on GPUs down"
             )
         if before is not None and gpus_in_force is None:
-            for layer in range(len(phy2log)):
+            for layer, added in enumerate(oracle.moves(before, phy2log, gpus).tolist()):
                 if layer not in changed and not np.array_equal(phy2log[layer], before[layer]):
                     broken.append(f"step {step}: layer {layer} not in layers but changed")
-                added = added_pairs(phy2log[layer], before[layer], gpus)
                 if added != int(decision.moves[layer]):
                     broken.append(f"step {step}: layer {layer} moves {int(decision.moves[layer])}, counted {added}")
             if len(changed) > options.get("max_layers", len(changed)):

@@ -152,11 +152,10 @@ def test_workload(config, weight, name, policy):
     _all_agree(weight, config, _left_out(name), policy=policy)
 
 
-@pytest.mark.parametrize(
-    ("name", "config", "weight"),
-    _distinct_rows_per_config(WORKLOADS),
-    ids=[name for name, _, _ in _distinct_rows_per_config(WORKLOADS)],
-)
+MERGED_WORKLOADS = _distinct_rows_per_config(WORKLOADS)
+
+
+@pytest.mark.parametrize(("name", "config", "weight"), MERGED_WORKLOADS, ids=[w[0] for w in MERGED_WORKLOADS])
 def test_survivable_policy(name, config, weight):
     """The survivable policy has no kernel: every front door (JAX on a GPU included, where the default picks
     the Pallas kernels for the other policies) and every implementation that computes it place alike. A config's

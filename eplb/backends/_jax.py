@@ -405,8 +405,7 @@ def rebalance(
         pallas = kernel and _has_cuda() and pallas_available()
         host = (greedy and _jax_host.applies(options)) or (refined and _numba.available())
         impl = "pallas" if pallas else "host" if host else "xla"
-    bad_host = impl == "host" and not (greedy or refined)
-    if impl not in IMPLS or (impl == "triton" and not greedy) or bad_host or (impl == "pallas" and not kernel):
+    if impl not in IMPLS or (impl == "triton" and not greedy) or (impl in ("host", "pallas") and not kernel):
         raise ValueError(
             "impl must be 'pallas' or 'host' (greedy or refined policy, no spill), 'triton' (greedy policy only), "
             f"'xla' or None, got {impl!r} with {options}"
