@@ -51,9 +51,16 @@ Row by row, the same choices with the same float32 arithmetic:
   A single-slot change re-sums the GPUs that hold the two experts involved
   (or the slot); every other GPU keeps its slot loads, hence ``loads[g]`` bit
   for bit. An accepted change updates that state in place (the replica
-  loads of the experts it touched, their slots, the sums of their GPUs, each
-  changed GPU's copy counts) where the reference recomputes it every step:
-  the same products and sums, so the same bits. The coldest (hottest)
+  loads of the experts it touched, their slots, the sums of their GPUs and
+  each slot's GPU load without it, each changed GPU's copy counts, which
+  slots hold an expert with several replicas; the node's coldest and hottest
+  experts are found again after a replica count changed) where the reference
+  recomputes it every step: the same products and sums, so the same bits.
+  The swaps' changed-GPU loads are computed for every slot of the node in a
+  loop without branches, and the slots below the threshold collected without
+  a branch per slot (about a quarter pass, in no order a branch predictor
+  learns); a candidate whose changed load alone exceeds the best key so far
+  is skipped (its key is at least that load). The coldest (hottest)
   expert other than ``e`` is the first extreme of the node's groups unless
   that is ``e``, then the second (loads
   are ``>= 0``, so the reference's ``-1`` filler never wins an argmax). A row
@@ -475,6 +482,20 @@ def _own_copies(
 
 
 @_inline
+def _room(loads: np.ndarray, slot_load: np.ndarray, g: int, per_gpu: int, room: np.ndarray) -> None:
+    """``room[t] = loads[g] - slot_load[t]`` for the slots of GPU ``g``: its load without each of them."""
+    for t in range(g * per_gpu, (g + 1) * per_gpu):
+        room[t] = loads[g] - slot_load[t]
+
+
+@_inline
+def _donors(cur: np.ndarray, cnt: np.ndarray, lo: int, hi: int, donor: np.ndarray) -> None:
+    """``donor[t]`` for ``t`` in ``[lo, hi)``: slot ``t`` holds an expert with several replicas (``-1``: none)."""
+    for t in range(lo, hi):
+        donor[t] = cur[t] >= 0 and cnt[cur[t]] >= 2
+
+
+@_inline
 def _csr(row: np.ndarray, scratch: np.ndarray, head: np.ndarray, slots_of: np.ndarray, where: np.ndarray) -> None:
     """The slots of each expert of ``row`` (``-1`` left out), in slot order: ``slots_of[head[e]:head[e + 1]]``;
     ``where[t]``: the index of slot ``t`` in ``slots_of`` (unset for ``-1`` slots).
@@ -546,15 +567,19 @@ def _repair(
     stamp = 0
     zero = np.float32(0.0)
     affected = np.empty(num_gpus, np.int64)
-    swap_t = np.empty(per_node, np.int64)  # the swap partners: slots of the node off the heavy GPU
-    swap_y = np.empty(per_node, np.float32)
-    swap_room = np.empty(per_node, np.float32)
-    swap_moves = np.empty(per_node, np.int64)
-    swap_floor = np.empty(per_node, np.float32)
+    room = np.empty(num_phy, np.float32)  # each slot's GPU load without it: loads[g] - slot_load[t]
+    donor = np.empty(num_phy, np.bool_)  # whether each slot holds an expert with several replicas
     swap_changed = np.empty(per_node, np.float32)
+    passing = np.empty(per_node, np.int64)
     heaviest = np.empty(TOP, np.int64)  # the heaviest GPUs, heaviest first
-    donors = np.empty(per_node, np.int64)  # slots of the node whose expert has several replicas
-    donor_room = np.empty(per_node, np.float32)  # their GPU's load without them
+    # Per node: the coldest and hottest experts of the groups on it (first and second, see _extremes), valid
+    # until a replica count changes (a swap keeps every expert on its node and every count).
+    extremes = np.empty((num_nodes, 4), np.int64)
+    extremes_known = np.zeros(num_nodes, np.bool_)
+    donors = np.empty(per_node, np.int64)  # the node's slots that hold an expert with several replicas
+    gpu_of = np.empty(num_phy, np.int64)  # each slot's GPU (a table: no division in the step)
+    for t in range(num_phy):
+        gpu_of[t] = t // per_gpu
     here = np.empty(num_groups, np.bool_)
     group_of = np.empty(num_log, np.int64)  # each expert's group (a table: no division in the step)
     for e in range(num_log):
@@ -582,14 +607,28 @@ def _repair(
             slot_load[t] = per_replica[cur[t]] if cur[t] >= 0 else zero  # an empty slot weighs nothing
         for g in range(num_gpus):
             loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
+            _room(loads, slot_load, g, per_gpu, room)
             _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
+        _donors(cur, cnt, 0, num_phy, donor)
+        extremes_known[:] = False
         _csr(old_b, count_now, old_head, old_slots, where)
         listed = False  # whether head / slots_of list cur's slots (a swap keeps them listed, see below)
         for _ in range(max_iters):
-            heavy = -1  # the heaviest live GPU, first on ties (a failed GPU's slots are all -1)
+            # One pass: the heaviest live GPU, first on ties (a failed GPU's slots are all -1), and the TOP
+            # heaviest GPUs, heaviest first, first on ties (a strict comparison: a later GPU goes after an equal).
+            heavy = -1
+            num_top = 0
             for g in range(num_gpus):
-                if cur[g * per_gpu] >= 0 and (heavy < 0 or loads[g] > loads[heavy]):
+                load_g = loads[g]
+                if cur[g * per_gpu] >= 0 and (heavy < 0 or load_g > loads[heavy]):
                     heavy = g
+                if num_top < TOP or load_g > loads[heaviest[num_top - 1]]:
+                    k = min(num_top, TOP - 1)
+                    while k > 0 and loads[heaviest[k - 1]] < load_g:
+                        heaviest[k] = heaviest[k - 1]
+                        k -= 1
+                    heaviest[k] = g
+                    num_top = min(num_top + 1, TOP)
             if heavy < 0:  # no live GPU: nothing to do
                 break
             heavy_load = loads[heavy]
@@ -628,17 +667,21 @@ def _repair(
                     if 0 <= v < gpus_per_node:
                         was_b_e[i, v] += 1
             # The heaviest GPU but a and g (-inf if none) is the reference's top of the others (the first of the
-            # heaviest), or for g = top the second: the heaviest of the others but top, ties included.
+            # heaviest), or for g = top the second: the heaviest of the others but top, ties included. Both are
+            # among the TOP heaviest (a is one of them, or lighter than all), in that order.
             top = 0
             top_load = NEG_INF32
             second = NEG_INF32
-            for g in range(num_gpus):
+            has_top = False
+            for k in range(num_top):
+                g = heaviest[k]
                 if g == heavy:
                     continue
-                if loads[g] > top_load:
-                    top, top_load, second = g, loads[g], top_load
-                elif loads[g] > second:
+                if not has_top:
+                    top, top_load, has_top = g, loads[g], True
+                else:
                     second = loads[g]
+                    break
             # The best allowed candidate so far, candidates visited in the reference's index order.
             has_best = False
             best_key = INF32
@@ -648,90 +691,76 @@ def _repair(
             best_i = 0
             best_t = 0
             best_e = 0
-            # Swaps: slot i of the heavy GPU <-> slot t of another GPU of its node (2 moves at most). Per slot t,
-            # what does not depend on i: its load, its GPU's load without it, its share of the moves, and
-            # max(rest, limit), as key = max(max(changed, rest), limit) = max(changed, max(rest, limit)).
-            # (Slots visited GPU by GPU, in slot order: no division in the loops.)
-            num_swaps = 0
-            for g in range(g0, g0 + gpus_per_node):
-                if g == heavy or cur[g * per_gpu] < 0:  # a failed GPU's slots take no expert
-                    continue
-                rest = second if g == top else top_load
-                floor = rest if rest >= lim else lim
-                for t in range(g * per_gpu, (g + 1) * per_gpu):
-                    e = cur[t]
-                    swap_t[num_swaps] = t
-                    swap_y[num_swaps] = slot_load[t]
-                    swap_room[num_swaps] = loads[g] - slot_load[t]
-                    onto_a = 1 if count_now[e] >= count_old[e] else 0  # e's copy on a would be a new pair
-                    off_b = 1 if own_now[t] > own_old[t] else 0  # t gives up one of e's extra copies on its GPU
-                    swap_moves[num_swaps] = onto_a - off_b
-                    swap_floor[num_swaps] = floor
-                    num_swaps += 1
-            for i in range(per_gpu):
-                count_now[cur[a0 + i]] = 0
-                if old_b[a0 + i] >= 0:
-                    count_old[old_b[a0 + i]] = 0
+            # Swaps: slot i of the heavy GPU <-> slot t of another GPU of its node (2 moves at most), t in slot
+            # order. The changed GPUs' loads of every slot of the node first, in a loop without branches
+            # (vectorised: room[t] is kept up to date, see below); then, in slot order, the few below the
+            # threshold that are partners (off the heavy GPU, on a live one), key = max(max(changed, rest), limit)
+            # = max(changed, max(rest, limit)).
+            floor_top = second if second >= lim else lim  # max(rest, limit): rest the heaviest GPU but a and g
+            floor_other = top_load if top_load >= lim else lim
             for i in range(per_gpu):
                 e = out_e[i]
                 x = out_x[i]
                 less_a = heavy_load - x
                 moves_i = -1 if now_a_e[i] > was_a_e[i] else 0
-                # The changed GPUs' loads of every partner first, in a loop without branches (vectorised);
-                # then the few partners below the threshold, in index order.
-                for k in range(num_swaps):
-                    new_a = less_a + swap_y[k]
-                    new_b = swap_room[k] + x
-                    swap_changed[k] = new_a if new_a >= new_b else new_b
-                for k in range(num_swaps):
-                    changed = swap_changed[k]
-                    if not changed < threshold:
+                for u in range(per_node):
+                    new_a = less_a + slot_load[n0 + u]
+                    new_b = room[n0 + u] + x
+                    swap_changed[u] = new_a if new_a >= new_b else new_b
+                # The slots below the threshold, in order, without a branch per slot (about a quarter pass, at
+                # random: a branch would be mispredicted often).
+                num_pass = 0
+                for u in range(per_node):
+                    passing[num_pass] = u
+                    num_pass += swap_changed[u] < threshold
+                for k in range(num_pass):
+                    u = passing[k]
+                    changed = swap_changed[u]
+                    if has_best and changed > best_key:  # its key is at least changed: never better
                         continue
-                    t = swap_t[k]
-                    if cur[t] == e:
+                    t = n0 + u
+                    f = cur[t]
+                    if f < 0 or f == e or a0 <= t < a0 + per_gpu:  # a failed GPU's slot, e itself, the heavy GPU
                         continue
-                    v = t // per_gpu - g0
-                    moves = moves_i + swap_moves[k] + (1 if now_b_e[i, v] >= was_b_e[i, v] else 0)
+                    g = gpu_of[t]
+                    onto_a = 1 if count_now[f] >= count_old[f] else 0  # f's copy on a would be a new pair
+                    off_b = 1 if own_now[t] > own_old[t] else 0  # t gives up one of f's extra copies on its GPU
+                    v = g - g0
+                    moves = moves_i + (onto_a - off_b) + (1 if now_b_e[i, v] >= was_b_e[i, v] else 0)
                     if moved + moves > cap:
                         continue
-                    key = changed if changed >= swap_floor[k] else swap_floor[k]
+                    floor = floor_top if g == top else floor_other
+                    key = changed if changed >= floor else floor
                     if not has_best or _better(key, moves, changed, best_key, best_moves, best_second):
                         has_best = True
                         best_key, best_moves, best_second = key, moves, changed
                         best_swap, best_i, best_t = True, i, t
-            num_top = 0  # the TOP heaviest GPUs (any order among equal loads: only their loads are used)
-            for g in range(num_gpus):
-                if num_top < TOP or loads[g] > loads[heaviest[num_top - 1]]:
-                    k = min(num_top, TOP - 1)
-                    while k > 0 and loads[heaviest[k - 1]] < loads[g]:
-                        heaviest[k] = heaviest[k - 1]
-                        k -= 1
-                    heaviest[k] = g
-                    num_top = min(num_top + 1, TOP)
+            for i in range(per_gpu):
+                count_now[cur[a0 + i]] = 0
+                if old_b[a0 + i] >= 0:
+                    count_old[old_b[a0 + i]] = 0
             # Replicate out: expert e of a takes the slot of a multi-replica expert of the node where the
             # change leaves that slot's GPU lightest (first on ties).
             num_donors = 0
-            for g in range(g0, g0 + gpus_per_node):
-                for t in range(g * per_gpu, (g + 1) * per_gpu):
-                    if cur[t] >= 0 and cnt[cur[t]] >= 2:  # a failed GPU's slot gives no expert
-                        donors[num_donors] = t
-                        donor_room[num_donors] = loads[g] - slot_load[t]
-                        num_donors += 1
+            for t in range(n0, n0 + per_node):  # a failed GPU's slot gives no expert (not a donor)
+                if donor[t]:
+                    donors[num_donors] = t
+                    num_donors += 1
             for i in range(per_gpu):
                 e = out_e[i]
                 grown = extra[e]
                 target = 0
                 guess = INF32
-                donor = False
+                found = False
                 for k in range(num_donors):
                     t = donors[k]
                     if cur[t] == e:
                         continue
-                    donor = True
-                    value = donor_room[k] + grown
+                    found = True
+                    value = room[t] + grown
                     if value < guess:
                         target, guess = t, value
-                if not donor:
+                if not found:
                     continue
                 stamp += 1
                 peak, moves = _rewrite(
@@ -762,13 +791,16 @@ def _repair(
                     best_swap, best_t, best_e = False, target, e
             # Replace in: a slot of a whose expert has several replicas gets the coldest expert (lightest
             # extra replica), then the hottest (heaviest replicas), of the groups present on the node.
-            for k in range(num_groups):
-                here[k] = False
-            for u in range(per_node):
-                if cur[n0 + u] >= 0:
-                    here[group_of[cur[n0 + u]]] = True
-            cold1, cold2 = _extremes(extra, here, group_size, False)
-            hot1, hot2 = _extremes(per_replica, here, group_size, True)
+            if not extremes_known[node]:
+                for k in range(num_groups):
+                    here[k] = False
+                for u in range(per_node):
+                    if cur[n0 + u] >= 0:
+                        here[group_of[cur[n0 + u]]] = True
+                extremes[node, 0], extremes[node, 1] = _extremes(extra, here, group_size, False)
+                extremes[node, 2], extremes[node, 3] = _extremes(per_replica, here, group_size, True)
+                extremes_known[node] = True
+            cold1, cold2, hot1, hot2 = extremes[node, 0], extremes[node, 1], extremes[node, 2], extremes[node, 3]
             for hot in range(2):
                 for i in range(per_gpu):
                     e = out_e[i]
@@ -818,8 +850,10 @@ def _repair(
                 # The two experts trade slots: each one's entry for its old slot names the other slot.
                 slots_of[where[give]], slots_of[where[best_t]] = best_t, give
                 where[give], where[best_t] = where[best_t], where[give]
+                donor[give], donor[best_t] = donor[best_t], donor[give]
                 for g in (heavy, best_t // per_gpu):
                     loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
+                    _room(loads, slot_load, g, per_gpu, room)
                     _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
             else:  # every replica of the two experts changes load: their GPUs are summed again
                 gone = cur[best_t]
@@ -849,8 +883,11 @@ def _repair(
                 for k in range(num_affected):
                     g = affected[k]
                     loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
+                    _room(loads, slot_load, g, per_gpu, room)
                 g = best_t // per_gpu
                 _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
+                _donors(cur, cnt, 0, num_phy, donor)  # two counts changed: any slot of either expert
+                extremes_known[:] = False
                 listed = False  # the counts changed: listed again next step
             moved += best_moves
         out_moved[b] = moved
