@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,54 @@ def test_sticky_pack_equals_the_array_api_repacking():
             assert sorted(row) == sorted(packed), trial
 
 
+def test_sticky_pack_rows_split_over_threads_equal_the_array_api_repacking(monkeypatch):
+    """Rows dealt to threads (uneven splits, with and without initial loads and the reserve rule) come back in
+    place: the array-API repacking row by row."""
+    calls = []
+    kernel = repair_numba._sticky_pack
+
+    def counted(*args):
+        calls.append(len(args[0]))
+        return kernel(*args)
+
+    monkeypatch.setattr(repair_numba, "_sticky_pack", counted)
+    monkeypatch.setattr(repair_numba, "MIN_ROWS_PER_THREAD", 2)
+    rng = np.random.default_rng(12)
+    for trial, threads in enumerate((2, 3, 4, 2, 5, 3)):
+        monkeypatch.setattr(_threads, "THREADS", threads)
+        packs, capacity = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        n, rows = packs * capacity, int(rng.integers(4, 12))
+        experts = int(rng.integers(1, n + 1))
+        base = _placement(rng, rows, n, experts, cover=False)
+        old = _placement(rng, rows, n, experts, cover=False)
+        item_load = np.take_along_axis(_loads(rng, rows, experts), base, axis=1)
+        limit = (item_load.sum(axis=1, keepdims=True, dtype=np.float32) * np.float32(0.6 / packs)).astype(np.float32)
+        extra = {}
+        if trial % 2:
+            extra = {"initial_load": rng.uniform(0, 1, (rows, packs)).astype(np.float32), "reserve": trial % 4 == 1}
+        calls.clear()
+        got = repair_numba.sticky_pack(base, old, item_load, limit, packs, **extra)
+        parts = min(threads, rows // 2)
+        assert sorted(calls) == sorted(len(range(k, rows, parts)) for k in range(parts))  # it did split
+        np.testing.assert_array_equal(got, sticky_pack(base, old, item_load, limit, packs, xp=np, **extra))
+
+
+def _moves_oracle(new: np.ndarray, old: np.ndarray, num_gpus: int) -> list:
+    """Per row, plain Python: the (expert, GPU) pairs of new beyond old's, counted as multisets per GPU."""
+    per_gpu = new.shape[1] // num_gpus
+    moves = []
+    for row_new, row_old in zip(new.tolist(), old.tolist(), strict=True):
+        total = 0
+        for g in range(num_gpus):
+            now, was = (
+                Counter(row_new[g * per_gpu : (g + 1) * per_gpu]),
+                Counter(row_old[g * per_gpu : (g + 1) * per_gpu]),
+            )
+            total += sum(max(0, c - was[e]) for e, c in now.items())
+        moves.append(total)
+    return moves
+
+
 def test_align_slots_and_replica_counts_equal_the_array_api_ones():
     rng = np.random.default_rng(6)
     for trial in range(200):
@@ -220,6 +269,13 @@ def test_align_slots_and_replica_counts_equal_the_array_api_ones():
         got = repair_numba.replica_counts(new, experts)
         assert got.dtype == new.dtype
         np.testing.assert_array_equal(got, replica_counts(new, experts, xp=np))
+        if trial % 4 == 1:  # an empty GPU in old (a failed one): -1 ids are compared, never indexed
+            old = old.copy()
+            old[:, :per_gpu] = -1
+        got = repair_numba.count_moves(new, old, gpus)
+        assert got.dtype == new.dtype
+        np.testing.assert_array_equal(got, _moves_oracle(new, old, gpus))
+        np.testing.assert_array_equal(got, count_moves(new, old, gpus, xp=np))
 
 
 def _captured(weight: np.ndarray, previous: np.ndarray, config: tuple, **knobs) -> list:

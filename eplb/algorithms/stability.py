@@ -160,6 +160,7 @@ def stabilize(
     heaviest_gpu_fn: Callable[..., Any] = heaviest_gpu,
     choose_fn: Callable[..., Any] = choose,
     polish_fn: Callable[..., Any] = polish,
+    count_moves_fn: Callable[..., Any] = count_moves,
 ) -> tuple[Any, Any]:
     """``phy2log [B, R]`` and ``logcnt [B, E]``: ``fresh`` (with ``logcnt``), or a migration-aware
     variant of it, given ``old [B, R]``.
@@ -189,11 +190,11 @@ def stabilize(
     the heaviest GPU above it.
     ``relabel_fn``, ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``,
     ``replica_counts_fn``, ``heaviest_gpu_fn``, ``choose_fn``,
-    ``polish_fn``: :func:`relabel`, :func:`sticky_pack`, :func:`repair`,
-    :func:`align_slots`, :func:`replica_counts`,
-    :func:`~eplb.algorithms.repair.heaviest_gpu`, :func:`choose` and
-    :func:`~eplb.algorithms.polish.polish`, or compiled kernels equal to
-    them (same arguments).
+    ``polish_fn``, ``count_moves_fn``: :func:`relabel`, :func:`sticky_pack`,
+    :func:`repair`, :func:`align_slots`, :func:`replica_counts`,
+    :func:`~eplb.algorithms.repair.heaviest_gpu`, :func:`choose`,
+    :func:`~eplb.algorithms.polish.polish` and :func:`count_moves`, or
+    compiled kernels equal to them (same arguments).
     """
     batch, num_phy = fresh.shape
     num_log = weight.shape[1]
@@ -205,7 +206,7 @@ def stabilize(
     peak = heaviest_gpu_fn(weight, fresh, logcnt, num_gpus, xp=xp)
     limit = peak * _factor(tolerance, peak, xp=xp)
     cap = _cap(max_moves, num_phy, fresh, xp=xp)
-    base_moves = xp.reshape(count_moves(base, old, num_gpus, xp=xp), (batch, 1))
+    base_moves = xp.reshape(count_moves_fn(base, old, num_gpus, xp=xp), (batch, 1))
     budget = xp.where(base_moves - 1 < cap, base_moves - 1, cap)  # a repair must beat the relabelled placement
 
     # Sticky starts: the fresh replicas repacked per node, each preferring its old GPU, once within the limit
@@ -336,6 +337,7 @@ def place_stable(
     heaviest_gpu_fn: Callable[..., Any] = heaviest_gpu,
     choose_fn: Callable[..., Any] = choose,
     polish_fn: Callable[..., Any] = polish,
+    count_moves_fn: Callable[..., Any] = count_moves,
     **options: Any,
 ) -> tuple[Any, Any, Any]:
     """Like :func:`eplb.algorithms.policies.place`, keeping the experts of ``previous [L, R]`` in place.
@@ -347,8 +349,8 @@ def place_stable(
     ``place_fn``, ``relabel_fn``, ``log2phy_fn``: :func:`place`,
     :func:`relabel` and the slot-order ``log2phy`` below, and
     ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``,
-    ``replica_counts_fn``, ``heaviest_gpu_fn``, ``choose_fn``, ``polish_fn``
-    (used only with ``tolerance`` or ``max_moves``):
+    ``replica_counts_fn``, ``heaviest_gpu_fn``, ``choose_fn``, ``polish_fn``,
+    ``count_moves_fn`` (used only with ``tolerance`` or ``max_moves``):
     :func:`stabilize`'s, and ``group_split_fn`` :func:`near_split`'s, or
     fused implementations equal to them (a backend's fast paths).
     Replica numbers in ``log2phy`` follow slot order (replica ``k`` of an
@@ -388,6 +390,7 @@ def place_stable(
         heaviest_gpu_fn=heaviest_gpu_fn,
         choose_fn=choose_fn,
         polish_fn=polish_fn,
+        count_moves_fn=count_moves_fn,
     )
     if log2phy_fn is not None:
         return phy2log, log2phy_fn(phy2log, weight.shape[1]), logcnt

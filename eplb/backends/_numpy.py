@@ -113,7 +113,7 @@ def rebalance_stable(
     (:func:`rebalance`'s rule), the relabelling as one compiled kernel
     (:mod:`eplb.kernels.relabel_numba`) and, with ``tolerance`` or
     ``max_moves``, the sticky repacking, the local search and their
-    slot-order and replica-count steps as compiled kernels
+    slot-order, replica-count and move-count steps as compiled kernels
     (:mod:`eplb.kernels.repair_numba`), the near split's group swap
     (:mod:`eplb.kernels.group_split_numba`) and the polish
     (:mod:`eplb.kernels.polish_numba`); ``"xp"`` the array-API
@@ -157,11 +157,15 @@ def rebalance_stable(
         def replica_counts_fn(phy2log: np.ndarray, experts: int, *, xp: Any) -> np.ndarray:
             return repair_numba.replica_counts(phy2log, experts)
 
+        def count_moves_fn(new: np.ndarray, old: np.ndarray, gpus: int, *, xp: Any) -> np.ndarray:
+            return repair_numba.count_moves(new, old, gpus)
+
         hooks = {
             "place_fn": place_fn,
             "relabel_fn": relabel_fn,
             **_repair_hooks(),
             "replica_counts_fn": replica_counts_fn,
+            "count_moves_fn": count_moves_fn,
             "log2phy_fn": relabel_numba.log2phy_in_slot_order,
             "group_split_fn": group_split_numba.near_group_split,
         }

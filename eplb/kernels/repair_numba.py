@@ -8,8 +8,8 @@ around the start's moves, limits below and above its peak, a short
 passes them for real DeepSeek-V3 loads and small configs, and through the
 numpy adapter (``previous=`` with ``tolerance`` / ``max_moves``, kernels
 against the array-API layer); a test also reads the machine code (float32
-only, no FMA). Also here, for the same call: :func:`align_slots` and
-:func:`replica_counts` of :mod:`eplb.algorithms.relabel` (same tests).
+only, no FMA). Also here, for the same call: :func:`align_slots`, :func:`replica_counts`
+and :func:`count_moves` of :mod:`eplb.algorithms.relabel` (same tests).
 
 The elastic path (``active_gpus`` with ``previous=``,
 :func:`eplb.algorithms.elastic.stabilize_elastic`) runs them on placements
@@ -93,7 +93,7 @@ from eplb.kernels._threads import map_rows
 from eplb.kernels.greedy_numba import rank_desc
 from eplb.kernels.relabel_numba import _max_assignment
 
-__all__ = ["align_slots", "relabel_pinned", "repair", "replica_counts", "sticky_pack", "warm_up"]
+__all__ = ["align_slots", "count_moves", "relabel_pinned", "repair", "replica_counts", "sticky_pack", "warm_up"]
 
 _jit = njit()
 # Helpers of the hot loops, inlined at numba IR level (a call costs argument marshalling and array reference counting).
@@ -271,7 +271,7 @@ def sticky_pack(
     ``base``, ``old`` ``[B, n]`` integer ids >= 0 (with ``initial_load``:
     >= -1, ``-1`` an empty slot); ``item_load [B, n]``, ``limit [B, 1]`` and
     ``initial_load [B, m]`` (or ``[1, m]``) float32. Returns ``[B, n]`` in
-    ``base``'s dtype.
+    ``base``'s dtype. Rows are independent: threaded as :func:`repair`'s.
     """
     _check_float32(item_load, limit)
     _check_ids(None, base, old, lowest=0 if initial_load is None else -1)
@@ -281,19 +281,44 @@ def sticky_pack(
     else:
         _check_float32(initial_load)
         initial = np.ascontiguousarray(np.broadcast_to(initial_load, (batch, num_packs)))
-    out = np.empty(base.shape, np.int64)
-    _sticky_pack(
+    rows = (
         np.ascontiguousarray(base, dtype=np.int64),
         np.ascontiguousarray(old, dtype=np.int64),
         np.ascontiguousarray(item_load),
         np.ascontiguousarray(np.reshape(limit, (-1,))),
-        num_packs,
         initial,
-        initial_load is not None,
-        bool(reserve),
-        out,
     )
+
+    def run(part: np.ndarray | None) -> tuple[np.ndarray]:
+        mine = rows if part is None else tuple(a[part] for a in rows)
+        out = np.empty(mine[0].shape, np.int64)
+        _sticky_pack(*mine[:4], num_packs, mine[4], initial_load is not None, bool(reserve), out)
+        return (out,)
+
+    (out,) = map_rows(run, batch, MIN_ROWS_PER_THREAD)
     return out.astype(base.dtype, copy=False)
+
+
+@_jit
+def _count_moves_rows(new: np.ndarray, old: np.ndarray, per_gpu: int, out: np.ndarray) -> None:
+    for b in range(new.shape[0]):
+        out[b] = _count_moves(new[b], old[b], per_gpu)
+
+
+def count_moves(new: np.ndarray, old: np.ndarray, num_gpus: int) -> np.ndarray:
+    """:func:`eplb.algorithms.relabel.count_moves` (same arguments but ``xp``): ``[B]`` in ``new``'s dtype.
+
+    The ``(expert, GPU)`` pairs of ``new [B, R]`` that ``old [B, R]`` lacks,
+    as multisets per GPU; ids are only compared (any integers, ``-1``
+    included). numpy's reductions over the few slots of a GPU cost about
+    1 ms on DeepSeek-V3's 58 layers; this costs microseconds.
+    """
+    out = np.empty(new.shape[0], np.int64)
+    per_gpu = new.shape[1] // num_gpus
+    _count_moves_rows(
+        np.ascontiguousarray(new, dtype=np.int64), np.ascontiguousarray(old, dtype=np.int64), per_gpu, out
+    )
+    return out.astype(new.dtype, copy=False)
 
 
 # ---------------------------------------------------------------- repair
@@ -1125,6 +1150,7 @@ def warm_up() -> None:
     counts = replica_counts(phy2log, 4)
     limit = np.zeros((1, 1), np.float32)
     sticky_pack(phy2log, old, np.ones((1, 8), np.float32), limit, 2)
+    count_moves(phy2log, old, 4)
     align_slots(phy2log, old, 4)
     relabel_pinned(phy2log, old, np.ones((1, 4), bool), 4, 2)
     repair(phy2log, counts, old, weight, limit, np.ones((1, 1), np.int64), np.ones((1, 1), bool), 4, 2, 2, 4)
