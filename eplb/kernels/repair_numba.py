@@ -346,6 +346,34 @@ def _count_moves(new: np.ndarray, old: np.ndarray, per_gpu: int) -> int:
 
 
 @_inline
+def _count_moves_counted(new: np.ndarray, old: np.ndarray, per_gpu: int, count: np.ndarray) -> int:
+    """:func:`_count_moves` for ids in ``[-1, E)``: per GPU, old's copies counted per expert (``count``: zeros over
+    experts, zeros again on return; ``-1`` apart), each of new's copies kept while old has one left."""
+    num_phy = new.shape[0]
+    kept = 0
+    for lo in range(0, num_phy, per_gpu):
+        empty = 0  # old's -1 slots on this GPU
+        for r in range(lo, lo + per_gpu):
+            if old[r] >= 0:
+                count[old[r]] += 1
+            else:
+                empty += 1
+        for q in range(lo, lo + per_gpu):
+            e = new[q]
+            if e >= 0:
+                if count[e] > 0:
+                    kept += 1
+                    count[e] -= 1
+            elif empty > 0:
+                kept += 1
+                empty -= 1
+        for r in range(lo, lo + per_gpu):
+            if old[r] >= 0:
+                count[old[r]] = 0
+    return num_phy - kept
+
+
+@_inline
 def _copies(row: np.ndarray, lo: int, size: int, e: int) -> int:
     """Copies of ``e`` in ``row[lo : lo + size]``."""
     c = 0
@@ -353,6 +381,23 @@ def _copies(row: np.ndarray, lo: int, size: int, e: int) -> int:
         if row[k] == e:
             c += 1
     return c
+
+
+@_inline
+def _new_slot_load(
+    cur: np.ndarray,
+    slot_load: np.ndarray,
+    t: int,
+    slot: int,
+    expert: int,
+    gone: int,
+    load_in: np.float32,
+    load_gone: np.float32,
+) -> np.float32:
+    """Slot ``t``'s load after ``cur[slot] = expert``: ``expert``'s and ``gone``'s replicas take their new loads."""
+    e = cur[t]
+    kept = load_gone if e == gone else slot_load[t]
+    return load_in if (t == slot) | (e == expert) else kept
 
 
 @_inline
@@ -430,16 +475,10 @@ def _rewrite(
         load_gone = weight[gone] * recip[cnt[gone] - 1]
         for k in range(num_affected):
             lo = affected[k] * per_gpu
-            total = NEG_INF32
-            for t in range(lo, lo + per_gpu):
-                e = expert if t == slot else cur[t]
-                if e == expert:
-                    x = load_in
-                elif e == gone:
-                    x = load_gone
-                else:
-                    x = slot_load[t]
-                total = x if t == lo else total + x
+            # Left to right from the first slot, each slot's new load chosen without a branch.
+            total = _new_slot_load(cur, slot_load, lo, slot, expert, gone, load_in, load_gone)
+            for t in range(lo + 1, lo + per_gpu):
+                total = total + _new_slot_load(cur, slot_load, t, slot, expert, gone, load_in, load_gone)
             if total >= threshold:
                 return total, 0
             if total > peak:
@@ -497,13 +536,34 @@ def _gpu_sum(slot_load: np.ndarray, lo: int, per_gpu: int) -> np.float32:
 
 @_inline
 def _own_copies(
-    cur: np.ndarray, old: np.ndarray, lo: int, per_gpu: int, own_now: np.ndarray, own_old: np.ndarray
+    cur: np.ndarray,
+    old: np.ndarray,
+    lo: int,
+    per_gpu: int,
+    own_now: np.ndarray,
+    own_old: np.ndarray,
+    count_now: np.ndarray,
+    count_old: np.ndarray,
 ) -> None:
-    """Per slot ``t`` of the GPU at ``lo``: copies of ``cur[t]`` on that GPU now and in ``old`` (0 for ``-1``)."""
+    """Per slot ``t`` of the GPU at ``lo``: copies of ``cur[t]`` on that GPU now and in ``old`` (0 for ``-1``).
+
+    ``count_now``, ``count_old``: zeros over experts, zeros again on return (a count per expert: a pass over the
+    GPU's slots, not one per slot).
+    """
+    for t in range(lo, lo + per_gpu):
+        if cur[t] >= 0:
+            count_now[cur[t]] += 1
+        if old[t] >= 0:
+            count_old[old[t]] += 1
     for t in range(lo, lo + per_gpu):
         e = cur[t]
-        own_now[t] = _copies(cur, lo, per_gpu, e) if e >= 0 else 0
-        own_old[t] = _copies(old, lo, per_gpu, e) if e >= 0 else 0
+        own_now[t] = count_now[e] if e >= 0 else 0
+        own_old[t] = count_old[e] if e >= 0 else 0
+    for t in range(lo, lo + per_gpu):
+        if cur[t] >= 0:
+            count_now[cur[t]] = 0
+        if old[t] >= 0:
+            count_old[old[t]] = 0
 
 
 @_inline
@@ -618,7 +678,7 @@ def _repair(
         w = weight[b]
         lim = limit[b]
         cap = budget[b]
-        moved = _count_moves(cur, old_b, per_gpu)
+        moved = _count_moves_counted(cur, old_b, per_gpu, count_old)
         out_moved[b] = moved
         if not valid[b]:
             continue
@@ -633,7 +693,7 @@ def _repair(
         for g in range(num_gpus):
             loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
             _room(loads, slot_load, g, per_gpu, room)
-            _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
+            _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old, count_now, count_old)
         _donors(cur, cnt, 0, num_phy, donor)
         extremes_known[:] = False
         _csr(old_b, count_now, old_head, old_slots, where)
@@ -879,7 +939,7 @@ def _repair(
                 for g in (heavy, best_t // per_gpu):
                     loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
                     _room(loads, slot_load, g, per_gpu, room)
-                    _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
+                    _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old, count_now, count_old)
             else:  # every replica of the two experts changes load: their GPUs are summed again
                 gone = cur[best_t]
                 cur[best_t] = best_e
@@ -900,6 +960,7 @@ def _repair(
                         if t == best_t:
                             continue
                         slot_load[t] = per_replica[e]
+                        donor[t] = cnt[e] >= 2
                         g = t // per_gpu
                         if mark[g] != stamp:
                             mark[g] = stamp
@@ -910,8 +971,9 @@ def _repair(
                     loads[g] = _gpu_sum(slot_load, g * per_gpu, per_gpu)
                     _room(loads, slot_load, g, per_gpu, room)
                 g = best_t // per_gpu
-                _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old)
-                _donors(cur, cnt, 0, num_phy, donor)  # two counts changed: any slot of either expert
+                _own_copies(cur, old_b, g * per_gpu, per_gpu, own_now, own_old, count_now, count_old)
+                # (best_t stays a donor: it held an expert with several replicas, a donor's or one of a's whose count
+                # is at least 2, and now holds best_e, which has at least 2.)
                 extremes_known[:] = False
                 listed = False  # the counts changed: listed again next step
             moved += best_moves
