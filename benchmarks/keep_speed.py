@@ -16,6 +16,7 @@ config, for the ratio.
 
     python benchmarks/keep_speed.py [--runs 20] [--gpu | --gpu-only] [--no-jax] [--xp] [--markdown FILE]
     python benchmarks/keep_speed.py --pairs [--runs 7]
+    python benchmarks/keep_speed.py --drift [--runs 5]
 
 ``--pairs``: instead, the numpy call with ``balance_tolerance=0.005`` for every
 pair of consecutive SGLang files (in name order, the last back to the first):
@@ -25,6 +26,10 @@ until the limit is met (a prefill/decode change takes the most steps).
 ``--gpu-only --no-jax``: the torch CUDA row alone (its knobs run the kernels of
 :mod:`eplb.kernels.repair_triton`), without XLA's compiles. GPU rows name
 the card.
+
+``--drift``: the same call along drifting synthetic traces (58 layers,
+lognormal and zipf loads, drift 0.1 and 0.3 a window), each window re-planned
+from the one before: the search's worst cases come from fast drift.
 
 ``--elastic``: the same calls with ``active_gpus`` (GPU 5 down, or the GPUs
 of ``--down``, e.g. ``5,13`` or ``0-7``; the mask on the loads' device),
@@ -193,6 +198,44 @@ def pairs_table(runs: int) -> str:
     return "\n".join(lines)
 
 
+DRIFTS = (0.1, 0.3)
+
+
+def drift_table(runs: int) -> str:
+    """Median numpy ms of ``previous=`` + ``balance_tolerance=0.005`` along drifting synthetic traces.
+
+    58 layers x 256 experts (DeepSeek-V3's shape), lognormal loads drifting by
+    ``exp(N(0, d))`` a window (:func:`benchmarks.migration.drifting`) and
+    zipf loads (:func:`benchmarks.keep_moves.zipf_drift`), 6 windows; each
+    window re-planned from the placement of the one before (a live chain).
+    Per trace and layout: the median and the worst of the 5 calls' medians.
+    """
+    from benchmarks.keep_moves import zipf_drift
+    from benchmarks.migration import drifting
+    from eplb.backends import _numba
+
+    _numba.warm_up()
+    lines = ["| trace | " + " | ".join(f"{label}: median, worst ms" for label in CONFIGS) + " |"]
+    lines.append("| --- |" + " --- |" * len(CONFIGS))
+    for drift in DRIFTS:
+        for name, windows in (
+            (f"lognormal drift {drift}", drifting(58, 256, 6, drift, seed=3)),
+            (f"zipf drift {drift}", zipf_drift(58, 256, 6, drift, seed=5)),
+        ):
+            cells = []
+            for config in CONFIGS.values():
+                previous = eplb.rebalance_experts(windows[0], *config).phy2log
+                times = []
+                for weight in windows[1:]:
+                    knobs = {"balance_tolerance": 0.005}
+                    timed = lambda w=weight, c=config, p=previous, k=knobs: call(w, c, p, k, {})  # noqa: E731
+                    times.append(host_median_ms(timed, runs))
+                    previous = call(weight, config, previous, knobs, {}).phy2log
+                cells.append(f"{np.median(times):.1f}, {max(times):.1f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -202,6 +245,7 @@ def main() -> None:
     parser.add_argument("--no-jax", action="store_true", help="leave out the JAX rows")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--pairs", action="store_true", help="numpy knobs for every consecutive pair of files")
+    parser.add_argument("--drift", action="store_true", help="numpy knobs along drifting synthetic traces")
     parser.add_argument("--elastic", action="store_true", help="the calls with active_gpus (GPU 5 down, or --down)")
     parser.add_argument(
         "--host-mask", action="store_true", help="with --elastic: the mask as a numpy array (read on the host)"
@@ -211,6 +255,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.pairs:
         print(pairs_table(args.runs))
+        return
+    if args.drift:
+        print(drift_table(args.runs))
         return
     old, new = load("prefill_in4096.json"), load("prefill_in2048.json")
     calls = ELASTIC_CALLS if args.elastic else CALLS
