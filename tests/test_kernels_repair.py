@@ -109,18 +109,25 @@ def test_repair_equals_the_array_api_search():
         _assert_same(repair_numba.repair(*args, max_iters), want)
 
 
-def test_repair_rows_split_over_threads_equal_the_array_api_search(monkeypatch):
-    """A batch split over threads (rows dealt round-robin, results put back in place) gives the array-API
-    search's result row by row, whatever the number of threads and rows (uneven splits included)."""
+def _count_rows(monkeypatch, kernel_name: str, *, min_rows: int) -> list:
+    """Patch the compiled ``repair_numba.<kernel_name>`` to record each call's row count (the list returned), and
+    ``MIN_ROWS_PER_THREAD`` to ``min_rows``, so small batches split over threads."""
     calls = []
-    kernel = repair_numba._repair
+    kernel = getattr(repair_numba, kernel_name)
 
     def counted(*args):
         calls.append(len(args[0]))
         return kernel(*args)
 
-    monkeypatch.setattr(repair_numba, "_repair", counted)
-    monkeypatch.setattr(repair_numba, "MIN_ROWS_PER_THREAD", 4)
+    monkeypatch.setattr(repair_numba, kernel_name, counted)
+    monkeypatch.setattr(repair_numba, "MIN_ROWS_PER_THREAD", min_rows)
+    return calls
+
+
+def test_repair_rows_split_over_threads_equal_the_array_api_search(monkeypatch):
+    """A batch split over threads (rows dealt round-robin, results put back in place) gives the array-API
+    search's result row by row, whatever the number of threads and rows (uneven splits included)."""
+    calls = _count_rows(monkeypatch, "_repair", min_rows=4)
     rng = np.random.default_rng(5)
     for trial, threads in enumerate((2, 3, 5, 2, 3, 4, 7, 2)):
         monkeypatch.setattr(_threads, "THREADS", threads)
@@ -210,15 +217,7 @@ def test_sticky_pack_equals_the_array_api_repacking():
 def test_sticky_pack_rows_split_over_threads_equal_the_array_api_repacking(monkeypatch):
     """Rows dealt to threads (uneven splits, with and without initial loads and the reserve rule) come back in
     place: the array-API repacking row by row."""
-    calls = []
-    kernel = repair_numba._sticky_pack
-
-    def counted(*args):
-        calls.append(len(args[0]))
-        return kernel(*args)
-
-    monkeypatch.setattr(repair_numba, "_sticky_pack", counted)
-    monkeypatch.setattr(repair_numba, "MIN_ROWS_PER_THREAD", 2)
+    calls = _count_rows(monkeypatch, "_sticky_pack", min_rows=2)
     rng = np.random.default_rng(12)
     for trial, threads in enumerate((2, 3, 4, 2, 5, 3)):
         monkeypatch.setattr(_threads, "THREADS", threads)
