@@ -595,6 +595,8 @@ def stabilize_elastic(
     align_slots_fn: Callable[..., Any] = align_slots,
     relabel_pinned_fn: Callable[..., Any] = relabel_pinned,
     heaviest_gpu_fn: Callable[..., Any] = live_heaviest_gpu,
+    count_moves_fn: Callable[..., Any] = count_moves,
+    replica_counts_fn: Callable[..., Any] = replica_counts,
 ) -> tuple[Any, Any, Any, Any]:
     """``phy2log [B, R]``: the elastic placement ``fresh`` (with ``logcnt``) moving few experts from ``previous``;
     also its replica counts ``[B, E]``, its moves ``[B, 1]`` and whether it is within the limit ``[B, 1]``.
@@ -625,9 +627,9 @@ def stabilize_elastic(
     caller keeps; the local search skips the others (their result is then
     the best unsearched candidate: :func:`stable_by_layer` drops it).
     ``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``, ``relabel_pinned_fn``,
-    ``heaviest_gpu_fn``: :func:`sticky_pack`, :func:`repair`, :func:`align_slots`,
-    :func:`relabel_pinned` and :func:`live_heaviest_gpu`, or compiled kernels
-    equal to them (same arguments, ``-1`` slots included).
+    ``heaviest_gpu_fn``, ``count_moves_fn``, ``replica_counts_fn``: :func:`sticky_pack`, :func:`repair`,
+    :func:`align_slots`, :func:`relabel_pinned`, :func:`live_heaviest_gpu`, :func:`count_moves` and
+    :func:`replica_counts`, or compiled kernels equal to them (same arguments, ``-1`` slots included).
     """
     from eplb.algorithms.stability import _factor  # the healthy rule's limit, the same float32 bits
 
@@ -680,13 +682,13 @@ def stabilize_elastic(
     packed = align_slots_fn(xp.concat(stickies, axis=0), olds[: packs * batch], num_gpus, xp=xp)  # [3B, R]
     packed_peak = heaviest_gpu_fn(weights[: packs * batch], packed, logcnts[: packs * batch], num_gpus, xp=xp)
     first = xp.concat([base, packed], axis=0)  # the relabelled placement and the sticky repackings, [4B, R]
-    first_moves = count_moves(first, olds, num_gpus, xp=xp)  # [4B]
+    first_moves = count_moves_fn(first, olds, num_gpus, xp=xp)  # [4B]
     # The sticky repackings often miss a tight limit by a little: the local search closes the gap with a few
     # moves (below the relabelled placement's, else it could not win).
     # And the previous placement itself (its live slots), where it still holds every expert on a live GPU, fills
     # every live slot and keeps groups on nodes: with no expert lost, a few changes from it beat any repacking.
     num_log = weight.shape[1]
-    old_cnt = xp.astype(replica_counts(old, num_log, xp=xp), logcnt.dtype)
+    old_cnt = xp.astype(replica_counts_fn(old, num_log, xp=xp), logcnt.dtype)
     old_valid = covers_groups(old, old_cnt, num_groups if num_nodes > 1 else 1, num_nodes, xp=xp) & xp.all(
         (old >= 0) | xp.logical_not(live_slot), axis=-1, keepdims=True
     )  # and no live slot empty (a GPU back from a failure has none of its experts)
@@ -810,6 +812,8 @@ def place_elastic_stable(
     group_split_fn: Callable[..., Any] = sticky_group_split,
     split_fn: Callable[..., Any] = group_split,
     polish_fn: Callable[..., Any] = polish,
+    count_moves_fn: Callable[..., Any] = count_moves,
+    replica_counts_fn: Callable[..., Any] = replica_counts,
 ) -> tuple[Any, Any, Any]:
     """:func:`place_elastic` keeping the experts of ``previous [L, R]`` (``-1``: an empty slot) in place.
 
@@ -820,7 +824,7 @@ def place_elastic_stable(
     groups on nodes (no fallback), across all live GPUs otherwise.
     ``log2phy`` numbers replicas in slot order. ``sticky_pack_fn``,
     ``repair_fn``, ``align_slots_fn``, ``relabel_pinned_fn``,
-    ``heaviest_gpu_fn``: :func:`stabilize_elastic`'s; a ``sticky_pack_fn``
+    ``heaviest_gpu_fn``, ``count_moves_fn``, ``replica_counts_fn``: :func:`stabilize_elastic`'s; a ``sticky_pack_fn``
     other than :func:`sticky_pack` (a compiled one) also packs the fresh
     placements (:func:`_place_rows`: the same placements); ``replicate_fn``
     replicates them and ``split_fn`` splits their groups (:func:`rebalance_elastic`'s); ``group_split_fn``:
@@ -850,6 +854,8 @@ def place_elastic_stable(
         "align_slots_fn": align_slots_fn,
         "relabel_pinned_fn": relabel_pinned_fn,
         "heaviest_gpu_fn": heaviest_gpu_fn,
+        "count_moves_fn": count_moves_fn,
+        "replica_counts_fn": replica_counts_fn,
     }
 
     from eplb.algorithms.stability import _factor  # the healthy rule's limit, the same float32 bits

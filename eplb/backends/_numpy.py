@@ -205,7 +205,8 @@ def _repair_hooks() -> dict[str, Any]:
 
 
 def _elastic_hooks() -> dict[str, Any]:
-    """:func:`_repair_hooks` and ``relabel_pinned_fn`` (:func:`eplb.kernels.repair_numba.relabel_pinned`), for
+    """:func:`_repair_hooks`, ``relabel_pinned_fn``, ``count_moves_fn`` and ``replica_counts_fn``
+    (:func:`eplb.kernels.repair_numba.relabel_pinned`, ``count_moves``, ``replica_counts``), for
     :func:`~eplb.algorithms.elastic.place_elastic_stable`."""
     from eplb.kernels import repair_numba
 
@@ -214,7 +215,18 @@ def _elastic_hooks() -> dict[str, Any]:
     ) -> np.ndarray:
         return repair_numba.relabel_pinned(new, old, live_gpu, gpus, num_nodes)
 
-    return {**_repair_hooks(), "relabel_pinned_fn": relabel_pinned_fn}
+    def count_moves_fn(new: np.ndarray, old: np.ndarray, gpus: int, *, xp: Any) -> np.ndarray:
+        return repair_numba.count_moves(new, old, gpus)
+
+    def replica_counts_fn(phy2log: np.ndarray, experts: int, *, xp: Any) -> np.ndarray:
+        return repair_numba.replica_counts(phy2log, experts)  # -1 (an empty slot) counts for no expert
+
+    return {
+        **_repair_hooks(),
+        "relabel_pinned_fn": relabel_pinned_fn,
+        "count_moves_fn": count_moves_fn,
+        "replica_counts_fn": replica_counts_fn,
+    }
 
 
 def _rebalance_elastic_stable(
