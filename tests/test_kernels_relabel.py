@@ -134,6 +134,27 @@ def test_log2phy_in_slot_order():
     np.testing.assert_array_equal(relabel_numba.log2phy_in_slot_order(phy2log, 5), want)
 
 
+def test_log2phy_in_slot_order_skips_empty_slots():
+    """-1 slots (a failed GPU's) appear in no expert's list: the failure re-plan's log2phy, checked against a
+    plain-Python listing of each expert's slots in slot order."""
+    rng = np.random.default_rng(4)
+    for trial in range(30):
+        experts, per_gpu, gpus = int(rng.integers(1, 6)), int(rng.integers(1, 4)), int(rng.integers(2, 6))
+        slots = per_gpu * gpus
+        if slots < experts + per_gpu:
+            continue
+        phy2log = rng.integers(0, experts, (3, slots))
+        phy2log[:, :experts] = np.arange(experts)
+        down = int(rng.integers(experts // per_gpu + 1, gpus)) if experts // per_gpu + 1 < gpus else gpus - 1
+        phy2log[:, down * per_gpu : (down + 1) * per_gpu] = -1
+        got = relabel_numba.log2phy_in_slot_order(phy2log, experts)
+        assert got.shape == (3, experts, slots - experts + 1)
+        for b, row in enumerate(phy2log.tolist()):
+            for e in range(experts):
+                where = [t for t, x in enumerate(row) if x == e]
+                assert got[b, e].tolist() == where + [-1] * (got.shape[2] - len(where)), trial
+
+
 def test_previous_on_numpy_uses_the_kernel_and_equals_the_array_api_path():
     """The numpy adapter's default (kernel) and forced array-API paths agree, knobs included."""
     from eplb.backends import _numpy

@@ -814,6 +814,7 @@ def place_elastic_stable(
     polish_fn: Callable[..., Any] = polish,
     count_moves_fn: Callable[..., Any] = count_moves,
     replica_counts_fn: Callable[..., Any] = replica_counts,
+    log2phy_fn: Callable[[Any, int], Any] | None = None,
 ) -> tuple[Any, Any, Any]:
     """:func:`place_elastic` keeping the experts of ``previous [L, R]`` (``-1``: an empty slot) in place.
 
@@ -824,7 +825,8 @@ def place_elastic_stable(
     groups on nodes (no fallback), across all live GPUs otherwise.
     ``log2phy`` numbers replicas in slot order. ``sticky_pack_fn``,
     ``repair_fn``, ``align_slots_fn``, ``relabel_pinned_fn``,
-    ``heaviest_gpu_fn``, ``count_moves_fn``, ``replica_counts_fn``: :func:`stabilize_elastic`'s; a ``sticky_pack_fn``
+    ``heaviest_gpu_fn``, ``count_moves_fn``, ``replica_counts_fn``: :func:`stabilize_elastic`'s; ``log2phy_fn``:
+    :func:`stable_by_layer`'s; a ``sticky_pack_fn``
     other than :func:`sticky_pack` (a compiled one) also packs the fresh
     placements (:func:`_place_rows`: the same placements); ``replicate_fn``
     replicates them and ``split_fn`` splits their groups (:func:`rebalance_elastic`'s); ``group_split_fn``:
@@ -908,7 +910,9 @@ def place_elastic_stable(
         return polished(best, best_cnt, num_nodes, rows)
 
     sizes = (num_replicas, num_nodes, num_gpus)
-    return stable_by_layer(weight, active, fresh, stable, stable_nodes, sizes, node_fallback, xp=xp)
+    return stable_by_layer(
+        weight, active, fresh, stable, stable_nodes, sizes, node_fallback, xp=xp, log2phy_fn=log2phy_fn
+    )
 
 
 def stable_by_layer(
@@ -921,6 +925,7 @@ def stable_by_layer(
     node_fallback: bool | None,
     *,
     xp: Any,
+    log2phy_fn: Callable[[Any, int], Any] | None = None,
 ) -> tuple[Any, Any, Any]:
     """A keep-in-place placement on the live GPUs (``active [1, G]``), per layer ``across(rows)``'s (the global
     rule) or ``within_nodes(rows)``'s (groups on nodes), each ``(phy2log [L, R], logcnt [L, E])``; ``rows [L,
@@ -932,7 +937,8 @@ def stable_by_layer(
     fewer live slots than the experts of its groups: across; both rules
     run). Layers with fewer live slots than experts keep ``fresh`` (the
     empty placement). Returns ``phy2log``, ``log2phy`` (replicas in slot
-    order) and ``logcnt``.
+    order) and ``logcnt``; ``log2phy_fn(phy2log, E)`` (optional): a compiled
+    kernel equal to :func:`build_log2phy_masked` of the slot-order ranks.
     """
     num_replicas, num_nodes, num_gpus = sizes
     num_log = weight.shape[1]
@@ -950,5 +956,7 @@ def stable_by_layer(
         phy2log = xp.where(short, outside, inside)
         logcnt = xp.where(short, outside_cnt, inside_cnt)
     phy2log = xp.where(enough, phy2log, fresh)
+    if log2phy_fn is not None:
+        return phy2log, log2phy_fn(phy2log, num_log), logcnt
     phyrank = xp.where(phy2log >= 0, occurrence(phy2log, xp=xp), xp.full_like(phy2log, -1))
     return phy2log, build_log2phy_masked(phy2log, phyrank, num_log, xp=xp), logcnt

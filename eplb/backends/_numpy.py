@@ -251,7 +251,11 @@ def _rebalance_elastic_stable(
     """
     impl, options = _masked_previous(impl, options, previous, weight32.shape[1], "active_gpus")
     options["active_gpus"] = np.asarray(options["active_gpus"], dtype=bool)
-    hooks = _elastic_hooks() if impl == "numba" else {}
+    hooks = {}
+    if impl == "numba":
+        from eplb.kernels import relabel_numba
+
+        hooks = {**_elastic_hooks(), "log2phy_fn": relabel_numba.log2phy_in_slot_order}
     placement = place_elastic_stable(
         weight32, previous, num_replicas, num_groups, num_nodes, num_gpus, xp=np, **hooks, **options
     )

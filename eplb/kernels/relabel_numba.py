@@ -309,6 +309,8 @@ def _log2phy(phy2log: np.ndarray, num_log: int, log2phy: np.ndarray) -> None:
                 log2phy[b, e, k] = -1
         for t in range(num_phy):
             e = phy2log[b, t]
+            if e < 0:  # an empty slot (a failed GPU's): in no expert's list
+                continue
             log2phy[b, e, count[e]] = t
             count[e] += 1
 
@@ -318,7 +320,9 @@ def log2phy_in_slot_order(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
 
     Equals ``build_log2phy(phy2log, occurrence(phy2log), E)`` of
     :mod:`eplb.algorithms` (what ``previous=`` returns), without its
-    ``[B, R, R]`` comparison.
+    ``[B, R, R]`` comparison; with ``-1`` slots (failed GPUs), what
+    :func:`eplb.algorithms.elastic.stable_by_layer` returns
+    (:func:`~eplb.algorithms.elastic.build_log2phy_masked`: they appear nowhere).
     """
     phy2log = np.ascontiguousarray(phy2log, dtype=np.int64)
     out = np.empty((phy2log.shape[0], num_experts, phy2log.shape[1] - num_experts + 1), np.int64)
