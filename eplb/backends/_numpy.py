@@ -64,8 +64,18 @@ def rebalance(
     if impl != "xp":
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     if packer_ready:
-        # The replicas packed onto the live GPUs by the compiled sticky packing (the same placement).
-        options = {**options, "sticky_pack_fn": _repair_hooks()["sticky_pack_fn"]}
+        # The replicas packed onto the live GPUs by the compiled sticky packing, and counted by the compiled
+        # replica count (the same placement).
+        from eplb.kernels import repair_numba
+
+        def replica_counts_fn(phy2log: np.ndarray, experts: int, *, xp: Any) -> np.ndarray:
+            return repair_numba.replica_counts(phy2log, experts)  # -1 (an empty slot) counts for no expert
+
+        options = {
+            **options,
+            "sticky_pack_fn": _repair_hooks()["sticky_pack_fn"],
+            "replica_counts_fn": replica_counts_fn,
+        }
     if options.get("gpu_capacity") is not None and impl_was_none and _numba.available() and _numba.ready():
         # Placement by time: its packing loops compiled (eplb.kernels.speed_numba), and the blind placement's
         # packing as above (the same placement).
