@@ -275,6 +275,8 @@ def test_align_slots_and_replica_counts_equal_the_array_api_ones():
         assert got.dtype == new.dtype
         np.testing.assert_array_equal(got, _moves_oracle(new, old, gpus))
         np.testing.assert_array_equal(got, count_moves(new, old, gpus, xp=np))
+    with pytest.raises(ValueError, match="expert ids"):  # below -1: no slot meaning, refused (ids index counters)
+        repair_numba.count_moves(np.full((1, 4), -2), np.zeros((1, 4), np.int64), 2)
 
 
 def _captured(weight: np.ndarray, previous: np.ndarray, config: tuple, **knobs) -> list:

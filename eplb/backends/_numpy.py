@@ -66,15 +66,11 @@ def rebalance(
     if packer_ready:
         # The replicas packed onto the live GPUs by the compiled sticky packing, and counted by the compiled
         # replica count (the same placement).
-        from eplb.kernels import repair_numba
-
-        def replica_counts_fn(phy2log: np.ndarray, experts: int, *, xp: Any) -> np.ndarray:
-            return repair_numba.replica_counts(phy2log, experts)  # -1 (an empty slot) counts for no expert
-
+        kernels = _repair_hooks()
         options = {
             **options,
-            "sticky_pack_fn": _repair_hooks()["sticky_pack_fn"],
-            "replica_counts_fn": replica_counts_fn,
+            "sticky_pack_fn": kernels["sticky_pack_fn"],
+            "replica_counts_fn": kernels["replica_counts_fn"],
         }
     if options.get("gpu_capacity") is not None and impl_was_none and _numba.available() and _numba.ready():
         # Placement by time: its packing loops compiled (eplb.kernels.speed_numba), and the blind placement's
@@ -155,7 +151,7 @@ def rebalance_stable(
         raise ValueError(f"impl must be 'numba', 'xp' or None, got {impl!r}")
     hooks = {}
     if impl == "numba":
-        from eplb.kernels import group_split_numba, relabel_numba, repair_numba
+        from eplb.kernels import group_split_numba, relabel_numba
 
         def place_fn(w: np.ndarray, *sizes: int, xp: Any, **policy: Any) -> tuple[Any, ...]:
             # The greedy kernel where it applies; its log2phy is not needed (log2phy_fn builds the result's).
@@ -164,18 +160,10 @@ def rebalance_stable(
         def relabel_fn(new: np.ndarray, old: np.ndarray, gpus: int, nodes: int, *, xp: Any) -> np.ndarray:
             return relabel_numba.relabel(new, old, gpus, nodes, weight.shape[1])
 
-        def replica_counts_fn(phy2log: np.ndarray, experts: int, *, xp: Any) -> np.ndarray:
-            return repair_numba.replica_counts(phy2log, experts)
-
-        def count_moves_fn(new: np.ndarray, old: np.ndarray, gpus: int, *, xp: Any) -> np.ndarray:
-            return repair_numba.count_moves(new, old, gpus)
-
         hooks = {
             "place_fn": place_fn,
             "relabel_fn": relabel_fn,
             **_repair_hooks(),
-            "replica_counts_fn": replica_counts_fn,
-            "count_moves_fn": count_moves_fn,
             "log2phy_fn": relabel_numba.log2phy_in_slot_order,
             "group_split_fn": group_split_numba.near_group_split,
         }
@@ -186,9 +174,10 @@ def rebalance_stable(
 
 
 def _repair_hooks() -> dict[str, Any]:
-    """``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``: the compiled kernels of
-    :mod:`eplb.kernels.repair_numba` with the array-API functions' signatures (``-1`` slots, ``initial_load``
-    and ``reserve`` included), for :func:`~eplb.algorithms.stability.stabilize` and
+    """``sticky_pack_fn``, ``repair_fn``, ``align_slots_fn``, ``replica_counts_fn``, ``count_moves_fn``: the
+    compiled kernels of :mod:`eplb.kernels.repair_numba` with the array-API functions' signatures (``-1``
+    slots, ``initial_load`` and ``reserve`` included; ``-1`` counts for no expert), for
+    :func:`~eplb.algorithms.stability.stabilize` and
     :func:`~eplb.algorithms.elastic.stabilize_elastic`; and ``polish_fn``
     (:func:`eplb.kernels.polish_numba.polish`), for ``stabilize`` and
     :func:`~eplb.algorithms.elastic.place_elastic_stable`."""
@@ -203,6 +192,12 @@ def _repair_hooks() -> dict[str, Any]:
     def align_slots_fn(new: np.ndarray, old: np.ndarray, gpus: int, *, xp: Any) -> np.ndarray:
         return repair_numba.align_slots(new, old, gpus)
 
+    def replica_counts_fn(phy2log: np.ndarray, experts: int, *, xp: Any) -> np.ndarray:
+        return repair_numba.replica_counts(phy2log, experts)
+
+    def count_moves_fn(new: np.ndarray, old: np.ndarray, gpus: int, *, xp: Any) -> np.ndarray:
+        return repair_numba.count_moves(new, old, gpus)
+
     def polish_fn(*args: Any, xp: Any) -> np.ndarray:
         return polish_numba.polish(*args)
 
@@ -210,13 +205,14 @@ def _repair_hooks() -> dict[str, Any]:
         "sticky_pack_fn": sticky_pack_fn,
         "repair_fn": repair_fn,
         "align_slots_fn": align_slots_fn,
+        "replica_counts_fn": replica_counts_fn,
+        "count_moves_fn": count_moves_fn,
         "polish_fn": polish_fn,
     }
 
 
 def _elastic_hooks() -> dict[str, Any]:
-    """:func:`_repair_hooks`, ``relabel_pinned_fn``, ``count_moves_fn`` and ``replica_counts_fn``
-    (:func:`eplb.kernels.repair_numba.relabel_pinned`, ``count_moves``, ``replica_counts``), for
+    """:func:`_repair_hooks` and ``relabel_pinned_fn`` (:func:`eplb.kernels.repair_numba.relabel_pinned`), for
     :func:`~eplb.algorithms.elastic.place_elastic_stable`."""
     from eplb.kernels import repair_numba
 
@@ -225,18 +221,7 @@ def _elastic_hooks() -> dict[str, Any]:
     ) -> np.ndarray:
         return repair_numba.relabel_pinned(new, old, live_gpu, gpus, num_nodes)
 
-    def count_moves_fn(new: np.ndarray, old: np.ndarray, gpus: int, *, xp: Any) -> np.ndarray:
-        return repair_numba.count_moves(new, old, gpus)
-
-    def replica_counts_fn(phy2log: np.ndarray, experts: int, *, xp: Any) -> np.ndarray:
-        return repair_numba.replica_counts(phy2log, experts)  # -1 (an empty slot) counts for no expert
-
-    return {
-        **_repair_hooks(),
-        "relabel_pinned_fn": relabel_pinned_fn,
-        "count_moves_fn": count_moves_fn,
-        "replica_counts_fn": replica_counts_fn,
-    }
+    return {**_repair_hooks(), "relabel_pinned_fn": relabel_pinned_fn}
 
 
 def _rebalance_elastic_stable(
